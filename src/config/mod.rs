@@ -1,0 +1,576 @@
+//! The TOML configuration: every key with its default, validated once at start.
+//!
+//! Unknown keys are errors (`deny_unknown_fields`), so a typo names the key instead of being
+//! silently ignored. `config/mailtrail.toml` documents every key; keep the two in step.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the store (SQLite), spool and generated TLS material live.
+    pub data_dir: PathBuf,
+    /// Name used in the SMTP banner, EHLO reply, `Received:` headers and outbound EHLO.
+    pub hostname: String,
+    pub smtp: SmtpConfig,
+    pub http: HttpConfig,
+    pub log: LogConfig,
+    pub delivery: DeliveryConfig,
+    pub dns: DnsConfig,
+    #[serde(rename = "route")]
+    pub routes: Vec<RouteConfig>,
+    pub bounce: BounceConfig,
+    pub suppression: SuppressionConfig,
+    pub checks: ChecksConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./mailtrail-data"),
+            hostname: default_hostname(),
+            smtp: SmtpConfig::default(),
+            http: HttpConfig::default(),
+            log: LogConfig::default(),
+            delivery: DeliveryConfig::default(),
+            dns: DnsConfig::default(),
+            routes: Vec::new(),
+            bounce: BounceConfig::default(),
+            suppression: SuppressionConfig::default(),
+            checks: ChecksConfig::default(),
+        }
+    }
+}
+
+fn default_hostname() -> String {
+    gethostname::gethostname()
+        .into_string()
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_string())
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmtpConfig {
+    /// Plain listeners (STARTTLS offered).
+    pub listen: Vec<SocketAddr>,
+    /// Implicit-TLS listeners (RFC 8314 "submissions"), empty by default.
+    pub tls_listen: Vec<SocketAddr>,
+    /// Clients in these networks may relay without AUTH.
+    pub relay_networks: Vec<IpNet>,
+    /// PEM certificate chain and key; when both are absent a self-signed pair is generated in
+    /// `data_dir/tls/` at first start.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// Largest message accepted, in bytes (advertised with SIZE).
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    /// Longest command line, CRLF included.
+    pub max_command_line: usize,
+    /// Longest DATA line, CRLF included; longer lines reject the message (`500 5.5.2`... see
+    /// the session module).
+    pub max_data_line: usize,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// Protocol errors (4xx/5xx replies to bad commands) before `421` and close.
+    pub max_errors: usize,
+    /// How long `serve` waits for transactions in flight at SIGTERM before closing them.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// AUTH users: `[[smtp.users]] name = "...", password_hash = "$argon2id$..."`.
+    pub users: Vec<UserConfig>,
+}
+
+impl Default for SmtpConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["127.0.0.1:2525".parse().expect("literal address")],
+            tls_listen: Vec::new(),
+            relay_networks: vec![
+                "127.0.0.0/8".parse().expect("literal net"),
+                "::1/128".parse().expect("literal net"),
+            ],
+            tls_cert: None,
+            tls_key: None,
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 1000,
+            max_command_line: 2048,
+            max_data_line: 10_000,
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            max_connections: 1000,
+            max_connections_per_ip: 100,
+            max_errors: 10,
+            shutdown_grace: Duration::from_secs(30),
+            users: Vec::new(),
+        }
+    }
+}
+
+impl SmtpConfig {
+    pub fn is_relay_client(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        self.relay_networks.iter().any(|n| n.contains(&ip))
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub name: String,
+    /// PHC string (`$argon2id$...`), made by `mailtrail hash-password`.
+    pub password_hash: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub listen: Vec<SocketAddr>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec!["127.0.0.1:8025".parse().expect("literal address")],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `human` or `json`.
+    pub format: LogFormat,
+    /// tracing filter, e.g. `info` or `mailtrail=debug`. `RUST_LOG` overrides it.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Human,
+            level: "info".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Deliver queued mail at all (off: accept and queue only).
+    pub enabled: bool,
+    /// Domain of VERP envelope senders and bounce reception; empty = original sender kept.
+    pub bounce_domain: String,
+    /// Local part before the `+` of VERP senders.
+    pub bounce_local_part: String,
+    /// File holding the key for VERP MACs; generated in `data_dir` when absent.
+    pub verp_key_file: Option<PathBuf>,
+    #[serde(with = "humantime_serde")]
+    pub retry_first: Duration,
+    #[serde(with = "humantime_serde")]
+    pub retry_max_interval: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_queue_lifetime: Duration,
+    /// Send DSNs (RFC 3464) to the original sender.
+    pub dsn: bool,
+    /// With NOTIFY=DELAY, send a delay DSN once a recipient has been deferred this long.
+    #[serde(with = "humantime_serde")]
+    pub delay_dsn_after: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_destination: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub data_timeout: Duration,
+    /// Remote port for MX delivery (25; tests point it elsewhere).
+    pub mx_port: u16,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            bounce_domain: String::new(),
+            bounce_local_part: "bounces".to_string(),
+            verp_key_file: None,
+            retry_first: Duration::from_secs(300),
+            retry_max_interval: Duration::from_secs(4 * 3600),
+            max_queue_lifetime: Duration::from_secs(5 * 86400),
+            dsn: true,
+            delay_dsn_after: Duration::from_secs(4 * 3600),
+            max_connections: 100,
+            max_connections_per_destination: 10,
+            connect_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(300),
+            data_timeout: Duration::from_secs(600),
+            mx_port: 25,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsConfig {
+    /// Resolver addresses (`"127.0.0.1:5353"`); empty = the system's `/etc/resolv.conf`.
+    pub nameservers: Vec<SocketAddr>,
+    #[serde(with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsPolicy {
+    #[default]
+    Opportunistic,
+    Required,
+    None,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Recipient domains; `"*"` matches all.
+    pub domains: Vec<String>,
+    /// Only for these envelope-sender domains (empty = any).
+    #[serde(default)]
+    pub sender_domains: Vec<String>,
+    /// Only for mail submitted by these AUTH users (empty = any).
+    #[serde(default)]
+    pub auth_users: Vec<String>,
+    /// Fixed next hops `host:port`, tried in order; no MX lookup.
+    #[serde(default)]
+    pub mx: Vec<String>,
+    #[serde(default)]
+    pub tls: TlsPolicy,
+    /// Implicit TLS (port 465 style) instead of STARTTLS.
+    #[serde(default)]
+    pub implicit_tls: bool,
+    /// Verify the next hop's certificate (on for smarthosts; off for opportunistic MX TLS).
+    #[serde(default)]
+    pub verify_certificate: Option<bool>,
+    /// Extra PEM CA file trusted for this route (tests, private CAs).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    #[serde(default)]
+    pub auth_user: Option<String>,
+    /// Password read from this file (trailing newline stripped) ...
+    #[serde(default)]
+    pub auth_password_file: Option<PathBuf>,
+    /// ... or from this environment variable. Never logged.
+    #[serde(default)]
+    pub auth_password_env: Option<String>,
+    /// Keep the original envelope sender instead of the VERP sender.
+    #[serde(default)]
+    pub keep_sender: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct BounceConfig {
+    /// Extra classification rules (TOML, same form as the built-in rules), tried first.
+    pub rules_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SuppressionConfig {
+    pub enabled: bool,
+    /// `accept` (record the recipient `suppressed`, as SES does) or `refuse` (at RCPT).
+    pub action: SuppressionAction,
+    /// How long an entry lasts; 0 = forever.
+    #[serde(with = "humantime_serde")]
+    pub expiry: Duration,
+    /// Soft bounces in a row (within `soft_window`) that suppress an address.
+    pub soft_bounce_threshold: u32,
+    #[serde(with = "humantime_serde")]
+    pub soft_window: Duration,
+}
+
+impl Default for SuppressionConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            action: SuppressionAction::Accept,
+            expiry: Duration::from_secs(365 * 86400),
+            soft_bounce_threshold: 5,
+            soft_window: Duration::from_secs(7 * 86400),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SuppressionAction {
+    Accept,
+    Refuse,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChecksConfig {
+    /// Check at RCPT that the recipient domain can receive mail (exists, no null MX).
+    pub domain_check: bool,
+    /// Longest the RCPT reply waits for that lookup; past it the recipient is accepted.
+    #[serde(with = "humantime_serde")]
+    pub domain_check_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub domain_cache_ttl: Duration,
+}
+
+impl Default for ChecksConfig {
+    fn default() -> Self {
+        Self {
+            domain_check: true,
+            domain_check_timeout: Duration::from_secs(2),
+            domain_cache_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `path`, or the defaults when `None`.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let config = match path {
+            None => Config::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Self::parse(&text).map_err(|e| match e {
+                    ConfigError::Parse { message, .. } => ConfigError::Parse {
+                        path: path.to_path_buf(),
+                        message,
+                    },
+                    other => other,
+                })?
+            }
+        };
+        Ok(config)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
+            return Err(invalid("hostname", "must be a host name without spaces"));
+        }
+        if self.smtp.listen.is_empty() && self.smtp.tls_listen.is_empty() {
+            return Err(invalid("smtp.listen", "at least one SMTP listener is needed"));
+        }
+        if self.smtp.tls_cert.is_some() != self.smtp.tls_key.is_some() {
+            return Err(invalid(
+                "smtp.tls_cert",
+                "tls_cert and tls_key must be set together",
+            ));
+        }
+        for (key, v) in [
+            ("smtp.max_message_size", self.smtp.max_message_size),
+            ("smtp.max_recipients", self.smtp.max_recipients),
+            ("smtp.max_connections", self.smtp.max_connections),
+            ("smtp.max_connections_per_ip", self.smtp.max_connections_per_ip),
+            ("smtp.max_errors", self.smtp.max_errors),
+            ("delivery.max_connections", self.delivery.max_connections),
+            (
+                "delivery.max_connections_per_destination",
+                self.delivery.max_connections_per_destination,
+            ),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.smtp.max_command_line < 512 {
+            return Err(invalid(
+                "smtp.max_command_line",
+                "must be at least 512 (RFC 5321 4.5.3.1.4)",
+            ));
+        }
+        if self.smtp.max_data_line < 1000 {
+            return Err(invalid(
+                "smtp.max_data_line",
+                "must be at least 1000 (RFC 5321 4.5.3.1.6)",
+            ));
+        }
+        for (i, user) in self.smtp.users.iter().enumerate() {
+            if user.name.is_empty() {
+                return Err(invalid(&format!("smtp.users[{i}].name"), "must not be empty"));
+            }
+            if argon2::password_hash::PasswordHash::new(&user.password_hash).is_err() {
+                return Err(invalid(
+                    &format!("smtp.users[{i}].password_hash"),
+                    "is not a PHC password hash (make one with `mailtrail hash-password`)",
+                ));
+            }
+        }
+        if !self.delivery.bounce_domain.is_empty() && !self.delivery.bounce_domain.contains('.') {
+            return Err(invalid(
+                "delivery.bounce_domain",
+                "must be a fully qualified domain",
+            ));
+        }
+        if self.delivery.retry_first.is_zero() {
+            return Err(invalid("delivery.retry_first", "must be greater than 0"));
+        }
+        if self.delivery.retry_max_interval < self.delivery.retry_first {
+            return Err(invalid(
+                "delivery.retry_max_interval",
+                "must not be shorter than delivery.retry_first",
+            ));
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let key = |k: &str| format!("route[{i}].{k}");
+            if route.domains.is_empty() {
+                return Err(invalid(&key("domains"), "must list at least one domain or \"*\""));
+            }
+            for hop in &route.mx {
+                if crate::config::split_host_port(hop).is_none() {
+                    return Err(invalid(&key("mx"), format!("{hop:?} is not host:port")));
+                }
+            }
+            if route.auth_password_file.is_some() && route.auth_password_env.is_some() {
+                return Err(invalid(
+                    &key("auth_password_file"),
+                    "set auth_password_file or auth_password_env, not both",
+                ));
+            }
+            if route.auth_user.is_some()
+                && route.auth_password_file.is_none()
+                && route.auth_password_env.is_none()
+            {
+                return Err(invalid(
+                    &key("auth_user"),
+                    "needs auth_password_file or auth_password_env",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("mailtrail.db")
+    }
+}
+
+/// Splits `host:port` / `[v6]:port`.
+pub fn split_host_port(s: &str) -> Option<(String, u16)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, port) = rest.split_once("]:")?;
+        return Some((host.to_string(), port.parse().ok()?));
+    }
+    let (host, port) = s.rsplit_once(':')?;
+    if host.is_empty() || host.contains(':') {
+        return None;
+    }
+    Some((host.to_string(), port.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_is_the_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.smtp.listen, vec!["127.0.0.1:2525".parse().unwrap()]);
+        assert_eq!(c.http.listen, vec!["127.0.0.1:8025".parse().unwrap()]);
+        assert_eq!(c.data_dir, PathBuf::from("./mailtrail-data"));
+        assert!(c.smtp.is_relay_client("127.0.0.1".parse().unwrap()));
+        assert!(c.smtp.is_relay_client("::1".parse().unwrap()));
+        assert!(!c.smtp.is_relay_client("192.0.2.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("[smtp]\nlisten = [\"127.0.0.1:25\"]\nlistne = 1\n").unwrap_err();
+        assert!(e.to_string().contains("listne"), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr_is_named() {
+        let e = Config::parse("[smtp]\nrelay_networks = [\"10.0.0.0/99\"]\n").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("relay_networks"), "{text}");
+    }
+
+    #[test]
+    fn bad_duration_and_zero_limits_are_named() {
+        let e = Config::parse("[smtp]\ncommand_timeout = \"soon\"\n").unwrap_err();
+        assert!(e.to_string().contains("command_timeout"), "{e}");
+        let e = Config::parse("[smtp]\nmax_recipients = 0\n").unwrap_err();
+        assert!(e.to_string().contains("smtp.max_recipients"), "{e}");
+    }
+
+    #[test]
+    fn routes_parse_in_the_fixed_form() {
+        let c = Config::parse(
+            "[[route]]\ndomains = [\"example.test\"]\nmx = [\"127.0.0.1:2626\"]\ntls = \"opportunistic\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].mx, vec!["127.0.0.1:2626"]);
+        assert_eq!(c.routes[0].tls, TlsPolicy::Opportunistic);
+        let e = Config::parse("[[route]]\ndomains = [\"x.test\"]\nmx = [\"nohost\"]\n").unwrap_err();
+        assert!(e.to_string().contains("route[0].mx"), "{e}");
+    }
+
+    #[test]
+    fn host_port_split() {
+        assert_eq!(split_host_port("a.b:25"), Some(("a.b".into(), 25)));
+        assert_eq!(split_host_port("[::1]:25"), Some(("::1".into(), 25)));
+        assert_eq!(split_host_port("::1:25"), None);
+        assert_eq!(split_host_port("a.b"), None);
+    }
+}

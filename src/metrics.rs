@@ -199,7 +199,13 @@ mod tests {
         m.messages_accepted.inc();
         m.smtp_rejections.get_or_create(&class_of(554)).inc();
         let text = m.encode();
-        assert!(text.contains("mailtrail_messages_accepted_total 1"), "{text}");
-        assert!(text.contains("mailtrail_smtp_rejections_total{class=\"5xx\"} 1"), "{text}");
+        assert!(
+            text.contains("mailtrail_messages_accepted_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailtrail_smtp_rejections_total{class=\"5xx\"} 1"),
+            "{text}"
+        );
     }
 }

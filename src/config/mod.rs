@@ -409,7 +409,10 @@ impl Config {
             return Err(invalid("hostname", "must be a host name without spaces"));
         }
         if self.smtp.listen.is_empty() && self.smtp.tls_listen.is_empty() {
-            return Err(invalid("smtp.listen", "at least one SMTP listener is needed"));
+            return Err(invalid(
+                "smtp.listen",
+                "at least one SMTP listener is needed",
+            ));
         }
         if self.smtp.tls_cert.is_some() != self.smtp.tls_key.is_some() {
             return Err(invalid(
@@ -421,7 +424,10 @@ impl Config {
             ("smtp.max_message_size", self.smtp.max_message_size),
             ("smtp.max_recipients", self.smtp.max_recipients),
             ("smtp.max_connections", self.smtp.max_connections),
-            ("smtp.max_connections_per_ip", self.smtp.max_connections_per_ip),
+            (
+                "smtp.max_connections_per_ip",
+                self.smtp.max_connections_per_ip,
+            ),
             ("smtp.max_errors", self.smtp.max_errors),
             ("delivery.max_connections", self.delivery.max_connections),
             (
@@ -447,7 +453,10 @@ impl Config {
         }
         for (i, user) in self.smtp.users.iter().enumerate() {
             if user.name.is_empty() {
-                return Err(invalid(&format!("smtp.users[{i}].name"), "must not be empty"));
+                return Err(invalid(
+                    &format!("smtp.users[{i}].name"),
+                    "must not be empty",
+                ));
             }
             if argon2::password_hash::PasswordHash::new(&user.password_hash).is_err() {
                 return Err(invalid(
@@ -474,7 +483,10 @@ impl Config {
         for (i, route) in self.routes.iter().enumerate() {
             let key = |k: &str| format!("route[{i}].{k}");
             if route.domains.is_empty() {
-                return Err(invalid(&key("domains"), "must list at least one domain or \"*\""));
+                return Err(invalid(
+                    &key("domains"),
+                    "must list at least one domain or \"*\"",
+                ));
             }
             for hop in &route.mx {
                 if crate::config::split_host_port(hop).is_none() {
@@ -562,7 +574,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.routes[0].mx, vec!["127.0.0.1:2626"]);
         assert_eq!(c.routes[0].tls, TlsPolicy::Opportunistic);
-        let e = Config::parse("[[route]]\ndomains = [\"x.test\"]\nmx = [\"nohost\"]\n").unwrap_err();
+        let e =
+            Config::parse("[[route]]\ndomains = [\"x.test\"]\nmx = [\"nohost\"]\n").unwrap_err();
         assert!(e.to_string().contains("route[0].mx"), "{e}");
     }
 

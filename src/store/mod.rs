@@ -58,3 +58,334 @@ impl std::fmt::Display for RecipientStatus {
         f.write_str(self.as_str())
     }
 }
+
+use crate::receipt::ReceiptId;
+use crate::spool::{AcceptedMessage, DsnRet, Notify};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Disk full, I/O, corruption: callers map it to `451 4.3.0` on the SMTP side.
+    #[error("store: {0}")]
+    Storage(String),
+    #[error("store: not found: {0}")]
+    NotFound(String),
+    #[error("store is closed")]
+    Closed,
+}
+
+/// Which SMTP step a recorded reply answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    /// DNS lookup / route selection (no remote reply).
+    Dns,
+    /// TCP connect, banner, EHLO, STARTTLS, AUTH, MAIL (the reply applies to every recipient).
+    Connect,
+    Mail,
+    Rcpt,
+    Data,
+    /// Decided locally: suppression, queue delete, expiry, submission checks.
+    Local,
+    /// An asynchronous bounce or complaint that came back later.
+    Bounce,
+}
+
+/// One delivery attempt's result for one recipient (delivery → store).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttemptRecord {
+    pub receipt: ReceiptId,
+    /// Recipient position in the message (0-based), as in [`QueuedRecipient::index`].
+    pub rcpt_index: u32,
+    pub at_ms: i64,
+    /// New current status: delivered, deferred, failed, expired.
+    pub status: RecipientStatus,
+    /// For deferred: when to try again.
+    pub next_attempt_at_ms: Option<i64>,
+    pub stage: Stage,
+    pub remote_host: Option<String>,
+    pub remote_ip: Option<String>,
+    pub tls_version: Option<String>,
+    pub tls_cipher: Option<String>,
+    /// `None` when no reply was received (connect failure, timeout, DNS).
+    pub reply_code: Option<u16>,
+    pub enhanced_status: Option<String>,
+    /// Full reply text verbatim (multi-line joined with `\n`), or the local error text.
+    pub reply_text: String,
+    pub duration_ms: u64,
+    /// Classifier verdict (Sisimai vocabulary) and bounce type for non-2xx replies.
+    pub reason: Option<String>,
+    pub bounce_type: Option<String>,
+}
+
+/// A queued or deferred message with the recipients that are due.
+#[derive(Debug, Clone)]
+pub struct QueuedMessage {
+    pub receipt: ReceiptId,
+    pub received_at_ms: i64,
+    pub envelope_sender: String,
+    pub auth_user: Option<String>,
+    pub envid: Option<String>,
+    pub ret: Option<DsnRet>,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    pub size: u64,
+    pub message_id: Option<String>,
+    pub subject: Option<String>,
+    pub recipients: Vec<QueuedRecipient>,
+}
+
+#[derive(Debug, Clone)]
+pub struct QueuedRecipient {
+    pub index: u32,
+    pub address: String,
+    pub orcpt: Option<String>,
+    pub notify: Option<Notify>,
+    pub status: RecipientStatus,
+    /// Delivery attempts so far.
+    pub attempts: u32,
+    pub next_attempt_at_ms: i64,
+    /// When the first deferral happened (for delay DSNs).
+    pub first_deferred_at_ms: Option<i64>,
+    pub delay_dsn_sent: bool,
+    pub last_reply_code: Option<u16>,
+    pub last_enhanced_status: Option<String>,
+    pub last_reply_text: Option<String>,
+}
+
+/// A row of `mailtrail queue list`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueEntry {
+    pub receipt: ReceiptId,
+    pub received_at_ms: i64,
+    pub envelope_sender: String,
+    pub recipient: String,
+    pub status: RecipientStatus,
+    pub attempts: u32,
+    pub next_attempt_at_ms: i64,
+    pub last_reply: Option<String>,
+}
+
+/// `mailtrail log` selection: an address (recipient or sender, case-insensitive) or a receipt.
+#[derive(Debug, Clone)]
+pub enum LogKey {
+    Address(String),
+    Receipt(ReceiptId),
+}
+
+#[derive(Debug, Clone)]
+pub struct LogQuery {
+    pub key: LogKey,
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub limit: usize,
+}
+
+/// One message as `mailtrail log` and the API show it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MessageLog {
+    pub receipt: ReceiptId,
+    pub received_at_ms: i64,
+    pub client_ip: String,
+    pub helo: String,
+    pub tls_version: Option<String>,
+    pub auth_user: Option<String>,
+    pub envelope_sender: String,
+    pub size: u64,
+    pub message_id: Option<String>,
+    pub subject: Option<String>,
+    pub context: Option<String>,
+    pub envid: Option<String>,
+    pub ret: Option<DsnRet>,
+    pub recipients: Vec<RecipientLog>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecipientLog {
+    pub index: u32,
+    pub address: String,
+    pub orcpt: Option<String>,
+    pub notify: Option<String>,
+    pub status: RecipientStatus,
+    pub reason: Option<String>,
+    pub bounce_type: Option<String>,
+    pub last_reply_code: Option<u16>,
+    pub last_enhanced_status: Option<String>,
+    pub last_reply_text: Option<String>,
+    pub updated_at_ms: i64,
+    /// Every event, oldest first (accepted, attempts, bounces, queue actions).
+    pub events: Vec<EventLog>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct EventLog {
+    pub at_ms: i64,
+    /// `accepted`, `attempt`, `bounce`, `complaint`, `deleted`, `retry`, `expired`, `dsn_sent`, ...
+    pub kind: String,
+    pub status: RecipientStatus,
+    pub stage: Option<Stage>,
+    pub remote_host: Option<String>,
+    pub remote_ip: Option<String>,
+    pub tls_version: Option<String>,
+    pub reply_code: Option<u16>,
+    pub enhanced_status: Option<String>,
+    pub reply_text: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub reason: Option<String>,
+}
+
+/// Where a bounce record was matched (bounce → store).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Correlation {
+    Verp,
+    ReceiptHeader,
+    MessageId,
+    Envid,
+    Unmatched,
+}
+
+/// A stored bounce record with its correlation and handled state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoredBounce {
+    pub id: i64,
+    pub at_ms: i64,
+    pub receipt: Option<ReceiptId>,
+    pub rcpt_index: Option<u32>,
+    pub correlation: Correlation,
+    pub recipient: String,
+    /// `dsn`, `arf`, `autoreply`, `heuristic`.
+    pub kind: String,
+    pub action: Option<String>,
+    pub status: Option<String>,
+    pub reply_code: Option<u16>,
+    pub diagnostic: Option<String>,
+    pub remote_mta: Option<String>,
+    pub reporting_mta: Option<String>,
+    pub reason: String,
+    pub bounce_type: String,
+    /// The stored inbound message (bounce mail) it was parsed from, if any.
+    pub source_receipt: Option<ReceiptId>,
+    pub handled_by: Option<String>,
+    pub handled_at_ms: Option<i64>,
+}
+
+/// A bounce record to store, with what correlation found.
+#[derive(Debug, Clone)]
+pub struct NewBounce {
+    pub at_ms: i64,
+    pub receipt: Option<ReceiptId>,
+    pub rcpt_index: Option<u32>,
+    pub correlation: Correlation,
+    pub recipient: String,
+    pub kind: String,
+    pub action: Option<String>,
+    pub status: Option<String>,
+    pub reply_code: Option<u16>,
+    pub diagnostic: Option<String>,
+    pub remote_mta: Option<String>,
+    pub reporting_mta: Option<String>,
+    pub reason: String,
+    pub bounce_type: String,
+    pub source_receipt: Option<ReceiptId>,
+    /// New recipient status when matched (`bounced`, `complained`); `None` leaves it (autoreply).
+    pub new_status: Option<RecipientStatus>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct BounceQuery {
+    pub address: Option<String>,
+    pub reason: Option<String>,
+    pub unhandled_only: bool,
+    /// Only the first (oldest) bounce per address.
+    pub first_only: bool,
+    pub limit: usize,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Suppression {
+    pub address: String,
+    pub reason: String,
+    /// `bounce`, `complaint`, `manual`.
+    pub source: String,
+    pub first_at_ms: i64,
+    pub last_at_ms: i64,
+    pub count: u32,
+    /// `None` = never expires.
+    pub expires_at_ms: Option<i64>,
+}
+
+/// The outcome store. Writes are durable when the future resolves (group commit: one fsync
+/// shared by every write queued meanwhile). Reads see every committed write.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
+    // --- accept (spool) ---
+    /// Durably stores body, envelope, recipients (`queued`, or their preset outcome) and an
+    /// `accepted` event per recipient.
+    async fn accept(&self, msg: AcceptedMessage) -> Result<(), StoreError>;
+
+    // --- delivery ---
+    /// Messages with at least one recipient `queued`/`deferred` whose next attempt is due at
+    /// `now_ms`, oldest first; only the due recipients are listed.
+    async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError>;
+    /// Earliest `next_attempt_at_ms` among pending recipients (for the scheduler's sleep).
+    async fn next_due_at(&self) -> Result<Option<i64>, StoreError>;
+    async fn body(&self, receipt: ReceiptId) -> Result<Vec<u8>, StoreError>;
+    /// Records attempts (each updates the recipient's current status and appends an event)
+    /// and, in the same commit, queues the DSNs they caused.
+    async fn record_attempts(
+        &self,
+        attempts: Vec<AttemptRecord>,
+        dsns: Vec<AcceptedMessage>,
+    ) -> Result<(), StoreError>;
+    /// Marks a delay DSN as sent for these recipients.
+    async fn mark_delay_dsn_sent(
+        &self,
+        receipt: ReceiptId,
+        indexes: &[u32],
+    ) -> Result<(), StoreError>;
+    async fn queue_list(&self) -> Result<Vec<QueueEntry>, StoreError>;
+    /// Makes pending recipients due now; `None` = all. Returns how many.
+    async fn queue_retry(&self, receipt: Option<ReceiptId>) -> Result<usize, StoreError>;
+    /// Removes a message's pending recipients from the queue (status `failed`, event
+    /// `deleted`). Returns how many.
+    async fn queue_delete(&self, receipt: ReceiptId) -> Result<usize, StoreError>;
+    /// (pending recipients, oldest pending receipt time) for metrics.
+    async fn queue_stats(&self) -> Result<(u64, Option<i64>), StoreError>;
+
+    // --- log ---
+    async fn log(&self, query: &LogQuery) -> Result<Vec<MessageLog>, StoreError>;
+
+    // --- bounces ---
+    /// Finds the recipient index of `address` in `receipt`.
+    async fn find_recipient(
+        &self,
+        receipt: ReceiptId,
+        address: &str,
+    ) -> Result<Option<u32>, StoreError>;
+    /// Receipt of a sent message by its `Message-ID` (angle brackets stripped).
+    async fn find_by_message_id(&self, message_id: &str) -> Result<Option<ReceiptId>, StoreError>;
+    async fn find_by_envid(&self, envid: &str) -> Result<Option<ReceiptId>, StoreError>;
+    /// Stores a bounce, moves the matched recipient's status, appends its event. Returns its id.
+    async fn record_bounce(&self, bounce: NewBounce) -> Result<i64, StoreError>;
+    async fn bounces(&self, query: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError>;
+    /// Sets or clears the handled flag. Returns false when no such bounce.
+    async fn set_handled(&self, id: i64, by: Option<&str>, at_ms: i64) -> Result<bool, StoreError>;
+    /// Recent bounce types for an address, newest first (for the soft-bounce threshold).
+    async fn recent_bounce_types(
+        &self,
+        address: &str,
+        since_ms: i64,
+    ) -> Result<Vec<String>, StoreError>;
+
+    // --- suppression ---
+    /// Adds or refreshes (count + 1, last time) an entry.
+    async fn suppress(&self, entry: Suppression) -> Result<(), StoreError>;
+    async fn unsuppress(&self, address: &str) -> Result<bool, StoreError>;
+    /// The live (unexpired at `now_ms`) entry for an address, case-insensitive.
+    async fn suppressed(
+        &self,
+        address: &str,
+        now_ms: i64,
+    ) -> Result<Option<Suppression>, StoreError>;
+    async fn suppression_list(&self, now_ms: i64) -> Result<Vec<Suppression>, StoreError>;
+}

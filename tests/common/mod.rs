@@ -1,0 +1,5 @@
+//! Shared helpers for the integration tests: the real mailtrail binary on loopback, and real
+//! peers (scripted MX, DNS server) it talks to. Each test binary uses a part of it.
+#![allow(dead_code)]
+
+pub mod mailtrail;

@@ -404,3 +404,6 @@ impl SqliteReader {
         read::suppression_list(&self.conn, now_ms)
     }
 }
+
+#[cfg(test)]
+mod tests;

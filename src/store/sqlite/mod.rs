@@ -190,10 +190,11 @@ impl SqliteStore {
         &self.writer.stats
     }
 
+    /// `op` may run more than once (see the writer): it must only depend on what it captured.
     async fn write<R, F>(&self, op: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        F: Fn(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
         self.writer.write(op).await
     }

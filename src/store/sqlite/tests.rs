@@ -143,7 +143,11 @@ fn open_creates_data_dir() {
 async fn accept_then_log_by_address_case_insensitive_and_by_receipt() {
     let dir = TempDir::new().unwrap();
     let store = store_in(&dir);
-    let mut msg = message(1_000, "App@Example.com", &["Alice@Example.NET", "bob@example.net"]);
+    let mut msg = message(
+        1_000,
+        "App@Example.com",
+        &["Alice@Example.NET", "bob@example.net"],
+    );
     msg.recipients[0].orcpt = Some("rfc822;Alice@Example.NET".into());
     msg.recipients[0].notify = Some(Notify {
         failure: true,
@@ -198,7 +202,13 @@ async fn accept_then_log_by_address_case_insensitive_and_by_receipt() {
     assert_eq!(logs.len(), 1);
     assert_eq!(logs[0].receipt, receipt);
 
-    assert!(store.log(&by_address("nobody@example.net")).await.unwrap().is_empty());
+    assert!(
+        store
+            .log(&by_address("nobody@example.net"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         store.body(receipt).await.unwrap(),
         b"Subject: Hello\r\n\r\nHi\r\n"
@@ -240,7 +250,11 @@ async fn log_applies_since_until_and_limit() {
 async fn preset_recipients_are_final_and_never_due() {
     let dir = TempDir::new().unwrap();
     let store = store_in(&dir);
-    let mut msg = message(1_000, "app@example.com", &["gone@example.net", "ok@example.net"]);
+    let mut msg = message(
+        1_000,
+        "app@example.com",
+        &["gone@example.net", "ok@example.net"],
+    );
     msg.recipients[0].preset = Some(PresetOutcome {
         status: RecipientStatus::Suppressed,
         reason: "suppressed".into(),
@@ -250,7 +264,11 @@ async fn preset_recipients_are_final_and_never_due() {
 
     let due = store.due(1_000, 10).await.unwrap();
     assert_eq!(due.len(), 1);
-    let addrs: Vec<&str> = due[0].recipients.iter().map(|r| r.address.as_str()).collect();
+    let addrs: Vec<&str> = due[0]
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
     assert_eq!(addrs, ["ok@example.net"]);
 
     let log = store.log(&by_address("gone@example.net")).await.unwrap();
@@ -326,8 +344,10 @@ async fn concurrent_accepts_share_commits_and_are_all_durable() {
     let stats = store.writer_stats();
     let commits = stats.commits.load(Ordering::Relaxed);
     assert_eq!(stats.commands.load(Ordering::Relaxed), 500);
-    eprintln!("COMMITS {commits}");
-    assert!(commits < 500, "no batching: {commits} commits for 500 accepts");
+    assert!(
+        commits < 500,
+        "no batching: {commits} commits for 500 accepts"
+    );
     drop(store);
 
     // Everything acknowledged is visible to a fresh process-like reader.
@@ -347,6 +367,35 @@ async fn concurrent_accepts_share_commits_and_are_all_durable() {
     }
 }
 
+/// Blocks the writer thread inside a command until the returned gate is signalled, so that
+/// commands sent meanwhile queue up and run as one batch.
+async fn hold_writer(
+    store: &Arc<SqliteStore>,
+) -> (
+    tokio::task::JoinHandle<Result<(), StoreError>>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let started_tx = std::sync::Mutex::new(Some(started_tx));
+    let held = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(move |_| {
+                    if let Some(tx) = started_tx.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                    gate_rx.recv().ok();
+                    Ok(())
+                })
+                .await
+        })
+    };
+    started_rx.await.unwrap();
+    (held, gate_tx)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failing_command_does_not_fail_the_rest_of_its_batch() {
     let dir = TempDir::new().unwrap();
@@ -355,21 +404,7 @@ async fn a_failing_command_does_not_fail_the_rest_of_its_batch() {
     store.accept(dup.clone()).await.unwrap();
 
     // Hold the writer so the next commands queue up and land in one batch.
-    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let held = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            store
-                .write(move |_| {
-                    let _ = started_tx.send(());
-                    gate_rx.recv().ok();
-                    Ok(())
-                })
-                .await
-        })
-    };
-    started_rx.await.unwrap();
+    let (held, gate) = hold_writer(&store).await;
     let commits_before = store.writer_stats().commits.load(Ordering::Relaxed);
     let good: Vec<AcceptedMessage> = (0..5)
         .map(|i| message(2_000 + i, "app@example.com", &["ok@example.net"]))
@@ -389,13 +424,16 @@ async fn a_failing_command_does_not_fail_the_rest_of_its_batch() {
         let r = good[0].receipt;
         tokio::spawn(async move {
             store
-                .record_attempts(vec![attempt(r, 7, 3_000, RecipientStatus::Delivered)], vec![])
+                .record_attempts(
+                    vec![attempt(r, 7, 3_000, RecipientStatus::Delivered)],
+                    vec![],
+                )
                 .await
         })
     };
     // Let every command reach the queue before the writer is released.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    gate_tx.send(()).unwrap();
+    gate.send(()).unwrap();
     held.await.unwrap().unwrap();
 
     assert!(matches!(
@@ -419,6 +457,73 @@ async fn a_failing_command_does_not_fail_the_rest_of_its_batch() {
     assert_eq!(dup_logs[0].recipients[0].events.len(), 1);
 }
 
+async fn cap_database_size(store: &SqliteStore, extra_pages: i64) {
+    store
+        .write(move |c| {
+            let pages: i64 = c
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .map_err(storage)?;
+            c.query_row(
+                &format!("PRAGMA max_page_count = {}", pages + extra_pages),
+                [],
+                |_| Ok(()),
+            )
+            .map_err(storage)
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disk_full_in_a_batch_fails_only_the_command_that_did_not_fit() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(store_in(&dir));
+    store
+        .accept(message(1_000, "app@example.com", &["first@example.net"]))
+        .await
+        .unwrap();
+    cap_database_size(&store, 64).await;
+    let (held, gate) = hold_writer(&store).await;
+    let mut small = Vec::new();
+    for i in 0..3 {
+        let store = store.clone();
+        let m = message(2_000 + i, "app@example.com", &["small@example.net"]);
+        small.push(tokio::spawn(async move { store.accept(m).await }));
+    }
+    let mut big = message(3_000, "app@example.com", &["big@example.net"]);
+    big.body = vec![b'x'; 1 << 20];
+    let big = {
+        let store = store.clone();
+        tokio::spawn(async move { store.accept(big).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    gate.send(()).unwrap();
+    held.await.unwrap().unwrap();
+    let err = big.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Storage(m) if m.contains("full")),
+        "{err:?}"
+    );
+    for t in small {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        store
+            .log(&by_address("small@example.net"))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert!(
+        store
+            .log(&by_address("big@example.net"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
 #[tokio::test]
 async fn disk_full_fails_the_accept_and_leaves_nothing_partial() {
     let dir = TempDir::new().unwrap();
@@ -428,23 +533,19 @@ async fn disk_full_fails_the_accept_and_leaves_nothing_partial() {
         .await
         .unwrap();
     // Cap the file near its current size: a 1 MiB body cannot fit.
-    store
-        .write(|c| {
-            let pages: i64 = c
-                .query_row("PRAGMA page_count", [], |r| r.get(0))
-                .map_err(storage)?;
-            c.query_row(&format!("PRAGMA max_page_count = {}", pages + 2), [], |_| Ok(()))
-                .map_err(storage)
-        })
-        .await
-        .unwrap();
+    cap_database_size(&store, 2).await;
     let mut big = message(2_000, "app@example.com", &["big@example.net"]);
     big.body = vec![b'x'; 1 << 20];
     let receipt = big.receipt;
     let err = store.accept(big).await.unwrap_err();
-    eprintln!("DISKFULL {err}");
     assert!(matches!(err, StoreError::Storage(_)), "{err:?}");
-    assert!(store.log(&by_address("big@example.net")).await.unwrap().is_empty());
+    assert!(
+        store
+            .log(&by_address("big@example.net"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert!(matches!(
         store.body(receipt).await,
         Err(StoreError::NotFound(_))
@@ -464,7 +565,11 @@ async fn disk_full_fails_the_accept_and_leaves_nothing_partial() {
 async fn delivery_lifecycle_due_defer_retry_deliver() {
     let dir = TempDir::new().unwrap();
     let store = store_in(&dir);
-    let msg = message(1_000, "app@example.com", &["a@example.net", "b@example.net"]);
+    let msg = message(
+        1_000,
+        "app@example.com",
+        &["a@example.net", "b@example.net"],
+    );
     let r = msg.receipt;
     store.accept(msg).await.unwrap();
 
@@ -513,7 +618,10 @@ async fn delivery_lifecycle_due_defer_retry_deliver() {
     store.mark_delay_dsn_sent(r, &[1]).await.unwrap();
     // A second deferral keeps the first deferral time.
     store
-        .record_attempts(vec![attempt(r, 1, 2_000, RecipientStatus::Deferred)], vec![])
+        .record_attempts(
+            vec![attempt(r, 1, 2_000, RecipientStatus::Deferred)],
+            vec![],
+        )
         .await
         .unwrap();
     let list = store.queue_list().await.unwrap();
@@ -543,7 +651,14 @@ async fn delivery_lifecycle_due_defer_retry_deliver() {
     let kinds: Vec<&str> = b.events.iter().map(|e| e.kind.as_str()).collect();
     assert_eq!(
         kinds,
-        ["accepted", "attempt", "delay_dsn_sent", "attempt", "retry", "attempt"]
+        [
+            "accepted",
+            "attempt",
+            "delay_dsn_sent",
+            "attempt",
+            "retry",
+            "attempt"
+        ]
     );
     let first = &b.events[1];
     assert_eq!(first.remote_host.as_deref(), Some("mx.example.net"));
@@ -560,11 +675,18 @@ async fn delivery_lifecycle_due_defer_retry_deliver() {
 async fn queue_delete_fails_pending_recipients_with_a_deleted_event() {
     let dir = TempDir::new().unwrap();
     let store = store_in(&dir);
-    let msg = message(1_000, "app@example.com", &["a@example.net", "b@example.net"]);
+    let msg = message(
+        1_000,
+        "app@example.com",
+        &["a@example.net", "b@example.net"],
+    );
     let r = msg.receipt;
     store.accept(msg).await.unwrap();
     store
-        .record_attempts(vec![attempt(r, 0, 1_100, RecipientStatus::Delivered)], vec![])
+        .record_attempts(
+            vec![attempt(r, 0, 1_100, RecipientStatus::Delivered)],
+            vec![],
+        )
         .await
         .unwrap();
     assert_eq!(store.queue_delete(r).await.unwrap(), 1);
@@ -627,13 +749,23 @@ fn new_bounce(receipt: Option<ReceiptId>, idx: Option<u32>, at_ms: i64) -> NewBo
 async fn bounces_are_correlated_recorded_and_filtered() {
     let dir = TempDir::new().unwrap();
     let store = store_in(&dir);
-    let mut msg = message(1_000, "app@example.com", &["x@example.net", "A@example.net"]);
+    let mut msg = message(
+        1_000,
+        "app@example.com",
+        &["x@example.net", "A@example.net"],
+    );
     msg.envid = Some("env-42".into());
     let r = msg.receipt;
     store.accept(msg).await.unwrap();
 
-    assert_eq!(store.find_recipient(r, "a@EXAMPLE.net").await.unwrap(), Some(1));
-    assert_eq!(store.find_recipient(r, "z@example.net").await.unwrap(), None);
+    assert_eq!(
+        store.find_recipient(r, "a@EXAMPLE.net").await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        store.find_recipient(r, "z@example.net").await.unwrap(),
+        None
+    );
     assert_eq!(
         store.find_by_message_id("m1@app.example").await.unwrap(),
         Some(r)
@@ -647,7 +779,10 @@ async fn bounces_are_correlated_recorded_and_filtered() {
     assert_eq!(store.find_by_envid("env-43").await.unwrap(), None);
 
     store
-        .record_attempts(vec![attempt(r, 1, 1_100, RecipientStatus::Delivered)], vec![])
+        .record_attempts(
+            vec![attempt(r, 1, 1_100, RecipientStatus::Delivered)],
+            vec![],
+        )
         .await
         .unwrap();
     let first = store
@@ -695,23 +830,35 @@ async fn bounces_are_correlated_recorded_and_filtered() {
     };
     let ids = |v: Vec<StoredBounce>| v.iter().map(|b| b.id).collect::<Vec<_>>();
     assert_eq!(
-        ids(store.bounces(&q(|q| q.address = Some("a@EXAMPLE.net".into()))).await.unwrap()),
+        ids(store
+            .bounces(&q(|q| q.address = Some("a@EXAMPLE.net".into())))
+            .await
+            .unwrap()),
         [second, first]
     );
     assert_eq!(
-        ids(store.bounces(&q(|q| q.reason = Some("mailboxfull".into()))).await.unwrap()),
+        ids(store
+            .bounces(&q(|q| q.reason = Some("mailboxfull".into())))
+            .await
+            .unwrap()),
         [third]
     );
     assert_eq!(
         ids(store.bounces(&q(|q| q.first_only = true)).await.unwrap()),
         [third, first]
     );
-    assert_eq!(ids(store.bounces(&q(|q| q.limit = 1)).await.unwrap()), [third]);
+    assert_eq!(
+        ids(store.bounces(&q(|q| q.limit = 1)).await.unwrap()),
+        [third]
+    );
 
     assert!(store.set_handled(first, Some("ops"), 5_000).await.unwrap());
     assert!(!store.set_handled(9_999, Some("ops"), 5_000).await.unwrap());
     assert_eq!(
-        ids(store.bounces(&q(|q| q.unhandled_only = true)).await.unwrap()),
+        ids(store
+            .bounces(&q(|q| q.unhandled_only = true))
+            .await
+            .unwrap()),
         [third, second]
     );
     let handled = store.bounces(&q(|q| q.limit = 0)).await.unwrap();
@@ -744,7 +891,10 @@ async fn autoreply_keeps_status_but_is_logged() {
     let r = msg.receipt;
     store.accept(msg).await.unwrap();
     store
-        .record_attempts(vec![attempt(r, 0, 1_100, RecipientStatus::Delivered)], vec![])
+        .record_attempts(
+            vec![attempt(r, 0, 1_100, RecipientStatus::Delivered)],
+            vec![],
+        )
         .await
         .unwrap();
     let mut auto = new_bounce(Some(r), Some(0), 2_000);
@@ -755,7 +905,10 @@ async fn autoreply_keeps_status_but_is_logged() {
     let a = &log[0].recipients[0];
     assert_eq!(a.status, RecipientStatus::Delivered);
     let last = a.events.last().unwrap();
-    assert_eq!((last.kind.as_str(), last.status), ("autoreply", RecipientStatus::Delivered));
+    assert_eq!(
+        (last.kind.as_str(), last.status),
+        ("autoreply", RecipientStatus::Delivered)
+    );
 }
 
 fn suppression(address: &str, at_ms: i64, expires: Option<i64>) -> Suppression {
@@ -803,9 +956,27 @@ async fn suppression_upserts_expires_and_is_case_insensitive() {
     assert_eq!(s.expires_at_ms, Some(200_000));
     assert_eq!(s.address, "Gone@Example.net");
 
-    assert!(store.suppressed("temp@example.net", 4_999).await.unwrap().is_some());
-    assert!(store.suppressed("temp@example.net", 5_000).await.unwrap().is_none());
-    assert!(store.suppressed("forever@example.net", i64::MAX).await.unwrap().is_some());
+    assert!(
+        store
+            .suppressed("temp@example.net", 4_999)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .suppressed("temp@example.net", 5_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .suppressed("forever@example.net", i64::MAX)
+            .await
+            .unwrap()
+            .is_some()
+    );
 
     let list: Vec<String> = store
         .suppression_list(10_000)
@@ -818,7 +989,13 @@ async fn suppression_upserts_expires_and_is_case_insensitive() {
 
     assert!(store.unsuppress("gone@EXAMPLE.net").await.unwrap());
     assert!(!store.unsuppress("gone@example.net").await.unwrap());
-    assert!(store.suppressed("gone@example.net", 0).await.unwrap().is_none());
+    assert!(
+        store
+            .suppressed("gone@example.net", 0)
+            .await
+            .unwrap()
+            .is_none()
+    );
 }
 
 #[tokio::test]
@@ -830,14 +1007,20 @@ async fn reopen_after_drop_sees_everything() {
     let r = msg.receipt;
     store.accept(msg).await.unwrap();
     store
-        .record_attempts(vec![attempt(r, 0, 1_100, RecipientStatus::Deferred)], vec![])
+        .record_attempts(
+            vec![attempt(r, 0, 1_100, RecipientStatus::Deferred)],
+            vec![],
+        )
         .await
         .unwrap();
     store
         .suppress(suppression("s@example.net", 1_000, None))
         .await
         .unwrap();
-    store.record_bounce(new_bounce(None, None, 1_200)).await.unwrap();
+    store
+        .record_bounce(new_bounce(None, None, 1_200))
+        .await
+        .unwrap();
     drop(store);
 
     let store = SqliteStore::open_path(&path).unwrap();
@@ -845,8 +1028,17 @@ async fn reopen_after_drop_sees_everything() {
     assert_eq!(log[0].recipients[0].status, RecipientStatus::Deferred);
     assert_eq!(log[0].recipients[0].events.len(), 2);
     assert_eq!(store.next_due_at().await.unwrap(), Some(61_100));
-    assert!(store.suppressed("s@example.net", 0).await.unwrap().is_some());
-    assert_eq!(store.bounces(&BounceQuery::default()).await.unwrap().len(), 1);
+    assert!(
+        store
+            .suppressed("s@example.net", 0)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        store.bounces(&BounceQuery::default()).await.unwrap().len(),
+        1
+    );
 }
 
 #[tokio::test]

@@ -29,14 +29,15 @@ pub struct WriterStats {
 
 /// One queued write: runs inside the batch transaction, answers after the batch ends.
 trait Job: Send {
-    /// Runs the command; false when it failed (its savepoint is then rolled back).
+    /// Runs the command; false when it failed (its savepoint is then rolled back). May run
+    /// again when the batch restarts after SQLite rolled back the whole transaction.
     fn run(&mut self, conn: &Connection) -> bool;
-    /// Answers the caller: its own result if the batch committed, else the commit error.
-    fn finish(self: Box<Self>, batch: Result<(), &StoreError>);
+    /// Answers the caller: its own result if the batch committed, else the batch error.
+    fn finish(self: Box<Self>, batch: Result<(), &str>);
 }
 
 struct TypedJob<R, F> {
-    op: Option<F>,
+    op: F,
     outcome: Option<Result<R, StoreError>>,
     reply: oneshot::Sender<Result<R, StoreError>>,
 }
@@ -44,19 +45,16 @@ struct TypedJob<R, F> {
 impl<R, F> Job for TypedJob<R, F>
 where
     R: Send,
-    F: FnOnce(&Connection) -> Result<R, StoreError> + Send,
+    F: Fn(&Connection) -> Result<R, StoreError> + Send,
 {
     fn run(&mut self, conn: &Connection) -> bool {
-        let Some(op) = self.op.take() else {
-            return false;
-        };
-        let outcome = op(conn);
+        let outcome = (self.op)(conn);
         let ok = outcome.is_ok();
         self.outcome = Some(outcome);
         ok
     }
 
-    fn finish(self: Box<Self>, batch: Result<(), &StoreError>) {
+    fn finish(self: Box<Self>, batch: Result<(), &str>) {
         let result = match batch {
             Err(e) => Err(StoreError::Storage(e.to_string())),
             Ok(()) => self
@@ -96,11 +94,11 @@ impl Writer {
     pub async fn write<R, F>(&self, op: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+        F: Fn(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
         let (reply, rx) = oneshot::channel();
         let job = Box::new(TypedJob {
-            op: Some(op),
+            op,
             outcome: None,
             reply,
         });
@@ -128,49 +126,79 @@ fn run(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, stats: &WriterSta
                 Err(_) => break,
             }
         }
-        let n = batch.len() as u64;
-        if run_batch(&conn, &mut batch).is_ok() {
-            stats.commits.fetch_add(1, Ordering::Relaxed);
-            stats.commands.fetch_add(n, Ordering::Relaxed);
-        }
+        run_batch(&conn, batch, stats);
     }
+}
+
+/// How one try at committing a batch ended.
+enum Outcome {
+    Committed,
+    /// Job `n` failed and SQLite rolled back the whole transaction (it may on SQLITE_FULL,
+    /// IOERR, NOMEM): the others did nothing wrong and are retried without it.
+    Aborted(usize),
+    /// BEGIN, a savepoint or COMMIT failed: the batch as a whole is lost.
+    Failed(String),
 }
 
 /// Runs one batch and answers every job in it. Each job gets a savepoint so its failure rolls
-/// back only its own writes; if SQLite rolled back the whole transaction (it may on
-/// SQLITE_FULL / IOERR) or COMMIT fails, every job gets the storage error.
-fn run_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>) -> Result<(), ()> {
-    let result = execute_batch(conn, batch);
-    if result.is_err() && !conn.is_autocommit() {
-        let _ = conn.execute_batch("ROLLBACK");
-    }
-    let ok = result.is_ok();
-    for job in batch.drain(..) {
-        job.finish(result.as_ref().map(|_| ()));
-    }
-    if ok { Ok(()) } else { Err(()) }
-}
-
-fn execute_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Result<(), StoreError> {
-    sql(conn, "BEGIN IMMEDIATE")?;
-    for job in batch.iter_mut() {
-        sql(conn, "SAVEPOINT command")?;
-        if job.run(conn) {
-            sql(conn, "RELEASE command")?;
-        } else {
-            if conn.is_autocommit() {
-                return Err(StoreError::Storage(
-                    "transaction rolled back by the database after a failed write".into(),
-                ));
+/// back only its own writes; if COMMIT fails, every job gets the storage error and nothing of
+/// the batch is visible.
+fn run_batch(conn: &Connection, mut batch: Vec<Box<dyn Job>>, stats: &WriterStats) {
+    loop {
+        let outcome = try_batch(conn, &mut batch);
+        if !matches!(outcome, Outcome::Committed) && !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        match outcome {
+            Outcome::Committed => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .commands
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for job in batch {
+                    job.finish(Ok(()));
+                }
+                return;
             }
-            sql(conn, "ROLLBACK TO command")?;
-            sql(conn, "RELEASE command")?;
+            Outcome::Aborted(n) => {
+                // Its own outcome holds the error that aborted the transaction.
+                batch.remove(n).finish(Ok(()));
+                if batch.is_empty() {
+                    return;
+                }
+            }
+            Outcome::Failed(e) => {
+                for job in batch {
+                    job.finish(Err(&e));
+                }
+                return;
+            }
         }
     }
-    sql(conn, "COMMIT")
 }
 
-fn sql(conn: &Connection, statement: &str) -> Result<(), StoreError> {
-    conn.execute_batch(statement)
-        .map_err(|e| StoreError::Storage(format!("{statement}: {e}")))
+fn try_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Outcome {
+    let sql = |statement: &str| {
+        conn.execute_batch(statement)
+            .map_err(|e| Outcome::Failed(format!("{statement}: {e}")))
+    };
+    let mut run = || -> Result<(), Outcome> {
+        sql("BEGIN IMMEDIATE")?;
+        for (n, job) in batch.iter_mut().enumerate() {
+            sql("SAVEPOINT command")?;
+            if job.run(conn) {
+                sql("RELEASE command")?;
+            } else if conn.is_autocommit() {
+                return Err(Outcome::Aborted(n));
+            } else {
+                sql("ROLLBACK TO command")?;
+                sql("RELEASE command")?;
+            }
+        }
+        sql("COMMIT")
+    };
+    match run() {
+        Ok(()) => Outcome::Committed,
+        Err(o) => o,
+    }
 }

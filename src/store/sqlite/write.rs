@@ -526,7 +526,7 @@ pub fn unsuppress(conn: &Connection, address: &str) -> Result<bool, StoreError> 
     let changed = conn
         .execute(
             "DELETE FROM suppressions WHERE address_lc = ?1",
-            params![address_key(&address)],
+            params![address_key(address)],
         )
         .map_err(storage)?;
     Ok(changed > 0)

@@ -65,11 +65,11 @@ impl ContentScanner {
             if self.pending_cr {
                 self.pending_cr = false;
                 if b == b'\n' {
-                    if self.framing == Framing::DotTerminated && self.dot_line && self.line_len == 1
+                    // The line so far is `.` and its CR: the end of data.
+                    if self.framing == Framing::DotTerminated && self.dot_line && self.line_len == 2
                     {
                         return (i + 1, true);
                     }
-                    self.count_line_byte();
                     self.push(b"\r\n");
                     self.line_len = 0;
                     self.dot_line = false;
@@ -130,7 +130,7 @@ impl ContentScanner {
 
     fn count_line_byte(&mut self) {
         self.line_len += 1;
-        // `line_len` counts the CR; the LF makes it one more.
+        // Called for every byte but the LF of a CRLF, which makes the line one longer.
         if self.line_len + 1 > self.max_line {
             self.fail(ContentError::LineTooLong);
         }
@@ -171,7 +171,7 @@ mod tests {
     fn ends_only_at_crlf_dot_crlf() {
         let (n, done, body) = data(b"Subject: x\r\n\r\nhi\r\n.\r\nMAIL");
         assert!(done);
-        assert_eq!(n, 22);
+        assert_eq!(n, 21);
         assert_eq!(body.unwrap(), b"Subject: x\r\n\r\nhi\r\n");
     }
 

@@ -522,6 +522,17 @@ impl Session {
     }
 
     fn command(&mut self, out: &mut Vec<Action>, line: &[u8]) {
+        if is_rcpt_postmaster(line) {
+            // RFC 5321 4.5.1: `<Postmaster>` without a domain must be accepted; smtp-proto
+            // refuses an address without `@`.
+            let to = RcptTo {
+                address: Cow::Borrowed("postmaster"),
+                orcpt: None,
+                rrvs: 0,
+                flags: 0,
+            };
+            return self.rcpt(out, to);
+        }
         let request = match Request::parse(&mut line.iter()) {
             Ok(request) => request,
             Err(e) => {
@@ -967,6 +978,15 @@ fn parse_error_reply(e: ParseError) -> Reply {
     }
 }
 
+fn is_rcpt_postmaster(line: &[u8]) -> bool {
+    let squeezed: Vec<u8> = line
+        .iter()
+        .filter(|b| !b.is_ascii_whitespace())
+        .map(u8::to_ascii_uppercase)
+        .collect();
+    squeezed == b"RCPTTO:<POSTMASTER>"
+}
+
 /// `local@domain` with both parts present. The parser has checked the characters.
 fn is_mailbox(address: &str) -> bool {
     address
@@ -982,4 +1002,817 @@ fn notify_of(flags: u64) -> Option<Notify> {
         never: flags & smtp_proto::RCPT_NOTIFY_NEVER != 0,
     };
     (n != Notify::default()).then_some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RecipientStatus;
+
+    /// Plays the shell: answers every request at once and records what happened.
+    struct Client {
+        session: Session,
+        wire: String,
+        stored: Vec<AcceptedMessage>,
+        checks: Vec<RecipientCheck>,
+        closed: bool,
+        starttls: bool,
+        store_ok: bool,
+        policy: fn(&RecipientCheck) -> RecipientVerdict,
+    }
+
+    fn relay_only(check: &RecipientCheck) -> RecipientVerdict {
+        if check.relay_allowed {
+            RecipientVerdict::Accept
+        } else {
+            RecipientVerdict::Reject(Reply::new(554, "5.7.1", "Relay access denied"))
+        }
+    }
+
+    fn config() -> SessionConfig {
+        SessionConfig {
+            hostname: "mx.test".into(),
+            max_message_size: 1000,
+            max_recipients: 3,
+            max_command_line: 512,
+            max_data_line: 200,
+            max_errors: 5,
+            tls_available: true,
+            auth_available: true,
+        }
+    }
+
+    fn client_with(config: SessionConfig, ip: &str, relay_client: bool) -> Client {
+        let session = Session::new(
+            config,
+            Peer {
+                ip: ip.parse().unwrap(),
+                relay_client,
+            },
+            None,
+        );
+        let mut c = Client {
+            session,
+            wire: String::new(),
+            stored: Vec::new(),
+            checks: Vec::new(),
+            closed: false,
+            starttls: false,
+            store_ok: true,
+            policy: relay_only,
+        };
+        let greeting = c.session.greeting();
+        c.run(greeting);
+        c
+    }
+
+    fn client() -> Client {
+        client_with(config(), "192.0.2.1", true)
+    }
+
+    impl Client {
+        fn send(&mut self, bytes: &[u8]) -> String {
+            let before = self.wire.len();
+            let actions = self.session.feed(bytes);
+            self.run(actions);
+            self.wire[before..].to_string()
+        }
+
+        fn run(&mut self, actions: Vec<Action>) {
+            for action in actions {
+                match action {
+                    Action::Send(reply) => self.wire.push_str(&reply.to_string()),
+                    Action::Close => self.closed = true,
+                    Action::StartTls => self.starttls = true,
+                    Action::Authenticate(c) => {
+                        let ok = c.username == "app" && c.password == "secret";
+                        let next = self.session.auth_verified(ok.then_some(c.username));
+                        self.run(next);
+                    }
+                    Action::CheckRecipient(check) => {
+                        let verdict = (self.policy)(&check);
+                        self.checks.push(check);
+                        let next = self.session.recipient_checked(verdict);
+                        self.run(next);
+                    }
+                    Action::Store(msg) => {
+                        if self.store_ok {
+                            self.stored.push(*msg);
+                        }
+                        let next = self.session.stored(self.store_ok);
+                        self.run(next);
+                    }
+                }
+            }
+        }
+
+        fn codes(&self) -> Vec<String> {
+            self.wire
+                .lines()
+                .filter(|l| l.len() >= 4 && l.as_bytes()[3] == b' ')
+                .map(|l| l[..3].to_string())
+                .collect()
+        }
+
+        fn transaction(&mut self) {
+            self.send(b"EHLO client.example\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<a@example.net>\r\n");
+        }
+    }
+
+    const MESSAGE: &[u8] = b"Subject: hi\r\n\r\nhello\r\n.\r\n";
+
+    #[test]
+    fn greets_with_hostname_banner() {
+        let c = client();
+        assert_eq!(c.wire, "220 mx.test ESMTP mailtrail\r\n");
+    }
+
+    #[test]
+    fn ehlo_advertises_extensions() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        let reply = c.send(b"EHLO client.example\r\n");
+        assert_eq!(
+            reply,
+            "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250-DSN\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n"
+        );
+    }
+
+    #[test]
+    fn ehlo_offers_auth_only_under_tls_unless_loopback() {
+        let mut c = client();
+        let reply = c.send(b"EHLO x\r\n");
+        assert!(!reply.contains("AUTH"), "{reply}");
+        assert!(reply.contains("STARTTLS"));
+        c.send(b"STARTTLS\r\n");
+        c.session.tls_started("TLSv1_3".into());
+        let reply = c.send(b"EHLO x\r\n");
+        assert!(reply.contains("AUTH PLAIN LOGIN"), "{reply}");
+        assert!(!reply.contains("STARTTLS"), "{reply}");
+    }
+
+    #[test]
+    fn ehlo_omits_starttls_without_tls_config() {
+        let mut cfg = config();
+        cfg.tls_available = false;
+        let mut c = client_with(cfg, "192.0.2.1", true);
+        assert!(!c.send(b"EHLO x\r\n").contains("STARTTLS"));
+        assert_eq!(c.send(b"STARTTLS\r\n"), "454 4.7.0 TLS not available\r\n");
+    }
+
+    #[test]
+    fn helo_answers_single_line() {
+        let mut c = client();
+        assert_eq!(c.send(b"HELO x\r\n"), "250 mx.test\r\n");
+    }
+
+    #[test]
+    fn accepts_message_and_replies_with_receipt_after_store() {
+        let mut c = client();
+        c.transaction();
+        let reply = c.send(b"DATA\r\n");
+        assert_eq!(reply, "354 End data with <CR><LF>.<CR><LF>\r\n");
+        let reply = c.send(MESSAGE);
+        assert_eq!(c.stored.len(), 1);
+        let msg = &c.stored[0];
+        assert_eq!(reply, format!("250 2.0.0 Ok: queued as {}\r\n", msg.receipt));
+        assert_eq!(msg.envelope_sender, "app@example.com");
+        assert_eq!(msg.recipients[0].address, "a@example.net");
+        assert_eq!(msg.helo, "client.example");
+        assert_eq!(msg.subject.as_deref(), Some("hi"));
+        let body = String::from_utf8_lossy(&msg.body);
+        assert!(body.starts_with("Received: from client.example ([192.0.2.1])"));
+        assert!(body.ends_with("Subject: hi\r\n\r\nhello\r\n"), "{body}");
+        assert!(!c.session.in_transaction());
+    }
+
+    #[test]
+    fn answers_451_and_acknowledges_nothing_when_store_fails() {
+        let mut c = client();
+        c.store_ok = false;
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let reply = c.send(MESSAGE);
+        assert_eq!(reply, "451 4.3.0 Temporary storage failure, try again later\r\n");
+        assert!(c.stored.is_empty());
+        assert!(!c.wire.contains("queued as"));
+    }
+
+    #[test]
+    fn answers_commands_pipelined_after_data() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let mut burst = MESSAGE.to_vec();
+        burst.extend_from_slice(b"MAIL FROM:<b@example.com>\r\nRCPT TO:<c@example.net>\r\nDATA\r\nsecond\r\n.\r\nQUIT\r\n");
+        let reply = c.send(&burst);
+        assert_eq!(c.stored.len(), 2);
+        let expected = format!(
+            "250 2.0.0 Ok: queued as {}\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as {}\r\n221 2.0.0 Bye\r\n",
+            c.stored[0].receipt, c.stored[1].receipt
+        );
+        assert_eq!(reply, expected);
+        assert!(c.closed);
+        assert_eq!(c.stored[1].envelope_sender, "b@example.com");
+    }
+
+    #[test]
+    fn pauses_input_while_store_is_pending() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let actions = c.session.feed(b"x\r\n.\r\nNOOP\r\n");
+        assert!(matches!(actions.as_slice(), [Action::Store(_)]), "{actions:?}");
+        // More input while waiting is buffered, not answered.
+        assert!(c.session.feed(b"NOOP\r\n").is_empty());
+        let after = c.session.stored(true);
+        let replies: Vec<String> = after
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(r) => Some(r.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(replies.len(), 3);
+        assert!(replies[0].starts_with("250 2.0.0 Ok: queued as"));
+        assert_eq!(replies[1], "250 2.0.0 Ok\r\n");
+        assert_eq!(replies[2], "250 2.0.0 Ok\r\n");
+    }
+
+    #[test]
+    fn answers_pipelined_envelope_in_order() {
+        let mut c = client();
+        let reply = c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nRCPT TO:<c@y.org>\r\nDATA\r\n");
+        assert!(reply.ends_with("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"), "{reply}");
+    }
+
+    #[test]
+    fn rejects_bare_lf_in_data() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let reply = c.send(b"a\nb\r\n.\r\n");
+        assert_eq!(
+            reply,
+            "550 5.5.2 Message rejected: bare <LF> or <CR> not allowed, use <CRLF>\r\n"
+        );
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn rejects_bare_cr_in_data() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let reply = c.send(b"a\rb\r\n.\r\n");
+        assert!(reply.starts_with("550 5.5.2"), "{reply}");
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn smuggled_end_of_data_does_not_end_message() {
+        // The classic smuggling payload: `\n.\n` then a second transaction, then the real end.
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let reply = c.send(
+            b"first\r\n\n.\nMAIL FROM:<evil@x.org>\r\nRCPT TO:<v@y.org>\r\nDATA\r\nforged\r\n.\r\n",
+        );
+        assert_eq!(
+            reply,
+            "550 5.5.2 Message rejected: bare <LF> or <CR> not allowed, use <CRLF>\r\n"
+        );
+        assert!(c.stored.is_empty());
+        for bad_end in [&b"x\r\n.\n"[..], b"x\n.\r\n", b"x\r.\r", b"x\r\n.\r"] {
+            let mut c = client();
+            c.transaction();
+            c.send(b"DATA\r\n");
+            assert_eq!(c.send(bad_end), "", "{bad_end:?} ended DATA");
+            assert!(c.session.expects_content());
+        }
+    }
+
+    #[test]
+    fn rejects_declared_size_over_limit() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        let reply = c.send(b"MAIL FROM:<a@x.org> SIZE=1001\r\n");
+        assert_eq!(reply, "552 5.3.4 Message size exceeds fixed maximum message size\r\n");
+        assert_eq!(c.send(b"MAIL FROM:<a@x.org> SIZE=1000\r\n"), "250 2.1.0 Ok\r\n");
+    }
+
+    #[test]
+    fn rejects_oversized_body_after_data_ends() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let mut body = Vec::new();
+        for _ in 0..20 {
+            body.extend_from_slice(&[b'x'; 98]);
+            body.extend_from_slice(b"\r\n");
+        }
+        // Nothing is answered until the end of data arrives.
+        assert_eq!(c.send(&body), "");
+        let reply = c.send(b".\r\nNOOP\r\n");
+        assert_eq!(
+            reply,
+            "552 5.3.4 Message size exceeds fixed maximum message size\r\n250 2.0.0 Ok\r\n"
+        );
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn rejects_data_line_over_limit() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let mut body = vec![b'x'; 199];
+        body.extend_from_slice(b"\r\n.\r\n");
+        let reply = c.send(&body);
+        assert_eq!(reply, "500 5.5.2 Message rejected: line longer than 200 bytes\r\n");
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn refuses_recipients_over_limit() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        let reply = c.send(b"RCPT TO:<1@y.org>\r\nRCPT TO:<2@y.org>\r\nRCPT TO:<3@y.org>\r\nRCPT TO:<4@y.org>\r\n");
+        assert!(reply.ends_with("250 2.1.5 Ok\r\n452 4.5.3 Too many recipients\r\n"), "{reply}");
+        c.send(b"DATA\r\n");
+        c.send(MESSAGE);
+        assert_eq!(c.stored[0].recipients.len(), 3);
+    }
+
+    #[test]
+    fn rejects_command_line_too_long() {
+        let mut c = client();
+        let mut line = b"NOOP ".to_vec();
+        line.extend_from_slice(&[b'a'; 600]);
+        line.extend_from_slice(b"\r\nNOOP\r\n");
+        assert_eq!(c.send(&line), "500 5.5.2 Line too long\r\n250 2.0.0 Ok\r\n");
+    }
+
+    #[test]
+    fn rejects_long_line_arriving_in_pieces_once() {
+        let mut c = client();
+        assert_eq!(c.send(&[b'a'; 400]), "");
+        assert_eq!(c.send(&[b'a'; 400]), "500 5.5.2 Line too long\r\n");
+        assert_eq!(c.send(&[b'a'; 400]), "");
+        assert_eq!(c.send(b"aaa\r\nNOOP\r\n"), "250 2.0.0 Ok\r\n");
+    }
+
+    #[test]
+    fn closes_after_too_many_errors() {
+        let mut c = client();
+        let reply = c.send(b"FOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nNOOP\r\n");
+        assert_eq!(reply.matches("500 5.5.2").count(), 5);
+        assert!(reply.ends_with("421 4.7.0 mx.test Error: too many errors\r\n"), "{reply}");
+        assert!(c.closed);
+        assert!(!reply.contains("250"));
+    }
+
+    #[test]
+    fn answers_unknown_command_with_500() {
+        let mut c = client();
+        assert_eq!(c.send(b"FOO bar\r\n"), "500 5.5.2 Syntax error, command unrecognized\r\n");
+    }
+
+    #[test]
+    fn answers_unimplemented_command_with_502() {
+        let mut c = client();
+        assert_eq!(c.send(b"EXPN list\r\n"), "502 5.5.1 Command not implemented\r\n");
+    }
+
+    #[test]
+    fn answers_bad_syntax_with_501() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(
+            c.send(b"MAIL FROM:a@x.org\r\n"),
+            "501 5.5.4 Syntax: MAIL FROM:<reverse-path> [parameters]\r\n"
+        );
+    }
+
+    #[test]
+    fn refuses_mail_before_helo() {
+        let mut c = client();
+        assert_eq!(c.send(b"MAIL FROM:<a@x.org>\r\n"), "503 5.5.1 Send EHLO/HELO first\r\n");
+    }
+
+    #[test]
+    fn refuses_rcpt_before_mail() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(c.send(b"RCPT TO:<a@x.org>\r\n"), "503 5.5.1 Need MAIL command\r\n");
+    }
+
+    #[test]
+    fn refuses_data_without_rcpt() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(c.send(b"DATA\r\n"), "503 5.5.1 Need RCPT command\r\n");
+        assert!(!c.session.expects_content());
+    }
+
+    #[test]
+    fn refuses_nested_mail() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(c.send(b"MAIL FROM:<b@x.org>\r\n"), "503 5.5.1 Nested MAIL command\r\n");
+    }
+
+    #[test]
+    fn rset_ends_transaction() {
+        let mut c = client();
+        c.transaction();
+        assert_eq!(c.send(b"RSET\r\n"), "250 2.0.0 Ok\r\n");
+        assert_eq!(c.send(b"DATA\r\n"), "503 5.5.1 Need MAIL command\r\n");
+    }
+
+    #[test]
+    fn answers_noop_vrfy_help_quit() {
+        let mut c = client();
+        assert_eq!(c.send(b"NOOP\r\n"), "250 2.0.0 Ok\r\n");
+        assert!(c.send(b"VRFY bob\r\n").starts_with("252 2.5.0 "));
+        assert!(c.send(b"HELP\r\n").starts_with("214 2.0.0 "));
+        assert_eq!(c.send(b"QUIT\r\nNOOP\r\n"), "221 2.0.0 Bye\r\n");
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn refuses_relay_from_outside_networks() {
+        let mut c = client_with(config(), "203.0.113.9", false);
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(c.send(b"RCPT TO:<b@y.org>\r\n"), "554 5.7.1 Relay access denied\r\n");
+        assert!(!c.checks[0].relay_allowed);
+        assert_eq!(c.send(b"DATA\r\n"), "503 5.5.1 Need RCPT command\r\n");
+    }
+
+    #[test]
+    fn allows_relay_after_authentication() {
+        let mut c = client_with(config(), "203.0.113.9", false);
+        c.send(b"EHLO x\r\nSTARTTLS\r\n");
+        c.session.tls_started("TLSv1_3".into());
+        let plain = BASE64.encode(b"\0app\0secret");
+        let reply = c.send(format!("EHLO x\r\nAUTH PLAIN {plain}\r\n").as_bytes());
+        assert!(reply.ends_with("235 2.7.0 Authentication successful\r\n"), "{reply}");
+        c.send(b"MAIL FROM:<a@x.org>\r\n");
+        assert_eq!(c.send(b"RCPT TO:<b@y.org>\r\n"), "250 2.1.5 Ok\r\n");
+        assert!(c.checks[0].relay_allowed);
+        assert_eq!(c.checks[0].auth_user.as_deref(), Some("app"));
+        c.send(b"DATA\r\n");
+        c.send(MESSAGE);
+        let msg = &c.stored[0];
+        assert_eq!(msg.auth_user.as_deref(), Some("app"));
+        assert_eq!(msg.tls_version.as_deref(), Some("TLSv1_3"));
+        assert!(String::from_utf8_lossy(&msg.body).contains("with ESMTPSA id"));
+    }
+
+    #[test]
+    fn auth_login_exchange() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        assert_eq!(c.send(b"AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        let user = BASE64.encode(b"app");
+        assert_eq!(c.send(format!("{user}\r\n").as_bytes()), "334 UGFzc3dvcmQ6\r\n");
+        let pass = BASE64.encode(b"secret");
+        assert_eq!(
+            c.send(format!("{pass}\r\n").as_bytes()),
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        assert_eq!(c.send(b"AUTH LOGIN\r\n"), "503 5.5.1 Already authenticated\r\n");
+    }
+
+    #[test]
+    fn auth_plain_without_initial_response_and_wrong_password() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        assert_eq!(c.send(b"AUTH PLAIN\r\n"), "334 \r\n");
+        let bad = BASE64.encode(b"\0app\0wrong");
+        assert_eq!(
+            c.send(format!("{bad}\r\n").as_bytes()),
+            "535 5.7.8 Authentication credentials invalid\r\n"
+        );
+    }
+
+    #[test]
+    fn auth_cancel_and_bad_base64() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        c.send(b"AUTH LOGIN\r\n");
+        assert_eq!(c.send(b"*\r\n"), "501 5.7.0 Authentication cancelled\r\n");
+        assert_eq!(c.send(b"AUTH PLAIN !!!\r\n"), "501 5.5.2 Invalid base64 data\r\n");
+        assert_eq!(c.send(b"AUTH CRAM-MD5\r\n"), "504 5.5.4 Unrecognized authentication type\r\n");
+    }
+
+    #[test]
+    fn refuses_auth_in_clear_text_from_remote_client() {
+        let mut c = client_with(config(), "203.0.113.9", false);
+        c.send(b"EHLO x\r\n");
+        let plain = BASE64.encode(b"\0app\0secret");
+        assert_eq!(
+            c.send(format!("AUTH PLAIN {plain}\r\n").as_bytes()),
+            "538 5.7.11 Encryption required for requested authentication mechanism\r\n"
+        );
+    }
+
+    #[test]
+    fn refuses_auth_when_no_users_configured() {
+        let mut cfg = config();
+        cfg.auth_available = false;
+        let mut c = client_with(cfg, "127.0.0.1", true);
+        assert!(!c.send(b"EHLO x\r\n").contains("AUTH"));
+        assert_eq!(c.send(b"AUTH PLAIN AGFwcABzZWNyZXQ=\r\n"), "502 5.5.1 AUTH not available\r\n");
+    }
+
+    #[test]
+    fn starttls_discards_pipelined_commands_and_resets() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        let reply = c.send(b"STARTTLS\r\nRCPT TO:<injected@y.org>\r\n");
+        assert_eq!(reply, "220 2.0.0 Ready to start TLS\r\n");
+        assert!(c.starttls);
+        // Bytes that arrive before the handshake finishes are not commands either.
+        assert_eq!(c.send(b"NOOP\r\n"), "");
+        c.session.tls_started("TLSv1_3".into());
+        assert!(c.checks.is_empty());
+        // Post-banner state: EHLO needed again, the old transaction is gone.
+        assert_eq!(c.send(b"MAIL FROM:<a@x.org>\r\n"), "503 5.5.1 Send EHLO/HELO first\r\n");
+        assert_eq!(c.send(b"STARTTLS\r\n"), "503 5.5.1 TLS already active\r\n");
+    }
+
+    #[test]
+    fn stores_dsn_parameters() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org> RET=HDRS ENVID=QQ+2B1 BODY=8BITMIME\r\n");
+        let reply = c.send(b"RCPT TO:<b@y.org> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b+2Bx@y.org\r\nRCPT TO:<c@y.org>\r\nDATA\r\n");
+        assert!(reply.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"), "{reply}");
+        c.send(MESSAGE);
+        let msg = &c.stored[0];
+        assert_eq!(msg.ret, Some(DsnRet::Hdrs));
+        assert_eq!(msg.envid.as_deref(), Some("QQ+1"));
+        assert!(msg.eight_bit);
+        let r = &msg.recipients[0];
+        assert_eq!(r.orcpt.as_deref(), Some("rfc822;b+x@y.org"));
+        assert_eq!(
+            r.notify,
+            Some(Notify {
+                success: true,
+                delay: true,
+                ..Notify::default()
+            })
+        );
+        assert_eq!(msg.recipients[1].notify, None);
+        assert_eq!(msg.recipients[1].orcpt, None);
+    }
+
+    #[test]
+    fn rejects_invalid_recipient_address() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(c.send(b"RCPT TO:<nobody>\r\n"), "553 5.1.3 Bad recipient address syntax\r\n");
+        assert_eq!(c.send(b"RCPT TO:<a@@b>\r\n"), "553 5.1.3 Bad recipient address syntax\r\n");
+        assert_eq!(c.send(b"RCPT TO:<Postmaster>\r\n"), "250 2.1.5 Ok\r\n");
+    }
+
+    #[test]
+    fn accepts_null_sender_and_rejects_bad_sender() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(c.send(b"MAIL FROM:<>\r\n"), "250 2.1.0 Ok\r\n");
+        c.send(b"RSET\r\n");
+        assert_eq!(c.send(b"MAIL FROM:<nobody>\r\n"), "553 5.1.7 Bad sender address syntax\r\n");
+    }
+
+    #[test]
+    fn requires_smtputf8_for_non_ascii_addresses() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(
+            c.send("MAIL FROM:<jöran@x.org>\r\n".as_bytes()),
+            "553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n"
+        );
+        assert_eq!(c.send("MAIL FROM:<jöran@x.org> SMTPUTF8\r\n".as_bytes()), "250 2.1.0 Ok\r\n");
+        assert_eq!(c.send("RCPT TO:<åsa@y.org>\r\n".as_bytes()), "250 2.1.5 Ok\r\n");
+    }
+
+    #[test]
+    fn policy_can_preset_outcome_or_reject() {
+        let mut c = client();
+        c.policy = |check| match check.address.as_str() {
+            "gone@y.org" => RecipientVerdict::AcceptWithOutcome(PresetOutcome {
+                status: RecipientStatus::Suppressed,
+                reason: "suppressed".into(),
+                text: "address is suppressed".into(),
+            }),
+            "bad@nomx.org" => {
+                RecipientVerdict::Reject(Reply::new(550, "5.1.2", "Domain has no mail server"))
+            }
+            _ => RecipientVerdict::Accept,
+        };
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(c.send(b"RCPT TO:<gone@y.org>\r\n"), "250 2.1.5 Ok\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<bad@nomx.org>\r\n"),
+            "550 5.1.2 Domain has no mail server\r\n"
+        );
+        c.send(b"DATA\r\n");
+        c.send(MESSAGE);
+        let r = &c.stored[0].recipients;
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].preset.as_ref().unwrap().status, RecipientStatus::Suppressed);
+    }
+
+    #[test]
+    fn keeps_bounce_domain_recipients_in_their_own_transaction() {
+        let mut c = client_with(config(), "203.0.113.9", false);
+        c.policy = |check| {
+            if check.address.ends_with("@bounces.test") {
+                RecipientVerdict::AcceptInboundBounce
+            } else {
+                relay_only(check)
+            }
+        };
+        c.send(b"EHLO x\r\nMAIL FROM:<>\r\n");
+        assert_eq!(c.send(b"RCPT TO:<b+1@bounces.test>\r\n"), "250 2.1.5 Ok\r\n");
+        c.send(b"DATA\r\n");
+        c.send(MESSAGE);
+        assert!(c.stored[0].inbound_bounce);
+
+        let mut c = client();
+        c.policy = |check| {
+            if check.address.ends_with("@bounces.test") {
+                RecipientVerdict::AcceptInboundBounce
+            } else {
+                RecipientVerdict::Accept
+            }
+        };
+        c.send(b"EHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<a@y.org>\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<b+1@bounces.test>\r\n"),
+            "452 4.5.3 Send this recipient in a separate transaction\r\n"
+        );
+    }
+
+    #[test]
+    fn accepts_message_in_bdat_chunks() {
+        let mut c = client();
+        c.transaction();
+        assert_eq!(c.send(b"BDAT 15\r\nSubject: x\r\n\r\n."), "250 2.0.0 Chunk received\r\n");
+        let reply = c.send(b"BDAT 4 LAST\r\nhi\r\nNOOP\r\n");
+        let msg = &c.stored[0];
+        assert_eq!(
+            reply,
+            format!("250 2.0.0 Ok: queued as {}\r\n250 2.0.0 Ok\r\n", msg.receipt)
+        );
+        assert!(msg.body.ends_with(b"Subject: x\r\n\r\n.hi\r\n"));
+    }
+
+    #[test]
+    fn bdat_chunk_split_across_reads() {
+        let mut c = client();
+        c.transaction();
+        assert_eq!(c.send(b"BDAT 10 LAST\r\nSubj"), "");
+        assert!(c.session.expects_content());
+        let reply = c.send(b"ect:\r\n");
+        assert!(reply.starts_with("250 2.0.0 Ok: queued as"), "{reply}");
+    }
+
+    #[test]
+    fn bdat_without_transaction_consumes_chunk_then_refuses() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(
+            c.send(b"BDAT 6 LAST\r\nNOOP\r\nNOOP\r\n"),
+            "503 5.5.1 Need MAIL command\r\n250 2.0.0 Ok\r\n"
+        );
+    }
+
+    #[test]
+    fn rejects_bare_lf_in_bdat() {
+        let mut c = client();
+        c.transaction();
+        let reply = c.send(b"BDAT 4 LAST\r\na\nb\n");
+        assert!(reply.starts_with("550 5.5.2"), "{reply}");
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn rejects_oversized_bdat_after_last_chunk() {
+        let mut c = client();
+        c.transaction();
+        let mut chunk = b"BDAT 1200 LAST\r\n".to_vec();
+        for _ in 0..12 {
+            chunk.extend_from_slice(&[b'x'; 98]);
+            chunk.extend_from_slice(b"\r\n");
+        }
+        assert_eq!(
+            c.send(&chunk),
+            "552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+        );
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn refuses_data_after_bdat() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"BDAT 3\r\nab\n");
+        assert_eq!(c.send(b"DATA\r\n"), "503 5.5.1 DATA not allowed after BDAT\r\n");
+    }
+
+    #[test]
+    fn closes_on_tls_client_hello_on_plain_port() {
+        let mut c = client();
+        let reply = c.send(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]);
+        assert_eq!(reply, "500 5.5.2 TLS handshake on a plain-text SMTP port\r\n");
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn survives_binary_garbage() {
+        let mut c = client();
+        let mut garbage = Vec::new();
+        let mut x: u32 = 12345;
+        for _ in 0..20_000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            garbage.push((x >> 16) as u8);
+        }
+        for chunk in garbage.chunks(97) {
+            c.send(chunk);
+        }
+        assert!(c.stored.is_empty());
+        assert!(c.closed, "garbage should exhaust max_errors");
+    }
+
+    #[test]
+    fn stores_nothing_when_client_vanishes_mid_data() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\nSubject: x\r\n\r\npartial");
+        assert!(c.session.expects_content());
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn timeout_sends_421_and_closes() {
+        let mut c = client();
+        let actions = c.session.timed_out();
+        c.run(actions);
+        assert!(c.wire.ends_with("421 4.4.2 mx.test Error: timeout exceeded\r\n"));
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn shutdown_closes_idle_session_at_once() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        let actions = c.session.begin_shutdown();
+        c.run(actions);
+        assert!(c.wire.ends_with("421 4.3.2 Service shutting down\r\n"));
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn shutdown_lets_transaction_in_flight_finish() {
+        let mut c = client();
+        c.transaction();
+        let actions = c.session.begin_shutdown();
+        assert!(actions.is_empty());
+        let reply = c.send(b"DATA\r\nhello\r\n.\r\n");
+        assert_eq!(c.stored.len(), 1);
+        assert!(reply.ends_with(&format!(
+            "250 2.0.0 Ok: queued as {}\r\n421 4.3.2 Service shutting down\r\n",
+            c.stored[0].receipt
+        )), "{reply}");
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn counts_only_5xx_replies_as_errors() {
+        let mut cfg = config();
+        cfg.max_recipients = 1;
+        cfg.max_errors = 2;
+        let mut c = client_with(cfg, "192.0.2.1", true);
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<a@y.org>\r\n");
+        for _ in 0..5 {
+            assert_eq!(c.send(b"RCPT TO:<b@y.org>\r\n"), "452 4.5.3 Too many recipients\r\n");
+        }
+        assert!(!c.closed);
+    }
+
+    #[test]
+    fn accepts_empty_message() {
+        let mut c = client();
+        c.transaction();
+        let reply = c.send(b"DATA\r\n.\r\n");
+        assert!(reply.ends_with(&format!("queued as {}\r\n", c.stored[0].receipt)));
+    }
+
+    #[test]
+    fn codes_helper_reads_final_lines() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(c.codes(), vec!["220", "250"]);
+    }
 }

@@ -1,10 +1,14 @@
 //! Inbound ESMTP: a sans-IO session state machine ([`session`]) and the tokio listener around
 //! it ([`server`]).
 
+pub mod auth;
 pub mod content;
 pub mod message;
+pub mod policy;
 pub mod reply;
 pub mod session;
 
+pub use auth::{Authenticator, hash_password};
+pub use policy::{RecipientPolicy, RelayPolicy};
 pub use reply::Reply;
 pub use session::{Action, RecipientCheck, RecipientVerdict, Session, SessionConfig};

@@ -7,6 +7,7 @@ pub mod message;
 pub mod policy;
 pub mod reply;
 pub mod session;
+pub mod tls;
 
 pub use auth::{Authenticator, hash_password};
 pub use policy::{RecipientPolicy, RelayPolicy};

@@ -6,10 +6,12 @@ pub mod content;
 pub mod message;
 pub mod policy;
 pub mod reply;
+pub mod server;
 pub mod session;
 pub mod tls;
 
 pub use auth::{Authenticator, hash_password};
 pub use policy::{RecipientPolicy, RelayPolicy};
 pub use reply::Reply;
+pub use server::{ServerError, SmtpServer};
 pub use session::{Action, RecipientCheck, RecipientVerdict, Session, SessionConfig};

@@ -4,14 +4,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
 use crate::config::UserConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
-    #[error("smtp.users: user `{user}` has an invalid password_hash (expected a PHC string such as `$argon2id$...`): {message}")]
+    #[error(
+        "smtp.users: user `{user}` has an invalid password_hash (expected a PHC string such as `$argon2id$...`): {message}"
+    )]
     BadHash { user: String, message: String },
     #[error("cannot hash password: {0}")]
     Hash(String),
@@ -73,7 +75,8 @@ impl Authenticator {
     pub async fn verify(self: &Arc<Self>, username: String, password: String) -> Option<String> {
         let this = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
-            this.verify_blocking(&username, &password).then_some(username)
+            this.verify_blocking(&username, &password)
+                .then_some(username)
         })
         .await
         .ok()
@@ -130,7 +133,10 @@ mod tests {
     #[tokio::test]
     async fn verifies_on_blocking_pool() {
         let auth = Arc::new(Authenticator::new(&users()).unwrap());
-        assert_eq!(auth.verify("app".into(), "secret".into()).await.as_deref(), Some("app"));
+        assert_eq!(
+            auth.verify("app".into(), "secret".into()).await.as_deref(),
+            Some("app")
+        );
         assert_eq!(auth.verify("app".into(), "nope".into()).await, None);
     }
 }

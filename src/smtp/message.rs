@@ -33,7 +33,11 @@ pub struct Envelope {
 impl Envelope {
     /// RFC 3848 with-protocol: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA.
     pub fn with_protocol(&self) -> &'static str {
-        match (self.esmtp, self.tls_version.is_some(), self.auth_user.is_some()) {
+        match (
+            self.esmtp,
+            self.tls_version.is_some(),
+            self.auth_user.is_some(),
+        ) {
             (false, _, _) => "SMTP",
             (true, false, false) => "ESMTP",
             (true, true, false) => "ESMTPS",
@@ -131,9 +135,10 @@ fn remove_context(header_block: &[u8]) -> (Vec<u8>, Option<String>) {
     for field in fields(header_block) {
         let name_end = field.iter().position(|&b| b == b':');
         let is_context = name_end.is_some_and(|end| {
-            field
-                .get(..end)
-                .is_some_and(|name| name.trim_ascii().eq_ignore_ascii_case(CONTEXT_HEADER.as_bytes()))
+            field.get(..end).is_some_and(|name| {
+                name.trim_ascii()
+                    .eq_ignore_ascii_case(CONTEXT_HEADER.as_bytes())
+            })
         });
         if !is_context {
             kept.extend_from_slice(field);
@@ -268,7 +273,8 @@ mod tests {
 
     #[test]
     fn extracts_message_id_and_decoded_subject() {
-        let raw = b"Message-ID: <abc@example.com>\r\nSubject: =?UTF-8?B?SGVsbG8gd29ybGQ=?=\r\n\r\nx\r\n";
+        let raw =
+            b"Message-ID: <abc@example.com>\r\nSubject: =?UTF-8?B?SGVsbG8gd29ybGQ=?=\r\n\r\nx\r\n";
         let msg = build(envelope(&["a@x"]), raw, ReceiptId::new(), at(), "h");
         assert_eq!(msg.message_id.as_deref(), Some("abc@example.com"));
         assert_eq!(msg.subject.as_deref(), Some("Hello world"));
@@ -292,7 +298,11 @@ mod tests {
         let raw = b"x-mailtrail-context: c1\r\n\r\nb\r\n";
         let msg = build(envelope(&["a@x"]), raw, ReceiptId::new(), at(), "h");
         assert_eq!(msg.context.as_deref(), Some("c1"));
-        assert!(!String::from_utf8_lossy(&msg.body).to_lowercase().contains("x-mailtrail-context"));
+        assert!(
+            !String::from_utf8_lossy(&msg.body)
+                .to_lowercase()
+                .contains("x-mailtrail-context")
+        );
     }
 
     #[test]

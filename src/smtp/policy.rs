@@ -47,7 +47,10 @@ mod tests {
 
     #[tokio::test]
     async fn accepts_relay_clients() {
-        assert_eq!(RelayPolicy.check(&check(true)).await, RecipientVerdict::Accept);
+        assert_eq!(
+            RelayPolicy.check(&check(true)).await,
+            RecipientVerdict::Accept
+        );
     }
 
     #[tokio::test]

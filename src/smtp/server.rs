@@ -74,8 +74,10 @@ impl SmtpServer {
         let tls_config = tls::server_config(&config)?;
         let auth = Arc::new(Authenticator::new(&config.smtp.users)?);
         let mut listeners = Vec::new();
-        for (addrs, implicit_tls) in [(&config.smtp.listen, false), (&config.smtp.tls_listen, true)]
-        {
+        for (addrs, implicit_tls) in [
+            (&config.smtp.listen, false),
+            (&config.smtp.tls_listen, true),
+        ] {
             for &addr in addrs {
                 let socket = TcpListener::bind(addr)
                     .await
@@ -166,7 +168,11 @@ async fn accept_loop(
             }
             Err(LimitExceeded) => {
                 tracing::info!(client = %ip, "smtp connection refused: too many connections");
-                shared.metrics.smtp_rejections.get_or_create(&class_of(421)).inc();
+                shared
+                    .metrics
+                    .smtp_rejections
+                    .get_or_create(&class_of(421))
+                    .inc();
                 tracker.spawn(async move {
                     let mut stream = stream;
                     let reply = Reply::new(421, "4.7.0", "Too many connections");
@@ -342,7 +348,12 @@ struct Connection<'a> {
 }
 
 impl Connection<'_> {
-    async fn drive<S>(&mut self, session: &mut Session, mut stream: S, first: Vec<Action>) -> Ended<S>
+    async fn drive<S>(
+        &mut self,
+        session: &mut Session,
+        mut stream: S,
+        first: Vec<Action>,
+    ) -> Ended<S>
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -474,5 +485,468 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::receipt::ReceiptId;
+    use crate::spool::AcceptedMessage;
+    use crate::store::*;
+    use rustls::pki_types::ServerName;
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
+
+    /// A store that only accepts messages (or fails to); the rest of the trait is not needed
+    /// by the SMTP stage and answers an error.
+    #[derive(Default)]
+    struct AcceptOnly {
+        messages: Mutex<Vec<AcceptedMessage>>,
+        fail: bool,
+    }
+
+    fn unused<T>() -> Result<T, StoreError> {
+        Err(StoreError::Storage(
+            "not part of the SMTP test double".into(),
+        ))
+    }
+
+    #[async_trait::async_trait]
+    impl Store for AcceptOnly {
+        async fn accept(&self, msg: AcceptedMessage) -> Result<(), StoreError> {
+            if self.fail {
+                return Err(StoreError::Storage("disk full".into()));
+            }
+            self.messages.lock().unwrap().push(msg);
+            Ok(())
+        }
+        async fn due(&self, _: i64, _: usize) -> Result<Vec<QueuedMessage>, StoreError> {
+            unused()
+        }
+        async fn next_due_at(&self) -> Result<Option<i64>, StoreError> {
+            unused()
+        }
+        async fn body(&self, _: ReceiptId) -> Result<Vec<u8>, StoreError> {
+            unused()
+        }
+        async fn record_attempts(
+            &self,
+            _: Vec<AttemptRecord>,
+            _: Vec<AcceptedMessage>,
+        ) -> Result<(), StoreError> {
+            unused()
+        }
+        async fn mark_delay_dsn_sent(&self, _: ReceiptId, _: &[u32]) -> Result<(), StoreError> {
+            unused()
+        }
+        async fn queue_list(&self) -> Result<Vec<QueueEntry>, StoreError> {
+            unused()
+        }
+        async fn queue_retry(&self, _: Option<ReceiptId>) -> Result<usize, StoreError> {
+            unused()
+        }
+        async fn queue_delete(&self, _: ReceiptId) -> Result<usize, StoreError> {
+            unused()
+        }
+        async fn queue_stats(&self) -> Result<(u64, Option<i64>), StoreError> {
+            unused()
+        }
+        async fn log(&self, _: &LogQuery) -> Result<Vec<MessageLog>, StoreError> {
+            unused()
+        }
+        async fn find_recipient(&self, _: ReceiptId, _: &str) -> Result<Option<u32>, StoreError> {
+            unused()
+        }
+        async fn find_by_message_id(&self, _: &str) -> Result<Option<ReceiptId>, StoreError> {
+            unused()
+        }
+        async fn find_by_envid(&self, _: &str) -> Result<Option<ReceiptId>, StoreError> {
+            unused()
+        }
+        async fn record_bounce(&self, _: NewBounce) -> Result<i64, StoreError> {
+            unused()
+        }
+        async fn bounces(&self, _: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError> {
+            unused()
+        }
+        async fn set_handled(&self, _: i64, _: Option<&str>, _: i64) -> Result<bool, StoreError> {
+            unused()
+        }
+        async fn recent_bounce_types(&self, _: &str, _: i64) -> Result<Vec<String>, StoreError> {
+            unused()
+        }
+        async fn suppress(&self, _: Suppression) -> Result<(), StoreError> {
+            unused()
+        }
+        async fn unsuppress(&self, _: &str) -> Result<bool, StoreError> {
+            unused()
+        }
+        async fn suppressed(&self, _: &str, _: i64) -> Result<Option<Suppression>, StoreError> {
+            unused()
+        }
+        async fn suppression_list(&self, _: i64) -> Result<Vec<Suppression>, StoreError> {
+            unused()
+        }
+    }
+
+    struct Running {
+        addrs: Vec<SocketAddr>,
+        store: Arc<AcceptOnly>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        done: tokio::task::JoinHandle<()>,
+        _dir: tempfile::TempDir,
+        data_dir: std::path::PathBuf,
+    }
+
+    async fn start(adjust: impl FnOnce(&mut Config), store: AcceptOnly) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config {
+            data_dir: dir.path().to_path_buf(),
+            hostname: "localhost".into(),
+            ..Config::default()
+        };
+        config.smtp.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        config.smtp.tls_listen = vec!["127.0.0.1:0".parse().unwrap()];
+        adjust(&mut config);
+        let store = Arc::new(store);
+        let metrics = Arc::new(Metrics::new());
+        let server = SmtpServer::bind(
+            Arc::new(config),
+            store.clone(),
+            Arc::new(super::super::RelayPolicy),
+            metrics.clone(),
+        )
+        .await
+        .unwrap();
+        let addrs = server.local_addrs();
+        let shutdown = CancellationToken::new();
+        let done = tokio::spawn(server.run(shutdown.clone()));
+        Running {
+            addrs,
+            store,
+            metrics,
+            shutdown,
+            done,
+            data_dir: dir.path().to_path_buf(),
+            _dir: dir,
+        }
+    }
+
+    /// Reads one (possibly multi-line) reply.
+    async fn reply<R: AsyncBufRead + Unpin>(r: &mut R) -> String {
+        let mut all = String::new();
+        loop {
+            let mut line = String::new();
+            let n = tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+                .await
+                .expect("reply timed out")
+                .unwrap();
+            all.push_str(&line);
+            if n == 0 || line.as_bytes().get(3) != Some(&b'-') {
+                return all;
+            }
+        }
+    }
+
+    async fn say<S: AsyncBufRead + AsyncWrite + Unpin>(s: &mut S, line: &str) -> String {
+        s.write_all(line.as_bytes()).await.unwrap();
+        reply(s).await
+    }
+
+    async fn connect(addr: SocketAddr) -> BufReader<TcpStream> {
+        BufReader::new(TcpStream::connect(addr).await.unwrap())
+    }
+
+    fn tls_connector(data_dir: &std::path::Path) -> tokio_rustls::TlsConnector {
+        let (cert, _) = tls::generated_paths(data_dir);
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(cert).unwrap() {
+            roots.add(c.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+
+    #[tokio::test]
+    async fn accepts_message_over_tcp() {
+        let srv = start(|_| {}, AcceptOnly::default()).await;
+        let mut c = connect(srv.addrs[0]).await;
+        assert_eq!(reply(&mut c).await, "220 localhost ESMTP mailtrail\r\n");
+        let ehlo = say(&mut c, "EHLO client.test\r\n").await;
+        assert!(ehlo.contains("250 STARTTLS\r\n"), "{ehlo}");
+        // The whole transaction in one write (PIPELINING).
+        c.write_all(b"MAIL FROM:<app@example.com>\r\nRCPT TO:<a@example.net>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        assert_eq!(reply(&mut c).await, "250 2.1.0 Ok\r\n");
+        assert_eq!(reply(&mut c).await, "250 2.1.5 Ok\r\n");
+        assert!(reply(&mut c).await.starts_with("354 "));
+        let done = say(&mut c, "Subject: t\r\n\r\nhello\r\n.\r\n").await;
+        let receipt = {
+            let messages = srv.store.messages.lock().unwrap();
+            assert_eq!(messages.len(), 1);
+            assert_eq!(messages[0].client_ip.to_string(), "127.0.0.1");
+            messages[0].receipt
+        };
+        assert_eq!(done, format!("250 2.0.0 Ok: queued as {receipt}\r\n"));
+        assert_eq!(say(&mut c, "QUIT\r\n").await, "221 2.0.0 Bye\r\n");
+        let text = srv.metrics.encode();
+        assert!(
+            text.contains("mailtrail_messages_accepted_total 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailtrail_smtp_connections_total 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn answers_451_when_store_fails() {
+        let store = AcceptOnly {
+            fail: true,
+            ..AcceptOnly::default()
+        };
+        let srv = start(|_| {}, store).await;
+        let mut c = connect(srv.addrs[0]).await;
+        reply(&mut c).await;
+        c.write_all(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            reply(&mut c).await;
+        }
+        assert_eq!(
+            say(&mut c, "hi\r\n.\r\n").await,
+            "451 4.3.0 Temporary storage failure, try again later\r\n"
+        );
+        let text = srv.metrics.encode();
+        assert!(
+            text.contains("mailtrail_messages_accepted_total 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("mailtrail_smtp_rejections_total{class=\"4xx\"} 1"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn starttls_upgrades_and_ignores_injected_commands() {
+        let srv = start(|_| {}, AcceptOnly::default()).await;
+        let mut c = connect(srv.addrs[0]).await;
+        reply(&mut c).await;
+        say(&mut c, "EHLO x\r\n").await;
+        // NOOP is pipelined in clear text behind STARTTLS: it must never be answered.
+        assert_eq!(
+            say(&mut c, "STARTTLS\r\nNOOP\r\n").await,
+            "220 2.0.0 Ready to start TLS\r\n"
+        );
+        let tcp = c.into_inner();
+        let tls = tls_connector(&srv.data_dir)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let mut t = BufReader::new(tls);
+        let ehlo = say(&mut t, "EHLO x\r\n").await;
+        assert!(ehlo.starts_with("250-localhost\r\n"), "{ehlo}");
+        assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+        assert!(
+            ehlo.contains("AUTH PLAIN LOGIN") || ehlo.ends_with("250 DSN\r\n"),
+            "{ehlo}"
+        );
+        t.write_all(b"MAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        for _ in 0..3 {
+            reply(&mut t).await;
+        }
+        let done = say(&mut t, "hi\r\n.\r\n").await;
+        assert!(done.starts_with("250 2.0.0 Ok: queued as"), "{done}");
+        let messages = srv.store.messages.lock().unwrap();
+        assert_eq!(messages[0].tls_version.as_deref(), Some("TLSv1_3"));
+        assert!(String::from_utf8_lossy(&messages[0].body).contains("with ESMTPS id"));
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_listener_greets_after_handshake() {
+        let srv = start(|_| {}, AcceptOnly::default()).await;
+        let tcp = TcpStream::connect(srv.addrs[1]).await.unwrap();
+        let tls = tls_connector(&srv.data_dir)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .unwrap();
+        let mut t = BufReader::new(tls);
+        assert_eq!(reply(&mut t).await, "220 localhost ESMTP mailtrail\r\n");
+        let ehlo = say(&mut t, "EHLO x\r\n").await;
+        assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+    }
+
+    #[tokio::test]
+    async fn refuses_connections_over_per_ip_limit() {
+        let srv = start(|c| c.smtp.max_connections_per_ip = 1, AcceptOnly::default()).await;
+        let mut first = connect(srv.addrs[0]).await;
+        reply(&mut first).await;
+        let mut second = connect(srv.addrs[0]).await;
+        assert_eq!(
+            reply(&mut second).await,
+            "421 4.7.0 Too many connections\r\n"
+        );
+        drop(first);
+        // The slot is freed when the first connection ends.
+        for _ in 0..50 {
+            let mut third = connect(srv.addrs[0]).await;
+            if reply(&mut third).await.starts_with("220 ") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("connection slot never freed");
+    }
+
+    #[tokio::test]
+    async fn refuses_connections_over_total_limit() {
+        let srv = start(|c| c.smtp.max_connections = 1, AcceptOnly::default()).await;
+        let mut first = connect(srv.addrs[0]).await;
+        reply(&mut first).await;
+        let mut second = connect(srv.addrs[0]).await;
+        assert_eq!(
+            reply(&mut second).await,
+            "421 4.7.0 Too many connections\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn times_out_silent_client() {
+        let srv = start(
+            |c| c.smtp.command_timeout = Duration::from_millis(200),
+            AcceptOnly::default(),
+        )
+        .await;
+        let mut c = connect(srv.addrs[0]).await;
+        reply(&mut c).await;
+        assert_eq!(
+            reply(&mut c).await,
+            "421 4.4.2 localhost Error: timeout exceeded\r\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn client_vanishing_mid_data_stores_nothing() {
+        let srv = start(|_| {}, AcceptOnly::default()).await;
+        let mut c = connect(srv.addrs[0]).await;
+        reply(&mut c).await;
+        c.write_all(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            reply(&mut c).await;
+        }
+        c.write_all(b"Subject: half\r\n\r\npartial").await.unwrap();
+        drop(c);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(srv.store.messages.lock().unwrap().is_empty());
+        // The server is still serving.
+        let mut again = connect(srv.addrs[0]).await;
+        assert!(reply(&mut again).await.starts_with("220 "));
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_sessions_and_returns() {
+        let srv = start(|_| {}, AcceptOnly::default()).await;
+        let mut c = connect(srv.addrs[0]).await;
+        reply(&mut c).await;
+        say(&mut c, "EHLO x\r\n").await;
+        srv.shutdown.cancel();
+        assert_eq!(reply(&mut c).await, "421 4.3.2 Service shutting down\r\n");
+        tokio::time::timeout(Duration::from_secs(5), srv.done)
+            .await
+            .expect("run did not return")
+            .unwrap();
+        assert!(TcpStream::connect(srv.addrs[0]).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_transaction_in_flight_finish() {
+        let srv = start(|_| {}, AcceptOnly::default()).await;
+        let mut c = connect(srv.addrs[0]).await;
+        reply(&mut c).await;
+        c.write_all(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        for _ in 0..4 {
+            reply(&mut c).await;
+        }
+        c.write_all(b"Subject: in flight\r\n").await.unwrap();
+        srv.shutdown.cancel();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.write_all(b"\r\nbody\r\n.\r\n").await.unwrap();
+        assert!(reply(&mut c).await.starts_with("250 2.0.0 Ok: queued as"));
+        assert_eq!(reply(&mut c).await, "421 4.3.2 Service shutting down\r\n");
+        tokio::time::timeout(Duration::from_secs(5), srv.done)
+            .await
+            .expect("run did not return")
+            .unwrap();
+        assert_eq!(srv.store.messages.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn shutdown_grace_cuts_off_slow_transaction() {
+        let srv = start(
+            |c| c.smtp.shutdown_grace = Duration::from_millis(200),
+            AcceptOnly::default(),
+        )
+        .await;
+        let mut c = connect(srv.addrs[0]).await;
+        reply(&mut c).await;
+        c.write_all(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n")
+            .await
+            .unwrap();
+        reply(&mut c).await;
+        reply(&mut c).await;
+        srv.shutdown.cancel();
+        assert_eq!(reply(&mut c).await, "421 4.3.2 Service shutting down\r\n");
+        tokio::time::timeout(Duration::from_secs(5), srv.done)
+            .await
+            .expect("run did not return")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn survives_tls_client_hello_on_plain_port() {
+        let srv = start(|_| {}, AcceptOnly::default()).await;
+        let tcp = TcpStream::connect(srv.addrs[0]).await.unwrap();
+        // A TLS client on the plain port fails its handshake; the server must stay up.
+        let result = tls_connector(&srv.data_dir)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await;
+        assert!(result.is_err());
+        let mut c = connect(srv.addrs[0]).await;
+        assert!(reply(&mut c).await.starts_with("220 "));
+    }
+
+    #[test]
+    fn connection_permits_count_per_ip_and_free_on_drop() {
+        let limits = ConnectionLimits::new(3, 2);
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let p1 = limits.try_acquire(a).unwrap();
+        let _p2 = limits.try_acquire(a).unwrap();
+        assert_eq!(limits.try_acquire(a).err(), Some(LimitExceeded));
+        let _p3 = limits.try_acquire(b).unwrap();
+        assert_eq!(
+            limits.try_acquire(b).err(),
+            Some(LimitExceeded),
+            "total limit"
+        );
+        drop(p1);
+        assert!(limits.try_acquire(a).is_ok());
     }
 }

@@ -64,7 +64,9 @@ impl Peer {
     fn is_loopback(&self) -> bool {
         match self.ip {
             IpAddr::V4(v4) => v4.is_loopback(),
-            IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+            IpAddr::V6(v6) => {
+                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
         }
     }
 }
@@ -251,7 +253,10 @@ impl Session {
         match user {
             Some(user) if &user == username => {
                 self.auth_user = Some(user);
-                self.reply(&mut out, Reply::new(235, "2.7.0", "Authentication successful"));
+                self.reply(
+                    &mut out,
+                    Reply::new(235, "2.7.0", "Authentication successful"),
+                );
             }
             _ => self.reply(
                 &mut out,
@@ -288,7 +293,11 @@ impl Session {
             // RFC 5321 4.5.3.1.10: the client sends the rest in a later transaction.
             self.reply(
                 &mut out,
-                Reply::new(452, "4.5.3", "Send this recipient in a separate transaction"),
+                Reply::new(
+                    452,
+                    "4.5.3",
+                    "Send this recipient in a separate transaction",
+                ),
             );
             return self.resume(out);
         }
@@ -431,10 +440,8 @@ impl Session {
                 } => {
                     let take = remaining.min(self.input.len());
                     if refusal.is_none()
-                        && let Some(scanner) = self
-                            .transaction
-                            .as_mut()
-                            .and_then(|tx| tx.chunks.as_mut())
+                        && let Some(scanner) =
+                            self.transaction.as_mut().and_then(|tx| tx.chunks.as_mut())
                     {
                         scanner.ingest(self.input.get(..take).unwrap_or(&[]));
                     }
@@ -644,7 +651,10 @@ impl Session {
             );
         }
         if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
-            return self.reply(out, Reply::new(555, "5.5.4", "BODY=BINARYMIME not supported"));
+            return self.reply(
+                out,
+                Reply::new(555, "5.5.4", "BODY=BINARYMIME not supported"),
+            );
         }
         if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 {
             return self.reply(out, Reply::new(555, "5.5.4", "REQUIRETLS not supported"));
@@ -685,14 +695,20 @@ impl Session {
             return self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"));
         };
         if tx.chunks.is_some() {
-            return self.reply(out, Reply::new(503, "5.5.1", "RCPT not allowed during BDAT"));
+            return self.reply(
+                out,
+                Reply::new(503, "5.5.1", "RCPT not allowed during BDAT"),
+            );
         }
         if tx.recipients.len() >= self.config.max_recipients {
             return self.reply(out, Reply::new(452, "4.5.3", "Too many recipients"));
         }
         let address = to.address.into_owned();
         if !is_mailbox(&address) && !address.eq_ignore_ascii_case("postmaster") {
-            return self.reply(out, Reply::new(553, "5.1.3", "Bad recipient address syntax"));
+            return self.reply(
+                out,
+                Reply::new(553, "5.1.3", "Bad recipient address syntax"),
+            );
         }
         if !tx.smtputf8 && !address.is_ascii() {
             return self.reply(
@@ -959,15 +975,11 @@ impl Session {
 
 fn parse_error_reply(e: ParseError) -> Reply {
     match e {
-        ParseError::InvalidSenderAddress => {
-            Reply::new(553, "5.1.7", "Bad sender address syntax")
-        }
+        ParseError::InvalidSenderAddress => Reply::new(553, "5.1.7", "Bad sender address syntax"),
         ParseError::InvalidRecipientAddress => {
             Reply::new(553, "5.1.3", "Bad recipient address syntax")
         }
-        ParseError::SyntaxError { syntax } => {
-            Reply::new(501, "5.5.4", format!("Syntax: {syntax}"))
-        }
+        ParseError::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("Syntax: {syntax}")),
         ParseError::InvalidParameter { param } => {
             Reply::new(501, "5.5.4", format!("Invalid {param} parameter"))
         }
@@ -1174,7 +1186,10 @@ mod tests {
         let reply = c.send(MESSAGE);
         assert_eq!(c.stored.len(), 1);
         let msg = &c.stored[0];
-        assert_eq!(reply, format!("250 2.0.0 Ok: queued as {}\r\n", msg.receipt));
+        assert_eq!(
+            reply,
+            format!("250 2.0.0 Ok: queued as {}\r\n", msg.receipt)
+        );
         assert_eq!(msg.envelope_sender, "app@example.com");
         assert_eq!(msg.recipients[0].address, "a@example.net");
         assert_eq!(msg.helo, "client.example");
@@ -1192,7 +1207,10 @@ mod tests {
         c.transaction();
         c.send(b"DATA\r\n");
         let reply = c.send(MESSAGE);
-        assert_eq!(reply, "451 4.3.0 Temporary storage failure, try again later\r\n");
+        assert_eq!(
+            reply,
+            "451 4.3.0 Temporary storage failure, try again later\r\n"
+        );
         assert!(c.stored.is_empty());
         assert!(!c.wire.contains("queued as"));
     }
@@ -1221,7 +1239,10 @@ mod tests {
         c.transaction();
         c.send(b"DATA\r\n");
         let actions = c.session.feed(b"x\r\n.\r\nNOOP\r\n");
-        assert!(matches!(actions.as_slice(), [Action::Store(_)]), "{actions:?}");
+        assert!(
+            matches!(actions.as_slice(), [Action::Store(_)]),
+            "{actions:?}"
+        );
         // More input while waiting is buffered, not answered.
         assert!(c.session.feed(b"NOOP\r\n").is_empty());
         let after = c.session.stored(true);
@@ -1241,7 +1262,9 @@ mod tests {
     #[test]
     fn answers_pipelined_envelope_in_order() {
         let mut c = client();
-        let reply = c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nRCPT TO:<c@y.org>\r\nDATA\r\n");
+        let reply = c.send(
+            b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nRCPT TO:<c@y.org>\r\nDATA\r\n",
+        );
         assert!(reply.ends_with("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"), "{reply}");
     }
 
@@ -1296,8 +1319,14 @@ mod tests {
         let mut c = client();
         c.send(b"EHLO x\r\n");
         let reply = c.send(b"MAIL FROM:<a@x.org> SIZE=1001\r\n");
-        assert_eq!(reply, "552 5.3.4 Message size exceeds fixed maximum message size\r\n");
-        assert_eq!(c.send(b"MAIL FROM:<a@x.org> SIZE=1000\r\n"), "250 2.1.0 Ok\r\n");
+        assert_eq!(
+            reply,
+            "552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+        );
+        assert_eq!(
+            c.send(b"MAIL FROM:<a@x.org> SIZE=1000\r\n"),
+            "250 2.1.0 Ok\r\n"
+        );
     }
 
     #[test]
@@ -1328,7 +1357,10 @@ mod tests {
         let mut body = vec![b'x'; 199];
         body.extend_from_slice(b"\r\n.\r\n");
         let reply = c.send(&body);
-        assert_eq!(reply, "500 5.5.2 Message rejected: line longer than 200 bytes\r\n");
+        assert_eq!(
+            reply,
+            "500 5.5.2 Message rejected: line longer than 200 bytes\r\n"
+        );
         assert!(c.stored.is_empty());
     }
 
@@ -1336,8 +1368,13 @@ mod tests {
     fn refuses_recipients_over_limit() {
         let mut c = client();
         c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
-        let reply = c.send(b"RCPT TO:<1@y.org>\r\nRCPT TO:<2@y.org>\r\nRCPT TO:<3@y.org>\r\nRCPT TO:<4@y.org>\r\n");
-        assert!(reply.ends_with("250 2.1.5 Ok\r\n452 4.5.3 Too many recipients\r\n"), "{reply}");
+        let reply = c.send(
+            b"RCPT TO:<1@y.org>\r\nRCPT TO:<2@y.org>\r\nRCPT TO:<3@y.org>\r\nRCPT TO:<4@y.org>\r\n",
+        );
+        assert!(
+            reply.ends_with("250 2.1.5 Ok\r\n452 4.5.3 Too many recipients\r\n"),
+            "{reply}"
+        );
         c.send(b"DATA\r\n");
         c.send(MESSAGE);
         assert_eq!(c.stored[0].recipients.len(), 3);
@@ -1366,7 +1403,10 @@ mod tests {
         let mut c = client();
         let reply = c.send(b"FOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nNOOP\r\n");
         assert_eq!(reply.matches("500 5.5.2").count(), 5);
-        assert!(reply.ends_with("421 4.7.0 mx.test Error: too many errors\r\n"), "{reply}");
+        assert!(
+            reply.ends_with("421 4.7.0 mx.test Error: too many errors\r\n"),
+            "{reply}"
+        );
         assert!(c.closed);
         assert!(!reply.contains("250"));
     }
@@ -1374,13 +1414,19 @@ mod tests {
     #[test]
     fn answers_unknown_command_with_500() {
         let mut c = client();
-        assert_eq!(c.send(b"FOO bar\r\n"), "500 5.5.2 Syntax error, command unrecognized\r\n");
+        assert_eq!(
+            c.send(b"FOO bar\r\n"),
+            "500 5.5.2 Syntax error, command unrecognized\r\n"
+        );
     }
 
     #[test]
     fn answers_unimplemented_command_with_502() {
         let mut c = client();
-        assert_eq!(c.send(b"EXPN list\r\n"), "502 5.5.1 Command not implemented\r\n");
+        assert_eq!(
+            c.send(b"EXPN list\r\n"),
+            "502 5.5.1 Command not implemented\r\n"
+        );
     }
 
     #[test]
@@ -1396,14 +1442,20 @@ mod tests {
     #[test]
     fn refuses_mail_before_helo() {
         let mut c = client();
-        assert_eq!(c.send(b"MAIL FROM:<a@x.org>\r\n"), "503 5.5.1 Send EHLO/HELO first\r\n");
+        assert_eq!(
+            c.send(b"MAIL FROM:<a@x.org>\r\n"),
+            "503 5.5.1 Send EHLO/HELO first\r\n"
+        );
     }
 
     #[test]
     fn refuses_rcpt_before_mail() {
         let mut c = client();
         c.send(b"EHLO x\r\n");
-        assert_eq!(c.send(b"RCPT TO:<a@x.org>\r\n"), "503 5.5.1 Need MAIL command\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<a@x.org>\r\n"),
+            "503 5.5.1 Need MAIL command\r\n"
+        );
     }
 
     #[test]
@@ -1418,7 +1470,10 @@ mod tests {
     fn refuses_nested_mail() {
         let mut c = client();
         c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
-        assert_eq!(c.send(b"MAIL FROM:<b@x.org>\r\n"), "503 5.5.1 Nested MAIL command\r\n");
+        assert_eq!(
+            c.send(b"MAIL FROM:<b@x.org>\r\n"),
+            "503 5.5.1 Nested MAIL command\r\n"
+        );
     }
 
     #[test]
@@ -1443,7 +1498,10 @@ mod tests {
     fn refuses_relay_from_outside_networks() {
         let mut c = client_with(config(), "203.0.113.9", false);
         c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
-        assert_eq!(c.send(b"RCPT TO:<b@y.org>\r\n"), "554 5.7.1 Relay access denied\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<b@y.org>\r\n"),
+            "554 5.7.1 Relay access denied\r\n"
+        );
         assert!(!c.checks[0].relay_allowed);
         assert_eq!(c.send(b"DATA\r\n"), "503 5.5.1 Need RCPT command\r\n");
     }
@@ -1455,7 +1513,10 @@ mod tests {
         c.session.tls_started("TLSv1_3".into());
         let plain = BASE64.encode(b"\0app\0secret");
         let reply = c.send(format!("EHLO x\r\nAUTH PLAIN {plain}\r\n").as_bytes());
-        assert!(reply.ends_with("235 2.7.0 Authentication successful\r\n"), "{reply}");
+        assert!(
+            reply.ends_with("235 2.7.0 Authentication successful\r\n"),
+            "{reply}"
+        );
         c.send(b"MAIL FROM:<a@x.org>\r\n");
         assert_eq!(c.send(b"RCPT TO:<b@y.org>\r\n"), "250 2.1.5 Ok\r\n");
         assert!(c.checks[0].relay_allowed);
@@ -1474,13 +1535,19 @@ mod tests {
         c.send(b"EHLO x\r\n");
         assert_eq!(c.send(b"AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
         let user = BASE64.encode(b"app");
-        assert_eq!(c.send(format!("{user}\r\n").as_bytes()), "334 UGFzc3dvcmQ6\r\n");
+        assert_eq!(
+            c.send(format!("{user}\r\n").as_bytes()),
+            "334 UGFzc3dvcmQ6\r\n"
+        );
         let pass = BASE64.encode(b"secret");
         assert_eq!(
             c.send(format!("{pass}\r\n").as_bytes()),
             "235 2.7.0 Authentication successful\r\n"
         );
-        assert_eq!(c.send(b"AUTH LOGIN\r\n"), "503 5.5.1 Already authenticated\r\n");
+        assert_eq!(
+            c.send(b"AUTH LOGIN\r\n"),
+            "503 5.5.1 Already authenticated\r\n"
+        );
     }
 
     #[test]
@@ -1501,8 +1568,14 @@ mod tests {
         c.send(b"EHLO x\r\n");
         c.send(b"AUTH LOGIN\r\n");
         assert_eq!(c.send(b"*\r\n"), "501 5.7.0 Authentication cancelled\r\n");
-        assert_eq!(c.send(b"AUTH PLAIN !!!\r\n"), "501 5.5.2 Invalid base64 data\r\n");
-        assert_eq!(c.send(b"AUTH CRAM-MD5\r\n"), "504 5.5.4 Unrecognized authentication type\r\n");
+        assert_eq!(
+            c.send(b"AUTH PLAIN !!!\r\n"),
+            "501 5.5.2 Invalid base64 data\r\n"
+        );
+        assert_eq!(
+            c.send(b"AUTH CRAM-MD5\r\n"),
+            "504 5.5.4 Unrecognized authentication type\r\n"
+        );
     }
 
     #[test]
@@ -1522,7 +1595,10 @@ mod tests {
         cfg.auth_available = false;
         let mut c = client_with(cfg, "127.0.0.1", true);
         assert!(!c.send(b"EHLO x\r\n").contains("AUTH"));
-        assert_eq!(c.send(b"AUTH PLAIN AGFwcABzZWNyZXQ=\r\n"), "502 5.5.1 AUTH not available\r\n");
+        assert_eq!(
+            c.send(b"AUTH PLAIN AGFwcABzZWNyZXQ=\r\n"),
+            "502 5.5.1 AUTH not available\r\n"
+        );
     }
 
     #[test]
@@ -1537,7 +1613,10 @@ mod tests {
         c.session.tls_started("TLSv1_3".into());
         assert!(c.checks.is_empty());
         // Post-banner state: EHLO needed again, the old transaction is gone.
-        assert_eq!(c.send(b"MAIL FROM:<a@x.org>\r\n"), "503 5.5.1 Send EHLO/HELO first\r\n");
+        assert_eq!(
+            c.send(b"MAIL FROM:<a@x.org>\r\n"),
+            "503 5.5.1 Send EHLO/HELO first\r\n"
+        );
         assert_eq!(c.send(b"STARTTLS\r\n"), "503 5.5.1 TLS already active\r\n");
     }
 
@@ -1546,7 +1625,10 @@ mod tests {
         let mut c = client();
         c.send(b"EHLO x\r\nMAIL FROM:<a@x.org> RET=HDRS ENVID=QQ+2B1 BODY=8BITMIME\r\n");
         let reply = c.send(b"RCPT TO:<b@y.org> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b+2Bx@y.org\r\nRCPT TO:<c@y.org>\r\nDATA\r\n");
-        assert!(reply.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"), "{reply}");
+        assert!(
+            reply.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
+            "{reply}"
+        );
         c.send(MESSAGE);
         let msg = &c.stored[0];
         assert_eq!(msg.ret, Some(DsnRet::Hdrs));
@@ -1570,8 +1652,14 @@ mod tests {
     fn rejects_invalid_recipient_address() {
         let mut c = client();
         c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
-        assert_eq!(c.send(b"RCPT TO:<nobody>\r\n"), "553 5.1.3 Bad recipient address syntax\r\n");
-        assert_eq!(c.send(b"RCPT TO:<a@@b>\r\n"), "553 5.1.3 Bad recipient address syntax\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<nobody>\r\n"),
+            "553 5.1.3 Bad recipient address syntax\r\n"
+        );
+        assert_eq!(
+            c.send(b"RCPT TO:<a@@b>\r\n"),
+            "553 5.1.3 Bad recipient address syntax\r\n"
+        );
         assert_eq!(c.send(b"RCPT TO:<Postmaster>\r\n"), "250 2.1.5 Ok\r\n");
     }
 
@@ -1581,7 +1669,10 @@ mod tests {
         c.send(b"EHLO x\r\n");
         assert_eq!(c.send(b"MAIL FROM:<>\r\n"), "250 2.1.0 Ok\r\n");
         c.send(b"RSET\r\n");
-        assert_eq!(c.send(b"MAIL FROM:<nobody>\r\n"), "553 5.1.7 Bad sender address syntax\r\n");
+        assert_eq!(
+            c.send(b"MAIL FROM:<nobody>\r\n"),
+            "553 5.1.7 Bad sender address syntax\r\n"
+        );
     }
 
     #[test]
@@ -1592,8 +1683,14 @@ mod tests {
             c.send("MAIL FROM:<jöran@x.org>\r\n".as_bytes()),
             "553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n"
         );
-        assert_eq!(c.send("MAIL FROM:<jöran@x.org> SMTPUTF8\r\n".as_bytes()), "250 2.1.0 Ok\r\n");
-        assert_eq!(c.send("RCPT TO:<åsa@y.org>\r\n".as_bytes()), "250 2.1.5 Ok\r\n");
+        assert_eq!(
+            c.send("MAIL FROM:<jöran@x.org> SMTPUTF8\r\n".as_bytes()),
+            "250 2.1.0 Ok\r\n"
+        );
+        assert_eq!(
+            c.send("RCPT TO:<åsa@y.org>\r\n".as_bytes()),
+            "250 2.1.5 Ok\r\n"
+        );
     }
 
     #[test]
@@ -1620,7 +1717,10 @@ mod tests {
         c.send(MESSAGE);
         let r = &c.stored[0].recipients;
         assert_eq!(r.len(), 1);
-        assert_eq!(r[0].preset.as_ref().unwrap().status, RecipientStatus::Suppressed);
+        assert_eq!(
+            r[0].preset.as_ref().unwrap().status,
+            RecipientStatus::Suppressed
+        );
     }
 
     #[test]
@@ -1634,7 +1734,10 @@ mod tests {
             }
         };
         c.send(b"EHLO x\r\nMAIL FROM:<>\r\n");
-        assert_eq!(c.send(b"RCPT TO:<b+1@bounces.test>\r\n"), "250 2.1.5 Ok\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<b+1@bounces.test>\r\n"),
+            "250 2.1.5 Ok\r\n"
+        );
         c.send(b"DATA\r\n");
         c.send(MESSAGE);
         assert!(c.stored[0].inbound_bounce);
@@ -1658,12 +1761,18 @@ mod tests {
     fn accepts_message_in_bdat_chunks() {
         let mut c = client();
         c.transaction();
-        assert_eq!(c.send(b"BDAT 15\r\nSubject: x\r\n\r\n."), "250 2.0.0 Chunk received\r\n");
+        assert_eq!(
+            c.send(b"BDAT 15\r\nSubject: x\r\n\r\n."),
+            "250 2.0.0 Chunk received\r\n"
+        );
         let reply = c.send(b"BDAT 4 LAST\r\nhi\r\nNOOP\r\n");
         let msg = &c.stored[0];
         assert_eq!(
             reply,
-            format!("250 2.0.0 Ok: queued as {}\r\n250 2.0.0 Ok\r\n", msg.receipt)
+            format!(
+                "250 2.0.0 Ok: queued as {}\r\n250 2.0.0 Ok\r\n",
+                msg.receipt
+            )
         );
         assert!(msg.body.ends_with(b"Subject: x\r\n\r\n.hi\r\n"));
     }
@@ -1718,14 +1827,22 @@ mod tests {
         let mut c = client();
         c.transaction();
         c.send(b"BDAT 3\r\nab\n");
-        assert_eq!(c.send(b"DATA\r\n"), "503 5.5.1 DATA not allowed after BDAT\r\n");
+        assert_eq!(
+            c.send(b"DATA\r\n"),
+            "503 5.5.1 DATA not allowed after BDAT\r\n"
+        );
     }
 
     #[test]
     fn closes_on_tls_client_hello_on_plain_port() {
         let mut c = client();
-        let reply = c.send(&[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03]);
-        assert_eq!(reply, "500 5.5.2 TLS handshake on a plain-text SMTP port\r\n");
+        let reply = c.send(&[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ]);
+        assert_eq!(
+            reply,
+            "500 5.5.2 TLS handshake on a plain-text SMTP port\r\n"
+        );
         assert!(c.closed);
     }
 
@@ -1759,7 +1876,10 @@ mod tests {
         let mut c = client();
         let actions = c.session.timed_out();
         c.run(actions);
-        assert!(c.wire.ends_with("421 4.4.2 mx.test Error: timeout exceeded\r\n"));
+        assert!(
+            c.wire
+                .ends_with("421 4.4.2 mx.test Error: timeout exceeded\r\n")
+        );
         assert!(c.closed);
     }
 
@@ -1781,10 +1901,13 @@ mod tests {
         assert!(actions.is_empty());
         let reply = c.send(b"DATA\r\nhello\r\n.\r\n");
         assert_eq!(c.stored.len(), 1);
-        assert!(reply.ends_with(&format!(
-            "250 2.0.0 Ok: queued as {}\r\n421 4.3.2 Service shutting down\r\n",
-            c.stored[0].receipt
-        )), "{reply}");
+        assert!(
+            reply.ends_with(&format!(
+                "250 2.0.0 Ok: queued as {}\r\n421 4.3.2 Service shutting down\r\n",
+                c.stored[0].receipt
+            )),
+            "{reply}"
+        );
         assert!(c.closed);
     }
 
@@ -1796,7 +1919,10 @@ mod tests {
         let mut c = client_with(cfg, "192.0.2.1", true);
         c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<a@y.org>\r\n");
         for _ in 0..5 {
-            assert_eq!(c.send(b"RCPT TO:<b@y.org>\r\n"), "452 4.5.3 Too many recipients\r\n");
+            assert_eq!(
+                c.send(b"RCPT TO:<b@y.org>\r\n"),
+                "452 4.5.3 Too many recipients\r\n"
+            );
         }
         assert!(!c.closed);
     }

@@ -155,7 +155,11 @@ mod tests {
         let (cert, key) = generated_paths(dir.path());
         let first = std::fs::read(&cert).unwrap();
         server_config(&config).unwrap();
-        assert_eq!(std::fs::read(&cert).unwrap(), first, "certificate was regenerated");
+        assert_eq!(
+            std::fs::read(&cert).unwrap(),
+            first,
+            "certificate was regenerated"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "mailtrail", version, about = "SMTP relay that records what happened to every recipient")]
+#[command(
+    name = "mailtrail",
+    version,
+    about = "SMTP relay that records what happened to every recipient"
+)]
 struct Cli {
     /// Config file (TOML). Without it, the built-in defaults (see config/mailtrail.toml).
     #[arg(long, global = true, value_name = "PATH")]
@@ -137,9 +141,13 @@ enum SuppressCommand {
         #[arg(long, default_value = "manual")]
         reason: String,
     },
-    Remove { address: String },
+    Remove {
+        address: String,
+    },
     /// Exit 0 and print the entry when suppressed, exit 1 when not.
-    Check { address: String },
+    Check {
+        address: String,
+    },
 }
 
 fn main() -> ExitCode {

@@ -27,7 +27,10 @@ fn swaks_gets_a_receipt_and_log_shows_it_queued() {
     ]);
     assert!(ok, "{out}");
     let receipt = receipt_in(&out).unwrap_or_else(|| panic!("no receipt in: {out}"));
-    assert!(out.contains(&format!("250 2.0.0 Ok: queued as {receipt}")), "{out}");
+    assert!(
+        out.contains(&format!("250 2.0.0 Ok: queued as {receipt}")),
+        "{out}"
+    );
 
     let text = m.cli_ok(&["log", "someone@example.org"]);
     assert!(text.contains(&receipt), "{text}");
@@ -86,7 +89,12 @@ s.quit()
     assert!(ok, "{out}\n{}", m.server_log());
     let receipt = out.split_whitespace().nth(1).unwrap().to_string();
     let msgs = m.log_json(&receipt);
-    assert_eq!(msgs[0]["tls_version"].as_str().map(|v| v.starts_with("TLS")), Some(true));
+    assert_eq!(
+        msgs[0]["tls_version"]
+            .as_str()
+            .map(|v| v.starts_with("TLS")),
+        Some(true)
+    );
     let both = m.log_json("c@example.org");
     assert_eq!(both[0]["recipients"].as_array().unwrap().len(), 2);
 }
@@ -122,16 +130,32 @@ fn auth_plain_and_login_only_with_right_password() {
     assert!(out.contains("554 5.7.1"), "{out}");
     // Wrong password.
     let (ok, out) = swaks(&[
-        "--to", "x@example.org", "--server", &smtp_arg(&m), "--auth", "PLAIN",
-        "--auth-user", "app", "--auth-password", "wrong",
+        "--to",
+        "x@example.org",
+        "--server",
+        &smtp_arg(&m),
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "app",
+        "--auth-password",
+        "wrong",
     ]);
     assert!(!ok, "{out}");
     assert!(out.contains("535"), "{out}");
     // PLAIN and LOGIN with the right password (loopback: offered without TLS).
     for mech in ["PLAIN", "LOGIN"] {
         let (ok, out) = swaks(&[
-            "--to", "x@example.org", "--server", &smtp_arg(&m), "--auth", mech,
-            "--auth-user", "app", "--auth-password", "s3cret pass",
+            "--to",
+            "x@example.org",
+            "--server",
+            &smtp_arg(&m),
+            "--auth",
+            mech,
+            "--auth-user",
+            "app",
+            "--auth-password",
+            "s3cret pass",
         ]);
         assert!(ok, "{mech}: {out}");
         let receipt = receipt_in(&out).unwrap();
@@ -140,8 +164,17 @@ fn auth_plain_and_login_only_with_right_password() {
     }
     // STARTTLS + AUTH: the Received header protocol is ESMTPSA; checked via log tls field.
     let (ok, out) = swaks(&[
-        "--to", "x@example.org", "--server", &smtp_arg(&m), "--tls", "--auth", "PLAIN",
-        "--auth-user", "app", "--auth-password", "s3cret pass",
+        "--to",
+        "x@example.org",
+        "--server",
+        &smtp_arg(&m),
+        "--tls",
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "app",
+        "--auth-password",
+        "s3cret pass",
     ]);
     assert!(ok, "{out}");
 }
@@ -162,7 +195,10 @@ fn refuses_relay_to_clients_outside_relay_networks() {
     assert!(r.starts_with("503") || r.starts_with("554"), "{r}");
     assert!(c.cmd("QUIT").starts_with("221"));
     let out = m.cli_ok(&["log", "victim@example.org"]);
-    assert!(!out.contains("victim@example.org ") || out.contains("no messages"), "{out}");
+    assert!(
+        !out.contains("victim@example.org ") || out.contains("no messages"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -170,9 +206,7 @@ fn pipelined_commands_after_data_are_answered_in_order() {
     let m = Mailtrail::start();
     let mut c = RawSmtp::connect(m.smtp);
     assert!(c.cmd("EHLO pipe.test").starts_with("250"));
-    c.send(
-        b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n",
-    );
+    c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n");
     assert!(c.reply().starts_with("250"));
     assert!(c.reply().starts_with("250"));
     assert!(c.reply().starts_with("354"));
@@ -217,9 +251,18 @@ fn bdat_chunks_make_one_message() {
 fn rejects_bare_lf_and_bare_cr_smuggling() {
     let m = Mailtrail::start();
     for (name, body) in [
-        ("bare LF before dot", &b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<evil@example.com>\r\n\r\n.\r\n"[..]),
-        ("bare CR dot", &b"Subject: x\r\n\r\nhello\r.\rMAIL FROM:<evil@example.com>\r\n.\r\n"[..]),
-        ("CRLF dot LF", &b"Subject: x\r\n\r\nhello\r\n.\nRCPT TO:<evil@example.org>\r\n.\r\n"[..]),
+        (
+            "bare LF before dot",
+            &b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<evil@example.com>\r\n\r\n.\r\n"[..],
+        ),
+        (
+            "bare CR dot",
+            &b"Subject: x\r\n\r\nhello\r.\rMAIL FROM:<evil@example.com>\r\n.\r\n"[..],
+        ),
+        (
+            "CRLF dot LF",
+            &b"Subject: x\r\n\r\nhello\r\n.\nRCPT TO:<evil@example.org>\r\n.\r\n"[..],
+        ),
     ] {
         let mut c = RawSmtp::connect(m.smtp);
         assert!(c.cmd("EHLO smuggler.test").starts_with("250"));
@@ -251,7 +294,10 @@ fn enforces_size_recipient_and_line_limits() {
     assert!(r.starts_with("552 5.3.4"), "{r}");
     assert!(c.cmd("MAIL FROM:<a@example.com>").starts_with("250"));
     for i in 0..3 {
-        assert!(c.cmd(&format!("RCPT TO:<r{i}@example.org>")).starts_with("250"));
+        assert!(
+            c.cmd(&format!("RCPT TO:<r{i}@example.org>"))
+                .starts_with("250")
+        );
     }
     let r = c.cmd("RCPT TO:<r4@example.org>");
     assert!(r.starts_with("452 4.5.3"), "{r}");
@@ -312,7 +358,9 @@ fn survives_garbage_tls_on_plain_port_and_vanishing_clients() {
     // A TLS ClientHello on the plain port.
     {
         let mut c = RawSmtp::connect(m.smtp);
-        let hello = [0x16u8, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03];
+        let hello = [
+            0x16u8, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
+        ];
         let _ = c.stream.write_all(&hello);
         let _ = c.reply();
     }
@@ -356,7 +404,10 @@ fn acknowledged_message_survives_kill_9() {
     // ... and after restart.
     m.spawn();
     let out = m.cli_ok(&["log", "durable4@example.org"]);
-    assert!(out.contains(&receipts[4]) && out.contains("queued"), "{out}");
+    assert!(
+        out.contains(&receipts[4]) && out.contains("queued"),
+        "{out}"
+    );
 }
 
 #[test]
@@ -380,7 +431,8 @@ fn sigterm_finishes_transaction_in_flight_and_exits_0() {
             .map(|mut s| {
                 use std::io::Read;
                 let mut b = [0u8; 64];
-                s.set_read_timeout(Some(std::time::Duration::from_secs(2))).ok();
+                s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                    .ok();
                 matches!(s.read(&mut b), Ok(0) | Err(_)) || b.starts_with(b"421")
             })
             .unwrap_or(true)
@@ -400,7 +452,11 @@ fn sigterm_finishes_transaction_in_flight_and_exits_0() {
 fn bad_config_names_the_key_and_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[smtp]\nlisten = [\"127.0.0.1:2525\"]\nmax_recipient = 5\n").unwrap();
+    std::fs::write(
+        &path,
+        "[smtp]\nlisten = [\"127.0.0.1:2525\"]\nmax_recipient = 5\n",
+    )
+    .unwrap();
     let out = std::process::Command::new(common::mailtrail::bin())
         .args(["serve", "--config"])
         .arg(&path)
@@ -426,11 +482,31 @@ fn metrics_count_connections_messages_and_rejections() {
         "relay_networks = [\"10.0.0.0/8\"]\n",
         "[delivery]\nenabled = false\n",
     );
-    let _ = swaks(&["--to", "denied@example.org", "--server", &m.smtp.to_string()]);
-    let (status, body) = m.http_get("/metrics");
+    let metric = |body: &str, name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let (status, before) = m.http_get("/metrics");
     assert_eq!(status, 200);
-    assert!(body.contains("mailtrail_smtp_connections_total 1"), "{body}");
-    assert!(body.contains("mailtrail_smtp_rejections_total{class=\"5xx\"}"), "{body}");
+    let _ = swaks(&[
+        "--to",
+        "denied@example.org",
+        "--server",
+        &m.smtp.to_string(),
+    ]);
+    let (_, after) = m.http_get("/metrics");
+    let conns = "mailtrail_smtp_connections_total";
+    assert_eq!(
+        metric(&after, conns) - metric(&before, conns),
+        1.0,
+        "{after}"
+    );
+    let rejected = "mailtrail_smtp_rejections_total{class=\"5xx\"}";
+    assert!(metric(&after, rejected) >= 1.0, "{after}");
+    assert_eq!(metric(&after, "mailtrail_messages_accepted_total"), 0.0);
     let (status, body) = m.http_get("/healthz");
     assert_eq!((status, body.trim()), (200, "ok"));
 }

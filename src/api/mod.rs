@@ -15,8 +15,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::receipt::ReceiptId;
-use crate::store::{BounceQuery, LogKey, LogQuery, Store};
+use crate::store::{BounceQuery, Store};
 
 #[derive(Clone)]
 pub struct ApiState {
@@ -98,33 +97,20 @@ async fn log(
     Path(key): Path<String>,
     Query(params): Query<LogParams>,
 ) -> Response {
-    let now = chrono::Utc::now().timestamp_millis();
-    let parse = |v: &Option<String>| -> Result<Option<i64>, String> {
-        v.as_deref()
-            .map(|s| crate::cli::time::parse_time(s, now))
-            .transpose()
-    };
-    let (since_ms, until_ms) = match (parse(&params.since), parse(&params.until)) {
-        (Ok(s), Ok(u)) => (s, u),
-        (Err(e), _) | (_, Err(e)) => return bad_request(e),
-    };
-    let query = LogQuery {
-        key: log_key(&key),
-        since_ms,
-        until_ms,
+    let args = crate::cli::log::LogArgs {
+        key,
+        json: true,
+        since: params.since,
+        until: params.until,
         limit: params.limit.unwrap_or(100).min(10_000),
+    };
+    let query = match crate::cli::log::query(&args, chrono::Utc::now()) {
+        Ok(q) => q,
+        Err(e) => return bad_request(e.to_string()),
     };
     match state.store.log(&query).await {
         Ok(messages) => axum::Json(messages).into_response(),
         Err(e) => store_error(e),
-    }
-}
-
-/// A receipt id if the text parses as one, else an address.
-pub fn log_key(text: &str) -> LogKey {
-    match text.parse::<ReceiptId>() {
-        Ok(id) if !text.contains('@') => LogKey::Receipt(id),
-        _ => LogKey::Address(text.to_string()),
     }
 }
 

@@ -1,8 +1,9 @@
 //! Command-line subcommands. `main.rs` parses arguments with clap into a [`Request`]; this
 //! module loads the config, opens what the command needs and prints the result.
 
+pub mod log;
+pub mod queue;
 pub mod serve;
-pub mod time;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::config::Config;
+use crate::receipt::ReceiptId;
 use crate::store::Store;
 
 /// One parsed command line.
@@ -103,12 +105,29 @@ fn hash_password() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn parse_receipt(text: &str) -> anyhow::Result<ReceiptId> {
+    text.trim()
+        .parse::<ReceiptId>()
+        .map_err(anyhow::Error::from)
+}
+
+/// The writable store, for commands that change something. Refuses to create a database
+/// where none exists (a wrong --config would otherwise start an empty one).
+fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    if !config.db_path().exists() {
+        anyhow::bail!(
+            "no database at {} (has `mailtrail serve` run with this data_dir?)",
+            config.db_path().display()
+        );
+    }
+    Ok(crate::store::sqlite::open(config)?)
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
 async fn run_store_command(config: Config, request: Request) -> anyhow::Result<ExitCode> {
-    let store: Arc<dyn Store> = crate::store::sqlite::open_existing(&config)?;
     let mut out = std::io::stdout().lock();
     match request {
         Request::Log {
@@ -118,28 +137,46 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             until,
             limit,
         } => {
-            let now = now_ms();
-            let parse = |v: Option<String>| -> anyhow::Result<Option<i64>> {
-                v.map(|s| time::parse_time(&s, now).map_err(anyhow::Error::msg))
-                    .transpose()
-            };
-            let query = crate::store::LogQuery {
-                key: crate::api::log_key(&key),
-                since_ms: parse(since)?,
-                until_ms: parse(until)?,
+            let args = log::LogArgs {
+                key,
+                json,
+                since,
+                until,
                 limit,
             };
-            let messages = store.log(&query).await?;
+            let query = log::query(&args, chrono::Utc::now())?;
+            let reader = crate::store::sqlite::open_read_only(&config)?;
+            let messages = reader.log(&query)?;
             if messages.is_empty() && !json {
-                writeln!(out, "no messages for {key}")?;
+                writeln!(out, "no messages for {}", args.key)?;
             }
-            for m in &messages {
-                if json {
-                    writeln!(out, "{}", serde_json::to_string(m)?)?;
-                } else {
-                    log_text::write_message(&mut out, m)?;
-                }
-            }
+            out.write_all(log::render(&messages, json).as_bytes())?;
+        }
+        Request::QueueList { json } => {
+            let reader = crate::store::sqlite::open_read_only(&config)?;
+            let entries = reader.queue_list()?;
+            let text = if json {
+                queue::render_list_json(&entries)
+            } else {
+                queue::render_list(&entries, now_ms())
+            };
+            out.write_all(text.as_bytes())?;
+        }
+        Request::QueueRetry { receipt, all } => {
+            let receipt = match (receipt, all) {
+                (_, true) => None,
+                (Some(r), false) => Some(parse_receipt(&r)?),
+                (None, false) => anyhow::bail!("give a receipt id or --all"),
+            };
+            let store = open_store(&config)?;
+            let n = store.queue_retry(receipt).await?;
+            out.write_all(queue::render_retry(n, receipt).as_bytes())?;
+        }
+        Request::QueueDelete { receipt } => {
+            let receipt = parse_receipt(&receipt)?;
+            let store = open_store(&config)?;
+            let n = store.queue_delete(receipt).await?;
+            out.write_all(queue::render_delete(n, receipt).as_bytes())?;
         }
         _ => anyhow::bail!("this command is not available yet"),
     }

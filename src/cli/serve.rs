@@ -19,7 +19,8 @@ fn init_tracing(config: &Config) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
@@ -46,7 +47,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let smtp = crate::smtp::SmtpServer::bind(
         config.clone(),
         store.clone(),
-        Arc::new(crate::smtp::RelayPolicy::new(config.clone())),
+        Arc::new(crate::smtp::RelayPolicy),
         metrics.clone(),
     )
     .await?;

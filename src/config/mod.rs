@@ -602,7 +602,10 @@ mod documented_file {
         assert_eq!(format!("{:?}", c.smtp), format!("{:?}", d.smtp));
         assert_eq!(format!("{:?}", c.http), format!("{:?}", d.http));
         assert_eq!(format!("{:?}", c.delivery), format!("{:?}", d.delivery));
-        assert_eq!(format!("{:?}", c.suppression), format!("{:?}", d.suppression));
+        assert_eq!(
+            format!("{:?}", c.suppression),
+            format!("{:?}", d.suppression)
+        );
         assert_eq!(format!("{:?}", c.checks), format!("{:?}", d.checks));
         assert_eq!(format!("{:?}", c.dns), format!("{:?}", d.dns));
         assert_eq!(c.data_dir, d.data_dir);

@@ -128,7 +128,10 @@ impl Mailtrail {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("mailtrail did not exit after SIGTERM:\n{}", self.server_log());
+                panic!(
+                    "mailtrail did not exit after SIGTERM:\n{}",
+                    self.server_log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -393,13 +393,13 @@ impl Session {
         out
     }
 
-    /// Queues a reply, counting 5xx replies; past `max_errors` the session ends.
+    /// Queues a reply, counting 5xx replies; one more than `max_errors` ends the session.
     fn reply(&mut self, out: &mut Vec<Action>, reply: Reply) {
         let is_error = reply.code >= 500;
         out.push(Action::Send(reply));
         if is_error {
             self.errors += 1;
-            if self.errors >= self.config.max_errors {
+            if self.errors > self.config.max_errors {
                 out.push(Action::Send(Reply::new(
                     421,
                     "4.7.0",
@@ -1401,8 +1401,8 @@ mod tests {
     #[test]
     fn closes_after_too_many_errors() {
         let mut c = client();
-        let reply = c.send(b"FOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nNOOP\r\n");
-        assert_eq!(reply.matches("500 5.5.2").count(), 5);
+        let reply = c.send(b"FOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nNOOP\r\n");
+        assert_eq!(reply.matches("500 5.5.2").count(), 6);
         assert!(
             reply.ends_with("421 4.7.0 mx.test Error: too many errors\r\n"),
             "{reply}"

@@ -932,6 +932,62 @@ mod tests {
         assert!(reply(&mut c).await.starts_with("220 "));
     }
 
+    /// A real client: swaks with STARTTLS, AUTH PLAIN and PIPELINING. Skipped when swaks is
+    /// not installed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn swaks_submits_with_starttls_auth_and_pipelining() {
+        if std::process::Command::new("swaks")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("swaks not installed; skipped");
+            return;
+        }
+        let hash = super::super::auth::hash_password("secret").unwrap();
+        let srv = start(
+            move |c| {
+                c.smtp.relay_networks = Vec::new();
+                c.smtp.users = vec![crate::config::UserConfig {
+                    name: "app".into(),
+                    password_hash: hash,
+                }];
+            },
+            AcceptOnly::default(),
+        )
+        .await;
+        let port = srv.addrs[0].port().to_string();
+        let output = tokio::process::Command::new("swaks")
+            .args(["--server", "127.0.0.1", "--port", &port])
+            .args(["--from", "app@example.com", "--to", "a@example.net"])
+            .args(["--tls", "--pipeline"])
+            .args([
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                "app",
+                "--auth-password",
+                "secret",
+            ])
+            .args(["--header", "X-Mailtrail-Context: order=42"])
+            .args(["--header", "Subject: swaks test"])
+            .args(["--body", "hello from swaks"])
+            .output()
+            .await
+            .unwrap();
+        let transcript = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{transcript}");
+        assert!(transcript.contains("queued as"), "{transcript}");
+        let messages = srv.store.messages.lock().unwrap();
+        let msg = &messages[0];
+        assert_eq!(msg.auth_user.as_deref(), Some("app"));
+        assert_eq!(msg.context.as_deref(), Some("order=42"));
+        assert_eq!(msg.subject.as_deref(), Some("swaks test"));
+        let body = String::from_utf8_lossy(&msg.body);
+        assert!(body.contains("with ESMTPSA id"), "{body}");
+        assert!(!body.contains("X-Mailtrail-Context"), "{body}");
+    }
+
     #[test]
     fn connection_permits_count_per_ip_and_free_on_drop() {
         let limits = ConnectionLimits::new(3, 2);

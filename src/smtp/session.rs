@@ -1863,6 +1863,55 @@ mod tests {
     }
 
     #[test]
+    fn random_protocol_fragments_never_panic_and_every_ack_is_stored() {
+        const FRAGMENTS: &[&[u8]] = &[
+            b"EHLO x\r\n",
+            b"MAIL FROM:<a@x.org>\r\n",
+            b"RCPT TO:<b@y.org>\r\n",
+            b"DATA\r\n",
+            b"BDAT 5\r\n",
+            b"BDAT 3 LAST\r\n",
+            b"hello\r\n",
+            b".\r\n",
+            b"\r\n.\r\n",
+            b"\n.\n",
+            b"\r",
+            b"\n",
+            b"..",
+            b"RSET\r\n",
+            b"STARTTLS\r\n",
+            b"AUTH LOGIN\r\n",
+            b"YXBw\r\n",
+            b"NOOP\r\n",
+            b"\x00\xff\x16\x03",
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..300 {
+            let mut c = client();
+            c.session.config.max_errors = 1000;
+            let mut stream = Vec::new();
+            for _ in 0..40 {
+                let i = (next() % FRAGMENTS.len() as u64) as usize;
+                stream.extend_from_slice(FRAGMENTS[i]);
+            }
+            let mut rest = stream.as_slice();
+            while !rest.is_empty() && !c.closed && !c.starttls {
+                let n = 1 + (next() % 16) as usize;
+                let (chunk, tail) = rest.split_at(n.min(rest.len()));
+                c.send(chunk);
+                rest = tail;
+            }
+            assert_eq!(c.wire.matches("queued as").count(), c.stored.len());
+        }
+    }
+
+    #[test]
     fn stores_nothing_when_client_vanishes_mid_data() {
         let mut c = client();
         c.transaction();

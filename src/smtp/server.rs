@@ -988,6 +988,52 @@ mod tests {
         assert!(!body.contains("X-Mailtrail-Context"), "{body}");
     }
 
+    /// A second real client: Python's smtplib, plain then STARTTLS, with BDAT-less DATA.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn smtplib_sends_plain_and_after_starttls() {
+        let srv = start(|_| {}, AcceptOnly::default()).await;
+        let script = format!(
+            r#"
+import smtplib, ssl
+s = smtplib.SMTP("127.0.0.1", {port}, timeout=10)
+code, text = s.ehlo("client.test")
+assert code == 250, (code, text)
+r = s.sendmail("a@example.com", ["b@example.org", "c@example.org"], b"Subject: plain\r\n\r\n.leading dot\r\n")
+assert r == {{}}, r
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s.starttls(context=ctx)
+code, text = s.ehlo("client.test")
+assert b"STARTTLS" not in text.upper(), text
+s.mail("tls@example.com")
+s.rcpt("d@example.org")
+code, resp = s.data(b"Subject: over tls\r\n\r\nsecret\r\n")
+assert code == 250 and b"queued as" in resp, (code, resp)
+s.quit()
+"#,
+            port = srv.addrs[0].port()
+        );
+        let Ok(output) = tokio::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .await
+        else {
+            eprintln!("python3 not installed; skipped");
+            return;
+        };
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let messages = srv.store.messages.lock().unwrap();
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0].recipients.len(), 2);
+        assert!(messages[0].body.ends_with(b"\r\n\r\n.leading dot\r\n"));
+        assert_eq!(messages[1].tls_version.as_deref(), Some("TLSv1_3"));
+    }
+
     #[test]
     fn connection_permits_count_per_ip_and_free_on_drop() {
         let limits = ConnectionLimits::new(3, 2);

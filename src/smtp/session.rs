@@ -458,7 +458,17 @@ impl Session {
                     self.chunk_complete(&mut out, last, refusal);
                 }
                 Phase::Sasl(step) => {
-                    let Some(line) = self.next_line(&mut out) else {
+                    let errors_before = self.errors;
+                    let line = self.next_line(&mut out);
+                    if self.errors > errors_before {
+                        // An over-long response was refused: the exchange is over, and what
+                        // follows is read as commands again.
+                        if let Some(line) = line {
+                            self.command(&mut out, &line);
+                        }
+                        continue;
+                    }
+                    let Some(line) = line else {
                         if matches!(self.phase, Phase::Command) {
                             self.phase = Phase::Sasl(step);
                         }
@@ -1576,6 +1586,16 @@ mod tests {
             c.send(b"AUTH CRAM-MD5\r\n"),
             "504 5.5.4 Unrecognized authentication type\r\n"
         );
+    }
+
+    #[test]
+    fn over_long_sasl_response_ends_the_exchange() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        c.send(b"AUTH LOGIN\r\n");
+        let mut long = vec![b'Q'; 600];
+        long.extend_from_slice(b"\r\nNOOP\r\n");
+        assert_eq!(c.send(&long), "500 5.5.2 Line too long\r\n250 2.0.0 Ok\r\n");
     }
 
     #[test]

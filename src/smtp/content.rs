@@ -61,7 +61,8 @@ impl ContentScanner {
     /// Scans `input`. Returns how many bytes were consumed and whether the end of data was
     /// reached (always `false` for [`Framing::Chunked`], which consumes everything it gets).
     pub fn ingest(&mut self, input: &[u8]) -> (usize, bool) {
-        for (i, &b) in input.iter().enumerate() {
+        let mut i = 0;
+        while let Some(&b) = input.get(i) {
             if self.pending_cr {
                 self.pending_cr = false;
                 if b == b'\n' {
@@ -73,6 +74,7 @@ impl ContentScanner {
                     self.push(b"\r\n");
                     self.line_len = 0;
                     self.dot_line = false;
+                    i += 1;
                     continue;
                 }
                 self.fail(ContentError::BareLineEnding);
@@ -81,21 +83,31 @@ impl ContentScanner {
             match b {
                 b'\r' => {
                     self.pending_cr = true;
-                    self.count_line_byte();
+                    self.count_line_bytes(1);
+                    i += 1;
                 }
                 b'\n' => {
                     // A bare LF does not end a line: `\n.\n` must never look like the end.
                     self.fail(ContentError::BareLineEnding);
-                    self.count_line_byte();
+                    self.count_line_bytes(1);
                     self.push(b"\n");
+                    i += 1;
                 }
                 b'.' if self.framing == Framing::DotTerminated && self.line_len == 0 => {
                     self.dot_line = true;
-                    self.count_line_byte();
+                    self.count_line_bytes(1);
+                    i += 1;
                 }
                 _ => {
-                    self.count_line_byte();
-                    self.push(&[b]);
+                    // Ordinary text up to the next CR or LF is copied in one go.
+                    let rest = input.get(i..).unwrap_or(&[]);
+                    let run = rest
+                        .iter()
+                        .position(|&c| c == b'\r' || c == b'\n')
+                        .unwrap_or(rest.len());
+                    self.count_line_bytes(run);
+                    self.push(rest.get(..run).unwrap_or(&[]));
+                    i += run;
                 }
             }
         }
@@ -128,8 +140,8 @@ impl ContentScanner {
         self.body.is_empty()
     }
 
-    fn count_line_byte(&mut self) {
-        self.line_len += 1;
+    fn count_line_bytes(&mut self, n: usize) {
+        self.line_len += n;
         // Called for every byte but the LF of a CRLF, which makes the line one longer.
         if self.line_len + 1 > self.max_line {
             self.fail(ContentError::LineTooLong);
@@ -218,6 +230,31 @@ mod tests {
             }
         }
         panic!("end of data not found");
+    }
+
+    #[test]
+    fn same_result_whatever_the_read_boundaries() {
+        let input = b"Subject: x\r\n\r\n..dot\r\nline two\r\n.\r\nNEXT";
+        let mut whole = ContentScanner::new(Framing::DotTerminated, 1000, 100);
+        let (n_whole, done) = whole.ingest(input);
+        assert!(done);
+        let expected = whole.finish().unwrap();
+        for split in 1..input.len() {
+            let mut s = ContentScanner::new(Framing::DotTerminated, 1000, 100);
+            let mut used = 0;
+            let mut ended = false;
+            for part in input.chunks(split) {
+                let (n, done) = s.ingest(part);
+                used += n;
+                if done {
+                    ended = true;
+                    break;
+                }
+            }
+            assert!(ended, "split {split}");
+            assert_eq!(used, n_whole, "split {split}");
+            assert_eq!(s.finish().unwrap(), expected, "split {split}");
+        }
     }
 
     #[test]

@@ -14,4 +14,6 @@ pub use auth::{Authenticator, hash_password};
 pub use policy::{RecipientPolicy, RelayPolicy};
 pub use reply::Reply;
 pub use server::{ServerError, SmtpServer};
-pub use session::{Action, RecipientCheck, RecipientVerdict, Session, SessionConfig};
+pub use session::{
+    Action, Credentials, Peer, RecipientCheck, RecipientVerdict, Session, SessionConfig,
+};

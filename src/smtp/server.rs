@@ -932,6 +932,108 @@ mod tests {
         assert!(reply(&mut c).await.starts_with("220 "));
     }
 
+    /// A real client: swaks with STARTTLS, AUTH PLAIN and PIPELINING. Skipped when swaks is
+    /// not installed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn swaks_submits_with_starttls_auth_and_pipelining() {
+        if std::process::Command::new("swaks")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("swaks not installed; skipped");
+            return;
+        }
+        let hash = super::super::auth::hash_password("secret").unwrap();
+        let srv = start(
+            move |c| {
+                c.smtp.relay_networks = Vec::new();
+                c.smtp.users = vec![crate::config::UserConfig {
+                    name: "app".into(),
+                    password_hash: hash,
+                }];
+            },
+            AcceptOnly::default(),
+        )
+        .await;
+        let port = srv.addrs[0].port().to_string();
+        let output = tokio::process::Command::new("swaks")
+            .args(["--server", "127.0.0.1", "--port", &port])
+            .args(["--from", "app@example.com", "--to", "a@example.net"])
+            .args(["--tls", "--pipeline"])
+            .args([
+                "--auth",
+                "PLAIN",
+                "--auth-user",
+                "app",
+                "--auth-password",
+                "secret",
+            ])
+            .args(["--header", "X-Mailtrail-Context: order=42"])
+            .args(["--header", "Subject: swaks test"])
+            .args(["--body", "hello from swaks"])
+            .output()
+            .await
+            .unwrap();
+        let transcript = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{transcript}");
+        assert!(transcript.contains("queued as"), "{transcript}");
+        let messages = srv.store.messages.lock().unwrap();
+        let msg = &messages[0];
+        assert_eq!(msg.auth_user.as_deref(), Some("app"));
+        assert_eq!(msg.context.as_deref(), Some("order=42"));
+        assert_eq!(msg.subject.as_deref(), Some("swaks test"));
+        let body = String::from_utf8_lossy(&msg.body);
+        assert!(body.contains("with ESMTPSA id"), "{body}");
+        assert!(!body.contains("X-Mailtrail-Context"), "{body}");
+    }
+
+    /// A second real client: Python's smtplib, plain then STARTTLS, with BDAT-less DATA.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn smtplib_sends_plain_and_after_starttls() {
+        let srv = start(|_| {}, AcceptOnly::default()).await;
+        let script = format!(
+            r#"
+import smtplib, ssl
+s = smtplib.SMTP("127.0.0.1", {port}, timeout=10)
+code, text = s.ehlo("client.test")
+assert code == 250, (code, text)
+r = s.sendmail("a@example.com", ["b@example.org", "c@example.org"], b"Subject: plain\r\n\r\n.leading dot\r\n")
+assert r == {{}}, r
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s.starttls(context=ctx)
+code, text = s.ehlo("client.test")
+assert b"STARTTLS" not in text.upper(), text
+s.mail("tls@example.com")
+s.rcpt("d@example.org")
+code, resp = s.data(b"Subject: over tls\r\n\r\nsecret\r\n")
+assert code == 250 and b"queued as" in resp, (code, resp)
+s.quit()
+"#,
+            port = srv.addrs[0].port()
+        );
+        let Ok(output) = tokio::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .await
+        else {
+            eprintln!("python3 not installed; skipped");
+            return;
+        };
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let messages = srv.store.messages.lock().unwrap();
+        assert_eq!(messages.len(), 2);
+        assert_eq!(messages[0].recipients.len(), 2);
+        assert!(messages[0].body.ends_with(b"\r\n\r\n.leading dot\r\n"));
+        assert_eq!(messages[1].tls_version.as_deref(), Some("TLSv1_3"));
+    }
+
     #[test]
     fn connection_permits_count_per_ip_and_free_on_drop() {
         let limits = ConnectionLimits::new(3, 2);

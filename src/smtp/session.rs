@@ -393,13 +393,13 @@ impl Session {
         out
     }
 
-    /// Queues a reply, counting 5xx replies; past `max_errors` the session ends.
+    /// Queues a reply, counting 5xx replies; one more than `max_errors` ends the session.
     fn reply(&mut self, out: &mut Vec<Action>, reply: Reply) {
         let is_error = reply.code >= 500;
         out.push(Action::Send(reply));
         if is_error {
             self.errors += 1;
-            if self.errors >= self.config.max_errors {
+            if self.errors > self.config.max_errors {
                 out.push(Action::Send(Reply::new(
                     421,
                     "4.7.0",
@@ -458,7 +458,17 @@ impl Session {
                     self.chunk_complete(&mut out, last, refusal);
                 }
                 Phase::Sasl(step) => {
-                    let Some(line) = self.next_line(&mut out) else {
+                    let errors_before = self.errors;
+                    let line = self.next_line(&mut out);
+                    if self.errors > errors_before {
+                        // An over-long response was refused: the exchange is over, and what
+                        // follows is read as commands again.
+                        if let Some(line) = line {
+                            self.command(&mut out, &line);
+                        }
+                        continue;
+                    }
+                    let Some(line) = line else {
                         if matches!(self.phase, Phase::Command) {
                             self.phase = Phase::Sasl(step);
                         }
@@ -1401,8 +1411,8 @@ mod tests {
     #[test]
     fn closes_after_too_many_errors() {
         let mut c = client();
-        let reply = c.send(b"FOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nNOOP\r\n");
-        assert_eq!(reply.matches("500 5.5.2").count(), 5);
+        let reply = c.send(b"FOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nNOOP\r\n");
+        assert_eq!(reply.matches("500 5.5.2").count(), 6);
         assert!(
             reply.ends_with("421 4.7.0 mx.test Error: too many errors\r\n"),
             "{reply}"
@@ -1576,6 +1586,16 @@ mod tests {
             c.send(b"AUTH CRAM-MD5\r\n"),
             "504 5.5.4 Unrecognized authentication type\r\n"
         );
+    }
+
+    #[test]
+    fn over_long_sasl_response_ends_the_exchange() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        c.send(b"AUTH LOGIN\r\n");
+        let mut long = vec![b'Q'; 600];
+        long.extend_from_slice(b"\r\nNOOP\r\n");
+        assert_eq!(c.send(&long), "500 5.5.2 Line too long\r\n250 2.0.0 Ok\r\n");
     }
 
     #[test]
@@ -1860,6 +1880,55 @@ mod tests {
         }
         assert!(c.stored.is_empty());
         assert!(c.closed, "garbage should exhaust max_errors");
+    }
+
+    #[test]
+    fn random_protocol_fragments_never_panic_and_every_ack_is_stored() {
+        const FRAGMENTS: &[&[u8]] = &[
+            b"EHLO x\r\n",
+            b"MAIL FROM:<a@x.org>\r\n",
+            b"RCPT TO:<b@y.org>\r\n",
+            b"DATA\r\n",
+            b"BDAT 5\r\n",
+            b"BDAT 3 LAST\r\n",
+            b"hello\r\n",
+            b".\r\n",
+            b"\r\n.\r\n",
+            b"\n.\n",
+            b"\r",
+            b"\n",
+            b"..",
+            b"RSET\r\n",
+            b"STARTTLS\r\n",
+            b"AUTH LOGIN\r\n",
+            b"YXBw\r\n",
+            b"NOOP\r\n",
+            b"\x00\xff\x16\x03",
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..300 {
+            let mut c = client();
+            c.session.config.max_errors = 1000;
+            let mut stream = Vec::new();
+            for _ in 0..40 {
+                let i = (next() % FRAGMENTS.len() as u64) as usize;
+                stream.extend_from_slice(FRAGMENTS[i]);
+            }
+            let mut rest = stream.as_slice();
+            while !rest.is_empty() && !c.closed && !c.starttls {
+                let n = 1 + (next() % 16) as usize;
+                let (chunk, tail) = rest.split_at(n.min(rest.len()));
+                c.send(chunk);
+                rest = tail;
+            }
+            assert_eq!(c.wire.matches("queued as").count(), c.stored.len());
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ POSTFIX=${POSTFIX:-/usr/sbin/postfix}
 POSTQUEUE=${POSTQUEUE:-/usr/sbin/postqueue}
 
 BENCH_DIR=
+BENCH_LOAD_START=
 BENCH_PIDS=()
 BENCH_POSTFIX_DIRS=()
 MAILTRAIL_PID=
@@ -55,6 +56,10 @@ bench_init() {
     chmod 755 "$BENCH_DIR"
     trap bench_cleanup EXIT
     trap 'log "interrupted"; exit 130' INT TERM HUP
+    BENCH_LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+    if awk -v l="${BENCH_LOAD_START%% *}" 'BEGIN { exit !(l >= 1.0) }'; then
+        log "warning: load average $BENCH_LOAD_START before the run: other work competes for the CPUs"
+    fi
     local fstype
     fstype=$(stat -f -c %T "$BENCH_DIR" 2>/dev/null || echo unknown)
     if [[ $fstype == tmpfs || $fstype == ramfs ]]; then
@@ -137,7 +142,7 @@ run_source() {
     local port=$1 start end
     start=$(now)
     # shellcheck disable=SC2086 # SOURCE_OPTS is a list of flags
-    (cd "$BENCH_DIR" && timeout "$BENCH_TIMEOUT" "$SMTP_SOURCE" $SOURCE_OPTS -s "$SESSIONS" \
+    (cd "$BENCH_DIR" && timeout --foreground "$BENCH_TIMEOUT" "$SMTP_SOURCE" $SOURCE_OPTS -s "$SESSIONS" \
         -m "$MSGS" -l "$SIZE" -f "$FROM" -t "$TO" "127.0.0.1:$port") >&2 ||
         die "smtp-source to 127.0.0.1:$port failed (status $?)"
     end=$(now)
@@ -384,4 +389,10 @@ postfix_stop() {
         done
     fi
     PF_DIR=
+}
+
+# The summary's first line: workload, machine, and the load the run started under.
+summary_header() {
+    printf '%s, %s msgs x %s B, %s sessions%s; %s cores, load before run %s\n' "$1" "$MSGS" \
+        "$SIZE" "$SESSIONS" "${SOURCE_OPTS:+, smtp-source $SOURCE_OPTS}" "$(nproc)" "$BENCH_LOAD_START"
 }

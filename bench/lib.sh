@@ -242,7 +242,7 @@ mailtrail_start() {
         ! wait_port "$MT_HTTP_PORT" 10 "$MAILTRAIL_PID"; then
         log "mailtrail did not start listening; its log:"
         tail -n 20 "$dir/mailtrail.log" >&2
-        die "mailtrail start failed (config $dir/mailtrail.toml)"
+        die "mailtrail start failed (rerun with BENCH_KEEP=1 to keep $dir)"
     fi
 }
 
@@ -348,10 +348,10 @@ scache     unix  - - n - 1 scache
 postlog    unix-dgram n - n - 1 postlogd
 EOF
     BENCH_POSTFIX_DIRS+=("$PF_DIR")
-    "$POSTFIX" -c "$PF_DIR/etc" check >&2 || die "postfix check failed (config $PF_DIR/etc)"
+    "$POSTFIX" -c "$PF_DIR/etc" check >&2 || die "postfix check failed (rerun with BENCH_KEEP=1 to keep $PF_DIR)"
     if ! "$POSTFIX" -c "$PF_DIR/etc" start >/dev/null 2>&1 || ! wait_port "$PF_SMTP_PORT" 30; then
         tail -n 20 "$PF_DIR/maillog" >&2 2>/dev/null || true
-        die "private Postfix instance did not start (config $PF_DIR/etc)"
+        die "private Postfix instance did not start (rerun with BENCH_KEEP=1 to keep $PF_DIR)"
     fi
 }
 

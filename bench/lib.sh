@@ -358,6 +358,12 @@ EOF
 # Number of queue files in one Postfix queue (hold, incoming, active, deferred).
 postfix_queue_files() { find "$PF_DIR/queue/$1" -type f 2>/dev/null | wc -l; }
 
+# Messages Postfix itself reports queued (`postqueue -p` ends "-- N Kbytes in M Requests.").
+postfix_postqueue_count() {
+    "$POSTQUEUE" -c "$PF_DIR/etc" -p 2>/dev/null |
+        awk '/^-- .* in [0-9]+ Requests?\.$/ { n = $(NF - 1) } END { print n + 0 }'
+}
+
 postfix_queue_total() {
     local q total=0
     for q in maildrop incoming active deferred hold; do

@@ -242,6 +242,28 @@ pub fn xtext(s: &str) -> String {
     out
 }
 
+/// The DATA payload on the wire (RFC 5321 §4.5.2): a dot is doubled at the start of the body
+/// and after every CR or LF (after a bare one too, so no receiver can read an end-of-data
+/// where we meant none: SMTP smuggling), then `CRLF . CRLF`, adding the CRLF only if the
+/// body does not already end with one. `mail-send`'s `write_message` is not used because it
+/// always adds a CRLF (changing the message) and misses a dot at the very start.
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
+    let mut line_start = true;
+    for &b in body {
+        if b == b'.' && line_start {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n' || b == b'\r';
+    }
+    if !body.is_empty() && !body.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
 /// `MAIL FROM:<...> [SIZE=] [BODY=8BITMIME] [SMTPUTF8] [RET=] [ENVID=]` per the peer's EHLO.
 pub fn mail_command(env: &Envelope, size: usize, capabilities: u32) -> String {
     let mut cmd = format!("MAIL FROM:<{}>", env.sender);
@@ -611,8 +633,10 @@ impl Connection {
 
     async fn dot_stuffed(&mut self, body: &[u8], data_timeout: Duration) -> Result<Reply, String> {
         let client = &mut self.client;
+        let wire = dot_stuff(body);
         match tokio::time::timeout(data_timeout, async {
-            client.write_message(body).await?;
+            client.stream.write_all(&wire).await?;
+            client.stream.flush().await?;
             client.read().await
         })
         .await
@@ -707,6 +731,16 @@ mod tests {
             enhanced_status: esc.map(str::to_string),
             text: text.to_string(),
         }
+    }
+
+    #[test]
+    fn dot_stuffing_is_transparent() {
+        assert_eq!(dot_stuff(b"a\r\n.b\r\n"), b"a\r\n..b\r\n.\r\n");
+        assert_eq!(dot_stuff(b".x\r\n"), b"..x\r\n.\r\n");
+        assert_eq!(dot_stuff(b"a\r\n.\r\n"), b"a\r\n..\r\n.\r\n");
+        assert_eq!(dot_stuff(b"no newline"), b"no newline\r\n.\r\n");
+        assert_eq!(dot_stuff(b"bare\n.\nlf"), b"bare\n..\nlf\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b".\r\n");
     }
 
     #[test]

@@ -1,1 +1,4 @@
 //! Command-line subcommands (`mailtrail log`, ...).
+
+pub mod log;
+pub mod queue;

@@ -201,8 +201,10 @@ async fn dsn_parameters_are_passed_on_when_the_peer_offers_dsn() {
 
 #[tokio::test]
 async fn mail_rejection_applies_to_every_recipient() {
-    let mut script = Script::default();
-    script.mail_reply = "553 5.7.1 Sender address rejected".into();
+    let script = Script {
+        mail_reply: "553 5.7.1 Sender address rejected".into(),
+        ..Default::default()
+    };
     let mx = TestMx::start(script).await;
     let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
         .await
@@ -260,8 +262,10 @@ async fn mx_fallback_on_connect_failure() {
 
 #[tokio::test]
 async fn mx_fallback_on_4xx_greeting_but_not_on_5xx() {
-    let mut busy = Script::default();
-    busy.banner = "421 4.3.2 too busy".into();
+    let busy = Script {
+        banner: "421 4.3.2 too busy".into(),
+        ..Default::default()
+    };
     let busy = TestMx::start(busy).await;
     let good = TestMx::start(Script::default()).await;
     let conn = client::connect(
@@ -273,8 +277,10 @@ async fn mx_fallback_on_4xx_greeting_but_not_on_5xx() {
     drop(conn);
     assert_eq!(good.connections(), 1);
 
-    let mut refusing = Script::default();
-    refusing.banner = "554 5.7.1 no mail from you".into();
+    let refusing = Script {
+        banner: "554 5.7.1 no mail from you".into(),
+        ..Default::default()
+    };
     let refusing = TestMx::start(refusing).await;
     let good2 = TestMx::start(Script::default()).await;
     let e = client::connect(
@@ -290,8 +296,10 @@ async fn mx_fallback_on_4xx_greeting_but_not_on_5xx() {
 
 #[tokio::test]
 async fn helo_fallback_when_ehlo_is_refused() {
-    let mut script = Script::default();
-    script.ehlo_reply = Some("502 5.5.2 EHLO not supported".into());
+    let script = Script {
+        ehlo_reply: Some("502 5.5.2 EHLO not supported".into()),
+        ..Default::default()
+    };
     let mx = TestMx::start(script).await;
     let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::Opportunistic))
         .await
@@ -310,8 +318,10 @@ async fn helo_fallback_when_ehlo_is_refused() {
 
 #[tokio::test]
 async fn starttls_is_used_and_recorded() {
-    let mut script = Script::default();
-    script.starttls = true;
+    let script = Script {
+        starttls: true,
+        ..Default::default()
+    };
     let mx = TestMx::start(script).await;
     let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::Opportunistic))
         .await
@@ -343,8 +353,10 @@ async fn tls_required_without_starttls_fails_temporarily() {
 
 #[tokio::test]
 async fn dropped_connection_after_data_leaves_no_reply() {
-    let mut script = Script::default();
-    script.drop_at = Some(DropAt::EndOfData);
+    let script = Script {
+        drop_at: Some(DropAt::EndOfData),
+        ..Default::default()
+    };
     let mx = TestMx::start(script).await;
     let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
         .await
@@ -465,4 +477,486 @@ async fn servfail_is_temporary() {
         .unwrap_err();
     assert!(!e.permanent, "{e:?}");
     assert!(e.enhanced_status.starts_with('4'));
+}
+
+// --- The scheduler with the SQLite store ---------------------------------------------------
+
+mod queue {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::common::test_dns::TestDns;
+    use super::common::test_mx::{Script, TestMx};
+    use mailtrail::config::{Config, RouteConfig, TlsPolicy};
+    use mailtrail::delivery::{Delivery, DeliveryHandle};
+    use mailtrail::metrics::Metrics;
+    use mailtrail::receipt::ReceiptId;
+    use mailtrail::spool::{AcceptedMessage, AcceptedRecipient, Notify};
+    use mailtrail::store::{LogKey, LogQuery, MessageLog, RecipientStatus, Stage, Store};
+    use tokio_util::sync::CancellationToken;
+
+    pub struct Harness {
+        pub store: Arc<dyn Store>,
+        pub metrics: Arc<Metrics>,
+        pub handle: DeliveryHandle,
+        pub shutdown: CancellationToken,
+        pub dns: TestDns,
+        pub mx: TestMx,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A relay whose DNS sends `dest.test` and `sender.test` to one scripted MX.
+    pub async fn harness(script: Script, tune: impl FnOnce(&mut Config)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let dns = TestDns::start().await;
+        let mx = TestMx::start(script).await;
+        for d in ["dest.test", "sender.test"] {
+            dns.zone.mx(d, 10, "mx.dest.test");
+        }
+        dns.zone.addr("mx.dest.test", "127.0.0.1".parse().unwrap());
+        let mut config = Config {
+            data_dir: dir.path().to_path_buf(),
+            hostname: "relay.test".into(),
+            ..Default::default()
+        };
+        config.dns.nameservers = vec![dns.addr];
+        config.dns.timeout = Some(Duration::from_secs(1));
+        config.delivery.mx_port = mx.port();
+        config.delivery.retry_first = Duration::from_millis(300);
+        config.delivery.retry_max_interval = Duration::from_millis(600);
+        config.delivery.connect_timeout = Duration::from_secs(2);
+        config.delivery.command_timeout = Duration::from_secs(2);
+        config.delivery.data_timeout = Duration::from_secs(2);
+        config.smtp.shutdown_grace = Duration::from_secs(2);
+        tune(&mut config);
+        let config = Arc::new(config);
+        let store: Arc<dyn Store> = mailtrail::store::sqlite::open(&config).unwrap();
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let handle =
+            Delivery::start(config, store.clone(), metrics.clone(), shutdown.clone()).unwrap();
+        Harness {
+            store,
+            metrics,
+            handle,
+            shutdown,
+            dns,
+            mx,
+            _dir: dir,
+        }
+    }
+
+    pub fn message(sender: &str, rcpts: &[(&str, Option<Notify>)]) -> AcceptedMessage {
+        AcceptedMessage {
+            receipt: ReceiptId::new(),
+            received_at_ms: chrono::Utc::now().timestamp_millis(),
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "app".into(),
+            tls_version: None,
+            auth_user: None,
+            envelope_sender: sender.into(),
+            recipients: rcpts
+                .iter()
+                .map(|(a, n)| AcceptedRecipient {
+                    address: a.to_string(),
+                    orcpt: Some(format!("rfc822;{a}")),
+                    notify: *n,
+                    preset: None,
+                })
+                .collect(),
+            envid: Some("ENV-42".into()),
+            ret: None,
+            eight_bit: false,
+            smtputf8: false,
+            message_id: Some("m1@app".into()),
+            subject: Some("hello".into()),
+            context: None,
+            body:
+                b"From: app@sender.test\r\nSubject: hello\r\nMessage-ID: <m1@app>\r\n\r\nbody\r\n"
+                    .to_vec(),
+            inbound_bounce: false,
+        }
+    }
+
+    impl Harness {
+        pub async fn submit(&self, m: AcceptedMessage) -> ReceiptId {
+            let r = m.receipt;
+            self.store.accept(m).await.unwrap();
+            self.handle.wake();
+            r
+        }
+
+        pub async fn log(&self, r: ReceiptId) -> MessageLog {
+            let mut v = self
+                .store
+                .log(&LogQuery {
+                    key: LogKey::Receipt(r),
+                    since_ms: None,
+                    until_ms: None,
+                    limit: 10,
+                })
+                .await
+                .unwrap();
+            assert_eq!(v.len(), 1);
+            v.remove(0)
+        }
+
+        /// Waits until every recipient's status satisfies `done`.
+        pub async fn wait(
+            &self,
+            r: ReceiptId,
+            done: impl Fn(&[RecipientStatus]) -> bool,
+        ) -> MessageLog {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let log = self.log(r).await;
+                let st: Vec<RecipientStatus> = log.recipients.iter().map(|r| r.status).collect();
+                if done(&st) {
+                    return log;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out; statuses {st:?}\n{log:#?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        /// Waits until the MX has seen `n` transactions.
+        pub async fn wait_mx(&self, n: usize) -> Vec<super::common::test_mx::Transaction> {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let t = self.mx.transactions();
+                if t.len() >= n {
+                    return t;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "MX saw {t:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn final_status(s: &[RecipientStatus]) -> bool {
+        s.iter().all(|s| !s.is_pending())
+    }
+
+    #[tokio::test]
+    async fn records_each_recipient_outcome_and_sends_a_dsn_for_the_failed_one() {
+        let h = harness(
+            Script::default()
+                .rcpt("unknown@dest.test", &["550 5.1.1 user unknown"])
+                .rcpt("full@dest.test", &["452 4.2.2 mailbox full"]),
+            |c| c.delivery.max_queue_lifetime = Duration::from_secs(3600),
+        )
+        .await;
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[
+                    ("ok@dest.test", None),
+                    ("unknown@dest.test", None),
+                    ("full@dest.test", None),
+                ],
+            ))
+            .await;
+        let log = h
+            .wait(r, |s| {
+                s[0] == RecipientStatus::Delivered
+                    && s[1] == RecipientStatus::Failed
+                    && s[2] == RecipientStatus::Deferred
+            })
+            .await;
+        let ok = &log.recipients[0];
+        assert_eq!(ok.last_reply_code, Some(250));
+        let attempt = ok.events.iter().find(|e| e.kind == "attempt").unwrap();
+        assert_eq!(attempt.stage, Some(Stage::Data));
+        assert_eq!(attempt.remote_host.as_deref(), Some("mx.dest.test"));
+        assert_eq!(attempt.remote_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(attempt.reply_text.as_deref(), Some("Ok: queued as TEST1"));
+        let unknown = &log.recipients[1];
+        assert_eq!(unknown.last_reply_code, Some(550));
+        assert_eq!(unknown.last_enhanced_status.as_deref(), Some("5.1.1"));
+        assert_eq!(unknown.last_reply_text.as_deref(), Some("user unknown"));
+        let full = &log.recipients[2];
+        assert_eq!(full.last_reply_code, Some(452));
+        assert_eq!(full.last_enhanced_status.as_deref(), Some("4.2.2"));
+
+        // The DSN for the failed recipient comes back to the sender's MX (same test MX), from
+        // the null sender, with the RFC 3464 fields.
+        let txs = h.wait_mx(2).await;
+        let dsn = txs
+            .iter()
+            .find(|t| t.mail_from.starts_with("<>"))
+            .expect("a DSN with the null sender");
+        assert_eq!(dsn.rcpt_to[0].split(' ').next(), Some("<app@sender.test>"));
+        let body = String::from_utf8_lossy(&dsn.body);
+        for needle in [
+            "From: Mail Delivery System <MAILER-DAEMON@relay.test>",
+            "report-type=delivery-status",
+            "Reporting-MTA: dns; relay.test",
+            "Original-Envelope-Id: ENV-42",
+            "Original-Recipient: rfc822;unknown@dest.test",
+            "Final-Recipient: rfc822; unknown@dest.test",
+            "Action: failed",
+            "Status: 5.1.1",
+            "Remote-MTA: dns; mx.dest.test",
+            "Diagnostic-Code: smtp; 550 5.1.1 user unknown",
+            "Content-Type: message/rfc822",
+            "Message-ID: <m1@app>",
+        ] {
+            assert!(body.contains(needle), "missing {needle:?}:\n{body}");
+        }
+        // Only the failed recipient is reported (the deferred one has NOTIFY absent: no delay
+        // DSN, and the delivered one went to a DSN-capable peer).
+        assert!(!body.contains("full@dest.test"));
+        assert!(!body.contains("Final-Recipient: rfc822; ok@dest.test"));
+
+        let metrics = h.metrics.encode();
+        assert!(
+            metrics.contains("mailtrail_delivery_recipients_total{outcome=\"failed\"} 1"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("mailtrail_delivery_replies_total{class=\"5xx\"} 1"));
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn retries_a_deferred_recipient_until_delivered() {
+        let h = harness(
+            Script::default().rcpt(
+                "grey@dest.test",
+                &["450 4.7.1 greylisted, try later", "250 2.1.5 Ok"],
+            ),
+            |_| {},
+        )
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("grey@dest.test", None)]))
+            .await;
+        let log = h.wait(r, |s| s[0] == RecipientStatus::Delivered).await;
+        let attempts: Vec<_> = log.recipients[0]
+            .events
+            .iter()
+            .filter(|e| e.kind == "attempt")
+            .collect();
+        assert_eq!(attempts.len(), 2, "{attempts:#?}");
+        assert_eq!(attempts[0].status, RecipientStatus::Deferred);
+        assert_eq!(attempts[0].reply_code, Some(450));
+        assert_eq!(attempts[0].enhanced_status.as_deref(), Some("4.7.1"));
+        assert_eq!(attempts[1].status, RecipientStatus::Delivered);
+        // Retry waited at least retry_first.
+        assert!(attempts[1].at_ms - attempts[0].at_ms >= 300);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn expires_after_the_queue_lifetime_and_reports_it() {
+        let h = harness(
+            Script::default().rcpt("busy@dest.test", &["451 4.3.0 try again later"]),
+            |c| c.delivery.max_queue_lifetime = Duration::from_millis(1200),
+        )
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("busy@dest.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        let rc = &log.recipients[0];
+        assert_eq!(rc.status, RecipientStatus::Expired);
+        assert_eq!(rc.reason.as_deref(), Some("expired"));
+        let attempts = rc.events.iter().filter(|e| e.kind == "attempt").count();
+        assert!(attempts >= 2, "{attempts}");
+        let txs = h.wait_mx(1).await;
+        let dsn = txs.iter().find(|t| t.mail_from.starts_with("<>")).unwrap();
+        let body = String::from_utf8_lossy(&dsn.body);
+        assert!(body.contains("Action: failed"), "{body}");
+        assert!(body.contains("Status: 4.3.0"));
+        assert!(body.contains("Diagnostic-Code: smtp; 451 4.3.0 try again later"));
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn null_mx_and_nxdomain_fail_and_servfail_defers() {
+        let h = harness(Script::default(), |c| {
+            c.delivery.retry_first = Duration::from_secs(60);
+            c.delivery.retry_max_interval = Duration::from_secs(60);
+        })
+        .await;
+        h.dns.zone.null_mx("nomail.test");
+        h.dns.zone.nxdomain("gone.test");
+        h.dns.zone.servfail("broken.test");
+        let r = h
+            .submit(message(
+                "",
+                &[
+                    ("a@nomail.test", None),
+                    ("b@gone.test", None),
+                    ("c@broken.test", None),
+                ],
+            ))
+            .await;
+        let log = h
+            .wait(r, |s| s.iter().all(|s| *s != RecipientStatus::Queued))
+            .await;
+        let [a, b, c] = &log.recipients[..] else {
+            panic!()
+        };
+        assert_eq!(a.status, RecipientStatus::Failed);
+        assert_eq!(a.last_enhanced_status.as_deref(), Some("5.1.10"));
+        assert_eq!(a.reason.as_deref(), Some("notaccept"));
+        assert_eq!(b.status, RecipientStatus::Failed);
+        assert_eq!(b.last_enhanced_status.as_deref(), Some("5.1.2"));
+        assert_eq!(b.reason.as_deref(), Some("hostunknown"));
+        assert_eq!(c.status, RecipientStatus::Deferred);
+        let ev = a.events.iter().find(|e| e.kind == "attempt").unwrap();
+        assert_eq!(ev.stage, Some(Stage::Dns));
+        assert_eq!(ev.reply_code, None);
+        // Null sender: no DSN about it, and the MX never saw anything.
+        assert!(h.mx.transactions().is_empty());
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn starttls_is_recorded_in_the_store() {
+        let script = Script {
+            starttls: true,
+            ..Default::default()
+        };
+        let h = harness(script, |_| {}).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        let ev = log.recipients[0]
+            .events
+            .iter()
+            .find(|e| e.kind == "attempt")
+            .unwrap();
+        assert!(
+            ev.tls_version
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("TLSv1_"),
+            "{ev:?}"
+        );
+        assert!(h.mx.transactions()[0].tls);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    fn route_to(mx: &TestMx, tls: TlsPolicy) -> RouteConfig {
+        RouteConfig {
+            domains: vec!["*".into()],
+            sender_domains: vec![],
+            auth_users: vec![],
+            mx: vec![format!("127.0.0.1:{}", mx.port())],
+            tls,
+            implicit_tls: false,
+            verify_certificate: Some(false),
+            ca_file: None,
+            auth_user: None,
+            auth_password_file: None,
+            auth_password_env: None,
+            keep_sender: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_required_route_without_starttls_defers() {
+        let smarthost = TestMx::start(Script::default()).await;
+        let route = route_to(&smarthost, TlsPolicy::Required);
+        let h = harness(Script::default(), move |c| {
+            c.routes = vec![route];
+            c.delivery.retry_first = Duration::from_secs(60);
+            c.delivery.retry_max_interval = Duration::from_secs(60);
+        })
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@anywhere.test", None)]))
+            .await;
+        let log = h.wait(r, |s| s[0] == RecipientStatus::Deferred).await;
+        let ev = log.recipients[0]
+            .events
+            .iter()
+            .find(|e| e.kind == "attempt")
+            .unwrap();
+        assert_eq!(ev.stage, Some(Stage::Connect));
+        assert!(
+            ev.reply_text.as_deref().unwrap_or("").contains("STARTTLS"),
+            "{ev:?}"
+        );
+        assert!(smarthost.transactions().is_empty());
+        assert_eq!(smarthost.connections(), 1);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn verp_gives_each_recipient_its_own_sender_and_transaction() {
+        let h = harness(Script::default(), |c| {
+            c.delivery.bounce_domain = "bounces.relay.test".into();
+            // One connection per destination: the second transaction waits for the first's
+            // connection and reuses it.
+            c.delivery.max_connections_per_destination = 1;
+        })
+        .await;
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[("a@dest.test", None), ("b@dest.test", None)],
+            ))
+            .await;
+        h.wait(r, final_status).await;
+        let txs = h.mx.transactions();
+        assert_eq!(txs.len(), 2);
+        let rs = r.to_string().to_ascii_lowercase();
+        for t in &txs {
+            assert_eq!(t.rcpt_to.len(), 1);
+            let idx = if t.rcpt_to[0].starts_with("<a@") {
+                0
+            } else {
+                1
+            };
+            let prefix = format!("<bounces+{rs}-{idx}-");
+            assert!(
+                t.mail_from.starts_with(&prefix),
+                "{} vs {prefix}",
+                t.mail_from
+            );
+            assert!(t.mail_from.contains("@bounces.relay.test>"));
+        }
+        // The two transactions shared one connection (RSET between).
+        assert_eq!(h.mx.connections(), 1);
+        assert!(h.mx.commands().iter().any(|c| c == "RSET"));
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn success_dsn_is_relayed_when_the_peer_lacks_dsn() {
+        let mut script = Script::default();
+        script.extensions.retain(|e| e != "DSN");
+        let h = harness(script, |_| {}).await;
+        let notify = Notify {
+            success: true,
+            ..Default::default()
+        };
+        let r = h
+            .submit(message("app@sender.test", &[("a@dest.test", Some(notify))]))
+            .await;
+        h.wait(r, final_status).await;
+        let txs = h.wait_mx(2).await;
+        let dsn = txs.iter().find(|t| t.mail_from.starts_with("<>")).unwrap();
+        let body = String::from_utf8_lossy(&dsn.body);
+        assert!(body.contains("Action: relayed"), "{body}");
+        assert!(body.contains("Content-Type: text/rfc822-headers"));
+        // No DSN parameters were sent to a peer that does not offer DSN.
+        let orig = txs.iter().find(|t| !t.mail_from.starts_with("<>")).unwrap();
+        assert_eq!(orig.rcpt_to[0], "<a@dest.test>");
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
 }

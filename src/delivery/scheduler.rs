@@ -265,6 +265,8 @@ impl Drop for Leased {
 
 struct Pool {
     global: Arc<Semaphore>,
+    /// Signalled when a connection goes idle.
+    returned: Notify,
     per_destination: usize,
     state: Mutex<PoolState>,
 }
@@ -279,6 +281,7 @@ impl Pool {
     fn new(max: usize, per_destination: usize) -> Self {
         Self {
             global: Arc::new(Semaphore::new(max.max(1))),
+            returned: Notify::new(),
             per_destination: per_destination.max(1),
             state: Mutex::new(PoolState::default()),
         }
@@ -304,6 +307,7 @@ impl Pool {
     fn put_idle(&self, dest: Destination, mut l: Leased) {
         l.idle_since = Instant::now();
         self.lock().idle.entry(dest).or_default().push(l);
+        self.returned.notify_waiters();
     }
 
     /// Closes idle connections past their time.
@@ -326,12 +330,11 @@ impl Pool {
         false
     }
 
-    /// Permits for a new connection to `dest`, waiting for a slot (per destination first,
-    /// then global; idle connections elsewhere are closed to make room).
-    async fn permits(
-        &self,
-        dest: &Destination,
-    ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
+    /// A connection slot for `dest`: an idle connection when one is (or becomes) free, else
+    /// permits for a new one (per destination first, then global; idle connections to other
+    /// destinations are closed to make room). Waiters wake when a connection goes idle, since
+    /// an idle connection holds its permits.
+    async fn acquire(&self, dest: &Destination) -> Option<Slot> {
         let dest_sem = {
             let mut st = self.lock();
             st.dest_limits
@@ -340,32 +343,43 @@ impl Pool {
                 .clone()
         };
         let dest_permit = loop {
-            match dest_sem.clone().try_acquire_owned() {
-                Ok(p) => break p,
-                Err(_) => {
-                    // Idle connections to this very destination hold permits too.
-                    let had_idle = {
-                        let mut st = self.lock();
-                        st.idle.get_mut(dest).and_then(|l| l.pop()).is_some()
-                    };
-                    if !had_idle {
-                        break dest_sem.clone().acquire_owned().await.ok()?;
-                    }
-                }
+            let notified = self.returned.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(l) = self.take_idle(dest) {
+                return Some(Slot::Idle(Box::new(l)));
+            }
+            if let Ok(p) = dest_sem.clone().try_acquire_owned() {
+                break p;
+            }
+            tokio::select! {
+                p = dest_sem.clone().acquire_owned() => break p.ok()?,
+                _ = &mut notified => continue,
             }
         };
         let global = loop {
-            match self.global.clone().try_acquire_owned() {
-                Ok(p) => break p,
-                Err(_) => {
-                    if !self.evict_one() {
-                        break self.global.clone().acquire_owned().await.ok()?;
-                    }
-                }
+            let notified = self.returned.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Ok(p) = self.global.clone().try_acquire_owned() {
+                break p;
+            }
+            if self.evict_one() {
+                continue;
+            }
+            tokio::select! {
+                p = self.global.clone().acquire_owned() => break p.ok()?,
+                _ = &mut notified => continue,
             }
         };
-        Some((global, dest_permit))
+        Some(Slot::New(global, dest_permit))
     }
+}
+
+/// What [`Pool::acquire`] hands out.
+enum Slot {
+    Idle(Box<Leased>),
+    New(OwnedSemaphorePermit, OwnedSemaphorePermit),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -390,7 +404,9 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
         let now = now_ms();
         let room = max_in_flight.saturating_sub(tasks.len());
         if room > 0 {
-            match ctx.store.due(now, room).await {
+            // `due` lists in-flight recipients too (they stay due until recorded); ask for
+            // enough to find `room` new messages past them.
+            match ctx.store.due(now, room.saturating_add(tasks.len())).await {
                 Ok(messages) => {
                     for mut msg in messages {
                         msg.recipients
@@ -563,86 +579,86 @@ async fn transact(
 ) -> Option<Outcome> {
     let n = envelope.recipients.len();
     let settings = ctx.settings(dest);
-    let mut leased = None;
-    while let Some(mut l) = ctx.pool.take_idle(dest) {
-        if l.conn.rset().await {
-            leased = Some(l);
-            break;
-        }
-    }
-    let mut leased = match leased {
-        Some(l) => l,
-        None => {
-            let (global, dest_permit) = tokio::select! {
-                p = ctx.pool.permits(dest) => p?,
-                _ = ctx.shutdown.cancelled() => return None,
-            };
-            if ctx.shutdown.is_cancelled() {
-                return None;
+    let mut leased = loop {
+        let slot = tokio::select! {
+            s = ctx.pool.acquire(dest) => s?,
+            _ = ctx.shutdown.cancelled() => return None,
+        };
+        let (global, dest_permit) = match slot {
+            Slot::Idle(mut l) => {
+                if l.conn.rset().await {
+                    break *l;
+                }
+                // A connection that fails RSET is dropped, freeing its permits.
+                continue;
             }
-            let targets = match ctx.targets(dest).await {
-                Ok(t) => t,
-                Err(f) => {
-                    let kind = if f.permanent {
-                        AttemptResult::Permanent
-                    } else {
-                        AttemptResult::Temporary
-                    };
-                    return Some(Outcome {
-                        results: vec![
-                            RecipientResult {
-                                stage: Stage::Dns,
-                                reply: None,
-                                text: f.text.clone(),
-                            };
-                            n
-                        ],
-                        remote_host: None,
-                        remote_ip: None,
-                        tls: None,
-                        kinds: vec![kind; n],
-                        local_reason: Some(f.reason),
-                        local_status: Some(f.enhanced_status),
-                        remote_dsn: false,
-                    });
-                }
-            };
-            match client::connect(&targets, settings).await {
-                Ok(conn) => {
-                    ctx.metrics.outbound_connections_open.inc();
-                    Leased {
-                        conn,
-                        _global: global,
-                        _dest: dest_permit,
-                        gauge: ctx.metrics.outbound_connections_open.clone(),
-                        idle_since: Instant::now(),
-                    }
-                }
-                Err(e) => {
-                    let kind = match (&e.reply, e.permanent) {
-                        (Some(r), true) => AttemptResult::Reply(r.code),
-                        (_, true) => AttemptResult::Permanent,
-                        _ => AttemptResult::Temporary,
-                    };
-                    let text = e.reply.as_ref().map_or(e.text.clone(), |r| r.text.clone());
-                    return Some(Outcome {
-                        results: vec![
-                            RecipientResult {
-                                stage: Stage::Connect,
-                                reply: e.reply.clone(),
-                                text,
-                            };
-                            n
-                        ],
-                        remote_host: e.remote_host.clone(),
-                        remote_ip: e.remote_ip.map(|ip| ip.to_string()),
-                        tls: e.tls.clone(),
-                        kinds: vec![kind; n],
-                        local_reason: None,
-                        local_status: None,
-                        remote_dsn: false,
-                    });
-                }
+            Slot::New(g, d) => (g, d),
+        };
+        if ctx.shutdown.is_cancelled() {
+            return None;
+        }
+        let targets = match ctx.targets(dest).await {
+            Ok(t) => t,
+            Err(f) => {
+                let kind = if f.permanent {
+                    AttemptResult::Permanent
+                } else {
+                    AttemptResult::Temporary
+                };
+                return Some(Outcome {
+                    results: vec![
+                        RecipientResult {
+                            stage: Stage::Dns,
+                            reply: None,
+                            text: f.text.clone(),
+                        };
+                        n
+                    ],
+                    remote_host: None,
+                    remote_ip: None,
+                    tls: None,
+                    kinds: vec![kind; n],
+                    local_reason: Some(f.reason),
+                    local_status: Some(f.enhanced_status),
+                    remote_dsn: false,
+                });
+            }
+        };
+        match client::connect(&targets, settings).await {
+            Ok(conn) => {
+                ctx.metrics.outbound_connections_open.inc();
+                break Leased {
+                    conn,
+                    _global: global,
+                    _dest: dest_permit,
+                    gauge: ctx.metrics.outbound_connections_open.clone(),
+                    idle_since: Instant::now(),
+                };
+            }
+            Err(e) => {
+                let kind = match (&e.reply, e.permanent) {
+                    (Some(r), true) => AttemptResult::Reply(r.code),
+                    (_, true) => AttemptResult::Permanent,
+                    _ => AttemptResult::Temporary,
+                };
+                let text = e.reply.as_ref().map_or(e.text.clone(), |r| r.text.clone());
+                return Some(Outcome {
+                    results: vec![
+                        RecipientResult {
+                            stage: Stage::Connect,
+                            reply: e.reply.clone(),
+                            text,
+                        };
+                        n
+                    ],
+                    remote_host: e.remote_host.clone(),
+                    remote_ip: e.remote_ip.map(|ip| ip.to_string()),
+                    tls: e.tls.clone(),
+                    kinds: vec![kind; n],
+                    local_reason: None,
+                    local_status: None,
+                    remote_dsn: false,
+                });
             }
         }
     };

@@ -959,4 +959,215 @@ mod queue {
         h.shutdown.cancel();
         h.handle.join().await;
     }
+
+    #[tokio::test]
+    async fn smarthost_route_authenticates_inside_starttls() {
+        let smarthost = TestMx::start(Script {
+            starttls: true,
+            auth: Some(("relayuser".into(), "s3cret pass".into())),
+            ..Default::default()
+        })
+        .await;
+        let secret_dir = tempfile::tempdir().unwrap();
+        let secret = secret_dir.path().join("password");
+        std::fs::write(&secret, "s3cret pass\n").unwrap();
+        let mut route = route_to(&smarthost, TlsPolicy::Required);
+        route.auth_user = Some("relayuser".into());
+        route.auth_password_file = Some(secret);
+        let h = harness(Script::default(), move |c| c.routes = vec![route]).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@anywhere.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        let tx = smarthost.transactions();
+        assert_eq!(tx.len(), 1);
+        assert!(tx[0].tls);
+        assert_eq!(tx[0].auth_user.as_deref(), Some("relayuser"));
+        // AUTH came after STARTTLS.
+        let cmds = smarthost.commands();
+        let tls_at = cmds.iter().position(|c| c == "STARTTLS").unwrap();
+        let auth_at = cmds.iter().position(|c| c.starts_with("AUTH ")).unwrap();
+        assert!(tls_at < auth_at);
+        // Direct MX was not used.
+        assert!(h.mx.transactions().is_empty());
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn rejected_smarthost_credentials_defer() {
+        let smarthost = TestMx::start(Script {
+            auth: Some(("relayuser".into(), "right".into())),
+            ..Default::default()
+        })
+        .await;
+        let mut route = route_to(&smarthost, TlsPolicy::None);
+        route.auth_user = Some("relayuser".into());
+        route.auth_password_env = Some("MAILTRAIL_TEST_WRONG_PASSWORD".into());
+        // SAFETY: set once, before the relay starts, and read by nothing else concurrently.
+        unsafe { std::env::set_var("MAILTRAIL_TEST_WRONG_PASSWORD", "wrong") };
+        let h = harness(Script::default(), move |c| {
+            c.routes = vec![route];
+            c.delivery.retry_first = Duration::from_secs(60);
+            c.delivery.retry_max_interval = Duration::from_secs(60);
+        })
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@anywhere.test", None)]))
+            .await;
+        let log = h.wait(r, |s| s[0] == RecipientStatus::Deferred).await;
+        let rc = &log.recipients[0];
+        assert_eq!(rc.last_reply_code, Some(535));
+        assert!(smarthost.transactions().is_empty());
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_route() {
+        let smarthost = TestMx::start(Script {
+            implicit_tls: true,
+            ..Default::default()
+        })
+        .await;
+        let mut route = route_to(&smarthost, TlsPolicy::Required);
+        route.implicit_tls = true;
+        let h = harness(Script::default(), move |c| c.routes = vec![route]).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@anywhere.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        assert!(smarthost.transactions()[0].tls);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn falls_back_to_the_next_mx_when_the_first_refuses_connections() {
+        let h = harness(Script::default(), |_| {}).await;
+        // fallback.test: preferred MX on 127.0.0.2, where nothing listens on the MX port.
+        h.dns
+            .zone
+            .mx("fallback.test", 5, "down.fallback.test")
+            .mx("fallback.test", 50, "mx.dest.test")
+            .addr("down.fallback.test", "127.0.0.2".parse().unwrap());
+        let r = h
+            .submit(message("app@sender.test", &[("a@fallback.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        let rc = &log.recipients[0];
+        assert_eq!(rc.status, RecipientStatus::Delivered);
+        let ev = rc.events.iter().find(|e| e.kind == "attempt").unwrap();
+        assert_eq!(ev.remote_host.as_deref(), Some("mx.dest.test"));
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn delay_dsn_is_sent_once_when_notify_asks_for_it() {
+        let h = harness(
+            Script::default().rcpt("slow@dest.test", &["451 4.4.1 no answer from host"]),
+            |c| {
+                c.delivery.delay_dsn_after = Duration::ZERO;
+                c.delivery.max_queue_lifetime = Duration::from_secs(3600);
+            },
+        )
+        .await;
+        let notify = Notify {
+            delay: true,
+            failure: true,
+            ..Default::default()
+        };
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[("slow@dest.test", Some(notify))],
+            ))
+            .await;
+        // Wait for at least three attempts.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = h.log(r).await;
+            let n = log.recipients[0]
+                .events
+                .iter()
+                .filter(|e| e.kind == "attempt")
+                .count();
+            if n >= 3 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let dsns: Vec<_> =
+            h.mx.transactions()
+                .into_iter()
+                .filter(|t| t.mail_from.starts_with("<>"))
+                .collect();
+        assert_eq!(dsns.len(), 1, "one delay DSN, not one per attempt");
+        let body = String::from_utf8_lossy(&dsns[0].body);
+        assert!(body.contains("Action: delayed"), "{body}");
+        assert!(body.contains("Status: 4.4.1"));
+        assert!(body.contains("Will-Retry-Until: "));
+        assert!(
+            h.log(r).await.recipients[0]
+                .events
+                .iter()
+                .any(|e| e.kind == "delay_dsn_sent")
+        );
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_a_running_transaction_finish() {
+        let h = harness(
+            Script {
+                reply_delay: Duration::from_millis(150),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !h.mx.commands().iter().any(|c| c.starts_with("MAIL FROM")) {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        h.shutdown.cancel();
+        let store = h.store.clone();
+        let mx_tx = {
+            let Harness { handle, mx, .. } = h;
+            handle.join().await;
+            mx.transactions()
+        };
+        assert_eq!(mx_tx.len(), 1);
+        let log = store
+            .log(&LogQuery {
+                key: LogKey::Receipt(r),
+                since_ms: None,
+                until_ms: None,
+                limit: 1,
+            })
+            .await
+            .unwrap();
+        assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
+    }
+
+    #[tokio::test]
+    async fn disabled_delivery_leaves_mail_queued() {
+        let h = harness(Script::default(), |c| c.delivery.enabled = false).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(h.log(r).await.recipients[0].status, RecipientStatus::Queued);
+        assert_eq!(h.mx.connections(), 0);
+        h.handle.join().await;
+    }
 }

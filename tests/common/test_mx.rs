@@ -45,6 +45,10 @@ pub struct Script {
     /// Delay before every reply.
     pub reply_delay: Duration,
     pub drop_at: Option<DropAt>,
+    /// Offer `AUTH PLAIN` and accept exactly this user and password.
+    pub auth: Option<(String, String)>,
+    /// TLS from the first byte (port 465 style) instead of STARTTLS.
+    pub implicit_tls: bool,
 }
 
 impl Default for Script {
@@ -67,6 +71,8 @@ impl Default for Script {
             data_replies: VecDeque::from(vec!["250 2.0.0 Ok: queued as TEST1".to_string()]),
             reply_delay: Duration::ZERO,
             drop_at: None,
+            auth: None,
+            implicit_tls: false,
         }
     }
 }
@@ -93,6 +99,8 @@ pub struct Transaction {
     pub body: Vec<u8>,
     /// Whether the body was followed by a 2xx.
     pub accepted: bool,
+    /// The user that authenticated on this session, if any.
+    pub auth_user: Option<String>,
 }
 
 #[derive(Default)]
@@ -215,8 +223,13 @@ async fn session(
     if sc().drop_at == Some(DropAt::Connect) {
         return Ok(());
     }
-    let mut rd = BufReader::new(stream);
-    let mut is_tls = false;
+    let (mut rd, mut is_tls) = if sc().implicit_tls {
+        let stream = tls.accept(stream).await?;
+        (BufReader::new(Box::new(stream) as Box<dyn Io>), true)
+    } else {
+        (BufReader::new(stream), false)
+    };
+    let mut auth_user: Option<String> = None;
     let mut helo = String::new();
     let mut tx: Option<Transaction> = None;
     let mut accepted_rcpts = 0usize;
@@ -257,6 +270,9 @@ async fn session(
             if s.starttls && !is_tls {
                 lines.push("250 STARTTLS".into());
             }
+            if s.auth.is_some() {
+                lines.push("250 AUTH PLAIN".into());
+            }
             send(&mut rd, s.reply_delay, &lines.join("\n")).await?;
         } else if upper.starts_with("HELO ") {
             helo = cmd[5..].to_string();
@@ -268,11 +284,41 @@ async fn session(
             rd = BufReader::new(Box::new(stream));
             is_tls = true;
             helo.clear();
+        } else if upper.starts_with("AUTH PLAIN ") {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(cmd[11..].trim())
+                .unwrap_or_default();
+            let parts: Vec<String> = decoded
+                .split(|b| *b == 0)
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .collect();
+            let ok = match (&s.auth, parts.as_slice()) {
+                (Some((u, p)), [_, user, pass]) => u == user && p == pass,
+                _ => false,
+            };
+            if ok {
+                auth_user = parts.get(1).cloned();
+                send(
+                    &mut rd,
+                    s.reply_delay,
+                    "235 2.7.0 Authentication successful",
+                )
+                .await?;
+            } else {
+                send(
+                    &mut rd,
+                    s.reply_delay,
+                    "535 5.7.8 Authentication credentials invalid",
+                )
+                .await?;
+            }
         } else if upper.starts_with("MAIL FROM:") {
             accepted_rcpts = 0;
             tx = Some(Transaction {
                 helo: helo.clone(),
                 tls: is_tls,
+                auth_user: auth_user.clone(),
                 mail_from: cmd[10..].to_string(),
                 ..Default::default()
             });

@@ -496,6 +496,7 @@ mod queue {
     use tokio_util::sync::CancellationToken;
 
     pub struct Harness {
+        pub config: Arc<Config>,
         pub store: Arc<dyn Store>,
         pub metrics: Arc<Metrics>,
         pub handle: DeliveryHandle,
@@ -533,9 +534,15 @@ mod queue {
         let store: Arc<dyn Store> = mailtrail::store::sqlite::open(&config).unwrap();
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
-        let handle =
-            Delivery::start(config, store.clone(), metrics.clone(), shutdown.clone()).unwrap();
+        let handle = Delivery::start(
+            config.clone(),
+            store.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .unwrap();
         Harness {
+            config,
             store,
             metrics,
             handle,
@@ -1168,6 +1175,117 @@ mod queue {
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(h.log(r).await.recipients[0].status, RecipientStatus::Queued);
         assert_eq!(h.mx.connections(), 0);
+        h.handle.join().await;
+    }
+
+    /// Postfix's `smtp-sink` as the MX: interoperability with a real MTA's server side, and
+    /// a throughput figure (messages through scheduler, SMTP and SQLite per second).
+    /// `MAILTRAIL_SINK_MESSAGES` sets how many (default 200).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivers_a_batch_to_postfix_smtp_sink() {
+        let sink_bin = std::path::Path::new("/usr/sbin/smtp-sink");
+        assert!(
+            sink_bin.exists(),
+            "Postfix smtp-sink is needed (apt-get install postfix)"
+        );
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dump = tempfile::tempdir().unwrap();
+        let mut perms = std::fs::metadata(dump.path()).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o777);
+        std::fs::set_permissions(dump.path(), perms).unwrap();
+        let is_root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let mut cmd = std::process::Command::new(sink_bin);
+        if is_root {
+            cmd.args(["-u", "nobody"]);
+        }
+        let template = format!("{}/%H%M%S.", dump.path().display());
+        let mut sink = cmd
+            .args(["-d", &template, &format!("127.0.0.1:{port}"), "100"])
+            .spawn()
+            .unwrap();
+        // Wait until it listens.
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let n: usize = std::env::var("MAILTRAIL_SINK_MESSAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200);
+        // Queue everything first with delivery off, then start delivery and time the drain.
+        let h = harness(Script::default(), move |c| {
+            c.delivery.mx_port = port;
+            c.delivery.max_connections_per_destination = 20;
+            c.delivery.enabled = false;
+        })
+        .await;
+        let mut receipts = Vec::new();
+        for i in 0..n {
+            let mut m = message(
+                "app@sender.test",
+                &[("a@dest.test", None), ("b@dest.test", None)],
+            );
+            m.body = format!("Subject: {i}\r\n\r\n.dot line {i}\r\n").into_bytes();
+            receipts.push(m.receipt);
+            h.store.accept(m).await.unwrap();
+        }
+        let mut config = (*h.config).clone();
+        config.delivery.enabled = true;
+        let started = std::time::Instant::now();
+        let delivery = Delivery::start(
+            Arc::new(config),
+            h.store.clone(),
+            h.metrics.clone(),
+            h.shutdown.clone(),
+        )
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let (pending, _) = h.store.queue_stats().await.unwrap();
+            if pending == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{pending} still pending"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed();
+        eprintln!(
+            "smtp-sink: {n} messages x 2 recipients delivered in {:.2} s = {:.0} messages/s",
+            elapsed.as_secs_f64(),
+            n as f64 / elapsed.as_secs_f64()
+        );
+        for r in [receipts[0], receipts[n - 1]] {
+            let log = h.log(r).await;
+            assert!(
+                log.recipients
+                    .iter()
+                    .all(|r| r.status == RecipientStatus::Delivered),
+                "{log:#?}"
+            );
+        }
+        let _ = sink.kill();
+        let _ = sink.wait();
+        let files: Vec<_> = std::fs::read_dir(dump.path()).unwrap().flatten().collect();
+        assert_eq!(files.len(), n, "one dump per transaction");
+        let one = std::fs::read_to_string(files[0].path()).unwrap();
+        assert!(one.contains("X-Rcpt-Args: <a@dest.test>"), "{one}");
+        assert!(
+            one.contains("\n.dot line "),
+            "dot-stuffing undone by Postfix: {one}"
+        );
+        h.shutdown.cancel();
         h.handle.join().await;
     }
 }

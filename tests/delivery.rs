@@ -498,6 +498,7 @@ mod queue {
     pub struct Harness {
         pub config: Arc<Config>,
         pub store: Arc<dyn Store>,
+        pub sqlite: Arc<mailtrail::store::sqlite::SqliteStore>,
         pub metrics: Arc<Metrics>,
         pub handle: DeliveryHandle,
         pub shutdown: CancellationToken,
@@ -531,7 +532,8 @@ mod queue {
         config.smtp.shutdown_grace = Duration::from_secs(2);
         tune(&mut config);
         let config = Arc::new(config);
-        let store: Arc<dyn Store> = mailtrail::store::sqlite::open(&config).unwrap();
+        let sqlite = mailtrail::store::sqlite::open(&config).unwrap();
+        let store: Arc<dyn Store> = sqlite.clone();
         let metrics = Arc::new(Metrics::new());
         let shutdown = CancellationToken::new();
         let handle = Delivery::start(
@@ -544,6 +546,7 @@ mod queue {
         Harness {
             config,
             store,
+            sqlite,
             metrics,
             handle,
             shutdown,
@@ -1240,6 +1243,9 @@ mod queue {
         }
         let mut config = (*h.config).clone();
         config.delivery.enabled = true;
+        let stats = &h.sqlite.writer_stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let (commits0, commands0) = (load(&stats.commits), load(&stats.commands));
         let started = std::time::Instant::now();
         let delivery = Delivery::start(
             Arc::new(config),
@@ -1262,9 +1268,12 @@ mod queue {
         }
         let elapsed = started.elapsed();
         eprintln!(
-            "smtp-sink: {n} messages x 2 recipients delivered in {:.2} s = {:.0} messages/s",
+            "smtp-sink: {n} messages x 2 recipients delivered in {:.2} s = {:.0} messages/s; \
+             store: {} write commands in {} commits",
             elapsed.as_secs_f64(),
-            n as f64 / elapsed.as_secs_f64()
+            n as f64 / elapsed.as_secs_f64(),
+            load(&stats.commands) - commands0,
+            load(&stats.commits) - commits0,
         );
         for r in [receipts[0], receipts[n - 1]] {
             let log = h.log(r).await;
@@ -1286,6 +1295,6 @@ mod queue {
             "dot-stuffing undone by Postfix: {one}"
         );
         h.shutdown.cancel();
-        h.handle.join().await;
+        delivery.join().await;
     }
 }

@@ -392,20 +392,46 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
         .max_connections
         .saturating_mul(4)
         .max(16);
-    let mut tasks: JoinSet<Vec<(ReceiptId, u32)>> = JoinSet::new();
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    // Recipients being delivered, by the task delivering them: they stay due in the store
+    // until recorded and must not be picked up twice. Keyed by task id so that even a task
+    // that panicked gives its recipients back.
+    let mut by_task: HashMap<tokio::task::Id, Vec<(ReceiptId, u32)>> = HashMap::new();
     let mut in_flight: HashSet<(ReceiptId, u32)> = HashSet::new();
+    let finished = |res: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+                    by_task: &mut HashMap<tokio::task::Id, Vec<(ReceiptId, u32)>>,
+                    in_flight: &mut HashSet<(ReceiptId, u32)>| {
+        let id = match res {
+            Ok((id, ())) => id,
+            Err(e) => {
+                tracing::error!(error = %e, "delivery task failed");
+                e.id()
+            }
+        };
+        for k in by_task.remove(&id).unwrap_or_default() {
+            in_flight.remove(&k);
+        }
+    };
+    // Whether to ask the store for due mail on this turn. Reading the queue after every
+    // finished message would cost O(queue) per message; refill on wake-ups, timers, and when
+    // half the in-flight budget is free.
+    let mut refill = true;
+    let mut last_housekeeping: Option<Instant> = None;
     loop {
         if ctx.shutdown.is_cancelled() {
             break;
         }
-        ctx.pool.expire();
-        update_queue_gauges(&ctx).await;
+        if last_housekeeping.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            ctx.pool.expire();
+            update_queue_gauges(&ctx).await;
+            last_housekeeping = Some(Instant::now());
+        }
 
         let now = now_ms();
         let room = max_in_flight.saturating_sub(tasks.len());
-        if room > 0 {
-            // `due` lists in-flight recipients too (they stay due until recorded); ask for
-            // enough to find `room` new messages past them.
+        if refill && room > 0 {
+            // `due` lists in-flight recipients too; ask for enough to find `room` new
+            // messages past them.
             match ctx.store.due(now, room.saturating_add(tasks.len())).await {
                 Ok(messages) => {
                     for mut msg in messages {
@@ -414,6 +440,9 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
                         if msg.recipients.is_empty() {
                             continue;
                         }
+                        if tasks.len() >= max_in_flight {
+                            break;
+                        }
                         let keys: Vec<(ReceiptId, u32)> = msg
                             .recipients
                             .iter()
@@ -421,16 +450,13 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
                             .collect();
                         in_flight.extend(keys.iter().copied());
                         let ctx = ctx.clone();
-                        tasks.spawn(async move {
-                            deliver_message(ctx, msg).await;
-                            keys
-                        });
+                        let handle = tasks.spawn(deliver_message(ctx, msg));
+                        by_task.insert(handle.id(), keys);
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read the queue"),
             }
         }
-
         let next = match ctx.store.next_due_at().await {
             Ok(n) => n,
             Err(e) => {
@@ -438,7 +464,7 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
                 Some(now + 1000)
             }
         };
-        // Recipients in flight stay due in the store until recorded; do not spin on them.
+        // In-flight recipients keep `next` in the past; then wait for a task to finish.
         let wait_ms = match next {
             Some(t) if t > now => (t - now) as u64,
             Some(_) => 1000,
@@ -447,17 +473,14 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
         let wait = Duration::from_millis(wait_ms).min(MAX_SLEEP);
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
-            _ = wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            Some(done) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Ok(keys) = done {
-                    for k in keys { in_flight.remove(&k); }
+            _ = wake.notified() => refill = true,
+            _ = tokio::time::sleep(wait) => refill = true,
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                finished(done, &mut by_task, &mut in_flight);
+                while let Some(done) = tasks.try_join_next_with_id() {
+                    finished(done, &mut by_task, &mut in_flight);
                 }
-                while let Some(done) = tasks.try_join_next() {
-                    if let Ok(keys) = done {
-                        for k in keys { in_flight.remove(&k); }
-                    }
-                }
+                refill = tasks.len() <= max_in_flight / 2;
             }
         }
     }

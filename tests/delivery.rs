@@ -391,6 +391,31 @@ async fn slow_final_reply_times_out() {
     assert_eq!(per_recipient(&replies)[0].reply, None);
 }
 
+#[tokio::test]
+async fn chunking_peer_gets_bdat_with_the_message_unstuffed() {
+    let mx = TestMx::start(Script {
+        extensions: vec!["CHUNKING".into(), "PIPELINING".into()],
+        ..Default::default()
+    })
+    .await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let r = per_recipient(
+        &conn
+            .transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(r[0].reply.as_ref().unwrap().code, 250);
+    assert!(
+        mx.commands()
+            .iter()
+            .any(|c| c == &format!("BDAT {} LAST", BODY.len()))
+    );
+    assert!(!mx.commands().iter().any(|c| c == "DATA"));
+    assert_eq!(mx.transactions()[0].body, BODY.to_vec());
+}
+
 // --- DNS -----------------------------------------------------------------------------------
 
 async fn resolver(dns: &TestDns) -> MxResolver {
@@ -1296,5 +1321,39 @@ mod queue {
         );
         h.shutdown.cancel();
         delivery.join().await;
+    }
+
+    #[tokio::test]
+    async fn per_destination_connection_limit_holds() {
+        let h = harness(
+            Script {
+                reply_delay: Duration::from_millis(30),
+                ..Default::default()
+            },
+            |c| c.delivery.max_connections_per_destination = 2,
+        )
+        .await;
+        let mut receipts = Vec::new();
+        for _ in 0..8 {
+            receipts.push(
+                h.submit(message("app@sender.test", &[("a@dest.test", None)]))
+                    .await,
+            );
+        }
+        for r in receipts {
+            h.wait(r, final_status).await;
+        }
+        assert_eq!(h.mx.transactions().len(), 8);
+        assert!(h.mx.peak_active() <= 2, "peak {}", h.mx.peak_active());
+        // Connections were reused across messages rather than opened per message.
+        assert!(
+            h.mx.connections() <= 2,
+            "{} connections",
+            h.mx.connections()
+        );
+        let m = h.metrics.encode();
+        assert!(m.contains("mailtrail_outbound_connections_open"), "{m}");
+        h.shutdown.cancel();
+        h.handle.join().await;
     }
 }

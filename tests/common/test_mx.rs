@@ -106,6 +106,9 @@ pub struct Transaction {
 #[derive(Default)]
 pub struct Seen {
     pub connections: usize,
+    /// Sessions open now, and the most open at once.
+    pub active: usize,
+    pub peak_active: usize,
     pub transactions: Vec<Transaction>,
     /// Every command line received, in order.
     pub commands: Vec<String>,
@@ -141,10 +144,16 @@ impl TestMx {
                 let Ok((sock, _)) = listener.accept().await else {
                     return;
                 };
-                seen2.lock().unwrap().connections += 1;
+                {
+                    let mut g = seen2.lock().unwrap();
+                    g.connections += 1;
+                    g.active += 1;
+                    g.peak_active = g.peak_active.max(g.active);
+                }
                 let (s3, seen3, tls) = (s2.clone(), seen2.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let _ = session(Box::new(sock), s3, seen3, tls).await;
+                    let _ = session(Box::new(sock), s3, seen3.clone(), tls).await;
+                    seen3.lock().unwrap().active -= 1;
                 });
             }
         });
@@ -166,6 +175,10 @@ impl TestMx {
 
     pub fn connections(&self) -> usize {
         self.seen.lock().unwrap().connections
+    }
+
+    pub fn peak_active(&self) -> usize {
+        self.seen.lock().unwrap().peak_active
     }
 
     pub fn commands(&self) -> Vec<String> {

@@ -3,3 +3,5 @@
 #![allow(dead_code)]
 
 pub mod mailtrail;
+pub mod test_dns;
+pub mod test_mx;

@@ -5,6 +5,9 @@
 #
 # Sourced, not run. The caller sets `set -euo pipefail` and calls bench_init first.
 
+# Command substitutions ($(run_source ...)) must stop at the first failure too.
+shopt -s inherit_errexit
+
 BENCH_REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 # Workload, overridable from the environment so a quick run is one line:
@@ -19,6 +22,7 @@ TO=${TO:-to@example.net}
 SOURCE_OPTS=${SOURCE_OPTS:-}
 # Upper bound of any single wait (seconds); a run that needs longer is reported as failed.
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-600}
+BENCH_STALL=${BENCH_STALL:-60}
 MAILTRAIL_BIN=${MAILTRAIL_BIN:-$BENCH_REPO_ROOT/target/release/mailtrail}
 MAILTRAIL_LOG_LEVEL=${MAILTRAIL_LOG_LEVEL:-info}
 SMTP_SOURCE=${SMTP_SOURCE:-/usr/sbin/smtp-source}
@@ -170,12 +174,23 @@ sink_count() {
 }
 
 # sink_wait COUNT: until the sink has received COUNT messages; prints the time it happened.
+# Gives up after BENCH_TIMEOUT in all, or after BENCH_STALL seconds without a new message
+# (a relay that does not deliver at all, or has parked the rest for a retry minutes away).
 sink_wait() {
-    local want=$1 deadline
+    local want=$1 deadline count last=-1 progress
     deadline=$(($(date +%s) + BENCH_TIMEOUT))
-    while (($(sink_count) < want)); do
+    progress=$(date +%s)
+    while :; do
+        count=$(sink_count)
+        ((count >= want)) && break
+        if ((count != last)); then
+            last=$count
+            progress=$(date +%s)
+        fi
         kill -0 "$SINK_PID" 2>/dev/null || die "smtp-sink exited early"
-        (($(date +%s) < deadline)) || die "sink got $(sink_count)/$want messages in ${BENCH_TIMEOUT}s"
+        (($(date +%s) < deadline)) || die "sink got $count/$want messages in ${BENCH_TIMEOUT}s"
+        (($(date +%s) - progress < BENCH_STALL)) ||
+            die "sink stuck at $count/$want messages: nothing new for ${BENCH_STALL}s"
         sleep 0.02
     done
     now

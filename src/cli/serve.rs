@@ -44,13 +44,25 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = crate::store::sqlite::open(&config)?;
     let shutdown = CancellationToken::new();
 
+    let delivery = crate::delivery::Delivery::start(
+        config.clone(),
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )?;
+    let delivery_wake = delivery.waker();
     let smtp = crate::smtp::SmtpServer::bind(
         config.clone(),
         store.clone(),
         Arc::new(crate::smtp::RelayPolicy),
         metrics.clone(),
     )
-    .await?;
+    .await?
+    .with_accept_hook(Arc::new(move |inbound_bounce| {
+        if !inbound_bounce {
+            delivery_wake.notify_one();
+        }
+    }));
     let http = crate::api::serve(
         &config.http.listen,
         crate::api::ApiState {
@@ -75,6 +87,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     });
 
     smtp.run(shutdown.clone()).await;
+    delivery.join().await;
     for task in http {
         let _ = task.await;
     }

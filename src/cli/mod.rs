@@ -1,1 +1,3 @@
 //! Command-line subcommands (`mailtrail log`, ...).
+
+pub mod bounce_parse;

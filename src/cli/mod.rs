@@ -1,6 +1,7 @@
 //! Command-line subcommands. `main.rs` parses arguments with clap into a [`Request`]; this
 //! module loads the config, opens what the command needs and prints the result.
 
+pub mod bounce_parse;
 pub mod log;
 pub mod queue;
 pub mod serve;
@@ -72,7 +73,11 @@ pub fn run(config_path: Option<&Path>, request: Request) -> anyhow::Result<ExitC
     // Commands that need no config.
     match &request {
         Request::HashPassword => return hash_password(),
-        Request::BounceParse { .. } => {}
+        Request::BounceParse { files, json } => {
+            let mut out = std::io::stdout().lock();
+            bounce_parse::run_bounce_parse(files, *json, &mut out)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let config = Config::load(config_path)?;

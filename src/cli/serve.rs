@@ -1,0 +1,112 @@
+//! `mailtrail serve`: opens the store, starts delivery, the SMTP listeners and the admin HTTP
+//! server, and shuts them down in order on SIGTERM/SIGINT (stop accepting, finish transactions
+//! in flight, stop delivery, exit 0).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, LogFormat};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+pub fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    init_tracing(&config);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(run(Arc::new(config)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(config: Arc<Config>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let store: Arc<dyn Store> = crate::store::sqlite::open(&config)?;
+    let shutdown = CancellationToken::new();
+
+    let delivery = crate::delivery::Delivery::start(
+        config.clone(),
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )?;
+    let delivery_wake = delivery.waker();
+    let smtp = crate::smtp::SmtpServer::bind(
+        config.clone(),
+        store.clone(),
+        Arc::new(crate::smtp::RelayPolicy),
+        metrics.clone(),
+    )
+    .await?
+    .with_accept_hook(Arc::new(move |inbound_bounce| {
+        if !inbound_bounce {
+            delivery_wake.notify_one();
+        }
+    }));
+    let http = crate::api::serve(
+        &config.http.listen,
+        crate::api::ApiState {
+            metrics: metrics.clone(),
+            store: store.clone(),
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(
+        smtp = ?smtp.local_addrs(),
+        http = ?config.http.listen,
+        data_dir = %config.data_dir.display(),
+        "mailtrail started"
+    );
+
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections, finishing transactions in flight");
+        signals.cancel();
+    });
+
+    smtp.run(shutdown.clone()).await;
+    delivery.join().await;
+    for task in http {
+        let _ = task.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still dies on the default action.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

@@ -1,0 +1,180 @@
+//! The VERP envelope sender of each recipient's copy, and the key its MAC uses.
+//!
+//! Address form (ARCHITECTURE.md): `<local>+<receipt>-<rcpt index>-<mac>@<bounce domain>`;
+//! `<mac>` is HMAC-SHA256 over `<RECEIPT>-<index>` truncated to 40 bits, 8 lowercase Crockford
+//! base32 characters — the same encoding the bounce stage decodes.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+
+use crate::config::Config;
+use crate::receipt::ReceiptId;
+
+const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
+
+/// Builds VERP senders for one bounce domain with one key.
+#[derive(Clone)]
+pub struct VerpSender {
+    key: Vec<u8>,
+    local: String,
+    domain: String,
+}
+
+impl std::fmt::Debug for VerpSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerpSender")
+            .field("local", &self.local)
+            .field("domain", &self.domain)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("VERP key file {path}: {source}")]
+pub struct VerpKeyError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+impl VerpSender {
+    pub fn new(key: Vec<u8>, local: &str, domain: &str) -> Self {
+        Self {
+            key,
+            local: local.to_string(),
+            domain: domain.to_string(),
+        }
+    }
+
+    /// From config: `None` when no bounce domain is set (original senders are kept). The key
+    /// comes from `delivery.verp_key_file`, else `data_dir/verp.key`, created on first use.
+    pub fn from_config(config: &Config) -> Result<Option<Self>, VerpKeyError> {
+        let d = &config.delivery;
+        if d.bounce_domain.is_empty() {
+            return Ok(None);
+        }
+        let path = d
+            .verp_key_file
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("verp.key"));
+        let key = load_or_create_key(&path)?;
+        Ok(Some(Self::new(key, &d.bounce_local_part, &d.bounce_domain)))
+    }
+
+    /// The envelope sender for recipient `rcpt_index` of `receipt`.
+    pub fn sender(&self, receipt: ReceiptId, rcpt_index: u32) -> String {
+        encode(&self.key, &self.local, &self.domain, receipt, rcpt_index)
+    }
+}
+
+/// Reads the key (file contents, surrounding whitespace ignored) or writes 32 random bytes
+/// as hex to a new file readable by the owner only.
+pub fn load_or_create_key(path: &Path) -> Result<Vec<u8>, VerpKeyError> {
+    let err = |source| VerpKeyError {
+        path: path.to_path_buf(),
+        source,
+    };
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let key = text.trim().as_bytes().to_vec();
+            if key.is_empty() {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "key file is empty",
+                )));
+            }
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(err)?;
+            }
+            let raw: [u8; 32] = rand::random();
+            let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::OpenOptionsExt;
+                options.mode(0o600);
+            }
+            let mut f = options.open(path).map_err(err)?;
+            f.write_all(hex.as_bytes()).map_err(err)?;
+            f.write_all(b"\n").map_err(err)?;
+            f.sync_all().map_err(err)?;
+            Ok(hex.into_bytes())
+        }
+        Err(e) => Err(err(e)),
+    }
+}
+
+/// `<local>+<receipt lower-case>-<index>-<mac>@<domain>`.
+pub fn encode(
+    key: &[u8],
+    local: &str,
+    domain: &str,
+    receipt: ReceiptId,
+    rcpt_index: u32,
+) -> String {
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+        // HMAC accepts keys of every length; this arm cannot be taken.
+        return format!("{local}@{domain}");
+    };
+    mac.update(receipt.to_string().as_bytes());
+    mac.update(b"-");
+    mac.update(rcpt_index.to_string().as_bytes());
+    let tag = mac.finalize().into_bytes();
+    let v = tag
+        .iter()
+        .take(5)
+        .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+    let mac: String = (0..8)
+        .map(|i| {
+            let idx = ((v >> (5 * (7 - i))) & 0x1f) as usize;
+            char::from(ALPHABET.get(idx).copied().unwrap_or(b'0'))
+        })
+        .collect();
+    format!(
+        "{local}+{}-{rcpt_index}-{mac}@{domain}",
+        receipt.to_string().to_ascii_lowercase()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sender_names_receipt_and_index_with_a_keyed_mac() {
+        let r = ReceiptId::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
+        let a = encode(b"k1", "bounces", "b.example", r, 3);
+        let (local, domain) = a.rsplit_once('@').unwrap();
+        assert_eq!(domain, "b.example");
+        let parts: Vec<&str> = local.split(['+', '-']).collect();
+        assert_eq!(parts[0], "bounces");
+        assert_eq!(parts[1].parse::<ReceiptId>().unwrap(), r);
+        assert_eq!(parts[2], "3");
+        assert_eq!(parts[3].len(), 8);
+        assert_ne!(a, encode(b"k2", "bounces", "b.example", r, 3));
+        assert_ne!(a, encode(b"k1", "bounces", "b.example", r, 4));
+        assert_eq!(a, encode(b"k1", "bounces", "b.example", r, 3));
+    }
+
+    #[test]
+    fn key_is_created_once_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sub/verp.key");
+        let k1 = load_or_create_key(&p).unwrap();
+        assert_eq!(k1.len(), 64);
+        assert_eq!(load_or_create_key(&p).unwrap(), k1);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+    }
+}

@@ -1066,3 +1066,91 @@ async fn read_only_reader_sees_commits_while_the_writer_runs_and_refuses_a_missi
     let reader = SqliteReader::open_path(&path).unwrap();
     assert_eq!(reader.log(&by_address("a@example.net")).unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn a_late_deferral_does_not_reopen_a_deleted_recipient() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let msg = message(1_000, "app@example.com", &["a@example.net"]);
+    let r = msg.receipt;
+    store.accept(msg).await.unwrap();
+    // Deleted by the admin while an attempt was in flight; the attempt then defers.
+    assert_eq!(store.queue_delete(r).await.unwrap(), 1);
+    store
+        .record_attempts(
+            vec![attempt(r, 0, 2_000, RecipientStatus::Deferred)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(store.due(i64::MAX, 10).await.unwrap().is_empty());
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    let a = &log[0].recipients[0];
+    assert_eq!(a.status, RecipientStatus::Failed);
+    let last = a.events.last().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.status),
+        ("attempt", RecipientStatus::Deferred)
+    );
+    assert_eq!(last.reply_code, Some(451));
+
+    // A final result of that attempt is what happened, so it is recorded.
+    store
+        .record_attempts(
+            vec![attempt(r, 0, 3_000, RecipientStatus::Delivered)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
+}
+
+fn query_plan(conn: &Connection, sql: &str) -> String {
+    let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+    let rows: Vec<String> = st
+        .query_map([], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    rows.join("\n")
+}
+
+#[test]
+fn hot_queries_use_their_indexes() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    drop(SqliteStore::open_path(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let plan = query_plan(
+        &conn,
+        &read::DUE_RECEIPTS.replace("?1", "5").replace("?2", "10"),
+    );
+    assert!(plan.contains("recipients_due"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        "SELECT MIN(next_attempt_at) FROM recipients WHERE status IN ('queued', 'deferred')",
+    );
+    assert!(plan.contains("recipients_due"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        &format!(
+            "SELECT receipt FROM messages WHERE {}",
+            read::BY_ADDRESS.replace("?1", "'a'")
+        ),
+    );
+    assert!(plan.contains("recipients_address"), "{plan}");
+    assert!(plan.contains("messages_sender"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        "SELECT receipt FROM messages WHERE message_id_key = 'x'",
+    );
+    assert!(plan.contains("messages_message_id"), "{plan}");
+    let plan = query_plan(&conn, "SELECT receipt FROM messages WHERE envid = 'x'");
+    assert!(plan.contains("messages_envid"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        "SELECT receipt FROM messages WHERE inbound_bounce = 1 AND inbound_processed_at IS NULL",
+    );
+    assert!(plan.contains("messages_inbound_pending"), "{plan}");
+}

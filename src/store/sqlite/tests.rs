@@ -1154,3 +1154,22 @@ fn hot_queries_use_their_indexes() {
     );
     assert!(plan.contains("messages_inbound_pending"), "{plan}");
 }
+
+#[tokio::test]
+async fn a_panicking_command_fails_alone_and_the_writer_keeps_going() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let err = store
+        .write(|_| -> Result<(), StoreError> { panic!("bug in a write command") })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Storage(_)), "{err:?}");
+    store
+        .accept(message(1_000, "app@example.com", &["a@example.net"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.log(&by_address("a@example.net")).await.unwrap().len(),
+        1
+    );
+}

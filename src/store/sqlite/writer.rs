@@ -56,7 +56,9 @@ where
     F: Fn(&Connection) -> Result<R, StoreError> + Send,
 {
     fn run(&mut self, conn: &Connection) -> bool {
-        let outcome = (self.op)(conn);
+        // A panicking command must not take the writer (and with it every later accept) down.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.op)(conn)))
+            .unwrap_or_else(|_| Err(StoreError::Storage("write command panicked".into())));
         let ok = outcome.is_ok();
         self.outcome = Some(outcome);
         ok

@@ -1060,9 +1060,11 @@ async fn read_only_reader_sees_commits_while_the_writer_runs_and_refuses_a_missi
         .unwrap();
     assert_eq!(reader.log(&by_address("a@example.net")).unwrap().len(), 1);
     assert_eq!(reader.queue_list().unwrap().len(), 1);
+    drop(reader);
     drop(store);
 
     // After the server has stopped (WAL checkpointed and removed), reading still works.
+    assert!(!dir.path().join("mailtrail.db-wal").exists());
     let reader = SqliteReader::open_path(&path).unwrap();
     assert_eq!(reader.log(&by_address("a@example.net")).unwrap().len(), 1);
 }

@@ -1175,3 +1175,52 @@ async fn a_panicking_command_fails_alone_and_the_writer_keeps_going() {
         1
     );
 }
+
+#[tokio::test]
+async fn purge_drops_only_bodies_whose_recipients_are_all_final() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let done = message(1_000, "app@example.com", &["a@example.net"]);
+    let pending = message(1_000, "app@example.com", &["b@example.net"]);
+    let recent = message(9_000, "app@example.com", &["c@example.net"]);
+    let mut bounce = message(1_000, "", &["bounces@bounce.example"]);
+    bounce.inbound_bounce = true;
+    let (d, p, r, b) = (
+        done.receipt,
+        pending.receipt,
+        recent.receipt,
+        bounce.receipt,
+    );
+    for m in [done, pending, recent, bounce] {
+        store.accept(m).await.unwrap();
+    }
+    store
+        .record_attempts(
+            vec![
+                attempt(d, 0, 1_100, RecipientStatus::Delivered),
+                attempt(r, 0, 9_100, RecipientStatus::Delivered),
+            ],
+            vec![],
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(store.purge_bodies(5_000).await.unwrap(), 1);
+    assert!(matches!(store.body(d).await, Err(StoreError::NotFound(_))));
+    assert!(
+        store.body(p).await.is_ok(),
+        "pending recipient keeps its body"
+    );
+    assert!(store.body(r).await.is_ok(), "newer than the cut-off");
+    assert!(
+        store.body(b).await.is_ok(),
+        "unprocessed bounce mail is kept"
+    );
+    // The record of what happened stays.
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
+
+    store.mark_inbound_processed(b).await.unwrap();
+    assert_eq!(store.purge_bodies(5_000).await.unwrap(), 1);
+    assert!(matches!(store.body(b).await, Err(StoreError::NotFound(_))));
+}

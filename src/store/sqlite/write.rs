@@ -553,3 +553,20 @@ pub fn unsuppress(conn: &Connection, address: &str) -> Result<bool, StoreError> 
         .map_err(storage)?;
     Ok(changed > 0)
 }
+
+/// Drops the bodies of messages received before `before_ms` whose recipients are all final
+/// (and, for inbound bounce mail, that the bounce stage has processed). Envelope, recipients,
+/// events and bounces stay, so `mailtrail log` still tells the whole story. Returns how many.
+pub fn purge_bodies(conn: &Connection, before_ms: i64) -> Result<usize, StoreError> {
+    conn.execute(
+        "DELETE FROM bodies WHERE receipt IN (
+             SELECT m.receipt FROM messages m
+             WHERE m.received_at < ?1
+               AND (m.inbound_bounce = 0 OR m.inbound_processed_at IS NOT NULL)
+               AND NOT EXISTS (SELECT 1 FROM recipients r
+                               WHERE r.receipt = m.receipt
+                                 AND r.status IN ('queued', 'deferred')))",
+        params![before_ms],
+    )
+    .map_err(storage)
+}

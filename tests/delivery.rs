@@ -416,6 +416,28 @@ async fn chunking_peer_gets_bdat_with_the_message_unstuffed() {
     assert_eq!(mx.transactions()[0].body, BODY.to_vec());
 }
 
+#[tokio::test]
+async fn non_ascii_address_without_smtputf8_fails_permanently_before_mail() {
+    let mx = TestMx::start(Script::default()).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let replies = conn
+        .transaction(&envelope(&["jürgen@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    let r = per_recipient(&replies);
+    assert_eq!(r[0].local_permanent, Some("5.6.7"));
+    assert_eq!(r[0].reply, None);
+    assert!(!mx.commands().iter().any(|c| c.starts_with("MAIL")));
+    // The session is still usable for other mail.
+    let ok = per_recipient(
+        &conn
+            .transaction(&envelope(&["ascii@d.test"]), BODY, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(ok[0].reply.as_ref().unwrap().code, 250);
+}
+
 // --- DNS -----------------------------------------------------------------------------------
 
 async fn resolver(dns: &TestDns) -> MxResolver {

@@ -227,6 +227,9 @@ pub struct TransactionReplies {
     pub data: Option<Reply>,
     /// What cut the transaction short (timeout, connection lost).
     pub error: Option<String>,
+    /// The transaction was not attempted because it cannot succeed on this peer (RFC 3463
+    /// status and text): SMTPUTF8 needed but not offered (RFC 6531 §3.2, `5.6.7`).
+    pub refused_locally: Option<(&'static str, String)>,
 }
 
 /// RFC 3461 §4 xtext: `+XX` for `+`, `=`, and anything outside `!`..`~`.
@@ -273,7 +276,10 @@ pub fn mail_command(env: &Envelope, size: usize, capabilities: u32) -> String {
     if env.eight_bit && capabilities & EXT_8BIT_MIME != 0 {
         cmd.push_str(" BODY=8BITMIME");
     }
-    if env.smtputf8 && capabilities & EXT_SMTP_UTF8 != 0 {
+    let needs_utf8 = env.smtputf8
+        || !env.sender.is_ascii()
+        || env.recipients.iter().any(|r| !r.address.is_ascii());
+    if needs_utf8 && capabilities & EXT_SMTP_UTF8 != 0 {
         cmd.push_str(" SMTPUTF8");
     }
     if capabilities & EXT_DSN != 0 {
@@ -541,6 +547,19 @@ impl Connection {
             rcpt: vec![None; env.recipients.len()],
             ..Default::default()
         };
+        let needs_utf8 =
+            !env.sender.is_ascii() || env.recipients.iter().any(|r| !r.address.is_ascii());
+        if needs_utf8 && caps & EXT_SMTP_UTF8 == 0 {
+            out.refused_locally = Some((
+                "5.6.7",
+                format!(
+                    "{} does not support SMTPUTF8, which the non-ASCII addresses of this \
+                     message need",
+                    self.host
+                ),
+            ));
+            return out;
+        }
         let chunking = caps & EXT_CHUNKING != 0;
         let mut commands = vec![mail_command(env, body.len(), caps)];
         commands.extend(env.recipients.iter().map(|r| rcpt_command(r, caps)));
@@ -684,6 +703,8 @@ pub struct RecipientResult {
     pub reply: Option<Reply>,
     /// The reply text, or the local description when there is no reply.
     pub text: String,
+    /// A permanent failure decided here without a reply, with its RFC 3463 status.
+    pub local_permanent: Option<&'static str>,
 }
 
 /// Pairs each recipient with the reply that decides it: a failed MAIL (or no MAIL reply)
@@ -698,12 +719,26 @@ pub fn per_recipient(t: &TransactionReplies) -> Vec<RecipientResult> {
         stage,
         reply: Some(r.clone()),
         text: r.text.clone(),
+        local_permanent: None,
     };
     let missing = |stage| RecipientResult {
         stage,
         reply: None,
         text: lost.clone(),
+        local_permanent: None,
     };
+    if let Some((status, text)) = &t.refused_locally {
+        return t
+            .rcpt
+            .iter()
+            .map(|_| RecipientResult {
+                stage: Stage::Mail,
+                reply: None,
+                text: text.clone(),
+                local_permanent: Some(status),
+            })
+            .collect();
+    }
     t.rcpt
         .iter()
         .map(|rcpt| match &t.mail {
@@ -819,6 +854,7 @@ mod tests {
             ],
             data: Some(reply(250, Some("2.0.0"), "queued as X")),
             error: None,
+            refused_locally: None,
         };
         let r = per_recipient(&t);
         assert_eq!(r[0].stage, Stage::Data);
@@ -835,6 +871,7 @@ mod tests {
             rcpt: vec![None, None],
             data: None,
             error: None,
+            refused_locally: None,
         };
         assert!(
             per_recipient(&t)
@@ -846,12 +883,28 @@ mod tests {
             rcpt: vec![Some(reply(250, None, "ok")), Some(reply(550, None, "no"))],
             data: None,
             error: Some("connection lost".into()),
+            refused_locally: None,
         };
         let r = per_recipient(&t);
         assert_eq!(r[0].stage, Stage::Data);
         assert_eq!(r[0].reply, None);
         assert_eq!(r[0].text, "connection lost");
         assert_eq!(r[1].reply.as_ref().unwrap().code, 550);
+    }
+
+    #[test]
+    fn local_refusal_fails_every_recipient_permanently() {
+        let t = TransactionReplies {
+            rcpt: vec![None, None],
+            refused_locally: Some(("5.6.7", "no SMTPUTF8".into())),
+            ..Default::default()
+        };
+        let r = per_recipient(&t);
+        assert_eq!(r.len(), 2);
+        assert!(
+            r.iter()
+                .all(|r| r.local_permanent == Some("5.6.7") && r.reply.is_none())
+        );
     }
 
     #[test]

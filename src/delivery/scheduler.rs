@@ -634,6 +634,7 @@ async fn transact(
                             stage: Stage::Dns,
                             reply: None,
                             text: f.text.clone(),
+                            local_permanent: None,
                         };
                         n
                     ],
@@ -671,6 +672,7 @@ async fn transact(
                             stage: Stage::Connect,
                             reply: e.reply.clone(),
                             text,
+                            local_permanent: None,
                         };
                         n
                     ],
@@ -692,9 +694,10 @@ async fn transact(
     let results = client::per_recipient(&replies);
     let kinds = results
         .iter()
-        .map(|r| match &r.reply {
-            Some(reply) => AttemptResult::Reply(reply.code),
-            None => AttemptResult::Temporary,
+        .map(|r| match (&r.reply, r.local_permanent) {
+            (Some(reply), _) => AttemptResult::Reply(reply.code),
+            (None, Some(_)) => AttemptResult::Permanent,
+            (None, None) => AttemptResult::Temporary,
         })
         .collect();
     let outcome = Outcome {
@@ -748,6 +751,7 @@ async fn record(
             .reply
             .as_ref()
             .and_then(|r| r.enhanced_status.clone())
+            .or(result.local_permanent.map(str::to_string))
             .or(outcome.local_status.map(str::to_string));
         let reason = match v.status {
             RecipientStatus::Expired => Some("expired".to_string()),

@@ -25,7 +25,7 @@ enum Command {
     /// Run the relay: SMTP listener, delivery, admin HTTP.
     Serve,
     /// Show messages for a recipient/sender address or a receipt id.
-    Log(LogArgs),
+    Log(mailtrail::cli::log::LogArgs),
     /// Inspect and manage the delivery queue.
     Queue {
         #[command(subcommand)]
@@ -45,23 +45,6 @@ enum Command {
     },
     /// Read a password (stdin, one line) and print its argon2id hash for `[[smtp.users]]`.
     HashPassword,
-}
-
-#[derive(Args)]
-struct LogArgs {
-    /// Recipient or sender address, or a receipt id.
-    key: String,
-    /// One JSON object per message.
-    #[arg(long)]
-    json: bool,
-    /// Only messages received at or after: RFC 3339, YYYY-MM-DD, or a duration ago (2h, 3d).
-    #[arg(long, value_name = "T")]
-    since: Option<String>,
-    /// Only messages received before T.
-    #[arg(long, value_name = "T")]
-    until: Option<String>,
-    #[arg(long, value_name = "N", default_value_t = 50)]
-    limit: usize,
 }
 
 #[derive(Subcommand)]
@@ -165,13 +148,7 @@ fn into_request(command: Command) -> mailtrail::cli::Request {
     use mailtrail::cli::Request as R;
     match command {
         Command::Serve => R::Serve,
-        Command::Log(a) => R::Log {
-            key: a.key,
-            json: a.json,
-            since: a.since,
-            until: a.until,
-            limit: a.limit,
-        },
+        Command::Log(args) => R::Log(args),
         Command::Queue { command } => match command {
             QueueCommand::List { json } => R::QueueList { json },
             QueueCommand::Retry { receipt, all } => R::QueueRetry {

@@ -19,13 +19,7 @@ use crate::store::Store;
 /// One parsed command line.
 pub enum Request {
     Serve,
-    Log {
-        key: String,
-        json: bool,
-        since: Option<String>,
-        until: Option<String>,
-        limit: usize,
-    },
+    Log(log::LogArgs),
     QueueList {
         json: bool,
     },
@@ -130,20 +124,8 @@ fn now_ms() -> i64 {
 async fn run_store_command(config: Config, request: Request) -> anyhow::Result<ExitCode> {
     let mut out = std::io::stdout().lock();
     match request {
-        Request::Log {
-            key,
-            json,
-            since,
-            until,
-            limit,
-        } => {
-            let args = log::LogArgs {
-                key,
-                json,
-                since,
-                until,
-                limit,
-            };
+        Request::Log(args) => {
+            let json = args.json;
             let query = log::query(&args, chrono::Utc::now())?;
             let reader = crate::store::sqlite::open_read_only(&config)?;
             let messages = reader.log(&query)?;

@@ -6,20 +6,6 @@ use crate::store::QueueEntry;
 
 use super::log::{format_time, sanitize};
 
-#[derive(Debug, Clone, clap::Subcommand)]
-pub enum QueueCommand {
-    /// Pending (queued and deferred) recipients, next attempt first.
-    List {
-        /// One JSON object per recipient instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Make pending recipients due now (all, or one message's).
-    Retry { receipt: Option<ReceiptId> },
-    /// Remove a message's pending recipients from the queue (they become `failed`).
-    Delete { receipt: ReceiptId },
-}
-
 /// Longest last reply shown in the table; the full text is in `mailtrail log`.
 const REPLY_WIDTH: usize = 60;
 

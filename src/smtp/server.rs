@@ -552,6 +552,12 @@ mod tests {
         async fn queue_stats(&self) -> Result<(u64, Option<i64>), StoreError> {
             unused()
         }
+        async fn pending_inbound_bounces(&self) -> Result<Vec<ReceiptId>, StoreError> {
+            unused()
+        }
+        async fn mark_inbound_processed(&self, _: ReceiptId) -> Result<(), StoreError> {
+            unused()
+        }
         async fn log(&self, _: &LogQuery) -> Result<Vec<MessageLog>, StoreError> {
             unused()
         }

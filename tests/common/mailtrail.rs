@@ -85,19 +85,19 @@ impl Mailtrail {
     fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut() {
-                if let Ok(Some(status)) = child.try_wait() {
-                    panic!("mailtrail exited early ({status}):\n{}", self.server_log());
-                }
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                panic!("mailtrail exited early ({status}):\n{}", self.server_log());
             }
             if let Ok(mut s) = TcpStream::connect_timeout(&self.smtp, Duration::from_millis(200)) {
                 s.set_read_timeout(Some(Duration::from_secs(5))).ok();
                 let mut buf = [0u8; 512];
-                if let Ok(n) = s.read(&mut buf) {
-                    if buf[..n].starts_with(b"220") {
-                        let _ = s.write_all(b"QUIT\r\n");
-                        return;
-                    }
+                if let Ok(n) = s.read(&mut buf)
+                    && buf[..n].starts_with(b"220")
+                {
+                    let _ = s.write_all(b"QUIT\r\n");
+                    return;
                 }
             }
             std::thread::sleep(Duration::from_millis(50));

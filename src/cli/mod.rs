@@ -1,6 +1,7 @@
 //! Command-line subcommands. `main.rs` parses arguments with clap into a [`Request`]; this
 //! module loads the config, opens what the command needs and prints the result.
 
+pub mod bounce_parse;
 pub mod log;
 pub mod queue;
 pub mod serve;

@@ -1,0 +1,2 @@
+//! Parser tests on small hand-written bounces, one per format family.
+

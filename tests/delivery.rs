@@ -734,9 +734,13 @@ mod queue {
         assert_eq!(unknown.last_reply_code, Some(550));
         assert_eq!(unknown.last_enhanced_status.as_deref(), Some("5.1.1"));
         assert_eq!(unknown.last_reply_text.as_deref(), Some("user unknown"));
+        // Classified with the bounce classifier's vocabulary.
+        assert_eq!(unknown.reason.as_deref(), Some("userunknown"));
+        assert_eq!(unknown.bounce_type.as_deref(), Some("hard"));
         let full = &log.recipients[2];
         assert_eq!(full.last_reply_code, Some(452));
         assert_eq!(full.last_enhanced_status.as_deref(), Some("4.2.2"));
+        assert_eq!(full.reason.as_deref(), Some("mailboxfull"));
 
         // The DSN for the failed recipient comes back to the sender's MX (same test MX), from
         // the null sender, with the RFC 3464 fields.

@@ -122,23 +122,23 @@ impl Classifier {
         for source in sources {
             let file: RulesFile = toml::from_str(source)?;
             for (status, reason) in file.status {
-                let parsed = reason
-                    .parse::<BounceReason>()
-                    .map_err(|_| RulesError::UnknownStatusReason {
+                let parsed = reason.parse::<BounceReason>().map_err(|_| {
+                    RulesError::UnknownStatusReason {
                         status: status.clone(),
                         reason: reason.clone(),
-                    })?;
+                    }
+                })?;
                 status_table.entry(status).or_insert(parsed);
             }
             for spec in file.rule {
                 let index = rules.len();
-                let reason = spec
-                    .reason
-                    .parse::<BounceReason>()
-                    .map_err(|_| RulesError::UnknownReason {
-                        index,
-                        reason: spec.reason.clone(),
-                    })?;
+                let reason =
+                    spec.reason
+                        .parse::<BounceReason>()
+                        .map_err(|_| RulesError::UnknownReason {
+                            index,
+                            reason: spec.reason.clone(),
+                        })?;
                 if spec.status.is_empty() && spec.patterns.is_empty() {
                     return Err(RulesError::EmptyRule {
                         index,
@@ -334,7 +334,10 @@ mod tests {
     #[test]
     fn text_beats_a_generic_status_code() {
         assert_eq!(reason(Some("5.0.0"), "550 Mailbox is full"), MailboxFull);
-        assert_eq!(reason(Some("5.1.1"), "quota exceeded for user"), MailboxFull);
+        assert_eq!(
+            reason(Some("5.1.1"), "quota exceeded for user"),
+            MailboxFull
+        );
     }
 
     #[test]

@@ -116,8 +116,7 @@ pub fn parse_delivery_status(text: &str) -> DeliveryStatus {
             // Final-Recipient.
             let mut cur = FieldBlock::default();
             for (n, v) in block.fields {
-                let starts_new = n == "final-recipient"
-                    && cur.get("final-recipient").is_some();
+                let starts_new = n == "final-recipient" && cur.get("final-recipient").is_some();
                 let starts_new = starts_new
                     || (n == "original-recipient"
                         && cur.get("final-recipient").is_some()
@@ -192,7 +191,10 @@ Will-Retry-Until: Tue, 3 Jun 2025 10:00:00 +0000\r\n";
     #[test]
     fn parses_per_message_and_every_recipient_block() {
         let ds = parse_delivery_status(TWO_RECIPIENTS);
-        assert_eq!(ds.per_message.get("reporting-mta"), Some("dns; mx.example.org"));
+        assert_eq!(
+            ds.per_message.get("reporting-mta"),
+            Some("dns; mx.example.org")
+        );
         assert_eq!(ds.per_message.get("original-envelope-id"), Some("env-42"));
         assert_eq!(ds.recipients.len(), 2);
         let a = &ds.recipients[0];
@@ -215,8 +217,14 @@ Final-Recipient: rfc822; b@x.example\nAction: failed\nStatus: 5.2.2\n";
 
     #[test]
     fn strips_types_and_brackets_from_addresses() {
-        assert_eq!(address_of("rfc822; <a@b.example>").as_deref(), Some("a@b.example"));
-        assert_eq!(address_of("RFC822;a@b.example").as_deref(), Some("a@b.example"));
+        assert_eq!(
+            address_of("rfc822; <a@b.example>").as_deref(),
+            Some("a@b.example")
+        );
+        assert_eq!(
+            address_of("RFC822;a@b.example").as_deref(),
+            Some("a@b.example")
+        );
         assert_eq!(address_of("   ").as_deref(), None);
         assert_eq!(strip_type("smtp; 550 no"), "550 no");
         assert_eq!(strip_type("550 no; really"), "550 no; really");

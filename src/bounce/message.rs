@@ -277,7 +277,9 @@ fn pick_status(field: Option<&str>, diagnostic: &str) -> Option<String> {
     let from_field = field.and_then(text::find_enhanced_status);
     let from_diag = text::find_enhanced_status(diagnostic);
     match (from_field, from_diag) {
-        (Some(f), Some(d)) if f.ends_with(".0.0") && d.get(..1) == f.get(..1) && !d.ends_with(".0.0") => {
+        (Some(f), Some(d))
+            if f.ends_with(".0.0") && d.get(..1) == f.get(..1) && !d.ends_with(".0.0") =>
+        {
             Some(d)
         }
         (Some(f), _) => Some(f),
@@ -372,7 +374,9 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             r.diagnostic = diagnostic;
             r.original_recipient = block.get("original-recipient").and_then(dsn::address_of);
             r.orcpt = non_empty(block.get("original-recipient"));
-            r.remote_mta = block.get("remote-mta").map(|v| dsn::strip_type(v).to_string());
+            r.remote_mta = block
+                .get("remote-mta")
+                .map(|v| dsn::strip_type(v).to_string());
             r.reporting_mta = ds
                 .per_message
                 .get("reporting-mta")
@@ -417,7 +421,10 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             .get(start..pos)
             .map(|s| {
                 let s = s.to_ascii_lowercase();
-                s.contains("from:") || s.contains("from <") || s.contains("sender") || s.contains("from=")
+                s.contains("from:")
+                    || s.contains("from <")
+                    || s.contains("sender")
+                    || s.contains("from=")
             })
             .unwrap_or(false)
     };
@@ -425,17 +432,14 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
     let mut found: Vec<(String, usize)> = Vec::new();
     let failed_header: Vec<String> = view
         .header("x-failed-recipients")
-        .map(|v| {
-            text::addresses(v)
-                .map(|(_, a)| a.to_string())
-                .collect()
-        })
+        .map(|v| text::addresses(v).map(|(_, a)| a.to_string()).collect())
         .unwrap_or_default();
     for (pos, addr) in text::addresses(error_section) {
         if excluded(addr) || sender_context(pos) {
             continue;
         }
-        if !failed_header.is_empty() && !failed_header.iter().any(|f| f.eq_ignore_ascii_case(addr)) {
+        if !failed_header.is_empty() && !failed_header.iter().any(|f| f.eq_ignore_ascii_case(addr))
+        {
             continue;
         }
         if found.iter().any(|(a, _)| a.eq_ignore_ascii_case(addr)) {
@@ -469,9 +473,8 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             .find(|s| s > start)
             .unwrap_or(error_section.len());
         let mut seg = error_section.get(*start..end).unwrap_or("").to_string();
-        let informative = |s: &str| {
-            text::find_reply_code(s).is_some() || text::find_enhanced_status(s).is_some()
-        };
+        let informative =
+            |s: &str| text::find_reply_code(s).is_some() || text::find_enhanced_status(s).is_some();
         if (n == 1 && !informative(&seg)) || seg.trim().is_empty() {
             seg = error_section.to_string();
         }

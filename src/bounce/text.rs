@@ -15,19 +15,27 @@ fn re(pattern: &str) -> Regex {
 
 static ENHANCED: LazyLock<Regex> =
     LazyLock::new(|| re(r"(?:^|[^\d.])([245]\.\d{1,3}\.\d{1,3})(?:[^\d.]|\.(?:\D|$)|$)"));
-static REPLY: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)")
-});
+static REPLY: LazyLock<Regex> =
+    LazyLock::new(|| re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)"));
 static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?i)(?:after|in reply to|response to|for|during|while|>>>) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail)\b|\b(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused)")
+    re(
+        r"(?i)(?:after|in reply to|response to|for|during|while|>>>) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail)\b|\b(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused)",
+    )
 });
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]")
+    re(
+        r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]",
+    )
 });
-static HEADER_LINE: LazyLock<Regex> =
-    LazyLock::new(|| re(r"^(?i)(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): "));
+static HEADER_LINE: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"^(?i)(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): ",
+    )
+});
 static MARKER: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?i)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)")
+    re(
+        r"(?i)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)",
+    )
 });
 
 /// The first enhanced status code (RFC 3463) in `text`, e.g. `5.1.1`.
@@ -36,7 +44,11 @@ pub fn find_enhanced_status(text: &str) -> Option<String> {
         .captures_iter(text)
         .filter_map(|c| c.get(1))
         .map(|m| m.as_str().to_string())
-        .find(|s| s.split('.').nth(1).is_some_and(|subject| subject.len() <= 3))
+        .find(|s| {
+            s.split('.')
+                .nth(1)
+                .is_some_and(|subject| subject.len() <= 3)
+        })
 }
 
 /// The first 4xx/5xx SMTP reply code in `text`.
@@ -140,9 +152,7 @@ pub fn header_fields(text: &str) -> Vec<(String, String)> {
             Some((name, value))
                 if !name.is_empty()
                     && !name.contains(' ')
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_graphic() && b != b':') =>
+                    && name.bytes().all(|b| b.is_ascii_graphic() && b != b':') =>
             {
                 started = true;
                 out.push((name.to_ascii_lowercase(), value.trim().to_string()));
@@ -167,7 +177,12 @@ pub fn strip_html(html: &str) -> String {
             if c == '>' {
                 in_tag = false;
                 let t = tag.to_ascii_lowercase();
-                if t.starts_with("br") || t.starts_with("/p") || t.starts_with("/div") || t.starts_with("/tr") || t.starts_with("p") {
+                if t.starts_with("br")
+                    || t.starts_with("/p")
+                    || t.starts_with("/div")
+                    || t.starts_with("/tr")
+                    || t.starts_with("p")
+                {
                     out.push('\n');
                 }
                 tag.clear();
@@ -194,16 +209,28 @@ mod tests {
 
     #[test]
     fn finds_enhanced_status_but_not_inside_ip_addresses() {
-        assert_eq!(find_enhanced_status("550 5.1.1 <a@b>: no").as_deref(), Some("5.1.1"));
+        assert_eq!(
+            find_enhanced_status("550 5.1.1 <a@b>: no").as_deref(),
+            Some("5.1.1")
+        );
         assert_eq!(find_enhanced_status("(#5.5.0)").as_deref(), Some("5.5.0"));
         assert_eq!(find_enhanced_status("host 10.5.2.1 said no"), None);
-        assert_eq!(find_enhanced_status("550-5.7.26 Unauthenticated").as_deref(), Some("5.7.26"));
-        assert_eq!(find_enhanced_status("version 2.0.1."), Some("2.0.1".to_string()));
+        assert_eq!(
+            find_enhanced_status("550-5.7.26 Unauthenticated").as_deref(),
+            Some("5.7.26")
+        );
+        assert_eq!(
+            find_enhanced_status("version 2.0.1."),
+            Some("2.0.1".to_string())
+        );
     }
 
     #[test]
     fn finds_reply_codes_after_typical_prefixes() {
-        assert_eq!(find_reply_code("remote host said: 550 Unknown user"), Some(550));
+        assert_eq!(
+            find_reply_code("remote host said: 550 Unknown user"),
+            Some(550)
+        );
         assert_eq!(find_reply_code("<<< 452 4.2.2 Over quota"), Some(452));
         assert_eq!(find_reply_code("550-5.7.1 blocked"), Some(550));
         assert_eq!(find_reply_code("250 ok"), None);
@@ -212,8 +239,14 @@ mod tests {
 
     #[test]
     fn finds_the_failing_command() {
-        assert_eq!(find_command("SMTP error from remote mail server after RCPT TO:<a@b>"), Some("RCPT"));
-        assert_eq!(find_command("host x said: 550 no (in reply to end of DATA command)"), Some("DATA"));
+        assert_eq!(
+            find_command("SMTP error from remote mail server after RCPT TO:<a@b>"),
+            Some("RCPT")
+        );
+        assert_eq!(
+            find_command("host x said: 550 no (in reply to end of DATA command)"),
+            Some("DATA")
+        );
         assert_eq!(find_command("after MAIL FROM:<a@b> SIZE=1"), Some("MAIL"));
         assert_eq!(find_command("nothing here"), None);
     }
@@ -234,13 +267,18 @@ mod tests {
     fn reads_header_fields_unfolded() {
         let h = header_fields("\nReceived: from a\n\tby b id <X>\nMessage-ID: <m@x>\n\nbody: no");
         assert_eq!(h.len(), 2);
-        assert_eq!(h[0], ("received".to_string(), "from a by b id <X>".to_string()));
+        assert_eq!(
+            h[0],
+            ("received".to_string(), "from a by b id <X>".to_string())
+        );
         assert_eq!(h[1].1, "<m@x>");
     }
 
     #[test]
     fn extracts_addresses() {
-        let v: Vec<_> = addresses("to <a.b@c.example>, and x@[192.0.2.1].").map(|(_, a)| a).collect();
+        let v: Vec<_> = addresses("to <a.b@c.example>, and x@[192.0.2.1].")
+            .map(|(_, a)| a)
+            .collect();
         assert_eq!(v, vec!["a.b@c.example", "x@[192.0.2.1]"]);
     }
 

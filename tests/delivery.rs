@@ -1382,4 +1382,50 @@ mod queue {
         h.shutdown.cancel();
         h.handle.join().await;
     }
+
+    #[tokio::test]
+    async fn smarthost_certificate_is_verified_against_ca_file() {
+        let smarthost = TestMx::start(Script {
+            starttls: true,
+            ..Default::default()
+        })
+        .await;
+        let ca_dir = tempfile::tempdir().unwrap();
+        let ca = ca_dir.path().join("ca.pem");
+        std::fs::write(&ca, &smarthost.cert_pem).unwrap();
+        let mut trusted = route_to(&smarthost, TlsPolicy::Required);
+        trusted.domains = vec!["trusted.test".into()];
+        trusted.verify_certificate = Some(true);
+        trusted.ca_file = Some(ca);
+        let mut untrusted = route_to(&smarthost, TlsPolicy::Required);
+        untrusted.domains = vec!["untrusted.test".into()];
+        untrusted.verify_certificate = Some(true);
+        let h = harness(Script::default(), move |c| {
+            c.routes = vec![trusted, untrusted];
+            c.delivery.retry_first = Duration::from_secs(60);
+            c.delivery.retry_max_interval = Duration::from_secs(60);
+        })
+        .await;
+        let ok = h
+            .submit(message("app@sender.test", &[("a@trusted.test", None)]))
+            .await;
+        let bad = h
+            .submit(message("app@sender.test", &[("b@untrusted.test", None)]))
+            .await;
+        let log = h.wait(ok, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        let log = h.wait(bad, |s| s[0] == RecipientStatus::Deferred).await;
+        let ev = log.recipients[0]
+            .events
+            .iter()
+            .find(|e| e.kind == "attempt")
+            .unwrap();
+        assert!(
+            ev.reply_text.as_deref().unwrap_or("").contains("TLS"),
+            "{ev:?}"
+        );
+        assert_eq!(smarthost.transactions().len(), 1);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
 }

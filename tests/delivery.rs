@@ -1428,4 +1428,39 @@ mod queue {
         h.shutdown.cancel();
         h.handle.join().await;
     }
+
+    #[tokio::test]
+    async fn missing_body_fails_the_recipients_instead_of_retrying_forever() {
+        let h = harness(Script::default(), |c| c.delivery.enabled = false).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        // Damage the spool behind the store's back, as a disk error or a bad restore would.
+        let db = rusqlite::Connection::open(h.config.db_path()).unwrap();
+        db.execute("DELETE FROM bodies WHERE receipt = ?1", [r.to_string()])
+            .unwrap();
+        drop(db);
+        let mut config = (*h.config).clone();
+        config.delivery.enabled = true;
+        let delivery = Delivery::start(
+            Arc::new(config),
+            h.store.clone(),
+            h.metrics.clone(),
+            h.shutdown.clone(),
+        )
+        .unwrap();
+        let log = h.wait(r, final_status).await;
+        let rc = &log.recipients[0];
+        assert_eq!(rc.status, RecipientStatus::Failed);
+        assert!(
+            rc.last_reply_text
+                .as_deref()
+                .unwrap_or("")
+                .contains("body missing"),
+            "{rc:?}"
+        );
+        assert_eq!(h.mx.connections(), 0);
+        h.shutdown.cancel();
+        delivery.join().await;
+    }
 }

@@ -541,6 +541,37 @@ async fn update_queue_gauges(ctx: &Context) {
 async fn deliver_message(ctx: Arc<Context>, msg: QueuedMessage) {
     let body = match ctx.store.body(msg.receipt).await {
         Ok(b) => Arc::new(b),
+        Err(crate::store::StoreError::NotFound(what)) => {
+            // Nothing can ever be delivered; say so instead of retrying every second.
+            tracing::error!(receipt = %msg.receipt, %what, "message body missing");
+            let now = now_ms();
+            let attempts = msg
+                .recipients
+                .iter()
+                .map(|r| AttemptRecord {
+                    receipt: msg.receipt,
+                    rcpt_index: r.index,
+                    at_ms: now,
+                    status: RecipientStatus::Failed,
+                    next_attempt_at_ms: None,
+                    stage: Stage::Local,
+                    remote_host: None,
+                    remote_ip: None,
+                    tls_version: None,
+                    tls_cipher: None,
+                    reply_code: None,
+                    enhanced_status: Some("5.3.0".to_string()),
+                    reply_text: format!("message body missing from the store: {what}"),
+                    duration_ms: 0,
+                    reason: Some(BounceReason::SystemError.as_str().to_string()),
+                    bounce_type: None,
+                })
+                .collect();
+            if let Err(e) = ctx.store.record_attempts(attempts, Vec::new()).await {
+                tracing::error!(receipt = %msg.receipt, error = %e, "cannot record");
+            }
+            return;
+        }
         Err(e) => {
             tracing::error!(receipt = %msg.receipt, error = %e, "cannot load message body");
             return;

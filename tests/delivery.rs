@@ -438,6 +438,36 @@ async fn non_ascii_address_without_smtputf8_fails_permanently_before_mail() {
     assert_eq!(ok[0].reply.as_ref().unwrap().code, 250);
 }
 
+#[tokio::test]
+async fn reply_before_a_hang_up_in_a_pipelined_group_is_kept() {
+    let mx = TestMx::start(Script {
+        mail_reply: "421 4.3.2 Service shutting down".into(),
+        drop_at: Some(DropAt::AfterMail),
+        ..Default::default()
+    })
+    .await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let replies = conn
+        .transaction(
+            &envelope(&["a@d.test", "b@d.test"]),
+            BODY,
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(replies.error.is_some());
+    let r = per_recipient(&replies);
+    for x in &r {
+        assert_eq!(x.stage, Stage::Mail);
+        let reply = x.reply.as_ref().expect("the 421 that did arrive");
+        assert_eq!(
+            (reply.code, reply.text.as_str()),
+            (421, "Service shutting down")
+        );
+    }
+}
+
 // --- DNS -----------------------------------------------------------------------------------
 
 async fn resolver(dns: &TestDns) -> MxResolver {

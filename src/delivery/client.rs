@@ -2,10 +2,11 @@
 //! every RCPT reply and the DATA reply are kept (its `send()` stops at the first rejected
 //! recipient, which would lose outcomes).
 //!
-//! `mail-send` reads replies with `smtp-proto`'s `ResponseReceiver`, which keeps multi-line
-//! texts (joined with `\n`, the enhanced status code of each line removed and kept once in
-//! `esc`) and parses a pipelined group of replies in order (`cmds`), so no reply is lost in
-//! the normal protocol flow; this module therefore does not parse replies itself.
+//! Replies are parsed by `smtp-proto`'s `ResponseReceiver`, which keeps multi-line texts
+//! (joined with `\n`, the enhanced status code of each line removed and kept once in `esc`).
+//! Single commands go through `mail-send`'s `cmd`; a pipelined group (RFC 2920) is read with
+//! that parser directly ([`Connection::pipelined`]) because `mail-send`'s `cmds` returns
+//! nothing when the server hangs up part-way, losing the replies that did arrive.
 //!
 //! [`connect`] walks the targets (next MX on connect failure, timeout or 4xx before MAIL; a
 //! 5xx greeting or EHLO/HELO applies to every recipient and stops the walk), does EHLO (HELO
@@ -569,13 +570,9 @@ impl Connection {
         }
 
         let replies: Vec<Reply> = if caps & EXT_PIPELINING != 0 {
-            match self.client.cmds(commands.iter()).await {
-                Ok(r) => r.iter().map(Reply::from_response).collect(),
-                Err(e) => {
-                    out.error = Some(mail_error(&e).1);
-                    return out;
-                }
-            }
+            let (got, error) = self.pipelined(&commands).await;
+            out.error = error;
+            got
         } else {
             let mut got = Vec::new();
             for (i, c) in commands.iter().enumerate() {
@@ -648,6 +645,52 @@ impl Connection {
             self.transactions += 1;
         }
         out
+    }
+
+    /// Sends a pipelined group (RFC 2920) and reads its replies in order with `smtp-proto`'s
+    /// parser directly: `mail-send`'s `cmds` returns nothing when the group is cut short
+    /// (e.g. `421` to MAIL, then the server hangs up), which would lose the replies that did
+    /// arrive. Returns the replies received and what ended the group early, if anything.
+    pub(crate) async fn pipelined(&mut self, commands: &[String]) -> (Vec<Reply>, Option<String>) {
+        use tokio::io::AsyncReadExt;
+        let stream = &mut self.client.stream;
+        let mut wire = Vec::new();
+        for c in commands {
+            wire.extend_from_slice(c.as_bytes());
+        }
+        let deadline = tokio::time::Instant::now() + self.command_timeout;
+        let write = async {
+            stream.write_all(&wire).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return (Vec::new(), Some(format!("sending commands: {e}"))),
+            Err(_) => return (Vec::new(), Some("timeout sending commands".to_string())),
+        }
+        let mut out = Vec::with_capacity(commands.len());
+        let mut parser = smtp_proto::response::parser::ResponseReceiver::default();
+        let mut buf = vec![0u8; 4096];
+        while out.len() < commands.len() {
+            let n = match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Ok(Ok(0)) => return (out, Some("connection closed by server".to_string())),
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return (out, Some(format!("reading replies: {e}"))),
+                Err(_) => return (out, Some("timeout waiting for the server".to_string())),
+            };
+            let mut bytes = buf.get(..n).unwrap_or_default().iter();
+            while out.len() < commands.len() {
+                match parser.parse(&mut bytes) {
+                    Ok(r) => {
+                        out.push(Reply::from_response(&r));
+                        parser.reset();
+                    }
+                    Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
+                    Err(e) => return (out, Some(format!("unparseable reply: {e:?}"))),
+                }
+            }
+        }
+        (out, None)
     }
 
     async fn dot_stuffed(&mut self, body: &[u8], data_timeout: Duration) -> Result<Reply, String> {

@@ -21,6 +21,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub enum DropAt {
     /// Right after accepting the TCP connection, before the greeting.
     Connect,
+    /// Right after the reply to MAIL (as a server that says `421` and hangs up).
+    AfterMail,
     /// After reading the message body, before the final DATA reply.
     EndOfData,
 }
@@ -346,6 +348,9 @@ async fn session(
             });
             let r = s.mail_reply.clone();
             send(&mut rd, s.reply_delay, &r).await?;
+            if s.drop_at == Some(DropAt::AfterMail) {
+                return Ok(());
+            }
             if !r.starts_with('2') {
                 tx = None;
             }

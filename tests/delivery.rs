@@ -1365,10 +1365,21 @@ mod queue {
                 "{log:#?}"
             );
         }
+        // Latency of one message on an idle relay: accepted → wake → delivered.
+        let one = message("app@sender.test", &[("a@dest.test", None)]);
+        let r = one.receipt;
+        let t0 = std::time::Instant::now();
+        h.store.accept(one).await.unwrap();
+        delivery.wake();
+        h.wait(r, final_status).await;
+        eprintln!(
+            "smtp-sink: one message accepted → delivered in {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
         let _ = sink.kill();
         let _ = sink.wait();
         let files: Vec<_> = std::fs::read_dir(dump.path()).unwrap().flatten().collect();
-        assert_eq!(files.len(), n, "one dump per transaction");
+        assert_eq!(files.len(), n + 1, "one dump per transaction");
         let one = std::fs::read_to_string(files[0].path()).unwrap();
         assert!(one.contains("X-Rcpt-Args: <a@dest.test>"), "{one}");
         assert!(

@@ -10,6 +10,7 @@ pub mod arf;
 pub mod autoreply;
 pub mod classify;
 pub mod dsn;
+pub mod ingest;
 mod message;
 pub mod reason;
 pub mod text;

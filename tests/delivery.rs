@@ -416,6 +416,58 @@ async fn chunking_peer_gets_bdat_with_the_message_unstuffed() {
     assert_eq!(mx.transactions()[0].body, BODY.to_vec());
 }
 
+#[tokio::test]
+async fn non_ascii_address_without_smtputf8_fails_permanently_before_mail() {
+    let mx = TestMx::start(Script::default()).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let replies = conn
+        .transaction(&envelope(&["jürgen@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    let r = per_recipient(&replies);
+    assert_eq!(r[0].local_permanent, Some("5.6.7"));
+    assert_eq!(r[0].reply, None);
+    assert!(!mx.commands().iter().any(|c| c.starts_with("MAIL")));
+    // The session is still usable for other mail.
+    let ok = per_recipient(
+        &conn
+            .transaction(&envelope(&["ascii@d.test"]), BODY, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(ok[0].reply.as_ref().unwrap().code, 250);
+}
+
+#[tokio::test]
+async fn reply_before_a_hang_up_in_a_pipelined_group_is_kept() {
+    let mx = TestMx::start(Script {
+        mail_reply: "421 4.3.2 Service shutting down".into(),
+        drop_at: Some(DropAt::AfterMail),
+        ..Default::default()
+    })
+    .await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let replies = conn
+        .transaction(
+            &envelope(&["a@d.test", "b@d.test"]),
+            BODY,
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(replies.error.is_some());
+    let r = per_recipient(&replies);
+    for x in &r {
+        assert_eq!(x.stage, Stage::Mail);
+        let reply = x.reply.as_ref().expect("the 421 that did arrive");
+        assert_eq!(
+            (reply.code, reply.text.as_str()),
+            (421, "Service shutting down")
+        );
+    }
+}
+
 // --- DNS -----------------------------------------------------------------------------------
 
 async fn resolver(dns: &TestDns) -> MxResolver {
@@ -712,9 +764,13 @@ mod queue {
         assert_eq!(unknown.last_reply_code, Some(550));
         assert_eq!(unknown.last_enhanced_status.as_deref(), Some("5.1.1"));
         assert_eq!(unknown.last_reply_text.as_deref(), Some("user unknown"));
+        // Classified with the bounce classifier's vocabulary.
+        assert_eq!(unknown.reason.as_deref(), Some("userunknown"));
+        assert_eq!(unknown.bounce_type.as_deref(), Some("hard"));
         let full = &log.recipients[2];
         assert_eq!(full.last_reply_code, Some(452));
         assert_eq!(full.last_enhanced_status.as_deref(), Some("4.2.2"));
+        assert_eq!(full.reason.as_deref(), Some("mailboxfull"));
 
         // The DSN for the failed recipient comes back to the sender's MX (same test MX), from
         // the null sender, with the RFC 3464 fields.
@@ -1309,10 +1365,21 @@ mod queue {
                 "{log:#?}"
             );
         }
+        // Latency of one message on an idle relay: accepted → wake → delivered.
+        let one = message("app@sender.test", &[("a@dest.test", None)]);
+        let r = one.receipt;
+        let t0 = std::time::Instant::now();
+        h.store.accept(one).await.unwrap();
+        delivery.wake();
+        h.wait(r, final_status).await;
+        eprintln!(
+            "smtp-sink: one message accepted → delivered in {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
         let _ = sink.kill();
         let _ = sink.wait();
         let files: Vec<_> = std::fs::read_dir(dump.path()).unwrap().flatten().collect();
-        assert_eq!(files.len(), n, "one dump per transaction");
+        assert_eq!(files.len(), n + 1, "one dump per transaction");
         let one = std::fs::read_to_string(files[0].path()).unwrap();
         assert!(one.contains("X-Rcpt-Args: <a@dest.test>"), "{one}");
         assert!(
@@ -1355,5 +1422,86 @@ mod queue {
         assert!(m.contains("mailtrail_outbound_connections_open"), "{m}");
         h.shutdown.cancel();
         h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn smarthost_certificate_is_verified_against_ca_file() {
+        let smarthost = TestMx::start(Script {
+            starttls: true,
+            ..Default::default()
+        })
+        .await;
+        let ca_dir = tempfile::tempdir().unwrap();
+        let ca = ca_dir.path().join("ca.pem");
+        std::fs::write(&ca, &smarthost.cert_pem).unwrap();
+        let mut trusted = route_to(&smarthost, TlsPolicy::Required);
+        trusted.domains = vec!["trusted.test".into()];
+        trusted.verify_certificate = Some(true);
+        trusted.ca_file = Some(ca);
+        let mut untrusted = route_to(&smarthost, TlsPolicy::Required);
+        untrusted.domains = vec!["untrusted.test".into()];
+        untrusted.verify_certificate = Some(true);
+        let h = harness(Script::default(), move |c| {
+            c.routes = vec![trusted, untrusted];
+            c.delivery.retry_first = Duration::from_secs(60);
+            c.delivery.retry_max_interval = Duration::from_secs(60);
+        })
+        .await;
+        let ok = h
+            .submit(message("app@sender.test", &[("a@trusted.test", None)]))
+            .await;
+        let bad = h
+            .submit(message("app@sender.test", &[("b@untrusted.test", None)]))
+            .await;
+        let log = h.wait(ok, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        let log = h.wait(bad, |s| s[0] == RecipientStatus::Deferred).await;
+        let ev = log.recipients[0]
+            .events
+            .iter()
+            .find(|e| e.kind == "attempt")
+            .unwrap();
+        assert!(
+            ev.reply_text.as_deref().unwrap_or("").contains("TLS"),
+            "{ev:?}"
+        );
+        assert_eq!(smarthost.transactions().len(), 1);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn missing_body_fails_the_recipients_instead_of_retrying_forever() {
+        let h = harness(Script::default(), |c| c.delivery.enabled = false).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        // Damage the spool behind the store's back, as a disk error or a bad restore would.
+        let db = rusqlite::Connection::open(h.config.db_path()).unwrap();
+        db.execute("DELETE FROM bodies WHERE receipt = ?1", [r.to_string()])
+            .unwrap();
+        drop(db);
+        let mut config = (*h.config).clone();
+        config.delivery.enabled = true;
+        let delivery = Delivery::start(
+            Arc::new(config),
+            h.store.clone(),
+            h.metrics.clone(),
+            h.shutdown.clone(),
+        )
+        .unwrap();
+        let log = h.wait(r, final_status).await;
+        let rc = &log.recipients[0];
+        assert_eq!(rc.status, RecipientStatus::Failed);
+        assert!(
+            rc.last_reply_text
+                .as_deref()
+                .unwrap_or("")
+                .contains("body missing"),
+            "{rc:?}"
+        );
+        assert_eq!(h.mx.connections(), 0);
+        h.shutdown.cancel();
+        delivery.join().await;
     }
 }

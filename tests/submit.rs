@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::mailtrail::{Mailtrail, RawSmtp, python, receipt_in, swaks};
+use common::mailtrail::{ACCEPT_ONLY, Mailtrail, RawSmtp, python, receipt_in, swaks};
 
 fn smtp_arg(m: &Mailtrail) -> String {
     m.smtp.to_string()
@@ -122,7 +122,7 @@ fn auth_plain_and_login_only_with_right_password() {
         &format!(
             "relay_networks = [\"192.0.2.0/24\"]\n[[smtp.users]]\nname = \"app\"\npassword_hash = \"{hash}\"\n"
         ),
-        "[delivery]\nenabled = false\n",
+        ACCEPT_ONLY,
     );
     // No AUTH: relay denied per recipient.
     let (ok, out) = swaks(&["--to", "x@example.org", "--server", &smtp_arg(&m)]);
@@ -184,7 +184,7 @@ fn refuses_relay_to_clients_outside_relay_networks() {
     let m = Mailtrail::start_with(
         "",
         "relay_networks = [\"10.0.0.0/8\"]\n",
-        "[delivery]\nenabled = false\n",
+        ACCEPT_ONLY,
     );
     let mut c = RawSmtp::connect(m.smtp);
     assert!(c.cmd("EHLO outside.test").starts_with("250"));
@@ -285,7 +285,7 @@ fn enforces_size_recipient_and_line_limits() {
     let m = Mailtrail::start_with(
         "",
         "max_message_size = 2000\nmax_recipients = 3\nmax_errors = 50\n",
-        "[delivery]\nenabled = false\n",
+        ACCEPT_ONLY,
     );
     let mut c = RawSmtp::connect(m.smtp);
     let ehlo = c.cmd("EHLO limits.test");
@@ -322,7 +322,7 @@ fn enforces_size_recipient_and_line_limits() {
 
 #[test]
 fn bad_syntax_unknown_commands_and_bad_sequence() {
-    let m = Mailtrail::start_with("", "max_errors = 5\n", "[delivery]\nenabled = false\n");
+    let m = Mailtrail::start_with("", "max_errors = 5\n", ACCEPT_ONLY);
     let mut c = RawSmtp::connect(m.smtp);
     assert!(c.cmd("RCPT TO:<x@example.org>").starts_with("503"));
     assert!(c.cmd("EHLO seq.test").starts_with("250"));
@@ -480,7 +480,7 @@ fn metrics_count_connections_messages_and_rejections() {
     let m = Mailtrail::start_with(
         "",
         "relay_networks = [\"10.0.0.0/8\"]\n",
-        "[delivery]\nenabled = false\n",
+        ACCEPT_ONLY,
     );
     let metric = |body: &str, name: &str| -> f64 {
         body.lines()

@@ -1,1 +1,182 @@
-//! TODO: bounce
+//! Returned mail → classified bounce records. Pure: bytes in, [`BounceRecord`]s out.
+//!
+//! One record per failed recipient, from whichever evidence the message carries, tried in
+//! this order: an RFC 5965 feedback report (or a provider's equivalent), RFC 3464 / RFC 6533
+//! delivery-status fields (in their MIME part or inlined in text), the prose of a
+//! non-standard MTA bounce, and last an RFC 3834 auto-reply. Mail that is none of these
+//! yields no record. The reason comes from [`classify::Classifier`].
+
+pub mod arf;
+pub mod autoreply;
+pub mod classify;
+pub mod dsn;
+pub mod ingest;
+mod message;
+pub mod reason;
+pub mod text;
+pub mod verp;
+
+use serde::Serialize;
+
+use crate::receipt::ReceiptId;
+
+pub use classify::{Classifier, Evidence, RulesError, classify_reply};
+pub use reason::{BounceReason, BounceType, bounce_type};
+
+/// Which kind of evidence a record was read from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BounceKind {
+    /// RFC 3464 / RFC 6533 delivery-status fields.
+    Dsn,
+    /// RFC 5965 feedback report (or a provider's complaint format).
+    Arf,
+    /// RFC 3834 automatic reply (vacation, out of office).
+    Autoreply,
+    /// The prose of a non-standard bounce.
+    Heuristic,
+}
+
+impl BounceKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BounceKind::Dsn => "dsn",
+            BounceKind::Arf => "arf",
+            BounceKind::Autoreply => "autoreply",
+            BounceKind::Heuristic => "heuristic",
+        }
+    }
+}
+
+/// One failed (or complained-about, or auto-replying) recipient of a returned message, with
+/// what the bounce says about it and the hints that tie it back to the message we sent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BounceRecord {
+    /// The recipient the bounce is about (Final-Recipient, or found in the text).
+    pub recipient: String,
+    /// Original-Recipient (the address as first given, RFC 3461 ORCPT), without its type.
+    pub original_recipient: Option<String>,
+    pub kind: BounceKind,
+    /// DSN action (`failed`, `delayed`, `delivered`, ...); heuristics set `failed`/`delayed`.
+    pub action: Option<String>,
+    /// Enhanced status code (RFC 3463), e.g. `5.1.1`.
+    pub status: Option<String>,
+    pub reply_code: Option<u16>,
+    /// The SMTP command the remote server refused, when the bounce says.
+    pub smtp_command: Option<String>,
+    /// Decoded diagnostic text (Diagnostic-Code without its type, or the bounce's prose).
+    pub diagnostic: Option<String>,
+    pub remote_mta: Option<String>,
+    pub reporting_mta: Option<String>,
+    pub last_attempt: Option<String>,
+    pub will_retry_until: Option<String>,
+    /// ARF Feedback-Type (`abuse`, `opt-out`, ...).
+    pub feedback_type: Option<String>,
+    pub reason: BounceReason,
+    pub bounce_type: BounceType,
+    /// Message-ID of the returned (original) message.
+    pub message_id: Option<String>,
+    /// Our receipt id, from the returned message's `X-Mailtrail-Receipt` or `Received: ... id`.
+    pub receipt: Option<ReceiptId>,
+    /// Envelope sender of the original message (X-Postfix-Sender, Return-Path or From).
+    pub original_sender: Option<String>,
+    /// `To` of the returned message.
+    pub original_to: Option<String>,
+    /// Original-Envelope-Id (RFC 3461 ENVID).
+    pub envid: Option<String>,
+    /// Original-Recipient as written, with its address type (`rfc822;a@b`).
+    pub orcpt: Option<String>,
+}
+
+impl BounceRecord {
+    fn new(recipient: String, kind: BounceKind) -> Self {
+        BounceRecord {
+            recipient,
+            original_recipient: None,
+            kind,
+            action: None,
+            status: None,
+            reply_code: None,
+            smtp_command: None,
+            diagnostic: None,
+            remote_mta: None,
+            reporting_mta: None,
+            last_attempt: None,
+            will_retry_until: None,
+            feedback_type: None,
+            reason: BounceReason::Undefined,
+            bounce_type: BounceType::Undetermined,
+            message_id: None,
+            receipt: None,
+            original_sender: None,
+            original_to: None,
+            envid: None,
+            orcpt: None,
+        }
+    }
+
+    /// Sets reason and bounce type from the record's own status, code and diagnostic.
+    fn classify(&mut self, classifier: &Classifier) {
+        let ev = Evidence {
+            status: self.status.as_deref(),
+            reply_code: self.reply_code,
+            diagnostic: self.diagnostic.as_deref().unwrap_or(""),
+            action: self.action.as_deref(),
+            command: self.smtp_command.as_deref(),
+        };
+        self.reason = classifier.reason(&ev);
+        self.bounce_type = bounce_type(self.reason, self.status.as_deref(), self.reply_code);
+    }
+
+    /// The recipient status a matched record moves its recipient to: `bounced` for a
+    /// failure, `complained` for a complaint, none for auto-replies, delays and successes.
+    pub fn recipient_status(&self) -> Option<crate::store::RecipientStatus> {
+        use crate::store::RecipientStatus;
+        match self.bounce_type {
+            BounceType::Complaint => Some(RecipientStatus::Complained),
+            BounceType::Autoreply => None,
+            _ if self.reason == BounceReason::Delivered => None,
+            _ if self.action.as_deref() == Some("delayed") => None,
+            _ => Some(RecipientStatus::Bounced),
+        }
+    }
+}
+
+/// Parses returned mail with the built-in rules.
+pub fn parse(raw: &[u8]) -> Vec<BounceRecord> {
+    parse_with(raw, Classifier::builtin())
+}
+
+/// Parses returned mail, classifying with `classifier`.
+pub fn parse_with(raw: &[u8], classifier: &Classifier) -> Vec<BounceRecord> {
+    let Some(view) = message::View::read(raw) else {
+        return Vec::new();
+    };
+    let mut records = arf::records(&view);
+    if records.is_empty() {
+        records = message::dsn_records(&view);
+    }
+    if records.is_empty() {
+        records = message::text_records(&view);
+    }
+    if records.is_empty() {
+        records = autoreply::records(&view);
+    }
+    let hints = view.correlation();
+    for r in &mut records {
+        if r.kind == BounceKind::Arf {
+            r.reason = BounceReason::Feedback;
+            r.bounce_type = BounceType::Complaint;
+        } else if r.kind == BounceKind::Autoreply {
+            r.reason = BounceReason::Vacation;
+            r.bounce_type = BounceType::Autoreply;
+        } else {
+            r.classify(classifier);
+        }
+        hints.apply(r);
+    }
+    records
+}
+
+#[cfg(test)]
+mod tests;

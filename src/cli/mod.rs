@@ -1,6 +1,8 @@
 //! Command-line subcommands. `main.rs` parses arguments with clap into a [`Request`]; this
 //! module loads the config, opens what the command needs and prints the result.
 
+pub mod bounce_parse;
+pub mod bounces;
 pub mod log;
 pub mod queue;
 pub mod serve;
@@ -72,7 +74,11 @@ pub fn run(config_path: Option<&Path>, request: Request) -> anyhow::Result<ExitC
     // Commands that need no config.
     match &request {
         Request::HashPassword => return hash_password(),
-        Request::BounceParse { .. } => {}
+        Request::BounceParse { files, json } => {
+            let mut out = std::io::stdout().lock();
+            bounce_parse::run_bounce_parse(files, *json, &mut out)?;
+            return Ok(ExitCode::SUCCESS);
+        }
         _ => {}
     }
     let config = Config::load(config_path)?;
@@ -160,7 +166,124 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             let n = store.queue_delete(receipt).await?;
             out.write_all(queue::render_delete(n, receipt).as_bytes())?;
         }
-        _ => anyhow::bail!("this command is not available yet"),
+        Request::Bounces {
+            address,
+            reason,
+            unhandled,
+            first,
+            json,
+            limit,
+        } => {
+            let reader = crate::store::sqlite::open_read_only(&config)?;
+            let list = reader.bounces(&crate::store::BounceQuery {
+                address,
+                reason,
+                unhandled_only: unhandled,
+                first_only: first,
+                limit,
+            })?;
+            out.write_all(bounces::render_bounces(&list, json).as_bytes())?;
+        }
+        Request::BounceHandle { id, by } => {
+            let by = by
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "admin".to_string());
+            let store = open_store(&config)?;
+            if !store.set_handled(id, Some(&by), now_ms()).await? {
+                anyhow::bail!("no bounce with id {id}");
+            }
+            writeln!(out, "bounce {id} marked handled by {by}")?;
+        }
+        Request::BounceUnhandle { id } => {
+            let store = open_store(&config)?;
+            if !store.set_handled(id, None, now_ms()).await? {
+                anyhow::bail!("no bounce with id {id}");
+            }
+            writeln!(out, "bounce {id} marked unhandled")?;
+        }
+        Request::BounceIngest { files } => {
+            let config = Arc::new(config);
+            let store = open_store(&config)?;
+            let ingest = crate::bounce::ingest::BounceIngest::new(
+                config.clone(),
+                store,
+                Arc::new(crate::metrics::Metrics::new()),
+                Arc::new(serve::load_classifier(&config)?),
+                serve::verp_key(&config)?,
+            );
+            let mut paths = Vec::new();
+            for f in &files {
+                bounce_parse::collect_files(f, &mut paths)?;
+            }
+            let mut records = 0usize;
+            for path in paths {
+                let data =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                for src in bounce_parse::split_messages(&path, data) {
+                    let name = match src.message {
+                        Some(n) => format!("{}#{n}", src.file),
+                        None => src.file.clone(),
+                    };
+                    let ingested = ingest.ingest(&src.raw, &[], None).await?;
+                    if ingested.is_empty() {
+                        writeln!(out, "{name}: no bounce record")?;
+                    }
+                    for i in &ingested {
+                        out.write_all(bounces::render_ingested(&name, i).as_bytes())?;
+                    }
+                    records += ingested.len();
+                }
+            }
+            writeln!(out, "{records} bounce records stored")?;
+        }
+        Request::SuppressList { json } => {
+            let reader = crate::store::sqlite::open_read_only(&config)?;
+            let list = reader.suppression_list(now_ms())?;
+            out.write_all(bounces::render_suppressions(&list, json).as_bytes())?;
+        }
+        Request::SuppressAdd { address, reason } => {
+            if !address.contains('@') {
+                anyhow::bail!("not an address: {address:?}");
+            }
+            let store = open_store(&config)?;
+            let now = now_ms();
+            let expiry = config.suppression.expiry;
+            store
+                .suppress(crate::store::Suppression {
+                    address: address.clone(),
+                    reason,
+                    source: "manual".to_string(),
+                    first_at_ms: now,
+                    last_at_ms: now,
+                    count: 1,
+                    expires_at_ms: (!expiry.is_zero())
+                        .then(|| now + i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX / 2)),
+                })
+                .await?;
+            writeln!(out, "{address} suppressed")?;
+        }
+        Request::SuppressRemove { address } => {
+            let store = open_store(&config)?;
+            if store.unsuppress(&address).await? {
+                writeln!(out, "{address} removed from the suppression list")?;
+            } else {
+                writeln!(out, "{address} was not suppressed")?;
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Request::SuppressCheck { address } => {
+            let store = open_store(&config)?;
+            match store.suppressed(&address, now_ms()).await? {
+                Some(s) => out.write_all(bounces::render_suppressions(&[s], false).as_bytes())?,
+                None => {
+                    writeln!(out, "{address} is not suppressed")?;
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        Request::Serve | Request::HashPassword | Request::BounceParse { .. } => {
+            unreachable!("handled before the store is opened")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

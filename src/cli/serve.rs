@@ -44,13 +44,36 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let store: Arc<dyn Store> = crate::store::sqlite::open(&config)?;
     let shutdown = CancellationToken::new();
 
+    let delivery = crate::delivery::Delivery::start(
+        config.clone(),
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )?;
+    let delivery_wake = delivery.waker();
+    let bounce_wake = Arc::new(tokio::sync::Notify::new());
+    let ingest = Arc::new(crate::bounce::ingest::BounceIngest::new(
+        config.clone(),
+        store.clone(),
+        metrics.clone(),
+        Arc::new(load_classifier(&config)?),
+        verp_key(&config)?,
+    ));
+    let bounces = ingest.spawn(bounce_wake.clone(), shutdown.clone());
     let smtp = crate::smtp::SmtpServer::bind(
         config.clone(),
         store.clone(),
-        Arc::new(crate::smtp::RelayPolicy),
+        Arc::new(submission_policy(&config, &store, &metrics)?),
         metrics.clone(),
     )
-    .await?;
+    .await?
+    .with_accept_hook(Arc::new(move |inbound_bounce| {
+        if inbound_bounce {
+            bounce_wake.notify_one();
+        } else {
+            delivery_wake.notify_one();
+        }
+    }));
     let http = crate::api::serve(
         &config.http.listen,
         crate::api::ApiState {
@@ -75,11 +98,77 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     });
 
     smtp.run(shutdown.clone()).await;
+    delivery.join().await;
+    let _ = bounces.await;
     for task in http {
         let _ = task.await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The VERP MAC key, when a bounce domain is configured (created at first start).
+pub fn verp_key(config: &Config) -> anyhow::Result<Option<Vec<u8>>> {
+    if config.delivery.bounce_domain.is_empty() {
+        return Ok(None);
+    }
+    let path = config
+        .delivery
+        .verp_key_file
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("verp.key"));
+    Ok(Some(crate::delivery::verp_sender::load_or_create_key(
+        &path,
+    )?))
+}
+
+/// Built-in bounce rules, with `[bounce] rules_file` tried first when set.
+pub fn load_classifier(config: &Config) -> anyhow::Result<crate::bounce::Classifier> {
+    let user = match &config.bounce.rules_file {
+        Some(path) => std::fs::read_to_string(path).with_context(|| {
+            format!("config key `bounce.rules_file`: reading {}", path.display())
+        })?,
+        None => String::new(),
+    };
+    crate::bounce::Classifier::with_user_rules(&user).with_context(|| {
+        format!(
+            "config key `bounce.rules_file`: {}",
+            config
+                .bounce
+                .rules_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        )
+    })
+}
+
+/// The RCPT-time checks: bounce domain (VERP key), relay, suppression, domain check.
+fn submission_policy(
+    config: &Arc<Config>,
+    store: &Arc<dyn Store>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<crate::checks::SubmissionPolicy> {
+    let verp_key = verp_key(config)?;
+    let domains = if config.checks.domain_check {
+        let resolver =
+            crate::delivery::dns::MxResolver::new(&config.dns.nameservers, config.dns.timeout)
+                .context("setting up the DNS resolver for the domain check")?;
+        Some(crate::checks::DomainCheck::new(
+            resolver,
+            config.checks.domain_check_timeout,
+            config.checks.domain_cache_ttl,
+        ))
+    } else {
+        None
+    };
+    Ok(crate::checks::SubmissionPolicy::new(
+        config.clone(),
+        store.clone(),
+        metrics.clone(),
+        verp_key,
+        domains,
+    ))
 }
 
 async fn wait_for_signal() {

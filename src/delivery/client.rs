@@ -2,10 +2,11 @@
 //! every RCPT reply and the DATA reply are kept (its `send()` stops at the first rejected
 //! recipient, which would lose outcomes).
 //!
-//! `mail-send` reads replies with `smtp-proto`'s `ResponseReceiver`, which keeps multi-line
-//! texts (joined with `\n`, the enhanced status code of each line removed and kept once in
-//! `esc`) and parses a pipelined group of replies in order (`cmds`), so no reply is lost in
-//! the normal protocol flow; this module therefore does not parse replies itself.
+//! Replies are parsed by `smtp-proto`'s `ResponseReceiver`, which keeps multi-line texts
+//! (joined with `\n`, the enhanced status code of each line removed and kept once in `esc`).
+//! Single commands go through `mail-send`'s `cmd`; a pipelined group (RFC 2920) is read with
+//! that parser directly ([`Connection::pipelined`]) because `mail-send`'s `cmds` returns
+//! nothing when the server hangs up part-way, losing the replies that did arrive.
 //!
 //! [`connect`] walks the targets (next MX on connect failure, timeout or 4xx before MAIL; a
 //! 5xx greeting or EHLO/HELO applies to every recipient and stops the walk), does EHLO (HELO
@@ -227,6 +228,9 @@ pub struct TransactionReplies {
     pub data: Option<Reply>,
     /// What cut the transaction short (timeout, connection lost).
     pub error: Option<String>,
+    /// The transaction was not attempted because it cannot succeed on this peer (RFC 3463
+    /// status and text): SMTPUTF8 needed but not offered (RFC 6531 §3.2, `5.6.7`).
+    pub refused_locally: Option<(&'static str, String)>,
 }
 
 /// RFC 3461 §4 xtext: `+XX` for `+`, `=`, and anything outside `!`..`~`.
@@ -273,7 +277,10 @@ pub fn mail_command(env: &Envelope, size: usize, capabilities: u32) -> String {
     if env.eight_bit && capabilities & EXT_8BIT_MIME != 0 {
         cmd.push_str(" BODY=8BITMIME");
     }
-    if env.smtputf8 && capabilities & EXT_SMTP_UTF8 != 0 {
+    let needs_utf8 = env.smtputf8
+        || !env.sender.is_ascii()
+        || env.recipients.iter().any(|r| !r.address.is_ascii());
+    if needs_utf8 && capabilities & EXT_SMTP_UTF8 != 0 {
         cmd.push_str(" SMTPUTF8");
     }
     if capabilities & EXT_DSN != 0 {
@@ -541,6 +548,19 @@ impl Connection {
             rcpt: vec![None; env.recipients.len()],
             ..Default::default()
         };
+        let needs_utf8 =
+            !env.sender.is_ascii() || env.recipients.iter().any(|r| !r.address.is_ascii());
+        if needs_utf8 && caps & EXT_SMTP_UTF8 == 0 {
+            out.refused_locally = Some((
+                "5.6.7",
+                format!(
+                    "{} does not support SMTPUTF8, which the non-ASCII addresses of this \
+                     message need",
+                    self.host
+                ),
+            ));
+            return out;
+        }
         let chunking = caps & EXT_CHUNKING != 0;
         let mut commands = vec![mail_command(env, body.len(), caps)];
         commands.extend(env.recipients.iter().map(|r| rcpt_command(r, caps)));
@@ -550,13 +570,9 @@ impl Connection {
         }
 
         let replies: Vec<Reply> = if caps & EXT_PIPELINING != 0 {
-            match self.client.cmds(commands.iter()).await {
-                Ok(r) => r.iter().map(Reply::from_response).collect(),
-                Err(e) => {
-                    out.error = Some(mail_error(&e).1);
-                    return out;
-                }
-            }
+            let (got, error) = self.pipelined(&commands).await;
+            out.error = error;
+            got
         } else {
             let mut got = Vec::new();
             for (i, c) in commands.iter().enumerate() {
@@ -631,6 +647,52 @@ impl Connection {
         out
     }
 
+    /// Sends a pipelined group (RFC 2920) and reads its replies in order with `smtp-proto`'s
+    /// parser directly: `mail-send`'s `cmds` returns nothing when the group is cut short
+    /// (e.g. `421` to MAIL, then the server hangs up), which would lose the replies that did
+    /// arrive. Returns the replies received and what ended the group early, if anything.
+    pub(crate) async fn pipelined(&mut self, commands: &[String]) -> (Vec<Reply>, Option<String>) {
+        use tokio::io::AsyncReadExt;
+        let stream = &mut self.client.stream;
+        let mut wire = Vec::new();
+        for c in commands {
+            wire.extend_from_slice(c.as_bytes());
+        }
+        let deadline = tokio::time::Instant::now() + self.command_timeout;
+        let write = async {
+            stream.write_all(&wire).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return (Vec::new(), Some(format!("sending commands: {e}"))),
+            Err(_) => return (Vec::new(), Some("timeout sending commands".to_string())),
+        }
+        let mut out = Vec::with_capacity(commands.len());
+        let mut parser = smtp_proto::response::parser::ResponseReceiver::default();
+        let mut buf = vec![0u8; 4096];
+        while out.len() < commands.len() {
+            let n = match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Ok(Ok(0)) => return (out, Some("connection closed by server".to_string())),
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return (out, Some(format!("reading replies: {e}"))),
+                Err(_) => return (out, Some("timeout waiting for the server".to_string())),
+            };
+            let mut bytes = buf.get(..n).unwrap_or_default().iter();
+            while out.len() < commands.len() {
+                match parser.parse(&mut bytes) {
+                    Ok(r) => {
+                        out.push(Reply::from_response(&r));
+                        parser.reset();
+                    }
+                    Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
+                    Err(e) => return (out, Some(format!("unparseable reply: {e:?}"))),
+                }
+            }
+        }
+        (out, None)
+    }
+
     async fn dot_stuffed(&mut self, body: &[u8], data_timeout: Duration) -> Result<Reply, String> {
         let client = &mut self.client;
         let wire = dot_stuff(body);
@@ -684,6 +746,8 @@ pub struct RecipientResult {
     pub reply: Option<Reply>,
     /// The reply text, or the local description when there is no reply.
     pub text: String,
+    /// A permanent failure decided here without a reply, with its RFC 3463 status.
+    pub local_permanent: Option<&'static str>,
 }
 
 /// Pairs each recipient with the reply that decides it: a failed MAIL (or no MAIL reply)
@@ -698,12 +762,26 @@ pub fn per_recipient(t: &TransactionReplies) -> Vec<RecipientResult> {
         stage,
         reply: Some(r.clone()),
         text: r.text.clone(),
+        local_permanent: None,
     };
     let missing = |stage| RecipientResult {
         stage,
         reply: None,
         text: lost.clone(),
+        local_permanent: None,
     };
+    if let Some((status, text)) = &t.refused_locally {
+        return t
+            .rcpt
+            .iter()
+            .map(|_| RecipientResult {
+                stage: Stage::Mail,
+                reply: None,
+                text: text.clone(),
+                local_permanent: Some(status),
+            })
+            .collect();
+    }
     t.rcpt
         .iter()
         .map(|rcpt| match &t.mail {
@@ -819,6 +897,7 @@ mod tests {
             ],
             data: Some(reply(250, Some("2.0.0"), "queued as X")),
             error: None,
+            refused_locally: None,
         };
         let r = per_recipient(&t);
         assert_eq!(r[0].stage, Stage::Data);
@@ -835,6 +914,7 @@ mod tests {
             rcpt: vec![None, None],
             data: None,
             error: None,
+            refused_locally: None,
         };
         assert!(
             per_recipient(&t)
@@ -846,12 +926,28 @@ mod tests {
             rcpt: vec![Some(reply(250, None, "ok")), Some(reply(550, None, "no"))],
             data: None,
             error: Some("connection lost".into()),
+            refused_locally: None,
         };
         let r = per_recipient(&t);
         assert_eq!(r[0].stage, Stage::Data);
         assert_eq!(r[0].reply, None);
         assert_eq!(r[0].text, "connection lost");
         assert_eq!(r[1].reply.as_ref().unwrap().code, 550);
+    }
+
+    #[test]
+    fn local_refusal_fails_every_recipient_permanently() {
+        let t = TransactionReplies {
+            rcpt: vec![None, None],
+            refused_locally: Some(("5.6.7", "no SMTPUTF8".into())),
+            ..Default::default()
+        };
+        let r = per_recipient(&t);
+        assert_eq!(r.len(), 2);
+        assert!(
+            r.iter()
+                .all(|r| r.local_permanent == Some("5.6.7") && r.reply.is_none())
+        );
     }
 
     #[test]

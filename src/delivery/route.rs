@@ -35,6 +35,10 @@ pub enum SenderMode {
     Verp,
 }
 
+/// Most recipients in one transaction (Postfix `smtp_destination_recipient_limit`); servers
+/// commonly refuse the 101st with `452 4.5.3`, which would cost the rest a retry interval.
+pub const MAX_RECIPIENTS_PER_TRANSACTION: usize = 50;
+
 /// One planned SMTP transaction: recipients (by index) that share a destination and sender.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Batch {
@@ -112,9 +116,11 @@ pub fn plan(routes: &[RouteConfig], msg: &QueuedMessage, verp_enabled: bool) -> 
             SenderMode::Original
         };
         if sender == SenderMode::Original
-            && let Some(b) = batches
-                .iter_mut()
-                .find(|b| b.destination == destination && b.sender == SenderMode::Original)
+            && let Some(b) = batches.iter_mut().find(|b| {
+                b.destination == destination
+                    && b.sender == SenderMode::Original
+                    && b.recipients.len() < MAX_RECIPIENTS_PER_TRANSACTION
+            })
         {
             b.recipients.push(rcpt.index);
             continue;
@@ -294,6 +300,18 @@ mod tests {
         let b = plan(&[], &m, true);
         assert_eq!(b.len(), 1);
         assert_eq!(b[0].sender, SenderMode::Original);
+    }
+
+    #[test]
+    fn large_batches_split_at_the_recipient_limit() {
+        let addrs: Vec<String> = (0..120).map(|i| format!("r{i}@x.example")).collect();
+        let refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let b = plan(&[], &msg("s@a.example", &refs), false);
+        let sizes: Vec<usize> = b.iter().map(|b| b.recipients.len()).collect();
+        assert_eq!(sizes, vec![50, 50, 20]);
+        let mut all: Vec<u32> = b.iter().flat_map(|b| b.recipients.clone()).collect();
+        all.sort();
+        assert_eq!(all, (0..120).collect::<Vec<u32>>());
     }
 
     #[test]

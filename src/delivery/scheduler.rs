@@ -16,6 +16,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::bounce::classify::{Classifier, Evidence};
+use crate::bounce::reason::{BounceReason, BounceType, bounce_type};
 use crate::config::{Config, RouteConfig, TlsPolicy};
 use crate::metrics::{Metrics, OutcomeLabel, class_of};
 use crate::receipt::ReceiptId;
@@ -45,6 +47,8 @@ pub enum DeliveryError {
     Route { route: usize, message: String },
     #[error("DNS resolver: {0}")]
     Resolver(String),
+    #[error("bounce rules: {0}")]
+    Rules(String),
     #[error(transparent)]
     VerpKey(#[from] super::verp_sender::VerpKeyError),
 }
@@ -118,6 +122,8 @@ struct Context {
     mx_settings: SessionSettings,
     route_settings: Vec<SessionSettings>,
     pool: Pool,
+    /// Built-in reply classification plus `[bounce] rules_file`, if set.
+    classifier: Option<Classifier>,
 }
 
 impl Context {
@@ -160,7 +166,19 @@ impl Context {
                 Ok(base(r.tls, r.implicit_tls, connector, auth))
             })
             .collect::<Result<Vec<_>, DeliveryError>>()?;
+        let classifier = match &config.bounce.rules_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| DeliveryError::Rules(format!("{}: {e}", path.display())))?;
+                Some(
+                    Classifier::with_user_rules(&text)
+                        .map_err(|e| DeliveryError::Rules(format!("{}: {e}", path.display())))?,
+                )
+            }
+        };
         Ok(Self {
+            classifier,
             policy: RetryPolicy::from_config(d),
             verp: VerpSender::from_config(&config)?,
             pool: Pool::new(d.max_connections, d.max_connections_per_destination),
@@ -172,6 +190,12 @@ impl Context {
             metrics,
             shutdown,
         })
+    }
+
+    fn classifier(&self) -> &Classifier {
+        self.classifier
+            .as_ref()
+            .unwrap_or_else(|| Classifier::builtin())
     }
 
     fn settings(&self, dest: &Destination) -> &SessionSettings {
@@ -517,6 +541,37 @@ async fn update_queue_gauges(ctx: &Context) {
 async fn deliver_message(ctx: Arc<Context>, msg: QueuedMessage) {
     let body = match ctx.store.body(msg.receipt).await {
         Ok(b) => Arc::new(b),
+        Err(crate::store::StoreError::NotFound(what)) => {
+            // Nothing can ever be delivered; say so instead of retrying every second.
+            tracing::error!(receipt = %msg.receipt, %what, "message body missing");
+            let now = now_ms();
+            let attempts = msg
+                .recipients
+                .iter()
+                .map(|r| AttemptRecord {
+                    receipt: msg.receipt,
+                    rcpt_index: r.index,
+                    at_ms: now,
+                    status: RecipientStatus::Failed,
+                    next_attempt_at_ms: None,
+                    stage: Stage::Local,
+                    remote_host: None,
+                    remote_ip: None,
+                    tls_version: None,
+                    tls_cipher: None,
+                    reply_code: None,
+                    enhanced_status: Some("5.3.0".to_string()),
+                    reply_text: format!("message body missing from the store: {what}"),
+                    duration_ms: 0,
+                    reason: Some(BounceReason::SystemError.as_str().to_string()),
+                    bounce_type: None,
+                })
+                .collect();
+            if let Err(e) = ctx.store.record_attempts(attempts, Vec::new()).await {
+                tracing::error!(receipt = %msg.receipt, error = %e, "cannot record");
+            }
+            return;
+        }
         Err(e) => {
             tracing::error!(receipt = %msg.receipt, error = %e, "cannot load message body");
             return;
@@ -634,6 +689,7 @@ async fn transact(
                             stage: Stage::Dns,
                             reply: None,
                             text: f.text.clone(),
+                            local_permanent: None,
                         };
                         n
                     ],
@@ -671,6 +727,7 @@ async fn transact(
                             stage: Stage::Connect,
                             reply: e.reply.clone(),
                             text,
+                            local_permanent: None,
                         };
                         n
                     ],
@@ -692,9 +749,10 @@ async fn transact(
     let results = client::per_recipient(&replies);
     let kinds = results
         .iter()
-        .map(|r| match &r.reply {
-            Some(reply) => AttemptResult::Reply(reply.code),
-            None => AttemptResult::Temporary,
+        .map(|r| match (&r.reply, r.local_permanent) {
+            (Some(reply), _) => AttemptResult::Reply(reply.code),
+            (None, Some(_)) => AttemptResult::Permanent,
+            (None, None) => AttemptResult::Temporary,
         })
         .collect();
     let outcome = Outcome {
@@ -748,18 +806,17 @@ async fn record(
             .reply
             .as_ref()
             .and_then(|r| r.enhanced_status.clone())
+            .or(result.local_permanent.map(str::to_string))
             .or(outcome.local_status.map(str::to_string));
-        let reason = match v.status {
-            RecipientStatus::Expired => Some("expired".to_string()),
-            RecipientStatus::Failed | RecipientStatus::Deferred => {
-                outcome.local_reason.map(str::to_string)
-            }
-            _ => None,
-        };
-        let bounce_type = match (v.status, outcome.local_reason.is_some()) {
-            (RecipientStatus::Failed, true) => Some("hard".to_string()),
-            (RecipientStatus::Expired, _) => Some("soft".to_string()),
-            _ => None,
+        let (reason, bounce_type) = match classify(
+            ctx.classifier(),
+            v.status,
+            result,
+            enhanced.as_deref(),
+            outcome.local_reason,
+        ) {
+            Some((r, t)) => (Some(r.as_str().to_string()), Some(t.as_str().to_string())),
+            None => (None, None),
         };
         if let Some(r) = &result.reply {
             ctx.metrics
@@ -878,5 +935,127 @@ async fn record(
     if had_dsns {
         // The DSNs are queued mail themselves; the loop picks them up on its next pass.
         tracing::debug!(receipt = %msg.receipt, "DSN queued");
+    }
+}
+
+/// Reason and bounce type (Sisimai vocabulary) of a recipient that was not delivered: the
+/// expiry itself, the local DNS verdict, or the bounce classifier's reading of the reply —
+/// the same labels an asynchronous bounce with that content would get.
+fn classify(
+    classifier: &Classifier,
+    status: RecipientStatus,
+    result: &RecipientResult,
+    enhanced: Option<&str>,
+    local_reason: Option<&str>,
+) -> Option<(BounceReason, BounceType)> {
+    let code = result.reply.as_ref().map(|r| r.code);
+    let reason = match status {
+        RecipientStatus::Expired => BounceReason::Expired,
+        RecipientStatus::Failed | RecipientStatus::Deferred => {
+            if let Some(r) = local_reason.and_then(|r| r.parse::<BounceReason>().ok()) {
+                r
+            } else if let Some(reply) = &result.reply {
+                return Some(classifier.classify_reply(reply.code, enhanced, &reply.text));
+            } else {
+                let failed = status == RecipientStatus::Failed;
+                classifier.reason(&Evidence {
+                    status: enhanced,
+                    reply_code: None,
+                    diagnostic: &result.text,
+                    action: Some(if failed { "failed" } else { "delayed" }),
+                    command: None,
+                })
+            }
+        }
+        _ => return None,
+    };
+    Some((reason, bounce_type(reason, enhanced, code)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::client::Reply;
+
+    fn replied(code: u16, esc: &str, text: &str) -> RecipientResult {
+        RecipientResult {
+            stage: Stage::Rcpt,
+            reply: Some(Reply {
+                code,
+                enhanced_status: Some(esc.to_string()),
+                text: text.to_string(),
+            }),
+            text: text.to_string(),
+            local_permanent: None,
+        }
+    }
+
+    fn local(text: &str) -> RecipientResult {
+        RecipientResult {
+            stage: Stage::Dns,
+            reply: None,
+            text: text.to_string(),
+            local_permanent: None,
+        }
+    }
+
+    #[test]
+    fn replies_get_the_bounce_classifiers_labels() {
+        let c = Classifier::builtin();
+        let r = replied(550, "5.1.1", "user unknown");
+        assert_eq!(
+            classify(c, RecipientStatus::Failed, &r, Some("5.1.1"), None),
+            Some((BounceReason::UserUnknown, BounceType::Hard))
+        );
+        let r = replied(452, "4.2.2", "mailbox full");
+        let (reason, kind) =
+            classify(c, RecipientStatus::Deferred, &r, Some("4.2.2"), None).unwrap();
+        assert_eq!(reason, BounceReason::MailboxFull);
+        assert_eq!(kind, BounceType::Soft);
+        assert_eq!(
+            classify(
+                c,
+                RecipientStatus::Delivered,
+                &replied(250, "2.0.0", "ok"),
+                None,
+                None
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn local_verdicts_and_expiry_keep_their_own_reason() {
+        let c = Classifier::builtin();
+        assert_eq!(
+            classify(
+                c,
+                RecipientStatus::Failed,
+                &local("null MX"),
+                Some("5.1.10"),
+                Some("notaccept")
+            ),
+            Some((BounceReason::NotAccept, BounceType::Hard))
+        );
+        assert_eq!(
+            classify(
+                c,
+                RecipientStatus::Failed,
+                &local("NXDOMAIN"),
+                Some("5.1.2"),
+                Some("hostunknown")
+            ),
+            Some((BounceReason::HostUnknown, BounceType::Hard))
+        );
+        let expired = classify(
+            c,
+            RecipientStatus::Expired,
+            &replied(451, "4.3.0", "try later"),
+            Some("4.3.0"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(expired.0, BounceReason::Expired);
+        assert_ne!(expired.1, BounceType::Hard);
     }
 }

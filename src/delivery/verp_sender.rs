@@ -1,19 +1,14 @@
 //! The VERP envelope sender of each recipient's copy, and the key its MAC uses.
 //!
-//! Address form (ARCHITECTURE.md): `<local>+<receipt>-<rcpt index>-<mac>@<bounce domain>`;
-//! `<mac>` is HMAC-SHA256 over `<RECEIPT>-<index>` truncated to 40 bits, 8 lowercase Crockford
-//! base32 characters — the same encoding the bounce stage decodes.
+//! The address form and MAC are [`crate::bounce::verp`]'s (one encoding, decoded by the
+//! bounce stage); this module adds the configuration and the key file, which the bounce
+//! stage reads through [`VerpSender::from_config`] / [`load_or_create_key`] as well.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
-
 use crate::config::Config;
 use crate::receipt::ReceiptId;
-
-const ALPHABET: &[u8; 32] = b"0123456789abcdefghjkmnpqrstvwxyz";
 
 /// Builds VERP senders for one bounce domain with one key.
 #[derive(Clone)]
@@ -65,7 +60,7 @@ impl VerpSender {
 
     /// The envelope sender for recipient `rcpt_index` of `receipt`.
     pub fn sender(&self, receipt: ReceiptId, rcpt_index: u32) -> String {
-        encode(&self.key, &self.local, &self.domain, receipt, rcpt_index)
+        crate::bounce::verp::encode(&self.key, &self.local, &self.domain, receipt, rcpt_index)
     }
 }
 
@@ -111,46 +106,20 @@ pub fn load_or_create_key(path: &Path) -> Result<Vec<u8>, VerpKeyError> {
     }
 }
 
-/// `<local>+<receipt lower-case>-<index>-<mac>@<domain>`.
-pub fn encode(
-    key: &[u8],
-    local: &str,
-    domain: &str,
-    receipt: ReceiptId,
-    rcpt_index: u32,
-) -> String {
-    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
-        // HMAC accepts keys of every length; this arm cannot be taken.
-        return format!("{local}@{domain}");
-    };
-    mac.update(receipt.to_string().as_bytes());
-    mac.update(b"-");
-    mac.update(rcpt_index.to_string().as_bytes());
-    let tag = mac.finalize().into_bytes();
-    let v = tag
-        .iter()
-        .take(5)
-        .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
-    let mac: String = (0..8)
-        .map(|i| {
-            let idx = ((v >> (5 * (7 - i))) & 0x1f) as usize;
-            char::from(ALPHABET.get(idx).copied().unwrap_or(b'0'))
-        })
-        .collect();
-    format!(
-        "{local}+{}-{rcpt_index}-{mac}@{domain}",
-        receipt.to_string().to_ascii_lowercase()
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    use crate::bounce::verp::{decode, encode};
+
     #[test]
     fn sender_names_receipt_and_index_with_a_keyed_mac() {
         let r = ReceiptId::from_u128(0x0123_4567_89ab_cdef_0123_4567_89ab_cdef);
-        let a = encode(b"k1", "bounces", "b.example", r, 3);
+        let v = VerpSender::new(b"k1".to_vec(), "bounces", "b.example");
+        let a = v.sender(r, 3);
+        let tag = decode(b"k1", "bounces", "b.example", &a).unwrap();
+        assert_eq!((tag.receipt, tag.rcpt_index), (r, 3));
+        assert!(decode(b"k2", "bounces", "b.example", &a).is_err());
         let (local, domain) = a.rsplit_once('@').unwrap();
         assert_eq!(domain, "b.example");
         let parts: Vec<&str> = local.split(['+', '-']).collect();

@@ -60,7 +60,13 @@ struct Shared {
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
     limits: ConnectionLimits,
+    /// Told after each durable accept (argument: the message is inbound bounce mail), so the
+    /// next stage looks now instead of at its next timer.
+    on_accept: Option<AcceptHook>,
 }
+
+/// See [`SmtpServer::with_accept_hook`].
+pub type AcceptHook = Arc<dyn Fn(bool) + Send + Sync>;
 
 impl SmtpServer {
     /// Binds `smtp.listen` and `smtp.tls_listen`, loads or generates the TLS certificate and
@@ -100,11 +106,21 @@ impl SmtpServer {
             policy,
             auth,
             metrics,
+            on_accept: None,
         };
         Ok(SmtpServer {
             listeners,
             shared: Arc::new(shared),
         })
+    }
+
+    /// Calls `hook(inbound_bounce)` after every message made durable (wakes delivery or the
+    /// bounce stage). Must be set before [`SmtpServer::run`].
+    pub fn with_accept_hook(mut self, hook: AcceptHook) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.on_accept = Some(hook);
+        }
+        self
     }
 
     /// The bound addresses: plain listeners first, then implicit-TLS ones (useful with port 0).
@@ -445,8 +461,12 @@ impl Connection<'_> {
         let size = message.body.len() as u64;
         let recipients = message.recipients.len() as u64;
         let client = message.client_ip;
+        let inbound_bounce = message.inbound_bounce;
         match self.shared.store.accept(message).await {
             Ok(()) => {
+                if let Some(hook) = &self.shared.on_accept {
+                    hook(inbound_bounce);
+                }
                 let m = &self.shared.metrics;
                 m.messages_accepted.inc();
                 m.recipients_accepted.inc_by(recipients);

@@ -21,6 +21,10 @@ use super::reply::Reply;
 use crate::config::Config;
 use crate::receipt::ReceiptId;
 use crate::spool::{AcceptedMessage, AcceptedRecipient, DsnRet, Notify, PresetOutcome};
+use crate::store::RecipientStatus;
+
+/// Longest refused address kept for the mail log; the rest is cut.
+const MAX_RECORDED_ADDRESS: usize = 320;
 
 /// The limits and offers of one listener, fixed for a session.
 #[derive(Debug, Clone)]
@@ -169,6 +173,9 @@ struct Transaction {
     eight_bit: bool,
     smtputf8: bool,
     recipients: Vec<AcceptedRecipient>,
+    /// Recipients refused for bad syntax (`553 5.1.3`): stored with the message as
+    /// `rejected`/`syntaxerror` so the mail log shows the attempt to reach them.
+    refused: Vec<AcceptedRecipient>,
     /// Set by the first accepted recipient: `true` when it is for the bounce domain.
     inbound_bounce: Option<bool>,
     /// The BDAT content so far, once the first chunk arrived.
@@ -553,6 +560,11 @@ impl Session {
         let request = match Request::parse(&mut line.iter()) {
             Ok(request) => request,
             Err(e) => {
+                if matches!(e, ParseError::InvalidRecipientAddress)
+                    && let Some(address) = forward_path_text(line)
+                {
+                    self.record_refused(address);
+                }
                 let reply = parse_error_reply(e);
                 self.reply(out, reply);
                 return;
@@ -694,6 +706,7 @@ impl Session {
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
             smtputf8,
             recipients: Vec::new(),
+            refused: Vec::new(),
             inbound_bounce: None,
             chunks: None,
         });
@@ -715,10 +728,9 @@ impl Session {
         }
         let address = to.address.into_owned();
         if !is_mailbox(&address) && !address.eq_ignore_ascii_case("postmaster") {
-            return self.reply(
-                out,
-                Reply::new(553, "5.1.3", "Bad recipient address syntax"),
-            );
+            self.record_refused(address);
+            let reply = Reply::new(553, "5.1.3", "Bad recipient address syntax");
+            return self.reply(out, reply);
         }
         if !tx.smtputf8 && !address.is_ascii() {
             return self.reply(
@@ -741,6 +753,25 @@ impl Session {
             preset: None,
         }));
         out.push(Action::CheckRecipient(check));
+    }
+
+    /// Keeps a recipient refused for its syntax, to be stored as `rejected`/`syntaxerror`
+    /// with the message (if the transaction completes). Bounded like accepted recipients.
+    fn record_refused(&mut self, address: String) {
+        if let Some(tx) = self.transaction.as_mut()
+            && tx.refused.len() < self.config.max_recipients
+        {
+            tx.refused.push(AcceptedRecipient {
+                address: address.chars().take(MAX_RECORDED_ADDRESS).collect(),
+                orcpt: None,
+                notify: None,
+                preset: Some(PresetOutcome {
+                    status: RecipientStatus::Rejected,
+                    reason: "syntaxerror".to_string(),
+                    text: "553 5.1.3 Bad recipient address syntax".to_string(),
+                }),
+            });
+        }
     }
 
     fn data(&mut self, out: &mut Vec<Action>) {
@@ -808,6 +839,11 @@ impl Session {
             Ok(body) => body,
             Err(e) => return self.reply(out, self.content_error_reply(e)),
         };
+        let refused = if tx.inbound_bounce == Some(true) {
+            Vec::new()
+        } else {
+            tx.refused
+        };
         let envelope = Envelope {
             client_ip: self.peer.ip,
             helo: self.helo.clone().unwrap_or_default(),
@@ -823,13 +859,15 @@ impl Session {
             inbound_bounce: tx.inbound_bounce.unwrap_or(false),
         };
         let receipt = ReceiptId::new();
-        let message = message::build(
+        let mut message = message::build(
             envelope,
             &body,
             receipt,
             chrono::Utc::now(),
             &self.config.hostname,
         );
+        // After the accepted ones, so their indexes (VERP, DSN) are unaffected.
+        message.recipients.extend(refused);
         self.phase = Phase::Waiting(Pending::Store { receipt });
         out.push(Action::Store(Box::new(message)));
     }
@@ -1010,6 +1048,21 @@ fn is_rcpt_postmaster(line: &[u8]) -> bool {
 }
 
 /// `local@domain` with both parts present. The parser has checked the characters.
+/// The forward-path as the client wrote it in a `RCPT TO:` line smtp-proto refused:
+/// between `<` and `>` (or up to the first space), printable characters only.
+fn forward_path_text(line: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(line);
+    let upper = text.to_ascii_uppercase();
+    let start = upper.find("TO:")? + 3;
+    let rest = text.get(start..)?.trim_start();
+    let path = match rest.strip_prefix('<') {
+        Some(inner) => inner.split('>').next().unwrap_or(""),
+        None => rest.split_whitespace().next().unwrap_or(""),
+    };
+    let path: String = path.chars().filter(|c| !c.is_control()).collect();
+    (!path.is_empty()).then_some(path)
+}
+
 fn is_mailbox(address: &str) -> bool {
     address
         .rsplit_once('@')
@@ -1741,6 +1794,27 @@ mod tests {
             r[0].preset.as_ref().unwrap().status,
             RecipientStatus::Suppressed
         );
+    }
+
+    #[test]
+    fn records_recipients_refused_for_syntax_as_rejected() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<no-domain>\r\n"),
+            "553 5.1.3 Bad recipient address syntax\r\n"
+        );
+        assert_eq!(c.send(b"RCPT TO:<ok@y.org>\r\n"), "250 2.1.5 Ok\r\n");
+        c.send(b"DATA\r\n");
+        c.send(MESSAGE);
+        let r = &c.stored[0].recipients;
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].address, "ok@y.org");
+        assert!(r[0].preset.is_none());
+        assert_eq!(r[1].address, "no-domain");
+        let preset = r[1].preset.as_ref().unwrap();
+        assert_eq!(preset.status, RecipientStatus::Rejected);
+        assert_eq!(preset.reason, "syntaxerror");
     }
 
     #[test]

@@ -20,6 +20,9 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Config tables for an instance that only accepts: no delivery, no domain check.
+pub const ACCEPT_ONLY: &str = "[delivery]\nenabled = false\n[checks]\ndomain_check = false\n";
+
 /// One mailtrail instance and its files. Killed on drop.
 pub struct Mailtrail {
     pub dir: tempfile::TempDir,
@@ -56,9 +59,10 @@ impl Mailtrail {
         m
     }
 
-    /// Accept-only instance (delivery off) with default SMTP settings.
+    /// Accept-only instance (delivery and the RCPT-time domain check off, so recipients stay
+    /// `queued` whatever this machine's DNS says) with default SMTP settings.
     pub fn start() -> Self {
-        Self::start_with("", "", "[delivery]\nenabled = false\n")
+        Self::start_with("", "", ACCEPT_ONLY)
     }
 
     pub fn data_dir(&self) -> PathBuf {

@@ -3,5 +3,6 @@
 #![allow(dead_code)]
 
 pub mod mailtrail;
+pub mod postfix;
 pub mod test_dns;
 pub mod test_mx;

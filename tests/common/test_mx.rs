@@ -21,6 +21,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub enum DropAt {
     /// Right after accepting the TCP connection, before the greeting.
     Connect,
+    /// Right after the reply to MAIL (as a server that says `421` and hangs up).
+    AfterMail,
     /// After reading the message body, before the final DATA reply.
     EndOfData,
 }
@@ -116,6 +118,8 @@ pub struct Seen {
 
 pub struct TestMx {
     pub addr: SocketAddr,
+    /// PEM of the self-signed certificate it presents (SANs mx.test, localhost, 127.0.0.1).
+    pub cert_pem: String,
     pub script: Arc<Mutex<Script>>,
     pub seen: Arc<Mutex<Seen>>,
     task: tokio::task::JoinHandle<()>,
@@ -137,7 +141,8 @@ impl TestMx {
         let addr = listener.local_addr().expect("local addr");
         let script = Arc::new(Mutex::new(script));
         let seen = Arc::new(Mutex::new(Seen::default()));
-        let tls = Arc::new(tls_acceptor());
+        let (acceptor, cert_pem) = tls_acceptor();
+        let tls = Arc::new(acceptor);
         let (s2, seen2) = (script.clone(), seen.clone());
         let task = tokio::spawn(async move {
             loop {
@@ -159,6 +164,7 @@ impl TestMx {
         });
         Self {
             addr,
+            cert_pem,
             script,
             seen,
             task,
@@ -190,9 +196,14 @@ impl TestMx {
     }
 }
 
-fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
-    let ck = rcgen::generate_simple_self_signed(vec!["mx.test".to_string(), "localhost".into()])
-        .expect("self-signed certificate");
+fn tls_acceptor() -> (tokio_rustls::TlsAcceptor, String) {
+    let ck = rcgen::generate_simple_self_signed(vec![
+        "mx.test".to_string(),
+        "localhost".into(),
+        "127.0.0.1".into(),
+    ])
+    .expect("self-signed certificate");
+    let pem = ck.cert.pem();
     let cert = ck.cert.der().clone();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
     let config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -203,7 +214,7 @@ fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
     .with_no_client_auth()
     .with_single_cert(vec![cert], key)
     .expect("server config");
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    (tokio_rustls::TlsAcceptor::from(Arc::new(config)), pem)
 }
 
 fn pop_or_repeat(q: &mut VecDeque<String>, default: &str) -> String {
@@ -337,6 +348,9 @@ async fn session(
             });
             let r = s.mail_reply.clone();
             send(&mut rd, s.reply_delay, &r).await?;
+            if s.drop_at == Some(DropAt::AfterMail) {
+                return Ok(());
+            }
             if !r.starts_with('2') {
                 tx = None;
             }

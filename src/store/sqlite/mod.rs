@@ -190,6 +190,13 @@ impl SqliteStore {
         &self.writer.stats
     }
 
+    /// Drops message bodies no longer needed: received before `before_ms`, every recipient
+    /// final (an inbound bounce: processed). The record of what happened stays. For
+    /// `mailtrail purge`; not part of [`Store`] yet.
+    pub async fn purge_bodies(&self, before_ms: i64) -> Result<usize, StoreError> {
+        self.write(move |c| write::purge_bodies(c, before_ms)).await
+    }
+
     /// `op` may run more than once (see the writer): it must only depend on what it captured.
     async fn write<R, F>(&self, op: F) -> Result<R, StoreError>
     where

@@ -76,15 +76,23 @@ fn sql_limit(limit: usize) -> i64 {
 
 const PENDING: &str = "status IN ('queued', 'deferred')";
 
+/// Receipts with a due recipient, oldest first. MATERIALIZED keeps the planner on the
+/// partial `recipients_due` index instead of walking the whole primary key in receipt order.
+pub(super) const DUE_RECEIPTS: &str = "
+    WITH due AS MATERIALIZED (
+        SELECT receipt FROM recipients
+        WHERE status IN ('queued', 'deferred') AND next_attempt_at <= ?1)
+    SELECT DISTINCT receipt FROM due ORDER BY receipt LIMIT ?2";
+
+/// Messages that name an address as a recipient or as the envelope sender.
+pub(super) const BY_ADDRESS: &str = "
+    receipt IN (SELECT receipt FROM recipients WHERE address_lc = ?1
+                UNION SELECT receipt FROM messages WHERE envelope_sender_lc = ?1)";
+
 pub fn due(conn: &Connection, now_ms: i64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError> {
     let tx = conn.unchecked_transaction().map_err(storage)?;
     let receipts: Vec<String> = {
-        let mut st = tx
-            .prepare_cached(&format!(
-                "SELECT DISTINCT receipt FROM recipients
-                 WHERE {PENDING} AND next_attempt_at <= ?1 ORDER BY receipt LIMIT ?2"
-            ))
-            .map_err(storage)?;
+        let mut st = tx.prepare_cached(DUE_RECEIPTS).map_err(storage)?;
         st.query_map(params![now_ms, sql_limit(limit)], |r| r.get(0))
             .and_then(|rows| rows.collect::<Result<_, _>>())
             .map_err(storage)?
@@ -236,8 +244,7 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
         LogKey::Address(a) => (
             format!(
                 "SELECT {columns} FROM messages
-                 WHERE receipt IN (SELECT receipt FROM recipients WHERE address_lc = ?1
-                                   UNION SELECT receipt FROM messages WHERE envelope_sender_lc = ?1)
+                 WHERE {BY_ADDRESS}
                    AND received_at >= ?2 AND received_at <= ?3
                  ORDER BY received_at DESC, receipt DESC LIMIT ?4"
             ),

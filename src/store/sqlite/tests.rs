@@ -1060,9 +1060,167 @@ async fn read_only_reader_sees_commits_while_the_writer_runs_and_refuses_a_missi
         .unwrap();
     assert_eq!(reader.log(&by_address("a@example.net")).unwrap().len(), 1);
     assert_eq!(reader.queue_list().unwrap().len(), 1);
+    drop(reader);
     drop(store);
 
     // After the server has stopped (WAL checkpointed and removed), reading still works.
+    assert!(!dir.path().join("mailtrail.db-wal").exists());
     let reader = SqliteReader::open_path(&path).unwrap();
     assert_eq!(reader.log(&by_address("a@example.net")).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_late_deferral_does_not_reopen_a_deleted_recipient() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let msg = message(1_000, "app@example.com", &["a@example.net"]);
+    let r = msg.receipt;
+    store.accept(msg).await.unwrap();
+    // Deleted by the admin while an attempt was in flight; the attempt then defers.
+    assert_eq!(store.queue_delete(r).await.unwrap(), 1);
+    store
+        .record_attempts(
+            vec![attempt(r, 0, 2_000, RecipientStatus::Deferred)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(store.due(i64::MAX, 10).await.unwrap().is_empty());
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    let a = &log[0].recipients[0];
+    assert_eq!(a.status, RecipientStatus::Failed);
+    let last = a.events.last().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.status),
+        ("attempt", RecipientStatus::Deferred)
+    );
+    assert_eq!(last.reply_code, Some(451));
+
+    // A final result of that attempt is what happened, so it is recorded.
+    store
+        .record_attempts(
+            vec![attempt(r, 0, 3_000, RecipientStatus::Delivered)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
+}
+
+fn query_plan(conn: &Connection, sql: &str) -> String {
+    let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+    let rows: Vec<String> = st
+        .query_map([], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    rows.join("\n")
+}
+
+#[test]
+fn hot_queries_use_their_indexes() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    drop(SqliteStore::open_path(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let plan = query_plan(
+        &conn,
+        &read::DUE_RECEIPTS.replace("?1", "5").replace("?2", "10"),
+    );
+    assert!(plan.contains("recipients_due"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        "SELECT MIN(next_attempt_at) FROM recipients WHERE status IN ('queued', 'deferred')",
+    );
+    assert!(plan.contains("recipients_due"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        &format!(
+            "SELECT receipt FROM messages WHERE {}",
+            read::BY_ADDRESS.replace("?1", "'a'")
+        ),
+    );
+    assert!(plan.contains("recipients_address"), "{plan}");
+    assert!(plan.contains("messages_sender"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        "SELECT receipt FROM messages WHERE message_id_key = 'x'",
+    );
+    assert!(plan.contains("messages_message_id"), "{plan}");
+    let plan = query_plan(&conn, "SELECT receipt FROM messages WHERE envid = 'x'");
+    assert!(plan.contains("messages_envid"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        "SELECT receipt FROM messages WHERE inbound_bounce = 1 AND inbound_processed_at IS NULL",
+    );
+    assert!(plan.contains("messages_inbound_pending"), "{plan}");
+}
+
+#[tokio::test]
+async fn a_panicking_command_fails_alone_and_the_writer_keeps_going() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let err = store
+        .write(|_| -> Result<(), StoreError> { panic!("bug in a write command") })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Storage(_)), "{err:?}");
+    store
+        .accept(message(1_000, "app@example.com", &["a@example.net"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.log(&by_address("a@example.net")).await.unwrap().len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn purge_drops_only_bodies_whose_recipients_are_all_final() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let done = message(1_000, "app@example.com", &["a@example.net"]);
+    let pending = message(1_000, "app@example.com", &["b@example.net"]);
+    let recent = message(9_000, "app@example.com", &["c@example.net"]);
+    let mut bounce = message(1_000, "", &["bounces@bounce.example"]);
+    bounce.inbound_bounce = true;
+    let (d, p, r, b) = (
+        done.receipt,
+        pending.receipt,
+        recent.receipt,
+        bounce.receipt,
+    );
+    for m in [done, pending, recent, bounce] {
+        store.accept(m).await.unwrap();
+    }
+    store
+        .record_attempts(
+            vec![
+                attempt(d, 0, 1_100, RecipientStatus::Delivered),
+                attempt(r, 0, 9_100, RecipientStatus::Delivered),
+            ],
+            vec![],
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(store.purge_bodies(5_000).await.unwrap(), 1);
+    assert!(matches!(store.body(d).await, Err(StoreError::NotFound(_))));
+    assert!(
+        store.body(p).await.is_ok(),
+        "pending recipient keeps its body"
+    );
+    assert!(store.body(r).await.is_ok(), "newer than the cut-off");
+    assert!(
+        store.body(b).await.is_ok(),
+        "unprocessed bounce mail is kept"
+    );
+    // The record of what happened stays.
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
+
+    store.mark_inbound_processed(b).await.unwrap();
+    assert_eq!(store.purge_bodies(5_000).await.unwrap(), 1);
+    assert!(matches!(store.body(b).await, Err(StoreError::NotFound(_))));
 }

@@ -172,48 +172,70 @@ pub fn accept(conn: &Connection, msg: &AcceptedMessage) -> Result<(), StoreError
     Ok(())
 }
 
-pub fn record_attempt(conn: &Connection, a: &AttemptRecord) -> Result<(), StoreError> {
-    let receipt = a.receipt.to_string();
+fn update_after_attempt(
+    conn: &Connection,
+    receipt: &str,
+    a: &AttemptRecord,
+    counted: i64,
+) -> Result<(), StoreError> {
     let deferred = a.status == RecipientStatus::Deferred;
     let next = if a.status.is_pending() {
         Some(a.next_attempt_at_ms.unwrap_or(a.at_ms))
     } else {
         None
     };
-    // A locally decided outcome (expiry, suppression) is not a delivery attempt.
-    let counted = i64::from(a.stage != Stage::Local);
-    let changed = conn
-        .prepare_cached(
-            "UPDATE recipients SET status = ?3, reason = ?4, bounce_type = ?5,
-                 last_reply_code = ?6, last_enhanced = ?7, last_reply_text = ?8,
-                 attempts = attempts + ?9, next_attempt_at = ?10,
-                 first_deferred_at = CASE WHEN ?11 THEN COALESCE(first_deferred_at, ?12)
-                                          ELSE first_deferred_at END,
-                 updated_at = ?12
-             WHERE receipt = ?1 AND idx = ?2",
-        )
-        .and_then(|mut st| {
-            st.execute(params![
-                receipt,
-                a.rcpt_index,
-                a.status.as_str(),
-                a.reason,
-                a.bounce_type,
-                a.reply_code,
-                a.enhanced_status,
-                a.reply_text,
-                counted,
-                next,
-                deferred,
-                a.at_ms,
-            ])
-        })
-        .map_err(storage)?;
-    if changed == 0 {
+    conn.prepare_cached(
+        "UPDATE recipients SET status = ?3, reason = ?4, bounce_type = ?5,
+             last_reply_code = ?6, last_enhanced = ?7, last_reply_text = ?8,
+             attempts = attempts + ?9, next_attempt_at = ?10,
+             first_deferred_at = CASE WHEN ?11 THEN COALESCE(first_deferred_at, ?12)
+                                      ELSE first_deferred_at END,
+             updated_at = ?12
+         WHERE receipt = ?1 AND idx = ?2",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            receipt,
+            a.rcpt_index,
+            a.status.as_str(),
+            a.reason,
+            a.bounce_type,
+            a.reply_code,
+            a.enhanced_status,
+            a.reply_text,
+            counted,
+            next,
+            deferred,
+            a.at_ms,
+        ])
+    })
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// Records one attempt. The reply always becomes an event; the recipient's current status
+/// follows it, except that a temporary result never reopens a recipient that became final
+/// meanwhile (deleted from the queue or bounced while the attempt was in flight).
+pub fn record_attempt(conn: &Connection, a: &AttemptRecord) -> Result<(), StoreError> {
+    let receipt = a.receipt.to_string();
+    let Some(current) = current_status(conn, &receipt, a.rcpt_index)? else {
         return Err(StoreError::NotFound(format!(
             "recipient {} of {receipt}",
             a.rcpt_index
         )));
+    };
+    let current_is_final = RecipientStatus::parse(&current).is_some_and(|s| !s.is_pending());
+    // A locally decided outcome (expiry, suppression) is not a delivery attempt.
+    let counted = i64::from(a.stage != Stage::Local);
+    if current_is_final && a.status.is_pending() {
+        conn.execute(
+            "UPDATE recipients SET attempts = attempts + ?3, updated_at = ?4
+             WHERE receipt = ?1 AND idx = ?2",
+            params![receipt, a.rcpt_index, counted, a.at_ms],
+        )
+        .map_err(storage)?;
+    } else {
+        update_after_attempt(conn, &receipt, a, counted)?;
     }
     let kind = if a.status == RecipientStatus::Expired {
         "expired"
@@ -530,4 +552,21 @@ pub fn unsuppress(conn: &Connection, address: &str) -> Result<bool, StoreError> 
         )
         .map_err(storage)?;
     Ok(changed > 0)
+}
+
+/// Drops the bodies of messages received before `before_ms` whose recipients are all final
+/// (and, for inbound bounce mail, that the bounce stage has processed). Envelope, recipients,
+/// events and bounces stay, so `mailtrail log` still tells the whole story. Returns how many.
+pub fn purge_bodies(conn: &Connection, before_ms: i64) -> Result<usize, StoreError> {
+    conn.execute(
+        "DELETE FROM bodies WHERE receipt IN (
+             SELECT m.receipt FROM messages m
+             WHERE m.received_at < ?1
+               AND (m.inbound_bounce = 0 OR m.inbound_processed_at IS NOT NULL)
+               AND NOT EXISTS (SELECT 1 FROM recipients r
+                               WHERE r.receipt = m.receipt
+                                 AND r.status IN ('queued', 'deferred')))",
+        params![before_ms],
+    )
+    .map_err(storage)
 }

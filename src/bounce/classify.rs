@@ -1,0 +1,426 @@
+//! The bounce classifier: a reason from an enhanced status code and diagnostic text, driven by
+//! a rules file (`rules.toml`, built in; users prepend their own via `[bounce] rules_file`).
+//! All patterns of all rules compile once into one `RegexSet`, so a diagnostic is scanned once.
+//!
+//! Rules are tried in file order (user rules first); the first rule whose `status` list holds
+//! the record's enhanced status, or one of whose `patterns` matches the diagnostic, gives the
+//! reason. When none does, the `[status]` table maps the enhanced status alone, then the
+//! status class decides (x.6 content, x.7 security), then the action (`delayed` → expired).
+
+use std::collections::HashMap;
+use std::sync::LazyLock;
+
+use regex::{RegexSet, RegexSetBuilder};
+use serde::Deserialize;
+
+use super::reason::{BounceReason, BounceType, bounce_type};
+
+/// The built-in rules, compiled into the binary.
+pub const BUILTIN_RULES: &str = include_str!("rules.toml");
+
+#[derive(Debug, thiserror::Error)]
+pub enum RulesError {
+    #[error("rules file is not valid TOML: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("rule {index} has unknown reason {reason:?}")]
+    UnknownReason { index: usize, reason: String },
+    #[error("status table entry {status:?} has unknown reason {reason:?}")]
+    UnknownStatusReason { status: String, reason: String },
+    #[error("rule {index} ({reason}) has neither status codes nor patterns")]
+    EmptyRule { index: usize, reason: String },
+    #[error("invalid pattern in rules: {0}")]
+    Regex(#[from] regex::Error),
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RulesFile {
+    /// Enhanced status → reason, used when no rule matched.
+    #[serde(default)]
+    status: HashMap<String, String>,
+    #[serde(default)]
+    rule: Vec<RuleSpec>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleSpec {
+    reason: String,
+    /// Enhanced status codes (`5.2.2`) that select this reason by themselves.
+    #[serde(default)]
+    status: Vec<String>,
+    /// SMTP commands (`MAIL`, `RCPT`, `DATA`, ...) the rule is limited to; empty = any.
+    #[serde(default)]
+    commands: Vec<String>,
+    /// Regular expressions matched against the lowercased, whitespace-collapsed diagnostic.
+    #[serde(default)]
+    patterns: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Rule {
+    reason: BounceReason,
+    status: Vec<String>,
+    commands: Vec<String>,
+}
+
+impl Rule {
+    fn applies_to(&self, command: Option<&str>) -> bool {
+        self.commands.is_empty()
+            || command.is_some_and(|c| self.commands.iter().any(|x| x.eq_ignore_ascii_case(c)))
+    }
+}
+
+/// What a classifier looks at for one failed recipient.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Evidence<'a> {
+    /// Enhanced status code (RFC 3463), e.g. `5.1.1`.
+    pub status: Option<&'a str>,
+    pub reply_code: Option<u16>,
+    /// Diagnostic text (the remote server's reply or the MTA's explanation).
+    pub diagnostic: &'a str,
+    /// DSN action (`failed`, `delayed`, ...).
+    pub action: Option<&'a str>,
+    /// The SMTP command the remote server refused (`MAIL`, `RCPT`, `DATA`), when known.
+    pub command: Option<&'a str>,
+}
+
+/// A compiled rule set. Build once, share by reference.
+#[derive(Debug)]
+pub struct Classifier {
+    rules: Vec<Rule>,
+    set: RegexSet,
+    /// Which rule each pattern of `set` belongs to.
+    pattern_rule: Vec<usize>,
+    status_table: HashMap<String, BounceReason>,
+}
+
+static BUILTIN: LazyLock<Classifier> = LazyLock::new(|| {
+    // The built-in rules are part of the binary and covered by tests; failing here is a
+    // build defect, not an input error.
+    #[allow(clippy::expect_used)]
+    Classifier::from_sources(&[BUILTIN_RULES]).expect("built-in bounce rules compile")
+});
+
+impl Classifier {
+    /// The classifier with only the built-in rules.
+    pub fn builtin() -> &'static Classifier {
+        &BUILTIN
+    }
+
+    /// Built-in rules with `user_rules` (same TOML form) tried first.
+    pub fn with_user_rules(user_rules: &str) -> Result<Classifier, RulesError> {
+        Self::from_sources(&[user_rules, BUILTIN_RULES])
+    }
+
+    /// Rules from several files, earlier files first; earlier `[status]` entries win.
+    pub fn from_sources(sources: &[&str]) -> Result<Classifier, RulesError> {
+        let mut rules = Vec::new();
+        let mut patterns = Vec::new();
+        let mut pattern_rule = Vec::new();
+        let mut status_table = HashMap::new();
+        for source in sources {
+            let file: RulesFile = toml::from_str(source)?;
+            for (status, reason) in file.status {
+                let parsed = reason.parse::<BounceReason>().map_err(|_| {
+                    RulesError::UnknownStatusReason {
+                        status: status.clone(),
+                        reason: reason.clone(),
+                    }
+                })?;
+                status_table.entry(status).or_insert(parsed);
+            }
+            for spec in file.rule {
+                let index = rules.len();
+                let reason =
+                    spec.reason
+                        .parse::<BounceReason>()
+                        .map_err(|_| RulesError::UnknownReason {
+                            index,
+                            reason: spec.reason.clone(),
+                        })?;
+                if spec.status.is_empty() && spec.patterns.is_empty() {
+                    return Err(RulesError::EmptyRule {
+                        index,
+                        reason: spec.reason,
+                    });
+                }
+                for p in spec.patterns {
+                    patterns.push(p);
+                    pattern_rule.push(index);
+                }
+                rules.push(Rule {
+                    reason,
+                    status: spec.status,
+                    commands: spec.commands,
+                });
+            }
+        }
+        let set = RegexSetBuilder::new(&patterns)
+            .size_limit(64 << 20)
+            .dfa_size_limit(64 << 20)
+            .build()?;
+        Ok(Classifier {
+            rules,
+            set,
+            pattern_rule,
+            status_table,
+        })
+    }
+
+    /// The index of the first rule whose patterns match `text`, if any.
+    fn first_text_rule(&self, normalized: &str, command: Option<&str>) -> Option<usize> {
+        self.set
+            .matches(normalized)
+            .iter()
+            .filter_map(|p| self.pattern_rule.get(p).copied())
+            .filter(|&i| self.rules.get(i).is_some_and(|r| r.applies_to(command)))
+            .min()
+    }
+
+    /// The reason for one failed recipient.
+    pub fn reason(&self, ev: &Evidence<'_>) -> BounceReason {
+        let status = ev.status.map(str::trim).filter(|s| !s.is_empty());
+        if let Some(s) = status
+            && s.starts_with("2.")
+            && !matches!(ev.action, Some(a) if is_failure_action(a))
+        {
+            return BounceReason::Delivered;
+        }
+        let normalized = normalize(ev.diagnostic);
+        let text_rule = if normalized.is_empty() {
+            None
+        } else {
+            self.first_text_rule(&normalized, ev.command)
+        };
+        let status_rule = status.and_then(|s| {
+            self.rules
+                .iter()
+                .position(|r| r.applies_to(ev.command) && r.status.iter().any(|c| c == s))
+        });
+        let chosen = match (text_rule, status_rule) {
+            (Some(t), Some(s)) => Some(t.min(s)),
+            (t, s) => t.or(s),
+        };
+        if let Some(reason) = chosen.and_then(|i| self.rules.get(i)).map(|r| r.reason) {
+            return reason;
+        }
+        if let Some(reason) = status.and_then(|s| self.status_table.get(s)) {
+            return *reason;
+        }
+        if let Some(s) = status {
+            if s.get(1..3) == Some(".6") {
+                return BounceReason::ContentError;
+            }
+            if s.get(1..3) == Some(".7") {
+                return BounceReason::SecurityError;
+            }
+        }
+        if matches!(ev.action, Some(a) if a.eq_ignore_ascii_case("delayed") || a.eq_ignore_ascii_case("expired"))
+        {
+            return BounceReason::Expired;
+        }
+        if !normalized.is_empty() {
+            return BounceReason::OnHold;
+        }
+        BounceReason::Undefined
+    }
+
+    /// Labels a synchronous SMTP reply the way a bounce with the same content would be.
+    pub fn classify_reply(
+        &self,
+        reply_code: u16,
+        enhanced_status: Option<&str>,
+        text: &str,
+    ) -> (BounceReason, BounceType) {
+        let status = enhanced_status
+            .map(str::to_string)
+            .or_else(|| super::text::find_enhanced_status(text));
+        let ev = Evidence {
+            status: status.as_deref(),
+            reply_code: Some(reply_code),
+            diagnostic: text,
+            action: Some(if reply_code >= 500 {
+                "failed"
+            } else {
+                "delayed"
+            }),
+            command: None,
+        };
+        let mut reason = self.reason(&ev);
+        if reply_code < 400 && reason == BounceReason::Delivered {
+            return (reason, BounceType::Undetermined);
+        }
+        // A temporary reply that nothing else explains is a deferral, not an expiry.
+        if reply_code < 500 && reason == BounceReason::Expired && status.is_none() {
+            reason = BounceReason::OnHold;
+        }
+        (
+            reason,
+            bounce_type(reason, status.as_deref(), Some(reply_code)),
+        )
+    }
+}
+
+fn is_failure_action(action: &str) -> bool {
+    action.eq_ignore_ascii_case("failed") || action.eq_ignore_ascii_case("delayed")
+}
+
+/// Lowercases and collapses every whitespace run to one space, so patterns can be written
+/// as plain lowercase phrases.
+pub fn normalize(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut space = false;
+    for c in text.chars() {
+        if c.is_whitespace() {
+            space = !out.is_empty();
+        } else {
+            if space {
+                out.push(' ');
+                space = false;
+            }
+            out.extend(c.to_lowercase());
+        }
+    }
+    out
+}
+
+/// [`Classifier::classify_reply`] with the built-in rules.
+pub fn classify_reply(
+    reply_code: u16,
+    enhanced_status: Option<&str>,
+    text: &str,
+) -> (BounceReason, BounceType) {
+    Classifier::builtin().classify_reply(reply_code, enhanced_status, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use BounceReason::*;
+
+    fn reason(status: Option<&str>, text: &str) -> BounceReason {
+        Classifier::builtin().reason(&Evidence {
+            status,
+            diagnostic: text,
+            action: Some("failed"),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn builtin_rules_compile() {
+        let c = Classifier::builtin();
+        assert!(c.rules.len() > 20);
+        assert!(!c.status_table.is_empty());
+    }
+
+    #[test]
+    fn classifies_a_synchronous_user_unknown_reply_as_hard() {
+        assert_eq!(
+            classify_reply(550, Some("5.1.1"), "User unknown"),
+            (UserUnknown, BounceType::Hard)
+        );
+    }
+
+    #[test]
+    fn finds_the_enhanced_status_inside_reply_text() {
+        assert_eq!(
+            classify_reply(552, None, "5.2.2 Mailbox full, try later"),
+            (MailboxFull, BounceType::Soft)
+        );
+    }
+
+    #[test]
+    fn text_beats_a_generic_status_code() {
+        assert_eq!(reason(Some("5.0.0"), "550 Mailbox is full"), MailboxFull);
+        assert_eq!(
+            reason(Some("5.1.1"), "quota exceeded for user"),
+            MailboxFull
+        );
+    }
+
+    #[test]
+    fn status_alone_decides_when_text_says_nothing() {
+        assert_eq!(reason(Some("5.1.1"), ""), UserUnknown);
+        assert_eq!(reason(Some("5.1.2"), "bad"), HostUnknown);
+        assert_eq!(reason(Some("5.2.2"), ""), MailboxFull);
+        assert_eq!(reason(Some("5.6.9"), ""), ContentError);
+        assert_eq!(reason(Some("5.7.99"), ""), SecurityError);
+    }
+
+    #[test]
+    fn delayed_without_other_clue_is_expired_and_empty_is_undefined() {
+        let c = Classifier::builtin();
+        let ev = Evidence {
+            action: Some("delayed"),
+            ..Default::default()
+        };
+        assert_eq!(c.reason(&ev), Expired);
+        assert_eq!(c.reason(&Evidence::default()), Undefined);
+        assert_eq!(reason(None, "something odd happened"), OnHold);
+    }
+
+    #[test]
+    fn delivered_status_is_delivered() {
+        let c = Classifier::builtin();
+        let ev = Evidence {
+            status: Some("2.0.0"),
+            action: Some("delivered"),
+            ..Default::default()
+        };
+        assert_eq!(c.reason(&ev), Delivered);
+    }
+
+    #[test]
+    fn user_rules_are_tried_before_builtin_ones() {
+        let user = r#"
+            [[rule]]
+            reason = "blocked"
+            patterns = ['mailbox is full of spam traps']
+        "#;
+        let c = Classifier::with_user_rules(user).unwrap_or_else(|e| panic!("{e}"));
+        let ev = Evidence {
+            diagnostic: "550 Mailbox is FULL of   spam traps",
+            ..Default::default()
+        };
+        assert_eq!(c.reason(&ev), Blocked);
+        assert_eq!(Classifier::builtin().reason(&ev), MailboxFull);
+    }
+
+    #[test]
+    fn user_status_table_overrides_builtin() {
+        let c = Classifier::with_user_rules("[status]\n\"5.9.9\" = \"suppressed\"\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        let ev = Evidence {
+            status: Some("5.9.9"),
+            ..Default::default()
+        };
+        assert_eq!(c.reason(&ev), Suppressed);
+    }
+
+    #[test]
+    fn bad_user_rules_are_reported() {
+        assert!(matches!(
+            Classifier::with_user_rules("[[rule]]\nreason = \"nope\"\npatterns = ['x']"),
+            Err(RulesError::UnknownReason { .. })
+        ));
+        assert!(matches!(
+            Classifier::with_user_rules("[[rule]]\nreason = \"blocked\"\npatterns = ['(']"),
+            Err(RulesError::Regex(_))
+        ));
+        assert!(matches!(
+            Classifier::with_user_rules("[[rule]]\nreason = \"blocked\""),
+            Err(RulesError::EmptyRule { .. })
+        ));
+        assert!(matches!(
+            Classifier::with_user_rules("[[rule]]\nreason = \"blocked\"\nbogus = 1"),
+            Err(RulesError::Toml(_))
+        ));
+    }
+
+    #[test]
+    fn normalize_lowercases_and_collapses_whitespace() {
+        assert_eq!(normalize("  550\r\n  User\tUnknown  "), "550 user unknown");
+    }
+}

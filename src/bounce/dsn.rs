@@ -1,0 +1,232 @@
+//! RFC 3464 / RFC 6533 delivery-status fields: the per-message block and one block per
+//! recipient, as found in a `message/delivery-status` (or `message/global-delivery-status`)
+//! part or, for MTAs that inline them, in plain text.
+
+/// One field block (per-message or per-recipient), names lowercased, folded lines joined.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldBlock {
+    pub fields: Vec<(String, String)>,
+}
+
+impl FieldBlock {
+    /// The first value of `name` (lowercase), trimmed, if non-empty.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.trim())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn is_recipient_block(&self) -> bool {
+        self.get("final-recipient").is_some()
+            || self.get("original-recipient").is_some()
+            || (self.get("status").is_some() && self.get("action").is_some())
+    }
+}
+
+/// A parsed delivery-status body.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeliveryStatus {
+    pub per_message: FieldBlock,
+    pub recipients: Vec<FieldBlock>,
+}
+
+const MESSAGE_FIELDS: &[&str] = &[
+    "reporting-mta",
+    "original-envelope-id",
+    "arrival-date",
+    "received-from-mta",
+    "dsn-gateway",
+    "x-postfix-queue-id",
+    "x-postfix-sender",
+    "x-original-message-id",
+];
+
+const RECIPIENT_FIELDS: &[&str] = &[
+    "final-recipient",
+    "original-recipient",
+    "action",
+    "status",
+    "remote-mta",
+    "diagnostic-code",
+    "last-attempt-date",
+    "will-retry-until",
+    "x-actual-recipient",
+    "final-log-id",
+];
+
+/// Whether `name` (lowercase) is a DSN field name this parser knows.
+pub fn is_dsn_field(name: &str) -> bool {
+    MESSAGE_FIELDS.contains(&name) || RECIPIENT_FIELDS.contains(&name)
+}
+
+/// Splits `text` into header-style field blocks separated by blank lines. Lines that are
+/// not `Name: value` nor continuations are skipped, so stray prose does not end a block.
+fn blocks(text: &str) -> Vec<FieldBlock> {
+    let mut out = Vec::new();
+    let mut cur = FieldBlock::default();
+    for raw in text.lines() {
+        let line = raw.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            if !cur.fields.is_empty() {
+                out.push(std::mem::take(&mut cur));
+            }
+            continue;
+        }
+        if line.starts_with([' ', '\t']) {
+            if let Some((_, v)) = cur.fields.last_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+            continue;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            let name = name.trim();
+            if !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                cur.fields
+                    .push((name.to_ascii_lowercase(), value.trim().to_string()));
+            }
+        }
+    }
+    if !cur.fields.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Parses a delivery-status body. Every block that names a recipient is a recipient block;
+/// per-message fields are gathered from the other blocks (some MTAs run them together).
+pub fn parse_delivery_status(text: &str) -> DeliveryStatus {
+    let mut ds = DeliveryStatus::default();
+    for block in blocks(text) {
+        if block.is_recipient_block() {
+            // A recipient block that also carries per-message fields (no blank line between
+            // them, as some MTAs write) lends those to the message.
+            for (n, v) in &block.fields {
+                if MESSAGE_FIELDS.contains(&n.as_str()) && ds.per_message.get(n).is_none() {
+                    ds.per_message.fields.push((n.clone(), v.clone()));
+                }
+            }
+            // Several recipients without blank lines between them: split at each new
+            // Final-Recipient.
+            let mut cur = FieldBlock::default();
+            for (n, v) in block.fields {
+                let starts_new = n == "final-recipient" && cur.get("final-recipient").is_some();
+                let starts_new = starts_new
+                    || (n == "original-recipient"
+                        && cur.get("final-recipient").is_some()
+                        && cur.get("action").is_some());
+                if starts_new {
+                    ds.recipients.push(std::mem::take(&mut cur));
+                }
+                cur.fields.push((n, v));
+            }
+            if !cur.fields.is_empty() {
+                ds.recipients.push(cur);
+            }
+        } else {
+            for (n, v) in block.fields {
+                if ds.per_message.get(&n).is_none() {
+                    ds.per_message.fields.push((n, v));
+                }
+            }
+        }
+    }
+    ds
+}
+
+/// Strips an RFC 3464 type prefix (`rfc822;`, `dns;`, `smtp;`, `utf-8;`) from a field value.
+pub fn strip_type(value: &str) -> &str {
+    match value.split_once(';') {
+        Some((t, rest))
+            if !t.is_empty()
+                && t.len() <= 12
+                && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
+        {
+            rest.trim()
+        }
+        _ => value.trim(),
+    }
+}
+
+/// The address in a recipient field value: type prefix and angle brackets removed.
+pub fn address_of(value: &str) -> Option<String> {
+    let v = strip_type(value);
+    let v = v.trim().trim_start_matches('<');
+    let v = v.split(['>', ' ', '\t']).next().unwrap_or("").trim();
+    let v = v.trim_matches(|c| c == '"' || c == '\'');
+    if v.contains('@') || (!v.is_empty() && !v.contains(char::is_whitespace)) {
+        Some(v.to_string())
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TWO_RECIPIENTS: &str = "Reporting-MTA: dns; mx.example.org\r\n\
+Original-Envelope-Id: env-42\r\n\
+Arrival-Date: Mon, 2 Jun 2025 10:00:00 +0000\r\n\
+\r\n\
+Final-Recipient: rfc822; alice@example.net\r\n\
+Original-Recipient: rfc822;Alice@example.net\r\n\
+Action: failed\r\n\
+Status: 5.1.1\r\n\
+Remote-MTA: dns; mx.example.net\r\n\
+Diagnostic-Code: smtp; 550 5.1.1 <alice@example.net>:\r\n\
+    Recipient address rejected: User unknown\r\n\
+\r\n\
+Final-Recipient: rfc822; bob@example.net\r\n\
+Action: delayed\r\n\
+Status: 4.4.1\r\n\
+Will-Retry-Until: Tue, 3 Jun 2025 10:00:00 +0000\r\n";
+
+    #[test]
+    fn parses_per_message_and_every_recipient_block() {
+        let ds = parse_delivery_status(TWO_RECIPIENTS);
+        assert_eq!(
+            ds.per_message.get("reporting-mta"),
+            Some("dns; mx.example.org")
+        );
+        assert_eq!(ds.per_message.get("original-envelope-id"), Some("env-42"));
+        assert_eq!(ds.recipients.len(), 2);
+        let a = &ds.recipients[0];
+        assert_eq!(a.get("status"), Some("5.1.1"));
+        assert_eq!(
+            a.get("diagnostic-code"),
+            Some("smtp; 550 5.1.1 <alice@example.net>: Recipient address rejected: User unknown")
+        );
+        assert_eq!(ds.recipients[1].get("action"), Some("delayed"));
+    }
+
+    #[test]
+    fn splits_recipients_written_without_blank_lines() {
+        let text = "Final-Recipient: rfc822; a@x.example\nAction: failed\nStatus: 5.0.0\n\
+Final-Recipient: rfc822; b@x.example\nAction: failed\nStatus: 5.2.2\n";
+        let ds = parse_delivery_status(text);
+        assert_eq!(ds.recipients.len(), 2);
+        assert_eq!(ds.recipients[1].get("status"), Some("5.2.2"));
+    }
+
+    #[test]
+    fn strips_types_and_brackets_from_addresses() {
+        assert_eq!(
+            address_of("rfc822; <a@b.example>").as_deref(),
+            Some("a@b.example")
+        );
+        assert_eq!(
+            address_of("RFC822;a@b.example").as_deref(),
+            Some("a@b.example")
+        );
+        assert_eq!(address_of("   ").as_deref(), None);
+        assert_eq!(strip_type("smtp; 550 no"), "550 no");
+        assert_eq!(strip_type("550 no; really"), "550 no; really");
+    }
+}

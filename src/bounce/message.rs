@@ -1,0 +1,536 @@
+//! A flat view of returned mail (MIME decoded by `mail-parser`): the bounce's own headers,
+//! its report parts, its human-readable text and the returned original message; plus the
+//! record builders for delivery-status fields and for bounce prose.
+
+use std::sync::LazyLock;
+
+use mail_parser::{MessageParser, MimeHeaders, PartType};
+use regex::Regex;
+
+use super::dsn::{self, DeliveryStatus};
+use super::text;
+use super::{BounceKind, BounceRecord};
+use crate::receipt::ReceiptId;
+
+/// Longest diagnostic kept from bounce prose (DSN Diagnostic-Code fields are kept whole).
+const MAX_PROSE_DIAGNOSTIC: usize = 1200;
+
+pub(crate) struct View {
+    pub subject: String,
+    /// The bounce's From address, lowercased.
+    pub from: String,
+    /// The bounce's From display name and address, lowercased.
+    pub from_full: String,
+    /// The bounce's To address, lowercased.
+    pub to: String,
+    /// Top-level header fields (names lowercased, raw values trimmed).
+    pub headers: Vec<(String, String)>,
+    pub report_type: Option<String>,
+    /// Bodies of `message/delivery-status` and `message/global-delivery-status` parts.
+    pub delivery_status: Vec<String>,
+    /// Body of a `message/feedback-report` part.
+    pub feedback_report: Option<String>,
+    /// Human-readable text of the bounce (text parts outside the returned message).
+    pub human: String,
+    /// Header fields of the returned original message, when found.
+    pub returned: Vec<(String, String)>,
+}
+
+impl View {
+    pub fn read(raw: &[u8]) -> Option<View> {
+        let msg = MessageParser::default().parse(raw)?;
+        let header = |name: &str| {
+            msg.header_raw(name)
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let first_addr = |a: Option<&mail_parser::Address<'_>>| {
+            a.and_then(|a| a.first())
+                .and_then(|a| a.address())
+                .map(|s| s.trim().to_ascii_lowercase())
+                .unwrap_or_default()
+        };
+        let from = first_addr(msg.from());
+        let from_name = msg
+            .from()
+            .and_then(|a| a.first())
+            .and_then(|a| a.name())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        let mut headers = Vec::new();
+        for (name, value) in msg.headers_raw() {
+            headers.push((name.to_ascii_lowercase(), unfold(value)));
+        }
+        let report_type = msg
+            .root_part()
+            .content_type()
+            .and_then(|ct| ct.attribute("report-type"))
+            .map(|s| s.to_ascii_lowercase());
+
+        let mut view = View {
+            subject: msg.subject().unwrap_or("").to_string(),
+            from_full: format!("{from_name} {from}"),
+            from,
+            to: first_addr(msg.to()),
+            headers,
+            report_type,
+            delivery_status: Vec::new(),
+            feedback_report: None,
+            human: String::new(),
+            returned: Vec::new(),
+        };
+        let _ = header;
+
+        let mut html = String::new();
+        let mut returned_text: Option<String> = None;
+        let multipart = msg.root_part().is_multipart();
+        for (i, part) in msg.parts.iter().enumerate() {
+            if multipart && i == 0 {
+                continue;
+            }
+            let (ctype, subtype) = part
+                .content_type()
+                .map(|ct| {
+                    (
+                        ct.ctype().to_ascii_lowercase(),
+                        ct.subtype().unwrap_or("").to_ascii_lowercase(),
+                    )
+                })
+                .unwrap_or_else(|| ("text".to_string(), "plain".to_string()));
+            match &part.body {
+                PartType::Message(inner) => {
+                    if returned_text.is_none() {
+                        returned_text =
+                            Some(String::from_utf8_lossy(inner.raw_message()).into_owned());
+                    }
+                }
+                PartType::Multipart(_) => {}
+                PartType::Html(t) => html.push_str(t),
+                PartType::Text(t) => match (ctype.as_str(), subtype.as_str()) {
+                    ("text", "rfc822-headers") | ("text", "rfc822-header") => {
+                        if returned_text.is_none() {
+                            returned_text = Some(t.to_string());
+                        }
+                    }
+                    ("message", "delivery-status") | ("message", "global-delivery-status") => {
+                        view.delivery_status.push(t.to_string());
+                    }
+                    _ => {
+                        if !view.human.is_empty() {
+                            view.human.push('\n');
+                        }
+                        view.human.push_str(t);
+                    }
+                },
+                PartType::Binary(b) | PartType::InlineBinary(b) => {
+                    let s = || String::from_utf8_lossy(b).into_owned();
+                    match (ctype.as_str(), subtype.as_str()) {
+                        ("message", "delivery-status")
+                        | ("message", "global-delivery-status")
+                        | ("text", "delivery-status") => view.delivery_status.push(s()),
+                        ("message", "feedback-report") => view.feedback_report = Some(s()),
+                        ("message", "rfc822-headers")
+                        | ("message", "global-headers")
+                        | ("message", "rfc822")
+                        | ("message", "global")
+                        | ("message", "partial") => {
+                            if returned_text.is_none() {
+                                returned_text = Some(s());
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        if view.human.trim().is_empty() && !html.is_empty() {
+            view.human = text::strip_html(&html);
+        }
+        // Prose often carries the returned message inline after a marker line.
+        let (_, inline) = text::split_returned(&view.human);
+        if returned_text.is_none() {
+            returned_text = inline.map(str::to_string);
+        }
+        if let Some(t) = returned_text {
+            view.returned = text::header_fields(&t);
+        }
+        Some(view)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+
+    pub fn returned_header(&self, name: &str) -> Option<&str> {
+        self.returned
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// Correlation hints from the returned message.
+    pub fn correlation(&self) -> Correlation {
+        let receipt = self
+            .returned_header("x-mailtrail-receipt")
+            .and_then(|v| v.trim().trim_matches(['<', '>']).parse::<ReceiptId>().ok())
+            .or_else(|| {
+                self.returned
+                    .iter()
+                    .filter(|(n, _)| n == "received")
+                    .find_map(|(_, v)| receipt_in_received(v))
+            });
+        let message_id = self
+            .returned_header("message-id")
+            .map(|v| v.trim().to_string());
+        let original_sender = self
+            .returned_header("return-path")
+            .and_then(first_address)
+            .or_else(|| self.returned_header("from").and_then(first_address));
+        let original_to = self.returned_header("to").and_then(first_address);
+        Correlation {
+            message_id,
+            receipt,
+            original_sender,
+            original_to,
+        }
+    }
+
+    /// Whether the bounce's own headers say it is a delivery failure notice.
+    pub fn looks_like_bounce(&self) -> bool {
+        BOUNCE_FROM.is_match(&self.from_full) || BOUNCE_SUBJECT.is_match(&self.subject)
+    }
+}
+
+/// Correlation hints found in the returned message.
+pub(crate) struct Correlation {
+    message_id: Option<String>,
+    receipt: Option<ReceiptId>,
+    original_sender: Option<String>,
+    original_to: Option<String>,
+}
+
+impl Correlation {
+    pub fn apply(&self, r: &mut BounceRecord) {
+        r.message_id = r.message_id.take().or_else(|| self.message_id.clone());
+        r.receipt = r.receipt.or(self.receipt);
+        r.original_sender = r
+            .original_sender
+            .take()
+            .or_else(|| self.original_sender.clone());
+        r.original_to = r.original_to.take().or_else(|| self.original_to.clone());
+    }
+}
+
+static RECEIVED_ID: LazyLock<Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    Regex::new(r"(?i)\bid <?([0-9a-z]{26})>?").expect("static regex")
+});
+static BOUNCE_FROM: LazyLock<Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    Regex::new(r"(?i)mailer-daemon|mailer_daemon|mailerdaemon|postmaster|mail delivery|maildelivery|mail-delivery|mail administrator|delivery subsystem|mdaemon|\bdaemon@|\bbounces?@|\bbounce-|\bnobody@|\bpostoffice@|\bsmtp|\bmail ?system|mail_?relay|\bnetmail|\bmaildaemon|\bmessage delivery|\bmail ?gate|\bmailadmin|\bnoreply-dmarc|notification|\bdelivery\b")
+        .expect("static regex")
+});
+static BOUNCE_SUBJECT: LazyLock<Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    Regex::new(r"(?i)undeliver|undelivered|delivery (?:status|failure|failed|has failed|problem|notification|report|error)|returned mail|returning message|failure notice|failed delivery|mail delivery|non[- ]?delivery|nondeliverable|could not be delivered|couldn't be delivered|not delivered|returned to sender|message (?:not delivered|delivery|failure|rejected|blocked|bounced)|rejected|mail system error|could not send|delayed mail|delivery delayed|warning: (?:could not|message)|bounce|error sending|mail error|unzustellbar|nicht zustellbar|non remis|non recapitabile|no entregado|permanent error|temporary error|mail failure|delivery incomplete|message you sent|failed to deliver|cannot deliver|unable to deliver|address verification|mailbox (?:full|unavailable)|error delivering|sender notification|returned message|mail could not|your message|delivery to the following|problem delivering|system notice|kiosk|filtered|spam")
+        .expect("static regex")
+});
+
+fn receipt_in_received(value: &str) -> Option<ReceiptId> {
+    RECEIVED_ID
+        .captures_iter(value)
+        .filter_map(|c| c.get(1))
+        .find_map(|m| m.as_str().to_ascii_uppercase().parse::<ReceiptId>().ok())
+}
+
+fn first_address(value: &str) -> Option<String> {
+    text::addresses(value).next().map(|(_, a)| a.to_string())
+}
+
+fn unfold(value: &str) -> String {
+    value
+        .split(['\r', '\n'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn non_empty(s: Option<&str>) -> Option<String> {
+    s.map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+}
+
+fn is_success_action(action: &str) -> bool {
+    matches!(action, "delivered" | "relayed" | "expanded")
+}
+
+/// The enhanced status of a record: the Status field, or the one in the diagnostic when the
+/// field is missing or only says "something failed" (x.0.0) while the diagnostic is precise.
+fn pick_status(field: Option<&str>, diagnostic: &str) -> Option<String> {
+    let from_field = field.and_then(text::find_enhanced_status);
+    let from_diag = text::find_enhanced_status(diagnostic);
+    match (from_field, from_diag) {
+        (Some(f), Some(d))
+            if f.ends_with(".0.0") && d.get(..1) == f.get(..1) && !d.ends_with(".0.0") =>
+        {
+            Some(d)
+        }
+        (Some(f), _) => Some(f),
+        (None, d) => d,
+    }
+}
+
+/// Records from delivery-status fields: MIME report parts first, else fields inlined in text.
+pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
+    let mut parsed: Vec<DeliveryStatus> = view
+        .delivery_status
+        .iter()
+        .map(|t| dsn::parse_delivery_status(t))
+        .filter(|d| !d.recipients.is_empty())
+        .collect();
+    if parsed.is_empty() {
+        let (error_section, _) = text::split_returned(&view.human);
+        let lower = error_section.to_ascii_lowercase();
+        if lower.contains("final-recipient:") || lower.contains("original-recipient:") {
+            let d = dsn::parse_delivery_status(error_section);
+            if !d.recipients.is_empty() {
+                parsed.push(d);
+            }
+        }
+    }
+    let (error_section, _) = text::split_returned(&view.human);
+    let prose = prose_segments(view, error_section);
+
+    let mut out = Vec::new();
+    for ds in &parsed {
+        let blocks: Vec<_> = ds
+            .recipients
+            .iter()
+            .map(|b| {
+                let action = b.get("action").map(|a| a.to_ascii_lowercase());
+                (b, action)
+            })
+            .collect();
+        let all_success = blocks
+            .iter()
+            .all(|(_, a)| a.as_deref().is_some_and(is_success_action));
+        for (block, action) in blocks {
+            let status_field = block.get("status");
+            let action = action.or_else(|| {
+                status_field.map(|s| {
+                    if s.starts_with('4') {
+                        "delayed".to_string()
+                    } else if s.starts_with('2') {
+                        "delivered".to_string()
+                    } else {
+                        "failed".to_string()
+                    }
+                })
+            });
+            if !all_success && action.as_deref().is_some_and(is_success_action) {
+                continue;
+            }
+            let recipient = block
+                .get("final-recipient")
+                .and_then(dsn::address_of)
+                .or_else(|| block.get("x-actual-recipient").and_then(dsn::address_of))
+                .or_else(|| block.get("original-recipient").and_then(dsn::address_of))
+                .filter(|r| r.contains('@'))
+                .or_else(|| prose.first().map(|(a, _)| a.clone()));
+            let Some(recipient) = recipient else {
+                continue;
+            };
+            let mut diagnostic = block
+                .get("diagnostic-code")
+                .map(|d| dsn::strip_type(d).to_string())
+                .filter(|d| !d.is_empty());
+            if diagnostic.is_none() {
+                diagnostic = prose
+                    .iter()
+                    .find(|(a, _)| a.eq_ignore_ascii_case(&recipient))
+                    .or(prose.first())
+                    .map(|(_, d)| d.clone())
+                    .filter(|d| !d.is_empty());
+            }
+            let diag = diagnostic.as_deref().unwrap_or("");
+            let mut r = BounceRecord::new(recipient.clone(), BounceKind::Dsn);
+            r.status = pick_status(status_field, diag);
+            r.reply_code = text::find_reply_code(diag);
+            r.smtp_command = text::find_command(diag).map(str::to_string).or_else(|| {
+                prose
+                    .iter()
+                    .find(|(a, _)| a.eq_ignore_ascii_case(&recipient))
+                    .and_then(|(_, d)| text::find_command(d))
+                    .map(str::to_string)
+            });
+            r.action = action;
+            r.diagnostic = diagnostic;
+            r.original_recipient = block.get("original-recipient").and_then(dsn::address_of);
+            r.orcpt = non_empty(block.get("original-recipient"));
+            r.remote_mta = block
+                .get("remote-mta")
+                .map(|v| dsn::strip_type(v).to_string());
+            r.reporting_mta = ds
+                .per_message
+                .get("reporting-mta")
+                .map(|v| dsn::strip_type(v).to_string());
+            r.last_attempt = non_empty(block.get("last-attempt-date"));
+            r.will_retry_until = non_empty(block.get("will-retry-until"));
+            r.envid = non_empty(ds.per_message.get("original-envelope-id"));
+            r.original_sender = ds
+                .per_message
+                .get("x-postfix-sender")
+                .and_then(dsn::address_of);
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// The failed addresses in bounce prose, each with the text that explains it.
+fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
+    let excluded = |a: &str| {
+        let a = a.to_ascii_lowercase();
+        let local = a.split('@').next().unwrap_or("");
+        a == view.from
+            || a == view.to
+            || matches!(
+                local,
+                "mailer-daemon" | "postmaster" | "mailerdaemon" | "mailer_daemon" | "root"
+            )
+            || view
+                .returned_header("from")
+                .and_then(first_address)
+                .is_some_and(|f| f.eq_ignore_ascii_case(&a))
+            || view
+                .returned_header("return-path")
+                .and_then(first_address)
+                .is_some_and(|f| f.eq_ignore_ascii_case(&a))
+    };
+    // Addresses in "MAIL FROM:<...>" or "envelope-from" are the sender, not a recipient.
+    let sender_context = |pos: usize| {
+        let start = pos.saturating_sub(16);
+        error_section
+            .get(start..pos)
+            .map(|s| {
+                let s = s.to_ascii_lowercase();
+                s.contains("from:")
+                    || s.contains("from <")
+                    || s.contains("sender")
+                    || s.contains("from=")
+            })
+            .unwrap_or(false)
+    };
+
+    let mut found: Vec<(String, usize)> = Vec::new();
+    let failed_header: Vec<String> = view
+        .header("x-failed-recipients")
+        .map(|v| text::addresses(v).map(|(_, a)| a.to_string()).collect())
+        .unwrap_or_default();
+    for (pos, addr) in text::addresses(error_section) {
+        if excluded(addr) || sender_context(pos) {
+            continue;
+        }
+        if !failed_header.is_empty() && !failed_header.iter().any(|f| f.eq_ignore_ascii_case(addr))
+        {
+            continue;
+        }
+        if found.iter().any(|(a, _)| a.eq_ignore_ascii_case(addr)) {
+            continue;
+        }
+        // Start the segment at the beginning of the line that names the address.
+        let line_start = error_section
+            .get(..pos)
+            .and_then(|s| s.rfind('\n'))
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        found.push((addr.to_string(), line_start));
+    }
+    for f in &failed_header {
+        if !found.iter().any(|(a, _)| a.eq_ignore_ascii_case(f)) {
+            found.push((f.clone(), error_section.len()));
+        }
+    }
+
+    let mut out = Vec::new();
+    let n = found.len();
+    for i in 0..n {
+        let Some((addr, start)) = found.get(i) else {
+            continue;
+        };
+        // The segment runs to the next address that starts on a later line.
+        let end = found
+            .iter()
+            .skip(i + 1)
+            .map(|(_, s)| *s)
+            .find(|s| s > start)
+            .unwrap_or(error_section.len());
+        let mut seg = error_section.get(*start..end).unwrap_or("").to_string();
+        let informative =
+            |s: &str| text::find_reply_code(s).is_some() || text::find_enhanced_status(s).is_some();
+        if (n == 1 && !informative(&seg)) || seg.trim().is_empty() {
+            seg = error_section.to_string();
+        }
+        out.push((addr.clone(), clip(&collapse(&seg), MAX_PROSE_DIAGNOSTIC)));
+    }
+    out
+}
+
+fn collapse(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.get(..end).unwrap_or("").to_string()
+}
+
+static DELAYED: LazyLock<Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    Regex::new(r"(?i)delivery (?:delayed|has been delayed)|delayed mail|will (?:keep|continue) (?:trying|to try)|still trying|will be retried|not yet been delivered|warning: message")
+        .expect("static regex")
+});
+
+/// Records from the prose of a non-standard bounce.
+pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
+    if !view.looks_like_bounce() && view.header("x-failed-recipients").is_none() {
+        return Vec::new();
+    }
+    let (error_section, _) = text::split_returned(&view.human);
+    let mut segments = prose_segments(view, error_section);
+    if segments.is_empty() {
+        // No address in the prose: the returned message says whom it was for.
+        if let Some(to) = view.returned_header("to").and_then(first_address) {
+            let seg = clip(&collapse(error_section), MAX_PROSE_DIAGNOSTIC);
+            if !seg.is_empty() {
+                segments.push((to, seg));
+            }
+        }
+    }
+    let delayed = DELAYED.is_match(&view.subject) || DELAYED.is_match(error_section);
+    segments
+        .into_iter()
+        .map(|(recipient, diagnostic)| {
+            let mut r = BounceRecord::new(recipient, BounceKind::Heuristic);
+            r.status = text::find_enhanced_status(&diagnostic);
+            r.reply_code = text::find_reply_code(&diagnostic);
+            r.smtp_command = text::find_command(&diagnostic).map(str::to_string);
+            r.action = Some(if delayed { "delayed" } else { "failed" }.to_string());
+            r.diagnostic = Some(diagnostic);
+            r
+        })
+        .collect()
+}

@@ -1,0 +1,1 @@
+//! Parser tests on small hand-written bounces, one per format family.

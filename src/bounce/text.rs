@@ -1,0 +1,289 @@
+//! Reading bounce prose: the non-standard bounces real MTAs send (Postfix, Sendmail, Exim,
+//! qmail, Exchange, Gmail, ...) are recognised by their text, not by a per-MTA module: the
+//! error section (before the returned message), the failed addresses in it, and for each one
+//! the diagnostic that follows it, its reply code, enhanced status and failing SMTP command.
+
+use std::sync::LazyLock;
+
+use regex::Regex;
+
+// The regexes below are literals checked by the tests; building them cannot fail at run time.
+#[allow(clippy::expect_used)]
+fn re(pattern: &str) -> Regex {
+    Regex::new(pattern).expect("static regex")
+}
+
+static ENHANCED: LazyLock<Regex> =
+    LazyLock::new(|| re(r"(?:^|[^\d.])([245]\.\d{1,3}\.\d{1,3})(?:[^\d.]|\.(?:\D|$)|$)"));
+static REPLY: LazyLock<Regex> =
+    LazyLock::new(|| re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)"));
+static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)(?:after|in reply to|response to|for|during|while|>>>) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail)\b|\b(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused)",
+    )
+});
+static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]",
+    )
+});
+static HEADER_LINE: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"^(?i)(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): ",
+    )
+});
+static MARKER: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?i)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)",
+    )
+});
+
+/// The first enhanced status code (RFC 3463) in `text`, e.g. `5.1.1`.
+pub fn find_enhanced_status(text: &str) -> Option<String> {
+    ENHANCED
+        .captures_iter(text)
+        .filter_map(|c| c.get(1))
+        .map(|m| m.as_str().to_string())
+        .find(|s| {
+            s.split('.')
+                .nth(1)
+                .is_some_and(|subject| subject.len() <= 3)
+        })
+}
+
+/// The first 4xx/5xx SMTP reply code in `text`.
+pub fn find_reply_code(text: &str) -> Option<u16> {
+    REPLY
+        .captures_iter(text)
+        .filter_map(|c| c.get(1))
+        .filter_map(|m| m.as_str().parse::<u16>().ok())
+        .next()
+}
+
+/// The SMTP command a diagnostic says failed (`MAIL`, `RCPT`, `DATA`, `HELO`, `CONN`).
+pub fn find_command(text: &str) -> Option<&'static str> {
+    let m = COMMAND.find(text)?;
+    let s = m.as_str().to_ascii_lowercase();
+    Some(if s.contains("rcpt") {
+        "RCPT"
+    } else if s.contains("mail") {
+        "MAIL"
+    } else if s.contains("data") {
+        "DATA"
+    } else if s.contains("helo") || s.contains("ehlo") {
+        "HELO"
+    } else if s.contains("starttls") {
+        "STARTTLS"
+    } else {
+        "CONN"
+    })
+}
+
+/// Every e-mail address in `text`, in order, with its byte offset.
+pub fn addresses(text: &str) -> impl Iterator<Item = (usize, &str)> {
+    ADDRESS.find_iter(text).map(|m| {
+        let a = m.as_str().trim_matches(|c| c == '.' || c == '\'');
+        (m.start(), a)
+    })
+}
+
+/// Whether a line starts a header block of an embedded (returned) message: a known header
+/// name followed by at least one more header or continuation line.
+fn starts_header_block(lines: &[&str], i: usize) -> bool {
+    let Some(line) = lines.get(i) else {
+        return false;
+    };
+    if !HEADER_LINE.is_match(line) {
+        return false;
+    }
+    let mut headers = 1;
+    for l in lines.iter().skip(i + 1).take(4) {
+        if l.trim().is_empty() {
+            break;
+        }
+        if HEADER_LINE.is_match(l) || l.starts_with([' ', '\t']) {
+            headers += 1;
+        }
+    }
+    headers >= 3
+}
+
+/// Splits a bounce body into (error section, returned message text if any). The returned
+/// message starts at a marker line ("Below this line is a copy of the message") or at the
+/// first embedded header block.
+pub fn split_returned(body: &str) -> (&str, Option<&str>) {
+    let lines: Vec<&str> = body.split_inclusive('\n').collect();
+    let mut offset = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_end();
+        if MARKER.is_match(trimmed) {
+            let rest = body.get(offset + line.len()..);
+            return (body.get(..offset).unwrap_or(body), rest);
+        }
+        if starts_header_block(&lines, i) {
+            return (body.get(..offset).unwrap_or(body), body.get(offset..));
+        }
+        offset += line.len();
+    }
+    (body, None)
+}
+
+/// Header fields of an embedded message (unfolded; names lowercased), read from its start
+/// until the first blank line. Leading non-header lines are skipped.
+pub fn header_fields(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut started = false;
+    for raw in text.lines() {
+        let line = raw.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            if started {
+                break;
+            }
+            continue;
+        }
+        if started && line.starts_with([' ', '\t']) {
+            if let Some((_, v)) = out.last_mut() {
+                v.push(' ');
+                v.push_str(line.trim());
+            }
+            continue;
+        }
+        match line.split_once(':') {
+            Some((name, value))
+                if !name.is_empty()
+                    && !name.contains(' ')
+                    && name.bytes().all(|b| b.is_ascii_graphic() && b != b':') =>
+            {
+                started = true;
+                out.push((name.to_ascii_lowercase(), value.trim().to_string()));
+            }
+            _ => {
+                if started {
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Removes HTML tags and the commonest entities, keeping line structure roughly.
+pub fn strip_html(html: &str) -> String {
+    let mut out = String::with_capacity(html.len());
+    let mut in_tag = false;
+    let mut tag = String::new();
+    for c in html.chars() {
+        if in_tag {
+            if c == '>' {
+                in_tag = false;
+                let t = tag.to_ascii_lowercase();
+                if t.starts_with("br")
+                    || t.starts_with("/p")
+                    || t.starts_with("/div")
+                    || t.starts_with("/tr")
+                    || t.starts_with("p")
+                {
+                    out.push('\n');
+                }
+                tag.clear();
+            } else if tag.len() < 8 {
+                tag.push(c);
+            }
+        } else if c == '<' {
+            in_tag = true;
+        } else {
+            out.push(c);
+        }
+    }
+    out.replace("&nbsp;", " ")
+        .replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&#39;", "'")
+        .replace("&amp;", "&")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_enhanced_status_but_not_inside_ip_addresses() {
+        assert_eq!(
+            find_enhanced_status("550 5.1.1 <a@b>: no").as_deref(),
+            Some("5.1.1")
+        );
+        assert_eq!(find_enhanced_status("(#5.5.0)").as_deref(), Some("5.5.0"));
+        assert_eq!(find_enhanced_status("host 10.5.2.1 said no"), None);
+        assert_eq!(
+            find_enhanced_status("550-5.7.26 Unauthenticated").as_deref(),
+            Some("5.7.26")
+        );
+        assert_eq!(
+            find_enhanced_status("version 2.0.1."),
+            Some("2.0.1".to_string())
+        );
+    }
+
+    #[test]
+    fn finds_reply_codes_after_typical_prefixes() {
+        assert_eq!(
+            find_reply_code("remote host said: 550 Unknown user"),
+            Some(550)
+        );
+        assert_eq!(find_reply_code("<<< 452 4.2.2 Over quota"), Some(452));
+        assert_eq!(find_reply_code("550-5.7.1 blocked"), Some(550));
+        assert_eq!(find_reply_code("250 ok"), None);
+        assert_eq!(find_reply_code("port 5500 busy"), None);
+    }
+
+    #[test]
+    fn finds_the_failing_command() {
+        assert_eq!(
+            find_command("SMTP error from remote mail server after RCPT TO:<a@b>"),
+            Some("RCPT")
+        );
+        assert_eq!(
+            find_command("host x said: 550 no (in reply to end of DATA command)"),
+            Some("DATA")
+        );
+        assert_eq!(find_command("after MAIL FROM:<a@b> SIZE=1"), Some("MAIL"));
+        assert_eq!(find_command("nothing here"), None);
+    }
+
+    #[test]
+    fn splits_at_marker_or_header_block() {
+        let body = "oops\n<a@b.example>: no\n\n--- Below this line is a copy of the message.\n\nFrom: x@y.example\nTo: a@b.example\n\nhi\n";
+        let (err, ret) = split_returned(body);
+        assert!(err.contains("<a@b.example>: no") && !err.contains("From:"));
+        assert!(ret.is_some_and(|r| r.contains("From: x@y.example")));
+        let body = "failed: a@b.example\n\nReceived: from x\n  by y\nFrom: s@y.example\nTo: a@b.example\n\nbody";
+        let (err, ret) = split_returned(body);
+        assert_eq!(err, "failed: a@b.example\n\n");
+        assert!(ret.is_some_and(|r| r.starts_with("Received:")));
+    }
+
+    #[test]
+    fn reads_header_fields_unfolded() {
+        let h = header_fields("\nReceived: from a\n\tby b id <X>\nMessage-ID: <m@x>\n\nbody: no");
+        assert_eq!(h.len(), 2);
+        assert_eq!(
+            h[0],
+            ("received".to_string(), "from a by b id <X>".to_string())
+        );
+        assert_eq!(h[1].1, "<m@x>");
+    }
+
+    #[test]
+    fn extracts_addresses() {
+        let v: Vec<_> = addresses("to <a.b@c.example>, and x@[192.0.2.1].")
+            .map(|(_, a)| a)
+            .collect();
+        assert_eq!(v, vec!["a.b@c.example", "x@[192.0.2.1]"]);
+    }
+
+    #[test]
+    fn strips_html() {
+        assert_eq!(strip_html("<p>a&amp;b</p><br>c"), "\na&b\n\nc");
+    }
+}

@@ -1,0 +1,235 @@
+//! `mailtrail bounce parse FILE...`: parse returned mail from files, directories or mbox
+//! files and print one line per bounce record (JSON lines with `--json`, a table without).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+
+use crate::bounce::{self, BounceRecord, Classifier};
+
+/// One message to parse: where it came from and its bytes.
+pub(crate) struct Source {
+    pub(crate) file: String,
+    /// 1-based position inside an mbox file; `None` for a single-message file.
+    pub(crate) message: Option<usize>,
+    pub(crate) raw: Vec<u8>,
+}
+
+/// Parses every message in `paths` with the built-in rules and prints its records.
+pub fn run_bounce_parse(paths: &[PathBuf], json: bool, out: &mut impl Write) -> anyhow::Result<()> {
+    run_bounce_parse_with(paths, json, Classifier::builtin(), out)
+}
+
+/// As [`run_bounce_parse`], classifying with `classifier` (built-in plus user rules).
+pub fn run_bounce_parse_with(
+    paths: &[PathBuf],
+    json: bool,
+    classifier: &Classifier,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let mut files = Vec::new();
+    for p in paths {
+        collect_files(p, &mut files)?;
+    }
+    if !json {
+        writeln!(
+            out,
+            "{:<40} {:<36} {:<15} {:<12} {:<7} {:<5} {:<9} diagnostic",
+            "file", "recipient", "reason", "type", "status", "code", "kind"
+        )?;
+    }
+    for file in files {
+        let data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+        for src in split_messages(&file, data) {
+            for record in bounce::parse_with(&src.raw, classifier) {
+                if json {
+                    writeln!(out, "{}", json_line(&src, &record)?)?;
+                } else {
+                    writeln!(out, "{}", table_line(&src, &record))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A file, or every file under a directory (recursively, in name order).
+pub(crate) fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    if meta.is_dir() {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
+            .with_context(|| format!("listing {}", path.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .collect();
+        entries.sort();
+        for e in entries {
+            collect_files(&e, files)?;
+        }
+    } else {
+        files.push(path.to_path_buf());
+    }
+    Ok(())
+}
+
+/// An mbox file (starts with a `From ` line) is split into its messages, `>From ` unquoted;
+/// anything else is one message.
+pub(crate) fn split_messages(path: &Path, data: Vec<u8>) -> Vec<Source> {
+    let file = path.display().to_string();
+    if !data.starts_with(b"From ") {
+        return vec![Source {
+            file,
+            message: None,
+            raw: data,
+        }];
+    }
+    let mut messages: Vec<Vec<u8>> = Vec::new();
+    for line in data.split_inclusive(|&b| b == b'\n') {
+        if line.starts_with(b"From ") {
+            messages.push(Vec::new());
+            continue;
+        }
+        if let Some(cur) = messages.last_mut() {
+            let unquoted = if line.starts_with(b">")
+                && line
+                    .iter()
+                    .skip_while(|&&b| b == b'>')
+                    .take(5)
+                    .eq(b"From ".iter())
+            {
+                line.get(1..).unwrap_or(line)
+            } else {
+                line
+            };
+            cur.extend_from_slice(unquoted);
+        }
+    }
+    let single = messages.len() == 1;
+    messages
+        .into_iter()
+        .enumerate()
+        .map(|(i, raw)| Source {
+            file: file.clone(),
+            message: if single { None } else { Some(i + 1) },
+            raw,
+        })
+        .collect()
+}
+
+fn json_line(src: &Source, record: &BounceRecord) -> anyhow::Result<String> {
+    let mut value = serde_json::to_value(record)?;
+    if let Some(obj) = value.as_object_mut() {
+        obj.insert(
+            "file".to_string(),
+            serde_json::Value::String(src.file.clone()),
+        );
+        if let Some(n) = src.message {
+            obj.insert("message".to_string(), serde_json::Value::from(n));
+        }
+    }
+    Ok(serde_json::to_string(&value)?)
+}
+
+fn table_line(src: &Source, r: &BounceRecord) -> String {
+    let file = match src.message {
+        Some(n) => format!("{}#{n}", src.file),
+        None => src.file.clone(),
+    };
+    let diagnostic: String = r
+        .diagnostic
+        .as_deref()
+        .unwrap_or("")
+        .chars()
+        .take(80)
+        .collect();
+    format!(
+        "{:<40} {:<36} {:<15} {:<12} {:<7} {:<5} {:<9} {}",
+        file,
+        r.recipient,
+        r.reason.as_str(),
+        r.bounce_type.as_str(),
+        r.status.as_deref().unwrap_or("-"),
+        r.reply_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".to_string()),
+        r.kind.as_str(),
+        diagnostic
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOUNCE: &str = "From: MAILER-DAEMON@mx.example.org\r\nTo: app@example.com\r\n\
+Subject: Undelivered Mail Returned to Sender\r\n\r\n\
+<nobody@example.net>: host mx.example.net[192.0.2.9] said: 550 5.1.1\r\n\
+    <nobody@example.net>: Recipient address rejected: User unknown\r\n";
+
+    #[test]
+    fn splits_mbox_and_unquotes_from_lines() {
+        let mbox = b"From a@b Mon Jan 1 00:00:00 2024\nSubject: one\n\n>From here\nFrom b@c Mon Jan 1 00:00:00 2024\nSubject: two\n\nx\n".to_vec();
+        let msgs = split_messages(Path::new("m.mbox"), mbox);
+        assert_eq!(msgs.len(), 2);
+        assert_eq!(msgs[0].raw, b"Subject: one\n\nFrom here\n");
+        assert_eq!(msgs[1].message, Some(2));
+        let single = split_messages(Path::new("x.eml"), b"Subject: x\n\n".to_vec());
+        assert_eq!(single.len(), 1);
+        assert_eq!(single[0].message, None);
+    }
+
+    #[test]
+    fn prints_json_lines_with_the_required_fields() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("b.eml");
+        std::fs::write(&p, BOUNCE)?;
+        std::fs::write(
+            dir.path().join("not.eml"),
+            "From: a@b.example\r\nSubject: hi\r\n\r\nhello\r\n",
+        )?;
+        let mut out = Vec::new();
+        run_bounce_parse(&[dir.path().to_path_buf()], true, &mut out)?;
+        let text = String::from_utf8(out)?;
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1, "{text}");
+        let v: serde_json::Value = serde_json::from_str(lines[0])?;
+        for key in [
+            "file",
+            "recipient",
+            "reason",
+            "bounce_type",
+            "status",
+            "reply_code",
+            "action",
+            "diagnostic",
+            "kind",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(v["recipient"], "nobody@example.net");
+        assert_eq!(v["reason"], "userunknown");
+        assert_eq!(v["bounce_type"], "hard");
+        assert_eq!(v["reply_code"], 550);
+        assert_eq!(v["file"], p.display().to_string());
+        Ok(())
+    }
+
+    #[test]
+    fn prints_a_table_without_json() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("b.eml");
+        std::fs::write(&p, BOUNCE)?;
+        let mut out = Vec::new();
+        run_bounce_parse(&[p], false, &mut out)?;
+        let text = String::from_utf8(out)?;
+        assert!(text.lines().next().is_some_and(|l| l.starts_with("file")));
+        assert!(text.contains("nobody@example.net") && text.contains("userunknown"));
+        Ok(())
+    }
+
+    #[test]
+    fn reports_missing_files() {
+        let mut out = Vec::new();
+        assert!(run_bounce_parse(&[PathBuf::from("/nonexistent/x.eml")], true, &mut out).is_err());
+    }
+}

@@ -510,3 +510,26 @@ fn metrics_count_connections_messages_and_rejections() {
     let (status, body) = m.http_get("/healthz");
     assert_eq!((status, body.trim()), (200, "ok"));
 }
+
+#[test]
+fn http_api_serves_the_log_as_json_and_a_search_page() {
+    let m = Mailtrail::start();
+    let (ok, out) = swaks(&["--to", "api@example.org", "--server", &m.smtp.to_string()]);
+    assert!(ok, "{out}");
+    let receipt = receipt_in(&out).unwrap();
+    let (status, body) = m.http_get("/api/log/api@example.org");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v[0]["receipt"], receipt.as_str());
+    assert_eq!(v[0]["recipients"][0]["status"], "queued");
+    let (status, body) = m.http_get(&format!("/api/log/{receipt}"));
+    assert_eq!(status, 200);
+    assert!(body.contains("api@example.org"), "{body}");
+    let (status, body) = m.http_get("/api/log/api@example.org?since=yesterday-ish");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = m.http_get("/api/bounces?unhandled=true");
+    assert_eq!((status, body.trim()), (200, "[]"));
+    let (status, page) = m.http_get("/");
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>mailtrail</title>"), "{page}");
+}

@@ -901,6 +901,20 @@ mod queue {
         assert_eq!(b.last_enhanced_status.as_deref(), Some("5.1.2"));
         assert_eq!(b.reason.as_deref(), Some("hostunknown"));
         assert_eq!(c.status, RecipientStatus::Deferred);
+        // The queue gauge shows the one deferred recipient within a housekeeping tick.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !h
+            .metrics
+            .encode()
+            .contains("mailtrail_queue_recipients 1\n")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}",
+                h.metrics.encode()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let ev = a.events.iter().find(|e| e.kind == "attempt").unwrap();
         assert_eq!(ev.stage, Some(Stage::Dns));
         assert_eq!(ev.reply_code, None);

@@ -468,6 +468,27 @@ async fn reply_before_a_hang_up_in_a_pipelined_group_is_kept() {
     }
 }
 
+#[tokio::test]
+async fn broken_opportunistic_tls_retries_the_host_in_plain_text() {
+    let mx = TestMx::start(Script {
+        starttls: true,
+        drop_at: Some(DropAt::StartTls),
+        ..Default::default()
+    })
+    .await;
+    let conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::Opportunistic))
+        .await
+        .unwrap();
+    assert_eq!(conn.tls, None);
+    assert_eq!(mx.connections(), 2);
+    // Under `tls = required` the same peer defers instead.
+    let e = client::connect(&[target(mx.addr)], &settings(TlsPolicy::Required))
+        .await
+        .unwrap_err();
+    assert!(!e.permanent);
+    assert!(e.tls_handshake_failed);
+}
+
 // --- DNS -----------------------------------------------------------------------------------
 
 async fn resolver(dns: &TestDns) -> MxResolver {

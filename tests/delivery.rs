@@ -1539,4 +1539,60 @@ mod queue {
         h.shutdown.cancel();
         delivery.join().await;
     }
+
+    #[tokio::test]
+    async fn dsn_off_sends_no_report() {
+        let h = harness(
+            Script::default().rcpt("unknown@dest.test", &["550 5.1.1 user unknown"]),
+            |c| c.delivery.dsn = false,
+        )
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("unknown@dest.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Failed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !h.mx
+                .transactions()
+                .iter()
+                .any(|t| t.mail_from.starts_with("<>"))
+        );
+        assert!(
+            !h.mx
+                .commands()
+                .iter()
+                .any(|c| c.starts_with("MAIL FROM:<>"))
+        );
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn total_connection_limit_closes_idle_connections_for_other_destinations() {
+        let h = harness(Script::default(), |c| c.delivery.max_connections = 1).await;
+        h.dns.zone.mx("other.test", 10, "mx.dest.test");
+        let started = std::time::Instant::now();
+        let a = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        h.wait(a, final_status).await;
+        // dest.test's connection now idles, holding the only slot; other.test must get it by
+        // closing that idle connection, not by waiting out the idle limit.
+        let b = h
+            .submit(message("app@sender.test", &[("b@other.test", None)]))
+            .await;
+        let log = h.wait(b, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(h.mx.peak_active(), 1);
+        assert_eq!(h.mx.connections(), 2);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
 }

@@ -7,35 +7,17 @@ mod common;
 
 use std::time::Duration;
 
-use common::mailtrail::{Mailtrail, RawSmtp, receipt_in, wait_until};
+use common::mailtrail::{Mailtrail, RawSmtp, hash_password, wait_until};
 use common::test_mx::{Script, TestMx};
 
 const BOUNCE_DOMAIN: &str = "bounce.mt.test";
-
-fn hash(password: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new(common::mailtrail::bin())
-        .arg("hash-password")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{password}\n").as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
 
 /// A relay whose loopback clients are NOT relay clients: the app authenticates, bounces come
 /// in without AUTH like from any Internet MTA.
 fn start_relay(mx_port: u16) -> Mailtrail {
     let smtp = format!(
         "relay_networks = [\"192.0.2.0/24\"]\n[[smtp.users]]\nname = \"app\"\npassword_hash = \"{}\"\n",
-        hash("app-pass")
+        hash_password("app-pass")
     );
     let tables = format!(
         "[delivery]\nbounce_domain = \"{BOUNCE_DOMAIN}\"\nretry_first = \"1s\"\n\
@@ -46,37 +28,13 @@ fn start_relay(mx_port: u16) -> Mailtrail {
     Mailtrail::start_with("", &smtp, &tables)
 }
 
-/// Submits one message with AUTH (as the application would); returns the receipt.
 fn submit(m: &Mailtrail, to: &[&str], subject: &str) -> String {
-    let mut c = RawSmtp::connect(m.smtp);
-    assert!(c.cmd("EHLO app.test").starts_with("250"));
-    // AUTH PLAIN \0app\0app-pass
-    let r = c.cmd("AUTH PLAIN AGFwcABhcHAtcGFzcw==");
-    assert!(r.starts_with("235"), "{r}");
-    assert!(c.cmd("MAIL FROM:<app@example.com>").starts_with("250"));
-    for t in to {
-        let r = c.cmd(&format!("RCPT TO:<{t}>"));
-        assert!(r.starts_with("250"), "{t}: {r}");
-    }
-    assert!(c.cmd("DATA").starts_with("354"));
-    let r = c.cmd(&format!(
-        "From: app@example.com\r\nSubject: {subject}\r\nMessage-ID: <{subject}@app.example.com>\r\n\r\nhello\r\n."
-    ));
-    let _ = c.cmd("QUIT");
-    receipt_in(&r).unwrap_or_else(|| panic!("no receipt: {r}"))
+    m.submit(Some(("app", "app-pass")), "app@example.com", to, subject)
 }
 
+/// The newest message's entry for `address`.
 fn status_of(m: &Mailtrail, address: &str) -> serde_json::Value {
-    let msgs = m.log_json(address);
-    let newest = msgs.first().cloned().unwrap_or_default();
-    newest["recipients"]
-        .as_array()
-        .and_then(|rs| {
-            rs.iter()
-                .find(|r| r["address"].as_str() == Some(address))
-                .cloned()
-        })
-        .unwrap_or_default()
+    m.recipient(address, address)
 }
 
 /// Sends `message` to `rcpt` from a non-relay client with the null sender, as a remote MTA

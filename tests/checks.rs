@@ -12,19 +12,6 @@ use common::mailtrail::{Mailtrail, RawSmtp, receipt_in, wait_until};
 use common::test_dns::TestDns;
 use common::test_mx::{Script, TestMx};
 
-fn recipient(m: &Mailtrail, receipt: &str, address: &str) -> serde_json::Value {
-    m.log_json(receipt)
-        .first()
-        .and_then(|msg| {
-            msg["recipients"]
-                .as_array()?
-                .iter()
-                .find(|r| r["address"] == address)
-                .cloned()
-        })
-        .unwrap_or_default()
-}
-
 fn start(nameserver: std::net::SocketAddr, mx_port: u16, extra: &str) -> Mailtrail {
     Mailtrail::start_with(
         "",
@@ -64,21 +51,21 @@ async fn dead_domains_are_rejected_without_attempt_and_live_ones_go_to_their_mx(
     let receipt = receipt_in(&reply).unwrap();
 
     wait_until("a delivered via its MX", Duration::from_secs(30), || {
-        recipient(&m, &receipt, "a@good.test")["status"] == "delivered"
+        m.recipient(&receipt, "a@good.test")["status"] == "delivered"
     });
-    let b = recipient(&m, &receipt, "b@nxd.test");
+    let b = m.recipient(&receipt, "b@nxd.test");
     assert_eq!(
         (b["status"].as_str(), b["reason"].as_str()),
         (Some("rejected"), Some("hostunknown")),
         "{b}"
     );
-    let c_ = recipient(&m, &receipt, "c@nullmx.test");
+    let c_ = m.recipient(&receipt, "c@nullmx.test");
     assert_eq!(
         (c_["status"].as_str(), c_["reason"].as_str()),
         (Some("rejected"), Some("notaccept")),
         "{c_}"
     );
-    let broken = recipient(&m, &receipt, "broken@@good.test");
+    let broken = m.recipient(&receipt, "broken@@good.test");
     assert_eq!(
         (broken["status"].as_str(), broken["reason"].as_str()),
         (Some("rejected"), Some("syntaxerror")),
@@ -86,7 +73,7 @@ async fn dead_domains_are_rejected_without_attempt_and_live_ones_go_to_their_mx(
     );
     // SERVFAIL: accepted, then deferred by delivery (temporary), never rejected.
     wait_until("d deferred", Duration::from_secs(30), || {
-        recipient(&m, &receipt, "d@flaky.test")["status"] == "deferred"
+        m.recipient(&receipt, "d@flaky.test")["status"] == "deferred"
     });
     // Only a@good.test reached an MX.
     let seen: Vec<String> = mx

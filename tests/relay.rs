@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::mailtrail::{Mailtrail, RawSmtp, receipt_in, wait_until};
+use common::mailtrail::{Mailtrail, wait_until};
 use common::postfix::Postfix;
 use common::test_mx::{Script, TestMx};
 
@@ -20,35 +20,6 @@ fn relay_to(port: u16, delivery_extra: &str) -> Mailtrail {
              [[route]]\ndomains = [\"*\"]\nmx = [\"127.0.0.1:{port}\"]\ntls = \"none\"\n"
         ),
     )
-}
-
-fn submit(m: &Mailtrail, from: &str, to: &[&str], subject: &str) -> String {
-    let mut c = RawSmtp::connect(m.smtp);
-    assert!(c.cmd("EHLO app.test").starts_with("250"));
-    assert!(c.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
-    for t in to {
-        let r = c.cmd(&format!("RCPT TO:<{t}>"));
-        assert!(r.starts_with("250"), "{t}: {r}");
-    }
-    assert!(c.cmd("DATA").starts_with("354"));
-    let r = c.cmd(&format!(
-        "From: {from}\r\nSubject: {subject}\r\n\r\nhello\r\n."
-    ));
-    let _ = c.cmd("QUIT");
-    receipt_in(&r).unwrap_or_else(|| panic!("no receipt: {r}"))
-}
-
-fn recipient(m: &Mailtrail, receipt: &str, address: &str) -> serde_json::Value {
-    m.log_json(receipt)
-        .first()
-        .and_then(|msg| {
-            msg["recipients"]
-                .as_array()?
-                .iter()
-                .find(|r| r["address"] == address)
-                .cloned()
-        })
-        .unwrap_or_default()
 }
 
 fn is_final(status: &serde_json::Value) -> bool {
@@ -76,8 +47,8 @@ async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
     )
     .await;
     let m = relay_to(mx.port(), "");
-    let receipt = submit(
-        &m,
+    let receipt = m.submit(
+        None,
         "app@example.com",
         &["ok@dest.test", "gone@dest.test", "later@dest.test"],
         "three",
@@ -85,15 +56,15 @@ async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
     wait_until("all three final", Duration::from_secs(60), || {
         ["ok@dest.test", "gone@dest.test", "later@dest.test"]
             .iter()
-            .all(|a| is_final(&recipient(&m, &receipt, a)["status"]))
+            .all(|a| is_final(&m.recipient(&receipt, a)["status"]))
     });
 
-    let ok = recipient(&m, &receipt, "ok@dest.test");
+    let ok = m.recipient(&receipt, "ok@dest.test");
     assert_eq!(ok["status"], "delivered", "{ok}");
     assert_eq!(ok["last_reply_code"], 250);
     assert_eq!(ok["last_reply_text"], "Ok: queued as TEST1", "{ok}");
 
-    let gone = recipient(&m, &receipt, "gone@dest.test");
+    let gone = m.recipient(&receipt, "gone@dest.test");
     assert_eq!(gone["status"], "failed", "{gone}");
     assert_eq!(gone["last_reply_code"], 550);
     assert_eq!(gone["last_enhanced_status"], "5.1.1");
@@ -104,7 +75,7 @@ async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
     assert_eq!(gone["reason"], "userunknown", "{gone}");
     assert_eq!(gone["bounce_type"], "hard", "{gone}");
 
-    let later = recipient(&m, &receipt, "later@dest.test");
+    let later = m.recipient(&receipt, "later@dest.test");
     assert_eq!(later["status"], "delivered", "{later}");
     let attempts: Vec<&serde_json::Value> = later["events"]
         .as_array()
@@ -184,9 +155,9 @@ async fn queue_list_retry_and_delete() {
             mx.port()
         ),
     );
-    let receipt = submit(&m, "app@example.com", &["slow@dest.test"], "queued");
+    let receipt = m.submit(None, "app@example.com", &["slow@dest.test"], "queued");
     wait_until("deferred", Duration::from_secs(30), || {
-        recipient(&m, &receipt, "slow@dest.test")["status"] == "deferred"
+        m.recipient(&receipt, "slow@dest.test")["status"] == "deferred"
     });
     let list = m.cli_ok(&["queue", "list"]);
     assert!(
@@ -204,7 +175,7 @@ async fn queue_list_retry_and_delete() {
 
     let out = m.cli_ok(&["queue", "delete", &receipt]);
     assert!(out.contains('1'), "{out}");
-    let r = recipient(&m, &receipt, "slow@dest.test");
+    let r = m.recipient(&receipt, "slow@dest.test");
     assert_eq!(r["status"], "failed", "{r}");
     assert!(
         r["events"]
@@ -226,12 +197,7 @@ async fn kill_9_during_delivery_leaves_every_recipient_with_one_final_status() {
     let mut m = relay_to(mx.port(), "");
     let mut receipts = Vec::new();
     for i in 0..20 {
-        receipts.push(submit(
-            &m,
-            "app@example.com",
-            &[&format!("r{i}@dest.test")],
-            "k9",
-        ));
+        receipts.push(m.submit(None, "app@example.com", &[&format!("r{i}@dest.test")], "k9"));
     }
     // Kill while deliveries are in flight.
     wait_until("some delivered", Duration::from_secs(30), || {
@@ -246,11 +212,11 @@ async fn kill_9_during_delivery_leaves_every_recipient_with_one_final_status() {
             receipts
                 .iter()
                 .enumerate()
-                .all(|(i, r)| recipient(&m, r, &format!("r{i}@dest.test"))["status"] == "delivered")
+                .all(|(i, r)| m.recipient(r, &format!("r{i}@dest.test"))["status"] == "delivered")
         },
     );
     for (i, r) in receipts.iter().enumerate() {
-        let rec = recipient(&m, r, &format!("r{i}@dest.test"));
+        let rec = m.recipient(r, &format!("r{i}@dest.test"));
         let delivered_events = rec["events"]
             .as_array()
             .unwrap()
@@ -272,11 +238,11 @@ async fn relays_through_a_real_postfix_smarthost() {
     let mx = TestMx::start(Script::default()).await;
     let postfix = Postfix::start_relay_to(mx.port());
     let m = relay_to(postfix.port, "");
-    let receipt = submit(&m, "app@example.com", &["far@dest.test"], "via postfix");
+    let receipt = m.submit(None, "app@example.com", &["far@dest.test"], "via postfix");
     wait_until("delivered to postfix", Duration::from_secs(30), || {
-        recipient(&m, &receipt, "far@dest.test")["status"] == "delivered"
+        m.recipient(&receipt, "far@dest.test")["status"] == "delivered"
     });
-    let r = recipient(&m, &receipt, "far@dest.test");
+    let r = m.recipient(&receipt, "far@dest.test");
     // Postfix's own reply, verbatim: "250 2.0.0 Ok: <n> bytes queued as <queue id>".
     assert_eq!(r["last_reply_code"], 250);
     assert_eq!(r["last_enhanced_status"], "2.0.0");

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::mailtrail::{Mailtrail, RawSmtp, python, receipt_in, swaks};
+use common::mailtrail::{ACCEPT_ONLY, Mailtrail, RawSmtp, python, receipt_in, swaks};
 
 fn smtp_arg(m: &Mailtrail) -> String {
     m.smtp.to_string()
@@ -102,27 +102,14 @@ s.quit()
 #[test]
 fn auth_plain_and_login_only_with_right_password() {
     // Loopback clients are outside relay_networks here, so only AUTH lets them relay.
-    let hash = {
-        let out = std::process::Command::new(common::mailtrail::bin())
-            .arg("hash-password")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .and_then(|mut c| {
-                use std::io::Write;
-                c.stdin.take().unwrap().write_all(b"s3cret pass\n")?;
-                c.wait_with_output()
-            })
-            .unwrap();
-        String::from_utf8(out.stdout).unwrap().trim().to_string()
-    };
+    let hash = common::mailtrail::hash_password("s3cret pass");
     assert!(hash.starts_with("$argon2"), "{hash}");
     let m = Mailtrail::start_with(
         "",
         &format!(
             "relay_networks = [\"192.0.2.0/24\"]\n[[smtp.users]]\nname = \"app\"\npassword_hash = \"{hash}\"\n"
         ),
-        "[delivery]\nenabled = false\n",
+        ACCEPT_ONLY,
     );
     // No AUTH: relay denied per recipient.
     let (ok, out) = swaks(&["--to", "x@example.org", "--server", &smtp_arg(&m)]);
@@ -181,11 +168,7 @@ fn auth_plain_and_login_only_with_right_password() {
 
 #[test]
 fn refuses_relay_to_clients_outside_relay_networks() {
-    let m = Mailtrail::start_with(
-        "",
-        "relay_networks = [\"10.0.0.0/8\"]\n",
-        "[delivery]\nenabled = false\n",
-    );
+    let m = Mailtrail::start_with("", "relay_networks = [\"10.0.0.0/8\"]\n", ACCEPT_ONLY);
     let mut c = RawSmtp::connect(m.smtp);
     assert!(c.cmd("EHLO outside.test").starts_with("250"));
     assert!(c.cmd("MAIL FROM:<spammer@example.com>").starts_with("250"));
@@ -285,7 +268,7 @@ fn enforces_size_recipient_and_line_limits() {
     let m = Mailtrail::start_with(
         "",
         "max_message_size = 2000\nmax_recipients = 3\nmax_errors = 50\n",
-        "[delivery]\nenabled = false\n",
+        ACCEPT_ONLY,
     );
     let mut c = RawSmtp::connect(m.smtp);
     let ehlo = c.cmd("EHLO limits.test");
@@ -322,7 +305,7 @@ fn enforces_size_recipient_and_line_limits() {
 
 #[test]
 fn bad_syntax_unknown_commands_and_bad_sequence() {
-    let m = Mailtrail::start_with("", "max_errors = 5\n", "[delivery]\nenabled = false\n");
+    let m = Mailtrail::start_with("", "max_errors = 5\n", ACCEPT_ONLY);
     let mut c = RawSmtp::connect(m.smtp);
     assert!(c.cmd("RCPT TO:<x@example.org>").starts_with("503"));
     assert!(c.cmd("EHLO seq.test").starts_with("250"));
@@ -477,11 +460,7 @@ fn bad_config_names_the_key_and_exits_non_zero() {
 
 #[test]
 fn metrics_count_connections_messages_and_rejections() {
-    let m = Mailtrail::start_with(
-        "",
-        "relay_networks = [\"10.0.0.0/8\"]\n",
-        "[delivery]\nenabled = false\n",
-    );
+    let m = Mailtrail::start_with("", "relay_networks = [\"10.0.0.0/8\"]\n", ACCEPT_ONLY);
     let metric = |body: &str, name: &str| -> f64 {
         body.lines()
             .find(|l| l.starts_with(name))
@@ -509,4 +488,27 @@ fn metrics_count_connections_messages_and_rejections() {
     assert_eq!(metric(&after, "mailtrail_messages_accepted_total"), 0.0);
     let (status, body) = m.http_get("/healthz");
     assert_eq!((status, body.trim()), (200, "ok"));
+}
+
+#[test]
+fn http_api_serves_the_log_as_json_and_a_search_page() {
+    let m = Mailtrail::start();
+    let (ok, out) = swaks(&["--to", "api@example.org", "--server", &m.smtp.to_string()]);
+    assert!(ok, "{out}");
+    let receipt = receipt_in(&out).unwrap();
+    let (status, body) = m.http_get("/api/log/api@example.org");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v[0]["receipt"], receipt.as_str());
+    assert_eq!(v[0]["recipients"][0]["status"], "queued");
+    let (status, body) = m.http_get(&format!("/api/log/{receipt}"));
+    assert_eq!(status, 200);
+    assert!(body.contains("api@example.org"), "{body}");
+    let (status, body) = m.http_get("/api/log/api@example.org?since=yesterday-ish");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = m.http_get("/api/bounces?unhandled=true");
+    assert_eq!((status, body.trim()), (200, "[]"));
+    let (status, page) = m.http_get("/");
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>mailtrail</title>"), "{page}");
 }

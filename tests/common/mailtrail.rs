@@ -20,6 +20,9 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Config tables for an instance that only accepts: no delivery, no domain check.
+pub const ACCEPT_ONLY: &str = "[delivery]\nenabled = false\n[checks]\ndomain_check = false\n";
+
 /// One mailtrail instance and its files. Killed on drop.
 pub struct Mailtrail {
     pub dir: tempfile::TempDir,
@@ -56,9 +59,10 @@ impl Mailtrail {
         m
     }
 
-    /// Accept-only instance (delivery off) with default SMTP settings.
+    /// Accept-only instance (delivery and the RCPT-time domain check off, so recipients stay
+    /// `queued` whatever this machine's DNS says) with default SMTP settings.
     pub fn start() -> Self {
-        Self::start_with("", "", "[delivery]\nenabled = false\n")
+        Self::start_with("", "", ACCEPT_ONLY)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -171,6 +175,52 @@ impl Mailtrail {
             .collect()
     }
 
+    /// One recipient of the message `receipt` (or the newest message of an address) as
+    /// `mailtrail log --json` shows it; `Null` when absent.
+    pub fn recipient(&self, key: &str, address: &str) -> serde_json::Value {
+        self.log_json(key)
+            .first()
+            .and_then(|msg| {
+                msg["recipients"]
+                    .as_array()?
+                    .iter()
+                    .find(|r| r["address"] == address)
+                    .cloned()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Submits one message over a raw session (AUTH PLAIN first when `auth` is
+    /// `Some((user, password))`); returns the receipt.
+    pub fn submit(
+        &self,
+        auth: Option<(&str, &str)>,
+        from: &str,
+        to: &[&str],
+        subject: &str,
+    ) -> String {
+        let mut c = RawSmtp::connect(self.smtp);
+        assert!(c.cmd("EHLO app.test").starts_with("250"));
+        if let Some((user, password)) = auth {
+            use base64::Engine;
+            let token =
+                base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+            let r = c.cmd(&format!("AUTH PLAIN {token}"));
+            assert!(r.starts_with("235"), "{r}");
+        }
+        assert!(c.cmd(&format!("MAIL FROM:<{from}>")).starts_with("250"));
+        for t in to {
+            let r = c.cmd(&format!("RCPT TO:<{t}>"));
+            assert!(r.starts_with("250"), "{t}: {r}");
+        }
+        assert!(c.cmd("DATA").starts_with("354"));
+        let r = c.cmd(&format!(
+            "From: {from}\r\nSubject: {subject}\r\nMessage-ID: <{subject}@app.example.com>\r\n\r\nhello\r\n."
+        ));
+        let _ = c.cmd("QUIT");
+        receipt_in(&r).unwrap_or_else(|| panic!("no receipt: {r}"))
+    }
+
     pub fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.http, path)
     }
@@ -187,6 +237,27 @@ pub fn signal(child: &Child, sig: &str) {
         .arg(format!("-{sig}"))
         .arg(child.id().to_string())
         .status();
+}
+
+/// `mailtrail hash-password` for `password`: the PHC string for `[[smtp.users]]`.
+pub fn hash_password(password: &str) -> String {
+    let mut child = Command::new(bin())
+        .arg("hash-password")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("run hash-password");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(format!("{password}\n").as_bytes())
+        .expect("write password");
+    let out = child.wait_with_output().expect("hash-password output");
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
 }
 
 /// Minimal HTTP/1.0 GET: (status, body).

@@ -468,6 +468,27 @@ async fn reply_before_a_hang_up_in_a_pipelined_group_is_kept() {
     }
 }
 
+#[tokio::test]
+async fn broken_opportunistic_tls_retries_the_host_in_plain_text() {
+    let mx = TestMx::start(Script {
+        starttls: true,
+        drop_at: Some(DropAt::StartTls),
+        ..Default::default()
+    })
+    .await;
+    let conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::Opportunistic))
+        .await
+        .unwrap();
+    assert_eq!(conn.tls, None);
+    assert_eq!(mx.connections(), 2);
+    // Under `tls = required` the same peer defers instead.
+    let e = client::connect(&[target(mx.addr)], &settings(TlsPolicy::Required))
+        .await
+        .unwrap_err();
+    assert!(!e.permanent);
+    assert!(e.tls_handshake_failed);
+}
+
 // --- DNS -----------------------------------------------------------------------------------
 
 async fn resolver(dns: &TestDns) -> MxResolver {
@@ -901,6 +922,20 @@ mod queue {
         assert_eq!(b.last_enhanced_status.as_deref(), Some("5.1.2"));
         assert_eq!(b.reason.as_deref(), Some("hostunknown"));
         assert_eq!(c.status, RecipientStatus::Deferred);
+        // The queue gauge shows the one deferred recipient within a housekeeping tick.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !h
+            .metrics
+            .encode()
+            .contains("mailtrail_queue_recipients 1\n")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}",
+                h.metrics.encode()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let ev = a.events.iter().find(|e| e.kind == "attempt").unwrap();
         assert_eq!(ev.stage, Some(Stage::Dns));
         assert_eq!(ev.reply_code, None);
@@ -1503,5 +1538,61 @@ mod queue {
         assert_eq!(h.mx.connections(), 0);
         h.shutdown.cancel();
         delivery.join().await;
+    }
+
+    #[tokio::test]
+    async fn dsn_off_sends_no_report() {
+        let h = harness(
+            Script::default().rcpt("unknown@dest.test", &["550 5.1.1 user unknown"]),
+            |c| c.delivery.dsn = false,
+        )
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("unknown@dest.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Failed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !h.mx
+                .transactions()
+                .iter()
+                .any(|t| t.mail_from.starts_with("<>"))
+        );
+        assert!(
+            !h.mx
+                .commands()
+                .iter()
+                .any(|c| c.starts_with("MAIL FROM:<>"))
+        );
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn total_connection_limit_closes_idle_connections_for_other_destinations() {
+        let h = harness(Script::default(), |c| c.delivery.max_connections = 1).await;
+        h.dns.zone.mx("other.test", 10, "mx.dest.test");
+        let started = std::time::Instant::now();
+        let a = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        h.wait(a, final_status).await;
+        // dest.test's connection now idles, holding the only slot; other.test must get it by
+        // closing that idle connection, not by waiting out the idle limit.
+        let b = h
+            .submit(message("app@sender.test", &[("b@other.test", None)]))
+            .await;
+        let log = h.wait(b, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(h.mx.peak_active(), 1);
+        assert_eq!(h.mx.connections(), 2);
+        h.shutdown.cancel();
+        h.handle.join().await;
     }
 }

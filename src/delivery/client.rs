@@ -170,6 +170,8 @@ pub struct SessionError {
     pub remote_host: Option<String>,
     pub remote_ip: Option<IpAddr>,
     pub tls: Option<TlsInfo>,
+    /// The STARTTLS handshake failed (the session is gone).
+    pub tls_handshake_failed: bool,
 }
 
 /// An open, greeted session ready for MAIL.
@@ -409,11 +411,27 @@ pub async fn connect(
         remote_host: None,
         remote_ip: None,
         tls: None,
+        tls_handshake_failed: false,
     };
     for target in targets {
         match connect_one(target, settings).await {
             Ok(c) => return Ok(c),
             Err(e) if e.permanent => return Err(e),
+            // Opportunistic TLS that breaks in the handshake: try this host once more in
+            // plain text (as Postfix does) rather than never delivering to a peer whose TLS
+            // stack cannot talk to ours.
+            Err(e) if e.tls_handshake_failed && settings.tls == TlsPolicy::Opportunistic => {
+                tracing::info!(host = %target.host, error = %e.text, "TLS failed; retrying in plain text");
+                let plain = SessionSettings {
+                    tls: TlsPolicy::None,
+                    ..settings.clone()
+                };
+                match connect_one(target, &plain).await {
+                    Ok(c) => return Ok(c),
+                    Err(e) if e.permanent => return Err(e),
+                    Err(e) => last = e,
+                }
+            }
             Err(e) => {
                 tracing::debug!(host = %target.host, addr = %target.addr, error = %e.text, "next MX");
                 last = e;
@@ -434,6 +452,7 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
             remote_host: Some(target.host.clone()),
             remote_ip: Some(target.addr.ip()),
             tls,
+            tls_handshake_failed: false,
         }
     };
     let mut tcp = SmtpClient::connect(target.addr, s.connect_timeout)
@@ -484,7 +503,11 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
                 let tls_client = client
                     .into_tls(&s.tls_connector, &target.host)
                     .await
-                    .map_err(|e| fail(None, format!("TLS handshake: {e}"), None))?;
+                    .map_err(|e| {
+                        let mut err = fail(None, format!("TLS handshake: {e}"), None);
+                        err.tls_handshake_failed = true;
+                        err
+                    })?;
                 let info = tls_info(&tls_client);
                 // RFC 3207 §4.2: forget what was learnt before TLS and ask again.
                 let g = greet(tls_client, &s.helo_name, false)

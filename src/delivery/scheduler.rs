@@ -37,6 +37,8 @@ use super::verp_sender::VerpSender;
 pub const IDLE_LIMIT: Duration = Duration::from_secs(10);
 /// Transactions per connection before it is closed and a new one opened.
 pub const REUSE_LIMIT: u32 = 100;
+/// How often queue gauges are refreshed and idle connections past their time closed.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// Longest sleep between queue checks when nothing wakes the loop (also refreshes the queue
 /// gauges).
 const MAX_SLEEP: Duration = Duration::from_secs(30);
@@ -436,19 +438,29 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
             in_flight.remove(&k);
         }
     };
+    // Housekeeping on its own clock, so that gauges and idle connections do not wait for the
+    // loop's next wake-up (up to MAX_SLEEP on a quiet queue).
+    let housekeeping = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+            loop {
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                ctx.pool.expire();
+                update_queue_gauges(&ctx).await;
+            }
+        })
+    };
     // Whether to ask the store for due mail on this turn. Reading the queue after every
     // finished message would cost O(queue) per message; refill on wake-ups, timers, and when
     // half the in-flight budget is free.
     let mut refill = true;
-    let mut last_housekeeping: Option<Instant> = None;
     loop {
         if ctx.shutdown.is_cancelled() {
             break;
-        }
-        if last_housekeeping.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-            ctx.pool.expire();
-            update_queue_gauges(&ctx).await;
-            last_housekeeping = Some(Instant::now());
         }
 
         let now = now_ms();
@@ -508,6 +520,7 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
             }
         }
     }
+    housekeeping.abort();
     // Shutdown: running transactions finish (bounded); no new ones start.
     let grace = ctx.config.smtp.shutdown_grace;
     let drained =

@@ -21,6 +21,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 pub enum DropAt {
     /// Right after accepting the TCP connection, before the greeting.
     Connect,
+    /// After the `220` to STARTTLS, instead of the TLS handshake (a broken TLS peer).
+    StartTls,
     /// Right after the reply to MAIL (as a server that says `421` and hangs up).
     AfterMail,
     /// After reading the message body, before the final DATA reply.
@@ -303,6 +305,9 @@ async fn session(
             send(&mut rd, s.reply_delay, "250 mx.test").await?;
         } else if upper == "STARTTLS" && s.starttls && !is_tls {
             send(&mut rd, s.reply_delay, "220 2.0.0 Ready to start TLS").await?;
+            if s.drop_at == Some(DropAt::StartTls) {
+                return Ok(());
+            }
             let inner = rd.into_inner();
             let stream = tls.accept(inner).await?;
             rd = BufReader::new(Box::new(stream));

@@ -400,4 +400,7 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Option<Suppression>, StoreError>;
     async fn suppression_list(&self, now_ms: i64) -> Result<Vec<Suppression>, StoreError>;
+    /// A number that changes whenever the suppression list changes (any process), so callers
+    /// can cache the list and reload it only then.
+    async fn suppression_version(&self) -> Result<i64, StoreError>;
 }

@@ -104,6 +104,7 @@ fn migrates_an_empty_database_and_reopens_without_migrating_again() {
             "bounces",
             "events",
             "messages",
+            "meta",
             "recipients",
             "suppressions"
         ]

@@ -143,6 +143,12 @@ CREATE TRIGGER suppressions_delete AFTER DELETE ON suppressions BEGIN
     UPDATE meta SET value = value + 1 WHERE key = 'suppression_version';
 END;
 "#,
+    // 3: the RCPT reply of recipients whose attempt the DATA reply decided.
+    r#"
+ALTER TABLE events ADD COLUMN rcpt_reply_code INTEGER;
+ALTER TABLE events ADD COLUMN rcpt_enhanced_status TEXT;
+ALTER TABLE events ADD COLUMN rcpt_reply_text TEXT;
+"#,
 ];
 
 /// The schema version this build reads and writes.

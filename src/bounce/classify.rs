@@ -2,10 +2,19 @@
 //! a rules file (`rules.toml`, built in; users prepend their own via `[bounce] rules_file`).
 //! All patterns of all rules compile once into one `RegexSet`, so a diagnostic is scanned once.
 //!
-//! Rules are tried in file order (user rules first); the first rule whose `status` list holds
-//! the record's enhanced status, or one of whose `patterns` matches the diagnostic, gives the
-//! reason. When none does, the `[status]` table maps the enhanced status alone, then the
-//! status class decides (x.6 content, x.7 security), then the action (`delayed` → expired).
+//! A rule selects its reason when its `status` list holds the record's enhanced status, its
+//! `reply_codes` the reply code, or one of its `patterns` matches the diagnostic (and its
+//! command limits, if any, allow the failing SMTP command). The order of decision follows
+//! Sisimai's:
+//!
+//! 1. stage-1 rules, in file order (user rules first);
+//! 2. the `[status]` table, unless it gives a reason listed as `refinable` (generic codes);
+//! 3. stage-2 rules (phrases that refine a generic status);
+//! 4. the `[status]` table's refinable reason;
+//! 5. the status class: x.6 → contenterror, x.7 → securityerror; an `X-Unix` or `X-Postfix`
+//!    diagnostic type → mailererror;
+//! 6. stage-3 rules (last resorts such as "a 50x reply is a syntax error");
+//! 7. action `delayed` → expired; any diagnostic → onhold; nothing → undefined.
 
 use std::collections::HashMap;
 use std::sync::LazyLock;
@@ -26,8 +35,16 @@ pub enum RulesError {
     UnknownReason { index: usize, reason: String },
     #[error("status table entry {status:?} has unknown reason {reason:?}")]
     UnknownStatusReason { status: String, reason: String },
-    #[error("rule {index} ({reason}) has neither status codes nor patterns")]
+    #[error("rule {index} ({reason}) has neither status codes, reply codes nor patterns")]
     EmptyRule { index: usize, reason: String },
+    #[error("rule {index} ({reason}) has stage {stage}; stages are 1, 2 and 3")]
+    BadStage {
+        index: usize,
+        reason: String,
+        stage: u8,
+    },
+    #[error("refinable reason {0:?} is unknown")]
+    UnknownRefinable(String),
     #[error("invalid pattern in rules: {0}")]
     Regex(#[from] regex::Error),
 }
@@ -38,6 +55,9 @@ struct RulesFile {
     /// Enhanced status → reason, used when no rule matched.
     #[serde(default)]
     status: HashMap<String, String>,
+    /// Reasons from the status table that stage-2 rules may refine.
+    #[serde(default)]
+    refinable: Vec<String>,
     #[serde(default)]
     rule: Vec<RuleSpec>,
 }
@@ -46,6 +66,24 @@ struct RulesFile {
 #[serde(deny_unknown_fields)]
 struct RuleSpec {
     reason: String,
+    /// 1 (before the status table, the default), 2 (refining a generic status) or 3 (last).
+    #[serde(default = "default_stage")]
+    stage: u8,
+    /// Reply codes (`503`) that select this reason by themselves.
+    #[serde(default)]
+    reply_codes: Vec<u16>,
+    /// SMTP commands the rule never applies to.
+    #[serde(default)]
+    not_commands: Vec<String>,
+    /// Reasons whose patterns, when they match too, void this rule's status-code selection.
+    #[serde(default)]
+    status_unless: Vec<String>,
+    /// Regexes that, when they match, make this rule's patterns not count.
+    #[serde(default)]
+    except: Vec<String>,
+    /// Also use the patterns of the earlier rule (same file) with this reason.
+    #[serde(default)]
+    same_patterns_as: Option<String>,
     /// Enhanced status codes (`5.2.2`) that select this reason by themselves.
     #[serde(default)]
     status: Vec<String>,
@@ -57,17 +95,33 @@ struct RuleSpec {
     patterns: Vec<String>,
 }
 
+fn default_stage() -> u8 {
+    1
+}
+
 #[derive(Debug)]
 struct Rule {
     reason: BounceReason,
+    stage: u8,
     status: Vec<String>,
+    reply_codes: Vec<u16>,
     commands: Vec<String>,
+    not_commands: Vec<String>,
+    status_unless: Vec<BounceReason>,
 }
 
 impl Rule {
     fn applies_to(&self, command: Option<&str>) -> bool {
-        self.commands.is_empty()
-            || command.is_some_and(|c| self.commands.iter().any(|x| x.eq_ignore_ascii_case(c)))
+        let allowed = self.commands.is_empty()
+            || command.is_some_and(|c| self.commands.iter().any(|x| x.eq_ignore_ascii_case(c)));
+        let refused =
+            command.is_some_and(|c| self.not_commands.iter().any(|x| x.eq_ignore_ascii_case(c)));
+        allowed && !refused
+    }
+
+    fn selects_by_code(&self, status: Option<&str>, reply_code: Option<u16>) -> bool {
+        status.is_some_and(|s| self.status.iter().any(|c| c == s))
+            || reply_code.is_some_and(|c| self.reply_codes.contains(&c))
     }
 }
 
@@ -83,6 +137,8 @@ pub struct Evidence<'a> {
     pub action: Option<&'a str>,
     /// The SMTP command the remote server refused (`MAIL`, `RCPT`, `DATA`), when known.
     pub command: Option<&'a str>,
+    /// The Diagnostic-Code type (`smtp`, `x-unix`, `x-postfix`), when known.
+    pub diagnostic_type: Option<&'a str>,
 }
 
 /// A compiled rule set. Build once, share by reference.
@@ -90,9 +146,10 @@ pub struct Evidence<'a> {
 pub struct Classifier {
     rules: Vec<Rule>,
     set: RegexSet,
-    /// Which rule each pattern of `set` belongs to.
-    pattern_rule: Vec<usize>,
+    /// Which rule each pattern of `set` belongs to, and whether it is an `except` pattern.
+    pattern_rule: Vec<(usize, bool)>,
     status_table: HashMap<String, BounceReason>,
+    refinable: Vec<BounceReason>,
 }
 
 static BUILTIN: LazyLock<Classifier> = LazyLock::new(|| {
@@ -119,8 +176,18 @@ impl Classifier {
         let mut patterns = Vec::new();
         let mut pattern_rule = Vec::new();
         let mut status_table = HashMap::new();
+        let mut refinable = Vec::new();
         for source in sources {
             let file: RulesFile = toml::from_str(source)?;
+            let mut file_patterns: Vec<(String, Vec<String>)> = Vec::new();
+            for r in file.refinable {
+                let parsed = r
+                    .parse::<BounceReason>()
+                    .map_err(|_| RulesError::UnknownRefinable(r.clone()))?;
+                if !refinable.contains(&parsed) {
+                    refinable.push(parsed);
+                }
+            }
             for (status, reason) in file.status {
                 let parsed = reason
                     .parse::<BounceReason>()
@@ -130,8 +197,31 @@ impl Classifier {
                     })?;
                 status_table.entry(status).or_insert(parsed);
             }
-            for spec in file.rule {
+            for mut spec in file.rule {
                 let index = rules.len();
+                if let Some(other) = &spec.same_patterns_as {
+                    let copied = file_patterns
+                        .iter()
+                        .find(|(r, _)| r == other)
+                        .map(|(_, p)| p.clone())
+                        .ok_or_else(|| RulesError::UnknownReason {
+                            index,
+                            reason: other.clone(),
+                        })?;
+                    spec.patterns.extend(copied);
+                }
+                if !spec.patterns.is_empty() && !file_patterns.iter().any(|(r, _)| *r == spec.reason) {
+                    file_patterns.push((spec.reason.clone(), spec.patterns.clone()));
+                }
+                let mut status_unless = Vec::new();
+                for r in &spec.status_unless {
+                    status_unless.push(r.parse::<BounceReason>().map_err(|_| {
+                        RulesError::UnknownReason {
+                            index,
+                            reason: r.clone(),
+                        }
+                    })?);
+                }
                 let reason = spec
                     .reason
                     .parse::<BounceReason>()
@@ -139,20 +229,36 @@ impl Classifier {
                         index,
                         reason: spec.reason.clone(),
                     })?;
-                if spec.status.is_empty() && spec.patterns.is_empty() {
+                if spec.status.is_empty() && spec.patterns.is_empty() && spec.reply_codes.is_empty()
+                {
                     return Err(RulesError::EmptyRule {
                         index,
                         reason: spec.reason,
                     });
                 }
+                if !(1..=3).contains(&spec.stage) {
+                    return Err(RulesError::BadStage {
+                        index,
+                        reason: spec.reason,
+                        stage: spec.stage,
+                    });
+                }
                 for p in spec.patterns {
-                    patterns.push(p);
-                    pattern_rule.push(index);
+                    patterns.push(ascii_word_boundaries(&p));
+                    pattern_rule.push((index, false));
+                }
+                for p in spec.except {
+                    patterns.push(ascii_word_boundaries(&p));
+                    pattern_rule.push((index, true));
                 }
                 rules.push(Rule {
                     reason,
+                    stage: spec.stage,
                     status: spec.status,
+                    reply_codes: spec.reply_codes,
                     commands: spec.commands,
+                    not_commands: spec.not_commands,
+                    status_unless,
                 });
             }
         }
@@ -165,17 +271,53 @@ impl Classifier {
             set,
             pattern_rule,
             status_table,
+            refinable,
         })
     }
 
-    /// The index of the first rule whose patterns match `text`, if any.
-    fn first_text_rule(&self, normalized: &str, command: Option<&str>) -> Option<usize> {
-        self.set
-            .matches(normalized)
-            .iter()
-            .filter_map(|p| self.pattern_rule.get(p).copied())
-            .filter(|&i| self.rules.get(i).is_some_and(|r| r.applies_to(command)))
-            .min()
+    /// The first matching rule of each stage (index 0 = stage 1).
+    fn first_rules(&self, ev: &Evidence<'_>, status: Option<&str>, normalized: &str) -> [Option<usize>; 3] {
+        let mut best: [Option<usize>; 3] = [None; 3];
+        let mut consider = |i: usize| {
+            if let Some(rule) = self.rules.get(i)
+                && rule.applies_to(ev.command)
+                && let Some(slot) = best.get_mut(usize::from(rule.stage.saturating_sub(1)))
+            {
+                *slot = Some(slot.map_or(i, |j| j.min(i)));
+            }
+        };
+        // Reasons whose phrases appear in the text (in rules that apply to this command).
+        let mut text_reasons: Vec<BounceReason> = Vec::new();
+        if !normalized.is_empty() {
+            let matches = self.set.matches(normalized);
+            let excepted: Vec<usize> = matches
+                .iter()
+                .filter_map(|p| self.pattern_rule.get(p))
+                .filter(|(_, except)| *except)
+                .map(|(i, _)| *i)
+                .collect();
+            for p in matches.iter() {
+                if let Some(&(i, false)) = self.pattern_rule.get(p)
+                    && !excepted.contains(&i)
+                {
+                    consider(i);
+                    if let Some(rule) = self.rules.get(i)
+                        && rule.applies_to(ev.command)
+                        && !text_reasons.contains(&rule.reason)
+                    {
+                        text_reasons.push(rule.reason);
+                    }
+                }
+            }
+        }
+        for (i, rule) in self.rules.iter().enumerate() {
+            if rule.selects_by_code(status, ev.reply_code)
+                && !rule.status_unless.iter().any(|r| text_reasons.contains(r))
+            {
+                consider(i);
+            }
+        }
+        best
     }
 
     /// The reason for one failed recipient.
@@ -188,25 +330,22 @@ impl Classifier {
             return BounceReason::Delivered;
         }
         let normalized = normalize(ev.diagnostic);
-        let text_rule = if normalized.is_empty() {
-            None
-        } else {
-            self.first_text_rule(&normalized, ev.command)
-        };
-        let status_rule = status.and_then(|s| {
-            self.rules
-                .iter()
-                .position(|r| r.applies_to(ev.command) && r.status.iter().any(|c| c == s))
-        });
-        let chosen = match (text_rule, status_rule) {
-            (Some(t), Some(s)) => Some(t.min(s)),
-            (t, s) => t.or(s),
-        };
-        if let Some(reason) = chosen.and_then(|i| self.rules.get(i)).map(|r| r.reason) {
+        let [first, second, third] = self.first_rules(ev, status, &normalized);
+        let reason_of = |i: Option<usize>| i.and_then(|i| self.rules.get(i)).map(|r| r.reason);
+        if let Some(reason) = reason_of(first) {
             return reason;
         }
-        if let Some(reason) = status.and_then(|s| self.status_table.get(s)) {
-            return *reason;
+        let by_status = status.and_then(|s| self.status_table.get(s)).copied();
+        if let Some(reason) = by_status
+            && !self.refinable.contains(&reason)
+        {
+            return reason;
+        }
+        if let Some(reason) = reason_of(second) {
+            return reason;
+        }
+        if let Some(reason) = by_status {
+            return reason;
         }
         if let Some(s) = status {
             if s.get(1..3) == Some(".6") {
@@ -215,6 +354,15 @@ impl Classifier {
             if s.get(1..3) == Some(".7") {
                 return BounceReason::SecurityError;
             }
+        }
+        if ev
+            .diagnostic_type
+            .is_some_and(|t| t.eq_ignore_ascii_case("x-unix") || t.eq_ignore_ascii_case("x-postfix"))
+        {
+            return BounceReason::MailerError;
+        }
+        if let Some(reason) = reason_of(third) {
+            return reason;
         }
         if matches!(ev.action, Some(a) if a.eq_ignore_ascii_case("delayed") || a.eq_ignore_ascii_case("expired"))
         {
@@ -246,6 +394,7 @@ impl Classifier {
                 "delayed"
             }),
             command: None,
+            diagnostic_type: None,
         };
         let mut reason = self.reason(&ev);
         if reply_code < 400 && reason == BounceReason::Delivered {
@@ -264,6 +413,29 @@ impl Classifier {
 
 fn is_failure_action(action: &str) -> bool {
     action.eq_ignore_ascii_case("failed") || action.eq_ignore_ascii_case("delayed")
+}
+
+/// Rewrites `\b` / `\B` as ASCII word boundaries: Unicode ones stop the lazy DFA on any
+/// non-ASCII byte and send the whole set to the much slower PikeVM.
+fn ascii_word_boundaries(pattern: &str) -> String {
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        if c == '\\' {
+            match chars.next() {
+                Some('b') => out.push_str("(?-u:\\b)"),
+                Some('B') => out.push_str("(?-u:\\B)"),
+                Some(other) => {
+                    out.push('\\');
+                    out.push(other);
+                }
+                None => out.push('\\'),
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Lowercases and collapses every whitespace run to one space, so patterns can be written
@@ -414,6 +586,11 @@ mod tests {
             Classifier::with_user_rules("[[rule]]\nreason = \"blocked\"\nbogus = 1"),
             Err(RulesError::Toml(_))
         ));
+    }
+
+    #[test]
+    fn word_boundaries_become_ascii_ones() {
+        assert_eq!(ascii_word_boundaries(r"\bab\B\\b\.x"), r"(?-u:\b)ab(?-u:\B)\\b\.x");
     }
 
     #[test]

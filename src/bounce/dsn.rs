@@ -112,17 +112,15 @@ pub fn parse_delivery_status(text: &str) -> DeliveryStatus {
                     ds.per_message.fields.push((n.clone(), v.clone()));
                 }
             }
-            // Several recipients without blank lines between them: split at each new
-            // Final-Recipient.
+            // Several recipients without blank lines between them: a recipient field seen
+            // a second time starts the next recipient.
             let mut cur = FieldBlock::default();
             for (n, v) in block.fields {
-                let starts_new = n == "final-recipient"
-                    && cur.get("final-recipient").is_some();
-                let starts_new = starts_new
-                    || (n == "original-recipient"
-                        && cur.get("final-recipient").is_some()
-                        && cur.get("action").is_some());
-                if starts_new {
+                let repeated = matches!(
+                    n.as_str(),
+                    "final-recipient" | "original-recipient" | "action" | "status"
+                ) && cur.get(&n).is_some();
+                if repeated {
                     ds.recipients.push(std::mem::take(&mut cur));
                 }
                 cur.fields.push((n, v));
@@ -211,6 +209,16 @@ Final-Recipient: rfc822; b@x.example\nAction: failed\nStatus: 5.2.2\n";
         let ds = parse_delivery_status(text);
         assert_eq!(ds.recipients.len(), 2);
         assert_eq!(ds.recipients[1].get("status"), Some("5.2.2"));
+    }
+
+    #[test]
+    fn keeps_fields_that_come_before_final_recipient() {
+        let text = "Action: failed\nFinal-Recipient: rfc822; a@x.example\n\
+Original-Recipient: rfc822; a@x.example\nStatus: 5.1.1\n";
+        let ds = parse_delivery_status(text);
+        assert_eq!(ds.recipients.len(), 1);
+        assert_eq!(ds.recipients[0].get("status"), Some("5.1.1"));
+        assert_eq!(ds.recipients[0].get("action"), Some("failed"));
     }
 
     #[test]

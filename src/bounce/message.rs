@@ -34,6 +34,8 @@ pub(crate) struct View {
     pub human: String,
     /// Header fields of the returned original message, when found.
     pub returned: Vec<(String, String)>,
+    /// Length of the part of `human` before the returned message (the error section).
+    error_len: usize,
 }
 
 impl View {
@@ -78,6 +80,7 @@ impl View {
             feedback_report: None,
             human: String::new(),
             returned: Vec::new(),
+            error_len: 0,
         };
         let _ = header;
 
@@ -147,7 +150,8 @@ impl View {
             view.human = text::strip_html(&html);
         }
         // Prose often carries the returned message inline after a marker line.
-        let (_, inline) = text::split_returned(&view.human);
+        let (error_section, inline) = text::split_returned(&view.human);
+        view.error_len = error_section.len();
         if returned_text.is_none() {
             returned_text = inline.map(str::to_string);
         }
@@ -155,6 +159,11 @@ impl View {
             view.returned = text::header_fields(&t);
         }
         Some(view)
+    }
+
+    /// The human-readable text before the returned message.
+    pub fn error_section(&self) -> &str {
+        self.human.get(..self.error_len).unwrap_or(&self.human)
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -294,7 +303,7 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
         .filter(|d| !d.recipients.is_empty())
         .collect();
     if parsed.is_empty() {
-        let (error_section, _) = text::split_returned(&view.human);
+        let error_section = view.error_section();
         let lower = error_section.to_ascii_lowercase();
         if lower.contains("final-recipient:") || lower.contains("original-recipient:") {
             let d = dsn::parse_delivery_status(error_section);
@@ -303,7 +312,7 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             }
         }
     }
-    let (error_section, _) = text::split_returned(&view.human);
+    let error_section = view.error_section();
     let prose = prose_segments(view, error_section);
 
     let mut out = Vec::new();
@@ -370,6 +379,11 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             });
             r.action = action;
             r.diagnostic = diagnostic;
+            r.diagnostic_type = block
+                .get("diagnostic-code")
+                .and_then(|d| d.split_once(';'))
+                .map(|(t, _)| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty() && t.len() <= 12 && !t.contains(' '));
             r.original_recipient = block.get("original-recipient").and_then(dsn::address_of);
             r.orcpt = non_empty(block.get("original-recipient"));
             r.remote_mta = block.get("remote-mta").map(|v| dsn::strip_type(v).to_string());
@@ -506,7 +520,7 @@ pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
     if !view.looks_like_bounce() && view.header("x-failed-recipients").is_none() {
         return Vec::new();
     }
-    let (error_section, _) = text::split_returned(&view.human);
+    let error_section = view.error_section();
     let mut segments = prose_segments(view, error_section);
     if segments.is_empty() {
         // No address in the prose: the returned message says whom it was for.

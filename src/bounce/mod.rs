@@ -65,6 +65,8 @@ pub struct BounceRecord {
     pub smtp_command: Option<String>,
     /// Decoded diagnostic text (Diagnostic-Code without its type, or the bounce's prose).
     pub diagnostic: Option<String>,
+    /// The Diagnostic-Code type (`smtp`, `x-unix`, `x-postfix`).
+    pub diagnostic_type: Option<String>,
     pub remote_mta: Option<String>,
     pub reporting_mta: Option<String>,
     pub last_attempt: Option<String>,
@@ -98,6 +100,7 @@ impl BounceRecord {
             reply_code: None,
             smtp_command: None,
             diagnostic: None,
+            diagnostic_type: None,
             remote_mta: None,
             reporting_mta: None,
             last_attempt: None,
@@ -122,6 +125,7 @@ impl BounceRecord {
             diagnostic: self.diagnostic.as_deref().unwrap_or(""),
             action: self.action.as_deref(),
             command: self.smtp_command.as_deref(),
+            diagnostic_type: self.diagnostic_type.as_deref(),
         };
         self.reason = classifier.reason(&ev);
         self.bounce_type = bounce_type(self.reason, self.status.as_deref(), self.reply_code);

@@ -25,9 +25,9 @@ static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
     re(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]")
 });
 static HEADER_LINE: LazyLock<Regex> =
-    LazyLock::new(|| re(r"^(?i)(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): "));
+    LazyLock::new(|| re(r"(?mi)^(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): "));
 static MARKER: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?i)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)")
+    re(r"(?mi)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)")
 });
 
 /// The first enhanced status code (RFC 3463) in `text`, e.g. `5.1.1`.
@@ -75,21 +75,22 @@ pub fn addresses(text: &str) -> impl Iterator<Item = (usize, &str)> {
     })
 }
 
-/// Whether a line starts a header block of an embedded (returned) message: a known header
-/// name followed by at least one more header or continuation line.
-fn starts_header_block(lines: &[&str], i: usize) -> bool {
-    let Some(line) = lines.get(i) else {
+/// Whether the line at byte `start` of `body` starts a header block of an embedded
+/// (returned) message: a known header name followed by two more header or continuation lines.
+fn starts_header_block(body: &str, start: usize) -> bool {
+    let Some(rest) = body.get(start..) else {
         return false;
     };
-    if !HEADER_LINE.is_match(line) {
+    let mut lines = rest.lines();
+    if !lines.next().is_some_and(|l| HEADER_LINE.is_match(l)) {
         return false;
     }
     let mut headers = 1;
-    for l in lines.iter().skip(i + 1).take(4) {
+    for l in lines.take(4) {
         if l.trim().is_empty() {
             break;
         }
-        if HEADER_LINE.is_match(l) || l.starts_with([' ', '\t']) {
+        if l.starts_with([' ', '\t']) || HEADER_LINE.is_match(l) {
             headers += 1;
         }
     }
@@ -97,23 +98,24 @@ fn starts_header_block(lines: &[&str], i: usize) -> bool {
 }
 
 /// Splits a bounce body into (error section, returned message text if any). The returned
-/// message starts at a marker line ("Below this line is a copy of the message") or at the
-/// first embedded header block.
+/// message starts after a marker line ("Below this line is a copy of the message") or at
+/// the first embedded header block, whichever comes first.
 pub fn split_returned(body: &str) -> (&str, Option<&str>) {
-    let lines: Vec<&str> = body.split_inclusive('\n').collect();
-    let mut offset = 0;
-    for (i, line) in lines.iter().enumerate() {
-        let trimmed = line.trim_end();
-        if MARKER.is_match(trimmed) {
-            let rest = body.get(offset + line.len()..);
-            return (body.get(..offset).unwrap_or(body), rest);
-        }
-        if starts_header_block(&lines, i) {
-            return (body.get(..offset).unwrap_or(body), body.get(offset..));
-        }
-        offset += line.len();
+    let marker = MARKER.find(body).map(|m| {
+        let line_start = body.get(..m.start()).and_then(|s| s.rfind('\n')).map_or(0, |i| i + 1);
+        let line_end = body.get(m.end()..).and_then(|s| s.find('\n')).map_or(body.len(), |i| m.end() + i + 1);
+        (line_start, line_end)
+    });
+    let limit = marker.map_or(body.len(), |(s, _)| s);
+    let header = HEADER_LINE
+        .find_iter(body.get(..limit).unwrap_or(body))
+        .map(|m| m.start())
+        .find(|&s| starts_header_block(body, s));
+    match (marker, header) {
+        (_, Some(h)) => (body.get(..h).unwrap_or(body), body.get(h..)),
+        (Some((s, e)), None) => (body.get(..s).unwrap_or(body), body.get(e..)),
+        (None, None) => (body, None),
     }
-    (body, None)
 }
 
 /// Header fields of an embedded message (unfolded; names lowercased), read from its start

@@ -78,10 +78,13 @@ struct RuleSpec {
     /// Reasons whose patterns, when they match too, void this rule's status-code selection.
     #[serde(default)]
     status_unless: Vec<String>,
+    /// Select only when a code (status or reply code) AND a pattern match, not either.
+    #[serde(default)]
+    all: bool,
     /// Regexes that, when they match, make this rule's patterns not count.
     #[serde(default)]
     except: Vec<String>,
-    /// Also use the patterns of the earlier rule (same file) with this reason.
+    /// Also use the patterns of the first rule (same file) with this reason.
     #[serde(default)]
     same_patterns_as: Option<String>,
     /// Enhanced status codes (`5.2.2`) that select this reason by themselves.
@@ -108,6 +111,7 @@ struct Rule {
     commands: Vec<String>,
     not_commands: Vec<String>,
     status_unless: Vec<BounceReason>,
+    all: bool,
 }
 
 impl Rule {
@@ -179,7 +183,13 @@ impl Classifier {
         let mut refinable = Vec::new();
         for source in sources {
             let file: RulesFile = toml::from_str(source)?;
+            // Pattern lists by reason (first rule with patterns), for `same_patterns_as`.
             let mut file_patterns: Vec<(String, Vec<String>)> = Vec::new();
+            for spec in &file.rule {
+                if !spec.patterns.is_empty() && !file_patterns.iter().any(|(r, _)| *r == spec.reason) {
+                    file_patterns.push((spec.reason.clone(), spec.patterns.clone()));
+                }
+            }
             for r in file.refinable {
                 let parsed = r
                     .parse::<BounceReason>()
@@ -209,9 +219,6 @@ impl Classifier {
                             reason: other.clone(),
                         })?;
                     spec.patterns.extend(copied);
-                }
-                if !spec.patterns.is_empty() && !file_patterns.iter().any(|(r, _)| *r == spec.reason) {
-                    file_patterns.push((spec.reason.clone(), spec.patterns.clone()));
                 }
                 let mut status_unless = Vec::new();
                 for r in &spec.status_unless {
@@ -259,6 +266,7 @@ impl Classifier {
                     commands: spec.commands,
                     not_commands: spec.not_commands,
                     status_unless,
+                    all: spec.all,
                 });
             }
         }
@@ -276,18 +284,14 @@ impl Classifier {
     }
 
     /// The first matching rule of each stage (index 0 = stage 1).
-    fn first_rules(&self, ev: &Evidence<'_>, status: Option<&str>, normalized: &str) -> [Option<usize>; 3] {
-        let mut best: [Option<usize>; 3] = [None; 3];
-        let mut consider = |i: usize| {
-            if let Some(rule) = self.rules.get(i)
-                && rule.applies_to(ev.command)
-                && let Some(slot) = best.get_mut(usize::from(rule.stage.saturating_sub(1)))
-            {
-                *slot = Some(slot.map_or(i, |j| j.min(i)));
-            }
-        };
-        // Reasons whose phrases appear in the text (in rules that apply to this command).
-        let mut text_reasons: Vec<BounceReason> = Vec::new();
+    fn first_rules(
+        &self,
+        ev: &Evidence<'_>,
+        status: Option<&str>,
+        normalized: &str,
+    ) -> [Option<usize>; 3] {
+        // Rules whose patterns match (and are not excepted).
+        let mut text_matched: Vec<usize> = Vec::new();
         if !normalized.is_empty() {
             let matches = self.set.matches(normalized);
             let excepted: Vec<usize> = matches
@@ -299,22 +303,37 @@ impl Classifier {
             for p in matches.iter() {
                 if let Some(&(i, false)) = self.pattern_rule.get(p)
                     && !excepted.contains(&i)
+                    && !text_matched.contains(&i)
                 {
-                    consider(i);
-                    if let Some(rule) = self.rules.get(i)
-                        && rule.applies_to(ev.command)
-                        && !text_reasons.contains(&rule.reason)
-                    {
-                        text_reasons.push(rule.reason);
-                    }
+                    text_matched.push(i);
                 }
             }
         }
+        // Reasons whose phrases appear in the text (in rules that apply to this command).
+        let text_reasons: Vec<BounceReason> = text_matched
+            .iter()
+            .filter_map(|&i| self.rules.get(i))
+            .filter(|r| r.applies_to(ev.command))
+            .map(|r| r.reason)
+            .collect();
+        let mut best: [Option<usize>; 3] = [None; 3];
         for (i, rule) in self.rules.iter().enumerate() {
-            if rule.selects_by_code(status, ev.reply_code)
-                && !rule.status_unless.iter().any(|r| text_reasons.contains(r))
+            if !rule.applies_to(ev.command) {
+                continue;
+            }
+            let by_text = text_matched.contains(&i);
+            let by_code = rule.selects_by_code(status, ev.reply_code)
+                && !rule.status_unless.iter().any(|r| text_reasons.contains(r));
+            let selected = if rule.all {
+                by_text && by_code
+            } else {
+                by_text || by_code
+            };
+            if selected
+                && let Some(slot) = best.get_mut(usize::from(rule.stage.saturating_sub(1)))
+                && slot.is_none()
             {
-                consider(i);
+                *slot = Some(i);
             }
         }
         best

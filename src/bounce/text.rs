@@ -19,7 +19,7 @@ static REPLY: LazyLock<Regex> = LazyLock::new(|| {
     re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)")
 });
 static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?i)(?:after|in reply to|response to|for|during|while|>>>) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail)\b|\b(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused)")
+    re(r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail)\b|\b(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused)")
 });
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
     re(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]")

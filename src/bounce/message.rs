@@ -241,12 +241,12 @@ static RECEIVED_ID: LazyLock<Regex> = LazyLock::new(|| {
 });
 static BOUNCE_FROM: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"(?i)mailer-daemon|mailer_daemon|mailerdaemon|postmaster|mail delivery|maildelivery|mail-delivery|mail administrator|delivery subsystem|mdaemon|\bdaemon@|\bbounces?@|\bbounce-|\bnobody@|\bpostoffice@|\bsmtp|\bmail ?system|mail_?relay|\bnetmail|\bmaildaemon|\bmessage delivery|\bmail ?gate|\bmailadmin|\bnoreply-dmarc|notification|\bdelivery\b")
+    Regex::new(r"(?i)mailer-daemon|mailer_daemon|mailerdaemon|post_?master|mail delivery|maildelivery|mail-delivery|mail administrator|delivery subsystem|mdaemon|\bdaemon@|\bbounces?@|\bbounce-|\bnobody@|\bpostoffice@|\bsmtp|\bmail ?system|mail_?relay|\bnetmail|\bmaildaemon|\bmessage delivery|\bmail ?gate|\bmailadmin|\bnoreply-dmarc|notification|\bdelivery\b")
         .expect("static regex")
 });
 static BOUNCE_SUBJECT: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"(?i)undeliver|undelivered|delivery (?:status|failure|failed|has failed|problem|notification|report|error)|returned mail|returning message|failure notice|failed delivery|mail delivery|non[- ]?delivery|nondeliverable|could not be delivered|couldn't be delivered|not delivered|returned to sender|message (?:not delivered|delivery|failure|rejected|blocked|bounced)|rejected|mail system error|could not send|delayed mail|delivery delayed|warning: (?:could not|message)|bounce|error sending|mail error|unzustellbar|nicht zustellbar|non remis|non recapitabile|no entregado|permanent error|temporary error|mail failure|delivery incomplete|message you sent|failed to deliver|cannot deliver|unable to deliver|address verification|mailbox (?:full|unavailable)|error delivering|sender notification|returned message|mail could not|your message|delivery to the following|problem delivering|system notice|kiosk|filtered|spam")
+    Regex::new(r"(?i)undeliver|undelivered|delivery (?:status|failure|failed|has failed|problem|notification|report|error)|returned mail|returning message|failure notice|failed delivery|mail delivery|non[- ]?delivery|nondeliverable|could not be delivered|couldn't be delivered|not delivered|returned to sender|message (?:not delivered|delivery|failure|rejected|blocked|bounced)|rejected|mail system error|could not send|delayed mail|delivery delayed|warning: (?:could not|message)|bounce|error sending|mail error|unzustellbar|nicht zustellbar|non remis|non recapitabile|no entregado|permanent error|temporary error|mail failure|delivery incomplete|message you sent|failed to deliver|cannot deliver|unable to deliver|address verification|mailbox (?:full|unavailable)|error delivering|sender notification|returned message|mail could not|your message|delivery to the following|problem delivering|system notice|filtered|spam|エラー|不達|配信|送信できません|返送|未送達|退信|无法投递")
         .expect("static regex")
 });
 
@@ -424,16 +424,27 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
                 .and_then(first_address)
                 .is_some_and(|f| f.eq_ignore_ascii_case(&a))
     };
-    // Addresses in "MAIL FROM:<...>" or "envelope-from" are the sender, not a recipient.
+    // Addresses in "MAIL FROM:<...>" or "envelope-from" are the sender, one after "contact"
+    // is a help desk, one in "Message-Id:" is no address at all: none is a recipient.
     let sender_context = |pos: usize| {
-        let start = pos.saturating_sub(16);
-        error_section
-            .get(start..pos)
-            .map(|s| {
-                let s = s.to_ascii_lowercase();
-                s.contains("from:") || s.contains("from <") || s.contains("sender") || s.contains("from=")
-            })
-            .unwrap_or(false)
+        let near = |n: usize| {
+            let mut start = pos.saturating_sub(n);
+            while !error_section.is_char_boundary(start) {
+                start -= 1;
+            }
+            error_section.get(start..pos).unwrap_or("").to_ascii_lowercase()
+        };
+        let s = near(16);
+        let wide = near(48);
+        s.contains("from:")
+            || s.contains("from <")
+            || s.contains("sender")
+            || s.contains("from=")
+            || s.contains("message-id")
+            || s.contains("msgid")
+            || wide.contains("contact")
+            || wide.contains("please send")
+            || wide.contains("questions")
     };
 
     let mut found: Vec<(String, usize)> = Vec::new();
@@ -486,7 +497,11 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         let informative = |s: &str| {
             text::find_reply_code(s).is_some() || text::find_enhanced_status(s).is_some()
         };
-        if (n == 1 && !informative(&seg)) || seg.trim().is_empty() {
+        // A lone recipient whose own lines say little: the explanation may come before it.
+        let says_little = seg.replace(addr.as_str(), "").trim().len() < 24;
+        if (n == 1 && says_little) || (n == 1 && !informative(&seg) && informative(error_section))
+            || seg.trim().is_empty()
+        {
             seg = error_section.to_string();
         }
         out.push((addr.clone(), clip(&collapse(&seg), MAX_PROSE_DIAGNOSTIC)));

@@ -2,7 +2,8 @@
 //!
 //! One record per failed recipient, from whichever evidence the message carries, tried in
 //! this order: an RFC 5965 feedback report (or a provider's equivalent), RFC 3464 / RFC 6533
-//! delivery-status fields (in their MIME part or inlined in text), the prose of a
+//! delivery-status fields (in their MIME part or inlined in text), an Amazon SES JSON
+//! notification, the prose of a
 //! non-standard MTA bounce, and last an RFC 3834 auto-reply. Mail that is none of these
 //! yields no record. The reason comes from [`classify::Classifier`].
 
@@ -12,6 +13,7 @@ pub mod classify;
 pub mod dsn;
 mod message;
 pub mod reason;
+mod ses;
 pub mod text;
 pub mod verp;
 
@@ -156,6 +158,9 @@ pub fn parse_with(raw: &[u8], classifier: &Classifier) -> Vec<BounceRecord> {
         return Vec::new();
     };
     let mut records = arf::records(&view);
+    if records.is_empty() {
+        records = ses::records(&view);
+    }
     if records.is_empty() {
         records = message::dsn_records(&view);
     }

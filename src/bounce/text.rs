@@ -19,7 +19,7 @@ static REPLY: LazyLock<Regex> = LazyLock::new(|| {
     re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)")
 });
 static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail)\b|\b(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused)")
+    re(r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)\b|\b(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|does not like recipient|sender was rejected|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)")
 });
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
     re(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]")
@@ -52,13 +52,13 @@ pub fn find_reply_code(text: &str) -> Option<u16> {
 pub fn find_command(text: &str) -> Option<&'static str> {
     let m = COMMAND.find(text)?;
     let s = m.as_str().to_ascii_lowercase();
-    Some(if s.contains("rcpt") {
+    Some(if s.contains("rcpt") || s.contains("recipient") {
         "RCPT"
-    } else if s.contains("mail") {
+    } else if s.contains("mail") || s.contains("sender") {
         "MAIL"
     } else if s.contains("data") {
         "DATA"
-    } else if s.contains("helo") || s.contains("ehlo") {
+    } else if s.contains("helo") || s.contains("ehlo") || s.contains("greeting") || s.contains("my name") {
         "HELO"
     } else if s.contains("starttls") {
         "STARTTLS"
@@ -218,6 +218,10 @@ mod tests {
         assert_eq!(find_command("host x said: 550 no (in reply to end of DATA command)"), Some("DATA"));
         assert_eq!(find_command("after MAIL FROM:<a@b> SIZE=1"), Some("MAIL"));
         assert_eq!(find_command("nothing here"), None);
+        assert_eq!(find_command("192.0.2.1 does not like recipient."), Some("RCPT"));
+        assert_eq!(find_command("Connected to 192.0.2.1 but sender was rejected."), Some("MAIL"));
+        assert_eq!(find_command("mx [192.0.2.2] did not like our final DATA:"), Some("DATA"));
+        assert_eq!(find_command("error after initial connection: 554"), Some("CONN"));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! command limits, if any, allow the failing SMTP command). The order of decision follows
 //! Sisimai's:
 //!
-//! 1. stage-1 rules, in file order (user rules first);
+//! 1. stage-1 rules, in file order (user rules first), unless the diagnostic is not an SMTP
+//!    reply (an `X-Unix` Diagnostic-Code type);
 //! 2. the `[status]` table, unless it gives a reason listed as `refinable` (generic codes);
 //! 3. stage-2 rules (phrases that refine a generic status);
 //! 4. the `[status]` table's refinable reason;
@@ -351,7 +352,11 @@ impl Classifier {
         let normalized = normalize(ev.diagnostic);
         let [first, second, third] = self.first_rules(ev, status, &normalized);
         let reason_of = |i: Option<usize>| i.and_then(|i| self.rules.get(i)).map(|r| r.reason);
-        if let Some(reason) = reason_of(first) {
+        // Stage 1 reads SMTP replies; a mailer's own message (X-Unix, X-Postfix) skips it.
+        let smtp_diagnostic = ev
+            .diagnostic_type
+            .is_none_or(|t| t.eq_ignore_ascii_case("smtp"));
+        if smtp_diagnostic && let Some(reason) = reason_of(first) {
             return reason;
         }
         let by_status = status.and_then(|s| self.status_table.get(s)).copied();

@@ -286,9 +286,8 @@ fn pick_status(field: Option<&str>, diagnostic: &str) -> Option<String> {
     let from_field = field.and_then(text::find_enhanced_status);
     let from_diag = text::find_enhanced_status(diagnostic);
     match (from_field, from_diag) {
-        (Some(f), Some(d)) if f.ends_with(".0.0") && d.get(..1) == f.get(..1) && !d.ends_with(".0.0") => {
-            Some(d)
-        }
+        // The remote server's own code is more precise than the reporting MTA's summary.
+        (Some(f), Some(d)) if d.get(..1) == f.get(..1) && !d.ends_with(".0.0") => Some(d),
         (Some(f), _) => Some(f),
         (None, d) => d,
     }

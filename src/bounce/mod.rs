@@ -130,7 +130,13 @@ impl BounceRecord {
             diagnostic_type: self.diagnostic_type.as_deref(),
         };
         self.reason = classifier.reason(&ev);
-        self.bounce_type = bounce_type(self.reason, self.status.as_deref(), self.reply_code);
+        // A failure report without any code is still a permanent failure.
+        let failed = self.action.as_deref() == Some("failed");
+        let status = self
+            .status
+            .as_deref()
+            .or((failed && self.reply_code.is_none()).then_some("5.0.0"));
+        self.bounce_type = bounce_type(self.reason, status, self.reply_code);
     }
 
     /// The recipient status a matched record moves its recipient to: `bounced` for a

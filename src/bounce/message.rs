@@ -149,6 +149,17 @@ impl View {
         if view.human.trim().is_empty() && !html.is_empty() {
             view.human = text::strip_html(&html);
         }
+        // Broken MIME (a boundary the parser could not follow): read the raw body as text.
+        if view.human.trim().is_empty() && view.delivery_status.is_empty() {
+            let body = raw
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|i| i + 4)
+                .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|i| i + 2));
+            if let Some(start) = body {
+                view.human = String::from_utf8_lossy(raw.get(start..).unwrap_or_default()).into_owned();
+            }
+        }
         // Prose often carries the returned message inline after a marker line.
         let (error_section, inline) = text::split_returned(&view.human);
         view.error_len = error_section.len();
@@ -209,9 +220,12 @@ impl View {
         }
     }
 
-    /// Whether the bounce's own headers say it is a delivery failure notice.
+    /// Whether the bounce's own headers say it is a delivery failure notice, or it returns
+    /// a message and its text says delivery failed.
     pub fn looks_like_bounce(&self) -> bool {
-        BOUNCE_FROM.is_match(&self.from_full) || BOUNCE_SUBJECT.is_match(&self.subject)
+        BOUNCE_FROM.is_match(&self.from_full)
+            || BOUNCE_SUBJECT.is_match(&self.subject)
+            || (!self.returned.is_empty() && BOUNCE_TEXT.is_match(self.error_section()))
     }
 }
 
@@ -247,6 +261,12 @@ static BOUNCE_FROM: LazyLock<Regex> = LazyLock::new(|| {
 static BOUNCE_SUBJECT: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
     Regex::new(r"(?i)undeliver|undelivered|delivery (?:status|failure|failed|has failed|problem|notification|report|error)|returned mail|returning message|failure notice|failed delivery|mail delivery|non[- ]?delivery|nondeliverable|could not be delivered|couldn't be delivered|not delivered|returned to sender|message (?:not delivered|delivery|failure|rejected|blocked|bounced)|rejected|mail system error|could not send|delayed mail|delivery delayed|warning: (?:could not|message)|bounce|error sending|mail error|unzustellbar|nicht zustellbar|non remis|non recapitabile|no entregado|permanent error|temporary error|mail failure|delivery incomplete|message you sent|failed to deliver|cannot deliver|unable to deliver|address verification|mailbox (?:full|unavailable)|error delivering|sender notification|returned message|mail could not|your message|delivery to the following|problem delivering|system notice|filtered|spam|エラー|不達|配信|送信できません|返送|未送達|退信|无法投递")
+        .expect("static regex")
+});
+
+static BOUNCE_TEXT: LazyLock<Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    Regex::new(r"(?i)could not be delivered|couldn't be delivered|was not delivered|undeliverable|delivery (?:has )?failed|failed to deliver|unable to deliver|permanent (?:error|failure)|delivery to the following recipients? failed|did not reach the following recipient")
         .expect("static regex")
 });
 

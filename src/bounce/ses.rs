@@ -16,8 +16,15 @@ fn notification(body: &str) -> Option<Value> {
     if !prefix.trim().is_empty() {
         return None;
     }
-    let mut stream = serde_json::Deserializer::from_str(body.get(start..)?).into_iter::<Value>();
-    let outer = stream.next()?.ok()?;
+    let json = body.get(start..)?;
+    let first = |text: &str| {
+        serde_json::Deserializer::from_str(text)
+            .into_iter::<Value>()
+            .next()
+            .and_then(Result::ok)
+    };
+    // Some mailers fold long lines of the JSON body; unfold them when it does not parse.
+    let outer = first(json).or_else(|| first(&json.replace("\r\n ", "").replace("\n ", "")))?;
     let inner = match outer.get("Message").and_then(Value::as_str) {
         Some(m) => serde_json::from_str::<Value>(m).ok()?,
         None => outer,

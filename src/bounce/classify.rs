@@ -9,7 +9,8 @@
 //!
 //! 1. stage-1 rules, in file order (user rules first), unless the diagnostic is not an SMTP
 //!    reply (an `X-Unix` Diagnostic-Code type);
-//! 2. the `[status]` table, unless it gives a reason listed as `refinable` (generic codes);
+//! 2. the `[status]` table, unless it gives a reason listed as `refinable` (generic codes)
+//!    or the diagnostic is not an SMTP reply;
 //! 3. stage-2 rules (phrases that refine a generic status);
 //! 4. the `[status]` table's refinable reason;
 //! 5. the status class: x.6 → contenterror, x.7 → securityerror; an `X-Unix` or `X-Postfix`
@@ -362,6 +363,7 @@ impl Classifier {
         let by_status = status.and_then(|s| self.status_table.get(s)).copied();
         if let Some(reason) = by_status
             && !self.refinable.contains(&reason)
+            && smtp_diagnostic
         {
             return reason;
         }
@@ -463,8 +465,14 @@ fn ascii_word_boundaries(pattern: &str) -> String {
 }
 
 /// Lowercases and collapses every whitespace run to one space, so patterns can be written
-/// as plain lowercase phrases.
+/// as plain lowercase phrases; a multi-line SMTP reply (`550-5.2.1 ...` lines) becomes one
+/// sentence.
 pub fn normalize(text: &str) -> String {
+    let flat = normalize_spaces(text);
+    super::text::join_reply_lines(&flat)
+}
+
+fn normalize_spaces(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut space = false;
     for c in text.chars() {
@@ -620,5 +628,9 @@ mod tests {
     #[test]
     fn normalize_lowercases_and_collapses_whitespace() {
         assert_eq!(normalize("  550\r\n  User\tUnknown  "), "550 user unknown");
+        assert_eq!(
+            normalize("550-5.2.1 The user is receiving\r\n550-5.2.1 mail at a rate\r\n550 5.2.1 https://x"),
+            "550-5.2.1 the user is receiving mail at a rate https://x"
+        );
     }
 }

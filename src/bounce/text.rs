@@ -30,6 +30,32 @@ static MARKER: LazyLock<Regex> = LazyLock::new(|| {
     re(r"(?mi)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)")
 });
 
+static CONTINUATION: LazyLock<Regex> =
+    LazyLock::new(|| re(r"([2-5]\d\d)-((?:[2-5]\.\d{1,3}\.\d{1,3} )?)"));
+
+/// Joins the lines of a multi-line SMTP reply flattened into one line: after its first
+/// `550-5.2.1 ` prefix, the later `550-5.2.1 ` and final `550 5.2.1 ` prefixes are removed,
+/// so a phrase broken across reply lines reads whole.
+pub fn join_reply_lines(flat: &str) -> String {
+    let Some(first) = CONTINUATION.captures(flat) else {
+        return flat.to_string();
+    };
+    let (Some(whole), Some(code)) = (first.get(0), first.get(1)) else {
+        return flat.to_string();
+    };
+    let status = first.get(2).map_or("", |m| m.as_str());
+    let code = code.as_str();
+    let head = flat.get(..whole.end()).unwrap_or(flat);
+    let tail = flat.get(whole.end()..).unwrap_or("");
+    let tail = tail
+        .replace(&format!(" {code}-{status}"), " ")
+        .replace(&format!(" {code} {status}"), " ");
+    let mut out = String::with_capacity(flat.len());
+    out.push_str(head);
+    out.push_str(&tail.split_whitespace().collect::<Vec<_>>().join(" "));
+    out
+}
+
 /// The first enhanced status code (RFC 3463) in `text`, e.g. `5.1.1`.
 pub fn find_enhanced_status(text: &str) -> Option<String> {
     ENHANCED

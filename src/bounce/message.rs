@@ -34,6 +34,8 @@ pub(crate) struct View {
     pub human: String,
     /// Header fields of the returned original message, when found.
     pub returned: Vec<(String, String)>,
+    /// The returned message as text (headers and body), when found.
+    pub returned_raw: Option<String>,
     /// Length of the part of `human` before the returned message (the error section).
     error_len: usize,
 }
@@ -80,6 +82,7 @@ impl View {
             feedback_report: None,
             human: String::new(),
             returned: Vec::new(),
+            returned_raw: None,
             error_len: 0,
         };
         let _ = header;
@@ -168,6 +171,7 @@ impl View {
         }
         if let Some(t) = returned_text {
             view.returned = text::header_fields(&t);
+            view.returned_raw = Some(t);
         }
         Some(view)
     }

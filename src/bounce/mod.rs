@@ -160,6 +160,14 @@ pub fn parse(raw: &[u8]) -> Vec<BounceRecord> {
 
 /// Parses returned mail, classifying with `classifier`.
 pub fn parse_with(raw: &[u8], classifier: &Classifier) -> Vec<BounceRecord> {
+    parse_nested(raw, classifier, 0)
+}
+
+/// How deep a bounce wrapped in another message (a forwarded bounce, a bounce of a bounce)
+/// is still looked into.
+const MAX_NESTING: usize = 1;
+
+fn parse_nested(raw: &[u8], classifier: &Classifier, depth: usize) -> Vec<BounceRecord> {
     let Some(view) = message::View::read(raw) else {
         return Vec::new();
     };
@@ -172,6 +180,16 @@ pub fn parse_with(raw: &[u8], classifier: &Classifier) -> Vec<BounceRecord> {
     }
     if records.is_empty() {
         records = message::text_records(&view);
+    }
+    if records.is_empty()
+        && depth < MAX_NESTING
+        && let Some(inner) = &view.returned_raw
+    {
+        // Nothing here, but what came back may itself be the bounce.
+        let nested = parse_nested(inner.as_bytes(), classifier, depth + 1);
+        if !nested.is_empty() {
+            return nested;
+        }
     }
     if records.is_empty() {
         records = autoreply::records(&view);

@@ -181,11 +181,14 @@ fn parse_nested(raw: &[u8], classifier: &Classifier, depth: usize) -> Vec<Bounce
     if records.is_empty() {
         records = message::text_records(&view);
     }
-    if records.is_empty()
+    // Only prose without any code: what came back may itself be the (better) bounce.
+    let weak = records
+        .iter()
+        .all(|r| r.kind == BounceKind::Heuristic && r.status.is_none() && r.reply_code.is_none());
+    if weak
         && depth < MAX_NESTING
         && let Some(inner) = &view.returned_raw
     {
-        // Nothing here, but what came back may itself be the bounce.
         let nested = parse_nested(inner.as_bytes(), classifier, depth + 1);
         if !nested.is_empty() {
             return nested;

@@ -1,14 +1,32 @@
-//! Times the pure parse of every file given (read once up front), for profiling.
+//! Measures the parse rate of `mailtrail::bounce::parse` over the files given: reads them
+//! once, parses them all `--rounds N` times (default 5), prints one line with the files,
+//! records and the best and first round's seconds. Used by `bench/bounce-eval`.
 use std::time::Instant;
+
 fn main() {
-    let t = Instant::now();
-    let c = mailtrail::bounce::Classifier::builtin();
-    eprintln!("compile {:?}", t.elapsed());
-    let files: Vec<Vec<u8>> = std::env::args().skip(1).filter_map(|p| std::fs::read(p).ok()).collect();
-    for round in 0..20 {
-        let t = Instant::now();
-        let mut n = 0;
-        for f in &files { n += mailtrail::bounce::parse_with(f, c).len(); }
-        eprintln!("round {round}: {} files {} records {:?}", files.len(), n, t.elapsed());
+    let mut rounds = 5usize;
+    let mut paths = Vec::new();
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--rounds" {
+            rounds = args.next().and_then(|n| n.parse().ok()).unwrap_or(5).max(1);
+        } else {
+            paths.push(a);
+        }
     }
+    let files: Vec<Vec<u8>> = paths.iter().filter_map(|p| std::fs::read(p).ok()).collect();
+    let classifier = mailtrail::bounce::Classifier::builtin();
+    let mut best = f64::MAX;
+    let mut first = 0.0;
+    let mut records = 0;
+    for round in 0..rounds {
+        let t = Instant::now();
+        records = files.iter().map(|f| mailtrail::bounce::parse_with(f, classifier).len()).sum();
+        let secs = t.elapsed().as_secs_f64();
+        if round == 0 {
+            first = secs;
+        }
+        best = best.min(secs);
+    }
+    println!("files {} records {} best {:.6} first {:.6}", files.len(), records, best, first);
 }

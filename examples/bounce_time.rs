@@ -21,12 +21,21 @@ fn main() {
     let mut records = 0;
     for round in 0..rounds {
         let t = Instant::now();
-        records = files.iter().map(|f| mailtrail::bounce::parse_with(f, classifier).len()).sum();
+        records = files
+            .iter()
+            .map(|f| mailtrail::bounce::parse_with(f, classifier).len())
+            .sum();
         let secs = t.elapsed().as_secs_f64();
         if round == 0 {
             first = secs;
         }
         best = best.min(secs);
     }
-    println!("files {} records {} best {:.6} first {:.6}", files.len(), records, best, first);
+    println!(
+        "files {} records {} best {:.6} first {:.6}",
+        files.len(),
+        records,
+        best,
+        first
+    );
 }

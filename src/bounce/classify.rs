@@ -190,7 +190,9 @@ impl Classifier {
             // Pattern lists by reason (first rule with patterns), for `same_patterns_as`.
             let mut file_patterns: Vec<(String, Vec<String>)> = Vec::new();
             for spec in &file.rule {
-                if !spec.patterns.is_empty() && !file_patterns.iter().any(|(r, _)| *r == spec.reason) {
+                if !spec.patterns.is_empty()
+                    && !file_patterns.iter().any(|(r, _)| *r == spec.reason)
+                {
                     file_patterns.push((spec.reason.clone(), spec.patterns.clone()));
                 }
             }
@@ -203,12 +205,12 @@ impl Classifier {
                 }
             }
             for (status, reason) in file.status {
-                let parsed = reason
-                    .parse::<BounceReason>()
-                    .map_err(|_| RulesError::UnknownStatusReason {
+                let parsed = reason.parse::<BounceReason>().map_err(|_| {
+                    RulesError::UnknownStatusReason {
                         status: status.clone(),
                         reason: reason.clone(),
-                    })?;
+                    }
+                })?;
                 status_table.entry(status).or_insert(parsed);
             }
             for mut spec in file.rule {
@@ -233,13 +235,13 @@ impl Classifier {
                         }
                     })?);
                 }
-                let reason = spec
-                    .reason
-                    .parse::<BounceReason>()
-                    .map_err(|_| RulesError::UnknownReason {
-                        index,
-                        reason: spec.reason.clone(),
-                    })?;
+                let reason =
+                    spec.reason
+                        .parse::<BounceReason>()
+                        .map_err(|_| RulesError::UnknownReason {
+                            index,
+                            reason: spec.reason.clone(),
+                        })?;
                 if spec.status.is_empty() && spec.patterns.is_empty() && spec.reply_codes.is_empty()
                 {
                     return Err(RulesError::EmptyRule {
@@ -341,10 +343,9 @@ impl Classifier {
                 return BounceReason::SecurityError;
             }
         }
-        if ev
-            .diagnostic_type
-            .is_some_and(|t| t.eq_ignore_ascii_case("x-unix") || t.eq_ignore_ascii_case("x-postfix"))
-        {
+        if ev.diagnostic_type.is_some_and(|t| {
+            t.eq_ignore_ascii_case("x-unix") || t.eq_ignore_ascii_case("x-postfix")
+        }) {
             return BounceReason::MailerError;
         }
         if let Some(reason) = reason_of(self.first_rule(&mut m, ev, 3)) {
@@ -432,7 +433,12 @@ impl<'a> Matches<'a> {
     }
 
     /// Whether any rule of `reason` that applies to `command` matches the text.
-    fn reason_matches(&mut self, c: &Classifier, reason: BounceReason, command: Option<&str>) -> bool {
+    fn reason_matches(
+        &mut self,
+        c: &Classifier,
+        reason: BounceReason,
+        command: Option<&str>,
+    ) -> bool {
         (0..c.rules.len()).any(|i| {
             c.rules
                 .get(i)
@@ -565,7 +571,10 @@ mod tests {
     #[test]
     fn text_beats_a_generic_status_code() {
         assert_eq!(reason(Some("5.0.0"), "550 Mailbox is full"), MailboxFull);
-        assert_eq!(reason(Some("5.1.1"), "quota exceeded for user"), MailboxFull);
+        assert_eq!(
+            reason(Some("5.1.1"), "quota exceeded for user"),
+            MailboxFull
+        );
     }
 
     #[test]
@@ -649,14 +658,19 @@ mod tests {
 
     #[test]
     fn word_boundaries_become_ascii_ones() {
-        assert_eq!(ascii_word_boundaries(r"\bab\B\\b\.x"), r"(?-u:\b)ab(?-u:\B)\\b\.x");
+        assert_eq!(
+            ascii_word_boundaries(r"\bab\B\\b\.x"),
+            r"(?-u:\b)ab(?-u:\B)\\b\.x"
+        );
     }
 
     #[test]
     fn normalize_lowercases_and_collapses_whitespace() {
         assert_eq!(normalize("  550\r\n  User\tUnknown  "), "550 user unknown");
         assert_eq!(
-            normalize("550-5.2.1 The user is receiving\r\n550-5.2.1 mail at a rate\r\n550 5.2.1 https://x"),
+            normalize(
+                "550-5.2.1 The user is receiving\r\n550-5.2.1 mail at a rate\r\n550 5.2.1 https://x"
+            ),
             "550-5.2.1 the user is receiving mail at a rate https://x"
         );
     }

@@ -179,8 +179,7 @@ Original-Recipient: rfc822;Alice@example.net\r\n\
 Action: failed\r\n\
 Status: 5.1.1\r\n\
 Remote-MTA: dns; mx.example.net\r\n\
-Diagnostic-Code: smtp; 550 5.1.1 <alice@example.net>:\r\n\
-    Recipient address rejected: User unknown\r\n\
+Diagnostic-Code: smtp; 550 5.1.1 <alice@example.net>:\r\n    Recipient address rejected: User unknown\r\n\
 \r\n\
 Final-Recipient: rfc822; bob@example.net\r\n\
 Action: delayed\r\n\
@@ -190,7 +189,10 @@ Will-Retry-Until: Tue, 3 Jun 2025 10:00:00 +0000\r\n";
     #[test]
     fn parses_per_message_and_every_recipient_block() {
         let ds = parse_delivery_status(TWO_RECIPIENTS);
-        assert_eq!(ds.per_message.get("reporting-mta"), Some("dns; mx.example.org"));
+        assert_eq!(
+            ds.per_message.get("reporting-mta"),
+            Some("dns; mx.example.org")
+        );
         assert_eq!(ds.per_message.get("original-envelope-id"), Some("env-42"));
         assert_eq!(ds.recipients.len(), 2);
         let a = &ds.recipients[0];
@@ -223,8 +225,14 @@ Original-Recipient: rfc822; a@x.example\nStatus: 5.1.1\n";
 
     #[test]
     fn strips_types_and_brackets_from_addresses() {
-        assert_eq!(address_of("rfc822; <a@b.example>").as_deref(), Some("a@b.example"));
-        assert_eq!(address_of("RFC822;a@b.example").as_deref(), Some("a@b.example"));
+        assert_eq!(
+            address_of("rfc822; <a@b.example>").as_deref(),
+            Some("a@b.example")
+        );
+        assert_eq!(
+            address_of("RFC822;a@b.example").as_deref(),
+            Some("a@b.example")
+        );
         assert_eq!(address_of("   ").as_deref(), None);
         assert_eq!(strip_type("smtp; 550 no"), "550 no");
         assert_eq!(strip_type("550 no; really"), "550 no; really");

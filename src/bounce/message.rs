@@ -43,11 +43,6 @@ pub(crate) struct View {
 impl View {
     pub fn read(raw: &[u8]) -> Option<View> {
         let msg = MessageParser::default().parse(raw)?;
-        let header = |name: &str| {
-            msg.header_raw(name)
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
         let first_addr = |a: Option<&mail_parser::Address<'_>>| {
             a.and_then(|a| a.first())
                 .and_then(|a| a.address())
@@ -85,7 +80,6 @@ impl View {
             returned_raw: None,
             error_len: 0,
         };
-        let _ = header;
 
         let mut html = String::new();
         let mut returned_text: Option<String> = None;
@@ -139,10 +133,10 @@ impl View {
                         | ("message", "global-headers")
                         | ("message", "rfc822")
                         | ("message", "global")
-                        | ("message", "partial") => {
-                            if returned_text.is_none() {
-                                returned_text = Some(s());
-                            }
+                        | ("message", "partial")
+                            if returned_text.is_none() =>
+                        {
+                            returned_text = Some(s());
                         }
                         _ => {}
                     }
@@ -160,7 +154,8 @@ impl View {
                 .map(|i| i + 4)
                 .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|i| i + 2));
             if let Some(start) = body {
-                view.human = String::from_utf8_lossy(raw.get(start..).unwrap_or_default()).into_owned();
+                view.human =
+                    String::from_utf8_lossy(raw.get(start..).unwrap_or_default()).into_owned();
             }
         }
         // Prose often carries the returned message inline after a marker line.
@@ -409,7 +404,9 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
                 .filter(|t| !t.is_empty() && t.len() <= 12 && !t.contains(' '));
             r.original_recipient = block.get("original-recipient").and_then(dsn::address_of);
             r.orcpt = non_empty(block.get("original-recipient"));
-            r.remote_mta = block.get("remote-mta").map(|v| dsn::strip_type(v).to_string());
+            r.remote_mta = block
+                .get("remote-mta")
+                .map(|v| dsn::strip_type(v).to_string());
             r.reporting_mta = ds
                 .per_message
                 .get("reporting-mta")
@@ -455,7 +452,10 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             while !error_section.is_char_boundary(start) {
                 start -= 1;
             }
-            error_section.get(start..pos).unwrap_or("").to_ascii_lowercase()
+            error_section
+                .get(start..pos)
+                .unwrap_or("")
+                .to_ascii_lowercase()
         };
         let s = near(16);
         let wide = near(48);
@@ -473,17 +473,14 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
     let mut found: Vec<(String, usize)> = Vec::new();
     let failed_header: Vec<String> = view
         .header("x-failed-recipients")
-        .map(|v| {
-            text::addresses(v)
-                .map(|(_, a)| a.to_string())
-                .collect()
-        })
+        .map(|v| text::addresses(v).map(|(_, a)| a.to_string()).collect())
         .unwrap_or_default();
     for (pos, addr) in text::addresses(error_section) {
         if excluded(addr) || sender_context(pos) {
             continue;
         }
-        if !failed_header.is_empty() && !failed_header.iter().any(|f| f.eq_ignore_ascii_case(addr)) {
+        if !failed_header.is_empty() && !failed_header.iter().any(|f| f.eq_ignore_ascii_case(addr))
+        {
             continue;
         }
         if found.iter().any(|(a, _)| a.eq_ignore_ascii_case(addr)) {
@@ -517,12 +514,12 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             .find(|s| s > start)
             .unwrap_or(error_section.len());
         let mut seg = error_section.get(*start..end).unwrap_or("").to_string();
-        let informative = |s: &str| {
-            text::find_reply_code(s).is_some() || text::find_enhanced_status(s).is_some()
-        };
+        let informative =
+            |s: &str| text::find_reply_code(s).is_some() || text::find_enhanced_status(s).is_some();
         // A lone recipient whose own lines say little: the explanation may come before it.
         let says_little = seg.replace(addr.as_str(), "").trim().len() < 24;
-        if (n == 1 && says_little) || (n == 1 && !informative(&seg) && informative(error_section))
+        if (n == 1 && says_little)
+            || (n == 1 && !informative(&seg) && informative(error_section))
             || seg.trim().is_empty()
         {
             seg = error_section.to_string();

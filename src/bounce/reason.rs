@@ -114,7 +114,11 @@ impl fmt::Display for BounceType {
 /// The bounce type of a reason, as Sisimai's `hardbounce` decides it: the address itself is
 /// wrong (userunknown, hostunknown, hasmoved), or the domain refuses mail for good
 /// (notaccept with a permanent 5xx status). Everything else may pass on a later try.
-pub fn bounce_type(reason: BounceReason, status: Option<&str>, reply_code: Option<u16>) -> BounceType {
+pub fn bounce_type(
+    reason: BounceReason,
+    status: Option<&str>,
+    reply_code: Option<u16>,
+) -> BounceType {
     use BounceReason::*;
     match reason {
         Feedback => BounceType::Complaint,
@@ -146,32 +150,74 @@ mod tests {
         for r in BounceReason::ALL {
             assert_eq!(r.as_str().parse::<BounceReason>(), Ok(*r));
         }
-        assert_eq!("UserUnknown".parse::<BounceReason>(), Ok(BounceReason::UserUnknown));
+        assert_eq!(
+            "UserUnknown".parse::<BounceReason>(),
+            Ok(BounceReason::UserUnknown)
+        );
         assert!("nonsense".parse::<BounceReason>().is_err());
     }
 
     #[test]
     fn address_errors_are_hard_and_the_rest_soft() {
-        assert_eq!(bounce_type(BounceReason::UserUnknown, Some("5.1.1"), None), BounceType::Hard);
-        assert_eq!(bounce_type(BounceReason::HostUnknown, None, None), BounceType::Hard);
-        assert_eq!(bounce_type(BounceReason::HasMoved, None, None), BounceType::Hard);
-        assert_eq!(bounce_type(BounceReason::MailboxFull, Some("5.2.2"), None), BounceType::Soft);
-        assert_eq!(bounce_type(BounceReason::Blocked, None, Some(554)), BounceType::Soft);
+        assert_eq!(
+            bounce_type(BounceReason::UserUnknown, Some("5.1.1"), None),
+            BounceType::Hard
+        );
+        assert_eq!(
+            bounce_type(BounceReason::HostUnknown, None, None),
+            BounceType::Hard
+        );
+        assert_eq!(
+            bounce_type(BounceReason::HasMoved, None, None),
+            BounceType::Hard
+        );
+        assert_eq!(
+            bounce_type(BounceReason::MailboxFull, Some("5.2.2"), None),
+            BounceType::Soft
+        );
+        assert_eq!(
+            bounce_type(BounceReason::Blocked, None, Some(554)),
+            BounceType::Soft
+        );
     }
 
     #[test]
     fn notaccept_is_hard_only_when_permanent() {
-        assert_eq!(bounce_type(BounceReason::NotAccept, Some("5.1.10"), None), BounceType::Hard);
-        assert_eq!(bounce_type(BounceReason::NotAccept, None, Some(556)), BounceType::Hard);
-        assert_eq!(bounce_type(BounceReason::NotAccept, Some("4.3.2"), None), BounceType::Soft);
-        assert_eq!(bounce_type(BounceReason::NotAccept, None, None), BounceType::Soft);
+        assert_eq!(
+            bounce_type(BounceReason::NotAccept, Some("5.1.10"), None),
+            BounceType::Hard
+        );
+        assert_eq!(
+            bounce_type(BounceReason::NotAccept, None, Some(556)),
+            BounceType::Hard
+        );
+        assert_eq!(
+            bounce_type(BounceReason::NotAccept, Some("4.3.2"), None),
+            BounceType::Soft
+        );
+        assert_eq!(
+            bounce_type(BounceReason::NotAccept, None, None),
+            BounceType::Soft
+        );
     }
 
     #[test]
     fn complaints_autoreplies_and_unknowns_have_their_own_types() {
-        assert_eq!(bounce_type(BounceReason::Feedback, None, None), BounceType::Complaint);
-        assert_eq!(bounce_type(BounceReason::Vacation, None, None), BounceType::Autoreply);
-        assert_eq!(bounce_type(BounceReason::Undefined, None, None), BounceType::Undetermined);
-        assert_eq!(bounce_type(BounceReason::OnHold, None, None), BounceType::Undetermined);
+        assert_eq!(
+            bounce_type(BounceReason::Feedback, None, None),
+            BounceType::Complaint
+        );
+        assert_eq!(
+            bounce_type(BounceReason::Vacation, None, None),
+            BounceType::Autoreply
+        );
+        assert_eq!(
+            bounce_type(BounceReason::Undefined, None, None),
+            BounceType::Undetermined
+        );
+        assert_eq!(
+            bounce_type(BounceReason::OnHold, None, None),
+            BounceType::Undetermined
+        );
     }
 }

@@ -55,7 +55,8 @@ pub(crate) fn records(view: &View) -> Vec<BounceRecord> {
     let mut out = Vec::new();
     if let Some(bounce) = n.get("bounce") {
         let permanent = bounce.get("bounceType").and_then(Value::as_str) == Some("Permanent");
-        let reporting = string(bounce, "reportingMTA").map(|v| super::dsn::strip_type(&v).to_string());
+        let reporting =
+            string(bounce, "reportingMTA").map(|v| super::dsn::strip_type(&v).to_string());
         for r in bounce
             .get("bouncedRecipients")
             .and_then(Value::as_array)
@@ -82,7 +83,8 @@ pub(crate) fn records(view: &View) -> Vec<BounceRecord> {
             out.push(rec);
         }
     } else if let Some(complaint) = n.get("complaint") {
-        let feedback_type = string(complaint, "complaintFeedbackType").unwrap_or_else(|| "abuse".to_string());
+        let feedback_type =
+            string(complaint, "complaintFeedbackType").unwrap_or_else(|| "abuse".to_string());
         for r in complaint
             .get("complainedRecipients")
             .and_then(Value::as_array)

@@ -15,19 +15,27 @@ fn re(pattern: &str) -> Regex {
 
 static ENHANCED: LazyLock<Regex> =
     LazyLock::new(|| re(r"(?:^|[^\d.])([245]\.\d{1,3}\.\d{1,3})(?:[^\d.]|\.(?:\D|$)|$)"));
-static REPLY: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)")
-});
+static REPLY: LazyLock<Regex> =
+    LazyLock::new(|| re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)"));
 static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)\b|\b(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|does not like recipient|sender was rejected|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)")
+    re(
+        r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)\b|\b(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|does not like recipient|sender was rejected|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)",
+    )
 });
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]")
+    re(
+        r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]",
+    )
 });
-static HEADER_LINE: LazyLock<Regex> =
-    LazyLock::new(|| re(r"(?mi)^(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): "));
+static HEADER_LINE: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"(?mi)^(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): ",
+    )
+});
 static MARKER: LazyLock<Regex> = LazyLock::new(|| {
-    re(r"(?mi)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)")
+    re(
+        r"(?mi)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)",
+    )
 });
 
 static CONTINUATION: LazyLock<Regex> =
@@ -62,7 +70,11 @@ pub fn find_enhanced_status(text: &str) -> Option<String> {
         .captures_iter(text)
         .filter_map(|c| c.get(1))
         .map(|m| m.as_str().to_string())
-        .find(|s| s.split('.').nth(1).is_some_and(|subject| subject.len() <= 3))
+        .find(|s| {
+            s.split('.')
+                .nth(1)
+                .is_some_and(|subject| subject.len() <= 3)
+        })
 }
 
 /// The first 4xx/5xx SMTP reply code in `text`.
@@ -84,7 +96,11 @@ pub fn find_command(text: &str) -> Option<&'static str> {
         "MAIL"
     } else if s.contains("data") {
         "DATA"
-    } else if s.contains("helo") || s.contains("ehlo") || s.contains("greeting") || s.contains("my name") {
+    } else if s.contains("helo")
+        || s.contains("ehlo")
+        || s.contains("greeting")
+        || s.contains("my name")
+    {
         "HELO"
     } else if s.contains("starttls") {
         "STARTTLS"
@@ -128,8 +144,14 @@ fn starts_header_block(body: &str, start: usize) -> bool {
 /// the first embedded header block, whichever comes first.
 pub fn split_returned(body: &str) -> (&str, Option<&str>) {
     let marker = MARKER.find(body).map(|m| {
-        let line_start = body.get(..m.start()).and_then(|s| s.rfind('\n')).map_or(0, |i| i + 1);
-        let line_end = body.get(m.end()..).and_then(|s| s.find('\n')).map_or(body.len(), |i| m.end() + i + 1);
+        let line_start = body
+            .get(..m.start())
+            .and_then(|s| s.rfind('\n'))
+            .map_or(0, |i| i + 1);
+        let line_end = body
+            .get(m.end()..)
+            .and_then(|s| s.find('\n'))
+            .map_or(body.len(), |i| m.end() + i + 1);
         (line_start, line_end)
     });
     let limit = marker.map_or(body.len(), |(s, _)| s);
@@ -168,9 +190,7 @@ pub fn header_fields(text: &str) -> Vec<(String, String)> {
             Some((name, value))
                 if !name.is_empty()
                     && !name.contains(' ')
-                    && name
-                        .bytes()
-                        .all(|b| b.is_ascii_graphic() && b != b':') =>
+                    && name.bytes().all(|b| b.is_ascii_graphic() && b != b':') =>
             {
                 started = true;
                 out.push((name.to_ascii_lowercase(), value.trim().to_string()));
@@ -195,7 +215,12 @@ pub fn strip_html(html: &str) -> String {
             if c == '>' {
                 in_tag = false;
                 let t = tag.to_ascii_lowercase();
-                if t.starts_with("br") || t.starts_with("/p") || t.starts_with("/div") || t.starts_with("/tr") || t.starts_with("p") {
+                if t.starts_with("br")
+                    || t.starts_with("/p")
+                    || t.starts_with("/div")
+                    || t.starts_with("/tr")
+                    || t.starts_with("p")
+                {
                     out.push('\n');
                 }
                 tag.clear();
@@ -222,16 +247,28 @@ mod tests {
 
     #[test]
     fn finds_enhanced_status_but_not_inside_ip_addresses() {
-        assert_eq!(find_enhanced_status("550 5.1.1 <a@b>: no").as_deref(), Some("5.1.1"));
+        assert_eq!(
+            find_enhanced_status("550 5.1.1 <a@b>: no").as_deref(),
+            Some("5.1.1")
+        );
         assert_eq!(find_enhanced_status("(#5.5.0)").as_deref(), Some("5.5.0"));
         assert_eq!(find_enhanced_status("host 10.5.2.1 said no"), None);
-        assert_eq!(find_enhanced_status("550-5.7.26 Unauthenticated").as_deref(), Some("5.7.26"));
-        assert_eq!(find_enhanced_status("version 2.0.1."), Some("2.0.1".to_string()));
+        assert_eq!(
+            find_enhanced_status("550-5.7.26 Unauthenticated").as_deref(),
+            Some("5.7.26")
+        );
+        assert_eq!(
+            find_enhanced_status("version 2.0.1."),
+            Some("2.0.1".to_string())
+        );
     }
 
     #[test]
     fn finds_reply_codes_after_typical_prefixes() {
-        assert_eq!(find_reply_code("remote host said: 550 Unknown user"), Some(550));
+        assert_eq!(
+            find_reply_code("remote host said: 550 Unknown user"),
+            Some(550)
+        );
         assert_eq!(find_reply_code("<<< 452 4.2.2 Over quota"), Some(452));
         assert_eq!(find_reply_code("550-5.7.1 blocked"), Some(550));
         assert_eq!(find_reply_code("250 ok"), None);
@@ -240,14 +277,32 @@ mod tests {
 
     #[test]
     fn finds_the_failing_command() {
-        assert_eq!(find_command("SMTP error from remote mail server after RCPT TO:<a@b>"), Some("RCPT"));
-        assert_eq!(find_command("host x said: 550 no (in reply to end of DATA command)"), Some("DATA"));
+        assert_eq!(
+            find_command("SMTP error from remote mail server after RCPT TO:<a@b>"),
+            Some("RCPT")
+        );
+        assert_eq!(
+            find_command("host x said: 550 no (in reply to end of DATA command)"),
+            Some("DATA")
+        );
         assert_eq!(find_command("after MAIL FROM:<a@b> SIZE=1"), Some("MAIL"));
         assert_eq!(find_command("nothing here"), None);
-        assert_eq!(find_command("192.0.2.1 does not like recipient."), Some("RCPT"));
-        assert_eq!(find_command("Connected to 192.0.2.1 but sender was rejected."), Some("MAIL"));
-        assert_eq!(find_command("mx [192.0.2.2] did not like our final DATA:"), Some("DATA"));
-        assert_eq!(find_command("error after initial connection: 554"), Some("CONN"));
+        assert_eq!(
+            find_command("192.0.2.1 does not like recipient."),
+            Some("RCPT")
+        );
+        assert_eq!(
+            find_command("Connected to 192.0.2.1 but sender was rejected."),
+            Some("MAIL")
+        );
+        assert_eq!(
+            find_command("mx [192.0.2.2] did not like our final DATA:"),
+            Some("DATA")
+        );
+        assert_eq!(
+            find_command("error after initial connection: 554"),
+            Some("CONN")
+        );
     }
 
     #[test]
@@ -266,13 +321,18 @@ mod tests {
     fn reads_header_fields_unfolded() {
         let h = header_fields("\nReceived: from a\n\tby b id <X>\nMessage-ID: <m@x>\n\nbody: no");
         assert_eq!(h.len(), 2);
-        assert_eq!(h[0], ("received".to_string(), "from a by b id <X>".to_string()));
+        assert_eq!(
+            h[0],
+            ("received".to_string(), "from a by b id <X>".to_string())
+        );
         assert_eq!(h[1].1, "<m@x>");
     }
 
     #[test]
     fn extracts_addresses() {
-        let v: Vec<_> = addresses("to <a.b@c.example>, and x@[192.0.2.1].").map(|(_, a)| a).collect();
+        let v: Vec<_> = addresses("to <a.b@c.example>, and x@[192.0.2.1].")
+            .map(|(_, a)| a)
+            .collect();
         assert_eq!(v, vec!["a.b@c.example", "x@[192.0.2.1]"]);
     }
 

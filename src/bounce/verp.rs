@@ -76,7 +76,13 @@ fn unbase32(s: &str) -> Option<[u8; MAC_BYTES]> {
 }
 
 /// The VERP envelope sender for recipient `rcpt_index` of message `receipt`.
-pub fn encode(key: &[u8], local: &str, domain: &str, receipt: ReceiptId, rcpt_index: u32) -> String {
+pub fn encode(
+    key: &[u8],
+    local: &str,
+    domain: &str,
+    receipt: ReceiptId,
+    rcpt_index: u32,
+) -> String {
     let tag = mac_for(key, receipt, rcpt_index).finalize().into_bytes();
     let mut truncated = [0u8; MAC_BYTES];
     for (slot, b) in truncated.iter_mut().zip(tag.iter()) {
@@ -102,14 +108,16 @@ pub fn decode(key: &[u8], local: &str, domain: &str, address: &str) -> Result<Ve
         return Err(VerpError::NotVerp);
     }
     let mut fields = rest.split('-');
-    let (Some(r), Some(i), Some(m), None) = (fields.next(), fields.next(), fields.next(), fields.next())
+    let (Some(r), Some(i), Some(m), None) =
+        (fields.next(), fields.next(), fields.next(), fields.next())
     else {
         return Err(VerpError::Malformed("expected <receipt>-<index>-<mac>"));
     };
     let receipt = r
         .parse::<ReceiptId>()
         .map_err(|_| VerpError::Malformed("receipt id"))?;
-    if i.is_empty() || !i.bytes().all(|b| b.is_ascii_digit()) || (i.len() > 1 && i.starts_with('0')) {
+    if i.is_empty() || !i.bytes().all(|b| b.is_ascii_digit()) || (i.len() > 1 && i.starts_with('0'))
+    {
         return Err(VerpError::Malformed("recipient index"));
     }
     let rcpt_index = i
@@ -160,7 +168,12 @@ mod tests {
         });
         assert_eq!(decode(KEY, "bounces", "bounce.example.org", &addr), want);
         assert_eq!(
-            decode(KEY, "bounces", "bounce.example.org", &addr.to_ascii_uppercase()),
+            decode(
+                KEY,
+                "bounces",
+                "bounce.example.org",
+                &addr.to_ascii_uppercase()
+            ),
             want
         );
         assert_eq!(
@@ -174,9 +187,15 @@ mod tests {
         let (id, addr) = sample();
         // Same receipt, another recipient index, MAC copied from index 3.
         let forged = addr.replacen("-3-", "-4-", 1);
-        assert_eq!(decode(KEY, "bounces", "bounce.example.org", &forged), Err(VerpError::BadMac));
+        assert_eq!(
+            decode(KEY, "bounces", "bounce.example.org", &forged),
+            Err(VerpError::BadMac)
+        );
         let other = encode(b"another key", "bounces", "bounce.example.org", id, 3);
-        assert_eq!(decode(KEY, "bounces", "bounce.example.org", &other), Err(VerpError::BadMac));
+        assert_eq!(
+            decode(KEY, "bounces", "bounce.example.org", &other),
+            Err(VerpError::BadMac)
+        );
         // One MAC character changed.
         let mut bytes = addr.into_bytes();
         let at = bytes.iter().position(|&b| b == b'@').unwrap_or(0);
@@ -184,7 +203,10 @@ mod tests {
             *c = if *c == b'a' { b'b' } else { b'a' };
         }
         let garbled = String::from_utf8(bytes).unwrap_or_default();
-        assert_eq!(decode(KEY, "bounces", "bounce.example.org", &garbled), Err(VerpError::BadMac));
+        assert_eq!(
+            decode(KEY, "bounces", "bounce.example.org", &garbled),
+            Err(VerpError::BadMac)
+        );
     }
 
     #[test]
@@ -194,18 +216,33 @@ mod tests {
         let (local, _) = addr.rsplit_once('@').unwrap_or_default();
         let short_mac = format!("{}@bounce.example.org", &local[..local.len() - 1]);
         assert_eq!(d(&short_mac), Err(VerpError::Malformed("mac")));
-        let no_mac = format!("{}@bounce.example.org", &local[..local.rfind('-').unwrap_or(0)]);
+        let no_mac = format!(
+            "{}@bounce.example.org",
+            &local[..local.rfind('-').unwrap_or(0)]
+        );
         assert!(matches!(d(&no_mac), Err(VerpError::Malformed(_))));
-        assert!(matches!(d("bounces+xyz-1-abcdefgh@bounce.example.org"), Err(VerpError::Malformed("receipt id"))));
+        assert!(matches!(
+            d("bounces+xyz-1-abcdefgh@bounce.example.org"),
+            Err(VerpError::Malformed("receipt id"))
+        ));
         assert_eq!(d("bounces@bounce.example.org"), Err(VerpError::NotVerp));
-        assert_eq!(d("someone+x-1-y@bounce.example.org"), Err(VerpError::NotVerp));
-        assert_eq!(d(&addr.replace("bounce.example.org", "example.net")), Err(VerpError::WrongDomain));
+        assert_eq!(
+            d("someone+x-1-y@bounce.example.org"),
+            Err(VerpError::NotVerp)
+        );
+        assert_eq!(
+            d(&addr.replace("bounce.example.org", "example.net")),
+            Err(VerpError::WrongDomain)
+        );
         assert_eq!(d("no-at-sign"), Err(VerpError::WrongDomain));
         assert_eq!(d(""), Err(VerpError::WrongDomain));
         let bad_index = addr.replacen("-3-", "-x-", 1);
         assert_eq!(d(&bad_index), Err(VerpError::Malformed("recipient index")));
         let leading_zero = addr.replacen("-3-", "-03-", 1);
-        assert_eq!(d(&leading_zero), Err(VerpError::Malformed("recipient index")));
+        assert_eq!(
+            d(&leading_zero),
+            Err(VerpError::Malformed("recipient index"))
+        );
         let extra = addr.replacen('@', "-zz@", 1);
         assert!(matches!(d(&extra), Err(VerpError::Malformed(_))));
     }

@@ -90,7 +90,13 @@ fn split_messages(path: &Path, data: Vec<u8>) -> Vec<Source> {
             continue;
         }
         if let Some(cur) = messages.last_mut() {
-            let unquoted = if line.starts_with(b">") && line.iter().skip_while(|&&b| b == b'>').take(5).eq(b"From ".iter()) {
+            let unquoted = if line.starts_with(b">")
+                && line
+                    .iter()
+                    .skip_while(|&&b| b == b'>')
+                    .take(5)
+                    .eq(b"From ".iter())
+            {
                 line.get(1..).unwrap_or(line)
             } else {
                 line
@@ -113,7 +119,10 @@ fn split_messages(path: &Path, data: Vec<u8>) -> Vec<Source> {
 fn json_line(src: &Source, record: &BounceRecord) -> anyhow::Result<String> {
     let mut value = serde_json::to_value(record)?;
     if let Some(obj) = value.as_object_mut() {
-        obj.insert("file".to_string(), serde_json::Value::String(src.file.clone()));
+        obj.insert(
+            "file".to_string(),
+            serde_json::Value::String(src.file.clone()),
+        );
         if let Some(n) = src.message {
             obj.insert("message".to_string(), serde_json::Value::from(n));
         }
@@ -140,7 +149,9 @@ fn table_line(src: &Source, r: &BounceRecord) -> String {
         r.reason.as_str(),
         r.bounce_type.as_str(),
         r.status.as_deref().unwrap_or("-"),
-        r.reply_code.map(|c| c.to_string()).unwrap_or_else(|| "-".to_string()),
+        r.reply_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".to_string()),
         r.kind.as_str(),
         diagnostic
     )
@@ -172,14 +183,27 @@ Subject: Undelivered Mail Returned to Sender\r\n\r\n\
         let dir = tempfile::tempdir()?;
         let p = dir.path().join("b.eml");
         std::fs::write(&p, BOUNCE)?;
-        std::fs::write(dir.path().join("not.eml"), "From: a@b.example\r\nSubject: hi\r\n\r\nhello\r\n")?;
+        std::fs::write(
+            dir.path().join("not.eml"),
+            "From: a@b.example\r\nSubject: hi\r\n\r\nhello\r\n",
+        )?;
         let mut out = Vec::new();
         run_bounce_parse(&[dir.path().to_path_buf()], true, &mut out)?;
         let text = String::from_utf8(out)?;
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 1, "{text}");
         let v: serde_json::Value = serde_json::from_str(lines[0])?;
-        for key in ["file", "recipient", "reason", "bounce_type", "status", "reply_code", "action", "diagnostic", "kind"] {
+        for key in [
+            "file",
+            "recipient",
+            "reason",
+            "bounce_type",
+            "status",
+            "reply_code",
+            "action",
+            "diagnostic",
+            "kind",
+        ] {
             assert!(v.get(key).is_some(), "missing {key}");
         }
         assert_eq!(v["recipient"], "nobody@example.net");

@@ -42,7 +42,7 @@ pub(crate) struct View {
 
 impl View {
     pub fn read(raw: &[u8]) -> Option<View> {
-        let msg = MessageParser::default().parse(raw)?;
+        let msg = PARSER.parse(raw)?;
         let first_addr = |a: Option<&mail_parser::Address<'_>>| {
             a.and_then(|a| a.first())
                 .and_then(|a| a.address())
@@ -248,6 +248,16 @@ impl Correlation {
     }
 }
 
+/// Parses only the headers the bounce reader uses (MIME structure, Subject, From, To);
+/// every other header stays raw text, which spares tokenising each Received: field.
+static PARSER: LazyLock<MessageParser> = LazyLock::new(|| {
+    MessageParser::new()
+        .with_mime_headers()
+        .header_text(mail_parser::HeaderName::Subject)
+        .header_address(mail_parser::HeaderName::From)
+        .header_address(mail_parser::HeaderName::To)
+});
+
 static RECEIVED_ID: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
     Regex::new(r"(?i)\bid <?([0-9a-z]{26})>?").expect("static regex")
@@ -331,7 +341,13 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
         }
     }
     let error_section = view.error_section();
-    let prose = prose_segments(view, error_section);
+    // The prose is read only when a recipient block lacks what it should say.
+    let mut prose_cache: Option<Vec<(String, String)>> = None;
+    let mut prose = || -> Vec<(String, String)> {
+        prose_cache
+            .get_or_insert_with(|| prose_segments(view, error_section))
+            .clone()
+    };
 
     let mut out = Vec::new();
     for ds in &parsed {
@@ -368,7 +384,7 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
                 .or_else(|| block.get("x-actual-recipient").and_then(dsn::address_of))
                 .or_else(|| block.get("original-recipient").and_then(dsn::address_of))
                 .filter(|r| r.contains('@'))
-                .or_else(|| prose.first().map(|(a, _)| a.clone()));
+                .or_else(|| prose().first().map(|(a, _)| a.clone()));
             let Some(recipient) = recipient else {
                 continue;
             };
@@ -377,10 +393,11 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
                 .map(|d| dsn::strip_type(d).to_string())
                 .filter(|d| !d.is_empty());
             if diagnostic.is_none() {
-                diagnostic = prose
+                let segments = prose();
+                diagnostic = segments
                     .iter()
                     .find(|(a, _)| a.eq_ignore_ascii_case(&recipient))
-                    .or(prose.first())
+                    .or(segments.first())
                     .map(|(_, d)| d.clone())
                     .filter(|d| !d.is_empty());
             }
@@ -389,7 +406,7 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             r.status = pick_status(status_field, diag);
             r.reply_code = text::find_reply_code(diag);
             r.smtp_command = text::find_command(diag).map(str::to_string).or_else(|| {
-                prose
+                prose()
                     .iter()
                     .find(|(a, _)| a.eq_ignore_ascii_case(&recipient))
                     .and_then(|(_, d)| text::find_command(d))

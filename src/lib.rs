@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod bounce;
+pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod delivery;

@@ -1,1 +1,145 @@
-//! TODO: api
+//! Admin HTTP: health, Prometheus `/metrics`, and read-only JSON views of the outcome store.
+//!
+//! Bound to loopback by default (`[http] listen`); it exposes who mailed whom, so do not put it
+//! on a public interface without a proxy that authenticates.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+use crate::store::{BounceQuery, Store};
+
+#[derive(Clone)]
+pub struct ApiState {
+    pub metrics: Arc<Metrics>,
+    pub store: Arc<dyn Store>,
+}
+
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/", get(index_page))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/log/{key}", get(log))
+        .route("/api/bounces", get(bounces))
+        .with_state(state)
+}
+
+/// Binds every `[http] listen` address (errors surface at start) and serves until `shutdown`.
+pub async fn serve(
+    listen: &[SocketAddr],
+    state: ApiState,
+    shutdown: CancellationToken,
+) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
+    let mut tasks = Vec::new();
+    for addr in listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            std::io::Error::new(e.kind(), format!("cannot listen on {addr} (http): {e}"))
+        })?;
+        let app = router(state.clone());
+        let token = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { token.cancelled().await })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "http server failed");
+            }
+        }));
+    }
+    Ok(tasks)
+}
+
+async fn metrics(State(state): State<ApiState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct LogParams {
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<usize>,
+}
+
+fn bad_request(message: String) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        axum::Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
+}
+
+fn store_error(e: crate::store::StoreError) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(serde_json::json!({ "error": e.to_string() })),
+    )
+        .into_response()
+}
+
+async fn log(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    Query(params): Query<LogParams>,
+) -> Response {
+    let args = crate::cli::log::LogArgs {
+        key,
+        json: true,
+        since: params.since,
+        until: params.until,
+        limit: params.limit.unwrap_or(100).min(10_000),
+    };
+    let query = match crate::cli::log::query(&args, chrono::Utc::now()) {
+        Ok(q) => q,
+        Err(e) => return bad_request(e.to_string()),
+    };
+    match state.store.log(&query).await {
+        Ok(messages) => axum::Json(messages).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct BounceParams {
+    address: Option<String>,
+    reason: Option<String>,
+    #[serde(default)]
+    unhandled: bool,
+    #[serde(default)]
+    first: bool,
+    limit: Option<usize>,
+}
+
+async fn bounces(State(state): State<ApiState>, Query(p): Query<BounceParams>) -> Response {
+    let query = BounceQuery {
+        address: p.address,
+        reason: p.reason,
+        unhandled_only: p.unhandled,
+        first_only: p.first,
+        limit: p.limit.unwrap_or(100).min(10_000),
+    };
+    match state.store.bounces(&query).await {
+        Ok(b) => axum::Json(b).into_response(),
+        Err(e) => store_error(e),
+    }
+}
+
+/// A minimal page for admins: search box over `/api/log/{key}`.
+async fn index_page() -> Html<&'static str> {
+    Html(include_str!("index.html"))
+}

@@ -150,8 +150,6 @@ pub struct Evidence<'a> {
     pub action: Option<&'a str>,
     /// The SMTP command the remote server refused (`MAIL`, `RCPT`, `DATA`), when known.
     pub command: Option<&'a str>,
-    /// The Diagnostic-Code type (`smtp`, `x-unix`, `x-postfix`), when known.
-    pub diagnostic_type: Option<&'a str>,
 }
 
 /// A compiled rule set. Build once, share by reference.
@@ -303,8 +301,14 @@ impl Classifier {
         None
     }
 
-    /// The reason for one failed recipient.
+    /// The reason for one failed recipient whose diagnostic is an SMTP reply (or unknown).
     pub fn reason(&self, ev: &Evidence<'_>) -> BounceReason {
+        self.reason_typed(ev, None)
+    }
+
+    /// The reason for one failed recipient; `diagnostic_type` is the Diagnostic-Code type
+    /// (`smtp`, `x-unix`, `x-postfix`), which changes the order of decision (see above).
+    pub fn reason_typed(&self, ev: &Evidence<'_>, diagnostic_type: Option<&str>) -> BounceReason {
         let status = ev.status.map(str::trim).filter(|s| !s.is_empty());
         if let Some(s) = status
             && s.starts_with("2.")
@@ -316,9 +320,7 @@ impl Classifier {
         let mut m = Matches::new(&normalized, self.rules.len());
         let reason_of = |i: Option<usize>| i.and_then(|i| self.rules.get(i)).map(|r| r.reason);
         // Stage 1 reads SMTP replies; a mailer's own message (X-Unix, X-Postfix) skips it.
-        let smtp_diagnostic = ev
-            .diagnostic_type
-            .is_none_or(|t| t.eq_ignore_ascii_case("smtp"));
+        let smtp_diagnostic = diagnostic_type.is_none_or(|t| t.eq_ignore_ascii_case("smtp"));
         if smtp_diagnostic && let Some(reason) = reason_of(self.first_rule(&mut m, ev, 1)) {
             return reason;
         }
@@ -343,7 +345,7 @@ impl Classifier {
                 return BounceReason::SecurityError;
             }
         }
-        if ev.diagnostic_type.is_some_and(|t| {
+        if diagnostic_type.is_some_and(|t| {
             t.eq_ignore_ascii_case("x-unix") || t.eq_ignore_ascii_case("x-postfix")
         }) {
             return BounceReason::MailerError;
@@ -381,7 +383,6 @@ impl Classifier {
                 "delayed"
             }),
             command: None,
-            diagnostic_type: None,
         };
         let mut reason = self.reason(&ev);
         if reply_code < 400 && reason == BounceReason::Delivered {

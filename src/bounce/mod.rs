@@ -11,6 +11,7 @@ pub mod arf;
 pub mod autoreply;
 pub mod classify;
 pub mod dsn;
+pub mod ingest;
 mod message;
 pub mod reason;
 mod ses;
@@ -127,9 +128,8 @@ impl BounceRecord {
             diagnostic: self.diagnostic.as_deref().unwrap_or(""),
             action: self.action.as_deref(),
             command: self.smtp_command.as_deref(),
-            diagnostic_type: self.diagnostic_type.as_deref(),
         };
-        self.reason = classifier.reason(&ev);
+        self.reason = classifier.reason_typed(&ev, self.diagnostic_type.as_deref());
         // A failure report without any code is still a permanent failure.
         let failed = self.action.as_deref() == Some("failed");
         let status = self

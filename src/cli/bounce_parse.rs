@@ -9,11 +9,11 @@ use anyhow::Context;
 use crate::bounce::{self, BounceRecord, Classifier};
 
 /// One message to parse: where it came from and its bytes.
-struct Source {
-    file: String,
+pub(crate) struct Source {
+    pub(crate) file: String,
     /// 1-based position inside an mbox file; `None` for a single-message file.
-    message: Option<usize>,
-    raw: Vec<u8>,
+    pub(crate) message: Option<usize>,
+    pub(crate) raw: Vec<u8>,
 }
 
 /// Parses every message in `paths` with the built-in rules and prints its records.
@@ -55,7 +55,7 @@ pub fn run_bounce_parse_with(
 }
 
 /// A file, or every file under a directory (recursively, in name order).
-fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+pub(crate) fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
     if meta.is_dir() {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
@@ -74,7 +74,7 @@ fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 
 /// An mbox file (starts with a `From ` line) is split into its messages, `>From ` unquoted;
 /// anything else is one message.
-fn split_messages(path: &Path, data: Vec<u8>) -> Vec<Source> {
+pub(crate) fn split_messages(path: &Path, data: Vec<u8>) -> Vec<Source> {
     let file = path.display().to_string();
     if !data.starts_with(b"From ") {
         return vec![Source {

@@ -1,3 +1,289 @@
-//! Command-line subcommands (`mailtrail log`, ...).
+//! Command-line subcommands. `main.rs` parses arguments with clap into a [`Request`]; this
+//! module loads the config, opens what the command needs and prints the result.
 
 pub mod bounce_parse;
+pub mod bounces;
+pub mod log;
+pub mod queue;
+pub mod serve;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::receipt::ReceiptId;
+use crate::store::Store;
+
+/// One parsed command line.
+pub enum Request {
+    Serve,
+    Log(log::LogArgs),
+    QueueList {
+        json: bool,
+    },
+    QueueRetry {
+        receipt: Option<String>,
+        all: bool,
+    },
+    QueueDelete {
+        receipt: String,
+    },
+    BounceParse {
+        files: Vec<PathBuf>,
+        json: bool,
+    },
+    BounceIngest {
+        files: Vec<PathBuf>,
+    },
+    Bounces {
+        address: Option<String>,
+        reason: Option<String>,
+        unhandled: bool,
+        first: bool,
+        json: bool,
+        limit: usize,
+    },
+    BounceHandle {
+        id: i64,
+        by: Option<String>,
+    },
+    BounceUnhandle {
+        id: i64,
+    },
+    SuppressList {
+        json: bool,
+    },
+    SuppressAdd {
+        address: String,
+        reason: String,
+    },
+    SuppressRemove {
+        address: String,
+    },
+    SuppressCheck {
+        address: String,
+    },
+    HashPassword,
+}
+
+pub fn run(config_path: Option<&Path>, request: Request) -> anyhow::Result<ExitCode> {
+    // Commands that need no config.
+    match &request {
+        Request::HashPassword => return hash_password(),
+        Request::BounceParse { files, json } => {
+            let mut out = std::io::stdout().lock();
+            bounce_parse::run_bounce_parse(files, *json, &mut out)?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ => {}
+    }
+    let config = Config::load(config_path)?;
+    if let Request::Serve = request {
+        return serve::serve(config);
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(run_store_command(config, request))
+}
+
+fn hash_password() -> anyhow::Result<ExitCode> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        anyhow::bail!("empty password on stdin");
+    }
+    println!("{}", crate::smtp::auth::hash_password(password)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_receipt(text: &str) -> anyhow::Result<ReceiptId> {
+    text.trim()
+        .parse::<ReceiptId>()
+        .map_err(anyhow::Error::from)
+}
+
+/// The writable store, for commands that change something. Refuses to create a database
+/// where none exists (a wrong --config would otherwise start an empty one).
+fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    if !config.db_path().exists() {
+        anyhow::bail!(
+            "no database at {} (has `mailtrail serve` run with this data_dir?)",
+            config.db_path().display()
+        );
+    }
+    Ok(crate::store::sqlite::open(config)?)
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+async fn run_store_command(config: Config, request: Request) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match request {
+        Request::Log(args) => {
+            let json = args.json;
+            let query = log::query(&args, chrono::Utc::now())?;
+            let reader = crate::store::sqlite::open_read_only(&config)?;
+            let messages = reader.log(&query)?;
+            if messages.is_empty() && !json {
+                writeln!(out, "no messages for {}", args.key)?;
+            }
+            out.write_all(log::render(&messages, json).as_bytes())?;
+        }
+        Request::QueueList { json } => {
+            let reader = crate::store::sqlite::open_read_only(&config)?;
+            let entries = reader.queue_list()?;
+            let text = if json {
+                queue::render_list_json(&entries)
+            } else {
+                queue::render_list(&entries, now_ms())
+            };
+            out.write_all(text.as_bytes())?;
+        }
+        Request::QueueRetry { receipt, all } => {
+            let receipt = match (receipt, all) {
+                (_, true) => None,
+                (Some(r), false) => Some(parse_receipt(&r)?),
+                (None, false) => anyhow::bail!("give a receipt id or --all"),
+            };
+            let store = open_store(&config)?;
+            let n = store.queue_retry(receipt).await?;
+            out.write_all(queue::render_retry(n, receipt).as_bytes())?;
+        }
+        Request::QueueDelete { receipt } => {
+            let receipt = parse_receipt(&receipt)?;
+            let store = open_store(&config)?;
+            let n = store.queue_delete(receipt).await?;
+            out.write_all(queue::render_delete(n, receipt).as_bytes())?;
+        }
+        Request::Bounces {
+            address,
+            reason,
+            unhandled,
+            first,
+            json,
+            limit,
+        } => {
+            let reader = crate::store::sqlite::open_read_only(&config)?;
+            let list = reader.bounces(&crate::store::BounceQuery {
+                address,
+                reason,
+                unhandled_only: unhandled,
+                first_only: first,
+                limit,
+            })?;
+            out.write_all(bounces::render_bounces(&list, json).as_bytes())?;
+        }
+        Request::BounceHandle { id, by } => {
+            let by = by
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "admin".to_string());
+            let store = open_store(&config)?;
+            if !store.set_handled(id, Some(&by), now_ms()).await? {
+                anyhow::bail!("no bounce with id {id}");
+            }
+            writeln!(out, "bounce {id} marked handled by {by}")?;
+        }
+        Request::BounceUnhandle { id } => {
+            let store = open_store(&config)?;
+            if !store.set_handled(id, None, now_ms()).await? {
+                anyhow::bail!("no bounce with id {id}");
+            }
+            writeln!(out, "bounce {id} marked unhandled")?;
+        }
+        Request::BounceIngest { files } => {
+            let config = Arc::new(config);
+            let store = open_store(&config)?;
+            let ingest = crate::bounce::ingest::BounceIngest::new(
+                config.clone(),
+                store,
+                Arc::new(crate::metrics::Metrics::new()),
+                Arc::new(serve::load_classifier(&config)?),
+                serve::verp_key(&config)?,
+            );
+            let mut paths = Vec::new();
+            for f in &files {
+                bounce_parse::collect_files(f, &mut paths)?;
+            }
+            let mut records = 0usize;
+            for path in paths {
+                let data =
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                for src in bounce_parse::split_messages(&path, data) {
+                    let name = match src.message {
+                        Some(n) => format!("{}#{n}", src.file),
+                        None => src.file.clone(),
+                    };
+                    let ingested = ingest.ingest(&src.raw, &[], None).await?;
+                    if ingested.is_empty() {
+                        writeln!(out, "{name}: no bounce record")?;
+                    }
+                    for i in &ingested {
+                        out.write_all(bounces::render_ingested(&name, i).as_bytes())?;
+                    }
+                    records += ingested.len();
+                }
+            }
+            writeln!(out, "{records} bounce records stored")?;
+        }
+        Request::SuppressList { json } => {
+            let reader = crate::store::sqlite::open_read_only(&config)?;
+            let list = reader.suppression_list(now_ms())?;
+            out.write_all(bounces::render_suppressions(&list, json).as_bytes())?;
+        }
+        Request::SuppressAdd { address, reason } => {
+            if !address.contains('@') {
+                anyhow::bail!("not an address: {address:?}");
+            }
+            let store = open_store(&config)?;
+            let now = now_ms();
+            let expiry = config.suppression.expiry;
+            store
+                .suppress(crate::store::Suppression {
+                    address: address.clone(),
+                    reason,
+                    source: "manual".to_string(),
+                    first_at_ms: now,
+                    last_at_ms: now,
+                    count: 1,
+                    expires_at_ms: (!expiry.is_zero())
+                        .then(|| now + i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX / 2)),
+                })
+                .await?;
+            writeln!(out, "{address} suppressed")?;
+        }
+        Request::SuppressRemove { address } => {
+            let store = open_store(&config)?;
+            if store.unsuppress(&address).await? {
+                writeln!(out, "{address} removed from the suppression list")?;
+            } else {
+                writeln!(out, "{address} was not suppressed")?;
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Request::SuppressCheck { address } => {
+            let store = open_store(&config)?;
+            match store.suppressed(&address, now_ms()).await? {
+                Some(s) => out.write_all(bounces::render_suppressions(&[s], false).as_bytes())?,
+                None => {
+                    writeln!(out, "{address} is not suppressed")?;
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        Request::Serve | Request::HashPassword | Request::BounceParse { .. } => {
+            unreachable!("handled before the store is opened")
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

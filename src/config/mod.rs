@@ -587,3 +587,27 @@ mod tests {
         assert_eq!(split_host_port("a.b"), None);
     }
 }
+
+#[cfg(test)]
+mod documented_file {
+    use super::*;
+
+    /// The shipped, commented config must parse and equal the built-in defaults, so the
+    /// documentation cannot drift from the code.
+    #[test]
+    fn shipped_config_is_the_defaults() {
+        let text = include_str!("../../config/mailtrail.toml");
+        let c = Config::parse(text).unwrap();
+        let d = Config::default();
+        assert_eq!(format!("{:?}", c.smtp), format!("{:?}", d.smtp));
+        assert_eq!(format!("{:?}", c.http), format!("{:?}", d.http));
+        assert_eq!(format!("{:?}", c.delivery), format!("{:?}", d.delivery));
+        assert_eq!(
+            format!("{:?}", c.suppression),
+            format!("{:?}", d.suppression)
+        );
+        assert_eq!(format!("{:?}", c.checks), format!("{:?}", d.checks));
+        assert_eq!(format!("{:?}", c.dns), format!("{:?}", d.dns));
+        assert_eq!(c.data_dir, d.data_dir);
+    }
+}

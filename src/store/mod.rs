@@ -59,6 +59,8 @@ impl std::fmt::Display for RecipientStatus {
     }
 }
 
+pub mod sqlite;
+
 use crate::receipt::ReceiptId;
 use crate::spool::{AcceptedMessage, DsnRet, Notify};
 
@@ -351,6 +353,16 @@ pub trait Store: Send + Sync + 'static {
     async fn queue_delete(&self, receipt: ReceiptId) -> Result<usize, StoreError>;
     /// (pending recipients, oldest pending receipt time) for metrics.
     async fn queue_stats(&self) -> Result<(u64, Option<i64>), StoreError>;
+
+    // --- inbound bounce mail (bounce stage) ---
+    /// Inbound bounce messages (`inbound_bounce = true`) stored but not yet marked processed,
+    /// oldest first. Their recipients are never due for delivery; the bounce stage reads the
+    /// body with [`Store::body`], records what it found, then calls
+    /// [`Store::mark_inbound_processed`]. At start it calls this so bounce mail accepted
+    /// before a crash is still parsed.
+    async fn pending_inbound_bounces(&self) -> Result<Vec<ReceiptId>, StoreError>;
+    /// Marks an inbound bounce message parsed (`NotFound` if it is not one).
+    async fn mark_inbound_processed(&self, receipt: ReceiptId) -> Result<(), StoreError>;
 
     // --- log ---
     async fn log(&self, query: &LogQuery) -> Result<Vec<MessageLog>, StoreError>;

@@ -1,0 +1,404 @@
+//! Returned mail → stored bounce records: correlation with the message we sent, the
+//! recipient's status change, the suppression list and metrics.
+//!
+//! Correlation, in order of trust: the VERP address the bounce was sent to (MAC verified
+//! before the mail was even accepted), our receipt id in the returned message's `Received:`
+//! header, its `Message-ID`, its ENVID. A record that matches nothing is still stored under
+//! its recipient address, so it can be found by address.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::{BounceKind, BounceRecord, BounceType, Classifier, verp};
+use crate::config::Config;
+use crate::metrics::{BounceLabel, Metrics};
+use crate::receipt::ReceiptId;
+use crate::store::{
+    Correlation, LogKey, LogQuery, NewBounce, RecipientStatus, Store, StoreError, Suppression,
+};
+
+/// Where a record was matched: the message and recipient index it is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Match {
+    pub receipt: ReceiptId,
+    pub rcpt_index: Option<u32>,
+    pub correlation: Correlation,
+}
+
+/// What one stored record turned into.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ingested {
+    pub bounce_id: i64,
+    pub recipient: String,
+    pub reason: String,
+    pub bounce_type: String,
+    pub correlation: Correlation,
+    pub receipt: Option<ReceiptId>,
+    pub suppressed: bool,
+}
+
+/// The recipient status a record moves its matched recipient to: a failed DSN or prose
+/// bounce → `bounced`, a complaint → `complained`; auto-replies and delay notices leave it.
+pub fn new_status(record: &BounceRecord) -> Option<RecipientStatus> {
+    match record.kind {
+        BounceKind::Arf => Some(RecipientStatus::Complained),
+        BounceKind::Autoreply => None,
+        BounceKind::Dsn | BounceKind::Heuristic => {
+            let delayed = record
+                .action
+                .as_deref()
+                .is_some_and(|a| a.eq_ignore_ascii_case("delayed"));
+            let not_failure = matches!(
+                record.bounce_type,
+                BounceType::Autoreply | BounceType::Complaint
+            ) || record.reason == super::BounceReason::Delivered;
+            (!delayed && !not_failure).then_some(RecipientStatus::Bounced)
+        }
+    }
+}
+
+/// Whether a record puts its address on the suppression list right away: hard bounces and
+/// complaints do; soft ones only after a run (see [`soft_run_reached`]).
+pub fn suppresses_at_once(record: &BounceRecord) -> bool {
+    matches!(record.bounce_type, BounceType::Hard | BounceType::Complaint)
+        && new_status(record).is_some()
+}
+
+/// True when the newest `threshold` bounce types (newest first) are all soft: N soft bounces
+/// in a row, with no hard one or other kind in between.
+pub fn soft_run_reached(recent_newest_first: &[String], threshold: u32) -> bool {
+    threshold > 0
+        && recent_newest_first.len() >= threshold as usize
+        && recent_newest_first
+            .iter()
+            .take(threshold as usize)
+            .all(|t| t == "soft")
+}
+
+/// Turns parsed records into stored bounces, matched against what we sent.
+pub struct BounceIngest {
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    classifier: Arc<Classifier>,
+    verp_key: Option<Vec<u8>>,
+}
+
+impl BounceIngest {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        classifier: Arc<Classifier>,
+        verp_key: Option<Vec<u8>>,
+    ) -> Self {
+        Self {
+            config,
+            store,
+            metrics,
+            classifier,
+            verp_key,
+        }
+    }
+
+    /// Parses one returned message and stores a bounce per record. `envelope_recipients` are
+    /// the addresses it was sent to (VERP addresses at the bounce domain); `source` is its
+    /// own receipt when it arrived over SMTP.
+    pub async fn ingest(
+        &self,
+        raw: &[u8],
+        envelope_recipients: &[String],
+        source: Option<ReceiptId>,
+    ) -> Result<Vec<Ingested>, StoreError> {
+        let records = super::parse_with(raw, &self.classifier);
+        let verp_tag = self.verp_tag(envelope_recipients);
+        let mut out = Vec::with_capacity(records.len());
+        for record in records {
+            out.push(self.store_record(&record, verp_tag, source).await?);
+        }
+        Ok(out)
+    }
+
+    fn verp_tag(&self, envelope_recipients: &[String]) -> Option<verp::VerpTag> {
+        let key = self.verp_key.as_deref()?;
+        let d = &self.config.delivery;
+        envelope_recipients
+            .iter()
+            .find_map(|a| verp::decode(key, &d.bounce_local_part, &d.bounce_domain, a).ok())
+    }
+
+    async fn correlate(
+        &self,
+        record: &BounceRecord,
+        verp_tag: Option<verp::VerpTag>,
+    ) -> Result<Option<Match>, StoreError> {
+        let addresses: Vec<&str> = std::iter::once(record.recipient.as_str())
+            .chain(record.original_recipient.as_deref())
+            .filter(|a| !a.is_empty())
+            .collect();
+        if let Some(tag) = verp_tag {
+            // The VERP address names the recipient even when the bounce reports a forwarded
+            // or rewritten address.
+            let idx = self
+                .index_in(tag.receipt, &addresses)
+                .await?
+                .unwrap_or(tag.rcpt_index);
+            return Ok(Some(Match {
+                receipt: tag.receipt,
+                rcpt_index: Some(idx),
+                correlation: Correlation::Verp,
+            }));
+        }
+        let mut candidates: Vec<(ReceiptId, Correlation)> = Vec::new();
+        if let Some(r) = record.receipt {
+            candidates.push((r, Correlation::ReceiptHeader));
+        }
+        if let Some(id) = record.message_id.as_deref()
+            && let Some(r) = self.store.find_by_message_id(trim_angle(id)).await?
+        {
+            candidates.push((r, Correlation::MessageId));
+        }
+        if let Some(envid) = record.envid.as_deref()
+            && let Some(r) = self.store.find_by_envid(envid).await?
+        {
+            candidates.push((r, Correlation::Envid));
+        }
+        for (receipt, correlation) in candidates {
+            if let Some(idx) = self.index_in(receipt, &addresses).await? {
+                return Ok(Some(Match {
+                    receipt,
+                    rcpt_index: Some(idx),
+                    correlation,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The index of the first of `addresses` among the recipients of `receipt`.
+    async fn index_in(
+        &self,
+        receipt: ReceiptId,
+        addresses: &[&str],
+    ) -> Result<Option<u32>, StoreError> {
+        for a in addresses {
+            if let Some(i) = self.store.find_recipient(receipt, a).await? {
+                return Ok(Some(i));
+            }
+        }
+        Ok(None)
+    }
+
+    async fn store_record(
+        &self,
+        record: &BounceRecord,
+        verp_tag: Option<verp::VerpTag>,
+        source: Option<ReceiptId>,
+    ) -> Result<Ingested, StoreError> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let matched = self.correlate(record, verp_tag).await?;
+        let correlation = matched.map_or(Correlation::Unmatched, |m| m.correlation);
+        let reason = record.reason.as_str().to_string();
+        let bounce_type = record.bounce_type.as_str().to_string();
+        let bounce = NewBounce {
+            at_ms: now,
+            receipt: matched.map(|m| m.receipt),
+            rcpt_index: matched.and_then(|m| m.rcpt_index),
+            correlation,
+            recipient: record.recipient.clone(),
+            kind: record.kind.as_str().to_string(),
+            action: record.action.clone(),
+            status: record.status.clone(),
+            reply_code: record.reply_code,
+            diagnostic: record.diagnostic.clone(),
+            remote_mta: record.remote_mta.clone(),
+            reporting_mta: record.reporting_mta.clone(),
+            reason: reason.clone(),
+            bounce_type: bounce_type.clone(),
+            source_receipt: source,
+            new_status: matched.and(new_status(record)),
+        };
+        let bounce_id = self.store.record_bounce(bounce).await?;
+        self.metrics
+            .bounces
+            .get_or_create(&BounceLabel {
+                reason: reason.clone(),
+                bounce_type: bounce_type.clone(),
+            })
+            .inc();
+        if record.kind == BounceKind::Arf {
+            self.metrics.complaints.inc();
+        }
+        if matched.is_none() {
+            self.metrics.unmatched_bounces.inc();
+        }
+        let suppressed = self.maybe_suppress(record, now).await?;
+        tracing::info!(
+            recipient = %record.recipient, %reason, %bounce_type, ?correlation,
+            receipt = ?matched.map(|m| m.receipt.to_string()), suppressed,
+            "bounce recorded"
+        );
+        Ok(Ingested {
+            bounce_id,
+            recipient: record.recipient.clone(),
+            reason,
+            bounce_type,
+            correlation,
+            receipt: matched.map(|m| m.receipt),
+            suppressed,
+        })
+    }
+
+    async fn maybe_suppress(&self, record: &BounceRecord, now: i64) -> Result<bool, StoreError> {
+        let s = &self.config.suppression;
+        if !s.enabled || record.recipient.is_empty() || !record.recipient.contains('@') {
+            return Ok(false);
+        }
+        let suppress = if suppresses_at_once(record) {
+            true
+        } else if record.bounce_type == BounceType::Soft && new_status(record).is_some() {
+            let since =
+                now.saturating_sub(i64::try_from(s.soft_window.as_millis()).unwrap_or(i64::MAX));
+            let recent = self
+                .store
+                .recent_bounce_types(&record.recipient, since)
+                .await?;
+            soft_run_reached(&recent, s.soft_bounce_threshold)
+        } else {
+            false
+        };
+        if !suppress {
+            return Ok(false);
+        }
+        let expires_at_ms = (!s.expiry.is_zero())
+            .then(|| now.saturating_add(i64::try_from(s.expiry.as_millis()).unwrap_or(i64::MAX)));
+        self.store
+            .suppress(Suppression {
+                address: record.recipient.clone(),
+                reason: record.reason.as_str().to_string(),
+                source: if record.kind == BounceKind::Arf {
+                    "complaint".to_string()
+                } else {
+                    "bounce".to_string()
+                },
+                first_at_ms: now,
+                last_at_ms: now,
+                count: 1,
+                expires_at_ms,
+            })
+            .await?;
+        Ok(true)
+    }
+
+    /// Parses every inbound bounce message accepted over SMTP and not yet processed (also
+    /// those accepted before a crash). Returns how many messages were processed.
+    pub async fn process_pending(&self) -> Result<usize, StoreError> {
+        let pending = self.store.pending_inbound_bounces().await?;
+        for receipt in &pending {
+            let body = self.store.body(*receipt).await?;
+            let envelope_recipients: Vec<String> = self
+                .store
+                .log(&LogQuery {
+                    key: LogKey::Receipt(*receipt),
+                    since_ms: None,
+                    until_ms: None,
+                    limit: 1,
+                })
+                .await?
+                .into_iter()
+                .flat_map(|m| m.recipients.into_iter().map(|r| r.address))
+                .collect();
+            self.ingest(&body, &envelope_recipients, Some(*receipt))
+                .await?;
+            self.store.mark_inbound_processed(*receipt).await?;
+        }
+        Ok(pending.len())
+    }
+
+    /// Runs [`BounceIngest::process_pending`] at start, whenever `wake` is notified, and
+    /// every minute as a safety net, until `shutdown`.
+    pub fn spawn(
+        self: Arc<Self>,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            loop {
+                if let Err(e) = self.process_pending().await {
+                    tracing::warn!(error = %e, "processing inbound bounces failed; will retry");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = wake.notified() => {}
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(60)) => {}
+                }
+            }
+        })
+    }
+}
+
+fn trim_angle(id: &str) -> &str {
+    id.trim().trim_start_matches('<').trim_end_matches('>')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bounce::BounceReason;
+
+    fn record(kind: BounceKind, reason: BounceReason, bounce_type: BounceType) -> BounceRecord {
+        let mut r = BounceRecord::new("a@example.org".into(), kind);
+        r.reason = reason;
+        r.bounce_type = bounce_type;
+        r.action = Some("failed".into());
+        r
+    }
+
+    #[test]
+    fn failed_dsn_bounces_and_hard_ones_suppress() {
+        let r = record(BounceKind::Dsn, BounceReason::UserUnknown, BounceType::Hard);
+        assert_eq!(new_status(&r), Some(RecipientStatus::Bounced));
+        assert!(suppresses_at_once(&r));
+        let soft = record(BounceKind::Dsn, BounceReason::MailboxFull, BounceType::Soft);
+        assert_eq!(new_status(&soft), Some(RecipientStatus::Bounced));
+        assert!(!suppresses_at_once(&soft));
+    }
+
+    #[test]
+    fn delay_notices_and_autoreplies_change_nothing() {
+        let mut delayed = record(BounceKind::Dsn, BounceReason::Expired, BounceType::Soft);
+        delayed.action = Some("delayed".into());
+        assert_eq!(new_status(&delayed), None);
+        assert!(!suppresses_at_once(&delayed));
+        let auto = record(
+            BounceKind::Autoreply,
+            BounceReason::Vacation,
+            BounceType::Autoreply,
+        );
+        assert_eq!(new_status(&auto), None);
+        assert!(!suppresses_at_once(&auto));
+    }
+
+    #[test]
+    fn complaints_complain_and_suppress() {
+        let r = record(
+            BounceKind::Arf,
+            BounceReason::Feedback,
+            BounceType::Complaint,
+        );
+        assert_eq!(new_status(&r), Some(RecipientStatus::Complained));
+        assert!(suppresses_at_once(&r));
+    }
+
+    #[test]
+    fn soft_run_needs_n_soft_in_a_row() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        assert!(soft_run_reached(&s(&["soft", "soft", "soft"]), 3));
+        assert!(!soft_run_reached(&s(&["soft", "soft"]), 3));
+        assert!(!soft_run_reached(&s(&["soft", "hard", "soft", "soft"]), 3));
+        assert!(soft_run_reached(&s(&["soft", "soft", "soft", "hard"]), 3));
+        assert!(!soft_run_reached(&s(&["soft"]), 0));
+    }
+}

@@ -1,0 +1,386 @@
+//! Checks before sending, run at RCPT through the SMTP stage's [`RecipientPolicy`] hook:
+//! mail for the bounce domain (accepted from anyone, VERP MAC verified), relay control, the
+//! suppression list, and whether the recipient's domain can receive mail at all.
+//!
+//! The decisions are pure functions ([`bounce_domain_verdict`], [`suppression_verdict`],
+//! [`domain_verdict`]); [`SubmissionPolicy`] only gathers the facts (store, DNS) they need.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::bounce::verp;
+use crate::config::{Config, SuppressionAction};
+use crate::delivery::dns::MxResolver;
+use crate::metrics::Metrics;
+use crate::smtp::policy::relay_verdict;
+use crate::smtp::{RecipientCheck, RecipientPolicy, RecipientVerdict, Reply};
+use crate::spool::PresetOutcome;
+use crate::store::{RecipientStatus, Store, Suppression};
+
+/// Local parts at the bounce domain that take mail without a VERP tag: DSNs sent to the
+/// plain bounce address, feedback loops (ARF) and the RFC 2142 role accounts.
+const PLAIN_BOUNCE_LOCALS: [&str; 3] = ["postmaster", "abuse", "fbl"];
+
+/// What the domain check found for a recipient domain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DomainStatus {
+    /// Has a usable MX or address.
+    Receives,
+    /// NXDOMAIN (or no address for any exchange): reason `hostunknown`.
+    DoesNotExist,
+    /// Null MX (RFC 7505): reason `notaccept`.
+    NullMx,
+    /// Timeout, SERVFAIL: never a reason to reject.
+    Unknown,
+}
+
+/// `Some(verdict)` when `address` is at the bounce domain: VERP addresses whose MAC verifies
+/// and the plain bounce addresses are inbound bounce mail; anything else there is unknown.
+pub fn bounce_domain_verdict(
+    address: &str,
+    bounce_domain: &str,
+    bounce_local: &str,
+    key: Option<&[u8]>,
+) -> Option<RecipientVerdict> {
+    if bounce_domain.is_empty() {
+        return None;
+    }
+    let (local, domain) = address.rsplit_once('@')?;
+    if !domain
+        .trim_end_matches('.')
+        .eq_ignore_ascii_case(bounce_domain)
+    {
+        return None;
+    }
+    let local_lc = local.to_ascii_lowercase();
+    if local_lc == bounce_local.to_ascii_lowercase() || PLAIN_BOUNCE_LOCALS.contains(&&*local_lc) {
+        return Some(RecipientVerdict::AcceptInboundBounce);
+    }
+    let verified =
+        key.is_some_and(|k| verp::decode(k, bounce_local, bounce_domain, address).is_ok());
+    Some(if verified {
+        RecipientVerdict::AcceptInboundBounce
+    } else {
+        RecipientVerdict::Reject(Reply::new(
+            550,
+            "5.1.1",
+            "Unknown bounce address (VERP tag does not verify)",
+        ))
+    })
+}
+
+/// The verdict for a suppressed address: recorded `suppressed` and not relayed (like Amazon
+/// SES), or refused at RCPT when configured so.
+pub fn suppression_verdict(entry: &Suppression, action: SuppressionAction) -> RecipientVerdict {
+    let since = crate::cli::log::format_time(entry.first_at_ms);
+    let text = format!(
+        "Recipient address suppressed since {since} after {} ({})",
+        entry.source, entry.reason
+    );
+    match action {
+        SuppressionAction::Accept => RecipientVerdict::AcceptWithOutcome(PresetOutcome {
+            status: RecipientStatus::Suppressed,
+            reason: "suppressed".to_string(),
+            text,
+        }),
+        SuppressionAction::Refuse => RecipientVerdict::Reject(Reply::new(550, "5.7.1", text)),
+    }
+}
+
+/// The verdict for a domain that cannot receive mail: accepted (the client learns nothing it
+/// could not look up itself) and recorded `rejected` without a delivery attempt.
+pub fn domain_verdict(domain: &str, status: DomainStatus) -> Option<RecipientVerdict> {
+    let (reason, text) = match status {
+        DomainStatus::Receives | DomainStatus::Unknown => return None,
+        DomainStatus::DoesNotExist => (
+            "hostunknown",
+            format!("5.1.2 Recipient domain {domain} does not exist"),
+        ),
+        DomainStatus::NullMx => (
+            "notaccept",
+            format!("5.1.10 Recipient domain {domain} accepts no mail (null MX, RFC 7505)"),
+        ),
+    };
+    Some(RecipientVerdict::AcceptWithOutcome(PresetOutcome {
+        status: RecipientStatus::Rejected,
+        reason: reason.to_string(),
+        text,
+    }))
+}
+
+/// True when a `[[route]]` with fixed next hops takes this domain: such domains are not
+/// checked (the next hop decides).
+pub fn routed_to_fixed_hop(config: &Config, domain: &str) -> bool {
+    config.routes.iter().any(|r| {
+        !r.mx.is_empty()
+            && r.domains
+                .iter()
+                .any(|d| d == "*" || d.eq_ignore_ascii_case(domain))
+    })
+}
+
+/// Recipient-domain lookups with a cache; a temporary failure is cached briefly only.
+pub struct DomainCheck {
+    resolver: MxResolver,
+    timeout: Duration,
+    ttl: Duration,
+    cache: Mutex<HashMap<String, (Instant, DomainStatus)>>,
+}
+
+/// Most domains kept in the cache; past it the cache starts over (bounded memory).
+const DOMAIN_CACHE_MAX: usize = 100_000;
+const UNKNOWN_TTL: Duration = Duration::from_secs(60);
+
+impl DomainCheck {
+    pub fn new(resolver: MxResolver, timeout: Duration, ttl: Duration) -> Self {
+        Self {
+            resolver,
+            timeout,
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub async fn status(&self, domain: &str) -> DomainStatus {
+        let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+        if crate::delivery::dns::address_literal(&domain).is_some() {
+            return DomainStatus::Receives;
+        }
+        if let Ok(cache) = self.cache.lock()
+            && let Some((at, status)) = cache.get(&domain)
+        {
+            let ttl = if *status == DomainStatus::Unknown {
+                UNKNOWN_TTL
+            } else {
+                self.ttl
+            };
+            if at.elapsed() < ttl {
+                return *status;
+            }
+        }
+        let status =
+            match tokio::time::timeout(self.timeout, self.resolver.resolve(&domain, 25)).await {
+                Ok(Ok(_)) => DomainStatus::Receives,
+                Ok(Err(f)) if f.permanent && f.reason == "notaccept" => DomainStatus::NullMx,
+                Ok(Err(f)) if f.permanent => DomainStatus::DoesNotExist,
+                Ok(Err(_)) | Err(_) => DomainStatus::Unknown,
+            };
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= DOMAIN_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(domain, (Instant::now(), status));
+        }
+        status
+    }
+}
+
+/// The policy `serve` installs: bounce domain, relay control, suppression, domain check.
+pub struct SubmissionPolicy {
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    verp_key: Option<Vec<u8>>,
+    domains: Option<DomainCheck>,
+}
+
+impl SubmissionPolicy {
+    pub fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        verp_key: Option<Vec<u8>>,
+        domains: Option<DomainCheck>,
+    ) -> Self {
+        Self {
+            config,
+            store,
+            metrics,
+            verp_key,
+            domains,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl RecipientPolicy for SubmissionPolicy {
+    async fn check(&self, recipient: &RecipientCheck) -> RecipientVerdict {
+        let d = &self.config.delivery;
+        if let Some(v) = bounce_domain_verdict(
+            &recipient.address,
+            &d.bounce_domain,
+            &d.bounce_local_part,
+            self.verp_key.as_deref(),
+        ) {
+            return v;
+        }
+        let relay = relay_verdict(recipient);
+        if !matches!(relay, RecipientVerdict::Accept) {
+            return relay;
+        }
+        if self.config.suppression.enabled {
+            let now = chrono::Utc::now().timestamp_millis();
+            match self.store.suppressed(&recipient.address, now).await {
+                Ok(Some(entry)) => {
+                    self.metrics.suppressed_recipients.inc();
+                    return suppression_verdict(&entry, self.config.suppression.action);
+                }
+                Ok(None) => {}
+                // The store will refuse the message too; say so now rather than later.
+                Err(e) => {
+                    tracing::warn!(error = %e, "suppression lookup failed");
+                    return RecipientVerdict::Reject(Reply::new(
+                        451,
+                        "4.3.0",
+                        "Temporary lookup failure, try again later",
+                    ));
+                }
+            }
+        }
+        if let Some(check) = &self.domains
+            && let Some((_, domain)) = recipient.address.rsplit_once('@')
+            && !routed_to_fixed_hop(&self.config, domain)
+            && let Some(v) = domain_verdict(domain, check.status(domain).await)
+        {
+            return v;
+        }
+        RecipientVerdict::Accept
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::receipt::ReceiptId;
+
+    const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn verp_address_with_good_mac_is_inbound_bounce() {
+        let r = ReceiptId::new();
+        let addr = verp::encode(KEY, "bounces", "bounce.example.com", r, 2);
+        assert_eq!(
+            bounce_domain_verdict(&addr, "bounce.example.com", "bounces", Some(KEY)),
+            Some(RecipientVerdict::AcceptInboundBounce)
+        );
+        // Case-folded by some MTA on the way back: still verifies.
+        assert_eq!(
+            bounce_domain_verdict(
+                &addr.to_uppercase(),
+                "bounce.example.com",
+                "bounces",
+                Some(KEY)
+            ),
+            Some(RecipientVerdict::AcceptInboundBounce)
+        );
+    }
+
+    #[test]
+    fn forged_verp_address_is_refused_550_5_1_1() {
+        let r = ReceiptId::new();
+        let addr = verp::encode(b"another key", "bounces", "bounce.example.com", r, 0);
+        match bounce_domain_verdict(&addr, "bounce.example.com", "bounces", Some(KEY)) {
+            Some(RecipientVerdict::Reject(reply)) => {
+                assert_eq!(reply.code, 550);
+                assert_eq!(reply.enhanced_status, Some("5.1.1"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            bounce_domain_verdict(
+                "someone@bounce.example.com",
+                "bounce.example.com",
+                "bounces",
+                Some(KEY)
+            ),
+            Some(RecipientVerdict::Reject(_))
+        ));
+    }
+
+    #[test]
+    fn plain_bounce_and_role_addresses_are_inbound_bounce() {
+        for a in [
+            "bounces@bounce.example.com",
+            "Postmaster@Bounce.Example.Com",
+            "fbl@bounce.example.com",
+        ] {
+            assert_eq!(
+                bounce_domain_verdict(a, "bounce.example.com", "bounces", Some(KEY)),
+                Some(RecipientVerdict::AcceptInboundBounce),
+                "{a}"
+            );
+        }
+    }
+
+    #[test]
+    fn other_domains_and_no_bounce_domain_are_not_decided_here() {
+        assert_eq!(
+            bounce_domain_verdict("a@example.org", "bounce.example.com", "bounces", Some(KEY)),
+            None
+        );
+        assert_eq!(
+            bounce_domain_verdict("bounces@bounce.example.com", "", "bounces", Some(KEY)),
+            None
+        );
+    }
+
+    fn entry() -> Suppression {
+        Suppression {
+            address: "gone@example.org".into(),
+            reason: "userunknown".into(),
+            source: "bounce".into(),
+            first_at_ms: 0,
+            last_at_ms: 0,
+            count: 1,
+            expires_at_ms: None,
+        }
+    }
+
+    #[test]
+    fn suppressed_address_is_recorded_or_refused_as_configured() {
+        match suppression_verdict(&entry(), SuppressionAction::Accept) {
+            RecipientVerdict::AcceptWithOutcome(p) => {
+                assert_eq!(p.status, RecipientStatus::Suppressed);
+                assert_eq!(p.reason, "suppressed");
+                assert!(p.text.contains("userunknown"), "{}", p.text);
+            }
+            other => panic!("{other:?}"),
+        }
+        match suppression_verdict(&entry(), SuppressionAction::Refuse) {
+            RecipientVerdict::Reject(reply) => {
+                assert_eq!((reply.code, reply.enhanced_status), (550, Some("5.7.1")));
+                assert!(reply.lines[0].contains("suppressed"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn dead_domains_are_rejected_without_attempt_and_unknown_never() {
+        let reason = |s| match domain_verdict("x.test", s) {
+            Some(RecipientVerdict::AcceptWithOutcome(p)) => {
+                assert_eq!(p.status, RecipientStatus::Rejected);
+                Some(p.reason)
+            }
+            None => None,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            reason(DomainStatus::DoesNotExist).as_deref(),
+            Some("hostunknown")
+        );
+        assert_eq!(reason(DomainStatus::NullMx).as_deref(), Some("notaccept"));
+        assert_eq!(reason(DomainStatus::Unknown), None);
+        assert_eq!(reason(DomainStatus::Receives), None);
+    }
+
+    #[test]
+    fn fixed_routes_exempt_their_domains() {
+        let c =
+            Config::parse("[[route]]\ndomains = [\"routed.test\"]\nmx = [\"127.0.0.1:2626\"]\n")
+                .unwrap();
+        assert!(routed_to_fixed_hop(&c, "ROUTED.test"));
+        assert!(!routed_to_fixed_hop(&c, "other.test"));
+    }
+}

@@ -1,0 +1,157 @@
+//! `mailtrail bounces`, `mailtrail suppress` and `mailtrail bounce ingest` output: pure
+//! functions from store records to text tables or JSON lines.
+
+use std::fmt::Write as _;
+
+use super::log::{format_time, sanitize};
+use crate::bounce::ingest::Ingested;
+use crate::store::{StoredBounce, Suppression};
+
+fn opt<T: ToString>(v: &Option<T>) -> String {
+    v.as_ref()
+        .map(ToString::to_string)
+        .unwrap_or_else(|| "-".into())
+}
+
+/// One line per bounce, oldest first as the store returns them.
+pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
+    let mut out = String::new();
+    if json {
+        for b in bounces {
+            let _ = writeln!(out, "{}", serde_json::to_string(b).unwrap_or_default());
+        }
+        return out;
+    }
+    if bounces.is_empty() {
+        return "no bounces\n".to_string();
+    }
+    let _ = writeln!(
+        out,
+        "{:>6}  {:<20}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<9}  diagnostic",
+        "id", "time", "recipient", "reason", "type", "status", "receipt", "handled"
+    );
+    for b in bounces {
+        let handled = match (&b.handled_by, b.handled_at_ms) {
+            (Some(by), Some(_)) => by.clone(),
+            _ => "no".to_string(),
+        };
+        let diagnostic = sanitize(b.diagnostic.as_deref().unwrap_or(""))
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(100)
+            .collect::<String>();
+        let _ = writeln!(
+            out,
+            "{:>6}  {:<20}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<9}  {}",
+            b.id,
+            format_time(b.at_ms).get(..19).unwrap_or(""),
+            sanitize(&b.recipient),
+            b.reason,
+            b.bounce_type,
+            opt(&b.status),
+            b.receipt
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "(unmatched)".into()),
+            handled,
+            diagnostic
+        );
+    }
+    out
+}
+
+pub fn render_suppressions(list: &[Suppression], json: bool) -> String {
+    let mut out = String::new();
+    if json {
+        for s in list {
+            let _ = writeln!(out, "{}", serde_json::to_string(s).unwrap_or_default());
+        }
+        return out;
+    }
+    if list.is_empty() {
+        return "suppression list is empty\n".to_string();
+    }
+    let _ = writeln!(
+        out,
+        "{:<36}  {:<15}  {:<9}  {:>5}  {:<20}  {:<20}  expires",
+        "address", "reason", "source", "count", "first", "last"
+    );
+    for s in list {
+        let _ = writeln!(
+            out,
+            "{:<36}  {:<15}  {:<9}  {:>5}  {:<20}  {:<20}  {}",
+            sanitize(&s.address),
+            s.reason,
+            s.source,
+            s.count,
+            format_time(s.first_at_ms).get(..19).unwrap_or(""),
+            format_time(s.last_at_ms).get(..19).unwrap_or(""),
+            s.expires_at_ms
+                .map(format_time)
+                .unwrap_or_else(|| "never".into())
+        );
+    }
+    out
+}
+
+/// `mailtrail bounce ingest` result line for one record.
+pub fn render_ingested(file: &str, i: &Ingested) -> String {
+    format!(
+        "{file}: {} {} {} {} (bounce {}{})\n",
+        sanitize(&i.recipient),
+        i.reason,
+        i.bounce_type,
+        match i.receipt {
+            Some(r) => format!("matched {r} by {:?}", i.correlation),
+            None => "unmatched".to_string(),
+        },
+        i.bounce_id,
+        if i.suppressed {
+            ", address suppressed"
+        } else {
+            ""
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Correlation;
+
+    fn bounce(handled: bool) -> StoredBounce {
+        StoredBounce {
+            id: 7,
+            at_ms: 0,
+            receipt: None,
+            rcpt_index: None,
+            correlation: Correlation::Unmatched,
+            recipient: "a@example.org".into(),
+            kind: "dsn".into(),
+            action: Some("failed".into()),
+            status: Some("5.1.1".into()),
+            reply_code: Some(550),
+            diagnostic: Some("550 5.1.1 no such user\x1b[2J".into()),
+            remote_mta: None,
+            reporting_mta: None,
+            reason: "userunknown".into(),
+            bounce_type: "hard".into(),
+            source_receipt: None,
+            handled_by: handled.then(|| "alice".into()),
+            handled_at_ms: handled.then_some(1),
+        }
+    }
+
+    #[test]
+    fn bounce_table_shows_reason_handled_and_escapes_control_bytes() {
+        let text = render_bounces(&[bounce(false), bounce(true)], false);
+        assert!(text.contains("userunknown"), "{text}");
+        assert!(text.contains("(unmatched)"));
+        assert!(text.contains("alice"));
+        assert!(!text.contains('\x1b'), "{text:?}");
+        let json = render_bounces(&[bounce(false)], true);
+        let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+        assert_eq!(v["reason"], "userunknown");
+    }
+}

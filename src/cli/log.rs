@@ -1,0 +1,505 @@
+//! `mailtrail log <address|receipt>`: what happened to a message, per recipient, with every
+//! remote reply verbatim. Pure functions from arguments to a [`LogQuery`] and from
+//! [`MessageLog`] records to text or JSON lines; `main.rs` does the I/O.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
+
+use crate::receipt::ReceiptId;
+use crate::store::{EventLog, LogKey, LogQuery, MessageLog, RecipientLog};
+
+/// Messages shown when `--limit` is not given.
+pub const DEFAULT_LIMIT: usize = 20;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// A recipient or sender address (case-insensitive), or a receipt id.
+    pub key: String,
+    /// One JSON object per message instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// Only messages received at or after: RFC 3339, YYYY-MM-DD (UTC), or a duration ago (2h, 3d).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only messages received at or before (same forms as --since).
+    #[arg(long)]
+    pub until: Option<String>,
+    /// At most this many messages, newest first (0 = all).
+    #[arg(long, default_value_t = DEFAULT_LIMIT)]
+    pub limit: usize,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LogArgError {
+    #[error(
+        "not a time: {0:?} (expected RFC 3339 like 2026-11-23T18:00:00Z, a date like 2026-11-23, \
+         or a duration ago like 2h or 3d)"
+    )]
+    Time(String),
+    #[error("not an address or receipt id: {0:?}")]
+    Key(String),
+}
+
+/// Parses a `--since`/`--until` value into milliseconds since the epoch. Relative durations
+/// count back from `now`; a bare date means its midnight UTC.
+pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<i64, LogArgError> {
+    let s = s.trim();
+    let err = || LogArgError::Time(s.to_string());
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.timestamp_millis());
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        let midnight = d.and_hms_opt(0, 0, 0).ok_or_else(err)?;
+        return Ok(midnight.and_utc().timestamp_millis());
+    }
+    let ago = humantime::parse_duration(s).map_err(|_| err())?;
+    let ago = chrono::Duration::from_std(ago).map_err(|_| err())?;
+    now.checked_sub_signed(ago)
+        .map(|t| t.timestamp_millis())
+        .ok_or_else(err)
+}
+
+/// An argument with `@` is an address; otherwise it must be a receipt id. The null sender
+/// is looked up as `<>`.
+pub fn parse_key(s: &str) -> Result<LogKey, LogArgError> {
+    let s = s.trim();
+    if s == "<>" {
+        return Ok(LogKey::Address(String::new()));
+    }
+    let unbracketed = s
+        .strip_prefix('<')
+        .and_then(|t| t.strip_suffix('>'))
+        .unwrap_or(s);
+    if unbracketed.contains('@') {
+        return Ok(LogKey::Address(unbracketed.to_string()));
+    }
+    unbracketed
+        .parse::<ReceiptId>()
+        .map(LogKey::Receipt)
+        .map_err(|_| LogArgError::Key(s.to_string()))
+}
+
+pub fn query(args: &LogArgs, now: DateTime<Utc>) -> Result<LogQuery, LogArgError> {
+    Ok(LogQuery {
+        key: parse_key(&args.key)?,
+        since_ms: args
+            .since
+            .as_deref()
+            .map(|s| parse_time(s, now))
+            .transpose()?,
+        until_ms: args
+            .until
+            .as_deref()
+            .map(|s| parse_time(s, now))
+            .transpose()?,
+        limit: args.limit,
+    })
+}
+
+/// RFC 3339 in UTC with milliseconds (`2026-11-23T18:00:00.123Z`).
+pub fn format_time(ms: i64) -> String {
+    DateTime::<Utc>::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
+        .unwrap_or_else(|| format!("@{ms}ms"))
+}
+
+/// Text from remote servers and clients, safe for a terminal: control characters (escape
+/// sequences could rewrite the screen) are shown escaped; line breaks are kept.
+pub fn sanitize(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\n' => out.push('\n'),
+            '\t' => out.push('\t'),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// `code enhanced text`, whichever parts exist.
+fn reply(code: Option<u16>, enhanced: Option<&str>, text: Option<&str>) -> String {
+    let mut parts = Vec::new();
+    if let Some(c) = code {
+        parts.push(c.to_string());
+    }
+    if let Some(e) = enhanced {
+        parts.push(e.to_string());
+    }
+    if let Some(t) = text {
+        parts.push(t.to_string());
+    }
+    parts.join(" ")
+}
+
+/// Writes `text` with every line after the first indented by `indent`, so a multi-line
+/// reply stays visibly one reply.
+fn push_indented(out: &mut String, text: &str, indent: &str) {
+    let text = sanitize(text);
+    let mut lines = text.split('\n');
+    if let Some(first) = lines.next() {
+        out.push_str(first.trim_end_matches('\r'));
+    }
+    for line in lines {
+        out.push('\n');
+        out.push_str(indent);
+        out.push_str(line.trim_end_matches('\r'));
+    }
+}
+
+fn sender(s: &str) -> String {
+    format!("<{}>", sanitize(s))
+}
+
+fn render_recipient(out: &mut String, r: &RecipientLog) {
+    let _ = write!(out, "  to {}: {}", sender(&r.address), r.status);
+    if let Some(reason) = &r.reason {
+        let _ = write!(out, " ({})", sanitize(reason));
+    }
+    let last = reply(
+        r.last_reply_code,
+        r.last_enhanced_status.as_deref(),
+        r.last_reply_text.as_deref(),
+    );
+    if !last.is_empty() {
+        out.push_str(": ");
+        push_indented(out, &last, "      ");
+    }
+    out.push('\n');
+    for e in &r.events {
+        render_event(out, e);
+    }
+}
+
+fn render_event(out: &mut String, e: &EventLog) {
+    let _ = write!(out, "    {}  {} {}", format_time(e.at_ms), e.kind, e.status);
+    if let Some(stage) = e.stage {
+        let _ = write!(out, " at {}", serde_plain(&stage));
+    }
+    match (&e.remote_host, &e.remote_ip) {
+        (Some(h), Some(ip)) => {
+            let _ = write!(out, " {} [{}]", sanitize(h), sanitize(ip));
+        }
+        (Some(h), None) => {
+            let _ = write!(out, " {}", sanitize(h));
+        }
+        (None, Some(ip)) => {
+            let _ = write!(out, " [{}]", sanitize(ip));
+        }
+        (None, None) => {}
+    }
+    if let Some(tls) = &e.tls_version {
+        let _ = write!(out, " {}", sanitize(tls));
+    }
+    if let Some(d) = e.duration_ms {
+        let _ = write!(out, " {d}ms");
+    }
+    if let Some(reason) = &e.reason {
+        let _ = write!(out, " reason={}", sanitize(reason));
+    }
+    out.push('\n');
+    let text = reply(
+        e.reply_code,
+        e.enhanced_status.as_deref(),
+        e.reply_text.as_deref(),
+    );
+    if !text.is_empty() {
+        out.push_str("      ");
+        push_indented(out, &text, "      ");
+        out.push('\n');
+    }
+}
+
+/// The lowercase name serde gives a unit enum variant (`rcpt`, `data`, ...).
+fn serde_plain<T: serde::Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
+    }
+}
+
+/// One block per message: receipt, time, sender, subject, context, each recipient's status
+/// and last reply, then its events (attempts with the remote replies) oldest first.
+pub fn render_text(logs: &[MessageLog]) -> String {
+    let mut out = String::new();
+    for (i, m) in logs.iter().enumerate() {
+        if i > 0 {
+            out.push('\n');
+        }
+        let _ = writeln!(
+            out,
+            "{}  {}  from {}",
+            m.receipt,
+            format_time(m.received_at_ms),
+            sender(&m.envelope_sender)
+        );
+        let mut client = format!(
+            "client {} helo {}",
+            sanitize(&m.client_ip),
+            sanitize(&m.helo)
+        );
+        if let Some(user) = &m.auth_user {
+            let _ = write!(client, " auth {}", sanitize(user));
+        }
+        if let Some(tls) = &m.tls_version {
+            let _ = write!(client, " {}", sanitize(tls));
+        }
+        let _ = writeln!(out, "  {client}, {} bytes", m.size);
+        if let Some(s) = &m.subject {
+            let _ = writeln!(out, "  subject: {}", sanitize(s));
+        }
+        if let Some(c) = &m.context {
+            let _ = writeln!(out, "  context: {}", sanitize(c));
+        }
+        if let Some(id) = &m.message_id {
+            let _ = writeln!(out, "  message-id: {}", sanitize(id));
+        }
+        if let Some(envid) = &m.envid {
+            let _ = writeln!(out, "  envid: {}", sanitize(envid));
+        }
+        for r in &m.recipients {
+            render_recipient(&mut out, r);
+        }
+    }
+    out
+}
+
+fn add_time(obj: &mut serde_json::Value, ms_key: &str, key: &str) {
+    if let Some(map) = obj.as_object_mut()
+        && let Some(ms) = map.get(ms_key).and_then(|v| v.as_i64())
+    {
+        map.insert(key.to_string(), serde_json::Value::String(format_time(ms)));
+    }
+}
+
+/// A [`MessageLog`] as JSON, with every `*_ms` time also given as RFC 3339 (`received_at`,
+/// `updated_at`, `at`).
+pub fn to_json(m: &MessageLog) -> serde_json::Value {
+    let mut v = serde_json::to_value(m).unwrap_or(serde_json::Value::Null);
+    add_time(&mut v, "received_at_ms", "received_at");
+    if let Some(rcpts) = v.get_mut("recipients").and_then(|r| r.as_array_mut()) {
+        for r in rcpts {
+            add_time(r, "updated_at_ms", "updated_at");
+            if let Some(events) = r.get_mut("events").and_then(|e| e.as_array_mut()) {
+                for e in events {
+                    add_time(e, "at_ms", "at");
+                }
+            }
+        }
+    }
+    v
+}
+
+/// One JSON object per line per message.
+pub fn render_json(logs: &[MessageLog]) -> String {
+    let mut out = String::new();
+    for m in logs {
+        out.push_str(&to_json(m).to_string());
+        out.push('\n');
+    }
+    out
+}
+
+pub fn render(logs: &[MessageLog], json: bool) -> String {
+    if json {
+        render_json(logs)
+    } else {
+        render_text(logs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{RecipientStatus, Stage};
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-23T18:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn parse_time_accepts_rfc3339_dates_and_durations_ago() {
+        let n = now();
+        assert_eq!(
+            parse_time("2026-11-23T17:00:00Z", n),
+            Ok(n.timestamp_millis() - 3_600_000)
+        );
+        assert_eq!(
+            parse_time("2026-11-23T19:00:00+02:00", n),
+            Ok(n.timestamp_millis() - 3_600_000)
+        );
+        assert_eq!(
+            parse_time("2026-11-23", n),
+            Ok(n.timestamp_millis() - 18 * 3_600_000)
+        );
+        assert_eq!(parse_time("2h", n), Ok(n.timestamp_millis() - 7_200_000));
+        assert_eq!(
+            parse_time(" 3d ", n),
+            Ok(n.timestamp_millis() - 3 * 86_400_000)
+        );
+        assert_eq!(parse_time("90s", n), Ok(n.timestamp_millis() - 90_000));
+        for bad in ["", "yesterday", "2026-13-01", "2h ago", "-2h", "17:00"] {
+            assert!(
+                matches!(parse_time(bad, n), Err(LogArgError::Time(_))),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn parse_key_tells_addresses_from_receipts() {
+        let r = ReceiptId::new();
+        assert!(matches!(parse_key(&r.to_string()), Ok(LogKey::Receipt(x)) if x == r));
+        assert!(
+            matches!(parse_key(&r.to_string().to_lowercase()), Ok(LogKey::Receipt(x)) if x == r)
+        );
+        assert!(
+            matches!(parse_key("<Alice@Example.net>"), Ok(LogKey::Address(a)) if a == "Alice@Example.net")
+        );
+        assert!(matches!(parse_key("a@b"), Ok(LogKey::Address(a)) if a == "a@b"));
+        assert!(matches!(parse_key("<>"), Ok(LogKey::Address(a)) if a.is_empty()));
+        assert_eq!(
+            parse_key("alice").map(|_| ()),
+            Err(LogArgError::Key("alice".into()))
+        );
+    }
+
+    #[test]
+    fn query_combines_key_times_and_limit() {
+        let args = LogArgs {
+            key: "a@b".into(),
+            json: false,
+            since: Some("1h".into()),
+            until: None,
+            limit: 5,
+        };
+        let q = query(&args, now()).unwrap();
+        assert_eq!(q.since_ms, Some(now().timestamp_millis() - 3_600_000));
+        assert_eq!(q.until_ms, None);
+        assert_eq!(q.limit, 5);
+        let bad = LogArgs {
+            until: Some("soon".into()),
+            ..args
+        };
+        assert!(query(&bad, now()).is_err());
+    }
+
+    fn sample() -> MessageLog {
+        let at = now().timestamp_millis();
+        MessageLog {
+            receipt: "01JD0000000000000000000000".parse().unwrap(),
+            received_at_ms: at,
+            client_ip: "192.0.2.1".into(),
+            helo: "app.example".into(),
+            tls_version: Some("TLSv1_3".into()),
+            auth_user: Some("app".into()),
+            envelope_sender: "app@example.com".into(),
+            size: 1234,
+            message_id: Some("<m1@app.example>".into()),
+            subject: Some("Welcome\x1b[2J".into()),
+            context: Some("signup-42".into()),
+            envid: None,
+            ret: None,
+            recipients: vec![RecipientLog {
+                index: 0,
+                address: "bob@example.net".into(),
+                orcpt: None,
+                notify: None,
+                status: RecipientStatus::Deferred,
+                reason: Some("greylisting".into()),
+                bounce_type: None,
+                last_reply_code: Some(451),
+                last_enhanced_status: Some("4.7.1".into()),
+                last_reply_text: Some("Greylisted\nplease retry".into()),
+                updated_at_ms: at + 2_000,
+                events: vec![
+                    EventLog {
+                        at_ms: at,
+                        kind: "accepted".into(),
+                        status: RecipientStatus::Queued,
+                        stage: None,
+                        remote_host: None,
+                        remote_ip: None,
+                        tls_version: None,
+                        reply_code: None,
+                        enhanced_status: None,
+                        reply_text: None,
+                        duration_ms: None,
+                        reason: None,
+                    },
+                    EventLog {
+                        at_ms: at + 2_000,
+                        kind: "attempt".into(),
+                        status: RecipientStatus::Deferred,
+                        stage: Some(Stage::Rcpt),
+                        remote_host: Some("mx1.example.net".into()),
+                        remote_ip: Some("192.0.2.25".into()),
+                        tls_version: Some("TLSv1_3".into()),
+                        reply_code: Some(451),
+                        enhanced_status: Some("4.7.1".into()),
+                        reply_text: Some("Greylisted\nplease retry".into()),
+                        duration_ms: Some(87),
+                        reason: Some("greylisting".into()),
+                    },
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn text_shows_message_recipient_and_verbatim_remote_replies() {
+        let text = render_text(&[sample()]);
+        let expected = "\
+01JD0000000000000000000000  2026-11-23T18:00:00.000Z  from <app@example.com>
+  client 192.0.2.1 helo app.example auth app TLSv1_3, 1234 bytes
+  subject: Welcome\\u{1b}[2J
+  context: signup-42
+  message-id: <m1@app.example>
+  to <bob@example.net>: deferred (greylisting): 451 4.7.1 Greylisted
+      please retry
+    2026-11-23T18:00:00.000Z  accepted queued
+    2026-11-23T18:00:02.000Z  attempt deferred at rcpt mx1.example.net [192.0.2.25] TLSv1_3 87ms reason=greylisting
+      451 4.7.1 Greylisted
+      please retry
+";
+        assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn text_separates_messages_with_a_blank_line() {
+        let text = render_text(&[sample(), sample()]);
+        assert_eq!(text.matches("\n\n01JD").count(), 1);
+        assert_eq!(render_text(&[]), "");
+    }
+
+    #[test]
+    fn json_is_one_message_per_line_with_rfc3339_times() {
+        let out = render(&[sample(), sample()], true);
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 2);
+        let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(v["receipt"], "01JD0000000000000000000000");
+        assert_eq!(v["received_at"], "2026-11-23T18:00:00.000Z");
+        assert_eq!(v["received_at_ms"], now().timestamp_millis());
+        let r = &v["recipients"][0];
+        assert_eq!(r["status"], "deferred");
+        assert_eq!(r["updated_at"], "2026-11-23T18:00:02.000Z");
+        let e = &r["events"][1];
+        assert_eq!(e["at"], "2026-11-23T18:00:02.000Z");
+        assert_eq!(e["stage"], "rcpt");
+        assert_eq!(e["reply_text"], "Greylisted\nplease retry");
+        assert_eq!(e["remote_ip"], "192.0.2.25");
+    }
+
+    #[test]
+    fn sanitize_escapes_control_characters_but_keeps_line_breaks() {
+        assert_eq!(
+            sanitize("a\x1b[31mb\nc\td\x07"),
+            "a\\u{1b}[31mb\nc\td\\u{7}"
+        );
+    }
+}

@@ -1,0 +1,188 @@
+//! `mailtrail serve`: opens the store, starts delivery, the SMTP listeners and the admin HTTP
+//! server, and shuts them down in order on SIGTERM/SIGINT (stop accepting, finish transactions
+//! in flight, stop delivery, exit 0).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, LogFormat};
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+pub fn serve(config: Config) -> anyhow::Result<ExitCode> {
+    init_tracing(&config);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(run(Arc::new(config)))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run(config: Arc<Config>) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let metrics = Arc::new(Metrics::new());
+    let store: Arc<dyn Store> = crate::store::sqlite::open(&config)?;
+    let shutdown = CancellationToken::new();
+
+    let delivery = crate::delivery::Delivery::start(
+        config.clone(),
+        store.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    )?;
+    let delivery_wake = delivery.waker();
+    let bounce_wake = Arc::new(tokio::sync::Notify::new());
+    let ingest = Arc::new(crate::bounce::ingest::BounceIngest::new(
+        config.clone(),
+        store.clone(),
+        metrics.clone(),
+        Arc::new(load_classifier(&config)?),
+        verp_key(&config)?,
+    ));
+    let bounces = ingest.spawn(bounce_wake.clone(), shutdown.clone());
+    let smtp = crate::smtp::SmtpServer::bind(
+        config.clone(),
+        store.clone(),
+        Arc::new(submission_policy(&config, &store, &metrics)?),
+        metrics.clone(),
+    )
+    .await?
+    .with_accept_hook(Arc::new(move |inbound_bounce| {
+        if inbound_bounce {
+            bounce_wake.notify_one();
+        } else {
+            delivery_wake.notify_one();
+        }
+    }));
+    let http = crate::api::serve(
+        &config.http.listen,
+        crate::api::ApiState {
+            metrics: metrics.clone(),
+            store: store.clone(),
+        },
+        shutdown.clone(),
+    )
+    .await?;
+    tracing::info!(
+        smtp = ?smtp.local_addrs(),
+        http = ?config.http.listen,
+        data_dir = %config.data_dir.display(),
+        "mailtrail started"
+    );
+
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: no new connections, finishing transactions in flight");
+        signals.cancel();
+    });
+
+    smtp.run(shutdown.clone()).await;
+    delivery.join().await;
+    let _ = bounces.await;
+    for task in http {
+        let _ = task.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The VERP MAC key, when a bounce domain is configured (created at first start).
+pub fn verp_key(config: &Config) -> anyhow::Result<Option<Vec<u8>>> {
+    if config.delivery.bounce_domain.is_empty() {
+        return Ok(None);
+    }
+    let path = config
+        .delivery
+        .verp_key_file
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("verp.key"));
+    Ok(Some(crate::delivery::verp_sender::load_or_create_key(
+        &path,
+    )?))
+}
+
+/// Built-in bounce rules, with `[bounce] rules_file` tried first when set.
+pub fn load_classifier(config: &Config) -> anyhow::Result<crate::bounce::Classifier> {
+    let user = match &config.bounce.rules_file {
+        Some(path) => std::fs::read_to_string(path).with_context(|| {
+            format!("config key `bounce.rules_file`: reading {}", path.display())
+        })?,
+        None => String::new(),
+    };
+    crate::bounce::Classifier::with_user_rules(&user).with_context(|| {
+        format!(
+            "config key `bounce.rules_file`: {}",
+            config
+                .bounce
+                .rules_file
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        )
+    })
+}
+
+/// The RCPT-time checks: bounce domain (VERP key), relay, suppression, domain check.
+fn submission_policy(
+    config: &Arc<Config>,
+    store: &Arc<dyn Store>,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<crate::checks::SubmissionPolicy> {
+    let verp_key = verp_key(config)?;
+    let domains = if config.checks.domain_check {
+        let resolver =
+            crate::delivery::dns::MxResolver::new(&config.dns.nameservers, config.dns.timeout)
+                .context("setting up the DNS resolver for the domain check")?;
+        Some(crate::checks::DomainCheck::new(
+            resolver,
+            config.checks.domain_check_timeout,
+            config.checks.domain_cache_ttl,
+        ))
+    } else {
+        None
+    };
+    Ok(crate::checks::SubmissionPolicy::new(
+        config.clone(),
+        store.clone(),
+        metrics.clone(),
+        verp_key,
+        domains,
+    ))
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        // Without signal handlers the process still dies on the default action.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}

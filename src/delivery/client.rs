@@ -1,0 +1,981 @@
+//! The outbound SMTP session on `mail-send`'s [`SmtpClient`], driven command by command so that
+//! every RCPT reply and the DATA reply are kept (its `send()` stops at the first rejected
+//! recipient, which would lose outcomes).
+//!
+//! Replies are parsed by `smtp-proto`'s `ResponseReceiver`, which keeps multi-line texts
+//! (joined with `\n`, the enhanced status code of each line removed and kept once in `esc`).
+//! Single commands go through `mail-send`'s `cmd`; a pipelined group (RFC 2920) is read with
+//! that parser directly ([`Connection::pipelined`]) because `mail-send`'s `cmds` returns
+//! nothing when the server hangs up part-way, losing the replies that did arrive.
+//!
+//! [`connect`] walks the targets (next MX on connect failure, timeout or 4xx before MAIL; a
+//! 5xx greeting or EHLO/HELO applies to every recipient and stops the walk), does EHLO (HELO
+//! fallback), STARTTLS per policy and AUTH. [`Connection::transaction`] sends MAIL, RCPT per
+//! recipient and DATA or BDAT, pipelined when offered, and returns every reply it got.
+//! [`per_recipient`] (pure) turns those replies into one result per recipient.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mail_send::smtp::tls::build_tls_connector;
+use mail_send::{Credentials, SmtpClient};
+use smtp_proto::{
+    EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
+    EhloResponse, Response,
+};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::config::TlsPolicy;
+use crate::spool::{DsnRet, Notify};
+use crate::store::Stage;
+
+use super::dns::Target;
+
+/// The byte stream under a session, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One SMTP reply as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// RFC 3463 `class.subject.detail` when the server sent one.
+    pub enhanced_status: Option<String>,
+    /// Reply text without code and enhanced status; lines of a multi-line reply joined by `\n`.
+    pub text: String,
+}
+
+impl Reply {
+    pub fn from_response(r: &Response<String>) -> Self {
+        let enhanced_status =
+            (r.esc[0] != 0).then(|| format!("{}.{}.{}", r.esc[0], r.esc[1], r.esc[2]));
+        Self {
+            code: r.code,
+            enhanced_status,
+            text: r.message.trim_end().to_string(),
+        }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+
+    /// `550 5.1.1 text` (first line form used in logs and Diagnostic-Code).
+    pub fn display(&self) -> String {
+        match &self.enhanced_status {
+            Some(e) => format!("{} {} {}", self.code, e, self.text),
+            None => format!("{} {}", self.code, self.text),
+        }
+    }
+}
+
+/// Negotiated TLS parameters of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// `TLSv1_3`, `TLSv1_2`.
+    pub version: String,
+    pub cipher: String,
+}
+
+/// A smarthost password; never printed.
+#[derive(Clone)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// How to talk to one destination: TLS policy, certificates, credentials, timeouts.
+#[derive(Clone)]
+pub struct SessionSettings {
+    /// Our EHLO name.
+    pub helo_name: String,
+    pub tls: TlsPolicy,
+    pub implicit_tls: bool,
+    pub tls_connector: TlsConnector,
+    pub auth: Option<(String, Secret)>,
+    pub connect_timeout: Duration,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+}
+
+impl std::fmt::Debug for SessionSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionSettings")
+            .field("helo_name", &self.helo_name)
+            .field("tls", &self.tls)
+            .field("implicit_tls", &self.implicit_tls)
+            .field("auth_user", &self.auth.as_ref().map(|a| &a.0))
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("cannot read CA file {path}: {message}")]
+    CaFile { path: String, message: String },
+    #[error("TLS setup: {0}")]
+    Rustls(String),
+}
+
+/// A TLS connector: verifying against the web PKI roots plus `ca_file`, or accepting any
+/// certificate (opportunistic MX TLS, where an unverified encrypted session beats plain text).
+pub fn tls_connector(verify: bool, ca_file: Option<&Path>) -> Result<TlsConnector, TlsSetupError> {
+    if !verify {
+        return build_tls_connector(true).map_err(TlsSetupError::Rustls);
+    }
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if let Some(path) = ca_file {
+        let err = |e: String| TlsSetupError::CaFile {
+            path: path.display().to_string(),
+            message: e,
+        };
+        let certs = CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))?;
+        for cert in certs {
+            let cert = cert.map_err(|e| err(e.to_string()))?;
+            roots.add(cert).map_err(|e| err(e.to_string()))?;
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| TlsSetupError::Rustls(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Why a session could not carry the transaction to its end.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text}")]
+pub struct SessionError {
+    pub stage: Stage,
+    /// The remote reply that ended it, if there was one.
+    pub reply: Option<Reply>,
+    /// What happened, for the record when there is no reply.
+    pub text: String,
+    /// A 5xx before MAIL: applies to every recipient; no other MX is tried.
+    pub permanent: bool,
+    pub remote_host: Option<String>,
+    pub remote_ip: Option<IpAddr>,
+    pub tls: Option<TlsInfo>,
+    /// The STARTTLS handshake failed (the session is gone).
+    pub tls_handshake_failed: bool,
+}
+
+/// An open, greeted session ready for MAIL.
+pub struct Connection {
+    client: SmtpClient<Box<dyn Io>>,
+    pub host: String,
+    pub ip: IpAddr,
+    pub tls: Option<TlsInfo>,
+    capabilities: EhloResponse<String>,
+    pub opened_at: Instant,
+    command_timeout: Duration,
+    /// Transactions completed on this connection (for reuse limits).
+    pub transactions: u32,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("host", &self.host)
+            .field("ip", &self.ip)
+            .field("tls", &self.tls)
+            .field("transactions", &self.transactions)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Recipient of one transaction, with its DSN parameters.
+#[derive(Debug, Clone)]
+pub struct EnvelopeRecipient {
+    pub address: String,
+    pub notify: Option<Notify>,
+    /// Decoded `addr-type;address`.
+    pub orcpt: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// Reverse-path; empty = null sender.
+    pub sender: String,
+    pub recipients: Vec<EnvelopeRecipient>,
+    pub ret: Option<DsnRet>,
+    pub envid: Option<String>,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+}
+
+/// Every reply one transaction got. A `None` means the session ended (see `error`) before
+/// that reply arrived.
+#[derive(Debug, Clone, Default)]
+pub struct TransactionReplies {
+    pub mail: Option<Reply>,
+    /// Aligned with the envelope's recipients.
+    pub rcpt: Vec<Option<Reply>>,
+    /// The DATA/BDAT outcome: the DATA command's reply when it was not 354, else the reply
+    /// after the message.
+    pub data: Option<Reply>,
+    /// What cut the transaction short (timeout, connection lost).
+    pub error: Option<String>,
+    /// The transaction was not attempted because it cannot succeed on this peer (RFC 3463
+    /// status and text): SMTPUTF8 needed but not offered (RFC 6531 §3.2, `5.6.7`).
+    pub refused_locally: Option<(&'static str, String)>,
+}
+
+/// RFC 3461 §4 xtext: `+XX` for `+`, `=`, and anything outside `!`..`~`.
+pub fn xtext(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (b'!'..=b'~').contains(&b) && b != b'+' && b != b'=' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("+{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The DATA payload on the wire (RFC 5321 §4.5.2): a dot is doubled at the start of the body
+/// and after every CR or LF (after a bare one too, so no receiver can read an end-of-data
+/// where we meant none: SMTP smuggling), then `CRLF . CRLF`, adding the CRLF only if the
+/// body does not already end with one. `mail-send`'s `write_message` is not used because it
+/// always adds a CRLF (changing the message) and misses a dot at the very start.
+pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
+    let mut line_start = true;
+    for &b in body {
+        if b == b'.' && line_start {
+            out.push(b'.');
+        }
+        out.push(b);
+        line_start = b == b'\n' || b == b'\r';
+    }
+    if !body.is_empty() && !body.ends_with(b"\r\n") {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+    out
+}
+
+/// `MAIL FROM:<...> [SIZE=] [BODY=8BITMIME] [SMTPUTF8] [RET=] [ENVID=]` per the peer's EHLO.
+pub fn mail_command(env: &Envelope, size: usize, capabilities: u32) -> String {
+    let mut cmd = format!("MAIL FROM:<{}>", env.sender);
+    if capabilities & EXT_SIZE != 0 {
+        cmd.push_str(&format!(" SIZE={size}"));
+    }
+    if env.eight_bit && capabilities & EXT_8BIT_MIME != 0 {
+        cmd.push_str(" BODY=8BITMIME");
+    }
+    let needs_utf8 = env.smtputf8
+        || !env.sender.is_ascii()
+        || env.recipients.iter().any(|r| !r.address.is_ascii());
+    if needs_utf8 && capabilities & EXT_SMTP_UTF8 != 0 {
+        cmd.push_str(" SMTPUTF8");
+    }
+    if capabilities & EXT_DSN != 0 {
+        match env.ret {
+            Some(DsnRet::Full) => cmd.push_str(" RET=FULL"),
+            Some(DsnRet::Hdrs) => cmd.push_str(" RET=HDRS"),
+            None => {}
+        }
+        if let Some(envid) = &env.envid {
+            cmd.push_str(&format!(" ENVID={}", xtext(envid)));
+        }
+    }
+    cmd.push_str("\r\n");
+    cmd
+}
+
+/// `RCPT TO:<...> [NOTIFY=] [ORCPT=]`, DSN parameters only when the peer offers DSN.
+pub fn rcpt_command(r: &EnvelopeRecipient, capabilities: u32) -> String {
+    let mut cmd = format!("RCPT TO:<{}>", r.address);
+    if capabilities & EXT_DSN != 0 {
+        if let Some(n) = r.notify {
+            let p = n.to_param();
+            if !p.is_empty() {
+                cmd.push_str(&format!(" NOTIFY={p}"));
+            }
+        }
+        if let Some(orcpt) = &r.orcpt
+            && let Some((kind, addr)) = orcpt.split_once(';')
+        {
+            cmd.push_str(&format!(" ORCPT={};{}", kind.trim(), xtext(addr.trim())));
+        }
+    }
+    cmd.push_str("\r\n");
+    cmd
+}
+
+fn mail_error(e: &mail_send::Error) -> (Option<Reply>, String) {
+    match e {
+        mail_send::Error::UnexpectedReply(r) | mail_send::Error::AuthenticationFailed(r) => {
+            let reply = Reply::from_response(r);
+            let text = reply.display();
+            (Some(reply), text)
+        }
+        mail_send::Error::UnparseableReply => (
+            None,
+            "connection closed or unparseable reply from server".to_string(),
+        ),
+        mail_send::Error::Timeout => (None, "timeout waiting for the server".to_string()),
+        other => (None, other.to_string()),
+    }
+}
+
+struct Greeted<T: AsyncRead + AsyncWrite + Unpin> {
+    client: SmtpClient<T>,
+    capabilities: EhloResponse<String>,
+}
+
+/// Reads the greeting and says EHLO (HELO when EHLO is refused with 5xx).
+async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
+    mut client: SmtpClient<T>,
+    helo_name: &str,
+    read_banner: bool,
+) -> Result<Greeted<T>, (Option<Reply>, String)> {
+    if read_banner {
+        let banner = tokio::time::timeout(client.timeout, client.read())
+            .await
+            .map_err(|_| (None, "timeout waiting for the greeting".to_string()))?
+            .map_err(|e| mail_error(&e))?;
+        let reply = Reply::from_response(&banner);
+        if !reply.is_positive() {
+            let text = format!("greeting: {}", reply.display());
+            return Err((Some(reply), text));
+        }
+    }
+    match client.ehlo(helo_name).await {
+        Ok(capabilities) => Ok(Greeted {
+            client,
+            capabilities,
+        }),
+        Err(mail_send::Error::UnexpectedReply(r)) if (500..600).contains(&r.code) => {
+            let helo = client
+                .cmd(format!("HELO {helo_name}\r\n"))
+                .await
+                .map_err(|e| mail_error(&e))?;
+            let reply = Reply::from_response(&helo);
+            if !reply.is_positive() {
+                let text = format!("HELO: {}", reply.display());
+                return Err((Some(reply), text));
+            }
+            Ok(Greeted {
+                client,
+                capabilities: EhloResponse::default(),
+            })
+        }
+        Err(e) => {
+            let (reply, text) = mail_error(&e);
+            Err((reply, format!("EHLO: {text}")))
+        }
+    }
+}
+
+fn tls_info(client: &SmtpClient<tokio_rustls::client::TlsStream<TcpStream>>) -> TlsInfo {
+    let conn = client.tls_connection();
+    TlsInfo {
+        version: conn
+            .protocol_version()
+            .map(|v| format!("{v:?}"))
+            .unwrap_or_default(),
+        cipher: conn
+            .negotiated_cipher_suite()
+            .map(|c| format!("{:?}", c.suite()))
+            .unwrap_or_default(),
+    }
+}
+
+/// Opens a session to the first target that takes it.
+pub async fn connect(
+    targets: &[Target],
+    settings: &SessionSettings,
+) -> Result<Connection, SessionError> {
+    let mut last = SessionError {
+        stage: Stage::Connect,
+        reply: None,
+        text: "no target to connect to".to_string(),
+        permanent: false,
+        remote_host: None,
+        remote_ip: None,
+        tls: None,
+        tls_handshake_failed: false,
+    };
+    for target in targets {
+        match connect_one(target, settings).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.permanent => return Err(e),
+            // Opportunistic TLS that breaks in the handshake: try this host once more in
+            // plain text (as Postfix does) rather than never delivering to a peer whose TLS
+            // stack cannot talk to ours.
+            Err(e) if e.tls_handshake_failed && settings.tls == TlsPolicy::Opportunistic => {
+                tracing::info!(host = %target.host, error = %e.text, "TLS failed; retrying in plain text");
+                let plain = SessionSettings {
+                    tls: TlsPolicy::None,
+                    ..settings.clone()
+                };
+                match connect_one(target, &plain).await {
+                    Ok(c) => return Ok(c),
+                    Err(e) if e.permanent => return Err(e),
+                    Err(e) => last = e,
+                }
+            }
+            Err(e) => {
+                tracing::debug!(host = %target.host, addr = %target.addr, error = %e.text, "next MX");
+                last = e;
+            }
+        }
+    }
+    Err(last)
+}
+
+async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection, SessionError> {
+    let fail = |reply: Option<Reply>, text: String, tls: Option<TlsInfo>| {
+        let permanent = reply.as_ref().is_some_and(|r| (500..600).contains(&r.code));
+        SessionError {
+            stage: Stage::Connect,
+            reply,
+            text: format!("{} [{}]: {text}", target.host, target.addr.ip()),
+            permanent,
+            remote_host: Some(target.host.clone()),
+            remote_ip: Some(target.addr.ip()),
+            tls,
+            tls_handshake_failed: false,
+        }
+    };
+    let mut tcp = SmtpClient::connect(target.addr, s.connect_timeout)
+        .await
+        .map_err(|e| fail(None, format!("connect: {e}"), None))?;
+    tcp.timeout = s.command_timeout;
+
+    let (client, capabilities, tls): (SmtpClient<Box<dyn Io>>, _, _) = if s.implicit_tls {
+        let tls_client = tcp
+            .into_tls(&s.tls_connector, &target.host)
+            .await
+            .map_err(|e| fail(None, format!("TLS handshake: {e}"), None))?;
+        let info = tls_info(&tls_client);
+        let g = greet(tls_client, &s.helo_name, true)
+            .await
+            .map_err(|(r, t)| fail(r, t, Some(info.clone())))?;
+        (boxed(g.client), g.capabilities, Some(info))
+    } else {
+        let g = greet(tcp, &s.helo_name, true)
+            .await
+            .map_err(|(r, t)| fail(r, t, None))?;
+        let offers_tls = g.capabilities.has_capability(EXT_START_TLS);
+        if s.tls == TlsPolicy::None || (!offers_tls && s.tls == TlsPolicy::Opportunistic) {
+            (boxed(g.client), g.capabilities, None)
+        } else if !offers_tls {
+            return Err(fail(
+                None,
+                "TLS is required for this route but the server does not offer STARTTLS".to_string(),
+                None,
+            ));
+        } else {
+            let mut client = g.client;
+            let reply = client.cmd(b"STARTTLS\r\n").await.map_err(|e| {
+                let (r, t) = mail_error(&e);
+                fail(r, format!("STARTTLS: {t}"), None)
+            })?;
+            let reply = Reply::from_response(&reply);
+            if !reply.is_positive() {
+                if s.tls == TlsPolicy::Required {
+                    let text = format!("STARTTLS refused: {}", reply.display());
+                    // A refused STARTTLS is never a reason to give up on the recipients.
+                    let mut e = fail(Some(reply), text, None);
+                    e.permanent = false;
+                    return Err(e);
+                }
+                (boxed(client), g.capabilities, None)
+            } else {
+                let tls_client = client
+                    .into_tls(&s.tls_connector, &target.host)
+                    .await
+                    .map_err(|e| {
+                        let mut err = fail(None, format!("TLS handshake: {e}"), None);
+                        err.tls_handshake_failed = true;
+                        err
+                    })?;
+                let info = tls_info(&tls_client);
+                // RFC 3207 §4.2: forget what was learnt before TLS and ask again.
+                let g = greet(tls_client, &s.helo_name, false)
+                    .await
+                    .map_err(|(r, t)| fail(r, t, Some(info.clone())))?;
+                (boxed(g.client), g.capabilities, Some(info))
+            }
+        }
+    };
+    let mut conn = Connection {
+        client,
+        host: target.host.clone(),
+        ip: target.addr.ip(),
+        tls,
+        capabilities,
+        opened_at: Instant::now(),
+        command_timeout: s.command_timeout,
+        transactions: 0,
+    };
+    if let Some((user, secret)) = &s.auth {
+        let creds = Credentials::new(user.clone(), secret.0.clone());
+        if let Err(e) = conn.client.authenticate(&creds, &conn.capabilities).await {
+            let (reply, text) = mail_error(&e);
+            let mut err = fail(reply, format!("AUTH: {text}"), conn.tls.clone());
+            // Failed authentication is a local configuration matter: defer, as Postfix's
+            // smtp_sasl_auth_soft_bounce does, rather than bounce the mail.
+            err.permanent = false;
+            return Err(err);
+        }
+    }
+    Ok(conn)
+}
+
+fn boxed<T: Io + 'static>(c: SmtpClient<T>) -> SmtpClient<Box<dyn Io>> {
+    SmtpClient {
+        stream: Box::new(c.stream),
+        timeout: c.timeout,
+    }
+}
+
+impl Connection {
+    pub fn capabilities(&self) -> u32 {
+        self.capabilities.capabilities
+    }
+
+    pub fn offers_dsn(&self) -> bool {
+        self.capabilities.has_capability(EXT_DSN)
+    }
+
+    /// MAIL, RCPT per recipient, DATA/BDAT. Returns every reply received; on a broken
+    /// session the missing replies are `None` and `error` says why. A connection whose
+    /// `error` is set must be dropped.
+    pub async fn transaction(
+        &mut self,
+        env: &Envelope,
+        body: &[u8],
+        data_timeout: Duration,
+    ) -> TransactionReplies {
+        let caps = self.capabilities.capabilities;
+        let mut out = TransactionReplies {
+            rcpt: vec![None; env.recipients.len()],
+            ..Default::default()
+        };
+        let needs_utf8 =
+            !env.sender.is_ascii() || env.recipients.iter().any(|r| !r.address.is_ascii());
+        if needs_utf8 && caps & EXT_SMTP_UTF8 == 0 {
+            out.refused_locally = Some((
+                "5.6.7",
+                format!(
+                    "{} does not support SMTPUTF8, which the non-ASCII addresses of this \
+                     message need",
+                    self.host
+                ),
+            ));
+            return out;
+        }
+        let chunking = caps & EXT_CHUNKING != 0;
+        let mut commands = vec![mail_command(env, body.len(), caps)];
+        commands.extend(env.recipients.iter().map(|r| rcpt_command(r, caps)));
+        let pipelined_data = caps & EXT_PIPELINING != 0 && !chunking;
+        if pipelined_data {
+            commands.push("DATA\r\n".to_string());
+        }
+
+        let replies: Vec<Reply> = if caps & EXT_PIPELINING != 0 {
+            let (got, error) = self.pipelined(&commands).await;
+            out.error = error;
+            got
+        } else {
+            let mut got = Vec::new();
+            for (i, c) in commands.iter().enumerate() {
+                match self.client.cmd(c).await {
+                    Ok(r) => {
+                        let reply = Reply::from_response(&r);
+                        let stop = i == 0 && !reply.is_positive();
+                        got.push(reply);
+                        if stop {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        out.error = Some(mail_error(&e).1);
+                        break;
+                    }
+                }
+            }
+            got
+        };
+        let mut it = replies.into_iter();
+        out.mail = it.next();
+        if out.error.is_some() && out.mail.is_none() {
+            return out;
+        }
+        for slot in out.rcpt.iter_mut() {
+            *slot = it.next();
+        }
+        let data_cmd_reply = if pipelined_data { it.next() } else { None };
+        if out.error.is_some() {
+            return out;
+        }
+        let mail_ok = out.mail.as_ref().is_some_and(Reply::is_positive);
+        let any_rcpt = out.rcpt.iter().flatten().any(Reply::is_positive);
+        if !mail_ok || !any_rcpt {
+            if let Some(r) = data_cmd_reply
+                && r.code == 354
+            {
+                // RFC 2920 §3.1: DATA was accepted though no recipient was; end it empty.
+                self.client.timeout = data_timeout;
+                let _ = self.client.cmd(b".\r\n").await;
+                self.client.timeout = self.command_timeout;
+            }
+            return out;
+        }
+
+        let result = if chunking {
+            self.bdat(body, data_timeout).await
+        } else {
+            let start = match data_cmd_reply {
+                Some(r) => Ok(r),
+                None => self
+                    .client
+                    .cmd(b"DATA\r\n")
+                    .await
+                    .map(|r| Reply::from_response(&r))
+                    .map_err(|e| mail_error(&e).1),
+            };
+            match start {
+                Ok(r) if r.code == 354 => self.dot_stuffed(body, data_timeout).await,
+                Ok(r) => Ok(r),
+                Err(e) => Err(e),
+            }
+        };
+        match result {
+            Ok(r) => out.data = Some(r),
+            Err(e) => out.error = Some(e),
+        }
+        if out.error.is_none() {
+            self.transactions += 1;
+        }
+        out
+    }
+
+    /// Sends a pipelined group (RFC 2920) and reads its replies in order with `smtp-proto`'s
+    /// parser directly: `mail-send`'s `cmds` returns nothing when the group is cut short
+    /// (e.g. `421` to MAIL, then the server hangs up), which would lose the replies that did
+    /// arrive. Returns the replies received and what ended the group early, if anything.
+    pub(crate) async fn pipelined(&mut self, commands: &[String]) -> (Vec<Reply>, Option<String>) {
+        use tokio::io::AsyncReadExt;
+        let stream = &mut self.client.stream;
+        let mut wire = Vec::new();
+        for c in commands {
+            wire.extend_from_slice(c.as_bytes());
+        }
+        let deadline = tokio::time::Instant::now() + self.command_timeout;
+        let write = async {
+            stream.write_all(&wire).await?;
+            stream.flush().await
+        };
+        match tokio::time::timeout_at(deadline, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return (Vec::new(), Some(format!("sending commands: {e}"))),
+            Err(_) => return (Vec::new(), Some("timeout sending commands".to_string())),
+        }
+        let mut out = Vec::with_capacity(commands.len());
+        let mut parser = smtp_proto::response::parser::ResponseReceiver::default();
+        let mut buf = vec![0u8; 4096];
+        while out.len() < commands.len() {
+            let n = match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+                Ok(Ok(0)) => return (out, Some("connection closed by server".to_string())),
+                Ok(Ok(n)) => n,
+                Ok(Err(e)) => return (out, Some(format!("reading replies: {e}"))),
+                Err(_) => return (out, Some("timeout waiting for the server".to_string())),
+            };
+            let mut bytes = buf.get(..n).unwrap_or_default().iter();
+            while out.len() < commands.len() {
+                match parser.parse(&mut bytes) {
+                    Ok(r) => {
+                        out.push(Reply::from_response(&r));
+                        parser.reset();
+                    }
+                    Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
+                    Err(e) => return (out, Some(format!("unparseable reply: {e:?}"))),
+                }
+            }
+        }
+        (out, None)
+    }
+
+    async fn dot_stuffed(&mut self, body: &[u8], data_timeout: Duration) -> Result<Reply, String> {
+        let client = &mut self.client;
+        let wire = dot_stuff(body);
+        match tokio::time::timeout(data_timeout, async {
+            client.stream.write_all(&wire).await?;
+            client.stream.flush().await?;
+            client.read().await
+        })
+        .await
+        {
+            Ok(Ok(r)) => Ok(Reply::from_response(&r)),
+            Ok(Err(e)) => Err(format!("after DATA: {}", mail_error(&e).1)),
+            Err(_) => Err("timeout after end of data".to_string()),
+        }
+    }
+
+    async fn bdat(&mut self, body: &[u8], data_timeout: Duration) -> Result<Reply, String> {
+        let client = &mut self.client;
+        match tokio::time::timeout(data_timeout, async {
+            client
+                .stream
+                .write_all(format!("BDAT {} LAST\r\n", body.len()).as_bytes())
+                .await?;
+            client.stream.write_all(body).await?;
+            client.stream.flush().await?;
+            client.read().await
+        })
+        .await
+        {
+            Ok(Ok(r)) => Ok(Reply::from_response(&r)),
+            Ok(Err(e)) => Err(format!("after BDAT: {}", mail_error(&e).1)),
+            Err(_) => Err("timeout after BDAT".to_string()),
+        }
+    }
+
+    /// RSET before reusing the connection; false when the session is no longer usable.
+    pub async fn rset(&mut self) -> bool {
+        matches!(self.client.cmd(b"RSET\r\n").await, Ok(r) if (200..300).contains(&r.code))
+    }
+
+    /// Polite close; errors do not matter any more.
+    pub async fn quit(&mut self) {
+        let _ = self.client.cmd(b"QUIT\r\n").await;
+    }
+}
+
+/// What one transaction meant for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientResult {
+    pub stage: Stage,
+    pub reply: Option<Reply>,
+    /// The reply text, or the local description when there is no reply.
+    pub text: String,
+    /// A permanent failure decided here without a reply, with its RFC 3463 status.
+    pub local_permanent: Option<&'static str>,
+}
+
+/// Pairs each recipient with the reply that decides it: a failed MAIL (or no MAIL reply)
+/// applies to all; a non-2xx RCPT reply to its recipient; the DATA reply to every accepted
+/// recipient. A missing reply is a temporary failure described by `error`.
+pub fn per_recipient(t: &TransactionReplies) -> Vec<RecipientResult> {
+    let lost = t
+        .error
+        .clone()
+        .unwrap_or_else(|| "no reply from server".to_string());
+    let from_reply = |stage, r: &Reply| RecipientResult {
+        stage,
+        reply: Some(r.clone()),
+        text: r.text.clone(),
+        local_permanent: None,
+    };
+    let missing = |stage| RecipientResult {
+        stage,
+        reply: None,
+        text: lost.clone(),
+        local_permanent: None,
+    };
+    if let Some((status, text)) = &t.refused_locally {
+        return t
+            .rcpt
+            .iter()
+            .map(|_| RecipientResult {
+                stage: Stage::Mail,
+                reply: None,
+                text: text.clone(),
+                local_permanent: Some(status),
+            })
+            .collect();
+    }
+    t.rcpt
+        .iter()
+        .map(|rcpt| match &t.mail {
+            None => missing(Stage::Mail),
+            Some(m) if !m.is_positive() => from_reply(Stage::Mail, m),
+            Some(_) => match rcpt {
+                None => missing(Stage::Rcpt),
+                Some(r) if !r.is_positive() => from_reply(Stage::Rcpt, r),
+                Some(_) => match &t.data {
+                    Some(d) => from_reply(Stage::Data, d),
+                    None => missing(Stage::Data),
+                },
+            },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(code: u16, esc: Option<&str>, text: &str) -> Reply {
+        Reply {
+            code,
+            enhanced_status: esc.map(str::to_string),
+            text: text.to_string(),
+        }
+    }
+
+    #[test]
+    fn dot_stuffing_is_transparent() {
+        assert_eq!(dot_stuff(b"a\r\n.b\r\n"), b"a\r\n..b\r\n.\r\n");
+        assert_eq!(dot_stuff(b".x\r\n"), b"..x\r\n.\r\n");
+        assert_eq!(dot_stuff(b"a\r\n.\r\n"), b"a\r\n..\r\n.\r\n");
+        assert_eq!(dot_stuff(b"no newline"), b"no newline\r\n.\r\n");
+        assert_eq!(dot_stuff(b"bare\n.\nlf"), b"bare\n..\nlf\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b".\r\n");
+    }
+
+    #[test]
+    fn xtext_encodes_plus_equals_and_controls() {
+        assert_eq!(xtext("a+b=c@d.e"), "a+2Bb+3Dc@d.e");
+        assert_eq!(xtext("x y"), "x+20y");
+        assert_eq!(xtext("é"), "+C3+A9");
+    }
+
+    fn env() -> Envelope {
+        Envelope {
+            sender: "s@a.example".into(),
+            recipients: vec![EnvelopeRecipient {
+                address: "r@b.example".into(),
+                notify: Some(Notify {
+                    failure: true,
+                    delay: true,
+                    ..Default::default()
+                }),
+                orcpt: Some("rfc822;R+1@b.example".into()),
+            }],
+            ret: Some(DsnRet::Hdrs),
+            envid: Some("id 1".into()),
+            eight_bit: true,
+            smtputf8: false,
+        }
+    }
+
+    #[test]
+    fn mail_parameters_follow_the_peer_extensions() {
+        let e = env();
+        assert_eq!(mail_command(&e, 42, 0), "MAIL FROM:<s@a.example>\r\n");
+        assert_eq!(
+            mail_command(&e, 42, EXT_SIZE | EXT_DSN | EXT_8BIT_MIME),
+            "MAIL FROM:<s@a.example> SIZE=42 BODY=8BITMIME RET=HDRS ENVID=id+201\r\n"
+        );
+        let mut null = e.clone();
+        null.sender.clear();
+        assert!(mail_command(&null, 1, 0).starts_with("MAIL FROM:<>"));
+    }
+
+    #[test]
+    fn rcpt_dsn_parameters_only_when_offered() {
+        let e = env();
+        let r = &e.recipients[0];
+        assert_eq!(rcpt_command(r, 0), "RCPT TO:<r@b.example>\r\n");
+        assert_eq!(
+            rcpt_command(r, EXT_DSN),
+            "RCPT TO:<r@b.example> NOTIFY=FAILURE,DELAY ORCPT=rfc822;R+2B1@b.example\r\n"
+        );
+    }
+
+    #[test]
+    fn reply_from_multiline_response_keeps_all_lines() {
+        let raw = b"550-5.1.1 The email account does not exist.\r\n550 5.1.1 Try again.\r\n";
+        let mut rx = smtp_proto::response::parser::ResponseReceiver::default();
+        let r = rx.parse(&mut raw.iter()).unwrap();
+        let reply = Reply::from_response(&r);
+        assert_eq!(reply.code, 550);
+        assert_eq!(reply.enhanced_status.as_deref(), Some("5.1.1"));
+        assert_eq!(reply.text, "The email account does not exist.\nTry again.");
+        assert_eq!(
+            reply.display(),
+            "550 5.1.1 The email account does not exist.\nTry again."
+        );
+    }
+
+    #[test]
+    fn every_recipient_gets_its_own_deciding_reply() {
+        let t = TransactionReplies {
+            mail: Some(reply(250, Some("2.1.0"), "ok")),
+            rcpt: vec![
+                Some(reply(250, None, "ok")),
+                Some(reply(550, Some("5.1.1"), "user unknown")),
+                Some(reply(452, Some("4.2.2"), "mailbox full")),
+            ],
+            data: Some(reply(250, Some("2.0.0"), "queued as X")),
+            error: None,
+            refused_locally: None,
+        };
+        let r = per_recipient(&t);
+        assert_eq!(r[0].stage, Stage::Data);
+        assert_eq!(r[0].reply.as_ref().unwrap().code, 250);
+        assert_eq!(r[1].stage, Stage::Rcpt);
+        assert_eq!(r[1].reply.as_ref().unwrap().code, 550);
+        assert_eq!(r[2].reply.as_ref().unwrap().code, 452);
+    }
+
+    #[test]
+    fn failed_mail_applies_to_all_and_lost_session_leaves_no_reply() {
+        let t = TransactionReplies {
+            mail: Some(reply(553, Some("5.7.1"), "sender rejected")),
+            rcpt: vec![None, None],
+            data: None,
+            error: None,
+            refused_locally: None,
+        };
+        assert!(
+            per_recipient(&t)
+                .iter()
+                .all(|r| r.stage == Stage::Mail && r.reply.as_ref().unwrap().code == 553)
+        );
+        let t = TransactionReplies {
+            mail: Some(reply(250, None, "ok")),
+            rcpt: vec![Some(reply(250, None, "ok")), Some(reply(550, None, "no"))],
+            data: None,
+            error: Some("connection lost".into()),
+            refused_locally: None,
+        };
+        let r = per_recipient(&t);
+        assert_eq!(r[0].stage, Stage::Data);
+        assert_eq!(r[0].reply, None);
+        assert_eq!(r[0].text, "connection lost");
+        assert_eq!(r[1].reply.as_ref().unwrap().code, 550);
+    }
+
+    #[test]
+    fn local_refusal_fails_every_recipient_permanently() {
+        let t = TransactionReplies {
+            rcpt: vec![None, None],
+            refused_locally: Some(("5.6.7", "no SMTPUTF8".into())),
+            ..Default::default()
+        };
+        let r = per_recipient(&t);
+        assert_eq!(r.len(), 2);
+        assert!(
+            r.iter()
+                .all(|r| r.local_permanent == Some("5.6.7") && r.reply.is_none())
+        );
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret("hunter2".into());
+        assert!(!format!("{s:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,520 @@
+//! Delivery status notifications (RFC 3461 / RFC 3464) to the original sender.
+//!
+//! Pure: [`wanted`] says whether a recipient's outcome calls for a DSN under its NOTIFY, and
+//! [`build`] writes the `multipart/report; report-type=delivery-status` message as an
+//! [`AcceptedMessage`] with the null envelope sender, for the store to queue in the same
+//! commit as the attempts that caused it.
+//!
+//! What is returned (RFC 3461 §4.3 leaves the default to the MTA; this follows Postfix):
+//! failure DSNs carry the full message (`message/rfc822`) unless `RET=HDRS`, or when it is
+//! larger than [`FULL_RETURN_LIMIT`], in which case only its header (`text/rfc822-headers`);
+//! delay and success DSNs always carry the header only, since RET speaks of failed mail.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+
+use crate::receipt::ReceiptId;
+use crate::spool::{AcceptedMessage, AcceptedRecipient, DsnRet, Notify};
+use crate::store::QueuedMessage;
+
+/// Largest original message returned in full (Postfix `bounce_size_limit`).
+pub const FULL_RETURN_LIMIT: usize = 50_000;
+
+/// RFC 3464 §2.3.3 action of one recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Failed,
+    Delayed,
+    Delivered,
+    /// Delivered to a next hop that does not offer DSN, so no further notice will come.
+    Relayed,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Failed => "failed",
+            Action::Delayed => "delayed",
+            Action::Delivered => "delivered",
+            Action::Relayed => "relayed",
+        }
+    }
+}
+
+/// Whether this recipient's outcome calls for a DSN. NOTIFY absent means FAILURE only (RFC
+/// 3461 §4.1 lets an MTA add DELAY; delay notices here need an explicit NOTIFY=DELAY).
+pub fn wanted(notify: Option<Notify>, action: Action) -> bool {
+    let n = notify.unwrap_or(Notify {
+        failure: true,
+        ..Default::default()
+    });
+    if n.never {
+        return false;
+    }
+    match action {
+        Action::Failed => n.failure,
+        Action::Delayed => n.delay,
+        Action::Delivered | Action::Relayed => n.success,
+    }
+}
+
+/// One recipient's part of a report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportRecipient {
+    pub address: String,
+    /// Decoded ORCPT (`rfc822;addr`).
+    pub orcpt: Option<String>,
+    pub action: Action,
+    /// RFC 3463 status, e.g. `5.1.1`.
+    pub status: String,
+    pub remote_mta: Option<String>,
+    /// The remote reply (`550 5.1.1 text`) or local description, without the `smtp;` type.
+    pub diagnostic: Option<String>,
+    /// Whether `diagnostic` is a remote SMTP reply (`smtp;`) or a local text (`x-local;`).
+    pub diagnostic_is_smtp: bool,
+    pub last_attempt_ms: i64,
+    /// For delayed recipients: when retrying stops.
+    pub will_retry_until_ms: Option<i64>,
+}
+
+/// The status to report: the reply's enhanced code, else one derived from the reply class.
+pub fn status_for(code: Option<u16>, enhanced: Option<&str>, action: Action) -> String {
+    if let Some(e) = enhanced {
+        return e.to_string();
+    }
+    let class = match code {
+        Some(c) if (200..300).contains(&c) => 2,
+        Some(c) if (500..600).contains(&c) => 5,
+        Some(_) => 4,
+        None => match action {
+            Action::Delivered | Action::Relayed => 2,
+            Action::Delayed => 4,
+            Action::Failed => 5,
+        },
+    };
+    format!("{class}.0.0")
+}
+
+/// What the report is about (one DSN message carries one kind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReportKind {
+    Failure,
+    Delay,
+    Success,
+}
+
+impl ReportKind {
+    pub fn of(action: Action) -> Self {
+        match action {
+            Action::Failed => ReportKind::Failure,
+            Action::Delayed => ReportKind::Delay,
+            Action::Delivered | Action::Relayed => ReportKind::Success,
+        }
+    }
+}
+
+fn rfc5322_date(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc2822()
+}
+
+/// Printable ASCII only, so remote text cannot break the report's structure.
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c == ' ' || c.is_ascii_graphic() {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// Multi-line remote texts folded into one header field (continuation lines start with a
+/// space, RFC 5322 §2.2.3).
+fn folded(s: &str) -> String {
+    s.lines()
+        .map(|l| clean(l.trim_end_matches('\r')))
+        .collect::<Vec<_>>()
+        .join("\r\n ")
+}
+
+fn header_section(body: &[u8]) -> &[u8] {
+    body.windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .and_then(|p| body.get(..p + 2))
+        .unwrap_or(body)
+}
+
+/// Builds the DSN for `recipients` (all of one [`ReportKind`]) of `original`, or `None` when
+/// the original has the null sender (a DSN is never sent about a DSN) or nothing to report.
+pub fn build(
+    reporting_mta: &str,
+    original: &QueuedMessage,
+    original_body: &[u8],
+    recipients: &[ReportRecipient],
+    now_ms: i64,
+) -> Option<AcceptedMessage> {
+    if original.envelope_sender.is_empty() || recipients.is_empty() {
+        return None;
+    }
+    let kind = ReportKind::of(recipients[0].action);
+    let receipt = ReceiptId::new();
+    let host = clean(reporting_mta);
+    let boundary = format!("{receipt}/{host}");
+    let (subject, intro) = match kind {
+        ReportKind::Failure => (
+            "Undelivered Mail Returned to Sender",
+            "Your message could not be delivered to one or more recipients. It is attached below.",
+        ),
+        ReportKind::Delay => (
+            "Delayed Mail (still being retried)",
+            "Your message could not be delivered yet to one or more recipients. \
+             Delivery will be retried; you do not need to resend it.",
+        ),
+        ReportKind::Success => (
+            "Successful Mail Delivery Report",
+            "Your message was successfully delivered to the recipients listed below.",
+        ),
+    };
+    let message_id = format!("{receipt}@{host}");
+
+    let full = kind == ReportKind::Failure
+        && original.ret != Some(DsnRet::Hdrs)
+        && original_body.len() <= FULL_RETURN_LIMIT;
+    let returned: &[u8] = if full {
+        original_body
+    } else {
+        header_section(original_body)
+    };
+
+    let mut m = String::new();
+    let _ = write!(
+        m,
+        "From: Mail Delivery System <MAILER-DAEMON@{host}>\r\n\
+         To: <{to}>\r\n\
+         Subject: {subject}\r\n\
+         Date: {date}\r\n\
+         Message-ID: <{message_id}>\r\n\
+         Auto-Submitted: auto-replied\r\n\
+         MIME-Version: 1.0\r\n\
+         Content-Type: multipart/report; report-type=delivery-status;\r\n\
+         \tboundary=\"{boundary}\"\r\n\
+         \r\n\
+         This is a MIME-encapsulated message.\r\n\
+         \r\n\
+         --{boundary}\r\n\
+         Content-Description: Notification\r\n\
+         Content-Type: text/plain; charset=us-ascii\r\n\
+         \r\n\
+         This is the mail system at host {host}.\r\n\
+         \r\n\
+         {intro}\r\n\
+         \r\n",
+        to = clean(&original.envelope_sender),
+        date = rfc5322_date(now_ms),
+    );
+    for r in recipients {
+        let _ = write!(m, "<{}>: {}", clean(&r.address), r.action.as_str());
+        if let Some(d) = &r.diagnostic {
+            let _ = write!(m, ": {}", folded(d).replace("\r\n ", "\r\n    "));
+        }
+        m.push_str("\r\n");
+    }
+    let _ = write!(
+        m,
+        "\r\n--{boundary}\r\n\
+         Content-Description: Delivery report\r\n\
+         Content-Type: message/delivery-status\r\n\
+         \r\n\
+         Reporting-MTA: dns; {host}\r\n\
+         X-Mailtrail-Receipt: {receipt_orig}\r\n",
+        receipt_orig = original.receipt,
+    );
+    if let Some(envid) = &original.envid {
+        let _ = write!(
+            m,
+            "Original-Envelope-Id: {}\r\n",
+            super::client::xtext(envid)
+        );
+    }
+    let _ = write!(
+        m,
+        "Arrival-Date: {}\r\n",
+        rfc5322_date(original.received_at_ms)
+    );
+    for r in recipients {
+        m.push_str("\r\n");
+        if let Some(orcpt) = &r.orcpt {
+            let (kind, addr) = orcpt.split_once(';').unwrap_or(("rfc822", orcpt));
+            let _ = write!(
+                m,
+                "Original-Recipient: {};{}\r\n",
+                clean(kind.trim()),
+                clean(addr.trim())
+            );
+        }
+        let _ = write!(
+            m,
+            "Final-Recipient: rfc822; {}\r\nAction: {}\r\nStatus: {}\r\n",
+            clean(&r.address),
+            r.action.as_str(),
+            clean(&r.status)
+        );
+        if let Some(mta) = &r.remote_mta {
+            let _ = write!(m, "Remote-MTA: dns; {}\r\n", clean(mta));
+        }
+        if let Some(d) = &r.diagnostic {
+            let kind = if r.diagnostic_is_smtp {
+                "smtp"
+            } else {
+                "x-local"
+            };
+            let _ = write!(m, "Diagnostic-Code: {kind}; {}\r\n", folded(d));
+        }
+        let _ = write!(
+            m,
+            "Last-Attempt-Date: {}\r\n",
+            rfc5322_date(r.last_attempt_ms)
+        );
+        if let Some(until) = r.will_retry_until_ms {
+            let _ = write!(m, "Will-Retry-Until: {}\r\n", rfc5322_date(until));
+        }
+    }
+    let (description, content_type) = if full {
+        ("Undelivered Message", "message/rfc822")
+    } else if kind == ReportKind::Failure {
+        ("Undelivered Message Headers", "text/rfc822-headers")
+    } else {
+        ("Message Headers", "text/rfc822-headers")
+    };
+    let _ = write!(
+        m,
+        "\r\n--{boundary}\r\n\
+         Content-Description: {description}\r\n\
+         Content-Type: {content_type}\r\n\
+         \r\n"
+    );
+    let mut body = m.into_bytes();
+    body.extend_from_slice(returned);
+    if !returned.ends_with(b"\r\n") {
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+
+    Some(AcceptedMessage {
+        receipt,
+        received_at_ms: now_ms,
+        client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        helo: host.clone(),
+        tls_version: None,
+        auth_user: None,
+        envelope_sender: String::new(),
+        recipients: vec![AcceptedRecipient {
+            address: original.envelope_sender.clone(),
+            orcpt: None,
+            notify: None,
+            preset: None,
+        }],
+        envid: None,
+        ret: None,
+        eight_bit: body.iter().any(|b| *b >= 0x80),
+        smtputf8: !original.envelope_sender.is_ascii(),
+        message_id: Some(message_id),
+        subject: Some(subject.to_string()),
+        context: None,
+        body,
+        inbound_bounce: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{QueuedRecipient, RecipientStatus};
+
+    fn original(sender: &str, ret: Option<DsnRet>, envid: Option<&str>) -> QueuedMessage {
+        QueuedMessage {
+            receipt: ReceiptId::new(),
+            received_at_ms: 1_700_000_000_000,
+            envelope_sender: sender.into(),
+            auth_user: None,
+            envid: envid.map(str::to_string),
+            ret,
+            eight_bit: false,
+            smtputf8: false,
+            size: 0,
+            message_id: Some("m1@app".into()),
+            subject: Some("Hello".into()),
+            recipients: vec![QueuedRecipient {
+                index: 0,
+                address: "bob@b.example".into(),
+                orcpt: None,
+                notify: None,
+                status: RecipientStatus::Queued,
+                attempts: 0,
+                next_attempt_at_ms: 0,
+                first_deferred_at_ms: None,
+                delay_dsn_sent: false,
+                last_reply_code: None,
+                last_enhanced_status: None,
+                last_reply_text: None,
+            }],
+        }
+    }
+
+    const BODY: &[u8] = b"From: a@a.example\r\nSubject: Hello\r\n\r\nsecret body line\r\n";
+
+    fn failed(addr: &str) -> ReportRecipient {
+        ReportRecipient {
+            address: addr.into(),
+            orcpt: Some("rfc822;Bob@B.example".into()),
+            action: Action::Failed,
+            status: "5.1.1".into(),
+            remote_mta: Some("mx.b.example".into()),
+            diagnostic: Some("550 5.1.1 user unknown\nsee https://help".into()),
+            diagnostic_is_smtp: true,
+            last_attempt_ms: 1_700_000_100_000,
+            will_retry_until_ms: None,
+        }
+    }
+
+    #[test]
+    fn notify_rules() {
+        let n = |s: &str| Some(Notify::from_param(s).unwrap());
+        assert!(wanted(None, Action::Failed));
+        assert!(!wanted(None, Action::Delayed));
+        assert!(!wanted(None, Action::Delivered));
+        assert!(!wanted(n("NEVER"), Action::Failed));
+        assert!(!wanted(n("SUCCESS"), Action::Failed));
+        assert!(wanted(n("SUCCESS"), Action::Delivered));
+        assert!(wanted(n("SUCCESS"), Action::Relayed));
+        assert!(wanted(n("DELAY"), Action::Delayed));
+        assert!(wanted(n("FAILURE,DELAY"), Action::Failed));
+        assert!(!wanted(n("FAILURE"), Action::Delayed));
+    }
+
+    #[test]
+    fn status_falls_back_to_the_reply_class() {
+        assert_eq!(
+            status_for(Some(550), Some("5.7.1"), Action::Failed),
+            "5.7.1"
+        );
+        assert_eq!(status_for(Some(550), None, Action::Failed), "5.0.0");
+        assert_eq!(status_for(Some(451), None, Action::Failed), "4.0.0");
+        assert_eq!(status_for(None, None, Action::Failed), "5.0.0");
+        assert_eq!(status_for(None, None, Action::Delayed), "4.0.0");
+        assert_eq!(status_for(Some(250), None, Action::Delivered), "2.0.0");
+    }
+
+    #[test]
+    fn no_dsn_for_the_null_sender() {
+        assert!(
+            build(
+                "mx.local",
+                &original("", None, None),
+                BODY,
+                &[failed("x@y")],
+                0
+            )
+            .is_none()
+        );
+    }
+
+    fn text(m: &AcceptedMessage) -> String {
+        String::from_utf8(m.body.clone()).unwrap()
+    }
+
+    #[test]
+    fn failure_dsn_has_the_rfc3464_fields() {
+        let orig = original("alice@a.example", None, Some("env 42"));
+        let m = build(
+            "relay.example",
+            &orig,
+            BODY,
+            &[failed("bob@b.example")],
+            1_700_000_200_000,
+        )
+        .unwrap();
+        assert!(m.envelope_sender.is_empty());
+        assert_eq!(m.recipients.len(), 1);
+        assert_eq!(m.recipients[0].address, "alice@a.example");
+        assert_ne!(m.receipt, orig.receipt);
+        let t = text(&m);
+        for needle in [
+            "From: Mail Delivery System <MAILER-DAEMON@relay.example>\r\n",
+            "To: <alice@a.example>\r\n",
+            "Auto-Submitted: auto-replied\r\n",
+            "Content-Type: multipart/report; report-type=delivery-status;",
+            "Content-Type: message/delivery-status\r\n",
+            "Reporting-MTA: dns; relay.example\r\n",
+            "Original-Envelope-Id: env+2042\r\n",
+            "Arrival-Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n",
+            "Original-Recipient: rfc822;Bob@B.example\r\n",
+            "Final-Recipient: rfc822; bob@b.example\r\n",
+            "Action: failed\r\n",
+            "Status: 5.1.1\r\n",
+            "Remote-MTA: dns; mx.b.example\r\n",
+            "Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n see https://help\r\n",
+            "Last-Attempt-Date: Tue, 14 Nov 2023 22:15:00 +0000\r\n",
+            "Content-Type: message/rfc822\r\n",
+            "secret body line",
+        ] {
+            assert!(t.contains(needle), "missing {needle:?} in\n{t}");
+        }
+        assert!(t.ends_with("--\r\n"));
+        // Every line ends in CRLF: no bare LF made it into the message.
+        assert!(!t.replace("\r\n", "").contains('\n'));
+    }
+
+    #[test]
+    fn ret_hdrs_returns_headers_only() {
+        let orig = original("alice@a.example", Some(DsnRet::Hdrs), None);
+        let t = text(&build("h", &orig, BODY, &[failed("bob@b.example")], 0).unwrap());
+        assert!(t.contains("Content-Type: text/rfc822-headers\r\n"));
+        assert!(t.contains("Subject: Hello\r\n"));
+        assert!(!t.contains("secret body line"));
+        assert!(!t.contains("Original-Envelope-Id"));
+    }
+
+    #[test]
+    fn large_messages_return_headers_only() {
+        let orig = original("alice@a.example", Some(DsnRet::Full), None);
+        let mut big = BODY.to_vec();
+        big.extend(std::iter::repeat_n(b'x', FULL_RETURN_LIMIT));
+        let t = text(&build("h", &orig, &big, &[failed("bob@b.example")], 0).unwrap());
+        assert!(t.contains("text/rfc822-headers"));
+        assert!(!t.contains("secret body line"));
+    }
+
+    #[test]
+    fn delay_dsn_carries_headers_and_retry_deadline() {
+        let orig = original("alice@a.example", None, None);
+        let mut r = failed("bob@b.example");
+        r.action = Action::Delayed;
+        r.status = "4.2.2".into();
+        r.will_retry_until_ms = Some(1_700_432_000_000);
+        let m = build("h", &orig, BODY, &[r], 0).unwrap();
+        let t = text(&m);
+        assert_eq!(
+            m.subject.as_deref(),
+            Some("Delayed Mail (still being retried)")
+        );
+        assert!(t.contains("Action: delayed\r\n"));
+        assert!(t.contains("Will-Retry-Until: "));
+        assert!(t.contains("text/rfc822-headers"));
+        assert!(!t.contains("secret body line"));
+    }
+
+    #[test]
+    fn hostile_remote_text_cannot_inject_fields() {
+        let orig = original("alice@a.example", None, None);
+        let mut r = failed("bob@b.example");
+        r.diagnostic = Some("550 no\r\nAction: delivered\u{0}".into());
+        let t = text(&build("h", &orig, BODY, &[r], 0).unwrap());
+        assert!(!t.contains("\r\nAction: delivered"));
+        assert!(t.contains("Diagnostic-Code: smtp; 550 no\r\n Action: delivered?"));
+    }
+}

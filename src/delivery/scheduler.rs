@@ -1,0 +1,1074 @@
+//! The delivery loop: asks the store for due recipients, routes them, runs SMTP transactions
+//! concurrently within the connection limits, and records every result with the DSNs it
+//! causes.
+//!
+//! Duplicate-delivery window: a transaction's results are recorded right after its final
+//! DATA/BDAT reply, one commit per transaction. If the process dies (kill -9, power loss)
+//! after the remote `250` but before that commit, the recipients are still `queued` and are
+//! delivered again after restart. The window is one store commit long per transaction; it
+//! cannot be closed without the remote's help (RFC 1047).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::bounce::classify::{Classifier, Evidence};
+use crate::bounce::reason::{BounceReason, BounceType, bounce_type};
+use crate::config::{Config, RouteConfig, TlsPolicy};
+use crate::metrics::{Metrics, OutcomeLabel, class_of};
+use crate::receipt::ReceiptId;
+use crate::spool::AcceptedMessage;
+use crate::store::{AttemptRecord, QueuedMessage, RecipientStatus, Stage, Store};
+
+use super::client::{
+    self, Connection, Envelope, EnvelopeRecipient, RecipientResult, Secret, SessionSettings,
+};
+use super::dns::{Answer, DnsFailure, MxResolver, Target};
+use super::dsn::{self, Action, ReportKind, ReportRecipient};
+use super::retry::{self, AttemptResult, RetryPolicy};
+use super::route::{self, Batch, Destination, SenderMode};
+use super::verp_sender::VerpSender;
+
+/// How long an idle connection is kept for the next message to the same destination.
+pub const IDLE_LIMIT: Duration = Duration::from_secs(10);
+/// Transactions per connection before it is closed and a new one opened.
+pub const REUSE_LIMIT: u32 = 100;
+/// How often queue gauges are refreshed and idle connections past their time closed.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
+/// Longest sleep between queue checks when nothing wakes the loop (also refreshes the queue
+/// gauges).
+const MAX_SLEEP: Duration = Duration::from_secs(30);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("route[{route}]: {message}")]
+    Route { route: usize, message: String },
+    #[error("DNS resolver: {0}")]
+    Resolver(String),
+    #[error("bounce rules: {0}")]
+    Rules(String),
+    #[error(transparent)]
+    VerpKey(#[from] super::verp_sender::VerpKeyError),
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Handle to the running delivery loop.
+pub struct DeliveryHandle {
+    wake: Arc<Notify>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl DeliveryHandle {
+    /// Tells the loop that new mail was accepted, so it looks now instead of at its next
+    /// planned time.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A cloneable waker for the SMTP listener.
+    pub fn waker(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+
+    /// Waits until the loop has stopped (after the shutdown token fired and running
+    /// transactions finished or the grace period ran out).
+    pub async fn join(mut self) {
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Entry point.
+pub struct Delivery;
+
+impl Delivery {
+    /// Starts the delivery loop on the current tokio runtime. With `delivery.enabled = false`
+    /// nothing runs and the handle's `wake` does nothing. On `shutdown` no new transaction
+    /// starts; running ones get `smtp.shutdown_grace` to finish.
+    pub fn start(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<DeliveryHandle, DeliveryError> {
+        let wake = Arc::new(Notify::new());
+        if !config.delivery.enabled {
+            return Ok(DeliveryHandle { wake, task: None });
+        }
+        let ctx = Arc::new(Context::new(config, store, metrics, shutdown)?);
+        let task = tokio::spawn(run(ctx, wake.clone()));
+        Ok(DeliveryHandle {
+            wake,
+            task: Some(task),
+        })
+    }
+}
+
+/// Everything a transaction needs, shared by all tasks.
+struct Context {
+    config: Arc<Config>,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    resolver: MxResolver,
+    policy: RetryPolicy,
+    verp: Option<VerpSender>,
+    mx_settings: SessionSettings,
+    route_settings: Vec<SessionSettings>,
+    pool: Pool,
+    /// Built-in reply classification plus `[bounce] rules_file`, if set.
+    classifier: Option<Classifier>,
+}
+
+impl Context {
+    fn new(
+        config: Arc<Config>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, DeliveryError> {
+        let d = &config.delivery;
+        let resolver = MxResolver::new(&config.dns.nameservers, config.dns.timeout)
+            .map_err(|e| DeliveryError::Resolver(e.to_string()))?;
+        let base = |tls, implicit_tls, connector, auth| SessionSettings {
+            helo_name: config.hostname.clone(),
+            tls,
+            implicit_tls,
+            tls_connector: connector,
+            auth,
+            connect_timeout: d.connect_timeout,
+            command_timeout: d.command_timeout,
+            data_timeout: d.data_timeout,
+        };
+        let insecure = client::tls_connector(false, None)
+            .map_err(|e| DeliveryError::Resolver(e.to_string()))?;
+        let mx_settings = base(TlsPolicy::Opportunistic, false, insecure, None);
+        let route_settings = config
+            .routes
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let connector = client::tls_connector(
+                    r.verify_certificate.unwrap_or(true),
+                    r.ca_file.as_deref(),
+                )
+                .map_err(|e| DeliveryError::Route {
+                    route: i,
+                    message: e.to_string(),
+                })?;
+                let auth = route_auth(i, r)?;
+                Ok(base(r.tls, r.implicit_tls, connector, auth))
+            })
+            .collect::<Result<Vec<_>, DeliveryError>>()?;
+        let classifier = match &config.bounce.rules_file {
+            None => None,
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| DeliveryError::Rules(format!("{}: {e}", path.display())))?;
+                Some(
+                    Classifier::with_user_rules(&text)
+                        .map_err(|e| DeliveryError::Rules(format!("{}: {e}", path.display())))?,
+                )
+            }
+        };
+        Ok(Self {
+            classifier,
+            policy: RetryPolicy::from_config(d),
+            verp: VerpSender::from_config(&config)?,
+            pool: Pool::new(d.max_connections, d.max_connections_per_destination),
+            resolver,
+            mx_settings,
+            route_settings,
+            config,
+            store,
+            metrics,
+            shutdown,
+        })
+    }
+
+    fn classifier(&self) -> &Classifier {
+        self.classifier
+            .as_ref()
+            .unwrap_or_else(|| Classifier::builtin())
+    }
+
+    fn settings(&self, dest: &Destination) -> &SessionSettings {
+        match dest {
+            Destination::Route(i) => self.route_settings.get(*i).unwrap_or(&self.mx_settings),
+            Destination::Domain(_) => &self.mx_settings,
+        }
+    }
+
+    /// Ordered connection targets for a destination.
+    async fn targets(&self, dest: &Destination) -> Result<Vec<Target>, DnsFailure> {
+        match dest {
+            Destination::Domain(domain) => {
+                self.resolver
+                    .resolve(domain, self.config.delivery.mx_port)
+                    .await
+            }
+            Destination::Route(i) => {
+                let Some(route) = self.config.routes.get(*i) else {
+                    return Err(DnsFailure {
+                        permanent: false,
+                        enhanced_status: "4.3.5",
+                        reason: "systemerror",
+                        text: format!("route[{i}] is not configured"),
+                    });
+                };
+                let mut out = Vec::new();
+                let mut why = Vec::new();
+                for hop in route::fixed_hops(route) {
+                    match self.resolver.addresses(&hop.host).await {
+                        Answer::Records(ips) => out.extend(ips.into_iter().map(|ip| Target {
+                            host: hop.host.clone(),
+                            addr: std::net::SocketAddr::new(ip, hop.port),
+                        })),
+                        other => why.push(format!("{}: {other:?}", hop.host)),
+                    }
+                }
+                if out.is_empty() {
+                    // A configured next hop that does not resolve is our problem, not the
+                    // recipient's: retry rather than bounce.
+                    return Err(DnsFailure {
+                        permanent: false,
+                        enhanced_status: "4.4.3",
+                        reason: "systemerror",
+                        text: format!("no address for route[{i}] next hops: {}", why.join("; ")),
+                    });
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// Reads a route's smarthost password from its file or environment variable.
+fn route_auth(i: usize, r: &RouteConfig) -> Result<Option<(String, Secret)>, DeliveryError> {
+    let Some(user) = &r.auth_user else {
+        return Ok(None);
+    };
+    let err = |message: String| DeliveryError::Route { route: i, message };
+    let password = if let Some(path) = &r.auth_password_file {
+        std::fs::read_to_string(path)
+            .map_err(|e| err(format!("auth_password_file {}: {e}", path.display())))?
+            .trim_end_matches(['\r', '\n'])
+            .to_string()
+    } else if let Some(var) = &r.auth_password_env {
+        std::env::var(var).map_err(|_| err(format!("auth_password_env {var} is not set")))?
+    } else {
+        return Err(err("auth_user needs a password source".to_string()));
+    };
+    Ok(Some((user.clone(), Secret(password))))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection pool and limits.
+
+/// An open connection with the permits it holds: a live connection, busy or idle, always
+/// holds one global and one per-destination permit, so the limits count open connections.
+struct Leased {
+    conn: Connection,
+    _global: OwnedSemaphorePermit,
+    _dest: OwnedSemaphorePermit,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    idle_since: Instant,
+}
+
+impl Drop for Leased {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
+}
+
+struct Pool {
+    global: Arc<Semaphore>,
+    /// Signalled when a connection goes idle.
+    returned: Notify,
+    per_destination: usize,
+    state: Mutex<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    idle: HashMap<Destination, Vec<Leased>>,
+    dest_limits: HashMap<Destination, Arc<Semaphore>>,
+}
+
+impl Pool {
+    fn new(max: usize, per_destination: usize) -> Self {
+        Self {
+            global: Arc::new(Semaphore::new(max.max(1))),
+            returned: Notify::new(),
+            per_destination: per_destination.max(1),
+            state: Mutex::new(PoolState::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
+        // A panic while holding this lock leaves only plain maps behind; keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An idle connection to `dest`, if one is fresh enough.
+    fn take_idle(&self, dest: &Destination) -> Option<Leased> {
+        let mut st = self.lock();
+        let list = st.idle.get_mut(dest)?;
+        while let Some(l) = list.pop() {
+            if l.idle_since.elapsed() < IDLE_LIMIT && l.conn.transactions < REUSE_LIMIT {
+                return Some(l);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, dest: Destination, mut l: Leased) {
+        l.idle_since = Instant::now();
+        self.lock().idle.entry(dest).or_default().push(l);
+        self.returned.notify_waiters();
+    }
+
+    /// Closes idle connections past their time.
+    fn expire(&self) {
+        let mut st = self.lock();
+        for list in st.idle.values_mut() {
+            list.retain(|l| l.idle_since.elapsed() < IDLE_LIMIT);
+        }
+        st.idle.retain(|_, v| !v.is_empty());
+    }
+
+    /// Drops one idle connection of another destination to free a global slot.
+    fn evict_one(&self) -> bool {
+        let mut st = self.lock();
+        for list in st.idle.values_mut() {
+            if list.pop().is_some() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A connection slot for `dest`: an idle connection when one is (or becomes) free, else
+    /// permits for a new one (per destination first, then global; idle connections to other
+    /// destinations are closed to make room). Waiters wake when a connection goes idle, since
+    /// an idle connection holds its permits.
+    async fn acquire(&self, dest: &Destination) -> Option<Slot> {
+        let dest_sem = {
+            let mut st = self.lock();
+            st.dest_limits
+                .entry(dest.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_destination)))
+                .clone()
+        };
+        let dest_permit = loop {
+            let notified = self.returned.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(l) = self.take_idle(dest) {
+                return Some(Slot::Idle(Box::new(l)));
+            }
+            if let Ok(p) = dest_sem.clone().try_acquire_owned() {
+                break p;
+            }
+            tokio::select! {
+                p = dest_sem.clone().acquire_owned() => break p.ok()?,
+                _ = &mut notified => continue,
+            }
+        };
+        let global = loop {
+            let notified = self.returned.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Ok(p) = self.global.clone().try_acquire_owned() {
+                break p;
+            }
+            if self.evict_one() {
+                continue;
+            }
+            tokio::select! {
+                p = self.global.clone().acquire_owned() => break p.ok()?,
+                _ = &mut notified => continue,
+            }
+        };
+        Some(Slot::New(global, dest_permit))
+    }
+}
+
+/// What [`Pool::acquire`] hands out.
+enum Slot {
+    Idle(Box<Leased>),
+    New(OwnedSemaphorePermit, OwnedSemaphorePermit),
+}
+
+// ---------------------------------------------------------------------------------------------
+// The loop.
+
+async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
+    let max_in_flight = ctx
+        .config
+        .delivery
+        .max_connections
+        .saturating_mul(4)
+        .max(16);
+    let mut tasks: JoinSet<()> = JoinSet::new();
+    // Recipients being delivered, by the task delivering them: they stay due in the store
+    // until recorded and must not be picked up twice. Keyed by task id so that even a task
+    // that panicked gives its recipients back.
+    let mut by_task: HashMap<tokio::task::Id, Vec<(ReceiptId, u32)>> = HashMap::new();
+    let mut in_flight: HashSet<(ReceiptId, u32)> = HashSet::new();
+    let finished = |res: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+                    by_task: &mut HashMap<tokio::task::Id, Vec<(ReceiptId, u32)>>,
+                    in_flight: &mut HashSet<(ReceiptId, u32)>| {
+        let id = match res {
+            Ok((id, ())) => id,
+            Err(e) => {
+                tracing::error!(error = %e, "delivery task failed");
+                e.id()
+            }
+        };
+        for k in by_task.remove(&id).unwrap_or_default() {
+            in_flight.remove(&k);
+        }
+    };
+    // Housekeeping on its own clock, so that gauges and idle connections do not wait for the
+    // loop's next wake-up (up to MAX_SLEEP on a quiet queue).
+    let housekeeping = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HOUSEKEEPING_EVERY);
+            loop {
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                ctx.pool.expire();
+                update_queue_gauges(&ctx).await;
+            }
+        })
+    };
+    // Whether to ask the store for due mail on this turn. Reading the queue after every
+    // finished message would cost O(queue) per message; refill on wake-ups, timers, and when
+    // half the in-flight budget is free.
+    let mut refill = true;
+    loop {
+        if ctx.shutdown.is_cancelled() {
+            break;
+        }
+
+        let now = now_ms();
+        let room = max_in_flight.saturating_sub(tasks.len());
+        if refill && room > 0 {
+            // `due` lists in-flight recipients too; ask for enough to find `room` new
+            // messages past them.
+            match ctx.store.due(now, room.saturating_add(tasks.len())).await {
+                Ok(messages) => {
+                    for mut msg in messages {
+                        msg.recipients
+                            .retain(|r| !in_flight.contains(&(msg.receipt, r.index)));
+                        if msg.recipients.is_empty() {
+                            continue;
+                        }
+                        if tasks.len() >= max_in_flight {
+                            break;
+                        }
+                        let keys: Vec<(ReceiptId, u32)> = msg
+                            .recipients
+                            .iter()
+                            .map(|r| (msg.receipt, r.index))
+                            .collect();
+                        in_flight.extend(keys.iter().copied());
+                        let ctx = ctx.clone();
+                        let handle = tasks.spawn(deliver_message(ctx, msg));
+                        by_task.insert(handle.id(), keys);
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read the queue"),
+            }
+        }
+        let next = match ctx.store.next_due_at().await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the queue");
+                Some(now + 1000)
+            }
+        };
+        // In-flight recipients keep `next` in the past; then wait for a task to finish.
+        let wait_ms = match next {
+            Some(t) if t > now => (t - now) as u64,
+            Some(_) => 1000,
+            None => MAX_SLEEP.as_millis() as u64,
+        };
+        let wait = Duration::from_millis(wait_ms).min(MAX_SLEEP);
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => break,
+            _ = wake.notified() => refill = true,
+            _ = tokio::time::sleep(wait) => refill = true,
+            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
+                finished(done, &mut by_task, &mut in_flight);
+                while let Some(done) = tasks.try_join_next_with_id() {
+                    finished(done, &mut by_task, &mut in_flight);
+                }
+                refill = tasks.len() <= max_in_flight / 2;
+            }
+        }
+    }
+    housekeeping.abort();
+    // Shutdown: running transactions finish (bounded); no new ones start.
+    let grace = ctx.config.smtp.shutdown_grace;
+    let drained =
+        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            running = tasks.len(),
+            "delivery transactions still running after the shutdown grace period; abandoning them"
+        );
+        tasks.shutdown().await;
+    }
+    // Close idle connections.
+    let idle: Vec<Leased> = {
+        let mut st = ctx.pool.lock();
+        st.idle.drain().flat_map(|(_, v)| v).collect()
+    };
+    for mut l in idle {
+        l.conn.quit().await;
+    }
+}
+
+async fn update_queue_gauges(ctx: &Context) {
+    if let Ok((pending, oldest)) = ctx.store.queue_stats().await {
+        ctx.metrics.queue_size.set(pending as i64);
+        let age = oldest.map(|t| ((now_ms() - t) / 1000).max(0)).unwrap_or(0);
+        ctx.metrics.queue_oldest_age_seconds.set(age);
+    }
+}
+
+/// Delivers the due recipients of one message: one transaction per batch, concurrently.
+async fn deliver_message(ctx: Arc<Context>, msg: QueuedMessage) {
+    let body = match ctx.store.body(msg.receipt).await {
+        Ok(b) => Arc::new(b),
+        Err(crate::store::StoreError::NotFound(what)) => {
+            // Nothing can ever be delivered; say so instead of retrying every second.
+            tracing::error!(receipt = %msg.receipt, %what, "message body missing");
+            let now = now_ms();
+            let attempts = msg
+                .recipients
+                .iter()
+                .map(|r| AttemptRecord {
+                    receipt: msg.receipt,
+                    rcpt_index: r.index,
+                    at_ms: now,
+                    status: RecipientStatus::Failed,
+                    next_attempt_at_ms: None,
+                    stage: Stage::Local,
+                    remote_host: None,
+                    remote_ip: None,
+                    tls_version: None,
+                    tls_cipher: None,
+                    reply_code: None,
+                    enhanced_status: Some("5.3.0".to_string()),
+                    reply_text: format!("message body missing from the store: {what}"),
+                    duration_ms: 0,
+                    reason: Some(BounceReason::SystemError.as_str().to_string()),
+                    bounce_type: None,
+                })
+                .collect();
+            if let Err(e) = ctx.store.record_attempts(attempts, Vec::new()).await {
+                tracing::error!(receipt = %msg.receipt, error = %e, "cannot record");
+            }
+            return;
+        }
+        Err(e) => {
+            tracing::error!(receipt = %msg.receipt, error = %e, "cannot load message body");
+            return;
+        }
+    };
+    let msg = Arc::new(msg);
+    let batches = route::plan(&ctx.config.routes, &msg, ctx.verp.is_some());
+    let mut set = JoinSet::new();
+    for batch in batches {
+        let (ctx, msg, body) = (ctx.clone(), msg.clone(), body.clone());
+        set.spawn(async move { run_batch(&ctx, &msg, &body, batch).await });
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// What one transaction attempt produced before it is recorded.
+struct Outcome {
+    results: Vec<RecipientResult>,
+    remote_host: Option<String>,
+    remote_ip: Option<String>,
+    tls: Option<client::TlsInfo>,
+    /// The deciding verdict input per recipient.
+    kinds: Vec<AttemptResult>,
+    /// Local reason and RFC 3463 status for failures decided without a remote reply (DNS).
+    local_reason: Option<&'static str>,
+    local_status: Option<&'static str>,
+    /// The peer offered DSN (it will report success itself).
+    remote_dsn: bool,
+}
+
+async fn run_batch(ctx: &Context, msg: &QueuedMessage, body: &[u8], batch: Batch) {
+    if ctx.shutdown.is_cancelled() {
+        return;
+    }
+    let started_ms = now_ms();
+    let started = Instant::now();
+    let recipients: Vec<&crate::store::QueuedRecipient> = batch
+        .recipients
+        .iter()
+        .filter_map(|i| msg.recipients.iter().find(|r| r.index == *i))
+        .collect();
+    let sender = match batch.sender {
+        SenderMode::Original => msg.envelope_sender.clone(),
+        SenderMode::Verp => match (&ctx.verp, recipients.first()) {
+            (Some(v), Some(r)) => v.sender(msg.receipt, r.index),
+            _ => msg.envelope_sender.clone(),
+        },
+    };
+    let envelope = Envelope {
+        sender,
+        recipients: recipients
+            .iter()
+            .map(|r| EnvelopeRecipient {
+                address: r.address.clone(),
+                notify: r.notify,
+                orcpt: r.orcpt.clone(),
+            })
+            .collect(),
+        ret: msg.ret,
+        envid: msg.envid.clone(),
+        eight_bit: msg.eight_bit,
+        smtputf8: msg.smtputf8,
+    };
+
+    let outcome = transact(ctx, &batch.destination, &envelope, body).await;
+    let Some(outcome) = outcome else {
+        return;
+    };
+    let duration = started.elapsed();
+    ctx.metrics
+        .delivery_attempt_seconds
+        .observe(duration.as_secs_f64());
+    record(ctx, msg, body, &recipients, outcome, started_ms, duration).await;
+}
+
+/// Connects (or reuses a connection) and runs the transaction. `None` when shutdown came
+/// before anything was sent.
+async fn transact(
+    ctx: &Context,
+    dest: &Destination,
+    envelope: &Envelope,
+    body: &[u8],
+) -> Option<Outcome> {
+    let n = envelope.recipients.len();
+    let settings = ctx.settings(dest);
+    let mut leased = loop {
+        let slot = tokio::select! {
+            s = ctx.pool.acquire(dest) => s?,
+            _ = ctx.shutdown.cancelled() => return None,
+        };
+        let (global, dest_permit) = match slot {
+            Slot::Idle(mut l) => {
+                if l.conn.rset().await {
+                    break *l;
+                }
+                // A connection that fails RSET is dropped, freeing its permits.
+                continue;
+            }
+            Slot::New(g, d) => (g, d),
+        };
+        if ctx.shutdown.is_cancelled() {
+            return None;
+        }
+        let targets = match ctx.targets(dest).await {
+            Ok(t) => t,
+            Err(f) => {
+                let kind = if f.permanent {
+                    AttemptResult::Permanent
+                } else {
+                    AttemptResult::Temporary
+                };
+                return Some(Outcome {
+                    results: vec![
+                        RecipientResult {
+                            stage: Stage::Dns,
+                            reply: None,
+                            text: f.text.clone(),
+                            local_permanent: None,
+                        };
+                        n
+                    ],
+                    remote_host: None,
+                    remote_ip: None,
+                    tls: None,
+                    kinds: vec![kind; n],
+                    local_reason: Some(f.reason),
+                    local_status: Some(f.enhanced_status),
+                    remote_dsn: false,
+                });
+            }
+        };
+        match client::connect(&targets, settings).await {
+            Ok(conn) => {
+                ctx.metrics.outbound_connections_open.inc();
+                break Leased {
+                    conn,
+                    _global: global,
+                    _dest: dest_permit,
+                    gauge: ctx.metrics.outbound_connections_open.clone(),
+                    idle_since: Instant::now(),
+                };
+            }
+            Err(e) => {
+                let kind = match (&e.reply, e.permanent) {
+                    (Some(r), true) => AttemptResult::Reply(r.code),
+                    (_, true) => AttemptResult::Permanent,
+                    _ => AttemptResult::Temporary,
+                };
+                let text = e.reply.as_ref().map_or(e.text.clone(), |r| r.text.clone());
+                return Some(Outcome {
+                    results: vec![
+                        RecipientResult {
+                            stage: Stage::Connect,
+                            reply: e.reply.clone(),
+                            text,
+                            local_permanent: None,
+                        };
+                        n
+                    ],
+                    remote_host: e.remote_host.clone(),
+                    remote_ip: e.remote_ip.map(|ip| ip.to_string()),
+                    tls: e.tls.clone(),
+                    kinds: vec![kind; n],
+                    local_reason: None,
+                    local_status: None,
+                    remote_dsn: false,
+                });
+            }
+        }
+    };
+    let replies = leased
+        .conn
+        .transaction(envelope, body, settings.data_timeout)
+        .await;
+    let results = client::per_recipient(&replies);
+    let kinds = results
+        .iter()
+        .map(|r| match (&r.reply, r.local_permanent) {
+            (Some(reply), _) => AttemptResult::Reply(reply.code),
+            (None, Some(_)) => AttemptResult::Permanent,
+            (None, None) => AttemptResult::Temporary,
+        })
+        .collect();
+    let outcome = Outcome {
+        results,
+        remote_host: Some(leased.conn.host.clone()),
+        remote_ip: Some(leased.conn.ip.to_string()),
+        tls: leased.conn.tls.clone(),
+        kinds,
+        local_reason: None,
+        local_status: None,
+        remote_dsn: leased.conn.offers_dsn(),
+    };
+    if replies.error.is_none() && !ctx.shutdown.is_cancelled() {
+        ctx.pool.put_idle(dest.clone(), leased);
+    } else if replies.error.is_none() {
+        leased.conn.quit().await;
+    }
+    Some(outcome)
+}
+
+/// Turns an outcome into attempt records and DSNs, and commits them together.
+async fn record(
+    ctx: &Context,
+    msg: &QueuedMessage,
+    body: &[u8],
+    recipients: &[&crate::store::QueuedRecipient],
+    outcome: Outcome,
+    started_ms: i64,
+    duration: Duration,
+) {
+    let now = now_ms();
+    let mut attempts = Vec::with_capacity(recipients.len());
+    let mut reports: HashMap<ReportKind, Vec<ReportRecipient>> = HashMap::new();
+    let mut delay_marked = Vec::new();
+    for ((rcpt, result), kind) in recipients
+        .iter()
+        .zip(outcome.results.iter())
+        .zip(outcome.kinds.iter())
+    {
+        let unit: f64 = rand::random();
+        let v = retry::verdict(
+            &ctx.policy,
+            *kind,
+            msg.received_at_ms,
+            now,
+            rcpt.attempts.saturating_add(1),
+            unit,
+        );
+        let text = result.text.clone();
+        let enhanced = result
+            .reply
+            .as_ref()
+            .and_then(|r| r.enhanced_status.clone())
+            .or(result.local_permanent.map(str::to_string))
+            .or(outcome.local_status.map(str::to_string));
+        let (reason, bounce_type) = match classify(
+            ctx.classifier(),
+            v.status,
+            result,
+            enhanced.as_deref(),
+            outcome.local_reason,
+        ) {
+            Some((r, t)) => (Some(r.as_str().to_string()), Some(t.as_str().to_string())),
+            None => (None, None),
+        };
+        if let Some(r) = &result.reply {
+            ctx.metrics
+                .delivery_replies
+                .get_or_create(&class_of(r.code))
+                .inc();
+        }
+        ctx.metrics
+            .delivery_recipients
+            .get_or_create(&OutcomeLabel {
+                outcome: v.status.as_str().to_string(),
+            })
+            .inc();
+        if matches!(
+            v.status,
+            RecipientStatus::Delivered | RecipientStatus::Failed | RecipientStatus::Expired
+        ) {
+            ctx.metrics
+                .time_to_final_seconds
+                .observe(((now - msg.received_at_ms).max(0) as f64) / 1000.0);
+        }
+
+        // DSN decision.
+        let action = match v.status {
+            RecipientStatus::Failed | RecipientStatus::Expired => Some(Action::Failed),
+            RecipientStatus::Deferred => {
+                let since = rcpt.first_deferred_at_ms.unwrap_or(now);
+                let long_enough = now.saturating_sub(since)
+                    >= ctx.config.delivery.delay_dsn_after.as_millis() as i64;
+                (long_enough && !rcpt.delay_dsn_sent).then_some(Action::Delayed)
+            }
+            RecipientStatus::Delivered if !outcome.remote_dsn => Some(Action::Relayed),
+            // A DSN-capable peer got NOTIFY passed on and reports success itself.
+            _ => None,
+        };
+        if let Some(action) = action
+            && ctx.config.delivery.dsn
+            && !msg.envelope_sender.is_empty()
+            && dsn::wanted(rcpt.notify, action)
+        {
+            if action == Action::Delayed {
+                delay_marked.push(rcpt.index);
+            }
+            let code = result.reply.as_ref().map(|r| r.code);
+            let diagnostic = match &result.reply {
+                Some(r) => Some(r.display()),
+                None => Some(result.text.clone()),
+            };
+            reports
+                .entry(ReportKind::of(action))
+                .or_default()
+                .push(ReportRecipient {
+                    address: rcpt.address.clone(),
+                    orcpt: rcpt.orcpt.clone(),
+                    action,
+                    status: dsn::status_for(code, enhanced.as_deref(), action),
+                    remote_mta: outcome.remote_host.clone(),
+                    diagnostic,
+                    diagnostic_is_smtp: result.reply.is_some(),
+                    last_attempt_ms: started_ms,
+                    will_retry_until_ms: (action == Action::Delayed)
+                        .then(|| ctx.policy.expires_at_ms(msg.received_at_ms)),
+                });
+        }
+
+        attempts.push(AttemptRecord {
+            receipt: msg.receipt,
+            rcpt_index: rcpt.index,
+            at_ms: started_ms,
+            status: v.status,
+            next_attempt_at_ms: v.next_attempt_at_ms,
+            stage: result.stage,
+            remote_host: outcome.remote_host.clone(),
+            remote_ip: outcome.remote_ip.clone(),
+            tls_version: outcome.tls.as_ref().map(|t| t.version.clone()),
+            tls_cipher: outcome.tls.as_ref().map(|t| t.cipher.clone()),
+            reply_code: result.reply.as_ref().map(|r| r.code),
+            enhanced_status: enhanced,
+            reply_text: text,
+            duration_ms: duration.as_millis() as u64,
+            reason,
+            bounce_type,
+        });
+    }
+    let mut dsns: Vec<AcceptedMessage> = Vec::new();
+    for (_, list) in reports {
+        if let Some(m) = dsn::build(&ctx.config.hostname, msg, body, &list, now) {
+            dsns.push(m);
+        }
+    }
+    for a in &attempts {
+        tracing::info!(
+            receipt = %a.receipt,
+            rcpt = a.rcpt_index,
+            status = %a.status,
+            stage = ?a.stage,
+            remote = a.remote_host.as_deref().unwrap_or("-"),
+            code = a.reply_code.unwrap_or(0),
+            text = %a.reply_text,
+            "delivery attempt"
+        );
+    }
+    let had_dsns = !dsns.is_empty();
+    if let Err(e) = ctx.store.record_attempts(attempts, dsns).await {
+        tracing::error!(receipt = %msg.receipt, error = %e, "cannot record delivery attempts");
+        return;
+    }
+    if !delay_marked.is_empty()
+        && let Err(e) = ctx
+            .store
+            .mark_delay_dsn_sent(msg.receipt, &delay_marked)
+            .await
+    {
+        tracing::error!(receipt = %msg.receipt, error = %e, "cannot mark delay DSN sent");
+    }
+    if had_dsns {
+        // The DSNs are queued mail themselves; the loop picks them up on its next pass.
+        tracing::debug!(receipt = %msg.receipt, "DSN queued");
+    }
+}
+
+/// Reason and bounce type (Sisimai vocabulary) of a recipient that was not delivered: the
+/// expiry itself, the local DNS verdict, or the bounce classifier's reading of the reply —
+/// the same labels an asynchronous bounce with that content would get.
+fn classify(
+    classifier: &Classifier,
+    status: RecipientStatus,
+    result: &RecipientResult,
+    enhanced: Option<&str>,
+    local_reason: Option<&str>,
+) -> Option<(BounceReason, BounceType)> {
+    let code = result.reply.as_ref().map(|r| r.code);
+    let reason = match status {
+        RecipientStatus::Expired => BounceReason::Expired,
+        RecipientStatus::Failed | RecipientStatus::Deferred => {
+            if let Some(r) = local_reason.and_then(|r| r.parse::<BounceReason>().ok()) {
+                r
+            } else if let Some(reply) = &result.reply {
+                return Some(classifier.classify_reply(reply.code, enhanced, &reply.text));
+            } else {
+                let failed = status == RecipientStatus::Failed;
+                classifier.reason(&Evidence {
+                    status: enhanced,
+                    reply_code: None,
+                    diagnostic: &result.text,
+                    action: Some(if failed { "failed" } else { "delayed" }),
+                    command: None,
+                })
+            }
+        }
+        _ => return None,
+    };
+    Some((reason, bounce_type(reason, enhanced, code)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::client::Reply;
+
+    fn replied(code: u16, esc: &str, text: &str) -> RecipientResult {
+        RecipientResult {
+            stage: Stage::Rcpt,
+            reply: Some(Reply {
+                code,
+                enhanced_status: Some(esc.to_string()),
+                text: text.to_string(),
+            }),
+            text: text.to_string(),
+            local_permanent: None,
+        }
+    }
+
+    fn local(text: &str) -> RecipientResult {
+        RecipientResult {
+            stage: Stage::Dns,
+            reply: None,
+            text: text.to_string(),
+            local_permanent: None,
+        }
+    }
+
+    #[test]
+    fn replies_get_the_bounce_classifiers_labels() {
+        let c = Classifier::builtin();
+        let r = replied(550, "5.1.1", "user unknown");
+        assert_eq!(
+            classify(c, RecipientStatus::Failed, &r, Some("5.1.1"), None),
+            Some((BounceReason::UserUnknown, BounceType::Hard))
+        );
+        let r = replied(452, "4.2.2", "mailbox full");
+        let (reason, kind) =
+            classify(c, RecipientStatus::Deferred, &r, Some("4.2.2"), None).unwrap();
+        assert_eq!(reason, BounceReason::MailboxFull);
+        assert_eq!(kind, BounceType::Soft);
+        assert_eq!(
+            classify(
+                c,
+                RecipientStatus::Delivered,
+                &replied(250, "2.0.0", "ok"),
+                None,
+                None
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn local_verdicts_and_expiry_keep_their_own_reason() {
+        let c = Classifier::builtin();
+        assert_eq!(
+            classify(
+                c,
+                RecipientStatus::Failed,
+                &local("null MX"),
+                Some("5.1.10"),
+                Some("notaccept")
+            ),
+            Some((BounceReason::NotAccept, BounceType::Hard))
+        );
+        assert_eq!(
+            classify(
+                c,
+                RecipientStatus::Failed,
+                &local("NXDOMAIN"),
+                Some("5.1.2"),
+                Some("hostunknown")
+            ),
+            Some((BounceReason::HostUnknown, BounceType::Hard))
+        );
+        let expired = classify(
+            c,
+            RecipientStatus::Expired,
+            &replied(451, "4.3.0", "try later"),
+            Some("4.3.0"),
+            None,
+        )
+        .unwrap();
+        assert_eq!(expired.0, BounceReason::Expired);
+        assert_ne!(expired.1, BounceType::Hard);
+    }
+}

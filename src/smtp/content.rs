@@ -1,0 +1,297 @@
+//! Message content ingestion for DATA (dot-terminated) and BDAT (counted chunks): finds the
+//! end of data, removes dot-stuffing, and enforces the size, line-length and line-ending rules.
+//!
+//! We do not use smtp-proto's `DataReceiver` here: it passes bare LF and bare CR through into
+//! the message and has no line-length limit, and a relay that stores a bare LF and later sends
+//! the message on with DATA is exactly what SMTP smuggling exploits. This scanner treats only
+//! `<CRLF>.<CRLF>` as the end of data and flags every bare CR or LF, so the session can reject
+//! the message (Postfix `smtpd_forbid_bare_newline = reject`).
+
+/// Why a complete message is rejected. The session turns each into its reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentError {
+    /// A CR not followed by LF, or an LF not preceded by CR.
+    BareLineEnding,
+    /// A line (CRLF included) longer than `max_data_line`.
+    LineTooLong,
+    /// More than `max_message_size` bytes after dot-unstuffing.
+    TooBig,
+}
+
+/// How the content ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// DATA: ends at `<CRLF>.<CRLF>`; leading dots are unstuffed.
+    DotTerminated,
+    /// BDAT: the session passes exactly the chunk bytes; no dot handling.
+    Chunked,
+}
+
+/// Incremental scanner. Feed it bytes with [`ContentScanner::ingest`] until it reports the end
+/// (DATA) or the session has passed the last chunk (BDAT), then call [`ContentScanner::finish`].
+#[derive(Debug)]
+pub struct ContentScanner {
+    framing: Framing,
+    max_size: usize,
+    max_line: usize,
+    body: Vec<u8>,
+    /// Raw bytes on the current line so far (the leading stuffing dot included).
+    line_len: usize,
+    /// The current line began with a dot (stuffing, or the end-of-data line).
+    dot_line: bool,
+    /// The previous byte was a CR whose LF has not arrived yet.
+    pending_cr: bool,
+    error: Option<ContentError>,
+}
+
+impl ContentScanner {
+    pub fn new(framing: Framing, max_size: usize, max_line: usize) -> Self {
+        Self {
+            framing,
+            max_size,
+            max_line,
+            body: Vec::new(),
+            line_len: 0,
+            dot_line: false,
+            pending_cr: false,
+            error: None,
+        }
+    }
+
+    /// Scans `input`. Returns how many bytes were consumed and whether the end of data was
+    /// reached (always `false` for [`Framing::Chunked`], which consumes everything it gets).
+    pub fn ingest(&mut self, input: &[u8]) -> (usize, bool) {
+        let mut i = 0;
+        while let Some(&b) = input.get(i) {
+            if self.pending_cr {
+                self.pending_cr = false;
+                if b == b'\n' {
+                    // The line so far is `.` and its CR: the end of data.
+                    if self.framing == Framing::DotTerminated && self.dot_line && self.line_len == 2
+                    {
+                        return (i + 1, true);
+                    }
+                    self.push(b"\r\n");
+                    self.line_len = 0;
+                    self.dot_line = false;
+                    i += 1;
+                    continue;
+                }
+                self.fail(ContentError::BareLineEnding);
+                self.push(b"\r");
+            }
+            match b {
+                b'\r' => {
+                    self.pending_cr = true;
+                    self.count_line_bytes(1);
+                    i += 1;
+                }
+                b'\n' => {
+                    // A bare LF does not end a line: `\n.\n` must never look like the end.
+                    self.fail(ContentError::BareLineEnding);
+                    self.count_line_bytes(1);
+                    self.push(b"\n");
+                    i += 1;
+                }
+                b'.' if self.framing == Framing::DotTerminated && self.line_len == 0 => {
+                    self.dot_line = true;
+                    self.count_line_bytes(1);
+                    i += 1;
+                }
+                _ => {
+                    // Ordinary text up to the next CR or LF is copied in one go.
+                    let rest = input.get(i..).unwrap_or(&[]);
+                    let run = rest
+                        .iter()
+                        .position(|&c| c == b'\r' || c == b'\n')
+                        .unwrap_or(rest.len());
+                    self.count_line_bytes(run);
+                    self.push(rest.get(..run).unwrap_or(&[]));
+                    i += run;
+                }
+            }
+        }
+        (input.len(), false)
+    }
+
+    /// Ends a chunked (BDAT) message: a CR left pending at the very end is bare. Returns the
+    /// message body with CRLF line ends, or why it is rejected.
+    pub fn finish(mut self) -> Result<Vec<u8>, ContentError> {
+        if self.pending_cr {
+            self.fail(ContentError::BareLineEnding);
+        }
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if !self.body.is_empty() && !self.body.ends_with(b"\r\n") {
+            // A BDAT message need not end with CRLF; the stored form always does, because
+            // it is relayed with DATA later.
+            self.body.extend_from_slice(b"\r\n");
+        }
+        Ok(self.body)
+    }
+
+    /// Bytes accepted so far (0 once the message is known to be rejected).
+    pub fn len(&self) -> usize {
+        self.body.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.body.is_empty()
+    }
+
+    fn count_line_bytes(&mut self, n: usize) {
+        self.line_len += n;
+        // Called for every byte but the LF of a CRLF, which makes the line one longer.
+        if self.line_len + 1 > self.max_line {
+            self.fail(ContentError::LineTooLong);
+        }
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        if self.body.len() + bytes.len() > self.max_size {
+            self.fail(ContentError::TooBig);
+            return;
+        }
+        self.body.extend_from_slice(bytes);
+    }
+
+    fn fail(&mut self, error: ContentError) {
+        // The first problem names the rejection; the body is dropped but scanning goes on so
+        // that the end of data is still found.
+        if self.error.is_none() {
+            self.error = Some(error);
+            self.body = Vec::new();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(input: &[u8]) -> (usize, bool, Result<Vec<u8>, ContentError>) {
+        let mut s = ContentScanner::new(Framing::DotTerminated, 1000, 100);
+        let (n, done) = s.ingest(input);
+        (n, done, s.finish())
+    }
+
+    #[test]
+    fn ends_only_at_crlf_dot_crlf() {
+        let (n, done, body) = data(b"Subject: x\r\n\r\nhi\r\n.\r\nMAIL");
+        assert!(done);
+        assert_eq!(n, 21);
+        assert_eq!(body.unwrap(), b"Subject: x\r\n\r\nhi\r\n");
+    }
+
+    #[test]
+    fn empty_message_ends_at_first_dot_line() {
+        let (n, done, body) = data(b".\r\n");
+        assert!(done);
+        assert_eq!(n, 3);
+        assert_eq!(body.unwrap(), b"");
+    }
+
+    #[test]
+    fn lf_dot_lf_and_other_bare_forms_never_end_data() {
+        for input in [
+            &b"a\r\n.\nb"[..],
+            b"a\n.\nb",
+            b"a\n.\r\nb",
+            b"a\r.\rb",
+            b"a\r.\r\nb",
+            b"a\r\n.\rb",
+        ] {
+            let (_, done, body) = data(input);
+            assert!(!done, "{input:?} ended data");
+            assert_eq!(body, Err(ContentError::BareLineEnding), "{input:?}");
+        }
+    }
+
+    #[test]
+    fn unstuffs_leading_dots() {
+        let (_, done, body) = data(b"..x\r\n...\r\n.\r\n");
+        assert!(done);
+        assert_eq!(body.unwrap(), b".x\r\n..\r\n");
+    }
+
+    #[test]
+    fn finds_end_split_across_feeds() {
+        let mut s = ContentScanner::new(Framing::DotTerminated, 1000, 100);
+        for part in [&b"hi\r"[..], b"\n", b".", b"\r", b"\n"] {
+            let (n, done) = s.ingest(part);
+            assert_eq!(n, part.len());
+            if done {
+                assert_eq!(s.finish().unwrap(), b"hi\r\n");
+                return;
+            }
+        }
+        panic!("end of data not found");
+    }
+
+    #[test]
+    fn same_result_whatever_the_read_boundaries() {
+        let input = b"Subject: x\r\n\r\n..dot\r\nline two\r\n.\r\nNEXT";
+        let mut whole = ContentScanner::new(Framing::DotTerminated, 1000, 100);
+        let (n_whole, done) = whole.ingest(input);
+        assert!(done);
+        let expected = whole.finish().unwrap();
+        for split in 1..input.len() {
+            let mut s = ContentScanner::new(Framing::DotTerminated, 1000, 100);
+            let mut used = 0;
+            let mut ended = false;
+            for part in input.chunks(split) {
+                let (n, done) = s.ingest(part);
+                used += n;
+                if done {
+                    ended = true;
+                    break;
+                }
+            }
+            assert!(ended, "split {split}");
+            assert_eq!(used, n_whole, "split {split}");
+            assert_eq!(s.finish().unwrap(), expected, "split {split}");
+        }
+    }
+
+    #[test]
+    fn flags_line_longer_than_limit() {
+        let mut line = vec![b'a'; 99];
+        line.extend_from_slice(b"\r\n.\r\n");
+        let (_, done, body) = data(&line);
+        assert!(done);
+        assert_eq!(body, Err(ContentError::LineTooLong));
+        let mut ok = vec![b'a'; 98];
+        ok.extend_from_slice(b"\r\n.\r\n");
+        assert!(data(&ok).2.is_ok());
+    }
+
+    #[test]
+    fn flags_oversized_message_but_still_finds_end() {
+        let mut s = ContentScanner::new(Framing::DotTerminated, 10, 100);
+        let (_, done) = s.ingest(b"0123456789\r\n.\r\n");
+        assert!(done);
+        assert_eq!(s.finish(), Err(ContentError::TooBig));
+    }
+
+    #[test]
+    fn chunked_keeps_dots_and_adds_final_crlf() {
+        let mut s = ContentScanner::new(Framing::Chunked, 1000, 100);
+        assert_eq!(s.ingest(b".\r\n.x"), (5, false));
+        assert_eq!(s.finish().unwrap(), b".\r\n.x\r\n");
+    }
+
+    #[test]
+    fn chunked_rejects_cr_split_from_nothing_at_end() {
+        let mut s = ContentScanner::new(Framing::Chunked, 1000, 100);
+        s.ingest(b"a\r");
+        assert_eq!(s.finish(), Err(ContentError::BareLineEnding));
+        let mut s = ContentScanner::new(Framing::Chunked, 1000, 100);
+        s.ingest(b"a\r");
+        s.ingest(b"\nb\r\n");
+        assert_eq!(s.finish().unwrap(), b"a\r\nb\r\n");
+    }
+}

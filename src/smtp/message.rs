@@ -1,0 +1,324 @@
+//! Turns a completed SMTP transaction (envelope + raw content) into the [`AcceptedMessage`]
+//! handed to the store: prepends our `Received:` trace header (RFC 5321 4.4, with-protocol
+//! per RFC 3848), extracts Message-ID and Subject, and removes `X-Mailtrail-Context`.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+
+use crate::receipt::ReceiptId;
+use crate::spool::{AcceptedMessage, AcceptedRecipient, DsnRet};
+
+/// The header an application uses to tag a message for later lookup; never relayed.
+pub const CONTEXT_HEADER: &str = "X-Mailtrail-Context";
+
+/// What the session knows about a transaction when its content is complete.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    pub client_ip: IpAddr,
+    pub helo: String,
+    /// EHLO (ESMTP) rather than HELO.
+    pub esmtp: bool,
+    pub tls_version: Option<String>,
+    pub auth_user: Option<String>,
+    pub envelope_sender: String,
+    pub recipients: Vec<AcceptedRecipient>,
+    pub envid: Option<String>,
+    pub ret: Option<DsnRet>,
+    pub eight_bit: bool,
+    pub smtputf8: bool,
+    pub inbound_bounce: bool,
+}
+
+impl Envelope {
+    /// RFC 3848 with-protocol: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA.
+    pub fn with_protocol(&self) -> &'static str {
+        match (
+            self.esmtp,
+            self.tls_version.is_some(),
+            self.auth_user.is_some(),
+        ) {
+            (false, _, _) => "SMTP",
+            (true, false, false) => "ESMTP",
+            (true, true, false) => "ESMTPS",
+            (true, false, true) => "ESMTPA",
+            (true, true, true) => "ESMTPSA",
+        }
+    }
+}
+
+/// Builds the stored message. `raw` is the content as received (CRLF line ends, unstuffed).
+pub fn build(
+    envelope: Envelope,
+    raw: &[u8],
+    receipt: ReceiptId,
+    received_at: DateTime<Utc>,
+    hostname: &str,
+) -> AcceptedMessage {
+    let (header_block, rest) = split_header(raw);
+    let (kept_headers, context) = remove_context(header_block);
+    let (message_id, subject) = identify(&kept_headers);
+
+    let received = received_header(&envelope, receipt, received_at, hostname);
+    let mut body = Vec::with_capacity(received.len() + kept_headers.len() + rest.len());
+    body.extend_from_slice(received.as_bytes());
+    body.extend_from_slice(&kept_headers);
+    body.extend_from_slice(rest);
+
+    AcceptedMessage {
+        receipt,
+        received_at_ms: received_at.timestamp_millis(),
+        client_ip: envelope.client_ip,
+        helo: envelope.helo,
+        tls_version: envelope.tls_version,
+        auth_user: envelope.auth_user,
+        envelope_sender: envelope.envelope_sender,
+        recipients: envelope.recipients,
+        envid: envelope.envid,
+        ret: envelope.ret,
+        eight_bit: envelope.eight_bit,
+        smtputf8: envelope.smtputf8,
+        message_id,
+        subject,
+        context,
+        body,
+        inbound_bounce: envelope.inbound_bounce,
+    }
+}
+
+/// `Received: from <helo> ([ip]) by <host> (mailtrail) with <proto> id <receipt> [for
+/// <rcpt>]; <date>`. `for` is only given for a single recipient, so that one recipient's copy
+/// does not disclose the others.
+pub fn received_header(
+    envelope: &Envelope,
+    receipt: ReceiptId,
+    received_at: DateTime<Utc>,
+    hostname: &str,
+) -> String {
+    let ip = match envelope.client_ip {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("IPv6:{v6}"),
+    };
+    let helo: String = envelope
+        .helo
+        .chars()
+        .filter(|c| c.is_ascii_graphic() && !matches!(c, '(' | ')' | ';'))
+        .collect();
+    let mut header = format!(
+        "Received: from {helo} ([{ip}])\r\n\tby {hostname} (mailtrail) with {} id {receipt}",
+        envelope.with_protocol()
+    );
+    if let [only] = envelope.recipients.as_slice() {
+        header.push_str(&format!("\r\n\tfor <{}>", only.address));
+    }
+    header.push_str(&format!("; {}\r\n", received_at.to_rfc2822()));
+    header
+}
+
+/// Splits at the blank line ending the header section. The header block keeps its final
+/// CRLF; the rest starts with the blank line. A message without a blank line is all header.
+fn split_header(raw: &[u8]) -> (&[u8], &[u8]) {
+    if raw.starts_with(b"\r\n") {
+        return (&[], raw);
+    }
+    match raw.windows(4).position(|w| w == b"\r\n\r\n") {
+        Some(pos) => raw.split_at(pos + 2),
+        None => (raw, &[]),
+    }
+}
+
+/// Removes every `X-Mailtrail-Context` field (with its folded lines); returns the remaining
+/// header block and the first field's unfolded, trimmed value.
+fn remove_context(header_block: &[u8]) -> (Vec<u8>, Option<String>) {
+    let mut kept = Vec::with_capacity(header_block.len());
+    let mut context = None;
+    for field in fields(header_block) {
+        let name_end = field.iter().position(|&b| b == b':');
+        let is_context = name_end.is_some_and(|end| {
+            field.get(..end).is_some_and(|name| {
+                name.trim_ascii()
+                    .eq_ignore_ascii_case(CONTEXT_HEADER.as_bytes())
+            })
+        });
+        if !is_context {
+            kept.extend_from_slice(field);
+            continue;
+        }
+        if context.is_none() {
+            let value = name_end.and_then(|end| field.get(end + 1..)).unwrap_or(&[]);
+            let unfolded: Vec<u8> = value
+                .iter()
+                .copied()
+                .filter(|&b| b != b'\r' && b != b'\n')
+                .collect();
+            let text = String::from_utf8_lossy(&unfolded).trim().to_string();
+            if !text.is_empty() {
+                context = Some(text);
+            }
+        }
+    }
+    (kept, context)
+}
+
+/// Header fields: each a line plus its continuation lines (starting with SP or HT).
+fn fields(block: &[u8]) -> Vec<&[u8]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut pos = 0;
+    while pos < block.len() {
+        let line_end = block[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map(|i| pos + i + 1)
+            .unwrap_or(block.len());
+        let continues = matches!(block.get(line_end), Some(b' ' | b'\t'));
+        if !continues {
+            out.push(&block[start..line_end]);
+            start = line_end;
+        }
+        pos = line_end;
+    }
+    out
+}
+
+/// Message-ID (angle brackets stripped) and Subject (encoded words decoded).
+fn identify(header_block: &[u8]) -> (Option<String>, Option<String>) {
+    if header_block.is_empty() {
+        return (None, None);
+    }
+    let mut with_end = header_block.to_vec();
+    with_end.extend_from_slice(b"\r\n");
+    match mail_parser::MessageParser::default().parse_headers(&with_end) {
+        Some(parsed) => (
+            parsed.message_id().map(str::to_string),
+            parsed.subject().map(str::to_string),
+        ),
+        None => (None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(recipients: &[&str]) -> Envelope {
+        Envelope {
+            client_ip: "192.0.2.7".parse().unwrap(),
+            helo: "client.example".into(),
+            esmtp: true,
+            tls_version: None,
+            auth_user: None,
+            envelope_sender: "app@example.com".into(),
+            recipients: recipients
+                .iter()
+                .map(|a| AcceptedRecipient {
+                    address: a.to_string(),
+                    orcpt: None,
+                    notify: None,
+                    preset: None,
+                })
+                .collect(),
+            envid: None,
+            ret: None,
+            eight_bit: false,
+            smtputf8: false,
+            inbound_bounce: false,
+        }
+    }
+
+    fn at() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_700_000_000, 0).unwrap()
+    }
+
+    #[test]
+    fn prepends_received_header_with_receipt_id() {
+        let id = ReceiptId::new();
+        let raw = b"Subject: hi\r\n\r\nbody\r\n";
+        let msg = build(envelope(&["a@example.net"]), raw, id, at(), "mx.test");
+        let text = String::from_utf8(msg.body).unwrap();
+        let expected = format!(
+            "Received: from client.example ([192.0.2.7])\r\n\tby mx.test (mailtrail) with ESMTP id {id}\r\n\tfor <a@example.net>; Tue, 14 Nov 2023 22:13:20 +0000\r\nSubject: hi\r\n\r\nbody\r\n"
+        );
+        assert_eq!(text, expected);
+        assert_eq!(msg.received_at_ms, 1_700_000_000_000);
+    }
+
+    #[test]
+    fn omits_for_clause_with_several_recipients() {
+        let h = received_header(&envelope(&["a@x", "b@x"]), ReceiptId::new(), at(), "h");
+        assert!(!h.contains("for <"), "{h}");
+    }
+
+    #[test]
+    fn names_rfc3848_protocols() {
+        let mut e = envelope(&[]);
+        assert_eq!(e.with_protocol(), "ESMTP");
+        e.tls_version = Some("TLSv1_3".into());
+        assert_eq!(e.with_protocol(), "ESMTPS");
+        e.auth_user = Some("u".into());
+        assert_eq!(e.with_protocol(), "ESMTPSA");
+        e.tls_version = None;
+        assert_eq!(e.with_protocol(), "ESMTPA");
+        e.esmtp = false;
+        assert_eq!(e.with_protocol(), "SMTP");
+    }
+
+    #[test]
+    fn brackets_ipv6_literal() {
+        let mut e = envelope(&[]);
+        e.client_ip = "::1".parse().unwrap();
+        let h = received_header(&e, ReceiptId::new(), at(), "h");
+        assert!(h.contains("([IPv6:::1])"), "{h}");
+    }
+
+    #[test]
+    fn extracts_message_id_and_decoded_subject() {
+        let raw =
+            b"Message-ID: <abc@example.com>\r\nSubject: =?UTF-8?B?SGVsbG8gd29ybGQ=?=\r\n\r\nx\r\n";
+        let msg = build(envelope(&["a@x"]), raw, ReceiptId::new(), at(), "h");
+        assert_eq!(msg.message_id.as_deref(), Some("abc@example.com"));
+        assert_eq!(msg.subject.as_deref(), Some("Hello world"));
+    }
+
+    #[test]
+    fn removes_context_header_and_keeps_its_value() {
+        let raw = b"From: a@x\r\nX-Mailtrail-Context: order=42\r\n  user=7\r\nSubject: s\r\n\r\nX-Mailtrail-Context: in body\r\n";
+        let msg = build(envelope(&["a@x"]), raw, ReceiptId::new(), at(), "h");
+        assert_eq!(msg.context.as_deref(), Some("order=42  user=7"));
+        let text = String::from_utf8(msg.body).unwrap();
+        let after_received = text.split_once("+0000\r\n").unwrap().1;
+        assert_eq!(
+            after_received,
+            "From: a@x\r\nSubject: s\r\n\r\nX-Mailtrail-Context: in body\r\n"
+        );
+    }
+
+    #[test]
+    fn context_header_name_is_case_insensitive() {
+        let raw = b"x-mailtrail-context: c1\r\n\r\nb\r\n";
+        let msg = build(envelope(&["a@x"]), raw, ReceiptId::new(), at(), "h");
+        assert_eq!(msg.context.as_deref(), Some("c1"));
+        assert!(
+            !String::from_utf8_lossy(&msg.body)
+                .to_lowercase()
+                .contains("x-mailtrail-context")
+        );
+    }
+
+    #[test]
+    fn handles_message_without_headers_or_blank_line() {
+        for raw in [&b""[..], b"\r\nbody only\r\n", b"Subject: only headers\r\n"] {
+            let msg = build(envelope(&["a@x"]), raw, ReceiptId::new(), at(), "h");
+            assert!(msg.body.starts_with(b"Received: "));
+            assert!(msg.body.ends_with(raw));
+        }
+    }
+
+    #[test]
+    fn strips_comment_characters_from_helo() {
+        let mut e = envelope(&[]);
+        e.helo = "evil(x);y".into();
+        let h = received_header(&e, ReceiptId::new(), at(), "h");
+        assert!(h.starts_with("Received: from evilxy ("), "{h}");
+    }
+}

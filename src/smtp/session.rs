@@ -1,0 +1,2087 @@
+//! The inbound ESMTP session as a sans-IO state machine (RFC 5321, with RFC 1870 SIZE,
+//! 2920 PIPELINING, 3030 CHUNKING, 3207 STARTTLS, 3461 DSN, 4954 AUTH, 6531 SMTPUTF8).
+//!
+//! Bytes go in through [`Session::feed`]; [`Action`]s come out: replies to send, and requests
+//! the shell must answer before the session reads on (verify credentials, check a recipient,
+//! store a message, start TLS). While such a request is open the session buffers input and
+//! processes nothing, so pipelined commands are answered in order and only after the reply
+//! they depend on. Commands are parsed with smtp-proto; message content is scanned by
+//! [`super::content`].
+
+use std::borrow::Cow;
+use std::net::IpAddr;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use smtp_proto::{Error as ParseError, MailFrom, RcptTo, Request};
+
+use super::content::{ContentError, ContentScanner, Framing};
+use super::message::{self, Envelope};
+use super::reply::Reply;
+use crate::config::Config;
+use crate::receipt::ReceiptId;
+use crate::spool::{AcceptedMessage, AcceptedRecipient, DsnRet, Notify, PresetOutcome};
+use crate::store::RecipientStatus;
+
+/// Longest refused address kept for the mail log; the rest is cut.
+const MAX_RECORDED_ADDRESS: usize = 320;
+
+/// The limits and offers of one listener, fixed for a session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub hostname: String,
+    pub max_message_size: usize,
+    pub max_recipients: usize,
+    pub max_command_line: usize,
+    pub max_data_line: usize,
+    pub max_errors: usize,
+    /// A TLS server config exists, so STARTTLS can be offered.
+    pub tls_available: bool,
+    /// At least one AUTH user is configured.
+    pub auth_available: bool,
+}
+
+impl SessionConfig {
+    pub fn from_config(config: &Config, tls_available: bool) -> Self {
+        Self {
+            hostname: config.hostname.clone(),
+            max_message_size: config.smtp.max_message_size,
+            max_recipients: config.smtp.max_recipients,
+            max_command_line: config.smtp.max_command_line,
+            max_data_line: config.smtp.max_data_line,
+            max_errors: config.smtp.max_errors,
+            tls_available,
+            auth_available: !config.smtp.users.is_empty(),
+        }
+    }
+}
+
+/// Who is connected.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    pub ip: IpAddr,
+    /// The address is in `smtp.relay_networks`.
+    pub relay_client: bool,
+}
+
+impl Peer {
+    fn is_loopback(&self) -> bool {
+        match self.ip {
+            IpAddr::V4(v4) => v4.is_loopback(),
+            IpAddr::V6(v6) => {
+                v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+            }
+        }
+    }
+}
+
+/// AUTH credentials to verify. `Debug` never shows the password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A recipient the shell's [`super::RecipientPolicy`] must rule on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientCheck {
+    pub address: String,
+    pub envelope_sender: String,
+    pub client_ip: IpAddr,
+    /// The client may relay: it is in `relay_networks` or authenticated.
+    pub relay_allowed: bool,
+    pub auth_user: Option<String>,
+}
+
+/// The policy's answer for one recipient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecipientVerdict {
+    /// `250`, relay as usual.
+    Accept,
+    /// `250`, but store the recipient with this final outcome instead of relaying it (a
+    /// suppressed address, a domain that cannot receive mail).
+    AcceptWithOutcome(PresetOutcome),
+    /// `250`: mail to the bounce domain, parsed as a bounce and never relayed. Such
+    /// recipients are not mixed with relayed ones in one transaction.
+    AcceptInboundBounce,
+    /// Refuse with this reply (e.g. `554 5.7.1 Relay access denied`).
+    Reject(Reply),
+}
+
+/// What the session asks the shell to do, in order.
+#[derive(Debug)]
+pub enum Action {
+    Send(Reply),
+    /// Flush the replies, then run the TLS handshake and call [`Session::tls_started`].
+    StartTls,
+    /// Verify and call [`Session::auth_verified`].
+    Authenticate(Credentials),
+    /// Ask the recipient policy and call [`Session::recipient_checked`].
+    CheckRecipient(RecipientCheck),
+    /// Store durably and call [`Session::stored`].
+    Store(Box<AcceptedMessage>),
+    /// Flush the replies and close the connection.
+    Close,
+}
+
+#[derive(Debug)]
+enum Phase {
+    Command,
+    /// Waiting for the client's next SASL response line.
+    Sasl(SaslStep),
+    Data(ContentScanner),
+    /// Reading a BDAT chunk's bytes. `refusal` is set when the chunk is consumed only to be
+    /// refused (RFC 3030: the bytes are read even when the command fails).
+    BdatChunk {
+        remaining: usize,
+        last: bool,
+        refusal: Option<Reply>,
+    },
+    /// An [`Action`] is open; input is buffered until the shell answers.
+    Waiting(Pending),
+    Closed,
+}
+
+#[derive(Debug)]
+enum SaslStep {
+    Plain,
+    LoginUsername,
+    LoginPassword { username: String },
+}
+
+#[derive(Debug)]
+enum Pending {
+    Tls,
+    Auth { username: String },
+    Recipient(AcceptedRecipient),
+    Store { receipt: ReceiptId },
+}
+
+#[derive(Debug)]
+struct Transaction {
+    envelope_sender: String,
+    envid: Option<String>,
+    ret: Option<DsnRet>,
+    eight_bit: bool,
+    smtputf8: bool,
+    recipients: Vec<AcceptedRecipient>,
+    /// Recipients refused for bad syntax (`553 5.1.3`): stored with the message as
+    /// `rejected`/`syntaxerror` so the mail log shows the attempt to reach them.
+    refused: Vec<AcceptedRecipient>,
+    /// Set by the first accepted recipient: `true` when it is for the bounce domain.
+    inbound_bounce: Option<bool>,
+    /// The BDAT content so far, once the first chunk arrived.
+    chunks: Option<ContentScanner>,
+}
+
+/// One SMTP session. See the module docs.
+#[derive(Debug)]
+pub struct Session {
+    config: SessionConfig,
+    peer: Peer,
+    tls_version: Option<String>,
+    helo: Option<String>,
+    esmtp: bool,
+    auth_user: Option<String>,
+    transaction: Option<Transaction>,
+    phase: Phase,
+    input: Vec<u8>,
+    /// 5xx replies so far; 4xx replies are flow control a correct client follows, not errors.
+    errors: usize,
+    /// Discarding the rest of an over-long command line.
+    skipping_line: bool,
+    /// Shutdown requested: close at the next point where no transaction is open.
+    draining: bool,
+}
+
+impl Session {
+    /// `tls_version` is set for implicit-TLS listeners.
+    pub fn new(config: SessionConfig, peer: Peer, tls_version: Option<String>) -> Self {
+        Self {
+            config,
+            peer,
+            tls_version,
+            helo: None,
+            esmtp: false,
+            auth_user: None,
+            transaction: None,
+            phase: Phase::Command,
+            input: Vec::new(),
+            errors: 0,
+            skipping_line: false,
+            draining: false,
+        }
+    }
+
+    /// The banner.
+    pub fn greeting(&self) -> Vec<Action> {
+        vec![Action::Send(Reply::plain(
+            220,
+            format!("{} ESMTP mailtrail", self.config.hostname),
+        ))]
+    }
+
+    /// Bytes from the client.
+    pub fn feed(&mut self, bytes: &[u8]) -> Vec<Action> {
+        if matches!(self.phase, Phase::Closed) {
+            return Vec::new();
+        }
+        self.input.extend_from_slice(bytes);
+        self.process()
+    }
+
+    /// The TLS handshake after STARTTLS succeeded: back to the post-banner state (RFC 3207
+    /// 4.2); the client must send EHLO again.
+    pub fn tls_started(&mut self, tls_version: String) -> Vec<Action> {
+        self.tls_version = Some(tls_version);
+        self.helo = None;
+        self.esmtp = false;
+        self.auth_user = None;
+        self.transaction = None;
+        self.input.clear();
+        self.phase = Phase::Command;
+        self.process()
+    }
+
+    /// The answer to [`Action::Authenticate`]: the verified user, or `None`.
+    pub fn auth_verified(&mut self, user: Option<String>) -> Vec<Action> {
+        let Phase::Waiting(Pending::Auth { username }) = &self.phase else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        match user {
+            Some(user) if &user == username => {
+                self.auth_user = Some(user);
+                self.reply(
+                    &mut out,
+                    Reply::new(235, "2.7.0", "Authentication successful"),
+                );
+            }
+            _ => self.reply(
+                &mut out,
+                Reply::new(535, "5.7.8", "Authentication credentials invalid"),
+            ),
+        }
+        self.resume(out)
+    }
+
+    /// The answer to [`Action::CheckRecipient`].
+    pub fn recipient_checked(&mut self, verdict: RecipientVerdict) -> Vec<Action> {
+        let Phase::Waiting(Pending::Recipient(_)) = &self.phase else {
+            return Vec::new();
+        };
+        let Phase::Waiting(Pending::Recipient(mut recipient)) =
+            std::mem::replace(&mut self.phase, Phase::Command)
+        else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let (inbound_bounce, preset) = match verdict {
+            RecipientVerdict::Reject(reply) => {
+                self.reply(&mut out, reply);
+                return self.resume(out);
+            }
+            RecipientVerdict::Accept => (false, None),
+            RecipientVerdict::AcceptWithOutcome(preset) => (false, Some(preset)),
+            RecipientVerdict::AcceptInboundBounce => (true, None),
+        };
+        let Some(tx) = self.transaction.as_mut() else {
+            return self.resume(out);
+        };
+        if tx.inbound_bounce.is_some_and(|kind| kind != inbound_bounce) {
+            // RFC 5321 4.5.3.1.10: the client sends the rest in a later transaction.
+            self.reply(
+                &mut out,
+                Reply::new(
+                    452,
+                    "4.5.3",
+                    "Send this recipient in a separate transaction",
+                ),
+            );
+            return self.resume(out);
+        }
+        tx.inbound_bounce = Some(inbound_bounce);
+        recipient.preset = preset;
+        tx.recipients.push(recipient);
+        self.reply(&mut out, Reply::new(250, "2.1.5", "Ok"));
+        self.resume(out)
+    }
+
+    /// The answer to [`Action::Store`]: `true` once the message is durable.
+    pub fn stored(&mut self, ok: bool) -> Vec<Action> {
+        let Phase::Waiting(Pending::Store { receipt }) = &self.phase else {
+            return Vec::new();
+        };
+        let receipt = *receipt;
+        let mut out = Vec::new();
+        if ok {
+            self.reply(
+                &mut out,
+                Reply::new(250, "2.0.0", format!("Ok: queued as {receipt}")),
+            );
+        } else {
+            self.reply(
+                &mut out,
+                Reply::new(451, "4.3.0", "Temporary storage failure, try again later"),
+            );
+        }
+        self.resume(out)
+    }
+
+    /// The client sent nothing for too long (RFC 5321 4.5.3.2).
+    pub fn timed_out(&mut self) -> Vec<Action> {
+        let reply = Reply::new(
+            421,
+            "4.4.2",
+            format!("{} Error: timeout exceeded", self.config.hostname),
+        );
+        self.close_with(reply)
+    }
+
+    /// Shutdown: idle sessions get `421` now; a session in a transaction finishes it first.
+    pub fn begin_shutdown(&mut self) -> Vec<Action> {
+        self.draining = true;
+        if matches!(self.phase, Phase::Command) {
+            self.process()
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// The shutdown grace period is over: close whatever is in flight.
+    pub fn shutdown_now(&mut self) -> Vec<Action> {
+        self.close_with(Reply::new(421, "4.3.2", "Service shutting down"))
+    }
+
+    /// Message content is being read (the shell applies `data_timeout`, not
+    /// `command_timeout`).
+    pub fn expects_content(&self) -> bool {
+        matches!(self.phase, Phase::Data(_) | Phase::BdatChunk { .. })
+    }
+
+    /// A MAIL transaction is open (from MAIL until the final reply or RSET).
+    pub fn in_transaction(&self) -> bool {
+        self.transaction.is_some()
+            || matches!(
+                self.phase,
+                Phase::Data(_) | Phase::BdatChunk { .. } | Phase::Waiting(Pending::Store { .. })
+            )
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.phase, Phase::Closed)
+    }
+
+    fn close_with(&mut self, reply: Reply) -> Vec<Action> {
+        if self.is_closed() {
+            return Vec::new();
+        }
+        self.phase = Phase::Closed;
+        self.input.clear();
+        vec![Action::Send(reply), Action::Close]
+    }
+
+    /// After an open request was answered: carry on with buffered input.
+    fn resume(&mut self, mut out: Vec<Action>) -> Vec<Action> {
+        if matches!(self.phase, Phase::Waiting(_)) {
+            self.phase = Phase::Command;
+        }
+        if !self.is_closed() {
+            out.extend(self.process());
+        }
+        out
+    }
+
+    /// Queues a reply, counting 5xx replies; one more than `max_errors` ends the session.
+    fn reply(&mut self, out: &mut Vec<Action>, reply: Reply) {
+        let is_error = reply.code >= 500;
+        out.push(Action::Send(reply));
+        if is_error {
+            self.errors += 1;
+            if self.errors > self.config.max_errors {
+                out.push(Action::Send(Reply::new(
+                    421,
+                    "4.7.0",
+                    format!("{} Error: too many errors", self.config.hostname),
+                )));
+                out.push(Action::Close);
+                self.phase = Phase::Closed;
+                self.input.clear();
+            }
+        }
+    }
+
+    fn process(&mut self) -> Vec<Action> {
+        let mut out = Vec::new();
+        loop {
+            match std::mem::replace(&mut self.phase, Phase::Command) {
+                Phase::Closed => {
+                    self.phase = Phase::Closed;
+                    return out;
+                }
+                waiting @ Phase::Waiting(_) => {
+                    self.phase = waiting;
+                    return out;
+                }
+                Phase::Data(mut scanner) => {
+                    let (used, done) = scanner.ingest(&self.input);
+                    self.input.drain(..used);
+                    if !done {
+                        self.phase = Phase::Data(scanner);
+                        return out;
+                    }
+                    self.content_complete(&mut out, scanner);
+                }
+                Phase::BdatChunk {
+                    remaining,
+                    last,
+                    refusal,
+                } => {
+                    let take = remaining.min(self.input.len());
+                    if refusal.is_none()
+                        && let Some(scanner) =
+                            self.transaction.as_mut().and_then(|tx| tx.chunks.as_mut())
+                    {
+                        scanner.ingest(self.input.get(..take).unwrap_or(&[]));
+                    }
+                    self.input.drain(..take);
+                    let remaining = remaining - take;
+                    if remaining > 0 {
+                        self.phase = Phase::BdatChunk {
+                            remaining,
+                            last,
+                            refusal,
+                        };
+                        return out;
+                    }
+                    self.chunk_complete(&mut out, last, refusal);
+                }
+                Phase::Sasl(step) => {
+                    let errors_before = self.errors;
+                    let line = self.next_line(&mut out);
+                    if self.errors > errors_before {
+                        // An over-long response was refused: the exchange is over, and what
+                        // follows is read as commands again.
+                        if let Some(line) = line {
+                            self.command(&mut out, &line);
+                        }
+                        continue;
+                    }
+                    let Some(line) = line else {
+                        if matches!(self.phase, Phase::Command) {
+                            self.phase = Phase::Sasl(step);
+                        }
+                        return out;
+                    };
+                    self.sasl_response(&mut out, step, &line);
+                }
+                Phase::Command => {
+                    if self.draining && !self.in_transaction() {
+                        out.extend(self.close_with(Reply::new(
+                            421,
+                            "4.3.2",
+                            "Service shutting down",
+                        )));
+                        return out;
+                    }
+                    if self.input.starts_with(&[0x16, 0x03]) && !self.skipping_line {
+                        // A TLS ClientHello on the plain port: no SMTP will follow.
+                        out.extend(self.close_with(Reply::new(
+                            500,
+                            "5.5.2",
+                            "TLS handshake on a plain-text SMTP port",
+                        )));
+                        return out;
+                    }
+                    let Some(line) = self.next_line(&mut out) else {
+                        return out;
+                    };
+                    self.command(&mut out, &line);
+                }
+            }
+        }
+    }
+
+    /// The next complete line (with its line end), or `None` when more input is needed.
+    /// Over-long lines are answered `500 5.5.2` and skipped.
+    fn next_line(&mut self, out: &mut Vec<Action>) -> Option<Vec<u8>> {
+        loop {
+            let max = self.config.max_command_line;
+            match self.input.iter().position(|&b| b == b'\n') {
+                Some(pos) => {
+                    let line: Vec<u8> = self.input.drain(..=pos).collect();
+                    if self.skipping_line {
+                        self.skipping_line = false;
+                        continue;
+                    }
+                    if line.len() > max {
+                        self.reply(out, Reply::new(500, "5.5.2", "Line too long"));
+                        if self.is_closed() {
+                            return None;
+                        }
+                        continue;
+                    }
+                    return Some(line);
+                }
+                None => {
+                    if self.input.len() > max || (self.skipping_line && !self.input.is_empty()) {
+                        self.input.clear();
+                        if !self.skipping_line {
+                            self.skipping_line = true;
+                            self.reply(out, Reply::new(500, "5.5.2", "Line too long"));
+                        }
+                    }
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, out: &mut Vec<Action>, line: &[u8]) {
+        if is_rcpt_postmaster(line) {
+            // RFC 5321 4.5.1: `<Postmaster>` without a domain must be accepted; smtp-proto
+            // refuses an address without `@`.
+            let to = RcptTo {
+                address: Cow::Borrowed("postmaster"),
+                orcpt: None,
+                rrvs: 0,
+                flags: 0,
+            };
+            return self.rcpt(out, to);
+        }
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(request) => request,
+            Err(e) => {
+                if matches!(e, ParseError::InvalidRecipientAddress)
+                    && let Some(address) = forward_path_text(line)
+                {
+                    self.record_refused(address);
+                }
+                let reply = parse_error_reply(e);
+                self.reply(out, reply);
+                return;
+            }
+        };
+        match request {
+            Request::Ehlo { host } => self.hello(out, host.into_owned(), true),
+            Request::Helo { host } => self.hello(out, host.into_owned(), false),
+            Request::Mail { from } => self.mail(out, from),
+            Request::Rcpt { to } => self.rcpt(out, to),
+            Request::Data => self.data(out),
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.bdat(chunk_size, is_last),
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(out, mechanism, &initial_response),
+            Request::StartTls => self.starttls(out),
+            Request::Rset => {
+                self.transaction = None;
+                self.reply(out, Reply::new(250, "2.0.0", "Ok"));
+            }
+            Request::Noop { .. } => self.reply(out, Reply::new(250, "2.0.0", "Ok")),
+            Request::Quit => {
+                out.push(Action::Send(Reply::new(221, "2.0.0", "Bye")));
+                out.push(Action::Close);
+                self.phase = Phase::Closed;
+                self.input.clear();
+            }
+            Request::Vrfy { .. } => self.reply(
+                out,
+                Reply::new(
+                    252,
+                    "2.5.0",
+                    "Cannot VRFY user, but will accept message and attempt delivery",
+                ),
+            ),
+            Request::Help { .. } => self.reply(
+                out,
+                Reply::new(
+                    214,
+                    "2.0.0",
+                    "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS AUTH",
+                ),
+            ),
+            Request::Lhlo { .. }
+            | Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => {
+                self.reply(out, Reply::new(502, "5.5.1", "Command not implemented"))
+            }
+        }
+    }
+
+    fn hello(&mut self, out: &mut Vec<Action>, host: String, esmtp: bool) {
+        self.transaction = None;
+        self.helo = Some(host);
+        self.esmtp = esmtp;
+        if !esmtp {
+            let reply = Reply::plain(250, self.config.hostname.clone());
+            self.reply(out, reply);
+            return;
+        }
+        let mut lines = vec![
+            self.config.hostname.clone(),
+            "PIPELINING".to_string(),
+            format!("SIZE {}", self.config.max_message_size),
+            "8BITMIME".to_string(),
+            "SMTPUTF8".to_string(),
+            "ENHANCEDSTATUSCODES".to_string(),
+            "CHUNKING".to_string(),
+            "DSN".to_string(),
+        ];
+        if self.config.tls_available && self.tls_version.is_none() {
+            lines.push("STARTTLS".to_string());
+        }
+        if self.auth_offered() {
+            lines.push("AUTH PLAIN LOGIN".to_string());
+        }
+        self.reply(out, Reply::multiline(250, lines));
+    }
+
+    /// AUTH is offered under TLS, or in clear text only to loopback clients.
+    fn auth_offered(&self) -> bool {
+        self.config.auth_available && (self.tls_version.is_some() || self.peer.is_loopback())
+    }
+
+    fn mail(&mut self, out: &mut Vec<Action>, from: MailFrom<Cow<'_, str>>) {
+        if self.helo.is_none() {
+            return self.reply(out, Reply::new(503, "5.5.1", "Send EHLO/HELO first"));
+        }
+        if self.transaction.is_some() {
+            return self.reply(out, Reply::new(503, "5.5.1", "Nested MAIL command"));
+        }
+        if from.size > self.config.max_message_size {
+            return self.reply(
+                out,
+                Reply::new(
+                    552,
+                    "5.3.4",
+                    "Message size exceeds fixed maximum message size",
+                ),
+            );
+        }
+        if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
+            return self.reply(
+                out,
+                Reply::new(555, "5.5.4", "BODY=BINARYMIME not supported"),
+            );
+        }
+        if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 {
+            return self.reply(out, Reply::new(555, "5.5.4", "REQUIRETLS not supported"));
+        }
+        let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
+        let address = from.address.into_owned();
+        if !address.is_empty() && !is_mailbox(&address) {
+            return self.reply(out, Reply::new(553, "5.1.7", "Bad sender address syntax"));
+        }
+        if !smtputf8 && !address.is_ascii() {
+            return self.reply(
+                out,
+                Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"),
+            );
+        }
+        let ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
+            Some(DsnRet::Full)
+        } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
+            Some(DsnRet::Hdrs)
+        } else {
+            None
+        };
+        self.transaction = Some(Transaction {
+            envelope_sender: address,
+            envid: from.env_id.map(Cow::into_owned),
+            ret,
+            eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
+            smtputf8,
+            recipients: Vec::new(),
+            refused: Vec::new(),
+            inbound_bounce: None,
+            chunks: None,
+        });
+        self.reply(out, Reply::new(250, "2.1.0", "Ok"));
+    }
+
+    fn rcpt(&mut self, out: &mut Vec<Action>, to: RcptTo<Cow<'_, str>>) {
+        let Some(tx) = self.transaction.as_ref() else {
+            return self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"));
+        };
+        if tx.chunks.is_some() {
+            return self.reply(
+                out,
+                Reply::new(503, "5.5.1", "RCPT not allowed during BDAT"),
+            );
+        }
+        if tx.recipients.len() >= self.config.max_recipients {
+            return self.reply(out, Reply::new(452, "4.5.3", "Too many recipients"));
+        }
+        let address = to.address.into_owned();
+        if !is_mailbox(&address) && !address.eq_ignore_ascii_case("postmaster") {
+            self.record_refused(address);
+            let reply = Reply::new(553, "5.1.3", "Bad recipient address syntax");
+            return self.reply(out, reply);
+        }
+        if !tx.smtputf8 && !address.is_ascii() {
+            return self.reply(
+                out,
+                Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"),
+            );
+        }
+        let notify = notify_of(to.flags);
+        let check = RecipientCheck {
+            address: address.clone(),
+            envelope_sender: tx.envelope_sender.clone(),
+            client_ip: self.peer.ip,
+            relay_allowed: self.peer.relay_client || self.auth_user.is_some(),
+            auth_user: self.auth_user.clone(),
+        };
+        self.phase = Phase::Waiting(Pending::Recipient(AcceptedRecipient {
+            address,
+            orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
+            notify,
+            preset: None,
+        }));
+        out.push(Action::CheckRecipient(check));
+    }
+
+    /// Keeps a recipient refused for its syntax, to be stored as `rejected`/`syntaxerror`
+    /// with the message (if the transaction completes). Bounded like accepted recipients.
+    fn record_refused(&mut self, address: String) {
+        if let Some(tx) = self.transaction.as_mut()
+            && tx.refused.len() < self.config.max_recipients
+        {
+            tx.refused.push(AcceptedRecipient {
+                address: address.chars().take(MAX_RECORDED_ADDRESS).collect(),
+                orcpt: None,
+                notify: None,
+                preset: Some(PresetOutcome {
+                    status: RecipientStatus::Rejected,
+                    reason: "syntaxerror".to_string(),
+                    text: "553 5.1.3 Bad recipient address syntax".to_string(),
+                }),
+            });
+        }
+    }
+
+    fn data(&mut self, out: &mut Vec<Action>) {
+        let Some(tx) = self.transaction.as_ref() else {
+            return self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"));
+        };
+        if tx.chunks.is_some() {
+            return self.reply(out, Reply::new(503, "5.5.1", "DATA not allowed after BDAT"));
+        }
+        if tx.recipients.is_empty() {
+            return self.reply(out, Reply::new(503, "5.5.1", "Need RCPT command"));
+        }
+        self.phase = Phase::Data(ContentScanner::new(
+            Framing::DotTerminated,
+            self.config.max_message_size,
+            self.config.max_data_line,
+        ));
+        self.reply(out, Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
+    }
+
+    fn bdat(&mut self, size: usize, last: bool) {
+        let refusal = match self.transaction.as_mut() {
+            None => Some(Reply::new(503, "5.5.1", "Need MAIL command")),
+            Some(tx) if tx.recipients.is_empty() => {
+                Some(Reply::new(503, "5.5.1", "Need RCPT command"))
+            }
+            Some(tx) => {
+                if tx.chunks.is_none() {
+                    tx.chunks = Some(ContentScanner::new(
+                        Framing::Chunked,
+                        self.config.max_message_size,
+                        self.config.max_data_line,
+                    ));
+                }
+                None
+            }
+        };
+        self.phase = Phase::BdatChunk {
+            remaining: size,
+            last,
+            refusal,
+        };
+    }
+
+    fn chunk_complete(&mut self, out: &mut Vec<Action>, last: bool, refusal: Option<Reply>) {
+        if let Some(reply) = refusal {
+            return self.reply(out, reply);
+        }
+        if last {
+            let Some(scanner) = self.transaction.as_mut().and_then(|tx| tx.chunks.take()) else {
+                return;
+            };
+            return self.content_complete(out, scanner);
+        }
+        // Size, line and line-ending violations are answered once, after the LAST chunk.
+        self.reply(out, Reply::new(250, "2.0.0", "Chunk received"));
+    }
+
+    /// The message content is complete: reject it, or hand it to the store.
+    fn content_complete(&mut self, out: &mut Vec<Action>, scanner: ContentScanner) {
+        let Some(tx) = self.transaction.take() else {
+            return;
+        };
+        let body = match scanner.finish() {
+            Ok(body) => body,
+            Err(e) => return self.reply(out, self.content_error_reply(e)),
+        };
+        let refused = if tx.inbound_bounce == Some(true) {
+            Vec::new()
+        } else {
+            tx.refused
+        };
+        let envelope = Envelope {
+            client_ip: self.peer.ip,
+            helo: self.helo.clone().unwrap_or_default(),
+            esmtp: self.esmtp,
+            tls_version: self.tls_version.clone(),
+            auth_user: self.auth_user.clone(),
+            envelope_sender: tx.envelope_sender,
+            recipients: tx.recipients,
+            envid: tx.envid,
+            ret: tx.ret,
+            eight_bit: tx.eight_bit,
+            smtputf8: tx.smtputf8,
+            inbound_bounce: tx.inbound_bounce.unwrap_or(false),
+        };
+        let receipt = ReceiptId::new();
+        let mut message = message::build(
+            envelope,
+            &body,
+            receipt,
+            chrono::Utc::now(),
+            &self.config.hostname,
+        );
+        // After the accepted ones, so their indexes (VERP, DSN) are unaffected.
+        message.recipients.extend(refused);
+        self.phase = Phase::Waiting(Pending::Store { receipt });
+        out.push(Action::Store(Box::new(message)));
+    }
+
+    fn content_error_reply(&self, error: ContentError) -> Reply {
+        match error {
+            // Postfix `smtpd_forbid_bare_newline = reject` answers the same: 5.5.2 names a
+            // syntax error, and a bare line ending is one that could smuggle a second
+            // message past a downstream server that reads it as the end of data.
+            ContentError::BareLineEnding => Reply::new(
+                550,
+                "5.5.2",
+                "Message rejected: bare <LF> or <CR> not allowed, use <CRLF>",
+            ),
+            ContentError::TooBig => Reply::new(
+                552,
+                "5.3.4",
+                "Message size exceeds fixed maximum message size",
+            ),
+            ContentError::LineTooLong => Reply::new(
+                500,
+                "5.5.2",
+                format!(
+                    "Message rejected: line longer than {} bytes",
+                    self.config.max_data_line
+                ),
+            ),
+        }
+    }
+
+    fn auth(&mut self, out: &mut Vec<Action>, mechanism: u64, initial: &str) {
+        if !self.config.auth_available {
+            return self.reply(out, Reply::new(502, "5.5.1", "AUTH not available"));
+        }
+        if !self.esmtp {
+            return self.reply(out, Reply::new(503, "5.5.1", "Send EHLO first"));
+        }
+        if self.auth_user.is_some() {
+            return self.reply(out, Reply::new(503, "5.5.1", "Already authenticated"));
+        }
+        if self.transaction.is_some() {
+            return self.reply(
+                out,
+                Reply::new(503, "5.5.1", "AUTH not allowed during a mail transaction"),
+            );
+        }
+        if !self.auth_offered() {
+            return self.reply(
+                out,
+                Reply::new(
+                    538,
+                    "5.7.11",
+                    "Encryption required for requested authentication mechanism",
+                ),
+            );
+        }
+        if mechanism == smtp_proto::AUTH_PLAIN {
+            if initial.is_empty() {
+                self.phase = Phase::Sasl(SaslStep::Plain);
+                return out.push(Action::Send(Reply::plain(334, "")));
+            }
+            self.sasl_response(out, SaslStep::Plain, initial.as_bytes());
+        } else if mechanism == smtp_proto::AUTH_LOGIN {
+            if initial.is_empty() {
+                self.phase = Phase::Sasl(SaslStep::LoginUsername);
+                return out.push(Action::Send(Reply::plain(334, "VXNlcm5hbWU6")));
+            }
+            self.sasl_response(out, SaslStep::LoginUsername, initial.as_bytes());
+        } else {
+            self.reply(
+                out,
+                Reply::new(504, "5.5.4", "Unrecognized authentication type"),
+            );
+        }
+    }
+
+    fn sasl_response(&mut self, out: &mut Vec<Action>, step: SaslStep, line: &[u8]) {
+        let text = line.trim_ascii();
+        if text == b"*" {
+            return self.reply(out, Reply::new(501, "5.7.0", "Authentication cancelled"));
+        }
+        // RFC 4954 4: "=" is an empty initial response.
+        let decoded = if text == b"=" {
+            Ok(Vec::new())
+        } else {
+            BASE64.decode(text)
+        };
+        let Ok(decoded) = decoded else {
+            return self.reply(out, Reply::new(501, "5.5.2", "Invalid base64 data"));
+        };
+        match step {
+            SaslStep::Plain => {
+                // authzid NUL authcid NUL passwd; an authzid other than the authcid is not
+                // supported (no proxy authorization).
+                let mut parts = decoded.split(|&b| b == 0);
+                let (Some(authzid), Some(authcid), Some(password), None) =
+                    (parts.next(), parts.next(), parts.next(), parts.next())
+                else {
+                    return self.reply(out, Reply::new(501, "5.5.2", "Malformed AUTH PLAIN"));
+                };
+                if !authzid.is_empty() && authzid != authcid {
+                    return self.reply(
+                        out,
+                        Reply::new(535, "5.7.8", "Authentication credentials invalid"),
+                    );
+                }
+                self.verify(out, authcid, password);
+            }
+            SaslStep::LoginUsername => {
+                let username = String::from_utf8_lossy(&decoded).into_owned();
+                self.phase = Phase::Sasl(SaslStep::LoginPassword { username });
+                out.push(Action::Send(Reply::plain(334, "UGFzc3dvcmQ6")));
+            }
+            SaslStep::LoginPassword { username } => {
+                self.verify(out, username.as_bytes(), &decoded);
+            }
+        }
+    }
+
+    fn verify(&mut self, out: &mut Vec<Action>, username: &[u8], password: &[u8]) {
+        let (Ok(username), Ok(password)) =
+            (std::str::from_utf8(username), std::str::from_utf8(password))
+        else {
+            return self.reply(
+                out,
+                Reply::new(535, "5.7.8", "Authentication credentials invalid"),
+            );
+        };
+        self.phase = Phase::Waiting(Pending::Auth {
+            username: username.to_string(),
+        });
+        out.push(Action::Authenticate(Credentials {
+            username: username.to_string(),
+            password: password.to_string(),
+        }));
+    }
+
+    fn starttls(&mut self, out: &mut Vec<Action>) {
+        if self.tls_version.is_some() {
+            return self.reply(out, Reply::new(503, "5.5.1", "TLS already active"));
+        }
+        if !self.config.tls_available {
+            return self.reply(out, Reply::new(454, "4.7.0", "TLS not available"));
+        }
+        out.push(Action::Send(Reply::new(220, "2.0.0", "Ready to start TLS")));
+        out.push(Action::StartTls);
+        // Anything pipelined after STARTTLS was sent in clear text and must not be read as
+        // if it came through TLS (CVE-2011-0411, STARTTLS command injection).
+        self.input.clear();
+        self.phase = Phase::Waiting(Pending::Tls);
+    }
+}
+
+fn parse_error_reply(e: ParseError) -> Reply {
+    match e {
+        ParseError::InvalidSenderAddress => Reply::new(553, "5.1.7", "Bad sender address syntax"),
+        ParseError::InvalidRecipientAddress => {
+            Reply::new(553, "5.1.3", "Bad recipient address syntax")
+        }
+        ParseError::SyntaxError { syntax } => Reply::new(501, "5.5.4", format!("Syntax: {syntax}")),
+        ParseError::InvalidParameter { param } => {
+            Reply::new(501, "5.5.4", format!("Invalid {param} parameter"))
+        }
+        ParseError::UnsupportedParameter { param } => {
+            Reply::new(555, "5.5.4", format!("Unsupported parameter {param}"))
+        }
+        _ => Reply::new(500, "5.5.2", "Syntax error, command unrecognized"),
+    }
+}
+
+fn is_rcpt_postmaster(line: &[u8]) -> bool {
+    let squeezed: Vec<u8> = line
+        .iter()
+        .filter(|b| !b.is_ascii_whitespace())
+        .map(u8::to_ascii_uppercase)
+        .collect();
+    squeezed == b"RCPTTO:<POSTMASTER>"
+}
+
+/// `local@domain` with both parts present. The parser has checked the characters.
+/// The forward-path as the client wrote it in a `RCPT TO:` line smtp-proto refused:
+/// between `<` and `>` (or up to the first space), printable characters only.
+fn forward_path_text(line: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(line);
+    let upper = text.to_ascii_uppercase();
+    let start = upper.find("TO:")? + 3;
+    let rest = text.get(start..)?.trim_start();
+    let path = match rest.strip_prefix('<') {
+        Some(inner) => inner.split('>').next().unwrap_or(""),
+        None => rest.split_whitespace().next().unwrap_or(""),
+    };
+    let path: String = path.chars().filter(|c| !c.is_control()).collect();
+    (!path.is_empty()).then_some(path)
+}
+
+fn is_mailbox(address: &str) -> bool {
+    address
+        .rsplit_once('@')
+        .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
+}
+
+fn notify_of(flags: u64) -> Option<Notify> {
+    let n = Notify {
+        success: flags & smtp_proto::RCPT_NOTIFY_SUCCESS != 0,
+        failure: flags & smtp_proto::RCPT_NOTIFY_FAILURE != 0,
+        delay: flags & smtp_proto::RCPT_NOTIFY_DELAY != 0,
+        never: flags & smtp_proto::RCPT_NOTIFY_NEVER != 0,
+    };
+    (n != Notify::default()).then_some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::RecipientStatus;
+
+    /// Plays the shell: answers every request at once and records what happened.
+    struct Client {
+        session: Session,
+        wire: String,
+        stored: Vec<AcceptedMessage>,
+        checks: Vec<RecipientCheck>,
+        closed: bool,
+        starttls: bool,
+        store_ok: bool,
+        policy: fn(&RecipientCheck) -> RecipientVerdict,
+    }
+
+    fn relay_only(check: &RecipientCheck) -> RecipientVerdict {
+        if check.relay_allowed {
+            RecipientVerdict::Accept
+        } else {
+            RecipientVerdict::Reject(Reply::new(554, "5.7.1", "Relay access denied"))
+        }
+    }
+
+    fn config() -> SessionConfig {
+        SessionConfig {
+            hostname: "mx.test".into(),
+            max_message_size: 1000,
+            max_recipients: 3,
+            max_command_line: 512,
+            max_data_line: 200,
+            max_errors: 5,
+            tls_available: true,
+            auth_available: true,
+        }
+    }
+
+    fn client_with(config: SessionConfig, ip: &str, relay_client: bool) -> Client {
+        let session = Session::new(
+            config,
+            Peer {
+                ip: ip.parse().unwrap(),
+                relay_client,
+            },
+            None,
+        );
+        let mut c = Client {
+            session,
+            wire: String::new(),
+            stored: Vec::new(),
+            checks: Vec::new(),
+            closed: false,
+            starttls: false,
+            store_ok: true,
+            policy: relay_only,
+        };
+        let greeting = c.session.greeting();
+        c.run(greeting);
+        c
+    }
+
+    fn client() -> Client {
+        client_with(config(), "192.0.2.1", true)
+    }
+
+    impl Client {
+        fn send(&mut self, bytes: &[u8]) -> String {
+            let before = self.wire.len();
+            let actions = self.session.feed(bytes);
+            self.run(actions);
+            self.wire[before..].to_string()
+        }
+
+        fn run(&mut self, actions: Vec<Action>) {
+            for action in actions {
+                match action {
+                    Action::Send(reply) => self.wire.push_str(&reply.to_string()),
+                    Action::Close => self.closed = true,
+                    Action::StartTls => self.starttls = true,
+                    Action::Authenticate(c) => {
+                        let ok = c.username == "app" && c.password == "secret";
+                        let next = self.session.auth_verified(ok.then_some(c.username));
+                        self.run(next);
+                    }
+                    Action::CheckRecipient(check) => {
+                        let verdict = (self.policy)(&check);
+                        self.checks.push(check);
+                        let next = self.session.recipient_checked(verdict);
+                        self.run(next);
+                    }
+                    Action::Store(msg) => {
+                        if self.store_ok {
+                            self.stored.push(*msg);
+                        }
+                        let next = self.session.stored(self.store_ok);
+                        self.run(next);
+                    }
+                }
+            }
+        }
+
+        fn codes(&self) -> Vec<String> {
+            self.wire
+                .lines()
+                .filter(|l| l.len() >= 4 && l.as_bytes()[3] == b' ')
+                .map(|l| l[..3].to_string())
+                .collect()
+        }
+
+        fn transaction(&mut self) {
+            self.send(b"EHLO client.example\r\nMAIL FROM:<app@example.com>\r\nRCPT TO:<a@example.net>\r\n");
+        }
+    }
+
+    const MESSAGE: &[u8] = b"Subject: hi\r\n\r\nhello\r\n.\r\n";
+
+    #[test]
+    fn greets_with_hostname_banner() {
+        let c = client();
+        assert_eq!(c.wire, "220 mx.test ESMTP mailtrail\r\n");
+    }
+
+    #[test]
+    fn ehlo_advertises_extensions() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        let reply = c.send(b"EHLO client.example\r\n");
+        assert_eq!(
+            reply,
+            "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-ENHANCEDSTATUSCODES\r\n250-CHUNKING\r\n250-DSN\r\n250-STARTTLS\r\n250 AUTH PLAIN LOGIN\r\n"
+        );
+    }
+
+    #[test]
+    fn ehlo_offers_auth_only_under_tls_unless_loopback() {
+        let mut c = client();
+        let reply = c.send(b"EHLO x\r\n");
+        assert!(!reply.contains("AUTH"), "{reply}");
+        assert!(reply.contains("STARTTLS"));
+        c.send(b"STARTTLS\r\n");
+        c.session.tls_started("TLSv1_3".into());
+        let reply = c.send(b"EHLO x\r\n");
+        assert!(reply.contains("AUTH PLAIN LOGIN"), "{reply}");
+        assert!(!reply.contains("STARTTLS"), "{reply}");
+    }
+
+    #[test]
+    fn ehlo_omits_starttls_without_tls_config() {
+        let mut cfg = config();
+        cfg.tls_available = false;
+        let mut c = client_with(cfg, "192.0.2.1", true);
+        assert!(!c.send(b"EHLO x\r\n").contains("STARTTLS"));
+        assert_eq!(c.send(b"STARTTLS\r\n"), "454 4.7.0 TLS not available\r\n");
+    }
+
+    #[test]
+    fn helo_answers_single_line() {
+        let mut c = client();
+        assert_eq!(c.send(b"HELO x\r\n"), "250 mx.test\r\n");
+    }
+
+    #[test]
+    fn accepts_message_and_replies_with_receipt_after_store() {
+        let mut c = client();
+        c.transaction();
+        let reply = c.send(b"DATA\r\n");
+        assert_eq!(reply, "354 End data with <CR><LF>.<CR><LF>\r\n");
+        let reply = c.send(MESSAGE);
+        assert_eq!(c.stored.len(), 1);
+        let msg = &c.stored[0];
+        assert_eq!(
+            reply,
+            format!("250 2.0.0 Ok: queued as {}\r\n", msg.receipt)
+        );
+        assert_eq!(msg.envelope_sender, "app@example.com");
+        assert_eq!(msg.recipients[0].address, "a@example.net");
+        assert_eq!(msg.helo, "client.example");
+        assert_eq!(msg.subject.as_deref(), Some("hi"));
+        let body = String::from_utf8_lossy(&msg.body);
+        assert!(body.starts_with("Received: from client.example ([192.0.2.1])"));
+        assert!(body.ends_with("Subject: hi\r\n\r\nhello\r\n"), "{body}");
+        assert!(!c.session.in_transaction());
+    }
+
+    #[test]
+    fn answers_451_and_acknowledges_nothing_when_store_fails() {
+        let mut c = client();
+        c.store_ok = false;
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let reply = c.send(MESSAGE);
+        assert_eq!(
+            reply,
+            "451 4.3.0 Temporary storage failure, try again later\r\n"
+        );
+        assert!(c.stored.is_empty());
+        assert!(!c.wire.contains("queued as"));
+    }
+
+    #[test]
+    fn answers_commands_pipelined_after_data() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let mut burst = MESSAGE.to_vec();
+        burst.extend_from_slice(b"MAIL FROM:<b@example.com>\r\nRCPT TO:<c@example.net>\r\nDATA\r\nsecond\r\n.\r\nQUIT\r\n");
+        let reply = c.send(&burst);
+        assert_eq!(c.stored.len(), 2);
+        let expected = format!(
+            "250 2.0.0 Ok: queued as {}\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as {}\r\n221 2.0.0 Bye\r\n",
+            c.stored[0].receipt, c.stored[1].receipt
+        );
+        assert_eq!(reply, expected);
+        assert!(c.closed);
+        assert_eq!(c.stored[1].envelope_sender, "b@example.com");
+    }
+
+    #[test]
+    fn pauses_input_while_store_is_pending() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let actions = c.session.feed(b"x\r\n.\r\nNOOP\r\n");
+        assert!(
+            matches!(actions.as_slice(), [Action::Store(_)]),
+            "{actions:?}"
+        );
+        // More input while waiting is buffered, not answered.
+        assert!(c.session.feed(b"NOOP\r\n").is_empty());
+        let after = c.session.stored(true);
+        let replies: Vec<String> = after
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(r) => Some(r.to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(replies.len(), 3);
+        assert!(replies[0].starts_with("250 2.0.0 Ok: queued as"));
+        assert_eq!(replies[1], "250 2.0.0 Ok\r\n");
+        assert_eq!(replies[2], "250 2.0.0 Ok\r\n");
+    }
+
+    #[test]
+    fn answers_pipelined_envelope_in_order() {
+        let mut c = client();
+        let reply = c.send(
+            b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nRCPT TO:<c@y.org>\r\nDATA\r\n",
+        );
+        assert!(reply.ends_with("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"), "{reply}");
+    }
+
+    #[test]
+    fn rejects_bare_lf_in_data() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let reply = c.send(b"a\nb\r\n.\r\n");
+        assert_eq!(
+            reply,
+            "550 5.5.2 Message rejected: bare <LF> or <CR> not allowed, use <CRLF>\r\n"
+        );
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn rejects_bare_cr_in_data() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let reply = c.send(b"a\rb\r\n.\r\n");
+        assert!(reply.starts_with("550 5.5.2"), "{reply}");
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn smuggled_end_of_data_does_not_end_message() {
+        // The classic smuggling payload: `\n.\n` then a second transaction, then the real end.
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let reply = c.send(
+            b"first\r\n\n.\nMAIL FROM:<evil@x.org>\r\nRCPT TO:<v@y.org>\r\nDATA\r\nforged\r\n.\r\n",
+        );
+        assert_eq!(
+            reply,
+            "550 5.5.2 Message rejected: bare <LF> or <CR> not allowed, use <CRLF>\r\n"
+        );
+        assert!(c.stored.is_empty());
+        for bad_end in [&b"x\r\n.\n"[..], b"x\n.\r\n", b"x\r.\r", b"x\r\n.\r"] {
+            let mut c = client();
+            c.transaction();
+            c.send(b"DATA\r\n");
+            assert_eq!(c.send(bad_end), "", "{bad_end:?} ended DATA");
+            assert!(c.session.expects_content());
+        }
+    }
+
+    #[test]
+    fn rejects_declared_size_over_limit() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        let reply = c.send(b"MAIL FROM:<a@x.org> SIZE=1001\r\n");
+        assert_eq!(
+            reply,
+            "552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+        );
+        assert_eq!(
+            c.send(b"MAIL FROM:<a@x.org> SIZE=1000\r\n"),
+            "250 2.1.0 Ok\r\n"
+        );
+    }
+
+    #[test]
+    fn rejects_oversized_body_after_data_ends() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let mut body = Vec::new();
+        for _ in 0..20 {
+            body.extend_from_slice(&[b'x'; 98]);
+            body.extend_from_slice(b"\r\n");
+        }
+        // Nothing is answered until the end of data arrives.
+        assert_eq!(c.send(&body), "");
+        let reply = c.send(b".\r\nNOOP\r\n");
+        assert_eq!(
+            reply,
+            "552 5.3.4 Message size exceeds fixed maximum message size\r\n250 2.0.0 Ok\r\n"
+        );
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn rejects_data_line_over_limit() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let mut body = vec![b'x'; 199];
+        body.extend_from_slice(b"\r\n.\r\n");
+        let reply = c.send(&body);
+        assert_eq!(
+            reply,
+            "500 5.5.2 Message rejected: line longer than 200 bytes\r\n"
+        );
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn refuses_recipients_over_limit() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        let reply = c.send(
+            b"RCPT TO:<1@y.org>\r\nRCPT TO:<2@y.org>\r\nRCPT TO:<3@y.org>\r\nRCPT TO:<4@y.org>\r\n",
+        );
+        assert!(
+            reply.ends_with("250 2.1.5 Ok\r\n452 4.5.3 Too many recipients\r\n"),
+            "{reply}"
+        );
+        c.send(b"DATA\r\n");
+        c.send(MESSAGE);
+        assert_eq!(c.stored[0].recipients.len(), 3);
+    }
+
+    #[test]
+    fn rejects_command_line_too_long() {
+        let mut c = client();
+        let mut line = b"NOOP ".to_vec();
+        line.extend_from_slice(&[b'a'; 600]);
+        line.extend_from_slice(b"\r\nNOOP\r\n");
+        assert_eq!(c.send(&line), "500 5.5.2 Line too long\r\n250 2.0.0 Ok\r\n");
+    }
+
+    #[test]
+    fn rejects_long_line_arriving_in_pieces_once() {
+        let mut c = client();
+        assert_eq!(c.send(&[b'a'; 400]), "");
+        assert_eq!(c.send(&[b'a'; 400]), "500 5.5.2 Line too long\r\n");
+        assert_eq!(c.send(&[b'a'; 400]), "");
+        assert_eq!(c.send(b"aaa\r\nNOOP\r\n"), "250 2.0.0 Ok\r\n");
+    }
+
+    #[test]
+    fn closes_after_too_many_errors() {
+        let mut c = client();
+        let reply = c.send(b"FOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nFOO\r\nNOOP\r\n");
+        assert_eq!(reply.matches("500 5.5.2").count(), 6);
+        assert!(
+            reply.ends_with("421 4.7.0 mx.test Error: too many errors\r\n"),
+            "{reply}"
+        );
+        assert!(c.closed);
+        assert!(!reply.contains("250"));
+    }
+
+    #[test]
+    fn answers_unknown_command_with_500() {
+        let mut c = client();
+        assert_eq!(
+            c.send(b"FOO bar\r\n"),
+            "500 5.5.2 Syntax error, command unrecognized\r\n"
+        );
+    }
+
+    #[test]
+    fn answers_unimplemented_command_with_502() {
+        let mut c = client();
+        assert_eq!(
+            c.send(b"EXPN list\r\n"),
+            "502 5.5.1 Command not implemented\r\n"
+        );
+    }
+
+    #[test]
+    fn answers_bad_syntax_with_501() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(
+            c.send(b"MAIL FROM:a@x.org\r\n"),
+            "501 5.5.4 Syntax: MAIL FROM:<reverse-path> [parameters]\r\n"
+        );
+    }
+
+    #[test]
+    fn refuses_mail_before_helo() {
+        let mut c = client();
+        assert_eq!(
+            c.send(b"MAIL FROM:<a@x.org>\r\n"),
+            "503 5.5.1 Send EHLO/HELO first\r\n"
+        );
+    }
+
+    #[test]
+    fn refuses_rcpt_before_mail() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<a@x.org>\r\n"),
+            "503 5.5.1 Need MAIL command\r\n"
+        );
+    }
+
+    #[test]
+    fn refuses_data_without_rcpt() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(c.send(b"DATA\r\n"), "503 5.5.1 Need RCPT command\r\n");
+        assert!(!c.session.expects_content());
+    }
+
+    #[test]
+    fn refuses_nested_mail() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(
+            c.send(b"MAIL FROM:<b@x.org>\r\n"),
+            "503 5.5.1 Nested MAIL command\r\n"
+        );
+    }
+
+    #[test]
+    fn rset_ends_transaction() {
+        let mut c = client();
+        c.transaction();
+        assert_eq!(c.send(b"RSET\r\n"), "250 2.0.0 Ok\r\n");
+        assert_eq!(c.send(b"DATA\r\n"), "503 5.5.1 Need MAIL command\r\n");
+    }
+
+    #[test]
+    fn answers_noop_vrfy_help_quit() {
+        let mut c = client();
+        assert_eq!(c.send(b"NOOP\r\n"), "250 2.0.0 Ok\r\n");
+        assert!(c.send(b"VRFY bob\r\n").starts_with("252 2.5.0 "));
+        assert!(c.send(b"HELP\r\n").starts_with("214 2.0.0 "));
+        assert_eq!(c.send(b"QUIT\r\nNOOP\r\n"), "221 2.0.0 Bye\r\n");
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn refuses_relay_from_outside_networks() {
+        let mut c = client_with(config(), "203.0.113.9", false);
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<b@y.org>\r\n"),
+            "554 5.7.1 Relay access denied\r\n"
+        );
+        assert!(!c.checks[0].relay_allowed);
+        assert_eq!(c.send(b"DATA\r\n"), "503 5.5.1 Need RCPT command\r\n");
+    }
+
+    #[test]
+    fn allows_relay_after_authentication() {
+        let mut c = client_with(config(), "203.0.113.9", false);
+        c.send(b"EHLO x\r\nSTARTTLS\r\n");
+        c.session.tls_started("TLSv1_3".into());
+        let plain = BASE64.encode(b"\0app\0secret");
+        let reply = c.send(format!("EHLO x\r\nAUTH PLAIN {plain}\r\n").as_bytes());
+        assert!(
+            reply.ends_with("235 2.7.0 Authentication successful\r\n"),
+            "{reply}"
+        );
+        c.send(b"MAIL FROM:<a@x.org>\r\n");
+        assert_eq!(c.send(b"RCPT TO:<b@y.org>\r\n"), "250 2.1.5 Ok\r\n");
+        assert!(c.checks[0].relay_allowed);
+        assert_eq!(c.checks[0].auth_user.as_deref(), Some("app"));
+        c.send(b"DATA\r\n");
+        c.send(MESSAGE);
+        let msg = &c.stored[0];
+        assert_eq!(msg.auth_user.as_deref(), Some("app"));
+        assert_eq!(msg.tls_version.as_deref(), Some("TLSv1_3"));
+        assert!(String::from_utf8_lossy(&msg.body).contains("with ESMTPSA id"));
+    }
+
+    #[test]
+    fn auth_login_exchange() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        assert_eq!(c.send(b"AUTH LOGIN\r\n"), "334 VXNlcm5hbWU6\r\n");
+        let user = BASE64.encode(b"app");
+        assert_eq!(
+            c.send(format!("{user}\r\n").as_bytes()),
+            "334 UGFzc3dvcmQ6\r\n"
+        );
+        let pass = BASE64.encode(b"secret");
+        assert_eq!(
+            c.send(format!("{pass}\r\n").as_bytes()),
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        assert_eq!(
+            c.send(b"AUTH LOGIN\r\n"),
+            "503 5.5.1 Already authenticated\r\n"
+        );
+    }
+
+    #[test]
+    fn auth_plain_without_initial_response_and_wrong_password() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        assert_eq!(c.send(b"AUTH PLAIN\r\n"), "334 \r\n");
+        let bad = BASE64.encode(b"\0app\0wrong");
+        assert_eq!(
+            c.send(format!("{bad}\r\n").as_bytes()),
+            "535 5.7.8 Authentication credentials invalid\r\n"
+        );
+    }
+
+    #[test]
+    fn auth_cancel_and_bad_base64() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        c.send(b"AUTH LOGIN\r\n");
+        assert_eq!(c.send(b"*\r\n"), "501 5.7.0 Authentication cancelled\r\n");
+        assert_eq!(
+            c.send(b"AUTH PLAIN !!!\r\n"),
+            "501 5.5.2 Invalid base64 data\r\n"
+        );
+        assert_eq!(
+            c.send(b"AUTH CRAM-MD5\r\n"),
+            "504 5.5.4 Unrecognized authentication type\r\n"
+        );
+    }
+
+    #[test]
+    fn over_long_sasl_response_ends_the_exchange() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        c.send(b"AUTH LOGIN\r\n");
+        let mut long = vec![b'Q'; 600];
+        long.extend_from_slice(b"\r\nNOOP\r\n");
+        assert_eq!(c.send(&long), "500 5.5.2 Line too long\r\n250 2.0.0 Ok\r\n");
+    }
+
+    #[test]
+    fn refuses_auth_in_clear_text_from_remote_client() {
+        let mut c = client_with(config(), "203.0.113.9", false);
+        c.send(b"EHLO x\r\n");
+        let plain = BASE64.encode(b"\0app\0secret");
+        assert_eq!(
+            c.send(format!("AUTH PLAIN {plain}\r\n").as_bytes()),
+            "538 5.7.11 Encryption required for requested authentication mechanism\r\n"
+        );
+    }
+
+    #[test]
+    fn refuses_auth_when_no_users_configured() {
+        let mut cfg = config();
+        cfg.auth_available = false;
+        let mut c = client_with(cfg, "127.0.0.1", true);
+        assert!(!c.send(b"EHLO x\r\n").contains("AUTH"));
+        assert_eq!(
+            c.send(b"AUTH PLAIN AGFwcABzZWNyZXQ=\r\n"),
+            "502 5.5.1 AUTH not available\r\n"
+        );
+    }
+
+    #[test]
+    fn starttls_discards_pipelined_commands_and_resets() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        let reply = c.send(b"STARTTLS\r\nRCPT TO:<injected@y.org>\r\n");
+        assert_eq!(reply, "220 2.0.0 Ready to start TLS\r\n");
+        assert!(c.starttls);
+        // Bytes that arrive before the handshake finishes are not commands either.
+        assert_eq!(c.send(b"NOOP\r\n"), "");
+        c.session.tls_started("TLSv1_3".into());
+        assert!(c.checks.is_empty());
+        // Post-banner state: EHLO needed again, the old transaction is gone.
+        assert_eq!(
+            c.send(b"MAIL FROM:<a@x.org>\r\n"),
+            "503 5.5.1 Send EHLO/HELO first\r\n"
+        );
+        assert_eq!(c.send(b"STARTTLS\r\n"), "503 5.5.1 TLS already active\r\n");
+    }
+
+    #[test]
+    fn stores_dsn_parameters() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org> RET=HDRS ENVID=QQ+2B1 BODY=8BITMIME\r\n");
+        let reply = c.send(b"RCPT TO:<b@y.org> NOTIFY=SUCCESS,DELAY ORCPT=rfc822;b+2Bx@y.org\r\nRCPT TO:<c@y.org>\r\nDATA\r\n");
+        assert!(
+            reply.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
+            "{reply}"
+        );
+        c.send(MESSAGE);
+        let msg = &c.stored[0];
+        assert_eq!(msg.ret, Some(DsnRet::Hdrs));
+        assert_eq!(msg.envid.as_deref(), Some("QQ+1"));
+        assert!(msg.eight_bit);
+        let r = &msg.recipients[0];
+        assert_eq!(r.orcpt.as_deref(), Some("rfc822;b+x@y.org"));
+        assert_eq!(
+            r.notify,
+            Some(Notify {
+                success: true,
+                delay: true,
+                ..Notify::default()
+            })
+        );
+        assert_eq!(msg.recipients[1].notify, None);
+        assert_eq!(msg.recipients[1].orcpt, None);
+    }
+
+    #[test]
+    fn rejects_invalid_recipient_address() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<nobody>\r\n"),
+            "553 5.1.3 Bad recipient address syntax\r\n"
+        );
+        assert_eq!(
+            c.send(b"RCPT TO:<a@@b>\r\n"),
+            "553 5.1.3 Bad recipient address syntax\r\n"
+        );
+        assert_eq!(c.send(b"RCPT TO:<Postmaster>\r\n"), "250 2.1.5 Ok\r\n");
+    }
+
+    #[test]
+    fn accepts_null_sender_and_rejects_bad_sender() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(c.send(b"MAIL FROM:<>\r\n"), "250 2.1.0 Ok\r\n");
+        c.send(b"RSET\r\n");
+        assert_eq!(
+            c.send(b"MAIL FROM:<nobody>\r\n"),
+            "553 5.1.7 Bad sender address syntax\r\n"
+        );
+    }
+
+    #[test]
+    fn requires_smtputf8_for_non_ascii_addresses() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(
+            c.send("MAIL FROM:<jöran@x.org>\r\n".as_bytes()),
+            "553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n"
+        );
+        assert_eq!(
+            c.send("MAIL FROM:<jöran@x.org> SMTPUTF8\r\n".as_bytes()),
+            "250 2.1.0 Ok\r\n"
+        );
+        assert_eq!(
+            c.send("RCPT TO:<åsa@y.org>\r\n".as_bytes()),
+            "250 2.1.5 Ok\r\n"
+        );
+    }
+
+    #[test]
+    fn policy_can_preset_outcome_or_reject() {
+        let mut c = client();
+        c.policy = |check| match check.address.as_str() {
+            "gone@y.org" => RecipientVerdict::AcceptWithOutcome(PresetOutcome {
+                status: RecipientStatus::Suppressed,
+                reason: "suppressed".into(),
+                text: "address is suppressed".into(),
+            }),
+            "bad@nomx.org" => {
+                RecipientVerdict::Reject(Reply::new(550, "5.1.2", "Domain has no mail server"))
+            }
+            _ => RecipientVerdict::Accept,
+        };
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(c.send(b"RCPT TO:<gone@y.org>\r\n"), "250 2.1.5 Ok\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<bad@nomx.org>\r\n"),
+            "550 5.1.2 Domain has no mail server\r\n"
+        );
+        c.send(b"DATA\r\n");
+        c.send(MESSAGE);
+        let r = &c.stored[0].recipients;
+        assert_eq!(r.len(), 1);
+        assert_eq!(
+            r[0].preset.as_ref().unwrap().status,
+            RecipientStatus::Suppressed
+        );
+    }
+
+    #[test]
+    fn records_recipients_refused_for_syntax_as_rejected() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<no-domain>\r\n"),
+            "553 5.1.3 Bad recipient address syntax\r\n"
+        );
+        assert_eq!(c.send(b"RCPT TO:<ok@y.org>\r\n"), "250 2.1.5 Ok\r\n");
+        c.send(b"DATA\r\n");
+        c.send(MESSAGE);
+        let r = &c.stored[0].recipients;
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].address, "ok@y.org");
+        assert!(r[0].preset.is_none());
+        assert_eq!(r[1].address, "no-domain");
+        let preset = r[1].preset.as_ref().unwrap();
+        assert_eq!(preset.status, RecipientStatus::Rejected);
+        assert_eq!(preset.reason, "syntaxerror");
+    }
+
+    #[test]
+    fn keeps_bounce_domain_recipients_in_their_own_transaction() {
+        let mut c = client_with(config(), "203.0.113.9", false);
+        c.policy = |check| {
+            if check.address.ends_with("@bounces.test") {
+                RecipientVerdict::AcceptInboundBounce
+            } else {
+                relay_only(check)
+            }
+        };
+        c.send(b"EHLO x\r\nMAIL FROM:<>\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<b+1@bounces.test>\r\n"),
+            "250 2.1.5 Ok\r\n"
+        );
+        c.send(b"DATA\r\n");
+        c.send(MESSAGE);
+        assert!(c.stored[0].inbound_bounce);
+
+        let mut c = client();
+        c.policy = |check| {
+            if check.address.ends_with("@bounces.test") {
+                RecipientVerdict::AcceptInboundBounce
+            } else {
+                RecipientVerdict::Accept
+            }
+        };
+        c.send(b"EHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<a@y.org>\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<b+1@bounces.test>\r\n"),
+            "452 4.5.3 Send this recipient in a separate transaction\r\n"
+        );
+    }
+
+    #[test]
+    fn accepts_message_in_bdat_chunks() {
+        let mut c = client();
+        c.transaction();
+        assert_eq!(
+            c.send(b"BDAT 15\r\nSubject: x\r\n\r\n."),
+            "250 2.0.0 Chunk received\r\n"
+        );
+        let reply = c.send(b"BDAT 4 LAST\r\nhi\r\nNOOP\r\n");
+        let msg = &c.stored[0];
+        assert_eq!(
+            reply,
+            format!(
+                "250 2.0.0 Ok: queued as {}\r\n250 2.0.0 Ok\r\n",
+                msg.receipt
+            )
+        );
+        assert!(msg.body.ends_with(b"Subject: x\r\n\r\n.hi\r\n"));
+    }
+
+    #[test]
+    fn bdat_chunk_split_across_reads() {
+        let mut c = client();
+        c.transaction();
+        assert_eq!(c.send(b"BDAT 10 LAST\r\nSubj"), "");
+        assert!(c.session.expects_content());
+        let reply = c.send(b"ect:\r\n");
+        assert!(reply.starts_with("250 2.0.0 Ok: queued as"), "{reply}");
+    }
+
+    #[test]
+    fn bdat_without_transaction_consumes_chunk_then_refuses() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(
+            c.send(b"BDAT 6 LAST\r\nNOOP\r\nNOOP\r\n"),
+            "503 5.5.1 Need MAIL command\r\n250 2.0.0 Ok\r\n"
+        );
+    }
+
+    #[test]
+    fn rejects_bare_lf_in_bdat() {
+        let mut c = client();
+        c.transaction();
+        let reply = c.send(b"BDAT 4 LAST\r\na\nb\n");
+        assert!(reply.starts_with("550 5.5.2"), "{reply}");
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn rejects_oversized_bdat_after_last_chunk() {
+        let mut c = client();
+        c.transaction();
+        let mut chunk = b"BDAT 1200 LAST\r\n".to_vec();
+        for _ in 0..12 {
+            chunk.extend_from_slice(&[b'x'; 98]);
+            chunk.extend_from_slice(b"\r\n");
+        }
+        assert_eq!(
+            c.send(&chunk),
+            "552 5.3.4 Message size exceeds fixed maximum message size\r\n"
+        );
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn refuses_data_after_bdat() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"BDAT 3\r\nab\n");
+        assert_eq!(
+            c.send(b"DATA\r\n"),
+            "503 5.5.1 DATA not allowed after BDAT\r\n"
+        );
+    }
+
+    #[test]
+    fn closes_on_tls_client_hello_on_plain_port() {
+        let mut c = client();
+        let reply = c.send(&[
+            0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+        ]);
+        assert_eq!(
+            reply,
+            "500 5.5.2 TLS handshake on a plain-text SMTP port\r\n"
+        );
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn survives_binary_garbage() {
+        let mut c = client();
+        let mut garbage = Vec::new();
+        let mut x: u32 = 12345;
+        for _ in 0..20_000 {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            garbage.push((x >> 16) as u8);
+        }
+        for chunk in garbage.chunks(97) {
+            c.send(chunk);
+        }
+        assert!(c.stored.is_empty());
+        assert!(c.closed, "garbage should exhaust max_errors");
+    }
+
+    #[test]
+    fn random_protocol_fragments_never_panic_and_every_ack_is_stored() {
+        const FRAGMENTS: &[&[u8]] = &[
+            b"EHLO x\r\n",
+            b"MAIL FROM:<a@x.org>\r\n",
+            b"RCPT TO:<b@y.org>\r\n",
+            b"DATA\r\n",
+            b"BDAT 5\r\n",
+            b"BDAT 3 LAST\r\n",
+            b"hello\r\n",
+            b".\r\n",
+            b"\r\n.\r\n",
+            b"\n.\n",
+            b"\r",
+            b"\n",
+            b"..",
+            b"RSET\r\n",
+            b"STARTTLS\r\n",
+            b"AUTH LOGIN\r\n",
+            b"YXBw\r\n",
+            b"NOOP\r\n",
+            b"\x00\xff\x16\x03",
+        ];
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..300 {
+            let mut c = client();
+            c.session.config.max_errors = 1000;
+            let mut stream = Vec::new();
+            for _ in 0..40 {
+                let i = (next() % FRAGMENTS.len() as u64) as usize;
+                stream.extend_from_slice(FRAGMENTS[i]);
+            }
+            let mut rest = stream.as_slice();
+            while !rest.is_empty() && !c.closed && !c.starttls {
+                let n = 1 + (next() % 16) as usize;
+                let (chunk, tail) = rest.split_at(n.min(rest.len()));
+                c.send(chunk);
+                rest = tail;
+            }
+            assert_eq!(c.wire.matches("queued as").count(), c.stored.len());
+        }
+    }
+
+    #[test]
+    fn stores_nothing_when_client_vanishes_mid_data() {
+        let mut c = client();
+        c.transaction();
+        c.send(b"DATA\r\nSubject: x\r\n\r\npartial");
+        assert!(c.session.expects_content());
+        assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn timeout_sends_421_and_closes() {
+        let mut c = client();
+        let actions = c.session.timed_out();
+        c.run(actions);
+        assert!(
+            c.wire
+                .ends_with("421 4.4.2 mx.test Error: timeout exceeded\r\n")
+        );
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn shutdown_closes_idle_session_at_once() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        let actions = c.session.begin_shutdown();
+        c.run(actions);
+        assert!(c.wire.ends_with("421 4.3.2 Service shutting down\r\n"));
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn shutdown_lets_transaction_in_flight_finish() {
+        let mut c = client();
+        c.transaction();
+        let actions = c.session.begin_shutdown();
+        assert!(actions.is_empty());
+        let reply = c.send(b"DATA\r\nhello\r\n.\r\n");
+        assert_eq!(c.stored.len(), 1);
+        assert!(
+            reply.ends_with(&format!(
+                "250 2.0.0 Ok: queued as {}\r\n421 4.3.2 Service shutting down\r\n",
+                c.stored[0].receipt
+            )),
+            "{reply}"
+        );
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn counts_only_5xx_replies_as_errors() {
+        let mut cfg = config();
+        cfg.max_recipients = 1;
+        cfg.max_errors = 2;
+        let mut c = client_with(cfg, "192.0.2.1", true);
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<a@y.org>\r\n");
+        for _ in 0..5 {
+            assert_eq!(
+                c.send(b"RCPT TO:<b@y.org>\r\n"),
+                "452 4.5.3 Too many recipients\r\n"
+            );
+        }
+        assert!(!c.closed);
+    }
+
+    #[test]
+    fn accepts_empty_message() {
+        let mut c = client();
+        c.transaction();
+        let reply = c.send(b"DATA\r\n.\r\n");
+        assert!(reply.ends_with(&format!("queued as {}\r\n", c.stored[0].receipt)));
+    }
+
+    #[test]
+    fn codes_helper_reads_final_lines() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(c.codes(), vec!["220", "250"]);
+    }
+}

@@ -1,0 +1,417 @@
+//! The embedded SQLite backend of [`Store`]: one database file in WAL mode with
+//! `synchronous=FULL`, message bodies as BLOBs next to their envelope and recipient state (one
+//! fsync covers all three), a group-commit writer thread, and read-only connections for reads
+//! (in this process, or in `mailtrail log` while the server runs).
+
+mod read;
+mod schema;
+mod write;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+
+use crate::config::Config;
+use crate::receipt::ReceiptId;
+use crate::spool::AcceptedMessage;
+use crate::store::{
+    AttemptRecord, BounceQuery, Correlation, LogQuery, MessageLog, NewBounce, QueueEntry,
+    QueuedMessage, Stage, Store, StoreError, StoredBounce, Suppression,
+};
+
+pub use schema::SCHEMA_VERSION;
+pub use writer::WriterStats;
+
+/// How long a connection waits for a lock held by another connection or process.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Idle read connections kept for reuse.
+const READ_POOL_SIZE: usize = 8;
+
+pub(crate) fn storage(e: rusqlite::Error) -> StoreError {
+    StoreError::Storage(e.to_string())
+}
+
+/// The case-insensitive lookup form of an address.
+pub(crate) fn address_key(address: &str) -> String {
+    address.trim().to_lowercase()
+}
+
+pub(crate) fn stage_str(s: Stage) -> &'static str {
+    match s {
+        Stage::Dns => "dns",
+        Stage::Connect => "connect",
+        Stage::Mail => "mail",
+        Stage::Rcpt => "rcpt",
+        Stage::Data => "data",
+        Stage::Local => "local",
+        Stage::Bounce => "bounce",
+    }
+}
+
+pub(crate) fn parse_stage(s: &str) -> Option<Stage> {
+    Some(match s {
+        "dns" => Stage::Dns,
+        "connect" => Stage::Connect,
+        "mail" => Stage::Mail,
+        "rcpt" => Stage::Rcpt,
+        "data" => Stage::Data,
+        "local" => Stage::Local,
+        "bounce" => Stage::Bounce,
+        _ => return None,
+    })
+}
+
+pub(crate) fn correlation_str(c: Correlation) -> &'static str {
+    match c {
+        Correlation::Verp => "verp",
+        Correlation::ReceiptHeader => "receipt_header",
+        Correlation::MessageId => "message_id",
+        Correlation::Envid => "envid",
+        Correlation::Unmatched => "unmatched",
+    }
+}
+
+pub(crate) fn parse_correlation(s: &str) -> Option<Correlation> {
+    Some(match s {
+        "verp" => Correlation::Verp,
+        "receipt_header" => Correlation::ReceiptHeader,
+        "message_id" => Correlation::MessageId,
+        "envid" => Correlation::Envid,
+        "unmatched" => Correlation::Unmatched,
+        _ => return None,
+    })
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Opens (creating if needed) the store at `config.db_path()` and starts its writer.
+pub fn open(config: &Config) -> Result<Arc<SqliteStore>, StoreError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|e| {
+        StoreError::Storage(format!(
+            "cannot create data_dir {}: {e}",
+            config.data_dir.display()
+        ))
+    })?;
+    SqliteStore::open_path(&config.db_path()).map(Arc::new)
+}
+
+/// Opens the store read-only for CLI commands that only look (`mailtrail log`, `queue list`),
+/// safe while the server writes. Fails clearly when there is no database yet.
+pub fn open_read_only(config: &Config) -> Result<SqliteReader, StoreError> {
+    SqliteReader::open_path(&config.db_path())
+}
+
+fn open_write_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Storage(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .map_err(storage)?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(StoreError::Storage(format!(
+            "{}: cannot enable WAL (journal_mode is {mode})",
+            path.display()
+        )));
+    }
+    // FULL: a commit is on stable storage when COMMIT returns, which is what `250` promises.
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(storage)?;
+    conn.pragma_update(None, "foreign_keys", true)
+        .map_err(storage)?;
+    Ok(conn)
+}
+
+fn open_read_connection(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| StoreError::Storage(format!("cannot open {}: {e}", path.display())))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
+    Ok(conn)
+}
+
+/// Idle read-only connections, reused across reads.
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReadPool {
+    fn get(&self) -> Result<Connection, StoreError> {
+        let idle = self.idle.lock().ok().and_then(|mut v| v.pop());
+        match idle {
+            Some(c) => Ok(c),
+            None => open_read_connection(&self.path),
+        }
+    }
+
+    fn put(&self, conn: Connection) {
+        if let Ok(mut v) = self.idle.lock()
+            && v.len() < READ_POOL_SIZE
+        {
+            v.push(conn);
+        }
+    }
+}
+
+/// The SQLite [`Store`]: writes go through the group-commit writer thread, reads through a
+/// pool of read-only connections on the blocking thread pool.
+pub struct SqliteStore {
+    writer: writer::Writer,
+    readers: Arc<ReadPool>,
+}
+
+impl SqliteStore {
+    /// Opens the database file at `path` (its directory must exist), migrating it.
+    pub fn open_path(path: &Path) -> Result<Self, StoreError> {
+        let mut conn = open_write_connection(path)?;
+        schema::migrate(&mut conn)?;
+        Ok(Self {
+            writer: writer::Writer::start(conn)?,
+            readers: Arc::new(ReadPool {
+                path: path.to_path_buf(),
+                idle: Mutex::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Group-commit counters (commits < commands shows batching at work).
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.writer.stats
+    }
+
+    /// Drops message bodies no longer needed: received before `before_ms`, every recipient
+    /// final (an inbound bounce: processed). The record of what happened stays. For
+    /// `mailtrail purge`; not part of [`Store`] yet.
+    pub async fn purge_bodies(&self, before_ms: i64) -> Result<usize, StoreError> {
+        self.write(move |c| write::purge_bodies(c, before_ms)).await
+    }
+
+    /// `op` may run more than once (see the writer): it must only depend on what it captured.
+    async fn write<R, F>(&self, op: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: Fn(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.writer.write(op).await
+    }
+
+    async fn read<R, F>(&self, op: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = pool.get()?;
+            let result = op(&conn);
+            pool.put(conn);
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Storage(format!("read task failed: {e}")))?
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for SqliteStore {
+    async fn accept(&self, msg: AcceptedMessage) -> Result<(), StoreError> {
+        self.write(move |c| write::accept(c, &msg)).await
+    }
+
+    async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError> {
+        self.read(move |c| read::due(c, now_ms, limit)).await
+    }
+
+    async fn next_due_at(&self) -> Result<Option<i64>, StoreError> {
+        self.read(read::next_due_at).await
+    }
+
+    async fn body(&self, receipt: ReceiptId) -> Result<Vec<u8>, StoreError> {
+        self.read(move |c| read::body(c, receipt)).await
+    }
+
+    async fn record_attempts(
+        &self,
+        attempts: Vec<AttemptRecord>,
+        dsns: Vec<AcceptedMessage>,
+    ) -> Result<(), StoreError> {
+        self.write(move |c| write::record_attempts(c, &attempts, &dsns))
+            .await
+    }
+
+    async fn mark_delay_dsn_sent(
+        &self,
+        receipt: ReceiptId,
+        indexes: &[u32],
+    ) -> Result<(), StoreError> {
+        let indexes = indexes.to_vec();
+        let now = now_ms();
+        self.write(move |c| write::mark_delay_dsn_sent(c, receipt, &indexes, now))
+            .await
+    }
+
+    async fn queue_list(&self) -> Result<Vec<QueueEntry>, StoreError> {
+        self.read(read::queue_list).await
+    }
+
+    async fn queue_retry(&self, receipt: Option<ReceiptId>) -> Result<usize, StoreError> {
+        let now = now_ms();
+        self.write(move |c| write::queue_retry(c, receipt, now))
+            .await
+    }
+
+    async fn queue_delete(&self, receipt: ReceiptId) -> Result<usize, StoreError> {
+        let now = now_ms();
+        self.write(move |c| write::queue_delete(c, receipt, now))
+            .await
+    }
+
+    async fn queue_stats(&self) -> Result<(u64, Option<i64>), StoreError> {
+        self.read(read::queue_stats).await
+    }
+
+    async fn pending_inbound_bounces(&self) -> Result<Vec<ReceiptId>, StoreError> {
+        self.read(read::pending_inbound_bounces).await
+    }
+
+    async fn mark_inbound_processed(&self, receipt: ReceiptId) -> Result<(), StoreError> {
+        let now = now_ms();
+        self.write(move |c| write::mark_inbound_processed(c, receipt, now))
+            .await
+    }
+
+    async fn log(&self, query: &LogQuery) -> Result<Vec<MessageLog>, StoreError> {
+        let query = query.clone();
+        self.read(move |c| read::log(c, &query)).await
+    }
+
+    async fn find_recipient(
+        &self,
+        receipt: ReceiptId,
+        address: &str,
+    ) -> Result<Option<u32>, StoreError> {
+        let address = address.to_string();
+        self.read(move |c| read::find_recipient(c, receipt, &address))
+            .await
+    }
+
+    async fn find_by_message_id(&self, message_id: &str) -> Result<Option<ReceiptId>, StoreError> {
+        let message_id = message_id.to_string();
+        self.read(move |c| read::find_by_message_id(c, &message_id))
+            .await
+    }
+
+    async fn find_by_envid(&self, envid: &str) -> Result<Option<ReceiptId>, StoreError> {
+        let envid = envid.to_string();
+        self.read(move |c| read::find_by_envid(c, &envid)).await
+    }
+
+    async fn record_bounce(&self, bounce: NewBounce) -> Result<i64, StoreError> {
+        self.write(move |c| write::record_bounce(c, &bounce)).await
+    }
+
+    async fn bounces(&self, query: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError> {
+        let query = query.clone();
+        self.read(move |c| read::bounces(c, &query)).await
+    }
+
+    async fn set_handled(&self, id: i64, by: Option<&str>, at_ms: i64) -> Result<bool, StoreError> {
+        let by = by.map(str::to_string);
+        self.write(move |c| write::set_handled(c, id, by.as_deref(), at_ms))
+            .await
+    }
+
+    async fn recent_bounce_types(
+        &self,
+        address: &str,
+        since_ms: i64,
+    ) -> Result<Vec<String>, StoreError> {
+        let address = address.to_string();
+        self.read(move |c| read::recent_bounce_types(c, &address, since_ms))
+            .await
+    }
+
+    async fn suppress(&self, entry: Suppression) -> Result<(), StoreError> {
+        self.write(move |c| write::suppress(c, &entry)).await
+    }
+
+    async fn unsuppress(&self, address: &str) -> Result<bool, StoreError> {
+        let address = address.to_string();
+        self.write(move |c| write::unsuppress(c, &address)).await
+    }
+
+    async fn suppressed(
+        &self,
+        address: &str,
+        now_ms: i64,
+    ) -> Result<Option<Suppression>, StoreError> {
+        let address = address.to_string();
+        self.read(move |c| read::suppressed(c, &address, now_ms))
+            .await
+    }
+
+    async fn suppression_list(&self, now_ms: i64) -> Result<Vec<Suppression>, StoreError> {
+        self.read(move |c| read::suppression_list(c, now_ms)).await
+    }
+}
+
+/// A read-only view for CLI commands running beside the server: synchronous, one
+/// connection, never writes (so it cannot disturb the server's WAL).
+pub struct SqliteReader {
+    conn: Connection,
+}
+
+impl SqliteReader {
+    pub fn open_path(path: &Path) -> Result<Self, StoreError> {
+        if !path.exists() {
+            return Err(StoreError::NotFound(format!(
+                "no database at {} (has `mailtrail serve` run with this data_dir?)",
+                path.display()
+            )));
+        }
+        let conn = open_read_connection(path)?;
+        let version = schema::user_version(&conn)?;
+        if version != SCHEMA_VERSION {
+            return Err(StoreError::Storage(format!(
+                "{} has schema version {version}, this mailtrail reads {SCHEMA_VERSION} \
+                 (start `mailtrail serve` of this version once to migrate)",
+                path.display()
+            )));
+        }
+        Ok(Self { conn })
+    }
+
+    pub fn log(&self, query: &LogQuery) -> Result<Vec<MessageLog>, StoreError> {
+        read::log(&self.conn, query)
+    }
+
+    pub fn queue_list(&self) -> Result<Vec<QueueEntry>, StoreError> {
+        read::queue_list(&self.conn)
+    }
+
+    pub fn queue_stats(&self) -> Result<(u64, Option<i64>), StoreError> {
+        read::queue_stats(&self.conn)
+    }
+
+    pub fn bounces(&self, query: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError> {
+        read::bounces(&self.conn, query)
+    }
+
+    pub fn suppression_list(&self, now_ms: i64) -> Result<Vec<Suppression>, StoreError> {
+        read::suppression_list(&self.conn, now_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,497 @@
+//! The read queries, each a function over a (read-only) connection. Multi-statement reads
+//! run in one read transaction so they see a single committed snapshot.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::receipt::ReceiptId;
+use crate::spool::{DsnRet, Notify};
+use crate::store::{
+    BounceQuery, Correlation, EventLog, LogKey, LogQuery, MessageLog, QueueEntry, QueuedMessage,
+    QueuedRecipient, RecipientLog, RecipientStatus, Stage, StoreError, StoredBounce, Suppression,
+};
+
+use super::write::message_id_key;
+use super::{address_key, parse_correlation, parse_stage, storage};
+
+fn conversion(idx: usize, msg: String) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        idx,
+        rusqlite::types::Type::Text,
+        Box::<dyn std::error::Error + Send + Sync>::from(msg),
+    )
+}
+
+fn receipt_at(row: &Row, idx: usize) -> rusqlite::Result<ReceiptId> {
+    let s: String = row.get(idx)?;
+    s.parse()
+        .map_err(|e: crate::receipt::ParseReceiptError| conversion(idx, e.to_string()))
+}
+
+fn opt_receipt_at(row: &Row, idx: usize) -> rusqlite::Result<Option<ReceiptId>> {
+    let s: Option<String> = row.get(idx)?;
+    s.map(|s| {
+        s.parse()
+            .map_err(|e: crate::receipt::ParseReceiptError| conversion(idx, e.to_string()))
+    })
+    .transpose()
+}
+
+fn u64_at(row: &Row, idx: usize) -> rusqlite::Result<u64> {
+    let v: i64 = row.get(idx)?;
+    u64::try_from(v).map_err(|_| conversion(idx, format!("negative count {v}")))
+}
+
+fn status_at(row: &Row, idx: usize) -> rusqlite::Result<RecipientStatus> {
+    let s: String = row.get(idx)?;
+    RecipientStatus::parse(&s).ok_or_else(|| conversion(idx, format!("unknown status {s:?}")))
+}
+
+fn ret_at(row: &Row, idx: usize) -> rusqlite::Result<Option<DsnRet>> {
+    let s: Option<String> = row.get(idx)?;
+    Ok(match s.as_deref() {
+        Some("full") => Some(DsnRet::Full),
+        Some("hdrs") => Some(DsnRet::Hdrs),
+        _ => None,
+    })
+}
+
+fn notify_at(row: &Row, idx: usize) -> rusqlite::Result<Option<Notify>> {
+    let s: Option<String> = row.get(idx)?;
+    Ok(s.and_then(|s| Notify::from_param(&s)))
+}
+
+fn stage_at(row: &Row, idx: usize) -> rusqlite::Result<Option<Stage>> {
+    let s: Option<String> = row.get(idx)?;
+    Ok(s.and_then(|s| parse_stage(&s)))
+}
+
+/// `LIMIT` value: 0 means no limit.
+fn sql_limit(limit: usize) -> i64 {
+    if limit == 0 {
+        -1
+    } else {
+        i64::try_from(limit).unwrap_or(i64::MAX)
+    }
+}
+
+const PENDING: &str = "status IN ('queued', 'deferred')";
+
+/// Receipts with a due recipient, oldest first. MATERIALIZED keeps the planner on the
+/// partial `recipients_due` index instead of walking the whole primary key in receipt order.
+pub(super) const DUE_RECEIPTS: &str = "
+    WITH due AS MATERIALIZED (
+        SELECT receipt FROM recipients
+        WHERE status IN ('queued', 'deferred') AND next_attempt_at <= ?1)
+    SELECT DISTINCT receipt FROM due ORDER BY receipt LIMIT ?2";
+
+/// Messages that name an address as a recipient or as the envelope sender.
+pub(super) const BY_ADDRESS: &str = "
+    receipt IN (SELECT receipt FROM recipients WHERE address_lc = ?1
+                UNION SELECT receipt FROM messages WHERE envelope_sender_lc = ?1)";
+
+pub fn due(conn: &Connection, now_ms: i64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError> {
+    let tx = conn.unchecked_transaction().map_err(storage)?;
+    let receipts: Vec<String> = {
+        let mut st = tx.prepare_cached(DUE_RECEIPTS).map_err(storage)?;
+        st.query_map(params![now_ms, sql_limit(limit)], |r| r.get(0))
+            .and_then(|rows| rows.collect::<Result<_, _>>())
+            .map_err(storage)?
+    };
+    let mut out = Vec::with_capacity(receipts.len());
+    let mut msg_st = tx
+        .prepare_cached(
+            "SELECT receipt, received_at, envelope_sender, auth_user, envid, ret, eight_bit,
+                 smtputf8, size, message_id, subject
+             FROM messages WHERE receipt = ?1",
+        )
+        .map_err(storage)?;
+    let mut rcpt_st = tx
+        .prepare_cached(&format!(
+            "SELECT idx, address, orcpt, notify, status, attempts, next_attempt_at,
+                 first_deferred_at, delay_dsn_sent, last_reply_code, last_enhanced,
+                 last_reply_text
+             FROM recipients
+             WHERE receipt = ?1 AND {PENDING} AND next_attempt_at <= ?2 ORDER BY idx"
+        ))
+        .map_err(storage)?;
+    for receipt in receipts {
+        let recipients = rcpt_st
+            .query_map(params![receipt, now_ms], |r| {
+                Ok(QueuedRecipient {
+                    index: r.get(0)?,
+                    address: r.get(1)?,
+                    orcpt: r.get(2)?,
+                    notify: notify_at(r, 3)?,
+                    status: status_at(r, 4)?,
+                    attempts: r.get(5)?,
+                    next_attempt_at_ms: r.get(6)?,
+                    first_deferred_at_ms: r.get(7)?,
+                    delay_dsn_sent: r.get(8)?,
+                    last_reply_code: r.get(9)?,
+                    last_enhanced_status: r.get(10)?,
+                    last_reply_text: r.get(11)?,
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+            .map_err(storage)?;
+        let msg = msg_st
+            .query_row(params![receipt], |r| {
+                Ok(QueuedMessage {
+                    receipt: receipt_at(r, 0)?,
+                    received_at_ms: r.get(1)?,
+                    envelope_sender: r.get(2)?,
+                    auth_user: r.get(3)?,
+                    envid: r.get(4)?,
+                    ret: ret_at(r, 5)?,
+                    eight_bit: r.get(6)?,
+                    smtputf8: r.get(7)?,
+                    size: u64_at(r, 8)?,
+                    message_id: r.get(9)?,
+                    subject: r.get(10)?,
+                    recipients: Vec::new(),
+                })
+            })
+            .map_err(storage)?;
+        out.push(QueuedMessage { recipients, ..msg });
+    }
+    Ok(out)
+}
+
+pub fn next_due_at(conn: &Connection) -> Result<Option<i64>, StoreError> {
+    conn.query_row(
+        &format!("SELECT MIN(next_attempt_at) FROM recipients WHERE {PENDING}"),
+        [],
+        |r| r.get(0),
+    )
+    .map_err(storage)
+}
+
+pub fn body(conn: &Connection, receipt: ReceiptId) -> Result<Vec<u8>, StoreError> {
+    conn.prepare_cached("SELECT body FROM bodies WHERE receipt = ?1")
+        .and_then(|mut st| {
+            st.query_row(params![receipt.to_string()], |r| r.get(0))
+                .optional()
+        })
+        .map_err(storage)?
+        .ok_or_else(|| StoreError::NotFound(format!("body of {receipt}")))
+}
+
+/// "250 2.0.0 text" from a recipient's last reply columns.
+fn last_reply(code: Option<u16>, enhanced: Option<String>, text: Option<String>) -> Option<String> {
+    let parts: Vec<String> = [code.map(|c| c.to_string()), enhanced, text]
+        .into_iter()
+        .flatten()
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(" "))
+}
+
+pub fn queue_list(conn: &Connection) -> Result<Vec<QueueEntry>, StoreError> {
+    let mut st = conn
+        .prepare_cached(&format!(
+            "SELECT r.receipt, m.received_at, m.envelope_sender, r.address, r.status, r.attempts,
+                 r.next_attempt_at, r.last_reply_code, r.last_enhanced, r.last_reply_text
+             FROM recipients r JOIN messages m ON m.receipt = r.receipt
+             WHERE r.{PENDING} ORDER BY r.next_attempt_at, r.receipt, r.idx"
+        ))
+        .map_err(storage)?;
+    st.query_map([], |r| {
+        Ok(QueueEntry {
+            receipt: receipt_at(r, 0)?,
+            received_at_ms: r.get(1)?,
+            envelope_sender: r.get(2)?,
+            recipient: r.get(3)?,
+            status: status_at(r, 4)?,
+            attempts: r.get(5)?,
+            next_attempt_at_ms: r.get(6)?,
+            last_reply: last_reply(r.get(7)?, r.get(8)?, r.get(9)?),
+        })
+    })
+    .and_then(|rows| rows.collect())
+    .map_err(storage)
+}
+
+pub fn queue_stats(conn: &Connection) -> Result<(u64, Option<i64>), StoreError> {
+    conn.query_row(
+        &format!(
+            "SELECT COUNT(*), MIN(m.received_at)
+             FROM recipients r JOIN messages m ON m.receipt = r.receipt WHERE r.{PENDING}"
+        ),
+        [],
+        |r| Ok((u64_at(r, 0)?, r.get(1)?)),
+    )
+    .map_err(storage)
+}
+
+pub fn pending_inbound_bounces(conn: &Connection) -> Result<Vec<ReceiptId>, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT receipt FROM messages
+             WHERE inbound_bounce = 1 AND inbound_processed_at IS NULL ORDER BY receipt",
+        )
+        .map_err(storage)?;
+    st.query_map([], |r| receipt_at(r, 0))
+        .and_then(|rows| rows.collect())
+        .map_err(storage)
+}
+
+pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreError> {
+    let tx = conn.unchecked_transaction().map_err(storage)?;
+    let since = q.since_ms.unwrap_or(i64::MIN);
+    let until = q.until_ms.unwrap_or(i64::MAX);
+    let columns = "receipt, received_at, client_ip, helo, tls_version, auth_user, envelope_sender,
+                   size, message_id, subject, context, envid, ret";
+    let (sql, key) = match &q.key {
+        LogKey::Address(a) => (
+            format!(
+                "SELECT {columns} FROM messages
+                 WHERE {BY_ADDRESS}
+                   AND received_at >= ?2 AND received_at <= ?3
+                 ORDER BY received_at DESC, receipt DESC LIMIT ?4"
+            ),
+            address_key(a),
+        ),
+        LogKey::Receipt(r) => (
+            format!(
+                "SELECT {columns} FROM messages
+                 WHERE receipt = ?1 AND received_at >= ?2 AND received_at <= ?3 LIMIT ?4"
+            ),
+            r.to_string(),
+        ),
+    };
+    let mut messages: Vec<MessageLog> = {
+        let mut st = tx.prepare(&sql).map_err(storage)?;
+        st.query_map(params![key, since, until, sql_limit(q.limit)], |r| {
+            Ok(MessageLog {
+                receipt: receipt_at(r, 0)?,
+                received_at_ms: r.get(1)?,
+                client_ip: r.get(2)?,
+                helo: r.get(3)?,
+                tls_version: r.get(4)?,
+                auth_user: r.get(5)?,
+                envelope_sender: r.get(6)?,
+                size: u64_at(r, 7)?,
+                message_id: r.get(8)?,
+                subject: r.get(9)?,
+                context: r.get(10)?,
+                envid: r.get(11)?,
+                ret: ret_at(r, 12)?,
+                recipients: Vec::new(),
+            })
+        })
+        .and_then(|rows| rows.collect::<Result<_, _>>())
+        .map_err(storage)?
+    };
+    let mut rcpt_st = tx
+        .prepare_cached(
+            "SELECT idx, address, orcpt, notify, status, reason, bounce_type, last_reply_code,
+                 last_enhanced, last_reply_text, updated_at
+             FROM recipients WHERE receipt = ?1 ORDER BY idx",
+        )
+        .map_err(storage)?;
+    let mut event_st = tx
+        .prepare_cached(
+            "SELECT at, kind, status, stage, remote_host, remote_ip, tls_version, reply_code,
+                 enhanced_status, reply_text, duration_ms, reason
+             FROM events WHERE receipt = ?1 AND idx = ?2 ORDER BY id",
+        )
+        .map_err(storage)?;
+    for m in &mut messages {
+        let receipt = m.receipt.to_string();
+        let mut recipients: Vec<RecipientLog> = rcpt_st
+            .query_map(params![receipt], |r| {
+                Ok(RecipientLog {
+                    index: r.get(0)?,
+                    address: r.get(1)?,
+                    orcpt: r.get(2)?,
+                    notify: r.get(3)?,
+                    status: status_at(r, 4)?,
+                    reason: r.get(5)?,
+                    bounce_type: r.get(6)?,
+                    last_reply_code: r.get(7)?,
+                    last_enhanced_status: r.get(8)?,
+                    last_reply_text: r.get(9)?,
+                    updated_at_ms: r.get(10)?,
+                    events: Vec::new(),
+                })
+            })
+            .and_then(|rows| rows.collect::<Result<_, _>>())
+            .map_err(storage)?;
+        for rc in &mut recipients {
+            rc.events = event_st
+                .query_map(params![receipt, rc.index], |r| {
+                    Ok(EventLog {
+                        at_ms: r.get(0)?,
+                        kind: r.get(1)?,
+                        status: status_at(r, 2)?,
+                        stage: stage_at(r, 3)?,
+                        remote_host: r.get(4)?,
+                        remote_ip: r.get(5)?,
+                        tls_version: r.get(6)?,
+                        reply_code: r.get(7)?,
+                        enhanced_status: r.get(8)?,
+                        reply_text: r.get(9)?,
+                        duration_ms: r.get::<_, Option<i64>>(10)?.map(|d| d.max(0) as u64),
+                        reason: r.get(11)?,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<_, _>>())
+                .map_err(storage)?;
+        }
+        m.recipients = recipients;
+    }
+    Ok(messages)
+}
+
+pub fn find_recipient(
+    conn: &Connection,
+    receipt: ReceiptId,
+    address: &str,
+) -> Result<Option<u32>, StoreError> {
+    conn.query_row(
+        "SELECT idx FROM recipients WHERE receipt = ?1 AND address_lc = ?2 ORDER BY idx LIMIT 1",
+        params![receipt.to_string(), address_key(address)],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(storage)
+}
+
+pub fn find_by_message_id(
+    conn: &Connection,
+    message_id: &str,
+) -> Result<Option<ReceiptId>, StoreError> {
+    conn.query_row(
+        "SELECT receipt FROM messages WHERE message_id_key = ?1 AND inbound_bounce = 0
+         ORDER BY receipt DESC LIMIT 1",
+        params![message_id_key(message_id)],
+        |r| receipt_at(r, 0),
+    )
+    .optional()
+    .map_err(storage)
+}
+
+pub fn find_by_envid(conn: &Connection, envid: &str) -> Result<Option<ReceiptId>, StoreError> {
+    conn.query_row(
+        "SELECT receipt FROM messages WHERE envid = ?1 AND inbound_bounce = 0
+         ORDER BY receipt DESC LIMIT 1",
+        params![envid],
+        |r| receipt_at(r, 0),
+    )
+    .optional()
+    .map_err(storage)
+}
+
+fn bounce_row(r: &Row) -> rusqlite::Result<StoredBounce> {
+    let correlation: String = r.get(3)?;
+    Ok(StoredBounce {
+        id: r.get(0)?,
+        at_ms: r.get(1)?,
+        receipt: opt_receipt_at(r, 2)?,
+        correlation: parse_correlation(&correlation).unwrap_or(Correlation::Unmatched),
+        rcpt_index: r.get(4)?,
+        recipient: r.get(5)?,
+        kind: r.get(6)?,
+        action: r.get(7)?,
+        status: r.get(8)?,
+        reply_code: r.get(9)?,
+        diagnostic: r.get(10)?,
+        remote_mta: r.get(11)?,
+        reporting_mta: r.get(12)?,
+        reason: r.get(13)?,
+        bounce_type: r.get(14)?,
+        source_receipt: opt_receipt_at(r, 15)?,
+        handled_by: r.get(16)?,
+        handled_at_ms: r.get(17)?,
+    })
+}
+
+/// Bounces matching every filter, newest first; with `first_only`, the oldest matching
+/// bounce of each address. A `limit` of 0 means no limit.
+pub fn bounces(conn: &Connection, q: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError> {
+    let sql = "
+        WITH matching AS (
+            SELECT *, ROW_NUMBER() OVER (PARTITION BY recipient_lc ORDER BY at, id) AS nth
+            FROM bounces
+            WHERE (?1 IS NULL OR recipient_lc = ?1)
+              AND (?2 IS NULL OR reason = ?2)
+              AND (NOT ?3 OR handled_at IS NULL)
+        )
+        SELECT id, at, receipt, correlation, idx, recipient, kind, action, status, reply_code,
+               diagnostic, remote_mta, reporting_mta, reason, bounce_type, source_receipt,
+               handled_by, handled_at
+        FROM matching WHERE (NOT ?4 OR nth = 1)
+        ORDER BY at DESC, id DESC LIMIT ?5";
+    let mut st = conn.prepare_cached(sql).map_err(storage)?;
+    st.query_map(
+        params![
+            q.address.as_deref().map(address_key),
+            q.reason,
+            q.unhandled_only,
+            q.first_only,
+            sql_limit(q.limit),
+        ],
+        bounce_row,
+    )
+    .and_then(|rows| rows.collect())
+    .map_err(storage)
+}
+
+pub fn recent_bounce_types(
+    conn: &Connection,
+    address: &str,
+    since_ms: i64,
+) -> Result<Vec<String>, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT bounce_type FROM bounces WHERE recipient_lc = ?1 AND at >= ?2
+             ORDER BY at DESC, id DESC",
+        )
+        .map_err(storage)?;
+    st.query_map(params![address_key(address), since_ms], |r| r.get(0))
+        .and_then(|rows| rows.collect())
+        .map_err(storage)
+}
+
+fn suppression_row(r: &Row) -> rusqlite::Result<Suppression> {
+    Ok(Suppression {
+        address: r.get(0)?,
+        reason: r.get(1)?,
+        source: r.get(2)?,
+        first_at_ms: r.get(3)?,
+        last_at_ms: r.get(4)?,
+        count: r.get(5)?,
+        expires_at_ms: r.get(6)?,
+    })
+}
+
+const SUPPRESSION_COLUMNS: &str =
+    "address, reason, source, first_at, last_at, count, expires_at FROM suppressions";
+
+pub fn suppressed(
+    conn: &Connection,
+    address: &str,
+    now_ms: i64,
+) -> Result<Option<Suppression>, StoreError> {
+    conn.query_row(
+        &format!(
+            "SELECT {SUPPRESSION_COLUMNS}
+             WHERE address_lc = ?1 AND (expires_at IS NULL OR expires_at > ?2)"
+        ),
+        params![address_key(address), now_ms],
+        suppression_row,
+    )
+    .optional()
+    .map_err(storage)
+}
+
+pub fn suppression_list(conn: &Connection, now_ms: i64) -> Result<Vec<Suppression>, StoreError> {
+    let mut st = conn
+        .prepare_cached(&format!(
+            "SELECT {SUPPRESSION_COLUMNS}
+             WHERE expires_at IS NULL OR expires_at > ?1 ORDER BY last_at DESC, address_lc"
+        ))
+        .map_err(storage)?;
+    st.query_map(params![now_ms], suppression_row)
+        .and_then(|rows| rows.collect())
+        .map_err(storage)
+}

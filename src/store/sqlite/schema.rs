@@ -1,0 +1,156 @@
+//! The SQLite schema as an ordered list of migrations; `PRAGMA user_version` records how many
+//! have been applied, so a database only ever moves forward one whole migration at a time.
+
+use rusqlite::Connection;
+
+use crate::store::StoreError;
+
+use super::storage;
+
+/// Migration `n` (1-based) is `MIGRATIONS[n - 1]`. Never edit a released entry: append.
+const MIGRATIONS: &[&str] = &[
+    // 1: messages, bodies, recipients, events, bounces, suppressions.
+    r#"
+CREATE TABLE messages (
+    receipt              TEXT PRIMARY KEY,   -- ReceiptId text: sorts by time
+    received_at          INTEGER NOT NULL,   -- ms since the Unix epoch
+    client_ip            TEXT NOT NULL,
+    helo                 TEXT NOT NULL,
+    tls_version          TEXT,
+    auth_user            TEXT,
+    envelope_sender      TEXT NOT NULL,
+    envelope_sender_lc   TEXT NOT NULL,
+    size                 INTEGER NOT NULL,
+    message_id           TEXT,
+    message_id_key       TEXT,               -- message_id without angle brackets
+    subject              TEXT,
+    context              TEXT,
+    envid                TEXT,
+    ret                  TEXT,
+    eight_bit            INTEGER NOT NULL,
+    smtputf8             INTEGER NOT NULL,
+    inbound_bounce       INTEGER NOT NULL,
+    inbound_processed_at INTEGER             -- set once the bounce stage parsed it
+);
+CREATE INDEX messages_received_at ON messages(received_at);
+CREATE INDEX messages_message_id ON messages(message_id_key);
+CREATE INDEX messages_envid ON messages(envid);
+CREATE INDEX messages_sender ON messages(envelope_sender_lc);
+CREATE INDEX messages_inbound_pending ON messages(receipt)
+    WHERE inbound_bounce = 1 AND inbound_processed_at IS NULL;
+
+CREATE TABLE bodies (
+    receipt TEXT PRIMARY KEY REFERENCES messages(receipt) ON DELETE CASCADE,
+    body    BLOB NOT NULL
+);
+
+CREATE TABLE recipients (
+    receipt           TEXT NOT NULL REFERENCES messages(receipt) ON DELETE CASCADE,
+    idx               INTEGER NOT NULL,
+    address           TEXT NOT NULL,
+    address_lc        TEXT NOT NULL,
+    orcpt             TEXT,
+    notify            TEXT,
+    status            TEXT NOT NULL,
+    reason            TEXT,
+    bounce_type       TEXT,
+    last_reply_code   INTEGER,
+    last_enhanced     TEXT,
+    last_reply_text   TEXT,
+    attempts          INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at   INTEGER,               -- NULL once final
+    first_deferred_at INTEGER,
+    delay_dsn_sent    INTEGER NOT NULL DEFAULT 0,
+    updated_at        INTEGER NOT NULL,
+    PRIMARY KEY (receipt, idx)
+);
+CREATE INDEX recipients_address ON recipients(address_lc);
+CREATE INDEX recipients_due ON recipients(next_attempt_at)
+    WHERE status IN ('queued', 'deferred');
+
+CREATE TABLE events (
+    id              INTEGER PRIMARY KEY,
+    receipt         TEXT NOT NULL REFERENCES messages(receipt) ON DELETE CASCADE,
+    idx             INTEGER NOT NULL,
+    at              INTEGER NOT NULL,
+    kind            TEXT NOT NULL,
+    status          TEXT NOT NULL,
+    stage           TEXT,
+    remote_host     TEXT,
+    remote_ip       TEXT,
+    tls_version     TEXT,
+    tls_cipher      TEXT,
+    reply_code      INTEGER,
+    enhanced_status TEXT,
+    reply_text      TEXT,
+    duration_ms     INTEGER,
+    reason          TEXT
+);
+CREATE INDEX events_recipient ON events(receipt, idx, id);
+
+-- No foreign key to messages: a bounce may be unmatched, or outlive a purged message.
+CREATE TABLE bounces (
+    id             INTEGER PRIMARY KEY,
+    at             INTEGER NOT NULL,
+    receipt        TEXT,
+    idx            INTEGER,
+    correlation    TEXT NOT NULL,
+    recipient      TEXT NOT NULL,
+    recipient_lc   TEXT NOT NULL,
+    kind           TEXT NOT NULL,
+    action         TEXT,
+    status         TEXT,
+    reply_code     INTEGER,
+    diagnostic     TEXT,
+    remote_mta     TEXT,
+    reporting_mta  TEXT,
+    reason         TEXT NOT NULL,
+    bounce_type    TEXT NOT NULL,
+    source_receipt TEXT,
+    handled_by     TEXT,
+    handled_at     INTEGER
+);
+CREATE INDEX bounces_recipient ON bounces(recipient_lc, at);
+CREATE INDEX bounces_at ON bounces(at);
+CREATE INDEX bounces_receipt ON bounces(receipt);
+
+CREATE TABLE suppressions (
+    address_lc TEXT PRIMARY KEY,
+    address    TEXT NOT NULL,
+    reason     TEXT NOT NULL,
+    source     TEXT NOT NULL,
+    first_at   INTEGER NOT NULL,
+    last_at    INTEGER NOT NULL,
+    count      INTEGER NOT NULL,
+    expires_at INTEGER                       -- NULL = never
+);
+"#,
+];
+
+/// The schema version this build reads and writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+pub fn user_version(conn: &Connection) -> Result<i64, StoreError> {
+    conn.query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(storage)
+}
+
+/// Applies every migration the database has not seen yet, each in its own transaction
+/// together with its `user_version` bump.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let current = user_version(conn)?;
+    if current > SCHEMA_VERSION {
+        return Err(StoreError::Storage(format!(
+            "database schema version {current} is newer than this mailtrail ({SCHEMA_VERSION})"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = i as i64 + 1;
+        let tx = conn.transaction().map_err(storage)?;
+        tx.execute_batch(sql).map_err(storage)?;
+        tx.pragma_update(None, "user_version", version)
+            .map_err(storage)?;
+        tx.commit().map_err(storage)?;
+    }
+    Ok(())
+}

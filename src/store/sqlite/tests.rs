@@ -1,0 +1,1226 @@
+//! Tests against real SQLite files in a temporary directory.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tempfile::TempDir;
+
+use super::*;
+use crate::spool::{AcceptedRecipient, DsnRet, Notify, PresetOutcome};
+use crate::store::{LogKey, RecipientStatus};
+
+fn store_in(dir: &TempDir) -> SqliteStore {
+    SqliteStore::open_path(&dir.path().join("mailtrail.db")).unwrap()
+}
+
+fn rcpt(address: &str) -> AcceptedRecipient {
+    AcceptedRecipient {
+        address: address.to_string(),
+        orcpt: None,
+        notify: None,
+        preset: None,
+    }
+}
+
+fn message(at_ms: i64, sender: &str, recipients: &[&str]) -> AcceptedMessage {
+    AcceptedMessage {
+        receipt: ReceiptId::new(),
+        received_at_ms: at_ms,
+        client_ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+        helo: "app.example".into(),
+        tls_version: Some("TLSv1_3".into()),
+        auth_user: Some("app".into()),
+        envelope_sender: sender.to_string(),
+        recipients: recipients.iter().map(|r| rcpt(r)).collect(),
+        envid: None,
+        ret: None,
+        eight_bit: false,
+        smtputf8: false,
+        message_id: Some("<m1@app.example>".into()),
+        subject: Some("Hello".into()),
+        context: Some("signup".into()),
+        body: b"Subject: Hello\r\n\r\nHi\r\n".to_vec(),
+        inbound_bounce: false,
+    }
+}
+
+fn by_address(a: &str) -> LogQuery {
+    LogQuery {
+        key: LogKey::Address(a.into()),
+        since_ms: None,
+        until_ms: None,
+        limit: 0,
+    }
+}
+
+fn attempt(receipt: ReceiptId, idx: u32, at_ms: i64, status: RecipientStatus) -> AttemptRecord {
+    AttemptRecord {
+        receipt,
+        rcpt_index: idx,
+        at_ms,
+        status,
+        next_attempt_at_ms: (status == RecipientStatus::Deferred).then_some(at_ms + 60_000),
+        stage: Stage::Rcpt,
+        remote_host: Some("mx.example.net".into()),
+        remote_ip: Some("192.0.2.25".into()),
+        tls_version: Some("TLSv1_3".into()),
+        tls_cipher: None,
+        reply_code: Some(match status {
+            RecipientStatus::Delivered => 250,
+            RecipientStatus::Deferred => 451,
+            _ => 550,
+        }),
+        enhanced_status: Some("4.7.1".into()),
+        reply_text: "Greylisted, try again\nin a minute".into(),
+        duration_ms: 120,
+        reason: None,
+        bounce_type: None,
+    }
+}
+
+#[test]
+fn migrates_an_empty_database_and_reopens_without_migrating_again() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    drop(SqliteStore::open_path(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    assert_eq!(schema::user_version(&conn).unwrap(), SCHEMA_VERSION);
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        tables,
+        [
+            "bodies",
+            "bounces",
+            "events",
+            "messages",
+            "recipients",
+            "suppressions"
+        ]
+    );
+    drop(conn);
+    // A second open finds the schema current and keeps the data.
+    drop(SqliteStore::open_path(&path).unwrap());
+}
+
+#[test]
+fn refuses_a_database_from_a_newer_version() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    let conn = Connection::open(&path).unwrap();
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
+    drop(conn);
+    assert!(matches!(
+        SqliteStore::open_path(&path),
+        Err(StoreError::Storage(_))
+    ));
+}
+
+#[test]
+fn open_creates_data_dir() {
+    let dir = TempDir::new().unwrap();
+    let config = Config {
+        data_dir: dir.path().join("nested/data"),
+        ..Config::default()
+    };
+    let store = open(&config).unwrap();
+    drop(store);
+    assert!(config.db_path().exists());
+}
+
+#[tokio::test]
+async fn accept_then_log_by_address_case_insensitive_and_by_receipt() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let mut msg = message(
+        1_000,
+        "App@Example.com",
+        &["Alice@Example.NET", "bob@example.net"],
+    );
+    msg.recipients[0].orcpt = Some("rfc822;Alice@Example.NET".into());
+    msg.recipients[0].notify = Some(Notify {
+        failure: true,
+        delay: true,
+        ..Notify::default()
+    });
+    msg.envid = Some("env-1".into());
+    msg.ret = Some(DsnRet::Hdrs);
+    let receipt = msg.receipt;
+    store.accept(msg).await.unwrap();
+    store
+        .accept(message(2_000, "app@example.com", &["carol@example.net"]))
+        .await
+        .unwrap();
+
+    let logs = store.log(&by_address("alice@example.net")).await.unwrap();
+    assert_eq!(logs.len(), 1);
+    let m = &logs[0];
+    assert_eq!(m.receipt, receipt);
+    assert_eq!(m.received_at_ms, 1_000);
+    assert_eq!(m.client_ip, "127.0.0.1");
+    assert_eq!(m.envelope_sender, "App@Example.com");
+    assert_eq!(m.subject.as_deref(), Some("Hello"));
+    assert_eq!(m.context.as_deref(), Some("signup"));
+    assert_eq!(m.envid.as_deref(), Some("env-1"));
+    assert_eq!(m.ret, Some(DsnRet::Hdrs));
+    assert_eq!(m.size, b"Subject: Hello\r\n\r\nHi\r\n".len() as u64);
+    assert_eq!(m.recipients.len(), 2);
+    let alice = &m.recipients[0];
+    assert_eq!(alice.address, "Alice@Example.NET");
+    assert_eq!(alice.orcpt.as_deref(), Some("rfc822;Alice@Example.NET"));
+    assert_eq!(alice.notify.as_deref(), Some("FAILURE,DELAY"));
+    assert_eq!(alice.status, RecipientStatus::Queued);
+    assert_eq!(alice.events.len(), 1);
+    assert_eq!(alice.events[0].kind, "accepted");
+    assert_eq!(alice.events[0].status, RecipientStatus::Queued);
+
+    // The sender address finds both messages, newest first.
+    let logs = store.log(&by_address("APP@example.COM")).await.unwrap();
+    let times: Vec<i64> = logs.iter().map(|m| m.received_at_ms).collect();
+    assert_eq!(times, [2_000, 1_000]);
+
+    let logs = store
+        .log(&LogQuery {
+            key: LogKey::Receipt(receipt),
+            since_ms: None,
+            until_ms: None,
+            limit: 10,
+        })
+        .await
+        .unwrap();
+    assert_eq!(logs.len(), 1);
+    assert_eq!(logs[0].receipt, receipt);
+
+    assert!(
+        store
+            .log(&by_address("nobody@example.net"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        store.body(receipt).await.unwrap(),
+        b"Subject: Hello\r\n\r\nHi\r\n"
+    );
+}
+
+#[tokio::test]
+async fn log_applies_since_until_and_limit() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    for t in [1_000, 2_000, 3_000, 4_000] {
+        store
+            .accept(message(t, "app@example.com", &["x@example.net"]))
+            .await
+            .unwrap();
+    }
+    let q = |since, until, limit| LogQuery {
+        key: LogKey::Address("x@example.net".into()),
+        since_ms: since,
+        until_ms: until,
+        limit,
+    };
+    let times = |logs: Vec<MessageLog>| logs.iter().map(|m| m.received_at_ms).collect::<Vec<_>>();
+    assert_eq!(
+        times(store.log(&q(Some(2_000), None, 0)).await.unwrap()),
+        [4_000, 3_000, 2_000]
+    );
+    assert_eq!(
+        times(store.log(&q(None, Some(2_000), 0)).await.unwrap()),
+        [2_000, 1_000]
+    );
+    assert_eq!(
+        times(store.log(&q(None, None, 2)).await.unwrap()),
+        [4_000, 3_000]
+    );
+}
+
+#[tokio::test]
+async fn preset_recipients_are_final_and_never_due() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let mut msg = message(
+        1_000,
+        "app@example.com",
+        &["gone@example.net", "ok@example.net"],
+    );
+    msg.recipients[0].preset = Some(PresetOutcome {
+        status: RecipientStatus::Suppressed,
+        reason: "suppressed".into(),
+        text: "address is on the suppression list".into(),
+    });
+    store.accept(msg).await.unwrap();
+
+    let due = store.due(1_000, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    let addrs: Vec<&str> = due[0]
+        .recipients
+        .iter()
+        .map(|r| r.address.as_str())
+        .collect();
+    assert_eq!(addrs, ["ok@example.net"]);
+
+    let log = store.log(&by_address("gone@example.net")).await.unwrap();
+    let gone = &log[0].recipients[0];
+    assert_eq!(gone.status, RecipientStatus::Suppressed);
+    assert_eq!(gone.reason.as_deref(), Some("suppressed"));
+    assert_eq!(
+        gone.last_reply_text.as_deref(),
+        Some("address is on the suppression list")
+    );
+    assert_eq!(gone.events[0].kind, "suppressed");
+    assert_eq!(gone.events[0].stage, Some(Stage::Local));
+}
+
+#[tokio::test]
+async fn inbound_bounces_are_never_due_and_stay_pending_until_processed() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    let store = SqliteStore::open_path(&path).unwrap();
+    let mut msg = message(1_000, "", &["bounces+x@bounce.example"]);
+    msg.inbound_bounce = true;
+    let receipt = msg.receipt;
+    store.accept(msg).await.unwrap();
+    assert!(store.due(i64::MAX, 10).await.unwrap().is_empty());
+    assert_eq!(store.next_due_at().await.unwrap(), None);
+    assert_eq!(store.queue_stats().await.unwrap(), (0, None));
+    drop(store);
+
+    // After a restart the bounce is still waiting to be parsed.
+    let store = SqliteStore::open_path(&path).unwrap();
+    assert_eq!(store.pending_inbound_bounces().await.unwrap(), [receipt]);
+    assert!(!store.body(receipt).await.unwrap().is_empty());
+    store.mark_inbound_processed(receipt).await.unwrap();
+    assert!(store.pending_inbound_bounces().await.unwrap().is_empty());
+
+    let other = message(2_000, "a@b", &["c@d"]);
+    let other_receipt = other.receipt;
+    store.accept(other).await.unwrap();
+    assert!(matches!(
+        store.mark_inbound_processed(other_receipt).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_accepts_share_commits_and_are_all_durable() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    let store = Arc::new(SqliteStore::open_path(&path).unwrap());
+    let mut tasks = Vec::new();
+    let mut receipts = Vec::new();
+    for t in 0..20 {
+        let mut batch = Vec::new();
+        for i in 0..25 {
+            let msg = message(
+                1_000 + i,
+                "app@example.com",
+                &[&format!("user{t}-{i}@example.net")],
+            );
+            receipts.push(msg.receipt);
+            batch.push(msg);
+        }
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for msg in batch {
+                store.accept(msg).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let stats = store.writer_stats();
+    let commits = stats.commits.load(Ordering::Relaxed);
+    assert_eq!(stats.commands.load(Ordering::Relaxed), 500);
+    assert!(
+        commits < 500,
+        "no batching: {commits} commits for 500 accepts"
+    );
+    drop(store);
+
+    // Everything acknowledged is visible to a fresh process-like reader.
+    let reader = SqliteReader::open_path(&path).unwrap();
+    let (pending, _) = reader.queue_stats().unwrap();
+    assert_eq!(pending, 500);
+    for r in receipts {
+        let log = reader
+            .log(&LogQuery {
+                key: LogKey::Receipt(r),
+                since_ms: None,
+                until_ms: None,
+                limit: 1,
+            })
+            .unwrap();
+        assert_eq!(log.len(), 1);
+    }
+}
+
+/// Blocks the writer thread inside a command until the returned gate is signalled, so that
+/// commands sent meanwhile queue up and run as one batch.
+async fn hold_writer(
+    store: &Arc<SqliteStore>,
+) -> (
+    tokio::task::JoinHandle<Result<(), StoreError>>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (gate_tx, gate_rx) = std::sync::mpsc::channel::<()>();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let started_tx = std::sync::Mutex::new(Some(started_tx));
+    let held = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(move |_| {
+                    if let Some(tx) = started_tx.lock().unwrap().take() {
+                        let _ = tx.send(());
+                    }
+                    gate_rx.recv().ok();
+                    Ok(())
+                })
+                .await
+        })
+    };
+    started_rx.await.unwrap();
+    (held, gate_tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_command_does_not_fail_the_rest_of_its_batch() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(store_in(&dir));
+    let dup = message(1_000, "app@example.com", &["dup@example.net"]);
+    store.accept(dup.clone()).await.unwrap();
+
+    // Hold the writer so the next commands queue up and land in one batch.
+    let (held, gate) = hold_writer(&store).await;
+    let commits_before = store.writer_stats().commits.load(Ordering::Relaxed);
+    let good: Vec<AcceptedMessage> = (0..5)
+        .map(|i| message(2_000 + i, "app@example.com", &["ok@example.net"]))
+        .collect();
+    let mut tasks = Vec::new();
+    for m in good.iter().cloned() {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move { store.accept(m).await }));
+    }
+    let dup_task = {
+        let store = store.clone();
+        // Same receipt again: violates the primary key.
+        tokio::spawn(async move { store.accept(dup).await })
+    };
+    let bad_attempt = {
+        let store = store.clone();
+        let r = good[0].receipt;
+        tokio::spawn(async move {
+            store
+                .record_attempts(
+                    vec![attempt(r, 7, 3_000, RecipientStatus::Delivered)],
+                    vec![],
+                )
+                .await
+        })
+    };
+    // Let every command reach the queue before the writer is released.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    gate.send(()).unwrap();
+    held.await.unwrap().unwrap();
+
+    assert!(matches!(
+        dup_task.await.unwrap(),
+        Err(StoreError::Storage(_))
+    ));
+    assert!(matches!(
+        bad_attempt.await.unwrap(),
+        Err(StoreError::NotFound(_))
+    ));
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    // The held command, then one batch holding the seven others.
+    let commits = store.writer_stats().commits.load(Ordering::Relaxed) - commits_before;
+    assert_eq!(commits, 2, "the queued commands should share one commit");
+    let logs = store.log(&by_address("ok@example.net")).await.unwrap();
+    assert_eq!(logs.len(), 5);
+    let dup_logs = store.log(&by_address("dup@example.net")).await.unwrap();
+    assert_eq!(dup_logs.len(), 1);
+    assert_eq!(dup_logs[0].recipients[0].events.len(), 1);
+}
+
+async fn cap_database_size(store: &SqliteStore, extra_pages: i64) {
+    store
+        .write(move |c| {
+            let pages: i64 = c
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .map_err(storage)?;
+            c.query_row(
+                &format!("PRAGMA max_page_count = {}", pages + extra_pages),
+                [],
+                |_| Ok(()),
+            )
+            .map_err(storage)
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disk_full_in_a_batch_fails_only_the_command_that_did_not_fit() {
+    let dir = TempDir::new().unwrap();
+    let store = Arc::new(store_in(&dir));
+    store
+        .accept(message(1_000, "app@example.com", &["first@example.net"]))
+        .await
+        .unwrap();
+    cap_database_size(&store, 64).await;
+    let (held, gate) = hold_writer(&store).await;
+    let mut small = Vec::new();
+    for i in 0..3 {
+        let store = store.clone();
+        let m = message(2_000 + i, "app@example.com", &["small@example.net"]);
+        small.push(tokio::spawn(async move { store.accept(m).await }));
+    }
+    let mut big = message(3_000, "app@example.com", &["big@example.net"]);
+    big.body = vec![b'x'; 1 << 20];
+    let big = {
+        let store = store.clone();
+        tokio::spawn(async move { store.accept(big).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    gate.send(()).unwrap();
+    held.await.unwrap().unwrap();
+    let err = big.await.unwrap().unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Storage(m) if m.contains("full")),
+        "{err:?}"
+    );
+    for t in small {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        store
+            .log(&by_address("small@example.net"))
+            .await
+            .unwrap()
+            .len(),
+        3
+    );
+    assert!(
+        store
+            .log(&by_address("big@example.net"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn disk_full_fails_the_accept_and_leaves_nothing_partial() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    store
+        .accept(message(1_000, "app@example.com", &["first@example.net"]))
+        .await
+        .unwrap();
+    // Cap the file near its current size: a 1 MiB body cannot fit.
+    cap_database_size(&store, 2).await;
+    let mut big = message(2_000, "app@example.com", &["big@example.net"]);
+    big.body = vec![b'x'; 1 << 20];
+    let receipt = big.receipt;
+    let err = store.accept(big).await.unwrap_err();
+    assert!(matches!(err, StoreError::Storage(_)), "{err:?}");
+    assert!(
+        store
+            .log(&by_address("big@example.net"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(matches!(
+        store.body(receipt).await,
+        Err(StoreError::NotFound(_))
+    ));
+    // The store keeps working for what fits.
+    assert_eq!(
+        store
+            .log(&by_address("first@example.net"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn delivery_lifecycle_due_defer_retry_deliver() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let msg = message(
+        1_000,
+        "app@example.com",
+        &["a@example.net", "b@example.net"],
+    );
+    let r = msg.receipt;
+    store.accept(msg).await.unwrap();
+
+    assert_eq!(store.next_due_at().await.unwrap(), Some(1_000));
+    assert!(store.due(999, 10).await.unwrap().is_empty());
+    let due = store.due(1_000, 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].receipt, r);
+    assert_eq!(due[0].recipients.len(), 2);
+    assert_eq!(due[0].message_id.as_deref(), Some("<m1@app.example>"));
+
+    // a delivered, b greylisted; a DSN is queued in the same commit.
+    let dsn = message(1_500, "", &["app@example.com"]);
+    let dsn_receipt = dsn.receipt;
+    store
+        .record_attempts(
+            vec![
+                attempt(r, 0, 1_500, RecipientStatus::Delivered),
+                attempt(r, 1, 1_500, RecipientStatus::Deferred),
+            ],
+            vec![dsn],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.body(dsn_receipt).await.unwrap().len(), 22);
+    let due = store.due(10_000, 10).await.unwrap();
+    assert_eq!(due.len(), 1, "only the DSN is due before b's retry time");
+    assert_eq!(due[0].receipt, dsn_receipt);
+    assert_eq!(store.next_due_at().await.unwrap(), Some(1_500));
+
+    let due = store.due(61_500, 10).await.unwrap();
+    let ours = due.iter().find(|m| m.receipt == r).unwrap();
+    assert_eq!(ours.recipients.len(), 1);
+    let b = &ours.recipients[0];
+    assert_eq!(b.index, 1);
+    assert_eq!(b.status, RecipientStatus::Deferred);
+    assert_eq!(b.attempts, 1);
+    assert_eq!(b.first_deferred_at_ms, Some(1_500));
+    assert_eq!(b.last_reply_code, Some(451));
+    assert_eq!(
+        b.last_reply_text.as_deref(),
+        Some("Greylisted, try again\nin a minute")
+    );
+    assert!(!b.delay_dsn_sent);
+
+    store.mark_delay_dsn_sent(r, &[1]).await.unwrap();
+    // A second deferral keeps the first deferral time.
+    store
+        .record_attempts(
+            vec![attempt(r, 1, 2_000, RecipientStatus::Deferred)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let list = store.queue_list().await.unwrap();
+    let entry = list.iter().find(|e| e.receipt == r).unwrap();
+    assert_eq!(entry.recipient, "b@example.net");
+    assert_eq!(entry.attempts, 2);
+    assert_eq!(entry.next_attempt_at_ms, 62_000);
+    assert_eq!(
+        entry.last_reply.as_deref(),
+        Some("451 4.7.1 Greylisted, try again\nin a minute")
+    );
+
+    assert_eq!(store.queue_retry(Some(r)).await.unwrap(), 1);
+    let now = chrono::Utc::now().timestamp_millis();
+    let due = store.due(now + 1_000, 10).await.unwrap();
+    let ours = due.iter().find(|m| m.receipt == r).unwrap();
+    assert!(ours.recipients[0].delay_dsn_sent);
+    assert_eq!(ours.recipients[0].first_deferred_at_ms, Some(1_500));
+
+    store
+        .record_attempts(vec![attempt(r, 1, now, RecipientStatus::Delivered)], vec![])
+        .await
+        .unwrap();
+    let log = store.log(&by_address("b@example.net")).await.unwrap();
+    let b = &log[0].recipients[1];
+    assert_eq!(b.status, RecipientStatus::Delivered);
+    let kinds: Vec<&str> = b.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "accepted",
+            "attempt",
+            "delay_dsn_sent",
+            "attempt",
+            "retry",
+            "attempt"
+        ]
+    );
+    let first = &b.events[1];
+    assert_eq!(first.remote_host.as_deref(), Some("mx.example.net"));
+    assert_eq!(first.remote_ip.as_deref(), Some("192.0.2.25"));
+    assert_eq!(first.tls_version.as_deref(), Some("TLSv1_3"));
+    assert_eq!(first.reply_code, Some(451));
+    assert_eq!(first.enhanced_status.as_deref(), Some("4.7.1"));
+    assert_eq!(first.duration_ms, Some(120));
+    assert_eq!(first.stage, Some(Stage::Rcpt));
+    assert_eq!(store.queue_stats().await.unwrap(), (1, Some(1_500)));
+}
+
+#[tokio::test]
+async fn queue_delete_fails_pending_recipients_with_a_deleted_event() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let msg = message(
+        1_000,
+        "app@example.com",
+        &["a@example.net", "b@example.net"],
+    );
+    let r = msg.receipt;
+    store.accept(msg).await.unwrap();
+    store
+        .record_attempts(
+            vec![attempt(r, 0, 1_100, RecipientStatus::Delivered)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.queue_delete(r).await.unwrap(), 1);
+    assert_eq!(store.queue_delete(r).await.unwrap(), 0);
+    assert!(store.queue_list().await.unwrap().is_empty());
+    assert_eq!(store.next_due_at().await.unwrap(), None);
+    assert_eq!(store.queue_retry(None).await.unwrap(), 0);
+    let log = store.log(&by_address("b@example.net")).await.unwrap();
+    let b = &log[0].recipients[1];
+    assert_eq!(b.status, RecipientStatus::Failed);
+    assert_eq!(b.reason.as_deref(), Some("deleted"));
+    assert_eq!(b.events.last().unwrap().kind, "deleted");
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
+}
+
+#[tokio::test]
+async fn expiry_is_recorded_without_counting_an_attempt() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let msg = message(1_000, "app@example.com", &["a@example.net"]);
+    let r = msg.receipt;
+    store.accept(msg).await.unwrap();
+    let mut expired = attempt(r, 0, 9_000, RecipientStatus::Expired);
+    expired.stage = Stage::Local;
+    expired.reason = Some("expired".into());
+    store.record_attempts(vec![expired], vec![]).await.unwrap();
+    assert!(store.due(i64::MAX, 10).await.unwrap().is_empty());
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    let a = &log[0].recipients[0];
+    assert_eq!(a.status, RecipientStatus::Expired);
+    assert_eq!(a.events.last().unwrap().kind, "expired");
+}
+
+fn new_bounce(receipt: Option<ReceiptId>, idx: Option<u32>, at_ms: i64) -> NewBounce {
+    NewBounce {
+        at_ms,
+        receipt,
+        rcpt_index: idx,
+        correlation: if receipt.is_some() {
+            Correlation::Verp
+        } else {
+            Correlation::Unmatched
+        },
+        recipient: "A@Example.net".into(),
+        kind: "dsn".into(),
+        action: Some("failed".into()),
+        status: Some("5.1.1".into()),
+        reply_code: Some(550),
+        diagnostic: Some("550 5.1.1 user unknown".into()),
+        remote_mta: Some("mx.example.net".into()),
+        reporting_mta: Some("relay.example.net".into()),
+        reason: "userunknown".into(),
+        bounce_type: "hard".into(),
+        source_receipt: None,
+        new_status: Some(RecipientStatus::Bounced),
+    }
+}
+
+#[tokio::test]
+async fn bounces_are_correlated_recorded_and_filtered() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let mut msg = message(
+        1_000,
+        "app@example.com",
+        &["x@example.net", "A@example.net"],
+    );
+    msg.envid = Some("env-42".into());
+    let r = msg.receipt;
+    store.accept(msg).await.unwrap();
+
+    assert_eq!(
+        store.find_recipient(r, "a@EXAMPLE.net").await.unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        store.find_recipient(r, "z@example.net").await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.find_by_message_id("m1@app.example").await.unwrap(),
+        Some(r)
+    );
+    assert_eq!(
+        store.find_by_message_id("<m1@app.example>").await.unwrap(),
+        Some(r)
+    );
+    assert_eq!(store.find_by_message_id("<nope@x>").await.unwrap(), None);
+    assert_eq!(store.find_by_envid("env-42").await.unwrap(), Some(r));
+    assert_eq!(store.find_by_envid("env-43").await.unwrap(), None);
+
+    store
+        .record_attempts(
+            vec![attempt(r, 1, 1_100, RecipientStatus::Delivered)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let first = store
+        .record_bounce(new_bounce(Some(r), Some(1), 2_000))
+        .await
+        .unwrap();
+    let mut complaint = new_bounce(Some(r), Some(1), 3_000);
+    complaint.kind = "arf".into();
+    complaint.reason = "feedback".into();
+    complaint.bounce_type = "complaint".into();
+    complaint.new_status = Some(RecipientStatus::Complained);
+    let second = store.record_bounce(complaint).await.unwrap();
+    let mut soft = new_bounce(None, None, 4_000);
+    soft.reason = "mailboxfull".into();
+    soft.bounce_type = "soft".into();
+    soft.recipient = "other@example.net".into();
+    let third = store.record_bounce(soft).await.unwrap();
+    assert!(first < second && second < third);
+
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    let a = &log[0].recipients[1];
+    assert_eq!(a.status, RecipientStatus::Complained);
+    assert_eq!(a.reason.as_deref(), Some("feedback"));
+    let kinds: Vec<&str> = a.events.iter().map(|e| e.kind.as_str()).collect();
+    assert_eq!(kinds, ["accepted", "attempt", "bounce", "complaint"]);
+    let bounce_event = &a.events[2];
+    assert_eq!(bounce_event.status, RecipientStatus::Bounced);
+    assert_eq!(bounce_event.stage, Some(Stage::Bounce));
+    assert_eq!(bounce_event.enhanced_status.as_deref(), Some("5.1.1"));
+    assert_eq!(bounce_event.reason.as_deref(), Some("userunknown"));
+
+    let all = store.bounces(&BounceQuery::default()).await.unwrap();
+    let ids: Vec<i64> = all.iter().map(|b| b.id).collect();
+    assert_eq!(ids, [third, second, first]);
+    assert_eq!(all[2].correlation, Correlation::Verp);
+    assert_eq!(all[2].receipt, Some(r));
+    assert_eq!(all[2].rcpt_index, Some(1));
+    assert_eq!(all[0].correlation, Correlation::Unmatched);
+    assert_eq!(all[0].receipt, None);
+
+    let q = |f: fn(&mut BounceQuery)| {
+        let mut q = BounceQuery::default();
+        f(&mut q);
+        q
+    };
+    let ids = |v: Vec<StoredBounce>| v.iter().map(|b| b.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store
+            .bounces(&q(|q| q.address = Some("a@EXAMPLE.net".into())))
+            .await
+            .unwrap()),
+        [second, first]
+    );
+    assert_eq!(
+        ids(store
+            .bounces(&q(|q| q.reason = Some("mailboxfull".into())))
+            .await
+            .unwrap()),
+        [third]
+    );
+    assert_eq!(
+        ids(store.bounces(&q(|q| q.first_only = true)).await.unwrap()),
+        [third, first]
+    );
+    assert_eq!(
+        ids(store.bounces(&q(|q| q.limit = 1)).await.unwrap()),
+        [third]
+    );
+
+    assert!(store.set_handled(first, Some("ops"), 5_000).await.unwrap());
+    assert!(!store.set_handled(9_999, Some("ops"), 5_000).await.unwrap());
+    assert_eq!(
+        ids(store
+            .bounces(&q(|q| q.unhandled_only = true))
+            .await
+            .unwrap()),
+        [third, second]
+    );
+    let handled = store.bounces(&q(|q| q.limit = 0)).await.unwrap();
+    let h = handled.iter().find(|b| b.id == first).unwrap();
+    assert_eq!(h.handled_by.as_deref(), Some("ops"));
+    assert_eq!(h.handled_at_ms, Some(5_000));
+    assert!(store.set_handled(first, None, 6_000).await.unwrap());
+    let cleared = store.bounces(&BounceQuery::default()).await.unwrap();
+    let h = cleared.iter().find(|b| b.id == first).unwrap();
+    assert_eq!((h.handled_by.as_deref(), h.handled_at_ms), (None, None));
+
+    assert_eq!(
+        store
+            .recent_bounce_types("a@example.net", 2_500)
+            .await
+            .unwrap(),
+        ["complaint"]
+    );
+    assert_eq!(
+        store.recent_bounce_types("A@example.NET", 0).await.unwrap(),
+        ["complaint", "hard"]
+    );
+}
+
+#[tokio::test]
+async fn autoreply_keeps_status_but_is_logged() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let msg = message(1_000, "app@example.com", &["a@example.net"]);
+    let r = msg.receipt;
+    store.accept(msg).await.unwrap();
+    store
+        .record_attempts(
+            vec![attempt(r, 0, 1_100, RecipientStatus::Delivered)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let mut auto = new_bounce(Some(r), Some(0), 2_000);
+    auto.kind = "autoreply".into();
+    auto.new_status = None;
+    store.record_bounce(auto).await.unwrap();
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    let a = &log[0].recipients[0];
+    assert_eq!(a.status, RecipientStatus::Delivered);
+    let last = a.events.last().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.status),
+        ("autoreply", RecipientStatus::Delivered)
+    );
+}
+
+fn suppression(address: &str, at_ms: i64, expires: Option<i64>) -> Suppression {
+    Suppression {
+        address: address.into(),
+        reason: "userunknown".into(),
+        source: "bounce".into(),
+        first_at_ms: at_ms,
+        last_at_ms: at_ms,
+        count: 1,
+        expires_at_ms: expires,
+    }
+}
+
+#[tokio::test]
+async fn suppression_upserts_expires_and_is_case_insensitive() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    store
+        .suppress(suppression("Gone@Example.net", 1_000, Some(100_000)))
+        .await
+        .unwrap();
+    let mut again = suppression("gone@example.NET", 2_000, Some(200_000));
+    again.reason = "complaint".into();
+    again.source = "complaint".into();
+    store.suppress(again).await.unwrap();
+    store
+        .suppress(suppression("temp@example.net", 1_000, Some(5_000)))
+        .await
+        .unwrap();
+    store
+        .suppress(suppression("forever@example.net", 1_000, None))
+        .await
+        .unwrap();
+
+    let s = store
+        .suppressed("GONE@example.net", 150_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.count, 2);
+    assert_eq!(s.first_at_ms, 1_000);
+    assert_eq!(s.last_at_ms, 2_000);
+    assert_eq!(s.reason, "complaint");
+    assert_eq!(s.expires_at_ms, Some(200_000));
+    assert_eq!(s.address, "Gone@Example.net");
+
+    assert!(
+        store
+            .suppressed("temp@example.net", 4_999)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .suppressed("temp@example.net", 5_000)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .suppressed("forever@example.net", i64::MAX)
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    let list: Vec<String> = store
+        .suppression_list(10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.address)
+        .collect();
+    assert_eq!(list, ["Gone@Example.net", "forever@example.net"]);
+
+    assert!(store.unsuppress("gone@EXAMPLE.net").await.unwrap());
+    assert!(!store.unsuppress("gone@example.net").await.unwrap());
+    assert!(
+        store
+            .suppressed("gone@example.net", 0)
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn reopen_after_drop_sees_everything() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    let store = SqliteStore::open_path(&path).unwrap();
+    let msg = message(1_000, "app@example.com", &["a@example.net"]);
+    let r = msg.receipt;
+    store.accept(msg).await.unwrap();
+    store
+        .record_attempts(
+            vec![attempt(r, 0, 1_100, RecipientStatus::Deferred)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    store
+        .suppress(suppression("s@example.net", 1_000, None))
+        .await
+        .unwrap();
+    store
+        .record_bounce(new_bounce(None, None, 1_200))
+        .await
+        .unwrap();
+    drop(store);
+
+    let store = SqliteStore::open_path(&path).unwrap();
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Deferred);
+    assert_eq!(log[0].recipients[0].events.len(), 2);
+    assert_eq!(store.next_due_at().await.unwrap(), Some(61_100));
+    assert!(
+        store
+            .suppressed("s@example.net", 0)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(
+        store.bounces(&BounceQuery::default()).await.unwrap().len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn read_only_reader_sees_commits_while_the_writer_runs_and_refuses_a_missing_db() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    assert!(matches!(
+        SqliteReader::open_path(&path),
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(!path.exists(), "the reader must not create the database");
+
+    let store = SqliteStore::open_path(&path).unwrap();
+    let reader = SqliteReader::open_path(&path).unwrap();
+    assert!(reader.log(&by_address("a@example.net")).unwrap().is_empty());
+    store
+        .accept(message(1_000, "app@example.com", &["a@example.net"]))
+        .await
+        .unwrap();
+    assert_eq!(reader.log(&by_address("a@example.net")).unwrap().len(), 1);
+    assert_eq!(reader.queue_list().unwrap().len(), 1);
+    drop(reader);
+    drop(store);
+
+    // After the server has stopped (WAL checkpointed and removed), reading still works.
+    assert!(!dir.path().join("mailtrail.db-wal").exists());
+    let reader = SqliteReader::open_path(&path).unwrap();
+    assert_eq!(reader.log(&by_address("a@example.net")).unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_late_deferral_does_not_reopen_a_deleted_recipient() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let msg = message(1_000, "app@example.com", &["a@example.net"]);
+    let r = msg.receipt;
+    store.accept(msg).await.unwrap();
+    // Deleted by the admin while an attempt was in flight; the attempt then defers.
+    assert_eq!(store.queue_delete(r).await.unwrap(), 1);
+    store
+        .record_attempts(
+            vec![attempt(r, 0, 2_000, RecipientStatus::Deferred)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(store.due(i64::MAX, 10).await.unwrap().is_empty());
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    let a = &log[0].recipients[0];
+    assert_eq!(a.status, RecipientStatus::Failed);
+    let last = a.events.last().unwrap();
+    assert_eq!(
+        (last.kind.as_str(), last.status),
+        ("attempt", RecipientStatus::Deferred)
+    );
+    assert_eq!(last.reply_code, Some(451));
+
+    // A final result of that attempt is what happened, so it is recorded.
+    store
+        .record_attempts(
+            vec![attempt(r, 0, 3_000, RecipientStatus::Delivered)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
+}
+
+fn query_plan(conn: &Connection, sql: &str) -> String {
+    let mut st = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+    let rows: Vec<String> = st
+        .query_map([], |r| r.get::<_, String>(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    rows.join("\n")
+}
+
+#[test]
+fn hot_queries_use_their_indexes() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    drop(SqliteStore::open_path(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let plan = query_plan(
+        &conn,
+        &read::DUE_RECEIPTS.replace("?1", "5").replace("?2", "10"),
+    );
+    assert!(plan.contains("recipients_due"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        "SELECT MIN(next_attempt_at) FROM recipients WHERE status IN ('queued', 'deferred')",
+    );
+    assert!(plan.contains("recipients_due"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        &format!(
+            "SELECT receipt FROM messages WHERE {}",
+            read::BY_ADDRESS.replace("?1", "'a'")
+        ),
+    );
+    assert!(plan.contains("recipients_address"), "{plan}");
+    assert!(plan.contains("messages_sender"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        "SELECT receipt FROM messages WHERE message_id_key = 'x'",
+    );
+    assert!(plan.contains("messages_message_id"), "{plan}");
+    let plan = query_plan(&conn, "SELECT receipt FROM messages WHERE envid = 'x'");
+    assert!(plan.contains("messages_envid"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        "SELECT receipt FROM messages WHERE inbound_bounce = 1 AND inbound_processed_at IS NULL",
+    );
+    assert!(plan.contains("messages_inbound_pending"), "{plan}");
+}
+
+#[tokio::test]
+async fn a_panicking_command_fails_alone_and_the_writer_keeps_going() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let err = store
+        .write(|_| -> Result<(), StoreError> { panic!("bug in a write command") })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Storage(_)), "{err:?}");
+    store
+        .accept(message(1_000, "app@example.com", &["a@example.net"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.log(&by_address("a@example.net")).await.unwrap().len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn purge_drops_only_bodies_whose_recipients_are_all_final() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let done = message(1_000, "app@example.com", &["a@example.net"]);
+    let pending = message(1_000, "app@example.com", &["b@example.net"]);
+    let recent = message(9_000, "app@example.com", &["c@example.net"]);
+    let mut bounce = message(1_000, "", &["bounces@bounce.example"]);
+    bounce.inbound_bounce = true;
+    let (d, p, r, b) = (
+        done.receipt,
+        pending.receipt,
+        recent.receipt,
+        bounce.receipt,
+    );
+    for m in [done, pending, recent, bounce] {
+        store.accept(m).await.unwrap();
+    }
+    store
+        .record_attempts(
+            vec![
+                attempt(d, 0, 1_100, RecipientStatus::Delivered),
+                attempt(r, 0, 9_100, RecipientStatus::Delivered),
+            ],
+            vec![],
+        )
+        .await
+        .unwrap();
+
+    assert_eq!(store.purge_bodies(5_000).await.unwrap(), 1);
+    assert!(matches!(store.body(d).await, Err(StoreError::NotFound(_))));
+    assert!(
+        store.body(p).await.is_ok(),
+        "pending recipient keeps its body"
+    );
+    assert!(store.body(r).await.is_ok(), "newer than the cut-off");
+    assert!(
+        store.body(b).await.is_ok(),
+        "unprocessed bounce mail is kept"
+    );
+    // The record of what happened stays.
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
+
+    store.mark_inbound_processed(b).await.unwrap();
+    assert_eq!(store.purge_bodies(5_000).await.unwrap(), 1);
+    assert!(matches!(store.body(b).await, Err(StoreError::NotFound(_))));
+}

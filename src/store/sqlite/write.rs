@@ -1,0 +1,572 @@
+//! The write commands, each a function over the writer's connection. They run inside the
+//! writer's batch transaction (their own savepoint), so they never begin or commit.
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::receipt::ReceiptId;
+use crate::spool::{AcceptedMessage, DsnRet};
+use crate::store::{AttemptRecord, NewBounce, RecipientStatus, Stage, StoreError, Suppression};
+
+use super::{address_key, correlation_str, stage_str, storage};
+
+/// An event row to append.
+#[derive(Default)]
+struct Event<'a> {
+    at: i64,
+    kind: &'a str,
+    status: &'a str,
+    stage: Option<&'a str>,
+    remote_host: Option<&'a str>,
+    remote_ip: Option<&'a str>,
+    tls_version: Option<&'a str>,
+    tls_cipher: Option<&'a str>,
+    reply_code: Option<u16>,
+    enhanced_status: Option<&'a str>,
+    reply_text: Option<&'a str>,
+    duration_ms: Option<u64>,
+    reason: Option<&'a str>,
+}
+
+fn append_event(conn: &Connection, receipt: &str, idx: u32, e: &Event) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO events (receipt, idx, at, kind, status, stage, remote_host, remote_ip,
+             tls_version, tls_cipher, reply_code, enhanced_status, reply_text, duration_ms, reason)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            receipt,
+            idx,
+            e.at,
+            e.kind,
+            e.status,
+            e.stage,
+            e.remote_host,
+            e.remote_ip,
+            e.tls_version,
+            e.tls_cipher,
+            e.reply_code,
+            e.enhanced_status,
+            e.reply_text,
+            e.duration_ms.map(|d| d.min(i64::MAX as u64) as i64),
+            e.reason,
+        ])
+    })
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// `Message-ID` as looked up: without surrounding whitespace and angle brackets.
+pub fn message_id_key(id: &str) -> String {
+    let t = id.trim();
+    let t = t.strip_prefix('<').unwrap_or(t);
+    let t = t.strip_suffix('>').unwrap_or(t);
+    t.trim().to_string()
+}
+
+pub fn ret_str(ret: DsnRet) -> &'static str {
+    match ret {
+        DsnRet::Full => "full",
+        DsnRet::Hdrs => "hdrs",
+    }
+}
+
+/// Text an inbound bounce recipient's status records: the mail reached us, its destination.
+const INBOUND_BOUNCE_TEXT: &str = "accepted for bounce processing";
+
+pub fn accept(conn: &Connection, msg: &AcceptedMessage) -> Result<(), StoreError> {
+    let receipt = msg.receipt.to_string();
+    let at = msg.received_at_ms;
+    conn.prepare_cached(
+        "INSERT INTO messages (receipt, received_at, client_ip, helo, tls_version, auth_user,
+             envelope_sender, envelope_sender_lc, size, message_id, message_id_key, subject,
+             context, envid, ret, eight_bit, smtputf8, inbound_bounce)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            receipt,
+            at,
+            msg.client_ip.to_string(),
+            msg.helo,
+            msg.tls_version,
+            msg.auth_user,
+            msg.envelope_sender,
+            address_key(&msg.envelope_sender),
+            msg.body.len() as i64,
+            msg.message_id,
+            msg.message_id.as_deref().map(message_id_key),
+            msg.subject,
+            msg.context,
+            msg.envid,
+            msg.ret.map(ret_str),
+            msg.eight_bit,
+            msg.smtputf8,
+            msg.inbound_bounce,
+        ])
+    })
+    .map_err(storage)?;
+    conn.prepare_cached("INSERT INTO bodies (receipt, body) VALUES (?1, ?2)")
+        .and_then(|mut st| st.execute(params![receipt, msg.body]))
+        .map_err(storage)?;
+
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO recipients (receipt, idx, address, address_lc, orcpt, notify, status,
+                 reason, last_reply_text, next_attempt_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        )
+        .map_err(storage)?;
+    for (i, r) in msg.recipients.iter().enumerate() {
+        let idx =
+            u32::try_from(i).map_err(|_| StoreError::Storage("too many recipients".into()))?;
+        // Preset outcomes are final; inbound bounce mail is never relayed (the bounce stage
+        // processes it via `pending_inbound_bounces`): neither is ever due.
+        let (status, kind, reason, text, next) = match (&r.preset, msg.inbound_bounce) {
+            (Some(p), _) => (
+                p.status,
+                p.status.as_str(),
+                Some(p.reason.as_str()),
+                Some(p.text.as_str()),
+                None,
+            ),
+            (None, true) => (
+                RecipientStatus::Delivered,
+                "accepted",
+                None,
+                Some(INBOUND_BOUNCE_TEXT),
+                None,
+            ),
+            (None, false) => (RecipientStatus::Queued, "accepted", None, None, Some(at)),
+        };
+        insert
+            .execute(params![
+                receipt,
+                idx,
+                r.address,
+                address_key(&r.address),
+                r.orcpt,
+                r.notify.map(|n| n.to_param()),
+                status.as_str(),
+                reason,
+                text,
+                next,
+                at,
+            ])
+            .map_err(storage)?;
+        append_event(
+            conn,
+            &receipt,
+            idx,
+            &Event {
+                at,
+                kind,
+                status: status.as_str(),
+                stage: r.preset.as_ref().map(|_| stage_str(Stage::Local)),
+                reply_text: text,
+                reason,
+                ..Event::default()
+            },
+        )?;
+    }
+    Ok(())
+}
+
+fn update_after_attempt(
+    conn: &Connection,
+    receipt: &str,
+    a: &AttemptRecord,
+    counted: i64,
+) -> Result<(), StoreError> {
+    let deferred = a.status == RecipientStatus::Deferred;
+    let next = if a.status.is_pending() {
+        Some(a.next_attempt_at_ms.unwrap_or(a.at_ms))
+    } else {
+        None
+    };
+    conn.prepare_cached(
+        "UPDATE recipients SET status = ?3, reason = ?4, bounce_type = ?5,
+             last_reply_code = ?6, last_enhanced = ?7, last_reply_text = ?8,
+             attempts = attempts + ?9, next_attempt_at = ?10,
+             first_deferred_at = CASE WHEN ?11 THEN COALESCE(first_deferred_at, ?12)
+                                      ELSE first_deferred_at END,
+             updated_at = ?12
+         WHERE receipt = ?1 AND idx = ?2",
+    )
+    .and_then(|mut st| {
+        st.execute(params![
+            receipt,
+            a.rcpt_index,
+            a.status.as_str(),
+            a.reason,
+            a.bounce_type,
+            a.reply_code,
+            a.enhanced_status,
+            a.reply_text,
+            counted,
+            next,
+            deferred,
+            a.at_ms,
+        ])
+    })
+    .map_err(storage)?;
+    Ok(())
+}
+
+/// Records one attempt. The reply always becomes an event; the recipient's current status
+/// follows it, except that a temporary result never reopens a recipient that became final
+/// meanwhile (deleted from the queue or bounced while the attempt was in flight).
+pub fn record_attempt(conn: &Connection, a: &AttemptRecord) -> Result<(), StoreError> {
+    let receipt = a.receipt.to_string();
+    let Some(current) = current_status(conn, &receipt, a.rcpt_index)? else {
+        return Err(StoreError::NotFound(format!(
+            "recipient {} of {receipt}",
+            a.rcpt_index
+        )));
+    };
+    let current_is_final = RecipientStatus::parse(&current).is_some_and(|s| !s.is_pending());
+    // A locally decided outcome (expiry, suppression) is not a delivery attempt.
+    let counted = i64::from(a.stage != Stage::Local);
+    if current_is_final && a.status.is_pending() {
+        conn.execute(
+            "UPDATE recipients SET attempts = attempts + ?3, updated_at = ?4
+             WHERE receipt = ?1 AND idx = ?2",
+            params![receipt, a.rcpt_index, counted, a.at_ms],
+        )
+        .map_err(storage)?;
+    } else {
+        update_after_attempt(conn, &receipt, a, counted)?;
+    }
+    let kind = if a.status == RecipientStatus::Expired {
+        "expired"
+    } else {
+        "attempt"
+    };
+    append_event(
+        conn,
+        &receipt,
+        a.rcpt_index,
+        &Event {
+            at: a.at_ms,
+            kind,
+            status: a.status.as_str(),
+            stage: Some(stage_str(a.stage)),
+            remote_host: a.remote_host.as_deref(),
+            remote_ip: a.remote_ip.as_deref(),
+            tls_version: a.tls_version.as_deref(),
+            tls_cipher: a.tls_cipher.as_deref(),
+            reply_code: a.reply_code,
+            enhanced_status: a.enhanced_status.as_deref(),
+            reply_text: Some(&a.reply_text),
+            duration_ms: Some(a.duration_ms),
+            reason: a.reason.as_deref(),
+        },
+    )
+}
+
+pub fn record_attempts(
+    conn: &Connection,
+    attempts: &[AttemptRecord],
+    dsns: &[AcceptedMessage],
+) -> Result<(), StoreError> {
+    for a in attempts {
+        record_attempt(conn, a)?;
+    }
+    for dsn in dsns {
+        accept(conn, dsn)?;
+    }
+    Ok(())
+}
+
+fn current_status(
+    conn: &Connection,
+    receipt: &str,
+    idx: u32,
+) -> Result<Option<String>, StoreError> {
+    conn.prepare_cached("SELECT status FROM recipients WHERE receipt = ?1 AND idx = ?2")
+        .and_then(|mut st| {
+            st.query_row(params![receipt, idx], |r| r.get::<_, String>(0))
+                .optional()
+        })
+        .map_err(storage)
+}
+
+pub fn mark_delay_dsn_sent(
+    conn: &Connection,
+    receipt: ReceiptId,
+    indexes: &[u32],
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let receipt = receipt.to_string();
+    for &idx in indexes {
+        let Some(status) = current_status(conn, &receipt, idx)? else {
+            return Err(StoreError::NotFound(format!(
+                "recipient {idx} of {receipt}"
+            )));
+        };
+        conn.execute(
+            "UPDATE recipients SET delay_dsn_sent = 1, updated_at = ?3
+             WHERE receipt = ?1 AND idx = ?2",
+            params![receipt, idx, now_ms],
+        )
+        .map_err(storage)?;
+        append_event(
+            conn,
+            &receipt,
+            idx,
+            &Event {
+                at: now_ms,
+                kind: "delay_dsn_sent",
+                status: &status,
+                stage: Some(stage_str(Stage::Local)),
+                ..Event::default()
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// Pending recipients of one message (or all), as (receipt, idx, status).
+fn pending(
+    conn: &Connection,
+    receipt: Option<&str>,
+) -> Result<Vec<(String, u32, String)>, StoreError> {
+    let mut st = conn
+        .prepare_cached(
+            "SELECT receipt, idx, status FROM recipients
+             WHERE status IN ('queued', 'deferred') AND (?1 IS NULL OR receipt = ?1)
+             ORDER BY receipt, idx",
+        )
+        .map_err(storage)?;
+    let rows = st
+        .query_map(params![receipt], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(storage)?;
+    Ok(rows)
+}
+
+pub fn queue_retry(
+    conn: &Connection,
+    receipt: Option<ReceiptId>,
+    now_ms: i64,
+) -> Result<usize, StoreError> {
+    let receipt = receipt.map(|r| r.to_string());
+    let rows = pending(conn, receipt.as_deref())?;
+    for (receipt, idx, status) in &rows {
+        conn.execute(
+            "UPDATE recipients SET next_attempt_at = ?3, updated_at = ?3
+             WHERE receipt = ?1 AND idx = ?2",
+            params![receipt, idx, now_ms],
+        )
+        .map_err(storage)?;
+        append_event(
+            conn,
+            receipt,
+            *idx,
+            &Event {
+                at: now_ms,
+                kind: "retry",
+                status,
+                stage: Some(stage_str(Stage::Local)),
+                reply_text: Some("retry requested by admin"),
+                ..Event::default()
+            },
+        )?;
+    }
+    Ok(rows.len())
+}
+
+pub fn queue_delete(
+    conn: &Connection,
+    receipt: ReceiptId,
+    now_ms: i64,
+) -> Result<usize, StoreError> {
+    let receipt = receipt.to_string();
+    let rows = pending(conn, Some(&receipt))?;
+    let text = "deleted from the queue by admin";
+    for (receipt, idx, _) in &rows {
+        conn.execute(
+            "UPDATE recipients SET status = 'failed', reason = 'deleted', next_attempt_at = NULL,
+                 last_reply_code = NULL, last_enhanced = NULL, last_reply_text = ?3,
+                 updated_at = ?4
+             WHERE receipt = ?1 AND idx = ?2",
+            params![receipt, idx, text, now_ms],
+        )
+        .map_err(storage)?;
+        append_event(
+            conn,
+            receipt,
+            *idx,
+            &Event {
+                at: now_ms,
+                kind: "deleted",
+                status: RecipientStatus::Failed.as_str(),
+                stage: Some(stage_str(Stage::Local)),
+                reply_text: Some(text),
+                reason: Some("deleted"),
+                ..Event::default()
+            },
+        )?;
+    }
+    Ok(rows.len())
+}
+
+pub fn mark_inbound_processed(
+    conn: &Connection,
+    receipt: ReceiptId,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let changed = conn
+        .execute(
+            "UPDATE messages SET inbound_processed_at = ?2
+             WHERE receipt = ?1 AND inbound_bounce = 1",
+            params![receipt.to_string(), now_ms],
+        )
+        .map_err(storage)?;
+    if changed == 0 {
+        return Err(StoreError::NotFound(format!(
+            "inbound bounce message {receipt}"
+        )));
+    }
+    Ok(())
+}
+
+pub fn record_bounce(conn: &Connection, b: &NewBounce) -> Result<i64, StoreError> {
+    let receipt = b.receipt.map(|r| r.to_string());
+    conn.execute(
+        "INSERT INTO bounces (at, receipt, idx, correlation, recipient, recipient_lc, kind,
+             action, status, reply_code, diagnostic, remote_mta, reporting_mta, reason,
+             bounce_type, source_receipt)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+        params![
+            b.at_ms,
+            receipt,
+            b.rcpt_index,
+            correlation_str(b.correlation),
+            b.recipient,
+            address_key(&b.recipient),
+            b.kind,
+            b.action,
+            b.status,
+            b.reply_code,
+            b.diagnostic,
+            b.remote_mta,
+            b.reporting_mta,
+            b.reason,
+            b.bounce_type,
+            b.source_receipt.map(|r| r.to_string()),
+        ],
+    )
+    .map_err(storage)?;
+    let id = conn.last_insert_rowid();
+
+    let (Some(receipt), Some(idx)) = (receipt, b.rcpt_index) else {
+        return Ok(id);
+    };
+    let Some(current) = current_status(conn, &receipt, idx)? else {
+        // Matched to a message this store no longer (or never) had: keep the bounce only.
+        return Ok(id);
+    };
+    let status = match b.new_status {
+        Some(new) => {
+            conn.execute(
+                "UPDATE recipients SET status = ?3, reason = ?4, bounce_type = ?5,
+                     next_attempt_at = NULL, updated_at = ?6
+                 WHERE receipt = ?1 AND idx = ?2",
+                params![receipt, idx, new.as_str(), b.reason, b.bounce_type, b.at_ms],
+            )
+            .map_err(storage)?;
+            new.as_str().to_string()
+        }
+        None => current,
+    };
+    let kind = match b.new_status {
+        Some(RecipientStatus::Complained) => "complaint",
+        Some(_) => "bounce",
+        None => b.kind.as_str(),
+    };
+    append_event(
+        conn,
+        &receipt,
+        idx,
+        &Event {
+            at: b.at_ms,
+            kind,
+            status: &status,
+            stage: Some(stage_str(Stage::Bounce)),
+            remote_host: b.remote_mta.as_deref().or(b.reporting_mta.as_deref()),
+            reply_code: b.reply_code,
+            enhanced_status: b.status.as_deref(),
+            reply_text: b.diagnostic.as_deref(),
+            reason: Some(&b.reason),
+            ..Event::default()
+        },
+    )?;
+    Ok(id)
+}
+
+pub fn set_handled(
+    conn: &Connection,
+    id: i64,
+    by: Option<&str>,
+    at_ms: i64,
+) -> Result<bool, StoreError> {
+    let changed = conn
+        .execute(
+            "UPDATE bounces SET handled_by = ?2, handled_at = CASE WHEN ?2 IS NULL THEN NULL ELSE ?3 END
+             WHERE id = ?1",
+            params![id, by, at_ms],
+        )
+        .map_err(storage)?;
+    Ok(changed > 0)
+}
+
+pub fn suppress(conn: &Connection, s: &Suppression) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO suppressions (address_lc, address, reason, source, first_at, last_at, count,
+             expires_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (address_lc) DO UPDATE SET
+             reason = excluded.reason, source = excluded.source, last_at = excluded.last_at,
+             count = count + 1, expires_at = excluded.expires_at",
+        params![
+            address_key(&s.address),
+            s.address,
+            s.reason,
+            s.source,
+            s.first_at_ms,
+            s.last_at_ms,
+            s.count.max(1),
+            s.expires_at_ms,
+        ],
+    )
+    .map_err(storage)?;
+    Ok(())
+}
+
+pub fn unsuppress(conn: &Connection, address: &str) -> Result<bool, StoreError> {
+    let changed = conn
+        .execute(
+            "DELETE FROM suppressions WHERE address_lc = ?1",
+            params![address_key(address)],
+        )
+        .map_err(storage)?;
+    Ok(changed > 0)
+}
+
+/// Drops the bodies of messages received before `before_ms` whose recipients are all final
+/// (and, for inbound bounce mail, that the bounce stage has processed). Envelope, recipients,
+/// events and bounces stay, so `mailtrail log` still tells the whole story. Returns how many.
+pub fn purge_bodies(conn: &Connection, before_ms: i64) -> Result<usize, StoreError> {
+    conn.execute(
+        "DELETE FROM bodies WHERE receipt IN (
+             SELECT m.receipt FROM messages m
+             WHERE m.received_at < ?1
+               AND (m.inbound_bounce = 0 OR m.inbound_processed_at IS NOT NULL)
+               AND NOT EXISTS (SELECT 1 FROM recipients r
+                               WHERE r.receipt = m.receipt
+                                 AND r.status IN ('queued', 'deferred')))",
+        params![before_ms],
+    )
+    .map_err(storage)
+}

@@ -1,0 +1,223 @@
+//! Group commit: one thread owns the write connection, drains every queued write command,
+//! runs them in one transaction (a savepoint each) and commits once, so one fsync
+//! acknowledges the whole batch. Callers wait on a oneshot that is answered after COMMIT.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::StoreError;
+
+/// At most this many commands share one transaction, so a flood of writers cannot grow one
+/// transaction (and its WAL frames) without bound.
+const MAX_BATCH: usize = 1024;
+
+/// How long a batch smaller than the previous one waits for the callers that commit just
+/// answered to send their next command (PostgreSQL's `commit_delay` idea): one fsync then
+/// covers them too. A lone caller (previous batch of one) never waits.
+const LINGER: Duration = Duration::from_micros(1000);
+const LINGER_STEP: Duration = Duration::from_micros(50);
+
+/// Queued commands beyond this make writers wait (back-pressure instead of memory growth).
+const QUEUE_DEPTH: usize = 8192;
+
+/// Counters that show group commit at work (tests and metrics read them).
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Transactions committed (one fsync each).
+    pub commits: AtomicU64,
+    /// Commands that ran in a committed transaction.
+    pub commands: AtomicU64,
+}
+
+/// One queued write: runs inside the batch transaction, answers after the batch ends.
+trait Job: Send {
+    /// Runs the command; false when it failed (its savepoint is then rolled back). May run
+    /// again when the batch restarts after SQLite rolled back the whole transaction.
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Answers the caller: its own result if the batch committed, else the batch error.
+    fn finish(self: Box<Self>, batch: Result<(), &str>);
+}
+
+struct TypedJob<R, F> {
+    op: F,
+    outcome: Option<Result<R, StoreError>>,
+    reply: oneshot::Sender<Result<R, StoreError>>,
+}
+
+impl<R, F> Job for TypedJob<R, F>
+where
+    R: Send,
+    F: Fn(&Connection) -> Result<R, StoreError> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        // A panicking command must not take the writer (and with it every later accept) down.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| (self.op)(conn)))
+            .unwrap_or_else(|_| Err(StoreError::Storage("write command panicked".into())));
+        let ok = outcome.is_ok();
+        self.outcome = Some(outcome);
+        ok
+    }
+
+    fn finish(self: Box<Self>, batch: Result<(), &str>) {
+        let result = match batch {
+            Err(e) => Err(StoreError::Storage(e.to_string())),
+            Ok(()) => self
+                .outcome
+                .unwrap_or_else(|| Err(StoreError::Storage("command did not run".into()))),
+        };
+        // The caller may have given up waiting; nothing to do then.
+        let _ = self.reply.send(result);
+    }
+}
+
+/// Handle to the writer thread. Dropping it closes the queue; the thread finishes what was
+/// queued, and the drop waits for it so a reopen sees every acknowledged write.
+pub struct Writer {
+    tx: Option<mpsc::Sender<Box<dyn Job>>>,
+    thread: Option<JoinHandle<()>>,
+    pub stats: Arc<WriterStats>,
+}
+
+impl Writer {
+    pub fn start(conn: Connection) -> Result<Self, StoreError> {
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let stats = Arc::new(WriterStats::default());
+        let thread_stats = stats.clone();
+        let thread = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || run(conn, rx, &thread_stats))
+            .map_err(|e| StoreError::Storage(format!("cannot start writer thread: {e}")))?;
+        Ok(Self {
+            tx: Some(tx),
+            thread: Some(thread),
+            stats,
+        })
+    }
+
+    /// Queues `op` and resolves once the transaction it ran in has committed.
+    pub async fn write<R, F>(&self, op: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: Fn(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job = Box::new(TypedJob {
+            op,
+            outcome: None,
+            reply,
+        });
+        let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
+        tx.send(job).await.map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn run(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, stats: &WriterStats) {
+    // Callers answered by the last commit: under load most of them send again at once.
+    let mut last_batch = 0;
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        let linger_until = Instant::now() + LINGER;
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(TryRecvError::Empty)
+                    if batch.len() < last_batch && Instant::now() < linger_until =>
+                {
+                    std::thread::sleep(LINGER_STEP);
+                }
+                Err(_) => break,
+            }
+        }
+        last_batch = batch.len();
+        run_batch(&conn, batch, stats);
+    }
+}
+
+/// How one try at committing a batch ended.
+enum Outcome {
+    Committed,
+    /// Job `n` failed and SQLite rolled back the whole transaction (it may on SQLITE_FULL,
+    /// IOERR, NOMEM): the others did nothing wrong and are retried without it.
+    Aborted(usize),
+    /// BEGIN, a savepoint or COMMIT failed: the batch as a whole is lost.
+    Failed(String),
+}
+
+/// Runs one batch and answers every job in it. Each job gets a savepoint so its failure rolls
+/// back only its own writes; if COMMIT fails, every job gets the storage error and nothing of
+/// the batch is visible.
+fn run_batch(conn: &Connection, mut batch: Vec<Box<dyn Job>>, stats: &WriterStats) {
+    loop {
+        let outcome = try_batch(conn, &mut batch);
+        if !matches!(outcome, Outcome::Committed) && !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        match outcome {
+            Outcome::Committed => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .commands
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                for job in batch {
+                    job.finish(Ok(()));
+                }
+                return;
+            }
+            Outcome::Aborted(n) => {
+                // Its own outcome holds the error that aborted the transaction.
+                batch.remove(n).finish(Ok(()));
+                if batch.is_empty() {
+                    return;
+                }
+            }
+            Outcome::Failed(e) => {
+                for job in batch {
+                    job.finish(Err(&e));
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn try_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Outcome {
+    let sql = |statement: &str| {
+        conn.execute_batch(statement)
+            .map_err(|e| Outcome::Failed(format!("{statement}: {e}")))
+    };
+    let mut run = || -> Result<(), Outcome> {
+        sql("BEGIN IMMEDIATE")?;
+        for (n, job) in batch.iter_mut().enumerate() {
+            sql("SAVEPOINT command")?;
+            if job.run(conn) {
+                sql("RELEASE command")?;
+            } else if conn.is_autocommit() {
+                return Err(Outcome::Aborted(n));
+            } else {
+                sql("ROLLBACK TO command")?;
+                sql("RELEASE command")?;
+            }
+        }
+        sql("COMMIT")
+    };
+    match run() {
+        Ok(()) => Outcome::Committed,
+        Err(o) => o,
+    }
+}

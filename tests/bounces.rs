@@ -1,0 +1,303 @@
+//! Bounces end to end (issue: parse DSNs, feedback reports and auto-replies into classified
+//! bounce records; suppression list): mail is relayed with VERP senders to a scripted MX, then
+//! bounces for it arrive over SMTP at the bounce domain, and the mail log, the bounce list and
+//! the suppression list show what they mean.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mailtrail::{Mailtrail, RawSmtp, hash_password, wait_until};
+use common::test_mx::{Script, TestMx};
+
+const BOUNCE_DOMAIN: &str = "bounce.mt.test";
+
+/// A relay whose loopback clients are NOT relay clients: the app authenticates, bounces come
+/// in without AUTH like from any Internet MTA.
+fn start_relay(mx_port: u16) -> Mailtrail {
+    let smtp = format!(
+        "relay_networks = [\"192.0.2.0/24\"]\n[[smtp.users]]\nname = \"app\"\npassword_hash = \"{}\"\n",
+        hash_password("app-pass")
+    );
+    let tables = format!(
+        "[delivery]\nbounce_domain = \"{BOUNCE_DOMAIN}\"\nretry_first = \"1s\"\n\
+         [checks]\ndomain_check = false\n\
+         [suppression]\nsoft_bounce_threshold = 3\n\
+         [[route]]\ndomains = [\"*\"]\nmx = [\"127.0.0.1:{mx_port}\"]\ntls = \"none\"\n"
+    );
+    Mailtrail::start_with("", &smtp, &tables)
+}
+
+fn submit(m: &Mailtrail, to: &[&str], subject: &str) -> String {
+    m.submit(Some(("app", "app-pass")), "app@example.com", to, subject)
+}
+
+/// The newest message's entry for `address`.
+fn status_of(m: &Mailtrail, address: &str) -> serde_json::Value {
+    m.recipient(address, address)
+}
+
+/// Sends `message` to `rcpt` from a non-relay client with the null sender, as a remote MTA
+/// returns a bounce; returns the RCPT reply and, if accepted, the DATA reply.
+fn send_bounce(m: &Mailtrail, rcpt: &str, message: &str) -> (String, String) {
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO mx.remote.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<>").starts_with("250"));
+    let rcpt_reply = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+    if !rcpt_reply.starts_with("250") {
+        return (rcpt_reply, String::new());
+    }
+    assert!(c.cmd("DATA").starts_with("354"));
+    let data_reply = c.cmd(&format!("{}\r\n.", message.replace('\n', "\r\n")));
+    let _ = c.cmd("QUIT");
+    (rcpt_reply, data_reply)
+}
+
+fn dsn_for(rcpt: &str, receipt: &str) -> String {
+    format!(
+        "From: MAILER-DAEMON@mx.remote.test\n\
+         To: bounces@{BOUNCE_DOMAIN}\n\
+         Subject: Undelivered Mail Returned to Sender\n\
+         Auto-Submitted: auto-replied\n\
+         MIME-Version: 1.0\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"b1\"\n\
+         \n\
+         --b1\n\
+         Content-Type: text/plain\n\
+         \n\
+         I'm sorry to have to inform you that your message could not be delivered.\n\
+         \n\
+         --b1\n\
+         Content-Type: message/delivery-status\n\
+         \n\
+         Reporting-MTA: dns; mx.remote.test\n\
+         \n\
+         Final-Recipient: rfc822; {rcpt}\n\
+         Original-Recipient: rfc822;{rcpt}\n\
+         Action: failed\n\
+         Status: 5.1.1\n\
+         Remote-MTA: dns; mailstore.remote.test\n\
+         Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown in virtual mailbox table\n\
+         \n\
+         --b1\n\
+         Content-Type: text/rfc822-headers\n\
+         \n\
+         Received: from app.test by mt.test (mailtrail) with ESMTPA id {receipt}; Mon, 23 Nov 2026 10:00:00 +0000\n\
+         From: app@example.com\n\
+         To: {rcpt}\n\
+         Subject: hello\n\
+         \n\
+         --b1--\n"
+    )
+}
+
+fn arf_for(rcpt: &str) -> String {
+    format!(
+        "From: feedback@isp.remote.test\n\
+         To: fbl@{BOUNCE_DOMAIN}\n\
+         Subject: Abuse report\n\
+         MIME-Version: 1.0\n\
+         Content-Type: multipart/report; report-type=feedback-report; boundary=\"f1\"\n\
+         \n\
+         --f1\n\
+         Content-Type: text/plain\n\
+         \n\
+         This is an email abuse report.\n\
+         \n\
+         --f1\n\
+         Content-Type: message/feedback-report\n\
+         \n\
+         Feedback-Type: abuse\n\
+         User-Agent: ExampleFBL/1.0\n\
+         Version: 1\n\
+         Original-Rcpt-To: {rcpt}\n\
+         \n\
+         --f1\n\
+         Content-Type: message/rfc822\n\
+         \n\
+         From: app@example.com\n\
+         To: {rcpt}\n\
+         Subject: newsletter\n\
+         Message-ID: <newsletter@app.example.com>\n\
+         \n\
+         Buy now.\n\
+         --f1--\n"
+    )
+}
+
+fn autoreply_from(rcpt: &str) -> String {
+    format!(
+        "From: {rcpt}\n\
+         To: bounces@{BOUNCE_DOMAIN}\n\
+         Subject: Out of office: invoice\n\
+         Auto-Submitted: auto-replied\n\
+         X-Autoreply: yes\n\
+         \n\
+         I am out of the office until Monday and will read your message when I return.\n"
+    )
+}
+
+fn verp_sender_for(mx: &TestMx, rcpt: &str) -> String {
+    let txs = mx.transactions();
+    let tx = txs
+        .iter()
+        .rev()
+        .find(|t| t.rcpt_to.iter().any(|r| r.contains(rcpt)))
+        .unwrap_or_else(|| panic!("the MX saw no transaction for {rcpt}"));
+    let from = tx.mail_from.trim_start_matches('<');
+    from.split('>').next().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bounces_complaints_and_autoreplies_become_records_and_suppress() {
+    let mx = TestMx::start(Script::default()).await;
+    let m = start_relay(mx.port());
+    let bob = "bob@dest.test";
+    let carol = "carol@dest.test";
+    let erin = "erin@dest.test";
+    let receipt = submit(&m, &[bob, carol, erin], "invoice");
+    for a in [bob, carol, erin] {
+        wait_until(&format!("{a} delivered"), Duration::from_secs(30), || {
+            status_of(&m, a)["status"] == "delivered"
+        });
+    }
+    // Each recipient went out with its own VERP sender at the bounce domain.
+    let bob_verp = verp_sender_for(&mx, bob);
+    let carol_verp = verp_sender_for(&mx, carol);
+    let erin_verp = verp_sender_for(&mx, erin);
+    assert!(
+        bob_verp
+            .to_ascii_lowercase()
+            .starts_with(&format!("bounces+{}-0-", receipt.to_ascii_lowercase())),
+        "{bob_verp}"
+    );
+    assert!(
+        bob_verp.ends_with(&format!("@{BOUNCE_DOMAIN}")),
+        "{bob_verp}"
+    );
+    assert_ne!(bob_verp, carol_verp);
+
+    // A forged bounce (wrong MAC) is refused at RCPT.
+    let forged = format!("bounces+{receipt}-0-aaaaaaaa@{BOUNCE_DOMAIN}");
+    let (rcpt_reply, _) = send_bounce(&m, &forged, &dsn_for(bob, &receipt));
+    assert!(rcpt_reply.starts_with("550 5.1.1"), "{rcpt_reply}");
+    // Anything else at the bounce domain is unknown too; relaying stays closed.
+    let (r, _) = send_bounce(&m, &format!("someone@{BOUNCE_DOMAIN}"), "x");
+    assert!(r.starts_with("550 5.1.1"), "{r}");
+    let (r, _) = send_bounce(&m, "victim@elsewhere.test", "x");
+    assert!(r.starts_with("554 5.7.1"), "{r}");
+
+    // A DSN for bob, from a client that may not relay, to bob's VERP address.
+    let (r, d) = send_bounce(&m, &bob_verp, &dsn_for(bob, &receipt));
+    assert!(
+        r.starts_with("250") && d.starts_with("250 2.0.0"),
+        "{r} {d}"
+    );
+    wait_until("bob bounced", Duration::from_secs(20), || {
+        status_of(&m, bob)["status"] == "bounced"
+    });
+    let bob_status = status_of(&m, bob);
+    assert_eq!(bob_status["reason"], "userunknown", "{bob_status}");
+    assert_eq!(bob_status["bounce_type"], "hard", "{bob_status}");
+    let check = m.cli(&["suppress", "check", bob]);
+    assert!(check.status.success(), "{check:?}");
+    assert!(String::from_utf8_lossy(&check.stdout).contains("userunknown"));
+
+    // An ARF complaint for carol.
+    let (r, d) = send_bounce(&m, &carol_verp, &arf_for(carol));
+    assert!(r.starts_with("250") && d.starts_with("250"), "{r} {d}");
+    wait_until("carol complained", Duration::from_secs(20), || {
+        status_of(&m, carol)["status"] == "complained"
+    });
+    assert!(m.cli(&["suppress", "check", carol]).status.success());
+
+    // An auto-reply from erin: recorded, erin stays delivered, nothing suppressed.
+    let (r, d) = send_bounce(&m, &erin_verp, &autoreply_from(erin));
+    assert!(r.starts_with("250") && d.starts_with("250"), "{r} {d}");
+    wait_until(
+        "erin's auto-reply recorded",
+        Duration::from_secs(20),
+        || {
+            m.cli_ok(&["bounces", "--address", erin, "--json"])
+                .contains("autoreply")
+        },
+    );
+    assert_eq!(status_of(&m, erin)["status"], "delivered");
+    assert!(!m.cli(&["suppress", "check", erin]).status.success());
+
+    // The unhandled list has all three; handling one removes it from that list.
+    let unhandled: Vec<serde_json::Value> = m
+        .cli_ok(&["bounces", "--unhandled", "--json"])
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(unhandled.len(), 3, "{unhandled:?}");
+    let bob_bounce = unhandled
+        .iter()
+        .find(|b| b["recipient"] == bob)
+        .expect("bob's bounce");
+    assert_eq!(bob_bounce["receipt"], receipt.as_str());
+    assert_eq!(bob_bounce["correlation"], "verp");
+    assert_eq!(bob_bounce["status"], "5.1.1");
+    let id = bob_bounce["id"].to_string();
+    m.cli_ok(&["bounces", "handle", &id, "--by", "alice"]);
+    let after = m.cli_ok(&["bounces", "--unhandled", "--json"]);
+    assert_eq!(after.lines().count(), 2, "{after}");
+    let text = m.cli_ok(&["bounces", "--address", bob, "--first"]);
+    assert!(
+        text.contains("alice") && text.contains("userunknown"),
+        "{text}"
+    );
+
+    // The next message to bob is accepted but not relayed: recorded as suppressed.
+    let seen_before = mx.transactions().len();
+    let second = submit(&m, &[bob], "reminder");
+    wait_until("bob suppressed", Duration::from_secs(10), || {
+        let msgs = m.log_json(&second);
+        msgs.first()
+            .is_some_and(|msg| msg["recipients"][0]["status"] == "suppressed")
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        mx.transactions().len(),
+        seen_before,
+        "bob was relayed anyway"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bounce_ingest_correlates_by_receipt_header_and_keeps_unmatched() {
+    let mx = TestMx::start(Script::default()).await;
+    let m = start_relay(mx.port());
+    let receipt = submit(&m, &["frank@dest.test"], "statement");
+    wait_until("frank delivered", Duration::from_secs(30), || {
+        status_of(&m, "frank@dest.test")["status"] == "delivered"
+    });
+    let dir = tempfile::tempdir().unwrap();
+    // A bounce that reached the application's own mailbox: no VERP, our receipt id is in the
+    // returned Received header.
+    std::fs::write(
+        dir.path().join("frank.eml"),
+        dsn_for("frank@dest.test", &receipt),
+    )
+    .unwrap();
+    // One about a message we never sent.
+    std::fs::write(
+        dir.path().join("stranger.eml"),
+        dsn_for("stranger@dest.test", "01M84TQJYPE2DRCRGB1667C64M"),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("not-a-bounce.eml"),
+        "Subject: hi\n\nhello\n",
+    )
+    .unwrap();
+    let out = m.cli_ok(&["bounce", "ingest", dir.path().to_str().unwrap()]);
+    assert!(out.contains("2 bounce records stored"), "{out}");
+    assert!(out.contains("no bounce record"), "{out}");
+    assert_eq!(status_of(&m, "frank@dest.test")["status"], "bounced");
+    let stranger = m.cli_ok(&["bounces", "--address", "stranger@dest.test", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(stranger.trim()).unwrap();
+    assert_eq!(v["correlation"], "unmatched");
+    assert_eq!(v["reason"], "userunknown");
+}

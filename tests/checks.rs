@@ -1,0 +1,129 @@
+//! Checks before sending (issue: bounces, §6) and direct-to-MX routing through a real DNS
+//! server on loopback: recipients whose domain does not exist or has a null MX are recorded
+//! `rejected` without a delivery attempt, a temporary DNS failure never rejects nor holds the
+//! RCPT reply, bad syntax gets `553 5.1.3` and a record, and suppressed addresses can be
+//! refused at RCPT.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::mailtrail::{Mailtrail, RawSmtp, receipt_in, wait_until};
+use common::test_dns::TestDns;
+use common::test_mx::{Script, TestMx};
+
+fn start(nameserver: std::net::SocketAddr, mx_port: u16, extra: &str) -> Mailtrail {
+    Mailtrail::start_with(
+        "",
+        "",
+        &format!(
+            "[dns]\nnameservers = [\"{nameserver}\"]\ntimeout = \"300ms\"\n\
+             [delivery]\nmx_port = {mx_port}\nretry_first = \"1h\"\n\
+             [checks]\ndomain_check_timeout = \"300ms\"\n{extra}\n"
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_domains_are_rejected_without_attempt_and_live_ones_go_to_their_mx() {
+    let mx = TestMx::start(Script::default()).await;
+    let dns = TestDns::start().await;
+    dns.zone
+        .mx("good.test", 10, "mx.good.test")
+        .addr("mx.good.test", "127.0.0.1".parse().unwrap())
+        .nxdomain("nxd.test")
+        .null_mx("nullmx.test")
+        .servfail("flaky.test");
+    let m = start(dns.addr, mx.port(), "");
+
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO app.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<app@example.com>").starts_with("250"));
+    for r in ["a@good.test", "b@nxd.test", "c@nullmx.test", "d@flaky.test"] {
+        let reply = c.cmd(&format!("RCPT TO:<{r}>"));
+        assert!(reply.starts_with("250"), "{r}: {reply}");
+    }
+    // Bad syntax: refused, and recorded with the message.
+    let reply = c.cmd("RCPT TO:<broken@@good.test>");
+    assert!(reply.starts_with("553 5.1.3"), "{reply}");
+    assert!(c.cmd("DATA").starts_with("354"));
+    let reply = c.cmd("Subject: checks\r\n\r\nhi\r\n.");
+    let receipt = receipt_in(&reply).unwrap();
+
+    wait_until("a delivered via its MX", Duration::from_secs(30), || {
+        m.recipient(&receipt, "a@good.test")["status"] == "delivered"
+    });
+    let b = m.recipient(&receipt, "b@nxd.test");
+    assert_eq!(
+        (b["status"].as_str(), b["reason"].as_str()),
+        (Some("rejected"), Some("hostunknown")),
+        "{b}"
+    );
+    let c_ = m.recipient(&receipt, "c@nullmx.test");
+    assert_eq!(
+        (c_["status"].as_str(), c_["reason"].as_str()),
+        (Some("rejected"), Some("notaccept")),
+        "{c_}"
+    );
+    let broken = m.recipient(&receipt, "broken@@good.test");
+    assert_eq!(
+        (broken["status"].as_str(), broken["reason"].as_str()),
+        (Some("rejected"), Some("syntaxerror")),
+        "{broken}"
+    );
+    // SERVFAIL: accepted, then deferred by delivery (temporary), never rejected.
+    wait_until("d deferred", Duration::from_secs(30), || {
+        m.recipient(&receipt, "d@flaky.test")["status"] == "deferred"
+    });
+    // Only a@good.test reached an MX.
+    let seen: Vec<String> = mx
+        .transactions()
+        .iter()
+        .flat_map(|t| t.rcpt_to.clone())
+        .collect();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].contains("a@good.test"), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_resolver_never_rejects_and_never_holds_rcpt_long() {
+    // A nameserver that never answers: every lookup times out.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let m = start(silent.local_addr().unwrap(), 25, "");
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO app.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<app@example.com>").starts_with("250"));
+    let started = Instant::now();
+    let reply = c.cmd("RCPT TO:<x@unreachable-dns.test>");
+    let waited = started.elapsed();
+    assert!(reply.starts_with("250"), "{reply}");
+    // The bound is 300 ms; far below the resolver's own retries (seconds).
+    assert!(waited < Duration::from_secs(3), "RCPT held for {waited:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn suppressed_address_refused_at_rcpt_when_configured() {
+    let dns = TestDns::start().await;
+    let m = start(dns.addr, 25, "[suppression]\naction = \"refuse\"\n");
+    m.cli_ok(&[
+        "suppress",
+        "add",
+        "Gone@Example.org",
+        "--reason",
+        "userunknown",
+    ]);
+    let list = m.cli_ok(&["suppress", "list"]);
+    assert!(list.to_lowercase().contains("gone@example.org"), "{list}");
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO app.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<app@example.com>").starts_with("250"));
+    let reply = c.cmd("RCPT TO:<gone@example.org>");
+    assert!(reply.starts_with("550 5.7.1"), "{reply}");
+    assert!(reply.contains("suppressed"), "{reply}");
+    m.cli_ok(&["suppress", "remove", "gone@example.org"]);
+    assert!(
+        !m.cli(&["suppress", "check", "gone@example.org"])
+            .status
+            .success()
+    );
+}

@@ -1,0 +1,1598 @@
+//! Delivery over real sockets: the outbound client and MX resolution against a scripted MX
+//! and a real DNS server on loopback.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::test_dns::TestDns;
+use common::test_mx::{DropAt, Script, TestMx};
+use mailtrail::config::TlsPolicy;
+use mailtrail::delivery::client::{
+    self, Envelope, EnvelopeRecipient, SessionSettings, per_recipient,
+};
+use mailtrail::delivery::dns::{MxResolver, Target};
+use mailtrail::spool::{DsnRet, Notify};
+use mailtrail::store::Stage;
+
+fn settings(tls: TlsPolicy) -> SessionSettings {
+    SessionSettings {
+        helo_name: "relay.test".into(),
+        tls,
+        implicit_tls: false,
+        tls_connector: client::tls_connector(false, None).unwrap(),
+        auth: None,
+        connect_timeout: Duration::from_secs(2),
+        command_timeout: Duration::from_secs(2),
+        data_timeout: Duration::from_secs(2),
+    }
+}
+
+fn target(addr: SocketAddr) -> Target {
+    Target {
+        host: "mx.test".into(),
+        addr,
+    }
+}
+
+fn envelope(rcpts: &[&str]) -> Envelope {
+    Envelope {
+        sender: "app@sender.test".into(),
+        recipients: rcpts
+            .iter()
+            .map(|a| EnvelopeRecipient {
+                address: a.to_string(),
+                notify: None,
+                orcpt: None,
+            })
+            .collect(),
+        ret: None,
+        envid: None,
+        eight_bit: false,
+        smtputf8: false,
+    }
+}
+
+const BODY: &[u8] = b"From: app@sender.test\r\nSubject: t\r\n\r\nhello\r\n.leading dot\r\n";
+
+#[tokio::test]
+async fn records_every_rcpt_reply() {
+    let mx = TestMx::start(
+        Script::default()
+            .rcpt("unknown@dest.test", &["550 5.1.1 user unknown"])
+            .rcpt("full@dest.test", &["452 4.2.2 mailbox full"]),
+    )
+    .await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let env = envelope(&["ok@dest.test", "unknown@dest.test", "full@dest.test"]);
+    let replies = conn.transaction(&env, BODY, Duration::from_secs(2)).await;
+    assert_eq!(replies.error, None);
+    let r = per_recipient(&replies);
+    assert_eq!(r.len(), 3);
+    assert_eq!(r[0].stage, Stage::Data);
+    let ok = r[0].reply.as_ref().unwrap();
+    assert_eq!(
+        (ok.code, ok.enhanced_status.as_deref()),
+        (250, Some("2.0.0"))
+    );
+    assert_eq!(ok.text, "Ok: queued as TEST1");
+    assert_eq!(r[1].stage, Stage::Rcpt);
+    let unknown = r[1].reply.as_ref().unwrap();
+    assert_eq!(
+        (
+            unknown.code,
+            unknown.enhanced_status.as_deref(),
+            unknown.text.as_str()
+        ),
+        (550, Some("5.1.1"), "user unknown")
+    );
+    let full = r[2].reply.as_ref().unwrap();
+    assert_eq!(
+        (
+            full.code,
+            full.enhanced_status.as_deref(),
+            full.text.as_str()
+        ),
+        (452, Some("4.2.2"), "mailbox full")
+    );
+    // The message went out once, with all three RCPTs tried, body dot-stuffed on the wire and
+    // restored by the server.
+    let tx = mx.transactions();
+    assert_eq!(tx.len(), 1);
+    assert_eq!(tx[0].rcpt_to.len(), 3);
+    assert_eq!(tx[0].body, BODY.to_vec());
+    assert!(tx[0].mail_from.starts_with("<app@sender.test> SIZE="));
+    assert_eq!(conn.ip.to_string(), "127.0.0.1");
+    assert_eq!(conn.host, "mx.test");
+}
+
+#[tokio::test]
+async fn data_rejection_is_recorded_for_all_accepted_recipients() {
+    let mut script = Script::default().rcpt("no@dest.test", &["550 5.1.1 no such user"]);
+    script.data_replies = vec!["554 5.7.1 Message rejected: spam".to_string()].into();
+    let mx = TestMx::start(script).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let env = envelope(&["a@dest.test", "no@dest.test", "b@dest.test"]);
+    let r = per_recipient(&conn.transaction(&env, BODY, Duration::from_secs(2)).await);
+    for i in [0, 2] {
+        assert_eq!(r[i].stage, Stage::Data);
+        let reply = r[i].reply.as_ref().unwrap();
+        assert_eq!(reply.code, 554);
+        assert_eq!(reply.text, "Message rejected: spam");
+    }
+    assert_eq!(r[1].stage, Stage::Rcpt);
+    assert_eq!(r[1].reply.as_ref().unwrap().code, 550);
+}
+
+#[tokio::test]
+async fn multiline_replies_are_kept_whole() {
+    let mx = TestMx::start(Script::default().rcpt(
+        "gone@dest.test",
+        &["550 5.1.1 The email account that you tried to reach does not exist.\n550 5.1.1 Please try double-checking the address."],
+    ))
+    .await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let r = per_recipient(
+        &conn
+            .transaction(&envelope(&["gone@dest.test"]), BODY, Duration::from_secs(2))
+            .await,
+    );
+    let reply = r[0].reply.as_ref().unwrap();
+    assert_eq!(reply.enhanced_status.as_deref(), Some("5.1.1"));
+    assert_eq!(
+        reply.text,
+        "The email account that you tried to reach does not exist.\nPlease try double-checking the address."
+    );
+}
+
+#[tokio::test]
+async fn without_pipelining_commands_go_one_by_one_and_still_all_replies_are_kept() {
+    let mut script = Script::default().rcpt("x@dest.test", &["550 5.1.1 unknown"]);
+    script.extensions.retain(|e| e != "PIPELINING");
+    let mx = TestMx::start(script).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let r = per_recipient(
+        &conn
+            .transaction(
+                &envelope(&["x@dest.test", "y@dest.test"]),
+                BODY,
+                Duration::from_secs(2),
+            )
+            .await,
+    );
+    assert_eq!(r[0].reply.as_ref().unwrap().code, 550);
+    assert_eq!(r[1].reply.as_ref().unwrap().code, 250);
+    assert_eq!(r[1].stage, Stage::Data);
+}
+
+#[tokio::test]
+async fn dsn_parameters_are_passed_on_when_the_peer_offers_dsn() {
+    let mx = TestMx::start(Script::default()).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let mut env = envelope(&["a@dest.test"]);
+    env.ret = Some(DsnRet::Hdrs);
+    env.envid = Some("ENV-1".into());
+    env.recipients[0].notify = Some(Notify {
+        failure: true,
+        delay: true,
+        ..Default::default()
+    });
+    env.recipients[0].orcpt = Some("rfc822;A@dest.test".into());
+    conn.transaction(&env, BODY, Duration::from_secs(2)).await;
+    let tx = mx.transactions();
+    assert!(tx[0].mail_from.contains(" RET=HDRS"), "{}", tx[0].mail_from);
+    assert!(tx[0].mail_from.contains(" ENVID=ENV-1"));
+    assert_eq!(
+        tx[0].rcpt_to[0],
+        "<a@dest.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;A@dest.test"
+    );
+}
+
+#[tokio::test]
+async fn mail_rejection_applies_to_every_recipient() {
+    let script = Script {
+        mail_reply: "553 5.7.1 Sender address rejected".into(),
+        ..Default::default()
+    };
+    let mx = TestMx::start(script).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let r = per_recipient(
+        &conn
+            .transaction(
+                &envelope(&["a@d.test", "b@d.test"]),
+                BODY,
+                Duration::from_secs(2),
+            )
+            .await,
+    );
+    assert!(
+        r.iter()
+            .all(|r| r.stage == Stage::Mail && r.reply.as_ref().unwrap().code == 553)
+    );
+    assert!(mx.transactions().is_empty());
+}
+
+#[tokio::test]
+async fn connection_reuse_after_rset() {
+    let mx = TestMx::start(Script::default()).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    conn.transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    assert!(conn.rset().await);
+    let r = per_recipient(
+        &conn
+            .transaction(&envelope(&["b@d.test"]), BODY, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(r[0].reply.as_ref().unwrap().code, 250);
+    assert_eq!(mx.connections(), 1);
+    assert_eq!(mx.transactions().len(), 2);
+    assert_eq!(conn.transactions, 2);
+}
+
+#[tokio::test]
+async fn mx_fallback_on_connect_failure() {
+    // A port with nothing listening: bind, learn the port, close.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let mx = TestMx::start(Script::default()).await;
+    let conn = client::connect(&[target(dead), target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    assert_eq!(conn.ip.to_string(), "127.0.0.1");
+    assert_eq!(mx.connections(), 1);
+}
+
+#[tokio::test]
+async fn mx_fallback_on_4xx_greeting_but_not_on_5xx() {
+    let busy = Script {
+        banner: "421 4.3.2 too busy".into(),
+        ..Default::default()
+    };
+    let busy = TestMx::start(busy).await;
+    let good = TestMx::start(Script::default()).await;
+    let conn = client::connect(
+        &[target(busy.addr), target(good.addr)],
+        &settings(TlsPolicy::None),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    assert_eq!(good.connections(), 1);
+
+    let refusing = Script {
+        banner: "554 5.7.1 no mail from you".into(),
+        ..Default::default()
+    };
+    let refusing = TestMx::start(refusing).await;
+    let good2 = TestMx::start(Script::default()).await;
+    let e = client::connect(
+        &[target(refusing.addr), target(good2.addr)],
+        &settings(TlsPolicy::None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.permanent);
+    assert_eq!(e.reply.unwrap().code, 554);
+    assert_eq!(good2.connections(), 0);
+}
+
+#[tokio::test]
+async fn helo_fallback_when_ehlo_is_refused() {
+    let script = Script {
+        ehlo_reply: Some("502 5.5.2 EHLO not supported".into()),
+        ..Default::default()
+    };
+    let mx = TestMx::start(script).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::Opportunistic))
+        .await
+        .unwrap();
+    let r = per_recipient(
+        &conn
+            .transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(r[0].reply.as_ref().unwrap().code, 250);
+    let cmds = mx.commands();
+    assert!(cmds.iter().any(|c| c == "HELO relay.test"), "{cmds:?}");
+    // No SIZE without EHLO.
+    assert_eq!(mx.transactions()[0].mail_from, "<app@sender.test>");
+}
+
+#[tokio::test]
+async fn starttls_is_used_and_recorded() {
+    let script = Script {
+        starttls: true,
+        ..Default::default()
+    };
+    let mx = TestMx::start(script).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::Opportunistic))
+        .await
+        .unwrap();
+    let tls = conn.tls.clone().expect("TLS negotiated");
+    assert!(tls.version.starts_with("TLSv1_"), "{tls:?}");
+    assert!(!tls.cipher.is_empty());
+    conn.transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    let tx = mx.transactions();
+    assert!(tx[0].tls);
+    // EHLO was repeated inside TLS.
+    assert_eq!(tx[0].helo, "relay.test");
+    let cmds = mx.commands();
+    assert_eq!(cmds.iter().filter(|c| c.starts_with("EHLO")).count(), 2);
+}
+
+#[tokio::test]
+async fn tls_required_without_starttls_fails_temporarily() {
+    let mx = TestMx::start(Script::default()).await;
+    let e = client::connect(&[target(mx.addr)], &settings(TlsPolicy::Required))
+        .await
+        .unwrap_err();
+    assert!(!e.permanent);
+    assert_eq!(e.stage, Stage::Connect);
+    assert!(e.text.contains("STARTTLS"), "{}", e.text);
+    assert!(mx.transactions().is_empty());
+}
+
+#[tokio::test]
+async fn dropped_connection_after_data_leaves_no_reply() {
+    let script = Script {
+        drop_at: Some(DropAt::EndOfData),
+        ..Default::default()
+    };
+    let mx = TestMx::start(script).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let replies = conn
+        .transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    assert!(replies.error.is_some());
+    let r = per_recipient(&replies);
+    assert_eq!(r[0].stage, Stage::Data);
+    assert_eq!(r[0].reply, None);
+}
+
+#[tokio::test]
+async fn slow_final_reply_times_out() {
+    let mx = TestMx::start(Script::default()).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    mx.set_script(|s| s.reply_delay = Duration::from_millis(800));
+    let started = std::time::Instant::now();
+    let replies = conn
+        .transaction(&envelope(&["a@d.test"]), BODY, Duration::from_millis(300))
+        .await;
+    // MAIL/RCPT/DATA take 800 ms each but the command timeout is 2 s; the data timeout of
+    // 300 ms then cuts the wait for the final reply.
+    assert!(
+        replies.error.as_deref().unwrap_or("").contains("timeout"),
+        "{replies:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(per_recipient(&replies)[0].reply, None);
+}
+
+#[tokio::test]
+async fn chunking_peer_gets_bdat_with_the_message_unstuffed() {
+    let mx = TestMx::start(Script {
+        extensions: vec!["CHUNKING".into(), "PIPELINING".into()],
+        ..Default::default()
+    })
+    .await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let r = per_recipient(
+        &conn
+            .transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(r[0].reply.as_ref().unwrap().code, 250);
+    assert!(
+        mx.commands()
+            .iter()
+            .any(|c| c == &format!("BDAT {} LAST", BODY.len()))
+    );
+    assert!(!mx.commands().iter().any(|c| c == "DATA"));
+    assert_eq!(mx.transactions()[0].body, BODY.to_vec());
+}
+
+#[tokio::test]
+async fn non_ascii_address_without_smtputf8_fails_permanently_before_mail() {
+    let mx = TestMx::start(Script::default()).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let replies = conn
+        .transaction(&envelope(&["jürgen@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    let r = per_recipient(&replies);
+    assert_eq!(r[0].local_permanent, Some("5.6.7"));
+    assert_eq!(r[0].reply, None);
+    assert!(!mx.commands().iter().any(|c| c.starts_with("MAIL")));
+    // The session is still usable for other mail.
+    let ok = per_recipient(
+        &conn
+            .transaction(&envelope(&["ascii@d.test"]), BODY, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(ok[0].reply.as_ref().unwrap().code, 250);
+}
+
+#[tokio::test]
+async fn reply_before_a_hang_up_in_a_pipelined_group_is_kept() {
+    let mx = TestMx::start(Script {
+        mail_reply: "421 4.3.2 Service shutting down".into(),
+        drop_at: Some(DropAt::AfterMail),
+        ..Default::default()
+    })
+    .await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let replies = conn
+        .transaction(
+            &envelope(&["a@d.test", "b@d.test"]),
+            BODY,
+            Duration::from_secs(2),
+        )
+        .await;
+    assert!(replies.error.is_some());
+    let r = per_recipient(&replies);
+    for x in &r {
+        assert_eq!(x.stage, Stage::Mail);
+        let reply = x.reply.as_ref().expect("the 421 that did arrive");
+        assert_eq!(
+            (reply.code, reply.text.as_str()),
+            (421, "Service shutting down")
+        );
+    }
+}
+
+#[tokio::test]
+async fn broken_opportunistic_tls_retries_the_host_in_plain_text() {
+    let mx = TestMx::start(Script {
+        starttls: true,
+        drop_at: Some(DropAt::StartTls),
+        ..Default::default()
+    })
+    .await;
+    let conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::Opportunistic))
+        .await
+        .unwrap();
+    assert_eq!(conn.tls, None);
+    assert_eq!(mx.connections(), 2);
+    // Under `tls = required` the same peer defers instead.
+    let e = client::connect(&[target(mx.addr)], &settings(TlsPolicy::Required))
+        .await
+        .unwrap_err();
+    assert!(!e.permanent);
+    assert!(e.tls_handshake_failed);
+}
+
+// --- DNS -----------------------------------------------------------------------------------
+
+async fn resolver(dns: &TestDns) -> MxResolver {
+    MxResolver::new(&[dns.addr], Some(Duration::from_secs(1))).unwrap()
+}
+
+#[tokio::test]
+async fn mx_records_are_ordered_by_preference_with_addresses() {
+    let dns = TestDns::start().await;
+    dns.zone
+        .mx("dest.test", 20, "mx2.dest.test")
+        .mx("dest.test", 10, "mx1.dest.test")
+        .addr("mx1.dest.test", "127.0.0.11".parse().unwrap())
+        .addr("mx2.dest.test", "127.0.0.12".parse().unwrap());
+    let t = resolver(&dns)
+        .await
+        .resolve("dest.test", 2525)
+        .await
+        .unwrap();
+    let got: Vec<(String, String)> = t
+        .iter()
+        .map(|t| (t.host.clone(), t.addr.to_string()))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            ("mx1.dest.test".into(), "127.0.0.11:2525".into()),
+            ("mx2.dest.test".into(), "127.0.0.12:2525".into())
+        ]
+    );
+}
+
+#[tokio::test]
+async fn no_mx_falls_back_to_the_domain_address() {
+    let dns = TestDns::start().await;
+    dns.zone
+        .addr("implicit.test", "127.0.0.13".parse().unwrap());
+    let t = resolver(&dns)
+        .await
+        .resolve("implicit.test", 25)
+        .await
+        .unwrap();
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].host, "implicit.test");
+    assert_eq!(t[0].addr.to_string(), "127.0.0.13:25");
+}
+
+#[tokio::test]
+async fn null_mx_is_permanent() {
+    let dns = TestDns::start().await;
+    dns.zone.null_mx("nomail.test");
+    let e = resolver(&dns)
+        .await
+        .resolve("nomail.test", 25)
+        .await
+        .unwrap_err();
+    assert!(e.permanent);
+    assert_eq!(e.enhanced_status, "5.1.10");
+    assert_eq!(e.reason, "notaccept");
+}
+
+#[tokio::test]
+async fn nxdomain_is_permanent() {
+    let dns = TestDns::start().await;
+    dns.zone.nxdomain("gone.test");
+    let e = resolver(&dns)
+        .await
+        .resolve("gone.test", 25)
+        .await
+        .unwrap_err();
+    assert!(e.permanent, "{e:?}");
+    assert_eq!(e.enhanced_status, "5.1.2");
+    assert_eq!(e.reason, "hostunknown");
+}
+
+#[tokio::test]
+async fn servfail_is_temporary() {
+    let dns = TestDns::start().await;
+    dns.zone.servfail("broken.test");
+    let e = resolver(&dns)
+        .await
+        .resolve("broken.test", 25)
+        .await
+        .unwrap_err();
+    assert!(!e.permanent, "{e:?}");
+    assert!(e.enhanced_status.starts_with('4'));
+}
+
+// --- The scheduler with the SQLite store ---------------------------------------------------
+
+mod queue {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::common::test_dns::TestDns;
+    use super::common::test_mx::{Script, TestMx};
+    use mailtrail::config::{Config, RouteConfig, TlsPolicy};
+    use mailtrail::delivery::{Delivery, DeliveryHandle};
+    use mailtrail::metrics::Metrics;
+    use mailtrail::receipt::ReceiptId;
+    use mailtrail::spool::{AcceptedMessage, AcceptedRecipient, Notify};
+    use mailtrail::store::{LogKey, LogQuery, MessageLog, RecipientStatus, Stage, Store};
+    use tokio_util::sync::CancellationToken;
+
+    pub struct Harness {
+        pub config: Arc<Config>,
+        pub store: Arc<dyn Store>,
+        pub sqlite: Arc<mailtrail::store::sqlite::SqliteStore>,
+        pub metrics: Arc<Metrics>,
+        pub handle: DeliveryHandle,
+        pub shutdown: CancellationToken,
+        pub dns: TestDns,
+        pub mx: TestMx,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A relay whose DNS sends `dest.test` and `sender.test` to one scripted MX.
+    pub async fn harness(script: Script, tune: impl FnOnce(&mut Config)) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let dns = TestDns::start().await;
+        let mx = TestMx::start(script).await;
+        for d in ["dest.test", "sender.test"] {
+            dns.zone.mx(d, 10, "mx.dest.test");
+        }
+        dns.zone.addr("mx.dest.test", "127.0.0.1".parse().unwrap());
+        let mut config = Config {
+            data_dir: dir.path().to_path_buf(),
+            hostname: "relay.test".into(),
+            ..Default::default()
+        };
+        config.dns.nameservers = vec![dns.addr];
+        config.dns.timeout = Some(Duration::from_secs(1));
+        config.delivery.mx_port = mx.port();
+        config.delivery.retry_first = Duration::from_millis(300);
+        config.delivery.retry_max_interval = Duration::from_millis(600);
+        config.delivery.connect_timeout = Duration::from_secs(2);
+        config.delivery.command_timeout = Duration::from_secs(2);
+        config.delivery.data_timeout = Duration::from_secs(2);
+        config.smtp.shutdown_grace = Duration::from_secs(2);
+        tune(&mut config);
+        let config = Arc::new(config);
+        let sqlite = mailtrail::store::sqlite::open(&config).unwrap();
+        let store: Arc<dyn Store> = sqlite.clone();
+        let metrics = Arc::new(Metrics::new());
+        let shutdown = CancellationToken::new();
+        let handle = Delivery::start(
+            config.clone(),
+            store.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .unwrap();
+        Harness {
+            config,
+            store,
+            sqlite,
+            metrics,
+            handle,
+            shutdown,
+            dns,
+            mx,
+            _dir: dir,
+        }
+    }
+
+    pub fn message(sender: &str, rcpts: &[(&str, Option<Notify>)]) -> AcceptedMessage {
+        AcceptedMessage {
+            receipt: ReceiptId::new(),
+            received_at_ms: chrono::Utc::now().timestamp_millis(),
+            client_ip: "127.0.0.1".parse().unwrap(),
+            helo: "app".into(),
+            tls_version: None,
+            auth_user: None,
+            envelope_sender: sender.into(),
+            recipients: rcpts
+                .iter()
+                .map(|(a, n)| AcceptedRecipient {
+                    address: a.to_string(),
+                    orcpt: Some(format!("rfc822;{a}")),
+                    notify: *n,
+                    preset: None,
+                })
+                .collect(),
+            envid: Some("ENV-42".into()),
+            ret: None,
+            eight_bit: false,
+            smtputf8: false,
+            message_id: Some("m1@app".into()),
+            subject: Some("hello".into()),
+            context: None,
+            body:
+                b"From: app@sender.test\r\nSubject: hello\r\nMessage-ID: <m1@app>\r\n\r\nbody\r\n"
+                    .to_vec(),
+            inbound_bounce: false,
+        }
+    }
+
+    impl Harness {
+        pub async fn submit(&self, m: AcceptedMessage) -> ReceiptId {
+            let r = m.receipt;
+            self.store.accept(m).await.unwrap();
+            self.handle.wake();
+            r
+        }
+
+        pub async fn log(&self, r: ReceiptId) -> MessageLog {
+            let mut v = self
+                .store
+                .log(&LogQuery {
+                    key: LogKey::Receipt(r),
+                    since_ms: None,
+                    until_ms: None,
+                    limit: 10,
+                })
+                .await
+                .unwrap();
+            assert_eq!(v.len(), 1);
+            v.remove(0)
+        }
+
+        /// Waits until every recipient's status satisfies `done`.
+        pub async fn wait(
+            &self,
+            r: ReceiptId,
+            done: impl Fn(&[RecipientStatus]) -> bool,
+        ) -> MessageLog {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let log = self.log(r).await;
+                let st: Vec<RecipientStatus> = log.recipients.iter().map(|r| r.status).collect();
+                if done(&st) {
+                    return log;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "timed out; statuses {st:?}\n{log:#?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        /// Waits until the MX has seen `n` transactions.
+        pub async fn wait_mx(&self, n: usize) -> Vec<super::common::test_mx::Transaction> {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let t = self.mx.transactions();
+                if t.len() >= n {
+                    return t;
+                }
+                assert!(tokio::time::Instant::now() < deadline, "MX saw {t:?}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
+    fn final_status(s: &[RecipientStatus]) -> bool {
+        s.iter().all(|s| !s.is_pending())
+    }
+
+    #[tokio::test]
+    async fn records_each_recipient_outcome_and_sends_a_dsn_for_the_failed_one() {
+        let h = harness(
+            Script::default()
+                .rcpt("unknown@dest.test", &["550 5.1.1 user unknown"])
+                .rcpt("full@dest.test", &["452 4.2.2 mailbox full"]),
+            |c| c.delivery.max_queue_lifetime = Duration::from_secs(3600),
+        )
+        .await;
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[
+                    ("ok@dest.test", None),
+                    ("unknown@dest.test", None),
+                    ("full@dest.test", None),
+                ],
+            ))
+            .await;
+        let log = h
+            .wait(r, |s| {
+                s[0] == RecipientStatus::Delivered
+                    && s[1] == RecipientStatus::Failed
+                    && s[2] == RecipientStatus::Deferred
+            })
+            .await;
+        let ok = &log.recipients[0];
+        assert_eq!(ok.last_reply_code, Some(250));
+        let attempt = ok.events.iter().find(|e| e.kind == "attempt").unwrap();
+        assert_eq!(attempt.stage, Some(Stage::Data));
+        assert_eq!(attempt.remote_host.as_deref(), Some("mx.dest.test"));
+        assert_eq!(attempt.remote_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(attempt.reply_text.as_deref(), Some("Ok: queued as TEST1"));
+        let unknown = &log.recipients[1];
+        assert_eq!(unknown.last_reply_code, Some(550));
+        assert_eq!(unknown.last_enhanced_status.as_deref(), Some("5.1.1"));
+        assert_eq!(unknown.last_reply_text.as_deref(), Some("user unknown"));
+        // Classified with the bounce classifier's vocabulary.
+        assert_eq!(unknown.reason.as_deref(), Some("userunknown"));
+        assert_eq!(unknown.bounce_type.as_deref(), Some("hard"));
+        let full = &log.recipients[2];
+        assert_eq!(full.last_reply_code, Some(452));
+        assert_eq!(full.last_enhanced_status.as_deref(), Some("4.2.2"));
+        assert_eq!(full.reason.as_deref(), Some("mailboxfull"));
+
+        // The DSN for the failed recipient comes back to the sender's MX (same test MX), from
+        // the null sender, with the RFC 3464 fields.
+        let txs = h.wait_mx(2).await;
+        let dsn = txs
+            .iter()
+            .find(|t| t.mail_from.starts_with("<>"))
+            .expect("a DSN with the null sender");
+        assert_eq!(dsn.rcpt_to[0].split(' ').next(), Some("<app@sender.test>"));
+        let body = String::from_utf8_lossy(&dsn.body);
+        for needle in [
+            "From: Mail Delivery System <MAILER-DAEMON@relay.test>",
+            "report-type=delivery-status",
+            "Reporting-MTA: dns; relay.test",
+            "Original-Envelope-Id: ENV-42",
+            "Original-Recipient: rfc822;unknown@dest.test",
+            "Final-Recipient: rfc822; unknown@dest.test",
+            "Action: failed",
+            "Status: 5.1.1",
+            "Remote-MTA: dns; mx.dest.test",
+            "Diagnostic-Code: smtp; 550 5.1.1 user unknown",
+            "Content-Type: message/rfc822",
+            "Message-ID: <m1@app>",
+        ] {
+            assert!(body.contains(needle), "missing {needle:?}:\n{body}");
+        }
+        // Only the failed recipient is reported (the deferred one has NOTIFY absent: no delay
+        // DSN, and the delivered one went to a DSN-capable peer).
+        assert!(!body.contains("full@dest.test"));
+        assert!(!body.contains("Final-Recipient: rfc822; ok@dest.test"));
+
+        let metrics = h.metrics.encode();
+        assert!(
+            metrics.contains("mailtrail_delivery_recipients_total{outcome=\"failed\"} 1"),
+            "{metrics}"
+        );
+        assert!(metrics.contains("mailtrail_delivery_replies_total{class=\"5xx\"} 1"));
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn retries_a_deferred_recipient_until_delivered() {
+        let h = harness(
+            Script::default().rcpt(
+                "grey@dest.test",
+                &["450 4.7.1 greylisted, try later", "250 2.1.5 Ok"],
+            ),
+            |_| {},
+        )
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("grey@dest.test", None)]))
+            .await;
+        let log = h.wait(r, |s| s[0] == RecipientStatus::Delivered).await;
+        let attempts: Vec<_> = log.recipients[0]
+            .events
+            .iter()
+            .filter(|e| e.kind == "attempt")
+            .collect();
+        assert_eq!(attempts.len(), 2, "{attempts:#?}");
+        assert_eq!(attempts[0].status, RecipientStatus::Deferred);
+        assert_eq!(attempts[0].reply_code, Some(450));
+        assert_eq!(attempts[0].enhanced_status.as_deref(), Some("4.7.1"));
+        assert_eq!(attempts[1].status, RecipientStatus::Delivered);
+        // Retry waited at least retry_first.
+        assert!(attempts[1].at_ms - attempts[0].at_ms >= 300);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn expires_after_the_queue_lifetime_and_reports_it() {
+        let h = harness(
+            Script::default().rcpt("busy@dest.test", &["451 4.3.0 try again later"]),
+            |c| c.delivery.max_queue_lifetime = Duration::from_millis(1200),
+        )
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("busy@dest.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        let rc = &log.recipients[0];
+        assert_eq!(rc.status, RecipientStatus::Expired);
+        assert_eq!(rc.reason.as_deref(), Some("expired"));
+        let attempts = rc.events.iter().filter(|e| e.kind == "attempt").count();
+        assert!(attempts >= 2, "{attempts}");
+        let txs = h.wait_mx(1).await;
+        let dsn = txs.iter().find(|t| t.mail_from.starts_with("<>")).unwrap();
+        let body = String::from_utf8_lossy(&dsn.body);
+        assert!(body.contains("Action: failed"), "{body}");
+        assert!(body.contains("Status: 4.3.0"));
+        assert!(body.contains("Diagnostic-Code: smtp; 451 4.3.0 try again later"));
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn null_mx_and_nxdomain_fail_and_servfail_defers() {
+        let h = harness(Script::default(), |c| {
+            c.delivery.retry_first = Duration::from_secs(60);
+            c.delivery.retry_max_interval = Duration::from_secs(60);
+        })
+        .await;
+        h.dns.zone.null_mx("nomail.test");
+        h.dns.zone.nxdomain("gone.test");
+        h.dns.zone.servfail("broken.test");
+        let r = h
+            .submit(message(
+                "",
+                &[
+                    ("a@nomail.test", None),
+                    ("b@gone.test", None),
+                    ("c@broken.test", None),
+                ],
+            ))
+            .await;
+        let log = h
+            .wait(r, |s| s.iter().all(|s| *s != RecipientStatus::Queued))
+            .await;
+        let [a, b, c] = &log.recipients[..] else {
+            panic!()
+        };
+        assert_eq!(a.status, RecipientStatus::Failed);
+        assert_eq!(a.last_enhanced_status.as_deref(), Some("5.1.10"));
+        assert_eq!(a.reason.as_deref(), Some("notaccept"));
+        assert_eq!(b.status, RecipientStatus::Failed);
+        assert_eq!(b.last_enhanced_status.as_deref(), Some("5.1.2"));
+        assert_eq!(b.reason.as_deref(), Some("hostunknown"));
+        assert_eq!(c.status, RecipientStatus::Deferred);
+        // The queue gauge shows the one deferred recipient within a housekeeping tick.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !h
+            .metrics
+            .encode()
+            .contains("mailtrail_queue_recipients 1\n")
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{}",
+                h.metrics.encode()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let ev = a.events.iter().find(|e| e.kind == "attempt").unwrap();
+        assert_eq!(ev.stage, Some(Stage::Dns));
+        assert_eq!(ev.reply_code, None);
+        // Null sender: no DSN about it, and the MX never saw anything.
+        assert!(h.mx.transactions().is_empty());
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn starttls_is_recorded_in_the_store() {
+        let script = Script {
+            starttls: true,
+            ..Default::default()
+        };
+        let h = harness(script, |_| {}).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        let ev = log.recipients[0]
+            .events
+            .iter()
+            .find(|e| e.kind == "attempt")
+            .unwrap();
+        assert!(
+            ev.tls_version
+                .as_deref()
+                .unwrap_or("")
+                .starts_with("TLSv1_"),
+            "{ev:?}"
+        );
+        assert!(h.mx.transactions()[0].tls);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    fn route_to(mx: &TestMx, tls: TlsPolicy) -> RouteConfig {
+        RouteConfig {
+            domains: vec!["*".into()],
+            sender_domains: vec![],
+            auth_users: vec![],
+            mx: vec![format!("127.0.0.1:{}", mx.port())],
+            tls,
+            implicit_tls: false,
+            verify_certificate: Some(false),
+            ca_file: None,
+            auth_user: None,
+            auth_password_file: None,
+            auth_password_env: None,
+            keep_sender: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_required_route_without_starttls_defers() {
+        let smarthost = TestMx::start(Script::default()).await;
+        let route = route_to(&smarthost, TlsPolicy::Required);
+        let h = harness(Script::default(), move |c| {
+            c.routes = vec![route];
+            c.delivery.retry_first = Duration::from_secs(60);
+            c.delivery.retry_max_interval = Duration::from_secs(60);
+        })
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@anywhere.test", None)]))
+            .await;
+        let log = h.wait(r, |s| s[0] == RecipientStatus::Deferred).await;
+        let ev = log.recipients[0]
+            .events
+            .iter()
+            .find(|e| e.kind == "attempt")
+            .unwrap();
+        assert_eq!(ev.stage, Some(Stage::Connect));
+        assert!(
+            ev.reply_text.as_deref().unwrap_or("").contains("STARTTLS"),
+            "{ev:?}"
+        );
+        assert!(smarthost.transactions().is_empty());
+        assert_eq!(smarthost.connections(), 1);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn verp_gives_each_recipient_its_own_sender_and_transaction() {
+        let h = harness(Script::default(), |c| {
+            c.delivery.bounce_domain = "bounces.relay.test".into();
+            // One connection per destination: the second transaction waits for the first's
+            // connection and reuses it.
+            c.delivery.max_connections_per_destination = 1;
+        })
+        .await;
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[("a@dest.test", None), ("b@dest.test", None)],
+            ))
+            .await;
+        h.wait(r, final_status).await;
+        let txs = h.mx.transactions();
+        assert_eq!(txs.len(), 2);
+        let rs = r.to_string().to_ascii_lowercase();
+        for t in &txs {
+            assert_eq!(t.rcpt_to.len(), 1);
+            let idx = if t.rcpt_to[0].starts_with("<a@") {
+                0
+            } else {
+                1
+            };
+            let prefix = format!("<bounces+{rs}-{idx}-");
+            assert!(
+                t.mail_from.starts_with(&prefix),
+                "{} vs {prefix}",
+                t.mail_from
+            );
+            assert!(t.mail_from.contains("@bounces.relay.test>"));
+        }
+        // The two transactions shared one connection (RSET between).
+        assert_eq!(h.mx.connections(), 1);
+        assert!(h.mx.commands().iter().any(|c| c == "RSET"));
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn success_dsn_is_relayed_when_the_peer_lacks_dsn() {
+        let mut script = Script::default();
+        script.extensions.retain(|e| e != "DSN");
+        let h = harness(script, |_| {}).await;
+        let notify = Notify {
+            success: true,
+            ..Default::default()
+        };
+        let r = h
+            .submit(message("app@sender.test", &[("a@dest.test", Some(notify))]))
+            .await;
+        h.wait(r, final_status).await;
+        let txs = h.wait_mx(2).await;
+        let dsn = txs.iter().find(|t| t.mail_from.starts_with("<>")).unwrap();
+        let body = String::from_utf8_lossy(&dsn.body);
+        assert!(body.contains("Action: relayed"), "{body}");
+        assert!(body.contains("Content-Type: text/rfc822-headers"));
+        // No DSN parameters were sent to a peer that does not offer DSN.
+        let orig = txs.iter().find(|t| !t.mail_from.starts_with("<>")).unwrap();
+        assert_eq!(orig.rcpt_to[0], "<a@dest.test>");
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn smarthost_route_authenticates_inside_starttls() {
+        let smarthost = TestMx::start(Script {
+            starttls: true,
+            auth: Some(("relayuser".into(), "s3cret pass".into())),
+            ..Default::default()
+        })
+        .await;
+        let secret_dir = tempfile::tempdir().unwrap();
+        let secret = secret_dir.path().join("password");
+        std::fs::write(&secret, "s3cret pass\n").unwrap();
+        let mut route = route_to(&smarthost, TlsPolicy::Required);
+        route.auth_user = Some("relayuser".into());
+        route.auth_password_file = Some(secret);
+        let h = harness(Script::default(), move |c| c.routes = vec![route]).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@anywhere.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        let tx = smarthost.transactions();
+        assert_eq!(tx.len(), 1);
+        assert!(tx[0].tls);
+        assert_eq!(tx[0].auth_user.as_deref(), Some("relayuser"));
+        // AUTH came after STARTTLS.
+        let cmds = smarthost.commands();
+        let tls_at = cmds.iter().position(|c| c == "STARTTLS").unwrap();
+        let auth_at = cmds.iter().position(|c| c.starts_with("AUTH ")).unwrap();
+        assert!(tls_at < auth_at);
+        // Direct MX was not used.
+        assert!(h.mx.transactions().is_empty());
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn rejected_smarthost_credentials_defer() {
+        let smarthost = TestMx::start(Script {
+            auth: Some(("relayuser".into(), "right".into())),
+            ..Default::default()
+        })
+        .await;
+        let mut route = route_to(&smarthost, TlsPolicy::None);
+        route.auth_user = Some("relayuser".into());
+        route.auth_password_env = Some("MAILTRAIL_TEST_WRONG_PASSWORD".into());
+        // SAFETY: set once, before the relay starts, and read by nothing else concurrently.
+        unsafe { std::env::set_var("MAILTRAIL_TEST_WRONG_PASSWORD", "wrong") };
+        let h = harness(Script::default(), move |c| {
+            c.routes = vec![route];
+            c.delivery.retry_first = Duration::from_secs(60);
+            c.delivery.retry_max_interval = Duration::from_secs(60);
+        })
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@anywhere.test", None)]))
+            .await;
+        let log = h.wait(r, |s| s[0] == RecipientStatus::Deferred).await;
+        let rc = &log.recipients[0];
+        assert_eq!(rc.last_reply_code, Some(535));
+        assert!(smarthost.transactions().is_empty());
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_route() {
+        let smarthost = TestMx::start(Script {
+            implicit_tls: true,
+            ..Default::default()
+        })
+        .await;
+        let mut route = route_to(&smarthost, TlsPolicy::Required);
+        route.implicit_tls = true;
+        let h = harness(Script::default(), move |c| c.routes = vec![route]).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@anywhere.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        assert!(smarthost.transactions()[0].tls);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn falls_back_to_the_next_mx_when_the_first_refuses_connections() {
+        let h = harness(Script::default(), |_| {}).await;
+        // fallback.test: preferred MX on 127.0.0.2, where nothing listens on the MX port.
+        h.dns
+            .zone
+            .mx("fallback.test", 5, "down.fallback.test")
+            .mx("fallback.test", 50, "mx.dest.test")
+            .addr("down.fallback.test", "127.0.0.2".parse().unwrap());
+        let r = h
+            .submit(message("app@sender.test", &[("a@fallback.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        let rc = &log.recipients[0];
+        assert_eq!(rc.status, RecipientStatus::Delivered);
+        let ev = rc.events.iter().find(|e| e.kind == "attempt").unwrap();
+        assert_eq!(ev.remote_host.as_deref(), Some("mx.dest.test"));
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn delay_dsn_is_sent_once_when_notify_asks_for_it() {
+        let h = harness(
+            Script::default().rcpt("slow@dest.test", &["451 4.4.1 no answer from host"]),
+            |c| {
+                c.delivery.delay_dsn_after = Duration::ZERO;
+                c.delivery.max_queue_lifetime = Duration::from_secs(3600);
+            },
+        )
+        .await;
+        let notify = Notify {
+            delay: true,
+            failure: true,
+            ..Default::default()
+        };
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[("slow@dest.test", Some(notify))],
+            ))
+            .await;
+        // Wait for at least three attempts.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let log = h.log(r).await;
+            let n = log.recipients[0]
+                .events
+                .iter()
+                .filter(|e| e.kind == "attempt")
+                .count();
+            if n >= 3 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let dsns: Vec<_> =
+            h.mx.transactions()
+                .into_iter()
+                .filter(|t| t.mail_from.starts_with("<>"))
+                .collect();
+        assert_eq!(dsns.len(), 1, "one delay DSN, not one per attempt");
+        let body = String::from_utf8_lossy(&dsns[0].body);
+        assert!(body.contains("Action: delayed"), "{body}");
+        assert!(body.contains("Status: 4.4.1"));
+        assert!(body.contains("Will-Retry-Until: "));
+        assert!(
+            h.log(r).await.recipients[0]
+                .events
+                .iter()
+                .any(|e| e.kind == "delay_dsn_sent")
+        );
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_a_running_transaction_finish() {
+        let h = harness(
+            Script {
+                reply_delay: Duration::from_millis(150),
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !h.mx.commands().iter().any(|c| c.starts_with("MAIL FROM")) {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        h.shutdown.cancel();
+        let store = h.store.clone();
+        let mx_tx = {
+            let Harness { handle, mx, .. } = h;
+            handle.join().await;
+            mx.transactions()
+        };
+        assert_eq!(mx_tx.len(), 1);
+        let log = store
+            .log(&LogQuery {
+                key: LogKey::Receipt(r),
+                since_ms: None,
+                until_ms: None,
+                limit: 1,
+            })
+            .await
+            .unwrap();
+        assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
+    }
+
+    #[tokio::test]
+    async fn disabled_delivery_leaves_mail_queued() {
+        let h = harness(Script::default(), |c| c.delivery.enabled = false).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(h.log(r).await.recipients[0].status, RecipientStatus::Queued);
+        assert_eq!(h.mx.connections(), 0);
+        h.handle.join().await;
+    }
+
+    /// Postfix's `smtp-sink` as the MX: interoperability with a real MTA's server side, and
+    /// a throughput figure (messages through scheduler, SMTP and SQLite per second).
+    /// `MAILTRAIL_SINK_MESSAGES` sets how many (default 200).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn delivers_a_batch_to_postfix_smtp_sink() {
+        let sink_bin = std::path::Path::new("/usr/sbin/smtp-sink");
+        assert!(
+            sink_bin.exists(),
+            "Postfix smtp-sink is needed (apt-get install postfix)"
+        );
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dump = tempfile::tempdir().unwrap();
+        let mut perms = std::fs::metadata(dump.path()).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o777);
+        std::fs::set_permissions(dump.path(), perms).unwrap();
+        let is_root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let mut cmd = std::process::Command::new(sink_bin);
+        if is_root {
+            cmd.args(["-u", "nobody"]);
+        }
+        let template = format!("{}/%H%M%S.", dump.path().display());
+        let mut sink = cmd
+            .args(["-d", &template, &format!("127.0.0.1:{port}"), "100"])
+            .spawn()
+            .unwrap();
+        // Wait until it listens.
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let n: usize = std::env::var("MAILTRAIL_SINK_MESSAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200);
+        // Queue everything first with delivery off, then start delivery and time the drain.
+        let h = harness(Script::default(), move |c| {
+            c.delivery.mx_port = port;
+            c.delivery.max_connections_per_destination = 20;
+            c.delivery.enabled = false;
+        })
+        .await;
+        let mut receipts = Vec::new();
+        for i in 0..n {
+            let mut m = message(
+                "app@sender.test",
+                &[("a@dest.test", None), ("b@dest.test", None)],
+            );
+            m.body = format!("Subject: {i}\r\n\r\n.dot line {i}\r\n").into_bytes();
+            receipts.push(m.receipt);
+            h.store.accept(m).await.unwrap();
+        }
+        let mut config = (*h.config).clone();
+        config.delivery.enabled = true;
+        let stats = &h.sqlite.writer_stats();
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let (commits0, commands0) = (load(&stats.commits), load(&stats.commands));
+        let started = std::time::Instant::now();
+        let delivery = Delivery::start(
+            Arc::new(config),
+            h.store.clone(),
+            h.metrics.clone(),
+            h.shutdown.clone(),
+        )
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let (pending, _) = h.store.queue_stats().await.unwrap();
+            if pending == 0 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{pending} still pending"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let elapsed = started.elapsed();
+        eprintln!(
+            "smtp-sink: {n} messages x 2 recipients delivered in {:.2} s = {:.0} messages/s; \
+             store: {} write commands in {} commits",
+            elapsed.as_secs_f64(),
+            n as f64 / elapsed.as_secs_f64(),
+            load(&stats.commands) - commands0,
+            load(&stats.commits) - commits0,
+        );
+        for r in [receipts[0], receipts[n - 1]] {
+            let log = h.log(r).await;
+            assert!(
+                log.recipients
+                    .iter()
+                    .all(|r| r.status == RecipientStatus::Delivered),
+                "{log:#?}"
+            );
+        }
+        // Latency of one message on an idle relay: accepted → wake → delivered.
+        let one = message("app@sender.test", &[("a@dest.test", None)]);
+        let r = one.receipt;
+        let t0 = std::time::Instant::now();
+        h.store.accept(one).await.unwrap();
+        delivery.wake();
+        h.wait(r, final_status).await;
+        eprintln!(
+            "smtp-sink: one message accepted → delivered in {:.1} ms",
+            t0.elapsed().as_secs_f64() * 1000.0
+        );
+        let _ = sink.kill();
+        let _ = sink.wait();
+        let files: Vec<_> = std::fs::read_dir(dump.path()).unwrap().flatten().collect();
+        assert_eq!(files.len(), n + 1, "one dump per transaction");
+        let one = std::fs::read_to_string(files[0].path()).unwrap();
+        assert!(one.contains("X-Rcpt-Args: <a@dest.test>"), "{one}");
+        assert!(
+            one.contains("\n.dot line "),
+            "dot-stuffing undone by Postfix: {one}"
+        );
+        h.shutdown.cancel();
+        delivery.join().await;
+    }
+
+    #[tokio::test]
+    async fn per_destination_connection_limit_holds() {
+        let h = harness(
+            Script {
+                reply_delay: Duration::from_millis(30),
+                ..Default::default()
+            },
+            |c| c.delivery.max_connections_per_destination = 2,
+        )
+        .await;
+        let mut receipts = Vec::new();
+        for _ in 0..8 {
+            receipts.push(
+                h.submit(message("app@sender.test", &[("a@dest.test", None)]))
+                    .await,
+            );
+        }
+        for r in receipts {
+            h.wait(r, final_status).await;
+        }
+        assert_eq!(h.mx.transactions().len(), 8);
+        assert!(h.mx.peak_active() <= 2, "peak {}", h.mx.peak_active());
+        // Connections were reused across messages rather than opened per message.
+        assert!(
+            h.mx.connections() <= 2,
+            "{} connections",
+            h.mx.connections()
+        );
+        let m = h.metrics.encode();
+        assert!(m.contains("mailtrail_outbound_connections_open"), "{m}");
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn smarthost_certificate_is_verified_against_ca_file() {
+        let smarthost = TestMx::start(Script {
+            starttls: true,
+            ..Default::default()
+        })
+        .await;
+        let ca_dir = tempfile::tempdir().unwrap();
+        let ca = ca_dir.path().join("ca.pem");
+        std::fs::write(&ca, &smarthost.cert_pem).unwrap();
+        let mut trusted = route_to(&smarthost, TlsPolicy::Required);
+        trusted.domains = vec!["trusted.test".into()];
+        trusted.verify_certificate = Some(true);
+        trusted.ca_file = Some(ca);
+        let mut untrusted = route_to(&smarthost, TlsPolicy::Required);
+        untrusted.domains = vec!["untrusted.test".into()];
+        untrusted.verify_certificate = Some(true);
+        let h = harness(Script::default(), move |c| {
+            c.routes = vec![trusted, untrusted];
+            c.delivery.retry_first = Duration::from_secs(60);
+            c.delivery.retry_max_interval = Duration::from_secs(60);
+        })
+        .await;
+        let ok = h
+            .submit(message("app@sender.test", &[("a@trusted.test", None)]))
+            .await;
+        let bad = h
+            .submit(message("app@sender.test", &[("b@untrusted.test", None)]))
+            .await;
+        let log = h.wait(ok, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        let log = h.wait(bad, |s| s[0] == RecipientStatus::Deferred).await;
+        let ev = log.recipients[0]
+            .events
+            .iter()
+            .find(|e| e.kind == "attempt")
+            .unwrap();
+        assert!(
+            ev.reply_text.as_deref().unwrap_or("").contains("TLS"),
+            "{ev:?}"
+        );
+        assert_eq!(smarthost.transactions().len(), 1);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn missing_body_fails_the_recipients_instead_of_retrying_forever() {
+        let h = harness(Script::default(), |c| c.delivery.enabled = false).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        // Damage the spool behind the store's back, as a disk error or a bad restore would.
+        let db = rusqlite::Connection::open(h.config.db_path()).unwrap();
+        db.execute("DELETE FROM bodies WHERE receipt = ?1", [r.to_string()])
+            .unwrap();
+        drop(db);
+        let mut config = (*h.config).clone();
+        config.delivery.enabled = true;
+        let delivery = Delivery::start(
+            Arc::new(config),
+            h.store.clone(),
+            h.metrics.clone(),
+            h.shutdown.clone(),
+        )
+        .unwrap();
+        let log = h.wait(r, final_status).await;
+        let rc = &log.recipients[0];
+        assert_eq!(rc.status, RecipientStatus::Failed);
+        assert!(
+            rc.last_reply_text
+                .as_deref()
+                .unwrap_or("")
+                .contains("body missing"),
+            "{rc:?}"
+        );
+        assert_eq!(h.mx.connections(), 0);
+        h.shutdown.cancel();
+        delivery.join().await;
+    }
+
+    #[tokio::test]
+    async fn dsn_off_sends_no_report() {
+        let h = harness(
+            Script::default().rcpt("unknown@dest.test", &["550 5.1.1 user unknown"]),
+            |c| c.delivery.dsn = false,
+        )
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("unknown@dest.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Failed);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !h.mx
+                .transactions()
+                .iter()
+                .any(|t| t.mail_from.starts_with("<>"))
+        );
+        assert!(
+            !h.mx
+                .commands()
+                .iter()
+                .any(|c| c.starts_with("MAIL FROM:<>"))
+        );
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn total_connection_limit_closes_idle_connections_for_other_destinations() {
+        let h = harness(Script::default(), |c| c.delivery.max_connections = 1).await;
+        h.dns.zone.mx("other.test", 10, "mx.dest.test");
+        let started = std::time::Instant::now();
+        let a = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        h.wait(a, final_status).await;
+        // dest.test's connection now idles, holding the only slot; other.test must get it by
+        // closing that idle connection, not by waiting out the idle limit.
+        let b = h
+            .submit(message("app@sender.test", &[("b@other.test", None)]))
+            .await;
+        let log = h.wait(b, final_status).await;
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(h.mx.peak_active(), 1);
+        assert_eq!(h.mx.connections(), 2);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+}

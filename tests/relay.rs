@@ -1,0 +1,267 @@
+//! Delivery end to end through the real binary (issue: deliver and record): a scripted MX
+//! answers chosen replies per recipient, and the mail log, the queue and the DSN sent back to
+//! the sender show exactly what happened. One test relays through a real Postfix smarthost.
+
+mod common;
+
+use std::time::Duration;
+
+use common::mailtrail::{Mailtrail, wait_until};
+use common::postfix::Postfix;
+use common::test_mx::{Script, TestMx};
+
+fn relay_to(port: u16, delivery_extra: &str) -> Mailtrail {
+    Mailtrail::start_with(
+        "",
+        "",
+        &format!(
+            "[delivery]\nretry_first = \"1s\"\nretry_max_interval = \"2s\"\n{delivery_extra}\n\
+             [checks]\ndomain_check = false\n\
+             [[route]]\ndomains = [\"*\"]\nmx = [\"127.0.0.1:{port}\"]\ntls = \"none\"\n"
+        ),
+    )
+}
+
+fn is_final(status: &serde_json::Value) -> bool {
+    matches!(
+        status.as_str(),
+        Some("delivered" | "failed" | "expired" | "bounced" | "suppressed" | "rejected")
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
+    let mx = TestMx::start(
+        Script::default()
+            .rcpt(
+                "gone@dest.test",
+                &["550 5.1.1 <gone@dest.test>: Recipient address rejected: User unknown"],
+            )
+            .rcpt(
+                "later@dest.test",
+                &[
+                    "451 4.3.0 <later@dest.test>: Temporary lookup failure",
+                    "250 2.1.5 Ok",
+                ],
+            ),
+    )
+    .await;
+    let m = relay_to(mx.port(), "");
+    let receipt = m.submit(
+        None,
+        "app@example.com",
+        &["ok@dest.test", "gone@dest.test", "later@dest.test"],
+        "three",
+    );
+    wait_until("all three final", Duration::from_secs(60), || {
+        ["ok@dest.test", "gone@dest.test", "later@dest.test"]
+            .iter()
+            .all(|a| is_final(&m.recipient(&receipt, a)["status"]))
+    });
+
+    let ok = m.recipient(&receipt, "ok@dest.test");
+    assert_eq!(ok["status"], "delivered", "{ok}");
+    assert_eq!(ok["last_reply_code"], 250);
+    assert_eq!(ok["last_reply_text"], "Ok: queued as TEST1", "{ok}");
+
+    let gone = m.recipient(&receipt, "gone@dest.test");
+    assert_eq!(gone["status"], "failed", "{gone}");
+    assert_eq!(gone["last_reply_code"], 550);
+    assert_eq!(gone["last_enhanced_status"], "5.1.1");
+    assert_eq!(
+        gone["last_reply_text"],
+        "<gone@dest.test>: Recipient address rejected: User unknown"
+    );
+    assert_eq!(gone["reason"], "userunknown", "{gone}");
+    assert_eq!(gone["bounce_type"], "hard", "{gone}");
+
+    let later = m.recipient(&receipt, "later@dest.test");
+    assert_eq!(later["status"], "delivered", "{later}");
+    let attempts: Vec<&serde_json::Value> = later["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["reply_code"].is_number())
+        .collect();
+    assert_eq!(attempts.len(), 2, "{later}");
+    assert_eq!(attempts[0]["status"], "deferred");
+    assert_eq!(attempts[0]["reply_code"], 451);
+    assert_eq!(attempts[0]["enhanced_status"], "4.3.0");
+    assert_eq!(attempts[1]["status"], "delivered");
+    assert_eq!(attempts[0]["remote_ip"], "127.0.0.1");
+
+    // The text log shows the remote replies verbatim.
+    let text = m.cli_ok(&["log", &receipt]);
+    assert!(
+        text.contains("Recipient address rejected: User unknown"),
+        "{text}"
+    );
+    assert!(text.contains("451 4.3.0"), "{text}");
+
+    // The sender got a DSN (null sender, multipart/report) for the failed recipient only.
+    wait_until("DSN relayed", Duration::from_secs(30), || {
+        mx.transactions()
+            .iter()
+            .any(|t| t.mail_from.starts_with("<>") && t.accepted)
+    });
+    let dsn = mx
+        .transactions()
+        .into_iter()
+        .find(|t| t.mail_from.starts_with("<>"))
+        .unwrap();
+    assert!(
+        dsn.rcpt_to[0].contains("app@example.com"),
+        "{:?}",
+        dsn.rcpt_to
+    );
+    let body = String::from_utf8_lossy(&dsn.body);
+    assert!(body.contains("report-type=delivery-status"), "{body}");
+    assert!(
+        body.contains("Final-Recipient: rfc822; gone@dest.test"),
+        "{body}"
+    );
+    assert!(body.contains("Action: failed"), "{body}");
+    assert!(body.contains("Status: 5.1.1"), "{body}");
+    assert!(
+        !body.contains("Final-Recipient: rfc822; ok@dest.test"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("Final-Recipient: rfc822; later@dest.test"),
+        "{body}"
+    );
+    // No DSN for a null-sender message (the DSN itself) was generated in turn.
+    assert_eq!(
+        mx.transactions()
+            .iter()
+            .filter(|t| t.mail_from.starts_with("<>"))
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn queue_list_retry_and_delete() {
+    let mx =
+        TestMx::start(Script::default().rcpt("slow@dest.test", &["421 4.7.0 try later"])).await;
+    // Retries an hour apart: the recipient stays deferred unless an admin acts.
+    let m = Mailtrail::start_with(
+        "",
+        "",
+        &format!(
+            "[delivery]\nretry_first = \"1h\"\n\
+             [checks]\ndomain_check = false\n\
+             [[route]]\ndomains = [\"*\"]\nmx = [\"127.0.0.1:{}\"]\ntls = \"none\"\n",
+            mx.port()
+        ),
+    );
+    let receipt = m.submit(None, "app@example.com", &["slow@dest.test"], "queued");
+    wait_until("deferred", Duration::from_secs(30), || {
+        m.recipient(&receipt, "slow@dest.test")["status"] == "deferred"
+    });
+    let list = m.cli_ok(&["queue", "list"]);
+    assert!(
+        list.contains(&receipt) && list.contains("slow@dest.test"),
+        "{list}"
+    );
+    assert!(list.contains("421"), "{list}");
+
+    let attempts_before = mx.transactions().len() + mx.connections();
+    let out = m.cli_ok(&["queue", "retry", &receipt]);
+    assert!(out.contains('1'), "{out}");
+    wait_until("a new attempt", Duration::from_secs(30), || {
+        mx.transactions().len() + mx.connections() > attempts_before
+    });
+
+    let out = m.cli_ok(&["queue", "delete", &receipt]);
+    assert!(out.contains('1'), "{out}");
+    let r = m.recipient(&receipt, "slow@dest.test");
+    assert_eq!(r["status"], "failed", "{r}");
+    assert!(
+        r["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "deleted"),
+        "{r}"
+    );
+    let list = m.cli_ok(&["queue", "list"]);
+    assert!(!list.contains(&receipt), "{list}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_during_delivery_leaves_every_recipient_with_one_final_status() {
+    let mut script = Script::default();
+    script.reply_delay = Duration::from_millis(30);
+    let mx = TestMx::start(script).await;
+    let mut m = relay_to(mx.port(), "");
+    let mut receipts = Vec::new();
+    for i in 0..20 {
+        receipts.push(m.submit(None, "app@example.com", &[&format!("r{i}@dest.test")], "k9"));
+    }
+    // Kill while deliveries are in flight.
+    wait_until("some delivered", Duration::from_secs(30), || {
+        mx.transactions().iter().filter(|t| t.accepted).count() >= 3
+    });
+    m.kill9();
+    m.spawn();
+    wait_until(
+        "all delivered after restart",
+        Duration::from_secs(60),
+        || {
+            receipts
+                .iter()
+                .enumerate()
+                .all(|(i, r)| m.recipient(r, &format!("r{i}@dest.test"))["status"] == "delivered")
+        },
+    );
+    for (i, r) in receipts.iter().enumerate() {
+        let rec = m.recipient(r, &format!("r{i}@dest.test"));
+        let delivered_events = rec["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["status"] == "delivered")
+            .count();
+        assert_eq!(delivered_events, 1, "{rec}");
+    }
+    // Only recipients whose 250 arrived but was not yet recorded may go out twice.
+    let accepted = mx.transactions().iter().filter(|t| t.accepted).count();
+    assert!(
+        accepted >= 20 && accepted <= 20 + 10,
+        "{accepted} deliveries"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relays_through_a_real_postfix_smarthost() {
+    let mx = TestMx::start(Script::default()).await;
+    let postfix = Postfix::start_relay_to(mx.port());
+    let m = relay_to(postfix.port, "");
+    let receipt = m.submit(None, "app@example.com", &["far@dest.test"], "via postfix");
+    wait_until("delivered to postfix", Duration::from_secs(30), || {
+        m.recipient(&receipt, "far@dest.test")["status"] == "delivered"
+    });
+    let r = m.recipient(&receipt, "far@dest.test");
+    // Postfix's own reply, verbatim: "250 2.0.0 Ok: <n> bytes queued as <queue id>".
+    assert_eq!(r["last_reply_code"], 250);
+    assert_eq!(r["last_enhanced_status"], "2.0.0");
+    assert!(
+        r["last_reply_text"]
+            .as_str()
+            .unwrap()
+            .contains(" queued as "),
+        "{r}"
+    );
+    // Postfix relayed it on; the final MX got our message with our receipt in Received.
+    wait_until("postfix relayed to the MX", Duration::from_secs(60), || {
+        !mx.transactions().is_empty()
+    });
+    let body = String::from_utf8_lossy(&mx.transactions()[0].body).to_string();
+    assert!(
+        body.contains(&format!("id {receipt}")),
+        "{body}\n{}",
+        postfix.maillog()
+    );
+    assert!(body.contains("Subject: via postfix"), "{body}");
+}

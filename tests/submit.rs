@@ -1,0 +1,514 @@
+//! Accepting mail (issue: SMTP listener, durable spool, receipt ids, `mailtrail log`), tested
+//! against the real binary over loopback with real clients: swaks, Python's smtplib, and a raw
+//! socket for what well-behaved clients never send.
+
+mod common;
+
+use common::mailtrail::{ACCEPT_ONLY, Mailtrail, RawSmtp, python, receipt_in, swaks};
+
+fn smtp_arg(m: &Mailtrail) -> String {
+    m.smtp.to_string()
+}
+
+#[test]
+fn swaks_gets_a_receipt_and_log_shows_it_queued() {
+    let m = Mailtrail::start();
+    let (ok, out) = swaks(&[
+        "--to",
+        "someone@example.org",
+        "--from",
+        "app@example.com",
+        "--server",
+        &smtp_arg(&m),
+        "--header",
+        "Subject: invoice 42",
+        "--header",
+        "X-Mailtrail-Context: invoice-42",
+    ]);
+    assert!(ok, "{out}");
+    let receipt = receipt_in(&out).unwrap_or_else(|| panic!("no receipt in: {out}"));
+    assert!(
+        out.contains(&format!("250 2.0.0 Ok: queued as {receipt}")),
+        "{out}"
+    );
+
+    let text = m.cli_ok(&["log", "someone@example.org"]);
+    assert!(text.contains(&receipt), "{text}");
+    assert!(text.contains("queued"), "{text}");
+    assert!(text.contains("invoice 42"), "{text}");
+
+    let msgs = m.log_json("SOMEONE@example.org");
+    assert_eq!(msgs.len(), 1);
+    let msg = &msgs[0];
+    assert_eq!(msg["receipt"], receipt.as_str());
+    assert_eq!(msg["envelope_sender"], "app@example.com");
+    assert_eq!(msg["subject"], "invoice 42");
+    assert_eq!(msg["context"], "invoice-42");
+    assert_eq!(msg["client_ip"], "127.0.0.1");
+    assert_eq!(msg["recipients"][0]["address"], "someone@example.org");
+    assert_eq!(msg["recipients"][0]["status"], "queued");
+
+    // Looking up by receipt finds the same message.
+    let by_receipt = m.log_json(&receipt);
+    assert_eq!(by_receipt.len(), 1);
+    assert_eq!(by_receipt[0]["receipt"], receipt.as_str());
+}
+
+#[test]
+fn smtplib_plain_starttls_and_pipelined_transactions() {
+    let m = Mailtrail::start();
+    let script = format!(
+        r#"
+import smtplib, ssl
+host, port = "{host}", {port}
+s = smtplib.SMTP(host, port, timeout=20)
+code, text = s.ehlo("client.test")
+assert code == 250, (code, text)
+feats = text.decode().upper()
+for ext in ["PIPELINING", "SIZE", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "DSN", "STARTTLS"]:
+    assert ext in feats, (ext, feats)
+r = s.sendmail("a@example.com", ["b@example.org", "c@example.org"], b"Subject: plain\r\n\r\nhello\r\n")
+assert r == {{}}, r
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+s.starttls(context=ctx)
+code, text = s.ehlo("client.test")
+assert b"STARTTLS" not in text.upper(), text
+s.mail("tls@example.com")
+s.rcpt("d@example.org")
+code, resp = s.data(b"Subject: over tls\r\n\r\nsecret\r\n")
+assert code == 250 and b"queued as" in resp, (code, resp)
+print("RECEIPT", resp.decode().split()[-1])
+s.quit()
+"#,
+        host = m.smtp.ip(),
+        port = m.smtp.port()
+    );
+    let (ok, out) = python(&script);
+    assert!(ok, "{out}\n{}", m.server_log());
+    let receipt = out.split_whitespace().nth(1).unwrap().to_string();
+    let msgs = m.log_json(&receipt);
+    assert_eq!(
+        msgs[0]["tls_version"]
+            .as_str()
+            .map(|v| v.starts_with("TLS")),
+        Some(true)
+    );
+    let both = m.log_json("c@example.org");
+    assert_eq!(both[0]["recipients"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn auth_plain_and_login_only_with_right_password() {
+    // Loopback clients are outside relay_networks here, so only AUTH lets them relay.
+    let hash = common::mailtrail::hash_password("s3cret pass");
+    assert!(hash.starts_with("$argon2"), "{hash}");
+    let m = Mailtrail::start_with(
+        "",
+        &format!(
+            "relay_networks = [\"192.0.2.0/24\"]\n[[smtp.users]]\nname = \"app\"\npassword_hash = \"{hash}\"\n"
+        ),
+        ACCEPT_ONLY,
+    );
+    // No AUTH: relay denied per recipient.
+    let (ok, out) = swaks(&["--to", "x@example.org", "--server", &smtp_arg(&m)]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("554 5.7.1"), "{out}");
+    // Wrong password.
+    let (ok, out) = swaks(&[
+        "--to",
+        "x@example.org",
+        "--server",
+        &smtp_arg(&m),
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "app",
+        "--auth-password",
+        "wrong",
+    ]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("535"), "{out}");
+    // PLAIN and LOGIN with the right password (loopback: offered without TLS).
+    for mech in ["PLAIN", "LOGIN"] {
+        let (ok, out) = swaks(&[
+            "--to",
+            "x@example.org",
+            "--server",
+            &smtp_arg(&m),
+            "--auth",
+            mech,
+            "--auth-user",
+            "app",
+            "--auth-password",
+            "s3cret pass",
+        ]);
+        assert!(ok, "{mech}: {out}");
+        let receipt = receipt_in(&out).unwrap();
+        let msgs = m.log_json(&receipt);
+        assert_eq!(msgs[0]["auth_user"], "app");
+    }
+    // STARTTLS + AUTH: the Received header protocol is ESMTPSA; checked via log tls field.
+    let (ok, out) = swaks(&[
+        "--to",
+        "x@example.org",
+        "--server",
+        &smtp_arg(&m),
+        "--tls",
+        "--auth",
+        "PLAIN",
+        "--auth-user",
+        "app",
+        "--auth-password",
+        "s3cret pass",
+    ]);
+    assert!(ok, "{out}");
+}
+
+#[test]
+fn refuses_relay_to_clients_outside_relay_networks() {
+    let m = Mailtrail::start_with("", "relay_networks = [\"10.0.0.0/8\"]\n", ACCEPT_ONLY);
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO outside.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<spammer@example.com>").starts_with("250"));
+    let r = c.cmd("RCPT TO:<victim@example.org>");
+    assert!(r.starts_with("554 5.7.1"), "{r}");
+    let r = c.cmd("DATA");
+    assert!(r.starts_with("503") || r.starts_with("554"), "{r}");
+    assert!(c.cmd("QUIT").starts_with("221"));
+    let out = m.cli_ok(&["log", "victim@example.org"]);
+    assert!(
+        !out.contains("victim@example.org ") || out.contains("no messages"),
+        "{out}"
+    );
+}
+
+#[test]
+fn pipelined_commands_after_data_are_answered_in_order() {
+    let m = Mailtrail::start();
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO pipe.test").starts_with("250"));
+    c.send(b"MAIL FROM:<a@example.com>\r\nRCPT TO:<b@example.org>\r\nDATA\r\n");
+    assert!(c.reply().starts_with("250"));
+    assert!(c.reply().starts_with("250"));
+    assert!(c.reply().starts_with("354"));
+    // End of DATA, a second whole transaction and QUIT, all in one write.
+    c.send(
+        b"Subject: one\r\n\r\nbody\r\n.\r\nMAIL FROM:<a@example.com>\r\nRCPT TO:<c@example.org>\r\nDATA\r\n",
+    );
+    let first = c.reply();
+    assert!(first.starts_with("250 2.0.0 Ok: queued as"), "{first}");
+    assert!(c.reply().starts_with("250"));
+    assert!(c.reply().starts_with("250"));
+    assert!(c.reply().starts_with("354"));
+    c.send(b"Subject: two\r\n\r\nbody\r\n.\r\nQUIT\r\n");
+    let second = c.reply();
+    assert!(second.starts_with("250 2.0.0 Ok: queued as"), "{second}");
+    assert!(c.reply().starts_with("221"));
+    assert_ne!(receipt_in(&first), receipt_in(&second));
+    assert_eq!(m.log_json("c@example.org").len(), 1);
+}
+
+#[test]
+fn bdat_chunks_make_one_message() {
+    let m = Mailtrail::start();
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO chunk.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.com>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<bdat@example.org>").starts_with("250"));
+    let part1 = b"Subject: chunked\r\n\r\nfirst ";
+    let part2 = b"second\r\n";
+    c.send(format!("BDAT {}\r\n", part1.len()).as_bytes());
+    c.send(part1);
+    assert!(c.reply().starts_with("250"));
+    c.send(format!("BDAT {} LAST\r\n", part2.len()).as_bytes());
+    c.send(part2);
+    let r = c.reply();
+    assert!(r.starts_with("250 2.0.0 Ok: queued as"), "{r}");
+    let msgs = m.log_json("bdat@example.org");
+    assert_eq!(msgs[0]["subject"], "chunked");
+}
+
+#[test]
+fn rejects_bare_lf_and_bare_cr_smuggling() {
+    let m = Mailtrail::start();
+    for (name, body) in [
+        (
+            "bare LF before dot",
+            &b"Subject: x\r\n\r\nhello\n.\nMAIL FROM:<evil@example.com>\r\n\r\n.\r\n"[..],
+        ),
+        (
+            "bare CR dot",
+            &b"Subject: x\r\n\r\nhello\r.\rMAIL FROM:<evil@example.com>\r\n.\r\n"[..],
+        ),
+        (
+            "CRLF dot LF",
+            &b"Subject: x\r\n\r\nhello\r\n.\nRCPT TO:<evil@example.org>\r\n.\r\n"[..],
+        ),
+    ] {
+        let mut c = RawSmtp::connect(m.smtp);
+        assert!(c.cmd("EHLO smuggler.test").starts_with("250"));
+        assert!(c.cmd("MAIL FROM:<a@example.com>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<smuggle@example.org>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(body);
+        let r = c.reply();
+        assert!(r.starts_with("550 5.5.2"), "{name}: {r}");
+        // The session is still usable and nothing was smuggled in.
+        assert!(c.cmd("NOOP").starts_with("250"), "{name}");
+    }
+    let out = m.cli_ok(&["log", "smuggle@example.org", "--json"]);
+    assert_eq!(out.trim(), "", "nothing stored: {out}");
+    assert_eq!(m.cli_ok(&["log", "evil@example.com", "--json"]).trim(), "");
+}
+
+#[test]
+fn enforces_size_recipient_and_line_limits() {
+    let m = Mailtrail::start_with(
+        "",
+        "max_message_size = 2000\nmax_recipients = 3\nmax_errors = 50\n",
+        ACCEPT_ONLY,
+    );
+    let mut c = RawSmtp::connect(m.smtp);
+    let ehlo = c.cmd("EHLO limits.test");
+    assert!(ehlo.contains("SIZE 2000"), "{ehlo}");
+    let r = c.cmd("MAIL FROM:<a@example.com> SIZE=5000");
+    assert!(r.starts_with("552 5.3.4"), "{r}");
+    assert!(c.cmd("MAIL FROM:<a@example.com>").starts_with("250"));
+    for i in 0..3 {
+        assert!(
+            c.cmd(&format!("RCPT TO:<r{i}@example.org>"))
+                .starts_with("250")
+        );
+    }
+    let r = c.cmd("RCPT TO:<r4@example.org>");
+    assert!(r.starts_with("452 4.5.3"), "{r}");
+    assert!(c.cmd("DATA").starts_with("354"));
+    let big = "x".repeat(100);
+    let mut body = String::from("Subject: big\r\n\r\n");
+    for _ in 0..40 {
+        body.push_str(&big);
+        body.push_str("\r\n");
+    }
+    body.push_str(".\r\n");
+    c.send(body.as_bytes());
+    let r = c.reply();
+    assert!(r.starts_with("552 5.3.4"), "{r}");
+    // Command line too long.
+    let long = format!("NOOP {}", "y".repeat(3000));
+    let r = c.cmd(&long);
+    assert!(r.starts_with("500"), "{r}");
+    assert!(c.cmd("NOOP").starts_with("250"));
+    assert_eq!(m.cli_ok(&["log", "r0@example.org", "--json"]).trim(), "");
+}
+
+#[test]
+fn bad_syntax_unknown_commands_and_bad_sequence() {
+    let m = Mailtrail::start_with("", "max_errors = 5\n", ACCEPT_ONLY);
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("RCPT TO:<x@example.org>").starts_with("503"));
+    assert!(c.cmd("EHLO seq.test").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("503"));
+    assert!(c.cmd("FROB nicate").starts_with("500") || c.cmd("NOOP").starts_with("250"));
+    let r = c.cmd("MAIL FROM:<<<broken");
+    assert!(r.starts_with("501") || r.starts_with("553"), "{r}");
+    assert!(c.cmd("VRFY someone").starts_with("252"));
+    assert!(c.cmd("HELP").starts_with("214"));
+    assert!(c.cmd("RSET").starts_with("250"));
+    // Keep erring until the session is closed with 421.
+    let mut last = String::new();
+    for _ in 0..10 {
+        last = c.cmd("XYZZY");
+        if last.starts_with("421") || last.is_empty() {
+            break;
+        }
+    }
+    assert!(last.starts_with("421"), "{last}");
+}
+
+#[test]
+fn survives_garbage_tls_on_plain_port_and_vanishing_clients() {
+    use std::io::Write;
+    let m = Mailtrail::start();
+    // Binary garbage.
+    {
+        let mut c = RawSmtp::connect(m.smtp);
+        let garbage: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+        let _ = c.stream.write_all(&garbage);
+        let _ = c.reply();
+    }
+    // A TLS ClientHello on the plain port.
+    {
+        let mut c = RawSmtp::connect(m.smtp);
+        let hello = [
+            0x16u8, 0x03, 0x01, 0x00, 0xa5, 0x01, 0x00, 0x00, 0xa1, 0x03, 0x03,
+        ];
+        let _ = c.stream.write_all(&hello);
+        let _ = c.reply();
+    }
+    // A client that vanishes in the middle of DATA.
+    {
+        let mut c = RawSmtp::connect(m.smtp);
+        assert!(c.cmd("EHLO gone.test").starts_with("250"));
+        assert!(c.cmd("MAIL FROM:<a@example.com>").starts_with("250"));
+        assert!(c.cmd("RCPT TO:<half@example.org>").starts_with("250"));
+        assert!(c.cmd("DATA").starts_with("354"));
+        c.send(b"Subject: half\r\n\r\nthis never ends");
+        drop(c);
+    }
+    // The server still works and nothing half-written is visible.
+    let (ok, out) = swaks(&["--to", "whole@example.org", "--server", &m.smtp.to_string()]);
+    assert!(ok, "{out}\n{}", m.server_log());
+    assert_eq!(m.cli_ok(&["log", "half@example.org", "--json"]).trim(), "");
+}
+
+#[test]
+fn acknowledged_message_survives_kill_9() {
+    let mut m = Mailtrail::start();
+    let mut receipts = Vec::new();
+    for i in 0..5 {
+        let (ok, out) = swaks(&[
+            "--to",
+            &format!("durable{i}@example.org"),
+            "--server",
+            &m.smtp.to_string(),
+        ]);
+        assert!(ok, "{out}");
+        receipts.push(receipt_in(&out).unwrap());
+    }
+    m.kill9();
+    // Readable while stopped ...
+    for (i, r) in receipts.iter().enumerate() {
+        let msgs = m.log_json(&format!("durable{i}@example.org"));
+        assert_eq!(msgs[0]["receipt"], r.as_str());
+        assert_eq!(msgs[0]["recipients"][0]["status"], "queued");
+    }
+    // ... and after restart.
+    m.spawn();
+    let out = m.cli_ok(&["log", "durable4@example.org"]);
+    assert!(
+        out.contains(&receipts[4]) && out.contains("queued"),
+        "{out}"
+    );
+}
+
+#[test]
+fn sigterm_finishes_transaction_in_flight_and_exits_0() {
+    let mut m = Mailtrail::start();
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO inflight.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.com>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<inflight@example.org>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: in flight\r\n\r\npart one\r\n");
+    let child = m.child_id();
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // New connections are no longer accepted ...
+    assert!(
+        std::net::TcpStream::connect(m.smtp)
+            .map(|mut s| {
+                use std::io::Read;
+                let mut b = [0u8; 64];
+                s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+                    .ok();
+                matches!(s.read(&mut b), Ok(0) | Err(_)) || b.starts_with(b"421")
+            })
+            .unwrap_or(true)
+    );
+    // ... but the transaction in flight completes.
+    c.send(b"part two\r\n.\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("250 2.0.0 Ok: queued as"), "{r}");
+    let _ = c.cmd("QUIT");
+    let status = m.terminate();
+    assert!(status.success(), "exit status {status}\n{}", m.server_log());
+    let msgs = m.log_json("inflight@example.org");
+    assert_eq!(msgs.len(), 1);
+}
+
+#[test]
+fn bad_config_names_the_key_and_exits_non_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[smtp]\nlisten = [\"127.0.0.1:2525\"]\nmax_recipient = 5\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::mailtrail::bin())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("max_recipient"), "{err}");
+    std::fs::write(&path, "[smtp]\nrelay_networks = [\"not-a-net\"]\n").unwrap();
+    let out = std::process::Command::new(common::mailtrail::bin())
+        .args(["serve", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("relay_networks"));
+}
+
+#[test]
+fn metrics_count_connections_messages_and_rejections() {
+    let m = Mailtrail::start_with("", "relay_networks = [\"10.0.0.0/8\"]\n", ACCEPT_ONLY);
+    let metric = |body: &str, name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    let (status, before) = m.http_get("/metrics");
+    assert_eq!(status, 200);
+    let _ = swaks(&[
+        "--to",
+        "denied@example.org",
+        "--server",
+        &m.smtp.to_string(),
+    ]);
+    let (_, after) = m.http_get("/metrics");
+    let conns = "mailtrail_smtp_connections_total";
+    assert_eq!(
+        metric(&after, conns) - metric(&before, conns),
+        1.0,
+        "{after}"
+    );
+    let rejected = "mailtrail_smtp_rejections_total{class=\"5xx\"}";
+    assert!(metric(&after, rejected) >= 1.0, "{after}");
+    assert_eq!(metric(&after, "mailtrail_messages_accepted_total"), 0.0);
+    let (status, body) = m.http_get("/healthz");
+    assert_eq!((status, body.trim()), (200, "ok"));
+}
+
+#[test]
+fn http_api_serves_the_log_as_json_and_a_search_page() {
+    let m = Mailtrail::start();
+    let (ok, out) = swaks(&["--to", "api@example.org", "--server", &m.smtp.to_string()]);
+    assert!(ok, "{out}");
+    let receipt = receipt_in(&out).unwrap();
+    let (status, body) = m.http_get("/api/log/api@example.org");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v[0]["receipt"], receipt.as_str());
+    assert_eq!(v[0]["recipients"][0]["status"], "queued");
+    let (status, body) = m.http_get(&format!("/api/log/{receipt}"));
+    assert_eq!(status, 200);
+    assert!(body.contains("api@example.org"), "{body}");
+    let (status, body) = m.http_get("/api/log/api@example.org?since=yesterday-ish");
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = m.http_get("/api/bounces?unhandled=true");
+    assert_eq!((status, body.trim()), (200, "[]"));
+    let (status, page) = m.http_get("/");
+    assert_eq!(status, 200);
+    assert!(page.contains("<title>mailtrail</title>"), "{page}");
+}

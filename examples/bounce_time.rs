@@ -1,6 +1,7 @@
 //! Measures the parse rate of `mailtrail::bounce::parse` over the files given: reads them
 //! once, parses them all `--rounds N` times (default 5), prints one line with the files,
-//! records and the best and first round's seconds. Used by `bench/bounce-eval`.
+//! records and the best and first round's seconds. Used by `bench/bounce-eval`. With
+//! `BOUNCE_TIME_PER_FILE=1` it also lists the 15 slowest files.
 use std::time::Instant;
 
 fn main() {
@@ -38,4 +39,21 @@ fn main() {
         best,
         first
     );
+    if std::env::var_os("BOUNCE_TIME_PER_FILE").is_some() {
+        let mut per: Vec<(f64, &String)> = files
+            .iter()
+            .zip(&paths)
+            .map(|(f, p)| {
+                let t = Instant::now();
+                for _ in 0..20 {
+                    let _ = mailtrail::bounce::parse_with(f, classifier);
+                }
+                (t.elapsed().as_secs_f64() / 20.0, p)
+            })
+            .collect();
+        per.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for (secs, p) in per.iter().take(15) {
+            println!("{:>9.1} us  {p}", secs * 1e6);
+        }
+    }
 }

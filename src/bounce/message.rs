@@ -23,7 +23,7 @@ pub(crate) struct View {
     pub from_full: String,
     /// The bounce's To address, lowercased.
     pub to: String,
-    /// Top-level header fields (names lowercased, raw values trimmed).
+    /// The top-level header fields in [`KEPT_HEADERS`] (names lowercased, values unfolded).
     pub headers: Vec<(String, String)>,
     pub report_type: Option<String>,
     /// Bodies of `message/delivery-status` and `message/global-delivery-status` parts.
@@ -58,7 +58,10 @@ impl View {
             .to_ascii_lowercase();
         let mut headers = Vec::new();
         for (name, value) in msg.headers_raw() {
-            headers.push((name.to_ascii_lowercase(), unfold(value)));
+            // Only the few headers the readers consult are kept.
+            if KEPT_HEADERS.iter().any(|k| name.eq_ignore_ascii_case(k)) {
+                headers.push((name.to_ascii_lowercase(), unfold(value)));
+            }
         }
         let report_type = msg
             .root_part()
@@ -247,6 +250,17 @@ impl Correlation {
         r.original_to = r.original_to.take().or_else(|| self.original_to.clone());
     }
 }
+
+/// The bounce's own headers that [`View::header`] can answer for.
+const KEPT_HEADERS: &[&str] = &[
+    "x-failed-recipients",
+    "auto-submitted",
+    "precedence",
+    "x-autoreply",
+    "x-autorespond",
+    "x-autoresponder",
+    "x-apple-unsubscribe",
+];
 
 /// Parses only the headers the bounce reader uses (MIME structure, Subject, From, To);
 /// every other header stays raw text, which spares tokenising each Received: field.

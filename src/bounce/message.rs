@@ -274,11 +274,11 @@ static PARSER: LazyLock<MessageParser> = LazyLock::new(|| {
 
 static RECEIVED_ID: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"(?i)\bid <?([0-9a-z]{26})>?").expect("static regex")
+    Regex::new(r"(?i)(?-u:\b)id <?([0-9a-z]{26})>?").expect("static regex")
 });
 static BOUNCE_FROM: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"(?i)mailer-daemon|mailer_daemon|mailerdaemon|post_?master|mail delivery|maildelivery|mail-delivery|mail administrator|delivery subsystem|mdaemon|\bdaemon@|\bbounces?@|\bbounce-|\bnobody@|\bpostoffice@|\bsmtp|\bmail ?system|mail_?relay|\bnetmail|\bmaildaemon|\bmessage delivery|\bmail ?gate|\bmailadmin|\bnoreply-dmarc|notification|\bdelivery\b")
+    Regex::new(r"(?i)mailer-daemon|mailer_daemon|mailerdaemon|post_?master|mail delivery|maildelivery|mail-delivery|mail administrator|delivery subsystem|mdaemon|(?-u:\b)daemon@|(?-u:\b)bounces?@|(?-u:\b)bounce-|(?-u:\b)nobody@|(?-u:\b)postoffice@|(?-u:\b)smtp|(?-u:\b)mail ?system|mail_?relay|(?-u:\b)netmail|(?-u:\b)maildaemon|(?-u:\b)message delivery|(?-u:\b)mail ?gate|(?-u:\b)mailadmin|(?-u:\b)noreply-dmarc|notification|(?-u:\b)delivery(?-u:\b)")
         .expect("static regex")
 });
 static BOUNCE_SUBJECT: LazyLock<Regex> = LazyLock::new(|| {

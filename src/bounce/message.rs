@@ -251,6 +251,49 @@ impl Correlation {
     }
 }
 
+/// `raw` cut just after the header block of its `message/rfc822` part, when a
+/// delivery-status or feedback-report part comes before that part; `None` otherwise.
+pub(crate) fn without_returned_body(raw: &[u8]) -> Option<&[u8]> {
+    let mut report_seen = false;
+    let mut rfc822 = None;
+    for m in PART_TYPES.find_iter(raw) {
+        if m.as_bytes().len() > 20 {
+            // "content-type: message/rfc822"
+            rfc822 = Some(m.end());
+            break;
+        }
+        report_seen = true;
+    }
+    let rfc822 = rfc822.filter(|_| report_seen)?;
+    let part_headers_end = blank_line_after(raw, rfc822)?;
+    let returned_headers_end = blank_line_after(raw, part_headers_end)?;
+    raw.get(..returned_headers_end)
+}
+
+/// The offset just after the first empty line at or after `from`.
+fn blank_line_after(raw: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    loop {
+        let nl = raw.get(i..)?.iter().position(|&b| b == b'\n')? + i;
+        let rest = raw.get(nl + 1..)?;
+        if rest.first() == Some(&b'\n') {
+            return Some(nl + 2);
+        }
+        if rest.starts_with(b"\r\n") {
+            return Some(nl + 3);
+        }
+        i = nl + 1;
+    }
+}
+
+static PART_TYPES: LazyLock<regex::bytes::Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    regex::bytes::Regex::new(
+        r"(?i)content-type:[ \t]*message/rfc822|/(?:global-)?delivery-status|/feedback-report",
+    )
+    .expect("static regex")
+});
+
 /// The bounce's own headers that [`View::header`] can answer for.
 const KEPT_HEADERS: &[&str] = &[
     "x-failed-recipients",

@@ -168,6 +168,25 @@ pub fn parse_with(raw: &[u8], classifier: &Classifier) -> Vec<BounceRecord> {
 const MAX_NESTING: usize = 1;
 
 fn parse_nested(raw: &[u8], classifier: &Classifier, depth: usize) -> Vec<BounceRecord> {
+    // A report whose machine-readable part precedes the returned message needs only the
+    // returned message's headers: parsing its body (often the bulk of the bytes) is wasted.
+    if let Some(short) = message::without_returned_body(raw) {
+        let records = parse_view(short, classifier, depth);
+        if !records.is_empty() && !is_weak(&records) {
+            return records;
+        }
+    }
+    parse_view(raw, classifier, depth)
+}
+
+/// Only prose without any code: what came back may itself be the (better) bounce.
+fn is_weak(records: &[BounceRecord]) -> bool {
+    records
+        .iter()
+        .all(|r| r.kind == BounceKind::Heuristic && r.status.is_none() && r.reply_code.is_none())
+}
+
+fn parse_view(raw: &[u8], classifier: &Classifier, depth: usize) -> Vec<BounceRecord> {
     let Some(view) = message::View::read(raw) else {
         return Vec::new();
     };
@@ -181,11 +200,7 @@ fn parse_nested(raw: &[u8], classifier: &Classifier, depth: usize) -> Vec<Bounce
     if records.is_empty() {
         records = message::text_records(&view);
     }
-    // Only prose without any code: what came back may itself be the (better) bounce.
-    let weak = records
-        .iter()
-        .all(|r| r.kind == BounceKind::Heuristic && r.status.is_none() && r.reply_code.is_none());
-    if weak
+    if is_weak(&records)
         && depth < MAX_NESTING
         && let Some(inner) = &view.returned_raw
     {

@@ -414,3 +414,27 @@ fn user_rules_change_the_verdict() {
         Some(BounceReason::PolicyViolation)
     );
 }
+
+#[test]
+fn the_returned_body_is_skipped_but_its_headers_are_read() {
+    let dsn = dsn_two_recipients().replace(
+        "Content-Type: text/rfc822-headers\r\n",
+        "Content-Type: message/rfc822\r\n",
+    );
+    let body = "x".repeat(200_000);
+    let raw = dsn.replace(
+        "Subject: hello\r\n\r\n",
+        &format!("Subject: hello\r\n\r\n{body}\r\n"),
+    );
+    let short = message::without_returned_body(raw.as_bytes()).unwrap_or_default();
+    assert!(short.len() < 4_000, "cut after the returned headers");
+    assert!(String::from_utf8_lossy(short).ends_with("Subject: hello\r\n\r\n"));
+    let records = parse(raw.as_bytes());
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].message_id.as_deref(), Some("<m1@example.com>"));
+    assert_eq!(records[0].receipt, Some(receipt()));
+    // A returned message before the report is not cut.
+    let odd = "Content-Type: message/rfc822\r\n\r\nFrom: a@b.example\r\n\r\nbody\r\n\
+Content-Type: message/delivery-status\r\n";
+    assert!(message::without_returned_body(odd.as_bytes()).is_none());
+}

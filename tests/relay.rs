@@ -88,6 +88,15 @@ async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
     assert_eq!(attempts[0]["reply_code"], 451);
     assert_eq!(attempts[0]["enhanced_status"], "4.3.0");
     assert_eq!(attempts[1]["status"], "delivered");
+    // Decided at DATA: the RCPT reply is kept beside the DATA reply.
+    assert_eq!(attempts[1]["stage"], "data");
+    assert_eq!(attempts[1]["rcpt_reply"]["code"], 250);
+    assert_eq!(attempts[1]["rcpt_reply"]["text"], "Ok");
+    assert_eq!(attempts[1]["reply_text"], "Ok: queued as TEST1");
+    assert!(
+        attempts[0]["rcpt_reply"].is_null(),
+        "decided at RCPT: {later}"
+    );
     assert_eq!(attempts[0]["remote_ip"], "127.0.0.1");
 
     // The text log shows the remote replies verbatim.
@@ -97,6 +106,11 @@ async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
         "{text}"
     );
     assert!(text.contains("451 4.3.0"), "{text}");
+    assert!(text.contains("RCPT: 250 2.1.5 Ok"), "{text}");
+    assert!(
+        text.contains("DATA: 250 2.0.0 Ok: queued as TEST1"),
+        "{text}"
+    );
 
     // The sender got a DSN (null sender, multipart/report) for the failed recipient only.
     wait_until("DSN relayed", Duration::from_secs(30), || {

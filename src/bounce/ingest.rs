@@ -84,6 +84,8 @@ pub struct BounceIngest {
     metrics: Arc<Metrics>,
     classifier: Arc<Classifier>,
     verp_key: Option<Vec<u8>>,
+    /// Told when this stage suppresses an address, so the next RCPT sees it at once.
+    suppressions: Option<Arc<crate::checks::SuppressionCache>>,
 }
 
 impl BounceIngest {
@@ -100,7 +102,14 @@ impl BounceIngest {
             metrics,
             classifier,
             verp_key,
+            suppressions: None,
         }
+    }
+
+    /// Invalidates `cache` whenever this stage adds to the suppression list.
+    pub fn on_suppress(mut self, cache: Arc<crate::checks::SuppressionCache>) -> Self {
+        self.suppressions = Some(cache);
+        self
     }
 
     /// Parses one returned message and stores a bounce per record. `envelope_recipients` are
@@ -289,6 +298,9 @@ impl BounceIngest {
                 expires_at_ms,
             })
             .await?;
+        if let Some(cache) = &self.suppressions {
+            cache.invalidate();
+        }
         Ok(true)
     }
 

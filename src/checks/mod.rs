@@ -5,6 +5,8 @@
 //! The decisions are pure functions ([`bounce_domain_verdict`], [`suppression_verdict`],
 //! [`domain_verdict`]); [`SubmissionPolicy`] only gathers the facts (store, DNS) they need.
 
+pub mod suppressions;
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,7 +18,9 @@ use crate::metrics::Metrics;
 use crate::smtp::policy::relay_verdict;
 use crate::smtp::{RecipientCheck, RecipientPolicy, RecipientVerdict, Reply};
 use crate::spool::PresetOutcome;
-use crate::store::{RecipientStatus, Store, Suppression};
+use crate::store::{RecipientStatus, Suppression};
+
+pub use suppressions::SuppressionCache;
 
 /// Local parts at the bounce domain that take mail without a VERP tag: DSNs sent to the
 /// plain bounce address, feedback loops (ARF) and the RFC 2142 role accounts.
@@ -179,26 +183,26 @@ impl DomainCheck {
 /// The policy `serve` installs: bounce domain, relay control, suppression, domain check.
 pub struct SubmissionPolicy {
     config: Arc<Config>,
-    store: Arc<dyn Store>,
     metrics: Arc<Metrics>,
     verp_key: Option<Vec<u8>>,
     domains: Option<DomainCheck>,
+    suppressions: Arc<SuppressionCache>,
 }
 
 impl SubmissionPolicy {
     pub fn new(
         config: Arc<Config>,
-        store: Arc<dyn Store>,
+        suppressions: Arc<SuppressionCache>,
         metrics: Arc<Metrics>,
         verp_key: Option<Vec<u8>>,
         domains: Option<DomainCheck>,
     ) -> Self {
         Self {
             config,
-            store,
             metrics,
             verp_key,
             domains,
+            suppressions,
         }
     }
 }
@@ -221,7 +225,7 @@ impl RecipientPolicy for SubmissionPolicy {
         }
         if self.config.suppression.enabled {
             let now = chrono::Utc::now().timestamp_millis();
-            match self.store.suppressed(&recipient.address, now).await {
+            match self.suppressions.lookup(&recipient.address, now).await {
                 Ok(Some(entry)) => {
                     self.metrics.suppressed_recipients.inc();
                     return suppression_verdict(&entry, self.config.suppression.action);

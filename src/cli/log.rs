@@ -200,13 +200,24 @@ fn render_event(out: &mut String, e: &EventLog) {
         let _ = write!(out, " reason={}", sanitize(reason));
     }
     out.push('\n');
+    // An attempt decided at DATA: the recipient's RCPT reply first, then the DATA reply.
+    if let Some(r) = &e.rcpt_reply {
+        let text = reply(Some(r.code), r.enhanced_status.as_deref(), Some(&r.text));
+        out.push_str("      RCPT: ");
+        push_indented(out, &text, "            ");
+        out.push('\n');
+    }
     let text = reply(
         e.reply_code,
         e.enhanced_status.as_deref(),
         e.reply_text.as_deref(),
     );
     if !text.is_empty() {
-        out.push_str("      ");
+        out.push_str(if e.rcpt_reply.is_some() {
+            "      DATA: "
+        } else {
+            "      "
+        });
         push_indented(out, &text, "      ");
         out.push('\n');
     }
@@ -430,6 +441,7 @@ mod tests {
                         reply_text: None,
                         duration_ms: None,
                         reason: None,
+                        rcpt_reply: None,
                     },
                     EventLog {
                         at_ms: at + 2_000,
@@ -444,6 +456,7 @@ mod tests {
                         reply_text: Some("Greylisted\nplease retry".into()),
                         duration_ms: Some(87),
                         reason: Some("greylisting".into()),
+                        rcpt_reply: None,
                     },
                 ],
             }],

@@ -75,8 +75,13 @@ pub fn run(config_path: Option<&Path>, request: Request) -> anyhow::Result<ExitC
     match &request {
         Request::HashPassword => return hash_password(),
         Request::BounceParse { files, json } => {
+            // A stand-alone tool: no store, but with --config the user's extra rules count.
+            let classifier = match config_path {
+                Some(_) => serve::load_classifier(&Config::load(config_path)?)?,
+                None => crate::bounce::Classifier::with_user_rules("")?,
+            };
             let mut out = std::io::stdout().lock();
-            bounce_parse::run_bounce_parse(files, *json, &mut out)?;
+            bounce_parse::run_bounce_parse_with(files, *json, &classifier, &mut out)?;
             return Ok(ExitCode::SUCCESS);
         }
         _ => {}

@@ -52,18 +52,22 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     )?;
     let delivery_wake = delivery.waker();
     let bounce_wake = Arc::new(tokio::sync::Notify::new());
-    let ingest = Arc::new(crate::bounce::ingest::BounceIngest::new(
-        config.clone(),
-        store.clone(),
-        metrics.clone(),
-        Arc::new(load_classifier(&config)?),
-        verp_key(&config)?,
-    ));
+    let suppressions = Arc::new(crate::checks::SuppressionCache::new(store.clone()));
+    let ingest = Arc::new(
+        crate::bounce::ingest::BounceIngest::new(
+            config.clone(),
+            store.clone(),
+            metrics.clone(),
+            Arc::new(load_classifier(&config)?),
+            verp_key(&config)?,
+        )
+        .on_suppress(suppressions.clone()),
+    );
     let bounces = ingest.spawn(bounce_wake.clone(), shutdown.clone());
     let smtp = crate::smtp::SmtpServer::bind(
         config.clone(),
         store.clone(),
-        Arc::new(submission_policy(&config, &store, &metrics)?),
+        Arc::new(submission_policy(&config, suppressions, &metrics)?),
         metrics.clone(),
     )
     .await?
@@ -146,7 +150,7 @@ pub fn load_classifier(config: &Config) -> anyhow::Result<crate::bounce::Classif
 /// The RCPT-time checks: bounce domain (VERP key), relay, suppression, domain check.
 fn submission_policy(
     config: &Arc<Config>,
-    store: &Arc<dyn Store>,
+    suppressions: Arc<crate::checks::SuppressionCache>,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<crate::checks::SubmissionPolicy> {
     let verp_key = verp_key(config)?;
@@ -164,7 +168,7 @@ fn submission_policy(
     };
     Ok(crate::checks::SubmissionPolicy::new(
         config.clone(),
-        store.clone(),
+        suppressions,
         metrics.clone(),
         verp_key,
         domains,

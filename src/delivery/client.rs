@@ -771,6 +771,8 @@ pub struct RecipientResult {
     pub text: String,
     /// A permanent failure decided here without a reply, with its RFC 3463 status.
     pub local_permanent: Option<&'static str>,
+    /// The positive RCPT reply of a recipient decided at DATA (recorded beside it).
+    pub rcpt_reply: Option<Reply>,
 }
 
 /// Pairs each recipient with the reply that decides it: a failed MAIL (or no MAIL reply)
@@ -786,12 +788,14 @@ pub fn per_recipient(t: &TransactionReplies) -> Vec<RecipientResult> {
         reply: Some(r.clone()),
         text: r.text.clone(),
         local_permanent: None,
+        rcpt_reply: None,
     };
     let missing = |stage| RecipientResult {
         stage,
         reply: None,
         text: lost.clone(),
         local_permanent: None,
+        rcpt_reply: None,
     };
     if let Some((status, text)) = &t.refused_locally {
         return t
@@ -802,6 +806,7 @@ pub fn per_recipient(t: &TransactionReplies) -> Vec<RecipientResult> {
                 reply: None,
                 text: text.clone(),
                 local_permanent: Some(status),
+                rcpt_reply: None,
             })
             .collect();
     }
@@ -813,9 +818,12 @@ pub fn per_recipient(t: &TransactionReplies) -> Vec<RecipientResult> {
             Some(_) => match rcpt {
                 None => missing(Stage::Rcpt),
                 Some(r) if !r.is_positive() => from_reply(Stage::Rcpt, r),
-                Some(_) => match &t.data {
-                    Some(d) => from_reply(Stage::Data, d),
-                    None => missing(Stage::Data),
+                Some(accepted) => RecipientResult {
+                    rcpt_reply: Some(accepted.clone()),
+                    ..match &t.data {
+                        Some(d) => from_reply(Stage::Data, d),
+                        None => missing(Stage::Data),
+                    }
                 },
             },
         })
@@ -925,8 +933,12 @@ mod tests {
         let r = per_recipient(&t);
         assert_eq!(r[0].stage, Stage::Data);
         assert_eq!(r[0].reply.as_ref().unwrap().code, 250);
+        assert_eq!(r[0].reply.as_ref().unwrap().text, "queued as X");
+        // Decided at DATA, its RCPT reply kept beside it; refused ones have none.
+        assert_eq!(r[0].rcpt_reply.as_ref().unwrap().text, "ok");
         assert_eq!(r[1].stage, Stage::Rcpt);
         assert_eq!(r[1].reply.as_ref().unwrap().code, 550);
+        assert!(r[1].rcpt_reply.is_none());
         assert_eq!(r[2].reply.as_ref().unwrap().code, 452);
     }
 

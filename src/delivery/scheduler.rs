@@ -575,6 +575,7 @@ async fn deliver_message(ctx: Arc<Context>, msg: QueuedMessage) {
                     reply_code: None,
                     enhanced_status: Some("5.3.0".to_string()),
                     reply_text: format!("message body missing from the store: {what}"),
+                    rcpt_reply: None,
                     duration_ms: 0,
                     reason: Some(BounceReason::SystemError.as_str().to_string()),
                     bounce_type: None,
@@ -703,6 +704,7 @@ async fn transact(
                             reply: None,
                             text: f.text.clone(),
                             local_permanent: None,
+                            rcpt_reply: None,
                         };
                         n
                     ],
@@ -741,6 +743,7 @@ async fn transact(
                             reply: e.reply.clone(),
                             text,
                             local_permanent: None,
+                            rcpt_reply: None,
                         };
                         n
                     ],
@@ -909,6 +912,11 @@ async fn record(
             reply_code: result.reply.as_ref().map(|r| r.code),
             enhanced_status: enhanced,
             reply_text: text,
+            rcpt_reply: result.rcpt_reply.as_ref().map(|r| crate::store::RcptReply {
+                code: r.code,
+                enhanced_status: r.enhanced_status.clone(),
+                text: r.text.clone(),
+            }),
             duration_ms: duration.as_millis() as u64,
             reason,
             bounce_type,
@@ -1000,6 +1008,7 @@ mod tests {
             }),
             text: text.to_string(),
             local_permanent: None,
+            rcpt_reply: None,
         }
     }
 
@@ -1009,6 +1018,7 @@ mod tests {
             reply: None,
             text: text.to_string(),
             local_permanent: None,
+            rcpt_reply: None,
         }
     }
 

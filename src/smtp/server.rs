@@ -614,6 +614,9 @@ mod tests {
         async fn suppression_list(&self, _: i64) -> Result<Vec<Suppression>, StoreError> {
             unused()
         }
+        async fn suppression_version(&self) -> Result<i64, StoreError> {
+            unused()
+        }
     }
 
     struct Running {

@@ -92,6 +92,15 @@ pub enum Stage {
     Bounce,
 }
 
+/// The `RCPT TO` reply of a recipient the server accepted at RCPT, kept beside the DATA reply
+/// that decided its attempt, so the log shows both.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RcptReply {
+    pub code: u16,
+    pub enhanced_status: Option<String>,
+    pub text: String,
+}
+
 /// One delivery attempt's result for one recipient (delivery → store).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AttemptRecord {
@@ -113,6 +122,8 @@ pub struct AttemptRecord {
     pub enhanced_status: Option<String>,
     /// Full reply text verbatim (multi-line joined with `\n`), or the local error text.
     pub reply_text: String,
+    /// The RCPT reply when `stage` is `Data` (the recipient was accepted at RCPT).
+    pub rcpt_reply: Option<RcptReply>,
     pub duration_ms: u64,
     /// Classifier verdict (Sisimai vocabulary) and bounce type for non-2xx replies.
     pub reason: Option<String>,
@@ -231,6 +242,8 @@ pub struct EventLog {
     pub reply_code: Option<u16>,
     pub enhanced_status: Option<String>,
     pub reply_text: Option<String>,
+    /// For an attempt decided at DATA: the recipient's RCPT reply.
+    pub rcpt_reply: Option<RcptReply>,
     pub duration_ms: Option<u64>,
     pub reason: Option<String>,
 }
@@ -400,4 +413,7 @@ pub trait Store: Send + Sync + 'static {
         now_ms: i64,
     ) -> Result<Option<Suppression>, StoreError>;
     async fn suppression_list(&self, now_ms: i64) -> Result<Vec<Suppression>, StoreError>;
+    /// A number that changes whenever the suppression list changes (any process), so callers
+    /// can cache the list and reload it only then.
+    async fn suppression_version(&self) -> Result<i64, StoreError>;
 }

@@ -364,6 +364,18 @@ impl Store for SqliteStore {
     async fn suppression_list(&self, now_ms: i64) -> Result<Vec<Suppression>, StoreError> {
         self.read(move |c| read::suppression_list(c, now_ms)).await
     }
+
+    async fn suppression_version(&self) -> Result<i64, StoreError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT value FROM meta WHERE key = 'suppression_version'",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(storage)
+        })
+        .await
+    }
 }
 
 /// A read-only view for CLI commands running beside the server: synchronous, one

@@ -7,7 +7,8 @@ use crate::receipt::ReceiptId;
 use crate::spool::{DsnRet, Notify};
 use crate::store::{
     BounceQuery, Correlation, EventLog, LogKey, LogQuery, MessageLog, QueueEntry, QueuedMessage,
-    QueuedRecipient, RecipientLog, RecipientStatus, Stage, StoreError, StoredBounce, Suppression,
+    QueuedRecipient, RcptReply, RecipientLog, RecipientStatus, Stage, StoreError, StoredBounce,
+    Suppression,
 };
 
 use super::write::message_id_key;
@@ -291,7 +292,8 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
     let mut event_st = tx
         .prepare_cached(
             "SELECT at, kind, status, stage, remote_host, remote_ip, tls_version, reply_code,
-                 enhanced_status, reply_text, duration_ms, reason
+                 enhanced_status, reply_text, duration_ms, reason,
+                 rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text
              FROM events WHERE receipt = ?1 AND idx = ?2 ORDER BY id",
         )
         .map_err(storage)?;
@@ -332,6 +334,14 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
                         reply_text: r.get(9)?,
                         duration_ms: r.get::<_, Option<i64>>(10)?.map(|d| d.max(0) as u64),
                         reason: r.get(11)?,
+                        rcpt_reply: match r.get::<_, Option<u16>>(12)? {
+                            Some(code) => Some(RcptReply {
+                                code,
+                                enhanced_status: r.get(13)?,
+                                text: r.get::<_, Option<String>>(14)?.unwrap_or_default(),
+                            }),
+                            None => None,
+                        },
                     })
                 })
                 .and_then(|rows| rows.collect::<Result<_, _>>())

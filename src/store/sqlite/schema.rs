@@ -125,6 +125,30 @@ CREATE TABLE suppressions (
     expires_at INTEGER                       -- NULL = never
 );
 "#,
+    // 2: a counter that moves on every change to the suppression list, so the SMTP stage can
+    // answer RCPT from memory and reload only when the list changed (also by another process).
+    r#"
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+INSERT INTO meta (key, value) VALUES ('suppression_version', 0);
+CREATE TRIGGER suppressions_insert AFTER INSERT ON suppressions BEGIN
+    UPDATE meta SET value = value + 1 WHERE key = 'suppression_version';
+END;
+CREATE TRIGGER suppressions_update AFTER UPDATE ON suppressions BEGIN
+    UPDATE meta SET value = value + 1 WHERE key = 'suppression_version';
+END;
+CREATE TRIGGER suppressions_delete AFTER DELETE ON suppressions BEGIN
+    UPDATE meta SET value = value + 1 WHERE key = 'suppression_version';
+END;
+"#,
+    // 3: the RCPT reply of recipients whose attempt the DATA reply decided.
+    r#"
+ALTER TABLE events ADD COLUMN rcpt_reply_code INTEGER;
+ALTER TABLE events ADD COLUMN rcpt_enhanced_status TEXT;
+ALTER TABLE events ADD COLUMN rcpt_reply_text TEXT;
+"#,
 ];
 
 /// The schema version this build reads and writes.

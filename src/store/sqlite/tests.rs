@@ -73,6 +73,7 @@ fn attempt(receipt: ReceiptId, idx: u32, at_ms: i64, status: RecipientStatus) ->
         }),
         enhanced_status: Some("4.7.1".into()),
         reply_text: "Greylisted, try again\nin a minute".into(),
+        rcpt_reply: None,
         duration_ms: 120,
         reason: None,
         bounce_type: None,
@@ -104,6 +105,7 @@ fn migrates_an_empty_database_and_reopens_without_migrating_again() {
             "bounces",
             "events",
             "messages",
+            "meta",
             "recipients",
             "suppressions"
         ]

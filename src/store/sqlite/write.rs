@@ -5,7 +5,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::receipt::ReceiptId;
 use crate::spool::{AcceptedMessage, DsnRet};
-use crate::store::{AttemptRecord, NewBounce, RecipientStatus, Stage, StoreError, Suppression};
+use crate::store::{
+    AttemptRecord, NewBounce, RcptReply, RecipientStatus, Stage, StoreError, Suppression,
+};
 
 use super::{address_key, correlation_str, stage_str, storage};
 
@@ -25,13 +27,15 @@ struct Event<'a> {
     reply_text: Option<&'a str>,
     duration_ms: Option<u64>,
     reason: Option<&'a str>,
+    rcpt_reply: Option<&'a RcptReply>,
 }
 
 fn append_event(conn: &Connection, receipt: &str, idx: u32, e: &Event) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO events (receipt, idx, at, kind, status, stage, remote_host, remote_ip,
-             tls_version, tls_cipher, reply_code, enhanced_status, reply_text, duration_ms, reason)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+             tls_version, tls_cipher, reply_code, enhanced_status, reply_text, duration_ms, reason,
+             rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
     )
     .and_then(|mut st| {
         st.execute(params![
@@ -50,6 +54,9 @@ fn append_event(conn: &Connection, receipt: &str, idx: u32, e: &Event) -> Result
             e.reply_text,
             e.duration_ms.map(|d| d.min(i64::MAX as u64) as i64),
             e.reason,
+            e.rcpt_reply.map(|r| r.code),
+            e.rcpt_reply.and_then(|r| r.enhanced_status.as_deref()),
+            e.rcpt_reply.map(|r| r.text.as_str()),
         ])
     })
     .map_err(storage)?;
@@ -260,6 +267,7 @@ pub fn record_attempt(conn: &Connection, a: &AttemptRecord) -> Result<(), StoreE
             reply_text: Some(&a.reply_text),
             duration_ms: Some(a.duration_ms),
             reason: a.reason.as_deref(),
+            rcpt_reply: a.rcpt_reply.as_ref(),
         },
     )
 }

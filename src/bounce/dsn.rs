@@ -61,6 +61,10 @@ pub fn is_dsn_field(name: &str) -> bool {
     MESSAGE_FIELDS.contains(&name) || RECIPIENT_FIELDS.contains(&name)
 }
 
+/// Limits that keep hostile input linear: no real report has more recipients or fields.
+const MAX_BLOCKS: usize = 1000;
+const MAX_FIELDS: usize = 64;
+
 /// Splits `text` into header-style field blocks separated by blank lines. Lines that are
 /// not `Name: value` nor continuations are skipped, so stray prose does not end a block.
 fn blocks(text: &str) -> Vec<FieldBlock> {
@@ -71,6 +75,9 @@ fn blocks(text: &str) -> Vec<FieldBlock> {
         if line.trim().is_empty() {
             if !cur.fields.is_empty() {
                 out.push(std::mem::take(&mut cur));
+                if out.len() >= MAX_BLOCKS {
+                    return out;
+                }
             }
             continue;
         }
@@ -84,6 +91,7 @@ fn blocks(text: &str) -> Vec<FieldBlock> {
         if let Some((name, value)) = line.split_once(':') {
             let name = name.trim();
             if !name.is_empty()
+                && cur.fields.len() < MAX_FIELDS
                 && name
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
@@ -122,6 +130,9 @@ pub fn parse_delivery_status(text: &str) -> DeliveryStatus {
                 ) && cur.get(&n).is_some();
                 if repeated {
                     ds.recipients.push(std::mem::take(&mut cur));
+                    if ds.recipients.len() >= MAX_BLOCKS {
+                        return ds;
+                    }
                 }
                 cur.fields.push((n, v));
             }
@@ -130,7 +141,7 @@ pub fn parse_delivery_status(text: &str) -> DeliveryStatus {
             }
         } else {
             for (n, v) in block.fields {
-                if ds.per_message.get(&n).is_none() {
+                if ds.per_message.fields.len() < MAX_FIELDS && ds.per_message.get(&n).is_none() {
                     ds.per_message.fields.push((n, v));
                 }
             }

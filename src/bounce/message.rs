@@ -12,6 +12,9 @@ use super::text;
 use super::{BounceKind, BounceRecord};
 use crate::receipt::ReceiptId;
 
+/// Most recipients read from one bounce's prose (keeps hostile input near-linear).
+const MAX_PROSE_RECIPIENTS: usize = 1000;
+
 /// Longest diagnostic kept from bounce prose (DSN Diagnostic-Code fields are kept whole).
 const MAX_PROSE_DIAGNOSTIC: usize = 1200;
 
@@ -550,6 +553,9 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         .map(|v| text::addresses(v).map(|(_, a)| a.to_string()).collect())
         .unwrap_or_default();
     for (pos, addr) in text::addresses(error_section) {
+        if found.len() >= MAX_PROSE_RECIPIENTS {
+            break;
+        }
         if excluded(addr) || sender_context(pos) {
             continue;
         }

@@ -438,3 +438,37 @@ fn the_returned_body_is_skipped_but_its_headers_are_read() {
 Content-Type: message/delivery-status\r\n";
     assert!(message::without_returned_body(odd.as_bytes()).is_none());
 }
+
+#[test]
+fn huge_hostile_bounces_stay_fast() {
+    let mut prose =
+        String::from("From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered Mail\r\n\r\n");
+    for i in 0..50_000 {
+        prose.push_str(&format!(
+            "<u{i}@example.net>: 550 5.1.1 unknown <u{i}@example.net>\r\n"
+        ));
+    }
+    let mut dsn = String::from(
+        "From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\
+--B\r\nContent-Type: message/delivery-status\r\n\r\n",
+    );
+    for i in 0..50_000 {
+        dsn.push_str(&format!("Final-Recipient: rfc822; u{i}@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\nX-Junk-{i}: x\r\n"));
+    }
+    dsn.push_str("--B--\r\n");
+    for raw in [prose, dsn] {
+        let t = std::time::Instant::now();
+        let records = parse(raw.as_bytes());
+        assert!(
+            !records.is_empty() && records.len() <= 1000,
+            "{}",
+            records.len()
+        );
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}

@@ -373,7 +373,8 @@ fn is_success_action(action: &str) -> bool {
 /// field is missing or only says "something failed" (x.0.0) while the diagnostic is precise.
 fn pick_status(field: Option<&str>, diagnostic: &str) -> Option<String> {
     let from_field = field.and_then(text::find_enhanced_status);
-    let from_diag = text::find_enhanced_status(diagnostic);
+    let from_diag =
+        text::find_reply_status(diagnostic).or_else(|| text::find_enhanced_status(diagnostic));
     match (from_field, from_diag) {
         // The remote server's own code is more precise than the reporting MTA's summary.
         (Some(f), Some(d)) if d.get(..1) == f.get(..1) && !d.ends_with(".0.0") => Some(d),
@@ -651,7 +652,8 @@ pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
         .into_iter()
         .map(|(recipient, diagnostic)| {
             let mut r = BounceRecord::new(recipient, BounceKind::Heuristic);
-            r.status = text::find_enhanced_status(&diagnostic);
+            r.status = text::find_reply_status(&diagnostic)
+                .or_else(|| text::find_enhanced_status(&diagnostic));
             r.reply_code = text::find_reply_code(&diagnostic);
             r.smtp_command = text::find_command(&diagnostic).map(str::to_string);
             r.action = Some(if delayed { "delayed" } else { "failed" }.to_string());

@@ -77,6 +77,18 @@ pub fn find_enhanced_status(text: &str) -> Option<String> {
         })
 }
 
+static REPLY_STATUS: LazyLock<Regex> =
+    LazyLock::new(|| re(r"(?:^|[^\d])[245]\d\d[ -]['\x22]?([245]\.\d{1,3}\.\d{1,3})(?:[^\d.]|$)"));
+
+/// The enhanced status code that follows a reply code (`550 5.7.1`, `550-'5.7.1`): the
+/// remote server's own, which beats any code the reporting MTA wrote around it.
+pub fn find_reply_status(text: &str) -> Option<String> {
+    REPLY_STATUS
+        .captures(text)
+        .and_then(|c| c.get(1))
+        .map(|m| m.as_str().to_string())
+}
+
 /// The first 4xx/5xx SMTP reply code in `text`.
 pub fn find_reply_code(text: &str) -> Option<u16> {
     REPLY
@@ -261,6 +273,20 @@ mod tests {
             find_enhanced_status("version 2.0.1."),
             Some("2.0.1".to_string())
         );
+    }
+
+    #[test]
+    fn prefers_the_status_inside_the_reply() {
+        assert_eq!(
+            find_reply_status("5.1.0 - Unknown address error 550-'5.7.1 <a@b>... Access denied'")
+                .as_deref(),
+            Some("5.7.1")
+        );
+        assert_eq!(
+            find_reply_status("550 5.1.1 no such user").as_deref(),
+            Some("5.1.1")
+        );
+        assert_eq!(find_reply_status("5.1.1 user unknown"), None);
     }
 
     #[test]

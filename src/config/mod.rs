@@ -241,7 +241,7 @@ impl Default for DeliveryConfig {
             dsn: true,
             delay_dsn_after: Duration::from_secs(4 * 3600),
             max_connections: 100,
-            max_connections_per_destination: 10,
+            max_connections_per_destination: 20,
             connect_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),

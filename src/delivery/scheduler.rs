@@ -42,6 +42,8 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 /// Longest sleep between queue checks when nothing wakes the loop (also refreshes the queue
 /// gauges).
 const MAX_SLEEP: Duration = Duration::from_secs(30);
+/// Longest time between two full scans of the queue while mail keeps arriving.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -458,6 +460,14 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
     // finished message would cost O(queue) per message; refill on wake-ups, timers, and when
     // half the in-flight budget is free.
     let mut refill = true;
+    // Fresh mail is picked up in receipt order past a high-water mark (a cheap range scan per
+    // wake-up, O(new mail) instead of O(queue)); a full scan of everything due runs at start,
+    // on the timer (deferred recipients whose time came, anything the mark skipped) and at
+    // least every FULL_SCAN_EVERY.
+    let mut high_water: Option<ReceiptId> = None;
+    let mut full_scan = true;
+    let mut last_full_scan = std::time::Instant::now();
+    let mut next: Option<i64> = None;
     loop {
         if ctx.shutdown.is_cancelled() {
             break;
@@ -465,12 +475,25 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
 
         let now = now_ms();
         let room = max_in_flight.saturating_sub(tasks.len());
-        if refill && room > 0 {
+        if last_full_scan.elapsed() >= FULL_SCAN_EVERY {
+            full_scan = true;
+        }
+        if (refill || full_scan) && room > 0 {
             // `due` lists in-flight recipients too; ask for enough to find `room` new
             // messages past them.
-            match ctx.store.due(now, room.saturating_add(tasks.len())).await {
+            // Incremental scans start right after the newest receipt taken: what they find is
+            // new, so `room` is enough. A message whose receipt is older but whose commit
+            // landed later (another batch) is left to the next full scan, at most
+            // FULL_SCAN_EVERY away.
+            let (after, limit) = if full_scan {
+                (None, room.saturating_add(tasks.len()))
+            } else {
+                (high_water, room)
+            };
+            match ctx.store.due(now, limit, after).await {
                 Ok(messages) => {
                     for mut msg in messages {
+                        high_water = high_water.max(Some(msg.receipt));
                         msg.recipients
                             .retain(|r| !in_flight.contains(&(msg.receipt, r.index)));
                         if msg.recipients.is_empty() {
@@ -492,14 +515,20 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read the queue"),
             }
-        }
-        let next = match ctx.store.next_due_at().await {
-            Ok(n) => n,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the queue");
-                Some(now + 1000)
+            if full_scan || tasks.is_empty() {
+                next = match ctx.store.next_due_at().await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot read the queue");
+                        Some(now + 1000)
+                    }
+                };
             }
-        };
+            if full_scan {
+                full_scan = false;
+                last_full_scan = std::time::Instant::now();
+            }
+        }
         // In-flight recipients keep `next` in the past; then wait for a task to finish.
         let wait_ms = match next {
             Some(t) if t > now => (t - now) as u64,
@@ -510,7 +539,7 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             _ = wake.notified() => refill = true,
-            _ = tokio::time::sleep(wait) => refill = true,
+            _ = tokio::time::sleep(wait) => full_scan = true,
             Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
                 finished(done, &mut by_task, &mut in_flight);
                 while let Some(done) = tasks.try_join_next_with_id() {

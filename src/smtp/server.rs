@@ -541,7 +541,12 @@ mod tests {
             self.messages.lock().unwrap().push(msg);
             Ok(())
         }
-        async fn due(&self, _: i64, _: usize) -> Result<Vec<QueuedMessage>, StoreError> {
+        async fn due(
+            &self,
+            _: i64,
+            _: usize,
+            _: Option<ReceiptId>,
+        ) -> Result<Vec<QueuedMessage>, StoreError> {
             unused()
         }
         async fn next_due_at(&self) -> Result<Option<i64>, StoreError> {

@@ -340,8 +340,15 @@ pub trait Store: Send + Sync + 'static {
 
     // --- delivery ---
     /// Messages with at least one recipient `queued`/`deferred` whose next attempt is due at
-    /// `now_ms`, oldest first; only the due recipients are listed.
-    async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError>;
+    /// `now_ms`, oldest first; only the due recipients are listed. With `after`, only
+    /// messages whose receipt sorts after it (newer mail: a cheap range scan, for picking up
+    /// what was just accepted without rereading the whole queue).
+    async fn due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        after: Option<ReceiptId>,
+    ) -> Result<Vec<QueuedMessage>, StoreError>;
     /// Earliest `next_attempt_at_ms` among pending recipients (for the scheduler's sleep).
     async fn next_due_at(&self) -> Result<Option<i64>, StoreError>;
     async fn body(&self, receipt: ReceiptId) -> Result<Vec<u8>, StoreError>;

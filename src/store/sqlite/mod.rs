@@ -229,8 +229,13 @@ impl Store for SqliteStore {
         self.write(move |c| write::accept(c, &msg)).await
     }
 
-    async fn due(&self, now_ms: i64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError> {
-        self.read(move |c| read::due(c, now_ms, limit)).await
+    async fn due(
+        &self,
+        now_ms: i64,
+        limit: usize,
+        after: Option<ReceiptId>,
+    ) -> Result<Vec<QueuedMessage>, StoreError> {
+        self.read(move |c| read::due(c, now_ms, limit, after)).await
     }
 
     async fn next_due_at(&self) -> Result<Option<i64>, StoreError> {

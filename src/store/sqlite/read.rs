@@ -85,18 +85,40 @@ pub(super) const DUE_RECEIPTS: &str = "
         WHERE status IN ('queued', 'deferred') AND next_attempt_at <= ?1)
     SELECT DISTINCT receipt FROM due ORDER BY receipt LIMIT ?2";
 
+/// Due receipts after a given one: a range scan of the primary key, cheap when few messages
+/// are newer (the scheduler's way to pick up fresh mail).
+pub(super) const DUE_RECEIPTS_AFTER: &str = "
+    SELECT DISTINCT receipt FROM recipients
+    WHERE receipt > ?3 AND status IN ('queued', 'deferred') AND next_attempt_at <= ?1
+    ORDER BY receipt LIMIT ?2";
+
 /// Messages that name an address as a recipient or as the envelope sender.
 pub(super) const BY_ADDRESS: &str = "
     receipt IN (SELECT receipt FROM recipients WHERE address_lc = ?1
                 UNION SELECT receipt FROM messages WHERE envelope_sender_lc = ?1)";
 
-pub fn due(conn: &Connection, now_ms: i64, limit: usize) -> Result<Vec<QueuedMessage>, StoreError> {
+pub fn due(
+    conn: &Connection,
+    now_ms: i64,
+    limit: usize,
+    after: Option<ReceiptId>,
+) -> Result<Vec<QueuedMessage>, StoreError> {
     let tx = conn.unchecked_transaction().map_err(storage)?;
-    let receipts: Vec<String> = {
-        let mut st = tx.prepare_cached(DUE_RECEIPTS).map_err(storage)?;
-        st.query_map(params![now_ms, sql_limit(limit)], |r| r.get(0))
+    let receipts: Vec<String> = match after {
+        None => {
+            let mut st = tx.prepare_cached(DUE_RECEIPTS).map_err(storage)?;
+            st.query_map(params![now_ms, sql_limit(limit)], |r| r.get(0))
+                .and_then(|rows| rows.collect::<Result<_, _>>())
+                .map_err(storage)?
+        }
+        Some(after) => {
+            let mut st = tx.prepare_cached(DUE_RECEIPTS_AFTER).map_err(storage)?;
+            st.query_map(params![now_ms, sql_limit(limit), after.to_string()], |r| {
+                r.get(0)
+            })
             .and_then(|rows| rows.collect::<Result<_, _>>())
             .map_err(storage)?
+        }
     };
     let mut out = Vec::with_capacity(receipts.len());
     let mut msg_st = tx

@@ -264,7 +264,7 @@ async fn preset_recipients_are_final_and_never_due() {
     });
     store.accept(msg).await.unwrap();
 
-    let due = store.due(1_000, 10).await.unwrap();
+    let due = store.due(1_000, 10, None).await.unwrap();
     assert_eq!(due.len(), 1);
     let addrs: Vec<&str> = due[0]
         .recipients
@@ -294,7 +294,7 @@ async fn inbound_bounces_are_never_due_and_stay_pending_until_processed() {
     msg.inbound_bounce = true;
     let receipt = msg.receipt;
     store.accept(msg).await.unwrap();
-    assert!(store.due(i64::MAX, 10).await.unwrap().is_empty());
+    assert!(store.due(i64::MAX, 10, None).await.unwrap().is_empty());
     assert_eq!(store.next_due_at().await.unwrap(), None);
     assert_eq!(store.queue_stats().await.unwrap(), (0, None));
     drop(store);
@@ -576,8 +576,8 @@ async fn delivery_lifecycle_due_defer_retry_deliver() {
     store.accept(msg).await.unwrap();
 
     assert_eq!(store.next_due_at().await.unwrap(), Some(1_000));
-    assert!(store.due(999, 10).await.unwrap().is_empty());
-    let due = store.due(1_000, 10).await.unwrap();
+    assert!(store.due(999, 10, None).await.unwrap().is_empty());
+    let due = store.due(1_000, 10, None).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].receipt, r);
     assert_eq!(due[0].recipients.len(), 2);
@@ -597,12 +597,12 @@ async fn delivery_lifecycle_due_defer_retry_deliver() {
         .await
         .unwrap();
     assert_eq!(store.body(dsn_receipt).await.unwrap().len(), 22);
-    let due = store.due(10_000, 10).await.unwrap();
+    let due = store.due(10_000, 10, None).await.unwrap();
     assert_eq!(due.len(), 1, "only the DSN is due before b's retry time");
     assert_eq!(due[0].receipt, dsn_receipt);
     assert_eq!(store.next_due_at().await.unwrap(), Some(1_500));
 
-    let due = store.due(61_500, 10).await.unwrap();
+    let due = store.due(61_500, 10, None).await.unwrap();
     let ours = due.iter().find(|m| m.receipt == r).unwrap();
     assert_eq!(ours.recipients.len(), 1);
     let b = &ours.recipients[0];
@@ -638,7 +638,7 @@ async fn delivery_lifecycle_due_defer_retry_deliver() {
 
     assert_eq!(store.queue_retry(Some(r)).await.unwrap(), 1);
     let now = chrono::Utc::now().timestamp_millis();
-    let due = store.due(now + 1_000, 10).await.unwrap();
+    let due = store.due(now + 1_000, 10, None).await.unwrap();
     let ours = due.iter().find(|m| m.receipt == r).unwrap();
     assert!(ours.recipients[0].delay_dsn_sent);
     assert_eq!(ours.recipients[0].first_deferred_at_ms, Some(1_500));
@@ -715,7 +715,7 @@ async fn expiry_is_recorded_without_counting_an_attempt() {
     expired.stage = Stage::Local;
     expired.reason = Some("expired".into());
     store.record_attempts(vec![expired], vec![]).await.unwrap();
-    assert!(store.due(i64::MAX, 10).await.unwrap().is_empty());
+    assert!(store.due(i64::MAX, 10, None).await.unwrap().is_empty());
     let log = store.log(&by_address("a@example.net")).await.unwrap();
     let a = &log[0].recipients[0];
     assert_eq!(a.status, RecipientStatus::Expired);
@@ -1087,7 +1087,7 @@ async fn a_late_deferral_does_not_reopen_a_deleted_recipient() {
         )
         .await
         .unwrap();
-    assert!(store.due(i64::MAX, 10).await.unwrap().is_empty());
+    assert!(store.due(i64::MAX, 10, None).await.unwrap().is_empty());
     let log = store.log(&by_address("a@example.net")).await.unwrap();
     let a = &log[0].recipients[0];
     assert_eq!(a.status, RecipientStatus::Failed);

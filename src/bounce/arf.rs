@@ -71,6 +71,11 @@ fn from_report(view: &View, report: &str) -> Vec<BounceRecord> {
         recipients.extend(text::addresses(to).map(|(_, a)| a.to_string()).take(1));
     }
     recipients.dedup_by(|a, b| a.eq_ignore_ascii_case(b));
+    // A report that names no recipient ("undisclosed-recipients") is still a complaint about
+    // the message, which its Message-ID identifies: keep one record with an empty recipient.
+    if recipients.is_empty() {
+        recipients.push(String::new());
+    }
     let diagnostic = view
         .human
         .split("\n\n")

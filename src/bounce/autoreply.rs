@@ -14,7 +14,7 @@ static VACATION_SUBJECT: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
     Regex::new(
         r"(?ix)
-        \bout\ of\ (?:the\ )?office\b | \booo\b | \bauto[- ]?(?:matic\ )?(?:reply|response|respons|answer|antwort|réponse|respuesta|risposta) |
+        \bout\ of\ (?:the\ )?office\b | \booo\b | \bauto[-\ ]?(?:matic\ )?(?:reply|response|respons|answer|antwort|réponse|respuesta|risposta) |
         \bautoreply\b | \bautorespon | \baway\ (?:from|until|till|on)\b | \bon\ (?:vacation|holiday|leave)\b |
         \bvacation\b | \bholiday\b | \babwesen | \babwesenheit | \babwesend | \bautomatische\ antwort | \bnicht\ im\ büro |
         réponse\ automatique | \babsent\b | \babsence\b | \bcongés?\b | respuesta\ automática | \bfuera\ de\ la\ oficina |

@@ -61,6 +61,10 @@ pub fn is_dsn_field(name: &str) -> bool {
     MESSAGE_FIELDS.contains(&name) || RECIPIENT_FIELDS.contains(&name)
 }
 
+/// Limits that keep hostile input linear: no real report has more recipients or fields.
+const MAX_BLOCKS: usize = 1000;
+const MAX_FIELDS: usize = 64;
+
 /// Splits `text` into header-style field blocks separated by blank lines. Lines that are
 /// not `Name: value` nor continuations are skipped, so stray prose does not end a block.
 fn blocks(text: &str) -> Vec<FieldBlock> {
@@ -71,6 +75,9 @@ fn blocks(text: &str) -> Vec<FieldBlock> {
         if line.trim().is_empty() {
             if !cur.fields.is_empty() {
                 out.push(std::mem::take(&mut cur));
+                if out.len() >= MAX_BLOCKS {
+                    return out;
+                }
             }
             continue;
         }
@@ -84,6 +91,7 @@ fn blocks(text: &str) -> Vec<FieldBlock> {
         if let Some((name, value)) = line.split_once(':') {
             let name = name.trim();
             if !name.is_empty()
+                && cur.fields.len() < MAX_FIELDS
                 && name
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
@@ -112,17 +120,19 @@ pub fn parse_delivery_status(text: &str) -> DeliveryStatus {
                     ds.per_message.fields.push((n.clone(), v.clone()));
                 }
             }
-            // Several recipients without blank lines between them: split at each new
-            // Final-Recipient.
+            // Several recipients without blank lines between them: a recipient field seen
+            // a second time starts the next recipient.
             let mut cur = FieldBlock::default();
             for (n, v) in block.fields {
-                let starts_new = n == "final-recipient" && cur.get("final-recipient").is_some();
-                let starts_new = starts_new
-                    || (n == "original-recipient"
-                        && cur.get("final-recipient").is_some()
-                        && cur.get("action").is_some());
-                if starts_new {
+                let repeated = matches!(
+                    n.as_str(),
+                    "final-recipient" | "original-recipient" | "action" | "status"
+                ) && cur.get(&n).is_some();
+                if repeated {
                     ds.recipients.push(std::mem::take(&mut cur));
+                    if ds.recipients.len() >= MAX_BLOCKS {
+                        return ds;
+                    }
                 }
                 cur.fields.push((n, v));
             }
@@ -131,7 +141,7 @@ pub fn parse_delivery_status(text: &str) -> DeliveryStatus {
             }
         } else {
             for (n, v) in block.fields {
-                if ds.per_message.get(&n).is_none() {
+                if ds.per_message.fields.len() < MAX_FIELDS && ds.per_message.get(&n).is_none() {
                     ds.per_message.fields.push((n, v));
                 }
             }
@@ -180,8 +190,7 @@ Original-Recipient: rfc822;Alice@example.net\r\n\
 Action: failed\r\n\
 Status: 5.1.1\r\n\
 Remote-MTA: dns; mx.example.net\r\n\
-Diagnostic-Code: smtp; 550 5.1.1 <alice@example.net>:\r\n\
-    Recipient address rejected: User unknown\r\n\
+Diagnostic-Code: smtp; 550 5.1.1 <alice@example.net>:\r\n    Recipient address rejected: User unknown\r\n\
 \r\n\
 Final-Recipient: rfc822; bob@example.net\r\n\
 Action: delayed\r\n\
@@ -213,6 +222,16 @@ Final-Recipient: rfc822; b@x.example\nAction: failed\nStatus: 5.2.2\n";
         let ds = parse_delivery_status(text);
         assert_eq!(ds.recipients.len(), 2);
         assert_eq!(ds.recipients[1].get("status"), Some("5.2.2"));
+    }
+
+    #[test]
+    fn keeps_fields_that_come_before_final_recipient() {
+        let text = "Action: failed\nFinal-Recipient: rfc822; a@x.example\n\
+Original-Recipient: rfc822; a@x.example\nStatus: 5.1.1\n";
+        let ds = parse_delivery_status(text);
+        assert_eq!(ds.recipients.len(), 1);
+        assert_eq!(ds.recipients[0].get("status"), Some("5.1.1"));
+        assert_eq!(ds.recipients[0].get("action"), Some("failed"));
     }
 
     #[test]

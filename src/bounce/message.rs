@@ -12,6 +12,9 @@ use super::text;
 use super::{BounceKind, BounceRecord};
 use crate::receipt::ReceiptId;
 
+/// Most recipients read from one bounce's prose (keeps hostile input near-linear).
+const MAX_PROSE_RECIPIENTS: usize = 1000;
+
 /// Longest diagnostic kept from bounce prose (DSN Diagnostic-Code fields are kept whole).
 const MAX_PROSE_DIAGNOSTIC: usize = 1200;
 
@@ -23,7 +26,7 @@ pub(crate) struct View {
     pub from_full: String,
     /// The bounce's To address, lowercased.
     pub to: String,
-    /// Top-level header fields (names lowercased, raw values trimmed).
+    /// The top-level header fields in [`KEPT_HEADERS`] (names lowercased, values unfolded).
     pub headers: Vec<(String, String)>,
     pub report_type: Option<String>,
     /// Bodies of `message/delivery-status` and `message/global-delivery-status` parts.
@@ -34,16 +37,15 @@ pub(crate) struct View {
     pub human: String,
     /// Header fields of the returned original message, when found.
     pub returned: Vec<(String, String)>,
+    /// The returned message as text (headers and body), when found.
+    pub returned_raw: Option<String>,
+    /// Length of the part of `human` before the returned message (the error section).
+    error_len: usize,
 }
 
 impl View {
     pub fn read(raw: &[u8]) -> Option<View> {
-        let msg = MessageParser::default().parse(raw)?;
-        let header = |name: &str| {
-            msg.header_raw(name)
-                .map(|v| v.trim().to_string())
-                .unwrap_or_default()
-        };
+        let msg = PARSER.parse(raw)?;
         let first_addr = |a: Option<&mail_parser::Address<'_>>| {
             a.and_then(|a| a.first())
                 .and_then(|a| a.address())
@@ -59,7 +61,10 @@ impl View {
             .to_ascii_lowercase();
         let mut headers = Vec::new();
         for (name, value) in msg.headers_raw() {
-            headers.push((name.to_ascii_lowercase(), unfold(value)));
+            // Only the few headers the readers consult are kept.
+            if KEPT_HEADERS.iter().any(|k| name.eq_ignore_ascii_case(k)) {
+                headers.push((name.to_ascii_lowercase(), unfold(value)));
+            }
         }
         let report_type = msg
             .root_part()
@@ -78,8 +83,9 @@ impl View {
             feedback_report: None,
             human: String::new(),
             returned: Vec::new(),
+            returned_raw: None,
+            error_len: 0,
         };
-        let _ = header;
 
         let mut html = String::new();
         let mut returned_text: Option<String> = None;
@@ -133,10 +139,10 @@ impl View {
                         | ("message", "global-headers")
                         | ("message", "rfc822")
                         | ("message", "global")
-                        | ("message", "partial") => {
-                            if returned_text.is_none() {
-                                returned_text = Some(s());
-                            }
+                        | ("message", "partial")
+                            if returned_text.is_none() =>
+                        {
+                            returned_text = Some(s());
                         }
                         _ => {}
                     }
@@ -146,15 +152,34 @@ impl View {
         if view.human.trim().is_empty() && !html.is_empty() {
             view.human = text::strip_html(&html);
         }
+        // Broken MIME (a boundary the parser could not follow): read the raw body as text.
+        if view.human.trim().is_empty() && view.delivery_status.is_empty() {
+            let body = raw
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .map(|i| i + 4)
+                .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|i| i + 2));
+            if let Some(start) = body {
+                view.human =
+                    String::from_utf8_lossy(raw.get(start..).unwrap_or_default()).into_owned();
+            }
+        }
         // Prose often carries the returned message inline after a marker line.
-        let (_, inline) = text::split_returned(&view.human);
+        let (error_section, inline) = text::split_returned(&view.human);
+        view.error_len = error_section.len();
         if returned_text.is_none() {
             returned_text = inline.map(str::to_string);
         }
         if let Some(t) = returned_text {
             view.returned = text::header_fields(&t);
+            view.returned_raw = Some(t);
         }
         Some(view)
+    }
+
+    /// The human-readable text before the returned message.
+    pub fn error_section(&self) -> &str {
+        self.human.get(..self.error_len).unwrap_or(&self.human)
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -200,9 +225,12 @@ impl View {
         }
     }
 
-    /// Whether the bounce's own headers say it is a delivery failure notice.
+    /// Whether the bounce's own headers say it is a delivery failure notice, or it returns
+    /// a message and its text says delivery failed.
     pub fn looks_like_bounce(&self) -> bool {
-        BOUNCE_FROM.is_match(&self.from_full) || BOUNCE_SUBJECT.is_match(&self.subject)
+        BOUNCE_FROM.is_match(&self.from_full)
+            || BOUNCE_SUBJECT.is_match(&self.subject)
+            || (!self.returned.is_empty() && BOUNCE_TEXT.is_match(self.error_section()))
     }
 }
 
@@ -226,18 +254,88 @@ impl Correlation {
     }
 }
 
+/// `raw` cut just after the header block of its `message/rfc822` part, when a
+/// delivery-status or feedback-report part comes before that part; `None` otherwise.
+pub(crate) fn without_returned_body(raw: &[u8]) -> Option<&[u8]> {
+    let mut report_seen = false;
+    let mut rfc822 = None;
+    for m in PART_TYPES.find_iter(raw) {
+        if m.as_bytes().len() > 20 {
+            // "content-type: message/rfc822"
+            rfc822 = Some(m.end());
+            break;
+        }
+        report_seen = true;
+    }
+    let rfc822 = rfc822.filter(|_| report_seen)?;
+    let part_headers_end = blank_line_after(raw, rfc822)?;
+    let returned_headers_end = blank_line_after(raw, part_headers_end)?;
+    raw.get(..returned_headers_end)
+}
+
+/// The offset just after the first empty line at or after `from`.
+fn blank_line_after(raw: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    loop {
+        let nl = raw.get(i..)?.iter().position(|&b| b == b'\n')? + i;
+        let rest = raw.get(nl + 1..)?;
+        if rest.first() == Some(&b'\n') {
+            return Some(nl + 2);
+        }
+        if rest.starts_with(b"\r\n") {
+            return Some(nl + 3);
+        }
+        i = nl + 1;
+    }
+}
+
+static PART_TYPES: LazyLock<regex::bytes::Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    regex::bytes::Regex::new(
+        r"(?i)content-type:[ \t]*message/rfc822|/(?:global-)?delivery-status|/feedback-report",
+    )
+    .expect("static regex")
+});
+
+/// The bounce's own headers that [`View::header`] can answer for.
+const KEPT_HEADERS: &[&str] = &[
+    "x-failed-recipients",
+    "auto-submitted",
+    "precedence",
+    "x-autoreply",
+    "x-autorespond",
+    "x-autoresponder",
+    "x-apple-unsubscribe",
+];
+
+/// Parses only the headers the bounce reader uses (MIME structure, Subject, From, To);
+/// every other header stays raw text, which spares tokenising each Received: field.
+static PARSER: LazyLock<MessageParser> = LazyLock::new(|| {
+    MessageParser::new()
+        .with_mime_headers()
+        .header_text(mail_parser::HeaderName::Subject)
+        .header_address(mail_parser::HeaderName::From)
+        .header_address(mail_parser::HeaderName::To)
+});
+
 static RECEIVED_ID: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"(?i)\bid <?([0-9a-z]{26})>?").expect("static regex")
+    Regex::new(r"(?i)(?-u:\b)id <?([0-9a-z]{26})>?").expect("static regex")
 });
 static BOUNCE_FROM: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"(?i)mailer-daemon|mailer_daemon|mailerdaemon|postmaster|mail delivery|maildelivery|mail-delivery|mail administrator|delivery subsystem|mdaemon|\bdaemon@|\bbounces?@|\bbounce-|\bnobody@|\bpostoffice@|\bsmtp|\bmail ?system|mail_?relay|\bnetmail|\bmaildaemon|\bmessage delivery|\bmail ?gate|\bmailadmin|\bnoreply-dmarc|notification|\bdelivery\b")
+    Regex::new(r"(?i)mailer-daemon|mailer_daemon|mailerdaemon|post_?master|mail delivery|maildelivery|mail-delivery|mail administrator|delivery subsystem|mdaemon|(?-u:\b)daemon@|(?-u:\b)bounces?@|(?-u:\b)bounce-|(?-u:\b)nobody@|(?-u:\b)postoffice@|(?-u:\b)smtp|(?-u:\b)mail ?system|mail_?relay|(?-u:\b)netmail|(?-u:\b)maildaemon|(?-u:\b)message delivery|(?-u:\b)mail ?gate|(?-u:\b)mailadmin|(?-u:\b)noreply-dmarc|notification|(?-u:\b)delivery(?-u:\b)")
         .expect("static regex")
 });
 static BOUNCE_SUBJECT: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    Regex::new(r"(?i)undeliver|undelivered|delivery (?:status|failure|failed|has failed|problem|notification|report|error)|returned mail|returning message|failure notice|failed delivery|mail delivery|non[- ]?delivery|nondeliverable|could not be delivered|couldn't be delivered|not delivered|returned to sender|message (?:not delivered|delivery|failure|rejected|blocked|bounced)|rejected|mail system error|could not send|delayed mail|delivery delayed|warning: (?:could not|message)|bounce|error sending|mail error|unzustellbar|nicht zustellbar|non remis|non recapitabile|no entregado|permanent error|temporary error|mail failure|delivery incomplete|message you sent|failed to deliver|cannot deliver|unable to deliver|address verification|mailbox (?:full|unavailable)|error delivering|sender notification|returned message|mail could not|your message|delivery to the following|problem delivering|system notice|kiosk|filtered|spam")
+    Regex::new(r"(?i)undeliver|undelivered|delivery (?:status|failure|failed|has failed|problem|notification|report|error)|returned mail|returning message|failure notice|failed delivery|mail delivery|non[- ]?delivery|nondeliverable|could not be delivered|couldn't be delivered|not delivered|returned to sender|message (?:not delivered|delivery|failure|rejected|blocked|bounced)|rejected|mail system error|could not send|delayed mail|delivery delayed|warning: (?:could not|message)|bounce|error sending|mail error|unzustellbar|nicht zustellbar|non remis|non recapitabile|no entregado|permanent error|temporary error|mail failure|delivery incomplete|message you sent|failed to deliver|cannot deliver|unable to deliver|address verification|mailbox (?:full|unavailable)|error delivering|sender notification|returned message|mail could not|your message|delivery to the following|problem delivering|system notice|filtered|spam|エラー|不達|配信|送信できません|返送|未送達|退信|无法投递")
+        .expect("static regex")
+});
+
+static BOUNCE_TEXT: LazyLock<Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    Regex::new(r"(?i)could not be delivered|couldn't be delivered|was not delivered|undeliverable|delivery (?:has )?failed|failed to deliver|unable to deliver|permanent (?:error|failure)|delivery to the following recipients? failed|did not reach the following recipient")
         .expect("static regex")
 });
 
@@ -275,13 +373,11 @@ fn is_success_action(action: &str) -> bool {
 /// field is missing or only says "something failed" (x.0.0) while the diagnostic is precise.
 fn pick_status(field: Option<&str>, diagnostic: &str) -> Option<String> {
     let from_field = field.and_then(text::find_enhanced_status);
-    let from_diag = text::find_enhanced_status(diagnostic);
+    let from_diag =
+        text::find_reply_status(diagnostic).or_else(|| text::find_enhanced_status(diagnostic));
     match (from_field, from_diag) {
-        (Some(f), Some(d))
-            if f.ends_with(".0.0") && d.get(..1) == f.get(..1) && !d.ends_with(".0.0") =>
-        {
-            Some(d)
-        }
+        // The remote server's own code is more precise than the reporting MTA's summary.
+        (Some(f), Some(d)) if d.get(..1) == f.get(..1) && !d.ends_with(".0.0") => Some(d),
         (Some(f), _) => Some(f),
         (None, d) => d,
     }
@@ -296,7 +392,7 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
         .filter(|d| !d.recipients.is_empty())
         .collect();
     if parsed.is_empty() {
-        let (error_section, _) = text::split_returned(&view.human);
+        let error_section = view.error_section();
         let lower = error_section.to_ascii_lowercase();
         if lower.contains("final-recipient:") || lower.contains("original-recipient:") {
             let d = dsn::parse_delivery_status(error_section);
@@ -305,8 +401,14 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             }
         }
     }
-    let (error_section, _) = text::split_returned(&view.human);
-    let prose = prose_segments(view, error_section);
+    let error_section = view.error_section();
+    // The prose is read only when a recipient block lacks what it should say.
+    let mut prose_cache: Option<Vec<(String, String)>> = None;
+    let mut prose = || -> Vec<(String, String)> {
+        prose_cache
+            .get_or_insert_with(|| prose_segments(view, error_section))
+            .clone()
+    };
 
     let mut out = Vec::new();
     for ds in &parsed {
@@ -343,7 +445,7 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
                 .or_else(|| block.get("x-actual-recipient").and_then(dsn::address_of))
                 .or_else(|| block.get("original-recipient").and_then(dsn::address_of))
                 .filter(|r| r.contains('@'))
-                .or_else(|| prose.first().map(|(a, _)| a.clone()));
+                .or_else(|| prose().first().map(|(a, _)| a.clone()));
             let Some(recipient) = recipient else {
                 continue;
             };
@@ -352,10 +454,11 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
                 .map(|d| dsn::strip_type(d).to_string())
                 .filter(|d| !d.is_empty());
             if diagnostic.is_none() {
-                diagnostic = prose
+                let segments = prose();
+                diagnostic = segments
                     .iter()
                     .find(|(a, _)| a.eq_ignore_ascii_case(&recipient))
-                    .or(prose.first())
+                    .or(segments.first())
                     .map(|(_, d)| d.clone())
                     .filter(|d| !d.is_empty());
             }
@@ -364,7 +467,7 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             r.status = pick_status(status_field, diag);
             r.reply_code = text::find_reply_code(diag);
             r.smtp_command = text::find_command(diag).map(str::to_string).or_else(|| {
-                prose
+                prose()
                     .iter()
                     .find(|(a, _)| a.eq_ignore_ascii_case(&recipient))
                     .and_then(|(_, d)| text::find_command(d))
@@ -372,6 +475,11 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             });
             r.action = action;
             r.diagnostic = diagnostic;
+            r.diagnostic_type = block
+                .get("diagnostic-code")
+                .and_then(|d| d.split_once(';'))
+                .map(|(t, _)| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty() && t.len() <= 12 && !t.contains(' '));
             r.original_recipient = block.get("original-recipient").and_then(dsn::address_of);
             r.orcpt = non_empty(block.get("original-recipient"));
             r.remote_mta = block
@@ -414,19 +522,30 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
                 .and_then(first_address)
                 .is_some_and(|f| f.eq_ignore_ascii_case(&a))
     };
-    // Addresses in "MAIL FROM:<...>" or "envelope-from" are the sender, not a recipient.
+    // Addresses in "MAIL FROM:<...>" or "envelope-from" are the sender, one after "contact"
+    // is a help desk, one in "Message-Id:" is no address at all: none is a recipient.
     let sender_context = |pos: usize| {
-        let start = pos.saturating_sub(16);
-        error_section
-            .get(start..pos)
-            .map(|s| {
-                let s = s.to_ascii_lowercase();
-                s.contains("from:")
-                    || s.contains("from <")
-                    || s.contains("sender")
-                    || s.contains("from=")
-            })
-            .unwrap_or(false)
+        let near = |n: usize| {
+            let mut start = pos.saturating_sub(n);
+            while !error_section.is_char_boundary(start) {
+                start -= 1;
+            }
+            error_section
+                .get(start..pos)
+                .unwrap_or("")
+                .to_ascii_lowercase()
+        };
+        let s = near(16);
+        let wide = near(48);
+        s.contains("from:")
+            || s.contains("from <")
+            || s.contains("sender")
+            || s.contains("from=")
+            || s.contains("message-id")
+            || s.contains("msgid")
+            || wide.contains("contact")
+            || wide.contains("please send")
+            || wide.contains("questions")
     };
 
     let mut found: Vec<(String, usize)> = Vec::new();
@@ -435,6 +554,9 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         .map(|v| text::addresses(v).map(|(_, a)| a.to_string()).collect())
         .unwrap_or_default();
     for (pos, addr) in text::addresses(error_section) {
+        if found.len() >= MAX_PROSE_RECIPIENTS {
+            break;
+        }
         if excluded(addr) || sender_context(pos) {
             continue;
         }
@@ -475,7 +597,12 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         let mut seg = error_section.get(*start..end).unwrap_or("").to_string();
         let informative =
             |s: &str| text::find_reply_code(s).is_some() || text::find_enhanced_status(s).is_some();
-        if (n == 1 && !informative(&seg)) || seg.trim().is_empty() {
+        // A lone recipient whose own lines say little: the explanation may come before it.
+        let says_little = seg.replace(addr.as_str(), "").trim().len() < 24;
+        if (n == 1 && says_little)
+            || (n == 1 && !informative(&seg) && informative(error_section))
+            || seg.trim().is_empty()
+        {
             seg = error_section.to_string();
         }
         out.push((addr.clone(), clip(&collapse(&seg), MAX_PROSE_DIAGNOSTIC)));
@@ -509,7 +636,7 @@ pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
     if !view.looks_like_bounce() && view.header("x-failed-recipients").is_none() {
         return Vec::new();
     }
-    let (error_section, _) = text::split_returned(&view.human);
+    let error_section = view.error_section();
     let mut segments = prose_segments(view, error_section);
     if segments.is_empty() {
         // No address in the prose: the returned message says whom it was for.
@@ -525,7 +652,8 @@ pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
         .into_iter()
         .map(|(recipient, diagnostic)| {
             let mut r = BounceRecord::new(recipient, BounceKind::Heuristic);
-            r.status = text::find_enhanced_status(&diagnostic);
+            r.status = text::find_reply_status(&diagnostic)
+                .or_else(|| text::find_enhanced_status(&diagnostic));
             r.reply_code = text::find_reply_code(&diagnostic);
             r.smtp_command = text::find_command(&diagnostic).map(str::to_string);
             r.action = Some(if delayed { "delayed" } else { "failed" }.to_string());

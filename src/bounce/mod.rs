@@ -2,7 +2,8 @@
 //!
 //! One record per failed recipient, from whichever evidence the message carries, tried in
 //! this order: an RFC 5965 feedback report (or a provider's equivalent), RFC 3464 / RFC 6533
-//! delivery-status fields (in their MIME part or inlined in text), the prose of a
+//! delivery-status fields (in their MIME part or inlined in text), an Amazon SES JSON
+//! notification, the prose of a
 //! non-standard MTA bounce, and last an RFC 3834 auto-reply. Mail that is none of these
 //! yields no record. The reason comes from [`classify::Classifier`].
 
@@ -13,6 +14,7 @@ pub mod dsn;
 pub mod ingest;
 mod message;
 pub mod reason;
+mod ses;
 pub mod text;
 pub mod verp;
 
@@ -66,6 +68,8 @@ pub struct BounceRecord {
     pub smtp_command: Option<String>,
     /// Decoded diagnostic text (Diagnostic-Code without its type, or the bounce's prose).
     pub diagnostic: Option<String>,
+    /// The Diagnostic-Code type (`smtp`, `x-unix`, `x-postfix`).
+    pub diagnostic_type: Option<String>,
     pub remote_mta: Option<String>,
     pub reporting_mta: Option<String>,
     pub last_attempt: Option<String>,
@@ -99,6 +103,7 @@ impl BounceRecord {
             reply_code: None,
             smtp_command: None,
             diagnostic: None,
+            diagnostic_type: None,
             remote_mta: None,
             reporting_mta: None,
             last_attempt: None,
@@ -124,8 +129,14 @@ impl BounceRecord {
             action: self.action.as_deref(),
             command: self.smtp_command.as_deref(),
         };
-        self.reason = classifier.reason(&ev);
-        self.bounce_type = bounce_type(self.reason, self.status.as_deref(), self.reply_code);
+        self.reason = classifier.reason_typed(&ev, self.diagnostic_type.as_deref());
+        // A failure report without any code is still a permanent failure.
+        let failed = self.action.as_deref() == Some("failed");
+        let status = self
+            .status
+            .as_deref()
+            .or((failed && self.reply_code.is_none()).then_some("5.0.0"));
+        self.bounce_type = bounce_type(self.reason, status, self.reply_code);
     }
 
     /// The recipient status a matched record moves its recipient to: `bounced` for a
@@ -149,15 +160,54 @@ pub fn parse(raw: &[u8]) -> Vec<BounceRecord> {
 
 /// Parses returned mail, classifying with `classifier`.
 pub fn parse_with(raw: &[u8], classifier: &Classifier) -> Vec<BounceRecord> {
+    parse_nested(raw, classifier, 0)
+}
+
+/// How deep a bounce wrapped in another message (a forwarded bounce, a bounce of a bounce)
+/// is still looked into.
+const MAX_NESTING: usize = 1;
+
+fn parse_nested(raw: &[u8], classifier: &Classifier, depth: usize) -> Vec<BounceRecord> {
+    // A report whose machine-readable part precedes the returned message needs only the
+    // returned message's headers: parsing its body (often the bulk of the bytes) is wasted.
+    if let Some(short) = message::without_returned_body(raw) {
+        let records = parse_view(short, classifier, depth);
+        if !records.is_empty() && !is_weak(&records) {
+            return records;
+        }
+    }
+    parse_view(raw, classifier, depth)
+}
+
+/// Only prose without any code: what came back may itself be the (better) bounce.
+fn is_weak(records: &[BounceRecord]) -> bool {
+    records
+        .iter()
+        .all(|r| r.kind == BounceKind::Heuristic && r.status.is_none() && r.reply_code.is_none())
+}
+
+fn parse_view(raw: &[u8], classifier: &Classifier, depth: usize) -> Vec<BounceRecord> {
     let Some(view) = message::View::read(raw) else {
         return Vec::new();
     };
     let mut records = arf::records(&view);
     if records.is_empty() {
+        records = ses::records(&view);
+    }
+    if records.is_empty() {
         records = message::dsn_records(&view);
     }
     if records.is_empty() {
         records = message::text_records(&view);
+    }
+    if is_weak(&records)
+        && depth < MAX_NESTING
+        && let Some(inner) = &view.returned_raw
+    {
+        let nested = parse_nested(inner.as_bytes(), classifier, depth + 1);
+        if !nested.is_empty() {
+            return nested;
+        }
     }
     if records.is_empty() {
         records = autoreply::records(&view);

@@ -1,1 +1,474 @@
 //! Parser tests on small hand-written bounces, one per format family.
+
+use super::*;
+
+fn one(raw: &str) -> BounceRecord {
+    let records = parse(raw.as_bytes());
+    assert_eq!(records.len(), 1, "{records:#?}");
+    records.into_iter().next().unwrap_or_else(|| unreachable!())
+}
+
+fn receipt() -> ReceiptId {
+    ReceiptId::from_u128(0x0192_0000_1111_2222_3333_4444_5555_6666)
+}
+
+fn dsn_two_recipients() -> String {
+    format!(
+        "From: Mail Delivery System <MAILER-DAEMON@mx.example.org>\r\n\
+To: app@example.com\r\n\
+Subject: Undelivered Mail Returned to Sender\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"B1\"\r\n\
+\r\n\
+--B1\r\n\
+Content-Type: text/plain; charset=us-ascii\r\n\
+\r\n\
+I'm sorry to have to inform you that your message could not be delivered.\r\n\
+\r\n\
+--B1\r\n\
+Content-Type: message/delivery-status\r\n\
+\r\n\
+Reporting-MTA: dns; mx.example.org\r\n\
+Original-Envelope-Id: env-77\r\n\
+Arrival-Date: Mon, 2 Jun 2025 10:00:00 +0000\r\n\
+\r\n\
+Final-Recipient: rfc822; alice@example.net\r\n\
+Original-Recipient: rfc822; Alice@example.net\r\n\
+Action: failed\r\n\
+Status: 5.1.1\r\n\
+Remote-MTA: dns; mx.example.net\r\n\
+Diagnostic-Code: smtp; 550 5.1.1 <alice@example.net>: Recipient address\r\n    rejected: User unknown in local recipient table\r\n\
+Last-Attempt-Date: Mon, 2 Jun 2025 10:00:05 +0000\r\n\
+\r\n\
+Final-Recipient: rfc822; bob@example.net\r\n\
+Action: delayed\r\n\
+Status: 4.2.2\r\n\
+Diagnostic-Code: smtp; 452 4.2.2 Mailbox full\r\n\
+Will-Retry-Until: Fri, 6 Jun 2025 10:00:00 +0000\r\n\
+\r\n\
+Final-Recipient: rfc822; carol@example.net\r\n\
+Action: delivered\r\n\
+Status: 2.0.0\r\n\
+\r\n\
+--B1\r\n\
+Content-Type: text/rfc822-headers\r\n\
+\r\n\
+Received: from app.example.com by relay.example.com with ESMTP id <{id}>;\r\n\tMon, 2 Jun 2025 09:59:59 +0000\r\n\
+Return-Path: <app@example.com>\r\n\
+Message-ID: <m1@example.com>\r\n\
+From: app@example.com\r\n\
+To: alice@example.net\r\n\
+Subject: hello\r\n\
+\r\n\
+--B1--\r\n",
+        id = receipt()
+    )
+}
+
+#[test]
+fn dsn_gives_one_record_per_failed_or_delayed_recipient() {
+    let records = parse(dsn_two_recipients().as_bytes());
+    assert_eq!(records.len(), 2, "delivered recipients are not bounces");
+    let a = &records[0];
+    assert_eq!(a.kind, BounceKind::Dsn);
+    assert_eq!(a.recipient, "alice@example.net");
+    assert_eq!(a.original_recipient.as_deref(), Some("Alice@example.net"));
+    assert_eq!(a.orcpt.as_deref(), Some("rfc822; Alice@example.net"));
+    assert_eq!(a.action.as_deref(), Some("failed"));
+    assert_eq!(a.status.as_deref(), Some("5.1.1"));
+    assert_eq!(a.reply_code, Some(550));
+    assert_eq!(a.reason, BounceReason::UserUnknown);
+    assert_eq!(a.bounce_type, BounceType::Hard);
+    assert_eq!(a.remote_mta.as_deref(), Some("mx.example.net"));
+    assert_eq!(a.reporting_mta.as_deref(), Some("mx.example.org"));
+    assert_eq!(a.envid.as_deref(), Some("env-77"));
+    assert_eq!(
+        a.last_attempt.as_deref(),
+        Some("Mon, 2 Jun 2025 10:00:05 +0000")
+    );
+    assert!(
+        a.diagnostic
+            .as_deref()
+            .is_some_and(|d| d.contains("User unknown in local recipient table"))
+    );
+    let b = &records[1];
+    assert_eq!(b.recipient, "bob@example.net");
+    assert_eq!(b.action.as_deref(), Some("delayed"));
+    assert_eq!(b.reason, BounceReason::MailboxFull);
+    assert_eq!(b.bounce_type, BounceType::Soft);
+    assert_eq!(
+        b.will_retry_until.as_deref(),
+        Some("Fri, 6 Jun 2025 10:00:00 +0000")
+    );
+    assert_eq!(
+        b.recipient_status(),
+        None,
+        "a delay does not bounce the recipient"
+    );
+    assert_eq!(
+        a.recipient_status(),
+        Some(crate::store::RecipientStatus::Bounced)
+    );
+}
+
+#[test]
+fn dsn_carries_the_correlation_hints_of_the_returned_message() {
+    let records = parse(dsn_two_recipients().as_bytes());
+    for r in &records {
+        assert_eq!(r.receipt, Some(receipt()));
+        assert_eq!(r.message_id.as_deref(), Some("<m1@example.com>"));
+        assert_eq!(r.original_sender.as_deref(), Some("app@example.com"));
+        assert_eq!(r.original_to.as_deref(), Some("alice@example.net"));
+    }
+}
+
+#[test]
+fn mailtrail_receipt_header_wins_over_received() {
+    let other = ReceiptId::from_u128(42);
+    let raw = format!(
+        "From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered Mail\r\n\r\n\
+<x@example.net>: host mx.example.net said: 550 5.1.1 no such user\r\n\r\n\
+--- Below this line is a copy of the message.\r\n\r\n\
+Received: from a by b id <{}>;\r\n  Mon, 2 Jun 2025 09:59:59 +0000\r\n\
+X-Mailtrail-Receipt: {}\r\nMessage-ID: <m2@example.com>\r\nFrom: app@example.com\r\n\
+To: x@example.net\r\n\r\nbody\r\n",
+        other,
+        receipt()
+    );
+    let r = one(&raw);
+    assert_eq!(r.receipt, Some(receipt()));
+    assert_eq!(r.message_id.as_deref(), Some("<m2@example.com>"));
+}
+
+#[test]
+fn a_dsn_of_only_successes_reports_them_as_delivered() {
+    let raw = "From: MAILER-DAEMON@mx.example.org\r\nSubject: Successful Mail Delivery Report\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\
+--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.org\r\n\r\n\
+Final-Recipient: rfc822; ok@example.net\r\nAction: relayed\r\nStatus: 2.0.0\r\n\r\n--B--\r\n";
+    let r = one(raw);
+    assert_eq!(r.reason, BounceReason::Delivered);
+    assert_eq!(r.bounce_type, BounceType::Undetermined);
+    assert_eq!(r.recipient_status(), None);
+}
+
+#[test]
+fn global_delivery_status_is_read_like_a_dsn() {
+    let raw = "From: MAILER-DAEMON@mx.example.org\r\nSubject: Delivery Status Notification (Failure)\r\n\
+Content-Type: multipart/report; report-type=global-delivery-status; boundary=\"G\"\r\n\r\n\
+--G\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nÉchec de remise.\r\n\
+--G\r\nContent-Type: message/global-delivery-status\r\n\r\n\
+Reporting-MTA: dns; mx.example.org\r\n\r\n\
+Final-Recipient: utf-8; jörg@example.de\r\nAction: failed\r\nStatus: 5.2.2\r\n\
+Diagnostic-Code: smtp; 552 5.2.2 Postfach voll (mailbox full)\r\n\r\n--G--\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "jörg@example.de");
+    assert_eq!(r.reason, BounceReason::MailboxFull);
+}
+
+#[test]
+fn arf_complaint_names_the_complained_about_recipient() {
+    let raw = "From: feedback@isp.example\r\nTo: abuse@example.com\r\nSubject: Abuse report\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\r\n\
+--F\r\nContent-Type: text/plain\r\n\r\nThis is an abuse report.\r\n\
+--F\r\nContent-Type: message/feedback-report\r\n\r\n\
+Feedback-Type: abuse\r\nUser-Agent: ISP-FBL/1.0\r\nVersion: 1\r\n\
+Original-Mail-From: <app@example.com>\r\nOriginal-Rcpt-To: <user@isp.example>\r\n\
+Arrival-Date: Mon, 2 Jun 2025 10:00:00 +0000\r\nReporting-MTA: dns; fbl.isp.example\r\n\
+--F\r\nContent-Type: message/rfc822\r\n\r\n\
+Message-ID: <m3@example.com>\r\nFrom: app@example.com\r\nTo: user@isp.example\r\n\r\nhi\r\n--F--\r\n";
+    let r = one(raw);
+    assert_eq!(r.kind, BounceKind::Arf);
+    assert_eq!(r.recipient, "user@isp.example");
+    assert_eq!(r.feedback_type.as_deref(), Some("abuse"));
+    assert_eq!(r.reason, BounceReason::Feedback);
+    assert_eq!(r.bounce_type, BounceType::Complaint);
+    assert_eq!(r.message_id.as_deref(), Some("<m3@example.com>"));
+    assert_eq!(r.original_sender.as_deref(), Some("app@example.com"));
+    assert_eq!(
+        r.recipient_status(),
+        Some(crate::store::RecipientStatus::Complained)
+    );
+}
+
+#[test]
+fn arf_without_original_rcpt_to_uses_the_returned_to() {
+    let raw = "From: fbl@isp.example\r\nSubject: report\r\n\
+Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\r\n\
+--F\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: opt-out\r\n\
+--F\r\nContent-Type: message/rfc822\r\n\r\nFrom: app@example.com\r\nTo: <u@isp.example>\r\n\r\nx\r\n--F--\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "u@isp.example");
+    assert_eq!(r.feedback_type.as_deref(), Some("opt-out"));
+}
+
+#[test]
+fn auto_replies_are_vacation_records_for_the_replying_address() {
+    for headers in [
+        "Auto-Submitted: auto-replied\r\nSubject: Re: your order\r\n",
+        "X-Autoreply: yes\r\nSubject: Re: hello\r\n",
+        "Precedence: auto_reply\r\nSubject: hello\r\n",
+        "Subject: =?UTF-8?Q?R=C3=A9ponse_automatique=C2=A0:_hello?=\r\n",
+        "Subject: Abwesenheitsnotiz: hello\r\n",
+    ] {
+        let raw = format!(
+            "From: Jane <jane@example.net>\r\nTo: app@example.com\r\n{headers}\r\nI am away until Monday.\r\n"
+        );
+        let r = one(&raw);
+        assert_eq!(r.kind, BounceKind::Autoreply, "{headers}");
+        assert_eq!(r.recipient, "jane@example.net");
+        assert_eq!(r.reason, BounceReason::Vacation);
+        assert_eq!(r.bounce_type, BounceType::Autoreply);
+        assert_eq!(r.recipient_status(), None);
+    }
+}
+
+#[test]
+fn postfix_style_prose_bounce() {
+    let raw = "From: MAILER-DAEMON@mx.example.org (Mail Delivery System)\r\n\
+Subject: Undelivered Mail Returned to Sender\r\nTo: app@example.com\r\n\r\n\
+This is the mail system at host mx.example.org.\r\n\r\n\
+<gone@example.net>: host mx.example.net[192.0.2.9] said: 550 5.1.1\r\n\
+    <gone@example.net>: Recipient address rejected: User unknown (in reply to RCPT TO\r\n\
+    command)\r\n";
+    let r = one(raw);
+    assert_eq!(r.kind, BounceKind::Heuristic);
+    assert_eq!(r.recipient, "gone@example.net");
+    assert_eq!(r.status.as_deref(), Some("5.1.1"));
+    assert_eq!(r.reply_code, Some(550));
+    assert_eq!(r.smtp_command.as_deref(), Some("RCPT"));
+    assert_eq!(r.reason, BounceReason::UserUnknown);
+    assert_eq!(r.bounce_type, BounceType::Hard);
+}
+
+#[test]
+fn exim_style_bounce_uses_x_failed_recipients() {
+    let raw = "From: Mail Delivery System <Mailer-Daemon@mx.example.org>\r\n\
+To: app@example.com\r\nSubject: Mail delivery failed: returning message to sender\r\n\
+X-Failed-Recipients: full@example.net\r\nAuto-Submitted: auto-replied\r\n\r\n\
+This message was created automatically by mail delivery software.\r\n\r\n\
+A message that you sent could not be delivered to one or more of its\r\n\
+recipients. This is a permanent error. The following address(es) failed:\r\n\r\n\
+  full@example.net\r\n\
+    host mx.example.net [192.0.2.9]\r\n\
+    SMTP error from remote mail server after RCPT TO:<full@example.net>:\r\n\
+    552 5.2.2 Mailbox quota exceeded\r\n\r\n\
+------ This is a copy of the message, including all the headers. ------\r\n\r\n\
+From: app@example.com\r\nTo: full@example.net\r\nSubject: hi\r\n\r\nhello\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "full@example.net");
+    assert_eq!(r.reason, BounceReason::MailboxFull);
+    assert_eq!(r.status.as_deref(), Some("5.2.2"));
+    assert_eq!(r.bounce_type, BounceType::Soft);
+}
+
+#[test]
+fn qmail_style_bounce_with_two_recipients() {
+    let raw = "From: MAILER-DAEMON@mx.example.org\r\nTo: app@example.com\r\nSubject: failure notice\r\n\r\n\
+Hi. This is the qmail-send program at mx.example.org.\r\n\
+I'm afraid I wasn't able to deliver your message to the following addresses.\r\n\
+This is a permanent error; I've given up. Sorry it didn't work out.\r\n\r\n\
+<nohost@nowhere.example>:\r\n\
+Sorry, I couldn't find any host named nowhere.example. (#5.1.2)\r\n\r\n\
+<who@example.net>:\r\n\
+192.0.2.9 does not like recipient.\r\n\
+Remote host said: 550 5.1.1 <who@example.net>... No such user\r\n\
+Giving up on 192.0.2.9.\r\n\r\n\
+--- Below this line is a copy of the message.\r\n\r\n\
+From: app@example.com\r\nTo: who@example.net\r\n\r\nhi\r\n";
+    let records = parse(raw.as_bytes());
+    assert_eq!(records.len(), 2, "{records:#?}");
+    assert_eq!(records[0].recipient, "nohost@nowhere.example");
+    assert_eq!(records[0].reason, BounceReason::HostUnknown);
+    assert_eq!(records[1].recipient, "who@example.net");
+    assert_eq!(records[1].smtp_command.as_deref(), Some("RCPT"));
+    assert_eq!(records[1].reason, BounceReason::UserUnknown);
+}
+
+#[test]
+fn exchange_style_bounce() {
+    let raw = "From: postmaster@corp.example\r\nTo: app@example.com\r\n\
+Subject: Undeliverable: hello\r\n\r\n\
+Your message did not reach some or all of the intended recipients.\r\n\r\n\
+      Subject:  hello\r\n\r\n\
+The following recipient(s) cannot be reached:\r\n\r\n\
+      nobody@corp.example on 6/2/2025 10:00 AM\r\n\
+            The e-mail account does not exist at the organization this message was sent to.\r\n\
+            <mx.corp.example #5.1.1 smtp;550 5.1.1 RESOLVER.ADR.RecipNotFound; not found>\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "nobody@corp.example");
+    assert_eq!(r.status.as_deref(), Some("5.1.1"));
+    assert_eq!(r.reason, BounceReason::UserUnknown);
+}
+
+#[test]
+fn amazon_ses_bounce_notification() {
+    let inner = serde_json::json!({
+        "notificationType": "Bounce",
+        "bounce": {"bounceType": "Permanent", "reportingMTA": "dns; a1.example",
+            "bouncedRecipients": [{"emailAddress": "x@example.net", "action": "failed",
+                "status": "5.1.1", "diagnosticCode": "smtp; 550 5.1.1 user unknown"}]},
+        "mail": {"messageId": "0100-abc", "source": "app@example.com"}
+    });
+    let sns = serde_json::json!({"Type": "Notification", "Message": inner.to_string()});
+    let raw =
+        format!("From: no-reply@sns.example\r\nSubject: AWS Notification Message\r\n\r\n{sns}\r\n");
+    let r = one(&raw);
+    assert_eq!(r.recipient, "x@example.net");
+    assert_eq!(r.reason, BounceReason::UserUnknown);
+    assert_eq!(r.bounce_type, BounceType::Hard);
+    assert_eq!(r.message_id.as_deref(), Some("0100-abc"));
+    assert_eq!(r.original_sender.as_deref(), Some("app@example.com"));
+}
+
+#[test]
+fn a_forwarded_bounce_is_read_from_the_returned_message() {
+    let inner = dsn_two_recipients();
+    let raw = format!(
+        "From: helpdesk@example.org\r\nTo: app@example.com\r\nSubject: Fwd: returned mail\r\n\
+MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"W\"\r\n\r\n\
+--W\r\nContent-Type: text/plain\r\n\r\nSee below.\r\n\
+--W\r\nContent-Type: message/rfc822\r\n\r\n{inner}\r\n--W--\r\n"
+    );
+    let records = parse(raw.as_bytes());
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].recipient, "alice@example.net");
+}
+
+#[test]
+fn encoded_words_and_charsets_are_decoded() {
+    let raw = "From: =?ISO-8859-1?Q?Syst=E8me_de_messagerie?= <MAILER-DAEMON@mx.example.fr>\r\n\
+Subject: =?UTF-8?B?Tm9uIHJlbWlz?=\r\nTo: app@example.com\r\n\
+Content-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n\
+Le message n'a pas pu =EAtre remis =E0 <absent@example.fr>:\r\n\
+550 5.1.1 Utilisateur inconnu ! (user unknown)\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "absent@example.fr");
+    assert!(
+        r.diagnostic
+            .as_deref()
+            .is_some_and(|d| d.contains("être remis à"))
+    );
+    assert_eq!(r.reason, BounceReason::UserUnknown);
+}
+
+#[test]
+fn non_bounces_and_garbage_give_no_record() {
+    let inputs: Vec<Vec<u8>> = vec![
+        b"From: friend@example.net\r\nTo: app@example.com\r\nSubject: lunch?\r\n\r\nSee you at 12, bob@example.org says hi.\r\n".to_vec(),
+        b"From: news@example.net\r\nSubject: Newsletter\r\nContent-Type: text/html\r\n\r\n<p>Hello</p>\r\n".to_vec(),
+        Vec::new(),
+        b"\x00\x01\x02\xff\xfe garbage".to_vec(),
+        b"no headers at all, just text with user unknown 550 5.1.1 a@b.example".to_vec(),
+        b"Content-Type: multipart/report; boundary=\"x\"\r\n\r\n--x\r\nContent-Type: message/delivery-status\r\n\r\n--x--".to_vec(),
+        "From: MAILER-DAEMON@x.example\r\nSubject: Undelivered\r\n\r\n\u{fffd}\u{fffd}".as_bytes().to_vec(),
+    ];
+    for raw in inputs {
+        assert!(
+            parse(&raw).is_empty(),
+            "{:?}",
+            String::from_utf8_lossy(&raw)
+        );
+    }
+}
+
+#[test]
+fn hostile_input_does_not_panic() {
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    let base = dsn_two_recipients().into_bytes();
+    for _ in 0..300 {
+        let mut raw = base.clone();
+        for _ in 0..20 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = raw.len().max(1);
+            let i = (seed as usize) % len;
+            match seed % 3 {
+                0 => {
+                    if let Some(b) = raw.get_mut(i) {
+                        *b = (seed >> 8) as u8;
+                    }
+                }
+                1 => raw.truncate(i),
+                _ => raw.insert(i.min(raw.len()), b'\n'),
+            }
+        }
+        let _ = parse(&raw);
+    }
+}
+
+#[test]
+fn user_rules_change_the_verdict() {
+    let raw = "From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered Mail\r\n\r\n\
+<x@example.net>: host mx.example.net said: 550 Frobnicated by policy 42\r\n";
+    assert_eq!(one(raw).reason, BounceReason::OnHold);
+    let c = Classifier::with_user_rules(
+        "[[rule]]\nreason = \"policyviolation\"\npatterns = ['frobnicated by policy']\n",
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let records = parse_with(raw.as_bytes(), &c);
+    assert_eq!(
+        records.first().map(|r| r.reason),
+        Some(BounceReason::PolicyViolation)
+    );
+}
+
+#[test]
+fn the_returned_body_is_skipped_but_its_headers_are_read() {
+    let dsn = dsn_two_recipients().replace(
+        "Content-Type: text/rfc822-headers\r\n",
+        "Content-Type: message/rfc822\r\n",
+    );
+    let body = "x".repeat(200_000);
+    let raw = dsn.replace(
+        "Subject: hello\r\n\r\n",
+        &format!("Subject: hello\r\n\r\n{body}\r\n"),
+    );
+    let short = message::without_returned_body(raw.as_bytes()).unwrap_or_default();
+    assert!(short.len() < 4_000, "cut after the returned headers");
+    assert!(String::from_utf8_lossy(short).ends_with("Subject: hello\r\n\r\n"));
+    let records = parse(raw.as_bytes());
+    assert_eq!(records.len(), 2);
+    assert_eq!(records[0].message_id.as_deref(), Some("<m1@example.com>"));
+    assert_eq!(records[0].receipt, Some(receipt()));
+    // A returned message before the report is not cut.
+    let odd = "Content-Type: message/rfc822\r\n\r\nFrom: a@b.example\r\n\r\nbody\r\n\
+Content-Type: message/delivery-status\r\n";
+    assert!(message::without_returned_body(odd.as_bytes()).is_none());
+}
+
+#[test]
+fn huge_hostile_bounces_stay_fast() {
+    let mut prose =
+        String::from("From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered Mail\r\n\r\n");
+    for i in 0..50_000 {
+        prose.push_str(&format!(
+            "<u{i}@example.net>: 550 5.1.1 unknown <u{i}@example.net>\r\n"
+        ));
+    }
+    let mut dsn = String::from(
+        "From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\
+--B\r\nContent-Type: message/delivery-status\r\n\r\n",
+    );
+    for i in 0..50_000 {
+        dsn.push_str(&format!("Final-Recipient: rfc822; u{i}@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\nX-Junk-{i}: x\r\n"));
+    }
+    dsn.push_str("--B--\r\n");
+    for raw in [prose, dsn] {
+        let t = std::time::Instant::now();
+        let records = parse(raw.as_bytes());
+        assert!(
+            !records.is_empty() && records.len() <= 1000,
+            "{}",
+            records.len()
+        );
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(20),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+}

@@ -19,7 +19,7 @@ static REPLY: LazyLock<Regex> =
     LazyLock::new(|| re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)"));
 static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)(?:after|in reply to|response to|for|during|while|>>>) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail)\b|\b(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused)",
+        r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)(?-u:\b)|(?-u:\b)(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|does not like recipient|sender was rejected|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)",
     )
 });
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
@@ -29,14 +29,40 @@ static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
 });
 static HEADER_LINE: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"^(?i)(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): ",
+        r"(?mi)^(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): ",
     )
 });
 static MARKER: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)",
+        r"(?mi)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)",
     )
 });
+
+static CONTINUATION: LazyLock<Regex> =
+    LazyLock::new(|| re(r"([2-5]\d\d)-((?:[2-5]\.\d{1,3}\.\d{1,3} )?)"));
+
+/// Joins the lines of a multi-line SMTP reply flattened into one line: after its first
+/// `550-5.2.1 ` prefix, the later `550-5.2.1 ` and final `550 5.2.1 ` prefixes are removed,
+/// so a phrase broken across reply lines reads whole.
+pub fn join_reply_lines(flat: &str) -> String {
+    let Some(first) = CONTINUATION.captures(flat) else {
+        return flat.to_string();
+    };
+    let (Some(whole), Some(code)) = (first.get(0), first.get(1)) else {
+        return flat.to_string();
+    };
+    let status = first.get(2).map_or("", |m| m.as_str());
+    let code = code.as_str();
+    let head = flat.get(..whole.end()).unwrap_or(flat);
+    let tail = flat.get(whole.end()..).unwrap_or("");
+    let tail = tail
+        .replace(&format!(" {code}-{status}"), " ")
+        .replace(&format!(" {code} {status}"), " ");
+    let mut out = String::with_capacity(flat.len());
+    out.push_str(head);
+    out.push_str(&tail.split_whitespace().collect::<Vec<_>>().join(" "));
+    out
+}
 
 /// The first enhanced status code (RFC 3463) in `text`, e.g. `5.1.1`.
 pub fn find_enhanced_status(text: &str) -> Option<String> {
@@ -49,6 +75,18 @@ pub fn find_enhanced_status(text: &str) -> Option<String> {
                 .nth(1)
                 .is_some_and(|subject| subject.len() <= 3)
         })
+}
+
+static REPLY_STATUS: LazyLock<Regex> =
+    LazyLock::new(|| re(r"(?:^|[^\d])[245]\d\d[ -]['\x22]?([245]\.\d{1,3}\.\d{1,3})(?:[^\d.]|$)"));
+
+/// The enhanced status code that follows a reply code (`550 5.7.1`, `550-'5.7.1`): the
+/// remote server's own, which beats any code the reporting MTA wrote around it.
+pub fn find_reply_status(text: &str) -> Option<String> {
+    REPLY_STATUS
+        .captures(text)
+        .and_then(|c| c.get(1))
+        .map(|m| m.as_str().to_string())
 }
 
 /// The first 4xx/5xx SMTP reply code in `text`.
@@ -64,13 +102,17 @@ pub fn find_reply_code(text: &str) -> Option<u16> {
 pub fn find_command(text: &str) -> Option<&'static str> {
     let m = COMMAND.find(text)?;
     let s = m.as_str().to_ascii_lowercase();
-    Some(if s.contains("rcpt") {
+    Some(if s.contains("rcpt") || s.contains("recipient") {
         "RCPT"
-    } else if s.contains("mail") {
+    } else if s.contains("mail") || s.contains("sender") {
         "MAIL"
     } else if s.contains("data") {
         "DATA"
-    } else if s.contains("helo") || s.contains("ehlo") {
+    } else if s.contains("helo")
+        || s.contains("ehlo")
+        || s.contains("greeting")
+        || s.contains("my name")
+    {
         "HELO"
     } else if s.contains("starttls") {
         "STARTTLS"
@@ -87,21 +129,22 @@ pub fn addresses(text: &str) -> impl Iterator<Item = (usize, &str)> {
     })
 }
 
-/// Whether a line starts a header block of an embedded (returned) message: a known header
-/// name followed by at least one more header or continuation line.
-fn starts_header_block(lines: &[&str], i: usize) -> bool {
-    let Some(line) = lines.get(i) else {
+/// Whether the line at byte `start` of `body` starts a header block of an embedded
+/// (returned) message: a known header name followed by two more header or continuation lines.
+fn starts_header_block(body: &str, start: usize) -> bool {
+    let Some(rest) = body.get(start..) else {
         return false;
     };
-    if !HEADER_LINE.is_match(line) {
+    let mut lines = rest.lines();
+    if !lines.next().is_some_and(|l| HEADER_LINE.is_match(l)) {
         return false;
     }
     let mut headers = 1;
-    for l in lines.iter().skip(i + 1).take(4) {
+    for l in lines.take(4) {
         if l.trim().is_empty() {
             break;
         }
-        if HEADER_LINE.is_match(l) || l.starts_with([' ', '\t']) {
+        if l.starts_with([' ', '\t']) || HEADER_LINE.is_match(l) {
             headers += 1;
         }
     }
@@ -109,23 +152,30 @@ fn starts_header_block(lines: &[&str], i: usize) -> bool {
 }
 
 /// Splits a bounce body into (error section, returned message text if any). The returned
-/// message starts at a marker line ("Below this line is a copy of the message") or at the
-/// first embedded header block.
+/// message starts after a marker line ("Below this line is a copy of the message") or at
+/// the first embedded header block, whichever comes first.
 pub fn split_returned(body: &str) -> (&str, Option<&str>) {
-    let lines: Vec<&str> = body.split_inclusive('\n').collect();
-    let mut offset = 0;
-    for (i, line) in lines.iter().enumerate() {
-        let trimmed = line.trim_end();
-        if MARKER.is_match(trimmed) {
-            let rest = body.get(offset + line.len()..);
-            return (body.get(..offset).unwrap_or(body), rest);
-        }
-        if starts_header_block(&lines, i) {
-            return (body.get(..offset).unwrap_or(body), body.get(offset..));
-        }
-        offset += line.len();
+    let marker = MARKER.find(body).map(|m| {
+        let line_start = body
+            .get(..m.start())
+            .and_then(|s| s.rfind('\n'))
+            .map_or(0, |i| i + 1);
+        let line_end = body
+            .get(m.end()..)
+            .and_then(|s| s.find('\n'))
+            .map_or(body.len(), |i| m.end() + i + 1);
+        (line_start, line_end)
+    });
+    let limit = marker.map_or(body.len(), |(s, _)| s);
+    let header = HEADER_LINE
+        .find_iter(body.get(..limit).unwrap_or(body))
+        .map(|m| m.start())
+        .find(|&s| starts_header_block(body, s));
+    match (marker, header) {
+        (_, Some(h)) => (body.get(..h).unwrap_or(body), body.get(h..)),
+        (Some((s, e)), None) => (body.get(..s).unwrap_or(body), body.get(e..)),
+        (None, None) => (body, None),
     }
-    (body, None)
 }
 
 /// Header fields of an embedded message (unfolded; names lowercased), read from its start
@@ -226,6 +276,20 @@ mod tests {
     }
 
     #[test]
+    fn prefers_the_status_inside_the_reply() {
+        assert_eq!(
+            find_reply_status("5.1.0 - Unknown address error 550-'5.7.1 <a@b>... Access denied'")
+                .as_deref(),
+            Some("5.7.1")
+        );
+        assert_eq!(
+            find_reply_status("550 5.1.1 no such user").as_deref(),
+            Some("5.1.1")
+        );
+        assert_eq!(find_reply_status("5.1.1 user unknown"), None);
+    }
+
+    #[test]
     fn finds_reply_codes_after_typical_prefixes() {
         assert_eq!(
             find_reply_code("remote host said: 550 Unknown user"),
@@ -249,6 +313,22 @@ mod tests {
         );
         assert_eq!(find_command("after MAIL FROM:<a@b> SIZE=1"), Some("MAIL"));
         assert_eq!(find_command("nothing here"), None);
+        assert_eq!(
+            find_command("192.0.2.1 does not like recipient."),
+            Some("RCPT")
+        );
+        assert_eq!(
+            find_command("Connected to 192.0.2.1 but sender was rejected."),
+            Some("MAIL")
+        );
+        assert_eq!(
+            find_command("mx [192.0.2.2] did not like our final DATA:"),
+            Some("DATA")
+        );
+        assert_eq!(
+            find_command("error after initial connection: 554"),
+            Some("CONN")
+        );
     }
 
     #[test]

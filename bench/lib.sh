@@ -275,6 +275,13 @@ mailtrail_peak_rss_mib() {
         echo "n/a"
 }
 
+# CPU seconds (user + system, all threads) mailtrail has used so far: less sensitive to other
+# load on the machine than wall-clock rates.
+mailtrail_cpu_secs() {
+    awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f\n", ($14 + $15) / hz }' \
+        "/proc/$MAILTRAIL_PID/stat" 2>/dev/null || echo "n/a"
+}
+
 mailtrail_stop() {
     [[ -n $MAILTRAIL_PID ]] && stop_pid "$MAILTRAIL_PID"
     MAILTRAIL_PID=

@@ -37,6 +37,34 @@ pub fn serve(config: Config) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// What the listener tells after each accept: delivery or the bounce stage is woken, and fresh
+/// mail to relay is handed to delivery in memory.
+struct NextStages {
+    delivery_wake: Arc<tokio::sync::Notify>,
+    bounce_wake: Arc<tokio::sync::Notify>,
+    handoff: Option<Arc<crate::delivery::Handoff>>,
+}
+
+impl crate::smtp::AcceptHook for NextStages {
+    fn claim(&self, msg: &crate::spool::AcceptedMessage) -> bool {
+        self.handoff.as_ref().is_some_and(|h| h.claim(msg))
+    }
+
+    fn stored(&self, inbound_bounce: bool, claimed: Option<crate::spool::AcceptedMessage>) {
+        match (claimed, &self.handoff) {
+            (Some(msg), Some(h)) => h.send(msg),
+            _ if inbound_bounce => self.bounce_wake.notify_one(),
+            _ => self.delivery_wake.notify_one(),
+        }
+    }
+
+    fn not_stored(&self, receipt: crate::receipt::ReceiptId) {
+        if let Some(h) = &self.handoff {
+            h.release(receipt);
+        }
+    }
+}
+
 async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
@@ -71,12 +99,10 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         metrics.clone(),
     )
     .await?
-    .with_accept_hook(Arc::new(move |inbound_bounce| {
-        if inbound_bounce {
-            bounce_wake.notify_one();
-        } else {
-            delivery_wake.notify_one();
-        }
+    .with_accept_hook(Arc::new(NextStages {
+        delivery_wake,
+        bounce_wake,
+        handoff: delivery.handoff(),
     }));
     let http = crate::api::serve(
         &config.http.listen,

@@ -29,6 +29,7 @@ use super::client::{
 };
 use super::dns::{Answer, DnsFailure, MxResolver, Target};
 use super::dsn::{self, Action, ReportKind, ReportRecipient};
+use super::handoff::{Fresh, Handoff};
 use super::retry::{self, AttemptResult, RetryPolicy};
 use super::route::{self, Batch, Destination, SenderMode};
 use super::verp_sender::VerpSender;
@@ -61,13 +62,23 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// At most this many freshly accepted messages wait in memory for their first attempt; beyond
+/// that the loop finds them in the store.
+const HANDOFF_LIMIT: usize = 4096;
+
 /// Handle to the running delivery loop.
 pub struct DeliveryHandle {
     wake: Arc<Notify>,
+    handoff: Option<Arc<Handoff>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl DeliveryHandle {
+    /// Where the listener hands freshly accepted mail (`None` with delivery off).
+    pub fn handoff(&self) -> Option<Arc<Handoff>> {
+        self.handoff.clone()
+    }
+
     /// Tells the loop that new mail was accepted, so it looks now instead of at its next
     /// planned time.
     pub fn wake(&self) {
@@ -103,12 +114,19 @@ impl Delivery {
     ) -> Result<DeliveryHandle, DeliveryError> {
         let wake = Arc::new(Notify::new());
         if !config.delivery.enabled {
-            return Ok(DeliveryHandle { wake, task: None });
+            return Ok(DeliveryHandle {
+                wake,
+                handoff: None,
+                task: None,
+            });
         }
         let ctx = Arc::new(Context::new(config, store, metrics, shutdown)?);
-        let task = tokio::spawn(run(ctx, wake.clone()));
+        let (handoff, fresh) = Handoff::new(HANDOFF_LIMIT);
+        let handoff = Arc::new(handoff);
+        let task = tokio::spawn(run(ctx, wake.clone(), handoff.clone(), fresh));
         Ok(DeliveryHandle {
             wake,
+            handoff: Some(handoff),
             task: Some(task),
         })
     }
@@ -413,32 +431,41 @@ enum Slot {
 // ---------------------------------------------------------------------------------------------
 // The loop.
 
-async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
+async fn run(
+    ctx: Arc<Context>,
+    wake: Arc<Notify>,
+    handoff: Arc<Handoff>,
+    mut fresh: tokio::sync::mpsc::UnboundedReceiver<Fresh>,
+) {
     let max_in_flight = ctx
         .config
         .delivery
         .max_connections
         .saturating_mul(4)
         .max(16);
-    let mut tasks: JoinSet<()> = JoinSet::new();
+    // Each task returns whether it left work for later (a deferral, a DSN, an error): then
+    // the next turn rescans the queue and recomputes the next wake-up.
+    let mut tasks: JoinSet<bool> = JoinSet::new();
     // Recipients being delivered, by the task delivering them: they stay due in the store
     // until recorded and must not be picked up twice. Keyed by task id so that even a task
     // that panicked gives its recipients back.
     let mut by_task: HashMap<tokio::task::Id, Vec<(ReceiptId, u32)>> = HashMap::new();
     let mut in_flight: HashSet<(ReceiptId, u32)> = HashSet::new();
-    let finished = |res: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    let finished = |res: Result<(tokio::task::Id, bool), tokio::task::JoinError>,
                     by_task: &mut HashMap<tokio::task::Id, Vec<(ReceiptId, u32)>>,
-                    in_flight: &mut HashSet<(ReceiptId, u32)>| {
-        let id = match res {
-            Ok((id, ())) => id,
+                    in_flight: &mut HashSet<(ReceiptId, u32)>|
+     -> bool {
+        let (id, rescan) = match res {
+            Ok((id, rescan)) => (id, rescan),
             Err(e) => {
                 tracing::error!(error = %e, "delivery task failed");
-                e.id()
+                (e.id(), true)
             }
         };
         for k in by_task.remove(&id).unwrap_or_default() {
             in_flight.remove(&k);
         }
+        rescan
     };
     // Housekeeping on its own clock, so that gauges and idle connections do not wait for the
     // loop's next wake-up (up to MAX_SLEEP on a quiet queue).
@@ -458,8 +485,10 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
     };
     // Whether to ask the store for due mail on this turn. Reading the queue after every
     // finished message would cost O(queue) per message; refill on wake-ups, timers, and when
-    // half the in-flight budget is free.
+    // half the in-flight budget is free while the last scan left due mail behind (it filled
+    // its limit). Fresh mail mostly arrives through the handoff and needs no scan at all.
     let mut refill = true;
+    let mut more_due = false;
     // Fresh mail is picked up in receipt order past a high-water mark (a cheap range scan per
     // wake-up, O(new mail) instead of O(queue)); a full scan of everything due runs at start,
     // on the timer (deferred recipients whose time came, anything the mark skipped) and at
@@ -492,8 +521,13 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
             };
             match ctx.store.due(now, limit, after).await {
                 Ok(messages) => {
+                    more_due = messages.len() >= limit;
                     for mut msg in messages {
                         high_water = high_water.max(Some(msg.receipt));
+                        // Its copy is on the way from the listener.
+                        if handoff.is_pending(&msg.receipt) {
+                            continue;
+                        }
                         msg.recipients
                             .retain(|r| !in_flight.contains(&(msg.receipt, r.index)));
                         if msg.recipients.is_empty() {
@@ -509,7 +543,7 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
                             .collect();
                         in_flight.extend(keys.iter().copied());
                         let ctx = ctx.clone();
-                        let handle = tasks.spawn(deliver_message(ctx, msg));
+                        let handle = tasks.spawn(deliver_message(ctx, msg, None));
                         by_task.insert(handle.id(), keys);
                     }
                 }
@@ -528,6 +562,7 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
                 full_scan = false;
                 last_full_scan = std::time::Instant::now();
             }
+            refill = false;
         }
         // In-flight recipients keep `next` in the past; then wait for a task to finish.
         let wait_ms = match next {
@@ -539,13 +574,27 @@ async fn run(ctx: Arc<Context>, wake: Arc<Notify>) {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             _ = wake.notified() => refill = true,
+            Some(Fresh { message, body }) = fresh.recv(), if tasks.len() < max_in_flight => {
+                // Marked in flight in the same turn as it leaves `pending`, so every scan
+                // finds it in one of the two and leaves it alone.
+                let keys: Vec<(ReceiptId, u32)> = message
+                    .recipients
+                    .iter()
+                    .map(|r| (message.receipt, r.index))
+                    .collect();
+                in_flight.extend(keys.iter().copied());
+                handoff.received(&message.receipt);
+                let handle = tasks.spawn(deliver_message(ctx.clone(), message, Some(body)));
+                by_task.insert(handle.id(), keys);
+            }
             _ = tokio::time::sleep(wait) => full_scan = true,
             Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                finished(done, &mut by_task, &mut in_flight);
+                let mut rescan = finished(done, &mut by_task, &mut in_flight);
                 while let Some(done) = tasks.try_join_next_with_id() {
-                    finished(done, &mut by_task, &mut in_flight);
+                    rescan |= finished(done, &mut by_task, &mut in_flight);
                 }
-                refill = tasks.len() <= max_in_flight / 2;
+                full_scan |= rescan;
+                refill = more_due && tasks.len() <= max_in_flight / 2;
             }
         }
     }
@@ -580,9 +629,18 @@ async fn update_queue_gauges(ctx: &Context) {
 }
 
 /// Delivers the due recipients of one message: one transaction per batch, concurrently.
-async fn deliver_message(ctx: Arc<Context>, msg: QueuedMessage) {
-    let body = match ctx.store.body(msg.receipt).await {
-        Ok(b) => Arc::new(b),
+/// Returns whether it left work for later (see [`record`]).
+async fn deliver_message(
+    ctx: Arc<Context>,
+    msg: QueuedMessage,
+    body: Option<Arc<Vec<u8>>>,
+) -> bool {
+    let stored = match body {
+        Some(b) => Ok(b),
+        None => ctx.store.body(msg.receipt).await.map(Arc::new),
+    };
+    let body = match stored {
+        Ok(b) => b,
         Err(crate::store::StoreError::NotFound(what)) => {
             // Nothing can ever be delivered; say so instead of retrying every second.
             tracing::error!(receipt = %msg.receipt, %what, "message body missing");
@@ -612,12 +670,13 @@ async fn deliver_message(ctx: Arc<Context>, msg: QueuedMessage) {
                 .collect();
             if let Err(e) = ctx.store.record_attempts(attempts, Vec::new()).await {
                 tracing::error!(receipt = %msg.receipt, error = %e, "cannot record");
+                return true;
             }
-            return;
+            return false;
         }
         Err(e) => {
             tracing::error!(receipt = %msg.receipt, error = %e, "cannot load message body");
-            return;
+            return true;
         }
     };
     let msg = Arc::new(msg);
@@ -627,7 +686,11 @@ async fn deliver_message(ctx: Arc<Context>, msg: QueuedMessage) {
         let (ctx, msg, body) = (ctx.clone(), msg.clone(), body.clone());
         set.spawn(async move { run_batch(&ctx, &msg, &body, batch).await });
     }
-    while set.join_next().await.is_some() {}
+    let mut rescan = false;
+    while let Some(done) = set.join_next().await {
+        rescan |= done.unwrap_or(true);
+    }
+    rescan
 }
 
 /// What one transaction attempt produced before it is recorded.
@@ -645,9 +708,10 @@ struct Outcome {
     remote_dsn: bool,
 }
 
-async fn run_batch(ctx: &Context, msg: &QueuedMessage, body: &[u8], batch: Batch) {
+/// Returns whether it left work for later (see [`record`]).
+async fn run_batch(ctx: &Context, msg: &QueuedMessage, body: &[u8], batch: Batch) -> bool {
     if ctx.shutdown.is_cancelled() {
-        return;
+        return false;
     }
     let started_ms = now_ms();
     let started = Instant::now();
@@ -681,13 +745,13 @@ async fn run_batch(ctx: &Context, msg: &QueuedMessage, body: &[u8], batch: Batch
 
     let outcome = transact(ctx, &batch.destination, &envelope, body).await;
     let Some(outcome) = outcome else {
-        return;
+        return false;
     };
     let duration = started.elapsed();
     ctx.metrics
         .delivery_attempt_seconds
         .observe(duration.as_secs_f64());
-    record(ctx, msg, body, &recipients, outcome, started_ms, duration).await;
+    record(ctx, msg, body, &recipients, outcome, started_ms, duration).await
 }
 
 /// Connects (or reuses a connection) and runs the transaction. `None` when shutdown came
@@ -818,7 +882,9 @@ async fn transact(
     Some(outcome)
 }
 
-/// Turns an outcome into attempt records and DSNs, and commits them together.
+/// Turns an outcome into attempt records and DSNs, and commits them together. Returns whether
+/// it left work for later: a recipient still pending (its retry time must be scheduled), a DSN
+/// queued, or a failure to record (the recipients stay due).
 async fn record(
     ctx: &Context,
     msg: &QueuedMessage,
@@ -827,7 +893,7 @@ async fn record(
     outcome: Outcome,
     started_ms: i64,
     duration: Duration,
-) {
+) -> bool {
     let now = now_ms();
     let mut attempts = Vec::with_capacity(recipients.len());
     let mut reports: HashMap<ReportKind, Vec<ReportRecipient>> = HashMap::new();
@@ -970,9 +1036,10 @@ async fn record(
         );
     }
     let had_dsns = !dsns.is_empty();
+    let pending = attempts.iter().any(|a| a.status.is_pending());
     if let Err(e) = ctx.store.record_attempts(attempts, dsns).await {
         tracing::error!(receipt = %msg.receipt, error = %e, "cannot record delivery attempts");
-        return;
+        return true;
     }
     if !delay_marked.is_empty()
         && let Err(e) = ctx
@@ -986,6 +1053,7 @@ async fn record(
         // The DSNs are queued mail themselves; the loop picks them up on its next pass.
         tracing::debug!(receipt = %msg.receipt, "DSN queued");
     }
+    had_dsns || pending
 }
 
 /// Reason and bounce type (Sisimai vocabulary) of a recipient that was not delivered: the

@@ -13,7 +13,7 @@ pub mod tls;
 pub use auth::{Authenticator, hash_password};
 pub use policy::{RecipientPolicy, RelayPolicy};
 pub use reply::Reply;
-pub use server::{ServerError, SmtpServer};
+pub use server::{AcceptHook, ServerError, SmtpServer};
 pub use session::{
     Action, Credentials, Peer, RecipientCheck, RecipientVerdict, Session, SessionConfig,
 };

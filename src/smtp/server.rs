@@ -60,13 +60,24 @@ struct Shared {
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
     limits: ConnectionLimits,
-    /// Told after each durable accept (argument: the message is inbound bounce mail), so the
-    /// next stage looks now instead of at its next timer.
-    on_accept: Option<AcceptHook>,
+    /// Told around each durable accept, so the next stage looks now instead of at its next
+    /// timer.
+    on_accept: Option<Arc<dyn AcceptHook>>,
 }
 
-/// See [`SmtpServer::with_accept_hook`].
-pub type AcceptHook = Arc<dyn Fn(bool) + Send + Sync>;
+/// Told about every message the listener stores (see [`SmtpServer::with_accept_hook`]).
+pub trait AcceptHook: Send + Sync {
+    /// Before the store write: `true` asks for a copy of the message after the commit. A claim
+    /// is always followed by [`stored`](Self::stored) with the copy or by
+    /// [`not_stored`](Self::not_stored).
+    fn claim(&self, _msg: &crate::spool::AcceptedMessage) -> bool {
+        false
+    }
+    /// After the commit; `claimed` is the message when `claim` said `true`.
+    fn stored(&self, inbound_bounce: bool, claimed: Option<crate::spool::AcceptedMessage>);
+    /// The write of a claimed message failed: nothing was stored.
+    fn not_stored(&self, _receipt: crate::receipt::ReceiptId) {}
+}
 
 impl SmtpServer {
     /// Binds `smtp.listen` and `smtp.tls_listen`, loads or generates the TLS certificate and
@@ -114,9 +125,9 @@ impl SmtpServer {
         })
     }
 
-    /// Calls `hook(inbound_bounce)` after every message made durable (wakes delivery or the
-    /// bounce stage). Must be set before [`SmtpServer::run`].
-    pub fn with_accept_hook(mut self, hook: AcceptHook) -> Self {
+    /// Calls `hook` around every message made durable (wakes delivery or the bounce stage,
+    /// hands fresh mail to delivery). Must be set before [`SmtpServer::run`].
+    pub fn with_accept_hook(mut self, hook: Arc<dyn AcceptHook>) -> Self {
         if let Some(shared) = Arc::get_mut(&mut self.shared) {
             shared.on_accept = Some(hook);
         }
@@ -462,10 +473,13 @@ impl Connection<'_> {
         let recipients = message.recipients.len() as u64;
         let client = message.client_ip;
         let inbound_bounce = message.inbound_bounce;
+        let hook = self.shared.on_accept.as_ref();
+        // A claimed message is copied (its body is a few KiB) before the store takes it.
+        let claimed = hook.filter(|h| h.claim(&message)).map(|_| message.clone());
         match self.shared.store.accept(message).await {
             Ok(()) => {
-                if let Some(hook) = &self.shared.on_accept {
-                    hook(inbound_bounce);
+                if let Some(hook) = hook {
+                    hook.stored(inbound_bounce, claimed);
                 }
                 let m = &self.shared.metrics;
                 m.messages_accepted.inc();
@@ -479,6 +493,9 @@ impl Connection<'_> {
                 true
             }
             Err(e) => {
+                if let (Some(hook), Some(_)) = (hook, claimed) {
+                    hook.not_stored(receipt);
+                }
                 tracing::warn!(%receipt, %client, error = %e, "message not stored");
                 false
             }

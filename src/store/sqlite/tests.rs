@@ -1226,3 +1226,24 @@ async fn purge_drops_only_bodies_whose_recipients_are_all_final() {
     assert_eq!(store.purge_bodies(5_000).await.unwrap(), 1);
     assert!(matches!(store.body(b).await, Err(StoreError::NotFound(_))));
 }
+
+#[test]
+fn correlation_lookups_use_the_partial_indexes() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    drop(SqliteStore::open_path(&path).unwrap());
+    let conn = Connection::open(&path).unwrap();
+    let plan = |sql: &str| -> String {
+        conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap()
+            .query_map(["x"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let envid = plan("SELECT receipt FROM messages WHERE envid = ?1 AND inbound_bounce = 0");
+    assert!(envid.contains("USING INDEX messages_envid"), "{envid}");
+    let mid = plan("SELECT receipt FROM messages WHERE message_id_key = ?1 AND inbound_bounce = 0");
+    assert!(mid.contains("USING INDEX messages_message_id"), "{mid}");
+}

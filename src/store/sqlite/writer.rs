@@ -197,8 +197,11 @@ fn run_batch(conn: &Connection, mut batch: Vec<Box<dyn Job>>, stats: &WriterStat
 }
 
 fn try_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Outcome {
+    // Prepared once per connection: these run for every command of every batch.
     let sql = |statement: &str| {
-        conn.execute_batch(statement)
+        conn.prepare_cached(statement)
+            .and_then(|mut st| st.execute([]))
+            .map(|_| ())
             .map_err(|e| Outcome::Failed(format!("{statement}: {e}")))
     };
     let mut run = || -> Result<(), Outcome> {

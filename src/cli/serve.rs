@@ -120,6 +120,11 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         "mailtrail started"
     );
 
+    tokio::spawn(purge_bodies(
+        store.clone(),
+        config.delivery.body_retention,
+        shutdown.clone(),
+    ));
     let signals = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -135,6 +140,35 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often bodies past `[delivery] body_retention` are looked for.
+const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Deletes the bodies of finished mail older than `retention`, a minute after start and then
+/// hourly, until shutdown.
+async fn purge_bodies(
+    store: Arc<dyn Store>,
+    retention: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let start = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut tick = tokio::time::interval_at(start, PURGE_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let before = chrono::Utc::now()
+            .timestamp_millis()
+            .saturating_sub(retention_ms);
+        match store.purge_bodies(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(bodies = n, "message bodies past body_retention deleted"),
+            Err(e) => tracing::warn!(error = %e, "cannot delete old message bodies"),
+        }
+    }
 }
 
 /// The VERP MAC key, when a bounce domain is configured (created at first start).

@@ -226,6 +226,9 @@ pub struct DeliveryConfig {
     pub data_timeout: Duration,
     /// Remote port for MX delivery (25; tests point it elsewhere).
     pub mx_port: u16,
+    /// Bodies of finished mail are deleted this long after receipt (the log stays).
+    #[serde(with = "humantime_serde")]
+    pub body_retention: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -246,6 +249,7 @@ impl Default for DeliveryConfig {
             command_timeout: Duration::from_secs(300),
             data_timeout: Duration::from_secs(600),
             mx_port: 25,
+            body_retention: Duration::from_secs(7 * 86400),
         }
     }
 }

@@ -558,6 +558,9 @@ mod tests {
             self.messages.lock().unwrap().push(msg);
             Ok(())
         }
+        async fn purge_bodies(&self, _: i64) -> Result<usize, StoreError> {
+            unused()
+        }
         async fn due(
             &self,
             _: i64,

@@ -338,6 +338,11 @@ pub trait Store: Send + Sync + 'static {
     /// `accepted` event per recipient.
     async fn accept(&self, msg: AcceptedMessage) -> Result<(), StoreError>;
 
+    /// Drops message bodies no longer needed: received before `before_ms`, every recipient
+    /// final (inbound bounce mail: processed). The record of what happened stays. Returns how
+    /// many were dropped.
+    async fn purge_bodies(&self, before_ms: i64) -> Result<usize, StoreError>;
+
     // --- delivery ---
     /// Messages with at least one recipient `queued`/`deferred` whose next attempt is due at
     /// `now_ms`, oldest first; only the due recipients are listed. With `after`, only

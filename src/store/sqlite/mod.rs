@@ -196,13 +196,6 @@ impl SqliteStore {
         &self.writer.stats
     }
 
-    /// Drops message bodies no longer needed: received before `before_ms`, every recipient
-    /// final (an inbound bounce: processed). The record of what happened stays. For
-    /// `mailtrail purge`; not part of [`Store`] yet.
-    pub async fn purge_bodies(&self, before_ms: i64) -> Result<usize, StoreError> {
-        self.write(move |c| write::purge_bodies(c, before_ms)).await
-    }
-
     /// `op` may run more than once (see the writer): it must only depend on what it captured.
     async fn write<R, F>(&self, op: F) -> Result<R, StoreError>
     where
@@ -270,6 +263,21 @@ impl Store for SqliteStore {
         let now = now_ms();
         self.write(move |c| write::mark_delay_dsn_sent(c, receipt, &indexes, now))
             .await
+    }
+
+    async fn purge_bodies(&self, before_ms: i64) -> Result<usize, StoreError> {
+        // Small transactions, one after the other: accepts queued meanwhile share their commits.
+        const BATCH: usize = 1000;
+        let mut total = 0;
+        loop {
+            let n = self
+                .write(move |c| write::purge_bodies(c, before_ms, BATCH))
+                .await?;
+            total += n;
+            if n < BATCH {
+                return Ok(total);
+            }
+        }
     }
 
     async fn queue_list(&self) -> Result<Vec<QueueEntry>, StoreError> {

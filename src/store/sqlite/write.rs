@@ -565,16 +565,19 @@ pub fn unsuppress(conn: &Connection, address: &str) -> Result<bool, StoreError> 
 /// Drops the bodies of messages received before `before_ms` whose recipients are all final
 /// (and, for inbound bounce mail, that the bounce stage has processed). Envelope, recipients,
 /// events and bounces stay, so `mailtrail log` still tells the whole story. Returns how many.
-pub fn purge_bodies(conn: &Connection, before_ms: i64) -> Result<usize, StoreError> {
-    conn.execute(
+pub fn purge_bodies(conn: &Connection, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
+    // Walks the bodies still present (the retained window and pending mail), not the whole
+    // history of messages; at most `limit` per call so one purge never holds the writer long.
+    conn.prepare_cached(
         "DELETE FROM bodies WHERE receipt IN (
-             SELECT m.receipt FROM messages m
+             SELECT b.receipt FROM bodies b JOIN messages m ON m.receipt = b.receipt
              WHERE m.received_at < ?1
                AND (m.inbound_bounce = 0 OR m.inbound_processed_at IS NOT NULL)
                AND NOT EXISTS (SELECT 1 FROM recipients r
                                WHERE r.receipt = m.receipt
-                                 AND r.status IN ('queued', 'deferred')))",
-        params![before_ms],
+                                 AND r.status IN ('queued', 'deferred'))
+             LIMIT ?2)",
     )
+    .and_then(|mut st| st.execute(params![before_ms, limit.min(i64::MAX as usize) as i64]))
     .map_err(storage)
 }

@@ -5,10 +5,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
-use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::StoreError;
@@ -16,12 +14,6 @@ use crate::store::StoreError;
 /// At most this many commands share one transaction, so a flood of writers cannot grow one
 /// transaction (and its WAL frames) without bound.
 const MAX_BATCH: usize = 1024;
-
-/// How long a batch smaller than the previous one waits for the callers that commit just
-/// answered to send their next command (PostgreSQL's `commit_delay` idea): one fsync then
-/// covers them too. A lone caller (previous batch of one) never waits.
-const LINGER: Duration = Duration::from_micros(1000);
-const LINGER_STEP: Duration = Duration::from_micros(50);
 
 /// Queued commands beyond this make writers wait (back-pressure instead of memory growth).
 const QUEUE_DEPTH: usize = 8192;
@@ -127,24 +119,19 @@ impl Drop for Writer {
     }
 }
 
+/// Takes whatever is queued when the previous commit ends: callers that arrive during a commit
+/// share the next one. Waiting for more (PostgreSQL's `commit_delay`) was tried: a 1 ms wait
+/// whenever a batch was smaller than the one before cost 5-35% of throughput at 20 sessions
+/// (the commit itself is the natural wait; see docs/benchmarks.md).
 fn run(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, stats: &WriterStats) {
-    // Callers answered by the last commit: under load most of them send again at once.
-    let mut last_batch = 0;
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
-        let linger_until = Instant::now() + LINGER;
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(job) => batch.push(job),
-                Err(TryRecvError::Empty)
-                    if batch.len() < last_batch && Instant::now() < linger_until =>
-                {
-                    std::thread::sleep(LINGER_STEP);
-                }
                 Err(_) => break,
             }
         }
-        last_batch = batch.len();
         run_batch(&conn, batch, stats);
     }
 }

@@ -363,12 +363,14 @@ impl Classifier {
         BounceReason::Undefined
     }
 
-    /// Labels a synchronous SMTP reply the way a bounce with the same content would be.
+    /// Labels a synchronous SMTP reply the way a bounce with the same content would be;
+    /// `command` is the SMTP command it answered (`MAIL`, `RCPT`, `DATA`), when known.
     pub fn classify_reply(
         &self,
         reply_code: u16,
         enhanced_status: Option<&str>,
         text: &str,
+        command: Option<&str>,
     ) -> (BounceReason, BounceType) {
         let status = enhanced_status
             .map(str::to_string)
@@ -382,7 +384,7 @@ impl Classifier {
             } else {
                 "delayed"
             }),
-            command: None,
+            command,
         };
         let mut reason = self.reason(&ev);
         if reply_code < 400 && reason == BounceReason::Delivered {
@@ -528,8 +530,9 @@ pub fn classify_reply(
     reply_code: u16,
     enhanced_status: Option<&str>,
     text: &str,
+    command: Option<&str>,
 ) -> (BounceReason, BounceType) {
-    Classifier::builtin().classify_reply(reply_code, enhanced_status, text)
+    Classifier::builtin().classify_reply(reply_code, enhanced_status, text, command)
 }
 
 #[cfg(test)]
@@ -556,15 +559,25 @@ mod tests {
     #[test]
     fn classifies_a_synchronous_user_unknown_reply_as_hard() {
         assert_eq!(
-            classify_reply(550, Some("5.1.1"), "User unknown"),
+            classify_reply(550, Some("5.1.1"), "User unknown", Some("RCPT")),
             (UserUnknown, BounceType::Hard)
+        );
+        // Without a status, the wording decides at RCPT...
+        assert_eq!(
+            classify_reply(550, None, "no such user here", Some("RCPT")),
+            (UserUnknown, BounceType::Hard)
+        );
+        // ...and after DATA the same words mean a filter refused the recipient.
+        assert_eq!(
+            classify_reply(550, None, "no such user here", Some("DATA")),
+            (Filtered, BounceType::Soft)
         );
     }
 
     #[test]
     fn finds_the_enhanced_status_inside_reply_text() {
         assert_eq!(
-            classify_reply(552, None, "5.2.2 Mailbox full, try later"),
+            classify_reply(552, None, "5.2.2 Mailbox full, try later", Some("RCPT")),
             (MailboxFull, BounceType::Soft)
         );
     }
@@ -655,6 +668,76 @@ mod tests {
             Classifier::with_user_rules("[[rule]]\nreason = \"blocked\"\nbogus = 1"),
             Err(RulesError::Toml(_))
         ));
+    }
+
+    fn at(command: &str, status: Option<&str>, text: &str) -> BounceReason {
+        Classifier::builtin().reason(&Evidence {
+            status,
+            diagnostic: text,
+            action: Some("failed"),
+            command: Some(command),
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn provider_codes_decide_whatever_the_wording() {
+        // au/KDDI: no address before "User unknown" means the recipient's filter refused it.
+        assert_eq!(reason(Some("5.0.0"), "550 : User unknown"), Filtered);
+        assert_eq!(
+            reason(Some("5.0.0"), "550 <a@ezweb.example>: User unknown"),
+            UserUnknown
+        );
+        // Orange / La Poste and Yahoo name an unknown recipient even after DATA.
+        assert_eq!(
+            at(
+                "DATA",
+                Some("5.5.0"),
+                "550 5.5.0 Invalid recipient. LPN007_416"
+            ),
+            UserUnknown
+        );
+        assert_eq!(
+            at(
+                "DATA",
+                None,
+                "554 delivery error: dd This user doesn't have a example.net account"
+            ),
+            UserUnknown
+        );
+        // GoDaddy's rate limit and Facebook's recipient preferences beat a 5.1.1 status.
+        assert_eq!(
+            reason(
+                Some("5.1.1"),
+                "550 5.1.1 <a@example.com> - 192.0.2.1 has sent to too many recipients this hour. IB607"
+            ),
+            Speeding
+        );
+        assert_eq!(
+            reason(
+                Some("5.1.1"),
+                "550 5.1.1 RCP-P2 Refused due to recipient preferences"
+            ),
+            Filtered
+        );
+        assert_eq!(
+            reason(
+                Some("5.1.1"),
+                "550 5.1.1 RCP-P1 Recipient address does not exist"
+            ),
+            UserUnknown
+        );
+        assert_eq!(
+            at("RCPT", None, "554 Host network not allowed - see the docs"),
+            PolicyViolation
+        );
+        assert_eq!(
+            reason(
+                Some("5.4.4"),
+                "Name service error for name=example.org type=MX: Malformed or unexpected name server reply"
+            ),
+            NotAccept
+        );
     }
 
     #[test]

@@ -306,6 +306,7 @@ const KEPT_HEADERS: &[&str] = &[
     "x-autorespond",
     "x-autoresponder",
     "x-apple-unsubscribe",
+    "x-mlserver",
 ];
 
 /// Parses only the headers the bounce reader uses (MIME structure, Subject, From, To);

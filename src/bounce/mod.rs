@@ -11,6 +11,7 @@ pub mod arf;
 pub mod autoreply;
 pub mod classify;
 pub mod dsn;
+mod fml;
 pub mod ingest;
 mod message;
 pub mod reason;
@@ -130,6 +131,16 @@ impl BounceRecord {
             command: self.smtp_command.as_deref(),
         };
         self.reason = classifier.reason_typed(&ev, self.diagnostic_type.as_deref());
+        // Unknown-user wording counts as `userunknown` when the server said so at RCPT or
+        // with an x.1.1 status. A bare `550` quoted without status or command is how content
+        // filters and appliances word their refusals too; read as Sisimai does: `filtered`.
+        if self.reason == BounceReason::UserUnknown
+            && self.status.is_none()
+            && self.reply_code == Some(550)
+            && self.smtp_command.is_none()
+        {
+            self.reason = BounceReason::Filtered;
+        }
         // A failure report without any code is still a permanent failure.
         let failed = self.action.as_deref() == Some("failed");
         let status = self
@@ -196,6 +207,9 @@ fn parse_view(raw: &[u8], classifier: &Classifier, depth: usize) -> Vec<BounceRe
     }
     if records.is_empty() {
         records = message::dsn_records(&view);
+    }
+    if records.is_empty() {
+        records = fml::records(&view);
     }
     if records.is_empty() {
         records = message::text_records(&view);

@@ -129,7 +129,8 @@ pub fn bounce_type(
             let permanent = match (status, reply_code) {
                 (Some(s), _) if !s.is_empty() => s.starts_with('5'),
                 (_, Some(code)) => (500..600).contains(&code),
-                _ => false,
+                // No code at all: a domain that accepts no mail stays so (Sisimai: hard).
+                _ => true,
             };
             if permanent {
                 BounceType::Hard
@@ -182,7 +183,7 @@ mod tests {
     }
 
     #[test]
-    fn notaccept_is_hard_only_when_permanent() {
+    fn notaccept_is_soft_only_when_temporary() {
         assert_eq!(
             bounce_type(BounceReason::NotAccept, Some("5.1.10"), None),
             BounceType::Hard
@@ -195,9 +196,10 @@ mod tests {
             bounce_type(BounceReason::NotAccept, Some("4.3.2"), None),
             BounceType::Soft
         );
+        // No code at all: a domain that takes no mail (Sisimai: hard).
         assert_eq!(
             bounce_type(BounceReason::NotAccept, None, None),
-            BounceType::Soft
+            BounceType::Hard
         );
     }
 

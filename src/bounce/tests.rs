@@ -472,3 +472,28 @@ Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\
         );
     }
 }
+
+#[test]
+fn a_bare_550_unknown_user_in_prose_reads_as_a_filter_but_at_rcpt_as_unknown() {
+    let prose = |line: &str| {
+        format!(
+            "From: MAILER-DAEMON@gw.example.org\r\nTo: app@example.com\r\n\
+             Subject: Undeliverable mail\r\n\r\n\
+             Your message could not be delivered to the following recipient:\r\n\r\n\
+             <bob@example.net>: {line}\r\n"
+        )
+    };
+    let r = one(&prose("550 Unknown user bob@example.net"));
+    assert_eq!(r.recipient, "bob@example.net");
+    assert_eq!(
+        (r.reason, r.bounce_type),
+        (BounceReason::Filtered, BounceType::Soft)
+    );
+    let r = one(&prose(
+        "host mx.example.net said: 550 Unknown user bob@example.net (in reply to RCPT TO command)",
+    ));
+    assert_eq!(
+        (r.reason, r.bounce_type),
+        (BounceReason::UserUnknown, BounceType::Hard)
+    );
+}

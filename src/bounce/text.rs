@@ -19,7 +19,7 @@ static REPLY: LazyLock<Regex> =
     LazyLock::new(|| re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)"));
 static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)(?-u:\b)|(?-u:\b)(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|does not like recipient|sender was rejected|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)",
+        r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)(?-u:\b)|(?-u:\b)(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|\[(?:rcpt_to|mail_from|data)\]|does not like recipient|sender was rejected|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)",
     )
 });
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {

@@ -1073,7 +1073,14 @@ fn classify(
             if let Some(r) = local_reason.and_then(|r| r.parse::<BounceReason>().ok()) {
                 r
             } else if let Some(reply) = &result.reply {
-                return Some(classifier.classify_reply(reply.code, enhanced, &reply.text));
+                let command = match result.stage {
+                    Stage::Mail => Some("MAIL"),
+                    Stage::Rcpt => Some("RCPT"),
+                    Stage::Data => Some("DATA"),
+                    Stage::Connect => Some("CONN"),
+                    Stage::Dns | Stage::Local | Stage::Bounce => None,
+                };
+                return Some(classifier.classify_reply(reply.code, enhanced, &reply.text, command));
             } else {
                 let failed = status == RecipientStatus::Failed;
                 classifier.reason(&Evidence {

@@ -3,7 +3,6 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use mailtrail::receipt::ReceiptId;
@@ -66,7 +65,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let elapsed = start.elapsed();
     let total = tasks * per_task;
-    let commits = store.writer_stats().commits.load(Ordering::Relaxed);
+    let commits = store.writer_stats().commits.get();
     println!(
         "{total} accepts ({tasks} tasks x {per_task}, 4 KiB) in {:.2}s: {:.0} msg/s, {commits} commits ({:.1} msgs/commit)",
         elapsed.as_secs_f64(),

@@ -181,6 +181,21 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
+    /// Exports the store's group-commit counters: commands per commit is the batching factor,
+    /// commits the number of `fsync`s.
+    pub fn register_store(&mut self, counters: crate::store::sqlite::WriterStats) {
+        self.registry.register(
+            "store_commits",
+            "Store transactions committed (one fsync each)",
+            counters.commits,
+        );
+        self.registry.register(
+            "store_commands",
+            "Store write commands committed (group commit: several per transaction)",
+            counters.commands,
+        );
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Encoding into a String cannot fail.

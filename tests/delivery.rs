@@ -1360,7 +1360,7 @@ mod queue {
         let mut config = (*h.config).clone();
         config.delivery.enabled = true;
         let stats = &h.sqlite.writer_stats();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+        let load = |c: &prometheus_client::metrics::counter::Counter| c.get();
         let (commits0, commands0) = (load(&stats.commits), load(&stats.commands));
         let started = std::time::Instant::now();
         let delivery = Delivery::start(

@@ -491,6 +491,38 @@ fn metrics_count_connections_messages_and_rejections() {
 }
 
 #[test]
+fn metrics_show_the_store_commits_behind_an_accepted_message() {
+    let m = Mailtrail::start_with("", "", ACCEPT_ONLY);
+    let metric = |body: &str, name: &str| -> f64 {
+        body.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(-1.0)
+    };
+    let (_, before) = m.http_get("/metrics");
+    let (ok, out) = swaks(&["--to", "a@example.org", "--server", &m.smtp.to_string()]);
+    assert!(ok, "{out}");
+    let (_, after) = m.http_get("/metrics");
+    let commits = "mailtrail_store_commits_total";
+    let commands = "mailtrail_store_commands_total";
+    assert!(metric(&before, commits) >= 0.0, "not exported: {before}");
+    // The accept is one write command, committed (and fsynced) before the 250.
+    assert!(
+        metric(&after, commits) > metric(&before, commits),
+        "{after}"
+    );
+    assert!(
+        metric(&after, commands) > metric(&before, commands),
+        "{after}"
+    );
+    assert!(
+        metric(&after, commands) >= metric(&after, commits),
+        "{after}"
+    );
+}
+
+#[test]
 fn http_api_serves_the_log_as_json_and_a_search_page() {
     let m = Mailtrail::start();
     let (ok, out) = swaks(&["--to", "api@example.org", "--server", &m.smtp.to_string()]);

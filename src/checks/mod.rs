@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::bounce::verp;
+use crate::bounce::{BounceReason, bounce_type, verp};
 use crate::config::{Config, SuppressionAction};
 use crate::delivery::dns::MxResolver;
 use crate::metrics::Metrics;
@@ -85,7 +85,10 @@ pub fn suppression_verdict(entry: &Suppression, action: SuppressionAction) -> Re
     match action {
         SuppressionAction::Accept => RecipientVerdict::AcceptWithOutcome(PresetOutcome {
             status: RecipientStatus::Suppressed,
-            reason: "suppressed".to_string(),
+            reason: BounceReason::Suppressed.as_str().to_string(),
+            bounce_type: bounce_type(BounceReason::Suppressed, None, None)
+                .as_str()
+                .to_string(),
             text,
         }),
         SuppressionAction::Refuse => RecipientVerdict::Reject(Reply::new(550, "5.7.1", text)),
@@ -95,21 +98,24 @@ pub fn suppression_verdict(entry: &Suppression, action: SuppressionAction) -> Re
 /// The verdict for a domain that cannot receive mail: accepted (the client learns nothing it
 /// could not look up itself) and recorded `rejected` without a delivery attempt.
 pub fn domain_verdict(domain: &str, status: DomainStatus) -> Option<RecipientVerdict> {
-    let (reason, text) = match status {
+    let (reason, status, text) = match status {
         DomainStatus::Receives | DomainStatus::Unknown => return None,
         DomainStatus::DoesNotExist => (
-            "hostunknown",
-            format!("5.1.2 Recipient domain {domain} does not exist"),
+            BounceReason::HostUnknown,
+            "5.1.2",
+            format!("Recipient domain {domain} does not exist"),
         ),
         DomainStatus::NullMx => (
-            "notaccept",
-            format!("5.1.10 Recipient domain {domain} accepts no mail (null MX, RFC 7505)"),
+            BounceReason::NotAccept,
+            "5.1.10",
+            format!("Recipient domain {domain} accepts no mail (null MX, RFC 7505)"),
         ),
     };
     Some(RecipientVerdict::AcceptWithOutcome(PresetOutcome {
         status: RecipientStatus::Rejected,
-        reason: reason.to_string(),
-        text,
+        reason: reason.as_str().to_string(),
+        bounce_type: bounce_type(reason, Some(status), None).as_str().to_string(),
+        text: format!("{status} {text}"),
     }))
 }
 
@@ -347,6 +353,7 @@ mod tests {
             RecipientVerdict::AcceptWithOutcome(p) => {
                 assert_eq!(p.status, RecipientStatus::Suppressed);
                 assert_eq!(p.reason, "suppressed");
+                assert_eq!(p.bounce_type, "soft");
                 assert!(p.text.contains("userunknown"), "{}", p.text);
             }
             other => panic!("{other:?}"),
@@ -365,6 +372,8 @@ mod tests {
         let reason = |s| match domain_verdict("x.test", s) {
             Some(RecipientVerdict::AcceptWithOutcome(p)) => {
                 assert_eq!(p.status, RecipientStatus::Rejected);
+                // A domain that cannot receive mail is a permanent failure.
+                assert_eq!(p.bounce_type, "hard");
                 Some(p.reason)
             }
             None => None,

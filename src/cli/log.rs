@@ -155,8 +155,14 @@ fn sender(s: &str) -> String {
 
 fn render_recipient(out: &mut String, r: &RecipientLog) {
     let _ = write!(out, "  to {}: {}", sender(&r.address), r.status);
-    if let Some(reason) = &r.reason {
-        let _ = write!(out, " ({})", sanitize(reason));
+    match (&r.reason, &r.bounce_type) {
+        (Some(reason), Some(kind)) => {
+            let _ = write!(out, " ({}, {})", sanitize(reason), sanitize(kind));
+        }
+        (Some(reason), None) => {
+            let _ = write!(out, " ({})", sanitize(reason));
+        }
+        _ => {}
     }
     let last = reply(
         r.last_reply_code,
@@ -480,6 +486,19 @@ mod tests {
       please retry
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn text_names_the_bounce_type_next_to_the_reason() {
+        let mut m = sample();
+        m.recipients[0].status = RecipientStatus::Failed;
+        m.recipients[0].reason = Some("userunknown".into());
+        m.recipients[0].bounce_type = Some("hard".into());
+        let text = render_text(&[m]);
+        assert!(
+            text.contains("to <bob@example.net>: failed (userunknown, hard): 451"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -68,8 +68,12 @@ impl crate::smtp::AcceptHook for NextStages {
 async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    let metrics = Arc::new(Metrics::new());
     let store: Arc<dyn Store> = crate::store::sqlite::open(&config)?;
+    let mut metrics = Metrics::new();
+    if let Some(counters) = store.commit_counters() {
+        metrics.register_store(counters);
+    }
+    let metrics = Arc::new(metrics);
     let shutdown = CancellationToken::new();
 
     let delivery = crate::delivery::Delivery::start(

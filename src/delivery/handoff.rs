@@ -161,6 +161,7 @@ mod tests {
                         status: RecipientStatus::Suppressed,
                         reason: "suppressed".into(),
                         text: "on the suppression list".into(),
+                        bounce_type: "soft".into(),
                     }),
                 })
                 .collect(),

@@ -18,6 +18,7 @@ use smtp_proto::{Error as ParseError, MailFrom, RcptTo, Request};
 use super::content::{ContentError, ContentScanner, Framing};
 use super::message::{self, Envelope};
 use super::reply::Reply;
+use crate::bounce::{BounceReason, bounce_type};
 use crate::config::Config;
 use crate::receipt::ReceiptId;
 use crate::spool::{AcceptedMessage, AcceptedRecipient, DsnRet, Notify, PresetOutcome};
@@ -767,8 +768,11 @@ impl Session {
                 notify: None,
                 preset: Some(PresetOutcome {
                     status: RecipientStatus::Rejected,
-                    reason: "syntaxerror".to_string(),
+                    reason: BounceReason::SyntaxError.as_str().to_string(),
                     text: "553 5.1.3 Bad recipient address syntax".to_string(),
+                    bounce_type: bounce_type(BounceReason::SyntaxError, Some("5.1.3"), Some(553))
+                        .as_str()
+                        .to_string(),
                 }),
             });
         }
@@ -1774,6 +1778,7 @@ mod tests {
                 status: RecipientStatus::Suppressed,
                 reason: "suppressed".into(),
                 text: "address is suppressed".into(),
+                bounce_type: "soft".into(),
             }),
             "bad@nomx.org" => {
                 RecipientVerdict::Reject(Reply::new(550, "5.1.2", "Domain has no mail server"))

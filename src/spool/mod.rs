@@ -85,6 +85,8 @@ pub struct PresetOutcome {
     pub reason: String,
     /// Human text recorded as the "last reply".
     pub text: String,
+    /// Bounce type of `reason` (`hard`, `soft`, ...), as a bounce with that reason would have.
+    pub bounce_type: String,
 }
 
 /// A message at the moment its final DATA/BDAT chunk arrived, ready to be made durable.

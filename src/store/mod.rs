@@ -343,6 +343,11 @@ pub trait Store: Send + Sync + 'static {
     /// many were dropped.
     async fn purge_bodies(&self, before_ms: i64) -> Result<usize, StoreError>;
 
+    /// Counters of the backend's commits, when it keeps them (exported at `/metrics`).
+    fn commit_counters(&self) -> Option<sqlite::WriterStats> {
+        None
+    }
+
     // --- delivery ---
     /// Messages with at least one recipient `queued`/`deferred` whose next attempt is due at
     /// `now_ms`, oldest first; only the due recipients are listed. With `after`, only

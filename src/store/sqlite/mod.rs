@@ -228,6 +228,10 @@ impl Store for SqliteStore {
         self.write(move |c| write::accept(c, &msg)).await
     }
 
+    fn commit_counters(&self) -> Option<WriterStats> {
+        Some(self.writer.stats.as_ref().clone())
+    }
+
     async fn due(
         &self,
         now_ms: i64,

@@ -2,7 +2,6 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use tempfile::TempDir;
 
@@ -261,6 +260,7 @@ async fn preset_recipients_are_final_and_never_due() {
         status: RecipientStatus::Suppressed,
         reason: "suppressed".into(),
         text: "address is on the suppression list".into(),
+        bounce_type: "soft".into(),
     });
     store.accept(msg).await.unwrap();
 
@@ -277,6 +277,7 @@ async fn preset_recipients_are_final_and_never_due() {
     let gone = &log[0].recipients[0];
     assert_eq!(gone.status, RecipientStatus::Suppressed);
     assert_eq!(gone.reason.as_deref(), Some("suppressed"));
+    assert_eq!(gone.bounce_type.as_deref(), Some("soft"));
     assert_eq!(
         gone.last_reply_text.as_deref(),
         Some("address is on the suppression list")
@@ -344,8 +345,8 @@ async fn concurrent_accepts_share_commits_and_are_all_durable() {
         t.await.unwrap();
     }
     let stats = store.writer_stats();
-    let commits = stats.commits.load(Ordering::Relaxed);
-    assert_eq!(stats.commands.load(Ordering::Relaxed), 500);
+    let commits = stats.commits.get();
+    assert_eq!(stats.commands.get(), 500);
     assert!(
         commits < 500,
         "no batching: {commits} commits for 500 accepts"
@@ -407,7 +408,7 @@ async fn a_failing_command_does_not_fail_the_rest_of_its_batch() {
 
     // Hold the writer so the next commands queue up and land in one batch.
     let (held, gate) = hold_writer(&store).await;
-    let commits_before = store.writer_stats().commits.load(Ordering::Relaxed);
+    let commits_before = store.writer_stats().commits.get();
     let good: Vec<AcceptedMessage> = (0..5)
         .map(|i| message(2_000 + i, "app@example.com", &["ok@example.net"]))
         .collect();
@@ -450,7 +451,7 @@ async fn a_failing_command_does_not_fail_the_rest_of_its_batch() {
         t.await.unwrap().unwrap();
     }
     // The held command, then one batch holding the seven others.
-    let commits = store.writer_stats().commits.load(Ordering::Relaxed) - commits_before;
+    let commits = store.writer_stats().commits.get() - commits_before;
     assert_eq!(commits, 2, "the queued commands should share one commit");
     let logs = store.log(&by_address("ok@example.net")).await.unwrap();
     assert_eq!(logs.len(), 5);

@@ -120,8 +120,8 @@ pub fn accept(conn: &Connection, msg: &AcceptedMessage) -> Result<(), StoreError
     let mut insert = conn
         .prepare_cached(
             "INSERT INTO recipients (receipt, idx, address, address_lc, orcpt, notify, status,
-                 reason, last_reply_text, next_attempt_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                 reason, bounce_type, last_reply_text, next_attempt_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
         )
         .map_err(storage)?;
     for (i, r) in msg.recipients.iter().enumerate() {
@@ -156,6 +156,7 @@ pub fn accept(conn: &Connection, msg: &AcceptedMessage) -> Result<(), StoreError
                 r.notify.map(|n| n.to_param()),
                 status.as_str(),
                 reason,
+                r.preset.as_ref().map(|p| p.bounce_type.as_str()),
                 text,
                 next,
                 at,

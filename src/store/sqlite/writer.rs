@@ -3,9 +3,9 @@
 //! acknowledges the whole batch. Callers wait on a oneshot that is answered after COMMIT.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
+use prometheus_client::metrics::counter::Counter;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
@@ -18,13 +18,14 @@ const MAX_BATCH: usize = 1024;
 /// Queued commands beyond this make writers wait (back-pressure instead of memory growth).
 const QUEUE_DEPTH: usize = 8192;
 
-/// Counters that show group commit at work (tests and metrics read them).
-#[derive(Debug, Default)]
+/// Counters that show group commit at work (tests read them; `/metrics` exports them as
+/// `mailtrail_store_commits_total` and `mailtrail_store_commands_total`). Clones share counts.
+#[derive(Debug, Default, Clone)]
 pub struct WriterStats {
     /// Transactions committed (one fsync each).
-    pub commits: AtomicU64,
+    pub commits: Counter,
     /// Commands that ran in a committed transaction.
-    pub commands: AtomicU64,
+    pub commands: Counter,
 }
 
 /// One queued write: runs inside the batch transaction, answers after the batch ends.
@@ -157,10 +158,8 @@ fn run_batch(conn: &Connection, mut batch: Vec<Box<dyn Job>>, stats: &WriterStat
         }
         match outcome {
             Outcome::Committed => {
-                stats.commits.fetch_add(1, Ordering::Relaxed);
-                stats
-                    .commands
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                stats.commits.inc();
+                stats.commands.inc_by(batch.len() as u64);
                 for job in batch {
                     job.finish(Ok(()));
                 }

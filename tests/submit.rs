@@ -544,3 +544,105 @@ fn http_api_serves_the_log_as_json_and_a_search_page() {
     assert_eq!(status, 200);
     assert!(page.contains("<title>mailtrail</title>"), "{page}");
 }
+
+/// A tmpfs mounted at a path for the length of a test; detached lazily on drop (the server
+/// may still hold files open while the test's other values drop).
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    /// `None` when not root: mounting needs it (CI runs the tests as root).
+    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
+        let uid = std::process::Command::new("id").arg("-u").output().ok()?;
+        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
+            eprintln!("skipping: mounting a small filesystem needs root");
+            return None;
+        }
+        std::fs::create_dir_all(path).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount tmpfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(SmallDisk(path.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes a file until the filesystem is full.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![b'f'; 16 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+}
+
+fn send_message(m: &Mailtrail, to: &str, body_bytes: usize) -> String {
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO disk.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<app@example.com>").starts_with("250"));
+    assert!(c.cmd(&format!("RCPT TO:<{to}>")).starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    let line = format!("{}\r\n", "x".repeat(998));
+    let mut data = format!("Subject: {to}\r\n\r\n").into_bytes();
+    while data.len() < body_bytes {
+        data.extend_from_slice(line.as_bytes());
+    }
+    data.extend_from_slice(b".\r\n");
+    c.send(&data);
+    let reply = c.reply();
+    let _ = c.cmd("QUIT");
+    reply
+}
+
+#[test]
+fn full_disk_answers_451_and_loses_nothing_acknowledged() {
+    let mut m = Mailtrail::configure("", "", ACCEPT_ONLY);
+    let Some(_disk) = SmallDisk::mount(&m.data_dir(), "8m") else {
+        return;
+    };
+    m.spawn();
+    let first = send_message(&m, "kept@example.org", 4 * 1024);
+    assert!(first.starts_with("250 2.0.0 Ok: queued as"), "{first}");
+    let kept = receipt_in(&first).unwrap();
+
+    let filler = m.data_dir().join("filler");
+    fill(&filler);
+    // A message the disk cannot hold: temporary failure, nothing acknowledged.
+    let refused = send_message(&m, "big@example.org", 2 << 20);
+    assert!(
+        refused.starts_with("451 4.3.0"),
+        "{refused}\n{}",
+        m.server_log()
+    );
+    assert_eq!(m.cli_ok(&["log", "big@example.org", "--json"]).trim(), "");
+    // What was acknowledged before is still there, and readable.
+    let log = m.log_json("kept@example.org");
+    assert_eq!(log[0]["receipt"], kept.as_str());
+    assert_eq!(log[0]["recipients"][0]["status"], "queued");
+
+    // Space again: the same server takes the message the client retries.
+    std::fs::remove_file(&filler).unwrap();
+    let retried = send_message(&m, "big@example.org", 2 << 20);
+    assert!(
+        retried.starts_with("250 2.0.0 Ok: queued as"),
+        "{retried}\n{}",
+        m.server_log()
+    );
+    let log = m.log_json("big@example.org");
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0]["recipients"][0]["status"], "queued");
+}

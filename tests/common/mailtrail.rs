@@ -36,6 +36,14 @@ impl Mailtrail {
     /// Starts with the default config plus `extra` TOML (top-level keys first, then tables).
     /// `extra_top` goes before any table; `extra_tables` after the generated tables.
     pub fn start_with(extra_top: &str, smtp_extra: &str, extra_tables: &str) -> Self {
+        let mut m = Self::configure(extra_top, smtp_extra, extra_tables);
+        m.spawn();
+        m
+    }
+
+    /// Writes the config like [`Mailtrail::start_with`] without starting the server (the test
+    /// prepares `data_dir` first, then calls [`Mailtrail::spawn`]).
+    pub fn configure(extra_top: &str, smtp_extra: &str, extra_tables: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
@@ -48,15 +56,13 @@ impl Mailtrail {
             data = dir.path().join("data"),
         );
         std::fs::write(&config_path, text).expect("write config");
-        let mut m = Self {
+        Self {
             dir,
             config_path,
             smtp,
             http,
             child: None,
-        };
-        m.spawn();
-        m
+        }
     }
 
     /// Accept-only instance (delivery and the RCPT-time domain check off, so recipients stay

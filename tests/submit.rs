@@ -458,16 +458,19 @@ fn bad_config_names_the_key_and_exits_non_zero() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("relay_networks"));
 }
 
+/// The value of the first sample of `/metrics` text whose line starts with `name`.
+fn metric_value(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 #[test]
 fn metrics_count_connections_messages_and_rejections() {
+    // A counter not yet touched may be absent: it counts as 0.
+    let metric = |body: &str, name: &str| metric_value(body, name).unwrap_or(0.0);
     let m = Mailtrail::start_with("", "relay_networks = [\"10.0.0.0/8\"]\n", ACCEPT_ONLY);
-    let metric = |body: &str, name: &str| -> f64 {
-        body.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    };
     let (status, before) = m.http_get("/metrics");
     assert_eq!(status, 200);
     let _ = swaks(&[
@@ -493,13 +496,7 @@ fn metrics_count_connections_messages_and_rejections() {
 #[test]
 fn metrics_show_the_store_commits_behind_an_accepted_message() {
     let m = Mailtrail::start_with("", "", ACCEPT_ONLY);
-    let metric = |body: &str, name: &str| -> f64 {
-        body.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(-1.0)
-    };
+    let metric = |body: &str, name: &str| metric_value(body, name).unwrap_or(-1.0);
     let (_, before) = m.http_get("/metrics");
     let (ok, out) = swaks(&["--to", "a@example.org", "--server", &m.smtp.to_string()]);
     assert!(ok, "{out}");

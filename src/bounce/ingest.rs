@@ -16,7 +16,8 @@ use crate::config::Config;
 use crate::metrics::{BounceLabel, Metrics};
 use crate::receipt::ReceiptId;
 use crate::store::{
-    Correlation, LogKey, LogQuery, NewBounce, RecipientStatus, Store, StoreError, Suppression,
+    BounceFacts, Correlation, LogKey, LogQuery, NewBounce, RecipientStatus, Store, StoreError,
+    Suppression,
 };
 
 /// Where a record was matched: the message and recipient index it is about.
@@ -211,7 +212,7 @@ impl BounceIngest {
         let correlation = matched.map_or(Correlation::Unmatched, |m| m.correlation);
         let reason = record.reason.as_str().to_string();
         let bounce_type = record.bounce_type.as_str().to_string();
-        let bounce = NewBounce {
+        let facts = BounceFacts {
             at_ms: now,
             receipt: matched.map(|m| m.receipt),
             rcpt_index: matched.and_then(|m| m.rcpt_index),
@@ -227,6 +228,9 @@ impl BounceIngest {
             reason: reason.clone(),
             bounce_type: bounce_type.clone(),
             source_receipt: source,
+        };
+        let bounce = NewBounce {
+            facts,
             new_status: matched.and(new_status(record)),
         };
         let bounce_id = self.store.record_bounce(bounce).await?;

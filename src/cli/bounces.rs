@@ -31,11 +31,12 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
         "id", "time", "recipient", "reason", "type", "status", "receipt", "handled"
     );
     for b in bounces {
+        let f = &b.facts;
         let handled = match (&b.handled_by, b.handled_at_ms) {
             (Some(by), Some(_)) => by.clone(),
             _ => "no".to_string(),
         };
-        let diagnostic = sanitize(b.diagnostic.as_deref().unwrap_or(""))
+        let diagnostic = sanitize(f.diagnostic.as_deref().unwrap_or(""))
             .lines()
             .next()
             .unwrap_or("")
@@ -46,12 +47,12 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
             out,
             "{:>6}  {:<20}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<9}  {}",
             b.id,
-            format_time(b.at_ms).get(..19).unwrap_or(""),
-            sanitize(&b.recipient),
-            b.reason,
-            b.bounce_type,
-            opt(&b.status),
-            b.receipt
+            format_time(f.at_ms).get(..19).unwrap_or(""),
+            sanitize(&f.recipient),
+            f.reason,
+            f.bounce_type,
+            opt(&f.status),
+            f.receipt
                 .map(|r| r.to_string())
                 .unwrap_or_else(|| "(unmatched)".into()),
             handled,
@@ -118,11 +119,10 @@ pub fn render_ingested(file: &str, i: &Ingested) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Correlation;
+    use crate::store::{BounceFacts, Correlation};
 
     fn bounce(handled: bool) -> StoredBounce {
-        StoredBounce {
-            id: 7,
+        let facts = BounceFacts {
             at_ms: 0,
             receipt: None,
             rcpt_index: None,
@@ -138,6 +138,10 @@ mod tests {
             reason: "userunknown".into(),
             bounce_type: "hard".into(),
             source_receipt: None,
+        };
+        StoredBounce {
+            id: 7,
+            facts,
             handled_by: handled.then(|| "alice".into()),
             handled_at_ms: handled.then_some(1),
         }

@@ -259,10 +259,10 @@ pub enum Correlation {
     Unmatched,
 }
 
-/// A stored bounce record with its correlation and handled state.
+/// What one bounce record says and where correlation placed it: written by the bounce stage
+/// ([`NewBounce`]) and read back as it was ([`StoredBounce`]).
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct StoredBounce {
-    pub id: i64,
+pub struct BounceFacts {
     pub at_ms: i64,
     pub receipt: Option<ReceiptId>,
     pub rcpt_index: Option<u32>,
@@ -280,28 +280,22 @@ pub struct StoredBounce {
     pub bounce_type: String,
     /// The stored inbound message (bounce mail) it was parsed from, if any.
     pub source_receipt: Option<ReceiptId>,
+}
+
+/// A stored bounce record with its handled state.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoredBounce {
+    pub id: i64,
+    #[serde(flatten)]
+    pub facts: BounceFacts,
     pub handled_by: Option<String>,
     pub handled_at_ms: Option<i64>,
 }
 
-/// A bounce record to store, with what correlation found.
+/// A bounce record to store.
 #[derive(Debug, Clone)]
 pub struct NewBounce {
-    pub at_ms: i64,
-    pub receipt: Option<ReceiptId>,
-    pub rcpt_index: Option<u32>,
-    pub correlation: Correlation,
-    pub recipient: String,
-    pub kind: String,
-    pub action: Option<String>,
-    pub status: Option<String>,
-    pub reply_code: Option<u16>,
-    pub diagnostic: Option<String>,
-    pub remote_mta: Option<String>,
-    pub reporting_mta: Option<String>,
-    pub reason: String,
-    pub bounce_type: String,
-    pub source_receipt: Option<ReceiptId>,
+    pub facts: BounceFacts,
     /// New recipient status when matched (`bounced`, `complained`); `None` leaves it (autoreply).
     pub new_status: Option<RecipientStatus>,
 }

@@ -6,9 +6,9 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use crate::receipt::ReceiptId;
 use crate::spool::{DsnRet, Notify};
 use crate::store::{
-    BounceQuery, Correlation, EventLog, LogKey, LogQuery, MessageLog, QueueEntry, QueuedMessage,
-    QueuedRecipient, RcptReply, RecipientLog, RecipientStatus, Stage, StoreError, StoredBounce,
-    Suppression,
+    BounceFacts, BounceQuery, Correlation, EventLog, LogKey, LogQuery, MessageLog, QueueEntry,
+    QueuedMessage, QueuedRecipient, RcptReply, RecipientLog, RecipientStatus, Stage, StoreError,
+    StoredBounce, Suppression,
 };
 
 use super::write::message_id_key;
@@ -415,8 +415,7 @@ pub fn find_by_envid(conn: &Connection, envid: &str) -> Result<Option<ReceiptId>
 
 fn bounce_row(r: &Row) -> rusqlite::Result<StoredBounce> {
     let correlation: String = r.get(3)?;
-    Ok(StoredBounce {
-        id: r.get(0)?,
+    let facts = BounceFacts {
         at_ms: r.get(1)?,
         receipt: opt_receipt_at(r, 2)?,
         correlation: parse_correlation(&correlation).unwrap_or(Correlation::Unmatched),
@@ -432,6 +431,10 @@ fn bounce_row(r: &Row) -> rusqlite::Result<StoredBounce> {
         reason: r.get(13)?,
         bounce_type: r.get(14)?,
         source_receipt: opt_receipt_at(r, 15)?,
+    };
+    Ok(StoredBounce {
+        id: r.get(0)?,
+        facts,
         handled_by: r.get(16)?,
         handled_at_ms: r.get(17)?,
     })

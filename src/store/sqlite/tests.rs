@@ -7,7 +7,7 @@ use tempfile::TempDir;
 
 use super::*;
 use crate::spool::{AcceptedRecipient, DsnRet, Notify, PresetOutcome};
-use crate::store::{LogKey, RecipientStatus};
+use crate::store::{BounceFacts, LogKey, RecipientStatus};
 
 fn store_in(dir: &TempDir) -> SqliteStore {
     SqliteStore::open_path(&dir.path().join("mailtrail.db")).unwrap()
@@ -724,7 +724,7 @@ async fn expiry_is_recorded_without_counting_an_attempt() {
 }
 
 fn new_bounce(receipt: Option<ReceiptId>, idx: Option<u32>, at_ms: i64) -> NewBounce {
-    NewBounce {
+    let facts = BounceFacts {
         at_ms,
         receipt,
         rcpt_index: idx,
@@ -744,6 +744,9 @@ fn new_bounce(receipt: Option<ReceiptId>, idx: Option<u32>, at_ms: i64) -> NewBo
         reason: "userunknown".into(),
         bounce_type: "hard".into(),
         source_receipt: None,
+    };
+    NewBounce {
+        facts,
         new_status: Some(RecipientStatus::Bounced),
     }
 }
@@ -793,15 +796,15 @@ async fn bounces_are_correlated_recorded_and_filtered() {
         .await
         .unwrap();
     let mut complaint = new_bounce(Some(r), Some(1), 3_000);
-    complaint.kind = "arf".into();
-    complaint.reason = "feedback".into();
-    complaint.bounce_type = "complaint".into();
+    complaint.facts.kind = "arf".into();
+    complaint.facts.reason = "feedback".into();
+    complaint.facts.bounce_type = "complaint".into();
     complaint.new_status = Some(RecipientStatus::Complained);
     let second = store.record_bounce(complaint).await.unwrap();
     let mut soft = new_bounce(None, None, 4_000);
-    soft.reason = "mailboxfull".into();
-    soft.bounce_type = "soft".into();
-    soft.recipient = "other@example.net".into();
+    soft.facts.reason = "mailboxfull".into();
+    soft.facts.bounce_type = "soft".into();
+    soft.facts.recipient = "other@example.net".into();
     let third = store.record_bounce(soft).await.unwrap();
     assert!(first < second && second < third);
 
@@ -820,11 +823,11 @@ async fn bounces_are_correlated_recorded_and_filtered() {
     let all = store.bounces(&BounceQuery::default()).await.unwrap();
     let ids: Vec<i64> = all.iter().map(|b| b.id).collect();
     assert_eq!(ids, [third, second, first]);
-    assert_eq!(all[2].correlation, Correlation::Verp);
-    assert_eq!(all[2].receipt, Some(r));
-    assert_eq!(all[2].rcpt_index, Some(1));
-    assert_eq!(all[0].correlation, Correlation::Unmatched);
-    assert_eq!(all[0].receipt, None);
+    assert_eq!(all[2].facts.correlation, Correlation::Verp);
+    assert_eq!(all[2].facts.receipt, Some(r));
+    assert_eq!(all[2].facts.rcpt_index, Some(1));
+    assert_eq!(all[0].facts.correlation, Correlation::Unmatched);
+    assert_eq!(all[0].facts.receipt, None);
 
     let q = |f: fn(&mut BounceQuery)| {
         let mut q = BounceQuery::default();
@@ -901,7 +904,7 @@ async fn autoreply_keeps_status_but_is_logged() {
         .await
         .unwrap();
     let mut auto = new_bounce(Some(r), Some(0), 2_000);
-    auto.kind = "autoreply".into();
+    auto.facts.kind = "autoreply".into();
     auto.new_status = None;
     store.record_bounce(auto).await.unwrap();
     let log = store.log(&by_address("a@example.net")).await.unwrap();

@@ -440,7 +440,8 @@ pub fn mark_inbound_processed(
     Ok(())
 }
 
-pub fn record_bounce(conn: &Connection, b: &NewBounce) -> Result<i64, StoreError> {
+pub fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> {
+    let b = &new.facts;
     let receipt = b.receipt.map(|r| r.to_string());
     conn.execute(
         "INSERT INTO bounces (at, receipt, idx, correlation, recipient, recipient_lc, kind,
@@ -476,7 +477,7 @@ pub fn record_bounce(conn: &Connection, b: &NewBounce) -> Result<i64, StoreError
         // Matched to a message this store no longer (or never) had: keep the bounce only.
         return Ok(id);
     };
-    let status = match b.new_status {
+    let status = match new.new_status {
         Some(new) => {
             conn.execute(
                 "UPDATE recipients SET status = ?3, reason = ?4, bounce_type = ?5,
@@ -489,7 +490,7 @@ pub fn record_bounce(conn: &Connection, b: &NewBounce) -> Result<i64, StoreError
         }
         None => current,
     };
-    let kind = match b.new_status {
+    let kind = match new.new_status {
         Some(RecipientStatus::Complained) => "complaint",
         Some(_) => "bounce",
         None => b.kind.as_str(),

@@ -4,6 +4,7 @@
 
 use std::sync::LazyLock;
 
+use aho_corasick::{AhoCorasick, MatchKind};
 use mail_parser::{MessageParser, MimeHeaders, PartType};
 use regex::Regex;
 
@@ -260,10 +261,13 @@ pub(crate) fn without_returned_body(raw: &[u8]) -> Option<&[u8]> {
     let mut report_seen = false;
     let mut rfc822 = None;
     for m in PART_TYPES.find_iter(raw) {
-        if m.as_bytes().len() > 20 {
-            // "content-type: message/rfc822"
-            rfc822 = Some(m.end());
-            break;
+        if m.pattern().as_usize() == 0 {
+            // "message/rfc822": the returned message's part only in "Content-Type: message/rfc822"
+            if is_content_type_value(raw, m.start()) {
+                rfc822 = Some(m.end());
+                break;
+            }
+            continue;
         }
         report_seen = true;
     }
@@ -289,13 +293,37 @@ fn blank_line_after(raw: &[u8], from: usize) -> Option<usize> {
     }
 }
 
-static PART_TYPES: LazyLock<regex::bytes::Regex> = LazyLock::new(|| {
+/// The media types [`without_returned_body`] looks for, ASCII case-insensitively; pattern 0
+/// is the returned message's.
+static PART_TYPES: LazyLock<AhoCorasick> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
-    regex::bytes::Regex::new(
-        r"(?i)content-type:[ \t]*message/rfc822|/(?:global-)?delivery-status|/feedback-report",
-    )
-    .expect("static regex")
+    AhoCorasick::builder()
+        .ascii_case_insensitive(true)
+        .match_kind(MatchKind::LeftmostFirst)
+        .build([
+            "message/rfc822",
+            "/delivery-status",
+            "/global-delivery-status",
+            "/feedback-report",
+        ])
+        .expect("static automaton")
 });
+
+/// Whether the media type at `at` is the value of a `Content-Type:` field
+/// (`content-type:[ \t]*` right before it, any case).
+fn is_content_type_value(raw: &[u8], at: usize) -> bool {
+    let before = raw.get(..at).unwrap_or_default();
+    let name_end = before.len()
+        - before
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b' ' || b == b'\t')
+            .count();
+    before
+        .get(..name_end)
+        .and_then(|b| b.get(b.len().checked_sub(13)?..))
+        .is_some_and(|name| name.eq_ignore_ascii_case(b"content-type:"))
+}
 
 /// The bounce's own headers that [`View::header`] can answer for.
 const KEPT_HEADERS: &[&str] = &[
@@ -505,6 +533,8 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
 
 /// The failed addresses in bounce prose, each with the text that explains it.
 fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
+    let returned_from = view.returned_header("from").and_then(first_address);
+    let returned_path = view.returned_header("return-path").and_then(first_address);
     let excluded = |a: &str| {
         let a = a.to_ascii_lowercase();
         let local = a.split('@').next().unwrap_or("");
@@ -514,13 +544,11 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
                 local,
                 "mailer-daemon" | "postmaster" | "mailerdaemon" | "mailer_daemon" | "root"
             )
-            || view
-                .returned_header("from")
-                .and_then(first_address)
+            || returned_from
+                .as_deref()
                 .is_some_and(|f| f.eq_ignore_ascii_case(&a))
-            || view
-                .returned_header("return-path")
-                .and_then(first_address)
+            || returned_path
+                .as_deref()
                 .is_some_and(|f| f.eq_ignore_ascii_case(&a))
     };
     // Addresses in "MAIL FROM:<...>" or "envelope-from" are the sender, one after "contact"
@@ -584,6 +612,9 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
 
     let mut out = Vec::new();
     let n = found.len();
+    let informative =
+        |s: &str| text::find_reply_code(s).is_some() || text::find_enhanced_status(s).is_some();
+    let section_informative = std::cell::OnceCell::new();
     for i in 0..n {
         let Some((addr, start)) = found.get(i) else {
             continue;
@@ -596,12 +627,12 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             .find(|s| s > start)
             .unwrap_or(error_section.len());
         let mut seg = error_section.get(*start..end).unwrap_or("").to_string();
-        let informative =
-            |s: &str| text::find_reply_code(s).is_some() || text::find_enhanced_status(s).is_some();
         // A lone recipient whose own lines say little: the explanation may come before it.
         let says_little = seg.replace(addr.as_str(), "").trim().len() < 24;
         if (n == 1 && says_little)
-            || (n == 1 && !informative(&seg) && informative(error_section))
+            || (n == 1
+                && !informative(&seg)
+                && *section_informative.get_or_init(|| informative(error_section)))
             || seg.trim().is_empty()
         {
             seg = error_section.to_string();
@@ -611,8 +642,16 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
     out
 }
 
+/// `s` with every whitespace run made one space, trimmed.
 fn collapse(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
+    let mut out = String::with_capacity(s.len());
+    for word in s.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    out
 }
 
 fn clip(s: &str, max: usize) -> String {

@@ -437,6 +437,17 @@ fn the_returned_body_is_skipped_but_its_headers_are_read() {
     let odd = "Content-Type: message/rfc822\r\n\r\nFrom: a@b.example\r\n\r\nbody\r\n\
 Content-Type: message/delivery-status\r\n";
     assert!(message::without_returned_body(odd.as_bytes()).is_none());
+    // Any case and spacing of the field; the type named anywhere else is not the part.
+    let shouting = raw.replace(
+        "Content-Type: message/rfc822",
+        "CONTENT-TYPE:\tMessage/RFC822",
+    );
+    assert_eq!(
+        message::without_returned_body(shouting.as_bytes()).map(<[u8]>::len),
+        Some(short.len())
+    );
+    let mentioned = raw.replace("Content-Type: message/rfc822", "X-Note: see message/rfc822");
+    assert!(message::without_returned_body(mentioned.as_bytes()).is_none());
 }
 
 #[test]

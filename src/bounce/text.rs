@@ -121,12 +121,40 @@ pub fn find_command(text: &str) -> Option<&'static str> {
     })
 }
 
-/// Every e-mail address in `text`, in order, with its byte offset.
+/// Every e-mail address in `text`, in order, with its byte offset. The same matches as
+/// `ADDRESS.find_iter(text)`, found faster: only the run of address characters around each
+/// `@` is searched (there is exactly one `@` in such a run, and the match that uses it starts
+/// where the run of local-part characters does).
 pub fn addresses(text: &str) -> impl Iterator<Item = (usize, &str)> {
-    ADDRESS.find_iter(text).map(|m| {
+    let bytes = text.as_bytes();
+    let mut resume = 0;
+    memchr::memchr_iter(b'@', bytes).filter_map(move |at| {
+        if at < resume {
+            return None;
+        }
+        let mut start = at;
+        while start > resume && bytes.get(start - 1).is_some_and(|&b| is_local_byte(b)) {
+            start -= 1;
+        }
+        let mut end = at + 1;
+        while bytes.get(end).is_some_and(|&b| is_domain_byte(b)) {
+            end += 1;
+        }
+        let m = ADDRESS.find(text.get(start..end)?)?;
+        resume = start + m.end();
         let a = m.as_str().trim_matches(|c| c == '.' || c == '\'');
-        (m.start(), a)
+        Some((start + m.start(), a))
     })
+}
+
+/// A byte of `ADDRESS`'s local part.
+fn is_local_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b)
+}
+
+/// A byte of `ADDRESS`'s domain (a name, or an address literal in brackets).
+fn is_domain_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-.[]".contains(&b)
 }
 
 /// Whether the line at byte `start` of `body` starts a header block of an embedded
@@ -256,6 +284,41 @@ pub fn strip_html(html: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `addresses` finds exactly what a plain regex search over the whole text finds.
+    #[test]
+    fn addresses_match_a_whole_text_regex_search() {
+        let slow = |t: &str| -> Vec<(usize, String)> {
+            ADDRESS
+                .find_iter(t)
+                .map(|m| (m.start(), m.as_str().trim_matches(['.', '\'']).to_string()))
+                .collect()
+        };
+        let fast = |t: &str| -> Vec<(usize, String)> {
+            addresses(t).map(|(i, a)| (i, a.to_string())).collect()
+        };
+        let fixed = [
+            "550 <a@example.org>: unknown; also b.c@x-y.example.net.",
+            "a@b.com@c.org d@@e.org @f.org g@ h@i",
+            "x@[192.0.2.1] 'quoted'@example.org é@example.org naïve@exämple.org",
+            "...a@b.co... a-@-b.org a@b-.org a@b.c",
+        ];
+        for t in fixed {
+            assert_eq!(fast(t), slow(t), "{t:?}");
+        }
+        // Random strings over the characters that matter.
+        let alphabet: Vec<char> = "ab1.-@@[]' <>éz_".chars().collect();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..3000 {
+            let mut t = String::new();
+            for _ in 0..(seed % 40) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                t.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
+            }
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(7);
+            assert_eq!(fast(&t), slow(&t), "{t:?}");
+        }
+    }
 
     #[test]
     fn finds_enhanced_status_but_not_inside_ip_addresses() {

@@ -45,7 +45,9 @@ pub(crate) struct View {
 }
 
 impl View {
-    pub fn read(raw: &[u8]) -> Option<View> {
+    /// The view of `raw`; `returned`: the returned message's headers when the caller cut
+    /// them off `raw` (see [`without_returned_body`]).
+    pub fn read(raw: &[u8], returned: Option<&[u8]>) -> Option<View> {
         let msg = PARSER.parse(raw)?;
         let first_addr = |a: Option<&mail_parser::Address<'_>>| {
             a.and_then(|a| a.first())
@@ -89,7 +91,8 @@ impl View {
         };
 
         let mut html = String::new();
-        let mut returned_text: Option<String> = None;
+        let mut returned_text: Option<String> =
+            returned.map(|r| String::from_utf8_lossy(r).into_owned());
         let multipart = msg.root_part().is_multipart();
         for (i, part) in msg.parts.iter().enumerate() {
             if multipart && i == 0 {
@@ -255,9 +258,17 @@ impl Correlation {
     }
 }
 
-/// `raw` cut just after the header block of its `message/rfc822` part, when a
-/// delivery-status or feedback-report part comes before that part; `None` otherwise.
-pub(crate) fn without_returned_body(raw: &[u8]) -> Option<&[u8]> {
+/// A report whose returned message comes last, cut before that message: the bounce up to
+/// the end of the `message/rfc822` part's own header block, and the returned message's
+/// header block.
+pub(crate) struct ShortReport<'a> {
+    pub report: &'a [u8],
+    pub returned_headers: &'a [u8],
+}
+
+/// `raw` cut before its `message/rfc822` part's content, when a delivery-status or
+/// feedback-report part comes before that part; `None` otherwise.
+pub(crate) fn without_returned_body(raw: &[u8]) -> Option<ShortReport<'_>> {
     let mut report_seen = false;
     let mut rfc822 = None;
     for m in PART_TYPES.find_iter(raw) {
@@ -274,7 +285,10 @@ pub(crate) fn without_returned_body(raw: &[u8]) -> Option<&[u8]> {
     let rfc822 = rfc822.filter(|_| report_seen)?;
     let part_headers_end = blank_line_after(raw, rfc822)?;
     let returned_headers_end = blank_line_after(raw, part_headers_end)?;
-    raw.get(..returned_headers_end)
+    Some(ShortReport {
+        report: raw.get(..part_headers_end)?,
+        returned_headers: raw.get(part_headers_end..returned_headers_end)?,
+    })
 }
 
 /// The offset just after the first empty line at or after `from`.

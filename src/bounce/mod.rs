@@ -182,12 +182,17 @@ fn parse_nested(raw: &[u8], classifier: &Classifier, depth: usize) -> Vec<Bounce
     // A report whose machine-readable part precedes the returned message needs only the
     // returned message's headers: parsing its body (often the bulk of the bytes) is wasted.
     if let Some(short) = message::without_returned_body(raw) {
-        let records = parse_view(short, classifier, depth);
+        let records = parse_view(
+            short.report,
+            Some(short.returned_headers),
+            classifier,
+            depth,
+        );
         if !records.is_empty() && !is_weak(&records) {
             return records;
         }
     }
-    parse_view(raw, classifier, depth)
+    parse_view(raw, None, classifier, depth)
 }
 
 /// Only prose without any code: what came back may itself be the (better) bounce.
@@ -197,8 +202,13 @@ fn is_weak(records: &[BounceRecord]) -> bool {
         .all(|r| r.kind == BounceKind::Heuristic && r.status.is_none() && r.reply_code.is_none())
 }
 
-fn parse_view(raw: &[u8], classifier: &Classifier, depth: usize) -> Vec<BounceRecord> {
-    let Some(view) = message::View::read(raw) else {
+fn parse_view(
+    raw: &[u8],
+    returned: Option<&[u8]>,
+    classifier: &Classifier,
+    depth: usize,
+) -> Vec<BounceRecord> {
+    let Some(view) = message::View::read(raw, returned) else {
         return Vec::new();
     };
     let mut records = arf::records(&view);

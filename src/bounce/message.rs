@@ -272,7 +272,7 @@ pub(crate) fn without_returned_body(raw: &[u8]) -> Option<ShortReport<'_>> {
     let mut report_seen = false;
     let mut rfc822 = None;
     for m in PART_TYPES.find_iter(raw) {
-        if m.pattern().as_usize() == 0 {
+        if m.pattern().as_usize() < RFC822_SPELLINGS {
             // "message/rfc822": the returned message's part only in "Content-Type: message/rfc822"
             if is_content_type_value(raw, m.start()) {
                 rfc822 = Some(m.end());
@@ -307,21 +307,35 @@ fn blank_line_after(raw: &[u8], from: usize) -> Option<usize> {
     }
 }
 
-/// The media types [`without_returned_body`] looks for, ASCII case-insensitively; pattern 0
-/// is the returned message's.
+/// The media types [`without_returned_body`] looks for, in the spellings mail uses (lower,
+/// capitalised, upper case): a case-sensitive automaton runs on the SIMD searcher, several
+/// times faster than an ASCII-case-insensitive one over whole bounces. A rarer spelling only
+/// costs the shortcut: the whole message is parsed. The first [`RFC822_SPELLINGS`] patterns
+/// are the returned message's type.
 static PART_TYPES: LazyLock<AhoCorasick> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
     AhoCorasick::builder()
-        .ascii_case_insensitive(true)
         .match_kind(MatchKind::LeftmostFirst)
         .build([
             "message/rfc822",
+            "Message/rfc822",
+            "Message/RFC822",
+            "message/RFC822",
+            "MESSAGE/RFC822",
             "/delivery-status",
+            "/Delivery-Status",
+            "/Delivery-status",
+            "/DELIVERY-STATUS",
             "/global-delivery-status",
+            "/Global-Delivery-Status",
+            "/GLOBAL-DELIVERY-STATUS",
             "/feedback-report",
+            "/Feedback-Report",
+            "/FEEDBACK-REPORT",
         ])
         .expect("static automaton")
 });
+const RFC822_SPELLINGS: usize = 5;
 
 /// Whether the media type at `at` is the value of a `Content-Type:` field
 /// (`content-type:[ \t]*` right before it, any case).

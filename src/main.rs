@@ -51,30 +51,39 @@ enum Command {
 enum QueueCommand {
     /// Recipients waiting for delivery (queued or deferred).
     List {
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
     /// Make a message's pending recipients (or all) due now.
     Retry {
+        /// The message's receipt id.
         receipt: Option<String>,
+        /// Every pending recipient of every message.
         #[arg(long, conflicts_with = "receipt")]
         all: bool,
     },
     /// Stop delivering a message: its pending recipients become failed (recorded as an event).
-    Delete { receipt: String },
+    Delete {
+        /// The message's receipt id.
+        receipt: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum BounceCommand {
     /// Print the bounce records in files, directories or mbox files; touches no store.
     Parse {
+        /// Message files, directories (read recursively) or mbox files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
     /// Parse bounces that reached another mailbox and record them in the store.
     Ingest {
+        /// Message files, directories (read recursively) or mbox files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -84,8 +93,10 @@ enum BounceCommand {
 struct BouncesArgs {
     #[command(subcommand)]
     command: Option<BouncesCommand>,
+    /// Only bounces for this recipient address (any case).
     #[arg(long, value_name = "A")]
     address: Option<String>,
+    /// Only bounces with this reason (userunknown, mailboxfull, ...; see docs/bounces.md).
     #[arg(long, value_name = "R")]
     reason: Option<String>,
     /// Only bounces not yet marked handled.
@@ -94,8 +105,10 @@ struct BouncesArgs {
     /// Only the first bounce per address.
     #[arg(long)]
     first: bool,
+    /// One JSON object per line.
     #[arg(long)]
     json: bool,
+    /// At most this many records, newest first.
     #[arg(long, value_name = "N", default_value_t = 100)]
     limit: usize,
 }
@@ -104,33 +117,38 @@ struct BouncesArgs {
 enum BouncesCommand {
     /// Mark a bounce handled (the address was fixed).
     Handle {
+        /// The bounce record's id (from `mailtrail bounces`).
         id: i64,
         /// Who handled it (default: $USER).
         #[arg(long)]
         by: Option<String>,
     },
     /// Clear the handled mark.
-    Unhandle { id: i64 },
+    Unhandle {
+        /// The bounce record's id (from `mailtrail bounces`).
+        id: i64,
+    },
 }
 
 #[derive(Subcommand)]
 enum SuppressCommand {
+    /// Every suppressed address with its reason, first and last bounce, count and expiry.
     List {
+        /// One JSON object per line.
         #[arg(long)]
         json: bool,
     },
+    /// Suppress an address by hand (it is not relayed until removed).
     Add {
         address: String,
+        /// Why, as shown by `list` and in the recipient's log.
         #[arg(long, default_value = "manual")]
         reason: String,
     },
-    Remove {
-        address: String,
-    },
+    /// Relay to an address again.
+    Remove { address: String },
     /// Exit 0 and print the entry when suppressed, exit 1 when not.
-    Check {
-        address: String,
-    },
+    Check { address: String },
 }
 
 fn main() -> ExitCode {

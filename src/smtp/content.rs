@@ -101,10 +101,7 @@ impl ContentScanner {
                 _ => {
                     // Ordinary text up to the next CR or LF is copied in one go.
                     let rest = input.get(i..).unwrap_or(&[]);
-                    let run = rest
-                        .iter()
-                        .position(|&c| c == b'\r' || c == b'\n')
-                        .unwrap_or(rest.len());
+                    let run = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
                     self.count_line_bytes(run);
                     self.push(rest.get(..run).unwrap_or(&[]));
                     i += run;

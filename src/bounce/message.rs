@@ -48,7 +48,8 @@ impl View {
     /// The view of `raw`; `returned`: the returned message's headers when the caller cut
     /// them off `raw` (see [`without_returned_body`]).
     pub fn read(raw: &[u8], returned: Option<&[u8]>) -> Option<View> {
-        let msg = PARSER.parse(raw)?;
+        let reduced = with_read_headers_only(raw);
+        let msg = PARSER.parse(reduced.as_deref().unwrap_or(raw))?;
         let first_addr = |a: Option<&mail_parser::Address<'_>>| {
             a.and_then(|a| a.first())
                 .and_then(|a| a.address())
@@ -289,6 +290,56 @@ pub(crate) fn without_returned_body(raw: &[u8]) -> Option<ShortReport<'_>> {
         report: raw.get(..part_headers_end)?,
         returned_headers: raw.get(part_headers_end..returned_headers_end)?,
     })
+}
+
+/// Top-level header fields the view reads; the others (Received chains, signatures) are
+/// dropped before MIME parsing, which otherwise tokenises every one of them.
+const READ_HEADERS: &[&str] = &[
+    "content-type",
+    "content-transfer-encoding",
+    "mime-version",
+    "subject",
+    "from",
+    "to",
+];
+
+/// `raw` with only the top-level header fields in [`READ_HEADERS`] and [`KEPT_HEADERS`]
+/// (continuation lines kept with their field), the body unchanged; `None` when nothing
+/// would be dropped or there is no header/body separator.
+fn with_read_headers_only(raw: &[u8]) -> Option<Vec<u8>> {
+    let body_start = blank_line_after(raw, 0).filter(|&end| end > 2)?;
+    let headers = raw.get(..body_start)?;
+    let mut out = Vec::with_capacity(raw.len());
+    let mut keep = false;
+    let mut dropped = false;
+    let mut start = 0;
+    while start < headers.len() {
+        let end =
+            memchr::memchr(b'\n', headers.get(start..)?).map_or(headers.len(), |i| start + i + 1);
+        let line = headers.get(start..end)?;
+        if !line.starts_with(b" ") && !line.starts_with(b"\t") {
+            let name = line.split(|&b| b == b':').next().unwrap_or_default();
+            let name = name.trim_ascii();
+            keep = line.contains(&b':')
+                && READ_HEADERS
+                    .iter()
+                    .chain(KEPT_HEADERS)
+                    .any(|k| name.eq_ignore_ascii_case(k.as_bytes()));
+            // The blank line that ends the block is kept too.
+            keep |= line.trim_ascii().is_empty();
+        }
+        if keep {
+            out.extend_from_slice(line);
+        } else {
+            dropped = true;
+        }
+        start = end;
+    }
+    if !dropped {
+        return None;
+    }
+    out.extend_from_slice(raw.get(body_start..)?);
+    Some(out)
 }
 
 /// The offset just after the first empty line at or after `from`.
@@ -729,4 +780,34 @@ pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
             r
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_read_header_fields_reach_the_mime_parser() {
+        let raw = b"Received: from a\r\n\tby b; Mon, 1 Jan 2024\r\nSubject: Undelivered\r\n \
+Mail\r\nDKIM-Signature: v=1;\r\n b=xyz\r\nFrom: MAILER-DAEMON@x.example\r\nX-Failed-Recipients: \
+a@y.example\r\nContent-Type: multipart/report;\r\n\tboundary=\"b\"\r\n\r\n--b\r\nReceived: kept \
+in the body\r\n";
+        let reduced = with_read_headers_only(raw).expect("something to drop");
+        let text = String::from_utf8(reduced).unwrap();
+        assert_eq!(
+            text,
+            "Subject: Undelivered\r\n Mail\r\nFrom: MAILER-DAEMON@x.example\r\nX-Failed-Recipients: \
+a@y.example\r\nContent-Type: multipart/report;\r\n\tboundary=\"b\"\r\n\r\n--b\r\nReceived: kept \
+in the body\r\n"
+        );
+        // Nothing to drop, or no body: parsed as it is.
+        assert!(with_read_headers_only(b"Subject: x\nFrom: a@b.example\n\nbody\n").is_none());
+        assert!(with_read_headers_only(b"Received: x\r\nSubject: y\r\n").is_none());
+        assert!(with_read_headers_only(b"\r\n\r\nbody").is_none());
+        // The view reads the same either way.
+        let full = View::read(raw, None).unwrap();
+        assert_eq!(full.subject, "Undelivered Mail");
+        assert_eq!(full.header("x-failed-recipients"), Some("a@y.example"));
+        assert_eq!(full.report_type, None);
+    }
 }

@@ -149,7 +149,8 @@ fn auth_plain_and_login_only_with_right_password() {
         let msgs = m.log_json(&receipt);
         assert_eq!(msgs[0]["auth_user"], "app");
     }
-    // STARTTLS + AUTH: the Received header protocol is ESMTPSA; checked via log tls field.
+    // STARTTLS + AUTH: stored with the TLS version and the user (the Received header's
+    // ESMTPSA is asserted on the stored body in smtp::server's tests).
     let (ok, out) = swaks(&[
         "--to",
         "x@example.org",
@@ -164,6 +165,15 @@ fn auth_plain_and_login_only_with_right_password() {
         "s3cret pass",
     ]);
     assert!(ok, "{out}");
+    let msgs = m.log_json(&receipt_in(&out).unwrap());
+    assert_eq!(msgs[0]["auth_user"], "app");
+    assert!(
+        msgs[0]["tls_version"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("TLS")),
+        "{}",
+        msgs[0]
+    );
 }
 
 #[test]

@@ -123,7 +123,7 @@ struct Rule {
     not_commands: Vec<String>,
     status_unless: Vec<BounceReason>,
     all: bool,
-    /// The rule's patterns (as written, `\b` made ASCII); their alternation is compiled only
+    /// The rule's patterns as written; their alternation is compiled only
     /// when the prefilter is off.
     patterns: Vec<String>,
     regex: std::sync::OnceLock<Option<Regex>>,
@@ -433,7 +433,7 @@ fn is_failure_action(action: &str) -> bool {
 struct Matches<'a> {
     text: &'a str,
     memo: Vec<Option<bool>>,
-    /// Per rule: whether the text holds one of its literals ([`Prefilter`]), once asked.
+    /// Per branch: whether the text may match it ([`Prefilter`]), once asked.
     possible: Option<Vec<bool>>,
 }
 
@@ -512,10 +512,10 @@ impl Prefilter {
         let mut owner = Vec::new();
         let mut patterns = Vec::new();
         let mut always = Vec::with_capacity(literals.len());
-        for (rule, lits) in literals.into_iter().enumerate() {
+        for (branch, lits) in literals.into_iter().enumerate() {
             always.push(lits.is_none());
             for lit in lits.into_iter().flatten() {
-                owner.push(rule);
+                owner.push(branch);
                 patterns.push(lit);
             }
         }
@@ -545,7 +545,7 @@ impl Prefilter {
                 if let Some(slot) = self
                     .owner
                     .get(m.pattern().as_usize())
-                    .and_then(|&r| out.get_mut(r))
+                    .and_then(|&b| out.get_mut(b))
                 {
                     *slot = true;
                 }
@@ -566,7 +566,7 @@ fn pattern_branches(patterns: &[String]) -> Result<Vec<(Regex, Literals)>, Rules
     for p in patterns {
         let pattern = ascii_word_boundaries(p);
         let Ok(hir) = regex_syntax::Parser::new().parse(&pattern) else {
-            // Not reachable after `alternation` accepted the pattern; searched whole.
+            // A bad pattern: compiling it reports what is wrong (the rules file is refused).
             out.push((compile(&pattern)?, None));
             continue;
         };

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::bounce::{BounceReason, bounce_type, verp};
+use crate::bounce::{BounceReason, verp};
 use crate::config::{Config, SuppressionAction};
 use crate::delivery::dns::MxResolver;
 use crate::metrics::Metrics;
@@ -83,14 +83,13 @@ pub fn suppression_verdict(entry: &Suppression, action: SuppressionAction) -> Re
         entry.source, entry.reason
     );
     match action {
-        SuppressionAction::Accept => RecipientVerdict::AcceptWithOutcome(PresetOutcome {
-            status: RecipientStatus::Suppressed,
-            reason: BounceReason::Suppressed.as_str().to_string(),
-            bounce_type: bounce_type(BounceReason::Suppressed, None, None)
-                .as_str()
-                .to_string(),
+        SuppressionAction::Accept => RecipientVerdict::AcceptWithOutcome(PresetOutcome::new(
+            RecipientStatus::Suppressed,
+            BounceReason::Suppressed,
+            None,
+            None,
             text,
-        }),
+        )),
         SuppressionAction::Refuse => RecipientVerdict::Reject(Reply::new(550, "5.7.1", text)),
     }
 }
@@ -111,12 +110,13 @@ pub fn domain_verdict(domain: &str, status: DomainStatus) -> Option<RecipientVer
             format!("Recipient domain {domain} accepts no mail (null MX, RFC 7505)"),
         ),
     };
-    Some(RecipientVerdict::AcceptWithOutcome(PresetOutcome {
-        status: RecipientStatus::Rejected,
-        reason: reason.as_str().to_string(),
-        bounce_type: bounce_type(reason, Some(status), None).as_str().to_string(),
-        text: format!("{status} {text}"),
-    }))
+    Some(RecipientVerdict::AcceptWithOutcome(PresetOutcome::new(
+        RecipientStatus::Rejected,
+        reason,
+        Some(status),
+        None,
+        format!("{status} {text}"),
+    )))
 }
 
 /// True when a `[[route]]` with fixed next hops takes this domain: such domains are not

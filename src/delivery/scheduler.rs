@@ -446,27 +446,7 @@ async fn run(
     // Each task returns whether it left work for later (a deferral, a DSN, an error): then
     // the next turn rescans the queue and recomputes the next wake-up.
     let mut tasks: JoinSet<bool> = JoinSet::new();
-    // Recipients being delivered, by the task delivering them: they stay due in the store
-    // until recorded and must not be picked up twice. Keyed by task id so that even a task
-    // that panicked gives its recipients back.
-    let mut by_task: HashMap<tokio::task::Id, Vec<(ReceiptId, u32)>> = HashMap::new();
-    let mut in_flight: HashSet<(ReceiptId, u32)> = HashSet::new();
-    let finished = |res: Result<(tokio::task::Id, bool), tokio::task::JoinError>,
-                    by_task: &mut HashMap<tokio::task::Id, Vec<(ReceiptId, u32)>>,
-                    in_flight: &mut HashSet<(ReceiptId, u32)>|
-     -> bool {
-        let (id, rescan) = match res {
-            Ok((id, rescan)) => (id, rescan),
-            Err(e) => {
-                tracing::error!(error = %e, "delivery task failed");
-                (e.id(), true)
-            }
-        };
-        for k in by_task.remove(&id).unwrap_or_default() {
-            in_flight.remove(&k);
-        }
-        rescan
-    };
+    let mut in_flight = InFlight::default();
     // Housekeeping on its own clock, so that gauges and idle connections do not wait for the
     // loop's next wake-up (up to MAX_SLEEP on a quiet queue).
     let housekeeping = {
@@ -529,22 +509,14 @@ async fn run(
                             continue;
                         }
                         msg.recipients
-                            .retain(|r| !in_flight.contains(&(msg.receipt, r.index)));
+                            .retain(|r| !in_flight.contains(msg.receipt, r.index));
                         if msg.recipients.is_empty() {
                             continue;
                         }
                         if tasks.len() >= max_in_flight {
                             break;
                         }
-                        let keys: Vec<(ReceiptId, u32)> = msg
-                            .recipients
-                            .iter()
-                            .map(|r| (msg.receipt, r.index))
-                            .collect();
-                        in_flight.extend(keys.iter().copied());
-                        let ctx = ctx.clone();
-                        let handle = tasks.spawn(deliver_message(ctx, msg, None));
-                        by_task.insert(handle.id(), keys);
+                        in_flight.start(&mut tasks, &ctx, msg, None);
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "cannot read the queue"),
@@ -577,21 +549,14 @@ async fn run(
             Some(Fresh { message, body }) = fresh.recv(), if tasks.len() < max_in_flight => {
                 // Marked in flight in the same turn as it leaves `pending`, so every scan
                 // finds it in one of the two and leaves it alone.
-                let keys: Vec<(ReceiptId, u32)> = message
-                    .recipients
-                    .iter()
-                    .map(|r| (message.receipt, r.index))
-                    .collect();
-                in_flight.extend(keys.iter().copied());
                 handoff.received(&message.receipt);
-                let handle = tasks.spawn(deliver_message(ctx.clone(), message, Some(body)));
-                by_task.insert(handle.id(), keys);
+                in_flight.start(&mut tasks, &ctx, message, Some(body));
             }
             _ = tokio::time::sleep(wait) => full_scan = true,
             Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                let mut rescan = finished(done, &mut by_task, &mut in_flight);
+                let mut rescan = in_flight.finished(done);
                 while let Some(done) = tasks.try_join_next_with_id() {
-                    rescan |= finished(done, &mut by_task, &mut in_flight);
+                    rescan |= in_flight.finished(done);
                 }
                 full_scan |= rescan;
                 refill = more_due && tasks.len() <= max_in_flight / 2;
@@ -617,6 +582,55 @@ async fn run(
     };
     for mut l in idle {
         l.conn.quit().await;
+    }
+}
+
+/// Recipients being delivered, by the task delivering them: they stay due in the store until
+/// recorded and must not be picked up twice. Keyed by task id so that even a task that
+/// panicked gives its recipients back.
+#[derive(Default)]
+struct InFlight {
+    by_task: HashMap<tokio::task::Id, Vec<(ReceiptId, u32)>>,
+    recipients: HashSet<(ReceiptId, u32)>,
+}
+
+impl InFlight {
+    fn contains(&self, receipt: ReceiptId, index: u32) -> bool {
+        self.recipients.contains(&(receipt, index))
+    }
+
+    /// Marks `msg`'s recipients in flight and starts delivering them on `tasks`.
+    fn start(
+        &mut self,
+        tasks: &mut JoinSet<bool>,
+        ctx: &Arc<Context>,
+        msg: QueuedMessage,
+        body: Option<Arc<Vec<u8>>>,
+    ) {
+        let keys: Vec<(ReceiptId, u32)> = msg
+            .recipients
+            .iter()
+            .map(|r| (msg.receipt, r.index))
+            .collect();
+        self.recipients.extend(keys.iter().copied());
+        let handle = tasks.spawn(deliver_message(ctx.clone(), msg, body));
+        self.by_task.insert(handle.id(), keys);
+    }
+
+    /// Gives a finished task's recipients back; returns whether the loop should rescan (the
+    /// task left work for later, or failed).
+    fn finished(&mut self, res: Result<(tokio::task::Id, bool), tokio::task::JoinError>) -> bool {
+        let (id, rescan) = match res {
+            Ok((id, rescan)) => (id, rescan),
+            Err(e) => {
+                tracing::error!(error = %e, "delivery task failed");
+                (e.id(), true)
+            }
+        };
+        for k in self.by_task.remove(&id).unwrap_or_default() {
+            self.recipients.remove(&k);
+        }
+        rescan
     }
 }
 

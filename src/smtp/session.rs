@@ -18,7 +18,7 @@ use smtp_proto::{Error as ParseError, MailFrom, RcptTo, Request};
 use super::content::{ContentError, ContentScanner, Framing};
 use super::message::{self, Envelope};
 use super::reply::Reply;
-use crate::bounce::{BounceReason, bounce_type};
+use crate::bounce::BounceReason;
 use crate::config::Config;
 use crate::receipt::ReceiptId;
 use crate::spool::{AcceptedMessage, AcceptedRecipient, DsnRet, Notify, PresetOutcome};
@@ -766,14 +766,13 @@ impl Session {
                 address: address.chars().take(MAX_RECORDED_ADDRESS).collect(),
                 orcpt: None,
                 notify: None,
-                preset: Some(PresetOutcome {
-                    status: RecipientStatus::Rejected,
-                    reason: BounceReason::SyntaxError.as_str().to_string(),
-                    text: "553 5.1.3 Bad recipient address syntax".to_string(),
-                    bounce_type: bounce_type(BounceReason::SyntaxError, Some("5.1.3"), Some(553))
-                        .as_str()
-                        .to_string(),
-                }),
+                preset: Some(PresetOutcome::new(
+                    RecipientStatus::Rejected,
+                    BounceReason::SyntaxError,
+                    Some("5.1.3"),
+                    Some(553),
+                    "553 5.1.3 Bad recipient address syntax".to_string(),
+                )),
             });
         }
     }

@@ -89,6 +89,27 @@ pub struct PresetOutcome {
     pub bounce_type: String,
 }
 
+impl PresetOutcome {
+    /// An outcome for `reason`, with the bounce type a bounce with that reason, enhanced
+    /// status and reply code would have.
+    pub fn new(
+        status: crate::store::RecipientStatus,
+        reason: crate::bounce::BounceReason,
+        enhanced_status: Option<&str>,
+        reply_code: Option<u16>,
+        text: String,
+    ) -> Self {
+        PresetOutcome {
+            status,
+            reason: reason.as_str().to_string(),
+            bounce_type: crate::bounce::bounce_type(reason, enhanced_status, reply_code)
+                .as_str()
+                .to_string(),
+            text,
+        }
+    }
+}
+
 /// A message at the moment its final DATA/BDAT chunk arrived, ready to be made durable.
 #[derive(Debug, Clone)]
 pub struct AcceptedMessage {

@@ -1124,12 +1124,17 @@ fn query_plan(conn: &Connection, sql: &str) -> String {
     rows.join("\n")
 }
 
+/// A connection to a freshly migrated, empty store in `dir`.
+fn migrated(dir: &TempDir) -> Connection {
+    let path = dir.path().join("mailtrail.db");
+    drop(SqliteStore::open_path(&path).unwrap());
+    Connection::open(&path).unwrap()
+}
+
 #[test]
 fn hot_queries_use_their_indexes() {
     let dir = TempDir::new().unwrap();
-    let path = dir.path().join("mailtrail.db");
-    drop(SqliteStore::open_path(&path).unwrap());
-    let conn = Connection::open(&path).unwrap();
+    let conn = migrated(&dir);
     let plan = query_plan(
         &conn,
         &read::DUE_RECEIPTS.replace("?1", "5").replace("?2", "10"),
@@ -1234,20 +1239,15 @@ async fn purge_drops_only_bodies_whose_recipients_are_all_final() {
 #[test]
 fn correlation_lookups_use_the_partial_indexes() {
     let dir = TempDir::new().unwrap();
-    let path = dir.path().join("mailtrail.db");
-    drop(SqliteStore::open_path(&path).unwrap());
-    let conn = Connection::open(&path).unwrap();
-    let plan = |sql: &str| -> String {
-        conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
-            .unwrap()
-            .query_map(["x"], |r| r.get::<_, String>(3))
-            .unwrap()
-            .map(Result::unwrap)
-            .collect::<Vec<_>>()
-            .join("; ")
-    };
-    let envid = plan("SELECT receipt FROM messages WHERE envid = ?1 AND inbound_bounce = 0");
+    let conn = migrated(&dir);
+    let envid = query_plan(
+        &conn,
+        "SELECT receipt FROM messages WHERE envid = 'x' AND inbound_bounce = 0",
+    );
     assert!(envid.contains("USING INDEX messages_envid"), "{envid}");
-    let mid = plan("SELECT receipt FROM messages WHERE message_id_key = ?1 AND inbound_bounce = 0");
+    let mid = query_plan(
+        &conn,
+        "SELECT receipt FROM messages WHERE message_id_key = 'x' AND inbound_bounce = 0",
+    );
     assert!(mid.contains("USING INDEX messages_message_id"), "{mid}");
 }

@@ -246,6 +246,66 @@ async fn connection_reuse_after_rset() {
 }
 
 #[tokio::test]
+async fn rset_only_after_a_transaction_cut_short() {
+    let mx =
+        TestMx::start(Script::default().rcpt("nobody@d.test", &["550 5.1.1 no such user"])).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let rsets = |mx: &TestMx| {
+        mx.commands()
+            .iter()
+            .filter(|c| c.as_str() == "RSET")
+            .count()
+    };
+    // The final reply to the message ended the transaction: no RSET before the next one.
+    conn.transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    assert!(conn.ready().await);
+    assert_eq!(rsets(&mx), 0, "{:?}", mx.commands());
+    // No recipient taken, so no message sent: MAIL is still open on the server.
+    let refused = per_recipient(
+        &conn
+            .transaction(&envelope(&["nobody@d.test"]), BODY, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(refused[0].reply.as_ref().unwrap().code, 550);
+    assert!(conn.ready().await);
+    assert_eq!(rsets(&mx), 1, "{:?}", mx.commands());
+    let r = per_recipient(
+        &conn
+            .transaction(&envelope(&["b@d.test"]), BODY, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(r[0].reply.as_ref().unwrap().code, 250);
+    assert_eq!(mx.connections(), 1);
+}
+
+#[tokio::test]
+async fn transaction_on_a_connection_the_server_closed_receives_nothing() {
+    let mx = TestMx::start(Script {
+        drop_at: Some(DropAt::AfterData),
+        ..Script::default()
+    })
+    .await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let first = conn
+        .transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    assert_eq!(first.data.as_ref().unwrap().code, 250);
+    // The server hung up after its 250; the client learns it only by trying.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(conn.ready().await);
+    let second = conn
+        .transaction(&envelope(&["b@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    assert!(second.nothing_received(), "{second:?}");
+    assert_eq!(mx.transactions().len(), 1);
+}
+
+#[tokio::test]
 async fn mx_fallback_on_connect_failure() {
     // A port with nothing listening: bind, learn the port, close.
     let dead = {
@@ -584,7 +644,7 @@ mod queue {
     use std::time::Duration;
 
     use super::common::test_dns::TestDns;
-    use super::common::test_mx::{Script, TestMx};
+    use super::common::test_mx::{DropAt, Script, TestMx};
     use mailtrail::config::{Config, RouteConfig, TlsPolicy};
     use mailtrail::delivery::{Delivery, DeliveryHandle};
     use mailtrail::metrics::Metrics;
@@ -834,6 +894,40 @@ mod queue {
     }
 
     #[tokio::test]
+    async fn a_pooled_connection_the_server_closed_is_replaced_without_a_failed_attempt() {
+        let h = harness(
+            Script {
+                drop_at: Some(DropAt::AfterData),
+                ..Script::default()
+            },
+            |_| {},
+        )
+        .await;
+        let first = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        h.wait(first, |s| s[0] == RecipientStatus::Delivered).await;
+        // The MX closed the connection after its 250; the relay keeps it in its pool.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let second = h
+            .submit(message("app@sender.test", &[("b@dest.test", None)]))
+            .await;
+        let log = h.wait(second, final_status).await;
+        let attempts: Vec<_> = log.recipients[0]
+            .events
+            .iter()
+            .filter(|e| e.kind == "attempt")
+            .collect();
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        assert_eq!(attempts.len(), 1, "{attempts:#?}");
+        assert_eq!(attempts[0].reply_code, Some(250));
+        assert_eq!(h.mx.transactions().len(), 2);
+        assert_eq!(h.mx.connections(), 2);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
     async fn retries_a_deferred_recipient_until_delivered() {
         let h = harness(
             Script::default().rcpt(
@@ -1054,9 +1148,10 @@ mod queue {
             );
             assert!(t.mail_from.contains("@bounces.relay.test>"));
         }
-        // The two transactions shared one connection (RSET between).
+        // The two transactions shared one connection; the first one's final reply ended it,
+        // so the second followed without RSET.
         assert_eq!(h.mx.connections(), 1);
-        assert!(h.mx.commands().iter().any(|c| c == "RSET"));
+        assert!(!h.mx.commands().iter().any(|c| c == "RSET"));
         h.shutdown.cancel();
         h.handle.join().await;
     }

@@ -185,6 +185,11 @@ pub struct Connection {
     command_timeout: Duration,
     /// Transactions completed on this connection (for reuse limits).
     pub transactions: u32,
+    /// No transaction is open on the server: fresh after EHLO, and again after the final
+    /// reply to the message (RFC 5321 §4.1.1.4 ends the transaction there, accepted or
+    /// not). A transaction cut short before the message (MAIL refused, no recipient taken)
+    /// leaves it false: RSET comes first on reuse.
+    clean: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -233,6 +238,14 @@ pub struct TransactionReplies {
     /// The transaction was not attempted because it cannot succeed on this peer (RFC 3463
     /// status and text): SMTPUTF8 needed but not offered (RFC 6531 §3.2, `5.6.7`).
     pub refused_locally: Option<(&'static str, String)>,
+}
+
+impl TransactionReplies {
+    /// The session broke before the server answered anything: it never saw a complete
+    /// command it acted on, so the transaction can be run again elsewhere as if never tried.
+    pub fn nothing_received(&self) -> bool {
+        self.error.is_some() && self.mail.is_none()
+    }
 }
 
 /// RFC 3461 §4 xtext: `+XX` for `+`, `=`, and anything outside `!`..`~`.
@@ -526,6 +539,7 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
         opened_at: Instant::now(),
         command_timeout: s.command_timeout,
         transactions: 0,
+        clean: true,
     };
     if let Some((user, secret)) = &s.auth {
         let creds = Credentials::new(user.clone(), secret.0.clone());
@@ -584,6 +598,7 @@ impl Connection {
             ));
             return out;
         }
+        self.clean = false;
         let chunking = caps & EXT_CHUNKING != 0;
         let mut commands = vec![mail_command(env, body.len(), caps)];
         commands.extend(env.recipients.iter().map(|r| rcpt_command(r, caps)));
@@ -666,6 +681,7 @@ impl Connection {
         }
         if out.error.is_none() {
             self.transactions += 1;
+            self.clean = true;
         }
         out
     }
@@ -751,9 +767,21 @@ impl Connection {
         }
     }
 
-    /// RSET before reusing the connection; false when the session is no longer usable.
+    /// Readies the connection for its next transaction: RSET when the last one was cut
+    /// short before the message, nothing otherwise (the final reply to the message ended it;
+    /// one round trip per reused message saved). False when the session is no longer usable.
+    /// A connection the server closed while idle shows up in the next transaction as an
+    /// error before any reply ([`TransactionReplies::nothing_received`]).
+    pub async fn ready(&mut self) -> bool {
+        self.clean || self.rset().await
+    }
+
+    /// RSET; false when the session is no longer usable.
     pub async fn rset(&mut self) -> bool {
-        matches!(self.client.cmd(b"RSET\r\n").await, Ok(r) if (200..300).contains(&r.code))
+        let ok =
+            matches!(self.client.cmd(b"RSET\r\n").await, Ok(r) if (200..300).contains(&r.code));
+        self.clean = ok;
+        ok
     }
 
     /// Polite close; errors do not matter any more.

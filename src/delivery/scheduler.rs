@@ -778,122 +778,132 @@ async fn transact(
 ) -> Option<Outcome> {
     let n = envelope.recipients.len();
     let settings = ctx.settings(dest);
-    let mut leased = loop {
-        let slot = tokio::select! {
-            s = ctx.pool.acquire(dest) => s?,
-            _ = ctx.shutdown.cancelled() => return None,
-        };
-        let (global, dest_permit) = match slot {
-            Slot::Idle(mut l) => {
-                if l.conn.rset().await {
-                    break *l;
+    loop {
+        let (mut leased, reused) = loop {
+            let slot = tokio::select! {
+                s = ctx.pool.acquire(dest) => s?,
+                _ = ctx.shutdown.cancelled() => return None,
+            };
+            let (global, dest_permit) = match slot {
+                Slot::Idle(mut l) => {
+                    if l.conn.ready().await {
+                        break (*l, true);
+                    }
+                    // A connection that fails RSET is dropped, freeing its permits.
+                    continue;
                 }
-                // A connection that fails RSET is dropped, freeing its permits.
-                continue;
+                Slot::New(g, d) => (g, d),
+            };
+            if ctx.shutdown.is_cancelled() {
+                return None;
             }
-            Slot::New(g, d) => (g, d),
+            let targets = match ctx.targets(dest).await {
+                Ok(t) => t,
+                Err(f) => {
+                    let kind = if f.permanent {
+                        AttemptResult::Permanent
+                    } else {
+                        AttemptResult::Temporary
+                    };
+                    return Some(Outcome {
+                        results: vec![
+                            RecipientResult {
+                                stage: Stage::Dns,
+                                reply: None,
+                                text: f.text.clone(),
+                                local_permanent: None,
+                                rcpt_reply: None,
+                            };
+                            n
+                        ],
+                        remote_host: None,
+                        remote_ip: None,
+                        tls: None,
+                        kinds: vec![kind; n],
+                        local_reason: Some(f.reason),
+                        local_status: Some(f.enhanced_status),
+                        remote_dsn: false,
+                    });
+                }
+            };
+            match client::connect(&targets, settings).await {
+                Ok(conn) => {
+                    ctx.metrics.outbound_connections_open.inc();
+                    let leased = Leased {
+                        conn,
+                        _global: global,
+                        _dest: dest_permit,
+                        gauge: ctx.metrics.outbound_connections_open.clone(),
+                        idle_since: Instant::now(),
+                    };
+                    break (leased, false);
+                }
+                Err(e) => {
+                    let kind = match (&e.reply, e.permanent) {
+                        (Some(r), true) => AttemptResult::Reply(r.code),
+                        (_, true) => AttemptResult::Permanent,
+                        _ => AttemptResult::Temporary,
+                    };
+                    let text = e.reply.as_ref().map_or(e.text.clone(), |r| r.text.clone());
+                    return Some(Outcome {
+                        results: vec![
+                            RecipientResult {
+                                stage: Stage::Connect,
+                                reply: e.reply.clone(),
+                                text,
+                                local_permanent: None,
+                                rcpt_reply: None,
+                            };
+                            n
+                        ],
+                        remote_host: e.remote_host.clone(),
+                        remote_ip: e.remote_ip.map(|ip| ip.to_string()),
+                        tls: e.tls.clone(),
+                        kinds: vec![kind; n],
+                        local_reason: None,
+                        local_status: None,
+                        remote_dsn: false,
+                    });
+                }
+            }
         };
-        if ctx.shutdown.is_cancelled() {
-            return None;
+        let replies = leased
+            .conn
+            .transaction(envelope, body, settings.data_timeout)
+            .await;
+        if reused && replies.nothing_received() {
+            // The server closed the idle connection (its timeout, a restart): nothing of this
+            // transaction reached it. Drop the connection and run it on another one, as if this
+            // try had not happened.
+            tracing::debug!(host = %leased.conn.host, error = ?replies.error, "reused connection was closed; reconnecting");
+            continue;
         }
-        let targets = match ctx.targets(dest).await {
-            Ok(t) => t,
-            Err(f) => {
-                let kind = if f.permanent {
-                    AttemptResult::Permanent
-                } else {
-                    AttemptResult::Temporary
-                };
-                return Some(Outcome {
-                    results: vec![
-                        RecipientResult {
-                            stage: Stage::Dns,
-                            reply: None,
-                            text: f.text.clone(),
-                            local_permanent: None,
-                            rcpt_reply: None,
-                        };
-                        n
-                    ],
-                    remote_host: None,
-                    remote_ip: None,
-                    tls: None,
-                    kinds: vec![kind; n],
-                    local_reason: Some(f.reason),
-                    local_status: Some(f.enhanced_status),
-                    remote_dsn: false,
-                });
-            }
+        let results = client::per_recipient(&replies);
+        let kinds = results
+            .iter()
+            .map(|r| match (&r.reply, r.local_permanent) {
+                (Some(reply), _) => AttemptResult::Reply(reply.code),
+                (None, Some(_)) => AttemptResult::Permanent,
+                (None, None) => AttemptResult::Temporary,
+            })
+            .collect();
+        let outcome = Outcome {
+            results,
+            remote_host: Some(leased.conn.host.clone()),
+            remote_ip: Some(leased.conn.ip.to_string()),
+            tls: leased.conn.tls.clone(),
+            kinds,
+            local_reason: None,
+            local_status: None,
+            remote_dsn: leased.conn.offers_dsn(),
         };
-        match client::connect(&targets, settings).await {
-            Ok(conn) => {
-                ctx.metrics.outbound_connections_open.inc();
-                break Leased {
-                    conn,
-                    _global: global,
-                    _dest: dest_permit,
-                    gauge: ctx.metrics.outbound_connections_open.clone(),
-                    idle_since: Instant::now(),
-                };
-            }
-            Err(e) => {
-                let kind = match (&e.reply, e.permanent) {
-                    (Some(r), true) => AttemptResult::Reply(r.code),
-                    (_, true) => AttemptResult::Permanent,
-                    _ => AttemptResult::Temporary,
-                };
-                let text = e.reply.as_ref().map_or(e.text.clone(), |r| r.text.clone());
-                return Some(Outcome {
-                    results: vec![
-                        RecipientResult {
-                            stage: Stage::Connect,
-                            reply: e.reply.clone(),
-                            text,
-                            local_permanent: None,
-                            rcpt_reply: None,
-                        };
-                        n
-                    ],
-                    remote_host: e.remote_host.clone(),
-                    remote_ip: e.remote_ip.map(|ip| ip.to_string()),
-                    tls: e.tls.clone(),
-                    kinds: vec![kind; n],
-                    local_reason: None,
-                    local_status: None,
-                    remote_dsn: false,
-                });
-            }
+        if replies.error.is_none() && !ctx.shutdown.is_cancelled() {
+            ctx.pool.put_idle(dest.clone(), leased);
+        } else if replies.error.is_none() {
+            leased.conn.quit().await;
         }
-    };
-    let replies = leased
-        .conn
-        .transaction(envelope, body, settings.data_timeout)
-        .await;
-    let results = client::per_recipient(&replies);
-    let kinds = results
-        .iter()
-        .map(|r| match (&r.reply, r.local_permanent) {
-            (Some(reply), _) => AttemptResult::Reply(reply.code),
-            (None, Some(_)) => AttemptResult::Permanent,
-            (None, None) => AttemptResult::Temporary,
-        })
-        .collect();
-    let outcome = Outcome {
-        results,
-        remote_host: Some(leased.conn.host.clone()),
-        remote_ip: Some(leased.conn.ip.to_string()),
-        tls: leased.conn.tls.clone(),
-        kinds,
-        local_reason: None,
-        local_status: None,
-        remote_dsn: leased.conn.offers_dsn(),
-    };
-    if replies.error.is_none() && !ctx.shutdown.is_cancelled() {
-        ctx.pool.put_idle(dest.clone(), leased);
-    } else if replies.error.is_none() {
-        leased.conn.quit().await;
+        return Some(outcome);
     }
-    Some(outcome)
 }
 
 /// Turns an outcome into attempt records and DSNs, and commits them together. Returns whether

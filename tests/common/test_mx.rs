@@ -27,6 +27,9 @@ pub enum DropAt {
     AfterMail,
     /// After reading the message body, before the final DATA reply.
     EndOfData,
+    /// Right after the final reply to the message: a server that closes a connection the
+    /// client keeps for its next message (an idle timeout, a restart).
+    AfterData,
 }
 
 /// What the server answers. Reply strings are full lines without CRLF (`550 5.1.1 ...`);
@@ -434,6 +437,9 @@ async fn session(
                 seen.lock().unwrap().transactions.push(t);
             }
             send(&mut rd, s.reply_delay, &reply).await?;
+            if s.drop_at == Some(DropAt::AfterData) {
+                return Ok(());
+            }
         } else if upper.starts_with("BDAT ") {
             // Only reached when a test advertises CHUNKING.
             let mut parts = upper.split_whitespace().skip(1);

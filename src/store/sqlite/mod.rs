@@ -180,10 +180,19 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens the database file at `path` (its directory must exist), migrating it.
     pub fn open_path(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_deferrable_wait(path, writer::DEFERRABLE_WAIT)
+    }
+
+    /// [`SqliteStore::open_path`] with another bound on how long a delivery record waits to
+    /// share a commit (tests make it long, to see the wait, or short).
+    fn open_with_deferrable_wait(
+        path: &Path,
+        wait: std::time::Duration,
+    ) -> Result<Self, StoreError> {
         let mut conn = open_write_connection(path)?;
         schema::migrate(&mut conn)?;
         Ok(Self {
-            writer: writer::Writer::start(conn)?,
+            writer: writer::Writer::start(conn, wait)?,
             readers: Arc::new(ReadPool {
                 path: path.to_path_buf(),
                 idle: Mutex::new(Vec::new()),
@@ -254,7 +263,10 @@ impl Store for SqliteStore {
         attempts: Vec<AttemptRecord>,
         dsns: Vec<AcceptedMessage>,
     ) -> Result<(), StoreError> {
-        self.write(move |c| write::record_attempts(c, &attempts, &dsns))
+        // The delivery is over and its connection back in the pool: nothing waits for this
+        // commit but the task's bookkeeping, so it may ride along with the next accept.
+        self.writer
+            .write_deferrable(move |c| write::record_attempts(c, &attempts, &dsns))
             .await
     }
 

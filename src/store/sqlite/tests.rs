@@ -460,6 +460,68 @@ async fn a_failing_command_does_not_fail_the_rest_of_its_batch() {
     assert_eq!(dup_logs[0].recipients[0].events.len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_record_waits_for_the_next_accept_and_shares_its_commit() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    // A wait far longer than the test: only the accept can end it.
+    let store = Arc::new(
+        SqliteStore::open_with_deferrable_wait(&path, std::time::Duration::from_secs(600)).unwrap(),
+    );
+    let sent = message(1_000, "app@example.com", &["a@example.net"]);
+    store.accept(sent.clone()).await.unwrap();
+    let commits_before = store.writer_stats().commits.get();
+    let record = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .record_attempts(
+                    vec![attempt(sent.receipt, 0, 2_000, RecipientStatus::Delivered)],
+                    vec![],
+                )
+                .await
+        })
+    };
+    // Not committed while nothing else comes: a reader still sees the recipient queued.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!record.is_finished());
+    let reader = SqliteReader::open_path(&path).unwrap();
+    assert_eq!(reader.queue_stats().unwrap().0, 1);
+
+    store
+        .accept(message(3_000, "app@example.com", &["b@example.net"]))
+        .await
+        .unwrap();
+    record.await.unwrap().unwrap();
+    let commits = store.writer_stats().commits.get() - commits_before;
+    assert_eq!(
+        commits, 1,
+        "the record and the accept should share one commit"
+    );
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_record_alone_commits_after_the_wait() {
+    let dir = TempDir::new().unwrap();
+    let wait = std::time::Duration::from_millis(50);
+    let store = SqliteStore::open_with_deferrable_wait(&dir.path().join("m.db"), wait).unwrap();
+    let sent = message(1_000, "app@example.com", &["a@example.net"]);
+    store.accept(sent.clone()).await.unwrap();
+    let started = std::time::Instant::now();
+    store
+        .record_attempts(
+            vec![attempt(sent.receipt, 0, 2_000, RecipientStatus::Delivered)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(started.elapsed() >= wait);
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
+}
+
 async fn cap_database_size(store: &SqliteStore, extra_pages: i64) {
     store
         .write(move |c| {

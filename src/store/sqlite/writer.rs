@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use rusqlite::Connection;
@@ -17,6 +18,10 @@ const MAX_BATCH: usize = 1024;
 
 /// Queued commands beyond this make writers wait (back-pressure instead of memory growth).
 const QUEUE_DEPTH: usize = 8192;
+
+/// How long a batch of only deferrable commands ([`Writer::write_deferrable`]) waits for a
+/// command someone is waiting on, so that both share one commit (one fsync).
+pub const DEFERRABLE_WAIT: Duration = Duration::from_millis(5);
 
 /// Counters that show group commit at work (tests read them; `/metrics` exports them as
 /// `mailtrail_store_commits_total` and `mailtrail_store_commands_total`). Clones share counts.
@@ -35,12 +40,15 @@ trait Job: Send {
     fn run(&mut self, conn: &Connection) -> bool;
     /// Answers the caller: its own result if the batch committed, else the batch error.
     fn finish(self: Box<Self>, batch: Result<(), &str>);
+    /// Nobody is held up until it commits (see [`Writer::write_deferrable`]).
+    fn deferrable(&self) -> bool;
 }
 
 struct TypedJob<R, F> {
     op: F,
     outcome: Option<Result<R, StoreError>>,
     reply: oneshot::Sender<Result<R, StoreError>>,
+    deferrable: bool,
 }
 
 impl<R, F> Job for TypedJob<R, F>
@@ -67,6 +75,10 @@ where
         // The caller may have given up waiting; nothing to do then.
         let _ = self.reply.send(result);
     }
+
+    fn deferrable(&self) -> bool {
+        self.deferrable
+    }
 }
 
 /// Handle to the writer thread. Dropping it closes the queue; the thread finishes what was
@@ -78,13 +90,15 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn start(conn: Connection) -> Result<Self, StoreError> {
+    /// Starts the writer thread; a batch of only deferrable commands waits at most
+    /// `deferrable_wait` (normally [`DEFERRABLE_WAIT`]) for company.
+    pub fn start(conn: Connection, deferrable_wait: Duration) -> Result<Self, StoreError> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(conn, rx, &thread_stats))
+            .spawn(move || run(conn, rx, &thread_stats, deferrable_wait))
             .map_err(|e| StoreError::Storage(format!("cannot start writer thread: {e}")))?;
         Ok(Self {
             tx: Some(tx),
@@ -99,11 +113,32 @@ impl Writer {
         R: Send + 'static,
         F: Fn(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
+        self.queue(op, false).await
+    }
+
+    /// Like [`Writer::write`], for a command no client is waiting on (a delivery attempt's
+    /// record): when nothing else is queued it waits up to [`DEFERRABLE_WAIT`] for a command
+    /// that is (an accept, whose `250` waits for the commit) and commits with it, instead of
+    /// paying an fsync of its own.
+    pub async fn write_deferrable<R, F>(&self, op: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: Fn(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
+        self.queue(op, true).await
+    }
+
+    async fn queue<R, F>(&self, op: F, deferrable: bool) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: Fn(&Connection) -> Result<R, StoreError> + Send + 'static,
+    {
         let (reply, rx) = oneshot::channel();
         let job = Box::new(TypedJob {
             op,
             outcome: None,
             reply,
+            deferrable,
         });
         let tx = self.tx.as_ref().ok_or(StoreError::Closed)?;
         tx.send(job).await.map_err(|_| StoreError::Closed)?;
@@ -124,16 +159,62 @@ impl Drop for Writer {
 /// share the next one. Waiting for more (PostgreSQL's `commit_delay`) was tried: a 1 ms wait
 /// whenever a batch was smaller than the one before cost 5-35% of throughput at 20 sessions
 /// (the commit itself is the natural wait; see docs/benchmarks.md).
-fn run(conn: Connection, mut rx: mpsc::Receiver<Box<dyn Job>>, stats: &WriterStats) {
+///
+/// The exception is a batch of only deferrable commands: it waits (at most
+/// [`DEFERRABLE_WAIT`]) for a command somebody waits on, and commits as soon as one comes.
+fn run(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Box<dyn Job>>,
+    stats: &WriterStats,
+    deferrable_wait: Duration,
+) {
+    // Only for the bounded wait on the queue; the writer's own work is synchronous.
+    let clock = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            tracing::warn!(error = %e, "store writer: no timer; deferrable writes commit at once");
+            None
+        }
+    };
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
+        drain(&mut rx, &mut batch);
+        if let Some(clock) = &clock
+            && batch.iter().all(|j| j.deferrable())
+        {
+            let deadline = tokio::time::Instant::now() + deferrable_wait;
+            while batch.len() < MAX_BATCH {
+                // The timer must be made inside the runtime it sleeps on.
+                let next =
+                    clock.block_on(async { tokio::time::timeout_at(deadline, rx.recv()).await });
+                match next {
+                    Ok(Some(job)) => {
+                        let urgent = !job.deferrable();
+                        batch.push(job);
+                        drain(&mut rx, &mut batch);
+                        if urgent {
+                            break;
+                        }
+                    }
+                    // Closed (shutdown: commit what is here) or waited long enough.
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         run_batch(&conn, batch, stats);
+    }
+}
+
+/// Moves whatever is queued right now into `batch`, up to [`MAX_BATCH`].
+fn drain(rx: &mut mpsc::Receiver<Box<dyn Job>>, batch: &mut Vec<Box<dyn Job>>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(job) => batch.push(job),
+            Err(_) => break,
+        }
     }
 }
 

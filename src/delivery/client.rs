@@ -268,14 +268,20 @@ pub fn xtext(s: &str) -> String {
 /// always adds a CRLF (changing the message) and misses a dot at the very start.
 pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + body.len() / 64 + 5);
-    let mut line_start = true;
-    for &b in body {
-        if b == b'.' && line_start {
+    // A dot that starts a line (the body's first byte, or after CR or LF) gets another one.
+    let mut copied = 0;
+    for dot in memchr::memchr_iter(b'.', body) {
+        let line_start = dot
+            .checked_sub(1)
+            .and_then(|i| body.get(i))
+            .is_none_or(|b| *b == b'\n' || *b == b'\r');
+        if line_start {
+            out.extend_from_slice(body.get(copied..dot).unwrap_or_default());
             out.push(b'.');
+            copied = dot;
         }
-        out.push(b);
-        line_start = b == b'\n' || b == b'\r';
     }
+    out.extend_from_slice(body.get(copied..).unwrap_or_default());
     if !body.is_empty() && !body.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
@@ -877,6 +883,43 @@ mod tests {
         assert_eq!(dot_stuff(b"a\r\n.\r\n"), b"a\r\n..\r\n.\r\n");
         assert_eq!(dot_stuff(b"no newline"), b"no newline\r\n.\r\n");
         assert_eq!(dot_stuff(b"bare\n.\nlf"), b"bare\n..\nlf\r\n.\r\n");
+        assert_eq!(dot_stuff(b"cr\r.x"), b"cr\r..x\r\n.\r\n");
+        assert_eq!(dot_stuff(b"a.b\r\n...\r\n"), b"a.b\r\n....\r\n.\r\n");
+        assert_eq!(dot_stuff(b""), b".\r\n");
+    }
+
+    #[test]
+    fn dot_stuffing_matches_the_byte_by_byte_rule_on_random_text() {
+        // The rule written out byte by byte: a dot at the start, or after CR or LF, doubles.
+        fn reference(body: &[u8]) -> Vec<u8> {
+            let mut out = Vec::new();
+            let mut line_start = true;
+            for &b in body {
+                if b == b'.' && line_start {
+                    out.push(b'.');
+                }
+                out.push(b);
+                line_start = b == b'\n' || b == b'\r';
+            }
+            if !body.is_empty() && !body.ends_with(b"\r\n") {
+                out.extend_from_slice(b"\r\n");
+            }
+            out.extend_from_slice(b".\r\n");
+            out
+        }
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            let len = (seed % 40) as usize;
+            let body: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    b".\r\nab"[(seed % 5) as usize]
+                })
+                .collect();
+            assert_eq!(dot_stuff(&body), reference(&body), "{body:?}");
+        }
         assert_eq!(dot_stuff(b""), b".\r\n");
     }
 

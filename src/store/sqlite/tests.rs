@@ -1313,3 +1313,42 @@ fn correlation_lookups_use_the_partial_indexes() {
     );
     assert!(mid.contains("USING INDEX messages_message_id"), "{mid}");
 }
+
+#[tokio::test]
+async fn a_failed_log_fsync_fails_the_write_and_every_later_one() {
+    let dir = TempDir::new().unwrap();
+    let conn = open_write_connection(&dir.path().join("m.db")).unwrap();
+    // fsync of /dev/null fails (EINVAL): a stand-in for a disk that cannot flush.
+    let wal = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/null")
+        .unwrap();
+    let writer = writer::Writer::start(conn, wal, writer::DEFERRABLE_WAIT).unwrap();
+    let not_durable = |r: &Result<(), StoreError>| matches!(r, Err(StoreError::Storage(e)) if e.contains("fsync of the database log failed"));
+    let first = writer
+        .write(|c| c.execute_batch("CREATE TABLE t (x)").map_err(storage))
+        .await;
+    assert!(not_durable(&first), "{first:?}");
+    // Nothing after it is promised durable either.
+    let second = writer.write(|_| Ok(())).await;
+    assert!(not_durable(&second), "{second:?}");
+}
+
+#[tokio::test]
+async fn the_write_connection_leaves_syncing_the_log_to_the_syncer() {
+    // The writer's connection does not fsync at COMMIT (synchronous = NORMAL): the syncer's
+    // fsync of the log file (which must exist beside the database) stands behind every
+    // acknowledgement. A failing fsync is the test above.
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let mode: i64 = store
+        .write(|c| {
+            c.query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .map_err(storage)
+        })
+        .await
+        .unwrap();
+    assert_eq!(mode, 1, "synchronous should be NORMAL (1)");
+    let wal = dir.path().join("mailtrail.db-wal");
+    assert!(wal.exists());
+}

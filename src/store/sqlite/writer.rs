@@ -1,8 +1,11 @@
 //! Group commit: one thread owns the write connection, drains every queued write command,
-//! runs them in one transaction (a savepoint each) and commits once, so one fsync
-//! acknowledges the whole batch. Callers wait on a oneshot that is answered after COMMIT.
+//! runs them in one transaction (a savepoint each) and commits once; a second thread makes
+//! committed batches durable with one fsync of the WAL for all of them, then answers their
+//! callers. While the disk flushes one batch, the writer already runs the next.
 
+use std::fs::File;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -86,23 +89,53 @@ where
 pub struct Writer {
     tx: Option<mpsc::Sender<Box<dyn Job>>>,
     thread: Option<JoinHandle<()>>,
+    syncer: Option<JoinHandle<()>>,
     pub stats: Arc<WriterStats>,
 }
+
+/// Committed batches on their way to the disk, oldest first.
+type Committed = std::sync::mpsc::Sender<Vec<Box<dyn Job>>>;
 
 impl Writer {
     /// Starts the writer thread; a batch of only deferrable commands waits at most
     /// `deferrable_wait` (normally [`DEFERRABLE_WAIT`]) for company.
-    pub fn start(conn: Connection, deferrable_wait: Duration) -> Result<Self, StoreError> {
+    ///
+    /// `conn` runs with `synchronous = NORMAL` (its commits do not fsync); `wal` is its
+    /// write-ahead log, which the syncer thread fsyncs after each commit and before answering:
+    /// a caller hears `Ok` only once its commit is on stable storage, as with `FULL`.
+    pub fn start(
+        conn: Connection,
+        wal: File,
+        deferrable_wait: Duration,
+    ) -> Result<Self, StoreError> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let (committed, to_sync) = std::sync::mpsc::channel();
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();
+        let poisoned = Arc::new(AtomicBool::new(false));
+        let syncer_poisoned = poisoned.clone();
+        let spawn_error = |e| StoreError::Storage(format!("cannot start writer thread: {e}"));
+        let syncer = std::thread::Builder::new()
+            .name("store-sync".into())
+            .spawn(move || sync(&wal, &to_sync, &syncer_poisoned))
+            .map_err(spawn_error)?;
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run(conn, rx, &thread_stats, deferrable_wait))
-            .map_err(|e| StoreError::Storage(format!("cannot start writer thread: {e}")))?;
+            .spawn(move || {
+                run(
+                    conn,
+                    rx,
+                    &committed,
+                    &poisoned,
+                    &thread_stats,
+                    deferrable_wait,
+                )
+            })
+            .map_err(spawn_error)?;
         Ok(Self {
             tx: Some(tx),
             thread: Some(thread),
+            syncer: Some(syncer),
             stats,
         })
     }
@@ -149,7 +182,11 @@ impl Writer {
 impl Drop for Writer {
     fn drop(&mut self) {
         self.tx.take();
-        if let Some(thread) = self.thread.take() {
+        // The writer finishes the queue, then the syncer what the writer committed.
+        for thread in [self.thread.take(), self.syncer.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = thread.join();
         }
     }
@@ -165,6 +202,8 @@ impl Drop for Writer {
 fn run(
     conn: Connection,
     mut rx: mpsc::Receiver<Box<dyn Job>>,
+    committed: &Committed,
+    poisoned: &AtomicBool,
     stats: &WriterStats,
     deferrable_wait: Duration,
 ) {
@@ -204,7 +243,45 @@ fn run(
                 }
             }
         }
-        run_batch(&conn, batch, stats);
+        if poisoned.load(Ordering::Acquire) {
+            for job in batch {
+                job.finish(Err(NOT_DURABLE));
+            }
+            continue;
+        }
+        run_batch(&conn, batch, committed, stats);
+    }
+}
+
+/// What every write answers once an fsync of the WAL failed: after a failed fsync the kernel
+/// may have dropped the dirty pages, so no later commit can be promised durable (PostgreSQL
+/// stops for the same reason).
+const NOT_DURABLE: &str = "an fsync of the database log failed: the store accepts no more \
+                           writes until mailtrail is restarted";
+
+/// The syncer thread: waits for committed batches, takes all that are there, makes them
+/// durable with one fsync of the WAL (fsync covers every write to the file before it, by any
+/// descriptor), then answers their callers.
+fn sync(
+    wal: &File,
+    committed: &std::sync::mpsc::Receiver<Vec<Box<dyn Job>>>,
+    poisoned: &AtomicBool,
+) {
+    while let Ok(first) = committed.recv() {
+        let mut batches = vec![first];
+        batches.extend(committed.try_iter());
+        let synced = if poisoned.load(Ordering::Acquire) {
+            Err(NOT_DURABLE.to_string())
+        } else {
+            wal.sync_data().map_err(|e| {
+                poisoned.store(true, Ordering::Release);
+                tracing::error!(error = %e, "fsync of the database log failed; refusing further writes");
+                format!("{NOT_DURABLE} ({e})")
+            })
+        };
+        for job in batches.into_iter().flatten() {
+            job.finish(synced.as_ref().map(|_| ()).map_err(String::as_str));
+        }
     }
 }
 
@@ -231,7 +308,12 @@ enum Outcome {
 /// Runs one batch and answers every job in it. Each job gets a savepoint so its failure rolls
 /// back only its own writes; if COMMIT fails, every job gets the storage error and nothing of
 /// the batch is visible.
-fn run_batch(conn: &Connection, mut batch: Vec<Box<dyn Job>>, stats: &WriterStats) {
+fn run_batch(
+    conn: &Connection,
+    mut batch: Vec<Box<dyn Job>>,
+    committed: &Committed,
+    stats: &WriterStats,
+) {
     loop {
         let outcome = try_batch(conn, &mut batch);
         if !matches!(outcome, Outcome::Committed) && !conn.is_autocommit() {
@@ -241,8 +323,11 @@ fn run_batch(conn: &Connection, mut batch: Vec<Box<dyn Job>>, stats: &WriterStat
             Outcome::Committed => {
                 stats.commits.inc();
                 stats.commands.inc_by(batch.len() as u64);
-                for job in batch {
-                    job.finish(Ok(()));
+                // Visible now, durable once the syncer's fsync returns: it answers then.
+                if let Err(std::sync::mpsc::SendError(batch)) = committed.send(batch) {
+                    for job in batch {
+                        job.finish(Err("the store's sync thread is gone"));
+                    }
                 }
                 return;
             }

@@ -245,6 +245,12 @@ async fn connection_reuse_after_rset() {
     assert_eq!(conn.transactions, 2);
 }
 
+/// One transaction with the test body to `rcpts`.
+async fn send(conn: &mut client::Connection, rcpts: &[&str]) -> client::TransactionReplies {
+    conn.transaction(&envelope(rcpts), BODY, Duration::from_secs(2))
+        .await
+}
+
 #[tokio::test]
 async fn rset_only_after_a_transaction_cut_short() {
     let mx =
@@ -259,24 +265,15 @@ async fn rset_only_after_a_transaction_cut_short() {
             .count()
     };
     // The final reply to the message ended the transaction: no RSET before the next one.
-    conn.transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
-        .await;
+    send(&mut conn, &["a@d.test"]).await;
     assert!(conn.ready().await);
     assert_eq!(rsets(&mx), 0, "{:?}", mx.commands());
     // No recipient taken, so no message sent: MAIL is still open on the server.
-    let refused = per_recipient(
-        &conn
-            .transaction(&envelope(&["nobody@d.test"]), BODY, Duration::from_secs(2))
-            .await,
-    );
+    let refused = per_recipient(&send(&mut conn, &["nobody@d.test"]).await);
     assert_eq!(refused[0].reply.as_ref().unwrap().code, 550);
     assert!(conn.ready().await);
     assert_eq!(rsets(&mx), 1, "{:?}", mx.commands());
-    let r = per_recipient(
-        &conn
-            .transaction(&envelope(&["b@d.test"]), BODY, Duration::from_secs(2))
-            .await,
-    );
+    let r = per_recipient(&send(&mut conn, &["b@d.test"]).await);
     assert_eq!(r[0].reply.as_ref().unwrap().code, 250);
     assert_eq!(mx.connections(), 1);
 }
@@ -291,16 +288,12 @@ async fn transaction_on_a_connection_the_server_closed_receives_nothing() {
     let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
         .await
         .unwrap();
-    let first = conn
-        .transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
-        .await;
+    let first = send(&mut conn, &["a@d.test"]).await;
     assert_eq!(first.data.as_ref().unwrap().code, 250);
     // The server hung up after its 250; the client learns it only by trying.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(conn.ready().await);
-    let second = conn
-        .transaction(&envelope(&["b@d.test"]), BODY, Duration::from_secs(2))
-        .await;
+    let second = send(&mut conn, &["b@d.test"]).await;
     assert!(second.nothing_received(), "{second:?}");
     assert_eq!(mx.transactions().len(), 1);
 }

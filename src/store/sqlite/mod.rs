@@ -128,10 +128,9 @@ fn open_write_connection(path: &Path) -> Result<Connection, StoreError> {
         .map_err(storage)?;
     conn.pragma_update(None, "foreign_keys", true)
         .map_err(storage)?;
-    // Each write command runs in its own savepoint, whose statement journal (the pages'
-    // earlier content) would otherwise spill to a temporary file once a batch passes 64 KiB:
-    // an open, a truncate and a pwrite per page on every commit. Kept in memory, it costs at
-    // most a batch's worth of pages.
+    // Statement journals (a statement's undo pages, e.g. for a constraint check that may
+    // fail half-way) and temporary b-trees stay in memory instead of temporary files: an
+    // open, a truncate and a pwrite per page otherwise.
     conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(storage)?;
     Ok(conn)

@@ -769,6 +769,105 @@ async fn run_batch(ctx: &Context, msg: &QueuedMessage, body: &[u8], batch: Batch
     record(ctx, msg, body, &recipients, outcome, started_ms, duration).await
 }
 
+/// A connection for one transaction to `dest`: a pooled one (true) or a new one (false).
+/// `Err(None)` when shutdown came first; `Err(Some(outcome))` when no connection could be
+/// had (DNS, connect, greeting), as the outcome for all `n` recipients.
+async fn lease(
+    ctx: &Context,
+    dest: &Destination,
+    settings: &SessionSettings,
+    n: usize,
+) -> Result<(Leased, bool), Option<Outcome>> {
+    loop {
+        let slot = tokio::select! {
+            s = ctx.pool.acquire(dest) => s.ok_or(None)?,
+            _ = ctx.shutdown.cancelled() => return Err(None),
+        };
+        let (global, dest_permit) = match slot {
+            Slot::Idle(mut l) => {
+                if l.conn.ready().await {
+                    return Ok((*l, true));
+                }
+                // A connection that fails RSET is dropped, freeing its permits.
+                continue;
+            }
+            Slot::New(g, d) => (g, d),
+        };
+        if ctx.shutdown.is_cancelled() {
+            return Err(None);
+        }
+        let targets = match ctx.targets(dest).await {
+            Ok(t) => t,
+            Err(f) => {
+                let kind = if f.permanent {
+                    AttemptResult::Permanent
+                } else {
+                    AttemptResult::Temporary
+                };
+                return Err(Some(Outcome {
+                    results: vec![
+                        RecipientResult {
+                            stage: Stage::Dns,
+                            reply: None,
+                            text: f.text.clone(),
+                            local_permanent: None,
+                            rcpt_reply: None,
+                        };
+                        n
+                    ],
+                    remote_host: None,
+                    remote_ip: None,
+                    tls: None,
+                    kinds: vec![kind; n],
+                    local_reason: Some(f.reason),
+                    local_status: Some(f.enhanced_status),
+                    remote_dsn: false,
+                }));
+            }
+        };
+        match client::connect(&targets, settings).await {
+            Ok(conn) => {
+                ctx.metrics.outbound_connections_open.inc();
+                let leased = Leased {
+                    conn,
+                    _global: global,
+                    _dest: dest_permit,
+                    gauge: ctx.metrics.outbound_connections_open.clone(),
+                    idle_since: Instant::now(),
+                };
+                return Ok((leased, false));
+            }
+            Err(e) => {
+                let kind = match (&e.reply, e.permanent) {
+                    (Some(r), true) => AttemptResult::Reply(r.code),
+                    (_, true) => AttemptResult::Permanent,
+                    _ => AttemptResult::Temporary,
+                };
+                let text = e.reply.as_ref().map_or(e.text.clone(), |r| r.text.clone());
+                return Err(Some(Outcome {
+                    results: vec![
+                        RecipientResult {
+                            stage: Stage::Connect,
+                            reply: e.reply.clone(),
+                            text,
+                            local_permanent: None,
+                            rcpt_reply: None,
+                        };
+                        n
+                    ],
+                    remote_host: e.remote_host.clone(),
+                    remote_ip: e.remote_ip.map(|ip| ip.to_string()),
+                    tls: e.tls.clone(),
+                    kinds: vec![kind; n],
+                    local_reason: None,
+                    local_status: None,
+                    remote_dsn: false,
+                }));
+            }
+        }
+    }
+}
+
 /// Connects (or reuses a connection) and runs the transaction. `None` when shutdown came
 /// before anything was sent.
 async fn transact(
@@ -780,93 +879,9 @@ async fn transact(
     let n = envelope.recipients.len();
     let settings = ctx.settings(dest);
     loop {
-        let (mut leased, reused) = loop {
-            let slot = tokio::select! {
-                s = ctx.pool.acquire(dest) => s?,
-                _ = ctx.shutdown.cancelled() => return None,
-            };
-            let (global, dest_permit) = match slot {
-                Slot::Idle(mut l) => {
-                    if l.conn.ready().await {
-                        break (*l, true);
-                    }
-                    // A connection that fails RSET is dropped, freeing its permits.
-                    continue;
-                }
-                Slot::New(g, d) => (g, d),
-            };
-            if ctx.shutdown.is_cancelled() {
-                return None;
-            }
-            let targets = match ctx.targets(dest).await {
-                Ok(t) => t,
-                Err(f) => {
-                    let kind = if f.permanent {
-                        AttemptResult::Permanent
-                    } else {
-                        AttemptResult::Temporary
-                    };
-                    return Some(Outcome {
-                        results: vec![
-                            RecipientResult {
-                                stage: Stage::Dns,
-                                reply: None,
-                                text: f.text.clone(),
-                                local_permanent: None,
-                                rcpt_reply: None,
-                            };
-                            n
-                        ],
-                        remote_host: None,
-                        remote_ip: None,
-                        tls: None,
-                        kinds: vec![kind; n],
-                        local_reason: Some(f.reason),
-                        local_status: Some(f.enhanced_status),
-                        remote_dsn: false,
-                    });
-                }
-            };
-            match client::connect(&targets, settings).await {
-                Ok(conn) => {
-                    ctx.metrics.outbound_connections_open.inc();
-                    let leased = Leased {
-                        conn,
-                        _global: global,
-                        _dest: dest_permit,
-                        gauge: ctx.metrics.outbound_connections_open.clone(),
-                        idle_since: Instant::now(),
-                    };
-                    break (leased, false);
-                }
-                Err(e) => {
-                    let kind = match (&e.reply, e.permanent) {
-                        (Some(r), true) => AttemptResult::Reply(r.code),
-                        (_, true) => AttemptResult::Permanent,
-                        _ => AttemptResult::Temporary,
-                    };
-                    let text = e.reply.as_ref().map_or(e.text.clone(), |r| r.text.clone());
-                    return Some(Outcome {
-                        results: vec![
-                            RecipientResult {
-                                stage: Stage::Connect,
-                                reply: e.reply.clone(),
-                                text,
-                                local_permanent: None,
-                                rcpt_reply: None,
-                            };
-                            n
-                        ],
-                        remote_host: e.remote_host.clone(),
-                        remote_ip: e.remote_ip.map(|ip| ip.to_string()),
-                        tls: e.tls.clone(),
-                        kinds: vec![kind; n],
-                        local_reason: None,
-                        local_status: None,
-                        remote_dsn: false,
-                    });
-                }
-            }
+        let (mut leased, reused) = match lease(ctx, dest, settings, n).await {
+            Ok(l) => l,
+            Err(outcome) => return outcome,
         };
         let replies = leased
             .conn

@@ -27,16 +27,47 @@ static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
         r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]",
     )
 });
+/// The header line the returned message's header block is recognised by, as one regex; the
+/// scan uses [`is_header_line`] (the same lines, found without a regex) and tests compare them.
+#[cfg(test)]
 static HEADER_LINE: LazyLock<Regex> = LazyLock::new(|| {
     re(
         r"(?mi)^(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): ",
     )
 });
+
+/// The phrases of a line that introduces the returned message, after any run of punctuation
+/// and blank lines that opens it. Searched anchored, only at lines whose first word opens one
+/// of them ([`MARKER_WORDS`]).
+const MARKER_PHRASES: &str = r"(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)";
+
+static MARKER_AT: LazyLock<Regex> = LazyLock::new(|| re(&format!("(?i)^{MARKER_PHRASES}")));
+
+/// The marker regex the line scan replaces (tests compare them).
+#[cfg(test)]
 static MARKER: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?mi)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)",
-    )
+    re(&format!(
+        r"(?mi)^\W*(?:-{{2,}}|={{2,}}|\*{{2,}}|_{{2,}})?\s*{MARKER_PHRASES}"
+    ))
 });
+
+/// The first words (ASCII letters, lowercase) of [`MARKER_PHRASES`].
+const MARKER_WORDS: &[&str] = &[
+    "below",
+    "this",
+    "original",
+    "the",
+    "header",
+    "headers",
+    "returned",
+    "your",
+    "message",
+    "unsent",
+    "undelivered",
+    "copy",
+    "content",
+    "start",
+];
 
 static CONTINUATION: LazyLock<Regex> =
     LazyLock::new(|| re(r"([2-5]\d\d)-((?:[2-5]\.\d{1,3}\.\d{1,3} )?)"));
@@ -164,7 +195,7 @@ fn starts_header_block(body: &str, start: usize) -> bool {
         return false;
     };
     let mut lines = rest.lines();
-    if !lines.next().is_some_and(|l| HEADER_LINE.is_match(l)) {
+    if !lines.next().is_some_and(is_header_line) {
         return false;
     }
     let mut headers = 1;
@@ -172,38 +203,163 @@ fn starts_header_block(body: &str, start: usize) -> bool {
         if l.trim().is_empty() {
             break;
         }
-        if l.starts_with([' ', '\t']) || HEADER_LINE.is_match(l) {
+        if l.starts_with([' ', '\t']) || is_header_line(l) {
             headers += 1;
         }
     }
     headers >= 3
 }
 
+/// Header names that open a returned message's header block.
+const HEADER_NAMES: &[&str] = &[
+    "received",
+    "return-path",
+    "message-id",
+    "from",
+    "to",
+    "subject",
+    "date",
+    "dkim-signature",
+    "mime-version",
+    "content-type",
+    "delivered-to",
+    "reply-to",
+    "cc",
+    "sender",
+    "authentication-results",
+    "domainkey-signature",
+    "references",
+    "in-reply-to",
+    "precedence",
+    "importance",
+    "user-agent",
+    "content-transfer-encoding",
+];
+
+/// Whether `line` starts with a header name of [`HEADER_NAMES`] (or `X-`, `ARC-`, `List-`,
+/// `Thread-` names) followed by `": "`, in any case.
+fn is_header_line(line: &str) -> bool {
+    // Most lines are prose: their first letter opens no header name (the long s is `C5 BF`).
+    let first = line.as_bytes().first().map_or(0, u8::to_ascii_lowercase);
+    if !b"acdfilmprstux\xc5".contains(&first) {
+        return false;
+    }
+    let Some(colon) = memchr::memchr(b':', line.as_bytes()) else {
+        return false;
+    };
+    if line.as_bytes().get(colon + 1) != Some(&b' ') {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let Some(name) = line.get(..colon).and_then(|n| case_folded(n, &mut buf)) else {
+        // Longer than any literal name: only an `X-` name can be that long.
+        return long_x_name(line.get(..colon).unwrap_or_default());
+    };
+    let tail_of = |prefix: &str| {
+        name.strip_prefix(prefix.as_bytes())
+            .filter(|t| !t.is_empty())
+    };
+    let all =
+        |t: &[u8], extra: fn(u8) -> bool| t.iter().all(|&b| b.is_ascii_lowercase() || extra(b));
+    HEADER_NAMES.iter().any(|n| name == n.as_bytes())
+        || tail_of("x-").is_some_and(|t| all(t, |b| b.is_ascii_digit() || b == b'-'))
+        || tail_of("arc-").is_some_and(|t| all(t, |b| b == b'-'))
+        || tail_of("list-").is_some_and(|t| all(t, |b| b == b'-'))
+        || tail_of("thread-").is_some_and(|t| all(t, |_| false))
+}
+
+/// Whether `name` is `X-` and `[a-z0-9-]+` in any case (a name too long for [`case_folded`]).
+fn long_x_name(name: &str) -> bool {
+    let mut chars = name.chars().map(|c| match c {
+        '\u{212A}' => 'k',
+        '\u{17F}' => 's',
+        c => c.to_ascii_lowercase(),
+    });
+    chars.next() == Some('x')
+        && chars.next() == Some('-')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// `name` in ASCII lower case in `buf`, as a case-insensitive regex compares it: the Kelvin
+/// sign and the long s are `k` and `s`; any other non-ASCII character matches no header
+/// name (`None`); `None` too for a name longer than `buf`.
+fn case_folded<'b>(name: &str, buf: &'b mut [u8; 64]) -> Option<&'b [u8]> {
+    let mut len = 0;
+    for c in name.chars() {
+        let b = match c {
+            '\u{212A}' => b'k',
+            '\u{17F}' => b's',
+            c if c.is_ascii() => (c as u8).to_ascii_lowercase(),
+            _ => return None,
+        };
+        *buf.get_mut(len)? = b;
+        len += 1;
+    }
+    buf.get(..len)
+}
+
+/// A `\w` character of a Unicode regex.
+fn is_word_char(c: char) -> bool {
+    if c.is_ascii() {
+        c.is_ascii_alphanumeric() || c == '_'
+    } else {
+        regex_syntax::is_word_character(c)
+    }
+}
+
+/// Whether `text`'s first word is one of [`MARKER_WORDS`] (or holds a non-ASCII letter,
+/// which case-insensitive matching may fold to one).
+fn may_open_marker(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let len = bytes.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    if bytes.get(len).is_some_and(|&b| !b.is_ascii()) {
+        return true;
+    }
+    let word = bytes.get(..len).unwrap_or_default();
+    len <= 11
+        && MARKER_WORDS
+            .iter()
+            .any(|w| w.as_bytes().eq_ignore_ascii_case(word))
+}
+
 /// Splits a bounce body into (error section, returned message text if any). The returned
 /// message starts after a marker line ("Below this line is a copy of the message") or at
 /// the first embedded header block, whichever comes first.
+///
+/// One pass over the lines: a marker is [`MARKER_PHRASES`] after a run of non-word
+/// characters (punctuation, blank lines) that starts a line, and the error section ends
+/// where that run starts; a line is tried only when its first word opens a phrase. A header
+/// block starts at a line that begins with a letter, so never inside such a run.
 pub fn split_returned(body: &str) -> (&str, Option<&str>) {
-    let marker = MARKER.find(body).map(|m| {
-        let line_start = body
-            .get(..m.start())
-            .and_then(|s| s.rfind('\n'))
-            .map_or(0, |i| i + 1);
-        let line_end = body
-            .get(m.end()..)
-            .and_then(|s| s.find('\n'))
-            .map_or(body.len(), |i| m.end() + i + 1);
-        (line_start, line_end)
-    });
-    let limit = marker.map_or(body.len(), |(s, _)| s);
-    let header = HEADER_LINE
-        .find_iter(body.get(..limit).unwrap_or(body))
-        .map(|m| m.start())
-        .find(|&s| starts_header_block(body, s));
-    match (marker, header) {
-        (_, Some(h)) => (body.get(..h).unwrap_or(body), body.get(h..)),
-        (Some((s, e)), None) => (body.get(..s).unwrap_or(body), body.get(e..)),
-        (None, None) => (body, None),
+    let mut line_start = 0;
+    while line_start < body.len() {
+        let Some(rest) = body.get(line_start..) else {
+            break;
+        };
+        let skipped = rest
+            .char_indices()
+            .find(|&(_, c)| is_word_char(c))
+            .map_or(rest.len(), |(i, _)| i);
+        let phrase_at = line_start + skipped;
+        let from_phrase = body.get(phrase_at..).unwrap_or_default();
+        if may_open_marker(from_phrase)
+            && let Some(m) = MARKER_AT.find(from_phrase)
+        {
+            let end = phrase_at + m.end();
+            let line_end = body
+                .get(end..)
+                .and_then(|s| s.find('\n'))
+                .map_or(body.len(), |i| end + i + 1);
+            return (body.get(..line_start).unwrap_or(body), body.get(line_end..));
+        }
+        let at_line_start = phrase_at == 0 || body.as_bytes().get(phrase_at - 1) == Some(&b'\n');
+        if at_line_start && starts_header_block(body, phrase_at) {
+            return (body.get(..phrase_at).unwrap_or(body), body.get(phrase_at..));
+        }
+        line_start =
+            memchr::memchr(b'\n', from_phrase.as_bytes()).map_or(body.len(), |i| phrase_at + i + 1);
     }
+    (body, None)
 }
 
 /// Header fields of an embedded message (unfolded; names lowercased), read from its start
@@ -404,6 +560,95 @@ mod tests {
         let (err, ret) = split_returned(body);
         assert_eq!(err, "failed: a@b.example\n\n");
         assert!(ret.is_some_and(|r| r.starts_with("Received:")));
+    }
+
+    /// The split as the two `(?mi)` regexes found it, for comparison with the line scan.
+    fn split_returned_by_regex(body: &str) -> (&str, Option<&str>) {
+        let marker = MARKER.find(body).map(|m| {
+            let line_start = body
+                .get(..m.start())
+                .and_then(|s| s.rfind('\n'))
+                .map_or(0, |i| i + 1);
+            let line_end = body
+                .get(m.end()..)
+                .and_then(|s| s.find('\n'))
+                .map_or(body.len(), |i| m.end() + i + 1);
+            (line_start, line_end)
+        });
+        let limit = marker.map_or(body.len(), |(s, _)| s);
+        let header = HEADER_LINE
+            .find_iter(body.get(..limit).unwrap_or(body))
+            .map(|m| m.start())
+            .find(|&s| starts_header_block(body, s));
+        match (marker, header) {
+            (_, Some(h)) => (body.get(..h).unwrap_or(body), body.get(h..)),
+            (Some((s, e)), None) => (body.get(..s).unwrap_or(body), body.get(e..)),
+            (None, None) => (body, None),
+        }
+    }
+
+    /// The line scan splits where the regexes did, and reads the same header lines.
+    #[test]
+    fn split_returned_matches_the_regexes() {
+        let pieces = [
+            "Delivery failed for a@b.example\n",
+            "\n",
+            "\r\n",
+            "--- Below this line is a copy of the message.\n",
+            "   ------ This is a copy of the headers.\r\n",
+            "*** ORIGINAL MESSAGE FOLLOWS ***\n",
+            "The original message is attached.\n",
+            "the header of original message\n",
+            "Your message reads:\n",
+            "xoriginal message\n",
+            "(original message)\n",
+            "Content-Type: message/rfc822\n",
+            "content-type: text/rfc822-headers\n",
+            "ſtart of returned message\n",
+            "\u{212A}eep: this\n",
+            "Received: from x.example\n",
+            "\tby y.example\n",
+            "From: s@x.example\n",
+            "X-Mailer: thing\n",
+            "X-: nothing\n",
+            "X-A-Very-Long-Header-Name-That-Goes-On-And-On-Beyond-Sixty-Four-Bytes-Of-Name: v\n",
+            "X-A-Very-Long-Header-Name-That-Goes-On-And-On-Beyond-Sixty-Four-Bytes-Of-Nameé: v\n",
+            "Thread-Index: abc\n",
+            "Thread-1: no\n",
+            "ARC-Seal: i=1\n",
+            "List-Id: <l.example>\n",
+            "Subject:no space\n",
+            "Subject: hi\n",
+            "DKIM-Signature: v=1\n",
+            "Date : Mon\n",
+            "Message-ſd: no\n",
+            "Meſsage-Id: <m@x>\n",
+            "To: a@b.example\n",
+            "é Returned message\n",
+            "_returned message\n",
+            "Undelivered Message Headers Follows\n",
+            "unsent message below\n",
+            "copy of the original message\n",
+            "message headers follow\n",
+            "body text here\n",
+        ];
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..4000 {
+            let mut body = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 60) + 1 {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(3);
+                body.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
+            }
+            assert_eq!(
+                split_returned(&body),
+                split_returned_by_regex(&body),
+                "{body:?}"
+            );
+            for line in body.lines() {
+                assert_eq!(is_header_line(line), HEADER_LINE.is_match(line), "{line:?}");
+            }
+        }
     }
 
     #[test]

@@ -36,8 +36,11 @@ pub(crate) struct View {
     pub feedback_report: Option<String>,
     /// Human-readable text of the bounce (text parts outside the returned message).
     pub human: String,
-    /// Header fields of the returned original message, when found.
+    /// Header fields of the returned original message that the readers consult
+    /// ([`RETURNED_FIELDS`]), when found.
     pub returned: Vec<(String, String)>,
+    /// Whether the returned message has a header block (with any fields).
+    returned_has_headers: bool,
     /// The returned message as text (headers and body), when found.
     pub returned_raw: Option<String>,
     /// Length of the part of `human` before the returned message (the error section).
@@ -87,6 +90,7 @@ impl View {
             feedback_report: None,
             human: String::new(),
             returned: Vec::new(),
+            returned_has_headers: false,
             returned_raw: None,
             error_len: 0,
         };
@@ -176,7 +180,11 @@ impl View {
             returned_text = inline.map(str::to_string);
         }
         if let Some(t) = returned_text {
-            view.returned = text::header_fields(&t);
+            let (fields, any) = text::header_fields_where(&t, |name| {
+                RETURNED_FIELDS.iter().any(|k| name.eq_ignore_ascii_case(k))
+            });
+            view.returned = fields;
+            view.returned_has_headers = any;
             view.returned_raw = Some(t);
         }
         Some(view)
@@ -235,7 +243,7 @@ impl View {
     pub fn looks_like_bounce(&self) -> bool {
         BOUNCE_FROM.is_match(&self.from_full)
             || BOUNCE_SUBJECT.is_match(&self.subject)
-            || (!self.returned.is_empty() && BOUNCE_TEXT.is_match(self.error_section()))
+            || (self.returned_has_headers && BOUNCE_TEXT.is_match(self.error_section()))
     }
 }
 
@@ -403,6 +411,18 @@ fn is_content_type_value(raw: &[u8], at: usize) -> bool {
         .and_then(|b| b.get(b.len().checked_sub(13)?..))
         .is_some_and(|name| name.eq_ignore_ascii_case(b"content-type:"))
 }
+
+/// The returned message's header fields that [`View::returned_header`] and the correlation
+/// hints read; the rest of its header block (signatures, most of it) is not copied.
+const RETURNED_FIELDS: &[&str] = &[
+    "x-mailtrail-receipt",
+    "received",
+    "message-id",
+    "return-path",
+    "from",
+    "to",
+    "x-hmxmroriginalrecipient",
+];
 
 /// The bounce's own headers that [`View::header`] can answer for.
 const KEPT_HEADERS: &[&str] = &[

@@ -365,8 +365,19 @@ pub fn split_returned(body: &str) -> (&str, Option<&str>) {
 /// Header fields of an embedded message (unfolded; names lowercased), read from its start
 /// until the first blank line. Leading non-header lines are skipped.
 pub fn header_fields(text: &str) -> Vec<(String, String)> {
+    header_fields_where(text, |_| true).0
+}
+
+/// [`header_fields`] with only the fields whose name `keep` accepts (given as written), and
+/// whether the block holds any field at all: the others are read past, never copied.
+pub fn header_fields_where(
+    text: &str,
+    keep: impl Fn(&str) -> bool,
+) -> (Vec<(String, String)>, bool) {
     let mut out: Vec<(String, String)> = Vec::new();
     let mut started = false;
+    // Whether the field being read (and so its continuation lines) is kept.
+    let mut kept = false;
     for raw in text.lines() {
         let line = raw.trim_end_matches('\r');
         if line.trim().is_empty() {
@@ -376,7 +387,7 @@ pub fn header_fields(text: &str) -> Vec<(String, String)> {
             continue;
         }
         if started && line.starts_with([' ', '\t']) {
-            if let Some((_, v)) = out.last_mut() {
+            if kept && let Some((_, v)) = out.last_mut() {
                 v.push(' ');
                 v.push_str(line.trim());
             }
@@ -389,7 +400,10 @@ pub fn header_fields(text: &str) -> Vec<(String, String)> {
                     && name.bytes().all(|b| b.is_ascii_graphic() && b != b':') =>
             {
                 started = true;
-                out.push((name.to_ascii_lowercase(), value.trim().to_string()));
+                kept = keep(name);
+                if kept {
+                    out.push((name.to_ascii_lowercase(), value.trim().to_string()));
+                }
             }
             _ => {
                 if started {
@@ -398,7 +412,7 @@ pub fn header_fields(text: &str) -> Vec<(String, String)> {
             }
         }
     }
-    out
+    (out, started)
 }
 
 /// Removes HTML tags and the commonest entities, keeping line structure roughly.
@@ -660,6 +674,27 @@ mod tests {
             ("received".to_string(), "from a by b id <X>".to_string())
         );
         assert_eq!(h[1].1, "<m@x>");
+        // Keeping some fields keeps exactly those, continuation lines included.
+        let text = "Junk line\nReceived: a\n b\nX-Other: c\n d\nTo: e\n\tf\nFrom : g\n\nTo: no";
+        let all = header_fields(text);
+        let (some, any) = header_fields_where(text, |n| !n.eq_ignore_ascii_case("x-other"));
+        assert!(any);
+        assert_eq!(
+            some,
+            all.iter()
+                .filter(|(n, _)| n != "x-other")
+                .cloned()
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(some[1], ("to".to_string(), "e f".to_string()));
+        assert_eq!(
+            header_fields_where("no headers\n\nat all", |_| true),
+            (vec![], false)
+        );
+        assert_eq!(
+            header_fields_where("Received: x\n", |_| false),
+            (vec![], true)
+        );
     }
 
     #[test]

@@ -95,6 +95,20 @@ pub fn join_reply_lines(flat: &str) -> String {
     out
 }
 
+/// Whether `text` holds the `550-` of a multi-line reply ([`join_reply_lines`] changes
+/// nothing otherwise): a hyphen after a reply code, found without the regex. Text with
+/// non-ASCII characters (which may be Unicode digits to `\d`) is left to the regex.
+pub fn may_continue_reply(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    !text.is_ascii()
+        || memchr::memchr_iter(b'-', bytes).any(|i| {
+            i >= 3
+                && bytes
+                    .get(i - 3..i)
+                    .is_some_and(|c| matches!(c, [b'2'..=b'5', b'0'..=b'9', b'0'..=b'9']))
+        })
+}
+
 /// The first enhanced status code (RFC 3463) in `text`, e.g. `5.1.1`.
 pub fn find_enhanced_status(text: &str) -> Option<String> {
     ENHANCED
@@ -487,6 +501,26 @@ mod tests {
             }
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(7);
             assert_eq!(fast(&t), slow(&t), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn may_continue_reply_finds_what_the_regex_finds() {
+        let alphabet: Vec<char> = "0123456789- a.٣".chars().collect();
+        let mut seed: u64 = 0x1234_5678_9abc_def1;
+        for _ in 0..5000 {
+            let mut t = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 60) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                t.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
+            }
+            if CONTINUATION.is_match(&t) {
+                assert!(may_continue_reply(&t), "{t:?}");
+            }
+            if !may_continue_reply(&t) {
+                assert_eq!(join_reply_lines(&t), t);
+            }
         }
     }
 

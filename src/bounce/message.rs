@@ -531,12 +531,8 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
     }
     let error_section = view.error_section();
     // The prose is read only when a recipient block lacks what it should say.
-    let mut prose_cache: Option<Vec<(String, String)>> = None;
-    let mut prose = || -> Vec<(String, String)> {
-        prose_cache
-            .get_or_insert_with(|| prose_segments(view, error_section))
-            .clone()
-    };
+    let prose_cache = std::cell::OnceCell::new();
+    let prose = || prose_cache.get_or_init(|| prose_segments(view, error_section));
 
     let mut out = Vec::new();
     for ds in &parsed {
@@ -634,21 +630,27 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
 fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
     let returned_from = view.returned_header("from").and_then(first_address);
     let returned_path = view.returned_header("return-path").and_then(first_address);
+    // `view.from` and `view.to` are lowercase: comparing ignoring ASCII case is comparing
+    // the lowercased address.
     let excluded = |a: &str| {
-        let a = a.to_ascii_lowercase();
         let local = a.split('@').next().unwrap_or("");
-        a == view.from
-            || a == view.to
-            || matches!(
-                local,
-                "mailer-daemon" | "postmaster" | "mailerdaemon" | "mailer_daemon" | "root"
-            )
+        a.eq_ignore_ascii_case(&view.from)
+            || a.eq_ignore_ascii_case(&view.to)
+            || [
+                "mailer-daemon",
+                "postmaster",
+                "mailerdaemon",
+                "mailer_daemon",
+                "root",
+            ]
+            .iter()
+            .any(|l| local.eq_ignore_ascii_case(l))
             || returned_from
                 .as_deref()
-                .is_some_and(|f| f.eq_ignore_ascii_case(&a))
+                .is_some_and(|f| f.eq_ignore_ascii_case(a))
             || returned_path
                 .as_deref()
-                .is_some_and(|f| f.eq_ignore_ascii_case(&a))
+                .is_some_and(|f| f.eq_ignore_ascii_case(a))
     };
     // Addresses in "MAIL FROM:<...>" or "envelope-from" are the sender, one after "contact"
     // is a help desk, one in "Message-Id:" is no address at all: none is a recipient.
@@ -658,22 +660,16 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             while !error_section.is_char_boundary(start) {
                 start -= 1;
             }
-            error_section
-                .get(start..pos)
-                .unwrap_or("")
-                .to_ascii_lowercase()
+            error_section.as_bytes().get(start..pos).unwrap_or_default()
         };
         let s = near(16);
         let wide = near(48);
-        s.contains("from:")
-            || s.contains("from <")
-            || s.contains("sender")
-            || s.contains("from=")
-            || s.contains("message-id")
-            || s.contains("msgid")
-            || wide.contains("contact")
-            || wide.contains("please send")
-            || wide.contains("questions")
+        ["from:", "from <", "sender", "from=", "message-id", "msgid"]
+            .iter()
+            .any(|w| contains_ignore_ascii_case(s, w))
+            || ["contact", "please send", "questions"]
+                .iter()
+                .any(|w| contains_ignore_ascii_case(wide, w))
     };
 
     let mut found: Vec<(String, usize)> = Vec::new();
@@ -725,23 +721,49 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             .map(|(_, s)| *s)
             .find(|s| s > start)
             .unwrap_or(error_section.len());
-        let mut seg = error_section.get(*start..end).unwrap_or("").to_string();
+        let mut seg = error_section.get(*start..end).unwrap_or("");
         // A lone recipient whose own lines say little: the explanation may come before it.
-        let says_little = seg.replace(addr.as_str(), "").trim().len() < 24;
-        if (n == 1 && says_little)
+        let says_little = || seg.replace(addr.as_str(), "").trim().len() < 24;
+        if (n == 1 && says_little())
             || (n == 1
-                && !informative(&seg)
+                && !informative(seg)
                 && *section_informative.get_or_init(|| informative(error_section)))
             || seg.trim().is_empty()
         {
-            seg = error_section.to_string();
+            seg = error_section;
         }
-        out.push((addr.clone(), clip(&collapse(&seg), MAX_PROSE_DIAGNOSTIC)));
+        out.push((addr.clone(), collapse_clipped(seg, MAX_PROSE_DIAGNOSTIC)));
     }
     out
 }
 
+/// Whether `haystack` holds `needle` (lowercase) in any ASCII case.
+fn contains_ignore_ascii_case(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+/// `clip(&collapse(s), max)`, without collapsing the part of `s` the clip would drop.
+fn collapse_clipped(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max + 64));
+    for word in s.split_whitespace() {
+        if out.len() >= max {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    if out.len() <= max {
+        return out;
+    }
+    clip(&out, max)
+}
+
 /// `s` with every whitespace run made one space, trimmed.
+#[cfg(test)]
 fn collapse(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for word in s.split_whitespace() {
@@ -780,7 +802,7 @@ pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
     if segments.is_empty() {
         // No address in the prose: the returned message says whom it was for.
         if let Some(to) = view.returned_header("to").and_then(first_address) {
-            let seg = clip(&collapse(error_section), MAX_PROSE_DIAGNOSTIC);
+            let seg = collapse_clipped(error_section, MAX_PROSE_DIAGNOSTIC);
             if !seg.is_empty() {
                 segments.push((to, seg));
             }
@@ -805,6 +827,29 @@ pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Collapsing only what the clip keeps gives what collapsing all and clipping gave.
+    #[test]
+    fn collapse_clipped_is_clip_of_collapse() {
+        let alphabet: Vec<char> = "ab \t\n\u{a0}é語".chars().collect();
+        let mut seed: u64 = 0x0bad_cafe_f00d_1234;
+        for _ in 0..5000 {
+            let mut t = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 59) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                t.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
+            }
+            let max = (seed >> 20) as usize % 12;
+            assert_eq!(
+                collapse_clipped(&t, max),
+                clip(&collapse(&t), max),
+                "{t:?} {max}"
+            );
+        }
+        assert!(contains_ignore_ascii_case(b"Mail FROM:<", "from:"));
+        assert!(!contains_ignore_ascii_case(b"fro", "from:"));
+    }
 
     #[test]
     fn only_the_read_header_fields_reach_the_mime_parser() {

@@ -537,9 +537,8 @@ impl Prefilter {
 
     /// Per branch: whether its regex may match `text`.
     fn possible(&self, text: &str, branches: usize) -> Vec<bool> {
-        let mut out: Vec<bool> = (0..branches)
-            .map(|i| self.always.get(i).copied().unwrap_or(true))
-            .collect();
+        let mut out = self.always.clone();
+        out.resize(branches, true);
         if let Some(ac) = &self.automaton {
             for m in ac.find_overlapping_iter(text.as_bytes()) {
                 if let Some(slot) = self

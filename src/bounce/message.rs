@@ -539,6 +539,7 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
     // The prose is read only when a recipient block lacks what it should say.
     let prose_cache = std::cell::OnceCell::new();
     let prose = || prose_cache.get_or_init(|| prose_segments(view, error_section));
+    let command_in_prose = std::cell::OnceCell::new();
 
     let mut out = Vec::new();
     for ds in &parsed {
@@ -596,7 +597,11 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             let mut r = BounceRecord::new(recipient.clone(), BounceKind::Dsn);
             r.status = pick_status(status_field, diag);
             r.reply_code = text::find_reply_code(diag);
+            // The prose is split only if some segment of it can name a command.
             r.smtp_command = text::find_command(diag).map(str::to_string).or_else(|| {
+                if !*command_in_prose.get_or_init(|| text::may_name_command(error_section)) {
+                    return None;
+                }
                 prose()
                     .iter()
                     .find(|(a, _)| a.eq_ignore_ascii_case(&recipient))

@@ -17,11 +17,28 @@ static ENHANCED: LazyLock<Regex> =
     LazyLock::new(|| re(r"(?:^|[^\d.])([245]\.\d{1,3}\.\d{1,3})(?:[^\d.]|\.(?:\D|$)|$)"));
 static REPLY: LazyLock<Regex> =
     LazyLock::new(|| re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)"));
-static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)(?-u:\b)|(?-u:\b)(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|\[(?:rcpt_to|mail_from|data)\]|does not like recipient|sender was rejected|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)",
-    )
+/// The phrases that name the failed SMTP command, written for collapsed text (single spaces).
+const COMMAND_PATTERN: &str = r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)(?-u:\b)|(?-u:\b)(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|\[(?:rcpt_to|mail_from|data)\]|does not like recipient|sender was rejected|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)";
+
+static COMMAND: LazyLock<Regex> = LazyLock::new(|| re(COMMAND_PATTERN));
+
+/// [`COMMAND_PATTERN`] loosened for text not yet collapsed: a space is any white-space run,
+/// an optional one any run or none, `[^ ]` any non-space, and no word boundaries. Whatever
+/// COMMAND finds in the collapsed form of a line-aligned piece of a text, this finds in the
+/// text itself.
+static COMMAND_UNCOLLAPSED: LazyLock<Regex> = LazyLock::new(|| {
+    re(&COMMAND_PATTERN
+        .replace(r"(?-u:\b)", "")
+        .replace(" ?", r"\s*")
+        .replace(' ', r"\s+")
+        .replace("[^\\s+]", r"\S"))
 });
+
+/// Whether [`find_command`] may find a command in the collapsed form of some line-aligned
+/// part of `text` (a prose segment): when this says no, no segment names one.
+pub fn may_name_command(text: &str) -> bool {
+    COMMAND_UNCOLLAPSED.is_match(text)
+}
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
     re(
         r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]",
@@ -600,6 +617,89 @@ mod tests {
         assert_eq!(find_reply_code("550-5.7.1 blocked"), Some(550));
         assert_eq!(find_reply_code("250 ok"), None);
         assert_eq!(find_reply_code("port 5500 busy"), None);
+    }
+
+    /// Whenever a collapsed, clipped, line-aligned piece of a text names a command, the
+    /// loosened regex finds one in the text as it is.
+    #[test]
+    fn may_name_command_covers_every_collapsed_segment() {
+        let pieces = [
+            "after",
+            "RCPT",
+            "TO",
+            "rcpt",
+            "to",
+            "data",
+            "DATA",
+            "end",
+            "of",
+            "in",
+            "reply",
+            "the",
+            "final",
+            "mail",
+            "from",
+            "MAIL",
+            "FROM:",
+            "rejected",
+            "command",
+            "database",
+            "helo",
+            ">>>",
+            "[RCPT_TO]",
+            "does",
+            "not",
+            "like",
+            "recipient",
+            "sender",
+            "was",
+            "connected",
+            "host.example",
+            "but",
+            "greeting",
+            "failed",
+            "response",
+            "x",
+            "ſender",
+            " ",
+            "  ",
+            "\n",
+            "\r\n",
+            "\t",
+            "\n\n",
+            ":",
+        ];
+        let mut seed: u64 = 0x6a09_e667_f3bc_c908;
+        let mut named = 0;
+        for _ in 0..3000 {
+            let mut t = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 59) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                t.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
+                if seed & 0x100 != 0 {
+                    t.push(' ');
+                }
+            }
+            let starts: Vec<usize> = std::iter::once(0)
+                .chain(t.match_indices('\n').map(|(i, _)| i + 1))
+                .chain(std::iter::once(t.len()))
+                .collect();
+            for (i, &a) in starts.iter().enumerate() {
+                for &b in starts.get(i + 1..).unwrap_or_default() {
+                    let words: Vec<&str> = t[a..b].split_whitespace().collect();
+                    let collapsed = words.join(" ");
+                    for end in (0..=collapsed.len()).filter(|&e| collapsed.is_char_boundary(e)) {
+                        if find_command(&collapsed[..end]).is_some() {
+                            named += 1;
+                            assert!(may_name_command(&t), "{t:?} / {:?}", &collapsed[..end]);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(named > 100);
+        assert!(!may_name_command("550 5.1.1 user unknown\nmailbox full"));
     }
 
     #[test]

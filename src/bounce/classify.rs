@@ -662,6 +662,9 @@ pub fn normalize(text: &str) -> String {
 }
 
 fn normalize_spaces(text: &str) -> String {
+    if text.is_ascii() {
+        return normalize_ascii_spaces(text.as_bytes());
+    }
     let mut out = String::with_capacity(text.len());
     let mut space = false;
     for c in text.chars() {
@@ -686,6 +689,25 @@ fn normalize_spaces(text: &str) -> String {
         }
     }
     out
+}
+
+/// [`normalize_spaces`] of ASCII text, a byte at a time.
+fn normalize_ascii_spaces(text: &[u8]) -> String {
+    let mut out = Vec::with_capacity(text.len());
+    let mut space = false;
+    for &b in text {
+        if matches!(b, b' ' | b'\t'..=b'\r') {
+            space = !out.is_empty();
+        } else {
+            if space {
+                out.push(b' ');
+                space = false;
+            }
+            out.push(b.to_ascii_lowercase());
+        }
+    }
+    // ASCII in, ASCII out: the check cannot fail.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// [`Classifier::classify_reply`] with the built-in rules.
@@ -736,6 +758,8 @@ mod tests {
                 t.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
             }
             assert_eq!(normalize_spaces(&t), slow(&t), "{t:?}");
+            let ascii: String = t.chars().filter(char::is_ascii).collect();
+            assert_eq!(normalize_spaces(&ascii), slow(&ascii), "{ascii:?}");
         }
     }
 

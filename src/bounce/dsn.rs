@@ -70,7 +70,7 @@ const MAX_FIELDS: usize = 64;
 fn blocks(text: &str) -> Vec<FieldBlock> {
     let mut out = Vec::new();
     let mut cur = FieldBlock::default();
-    for raw in text.lines() {
+    for raw in super::text::lines(text) {
         let line = raw.trim_end_matches('\r');
         if line.trim().is_empty() {
             if !cur.fields.is_empty() {

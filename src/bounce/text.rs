@@ -225,7 +225,7 @@ fn starts_header_block(body: &str, start: usize) -> bool {
     let Some(rest) = body.get(start..) else {
         return false;
     };
-    let mut lines = rest.lines();
+    let mut lines = lines(rest);
     if !lines.next().is_some_and(is_header_line) {
         return false;
     }
@@ -409,7 +409,7 @@ pub fn header_fields_where(
     let mut started = false;
     // Whether the field being read (and so its continuation lines) is kept.
     let mut kept = false;
-    for raw in text.lines() {
+    for raw in lines(text) {
         let line = raw.trim_end_matches('\r');
         if line.trim().is_empty() {
             if started {
@@ -444,6 +444,23 @@ pub fn header_fields_where(
         }
     }
     (out, started)
+}
+
+/// `text.lines()` without their `\r\n` or `\n`, found with the SIMD byte search.
+pub(crate) fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let Some(i) = memchr::memchr(b'\n', rest.as_bytes()) else {
+            // The last line, without a line break: kept as it is (a lone CR too).
+            return Some(std::mem::take(&mut rest));
+        };
+        let line = rest.get(..i)?;
+        rest = rest.get(i + 1..)?;
+        Some(line.strip_suffix('\r').unwrap_or(line))
+    })
 }
 
 /// Removes HTML tags and the commonest entities, keeping line structure roughly: a line
@@ -830,6 +847,26 @@ mod tests {
             for line in body.lines() {
                 assert_eq!(is_header_line(line), HEADER_LINE.is_match(line), "{line:?}");
             }
+        }
+    }
+
+    #[test]
+    fn lines_are_str_lines() {
+        for t in [
+            "",
+            "a",
+            "a\n",
+            "a\r\nb",
+            "\n\n",
+            "a\rb\r\n\r\n",
+            "\r",
+            "é\nü\r\n",
+        ] {
+            assert_eq!(
+                lines(t).collect::<Vec<_>>(),
+                t.lines().collect::<Vec<_>>(),
+                "{t:?}"
+            );
         }
     }
 

@@ -88,7 +88,7 @@ fn blocks(text: &str) -> Vec<FieldBlock> {
             }
             continue;
         }
-        if let Some((name, value)) = line.split_once(':') {
+        if let Some((name, value)) = super::text::split_at_colon(line) {
             let name = name.trim();
             if !name.is_empty()
                 && cur.fields.len() < MAX_FIELDS

@@ -424,7 +424,7 @@ pub fn header_fields_where(
             }
             continue;
         }
-        match line.split_once(':') {
+        match split_at_colon(line) {
             Some((name, value))
                 if !name.is_empty()
                     && !name.contains(' ')
@@ -444,6 +444,12 @@ pub fn header_fields_where(
         }
     }
     (out, started)
+}
+
+/// `line.split_once(':')`, found with the SIMD byte search.
+pub(crate) fn split_at_colon(line: &str) -> Option<(&str, &str)> {
+    let i = memchr::memchr(b':', line.as_bytes())?;
+    Some((line.get(..i)?, line.get(i + 1..)?))
 }
 
 /// `text.lines()` without their `\r\n` or `\n`, found with the SIMD byte search.
@@ -469,10 +475,10 @@ pub(crate) fn lines(text: &str) -> impl Iterator<Item = &str> {
 pub fn strip_html(html: &str) -> String {
     let mut text = String::with_capacity(html.len());
     let mut rest = html;
-    while let Some(lt) = rest.find('<') {
+    while let Some(lt) = memchr::memchr(b'<', rest.as_bytes()) {
         text.push_str(rest.get(..lt).unwrap_or_default());
         let tag_and_after = rest.get(lt + 1..).unwrap_or_default();
-        let Some(gt) = tag_and_after.find('>') else {
+        let Some(gt) = memchr::memchr(b'>', tag_and_after.as_bytes()) else {
             // An unclosed tag runs to the end.
             rest = "";
             break;
@@ -510,12 +516,12 @@ const ENTITIES: &[(&str, &str)] = &[
 /// `text` with [`ENTITIES`] decoded, as replacing each in turn over the whole text would:
 /// no replacement creates another entity, so one left-to-right pass gives the same.
 fn decode_entities(text: &str) -> String {
-    if !text.contains('&') {
+    if memchr::memchr(b'&', text.as_bytes()).is_none() {
         return text.to_string();
     }
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(amp) = rest.find('&') {
+    while let Some(amp) = memchr::memchr(b'&', rest.as_bytes()) {
         out.push_str(rest.get(..amp).unwrap_or_default());
         let from = rest.get(amp..).unwrap_or_default();
         match ENTITIES.iter().find(|(e, _)| from.starts_with(e)) {

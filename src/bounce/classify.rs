@@ -519,8 +519,11 @@ impl Prefilter {
                 patterns.push(lit);
             }
         }
+        // A full DFA: the overlapping search walks every byte of every diagnostic, and a
+        // DFA step is one table lookup where the default NFA follows failure links.
         let automaton = AhoCorasick::builder()
             .match_kind(MatchKind::Standard)
+            .kind(Some(aho_corasick::AhoCorasickKind::DFA))
             .build(&patterns)
             .ok();
         if automaton.is_none() {
@@ -537,9 +540,8 @@ impl Prefilter {
 
     /// Per branch: whether its regex may match `text`.
     fn possible(&self, text: &str, branches: usize) -> Vec<bool> {
-        let mut out: Vec<bool> = (0..branches)
-            .map(|i| self.always.get(i).copied().unwrap_or(true))
-            .collect();
+        let mut out = self.always.clone();
+        out.resize(branches, true);
         if let Some(ac) = &self.automaton {
             for m in ac.find_overlapping_iter(text.as_bytes()) {
                 if let Some(slot) = self
@@ -653,24 +655,59 @@ fn ascii_word_boundaries(pattern: &str) -> String {
 /// sentence.
 pub fn normalize(text: &str) -> String {
     let flat = normalize_spaces(text);
+    if !super::text::may_continue_reply(&flat) {
+        return flat;
+    }
     super::text::join_reply_lines(&flat)
 }
 
 fn normalize_spaces(text: &str) -> String {
+    if text.is_ascii() {
+        return normalize_ascii_spaces(text.as_bytes());
+    }
     let mut out = String::with_capacity(text.len());
     let mut space = false;
     for c in text.chars() {
-        if c.is_whitespace() {
+        // ASCII (nearly every character of a diagnostic) skips the Unicode tables.
+        let white = if c.is_ascii() {
+            matches!(c, ' ' | '\t'..='\r')
+        } else {
+            c.is_whitespace()
+        };
+        if white {
             space = !out.is_empty();
         } else {
             if space {
                 out.push(' ');
                 space = false;
             }
-            out.extend(c.to_lowercase());
+            if c.is_ascii() {
+                out.push(c.to_ascii_lowercase());
+            } else {
+                out.extend(c.to_lowercase());
+            }
         }
     }
     out
+}
+
+/// [`normalize_spaces`] of ASCII text, a byte at a time.
+fn normalize_ascii_spaces(text: &[u8]) -> String {
+    let mut out = Vec::with_capacity(text.len());
+    let mut space = false;
+    for &b in text {
+        if matches!(b, b' ' | b'\t'..=b'\r') {
+            space = !out.is_empty();
+        } else {
+            if space {
+                out.push(b' ');
+                space = false;
+            }
+            out.push(b.to_ascii_lowercase());
+        }
+    }
+    // ASCII in, ASCII out: the check cannot fail.
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// [`Classifier::classify_reply`] with the built-in rules.
@@ -695,6 +732,35 @@ mod tests {
             action: Some("failed"),
             ..Default::default()
         })
+    }
+
+    /// The ASCII shortcut lowercases and collapses exactly as the Unicode tables do.
+    #[test]
+    fn normalize_spaces_matches_the_unicode_definition() {
+        // The definition, character by character through the Unicode tables.
+        let slow = |t: &str| {
+            let words: Vec<String> = t
+                .split(char::is_whitespace)
+                .filter(|w| !w.is_empty())
+                .map(|w| w.chars().flat_map(char::to_lowercase).collect())
+                .collect();
+            words.join(" ")
+        };
+        let alphabet: Vec<char> = "aZ5 \t\r\n\x0b\x0c\x1c\u{85}\u{a0}\u{2003}\u{3000}ÉİẞΣКǅ-."
+            .chars()
+            .collect();
+        let mut seed: u64 = 0x51_7cc1_b727_220a;
+        for _ in 0..3000 {
+            let mut t = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 59) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                t.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
+            }
+            assert_eq!(normalize_spaces(&t), slow(&t), "{t:?}");
+            let ascii: String = t.chars().filter(char::is_ascii).collect();
+            assert_eq!(normalize_spaces(&ascii), slow(&ascii), "{ascii:?}");
+        }
     }
 
     #[test]

@@ -70,7 +70,7 @@ const MAX_FIELDS: usize = 64;
 fn blocks(text: &str) -> Vec<FieldBlock> {
     let mut out = Vec::new();
     let mut cur = FieldBlock::default();
-    for raw in text.lines() {
+    for raw in super::text::lines(text) {
         let line = raw.trim_end_matches('\r');
         if line.trim().is_empty() {
             if !cur.fields.is_empty() {
@@ -88,7 +88,7 @@ fn blocks(text: &str) -> Vec<FieldBlock> {
             }
             continue;
         }
-        if let Some((name, value)) = line.split_once(':') {
+        if let Some((name, value)) = super::text::split_at_colon(line) {
             let name = name.trim();
             if !name.is_empty()
                 && cur.fields.len() < MAX_FIELDS

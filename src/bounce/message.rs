@@ -36,8 +36,11 @@ pub(crate) struct View {
     pub feedback_report: Option<String>,
     /// Human-readable text of the bounce (text parts outside the returned message).
     pub human: String,
-    /// Header fields of the returned original message, when found.
+    /// Header fields of the returned original message that the readers consult
+    /// ([`RETURNED_FIELDS`]), when found.
     pub returned: Vec<(String, String)>,
+    /// Whether the returned message has a header block (with any fields).
+    returned_has_headers: bool,
     /// The returned message as text (headers and body), when found.
     pub returned_raw: Option<String>,
     /// Length of the part of `human` before the returned message (the error section).
@@ -87,13 +90,13 @@ impl View {
             feedback_report: None,
             human: String::new(),
             returned: Vec::new(),
+            returned_has_headers: false,
             returned_raw: None,
             error_len: 0,
         };
 
         let mut html = String::new();
-        let mut returned_text: Option<String> =
-            returned.map(|r| String::from_utf8_lossy(r).into_owned());
+        let mut returned_text: Option<String> = returned.map(lossy_utf8);
         let multipart = msg.root_part().is_multipart();
         for (i, part) in msg.parts.iter().enumerate() {
             if multipart && i == 0 {
@@ -111,8 +114,7 @@ impl View {
             match &part.body {
                 PartType::Message(inner) => {
                     if returned_text.is_none() {
-                        returned_text =
-                            Some(String::from_utf8_lossy(inner.raw_message()).into_owned());
+                        returned_text = Some(lossy_utf8(inner.raw_message()));
                     }
                 }
                 PartType::Multipart(_) => {}
@@ -134,7 +136,7 @@ impl View {
                     }
                 },
                 PartType::Binary(b) | PartType::InlineBinary(b) => {
-                    let s = || String::from_utf8_lossy(b).into_owned();
+                    let s = || lossy_utf8(b);
                     match (ctype.as_str(), subtype.as_str()) {
                         ("message", "delivery-status")
                         | ("message", "global-delivery-status")
@@ -165,8 +167,7 @@ impl View {
                 .map(|i| i + 4)
                 .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|i| i + 2));
             if let Some(start) = body {
-                view.human =
-                    String::from_utf8_lossy(raw.get(start..).unwrap_or_default()).into_owned();
+                view.human = lossy_utf8(raw.get(start..).unwrap_or_default());
             }
         }
         // Prose often carries the returned message inline after a marker line.
@@ -176,7 +177,11 @@ impl View {
             returned_text = inline.map(str::to_string);
         }
         if let Some(t) = returned_text {
-            view.returned = text::header_fields(&t);
+            let (fields, any) = text::header_fields_where(&t, |name| {
+                RETURNED_FIELDS.iter().any(|k| name.eq_ignore_ascii_case(k))
+            });
+            view.returned = fields;
+            view.returned_has_headers = any;
             view.returned_raw = Some(t);
         }
         Some(view)
@@ -235,7 +240,7 @@ impl View {
     pub fn looks_like_bounce(&self) -> bool {
         BOUNCE_FROM.is_match(&self.from_full)
             || BOUNCE_SUBJECT.is_match(&self.subject)
-            || (!self.returned.is_empty() && BOUNCE_TEXT.is_match(self.error_section()))
+            || (self.returned_has_headers && BOUNCE_TEXT.is_match(self.error_section()))
     }
 }
 
@@ -404,6 +409,18 @@ fn is_content_type_value(raw: &[u8], at: usize) -> bool {
         .is_some_and(|name| name.eq_ignore_ascii_case(b"content-type:"))
 }
 
+/// The returned message's header fields that [`View::returned_header`] and the correlation
+/// hints read; the rest of its header block (signatures, most of it) is not copied.
+const RETURNED_FIELDS: &[&str] = &[
+    "x-mailtrail-receipt",
+    "received",
+    "message-id",
+    "return-path",
+    "from",
+    "to",
+    "x-hmxmroriginalrecipient",
+];
+
 /// The bounce's own headers that [`View::header`] can answer for.
 const KEPT_HEADERS: &[&str] = &[
     "x-failed-recipients",
@@ -446,6 +463,15 @@ static BOUNCE_TEXT: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"(?i)could not be delivered|couldn't be delivered|was not delivered|undeliverable|delivery (?:has )?failed|failed to deliver|unable to deliver|permanent (?:error|failure)|delivery to the following recipients? failed|did not reach the following recipient")
         .expect("static regex")
 });
+
+/// `String::from_utf8_lossy(bytes)` owned; valid UTF-8 (nearly all mail) is checked by the
+/// word-at-a-time validator, much faster than the lossy decoder's byte loop.
+fn lossy_utf8(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
 
 fn receipt_in_received(value: &str) -> Option<ReceiptId> {
     RECEIVED_ID
@@ -511,12 +537,9 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
     }
     let error_section = view.error_section();
     // The prose is read only when a recipient block lacks what it should say.
-    let mut prose_cache: Option<Vec<(String, String)>> = None;
-    let mut prose = || -> Vec<(String, String)> {
-        prose_cache
-            .get_or_insert_with(|| prose_segments(view, error_section))
-            .clone()
-    };
+    let prose_cache = std::cell::OnceCell::new();
+    let prose = || prose_cache.get_or_init(|| prose_segments(view, error_section));
+    let command_in_prose = std::cell::OnceCell::new();
 
     let mut out = Vec::new();
     for ds in &parsed {
@@ -574,7 +597,11 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             let mut r = BounceRecord::new(recipient.clone(), BounceKind::Dsn);
             r.status = pick_status(status_field, diag);
             r.reply_code = text::find_reply_code(diag);
+            // The prose is split only if some segment of it can name a command.
             r.smtp_command = text::find_command(diag).map(str::to_string).or_else(|| {
+                if !*command_in_prose.get_or_init(|| text::may_name_command(error_section)) {
+                    return None;
+                }
                 prose()
                     .iter()
                     .find(|(a, _)| a.eq_ignore_ascii_case(&recipient))
@@ -614,21 +641,27 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
 fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
     let returned_from = view.returned_header("from").and_then(first_address);
     let returned_path = view.returned_header("return-path").and_then(first_address);
+    // `view.from` and `view.to` are lowercase: comparing ignoring ASCII case is comparing
+    // the lowercased address.
     let excluded = |a: &str| {
-        let a = a.to_ascii_lowercase();
         let local = a.split('@').next().unwrap_or("");
-        a == view.from
-            || a == view.to
-            || matches!(
-                local,
-                "mailer-daemon" | "postmaster" | "mailerdaemon" | "mailer_daemon" | "root"
-            )
+        a.eq_ignore_ascii_case(&view.from)
+            || a.eq_ignore_ascii_case(&view.to)
+            || [
+                "mailer-daemon",
+                "postmaster",
+                "mailerdaemon",
+                "mailer_daemon",
+                "root",
+            ]
+            .iter()
+            .any(|l| local.eq_ignore_ascii_case(l))
             || returned_from
                 .as_deref()
-                .is_some_and(|f| f.eq_ignore_ascii_case(&a))
+                .is_some_and(|f| f.eq_ignore_ascii_case(a))
             || returned_path
                 .as_deref()
-                .is_some_and(|f| f.eq_ignore_ascii_case(&a))
+                .is_some_and(|f| f.eq_ignore_ascii_case(a))
     };
     // Addresses in "MAIL FROM:<...>" or "envelope-from" are the sender, one after "contact"
     // is a help desk, one in "Message-Id:" is no address at all: none is a recipient.
@@ -638,22 +671,16 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             while !error_section.is_char_boundary(start) {
                 start -= 1;
             }
-            error_section
-                .get(start..pos)
-                .unwrap_or("")
-                .to_ascii_lowercase()
+            error_section.as_bytes().get(start..pos).unwrap_or_default()
         };
         let s = near(16);
         let wide = near(48);
-        s.contains("from:")
-            || s.contains("from <")
-            || s.contains("sender")
-            || s.contains("from=")
-            || s.contains("message-id")
-            || s.contains("msgid")
-            || wide.contains("contact")
-            || wide.contains("please send")
-            || wide.contains("questions")
+        ["from:", "from <", "sender", "from=", "message-id", "msgid"]
+            .iter()
+            .any(|w| contains_ignore_ascii_case(s, w))
+            || ["contact", "please send", "questions"]
+                .iter()
+                .any(|w| contains_ignore_ascii_case(wide, w))
     };
 
     let mut found: Vec<(String, usize)> = Vec::new();
@@ -705,23 +732,49 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             .map(|(_, s)| *s)
             .find(|s| s > start)
             .unwrap_or(error_section.len());
-        let mut seg = error_section.get(*start..end).unwrap_or("").to_string();
+        let mut seg = error_section.get(*start..end).unwrap_or("");
         // A lone recipient whose own lines say little: the explanation may come before it.
-        let says_little = seg.replace(addr.as_str(), "").trim().len() < 24;
-        if (n == 1 && says_little)
+        let says_little = || seg.replace(addr.as_str(), "").trim().len() < 24;
+        if (n == 1 && says_little())
             || (n == 1
-                && !informative(&seg)
+                && !informative(seg)
                 && *section_informative.get_or_init(|| informative(error_section)))
             || seg.trim().is_empty()
         {
-            seg = error_section.to_string();
+            seg = error_section;
         }
-        out.push((addr.clone(), clip(&collapse(&seg), MAX_PROSE_DIAGNOSTIC)));
+        out.push((addr.clone(), collapse_clipped(seg, MAX_PROSE_DIAGNOSTIC)));
     }
     out
 }
 
+/// Whether `haystack` holds `needle` (lowercase) in any ASCII case.
+fn contains_ignore_ascii_case(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+}
+
+/// `clip(&collapse(s), max)`, without collapsing the part of `s` the clip would drop.
+fn collapse_clipped(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max + 64));
+    for word in s.split_whitespace() {
+        if out.len() >= max {
+            break;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(word);
+    }
+    if out.len() <= max {
+        return out;
+    }
+    clip(&out, max)
+}
+
 /// `s` with every whitespace run made one space, trimmed.
+#[cfg(test)]
 fn collapse(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for word in s.split_whitespace() {
@@ -760,7 +813,7 @@ pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
     if segments.is_empty() {
         // No address in the prose: the returned message says whom it was for.
         if let Some(to) = view.returned_header("to").and_then(first_address) {
-            let seg = clip(&collapse(error_section), MAX_PROSE_DIAGNOSTIC);
+            let seg = collapse_clipped(error_section, MAX_PROSE_DIAGNOSTIC);
             if !seg.is_empty() {
                 segments.push((to, seg));
             }
@@ -785,6 +838,29 @@ pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Collapsing only what the clip keeps gives what collapsing all and clipping gave.
+    #[test]
+    fn collapse_clipped_is_clip_of_collapse() {
+        let alphabet: Vec<char> = "ab \t\n\u{a0}é語".chars().collect();
+        let mut seed: u64 = 0x0bad_cafe_f00d_1234;
+        for _ in 0..5000 {
+            let mut t = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 59) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                t.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
+            }
+            let max = (seed >> 20) as usize % 12;
+            assert_eq!(
+                collapse_clipped(&t, max),
+                clip(&collapse(&t), max),
+                "{t:?} {max}"
+            );
+        }
+        assert!(contains_ignore_ascii_case(b"Mail FROM:<", "from:"));
+        assert!(!contains_ignore_ascii_case(b"fro", "from:"));
+    }
 
     #[test]
     fn only_the_read_header_fields_reach_the_mime_parser() {

@@ -11,12 +11,12 @@ use super::{BounceKind, BounceRecord};
 
 /// The notification object in `body`: the first JSON value, unwrapped from SNS when needed.
 fn notification(body: &str) -> Option<Value> {
-    let start = body.find('{')?;
-    let prefix = body.get(..start)?;
-    if !prefix.trim().is_empty() {
+    // JSON first, after nothing but white space: checked without searching the whole
+    // body for a brace.
+    let json = body.trim_start();
+    if !json.starts_with('{') {
         return None;
     }
-    let json = body.get(start..)?;
     let first = |text: &str| {
         serde_json::Deserializer::from_str(text)
             .into_iter::<Value>()

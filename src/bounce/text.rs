@@ -17,26 +17,74 @@ static ENHANCED: LazyLock<Regex> =
     LazyLock::new(|| re(r"(?:^|[^\d.])([245]\.\d{1,3}\.\d{1,3})(?:[^\d.]|\.(?:\D|$)|$)"));
 static REPLY: LazyLock<Regex> =
     LazyLock::new(|| re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)"));
-static COMMAND: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)(?-u:\b)|(?-u:\b)(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|\[(?:rcpt_to|mail_from|data)\]|does not like recipient|sender was rejected|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)",
-    )
+/// The phrases that name the failed SMTP command, written for collapsed text (single spaces).
+const COMMAND_PATTERN: &str = r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)(?-u:\b)|(?-u:\b)(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|\[(?:rcpt_to|mail_from|data)\]|does not like recipient|sender was rejected|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)";
+
+static COMMAND: LazyLock<Regex> = LazyLock::new(|| re(COMMAND_PATTERN));
+
+/// [`COMMAND_PATTERN`] loosened for text not yet collapsed: a space is any white-space run,
+/// an optional one any run or none, `[^ ]` any non-space, and no word boundaries. Whatever
+/// COMMAND finds in the collapsed form of a line-aligned piece of a text, this finds in the
+/// text itself.
+static COMMAND_UNCOLLAPSED: LazyLock<Regex> = LazyLock::new(|| {
+    re(&COMMAND_PATTERN
+        .replace(r"(?-u:\b)", "")
+        .replace(" ?", r"\s*")
+        .replace(' ', r"\s+")
+        .replace("[^\\s+]", r"\S"))
 });
+
+/// Whether [`find_command`] may find a command in the collapsed form of some line-aligned
+/// part of `text` (a prose segment): when this says no, no segment names one.
+pub fn may_name_command(text: &str) -> bool {
+    COMMAND_UNCOLLAPSED.is_match(text)
+}
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
     re(
         r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]",
     )
 });
+/// The header line the returned message's header block is recognised by, as one regex; the
+/// scan uses [`is_header_line`] (the same lines, found without a regex) and tests compare them.
+#[cfg(test)]
 static HEADER_LINE: LazyLock<Regex> = LazyLock::new(|| {
     re(
         r"(?mi)^(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): ",
     )
 });
+
+/// The phrases of a line that introduces the returned message, after any run of punctuation
+/// and blank lines that opens it. Searched anchored, only at lines whose first word opens one
+/// of them ([`MARKER_WORDS`]).
+const MARKER_PHRASES: &str = r"(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)";
+
+static MARKER_AT: LazyLock<Regex> = LazyLock::new(|| re(&format!("(?i)^{MARKER_PHRASES}")));
+
+/// The marker regex the line scan replaces (tests compare them).
+#[cfg(test)]
 static MARKER: LazyLock<Regex> = LazyLock::new(|| {
-    re(
-        r"(?mi)^\W*(?:-{2,}|={2,}|\*{2,}|_{2,})?\s*(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)",
-    )
+    re(&format!(
+        r"(?mi)^\W*(?:-{{2,}}|={{2,}}|\*{{2,}}|_{{2,}})?\s*{MARKER_PHRASES}"
+    ))
 });
+
+/// The first words (ASCII letters, lowercase) of [`MARKER_PHRASES`].
+const MARKER_WORDS: &[&str] = &[
+    "below",
+    "this",
+    "original",
+    "the",
+    "header",
+    "headers",
+    "returned",
+    "your",
+    "message",
+    "unsent",
+    "undelivered",
+    "copy",
+    "content",
+    "start",
+];
 
 static CONTINUATION: LazyLock<Regex> =
     LazyLock::new(|| re(r"([2-5]\d\d)-((?:[2-5]\.\d{1,3}\.\d{1,3} )?)"));
@@ -62,6 +110,20 @@ pub fn join_reply_lines(flat: &str) -> String {
     out.push_str(head);
     out.push_str(&tail.split_whitespace().collect::<Vec<_>>().join(" "));
     out
+}
+
+/// Whether `text` holds the `550-` of a multi-line reply ([`join_reply_lines`] changes
+/// nothing otherwise): a hyphen after a reply code, found without the regex. Text with
+/// non-ASCII characters (which may be Unicode digits to `\d`) is left to the regex.
+pub fn may_continue_reply(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    !text.is_ascii()
+        || memchr::memchr_iter(b'-', bytes).any(|i| {
+            i >= 3
+                && bytes
+                    .get(i - 3..i)
+                    .is_some_and(|c| matches!(c, [b'2'..=b'5', b'0'..=b'9', b'0'..=b'9']))
+        })
 }
 
 /// The first enhanced status code (RFC 3463) in `text`, e.g. `5.1.1`.
@@ -163,8 +225,8 @@ fn starts_header_block(body: &str, start: usize) -> bool {
     let Some(rest) = body.get(start..) else {
         return false;
     };
-    let mut lines = rest.lines();
-    if !lines.next().is_some_and(|l| HEADER_LINE.is_match(l)) {
+    let mut lines = lines(rest);
+    if !lines.next().is_some_and(is_header_line) {
         return false;
     }
     let mut headers = 1;
@@ -172,46 +234,182 @@ fn starts_header_block(body: &str, start: usize) -> bool {
         if l.trim().is_empty() {
             break;
         }
-        if l.starts_with([' ', '\t']) || HEADER_LINE.is_match(l) {
+        if l.starts_with([' ', '\t']) || is_header_line(l) {
             headers += 1;
         }
     }
     headers >= 3
 }
 
+/// Header names that open a returned message's header block.
+const HEADER_NAMES: &[&str] = &[
+    "received",
+    "return-path",
+    "message-id",
+    "from",
+    "to",
+    "subject",
+    "date",
+    "dkim-signature",
+    "mime-version",
+    "content-type",
+    "delivered-to",
+    "reply-to",
+    "cc",
+    "sender",
+    "authentication-results",
+    "domainkey-signature",
+    "references",
+    "in-reply-to",
+    "precedence",
+    "importance",
+    "user-agent",
+    "content-transfer-encoding",
+];
+
+/// Whether `line` starts with a header name of [`HEADER_NAMES`] (or `X-`, `ARC-`, `List-`,
+/// `Thread-` names) followed by `": "`, in any case.
+fn is_header_line(line: &str) -> bool {
+    // Most lines are prose: their first letter opens no header name (the long s is `C5 BF`).
+    let first = line.as_bytes().first().map_or(0, u8::to_ascii_lowercase);
+    if !b"acdfilmprstux\xc5".contains(&first) {
+        return false;
+    }
+    let Some(colon) = memchr::memchr(b':', line.as_bytes()) else {
+        return false;
+    };
+    if line.as_bytes().get(colon + 1) != Some(&b' ') {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    let Some(name) = line.get(..colon).and_then(|n| case_folded(n, &mut buf)) else {
+        // Longer than any literal name: only an `X-` name can be that long.
+        return long_x_name(line.get(..colon).unwrap_or_default());
+    };
+    let tail_of = |prefix: &str| {
+        name.strip_prefix(prefix.as_bytes())
+            .filter(|t| !t.is_empty())
+    };
+    let all =
+        |t: &[u8], extra: fn(u8) -> bool| t.iter().all(|&b| b.is_ascii_lowercase() || extra(b));
+    HEADER_NAMES.iter().any(|n| name == n.as_bytes())
+        || tail_of("x-").is_some_and(|t| all(t, |b| b.is_ascii_digit() || b == b'-'))
+        || tail_of("arc-").is_some_and(|t| all(t, |b| b == b'-'))
+        || tail_of("list-").is_some_and(|t| all(t, |b| b == b'-'))
+        || tail_of("thread-").is_some_and(|t| all(t, |_| false))
+}
+
+/// Whether `name` is `X-` and `[a-z0-9-]+` in any case (a name too long for [`case_folded`]).
+fn long_x_name(name: &str) -> bool {
+    let mut chars = name.chars().map(|c| match c {
+        '\u{212A}' => 'k',
+        '\u{17F}' => 's',
+        c => c.to_ascii_lowercase(),
+    });
+    chars.next() == Some('x')
+        && chars.next() == Some('-')
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// `name` in ASCII lower case in `buf`, as a case-insensitive regex compares it: the Kelvin
+/// sign and the long s are `k` and `s`; any other non-ASCII character matches no header
+/// name (`None`); `None` too for a name longer than `buf`.
+fn case_folded<'b>(name: &str, buf: &'b mut [u8; 64]) -> Option<&'b [u8]> {
+    let mut len = 0;
+    for c in name.chars() {
+        let b = match c {
+            '\u{212A}' => b'k',
+            '\u{17F}' => b's',
+            c if c.is_ascii() => (c as u8).to_ascii_lowercase(),
+            _ => return None,
+        };
+        *buf.get_mut(len)? = b;
+        len += 1;
+    }
+    buf.get(..len)
+}
+
+/// A `\w` character of a Unicode regex.
+fn is_word_char(c: char) -> bool {
+    if c.is_ascii() {
+        c.is_ascii_alphanumeric() || c == '_'
+    } else {
+        regex_syntax::is_word_character(c)
+    }
+}
+
+/// Whether `text`'s first word is one of [`MARKER_WORDS`] (or holds a non-ASCII letter,
+/// which case-insensitive matching may fold to one).
+fn may_open_marker(text: &str) -> bool {
+    let bytes = text.as_bytes();
+    let len = bytes.iter().take_while(|b| b.is_ascii_alphabetic()).count();
+    if bytes.get(len).is_some_and(|&b| !b.is_ascii()) {
+        return true;
+    }
+    let word = bytes.get(..len).unwrap_or_default();
+    len <= 11
+        && MARKER_WORDS
+            .iter()
+            .any(|w| w.as_bytes().eq_ignore_ascii_case(word))
+}
+
 /// Splits a bounce body into (error section, returned message text if any). The returned
 /// message starts after a marker line ("Below this line is a copy of the message") or at
 /// the first embedded header block, whichever comes first.
+///
+/// One pass over the lines: a marker is [`MARKER_PHRASES`] after a run of non-word
+/// characters (punctuation, blank lines) that starts a line, and the error section ends
+/// where that run starts; a line is tried only when its first word opens a phrase. A header
+/// block starts at a line that begins with a letter, so never inside such a run.
 pub fn split_returned(body: &str) -> (&str, Option<&str>) {
-    let marker = MARKER.find(body).map(|m| {
-        let line_start = body
-            .get(..m.start())
-            .and_then(|s| s.rfind('\n'))
-            .map_or(0, |i| i + 1);
-        let line_end = body
-            .get(m.end()..)
-            .and_then(|s| s.find('\n'))
-            .map_or(body.len(), |i| m.end() + i + 1);
-        (line_start, line_end)
-    });
-    let limit = marker.map_or(body.len(), |(s, _)| s);
-    let header = HEADER_LINE
-        .find_iter(body.get(..limit).unwrap_or(body))
-        .map(|m| m.start())
-        .find(|&s| starts_header_block(body, s));
-    match (marker, header) {
-        (_, Some(h)) => (body.get(..h).unwrap_or(body), body.get(h..)),
-        (Some((s, e)), None) => (body.get(..s).unwrap_or(body), body.get(e..)),
-        (None, None) => (body, None),
+    let mut line_start = 0;
+    while line_start < body.len() {
+        let Some(rest) = body.get(line_start..) else {
+            break;
+        };
+        let skipped = rest
+            .char_indices()
+            .find(|&(_, c)| is_word_char(c))
+            .map_or(rest.len(), |(i, _)| i);
+        let phrase_at = line_start + skipped;
+        let from_phrase = body.get(phrase_at..).unwrap_or_default();
+        if may_open_marker(from_phrase)
+            && let Some(m) = MARKER_AT.find(from_phrase)
+        {
+            let end = phrase_at + m.end();
+            let line_end = body
+                .get(end..)
+                .and_then(|s| s.find('\n'))
+                .map_or(body.len(), |i| end + i + 1);
+            return (body.get(..line_start).unwrap_or(body), body.get(line_end..));
+        }
+        let at_line_start = phrase_at == 0 || body.as_bytes().get(phrase_at - 1) == Some(&b'\n');
+        if at_line_start && starts_header_block(body, phrase_at) {
+            return (body.get(..phrase_at).unwrap_or(body), body.get(phrase_at..));
+        }
+        line_start =
+            memchr::memchr(b'\n', from_phrase.as_bytes()).map_or(body.len(), |i| phrase_at + i + 1);
     }
+    (body, None)
 }
 
 /// Header fields of an embedded message (unfolded; names lowercased), read from its start
 /// until the first blank line. Leading non-header lines are skipped.
 pub fn header_fields(text: &str) -> Vec<(String, String)> {
+    header_fields_where(text, |_| true).0
+}
+
+/// [`header_fields`] with only the fields whose name `keep` accepts (given as written), and
+/// whether the block holds any field at all: the others are read past, never copied.
+pub fn header_fields_where(
+    text: &str,
+    keep: impl Fn(&str) -> bool,
+) -> (Vec<(String, String)>, bool) {
     let mut out: Vec<(String, String)> = Vec::new();
     let mut started = false;
-    for raw in text.lines() {
+    // Whether the field being read (and so its continuation lines) is kept.
+    let mut kept = false;
+    for raw in lines(text) {
         let line = raw.trim_end_matches('\r');
         if line.trim().is_empty() {
             if started {
@@ -220,20 +418,23 @@ pub fn header_fields(text: &str) -> Vec<(String, String)> {
             continue;
         }
         if started && line.starts_with([' ', '\t']) {
-            if let Some((_, v)) = out.last_mut() {
+            if kept && let Some((_, v)) = out.last_mut() {
                 v.push(' ');
                 v.push_str(line.trim());
             }
             continue;
         }
-        match line.split_once(':') {
+        match split_at_colon(line) {
             Some((name, value))
                 if !name.is_empty()
                     && !name.contains(' ')
                     && name.bytes().all(|b| b.is_ascii_graphic() && b != b':') =>
             {
                 started = true;
-                out.push((name.to_ascii_lowercase(), value.trim().to_string()));
+                kept = keep(name);
+                if kept {
+                    out.push((name.to_ascii_lowercase(), value.trim().to_string()));
+                }
             }
             _ => {
                 if started {
@@ -242,43 +443,100 @@ pub fn header_fields(text: &str) -> Vec<(String, String)> {
             }
         }
     }
-    out
+    (out, started)
 }
 
-/// Removes HTML tags and the commonest entities, keeping line structure roughly.
+/// `line.split_once(':')`, found with the SIMD byte search.
+pub(crate) fn split_at_colon(line: &str) -> Option<(&str, &str)> {
+    let i = memchr::memchr(b':', line.as_bytes())?;
+    Some((line.get(..i)?, line.get(i + 1..)?))
+}
+
+/// `text.lines()` without their `\r\n` or `\n`, found with the SIMD byte search.
+pub(crate) fn lines(text: &str) -> impl Iterator<Item = &str> {
+    let mut rest = text;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let Some(i) = memchr::memchr(b'\n', rest.as_bytes()) else {
+            // The last line, without a line break: kept as it is (a lone CR too).
+            return Some(std::mem::take(&mut rest));
+        };
+        let line = rest.get(..i)?;
+        rest = rest.get(i + 1..)?;
+        Some(line.strip_suffix('\r').unwrap_or(line))
+    })
+}
+
+/// Removes HTML tags and the commonest entities, keeping line structure roughly: a line
+/// break for `<br>`, `<p>` and the ends of paragraphs, divisions and table rows. The text
+/// between tags is copied in runs and the entities decoded in one pass over it.
 pub fn strip_html(html: &str) -> String {
-    let mut out = String::with_capacity(html.len());
-    let mut in_tag = false;
-    let mut tag = String::new();
-    for c in html.chars() {
-        if in_tag {
-            if c == '>' {
-                in_tag = false;
-                let t = tag.to_ascii_lowercase();
-                if t.starts_with("br")
-                    || t.starts_with("/p")
-                    || t.starts_with("/div")
-                    || t.starts_with("/tr")
-                    || t.starts_with("p")
-                {
-                    out.push('\n');
-                }
-                tag.clear();
-            } else if tag.len() < 8 {
-                tag.push(c);
+    let mut text = String::with_capacity(html.len());
+    let mut rest = html;
+    while let Some(lt) = memchr::memchr(b'<', rest.as_bytes()) {
+        text.push_str(rest.get(..lt).unwrap_or_default());
+        let tag_and_after = rest.get(lt + 1..).unwrap_or_default();
+        let Some(gt) = memchr::memchr(b'>', tag_and_after.as_bytes()) else {
+            // An unclosed tag runs to the end.
+            rest = "";
+            break;
+        };
+        let tag = tag_and_after.as_bytes().get(..gt).unwrap_or_default();
+        if ["br", "/p", "/div", "/tr", "p"]
+            .iter()
+            .any(|p| starts_with_ignore_ascii_case(tag, p))
+        {
+            text.push('\n');
+        }
+        rest = tag_and_after.get(gt + 1..).unwrap_or_default();
+    }
+    text.push_str(rest);
+    decode_entities(&text)
+}
+
+fn starts_with_ignore_ascii_case(bytes: &[u8], prefix: &str) -> bool {
+    bytes
+        .get(..prefix.len())
+        .is_some_and(|b| b.eq_ignore_ascii_case(prefix.as_bytes()))
+}
+
+/// The entities [`strip_html`] decodes. `&amp;` is decoded last in the sense that what it
+/// gives is never read again as the start of another entity.
+const ENTITIES: &[(&str, &str)] = &[
+    ("&nbsp;", " "),
+    ("&lt;", "<"),
+    ("&gt;", ">"),
+    ("&quot;", "\""),
+    ("&#39;", "'"),
+    ("&amp;", "&"),
+];
+
+/// `text` with [`ENTITIES`] decoded, as replacing each in turn over the whole text would:
+/// no replacement creates another entity, so one left-to-right pass gives the same.
+fn decode_entities(text: &str) -> String {
+    if memchr::memchr(b'&', text.as_bytes()).is_none() {
+        return text.to_string();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(amp) = memchr::memchr(b'&', rest.as_bytes()) {
+        out.push_str(rest.get(..amp).unwrap_or_default());
+        let from = rest.get(amp..).unwrap_or_default();
+        match ENTITIES.iter().find(|(e, _)| from.starts_with(e)) {
+            Some((entity, decoded)) => {
+                out.push_str(decoded);
+                rest = from.get(entity.len()..).unwrap_or_default();
             }
-        } else if c == '<' {
-            in_tag = true;
-        } else {
-            out.push(c);
+            None => {
+                out.push('&');
+                rest = from.get(1..).unwrap_or_default();
+            }
         }
     }
-    out.replace("&nbsp;", " ")
-        .replace("&lt;", "<")
-        .replace("&gt;", ">")
-        .replace("&quot;", "\"")
-        .replace("&#39;", "'")
-        .replace("&amp;", "&")
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -317,6 +575,26 @@ mod tests {
             }
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(7);
             assert_eq!(fast(&t), slow(&t), "{t:?}");
+        }
+    }
+
+    #[test]
+    fn may_continue_reply_finds_what_the_regex_finds() {
+        let alphabet: Vec<char> = "0123456789- a.٣".chars().collect();
+        let mut seed: u64 = 0x1234_5678_9abc_def1;
+        for _ in 0..5000 {
+            let mut t = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 60) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                t.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
+            }
+            if CONTINUATION.is_match(&t) {
+                assert!(may_continue_reply(&t), "{t:?}");
+            }
+            if !may_continue_reply(&t) {
+                assert_eq!(join_reply_lines(&t), t);
+            }
         }
     }
 
@@ -364,6 +642,89 @@ mod tests {
         assert_eq!(find_reply_code("port 5500 busy"), None);
     }
 
+    /// Whenever a collapsed, clipped, line-aligned piece of a text names a command, the
+    /// loosened regex finds one in the text as it is.
+    #[test]
+    fn may_name_command_covers_every_collapsed_segment() {
+        let pieces = [
+            "after",
+            "RCPT",
+            "TO",
+            "rcpt",
+            "to",
+            "data",
+            "DATA",
+            "end",
+            "of",
+            "in",
+            "reply",
+            "the",
+            "final",
+            "mail",
+            "from",
+            "MAIL",
+            "FROM:",
+            "rejected",
+            "command",
+            "database",
+            "helo",
+            ">>>",
+            "[RCPT_TO]",
+            "does",
+            "not",
+            "like",
+            "recipient",
+            "sender",
+            "was",
+            "connected",
+            "host.example",
+            "but",
+            "greeting",
+            "failed",
+            "response",
+            "x",
+            "ſender",
+            " ",
+            "  ",
+            "\n",
+            "\r\n",
+            "\t",
+            "\n\n",
+            ":",
+        ];
+        let mut seed: u64 = 0x6a09_e667_f3bc_c908;
+        let mut named = 0;
+        for _ in 0..3000 {
+            let mut t = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 59) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                t.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
+                if seed & 0x100 != 0 {
+                    t.push(' ');
+                }
+            }
+            let starts: Vec<usize> = std::iter::once(0)
+                .chain(t.match_indices('\n').map(|(i, _)| i + 1))
+                .chain(std::iter::once(t.len()))
+                .collect();
+            for (i, &a) in starts.iter().enumerate() {
+                for &b in starts.get(i + 1..).unwrap_or_default() {
+                    let words: Vec<&str> = t[a..b].split_whitespace().collect();
+                    let collapsed = words.join(" ");
+                    for end in (0..=collapsed.len()).filter(|&e| collapsed.is_char_boundary(e)) {
+                        if find_command(&collapsed[..end]).is_some() {
+                            named += 1;
+                            assert!(may_name_command(&t), "{t:?} / {:?}", &collapsed[..end]);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(named > 100);
+        assert!(!may_name_command("550 5.1.1 user unknown\nmailbox full"));
+    }
+
     #[test]
     fn finds_the_failing_command() {
         assert_eq!(
@@ -406,6 +767,115 @@ mod tests {
         assert!(ret.is_some_and(|r| r.starts_with("Received:")));
     }
 
+    /// The split as the two `(?mi)` regexes found it, for comparison with the line scan.
+    fn split_returned_by_regex(body: &str) -> (&str, Option<&str>) {
+        let marker = MARKER.find(body).map(|m| {
+            let line_start = body
+                .get(..m.start())
+                .and_then(|s| s.rfind('\n'))
+                .map_or(0, |i| i + 1);
+            let line_end = body
+                .get(m.end()..)
+                .and_then(|s| s.find('\n'))
+                .map_or(body.len(), |i| m.end() + i + 1);
+            (line_start, line_end)
+        });
+        let limit = marker.map_or(body.len(), |(s, _)| s);
+        let header = HEADER_LINE
+            .find_iter(body.get(..limit).unwrap_or(body))
+            .map(|m| m.start())
+            .find(|&s| starts_header_block(body, s));
+        match (marker, header) {
+            (_, Some(h)) => (body.get(..h).unwrap_or(body), body.get(h..)),
+            (Some((s, e)), None) => (body.get(..s).unwrap_or(body), body.get(e..)),
+            (None, None) => (body, None),
+        }
+    }
+
+    /// The line scan splits where the regexes did, and reads the same header lines.
+    #[test]
+    fn split_returned_matches_the_regexes() {
+        let pieces = [
+            "Delivery failed for a@b.example\n",
+            "\n",
+            "\r\n",
+            "--- Below this line is a copy of the message.\n",
+            "   ------ This is a copy of the headers.\r\n",
+            "*** ORIGINAL MESSAGE FOLLOWS ***\n",
+            "The original message is attached.\n",
+            "the header of original message\n",
+            "Your message reads:\n",
+            "xoriginal message\n",
+            "(original message)\n",
+            "Content-Type: message/rfc822\n",
+            "content-type: text/rfc822-headers\n",
+            "ſtart of returned message\n",
+            "\u{212A}eep: this\n",
+            "Received: from x.example\n",
+            "\tby y.example\n",
+            "From: s@x.example\n",
+            "X-Mailer: thing\n",
+            "X-: nothing\n",
+            "X-A-Very-Long-Header-Name-That-Goes-On-And-On-Beyond-Sixty-Four-Bytes-Of-Name: v\n",
+            "X-A-Very-Long-Header-Name-That-Goes-On-And-On-Beyond-Sixty-Four-Bytes-Of-Nameé: v\n",
+            "Thread-Index: abc\n",
+            "Thread-1: no\n",
+            "ARC-Seal: i=1\n",
+            "List-Id: <l.example>\n",
+            "Subject:no space\n",
+            "Subject: hi\n",
+            "DKIM-Signature: v=1\n",
+            "Date : Mon\n",
+            "Message-ſd: no\n",
+            "Meſsage-Id: <m@x>\n",
+            "To: a@b.example\n",
+            "é Returned message\n",
+            "_returned message\n",
+            "Undelivered Message Headers Follows\n",
+            "unsent message below\n",
+            "copy of the original message\n",
+            "message headers follow\n",
+            "body text here\n",
+        ];
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        for _ in 0..4000 {
+            let mut body = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 60) + 1 {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(3);
+                body.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
+            }
+            assert_eq!(
+                split_returned(&body),
+                split_returned_by_regex(&body),
+                "{body:?}"
+            );
+            for line in body.lines() {
+                assert_eq!(is_header_line(line), HEADER_LINE.is_match(line), "{line:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn lines_are_str_lines() {
+        for t in [
+            "",
+            "a",
+            "a\n",
+            "a\r\nb",
+            "\n\n",
+            "a\rb\r\n\r\n",
+            "\r",
+            "é\nü\r\n",
+        ] {
+            assert_eq!(
+                lines(t).collect::<Vec<_>>(),
+                t.lines().collect::<Vec<_>>(),
+                "{t:?}"
+            );
+        }
+    }
+
     #[test]
     fn reads_header_fields_unfolded() {
         let h = header_fields("\nReceived: from a\n\tby b id <X>\nMessage-ID: <m@x>\n\nbody: no");
@@ -415,6 +885,27 @@ mod tests {
             ("received".to_string(), "from a by b id <X>".to_string())
         );
         assert_eq!(h[1].1, "<m@x>");
+        // Keeping some fields keeps exactly those, continuation lines included.
+        let text = "Junk line\nReceived: a\n b\nX-Other: c\n d\nTo: e\n\tf\nFrom : g\n\nTo: no";
+        let all = header_fields(text);
+        let (some, any) = header_fields_where(text, |n| !n.eq_ignore_ascii_case("x-other"));
+        assert!(any);
+        assert_eq!(
+            some,
+            all.iter()
+                .filter(|(n, _)| n != "x-other")
+                .cloned()
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(some[1], ("to".to_string(), "e f".to_string()));
+        assert_eq!(
+            header_fields_where("no headers\n\nat all", |_| true),
+            (vec![], false)
+        );
+        assert_eq!(
+            header_fields_where("Received: x\n", |_| false),
+            (vec![], true)
+        );
     }
 
     #[test]
@@ -423,6 +914,88 @@ mod tests {
             .map(|(_, a)| a)
             .collect();
         assert_eq!(v, vec!["a.b@c.example", "x@[192.0.2.1]"]);
+    }
+
+    /// The stripping as it was written first, character by character and one `replace` per
+    /// entity.
+    fn strip_html_by_chars(html: &str) -> String {
+        let mut out = String::with_capacity(html.len());
+        let mut in_tag = false;
+        let mut tag = String::new();
+        for c in html.chars() {
+            if in_tag {
+                if c == '>' {
+                    in_tag = false;
+                    let t = tag.to_ascii_lowercase();
+                    if t.starts_with("br")
+                        || t.starts_with("/p")
+                        || t.starts_with("/div")
+                        || t.starts_with("/tr")
+                        || t.starts_with("p")
+                    {
+                        out.push('\n');
+                    }
+                    tag.clear();
+                } else if tag.len() < 8 {
+                    tag.push(c);
+                }
+            } else if c == '<' {
+                in_tag = true;
+            } else {
+                out.push(c);
+            }
+        }
+        out.replace("&nbsp;", " ")
+            .replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&#39;", "'")
+            .replace("&amp;", "&")
+    }
+
+    #[test]
+    fn strip_html_matches_the_char_by_char_version() {
+        let pieces = [
+            "<p>",
+            "</P>",
+            "<BR/>",
+            "<br>",
+            "</div>",
+            "</TR>",
+            "<pre>",
+            "<b>",
+            "<",
+            ">",
+            "&",
+            "&amp;",
+            "&lt;",
+            "&gt;",
+            "&quot;",
+            "&#39;",
+            "&nbsp;",
+            "amp;",
+            "lt;",
+            "nbsp",
+            "text",
+            " é ",
+            "語",
+            "<DIV class=x>",
+            "</d",
+            "iv>",
+            "\n",
+            "<é>",
+            "<p語>",
+        ];
+        let mut seed: u64 = 0x3c6e_f372_fe94_f82b;
+        for _ in 0..5000 {
+            let mut t = String::new();
+            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            for _ in 0..(seed >> 60) {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                t.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
+            }
+            assert_eq!(strip_html(&t), strip_html_by_chars(&t), "{t:?}");
+        }
     }
 
     #[test]

@@ -6,11 +6,6 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-// Every relayed message allocates and frees many short-lived buffers (lines, replies, the
-// body's copies, store rows): glibc's malloc was ~10% of the relay's CPU in perf.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "mailtrail",

@@ -519,11 +519,8 @@ impl Prefilter {
                 patterns.push(lit);
             }
         }
-        // A full DFA: the overlapping search walks every byte of every diagnostic, and a
-        // DFA step is one table lookup where the default NFA follows failure links.
         let automaton = AhoCorasick::builder()
             .match_kind(MatchKind::Standard)
-            .kind(Some(aho_corasick::AhoCorasickKind::DFA))
             .build(&patterns)
             .ok();
         if automaton.is_none() {

@@ -743,17 +743,11 @@ mod tests {
                 .collect();
             words.join(" ")
         };
-        let alphabet: Vec<char> = "aZ5 \t\r\n\x0b\x0c\x1c\u{85}\u{a0}\u{2003}\u{3000}ÉİẞΣКǅ-."
-            .chars()
-            .collect();
-        let mut seed: u64 = 0x51_7cc1_b727_220a;
+        let alphabet =
+            crate::bounce::test_chars("aZ5 \t\r\n\x0b\x0c\x1c\u{85}\u{a0}\u{2003}\u{3000}ÉİẞΣКǅ-.");
+        let mut rng = crate::bounce::TestRng::new(0x51_7cc1_b727_220a);
         for _ in 0..3000 {
-            let mut t = String::new();
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            for _ in 0..(seed >> 59) {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                t.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
-            }
+            let t = rng.text(31, &alphabet);
             assert_eq!(normalize_spaces(&t), slow(&t), "{t:?}");
             let ascii: String = t.chars().filter(char::is_ascii).collect();
             assert_eq!(normalize_spaces(&ascii), slow(&ascii), "{ascii:?}");

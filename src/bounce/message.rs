@@ -842,16 +842,11 @@ mod tests {
     /// Collapsing only what the clip keeps gives what collapsing all and clipping gave.
     #[test]
     fn collapse_clipped_is_clip_of_collapse() {
-        let alphabet: Vec<char> = "ab \t\n\u{a0}é語".chars().collect();
-        let mut seed: u64 = 0x0bad_cafe_f00d_1234;
+        let alphabet = crate::bounce::test_chars("ab \t\n\u{a0}é語");
+        let mut rng = crate::bounce::TestRng::new(0x0bad_cafe_f00d_1234);
         for _ in 0..5000 {
-            let mut t = String::new();
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            for _ in 0..(seed >> 59) {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                t.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
-            }
-            let max = (seed >> 20) as usize % 12;
+            let t = rng.text(31, &alphabet);
+            let max = rng.below(12);
             assert_eq!(
                 collapse_clipped(&t, max),
                 clip(&collapse(&t), max),

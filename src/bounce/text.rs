@@ -565,30 +565,20 @@ mod tests {
             assert_eq!(fast(t), slow(t), "{t:?}");
         }
         // Random strings over the characters that matter.
-        let alphabet: Vec<char> = "ab1.-@@[]' <>éz_".chars().collect();
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let alphabet = crate::bounce::test_chars("ab1.-@@[]' <>éz_");
+        let mut rng = crate::bounce::TestRng::new(0x9e37_79b9_7f4a_7c15);
         for _ in 0..3000 {
-            let mut t = String::new();
-            for _ in 0..(seed % 40) {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                t.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
-            }
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(7);
+            let t = rng.text(39, &alphabet);
             assert_eq!(fast(&t), slow(&t), "{t:?}");
         }
     }
 
     #[test]
     fn may_continue_reply_finds_what_the_regex_finds() {
-        let alphabet: Vec<char> = "0123456789- a.٣".chars().collect();
-        let mut seed: u64 = 0x1234_5678_9abc_def1;
+        let alphabet = crate::bounce::test_chars("0123456789- a.٣");
+        let mut rng = crate::bounce::TestRng::new(0x1234_5678_9abc_def1);
         for _ in 0..5000 {
-            let mut t = String::new();
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            for _ in 0..(seed >> 60) {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                t.push(alphabet[(seed >> 33) as usize % alphabet.len()]);
-            }
+            let t = rng.text(15, &alphabet);
             if CONTINUATION.is_match(&t) {
                 assert!(may_continue_reply(&t), "{t:?}");
             }
@@ -692,18 +682,15 @@ mod tests {
             "\n\n",
             ":",
         ];
-        let mut seed: u64 = 0x6a09_e667_f3bc_c908;
+        // Each piece also with a blank after it.
+        let pieces: Vec<String> = pieces
+            .iter()
+            .flat_map(|p| [p.to_string(), format!("{p} ")])
+            .collect();
+        let mut rng = crate::bounce::TestRng::new(0x6a09_e667_f3bc_c908);
         let mut named = 0;
         for _ in 0..3000 {
-            let mut t = String::new();
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            for _ in 0..(seed >> 59) {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                t.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
-                if seed & 0x100 != 0 {
-                    t.push(' ');
-                }
-            }
+            let t = rng.text(31, &pieces);
             let starts: Vec<usize> = std::iter::once(0)
                 .chain(t.match_indices('\n').map(|(i, _)| i + 1))
                 .chain(std::iter::once(t.len()))
@@ -837,14 +824,9 @@ mod tests {
             "message headers follow\n",
             "body text here\n",
         ];
-        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rng = crate::bounce::TestRng::new(0x2545_f491_4f6c_dd1d);
         for _ in 0..4000 {
-            let mut body = String::new();
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            for _ in 0..(seed >> 60) + 1 {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(3);
-                body.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
-            }
+            let body = rng.text(16, &pieces);
             assert_eq!(
                 split_returned(&body),
                 split_returned_by_regex(&body),
@@ -986,14 +968,9 @@ mod tests {
             "<é>",
             "<p語>",
         ];
-        let mut seed: u64 = 0x3c6e_f372_fe94_f82b;
+        let mut rng = crate::bounce::TestRng::new(0x3c6e_f372_fe94_f82b);
         for _ in 0..5000 {
-            let mut t = String::new();
-            seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-            for _ in 0..(seed >> 60) {
-                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
-                t.push_str(pieces[(seed >> 33) as usize % pieces.len()]);
-            }
+            let t = rng.text(15, &pieces);
             assert_eq!(strip_html(&t), strip_html_by_chars(&t), "{t:?}");
         }
     }

@@ -15,3 +15,5 @@ pub mod receipt;
 pub mod smtp;
 pub mod spool;
 pub mod store;
+#[cfg(test)]
+pub(crate) mod test_support;

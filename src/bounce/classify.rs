@@ -743,9 +743,10 @@ mod tests {
                 .collect();
             words.join(" ")
         };
-        let alphabet =
-            crate::bounce::test_chars("aZ5 \t\r\n\x0b\x0c\x1c\u{85}\u{a0}\u{2003}\u{3000}ÉİẞΣКǅ-.");
-        let mut rng = crate::bounce::TestRng::new(0x51_7cc1_b727_220a);
+        let alphabet = crate::test_support::test_chars(
+            "aZ5 \t\r\n\x0b\x0c\x1c\u{85}\u{a0}\u{2003}\u{3000}ÉİẞΣКǅ-.",
+        );
+        let mut rng = crate::test_support::TestRng::new(0x51_7cc1_b727_220a);
         for _ in 0..3000 {
             let t = rng.text(31, &alphabet);
             assert_eq!(normalize_spaces(&t), slow(&t), "{t:?}");

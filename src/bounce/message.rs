@@ -842,8 +842,8 @@ mod tests {
     /// Collapsing only what the clip keeps gives what collapsing all and clipping gave.
     #[test]
     fn collapse_clipped_is_clip_of_collapse() {
-        let alphabet = crate::bounce::test_chars("ab \t\n\u{a0}é語");
-        let mut rng = crate::bounce::TestRng::new(0x0bad_cafe_f00d_1234);
+        let alphabet = crate::test_support::test_chars("ab \t\n\u{a0}é語");
+        let mut rng = crate::test_support::TestRng::new(0x0bad_cafe_f00d_1234);
         for _ in 0..5000 {
             let t = rng.text(31, &alphabet);
             let max = rng.below(12);

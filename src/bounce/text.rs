@@ -565,8 +565,8 @@ mod tests {
             assert_eq!(fast(t), slow(t), "{t:?}");
         }
         // Random strings over the characters that matter.
-        let alphabet = crate::bounce::test_chars("ab1.-@@[]' <>éz_");
-        let mut rng = crate::bounce::TestRng::new(0x9e37_79b9_7f4a_7c15);
+        let alphabet = crate::test_support::test_chars("ab1.-@@[]' <>éz_");
+        let mut rng = crate::test_support::TestRng::new(0x9e37_79b9_7f4a_7c15);
         for _ in 0..3000 {
             let t = rng.text(39, &alphabet);
             assert_eq!(fast(&t), slow(&t), "{t:?}");
@@ -575,8 +575,8 @@ mod tests {
 
     #[test]
     fn may_continue_reply_finds_what_the_regex_finds() {
-        let alphabet = crate::bounce::test_chars("0123456789- a.٣");
-        let mut rng = crate::bounce::TestRng::new(0x1234_5678_9abc_def1);
+        let alphabet = crate::test_support::test_chars("0123456789- a.٣");
+        let mut rng = crate::test_support::TestRng::new(0x1234_5678_9abc_def1);
         for _ in 0..5000 {
             let t = rng.text(15, &alphabet);
             if CONTINUATION.is_match(&t) {
@@ -687,7 +687,7 @@ mod tests {
             .iter()
             .flat_map(|p| [p.to_string(), format!("{p} ")])
             .collect();
-        let mut rng = crate::bounce::TestRng::new(0x6a09_e667_f3bc_c908);
+        let mut rng = crate::test_support::TestRng::new(0x6a09_e667_f3bc_c908);
         let mut named = 0;
         for _ in 0..3000 {
             let t = rng.text(31, &pieces);
@@ -824,7 +824,7 @@ mod tests {
             "message headers follow\n",
             "body text here\n",
         ];
-        let mut rng = crate::bounce::TestRng::new(0x2545_f491_4f6c_dd1d);
+        let mut rng = crate::test_support::TestRng::new(0x2545_f491_4f6c_dd1d);
         for _ in 0..4000 {
             let body = rng.text(16, &pieces);
             assert_eq!(
@@ -968,7 +968,7 @@ mod tests {
             "<é>",
             "<p語>",
         ];
-        let mut rng = crate::bounce::TestRng::new(0x3c6e_f372_fe94_f82b);
+        let mut rng = crate::test_support::TestRng::new(0x3c6e_f372_fe94_f82b);
         for _ in 0..5000 {
             let t = rng.text(15, &pieces);
             assert_eq!(strip_html(&t), strip_html_by_chars(&t), "{t:?}");

@@ -39,8 +39,7 @@ pub struct WriterStats {
 /// One queued write: runs inside the batch transaction, answers after the batch ends.
 trait Job: Send {
     /// Runs the command; false when it failed (the batch is then rolled back and run again
-    /// without it). May run
-    /// again when the batch restarts after SQLite rolled back the whole transaction.
+    /// without it). May therefore run more than once, each time in a fresh transaction.
     fn run(&mut self, conn: &Connection) -> bool;
     /// Answers the caller: its own result if the batch committed, else the batch error.
     fn finish(self: Box<Self>, batch: Result<(), &str>);

@@ -298,6 +298,14 @@ mailtrail_cpu_secs() {
         "/proc/$MAILTRAIL_PID/stat" 2>/dev/null || echo "n/a"
 }
 
+# Context switches (voluntary + involuntary, all threads) mailtrail has made so far: each
+# voluntary one is a thread that went to sleep waiting for another, so their count per message
+# tells how often work crosses threads, whatever the machine's load.
+mailtrail_ctx_switches() {
+    cat /proc/"$MAILTRAIL_PID"/task/*/status 2>/dev/null |
+        awk '/^(voluntary|nonvoluntary)_ctxt_switches:/ { n += $2 } END { print n + 0 }'
+}
+
 mailtrail_stop() {
     [[ -n $MAILTRAIL_PID ]] && stop_pid "$MAILTRAIL_PID"
     MAILTRAIL_PID=

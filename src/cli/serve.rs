@@ -29,12 +29,34 @@ fn init_tracing(config: &Config) {
 
 pub fn serve(config: Config) -> anyhow::Result<ExitCode> {
     init_tracing(&config);
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads(std::env::var_os(WORKER_THREADS_VAR).as_deref())? {
+        builder.worker_threads(n);
+    }
+    let rt = builder
         .enable_all()
         .build()
         .context("starting the runtime")?;
     rt.block_on(run(Arc::new(config)))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The runtime's own variable for its number of worker threads (one per core by default).
+const WORKER_THREADS_VAR: &str = "TOKIO_WORKER_THREADS";
+
+/// The worker thread count `value` of [`WORKER_THREADS_VAR`] asks for. Checked here because
+/// the runtime panics on a value it cannot parse (an empty one included).
+fn worker_threads(value: Option<&std::ffi::OsStr>) -> anyhow::Result<Option<usize>> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    match value.to_str().map(str::trim).map(str::parse::<usize>) {
+        Some(Ok(n)) if n > 0 => Ok(Some(n)),
+        _ => anyhow::bail!(
+            "{WORKER_THREADS_VAR}={value:?}: expected a positive number of worker threads \
+             (unset it for one per core)"
+        ),
+    }
 }
 
 /// What the listener tells after each accept: delivery or the bounce stage is woken, and fresh
@@ -252,5 +274,27 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsStr;
+
+    #[test]
+    fn worker_threads_from_the_environment() {
+        assert_eq!(worker_threads(None).unwrap(), None);
+        assert_eq!(worker_threads(Some(OsStr::new("3"))).unwrap(), Some(3));
+        assert_eq!(worker_threads(Some(OsStr::new(" 2 "))).unwrap(), Some(2));
+        for bad in ["", "0", "-1", "two"] {
+            let err = worker_threads(Some(OsStr::new(bad)))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("TOKIO_WORKER_THREADS") && err.contains("positive number"),
+                "{bad:?}: {err}"
+            );
+        }
     }
 }

@@ -5,10 +5,11 @@
 use std::sync::LazyLock;
 
 use aho_corasick::{AhoCorasick, MatchKind};
-use mail_parser::{MessageParser, MimeHeaders, PartType};
+use mail_parser::{GetHeader, HeaderName, MessageParser};
 use regex::Regex;
 
 use super::dsn::{self, DeliveryStatus};
+use super::mime::{self, Decoded};
 use super::text;
 use super::{BounceKind, BounceRecord};
 use crate::receipt::ReceiptId;
@@ -52,38 +53,54 @@ impl View {
     /// them off `raw` (see [`without_returned_body`]).
     pub fn read(raw: &[u8], returned: Option<&[u8]>) -> Option<View> {
         let reduced = with_read_headers_only(raw);
-        let msg = PARSER.parse(reduced.as_deref().unwrap_or(raw))?;
-        let first_addr = |a: Option<&mail_parser::Address<'_>>| {
-            a.and_then(|a| a.first())
+        let raw_read = reduced.as_deref().unwrap_or(raw);
+        let parts = mime::parts(&PARSER, raw_read)?;
+        let root = parts.first()?;
+        let address = |name: HeaderName<'_>| {
+            root.headers
+                .header_value(&name)
+                .and_then(|a| a.as_address())
+                .and_then(|a| a.first())
+        };
+        let first_addr = |name: HeaderName<'_>| {
+            address(name)
                 .and_then(|a| a.address())
                 .map(|s| s.trim().to_ascii_lowercase())
                 .unwrap_or_default()
         };
-        let from = first_addr(msg.from());
-        let from_name = msg
-            .from()
-            .and_then(|a| a.first())
+        let from = first_addr(HeaderName::From);
+        let from_name = address(HeaderName::From)
             .and_then(|a| a.name())
             .unwrap_or("")
             .to_ascii_lowercase();
         let mut headers = Vec::new();
-        for (name, value) in msg.headers_raw() {
+        for header in &root.headers {
             // Only the few headers the readers consult are kept.
-            if KEPT_HEADERS.iter().any(|k| name.eq_ignore_ascii_case(k)) {
+            let name = header.name.as_str();
+            if KEPT_HEADERS.iter().any(|k| name.eq_ignore_ascii_case(k))
+                && let Some(value) = raw_read
+                    .get(header.offset_start as usize..header.offset_end as usize)
+                    .and_then(|v| std::str::from_utf8(v).ok())
+            {
                 headers.push((name.to_ascii_lowercase(), unfold(value)));
             }
         }
-        let report_type = msg
-            .root_part()
+        let report_type = root
             .content_type()
             .and_then(|ct| ct.attribute("report-type"))
             .map(|s| s.to_ascii_lowercase());
+        let subject = root
+            .headers
+            .header_value(&HeaderName::Subject)
+            .and_then(|h| h.as_text())
+            .unwrap_or("")
+            .to_string();
 
         let mut view = View {
-            subject: msg.subject().unwrap_or("").to_string(),
+            subject,
             from_full: format!("{from_name} {from}"),
             from,
-            to: first_addr(msg.to()),
+            to: first_addr(HeaderName::To),
             headers,
             report_type,
             delivery_status: Vec::new(),
@@ -97,8 +114,8 @@ impl View {
 
         let mut html = String::new();
         let mut returned_text: Option<String> = returned.map(lossy_utf8);
-        let multipart = msg.root_part().is_multipart();
-        for (i, part) in msg.parts.iter().enumerate() {
+        let multipart = root.is_multipart();
+        for (i, part) in parts.iter().enumerate() {
             if multipart && i == 0 {
                 continue;
             }
@@ -111,32 +128,32 @@ impl View {
                     )
                 })
                 .unwrap_or_else(|| ("text".to_string(), "plain".to_string()));
-            match &part.body {
-                PartType::Message(inner) => {
+            match part.decode(&PARSER, raw_read) {
+                Decoded::Message(inner) => {
                     if returned_text.is_none() {
-                        returned_text = Some(lossy_utf8(inner.raw_message()));
+                        returned_text = Some(lossy_utf8(&inner));
                     }
                 }
-                PartType::Multipart(_) => {}
-                PartType::Html(t) => html.push_str(t),
-                PartType::Text(t) => match (ctype.as_str(), subtype.as_str()) {
+                Decoded::Multipart => {}
+                Decoded::Html(t) => html.push_str(&t),
+                Decoded::Text(t) => match (ctype.as_str(), subtype.as_str()) {
                     ("text", "rfc822-headers") | ("text", "rfc822-header") => {
                         if returned_text.is_none() {
-                            returned_text = Some(t.to_string());
+                            returned_text = Some(t.into_owned());
                         }
                     }
                     ("message", "delivery-status") | ("message", "global-delivery-status") => {
-                        view.delivery_status.push(t.to_string());
+                        view.delivery_status.push(t.into_owned());
                     }
                     _ => {
                         if !view.human.is_empty() {
                             view.human.push('\n');
                         }
-                        view.human.push_str(t);
+                        view.human.push_str(&t);
                     }
                 },
-                PartType::Binary(b) | PartType::InlineBinary(b) => {
-                    let s = || lossy_utf8(b);
+                Decoded::Binary(b) => {
+                    let s = || lossy_utf8(&b);
                     match (ctype.as_str(), subtype.as_str()) {
                         ("message", "delivery-status")
                         | ("message", "global-delivery-status")

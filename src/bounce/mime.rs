@@ -1,0 +1,712 @@
+//! The MIME part structure of returned mail, walked once with `mail-parser`'s own stream
+//! primitives and header parser, step for step as `MessageParser::parse` walks it (so every
+//! boundary, part end and recovery from broken MIME is the same), but without decoding: a
+//! part keeps where its body lies and is decoded, by `mail-parser`'s decoders, only when a
+//! reader asks for it. An attached message's own parts are walked only to find where that
+//! message ends; none of them is ever decoded.
+
+use std::borrow::Cow;
+
+use mail_parser::MessageParser;
+use mail_parser::decoders::charsets::map::charset_decoder;
+use mail_parser::parsers::MessageStream;
+use mail_parser::{ContentType, Encoding, GetHeader, Header, HeaderName, HeaderValue};
+
+/// The media types `mail-parser` tells apart.
+#[derive(Debug, PartialEq, Clone, Copy, Default)]
+enum MimeType {
+    MultipartAlternative,
+    MultipartDigest,
+    OtherMultipart,
+    TextPlain,
+    TextHtml,
+    TextOther,
+    #[default]
+    Message,
+    Other,
+}
+
+/// Whether the type is multipart or text, and which it is (as `mail-parser`'s `mime_type`).
+fn mime_type(content_type: Option<&ContentType<'_>>, parent: MimeType) -> (bool, bool, MimeType) {
+    let Some(ct) = content_type else {
+        return if parent == MimeType::MultipartDigest {
+            (false, false, MimeType::Message)
+        } else {
+            (false, true, MimeType::TextPlain)
+        };
+    };
+    match ct.ctype() {
+        "multipart" => (
+            true,
+            false,
+            match ct.subtype() {
+                Some("alternative") => MimeType::MultipartAlternative,
+                Some("digest") => MimeType::MultipartDigest,
+                _ => MimeType::OtherMultipart,
+            },
+        ),
+        "text" => match ct.subtype() {
+            Some("plain") => (false, true, MimeType::TextPlain),
+            Some("html") => (false, true, MimeType::TextHtml),
+            _ => (false, true, MimeType::TextOther),
+        },
+        "message" if matches!(ct.subtype(), Some("rfc822" | "global")) => {
+            (false, false, MimeType::Message)
+        }
+        _ => (false, false, MimeType::Other),
+    }
+}
+
+/// One part of a message, in the order `mail-parser` lists them (the root first).
+pub(crate) struct Part<'x> {
+    pub headers: Vec<Header<'x>>,
+    offset_header: usize,
+    offset_body: usize,
+    offset_end: usize,
+    body: Body<'x>,
+}
+
+enum Body<'x> {
+    Multipart,
+    /// An attached message that is not transfer-encoded: `raw[start..end]`, the range of
+    /// its first part (what `mail-parser`'s `raw_message()` gives).
+    Message {
+        start: usize,
+        end: usize,
+    },
+    /// Text known without decoding (an attached message without headers, a message
+    /// without a body).
+    Text(Cow<'x, str>),
+    Leaf(Leaf),
+}
+
+/// A leaf part's body, not decoded yet.
+struct Leaf {
+    mime_type: MimeType,
+    is_text: bool,
+    encoding: Encoding,
+    /// The boundary its decoder stops at (empty outside multipart).
+    boundary: Vec<u8>,
+}
+
+/// A part's body as `mail-parser` would give it.
+pub(crate) enum Decoded<'x> {
+    Multipart,
+    Text(Cow<'x, str>),
+    Html(Cow<'x, str>),
+    Binary(Cow<'x, [u8]>),
+    /// An attached message: its raw text.
+    Message(Cow<'x, [u8]>),
+}
+
+impl<'x> Part<'x> {
+    pub fn content_type(&self) -> Option<&ContentType<'x>> {
+        self.headers
+            .header_value(&HeaderName::ContentType)
+            .and_then(|c| c.as_content_type())
+    }
+
+    pub fn is_multipart(&self) -> bool {
+        matches!(self.body, Body::Multipart)
+    }
+
+    /// The body, decoded as `mail-parser` decodes it.
+    pub fn decode(&self, parser: &MessageParser, raw: &'x [u8]) -> Decoded<'x> {
+        let leaf = match &self.body {
+            Body::Multipart => return Decoded::Multipart,
+            Body::Message { start, end } => {
+                return Decoded::Message(Cow::Borrowed(raw.get(*start..*end).unwrap_or_default()));
+            }
+            Body::Text(t) => return Decoded::Text(t.clone()),
+            Body::Leaf(l) => l,
+        };
+        let undecoded = || -> &'x [u8] {
+            raw.get(self.offset_body..self.offset_end)
+                .unwrap_or_default()
+        };
+        let mut mime_type = leaf.mime_type;
+        let mut is_text = leaf.is_text;
+        let bytes: Cow<'x, [u8]> = if leaf.encoding == Encoding::None {
+            Cow::Borrowed(undecoded())
+        } else {
+            let mut stream = MessageStream::new(raw);
+            stream.skip_bytes(self.offset_body);
+            let (end, bytes) = if leaf.encoding == Encoding::Base64 {
+                stream.decode_base64_mime(&leaf.boundary)
+            } else {
+                stream.decode_quoted_printable_mime(&leaf.boundary)
+            };
+            if end == usize::MAX {
+                // As `mail-parser` recovers a broken encoding: the raw body, as text.
+                if mime_type != MimeType::TextPlain {
+                    mime_type = MimeType::TextOther;
+                }
+                is_text = true;
+                Cow::Borrowed(undecoded())
+            } else {
+                bytes
+            }
+        };
+        if mime_type == MimeType::Message {
+            // An encoded attached message: `mail-parser` parses the decoded bytes (a
+            // message, all of them its raw text), or keeps them as binary when they have
+            // no header.
+            let mut headers = Vec::new();
+            let mut stream = MessageStream::new(&bytes);
+            if stream.parse_headers(parser, &mut headers) || !headers.is_empty() {
+                return Decoded::Message(bytes);
+            }
+            return Decoded::Binary(bytes);
+        }
+        if !is_text {
+            return Decoded::Binary(bytes);
+        }
+        let charset = self
+            .content_type()
+            .and_then(|ct| ct.attribute("charset"))
+            .and_then(|c| charset_decoder(c.as_bytes()));
+        let text: Cow<'x, str> = match (bytes, charset) {
+            (Cow::Owned(vec), Some(decode)) => decode(&vec).into(),
+            (Cow::Owned(vec), None) => String::from_utf8(vec)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+                .into(),
+            (Cow::Borrowed(bytes), Some(decode)) => decode(bytes).into(),
+            (Cow::Borrowed(bytes), None) => String::from_utf8_lossy(bytes),
+        };
+        if mime_type == MimeType::TextHtml {
+            Decoded::Html(text)
+        } else {
+            Decoded::Text(text)
+        }
+    }
+}
+
+/// What the walk knows of the message part it is in.
+#[derive(Default)]
+struct State {
+    mime_type: MimeType,
+    mime_boundary: Option<Vec<u8>>,
+    part_id: usize,
+    /// How many parts were read in this state, and the first one's index: at the end of
+    /// a multipart, `mail-parser` makes the part at `part_id` a multipart unless the only
+    /// part read was the message's root.
+    sub_parts: usize,
+    first_sub_part: usize,
+    offset_header: usize,
+    offset_body: usize,
+    offset_end: usize,
+}
+
+impl State {
+    fn has_sub_parts(&self) -> bool {
+        self.sub_parts != 1 || self.first_sub_part != 0
+    }
+}
+
+/// The parts of `raw` (the root first), as `parser.parse(raw)` would list them; `None`
+/// when it has no header at all.
+pub(crate) fn parts<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
+    walk(parser, raw)
+}
+
+/// `MessageParser::parse_` (mail-parser 0.11) without the decoding, the text/HTML body
+/// lists and the attachment bookkeeping, none of which the bounce reader uses.
+fn walk<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
+    let mut stream = MessageStream::new(raw);
+    let mut message: Vec<Part<'x>> = Vec::new();
+    let mut state = State {
+        mime_type: MimeType::Message,
+        ..Default::default()
+    };
+    let mut state_stack: Vec<(State, Option<Vec<Part<'x>>>)> = Vec::with_capacity(4);
+    let mut part_headers = Vec::new();
+    let mut needle = Vec::new();
+
+    'outer: loop {
+        state.offset_header = stream.offset();
+        if !stream.parse_headers(parser, &mut part_headers) {
+            break;
+        }
+        state.offset_body = stream.offset();
+        if state.sub_parts == 0 {
+            state.first_sub_part = message.len();
+        }
+        state.sub_parts += 1;
+
+        let content_type = part_headers
+            .header_value(&HeaderName::ContentType)
+            .and_then(|c| c.as_content_type());
+        let (is_multipart, mut is_text, mut mime_type) = mime_type(content_type, state.mime_type);
+
+        if is_multipart && let Some(boundary) = content_type.and_then(|f| f.attribute("boundary")) {
+            if stream.seek_next_part(boundary.as_bytes()) {
+                let new_state = State {
+                    mime_type,
+                    mime_boundary: Some(boundary.as_bytes().to_vec()),
+                    part_id: message.len(),
+                    ..Default::default()
+                };
+                message.push(Part {
+                    headers: std::mem::take(&mut part_headers),
+                    offset_header: state.offset_header,
+                    offset_body: state.offset_body,
+                    offset_end: 0,
+                    body: Body::Multipart,
+                });
+                state_stack.push((state, None));
+                state = new_state;
+                stream.skip_crlf();
+                continue;
+            }
+            mime_type = MimeType::TextOther;
+            is_text = true;
+        }
+
+        let mut encoding = match part_headers.header_value(&HeaderName::ContentTransferEncoding) {
+            Some(HeaderValue::Text(e)) if e.eq_ignore_ascii_case("base64") => Encoding::Base64,
+            Some(HeaderValue::Text(e)) if e.eq_ignore_ascii_case("quoted-printable") => {
+                Encoding::QuotedPrintable
+            }
+            _ => Encoding::None,
+        };
+
+        if mime_type == MimeType::Message && encoding == Encoding::None {
+            let new_state = State {
+                mime_type: MimeType::Message,
+                mime_boundary: state.mime_boundary.take(),
+                part_id: message.len(),
+                ..Default::default()
+            };
+            message.push(Part {
+                headers: std::mem::take(&mut part_headers),
+                offset_header: state.offset_header,
+                offset_body: state.offset_body,
+                offset_end: 0,
+                body: Body::Multipart,
+            });
+            state_stack.push((state, Some(message)));
+            message = Vec::new();
+            state = new_state;
+            continue;
+        }
+
+        // The decoders end a part where this scan does (a decoding error only changes the
+        // part's type and body, which `Part::decode` works out when asked).
+        let offset_end = part_end(
+            &mut stream,
+            raw,
+            state.mime_boundary.as_deref(),
+            &mut needle,
+        );
+        if offset_end == usize::MAX {
+            encoding = Encoding::None;
+            if mime_type != MimeType::TextPlain {
+                mime_type = MimeType::TextOther;
+            }
+            is_text = true;
+            let (offset_end, boundary_found) = stream.seek_part_end(state.mime_boundary.as_deref());
+            state.offset_end = offset_end;
+            if !boundary_found {
+                state.mime_boundary = None;
+            }
+        } else {
+            state.offset_end = offset_end;
+        }
+        let boundary = if encoding == Encoding::None {
+            Vec::new()
+        } else {
+            state.mime_boundary.clone().unwrap_or_default()
+        };
+        message.push(Part {
+            headers: std::mem::take(&mut part_headers),
+            offset_header: state.offset_header,
+            offset_body: state.offset_body,
+            offset_end: state.offset_end,
+            body: Body::Leaf(Leaf {
+                mime_type,
+                is_text,
+                encoding,
+                boundary,
+            }),
+        });
+
+        if state.mime_boundary.is_some() {
+            'inner: loop {
+                if state.mime_type == MimeType::Message {
+                    // The end of an attached message: back to the message it is in.
+                    let Some((mut prev_state, Some(mut prev_message))) = state_stack.pop() else {
+                        break 'outer;
+                    };
+                    let offset_end = state
+                        .mime_boundary
+                        .as_ref()
+                        .map(|b| {
+                            let pos = stream.offset().saturating_sub(b.len() + 2);
+                            raw.get(pos.wrapping_sub(2))
+                                .map_or(pos.wrapping_sub(1), |&ch| {
+                                    if ch == b'\r' { pos - 2 } else { pos - 1 }
+                                })
+                        })
+                        .unwrap_or_else(|| stream.offset());
+                    if let Some(part) = prev_message.get_mut(state.part_id) {
+                        part.offset_end = offset_end;
+                        part.body = attached(raw, &message, part.offset_body, offset_end);
+                    }
+                    message = prev_message;
+                    prev_state.mime_boundary = state.mime_boundary.take();
+                    state = prev_state;
+                }
+
+                if stream.is_multipart_end() {
+                    if let Some(part) = message.get_mut(state.part_id) {
+                        if state.has_sub_parts() {
+                            part.body = Body::Multipart;
+                        }
+                        if let Some((prev_state, _)) = state_stack.pop() {
+                            state = prev_state;
+                            if let Some(boundary) = &state.mime_boundary
+                                && let Some(offset) = stream.seek_next_part_offset(boundary)
+                            {
+                                part.offset_end = offset;
+                                continue 'inner;
+                            }
+                        }
+                        part.offset_end = stream.offset();
+                    }
+                    break 'outer;
+                }
+                break 'inner;
+            }
+        } else if stream.offset() >= raw.len() {
+            break 'outer;
+        }
+    }
+
+    // Broken MIME: keep what was found.
+    while let Some((prev_state, prev_message)) = state_stack.pop() {
+        if let Some(mut prev_message) = prev_message {
+            if let Some(part) = prev_message.get_mut(state.part_id) {
+                part.offset_end = stream.offset();
+                part.body = if message.is_empty() {
+                    Body::Text(unterminated_text(
+                        raw,
+                        part.offset_body,
+                        stream.offset(),
+                        &state,
+                    ))
+                } else {
+                    attached(raw, &message, 0, 0)
+                };
+            }
+            message = prev_message;
+        } else if let Some(part) = message.get_mut(state.part_id) {
+            part.offset_end = stream.offset();
+            if state.has_sub_parts() {
+                part.body = Body::Multipart;
+            }
+        }
+        state = prev_state;
+    }
+
+    if let Some(root) = message.first_mut() {
+        root.offset_end = raw.len();
+        Some(message)
+    } else if !part_headers.is_empty() {
+        message.push(Part {
+            headers: part_headers,
+            offset_header: 0,
+            offset_body: raw.len(),
+            offset_end: raw.len(),
+            body: Body::Text(Cow::Borrowed("")),
+        });
+        Some(message)
+    } else {
+        None
+    }
+}
+
+/// Where the part at the stream's offset ends, the stream moved past the boundary that
+/// ends it: `stream.mime_part(boundary).0` (the first `--boundary` at or after the offset,
+/// even inside a line; the line break before it is not part of the body), found with the
+/// SIMD substring search instead of a byte loop. `usize::MAX` (the stream not moved) when
+/// no boundary follows. `needle` is a buffer for `--boundary`.
+fn part_end(
+    stream: &mut MessageStream<'_>,
+    raw: &[u8],
+    boundary: Option<&[u8]>,
+    needle: &mut Vec<u8>,
+) -> usize {
+    let start = stream.offset();
+    let Some(boundary) = boundary.filter(|b| !b.is_empty()) else {
+        stream.seek_end();
+        return raw.len();
+    };
+    needle.clear();
+    needle.extend_from_slice(b"--");
+    needle.extend_from_slice(boundary);
+    let Some(at) = raw
+        .get(start..)
+        .and_then(|rest| memchr::memmem::find(rest, needle))
+        .map(|i| start + i)
+    else {
+        return usize::MAX;
+    };
+    stream.skip_bytes(at + needle.len() - start);
+    let before = |i: usize| {
+        i.checked_sub(1)
+            .filter(|&i| i >= start)
+            .and_then(|i| raw.get(i))
+    };
+    if at == start {
+        start
+    } else if before(at) == Some(&b'\n') {
+        if before(at - 1) == Some(&b'\r') {
+            at - 2
+        } else {
+            at - 1
+        }
+    } else {
+        at
+    }
+}
+
+/// The body of an attached (not encoded) message part whose own parts are `inner`: the
+/// range of its first part, or, when it had no header, its raw text.
+fn attached<'x>(raw: &'x [u8], inner: &[Part<'x>], start: usize, end: usize) -> Body<'x> {
+    match inner.first() {
+        Some(first) => Body::Message {
+            start: first.offset_header,
+            end: first.offset_end,
+        },
+        None => Body::Text(String::from_utf8_lossy(
+            raw.get(start..end).unwrap_or_default(),
+        )),
+    }
+}
+
+/// The text of an attached message without headers that the message ends inside of:
+/// up to its last boundary's `--` when it is UTF-8, else all of it.
+fn unterminated_text<'x>(raw: &'x [u8], start: usize, end: usize, state: &State) -> Cow<'x, str> {
+    let raw_text = raw.get(start..end);
+    let trimmed = raw_text
+        .and_then(|bytes| std::str::from_utf8(bytes).ok())
+        .and_then(|text| {
+            let boundary = std::str::from_utf8(state.mime_boundary.as_deref()?).ok()?;
+            let (text, _) = text.rsplit_once(boundary)?;
+            let text = text.strip_suffix("--")?;
+            let text = text.strip_suffix('\n').unwrap_or(text);
+            Some(text.strip_suffix('\r').unwrap_or(text))
+        });
+    match trimmed {
+        Some(text) => Cow::Borrowed(text),
+        None => String::from_utf8_lossy(raw_text.unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::TestRng;
+    use mail_parser::{MimeHeaders, PartType};
+
+    /// The parser the bounce reader uses (MIME headers, Subject, From, To).
+    fn parser() -> MessageParser {
+        MessageParser::new()
+            .with_mime_headers()
+            .header_text(HeaderName::Subject)
+            .header_address(HeaderName::From)
+            .header_address(HeaderName::To)
+    }
+
+    /// What mail-parser gives for each part: whether it is multipart, its content type,
+    /// and its body in the walk's terms.
+    fn reference(raw: &[u8]) -> Option<Vec<(bool, Option<String>, String)>> {
+        let msg = parser().parse(raw)?;
+        Some(
+            msg.parts
+                .iter()
+                .map(|p| {
+                    let ct = p
+                        .content_type()
+                        .map(|c| format!("{}/{:?}", c.ctype(), c.subtype()));
+                    let body = match &p.body {
+                        PartType::Multipart(_) => "multipart".to_string(),
+                        PartType::Text(t) => format!("text {t:?}"),
+                        PartType::Html(t) => format!("html {t:?}"),
+                        PartType::Binary(b) | PartType::InlineBinary(b) => {
+                            format!("binary {b:?}")
+                        }
+                        PartType::Message(m) => format!("message {:?}", m.raw_message()),
+                    };
+                    (p.body_is_multipart(), ct, body)
+                })
+                .collect(),
+        )
+    }
+
+    fn walked(raw: &[u8]) -> Option<Vec<(bool, Option<String>, String)>> {
+        let parser = parser();
+        let parts = parts(&parser, raw)?;
+        Some(
+            parts
+                .iter()
+                .map(|p| {
+                    let ct = p
+                        .content_type()
+                        .map(|c| format!("{}/{:?}", c.ctype(), c.subtype()));
+                    let body = match p.decode(&parser, raw) {
+                        Decoded::Multipart => "multipart".to_string(),
+                        Decoded::Text(t) => format!("text {t:?}"),
+                        Decoded::Html(t) => format!("html {t:?}"),
+                        Decoded::Binary(b) => format!("binary {b:?}"),
+                        Decoded::Message(m) => format!("message {m:?}"),
+                    };
+                    (p.is_multipart(), ct, body)
+                })
+                .collect(),
+        )
+    }
+
+    trait BodyIsMultipart {
+        fn body_is_multipart(&self) -> bool;
+    }
+    impl BodyIsMultipart for mail_parser::MessagePart<'_> {
+        fn body_is_multipart(&self) -> bool {
+            matches!(self.body, PartType::Multipart(_))
+        }
+    }
+
+    /// A random message built from MIME pieces: nested multiparts and attached messages,
+    /// every transfer encoding (valid and broken), boundaries missing, repeated, inside
+    /// lines or never closed, CRLF and LF, charsets, parts without headers.
+    fn random_message(rng: &mut TestRng, depth: usize, boundary: Option<&str>) -> String {
+        const TYPES: &[&str] = &[
+            "text/plain",
+            "text/html",
+            "text/rfc822-headers",
+            "message/delivery-status",
+            "message/feedback-report",
+            "message/rfc822",
+            "message/global",
+            "application/octet-stream",
+            "image/png",
+            "multipart/mixed",
+            "multipart/alternative",
+            "multipart/digest",
+            "multipart/report; report-type=delivery-status",
+        ];
+        const ENCODINGS: &[&str] = &["", "7bit", "base64", "quoted-printable", "Base64", "8bit"];
+        const CHARSETS: &[&str] = &[
+            "",
+            "; charset=utf-8",
+            "; charset=iso-8859-1",
+            "; charset=\"windows-1252\"",
+            "; charset=bogus",
+        ];
+        const BODY: &[&str] = &[
+            "Delivery failed",
+            "\r\n",
+            "\n",
+            " ",
+            "=",
+            "==",
+            "=3D",
+            "=\r\n",
+            "=\n",
+            "=4",
+            "=ZZ",
+            "aGVsbG8=",
+            "aGVsbG8gd29ybGQ",
+            "-",
+            "--",
+            "<b>x</b>",
+            "&amp;",
+            "\u{e9}",
+            "\t",
+            "Final-Recipient: rfc822; a@b.example\r\n",
+            "Status: 5.1.1\n",
+        ];
+        let nl = if rng.below(4) == 0 { "\n" } else { "\r\n" };
+        let mut m = String::new();
+        let ctype = TYPES[rng.below(TYPES.len())];
+        let own_boundary = format!("b{}{}", depth, rng.below(3));
+        if rng.below(8) != 0 {
+            m.push_str(&format!(
+                "From: Mail Delivery <mailer-daemon@x.example>{nl}Subject: fail{nl}"
+            ));
+            if rng.below(6) != 0 {
+                m.push_str("Content-Type: ");
+                m.push_str(ctype);
+                if ctype.starts_with("multipart") && rng.below(8) != 0 {
+                    m.push_str(&format!(";{nl} boundary=\"{own_boundary}\""));
+                }
+                if ctype.starts_with("text") {
+                    m.push_str(CHARSETS[rng.below(CHARSETS.len())]);
+                }
+                m.push_str(nl);
+            }
+            let enc = ENCODINGS[rng.below(ENCODINGS.len())];
+            if !enc.is_empty() {
+                m.push_str(&format!("Content-Transfer-Encoding: {enc}{nl}"));
+            }
+        }
+        m.push_str(nl);
+        let leaf = |rng: &mut TestRng, m: &mut String| {
+            let n = rng.below(12);
+            for _ in 0..n {
+                m.push_str(BODY[rng.below(BODY.len())]);
+            }
+        };
+        if ctype.starts_with("multipart") && depth < 3 {
+            if rng.below(3) != 0 {
+                m.push_str("preamble");
+                m.push_str(nl);
+            }
+            let n = rng.below(4);
+            for _ in 0..n {
+                m.push_str(&format!("--{own_boundary}{nl}"));
+                m.push_str(&random_message(rng, depth + 1, Some(&own_boundary)));
+                m.push_str(nl);
+            }
+            match rng.below(4) {
+                0 => {}
+                1 => m.push_str(&format!("--{own_boundary}--{nl}")),
+                2 => m.push_str(&format!("x--{own_boundary}--")),
+                _ => m.push_str(&format!("--{own_boundary}--{nl}epilogue{nl}")),
+            }
+        } else if ctype.starts_with("message/rfc") || ctype.starts_with("message/global") {
+            if depth < 3 {
+                m.push_str(&random_message(rng, depth + 1, boundary));
+            }
+        } else {
+            leaf(rng, &mut m);
+        }
+        if let Some(b) = boundary
+            && rng.below(10) == 0
+        {
+            // A boundary inside a line, or the enclosing one early.
+            m.push_str(&format!("text --{b}{nl}"));
+        }
+        m
+    }
+
+    /// The walk lists the same parts as `MessageParser::parse`, with the same types and
+    /// the same decoded bodies.
+    #[test]
+    fn walk_matches_mail_parser() {
+        let mut rng = TestRng::new(0x6d69_6d65_7761_6c6b);
+        for _ in 0..50_000 {
+            let m = random_message(&mut rng, 0, None);
+            assert_eq!(walked(m.as_bytes()), reference(m.as_bytes()), "{m:?}");
+        }
+        for raw in [
+            &b""[..],
+            b"\r\n",
+            b"no header",
+            b"Subject: x",
+            b"Subject: x\r\n",
+        ] {
+            assert_eq!(walked(raw), reference(raw), "{raw:?}");
+        }
+    }
+}

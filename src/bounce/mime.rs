@@ -161,17 +161,33 @@ impl<'x> Part<'x> {
         if !is_text {
             return Decoded::Binary(bytes);
         }
-        let charset = self
-            .content_type()
-            .and_then(|ct| ct.attribute("charset"))
-            .and_then(|c| charset_decoder(c.as_bytes()));
+        let charset_name = self.content_type().and_then(|ct| ct.attribute("charset"));
+        // ASCII in a charset whose decoder maps ASCII to itself: the text is the bytes.
+        if charset_name.is_some_and(is_ascii_identity) && bytes.is_ascii() {
+            let text = match bytes {
+                Cow::Borrowed(b) => std::str::from_utf8(b).map(Cow::Borrowed).ok(),
+                Cow::Owned(v) => String::from_utf8(v).map(Cow::Owned).ok(),
+            };
+            let text = text.unwrap_or_default();
+            return if mime_type == MimeType::TextHtml {
+                Decoded::Html(text)
+            } else {
+                Decoded::Text(text)
+            };
+        }
+        let charset = charset_name.and_then(|c| charset_decoder(c.as_bytes()));
         let text: Cow<'x, str> = match (bytes, charset) {
             (Cow::Owned(vec), Some(decode)) => decode(&vec).into(),
             (Cow::Owned(vec), None) => String::from_utf8(vec)
                 .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
                 .into(),
             (Cow::Borrowed(bytes), Some(decode)) => decode(bytes).into(),
-            (Cow::Borrowed(bytes), None) => String::from_utf8_lossy(bytes),
+            // `String::from_utf8_lossy`, with valid UTF-8 (nearly all mail) checked by the
+            // word-at-a-time validator instead of the lossy decoder's byte loop.
+            (Cow::Borrowed(bytes), None) => match std::str::from_utf8(bytes) {
+                Ok(text) => Cow::Borrowed(text),
+                Err(_) => String::from_utf8_lossy(bytes),
+            },
         };
         if mime_type == MimeType::TextHtml {
             Decoded::Html(text)
@@ -179,6 +195,41 @@ impl<'x> Part<'x> {
             Decoded::Text(text)
         }
     }
+}
+
+/// The charset names (as `charset_decoder` normalises them: lower case, `_` for `-`) that
+/// `mail-parser` decodes with its windows-1252 table, which maps ASCII to itself.
+const ASCII_IDENTITY_CHARSETS: &[&str] = &[
+    "us_ascii",
+    "ascii",
+    "ansi_x3.4_1968",
+    "iso_8859_1",
+    "iso8859_1",
+    "iso88591",
+    "iso_8859_1:1987",
+    "iso_ir_100",
+    "latin1",
+    "l1",
+    "csisolatin1",
+    "ibm819",
+    "cp819",
+    "windows_1252",
+    "cp1252",
+    "x_cp1252",
+    "cswindows1252",
+];
+
+/// Whether `charset` names one of [`ASCII_IDENTITY_CHARSETS`].
+fn is_ascii_identity(charset: &str) -> bool {
+    ASCII_IDENTITY_CHARSETS.iter().any(|name| {
+        name.len() == charset.len()
+            && name.bytes().zip(charset.bytes()).all(|(n, c)| {
+                n == match c {
+                    b'-' => b'_',
+                    c => c.to_ascii_lowercase(),
+                }
+            })
+    })
 }
 
 /// What the walk knows of the message part it is in.
@@ -602,6 +653,9 @@ mod tests {
             "; charset=iso-8859-1",
             "; charset=\"windows-1252\"",
             "; charset=bogus",
+            "; charset=US-ASCII",
+            "; charset=utf-7",
+            "; charset=iso-2022-jp",
         ];
         const BODY: &[&str] = &[
             "Delivery failed",
@@ -688,6 +742,35 @@ mod tests {
             m.push_str(&format!("text --{b}{nl}"));
         }
         m
+    }
+
+    /// The charsets read as ASCII are those `mail-parser` decodes ASCII to itself in.
+    #[test]
+    fn ascii_identity_charsets_decode_ascii_unchanged() {
+        let ascii: Vec<u8> = (0..128).collect();
+        let text = String::from_utf8(ascii.clone()).unwrap();
+        for name in ASCII_IDENTITY_CHARSETS {
+            for spelling in [
+                name.to_string(),
+                name.to_uppercase(),
+                name.replace('_', "-"),
+            ] {
+                assert!(is_ascii_identity(&spelling), "{spelling}");
+                let decode = charset_decoder(spelling.as_bytes()).expect("a decoder");
+                assert_eq!(decode(&ascii), text, "{spelling}");
+            }
+        }
+        for other in [
+            "utf-8",
+            "utf-7",
+            "iso-2022-jp",
+            "utf-16",
+            "iso-8859-2",
+            "ascii2",
+            "",
+        ] {
+            assert!(!is_ascii_identity(other), "{other}");
+        }
     }
 
     /// The walk lists the same parts as `MessageParser::parse`, with the same types and

@@ -451,14 +451,9 @@ const KEPT_HEADERS: &[&str] = &[
 ];
 
 /// Parses only the headers the bounce reader uses (MIME structure, Subject, From, To);
-/// every other header stays raw text, which spares tokenising each Received: field.
-static PARSER: LazyLock<MessageParser> = LazyLock::new(|| {
-    MessageParser::new()
-        .with_mime_headers()
-        .header_text(mail_parser::HeaderName::Subject)
-        .header_address(mail_parser::HeaderName::From)
-        .header_address(mail_parser::HeaderName::To)
-});
+/// every other field is read past without copying its value ([`View::read`] reads the
+/// kept ones from the raw text), which spares tokenising each Received: field.
+static PARSER: LazyLock<MessageParser> = LazyLock::new(mime::parser);
 
 static RECEIVED_ID: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]

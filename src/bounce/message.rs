@@ -178,11 +178,9 @@ impl View {
         }
         // Broken MIME (a boundary the parser could not follow): read the raw body as text.
         if view.human.trim().is_empty() && view.delivery_status.is_empty() {
-            let body = raw
-                .windows(4)
-                .position(|w| w == b"\r\n\r\n")
+            let body = memchr::memmem::find(raw, b"\r\n\r\n")
                 .map(|i| i + 4)
-                .or_else(|| raw.windows(2).position(|w| w == b"\n\n").map(|i| i + 2));
+                .or_else(|| memchr::memmem::find(raw, b"\n\n").map(|i| i + 2));
             if let Some(start) = body {
                 view.human = lossy_utf8(raw.get(start..).unwrap_or_default());
             }
@@ -368,7 +366,7 @@ fn with_read_headers_only(raw: &[u8]) -> Option<Vec<u8>> {
 fn blank_line_after(raw: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
     loop {
-        let nl = raw.get(i..)?.iter().position(|&b| b == b'\n')? + i;
+        let nl = memchr::memchr(b'\n', raw.get(i..)?)? + i;
         let rest = raw.get(nl + 1..)?;
         if rest.first() == Some(&b'\n') {
             return Some(nl + 2);

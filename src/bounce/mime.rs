@@ -11,6 +11,7 @@ use mail_parser::MessageParser;
 use mail_parser::decoders::charsets::map::charset_decoder;
 use mail_parser::parsers::MessageStream;
 use mail_parser::{ContentType, Encoding, GetHeader, Header, HeaderName, HeaderValue};
+use memchr::memmem::Finder;
 
 /// The header parser the walk needs, and the bounce reader: MIME fields, Subject, From and
 /// To decoded, every other field skipped (read to its end exactly as the raw-text parser
@@ -283,7 +284,7 @@ fn walk<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
     };
     let mut state_stack: Vec<(State, Option<Vec<Part<'x>>>)> = Vec::with_capacity(4);
     let mut part_headers = Vec::new();
-    let mut needle = Vec::new();
+    let mut finder = None;
 
     'outer: loop {
         state.offset_header = stream.offset();
@@ -359,7 +360,7 @@ fn walk<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
             &mut stream,
             raw,
             state.mime_boundary.as_deref(),
-            &mut needle,
+            &mut finder,
         );
         if offset_end == usize::MAX {
             encoding = Encoding::None;
@@ -492,29 +493,39 @@ fn walk<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
 /// ends it: `stream.mime_part(boundary).0` (the first `--boundary` at or after the offset,
 /// even inside a line; the line break before it is not part of the body), found with the
 /// SIMD substring search instead of a byte loop. `usize::MAX` (the stream not moved) when
-/// no boundary follows. `needle` is a buffer for `--boundary`.
+/// no boundary follows. `finder`: the searcher for the last `--boundary` looked for.
 fn part_end(
     stream: &mut MessageStream<'_>,
     raw: &[u8],
     boundary: Option<&[u8]>,
-    needle: &mut Vec<u8>,
+    finder: &mut Option<Finder<'static>>,
 ) -> usize {
     let start = stream.offset();
     let Some(boundary) = boundary.filter(|b| !b.is_empty()) else {
         stream.seek_end();
         return raw.len();
     };
-    needle.clear();
-    needle.extend_from_slice(b"--");
-    needle.extend_from_slice(boundary);
+    // Consecutive parts mostly end at the same boundary: its searcher is built once.
+    let same = finder
+        .as_ref()
+        .is_some_and(|f| f.needle().strip_prefix(b"--") == Some(boundary));
+    if !same {
+        let mut needle = Vec::with_capacity(boundary.len() + 2);
+        needle.extend_from_slice(b"--");
+        needle.extend_from_slice(boundary);
+        *finder = Some(Finder::new(&needle).into_owned());
+    }
+    let Some(finder) = finder.as_ref() else {
+        return usize::MAX;
+    };
     let Some(at) = raw
         .get(start..)
-        .and_then(|rest| memchr::memmem::find(rest, needle))
+        .and_then(|rest| finder.find(rest))
         .map(|i| start + i)
     else {
         return usize::MAX;
     };
-    stream.skip_bytes(at + needle.len() - start);
+    stream.skip_bytes(at + finder.needle().len() - start);
     let before = |i: usize| {
         i.checked_sub(1)
             .filter(|&i| i >= start)

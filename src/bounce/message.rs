@@ -128,6 +128,10 @@ impl View {
                     )
                 })
                 .unwrap_or_else(|| ("text".to_string(), "plain".to_string()));
+            // Binary bodies are read only for the `message/*` report types below.
+            if ctype != "message" && part.is_binary(raw_read) {
+                continue;
+            }
             match part.decode(&PARSER, raw_read) {
                 Decoded::Message(inner) => {
                     if returned_text.is_none() {

@@ -100,6 +100,9 @@ struct Leaf {
     encoding: Encoding,
     /// The boundary its decoder stops at (empty outside multipart).
     boundary: Vec<u8>,
+    /// Where its decoder stops reading: just past the first `-` of that boundary (the end
+    /// of the message outside multipart).
+    scan_end: usize,
 }
 
 /// A part's body as `mail-parser` would give it.
@@ -121,6 +124,25 @@ impl<'x> Part<'x> {
 
     pub fn is_multipart(&self) -> bool {
         matches!(self.body, Body::Multipart)
+    }
+
+    /// Whether [`Part::decode`] gives [`Decoded::Binary`], known without decoding: the
+    /// body is neither text nor an attached message, and not encoded or base64 that
+    /// decodes without error (an error would make it text). `false` when it cannot tell.
+    pub fn is_binary(&self, raw: &[u8]) -> bool {
+        let Body::Leaf(leaf) = &self.body else {
+            return false;
+        };
+        if leaf.is_text || leaf.mime_type == MimeType::Message {
+            return false;
+        }
+        match leaf.encoding {
+            Encoding::None => true,
+            Encoding::Base64 => raw
+                .get(self.offset_body..leaf.scan_end)
+                .is_some_and(|body| !base64_fails(body)),
+            _ => false,
+        }
     }
 
     /// The body, decoded as `mail-parser` decodes it.
@@ -356,7 +378,7 @@ fn walk<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
 
         // The decoders end a part where this scan does (a decoding error only changes the
         // part's type and body, which `Part::decode` works out when asked).
-        let offset_end = part_end(
+        let (offset_end, scan_end) = part_end(
             &mut stream,
             raw,
             state.mime_boundary.as_deref(),
@@ -391,6 +413,7 @@ fn walk<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
                 is_text,
                 encoding,
                 boundary,
+                scan_end,
             }),
         });
 
@@ -492,18 +515,19 @@ fn walk<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
 /// Where the part at the stream's offset ends, the stream moved past the boundary that
 /// ends it: `stream.mime_part(boundary).0` (the first `--boundary` at or after the offset,
 /// even inside a line; the line break before it is not part of the body), found with the
-/// SIMD substring search instead of a byte loop. `usize::MAX` (the stream not moved) when
-/// no boundary follows. `finder`: the searcher for the last `--boundary` looked for.
+/// SIMD substring search instead of a byte loop; and where a decoder stops reading (past
+/// the boundary's first `-`). `usize::MAX` (the stream not moved) when no boundary
+/// follows. `finder`: the searcher for the last `--boundary` looked for.
 fn part_end(
     stream: &mut MessageStream<'_>,
     raw: &[u8],
     boundary: Option<&[u8]>,
     finder: &mut Option<Finder<'static>>,
-) -> usize {
+) -> (usize, usize) {
     let start = stream.offset();
     let Some(boundary) = boundary.filter(|b| !b.is_empty()) else {
         stream.seek_end();
-        return raw.len();
+        return (raw.len(), raw.len());
     };
     // Consecutive parts mostly end at the same boundary: its searcher is built once.
     let same = finder
@@ -516,14 +540,14 @@ fn part_end(
         *finder = Some(Finder::new(&needle).into_owned());
     }
     let Some(finder) = finder.as_ref() else {
-        return usize::MAX;
+        return (usize::MAX, 0);
     };
     let Some(at) = raw
         .get(start..)
         .and_then(|rest| finder.find(rest))
         .map(|i| start + i)
     else {
-        return usize::MAX;
+        return (usize::MAX, 0);
     };
     stream.skip_bytes(at + finder.needle().len() - start);
     let before = |i: usize| {
@@ -531,7 +555,7 @@ fn part_end(
             .filter(|&i| i >= start)
             .and_then(|i| raw.get(i))
     };
-    if at == start {
+    let end = if at == start {
         start
     } else if before(at) == Some(&b'\n') {
         if before(at - 1) == Some(&b'\r') {
@@ -541,7 +565,32 @@ fn part_end(
         }
     } else {
         at
+    };
+    (end, at + 1)
+}
+
+/// Whether `mail-parser`'s base64 decoder fails on a body it reads as `body` (up to where
+/// it stops, see [`part_end`]): on a byte that is neither base64, `=` nor white space, or a
+/// `--` that does not start the boundary (only the body's last byte can start it).
+fn base64_fails(body: &[u8]) -> bool {
+    use mail_parser::decoders::base64::BASE64_MAP;
+    let mut last = b'\n';
+    for &b in body {
+        let in_alphabet = BASE64_MAP
+            .first()
+            .and_then(|map| map.get(usize::from(b)))
+            .is_some_and(|&v| v < 0x01ff_ffff);
+        if !in_alphabet {
+            match b {
+                b'=' | b'\n' | b' ' | b'\t' | b'\r' => {}
+                b'-' if last == b'-' => return true,
+                b'-' => {}
+                _ => return true,
+            }
+        }
+        last = b;
     }
+    false
 }
 
 /// The body of an attached (not encoded) message part whose own parts are `inner`: the
@@ -630,7 +679,12 @@ mod tests {
                     let ct = p
                         .content_type()
                         .map(|c| format!("{}/{:?}", c.ctype(), c.subtype()));
-                    let body = match p.decode(&parser, raw) {
+                    let decoded = p.decode(&parser, raw);
+                    assert!(
+                        !p.is_binary(raw) || matches!(decoded, Decoded::Binary(_)),
+                        "{raw:?}"
+                    );
+                    let body = match decoded {
                         Decoded::Multipart => "multipart".to_string(),
                         Decoded::Text(t) => format!("text {t:?}"),
                         Decoded::Html(t) => format!("html {t:?}"),
@@ -809,6 +863,54 @@ mod tests {
         ] {
             assert!(!is_ascii_identity(other), "{other}");
         }
+    }
+
+    /// mail-parser's four base64 tables accept the same bytes (the check reads the first).
+    #[test]
+    fn base64_tables_agree() {
+        use mail_parser::decoders::base64::BASE64_MAP;
+        for b in 0..256 {
+            let valid: Vec<bool> = BASE64_MAP.iter().map(|m| m[b] < 0x01ff_ffff).collect();
+            assert!(valid.iter().all(|&v| v == valid[0]), "{b}");
+        }
+    }
+
+    /// `base64_fails` says what mail-parser's decoder does, on random bodies before a
+    /// boundary and at the end of a message.
+    #[test]
+    fn base64_fails_as_the_decoder_does() {
+        let pieces = crate::test_support::test_chars("aZ09+/=-- \t\r\n.é_");
+        let mut rng = TestRng::new(0xba5e_64ba_5e64_0001);
+        let mut seen = [0; 2];
+        for _ in 0..20_000 {
+            let body = rng.text(24, &pieces);
+            for boundary in ["", "b", "-b"] {
+                let raw = if boundary.is_empty() {
+                    body.clone()
+                } else {
+                    format!("{body}\r\n--{boundary}--\r\n")
+                };
+                let raw = raw.as_bytes();
+                let mut stream = MessageStream::new(raw);
+                let mut finder = None;
+                let b = Some(boundary.as_bytes()).filter(|b| !b.is_empty());
+                let (end, scan_end) = part_end(&mut stream, raw, b, &mut finder);
+                let mut stream = MessageStream::new(raw);
+                let (decoded_end, _) = stream.decode_base64_mime(boundary.as_bytes());
+                if end == usize::MAX {
+                    assert_eq!(decoded_end, usize::MAX, "{raw:?}");
+                    continue;
+                }
+                let fails = base64_fails(&raw[..scan_end]);
+                assert_eq!(fails, decoded_end == usize::MAX, "{raw:?}");
+                seen[usize::from(fails)] += 1;
+                if !fails {
+                    assert_eq!(decoded_end, end, "{raw:?}");
+                }
+            }
+        }
+        // Both outcomes were tried, often.
+        assert!(seen.iter().all(|&n| n > 5000), "{seen:?}");
     }
 
     /// The walk lists the same parts as `MessageParser::parse`, with the same types and

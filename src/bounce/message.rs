@@ -2,6 +2,7 @@
 //! its report parts, its human-readable text and the returned original message; plus the
 //! record builders for delivery-status fields and for bounce prose.
 
+use std::borrow::Cow;
 use std::sync::LazyLock;
 
 use aho_corasick::{AhoCorasick, MatchKind};
@@ -112,7 +113,9 @@ impl View {
             error_len: 0,
         };
 
-        let mut html = String::new();
+        // HTML is read only when no text part says anything: the parts known to be HTML
+        // without decoding are decoded then.
+        let mut html_parts: Vec<(&mime::Part<'_>, Option<Cow<'_, str>>)> = Vec::new();
         let mut returned_text: Option<String> = returned.map(lossy_utf8);
         let multipart = root.is_multipart();
         for (i, part) in parts.iter().enumerate() {
@@ -132,6 +135,10 @@ impl View {
             if ctype != "message" && part.is_binary(raw_read) {
                 continue;
             }
+            if part.is_html(raw_read) {
+                html_parts.push((part, None));
+                continue;
+            }
             match part.decode(&PARSER, raw_read) {
                 Decoded::Message(inner) => {
                     if returned_text.is_none() {
@@ -139,7 +146,7 @@ impl View {
                     }
                 }
                 Decoded::Multipart => {}
-                Decoded::Html(t) => html.push_str(&t),
+                Decoded::Html(t) => html_parts.push((part, Some(t))),
                 Decoded::Text(t) => match (ctype.as_str(), subtype.as_str()) {
                     ("text", "rfc822-headers") | ("text", "rfc822-header") => {
                         if returned_text.is_none() {
@@ -177,8 +184,21 @@ impl View {
                 }
             }
         }
-        if view.human.trim().is_empty() && !html.is_empty() {
-            view.human = text::strip_html(&html);
+        if view.human.trim().is_empty() && !html_parts.is_empty() {
+            let mut html = String::new();
+            for (part, decoded) in html_parts {
+                match decoded {
+                    Some(t) => html.push_str(&t),
+                    None => {
+                        if let Decoded::Html(t) = part.decode(&PARSER, raw_read) {
+                            html.push_str(&t);
+                        }
+                    }
+                }
+            }
+            if !html.is_empty() {
+                view.human = text::strip_html(&html);
+            }
         }
         // Broken MIME (a boundary the parser could not follow): read the raw body as text.
         if view.human.trim().is_empty() && view.delivery_status.is_empty() {

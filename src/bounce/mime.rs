@@ -126,6 +126,24 @@ impl<'x> Part<'x> {
         matches!(self.body, Body::Multipart)
     }
 
+    /// Whether [`Part::decode`] gives [`Decoded::Html`], known without decoding: an HTML
+    /// part not encoded, or whose quoted-printable or base64 decodes without error (an
+    /// error would make it plain text).
+    pub fn is_html(&self, raw: &[u8]) -> bool {
+        let Body::Leaf(leaf) = &self.body else {
+            return false;
+        };
+        if leaf.mime_type != MimeType::TextHtml {
+            return false;
+        }
+        let body = raw.get(self.offset_body..leaf.scan_end);
+        match leaf.encoding {
+            Encoding::None => true,
+            Encoding::Base64 => body.is_some_and(|body| !base64_fails(body)),
+            Encoding::QuotedPrintable => body.is_some_and(|body| !quoted_printable_fails(body)),
+        }
+    }
+
     /// Whether [`Part::decode`] gives [`Decoded::Binary`], known without decoding: the
     /// body is neither text nor an attached message, and not encoded or base64 that
     /// decodes without error (an error would make it text). `false` when it cannot tell.
@@ -569,6 +587,47 @@ fn part_end(
     (end, at + 1)
 }
 
+/// Whether `mail-parser`'s quoted-printable decoder fails on a body it reads as `body` (up
+/// to where it stops, see [`part_end`]): on a `=` while the escape before it is still open
+/// (`==`, `=` white space `=`, `=4=`; a line break closes `=` but not `=4`).
+fn quoted_printable_fails(body: &[u8]) -> bool {
+    use mail_parser::decoders::quoted_printable::quoted_printable_decode_char;
+    let is_hex = |b: u8| quoted_printable_decode_char(b, b'0').is_some();
+    let mut rest = body;
+    while let Some(eq) = memchr::memchr(b'=', rest) {
+        let mut hex1 = false;
+        let mut closed = false;
+        let mut next = eq + 1;
+        for &b in rest.get(eq + 1..).unwrap_or_default() {
+            next += 1;
+            match b {
+                b'=' => return true,
+                b'\r' => {}
+                b'\n' if !hex1 => {
+                    closed = true;
+                    break;
+                }
+                b'\n' => {}
+                _ if hex1 => {
+                    closed = true;
+                    break;
+                }
+                _ if is_hex(b) => hex1 = true,
+                _ if b.is_ascii_whitespace() => {}
+                _ => {
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        if !closed {
+            return false;
+        }
+        rest = rest.get(next..).unwrap_or_default();
+    }
+    false
+}
+
 /// Whether `mail-parser`'s base64 decoder fails on a body it reads as `body` (up to where
 /// it stops, see [`part_end`]): on a byte that is neither base64, `=` nor white space, or a
 /// `--` that does not start the boundary (only the body's last byte can start it).
@@ -682,6 +741,11 @@ mod tests {
                     let decoded = p.decode(&parser, raw);
                     assert!(
                         !p.is_binary(raw) || matches!(decoded, Decoded::Binary(_)),
+                        "{raw:?}"
+                    );
+                    assert_eq!(
+                        p.is_html(raw),
+                        matches!(decoded, Decoded::Html(_)),
                         "{raw:?}"
                     );
                     let body = match decoded {
@@ -910,6 +974,43 @@ mod tests {
             }
         }
         // Both outcomes were tried, often.
+        assert!(seen.iter().all(|&n| n > 5000), "{seen:?}");
+    }
+
+    /// `quoted_printable_fails` says what mail-parser's decoder does, on random bodies
+    /// before a boundary and at the end of a message.
+    #[test]
+    fn quoted_printable_fails_as_the_decoder_does() {
+        let pieces = crate::test_support::test_chars("=aF9g- \t\r\n\x0cé");
+        let mut rng = TestRng::new(0x0071_7071_7071_0002);
+        let mut seen = [0; 2];
+        for _ in 0..40_000 {
+            let body = rng.text(16, &pieces);
+            for boundary in ["", "b", "-b"] {
+                let raw = if boundary.is_empty() {
+                    body.clone()
+                } else {
+                    format!("{body}\r\n--{boundary}--\r\n")
+                };
+                let raw = raw.as_bytes();
+                let mut stream = MessageStream::new(raw);
+                let mut finder = None;
+                let b = Some(boundary.as_bytes()).filter(|b| !b.is_empty());
+                let (end, scan_end) = part_end(&mut stream, raw, b, &mut finder);
+                let mut stream = MessageStream::new(raw);
+                let (decoded_end, _) = stream.decode_quoted_printable_mime(boundary.as_bytes());
+                if end == usize::MAX {
+                    assert_eq!(decoded_end, usize::MAX, "{raw:?}");
+                    continue;
+                }
+                let fails = quoted_printable_fails(&raw[..scan_end]);
+                assert_eq!(fails, decoded_end == usize::MAX, "{raw:?}");
+                seen[usize::from(fails)] += 1;
+                if !fails {
+                    assert_eq!(decoded_end, end, "{raw:?}");
+                }
+            }
+        }
         assert!(seen.iter().all(|&n| n > 5000), "{seen:?}");
     }
 

@@ -770,6 +770,16 @@ mod tests {
         }
     }
 
+    /// In builds with overflow checks, a body that does not end in an open
+    /// quoted-printable escape: before a boundary that follows `=` and white space only,
+    /// mail-parser's decoder subtracts past zero (its release builds wrap, and the
+    /// release-mode test run covers those bodies).
+    fn debug_safe_end(body: &mut String) {
+        if cfg!(debug_assertions) {
+            body.push('.');
+        }
+    }
+
     /// A random message built from MIME pieces: nested multiparts and attached messages,
     /// every transfer encoding (valid and broken), boundaries missing, repeated, inside
     /// lines or never closed, CRLF and LF, charsets, parts without headers.
@@ -866,6 +876,7 @@ mod tests {
             for _ in 0..n {
                 m.push_str(BODY[rng.below(BODY.len())]);
             }
+            debug_safe_end(m);
         };
         if ctype.starts_with("multipart") && depth < 3 {
             if rng.below(3) != 0 {
@@ -985,7 +996,8 @@ mod tests {
         let mut rng = TestRng::new(0x0071_7071_7071_0002);
         let mut seen = [0; 2];
         for _ in 0..40_000 {
-            let body = rng.text(16, &pieces);
+            let mut body = rng.text(16, &pieces);
+            debug_safe_end(&mut body);
             for boundary in ["", "b", "-b"] {
                 let raw = if boundary.is_empty() {
                     body.clone()
@@ -1019,10 +1031,21 @@ mod tests {
     #[test]
     fn walk_matches_mail_parser() {
         let mut rng = TestRng::new(0x6d69_6d65_7761_6c6b);
+        let mut compared = 0;
         for _ in 0..50_000 {
             let m = random_message(&mut rng, 0, None);
-            assert_eq!(walked(m.as_bytes()), reference(m.as_bytes()), "{m:?}");
+            // With overflow checks, mail-parser's own arithmetic can panic on broken MIME
+            // (its release builds wrap, as the walk does): such messages have no reference.
+            let Ok(expected) = std::panic::catch_unwind(|| reference(m.as_bytes())) else {
+                if cfg!(debug_assertions) {
+                    continue;
+                }
+                panic!("mail-parser panicked on {m:?}");
+            };
+            assert_eq!(walked(m.as_bytes()), expected, "{m:?}");
+            compared += 1;
         }
+        assert!(compared > 45_000, "{compared}");
         for raw in [
             &b""[..],
             b"\r\n",

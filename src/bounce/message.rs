@@ -790,12 +790,23 @@ fn contains_ignore_ascii_case(haystack: &[u8], needle: &str) -> bool {
 }
 
 /// `clip(&collapse(s), max)`, without collapsing the part of `s` the clip would drop.
+/// Words are found a byte at a time in ASCII (only other characters are decoded), where
+/// `split_whitespace` decodes every character.
 fn collapse_clipped(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max + 64));
-    for word in s.split_whitespace() {
-        if out.len() >= max {
-            break;
+    let mut i = 0;
+    while out.len() < max {
+        // Past the white space, then over the word.
+        while let Some(n) = char_at(s, i).filter(|&(_, ws)| ws).map(|(n, _)| n) {
+            i += n;
         }
+        let start = i;
+        while let Some(n) = char_at(s, i).filter(|&(_, ws)| !ws).map(|(n, _)| n) {
+            i += n;
+        }
+        let Some(word) = s.get(start..i).filter(|w| !w.is_empty()) else {
+            break;
+        };
         if !out.is_empty() {
             out.push(' ');
         }
@@ -805,6 +816,19 @@ fn collapse_clipped(s: &str, max: usize) -> String {
         return out;
     }
     clip(&out, max)
+}
+
+/// The length of the character at byte `i` of `s` (a character boundary) and whether it is
+/// white space (`char::is_whitespace`); `None` at the end.
+fn char_at(s: &str, i: usize) -> Option<(usize, bool)> {
+    match *s.as_bytes().get(i)? {
+        b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ' => Some((1, true)),
+        b if b < 0x80 => Some((1, false)),
+        _ => {
+            let c = s.get(i..)?.chars().next()?;
+            Some((c.len_utf8(), c.is_whitespace()))
+        }
+    }
 }
 
 /// `s` with every whitespace run made one space, trimmed.
@@ -876,9 +900,10 @@ mod tests {
     /// Collapsing only what the clip keeps gives what collapsing all and clipping gave.
     #[test]
     fn collapse_clipped_is_clip_of_collapse() {
-        let alphabet = crate::test_support::test_chars("ab \t\n\u{a0}é語");
+        let alphabet =
+            crate::test_support::test_chars("ab \t\n\r\x0b\x0c\x1f\u{85}\u{a0}\u{2028}\u{3000}é語");
         let mut rng = crate::test_support::TestRng::new(0x0bad_cafe_f00d_1234);
-        for _ in 0..5000 {
+        for _ in 0..20_000 {
             let t = rng.text(31, &alphabet);
             let max = rng.below(12);
             assert_eq!(

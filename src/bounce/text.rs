@@ -221,9 +221,10 @@ pub fn addresses(text: &str) -> impl Iterator<Item = (usize, &str)> {
 /// or more letters (as many as there are) still follows, else an address literal.
 fn domain_end(domain: &[u8]) -> Option<usize> {
     let is_label_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-';
-    // Where each `label.` ends: a label starts and ends with a letter or digit, and the
-    // dot after it fixes where it ends.
-    let mut label_ends = Vec::new();
+    // After each `label.` (a label starts and ends with a letter or digit, and the dot
+    // after it fixes where it ends), the letters there; the last `label.` with two or more
+    // letters after it is where the regex's greedy repetition settles.
+    let mut end = None;
     let mut q = 0;
     while domain.get(q).is_some_and(u8::is_ascii_alphanumeric) {
         let len = domain
@@ -236,17 +237,17 @@ fn domain_end(domain: &[u8]) -> Option<usize> {
             break;
         }
         q = e + 1;
-        label_ends.push(q);
-    }
-    for &k in label_ends.iter().rev() {
         let letters = domain
-            .get(k..)?
+            .get(q..)?
             .iter()
             .take_while(|b| b.is_ascii_alphabetic())
             .count();
         if letters >= 2 {
-            return Some(k + letters);
+            end = Some(q + letters);
         }
+    }
+    if end.is_some() {
+        return end;
     }
     // An address literal: `[` digits and dots `]`.
     if domain.first() == Some(&b'[') {

@@ -320,8 +320,15 @@ pub(crate) fn without_returned_body(raw: &[u8]) -> Option<ShortReport<'_>> {
     let mut report_seen = false;
     let mut rfc822 = None;
     for slash in memchr::memchr_iter(b'/', raw) {
+        // The byte after the `/` rules out most of them (paths, dates, base64).
+        let (subtype_r, subtype_report) = match raw.get(slash + 1) {
+            Some(b'r' | b'R') => (true, false),
+            Some(b'd' | b'D' | b'g' | b'G' | b'f' | b'F') => (false, true),
+            _ => continue,
+        };
         let start = slash.saturating_sub(RFC822_SLASH);
-        if slash >= RFC822_SLASH
+        if subtype_r
+            && slash >= RFC822_SLASH
             && RFC822
                 .iter()
                 .any(|t| raw.get(start..).is_some_and(|r| r.starts_with(t)))
@@ -334,7 +341,7 @@ pub(crate) fn without_returned_body(raw: &[u8]) -> Option<ShortReport<'_>> {
             continue;
         }
         let rest = raw.get(slash..).unwrap_or_default();
-        report_seen |= REPORT_TYPES.iter().any(|t| rest.starts_with(t));
+        report_seen |= subtype_report && REPORT_TYPES.iter().any(|t| rest.starts_with(t));
     }
     let rfc822 = rfc822.filter(|_| report_seen)?;
     let part_headers_end = blank_line_after(raw, rfc822)?;

@@ -1,6 +1,7 @@
-//! A flat view of returned mail (MIME decoded by `mail-parser`): the bounce's own headers,
-//! its report parts, its human-readable text and the returned original message; plus the
-//! record builders for delivery-status fields and for bounce prose.
+//! A flat view of returned mail (its MIME parts walked by `bounce::mime` and decoded by
+//! `mail-parser`): the bounce's own headers, its report parts, its human-readable text and
+//! the returned original message; plus the record builders for delivery-status fields and
+//! for bounce prose.
 
 use std::borrow::Cow;
 use std::sync::LazyLock;

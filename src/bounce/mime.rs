@@ -552,27 +552,12 @@ fn part_end(
         stream.seek_end();
         return (raw.len(), raw.len());
     };
-    // Consecutive parts mostly end at the same boundary: its searcher is built once.
-    let same = finder
-        .as_ref()
-        .is_some_and(|f| f.needle().strip_prefix(b"--") == Some(boundary));
-    if !same {
-        let mut needle = Vec::with_capacity(boundary.len() + 2);
-        needle.extend_from_slice(b"--");
-        needle.extend_from_slice(boundary);
-        *finder = Some(Finder::new(&needle).into_owned());
-    }
-    let Some(finder) = finder.as_ref() else {
-        return (usize::MAX, 0);
-    };
-    let Some(at) = raw
-        .get(start..)
-        .and_then(|rest| finder.find(rest))
-        .map(|i| start + i)
+    let Some(at) =
+        find_boundary(raw.get(start..).unwrap_or_default(), boundary, finder).map(|i| start + i)
     else {
         return (usize::MAX, 0);
     };
-    stream.skip_bytes(at + finder.needle().len() - start);
+    stream.skip_bytes(at + 2 + boundary.len() - start);
     let before = |i: usize| {
         i.checked_sub(1)
             .filter(|&i| i >= start)
@@ -617,6 +602,39 @@ fn quoted_printable_quick(raw: &[u8], start: usize, leaf: &Leaf) -> Option<Vec<u
     }
     Some(decoded)
 }
+
+/// Where `--boundary` first occurs in `text`. Looked for at each `-` first (most parts hold
+/// few, and a substring searcher costs more to build than scanning a short part); after
+/// [`DASH_TRIES`] of them with the searcher, kept in `finder` while consecutive parts end at
+/// the same boundary, so that a text full of dashes stays linear.
+fn find_boundary(
+    text: &[u8],
+    boundary: &[u8],
+    finder: &mut Option<Finder<'static>>,
+) -> Option<usize> {
+    for (tries, i) in memchr::memchr_iter(b'-', text).enumerate() {
+        if tries == DASH_TRIES {
+            let same = finder
+                .as_ref()
+                .is_some_and(|f| f.needle().strip_prefix(b"--") == Some(boundary));
+            if !same {
+                let mut needle = Vec::with_capacity(boundary.len() + 2);
+                needle.extend_from_slice(b"--");
+                needle.extend_from_slice(boundary);
+                *finder = Some(Finder::new(&needle).into_owned());
+            }
+            let found = finder.as_ref()?.find(text.get(i..)?)?;
+            return Some(i + found);
+        }
+        if text.get(i + 1) == Some(&b'-') && text.get(i + 2..)?.starts_with(boundary) {
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// How many `-` [`find_boundary`] looks at before it builds a substring searcher.
+const DASH_TRIES: usize = 32;
 
 /// Whether `mail-parser`'s quoted-printable decoder fails on a body it reads as `body` (up
 /// to where it stops, see [`part_end`]): on a `=` while the escape before it is still open
@@ -1071,6 +1089,36 @@ mod tests {
         }
         assert!(seen.iter().all(|&n| n > 5000), "{seen:?}");
         assert!(quick_used > 5000, "{quick_used}");
+    }
+
+    /// `find_boundary` finds what a substring search finds, before and after it switches to
+    /// the searcher (texts with more dashes than it tries one by one).
+    #[test]
+    fn find_boundary_is_a_substring_search() {
+        let pieces = [
+            "-",
+            "--",
+            "----",
+            "b",
+            "-b",
+            "=_",
+            "x",
+            "\r\n",
+            "------------------",
+        ];
+        let mut rng = TestRng::new(0x2d2d_2d2d_2d2d_0004);
+        let mut finder = None;
+        for _ in 0..20_000 {
+            let text = rng.text(24, &pieces);
+            for boundary in ["b", "-b", "--=_b", "x"] {
+                let needle = format!("--{boundary}");
+                assert_eq!(
+                    find_boundary(text.as_bytes(), boundary.as_bytes(), &mut finder),
+                    memchr::memmem::find(text.as_bytes(), needle.as_bytes()),
+                    "{text:?} {boundary:?}"
+                );
+            }
+        }
     }
 
     /// The walk lists the same parts as `MessageParser::parse`, with the same types and

@@ -379,13 +379,11 @@ fn with_read_headers_only(raw: &[u8]) -> Option<Vec<u8>> {
             memchr::memchr(b'\n', headers.get(start..)?).map_or(headers.len(), |i| start + i + 1);
         let line = headers.get(start..end)?;
         if !line.starts_with(b" ") && !line.starts_with(b"\t") {
-            let name = line.split(|&b| b == b':').next().unwrap_or_default();
-            let name = name.trim_ascii();
-            keep = line.contains(&b':')
-                && READ_HEADERS
-                    .iter()
-                    .chain(KEPT_HEADERS)
-                    .any(|k| name.eq_ignore_ascii_case(k.as_bytes()));
+            keep = memchr::memchr(b':', line).is_some_and(|colon| {
+                let name = line.get(..colon).unwrap_or_default().trim_ascii();
+                let is = |k: &&str| name.eq_ignore_ascii_case(k.as_bytes());
+                READ_HEADERS.iter().any(is) || KEPT_HEADERS.iter().any(is)
+            });
             // The blank line that ends the block is kept too.
             keep |= line.trim_ascii().is_empty();
         }

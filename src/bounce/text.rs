@@ -392,6 +392,30 @@ fn is_word_char(c: char) -> bool {
     }
 }
 
+/// Where the first [`is_word_char`] character of `s` is (`s.len()` when none): ASCII a byte
+/// at a time, only other characters decoded.
+fn first_word_char(s: &str) -> usize {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b.is_ascii() {
+            if b.is_ascii_alphanumeric() || b == b'_' {
+                return i;
+            }
+            i += 1;
+        } else {
+            let Some(c) = s.get(i..).and_then(|r| r.chars().next()) else {
+                break;
+            };
+            if is_word_char(c) {
+                return i;
+            }
+            i += c.len_utf8();
+        }
+    }
+    s.len()
+}
+
 /// Whether `text`'s first word is one of [`MARKER_WORDS`] (or holds a non-ASCII letter,
 /// which case-insensitive matching may fold to one).
 fn may_open_marker(text: &str) -> bool {
@@ -421,10 +445,7 @@ pub fn split_returned(body: &str) -> (&str, Option<&str>) {
         let Some(rest) = body.get(line_start..) else {
             break;
         };
-        let skipped = rest
-            .char_indices()
-            .find(|&(_, c)| is_word_char(c))
-            .map_or(rest.len(), |(i, _)| i);
+        let skipped = first_word_char(rest);
         let phrase_at = line_start + skipped;
         let from_phrase = body.get(phrase_at..).unwrap_or_default();
         if may_open_marker(from_phrase)
@@ -596,6 +617,21 @@ fn decode_entities(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `first_word_char` finds the first word character as decoding every character does.
+    #[test]
+    fn first_word_char_as_by_chars() {
+        let alphabet = crate::test_support::test_chars(" \t\n-_.a9é\u{a0}語—\u{300}");
+        let mut rng = crate::test_support::TestRng::new(0x3737_7777_3737_0006);
+        for _ in 0..20_000 {
+            let t = rng.text(12, &alphabet);
+            let expected = t
+                .char_indices()
+                .find(|&(_, c)| is_word_char(c))
+                .map_or(t.len(), |(i, _)| i);
+            assert_eq!(first_word_char(&t), expected, "{t:?}");
+        }
+    }
 
     /// `addresses` finds exactly what a plain regex search over the whole text finds.
     #[test]

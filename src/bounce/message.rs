@@ -42,7 +42,7 @@ pub(crate) struct View {
     pub human: String,
     /// Header fields of the returned original message that the readers consult
     /// ([`RETURNED_FIELDS`]), when found.
-    pub returned: Vec<(String, String)>,
+    pub returned: Vec<(&'static str, String)>,
     /// Whether the returned message has a header block (with any fields).
     returned_has_headers: bool,
     /// The returned message as text (headers and body), when found.
@@ -219,7 +219,10 @@ impl View {
         }
         if let Some(t) = returned_text {
             let (fields, any) = text::header_fields_where(&t, |name| {
-                RETURNED_FIELDS.iter().any(|k| name.eq_ignore_ascii_case(k))
+                RETURNED_FIELDS
+                    .iter()
+                    .find(|k| name.eq_ignore_ascii_case(k))
+                    .copied()
             });
             view.returned = fields;
             view.returned_has_headers = any;
@@ -244,7 +247,7 @@ impl View {
     pub fn returned_header(&self, name: &str) -> Option<&str> {
         self.returned
             .iter()
-            .find(|(n, _)| n == name)
+            .find(|(n, _)| *n == name)
             .map(|(_, v)| v.as_str())
             .filter(|v| !v.is_empty())
     }
@@ -257,7 +260,7 @@ impl View {
             .or_else(|| {
                 self.returned
                     .iter()
-                    .filter(|(n, _)| n == "received")
+                    .filter(|(n, _)| *n == "received")
                     .find_map(|(_, v)| receipt_in_received(v))
             });
         let message_id = self

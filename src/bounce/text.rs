@@ -471,16 +471,17 @@ pub fn split_returned(body: &str) -> (&str, Option<&str>) {
 /// Header fields of an embedded message (unfolded; names lowercased), read from its start
 /// until the first blank line. Leading non-header lines are skipped.
 pub fn header_fields(text: &str) -> Vec<(String, String)> {
-    header_fields_where(text, |_| true).0
+    header_fields_where(text, |name| Some(name.to_ascii_lowercase())).0
 }
 
-/// [`header_fields`] with only the fields whose name `keep` accepts (given as written), and
-/// whether the block holds any field at all: the others are read past, never copied.
-pub fn header_fields_where(
+/// [`header_fields`] with only the fields `keep` names (given the name as written; it says
+/// what to store as the name, say a static lowercase spelling), and whether the block holds
+/// any field at all: the others are read past, never copied.
+pub fn header_fields_where<K>(
     text: &str,
-    keep: impl Fn(&str) -> bool,
-) -> (Vec<(String, String)>, bool) {
-    let mut out: Vec<(String, String)> = Vec::new();
+    keep: impl Fn(&str) -> Option<K>,
+) -> (Vec<(K, String)>, bool) {
+    let mut out: Vec<(K, String)> = Vec::new();
     let mut started = false;
     // Whether the field being read (and so its continuation lines) is kept.
     let mut kept = false;
@@ -506,9 +507,10 @@ pub fn header_fields_where(
                     && name.bytes().all(|b| b.is_ascii_graphic() && b != b':') =>
             {
                 started = true;
-                kept = keep(name);
-                if kept {
-                    out.push((name.to_ascii_lowercase(), value.trim().to_string()));
+                let key = keep(name);
+                kept = key.is_some();
+                if let Some(key) = key {
+                    out.push((key, value.trim().to_string()));
                 }
             }
             _ => {
@@ -969,7 +971,9 @@ mod tests {
         // Keeping some fields keeps exactly those, continuation lines included.
         let text = "Junk line\nReceived: a\n b\nX-Other: c\n d\nTo: e\n\tf\nFrom : g\n\nTo: no";
         let all = header_fields(text);
-        let (some, any) = header_fields_where(text, |n| !n.eq_ignore_ascii_case("x-other"));
+        let (some, any) = header_fields_where(text, |n| {
+            (!n.eq_ignore_ascii_case("x-other")).then(|| n.to_ascii_lowercase())
+        });
         assert!(any);
         assert_eq!(
             some,
@@ -980,11 +984,11 @@ mod tests {
         );
         assert_eq!(some[1], ("to".to_string(), "e f".to_string()));
         assert_eq!(
-            header_fields_where("no headers\n\nat all", |_| true),
+            header_fields_where("no headers\n\nat all", |n| Some(n.to_string())),
             (vec![], false)
         );
         assert_eq!(
-            header_fields_where("Received: x\n", |_| false),
+            header_fields_where("Received: x\n", |_| None::<String>),
             (vec![], true)
         );
     }

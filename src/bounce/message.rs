@@ -852,9 +852,19 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
 
 /// Whether `haystack` holds `needle` (lowercase) in any ASCII case.
 fn contains_ignore_ascii_case(haystack: &[u8], needle: &str) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()))
+    let needle = needle.as_bytes();
+    let Some(&first) = needle.first() else {
+        return true;
+    };
+    // Candidates where the first byte matches, found with the SIMD search for its cases.
+    let last_start = haystack.len().saturating_sub(needle.len() - 1);
+    let starts = haystack.get(..last_start).unwrap_or_default();
+    let (lower, upper) = (first.to_ascii_lowercase(), first.to_ascii_uppercase());
+    memchr::memchr2_iter(lower, upper, starts).any(|i| {
+        haystack
+            .get(i..i + needle.len())
+            .is_some_and(|w| w.eq_ignore_ascii_case(needle))
+    })
 }
 
 /// `clip(&collapse(s), max)`, without collapsing the part of `s` the clip would drop.
@@ -1023,6 +1033,24 @@ mod tests {
         }
         assert!(contains_ignore_ascii_case(b"Mail FROM:<", "from:"));
         assert!(!contains_ignore_ascii_case(b"fro", "from:"));
+        // As comparing every window.
+        let pieces = [
+            "from", "FROM", "fRo", ":", "m", " ", "x", "é", "sender", "Sender",
+        ];
+        for _ in 0..20_000 {
+            let t = rng.text(6, &pieces);
+            for needle in ["from:", "sender", "m", "from <"] {
+                let windows = t
+                    .as_bytes()
+                    .windows(needle.len())
+                    .any(|w| w.eq_ignore_ascii_case(needle.as_bytes()));
+                assert_eq!(
+                    contains_ignore_ascii_case(t.as_bytes(), needle),
+                    windows,
+                    "{t:?} {needle:?}"
+                );
+            }
+        }
     }
 
     #[test]

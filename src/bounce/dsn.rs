@@ -2,10 +2,13 @@
 //! recipient, as found in a `message/delivery-status` (or `message/global-delivery-status`)
 //! part or, for MTAs that inline them, in plain text.
 
-/// One field block (per-message or per-recipient), names lowercased, folded lines joined.
+use std::borrow::Cow;
+
+/// One field block (per-message or per-recipient), names lowercased (the known ones as
+/// static spellings), folded lines joined.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FieldBlock {
-    pub fields: Vec<(String, String)>,
+    pub fields: Vec<(Cow<'static, str>, String)>,
 }
 
 impl FieldBlock {
@@ -61,6 +64,18 @@ pub fn is_dsn_field(name: &str) -> bool {
     MESSAGE_FIELDS.contains(&name) || RECIPIENT_FIELDS.contains(&name)
 }
 
+/// `name` lowercased: the static spelling of a field this parser knows, else a copy.
+fn field_name(name: &str) -> Cow<'static, str> {
+    MESSAGE_FIELDS
+        .iter()
+        .chain(RECIPIENT_FIELDS)
+        .find(|known| known.eq_ignore_ascii_case(name))
+        .map_or_else(
+            || Cow::Owned(name.to_ascii_lowercase()),
+            |&known| Cow::Borrowed(known),
+        )
+}
+
 /// Limits that keep hostile input linear: no real report has more recipients or fields.
 const MAX_BLOCKS: usize = 1000;
 const MAX_FIELDS: usize = 64;
@@ -97,7 +112,7 @@ fn blocks(text: &str) -> Vec<FieldBlock> {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             {
                 cur.fields
-                    .push((name.to_ascii_lowercase(), value.trim().to_string()));
+                    .push((field_name(name), value.trim().to_string()));
             }
         }
     }
@@ -116,7 +131,7 @@ pub fn parse_delivery_status(text: &str) -> DeliveryStatus {
             // A recipient block that also carries per-message fields (no blank line between
             // them, as some MTAs write) lends those to the message.
             for (n, v) in &block.fields {
-                if MESSAGE_FIELDS.contains(&n.as_str()) && ds.per_message.get(n).is_none() {
+                if MESSAGE_FIELDS.contains(&n.as_ref()) && ds.per_message.get(n).is_none() {
                     ds.per_message.fields.push((n.clone(), v.clone()));
                 }
             }
@@ -125,7 +140,7 @@ pub fn parse_delivery_status(text: &str) -> DeliveryStatus {
             let mut cur = FieldBlock::default();
             for (n, v) in block.fields {
                 let repeated = matches!(
-                    n.as_str(),
+                    n.as_ref(),
                     "final-recipient" | "original-recipient" | "action" | "status"
                 ) && cur.get(&n).is_some();
                 if repeated {

@@ -14,6 +14,7 @@ pub mod dsn;
 mod fml;
 pub mod ingest;
 mod message;
+mod mime;
 pub mod reason;
 mod ses;
 pub mod text;

@@ -39,6 +39,8 @@ static COMMAND_UNCOLLAPSED: LazyLock<Regex> = LazyLock::new(|| {
 pub fn may_name_command(text: &str) -> bool {
     COMMAND_UNCOLLAPSED.is_match(text)
 }
+/// An address in prose: what [`addresses`] finds (it matches this by hand; tests compare).
+#[cfg(test)]
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
     re(
         r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]",
@@ -185,8 +187,8 @@ pub fn find_command(text: &str) -> Option<&'static str> {
 
 /// Every e-mail address in `text`, in order, with its byte offset. The same matches as
 /// `ADDRESS.find_iter(text)`, found faster: only the run of address characters around each
-/// `@` is searched (there is exactly one `@` in such a run, and the match that uses it starts
-/// where the run of local-part characters does).
+/// `@` is looked at (there is exactly one `@` in such a run, and the match that uses it starts
+/// where the run of local-part characters does), and its domain matched by hand.
 pub fn addresses(text: &str) -> impl Iterator<Item = (usize, &str)> {
     let bytes = text.as_bytes();
     let mut resume = 0;
@@ -202,11 +204,63 @@ pub fn addresses(text: &str) -> impl Iterator<Item = (usize, &str)> {
         while bytes.get(end).is_some_and(|&b| is_domain_byte(b)) {
             end += 1;
         }
-        let m = ADDRESS.find(text.get(start..end)?)?;
-        resume = start + m.end();
-        let a = m.as_str().trim_matches(|c| c == '.' || c == '\'');
-        Some((start + m.start(), a))
+        if start == at {
+            return None;
+        }
+        let m_end = at + 1 + domain_end(bytes.get(at + 1..end)?)?;
+        resume = m_end;
+        let a = text
+            .get(start..m_end)?
+            .trim_matches(|c| c == '.' || c == '\'');
+        Some((start, a))
     })
+}
+
+/// Where the domain of an `ADDRESS` match ends in `domain` (the run of domain bytes after
+/// the `@`), as the regex prefers it: the most `label.` parts that a top-level domain of two
+/// or more letters (as many as there are) still follows, else an address literal.
+fn domain_end(domain: &[u8]) -> Option<usize> {
+    let is_label_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-';
+    // After each `label.` (a label starts and ends with a letter or digit, and the dot
+    // after it fixes where it ends), the letters there; the last `label.` with two or more
+    // letters after it is where the regex's greedy repetition settles.
+    let mut end = None;
+    let mut q = 0;
+    while domain.get(q).is_some_and(u8::is_ascii_alphanumeric) {
+        let len = domain
+            .get(q..)?
+            .iter()
+            .take_while(|b| is_label_byte(b))
+            .count();
+        let e = q + len;
+        if domain.get(e) != Some(&b'.') || !domain.get(e - 1)?.is_ascii_alphanumeric() {
+            break;
+        }
+        q = e + 1;
+        let letters = domain
+            .get(q..)?
+            .iter()
+            .take_while(|b| b.is_ascii_alphabetic())
+            .count();
+        if letters >= 2 {
+            end = Some(q + letters);
+        }
+    }
+    if end.is_some() {
+        return end;
+    }
+    // An address literal: `[` digits and dots `]`.
+    if domain.first() == Some(&b'[') {
+        let n = domain
+            .get(1..)?
+            .iter()
+            .take_while(|b| b.is_ascii_digit() || **b == b'.')
+            .count();
+        if n > 0 && domain.get(1 + n) == Some(&b']') {
+            return Some(n + 2);
+        }
+    }
+    None
 }
 
 /// A byte of `ADDRESS`'s local part.
@@ -338,6 +392,30 @@ fn is_word_char(c: char) -> bool {
     }
 }
 
+/// Where the first [`is_word_char`] character of `s` is (`s.len()` when none): ASCII a byte
+/// at a time, only other characters decoded.
+fn first_word_char(s: &str) -> usize {
+    let bytes = s.as_bytes();
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        if b.is_ascii() {
+            if b.is_ascii_alphanumeric() || b == b'_' {
+                return i;
+            }
+            i += 1;
+        } else {
+            let Some(c) = s.get(i..).and_then(|r| r.chars().next()) else {
+                break;
+            };
+            if is_word_char(c) {
+                return i;
+            }
+            i += c.len_utf8();
+        }
+    }
+    s.len()
+}
+
 /// Whether `text`'s first word is one of [`MARKER_WORDS`] (or holds a non-ASCII letter,
 /// which case-insensitive matching may fold to one).
 fn may_open_marker(text: &str) -> bool {
@@ -367,10 +445,7 @@ pub fn split_returned(body: &str) -> (&str, Option<&str>) {
         let Some(rest) = body.get(line_start..) else {
             break;
         };
-        let skipped = rest
-            .char_indices()
-            .find(|&(_, c)| is_word_char(c))
-            .map_or(rest.len(), |(i, _)| i);
+        let skipped = first_word_char(rest);
         let phrase_at = line_start + skipped;
         let from_phrase = body.get(phrase_at..).unwrap_or_default();
         if may_open_marker(from_phrase)
@@ -396,16 +471,17 @@ pub fn split_returned(body: &str) -> (&str, Option<&str>) {
 /// Header fields of an embedded message (unfolded; names lowercased), read from its start
 /// until the first blank line. Leading non-header lines are skipped.
 pub fn header_fields(text: &str) -> Vec<(String, String)> {
-    header_fields_where(text, |_| true).0
+    header_fields_where(text, |name| Some(name.to_ascii_lowercase())).0
 }
 
-/// [`header_fields`] with only the fields whose name `keep` accepts (given as written), and
-/// whether the block holds any field at all: the others are read past, never copied.
-pub fn header_fields_where(
+/// [`header_fields`] with only the fields `keep` names (given the name as written; it says
+/// what to store as the name, say a static lowercase spelling), and whether the block holds
+/// any field at all: the others are read past, never copied.
+pub fn header_fields_where<K>(
     text: &str,
-    keep: impl Fn(&str) -> bool,
-) -> (Vec<(String, String)>, bool) {
-    let mut out: Vec<(String, String)> = Vec::new();
+    keep: impl Fn(&str) -> Option<K>,
+) -> (Vec<(K, String)>, bool) {
+    let mut out: Vec<(K, String)> = Vec::new();
     let mut started = false;
     // Whether the field being read (and so its continuation lines) is kept.
     let mut kept = false;
@@ -431,9 +507,10 @@ pub fn header_fields_where(
                     && name.bytes().all(|b| b.is_ascii_graphic() && b != b':') =>
             {
                 started = true;
-                kept = keep(name);
-                if kept {
-                    out.push((name.to_ascii_lowercase(), value.trim().to_string()));
+                let key = keep(name);
+                kept = key.is_some();
+                if let Some(key) = key {
+                    out.push((key, value.trim().to_string()));
                 }
             }
             _ => {
@@ -543,6 +620,21 @@ fn decode_entities(text: &str) -> String {
 mod tests {
     use super::*;
 
+    /// `first_word_char` finds the first word character as decoding every character does.
+    #[test]
+    fn first_word_char_as_by_chars() {
+        let alphabet = crate::test_support::test_chars(" \t\n-_.a9é\u{a0}語—\u{300}");
+        let mut rng = crate::test_support::TestRng::new(0x3737_7777_3737_0006);
+        for _ in 0..20_000 {
+            let t = rng.text(12, &alphabet);
+            let expected = t
+                .char_indices()
+                .find(|&(_, c)| is_word_char(c))
+                .map_or(t.len(), |(i, _)| i);
+            assert_eq!(first_word_char(&t), expected, "{t:?}");
+        }
+    }
+
     /// `addresses` finds exactly what a plain regex search over the whole text finds.
     #[test]
     fn addresses_match_a_whole_text_regex_search() {
@@ -569,6 +661,15 @@ mod tests {
         let mut rng = crate::test_support::TestRng::new(0x9e37_79b9_7f4a_7c15);
         for _ in 0..3000 {
             let t = rng.text(39, &alphabet);
+            assert_eq!(fast(&t), slow(&t), "{t:?}");
+        }
+        // Domains: labels, dots, hyphens, top-level domains and literals.
+        let pieces = [
+            "a", "B1", "9", ".", "..", "-", "@", "[", "]", "0.1", ".org", "x-y", " ", "'", "é",
+            "Zz", "-.",
+        ];
+        for _ in 0..20_000 {
+            let t = rng.text(16, &pieces);
             assert_eq!(fast(&t), slow(&t), "{t:?}");
         }
     }
@@ -870,7 +971,9 @@ mod tests {
         // Keeping some fields keeps exactly those, continuation lines included.
         let text = "Junk line\nReceived: a\n b\nX-Other: c\n d\nTo: e\n\tf\nFrom : g\n\nTo: no";
         let all = header_fields(text);
-        let (some, any) = header_fields_where(text, |n| !n.eq_ignore_ascii_case("x-other"));
+        let (some, any) = header_fields_where(text, |n| {
+            (!n.eq_ignore_ascii_case("x-other")).then(|| n.to_ascii_lowercase())
+        });
         assert!(any);
         assert_eq!(
             some,
@@ -881,11 +984,11 @@ mod tests {
         );
         assert_eq!(some[1], ("to".to_string(), "e f".to_string()));
         assert_eq!(
-            header_fields_where("no headers\n\nat all", |_| true),
+            header_fields_where("no headers\n\nat all", |n| Some(n.to_string())),
             (vec![], false)
         );
         assert_eq!(
-            header_fields_where("Received: x\n", |_| false),
+            header_fields_where("Received: x\n", |_| None::<String>),
             (vec![], true)
         );
     }

@@ -347,7 +347,12 @@ pub(crate) fn without_returned_body(raw: &[u8]) -> Option<ShortReport<'_>> {
         let rest = raw.get(slash..).unwrap_or_default();
         report_seen |= subtype_report && REPORT_TYPES.iter().any(|t| rest.starts_with(t));
     }
-    let rfc822 = rfc822.filter(|_| report_seen)?;
+    short_report(raw, rfc822.filter(|_| report_seen)?)
+}
+
+/// `raw` cut at the end of the returned message's header block, whose part's `Content-Type`
+/// value ends at `rfc822`.
+fn short_report(raw: &[u8], rfc822: usize) -> Option<ShortReport<'_>> {
     let part_headers_end = blank_line_after(raw, rfc822)?;
     let returned_headers_end = blank_line_after(raw, part_headers_end)?;
     Some(ShortReport {
@@ -491,13 +496,7 @@ fn without_returned_body_reference(raw: &[u8]) -> Option<ShortReport<'_>> {
         }
         report_seen = true;
     }
-    let rfc822 = rfc822.filter(|_| report_seen)?;
-    let part_headers_end = blank_line_after(raw, rfc822)?;
-    let returned_headers_end = blank_line_after(raw, part_headers_end)?;
-    Some(ShortReport {
-        report: raw.get(..part_headers_end)?,
-        returned_headers: raw.get(part_headers_end..returned_headers_end)?,
-    })
+    short_report(raw, rfc822.filter(|_| report_seen)?)
 }
 
 /// Whether the media type at `at` is the value of a `Content-Type:` field

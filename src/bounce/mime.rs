@@ -306,6 +306,19 @@ struct State {
     offset_end: usize,
 }
 
+impl<'x> Part<'x> {
+    /// A multipart or attached message that `headers` open (taken), whose own parts follow.
+    fn container(headers: &mut Vec<Header<'x>>, state: &State) -> Self {
+        Part {
+            headers: std::mem::take(headers),
+            offset_header: state.offset_header,
+            offset_body: state.offset_body,
+            offset_end: 0,
+            body: Body::Multipart,
+        }
+    }
+}
+
 impl State {
     fn has_sub_parts(&self) -> bool {
         self.sub_parts != 1 || self.first_sub_part != 0
@@ -313,14 +326,10 @@ impl State {
 }
 
 /// The parts of `raw` (the root first), as `parser.parse(raw)` would list them; `None`
-/// when it has no header at all.
+/// when it has no header at all. `MessageParser::parse_` (mail-parser 0.11) without the
+/// decoding, the text/HTML body lists and the attachment bookkeeping, none of which the
+/// bounce reader uses.
 pub(crate) fn parts<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
-    walk(parser, raw)
-}
-
-/// `MessageParser::parse_` (mail-parser 0.11) without the decoding, the text/HTML body
-/// lists and the attachment bookkeeping, none of which the bounce reader uses.
-fn walk<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
     let mut stream = MessageStream::new(raw);
     let mut message: Vec<Part<'x>> = Vec::new();
     let mut state = State {
@@ -355,13 +364,7 @@ fn walk<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
                     part_id: message.len(),
                     ..Default::default()
                 };
-                message.push(Part {
-                    headers: std::mem::take(&mut part_headers),
-                    offset_header: state.offset_header,
-                    offset_body: state.offset_body,
-                    offset_end: 0,
-                    body: Body::Multipart,
-                });
+                message.push(Part::container(&mut part_headers, &state));
                 state_stack.push((state, None));
                 state = new_state;
                 stream.skip_crlf();
@@ -386,13 +389,7 @@ fn walk<'x>(parser: &MessageParser, raw: &'x [u8]) -> Option<Vec<Part<'x>>> {
                 part_id: message.len(),
                 ..Default::default()
             };
-            message.push(Part {
-                headers: std::mem::take(&mut part_headers),
-                offset_header: state.offset_header,
-                offset_body: state.offset_body,
-                offset_end: 0,
-                body: Body::Multipart,
-            });
+            message.push(Part::container(&mut part_headers, &state));
             state_stack.push((state, Some(message)));
             message = Vec::new();
             state = new_state;

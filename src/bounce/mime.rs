@@ -574,18 +574,18 @@ fn part_end(
     (end, at + 1)
 }
 
-/// What `decode_quoted_printable_mime` gives for the leaf's body at `start`, by
-/// `mail-parser`'s slice decoder (`quoted_printable_decode`, a plain loop over the bytes
-/// into a buffer of their size, several times faster than the stream decoder's
-/// byte-at-a-time boundary watch): it decodes what the stream decoder does wherever it
+/// What `decode_quoted_printable_mime` gives for the leaf's body at `start`, by the
+/// equivalent of `mail-parser`'s slice decoder (`quoted_printable_decode`, which decodes
+/// into a buffer of the body's size with no boundary watch;
+/// [`super::quoted_printable::decode`] gives its output with a copy per run of plain
+/// bytes instead of a push per byte): it decodes what the stream decoder does wherever it
 /// succeeds, and fails on the escapes the stream decoder copies as they are (`None` then:
 /// the caller runs the stream decoder). Given the bytes up to the boundary's first `-`, it
 /// has pushed that `-` as the stream decoder has; the stream decoder then drops it, and the
 /// line break before it when there is one (wrapping as its release build does).
 fn quoted_printable_quick(raw: &[u8], start: usize, leaf: &Leaf) -> Option<Vec<u8>> {
-    use mail_parser::decoders::quoted_printable::quoted_printable_decode;
     let body = raw.get(start..leaf.scan_end)?;
-    let mut decoded = quoted_printable_decode(body)?;
+    let mut decoded = super::quoted_printable::decode(body)?;
     if !leaf.boundary.is_empty() {
         let dash = leaf.scan_end.checked_sub(1)?;
         let line_break_before = dash > start && raw.get(dash - 1) == Some(&b'\n');

@@ -15,6 +15,7 @@ mod fml;
 pub mod ingest;
 mod message;
 mod mime;
+mod quoted_printable;
 pub mod reason;
 mod ses;
 pub mod text;

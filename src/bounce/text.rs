@@ -130,6 +130,10 @@ pub fn may_continue_reply(text: &str) -> bool {
 
 /// The first enhanced status code (RFC 3463) in `text`, e.g. `5.1.1`.
 pub fn find_enhanced_status(text: &str) -> Option<String> {
+    if text.is_ascii() {
+        let found = enhanced_status_ascii(text.as_bytes());
+        return found.and_then(|r| text.get(r)).map(str::to_string);
+    }
     ENHANCED
         .captures_iter(text)
         .filter_map(|c| c.get(1))
@@ -147,6 +151,10 @@ static REPLY_STATUS: LazyLock<Regex> =
 /// The enhanced status code that follows a reply code (`550 5.7.1`, `550-'5.7.1`): the
 /// remote server's own, which beats any code the reporting MTA wrote around it.
 pub fn find_reply_status(text: &str) -> Option<String> {
+    if text.is_ascii() {
+        let found = reply_status_ascii(text.as_bytes());
+        return found.and_then(|r| text.get(r)).map(str::to_string);
+    }
     REPLY_STATUS
         .captures(text)
         .and_then(|c| c.get(1))
@@ -155,11 +163,115 @@ pub fn find_reply_status(text: &str) -> Option<String> {
 
 /// The first 4xx/5xx SMTP reply code in `text`.
 pub fn find_reply_code(text: &str) -> Option<u16> {
+    if text.is_ascii() {
+        return reply_code_ascii(text.as_bytes());
+    }
     REPLY
         .captures_iter(text)
         .filter_map(|c| c.get(1))
         .filter_map(|m| m.as_str().parse::<u16>().ok())
         .next()
+}
+
+// The scanners below find, in ASCII text, the first match of the regex named in each (the
+// regexes still read text with other characters, whose Unicode digits and spaces they know):
+// each candidate is found with a byte search and checked by hand, in the order of the
+// positions where its match would start, so the first that fits is the regex's leftmost
+// match. Tests compare them with the regexes on random text.
+
+/// Where the first [`ENHANCED`] match's status code is: `[245].d{1,3}.d{1,3}`, not after a
+/// digit or `.`, and followed by the end, a byte that is neither digit nor `.`, or a `.`
+/// that is not followed by a digit.
+fn enhanced_status_ascii(b: &[u8]) -> Option<std::ops::Range<usize>> {
+    memchr::memchr_iter(b'.', b).find_map(|dot| {
+        let class = dot.checked_sub(1)?;
+        if !matches!(b.get(class), Some(b'2' | b'4' | b'5')) || !status_may_follow(b, class) {
+            return None;
+        }
+        let subject_end = short_digit_run(b, dot + 1)?;
+        if b.get(subject_end) != Some(&b'.') {
+            return None;
+        }
+        let detail_end = short_digit_run(b, subject_end + 1)?;
+        let ends = match b.get(detail_end) {
+            None => true,
+            Some(b'.') => !b.get(detail_end + 1).is_some_and(u8::is_ascii_digit),
+            Some(c) => !c.is_ascii_digit(),
+        };
+        ends.then_some(class..detail_end)
+    })
+}
+
+/// Whether a status code may start at `at` for [`ENHANCED`]: at the start, or after a byte
+/// that is neither a digit nor `.`.
+fn status_may_follow(b: &[u8], at: usize) -> bool {
+    at == 0
+        || b.get(at - 1)
+            .is_some_and(|&c| !c.is_ascii_digit() && c != b'.')
+}
+
+/// The end of the run of digits at `start` when it is one to three long (`\d{1,3}` followed
+/// by something other than a digit: no shorter match of it can be followed by anything else).
+fn short_digit_run(b: &[u8], start: usize) -> Option<usize> {
+    let n = b
+        .get(start..)?
+        .iter()
+        .take(4)
+        .take_while(|c| c.is_ascii_digit())
+        .count();
+    (1..=3).contains(&n).then_some(start + n)
+}
+
+/// The first [`REPLY`] match's code: `[45][0-5]\d` at the start or after white space or one
+/// of `:(<[#=`, followed by the end, one of ` -)],`, or `.` and white space.
+fn reply_code_ascii(b: &[u8]) -> Option<u16> {
+    let space = |c: &u8| matches!(c, b' ' | b'\t'..=b'\r');
+    memchr::memchr2_iter(b'4', b'5', b).find_map(|at| {
+        let [first, second, third] = *b.get(at..at + 3)? else {
+            return None;
+        };
+        let after_ok = at == 0
+            || b.get(at - 1)
+                .is_some_and(|c| space(c) || b":(<[#=".contains(c));
+        let ends = match b.get(at + 3) {
+            None | Some(b' ' | b'-' | b')' | b']' | b',') => true,
+            Some(b'.') => b.get(at + 4).is_some_and(space),
+            Some(_) => false,
+        };
+        (after_ok && ends && matches!(second, b'0'..=b'5') && third.is_ascii_digit()).then(|| {
+            u16::from(first - b'0') * 100 + u16::from(second - b'0') * 10 + u16::from(third - b'0')
+        })
+    })
+}
+
+/// Where the first [`REPLY_STATUS`] match's status code is: a reply code `[245]\d\d` at the
+/// start or after a non-digit, then ` ` or `-`, an optional quote, and `[245].d{1,3}.d{1,3}`
+/// followed by the end or a byte that is neither digit nor `.`.
+fn reply_status_ascii(b: &[u8]) -> Option<std::ops::Range<usize>> {
+    memchr::memchr3_iter(b'2', b'4', b'5', b).find_map(|code| {
+        let reply = b.get(code..code + 4)?;
+        let after_ok = code == 0 || b.get(code - 1).is_some_and(|c| !c.is_ascii_digit());
+        if !after_ok
+            || !reply.get(1..3)?.iter().all(u8::is_ascii_digit)
+            || !matches!(reply.get(3), Some(b' ' | b'-'))
+        {
+            return None;
+        }
+        let quoted = matches!(b.get(code + 4), Some(b'\'' | b'"'));
+        let class = code + 4 + usize::from(quoted);
+        if !matches!(b.get(class), Some(b'2' | b'4' | b'5')) || b.get(class + 1) != Some(&b'.') {
+            return None;
+        }
+        let subject_end = short_digit_run(b, class + 2)?;
+        if b.get(subject_end) != Some(&b'.') {
+            return None;
+        }
+        let detail_end = short_digit_run(b, subject_end + 1)?;
+        let ends = b
+            .get(detail_end)
+            .is_none_or(|c| !c.is_ascii_digit() && *c != b'.');
+        ends.then_some(class..detail_end)
+    })
 }
 
 /// The SMTP command a diagnostic says failed (`MAIL`, `RCPT`, `DATA`, `HELO`, `CONN`).
@@ -618,6 +730,59 @@ fn decode_entities(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn status_and_reply_code_scanners_match_the_regexes() {
+        let pieces = crate::test_support::test_chars("245013.9 -'\":(<[#=\t\n\x0b\x0c\x1c,)]x");
+        let mut pieces = pieces;
+        for p in [
+            "550",
+            "5.1.1",
+            "4.2.22",
+            "250-",
+            "550 5.7.1",
+            "452-'4.2.2",
+            "1234",
+            "5.1.",
+            ".5",
+        ] {
+            pieces.push(p.to_string());
+        }
+        let mut rng = crate::test_support::TestRng::new(0xbb67_ae85_84ca_a73b);
+        let (mut statuses, mut codes, mut reply_statuses) = (0, 0, 0);
+        for _ in 0..30_000 {
+            let t = rng.text(14, &pieces);
+            let status = ENHANCED
+                .captures_iter(&t)
+                .filter_map(|c| c.get(1))
+                .map(|m| m.as_str().to_string())
+                .find(|s| {
+                    s.split('.')
+                        .nth(1)
+                        .is_some_and(|subject| subject.len() <= 3)
+                });
+            assert_eq!(find_enhanced_status(&t), status, "{t:?}");
+            let code = REPLY
+                .captures_iter(&t)
+                .filter_map(|c| c.get(1))
+                .filter_map(|m| m.as_str().parse::<u16>().ok())
+                .next();
+            assert_eq!(find_reply_code(&t), code, "{t:?}");
+            let reply_status = REPLY_STATUS
+                .captures(&t)
+                .and_then(|c| c.get(1))
+                .map(|m| m.as_str().to_string());
+            assert_eq!(find_reply_status(&t), reply_status, "{t:?}");
+            statuses += usize::from(status.is_some());
+            codes += usize::from(code.is_some());
+            reply_statuses += usize::from(reply_status.is_some());
+        }
+        // The pieces make every kind of result common enough to be compared.
+        assert!(
+            statuses > 3_000 && codes > 3_000 && reply_statuses > 1_000,
+            "{statuses} {codes} {reply_statuses}"
+        );
+    }
+
     use super::*;
 
     /// `first_word_char` finds the first word character as decoding every character does.

@@ -128,11 +128,11 @@ impl View {
                 .content_type()
                 .map(|ct| {
                     (
-                        ct.ctype().to_ascii_lowercase(),
-                        ct.subtype().unwrap_or("").to_ascii_lowercase(),
+                        ascii_lowercase(ct.ctype()),
+                        ascii_lowercase(ct.subtype().unwrap_or("")),
                     )
                 })
-                .unwrap_or_else(|| ("text".to_string(), "plain".to_string()));
+                .unwrap_or((Cow::Borrowed("text"), Cow::Borrowed("plain")));
             // Binary bodies are read only for the `message/*` report types below.
             if ctype != "message" && part.is_binary(raw_read) {
                 continue;
@@ -149,7 +149,7 @@ impl View {
                 }
                 Decoded::Multipart => {}
                 Decoded::Html(t) => html_parts.push((part, Some(t))),
-                Decoded::Text(t) => match (ctype.as_str(), subtype.as_str()) {
+                Decoded::Text(t) => match (&*ctype, &*subtype) {
                     ("text", "rfc822-headers") | ("text", "rfc822-header") => {
                         if returned_text.is_none() {
                             returned_text = Some(t.into_owned());
@@ -167,7 +167,7 @@ impl View {
                 },
                 Decoded::Binary(b) => {
                     let s = || lossy_utf8(&b);
-                    match (ctype.as_str(), subtype.as_str()) {
+                    match (&*ctype, &*subtype) {
                         ("message", "delivery-status")
                         | ("message", "global-delivery-status")
                         | ("text", "delivery-status") => view.delivery_status.push(s()),
@@ -567,6 +567,15 @@ static BOUNCE_TEXT: LazyLock<Regex> = LazyLock::new(|| {
 
 /// `String::from_utf8_lossy(bytes)` owned; valid UTF-8 (nearly all mail) is checked by the
 /// word-at-a-time validator, much faster than the lossy decoder's byte loop.
+/// `s` lowercased, borrowed when it is already (a media type nearly always is).
+fn ascii_lowercase(s: &str) -> Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(s.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(s)
+    }
+}
+
 fn lossy_utf8(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(s) => s.to_string(),

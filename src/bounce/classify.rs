@@ -759,21 +759,16 @@ fn normalize_spaces(text: &str) -> String {
         return normalize_ascii_spaces(text.as_bytes());
     }
     let mut out = String::with_capacity(text.len());
-    let mut space = false;
-    for c in text.chars() {
-        // ASCII (nearly every character of a diagnostic) skips the Unicode tables.
-        let white = if c.is_ascii() {
-            matches!(c, ' ' | '\t'..='\r')
-        } else {
-            c.is_whitespace()
-        };
-        if white {
-            space = !out.is_empty();
-        } else {
-            if space {
-                out.push(' ');
-                space = false;
-            }
+    for word in text.split(char::is_whitespace).filter(|w| !w.is_empty()) {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if word.is_ascii() {
+            push_ascii_lowercase(&mut out, word);
+            continue;
+        }
+        for c in word.chars() {
+            // ASCII (nearly every character of a diagnostic) skips the Unicode tables.
             if c.is_ascii() {
                 out.push(c.to_ascii_lowercase());
             } else {
@@ -784,21 +779,29 @@ fn normalize_spaces(text: &str) -> String {
     out
 }
 
-/// [`normalize_spaces`] of ASCII text, a byte at a time.
+/// `out` with `word` (ASCII) appended in lowercase: copied whole, then lowercased in place.
+fn push_ascii_lowercase(out: &mut String, word: &str) {
+    let start = out.len();
+    out.push_str(word);
+    if let Some(added) = out.get_mut(start..) {
+        added.make_ascii_lowercase();
+    }
+}
+
+/// [`normalize_spaces`] of ASCII text: the words (split at ASCII white space, which is all
+/// of `char::is_whitespace` there) copied whole, then the copy lowercased in one pass.
 fn normalize_ascii_spaces(text: &[u8]) -> String {
     let mut out = Vec::with_capacity(text.len());
-    let mut space = false;
-    for &b in text {
-        if matches!(b, b' ' | b'\t'..=b'\r') {
-            space = !out.is_empty();
-        } else {
-            if space {
-                out.push(b' ');
-                space = false;
-            }
-            out.push(b.to_ascii_lowercase());
+    let words = text
+        .split(|b| matches!(b, b' ' | b'\t'..=b'\r'))
+        .filter(|w| !w.is_empty());
+    for word in words {
+        if !out.is_empty() {
+            out.push(b' ');
         }
+        out.extend_from_slice(word);
     }
+    out.make_ascii_lowercase();
     // ASCII in, ASCII out: the check cannot fail.
     String::from_utf8(out).unwrap_or_default()
 }

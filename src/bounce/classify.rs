@@ -535,10 +535,15 @@ impl Prefilter {
                 patterns.push(lit);
             }
         }
-        let automaton = AhoCorasick::builder()
-            .match_kind(MatchKind::Standard)
-            .kind(Some(AhoCorasickKind::DFA))
-            .build(&patterns)
+        let build = |kind| {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::Standard)
+                .kind(kind)
+                .build(&patterns)
+        };
+        // A DFA too large for its state ids (huge user rule files): the automatic choice.
+        let automaton = build(Some(AhoCorasickKind::DFA))
+            .or_else(|_| build(None))
             .ok();
         if automaton.is_none() {
             // Cannot happen for byte literals; without it every regex simply runs.

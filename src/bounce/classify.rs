@@ -2,8 +2,9 @@
 //! a rules file (`rules.toml`, built in; users prepend their own via `[bounce] rules_file`).
 //! Each top-level branch of each rule's patterns compiles once into its own regex, and rules
 //! are tried lazily in order: most diagnostics are decided by the first few rules. Before any
-//! regex runs, one Aho-Corasick pass finds which branches' literals (prefixes, else suffixes)
-//! the text holds, and a rule searches only those branches (and the few without literals).
+//! regex runs, one Aho-Corasick pass (a DFA over the literals' first or last 16 bytes) finds
+//! which branches' literals (prefixes, else suffixes) the text holds, kept as a bitset, and a
+//! rule searches only those branches (and the few without literals).
 //! The rule's whole alternation is compiled only if that prefilter is off (tests compare both
 //! ways). (One `RegexSet` over all rules was measured 3-10x slower here: its overlapping
 //! search keeps building lazy-DFA states for ~500 patterns on every new text.)
@@ -27,7 +28,7 @@
 use std::collections::HashMap;
 use std::sync::LazyLock;
 
-use aho_corasick::{AhoCorasick, MatchKind};
+use aho_corasick::{AhoCorasick, AhoCorasickKind, MatchKind};
 use regex::{Regex, RegexBuilder};
 use regex_syntax::hir::literal::{ExtractKind, Extractor};
 use regex_syntax::hir::{Hir, HirKind};
@@ -166,6 +167,8 @@ pub struct Evidence<'a> {
 #[derive(Debug)]
 pub struct Classifier {
     rules: Vec<Rule>,
+    /// The indexes of the rules of stage 1, 2 and 3, in order.
+    stages: [Vec<usize>; 3],
     status_table: HashMap<String, BounceReason>,
     refinable: Vec<BounceReason>,
     /// Every top-level branch of every rule's patterns, compiled alone: only the branches
@@ -292,8 +295,14 @@ impl Classifier {
                 });
             }
         }
+        let stages = [1, 2, 3].map(|stage| {
+            (0..rules.len())
+                .filter(|&i| rules.get(i).is_some_and(|r: &Rule| r.stage == stage))
+                .collect()
+        });
         Ok(Classifier {
             rules,
+            stages,
             status_table,
             refinable,
             branches,
@@ -304,8 +313,12 @@ impl Classifier {
     /// The first rule of `stage` that selects its reason for this evidence.
     fn first_rule(&self, m: &mut Matches<'_>, ev: &Evidence<'_>, stage: u8) -> Option<usize> {
         let status = ev.status.map(str::trim).filter(|s| !s.is_empty());
-        for (i, rule) in self.rules.iter().enumerate() {
-            if rule.stage != stage || !rule.applies_to(ev.command) {
+        let of_stage = self.stages.get(usize::from(stage).wrapping_sub(1));
+        for &i in of_stage.into_iter().flatten() {
+            let Some(rule) = self.rules.get(i) else {
+                continue;
+            };
+            if !rule.applies_to(ev.command) {
                 continue;
             }
             let by_code = rule.selects_by_code(status, ev.reply_code)
@@ -433,8 +446,8 @@ fn is_failure_action(action: &str) -> bool {
 struct Matches<'a> {
     text: &'a str,
     memo: Vec<Option<bool>>,
-    /// Per branch: whether the text may match it ([`Prefilter`]), once asked.
-    possible: Option<Vec<bool>>,
+    /// The branches the text may match ([`Prefilter`]), once asked.
+    possible: Option<BranchSet>,
 }
 
 impl<'a> Matches<'a> {
@@ -457,11 +470,10 @@ impl<'a> Matches<'a> {
                 let matched = if c.prefilter.enabled {
                     let possible = self
                         .possible
-                        .get_or_insert_with(|| c.prefilter.possible(text, c.branches.len()));
-                    r.branches.clone().any(|b| {
-                        possible.get(b).copied().unwrap_or(true)
-                            && c.branches.get(b).is_some_and(|re| re.is_match(text))
-                    })
+                        .get_or_insert_with(|| c.prefilter.possible(text));
+                    possible
+                        .members_in(r.branches.clone())
+                        .any(|b| c.branches.get(b).is_some_and(|re| re.is_match(text)))
                 } else {
                     r.regex
                         .get_or_init(|| alternation(&r.patterns).ok().flatten())
@@ -494,14 +506,16 @@ impl<'a> Matches<'a> {
 /// One Aho-Corasick automaton over the literals every match of a pattern branch starts (or
 /// ends) with: a diagnostic that holds none of a branch's literals cannot match it, so one
 /// pass over the text replaces a regex search per rule, and only the few branches whose
-/// literals occur are searched.
+/// literals occur are searched. The automaton is a DFA (one table look-up a byte; the
+/// default NFA for this many literals took twice the instructions a diagnostic), over
+/// literals cut to [`LITERAL_BYTES`] so that building it stays cheap.
 #[derive(Debug)]
 struct Prefilter {
     automaton: Option<AhoCorasick>,
     /// The branch each automaton pattern belongs to.
     owner: Vec<usize>,
     /// Branches without usable literals: their regex always runs.
-    always: Vec<bool>,
+    always: BranchSet,
     /// Off: each rule's whole alternation is searched instead (tests compare the two).
     enabled: bool,
 }
@@ -511,21 +525,29 @@ impl Prefilter {
     fn new(literals: Vec<Literals>) -> Self {
         let mut owner = Vec::new();
         let mut patterns = Vec::new();
-        let mut always = Vec::with_capacity(literals.len());
+        let mut always = BranchSet::empty(literals.len());
         for (branch, lits) in literals.into_iter().enumerate() {
-            always.push(lits.is_none());
+            if lits.is_none() {
+                always.insert(branch);
+            }
             for lit in lits.into_iter().flatten() {
                 owner.push(branch);
                 patterns.push(lit);
             }
         }
-        let automaton = AhoCorasick::builder()
-            .match_kind(MatchKind::Standard)
-            .build(&patterns)
+        let build = |kind| {
+            AhoCorasick::builder()
+                .match_kind(MatchKind::Standard)
+                .kind(kind)
+                .build(&patterns)
+        };
+        // A DFA too large for its state ids (huge user rule files): the automatic choice.
+        let automaton = build(Some(AhoCorasickKind::DFA))
+            .or_else(|_| build(None))
             .ok();
         if automaton.is_none() {
             // Cannot happen for byte literals; without it every regex simply runs.
-            always.iter_mut().for_each(|a| *a = true);
+            always = BranchSet::full(always.len);
         }
         Prefilter {
             automaton,
@@ -535,22 +557,82 @@ impl Prefilter {
         }
     }
 
-    /// Per branch: whether its regex may match `text`.
-    fn possible(&self, text: &str, branches: usize) -> Vec<bool> {
+    /// The branches whose regex may match `text`: every occurrence of every literal counts
+    /// (an overlapping search), since a leftmost one may hide another branch's literal.
+    fn possible(&self, text: &str) -> BranchSet {
         let mut out = self.always.clone();
-        out.resize(branches, true);
         if let Some(ac) = &self.automaton {
             for m in ac.find_overlapping_iter(text.as_bytes()) {
-                if let Some(slot) = self
-                    .owner
-                    .get(m.pattern().as_usize())
-                    .and_then(|&b| out.get_mut(b))
-                {
-                    *slot = true;
+                if let Some(&b) = self.owner.get(m.pattern().as_usize()) {
+                    out.insert(b);
                 }
             }
         }
         out
+    }
+}
+
+/// A set of branch indexes, one bit each; an index past its length counts as present (the
+/// branch is searched).
+#[derive(Debug, Clone)]
+struct BranchSet {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl BranchSet {
+    fn empty(len: usize) -> Self {
+        BranchSet {
+            words: vec![0; len.div_ceil(64)],
+            len,
+        }
+    }
+
+    fn full(len: usize) -> Self {
+        BranchSet {
+            words: vec![u64::MAX; len.div_ceil(64)],
+            len,
+        }
+    }
+
+    fn insert(&mut self, branch: usize) {
+        if let Some(w) = self.words.get_mut(branch / 64) {
+            *w |= 1 << (branch % 64);
+        }
+    }
+
+    /// The members of the set in `range`, in order, a word of bits at a time.
+    fn members_in(&self, range: std::ops::Range<usize>) -> impl Iterator<Item = usize> + '_ {
+        let mut next = range.start;
+        std::iter::from_fn(move || {
+            while next < range.end {
+                let b = next;
+                if b >= self.len {
+                    next += 1;
+                    return Some(b);
+                }
+                let bits = self.words.get(b / 64).map_or(0, |w| w >> (b % 64));
+                let found = b + bits.trailing_zeros() as usize;
+                if bits == 0 || found >= self.len {
+                    // On to the next word, or to the indexes past the end (all members).
+                    next = ((b / 64 + 1) * 64).min(self.len);
+                    continue;
+                }
+                next = found + 1;
+                return (found < range.end).then_some(found);
+            }
+            None
+        })
+    }
+
+    /// Whether `branch` is in the set: the definition [`BranchSet::members_in`] follows.
+    #[cfg(test)]
+    fn contains(&self, branch: usize) -> bool {
+        branch >= self.len
+            || self
+                .words
+                .get(branch / 64)
+                .is_some_and(|w| w & (1 << (branch % 64)) != 0)
     }
 }
 
@@ -589,13 +671,32 @@ fn compile(pattern: &str) -> Result<Regex, RulesError> {
         .build()?)
 }
 
+/// The most bytes of a literal the prefilter looks for: the part of a prefix (suffix)
+/// literal next to the match's start (end) still occurs in every match, and the short ones
+/// keep the automaton small enough to build as a DFA in a few million instructions.
+const LITERAL_BYTES: usize = 16;
+
 fn branch_literals(hir: &Hir, kind: ExtractKind) -> Literals {
+    let suffix = matches!(kind, ExtractKind::Suffix);
     let seq = Extractor::new().kind(kind).extract(hir);
     let lits = seq.literals()?;
     if lits.is_empty() || lits.iter().any(|l| l.as_bytes().is_empty()) {
         return None;
     }
-    Some(lits.iter().map(|l| l.as_bytes().to_vec()).collect())
+    let mut out: Vec<Vec<u8>> = Vec::with_capacity(lits.len());
+    for lit in lits {
+        let bytes = lit.as_bytes();
+        let kept = if suffix {
+            bytes.get(bytes.len().saturating_sub(LITERAL_BYTES)..)
+        } else {
+            bytes.get(..bytes.len().min(LITERAL_BYTES))
+        };
+        let kept = kept.unwrap_or(bytes);
+        if !out.iter().any(|o| o == kept) {
+            out.push(kept.to_vec());
+        }
+    }
+    Some(out)
 }
 
 /// One regex matching any of `patterns`, or none for no patterns.
@@ -663,21 +764,16 @@ fn normalize_spaces(text: &str) -> String {
         return normalize_ascii_spaces(text.as_bytes());
     }
     let mut out = String::with_capacity(text.len());
-    let mut space = false;
-    for c in text.chars() {
-        // ASCII (nearly every character of a diagnostic) skips the Unicode tables.
-        let white = if c.is_ascii() {
-            matches!(c, ' ' | '\t'..='\r')
-        } else {
-            c.is_whitespace()
-        };
-        if white {
-            space = !out.is_empty();
-        } else {
-            if space {
-                out.push(' ');
-                space = false;
-            }
+    for word in text.split(char::is_whitespace).filter(|w| !w.is_empty()) {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        if word.is_ascii() {
+            push_ascii_lowercase(&mut out, word);
+            continue;
+        }
+        for c in word.chars() {
+            // ASCII (nearly every character of a diagnostic) skips the Unicode tables.
             if c.is_ascii() {
                 out.push(c.to_ascii_lowercase());
             } else {
@@ -688,21 +784,29 @@ fn normalize_spaces(text: &str) -> String {
     out
 }
 
-/// [`normalize_spaces`] of ASCII text, a byte at a time.
+/// `out` with `word` (ASCII) appended in lowercase: copied whole, then lowercased in place.
+fn push_ascii_lowercase(out: &mut String, word: &str) {
+    let start = out.len();
+    out.push_str(word);
+    if let Some(added) = out.get_mut(start..) {
+        added.make_ascii_lowercase();
+    }
+}
+
+/// [`normalize_spaces`] of ASCII text: the words (split at ASCII white space, which is all
+/// of `char::is_whitespace` there) copied whole, then the copy lowercased in one pass.
 fn normalize_ascii_spaces(text: &[u8]) -> String {
     let mut out = Vec::with_capacity(text.len());
-    let mut space = false;
-    for &b in text {
-        if matches!(b, b' ' | b'\t'..=b'\r') {
-            space = !out.is_empty();
-        } else {
-            if space {
-                out.push(b' ');
-                space = false;
-            }
-            out.push(b.to_ascii_lowercase());
+    let words = text
+        .split(|b| matches!(b, b' ' | b'\t'..=b'\r'))
+        .filter(|w| !w.is_empty());
+    for word in words {
+        if !out.is_empty() {
+            out.push(b' ');
         }
+        out.extend_from_slice(word);
     }
+    out.make_ascii_lowercase();
     // ASCII in, ASCII out: the check cannot fail.
     String::from_utf8(out).unwrap_or_default()
 }
@@ -1010,12 +1114,40 @@ mod tests {
         assert_eq!(got.len(), 2, "{got:?}");
         let first = got[0].as_ref().expect("suffix literals");
         assert!(first.iter().all(|l| l.ends_with(b" spam")), "{first:?}");
+        // Literals are cut to their first (prefixes) or last (suffixes) LITERAL_BYTES.
         assert_eq!(got[1], Some(vec![b"mailbox full".to_vec()]));
+        let long = lits(r"(?:\d\.\d\.\d|\d{3}) mailbox is over its quota|user is over quota now");
+        assert_eq!(long[0], Some(vec![b"s over its quota".to_vec()]));
+        assert_eq!(long[1], Some(vec![b"user is over quo".to_vec()]));
         // Nothing fixed at either end: the branch is always searched.
         assert_eq!(lits(r"\w+ \w+"), [None]);
         let p = Prefilter::new(vec![Some(vec![b"full".to_vec()]), None]);
-        assert_eq!(p.possible("mailbox is full", 2), [true, true]);
-        assert_eq!(p.possible("user unknown", 2), [false, true]);
+        let possible = |t: &str| {
+            let set = p.possible(t);
+            (0..3).map(|b| set.contains(b)).collect::<Vec<_>>()
+        };
+        // Branch 2 does not exist: past the end, a branch is always searched.
+        assert_eq!(possible("mailbox is full"), [true, true, true]);
+        assert_eq!(possible("user unknown"), [false, true, true]);
+    }
+
+    /// Walking the set's words finds exactly the branches `contains` says are in it.
+    #[test]
+    fn branch_set_members_are_those_it_contains() {
+        let mut rng = crate::test_support::TestRng::new(0x0b17_5e75_0000_0001);
+        for _ in 0..500 {
+            let len = rng.below(200);
+            let mut set = BranchSet::empty(len);
+            for _ in 0..rng.below(40) {
+                set.insert(rng.below(len + 1));
+            }
+            let start = rng.below(len + 10);
+            let end = start + rng.below(len + 10);
+            let walked: Vec<usize> = set.members_in(start..end).collect();
+            let defined: Vec<usize> = (start..end).filter(|&b| set.contains(b)).collect();
+            assert_eq!(walked, defined, "{len} {start}..{end}");
+        }
+        assert!(BranchSet::full(3).members_in(0..5).eq(0..5));
     }
 
     #[test]

@@ -844,7 +844,7 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             .unwrap_or(error_section.len());
         let mut seg = error_section.get(*start..end).unwrap_or("");
         // A lone recipient whose own lines say little: the explanation may come before it.
-        let says_little = || seg.replace(addr.as_str(), "").trim().len() < 24;
+        let says_little = || says_little(seg, addr);
         if (n == 1 && says_little())
             || (n == 1
                 && !informative(seg)
@@ -856,6 +856,30 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         out.push((addr.clone(), collapse_clipped(seg, MAX_PROSE_DIAGNOSTIC)));
     }
     out
+}
+
+/// Whether `seg` says less than 24 bytes besides `addr`: `seg.replace(addr, "").trim()` is
+/// that short. Measured on the pieces between the copies of `addr` instead of a new string,
+/// and decided as soon as the text left spans 24 bytes.
+fn says_little(seg: &str, addr: &str) -> bool {
+    const LITTLE: usize = 24;
+    // Offsets in the text left: where its first non-space character starts, and where its
+    // last one (so far) ends; `trim` keeps what lies between.
+    let mut first = None;
+    let mut last_end = 0;
+    let mut at = 0;
+    for piece in seg.split(addr) {
+        let from_first = piece.trim_start();
+        if !from_first.is_empty() {
+            first.get_or_insert(at + piece.len() - from_first.len());
+            last_end = at + piece.trim_end().len();
+        }
+        if first.is_some_and(|f| last_end - f >= LITTLE) {
+            return false;
+        }
+        at += piece.len();
+    }
+    first.is_none_or(|f| last_end - f < LITTLE)
 }
 
 /// Whether `haystack` holds `needle` (lowercase) in any ASCII case.
@@ -876,27 +900,30 @@ fn contains_ignore_ascii_case(haystack: &[u8], needle: &str) -> bool {
 }
 
 /// `clip(&collapse(s), max)`, without collapsing the part of `s` the clip would drop.
-/// Words are found a byte at a time in ASCII (only other characters are decoded), where
+/// Words are found a byte at a time at ASCII white space ([`ascii_pieces`]); only a piece
+/// holding other characters is decoded, to split it at Unicode white space too, where
 /// `split_whitespace` decodes every character.
 fn collapse_clipped(s: &str, max: usize) -> String {
     let mut out = String::with_capacity(s.len().min(max + 64));
-    let mut i = 0;
-    while out.len() < max {
-        // Past the white space, then over the word.
-        while let Some(n) = char_at(s, i).filter(|&(_, ws)| ws).map(|(n, _)| n) {
-            i += n;
+    let mut push = |word: &str| {
+        if out.len() >= max {
+            return false;
         }
-        let start = i;
-        while let Some(n) = char_at(s, i).filter(|&(_, ws)| !ws).map(|(n, _)| n) {
-            i += n;
-        }
-        let Some(word) = s.get(start..i).filter(|w| !w.is_empty()) else {
-            break;
-        };
         if !out.is_empty() {
             out.push(' ');
         }
         out.push_str(word);
+        true
+    };
+    for piece in ascii_pieces(s) {
+        let more = if piece.is_ascii() {
+            push(piece)
+        } else {
+            piece.split_whitespace().all(&mut push)
+        };
+        if !more {
+            break;
+        }
     }
     if out.len() <= max {
         return out;
@@ -904,17 +931,26 @@ fn collapse_clipped(s: &str, max: usize) -> String {
     clip(&out, max)
 }
 
-/// The length of the character at byte `i` of `s` (a character boundary) and whether it is
-/// white space (`char::is_whitespace`); `None` at the end.
-fn char_at(s: &str, i: usize) -> Option<(usize, bool)> {
-    match *s.as_bytes().get(i)? {
-        b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' ' => Some((1, true)),
-        b if b < 0x80 => Some((1, false)),
-        _ => {
-            let c = s.get(i..)?.chars().next()?;
-            Some((c.len_utf8(), c.is_whitespace()))
+/// The non-empty runs of `s` between ASCII white space (`char::is_whitespace` of ASCII).
+fn ascii_pieces(s: &str) -> impl Iterator<Item = &str> {
+    let bytes = s.as_bytes();
+    let white = |i: usize| {
+        bytes
+            .get(i)
+            .map(|&b| matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' '))
+    };
+    let mut i = 0;
+    std::iter::from_fn(move || {
+        while white(i) == Some(true) {
+            i += 1;
         }
-    }
+        let start = i;
+        while white(i) == Some(false) {
+            i += 1;
+        }
+        // Cut at ASCII bytes only: always at character boundaries.
+        s.get(start..i).filter(|p| !p.is_empty())
+    })
 }
 
 /// `s` with every whitespace run made one space, trimmed.
@@ -1025,6 +1061,30 @@ mod tests {
     }
 
     /// Collapsing only what the clip keeps gives what collapsing all and clipping gave.
+    #[test]
+    fn says_little_is_its_definition() {
+        let pieces = [
+            "a@b.example",
+            "a@b",
+            " ",
+            "\n",
+            "\u{3000}",
+            "\x0b",
+            "é",
+            "x",
+            "user unknown",
+            "@",
+        ];
+        let mut rng = crate::test_support::TestRng::new(0x5a75_1177_1e00_0001);
+        for _ in 0..20_000 {
+            let seg = rng.text(12, &pieces);
+            for addr in ["a@b.example", "a@b", "@"] {
+                let defined = seg.replace(addr, "").trim().len() < 24;
+                assert_eq!(says_little(&seg, addr), defined, "{seg:?} {addr:?}");
+            }
+        }
+    }
+
     #[test]
     fn collapse_clipped_is_clip_of_collapse() {
         let alphabet =

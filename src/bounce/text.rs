@@ -134,6 +134,11 @@ pub fn find_enhanced_status(text: &str) -> Option<String> {
         let found = enhanced_status_ascii(text.as_bytes());
         return found.and_then(|r| text.get(r)).map(str::to_string);
     }
+    enhanced_status_by_regex(text)
+}
+
+/// [`find_enhanced_status`] by the regex, whatever the text.
+fn enhanced_status_by_regex(text: &str) -> Option<String> {
     ENHANCED
         .captures_iter(text)
         .filter_map(|c| c.get(1))
@@ -155,6 +160,11 @@ pub fn find_reply_status(text: &str) -> Option<String> {
         let found = reply_status_ascii(text.as_bytes());
         return found.and_then(|r| text.get(r)).map(str::to_string);
     }
+    reply_status_by_regex(text)
+}
+
+/// [`find_reply_status`] by the regex, whatever the text.
+fn reply_status_by_regex(text: &str) -> Option<String> {
     REPLY_STATUS
         .captures(text)
         .and_then(|c| c.get(1))
@@ -166,6 +176,11 @@ pub fn find_reply_code(text: &str) -> Option<u16> {
     if text.is_ascii() {
         return reply_code_ascii(text.as_bytes());
     }
+    reply_code_by_regex(text)
+}
+
+/// [`find_reply_code`] by the regex, whatever the text.
+fn reply_code_by_regex(text: &str) -> Option<u16> {
     REPLY
         .captures_iter(text)
         .filter_map(|c| c.get(1))
@@ -751,26 +766,11 @@ mod tests {
         let (mut statuses, mut codes, mut reply_statuses) = (0, 0, 0);
         for _ in 0..30_000 {
             let t = rng.text(14, &pieces);
-            let status = ENHANCED
-                .captures_iter(&t)
-                .filter_map(|c| c.get(1))
-                .map(|m| m.as_str().to_string())
-                .find(|s| {
-                    s.split('.')
-                        .nth(1)
-                        .is_some_and(|subject| subject.len() <= 3)
-                });
+            let status = enhanced_status_by_regex(&t);
             assert_eq!(find_enhanced_status(&t), status, "{t:?}");
-            let code = REPLY
-                .captures_iter(&t)
-                .filter_map(|c| c.get(1))
-                .filter_map(|m| m.as_str().parse::<u16>().ok())
-                .next();
+            let code = reply_code_by_regex(&t);
             assert_eq!(find_reply_code(&t), code, "{t:?}");
-            let reply_status = REPLY_STATUS
-                .captures(&t)
-                .and_then(|c| c.get(1))
-                .map(|m| m.as_str().to_string());
+            let reply_status = reply_status_by_regex(&t);
             assert_eq!(find_reply_status(&t), reply_status, "{t:?}");
             statuses += usize::from(status.is_some());
             codes += usize::from(code.is_some());

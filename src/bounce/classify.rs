@@ -798,7 +798,7 @@ fn push_ascii_lowercase(out: &mut String, word: &str) {
 fn normalize_ascii_spaces(text: &[u8]) -> String {
     let mut out = Vec::with_capacity(text.len());
     let words = text
-        .split(|b| matches!(b, b' ' | b'\t'..=b'\r'))
+        .split(|&b| super::text::is_white_space_byte(b))
         .filter(|w| !w.is_empty());
     for word in words {
         if !out.is_empty() {

@@ -565,8 +565,6 @@ static BOUNCE_TEXT: LazyLock<Regex> = LazyLock::new(|| {
         .expect("static regex")
 });
 
-/// `String::from_utf8_lossy(bytes)` owned; valid UTF-8 (nearly all mail) is checked by the
-/// word-at-a-time validator, much faster than the lossy decoder's byte loop.
 /// `s` lowercased, borrowed when it is already (a media type nearly always is).
 fn ascii_lowercase(s: &str) -> Cow<'_, str> {
     if s.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -576,6 +574,8 @@ fn ascii_lowercase(s: &str) -> Cow<'_, str> {
     }
 }
 
+/// `String::from_utf8_lossy(bytes)` owned; valid UTF-8 (nearly all mail) is checked by the
+/// word-at-a-time validator, much faster than the lossy decoder's byte loop.
 fn lossy_utf8(bytes: &[u8]) -> String {
     match std::str::from_utf8(bytes) {
         Ok(s) => s.to_string(),
@@ -934,11 +934,7 @@ fn collapse_clipped(s: &str, max: usize) -> String {
 /// The non-empty runs of `s` between ASCII white space (`char::is_whitespace` of ASCII).
 fn ascii_pieces(s: &str) -> impl Iterator<Item = &str> {
     let bytes = s.as_bytes();
-    let white = |i: usize| {
-        bytes
-            .get(i)
-            .map(|&b| matches!(b, b'\t' | b'\n' | 0x0b | 0x0c | b'\r' | b' '))
-    };
+    let white = |i: usize| bytes.get(i).map(|&b| text::is_white_space_byte(b));
     let mut i = 0;
     std::iter::from_fn(move || {
         while white(i) == Some(true) {
@@ -1060,7 +1056,7 @@ mod tests {
         assert!(cut > 1000, "{cut}");
     }
 
-    /// Collapsing only what the clip keeps gives what collapsing all and clipping gave.
+    /// Measuring the pieces between the address's copies says what `replace` and `trim` say.
     #[test]
     fn says_little_is_its_definition() {
         let pieces = [
@@ -1085,6 +1081,7 @@ mod tests {
         }
     }
 
+    /// Collapsing only what the clip keeps gives what collapsing all and clipping gave.
     #[test]
     fn collapse_clipped_is_clip_of_collapse() {
         let alphabet =

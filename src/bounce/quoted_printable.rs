@@ -16,6 +16,8 @@
 //! - a line break between the two hex digits is written as a line break and the escape
 //!   goes on; a body that ends inside an escape keeps what was decoded before it.
 
+use mail_parser::decoders::quoted_printable::HEX_MAP;
+
 /// Decodes `bytes`; `None` where `mail-parser`'s decoder fails.
 pub(crate) fn decode(bytes: &[u8]) -> Option<Vec<u8>> {
     let mut out = Output {
@@ -115,13 +117,10 @@ impl Output {
     }
 }
 
+/// The value of a hex digit, by `mail-parser`'s own table (`-1` for any other byte).
 fn hex(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        _ => None,
-    }
+    let value = HEX_MAP.get(usize::from(b))?;
+    u8::try_from(*value).ok()
 }
 
 #[cfg(test)]

@@ -200,14 +200,10 @@ fn reply_code_by_regex(text: &str) -> Option<u16> {
 fn enhanced_status_ascii(b: &[u8]) -> Option<std::ops::Range<usize>> {
     memchr::memchr_iter(b'.', b).find_map(|dot| {
         let class = dot.checked_sub(1)?;
-        if !matches!(b.get(class), Some(b'2' | b'4' | b'5')) || !status_may_follow(b, class) {
+        if !status_may_follow(b, class) {
             return None;
         }
-        let subject_end = short_digit_run(b, dot + 1)?;
-        if b.get(subject_end) != Some(&b'.') {
-            return None;
-        }
-        let detail_end = short_digit_run(b, subject_end + 1)?;
+        let detail_end = status_code_end(b, class)?;
         let ends = match b.get(detail_end) {
             None => true,
             Some(b'.') => !b.get(detail_end + 1).is_some_and(u8::is_ascii_digit),
@@ -225,6 +221,19 @@ fn status_may_follow(b: &[u8], at: usize) -> bool {
             .is_some_and(|&c| !c.is_ascii_digit() && c != b'.')
 }
 
+/// Where the status code `[245].d{1,3}.d{1,3}` that starts at `class` ends, if one does
+/// (each number the whole run of digits there, as the regexes' bounded repeats match it).
+fn status_code_end(b: &[u8], class: usize) -> Option<usize> {
+    if !matches!(b.get(class), Some(b'2' | b'4' | b'5')) || b.get(class + 1) != Some(&b'.') {
+        return None;
+    }
+    let subject_end = short_digit_run(b, class + 2)?;
+    if b.get(subject_end) != Some(&b'.') {
+        return None;
+    }
+    short_digit_run(b, subject_end + 1)
+}
+
 /// The end of the run of digits at `start` when it is one to three long (`\d{1,3}` followed
 /// by something other than a digit: no shorter match of it can be followed by anything else).
 fn short_digit_run(b: &[u8], start: usize) -> Option<usize> {
@@ -240,7 +249,7 @@ fn short_digit_run(b: &[u8], start: usize) -> Option<usize> {
 /// The first [`REPLY`] match's code: `[45][0-5]\d` at the start or after white space or one
 /// of `:(<[#=`, followed by the end, one of ` -)],`, or `.` and white space.
 fn reply_code_ascii(b: &[u8]) -> Option<u16> {
-    let space = |c: &u8| matches!(c, b' ' | b'\t'..=b'\r');
+    let space = |c: &u8| is_white_space_byte(*c);
     memchr::memchr2_iter(b'4', b'5', b).find_map(|at| {
         let [first, second, third] = *b.get(at..at + 3)? else {
             return None;
@@ -274,14 +283,7 @@ fn reply_status_ascii(b: &[u8]) -> Option<std::ops::Range<usize>> {
         }
         let quoted = matches!(b.get(code + 4), Some(b'\'' | b'"'));
         let class = code + 4 + usize::from(quoted);
-        if !matches!(b.get(class), Some(b'2' | b'4' | b'5')) || b.get(class + 1) != Some(&b'.') {
-            return None;
-        }
-        let subject_end = short_digit_run(b, class + 2)?;
-        if b.get(subject_end) != Some(&b'.') {
-            return None;
-        }
-        let detail_end = short_digit_run(b, subject_end + 1)?;
+        let detail_end = status_code_end(b, class)?;
         let ends = b
             .get(detail_end)
             .is_none_or(|c| !c.is_ascii_digit() && *c != b'.');
@@ -654,6 +656,13 @@ pub fn header_fields_where<K>(
 pub(crate) fn split_at_colon(line: &str) -> Option<(&str, &str)> {
     let i = memchr::memchr(b':', line.as_bytes())?;
     Some((line.get(..i)?, line.get(i + 1..)?))
+}
+
+/// Whether `b` is an ASCII byte that Unicode calls white space (`char::is_whitespace`, the
+/// regex `\s`): tab, line feed, vertical tab, form feed, carriage return and space. Not
+/// `u8::is_ascii_whitespace`, which leaves out the vertical tab.
+pub(crate) fn is_white_space_byte(b: u8) -> bool {
+    matches!(b, b' ' | b'\t'..=b'\r')
 }
 
 /// `text.lines()` without their `\r\n` or `\n`, found with the SIMD byte search.

@@ -242,6 +242,23 @@ This is the mail system at host mx.example.org.\r\n\r\n\
     assert_eq!(r.bounce_type, BounceType::Hard);
 }
 
+/// An SMTPUTF8 recipient (RFC 6531) in a prose bounce is read whole, not from its first
+/// ASCII letter on.
+#[test]
+fn prose_bounce_for_an_internationalised_address() {
+    let raw = "From: MAILER-DAEMON@mx.example.org (Mail Delivery System)\r\n\
+Subject: Undelivered Mail Returned to Sender\r\nTo: app@example.com\r\n\
+Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+This is the mail system at host mx.example.org.\r\n\r\n\
+<jürgen@müller.example>: host mx.example.net[192.0.2.9] said: 550 5.1.1\r\n\
+    <jürgen@müller.example>: Recipient address rejected: User unknown (in reply to\r\n\
+    RCPT TO command)\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "jürgen@müller.example");
+    assert_eq!(r.reason, BounceReason::UserUnknown);
+    assert_eq!(r.bounce_type, BounceType::Hard);
+}
+
 #[test]
 fn exim_style_bounce_uses_x_failed_recipients() {
     let raw = "From: Mail Delivery System <Mailer-Daemon@mx.example.org>\r\n\

@@ -43,9 +43,25 @@ pub fn may_name_command(text: &str) -> bool {
 #[cfg(test)]
 static ADDRESS: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@(?:[A-Za-z0-9](?:[A-Za-z0-9\-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-]+@\[[0-9.]+\]",
+        &r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-U]+@(?:[A-Za-z0-9U](?:[A-Za-z0-9\-U]*[A-Za-z0-9U])?\.)+[A-Za-zU]{2,}|[A-Za-z0-9!#$%&'*+/=?^_`{|}~.\-U]+@\[[0-9.]+\]"
+            .replace('U', &utf8_class()),
     )
 });
+/// The non-ASCII characters [`is_utf8_address_char`] takes, as the inside of a regex class.
+#[cfg(test)]
+fn utf8_class() -> String {
+    let spaceless: String = SPACELESS_SCRIPTS
+        .iter()
+        .map(|r| {
+            format!(
+                "\\x{{{:X}}}-\\x{{{:X}}}",
+                *r.start() as u32,
+                *r.end() as u32
+            )
+        })
+        .collect();
+    format!("[[\\p{{Alphabetic}}\\p{{N}}]--[\\p{{ASCII}}{spaceless}]]")
+}
 /// The header line the returned message's header block is recognised by, as one regex; the
 /// scan uses [`is_header_line`] (the same lines, found without a regex) and tests compare them.
 #[cfg(test)]
@@ -318,6 +334,11 @@ pub fn find_command(text: &str) -> Option<&'static str> {
 /// `ADDRESS.find_iter(text)`, found faster: only the run of address characters around each
 /// `@` is looked at (there is exactly one `@` in such a run, and the match that uses it starts
 /// where the run of local-part characters does), and its domain matched by hand.
+///
+/// Besides ASCII, a local part and a domain label may hold letters and digits of other
+/// scripts (RFC 6531 addresses, `jürgen@müller.example`), except of the scripts written
+/// without spaces between words ([`SPACELESS_SCRIPTS`]): there an address abuts the prose
+/// around it, and only its ASCII part can be told apart from the words before and after.
 pub fn addresses(text: &str) -> impl Iterator<Item = (usize, &str)> {
     let bytes = text.as_bytes();
     let mut resume = 0;
@@ -326,17 +347,36 @@ pub fn addresses(text: &str) -> impl Iterator<Item = (usize, &str)> {
             return None;
         }
         let mut start = at;
-        while start > resume && bytes.get(start - 1).is_some_and(|&b| is_local_byte(b)) {
-            start -= 1;
+        while start > resume {
+            match bytes.get(start - 1) {
+                Some(&b) if b.is_ascii() && is_local_byte(b) => start -= 1,
+                Some(&b) if !b.is_ascii() => match text.get(..start)?.chars().next_back() {
+                    Some(c) if is_utf8_address_char(c) && start - c.len_utf8() >= resume => {
+                        start -= c.len_utf8();
+                    }
+                    _ => break,
+                },
+                _ => break,
+            }
         }
         let mut end = at + 1;
-        while bytes.get(end).is_some_and(|&b| is_domain_byte(b)) {
-            end += 1;
+        while let Some(&b) = bytes.get(end) {
+            if b.is_ascii() {
+                if !is_domain_byte(b) {
+                    break;
+                }
+                end += 1;
+            } else {
+                match text.get(end..)?.chars().next() {
+                    Some(c) if is_utf8_address_char(c) => end += c.len_utf8(),
+                    _ => break,
+                }
+            }
         }
         if start == at {
             return None;
         }
-        let m_end = at + 1 + domain_end(bytes.get(at + 1..end)?)?;
+        let m_end = at + 1 + domain_end(text.get(at + 1..end)?)?;
         resume = m_end;
         let a = text
             .get(start..m_end)?
@@ -345,40 +385,71 @@ pub fn addresses(text: &str) -> impl Iterator<Item = (usize, &str)> {
     })
 }
 
-/// Where the domain of an `ADDRESS` match ends in `domain` (the run of domain bytes after
-/// the `@`), as the regex prefers it: the most `label.` parts that a top-level domain of two
-/// or more letters (as many as there are) still follows, else an address literal.
-fn domain_end(domain: &[u8]) -> Option<usize> {
-    let is_label_byte = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-';
+/// The scripts whose letters [`addresses`] does not take as part of an address: Thai, Lao,
+/// Myanmar, Khmer, Hangul, the CJK ideographs, kana and symbols, and the full-width forms.
+const SPACELESS_SCRIPTS: [std::ops::RangeInclusive<char>; 11] = [
+    '\u{0E00}'..='\u{0EFF}',
+    '\u{1000}'..='\u{109F}',
+    '\u{1100}'..='\u{11FF}',
+    '\u{1780}'..='\u{17FF}',
+    '\u{2E80}'..='\u{2FDF}',
+    '\u{3000}'..='\u{9FFF}',
+    '\u{A960}'..='\u{A97F}',
+    '\u{AC00}'..='\u{D7FF}',
+    '\u{F900}'..='\u{FAFF}',
+    '\u{FF00}'..='\u{FFEF}',
+    '\u{20000}'..='\u{3FFFF}',
+];
+
+/// A non-ASCII character an address may hold: a letter or digit outside
+/// [`SPACELESS_SCRIPTS`].
+fn is_utf8_address_char(c: char) -> bool {
+    !c.is_ascii() && c.is_alphanumeric() && !SPACELESS_SCRIPTS.iter().any(|r| r.contains(&c))
+}
+
+/// Where the domain of an `ADDRESS` match ends in `domain` (the run of domain characters
+/// after the `@`), as the regex prefers it: the most `label.` parts that a top-level domain of
+/// two or more letters (as many as there are) still follows, else an address literal. A
+/// non-ASCII letter or digit ([`is_utf8_address_char`]) counts as a letter.
+fn domain_end(domain: &str) -> Option<usize> {
+    let is_alnum = |c: char| c.is_ascii_alphanumeric() || is_utf8_address_char(c);
+    let is_letter = |c: char| c.is_ascii_alphabetic() || is_utf8_address_char(c);
+    let at = |i: usize| match domain.as_bytes().get(i) {
+        Some(&b) if b.is_ascii() => Some(char::from(b)),
+        Some(_) => domain.get(i..).and_then(|s| s.chars().next()),
+        None => None,
+    };
     // After each `label.` (a label starts and ends with a letter or digit, and the dot
     // after it fixes where it ends), the letters there; the last `label.` with two or more
     // letters after it is where the regex's greedy repetition settles.
     let mut end = None;
     let mut q = 0;
-    while domain.get(q).is_some_and(u8::is_ascii_alphanumeric) {
-        let len = domain
-            .get(q..)?
-            .iter()
-            .take_while(|b| is_label_byte(b))
-            .count();
-        let e = q + len;
-        if domain.get(e) != Some(&b'.') || !domain.get(e - 1)?.is_ascii_alphanumeric() {
+    while at(q).is_some_and(is_alnum) {
+        let mut e = q;
+        let mut last = None;
+        while let Some(c) = at(e).filter(|&c| is_alnum(c) || c == '-') {
+            last = Some(c);
+            e += c.len_utf8();
+        }
+        if at(e) != Some('.') || !last.is_some_and(is_alnum) {
             break;
         }
         q = e + 1;
-        let letters = domain
-            .get(q..)?
-            .iter()
-            .take_while(|b| b.is_ascii_alphabetic())
-            .count();
+        let mut t = q;
+        let mut letters = 0;
+        while let Some(c) = at(t).filter(|&c| is_letter(c)) {
+            letters += 1;
+            t += c.len_utf8();
+        }
         if letters >= 2 {
-            end = Some(q + letters);
+            end = Some(t);
         }
     }
     if end.is_some() {
         return end;
     }
     // An address literal: `[` digits and dots `]`.
+    let domain = domain.as_bytes();
     if domain.first() == Some(&b'[') {
         let n = domain
             .get(1..)?
@@ -826,12 +897,13 @@ mod tests {
             "a@b.com@c.org d@@e.org @f.org g@ h@i",
             "x@[192.0.2.1] 'quoted'@example.org é@example.org naïve@exämple.org",
             "...a@b.co... a-@-b.org a@b-.org a@b.c",
+            "jürgen@remote.example «ünal@müller.example» アドレスuser@example.jpは",
         ];
         for t in fixed {
             assert_eq!(fast(t), slow(t), "{t:?}");
         }
         // Random strings over the characters that matter.
-        let alphabet = crate::test_support::test_chars("ab1.-@@[]' <>éz_");
+        let alphabet = crate::test_support::test_chars("ab1.-@@[]' <>éz_üア«٣");
         let mut rng = crate::test_support::TestRng::new(0x9e37_79b9_7f4a_7c15);
         for _ in 0..3000 {
             let t = rng.text(39, &alphabet);
@@ -840,7 +912,7 @@ mod tests {
         // Domains: labels, dots, hyphens, top-level domains and literals.
         let pieces = [
             "a", "B1", "9", ".", "..", "-", "@", "[", "]", "0.1", ".org", "x-y", " ", "'", "é",
-            "Zz", "-.",
+            "Zz", "-.", "ü", "ア", "é.", "xä", "٣",
         ];
         for _ in 0..20_000 {
             let t = rng.text(16, &pieces);
@@ -1173,6 +1245,26 @@ mod tests {
             .map(|(_, a)| a)
             .collect();
         assert_eq!(v, vec!["a.b@c.example", "x@[192.0.2.1]"]);
+    }
+
+    /// RFC 6531 addresses are found whole; in prose without spaces between words (Japanese
+    /// here) only the ASCII address is taken, not the words it abuts.
+    #[test]
+    fn extracts_internationalised_addresses() {
+        let v: Vec<_> = addresses(
+            "<jürgen@remote.example>: unknown; «ünal@müller.example» \
+             宛先アドレスuser@example.jpは存在しません",
+        )
+        .map(|(_, a)| a)
+        .collect();
+        assert_eq!(
+            v,
+            vec![
+                "jürgen@remote.example",
+                "ünal@müller.example",
+                "user@example.jp"
+            ]
+        );
     }
 
     /// The stripping as it was written first, character by character and one `replace` per

@@ -25,7 +25,7 @@ pub(crate) fn records(view: &View) -> Vec<BounceRecord> {
         .header("x-apple-unsubscribe")
         .is_some_and(|v| v.eq_ignore_ascii_case("true"))
     {
-        let who = view.from.clone();
+        let who = view.from().to_string();
         return one(view, &who, "opt-out");
     }
     Vec::new()

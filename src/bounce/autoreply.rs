@@ -48,10 +48,10 @@ pub(crate) fn records(view: &View) -> Vec<BounceRecord> {
     if !(has_autoreply_header(view) || VACATION_SUBJECT.is_match(&view.subject)) {
         return Vec::new();
     }
-    if view.from.is_empty() || !view.from.contains('@') {
+    if view.from().is_empty() || !view.from().contains('@') {
         return Vec::new();
     }
-    let mut r = BounceRecord::new(view.from.clone(), BounceKind::Autoreply);
+    let mut r = BounceRecord::new(view.from().to_string(), BounceKind::Autoreply);
     let first_line = view
         .human
         .lines()

@@ -4,10 +4,12 @@
 //! for bounce prose.
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::sync::LazyLock;
 
 #[cfg(test)]
 use aho_corasick::{AhoCorasick, MatchKind};
+use mail_parser::parsers::MessageStream;
 use mail_parser::{GetHeader, HeaderName, MessageParser};
 use regex::Regex;
 
@@ -25,12 +27,10 @@ const MAX_PROSE_DIAGNOSTIC: usize = 1200;
 
 pub(crate) struct View {
     pub subject: String,
-    /// The bounce's From address, lowercased.
-    pub from: String,
-    /// The bounce's From display name and address, lowercased.
-    pub from_full: String,
-    /// The bounce's To address, lowercased.
-    pub to: String,
+    /// The bounce's From and To fields as written, read by [`View::from`] and [`View::to`]
+    /// when a reader first asks (most bounces are read without them).
+    from_to_raw: [Vec<u8>; 2],
+    from_to: OnceCell<FromTo>,
     /// The top-level header fields in [`KEPT_HEADERS`] (names lowercased, values unfolded).
     pub headers: Vec<(String, String)>,
     pub report_type: Option<String>,
@@ -59,23 +59,16 @@ impl View {
         let raw_read = reduced.as_deref().unwrap_or(raw);
         let parts = mime::parts(&PARSER, raw_read)?;
         let root = parts.first()?;
-        let address = |name: HeaderName<'_>| {
+        // The first From and To fields' values (the header parser skips them).
+        let raw_value = |name: HeaderName<'_>| {
             root.headers
-                .header_value(&name)
-                .and_then(|a| a.as_address())
-                .and_then(|a| a.first())
-        };
-        let first_addr = |name: HeaderName<'_>| {
-            address(name)
-                .and_then(|a| a.address())
-                .map(|s| s.trim().to_ascii_lowercase())
+                .iter()
+                .find(|h| h.name == name)
+                .and_then(|h| raw_read.get(h.offset_start as usize..h.offset_end as usize))
+                .map(<[u8]>::to_vec)
                 .unwrap_or_default()
         };
-        let from = first_addr(HeaderName::From);
-        let from_name = address(HeaderName::From)
-            .and_then(|a| a.name())
-            .unwrap_or("")
-            .to_ascii_lowercase();
+        let from_to_raw = [raw_value(HeaderName::From), raw_value(HeaderName::To)];
         let mut headers = Vec::new();
         for header in &root.headers {
             // Only the few headers the readers consult are kept.
@@ -101,9 +94,8 @@ impl View {
 
         let mut view = View {
             subject,
-            from_full: format!("{from_name} {from}"),
-            from,
-            to: first_addr(HeaderName::To),
+            from_to_raw,
+            from_to: OnceCell::new(),
             headers,
             report_type,
             delivery_status: Vec::new(),
@@ -231,6 +223,33 @@ impl View {
         Some(view)
     }
 
+    /// The bounce's From address, lowercased.
+    pub fn from(&self) -> &str {
+        &self.from_to().from
+    }
+
+    /// The bounce's From display name and address, lowercased.
+    pub fn from_full(&self) -> &str {
+        &self.from_to().from_full
+    }
+
+    /// The bounce's To address, lowercased.
+    pub fn to(&self) -> &str {
+        &self.from_to().to
+    }
+
+    fn from_to(&self) -> &FromTo {
+        self.from_to.get_or_init(|| {
+            let [from, to] = &self.from_to_raw;
+            let (from_name, from) = first_mailbox(from);
+            FromTo {
+                from_full: format!("{from_name} {from}"),
+                from,
+                to: first_mailbox(to).1,
+            }
+        })
+    }
+
     /// The human-readable text before the returned message.
     pub fn error_section(&self) -> &str {
         self.human.get(..self.error_len).unwrap_or(&self.human)
@@ -282,10 +301,34 @@ impl View {
     /// Whether the bounce's own headers say it is a delivery failure notice, or it returns
     /// a message and its text says delivery failed.
     pub fn looks_like_bounce(&self) -> bool {
-        BOUNCE_FROM.is_match(&self.from_full)
+        BOUNCE_FROM.is_match(self.from_full())
             || BOUNCE_SUBJECT.is_match(&self.subject)
             || (self.returned_has_headers && BOUNCE_TEXT.is_match(self.error_section()))
     }
+}
+
+/// The bounce's From and To, read by `mail-parser`'s address parser.
+struct FromTo {
+    from: String,
+    from_full: String,
+    to: String,
+}
+
+/// The display name and address of the first mailbox in an address field's `value`, both
+/// lowercased (empty when there is none).
+fn first_mailbox(value: &[u8]) -> (String, String) {
+    let parsed = MessageStream::new(value).parse_address();
+    let first = parsed.as_address().and_then(|a| a.first());
+    (
+        first
+            .and_then(|a| a.name())
+            .unwrap_or("")
+            .to_ascii_lowercase(),
+        first
+            .and_then(|a| a.address())
+            .map(|s| s.trim().to_ascii_lowercase())
+            .unwrap_or_default(),
+    )
 }
 
 /// Correlation hints found in the returned message.
@@ -755,8 +798,8 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
     // the lowercased address.
     let excluded = |a: &str| {
         let local = a.split('@').next().unwrap_or("");
-        a.eq_ignore_ascii_case(&view.from)
-            || a.eq_ignore_ascii_case(&view.to)
+        a.eq_ignore_ascii_case(view.from())
+            || a.eq_ignore_ascii_case(view.to())
             || [
                 "mailer-daemon",
                 "postmaster",

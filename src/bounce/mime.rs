@@ -13,15 +13,13 @@ use mail_parser::parsers::MessageStream;
 use mail_parser::{ContentType, Encoding, GetHeader, Header, HeaderName, HeaderValue};
 use memchr::memmem::Finder;
 
-/// The header parser the walk needs, and the bounce reader: MIME fields, Subject, From and
-/// To decoded, every other field skipped (read to its end exactly as the raw-text parser
-/// reads it, its value left empty).
+/// The header parser the walk needs, and the bounce reader: MIME fields and Subject
+/// decoded, every other field skipped (read to its end exactly as the raw-text parser reads
+/// it, its value left empty; the bounce reader parses From and To itself when it needs them).
 pub(crate) fn parser() -> MessageParser {
     MessageParser::new()
         .with_mime_headers()
         .header_text(HeaderName::Subject)
-        .header_address(HeaderName::From)
-        .header_address(HeaderName::To)
         .default_header_ignore()
 }
 

@@ -225,20 +225,20 @@ impl View {
 
     /// The bounce's From address, lowercased.
     pub fn from(&self) -> &str {
-        &self.from_to().from
+        &self.header_addresses().from
     }
 
     /// The bounce's From display name and address, lowercased.
-    pub fn from_full(&self) -> &str {
-        &self.from_to().from_full
+    pub fn display_from(&self) -> &str {
+        &self.header_addresses().from_full
     }
 
     /// The bounce's To address, lowercased.
     pub fn to(&self) -> &str {
-        &self.from_to().to
+        &self.header_addresses().to
     }
 
-    fn from_to(&self) -> &FromTo {
+    fn header_addresses(&self) -> &FromTo {
         self.from_to.get_or_init(|| {
             let [from, to] = &self.from_to_raw;
             let (from_name, from) = first_mailbox(from);
@@ -301,7 +301,7 @@ impl View {
     /// Whether the bounce's own headers say it is a delivery failure notice, or it returns
     /// a message and its text says delivery failed.
     pub fn looks_like_bounce(&self) -> bool {
-        BOUNCE_FROM.is_match(self.from_full())
+        BOUNCE_FROM.is_match(self.display_from())
             || BOUNCE_SUBJECT.is_match(&self.subject)
             || (self.returned_has_headers && BOUNCE_TEXT.is_match(self.error_section()))
     }

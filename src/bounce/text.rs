@@ -687,7 +687,11 @@ pub fn header_fields_where<K>(
     let mut kept = false;
     for raw in lines(text) {
         let line = raw.trim_end_matches('\r');
-        if line.trim().is_empty() {
+        // A line that starts with a printable ASCII byte is not blank; only the others are
+        // trimmed to see (Unicode white space counts, as `str::trim` has it).
+        let blank =
+            !line.as_bytes().first().is_some_and(u8::is_ascii_graphic) && line.trim().is_empty();
+        if blank {
             if started {
                 break;
             }
@@ -701,10 +705,9 @@ pub fn header_fields_where<K>(
             continue;
         }
         match split_at_colon(line) {
+            // (A space is not a graphic byte: a name holds none.)
             Some((name, value))
-                if !name.is_empty()
-                    && !name.contains(' ')
-                    && name.bytes().all(|b| b.is_ascii_graphic() && b != b':') =>
+                if !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic()) =>
             {
                 started = true;
                 let key = keep(name);

@@ -43,7 +43,7 @@ fn one(view: &View, rcpt: &str, feedback_type: &str) -> Vec<BounceRecord> {
 
 fn from_report(view: &View, report: &str) -> Vec<BounceRecord> {
     let ds = dsn::parse_delivery_status(report);
-    let fields: Vec<&(std::borrow::Cow<'static, str>, String)> = ds
+    let fields: Vec<&(std::borrow::Cow<'static, str>, std::borrow::Cow<'_, str>)> = ds
         .per_message
         .fields
         .iter()

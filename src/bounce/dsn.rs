@@ -5,13 +5,13 @@
 use std::borrow::Cow;
 
 /// One field block (per-message or per-recipient), names lowercased (the known ones as
-/// static spellings), folded lines joined.
+/// static spellings), folded lines joined (a one-line value borrowed from the text).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct FieldBlock {
-    pub fields: Vec<(Cow<'static, str>, String)>,
+pub struct FieldBlock<'a> {
+    pub fields: Vec<(Cow<'static, str>, Cow<'a, str>)>,
 }
 
-impl FieldBlock {
+impl FieldBlock<'_> {
     /// The first value of `name` (lowercase), trimmed, if non-empty.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.fields
@@ -30,9 +30,9 @@ impl FieldBlock {
 
 /// A parsed delivery-status body.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeliveryStatus {
-    pub per_message: FieldBlock,
-    pub recipients: Vec<FieldBlock>,
+pub struct DeliveryStatus<'a> {
+    pub per_message: FieldBlock<'a>,
+    pub recipients: Vec<FieldBlock<'a>>,
 }
 
 const MESSAGE_FIELDS: &[&str] = &[
@@ -82,12 +82,16 @@ const MAX_FIELDS: usize = 64;
 
 /// Splits `text` into header-style field blocks separated by blank lines. Lines that are
 /// not `Name: value` nor continuations are skipped, so stray prose does not end a block.
-fn blocks(text: &str) -> Vec<FieldBlock> {
+fn blocks(text: &str) -> Vec<FieldBlock<'_>> {
     let mut out = Vec::new();
     let mut cur = FieldBlock::default();
     for raw in super::text::lines(text) {
         let line = raw.trim_end_matches('\r');
-        if line.trim().is_empty() {
+        // A line that starts with a printable ASCII byte is not blank; only the others are
+        // trimmed to see.
+        let blank =
+            !line.as_bytes().first().is_some_and(u8::is_ascii_graphic) && line.trim().is_empty();
+        if blank {
             if !cur.fields.is_empty() {
                 out.push(std::mem::take(&mut cur));
                 if out.len() >= MAX_BLOCKS {
@@ -98,6 +102,7 @@ fn blocks(text: &str) -> Vec<FieldBlock> {
         }
         if line.starts_with([' ', '\t']) {
             if let Some((_, v)) = cur.fields.last_mut() {
+                let v = v.to_mut();
                 v.push(' ');
                 v.push_str(line.trim());
             }
@@ -112,7 +117,7 @@ fn blocks(text: &str) -> Vec<FieldBlock> {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             {
                 cur.fields
-                    .push((field_name(name), value.trim().to_string()));
+                    .push((field_name(name), Cow::Borrowed(value.trim())));
             }
         }
     }
@@ -124,7 +129,7 @@ fn blocks(text: &str) -> Vec<FieldBlock> {
 
 /// Parses a delivery-status body. Every block that names a recipient is a recipient block;
 /// per-message fields are gathered from the other blocks (some MTAs run them together).
-pub fn parse_delivery_status(text: &str) -> DeliveryStatus {
+pub fn parse_delivery_status(text: &str) -> DeliveryStatus<'_> {
     let mut ds = DeliveryStatus::default();
     for block in blocks(text) {
         if block.is_recipient_block() {

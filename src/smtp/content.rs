@@ -99,11 +99,21 @@ impl ContentScanner {
                     i += 1;
                 }
                 _ => {
-                    // Ordinary text up to the next CR or LF is copied in one go.
+                    // Ordinary text up to the next CR or LF is copied in one go, in two
+                    // pieces when it passes the line limit: what still fits on the line,
+                    // then the rest. Each byte counts against the line limit just before it
+                    // counts against the size limit, so the limit reached first names the
+                    // rejection, wherever the reads split the run.
                     let rest = input.get(i..).unwrap_or(&[]);
                     let run = memchr::memchr2(b'\r', b'\n', rest).unwrap_or(rest.len());
-                    self.count_line_bytes(run);
-                    self.push(rest.get(..run).unwrap_or(&[]));
+                    let fits = self.max_line.saturating_sub(self.line_len + 1).min(run);
+                    for piece in [rest.get(..fits), rest.get(fits..run)] {
+                        let piece = piece.unwrap_or(&[]);
+                        if !piece.is_empty() {
+                            self.count_line_bytes(piece.len());
+                            self.push(piece);
+                        }
+                    }
                     i += run;
                 }
             }
@@ -272,6 +282,23 @@ mod tests {
         let (_, done) = s.ingest(b"0123456789\r\n.\r\n");
         assert!(done);
         assert_eq!(s.finish(), Err(ContentError::TooBig));
+    }
+
+    #[test]
+    fn the_first_limit_reached_names_the_rejection_whatever_the_read_boundaries() {
+        // The size limit is passed at the 11th byte, the line limit at the 20th: the message
+        // is too big, whether the line arrives in one read or in two.
+        let input = b"aaaaaaaaaaaaaaaaaaaaaaaaa\r\n.\r\n";
+        for split in [input.len(), 12] {
+            let mut s = ContentScanner::new(Framing::DotTerminated, 10, 20);
+            let (head, tail) = input.split_at(split);
+            let (n, done) = s.ingest(head);
+            assert_eq!((n, done), (head.len(), tail.is_empty()));
+            if !tail.is_empty() {
+                assert_eq!(s.ingest(tail), (tail.len(), true));
+            }
+            assert_eq!(s.finish(), Err(ContentError::TooBig), "split {split}");
+        }
     }
 
     #[test]

@@ -1504,17 +1504,34 @@ mod tests {
     }
 
     #[test]
-    fn pipelined_commands_in_one_read_take_linear_time() {
-        // Each line used to be removed from the front of the input buffer, moving all the
-        // bytes after it: 4 MB of pipelined NOOPs took half a minute, not a second.
+    fn every_pipelined_command_of_one_read_is_answered() {
         let mut c = client();
         c.send(b"EHLO client.example\r\n");
-        let lines = 700_000;
-        let t = std::time::Instant::now();
+        let lines = 100_000;
         let wire = c.send(&b"NOOP\r\n".repeat(lines));
-        let elapsed = t.elapsed();
         assert_eq!(wire.matches("250 2.0.0 Ok\r\n").count(), lines);
-        assert!(elapsed < std::time::Duration::from_secs(10), "{elapsed:?}");
+    }
+
+    /// Consuming a line only moves the cursor (each line used to be drained from the front
+    /// of the buffer, moving every byte after it: quadratic in the lines of one read); the
+    /// consumed bytes go when the next read arrives.
+    #[test]
+    fn input_consumes_by_cursor_and_drops_consumed_bytes_on_the_next_read() {
+        let mut input = Input::default();
+        input.extend_from_slice(b"NOOP\r\nRSET\r\nQU");
+        let base = input.buf.as_ptr();
+        input.consume(6);
+        assert_eq!(input.bytes(), b"RSET\r\nQU");
+        assert_eq!(input.buf.len(), 14, "nothing moved or freed yet");
+        assert_eq!(input.buf.as_ptr(), base);
+        input.consume(6);
+        assert_eq!(input.bytes(), b"QU");
+        input.extend_from_slice(b"IT\r\n");
+        assert_eq!(input.bytes(), b"QUIT\r\n");
+        assert_eq!(input.start, 0);
+        assert_eq!(input.buf, b"QUIT\r\n");
+        input.consume(100);
+        assert!(input.is_empty());
     }
 
     #[test]

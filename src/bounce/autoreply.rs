@@ -63,14 +63,14 @@ fn has_autoreply_header(view: &View) -> bool {
 
 /// One auto-reply record, or none when `view` is not an automatic reply.
 pub(crate) fn records(view: &View) -> Vec<BounceRecord> {
-    // A delivery failure notice is never an auto-reply, even when it says auto-replied.
-    // Searched only when asked, at most once (most bounces are decided before).
-    let vacation = std::cell::OnceCell::new();
-    let vacation_subject = || *vacation.get_or_init(|| is_vacation_subject(&view.subject));
-    if view.looks_like_bounce() && !vacation_subject() {
-        return Vec::new();
-    }
-    if !(has_autoreply_header(view) || vacation_subject()) {
+    // A delivery failure notice is never an auto-reply, even when it says auto-replied: then
+    // only a vacation subject makes it one.
+    let autoreply = if view.looks_like_bounce() {
+        is_vacation_subject(&view.subject)
+    } else {
+        has_autoreply_header(view) || is_vacation_subject(&view.subject)
+    };
+    if !autoreply {
         return Vec::new();
     }
     if view.from().is_empty() || !view.from().contains('@') {

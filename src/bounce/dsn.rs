@@ -87,11 +87,7 @@ fn blocks(text: &str) -> Vec<FieldBlock<'_>> {
     let mut cur = FieldBlock::default();
     for raw in super::text::lines(text) {
         let line = raw.trim_end_matches('\r');
-        // A line that starts with a printable ASCII byte is not blank; only the others are
-        // trimmed to see.
-        let blank =
-            !line.as_bytes().first().is_some_and(u8::is_ascii_graphic) && line.trim().is_empty();
-        if blank {
+        if super::text::is_blank_line(line) {
             if !cur.fields.is_empty() {
                 out.push(std::mem::take(&mut cur));
                 if out.len() >= MAX_BLOCKS {

@@ -27,8 +27,9 @@ const MAX_PROSE_DIAGNOSTIC: usize = 1200;
 
 pub(crate) struct View {
     pub subject: String,
-    /// The bounce's From and To fields as written, read by [`View::from`] and [`View::to`]
-    /// when a reader first asks (most bounces are read without them).
+    /// The bounce's From and To fields as written, parsed for [`View::from`],
+    /// [`View::display_from`] and [`View::to`] when a reader first asks (not in the header
+    /// walk, which would parse every part's and returned message's From and To too).
     from_to_raw: [Vec<u8>; 2],
     from_to: OnceCell<FromTo>,
     /// The top-level header fields in [`KEPT_HEADERS`] (names lowercased, values unfolded).
@@ -230,7 +231,7 @@ impl View {
 
     /// The bounce's From display name and address, lowercased.
     pub fn display_from(&self) -> &str {
-        &self.header_addresses().from_full
+        &self.header_addresses().display_from
     }
 
     /// The bounce's To address, lowercased.
@@ -243,7 +244,7 @@ impl View {
             let [from, to] = &self.from_to_raw;
             let (from_name, from) = first_mailbox(from);
             FromTo {
-                from_full: format!("{from_name} {from}"),
+                display_from: format!("{from_name} {from}"),
                 from,
                 to: first_mailbox(to).1,
             }
@@ -310,7 +311,7 @@ impl View {
 /// The bounce's From and To, read by `mail-parser`'s address parser.
 struct FromTo {
     from: String,
-    from_full: String,
+    display_from: String,
     to: String,
 }
 
@@ -794,7 +795,7 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
 fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
     let returned_from = view.returned_header("from").and_then(first_address);
     let returned_path = view.returned_header("return-path").and_then(first_address);
-    // `view.from` and `view.to` are lowercase: comparing ignoring ASCII case is comparing
+    // `view.from()` and `view.to()` are lowercase: comparing ignoring ASCII case is comparing
     // the lowercased address.
     let excluded = |a: &str| {
         let local = a.split('@').next().unwrap_or("");

@@ -687,11 +687,7 @@ pub fn header_fields_where<K>(
     let mut kept = false;
     for raw in lines(text) {
         let line = raw.trim_end_matches('\r');
-        // A line that starts with a printable ASCII byte is not blank; only the others are
-        // trimmed to see (Unicode white space counts, as `str::trim` has it).
-        let blank =
-            !line.as_bytes().first().is_some_and(u8::is_ascii_graphic) && line.trim().is_empty();
-        if blank {
+        if is_blank_line(line) {
             if started {
                 break;
             }
@@ -730,6 +726,14 @@ pub fn header_fields_where<K>(
 pub(crate) fn split_at_colon(line: &str) -> Option<(&str, &str)> {
     let i = memchr::memchr(b':', line.as_bytes())?;
     Some((line.get(..i)?, line.get(i + 1..)?))
+}
+
+/// Whether `line` is empty or white space only (Unicode white space, as `str::trim` has it).
+/// A line that starts with a printable ASCII byte, as nearly every line does, is not
+/// trimmed to see.
+#[inline]
+pub(crate) fn is_blank_line(line: &str) -> bool {
+    !line.as_bytes().first().is_some_and(u8::is_ascii_graphic) && line.trim().is_empty()
 }
 
 /// Whether `b` is an ASCII byte that Unicode calls white space (`char::is_whitespace`, the

@@ -242,6 +242,31 @@ This is the mail system at host mx.example.org.\r\n\r\n\
     assert_eq!(r.bounce_type, BounceType::Hard);
 }
 
+/// A returned header quoted inline without a marker line and with no space after the
+/// colons (`Received:from ...`, as some webmail MTAs write it) ends the diagnostic, and its
+/// Message-ID still correlates.
+#[test]
+fn inline_returned_header_without_spaces_ends_the_diagnostic() {
+    let raw = "From: mailer-daemon@mail.example.org\r\n\
+Subject: Undelivered Mail Returned to Sender\r\nTo: app@example.com\r\n\r\n\
+A message that you sent could not be delivered to one or more of its recipients.\r\n\r\n\
+full@example.net Invalid Address, ERROR_CODE :550, ERROR_CODE :5.2.2 Mailbox Full\r\n\r\n\r\n\
+Received:from mail.example.org by mx.example.org\r\n\
+\x20   with SMTP id 1234; Fri, 12 Dec 2014 02:50:59 -0800 (PST)\r\n\
+Message-ID:<m-42@app.example.com>\r\n\
+From:\"App\" <app@example.com>\r\n\
+To:<full@example.net>\r\n\
+Subject:Invoice\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "full@example.net");
+    assert_eq!(
+        r.diagnostic.as_deref(),
+        Some("full@example.net Invalid Address, ERROR_CODE :550, ERROR_CODE :5.2.2 Mailbox Full")
+    );
+    assert_eq!(r.message_id.as_deref(), Some("<m-42@app.example.com>"));
+    assert_eq!(r.reason, BounceReason::MailboxFull);
+}
+
 /// An SMTPUTF8 recipient (RFC 6531) in a prose bounce is read whole, not from its first
 /// ASCII letter on.
 #[test]

@@ -67,7 +67,7 @@ fn utf8_class() -> String {
 #[cfg(test)]
 static HEADER_LINE: LazyLock<Regex> = LazyLock::new(|| {
     re(
-        r"(?mi)^(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding): ",
+        r"(?mi)^(received|return-path|message-id|from|to|subject|date|x-[a-z0-9-]+|dkim-signature|mime-version|content-type|delivered-to|reply-to|cc|sender|authentication-results|arc-[a-z-]+|domainkey-signature|references|in-reply-to|list-[a-z-]+|precedence|importance|thread-[a-z]+|user-agent|content-transfer-encoding):(?: |[^\s])",
     )
 });
 
@@ -532,7 +532,10 @@ fn is_header_line(line: &str) -> bool {
     let Some(colon) = memchr::memchr(b':', line.as_bytes()) else {
         return false;
     };
-    if line.as_bytes().get(colon + 1) != Some(&b' ') {
+    // `Name: value`, or `Name:value` as some MTAs quote the returned header (RFC 5322 needs
+    // no space); not `Name:` followed by other white space or nothing.
+    let after = line.get(colon + 1..).and_then(|s| s.chars().next());
+    if !after.is_some_and(|c| c == ' ' || !c.is_whitespace()) {
         return false;
     }
     let mut buf = [0u8; 64];
@@ -1164,6 +1167,10 @@ mod tests {
             "ARC-Seal: i=1\n",
             "List-Id: <l.example>\n",
             "Subject:no space\n",
+            "Subject:\tafter a tab\n",
+            "Subject:\u{a0}after a no-break space\n",
+            "To:\n",
+            "To:<a@b.example>\n",
             "Subject: hi\n",
             "DKIM-Signature: v=1\n",
             "Date : Mon\n",

@@ -838,6 +838,9 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
     };
 
     let mut found: Vec<(String, usize)> = Vec::new();
+    // An address once seen as the sender, a help desk or a Message-Id stays that further
+    // on, where the words around it may say nothing (another language, a bare list).
+    let mut not_recipients: Vec<&str> = Vec::new();
     let failed_header: Vec<String> = view
         .header("x-failed-recipients")
         .map(|v| text::addresses(v).map(|(_, a)| a.to_string()).collect())
@@ -846,7 +849,11 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         if found.len() >= MAX_PROSE_RECIPIENTS {
             break;
         }
-        if excluded(addr) || sender_context(pos) {
+        if excluded(addr) || not_recipients.iter().any(|a| a.eq_ignore_ascii_case(addr)) {
+            continue;
+        }
+        if sender_context(pos) {
+            not_recipients.push(addr);
             continue;
         }
         if !failed_header.is_empty() && !failed_header.iter().any(|f| f.eq_ignore_ascii_case(addr))

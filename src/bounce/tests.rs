@@ -242,6 +242,44 @@ This is the mail system at host mx.example.org.\r\n\r\n\
     assert_eq!(r.bounce_type, BounceType::Hard);
 }
 
+/// A notice in ISO-2022-JP (as Japanese providers send them) is decoded, so its text (the
+/// diagnostic an admin reads) is Japanese, not escape sequences.
+#[test]
+fn a_notice_in_iso_2022_jp_is_decoded() {
+    let mut raw = b"From: MAILER-DAEMON@mx.example.jp (Mail Delivery System)\r\n\
+Subject: Undelivered Mail Returned to Sender\r\nTo: app@example.com\r\nMIME-Version: 1.0\r\n\
+Content-Type: text/plain; charset=iso-2022-jp\r\n\r\n"
+        .to_vec();
+    raw.extend_from_slice(b"<gone@example.jp>: 550 5.1.1 ");
+    // "ユーザが見つかりません" (user not found) in ISO-2022-JP.
+    raw.extend_from_slice(b"\x1b$B%f!<%6$,8+$D$+$j$^$;$s\x1b(B\r\n");
+    let records = parse(&raw);
+    assert_eq!(records.len(), 1, "{records:#?}");
+    let r = &records[0];
+    assert_eq!(r.recipient, "gone@example.jp");
+    assert_eq!(
+        r.diagnostic.as_deref(),
+        Some("<gone@example.jp>: 550 5.1.1 ユーザが見つかりません")
+    );
+    assert_eq!(r.reason, BounceReason::UserUnknown);
+}
+
+/// A help-desk address named with "please contact" is no recipient where it comes again in
+/// words the sender-context check cannot read (here Japanese).
+#[test]
+fn a_help_desk_address_stays_excluded_where_it_comes_again() {
+    let raw = "From: MAILER-DAEMON@mx.example.jp (Mail Delivery System)\r\n\
+Subject: Undelivered Mail Returned to Sender\r\nTo: app@example.com\r\nMIME-Version: 1.0\r\n\
+Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+For further assistance, please contact <help@isp.example>\r\n\r\n\
+解決できない場合は、<help@isp.example> へご連絡ください。\r\n\r\n\
+<gone@example.net>: host mx.example.net[192.0.2.9] said: 550 5.1.1 User unknown\r\n\
+\x20   (in reply to RCPT TO command)\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "gone@example.net");
+    assert_eq!(r.reason, BounceReason::UserUnknown);
+}
+
 /// A returned header quoted inline without a marker line and with no space after the
 /// colons (`Received:from ...`, as some webmail MTAs write it) ends the diagnostic, and its
 /// Message-ID still correlates.

@@ -280,6 +280,15 @@ mod tests {
         assert_eq!(msg.subject.as_deref(), Some("Hello world"));
     }
 
+    /// Japanese business mail names its charset in encoded words (ISO-2022-JP here): the
+    /// mail log shows the subject as written, not the escape sequences.
+    #[test]
+    fn decodes_a_subject_in_a_multi_byte_charset() {
+        let raw = b"Subject: =?ISO-2022-JP?B?GyRCQEE1YT1xJE4kNDBGRmIbKEI=?=\r\n\r\nx\r\n";
+        let msg = build(envelope(&["a@x"]), raw, ReceiptId::new(), at(), "h");
+        assert_eq!(msg.subject.as_deref(), Some("請求書のご案内"));
+    }
+
     #[test]
     fn removes_context_header_and_keeps_its_value() {
         let raw = b"From: a@x\r\nX-Mailtrail-Context: order=42\r\n  user=7\r\nSubject: s\r\n\r\nX-Mailtrail-Context: in body\r\n";

@@ -156,7 +156,7 @@ fn main() -> ExitCode {
     match mailtrail::cli::run(cli.config.as_deref(), into_request(cli.command)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("mailtrail: {e:#}");
+            eprintln!("mailtrail: {}", mailtrail::cli::error_text(&e));
             ExitCode::FAILURE
         }
     }

@@ -466,6 +466,17 @@ fn bad_config_names_the_key_and_exits_non_zero() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("relay_networks"));
+    // A config file that cannot be read: the path and the reason, said once.
+    let missing = dir.path().join("missing.toml");
+    let out = std::process::Command::new(common::mailtrail::bin())
+        .args(["serve", "--config"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing.toml"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
 
 /// The value of the first sample of `/metrics` text whose line starts with `name`.

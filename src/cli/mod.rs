@@ -292,3 +292,51 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// The error as one line for the terminal: each cause in turn, `: ` between them, except a
+/// cause whose text the line already holds. (An error whose message names its own source,
+/// "cannot read config file X: No such file or directory", printed with anyhow's `{:#}`
+/// said the reason twice.)
+pub fn error_text(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+#[cfg(test)]
+mod error_text_tests {
+    use super::error_text;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read config file x.toml: {source}")]
+    struct NamesItsSource {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_source_the_message_already_names_is_said_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::new(NamesItsSource { source: io });
+        assert_eq!(format!("{e:#}").matches("No such file").count(), 2);
+        assert_eq!(
+            error_text(&e),
+            "cannot read config file x.toml: No such file or directory"
+        );
+    }
+
+    #[test]
+    fn context_and_its_cause_are_both_said() {
+        let io = std::io::Error::other("disk full");
+        let e = anyhow::Error::new(io).context("storing the message");
+        assert_eq!(error_text(&e), "storing the message: disk full");
+    }
+}

@@ -56,6 +56,12 @@ impl View {
     /// The view of `raw`; `returned`: the returned message's headers when the caller cut
     /// them off `raw` (see [`without_returned_body`]).
     pub fn read(raw: &[u8], returned: Option<&[u8]>) -> Option<View> {
+        Self::read_nested(raw, returned, true)
+    }
+
+    /// [`View::read`]; `recover`: whether a multipart part without a boundary is read again
+    /// with the boundary its first delimiter line names ([`recovered_multipart`]), once.
+    fn read_nested(raw: &[u8], returned: Option<&[u8]>, recover: bool) -> Option<View> {
         let reduced = with_read_headers_only(raw);
         let raw_read = reduced.as_deref().unwrap_or(raw);
         let parts = mime::parts(&PARSER, raw_read)?;
@@ -126,8 +132,26 @@ impl View {
                     )
                 })
                 .unwrap_or((Cow::Borrowed("text"), Cow::Borrowed("plain")));
-            // Binary bodies are read only for the `message/*` report types below.
+            // Binary bodies are read only for the `message/*` report types below, and a
+            // multipart part without a boundary (which the walk leaves binary) to recover it.
             if ctype != "message" && part.is_binary(raw_read) {
+                if recover
+                    && ctype == "multipart"
+                    && let Decoded::Binary(body) = part.decode(&PARSER, raw_read)
+                    && let Some(inner) = recovered_multipart(&lossy_utf8(&body))
+                {
+                    if !view.human.is_empty() && !inner.human.is_empty() {
+                        view.human.push('\n');
+                    }
+                    view.human.push_str(&inner.human);
+                    view.delivery_status.extend(inner.delivery_status);
+                    if view.feedback_report.is_none() {
+                        view.feedback_report = inner.feedback_report;
+                    }
+                    if returned_text.is_none() {
+                        returned_text = inner.returned_raw;
+                    }
+                }
                 continue;
             }
             if part.is_html(raw_read) {
@@ -306,6 +330,41 @@ impl View {
             || BOUNCE_SUBJECT.is_match(&self.subject)
             || (self.returned_has_headers && BOUNCE_TEXT.is_match(self.error_section()))
     }
+}
+
+/// A part that says it is multipart but names no boundary (its `boundary=` parameter on an
+/// unindented line, so not part of the field) comes out of the MIME walk as text holding
+/// the inner delimiters and part headers. Read as the multipart it is, with the boundary
+/// its first delimiter line names (as mail readers infer it): a line of `--` and 1-70 more
+/// characters (RFC 2046), no white space or quote, followed at once by a header field.
+fn recovered_multipart(text: &str) -> Option<View> {
+    let mut lines = text::lines(text).map(|l| l.trim_end_matches(['\r', '\n']));
+    let boundary = loop {
+        let line = lines.next()?;
+        if let Some(b) = line.strip_prefix("--")
+            && !b.is_empty()
+            && b.len() <= 70
+            && !b.ends_with("--")
+            && !b
+                .bytes()
+                .any(|c| c.is_ascii_whitespace() || c == b'"' || c == b'\\')
+        {
+            break b;
+        }
+    };
+    let next = lines.next()?;
+    if !next
+        .split_once(':')
+        .is_some_and(|(name, _)| !name.is_empty() && name.bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return None;
+    }
+    let mut wrapped = format!(
+        "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"{boundary}\"\r\n\r\n"
+    )
+    .into_bytes();
+    wrapped.extend_from_slice(text.as_bytes());
+    View::read_nested(&wrapped, None, false)
 }
 
 /// The bounce's From and To, read by `mail-parser`'s address parser.

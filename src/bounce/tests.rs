@@ -264,6 +264,32 @@ Content-Type: text/plain; charset=iso-2022-jp\r\n\r\n"
     assert_eq!(r.reason, BounceReason::UserUnknown);
 }
 
+/// A nested multipart whose `boundary=` sits on an unindented line (so outside its field)
+/// is read with the boundary its first delimiter line names: the diagnostic is the notice's
+/// text, not its delimiters and part headers.
+#[test]
+fn a_multipart_part_without_its_boundary_is_read_by_its_delimiters() {
+    let raw = "From: postmaster@mx.example.net\r\nTo: app@example.com\r\n\
+Subject: Delivery failure\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/mixed; boundary=\"out\"\r\n\r\n\
+--out\r\n\
+Content-Type: multipart/alternative;\r\n\
+boundary=\"in\"\r\n\r\n\
+--in\r\n\
+Content-Type: text/plain; charset=us-ascii\r\n\r\n\
+Error: Invalid user address\r\n\
+<gone@example.net>: 550 5.1.1 no such user here\r\n\
+--in--\r\n\r\n\
+--out--\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "gone@example.net");
+    assert_eq!(
+        r.diagnostic.as_deref(),
+        Some("<gone@example.net>: 550 5.1.1 no such user here")
+    );
+    assert_eq!(r.reason, BounceReason::UserUnknown);
+}
+
 /// A help-desk address named with "please contact" is no recipient where it comes again in
 /// words the sender-context check cannot read (here Japanese).
 #[test]

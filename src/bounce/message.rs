@@ -158,7 +158,7 @@ impl View {
                 html_parts.push((part, None));
                 continue;
             }
-            match part.decode(&PARSER, raw_read) {
+            match part.decode_recovering(&PARSER, raw_read) {
                 Decoded::Message(inner) => {
                     if returned_text.is_none() {
                         returned_text = Some(lossy_utf8(&inner));
@@ -209,7 +209,7 @@ impl View {
                 match decoded {
                     Some(t) => html.push_str(&t),
                     None => {
-                        if let Decoded::Html(t) = part.decode(&PARSER, raw_read) {
+                        if let Decoded::Html(t) = part.decode_recovering(&PARSER, raw_read) {
                             html.push_str(&t);
                         }
                     }

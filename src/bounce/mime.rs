@@ -163,6 +163,17 @@ impl<'x> Part<'x> {
 
     /// The body, decoded as `mail-parser` decodes it.
     pub fn decode(&self, parser: &MessageParser, raw: &'x [u8]) -> Decoded<'x> {
+        self.decode_with(parser, raw, false)
+    }
+
+    /// [`Part::decode`], except that text labelled ISO-2022-JP but written in another
+    /// encoding is decoded as what it is ([`mislabelled_japanese`]) where `mail-parser`
+    /// gives replacement characters: what the bounce reader reads.
+    pub fn decode_recovering(&self, parser: &MessageParser, raw: &'x [u8]) -> Decoded<'x> {
+        self.decode_with(parser, raw, true)
+    }
+
+    fn decode_with(&self, parser: &MessageParser, raw: &'x [u8], recover: bool) -> Decoded<'x> {
         let leaf = match &self.body {
             Body::Multipart => return Decoded::Multipart,
             Body::Message { start, end } => {
@@ -231,6 +242,16 @@ impl<'x> Part<'x> {
                 Decoded::Text(text)
             };
         }
+        if let Some(text) = charset_name
+            .filter(|c| recover && is_iso_2022_jp(c))
+            .and_then(|_| mislabelled_japanese(&bytes))
+        {
+            return if mime_type == MimeType::TextHtml {
+                Decoded::Html(Cow::Owned(text))
+            } else {
+                Decoded::Text(Cow::Owned(text))
+            };
+        }
         let charset = charset_name.and_then(|c| charset_decoder(c.as_bytes()));
         let text: Cow<'x, str> = match (bytes, charset) {
             (Cow::Owned(vec), Some(decode)) => decode(&vec).into(),
@@ -251,6 +272,31 @@ impl<'x> Part<'x> {
             Decoded::Text(text)
         }
     }
+}
+
+/// Whether `charset` names ISO-2022-JP (as `charset_decoder` reads the name).
+fn is_iso_2022_jp(charset: &str) -> bool {
+    ["iso-2022-jp", "iso_2022_jp", "csiso2022jp"]
+        .iter()
+        .any(|n| charset.eq_ignore_ascii_case(n))
+}
+
+/// Text labelled ISO-2022-JP, a 7-bit encoding, that holds 8-bit bytes: mailers that write
+/// UTF-8, EUC-JP or Shift_JIS and label it ISO-2022-JP. Decoded as the first of those three
+/// that decodes without error (UTF-8 first: EUC-JP would also read most UTF-8, wrongly);
+/// `None` for 7-bit text (read as labelled) and for bytes none decodes (left to the
+/// labelled decoder, which gives replacement characters, as `mail-parser` does).
+fn mislabelled_japanese(bytes: &[u8]) -> Option<String> {
+    if bytes.is_ascii() {
+        return None;
+    }
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        return Some(text.to_string());
+    }
+    [encoding_rs::EUC_JP, encoding_rs::SHIFT_JIS]
+        .iter()
+        .find_map(|e| e.decode_without_bom_handling_and_without_replacement(bytes))
+        .map(Cow::into_owned)
 }
 
 /// The charset names (as `charset_decoder` normalises them: lower case, `_` for `-`) that
@@ -1119,6 +1165,20 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// What 8-bit text labelled ISO-2022-JP is read as: UTF-8 before EUC-JP (which would
+    /// read most UTF-8 too), then Shift_JIS; 7-bit text and undecodable bytes as labelled.
+    #[test]
+    fn mislabelled_japanese_text_is_read_as_what_it_is() {
+        let word = "見つかりません";
+        assert_eq!(mislabelled_japanese(b"plain ascii"), None);
+        assert_eq!(mislabelled_japanese(word.as_bytes()).as_deref(), Some(word));
+        let euc = b"\xb8\xab\xa4\xc4\xa4\xab\xa4\xea\xa4\xde\xa4\xbb\xa4\xf3";
+        assert_eq!(mislabelled_japanese(euc).as_deref(), Some(word));
+        let sjis = b"\x8c\xa9\x82\xc2\x82\xa9\x82\xe8\x82\xdc\x82\xb9\x82\xf1";
+        assert_eq!(mislabelled_japanese(sjis).as_deref(), Some(word));
+        assert_eq!(mislabelled_japanese(b"\xff\xfe\xff"), None);
     }
 
     /// The walk lists the same parts as `MessageParser::parse`, with the same types and

@@ -306,6 +306,27 @@ For further assistance, please contact <help@isp.example>\r\n\r\n\
     assert_eq!(r.reason, BounceReason::UserUnknown);
 }
 
+/// EUC-JP text labelled ISO-2022-JP (a 7-bit encoding), as some Japanese carriers send it,
+/// is decoded as what it is, not to replacement characters.
+#[test]
+fn euc_jp_labelled_iso_2022_jp_is_decoded_as_euc_jp() {
+    let mut raw = b"From: MAILER-DAEMON@mx.example.jp (Mail Delivery System)\r\n\
+Subject: Undelivered Mail Returned to Sender\r\nTo: app@example.com\r\nMIME-Version: 1.0\r\n\
+Content-Type: text/plain; charset=\"ISO-2022-JP\"\r\n\r\n"
+        .to_vec();
+    raw.extend_from_slice(b"<gone@example.jp>: 550 5.1.1 ");
+    // "ユーザが見つかりません" in EUC-JP.
+    raw.extend_from_slice(
+        b"\xa5\xe6\xa1\xbc\xa5\xb6\xa4\xac\xb8\xab\xa4\xc4\xa4\xab\xa4\xea\xa4\xde\xa4\xbb\xa4\xf3\r\n",
+    );
+    let records = parse(&raw);
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(
+        records[0].diagnostic.as_deref(),
+        Some("<gone@example.jp>: 550 5.1.1 ユーザが見つかりません")
+    );
+}
+
 /// A returned header quoted inline without a marker line and with no space after the
 /// colons (`Received:from ...`, as some webmail MTAs write it) ends the diagnostic, and its
 /// Message-ID still correlates.

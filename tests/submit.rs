@@ -441,6 +441,17 @@ fn sigterm_finishes_transaction_in_flight_and_exits_0() {
     assert_eq!(msgs.len(), 1);
 }
 
+/// `mailtrail serve --config path`, which must fail: its stderr.
+fn serve_fails_with(path: &std::path::Path) -> String {
+    let out = std::process::Command::new(common::mailtrail::bin())
+        .args(["serve", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn bad_config_names_the_key_and_exits_non_zero() {
     let dir = tempfile::tempdir().unwrap();
@@ -450,31 +461,13 @@ fn bad_config_names_the_key_and_exits_non_zero() {
         "[smtp]\nlisten = [\"127.0.0.1:2525\"]\nmax_recipient = 5\n",
     )
     .unwrap();
-    let out = std::process::Command::new(common::mailtrail::bin())
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_fails_with(&path);
     assert!(err.contains("max_recipient"), "{err}");
     std::fs::write(&path, "[smtp]\nrelay_networks = [\"not-a-net\"]\n").unwrap();
-    let out = std::process::Command::new(common::mailtrail::bin())
-        .args(["serve", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("relay_networks"));
+    let err = serve_fails_with(&path);
+    assert!(err.contains("relay_networks"), "{err}");
     // A config file that cannot be read: the path and the reason, said once.
-    let missing = dir.path().join("missing.toml");
-    let out = std::process::Command::new(common::mailtrail::bin())
-        .args(["serve", "--config"])
-        .arg(&missing)
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = serve_fails_with(&dir.path().join("missing.toml"));
     assert!(err.contains("missing.toml"), "{err}");
     assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }

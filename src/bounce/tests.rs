@@ -242,18 +242,23 @@ This is the mail system at host mx.example.org.\r\n\r\n\
     assert_eq!(r.bounce_type, BounceType::Hard);
 }
 
-/// A notice in ISO-2022-JP (as Japanese providers send them) is decoded, so its text (the
-/// diagnostic an admin reads) is Japanese, not escape sequences.
-#[test]
-fn a_notice_in_iso_2022_jp_is_decoded() {
-    let mut raw = b"From: MAILER-DAEMON@mx.example.jp (Mail Delivery System)\r\n\
+/// A one-recipient prose notice whose text part is labelled `charset` and ends in the
+/// Japanese for "user not found" in `encoded`, as Japanese providers write it.
+fn japanese_notice(charset: &str, encoded: &[u8]) -> Vec<u8> {
+    let mut raw = format!(
+        "From: MAILER-DAEMON@mx.example.jp (Mail Delivery System)\r\n\
 Subject: Undelivered Mail Returned to Sender\r\nTo: app@example.com\r\nMIME-Version: 1.0\r\n\
-Content-Type: text/plain; charset=iso-2022-jp\r\n\r\n"
-        .to_vec();
-    raw.extend_from_slice(b"<gone@example.jp>: 550 5.1.1 ");
-    // "ユーザが見つかりません" (user not found) in ISO-2022-JP.
-    raw.extend_from_slice(b"\x1b$B%f!<%6$,8+$D$+$j$^$;$s\x1b(B\r\n");
-    let records = parse(&raw);
+Content-Type: text/plain; charset={charset}\r\n\r\n<gone@example.jp>: 550 5.1.1 "
+    )
+    .into_bytes();
+    raw.extend_from_slice(encoded);
+    raw.extend_from_slice(b"\r\n");
+    raw
+}
+
+/// The record of [`japanese_notice`] says what the notice says, decoded.
+fn assert_decoded_japanese_notice(raw: &[u8]) {
+    let records = parse(raw);
     assert_eq!(records.len(), 1, "{records:#?}");
     let r = &records[0];
     assert_eq!(r.recipient, "gone@example.jp");
@@ -262,6 +267,14 @@ Content-Type: text/plain; charset=iso-2022-jp\r\n\r\n"
         Some("<gone@example.jp>: 550 5.1.1 ユーザが見つかりません")
     );
     assert_eq!(r.reason, BounceReason::UserUnknown);
+}
+
+/// A notice in ISO-2022-JP (as Japanese providers send them) is decoded, so its text (the
+/// diagnostic an admin reads) is Japanese, not escape sequences.
+#[test]
+fn a_notice_in_iso_2022_jp_is_decoded() {
+    let iso_2022_jp = b"\x1b$B%f!<%6$,8+$D$+$j$^$;$s\x1b(B";
+    assert_decoded_japanese_notice(&japanese_notice("iso-2022-jp", iso_2022_jp));
 }
 
 /// A nested multipart whose `boundary=` sits on an unindented line (so outside its field)
@@ -310,21 +323,9 @@ For further assistance, please contact <help@isp.example>\r\n\r\n\
 /// is decoded as what it is, not to replacement characters.
 #[test]
 fn euc_jp_labelled_iso_2022_jp_is_decoded_as_euc_jp() {
-    let mut raw = b"From: MAILER-DAEMON@mx.example.jp (Mail Delivery System)\r\n\
-Subject: Undelivered Mail Returned to Sender\r\nTo: app@example.com\r\nMIME-Version: 1.0\r\n\
-Content-Type: text/plain; charset=\"ISO-2022-JP\"\r\n\r\n"
-        .to_vec();
-    raw.extend_from_slice(b"<gone@example.jp>: 550 5.1.1 ");
-    // "ユーザが見つかりません" in EUC-JP.
-    raw.extend_from_slice(
-        b"\xa5\xe6\xa1\xbc\xa5\xb6\xa4\xac\xb8\xab\xa4\xc4\xa4\xab\xa4\xea\xa4\xde\xa4\xbb\xa4\xf3\r\n",
-    );
-    let records = parse(&raw);
-    assert_eq!(records.len(), 1, "{records:#?}");
-    assert_eq!(
-        records[0].diagnostic.as_deref(),
-        Some("<gone@example.jp>: 550 5.1.1 ユーザが見つかりません")
-    );
+    let euc_jp =
+        b"\xa5\xe6\xa1\xbc\xa5\xb6\xa4\xac\xb8\xab\xa4\xc4\xa4\xab\xa4\xea\xa4\xde\xa4\xbb\xa4\xf3";
+    assert_decoded_japanese_notice(&japanese_notice("\"ISO-2022-JP\"", euc_jp));
 }
 
 /// A returned header quoted inline without a marker line and with no space after the

@@ -209,6 +209,18 @@ async fn queue_list_retry_and_delete() {
     );
     let list = m.cli_ok(&["queue", "list"]);
     assert!(!list.contains(&receipt), "{list}");
+
+    // Nothing pending any more: said so, and not an error. A receipt the store does not
+    // hold is one.
+    let out = m.cli_ok(&["queue", "delete", &receipt]);
+    assert!(out.contains("no pending recipients"), "{out}");
+    let unknown = "01JD0000000000000000000000";
+    for command in ["delete", "retry"] {
+        let out = m.cli(&["queue", command, unknown]);
+        assert!(!out.status.success(), "queue {command}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("no message with receipt"), "{err}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

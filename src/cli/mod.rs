@@ -128,6 +128,22 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     Ok(crate::store::sqlite::open(config)?)
 }
 
+/// An error unless the store holds a message with `receipt`: a queue command that found
+/// nothing to do says whether the receipt is wrong or the message has nothing pending.
+fn require_message(config: &Config, receipt: ReceiptId) -> anyhow::Result<()> {
+    let reader = crate::store::sqlite::open_read_only(config)?;
+    let found = reader.log(&crate::store::LogQuery {
+        key: crate::store::LogKey::Receipt(receipt),
+        since_ms: None,
+        until_ms: None,
+        limit: 1,
+    })?;
+    if found.is_empty() {
+        anyhow::bail!("no message with receipt {receipt}");
+    }
+    Ok(())
+}
+
 fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
@@ -163,12 +179,20 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             };
             let store = open_store(&config)?;
             let n = store.queue_retry(receipt).await?;
+            if n == 0
+                && let Some(r) = receipt
+            {
+                require_message(&config, r)?;
+            }
             out.write_all(queue::render_retry(n, receipt).as_bytes())?;
         }
         Request::QueueDelete { receipt } => {
             let receipt = parse_receipt(&receipt)?;
             let store = open_store(&config)?;
             let n = store.queue_delete(receipt).await?;
+            if n == 0 {
+                require_message(&config, receipt)?;
+            }
             out.write_all(queue::render_delete(n, receipt).as_bytes())?;
         }
         Request::Bounces {

@@ -22,6 +22,10 @@ use crate::receipt::ReceiptId;
 /// Most recipients read from one bounce's prose (keeps hostile input near-linear).
 const MAX_PROSE_RECIPIENTS: usize = 1000;
 
+/// At most this many addresses seen as sender, help desk or Message-Id are remembered as
+/// no recipient further on ([`prose_segments`]).
+const MAX_NOT_RECIPIENTS: usize = 64;
+
 /// Longest diagnostic kept from bounce prose (DSN Diagnostic-Code fields are kept whole).
 const MAX_PROSE_DIAGNOSTIC: usize = 1200;
 
@@ -333,8 +337,8 @@ impl View {
 }
 
 /// A part that says it is multipart but names no boundary (its `boundary=` parameter on an
-/// unindented line, so not part of the field) comes out of the MIME walk as text holding
-/// the inner delimiters and part headers. Read as the multipart it is, with the boundary
+/// unindented line, so not part of the field) comes out of the MIME walk as one body
+/// holding the inner delimiters and part headers. Read as the multipart it is, with the boundary
 /// its first delimiter line names (as mail readers infer it): a line of `--` and 1-70 more
 /// characters (RFC 2046), no white space or quote, followed at once by a header field.
 fn recovered_multipart(text: &str) -> Option<View> {
@@ -912,7 +916,10 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             continue;
         }
         if sender_context(pos) {
-            not_recipients.push(addr);
+            // Bounded, so that a text of nothing but sender lines stays linear.
+            if not_recipients.len() < MAX_NOT_RECIPIENTS {
+                not_recipients.push(addr);
+            }
             continue;
         }
         if !failed_header.is_empty() && !failed_header.iter().any(|f| f.eq_ignore_ascii_case(addr))

@@ -589,8 +589,11 @@ Content-Type: message/delivery-status\r\n";
     assert!(message::without_returned_body(mentioned.as_bytes()).is_none());
 }
 
+/// Bounces with tens of thousands of recipients, or of sender lines, give at most
+/// `MAX_PROSE_RECIPIENTS` records, and the work per address is bounded by that and by
+/// `MAX_NOT_RECIPIENTS` (the speed itself is bench/ material: tests never fail on timing).
 #[test]
-fn huge_hostile_bounces_stay_fast() {
+fn huge_hostile_bounces_are_bounded() {
     let mut prose =
         String::from("From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered Mail\r\n\r\n");
     for i in 0..50_000 {
@@ -598,6 +601,13 @@ fn huge_hostile_bounces_stay_fast() {
             "<u{i}@example.net>: 550 5.1.1 unknown <u{i}@example.net>\r\n"
         ));
     }
+    // Every address in a sender context but the last: none of them is a recipient.
+    let mut senders =
+        String::from("From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered Mail\r\n\r\n");
+    for i in 0..50_000 {
+        senders.push_str(&format!("MAIL FROM:<s{i}@example.org>\r\n"));
+    }
+    senders.push_str("<gone@example.net>: 550 5.1.1 unknown user\r\n");
     let mut dsn = String::from(
         "From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered\r\n\
 Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\
@@ -607,20 +617,17 @@ Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\
         dsn.push_str(&format!("Final-Recipient: rfc822; u{i}@example.net\r\nAction: failed\r\nStatus: 5.1.1\r\nX-Junk-{i}: x\r\n"));
     }
     dsn.push_str("--B--\r\n");
-    for raw in [prose, dsn] {
-        let t = std::time::Instant::now();
+    for raw in [&prose, &dsn] {
         let records = parse(raw.as_bytes());
         assert!(
             !records.is_empty() && records.len() <= 1000,
             "{}",
             records.len()
         );
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(20),
-            "{:?}",
-            t.elapsed()
-        );
     }
+    let records = parse(senders.as_bytes());
+    assert_eq!(records.len(), 1, "{records:#?}");
+    assert_eq!(records[0].recipient, "gone@example.net");
 }
 
 #[test]

@@ -1334,6 +1334,96 @@ async fn a_failed_log_fsync_fails_the_write_and_every_later_one() {
     assert!(not_durable(&second), "{second:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_that_arrive_while_the_log_is_flushed_share_the_next_commit() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    let dir = TempDir::new().unwrap();
+    let conn = open_write_connection(&dir.path().join("m.db")).unwrap();
+    let (flushing_tx, flushing_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let flushes = Arc::new(AtomicUsize::new(0));
+    let counted = flushes.clone();
+    // The first flush lasts until the test lets it end; the later ones pass at once.
+    let sync = move || {
+        if counted.fetch_add(1, Ordering::SeqCst) == 0 {
+            let _ = flushing_tx.send(());
+            let _ = release_rx.recv();
+        }
+        Ok(())
+    };
+    let writer =
+        Arc::new(writer::Writer::start_with_sync(conn, sync, writer::DEFERRABLE_WAIT).unwrap());
+    let first = {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            writer
+                .write(|c| c.execute_batch("CREATE TABLE t (x)").map_err(storage))
+                .await
+        })
+    };
+    let flushing_rx = tokio::task::spawn_blocking(move || {
+        flushing_rx
+            .recv_timeout(Duration::from_secs(10))
+            .map(|()| flushing_rx)
+    })
+    .await
+    .unwrap()
+    .expect("the first commit reaches the syncer");
+
+    // While the first commit is being flushed, five commands come, each after the one before
+    // has run.
+    let (ran_tx, ran_rx) = std::sync::mpsc::channel::<i64>();
+    let mut ran_rx = Some(ran_rx);
+    let mut later = Vec::new();
+    for i in 0..5i64 {
+        let writer = writer.clone();
+        let ran = ran_tx.clone();
+        later.push(tokio::spawn(async move {
+            writer
+                .write(move |c| {
+                    c.execute("INSERT INTO t VALUES (?1)", [i])
+                        .map_err(storage)?;
+                    let _ = ran.send(i);
+                    Ok(())
+                })
+                .await
+        }));
+        let rx = ran_rx.take().unwrap();
+        let (rx, got) = tokio::task::spawn_blocking(move || {
+            let got = rx.recv_timeout(Duration::from_secs(10));
+            (rx, got)
+        })
+        .await
+        .unwrap();
+        assert_eq!(got, Ok(i), "command {i} runs while the log is flushed");
+        ran_rx = Some(rx);
+    }
+    assert_eq!(
+        writer.stats.commits.get(),
+        1,
+        "nothing commits while the first commit is flushed"
+    );
+
+    release_tx.send(()).unwrap();
+    first.await.unwrap().unwrap();
+    for t in later {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(writer.stats.commits.get(), 2, "the five share one commit");
+    assert_eq!(writer.stats.commands.get(), 6);
+    assert_eq!(flushes.load(Ordering::SeqCst), 2);
+    drop(flushing_rx);
+    let rows: i64 = writer
+        .write(|c| {
+            c.query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .map_err(storage)
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows, 5);
+}
+
 #[tokio::test]
 async fn the_write_connection_leaves_syncing_the_log_to_the_syncer() {
     // The writer's connection does not fsync at COMMIT (synchronous = NORMAL): the syncer's

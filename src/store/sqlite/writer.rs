@@ -1,7 +1,10 @@
 //! Group commit: one thread owns the write connection, drains every queued write command,
 //! runs them in one transaction and commits once; a second thread makes
 //! committed batches durable with one fsync of the WAL for all of them, then answers their
-//! callers. While the disk flushes one batch, the writer already runs the next.
+//! callers. While the disk flushes one batch, the writer already runs the next, and keeps
+//! its transaction open for whatever else arrives until the flush ends: each fsync then
+//! covers one commit, and pages that several commits would each have written to the log
+//! (index leaves, the table's last page) are written once.
 
 use std::fs::File;
 use std::sync::Arc;
@@ -21,6 +24,10 @@ const MAX_BATCH: usize = 1024;
 
 /// Queued commands beyond this make writers wait (back-pressure instead of memory growth).
 const QUEUE_DEPTH: usize = 8192;
+
+/// The longest the writer holds a transaction open while the syncer flushes an earlier
+/// commit: a guard against a sync thread that never answers, far above a disk's fsync.
+const FLUSH_WAIT_LIMIT: Duration = Duration::from_secs(1);
 
 /// How long a batch of only deferrable commands ([`Writer::write_deferrable`]) waits for a
 /// command someone is waiting on, so that both share one commit (one fsync).
@@ -96,6 +103,15 @@ pub struct Writer {
 /// Committed batches on their way to the disk, oldest first.
 type Committed = std::sync::mpsc::Sender<Vec<Box<dyn Job>>>;
 
+/// Whether the syncer has committed batches it has not made durable yet. The writer sets it
+/// before it hands a batch over; the syncer clears it (and wakes the writer) after answering
+/// the batches it took, so it is never left set with nothing to flush.
+#[derive(Default)]
+struct Flushing {
+    busy: AtomicBool,
+    idle: tokio::sync::Notify,
+}
+
 impl Writer {
     /// Starts the writer thread; a batch of only deferrable commands waits at most
     /// `deferrable_wait` (normally [`DEFERRABLE_WAIT`]) for company.
@@ -108,16 +124,28 @@ impl Writer {
         wal: File,
         deferrable_wait: Duration,
     ) -> Result<Self, StoreError> {
+        Self::start_with_sync(conn, move || wal.sync_data(), deferrable_wait)
+    }
+
+    /// [`Writer::start`] with the syncer's flush given as `sync` (tests hold it to see what
+    /// the writer does meanwhile).
+    pub(crate) fn start_with_sync(
+        conn: Connection,
+        sync_log: impl FnMut() -> std::io::Result<()> + Send + 'static,
+        deferrable_wait: Duration,
+    ) -> Result<Self, StoreError> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (committed, to_sync) = std::sync::mpsc::channel();
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();
         let poisoned = Arc::new(AtomicBool::new(false));
         let syncer_poisoned = poisoned.clone();
+        let flushing = Arc::new(Flushing::default());
+        let syncer_flushing = flushing.clone();
         let spawn_error = |e| StoreError::Storage(format!("cannot start writer thread: {e}"));
         let syncer = std::thread::Builder::new()
             .name("store-sync".into())
-            .spawn(move || sync(&wal, &to_sync, &syncer_poisoned))
+            .spawn(move || sync(sync_log, &to_sync, &syncer_poisoned, &syncer_flushing))
             .map_err(spawn_error)?;
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
@@ -126,6 +154,7 @@ impl Writer {
                     conn,
                     rx,
                     &committed,
+                    &flushing,
                     &poisoned,
                     &thread_stats,
                     deferrable_wait,
@@ -199,10 +228,16 @@ impl Drop for Writer {
 ///
 /// The exception is a batch of only deferrable commands: it waits (at most
 /// [`DEFERRABLE_WAIT`]) for a command somebody waits on, and commits as soon as one comes.
+///
+/// A batch does not commit while the syncer is still flushing an earlier one: commands that
+/// arrive meanwhile run in the same transaction (see [`try_batch`]). That costs them no
+/// time, since no commit made during the flush could be made durable before it ends.
+#[allow(clippy::too_many_arguments)]
 fn run(
     conn: Connection,
     mut rx: mpsc::Receiver<Box<dyn Job>>,
     committed: &Committed,
+    flushing: &Flushing,
     poisoned: &AtomicBool,
     stats: &WriterStats,
     deferrable_wait: Duration,
@@ -249,7 +284,53 @@ fn run(
             }
             continue;
         }
-        run_batch(&conn, batch, committed, stats);
+        let mut more = More {
+            rx: &mut rx,
+            clock: clock.as_ref(),
+            flushing,
+        };
+        run_batch(&conn, batch, &mut more, committed, stats);
+    }
+}
+
+/// Where a batch whose commit waits for the syncer finds more commands.
+struct More<'a> {
+    rx: &'a mut mpsc::Receiver<Box<dyn Job>>,
+    /// None: no timer, so no waiting (each batch commits at once).
+    clock: Option<&'a tokio::runtime::Runtime>,
+    flushing: &'a Flushing,
+}
+
+impl More<'_> {
+    /// The next command to run before committing: one that is queued, or one that arrives
+    /// while the syncer is still flushing. None once the syncer is idle, the queue closed
+    /// (shutdown: commit now) or [`FLUSH_WAIT_LIMIT`] passed.
+    fn next(&mut self) -> Option<Box<dyn Job>> {
+        if !self.flushing.busy.load(Ordering::Acquire) {
+            return None;
+        }
+        if let Ok(job) = self.rx.try_recv() {
+            return Some(job);
+        }
+        let clock = self.clock?;
+        let deadline = tokio::time::Instant::now() + FLUSH_WAIT_LIMIT;
+        let (rx, flushing) = (&mut *self.rx, self.flushing);
+        // The timer must be made inside the runtime it sleeps on.
+        clock.block_on(async {
+            loop {
+                // Registered before the check, so a wake-up between the two is not lost; a
+                // stale one only makes the loop look again.
+                let idle = flushing.idle.notified();
+                if !flushing.busy.load(Ordering::Acquire) {
+                    return None;
+                }
+                tokio::select! {
+                    job = rx.recv() => return job,
+                    () = idle => {}
+                    () = tokio::time::sleep_until(deadline) => return None,
+                }
+            }
+        })
     }
 }
 
@@ -263,9 +344,10 @@ const NOT_DURABLE: &str = "an fsync of the database log failed: the store accept
 /// durable with one fsync of the WAL (fsync covers every write to the file before it, by any
 /// descriptor), then answers their callers.
 fn sync(
-    wal: &File,
+    mut sync_log: impl FnMut() -> std::io::Result<()>,
     committed: &std::sync::mpsc::Receiver<Vec<Box<dyn Job>>>,
     poisoned: &AtomicBool,
+    flushing: &Flushing,
 ) {
     while let Ok(first) = committed.recv() {
         let mut batches = vec![first];
@@ -273,12 +355,16 @@ fn sync(
         let synced = if poisoned.load(Ordering::Acquire) {
             Err(NOT_DURABLE.to_string())
         } else {
-            wal.sync_data().map_err(|e| {
+            sync_log().map_err(|e| {
                 poisoned.store(true, Ordering::Release);
                 tracing::error!(error = %e, "fsync of the database log failed; refusing further writes");
                 format!("{NOT_DURABLE} ({e})")
             })
         };
+        // Cleared before the answers go out: a caller that hears back and writes again finds
+        // the writer free to commit at once.
+        flushing.busy.store(false, Ordering::Release);
+        flushing.idle.notify_one();
         for job in batches.into_iter().flatten() {
             job.finish(synced.as_ref().map(|_| ()).map_err(String::as_str));
         }
@@ -312,11 +398,12 @@ enum Outcome {
 fn run_batch(
     conn: &Connection,
     mut batch: Vec<Box<dyn Job>>,
+    more: &mut More<'_>,
     committed: &Committed,
     stats: &WriterStats,
 ) {
     loop {
-        let outcome = try_batch(conn, &mut batch);
+        let outcome = try_batch(conn, &mut batch, more);
         if !matches!(outcome, Outcome::Committed) && !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
         }
@@ -325,7 +412,9 @@ fn run_batch(
                 stats.commits.inc();
                 stats.commands.inc_by(batch.len() as u64);
                 // Visible now, durable once the syncer's fsync returns: it answers then.
+                more.flushing.busy.store(true, Ordering::Release);
                 if let Err(std::sync::mpsc::SendError(batch)) = committed.send(batch) {
+                    more.flushing.busy.store(false, Ordering::Release);
                     for job in batch {
                         job.finish(Err("the store's sync thread is gone"));
                     }
@@ -349,7 +438,9 @@ fn run_batch(
     }
 }
 
-fn try_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Outcome {
+/// Runs `batch` in one transaction, then, while the syncer is flushing and the batch has
+/// room, the commands that arrive meanwhile (added to `batch`), and commits.
+fn try_batch(conn: &Connection, batch: &mut Vec<Box<dyn Job>>, more: &mut More<'_>) -> Outcome {
     // Prepared once per connection: these run for every command of every batch.
     let sql = |statement: &str| {
         conn.prepare_cached(statement)
@@ -362,6 +453,14 @@ fn try_batch(conn: &Connection, batch: &mut [Box<dyn Job>]) -> Outcome {
         for (n, job) in batch.iter_mut().enumerate() {
             if !job.run(conn) {
                 return Err(Outcome::Aborted(n));
+            }
+        }
+        while batch.len() < MAX_BATCH {
+            let Some(mut job) = more.next() else { break };
+            let ok = job.run(conn);
+            batch.push(job);
+            if !ok {
+                return Err(Outcome::Aborted(batch.len() - 1));
             }
         }
         sql("COMMIT")

@@ -1428,7 +1428,7 @@ async fn commands_that_arrive_while_the_log_is_flushed_share_the_next_commit() {
 async fn the_write_connection_leaves_syncing_the_log_to_the_syncer() {
     // The writer's connection does not fsync at COMMIT (synchronous = NORMAL): the syncer's
     // fsync of the log file (which must exist beside the database) stands behind every
-    // acknowledgement. A failing fsync is the test above.
+    // acknowledgement. A failing fsync: `a_failed_log_fsync_fails_the_write_and_every_later_one`.
     let dir = TempDir::new().unwrap();
     let store = store_in(&dir);
     let mode: i64 = store

@@ -168,15 +168,34 @@ pub fn parse_delivery_status(text: &str) -> DeliveryStatus<'_> {
 
 /// Strips an RFC 3464 type prefix (`rfc822;`, `dns;`, `smtp;`, `utf-8;`) from a field value.
 pub fn strip_type(value: &str) -> &str {
-    match value.split_once(';') {
-        Some((t, rest))
-            if !t.is_empty()
-                && t.len() <= 12
-                && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') =>
-        {
-            rest.trim()
-        }
-        _ => value.trim(),
+    split_type(value).1
+}
+
+/// Whether `t` has the form of a registered type or a short extension (`smtp`, `rfc822`,
+/// `x-unix`, `x-postfix`): one word of letters, digits and `-`, at most 12 bytes.
+pub fn is_registered_type(t: &str) -> bool {
+    !t.is_empty() && t.len() <= 12 && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+/// A field value's RFC 3464 type prefix (as written) and the rest, both trimmed; no type when
+/// the text before the first `;` is not one. Registered types are short atoms (`smtp`,
+/// `rfc822`, `dns`, `x400`, `utf-8`); an extension type starts with `X-` (§2.1.2: MTAs write
+/// `X-Postfix`, `X-Unix`, but also `X-Outbound-Mail-Relay` or `X-mPOP-Fallback_MX`), so it
+/// may be longer and hold `_` and `.`. A word of prose before a `;` has spaces, or is neither.
+pub fn split_type(value: &str) -> (Option<&str>, &str) {
+    let Some((t, rest)) = value.split_once(';') else {
+        return (None, value.trim());
+    };
+    let t = t.trim();
+    let registered = is_registered_type(t);
+    let extension = t.len() <= 40
+        && t.get(..2).is_some_and(|p| p.eq_ignore_ascii_case("x-"))
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if !t.is_empty() && (registered || extension) {
+        (Some(t), rest.trim())
+    } else {
+        (None, value.trim())
     }
 }
 
@@ -263,5 +282,20 @@ Original-Recipient: rfc822; a@x.example\nStatus: 5.1.1\n";
         assert_eq!(address_of("   ").as_deref(), None);
         assert_eq!(strip_type("smtp; 550 no"), "550 no");
         assert_eq!(strip_type("550 no; really"), "550 no; really");
+        assert_eq!(
+            split_type("X-Outbound-Mail-Relay; Host not found"),
+            (Some("X-Outbound-Mail-Relay"), "Host not found")
+        );
+        assert_eq!(
+            split_type(" X-mPOP-Fallback_MX ; connect to x: timed out"),
+            (Some("X-mPOP-Fallback_MX"), "connect to x: timed out")
+        );
+        // Not a type: an unregistered word that is not an extension, or prose.
+        assert_eq!(
+            split_type("Mailbox_unavailable; try later"),
+            (None, "Mailbox_unavailable; try later")
+        );
+        assert_eq!(split_type("x- y; z"), (None, "x- y; z"));
+        assert_eq!(split_type("smtp;550 no"), (Some("smtp"), "550 no"));
     }
 }

@@ -829,9 +829,8 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             r.diagnostic = diagnostic;
             r.diagnostic_type = block
                 .get("diagnostic-code")
-                .and_then(|d| d.split_once(';'))
-                .map(|(t, _)| t.trim().to_ascii_lowercase())
-                .filter(|t| !t.is_empty() && t.len() <= 12 && !t.contains(' '));
+                .and_then(|d| dsn::split_type(d).0)
+                .map(str::to_ascii_lowercase);
             r.original_recipient = block.get("original-recipient").and_then(dsn::address_of);
             r.orcpt = non_empty(block.get("original-recipient"));
             r.remote_mta = block

@@ -70,8 +70,8 @@ pub(crate) fn records(view: &View) -> Vec<BounceRecord> {
             let diagnostic = string(r, "diagnosticCode");
             rec.diagnostic_type = diagnostic
                 .as_deref()
-                .and_then(|d| d.split_once(';'))
-                .map(|(t, _)| t.trim().to_ascii_lowercase());
+                .and_then(|d| super::dsn::split_type(d).0)
+                .map(str::to_ascii_lowercase);
             rec.diagnostic = diagnostic.map(|d| super::dsn::strip_type(&d).to_string());
             let diag = rec.diagnostic.as_deref().unwrap_or("");
             rec.status = string(r, "status").or_else(|| text::find_enhanced_status(diag));

@@ -141,6 +141,41 @@ To: x@example.net\r\n\r\nbody\r\n",
 }
 
 #[test]
+fn an_extension_diagnostic_type_is_not_part_of_the_diagnostic() {
+    let raw = "From: MAILER-DAEMON@relay.example.org\r\n\
+To: app@example.com\r\n\
+Subject: failure notice\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"B2\"\r\n\
+\r\n\
+--B2\r\n\
+Content-Type: text/plain\r\n\
+\r\n\
+Your message could not be delivered.\r\n\
+\r\n\
+--B2\r\n\
+Content-Type: message/delivery-status\r\n\
+\r\n\
+Reporting-MTA: dns; relay.example.org\r\n\
+\r\n\
+Final-Recipient: rfc822; dave@nowhere.example\r\n\
+Action: failed\r\n\
+Status: 5.4.4\r\n\
+Diagnostic-Code: X-Outbound-Mail-Relay; Host or domain name not found. Name\r\n    service error for name=nowhere.example type=A: Host not found\r\n\
+\r\n\
+--B2--\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "dave@nowhere.example");
+    assert_eq!(r.diagnostic_type.as_deref(), Some("x-outbound-mail-relay"));
+    let diagnostic = r.diagnostic.as_deref().unwrap_or("");
+    assert!(
+        diagnostic.starts_with("Host or domain name not found."),
+        "{diagnostic:?}"
+    );
+    assert_eq!(r.reason, BounceReason::HostUnknown);
+}
+
+#[test]
 fn a_dsn_of_only_successes_reports_them_as_delivered() {
     let raw = "From: MAILER-DAEMON@mx.example.org\r\nSubject: Successful Mail Delivery Report\r\n\
 Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\

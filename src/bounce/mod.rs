@@ -254,6 +254,9 @@ fn parse_view(
             r.reason = BounceReason::Vacation;
             r.bounce_type = BounceType::Autoreply;
         } else {
+            if let Some(tidy) = r.diagnostic.as_deref().and_then(text::strip_banners) {
+                r.diagnostic = Some(tidy);
+            }
             r.classify(classifier);
         }
         hints.apply(r);

@@ -15,6 +15,30 @@ fn re(pattern: &str) -> Regex {
 
 static ENHANCED: LazyLock<Regex> =
     LazyLock::new(|| re(r"(?:^|[^\d.])([245]\.\d{1,3}\.\d{1,3})(?:[^\d.]|\.(?:\D|$)|$)"));
+/// A section banner of a bounce's text (`----- Transcript of session follows -----`,
+/// `---The following addresses had delivery errors---`, `|--- Message text follows: ---|`):
+/// words between two runs of three or more dashes, spaced alike on both sides, with nothing
+/// that could be part of a reply in them. A label after a rule (`-------SMTP command DATA
+/// -------next label`) is spaced unlike a banner and keeps its words.
+static BANNER: LazyLock<Regex> = LazyLock::new(|| {
+    re(
+        r"\|?-{3,}(?:[ \t]+[A-Za-z][A-Za-z ':,.-]{0,78}?[ \t]+|[A-Za-z][A-Za-z ':,.-]{0,78}?[A-Za-z:.])-{3,}\|?",
+    )
+});
+/// A run of dashes used as a rule or a label's marker (`-------server message 550 ...`).
+static DASHES: LazyLock<Regex> = LazyLock::new(|| re(r"\|?-{3,}\|?"));
+
+/// `diagnostic` without the section banners and dash rules that bounce texts put between
+/// their parts (the words of the banner say where the text is, not what went wrong), or None
+/// when it has none or would be left empty.
+pub fn strip_banners(diagnostic: &str) -> Option<String> {
+    memchr::memmem::find(diagnostic.as_bytes(), b"---")?;
+    let without = BANNER.replace_all(diagnostic, " ");
+    let without = DASHES.replace_all(&without, " ");
+    let tidy = without.split_whitespace().collect::<Vec<_>>().join(" ");
+    (!tidy.is_empty() && tidy != diagnostic).then_some(tidy)
+}
+
 static REPLY: LazyLock<Regex> =
     LazyLock::new(|| re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)"));
 /// The phrases that name the failed SMTP command, written for collapsed text (single spaces).
@@ -835,6 +859,44 @@ fn decode_entities(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn section_banners_and_dash_rules_are_stripped_from_a_diagnostic() {
+        let cases = [
+            (
+                "----- Transcript of session follows ----- 421 example.com (smtp)... Deferred \
+                 ----- Unsent message follows -----",
+                Some("421 example.com (smtp)... Deferred"),
+            ),
+            (
+                "------- Failure Reasons -------- User not listed in public Name & Address Book",
+                Some("User not listed in public Name & Address Book"),
+            ),
+            (
+                "a@example.org ---The following addresses had delivery errors--- b@example.org \
+                 [User unknown]",
+                Some("a@example.org b@example.org [User unknown]"),
+            ),
+            (
+                "a@example.org ... unknown host |--------- Message text follows: ---------|",
+                Some("a@example.org ... unknown host"),
+            ),
+            // A label after a rule keeps its words; the reply between rules is never a banner.
+            (
+                "a@example.org -------server message 550 unknown user -------SMTP command DATA \
+                 -------original mail info",
+                Some(
+                    "a@example.org server message 550 unknown user SMTP command DATA original mail info",
+                ),
+            ),
+            // Nothing to strip, or nothing left.
+            ("550-5.1.1 The email account does not exist", None),
+            ("----- Transcript of session follows -----", None),
+        ];
+        for (text, want) in cases {
+            assert_eq!(super::strip_banners(text).as_deref(), want, "{text}");
+        }
+    }
+
     #[test]
     fn status_and_reply_code_scanners_match_the_regexes() {
         let pieces = crate::test_support::test_chars("245013.9 -'\":(<[#=\t\n\x0b\x0c\x1c,)]x");

@@ -958,6 +958,7 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             .map(|(_, s)| *s)
             .find(|s| s > start)
             .unwrap_or(error_section.len());
+        let end = dsn_fields_after(error_section, *start, end);
         let mut seg = error_section.get(*start..end).unwrap_or("");
         // A lone recipient whose own lines say little: the explanation may come before it.
         let says_little = || says_little(seg, addr);
@@ -972,6 +973,40 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         out.push((addr.clone(), collapse_clipped(seg, MAX_PROSE_DIAGNOSTIC)));
     }
     out
+}
+
+/// Where delivery-status fields inlined in the text (`Reporting-MTA: dns; ...` after a
+/// sendmail transcript) begin after the line at `start`, if before `end`: they are the
+/// report's data, not the explanation of the address.
+fn dsn_fields_after(text: &str, start: usize, end: usize) -> usize {
+    const FIELDS: [&str; 8] = [
+        "reporting-mta:",
+        "received-from-mta:",
+        "arrival-date:",
+        "final-recipient:",
+        "original-recipient:",
+        "remote-mta:",
+        "last-attempt-date:",
+        "original-envelope-id:",
+    ];
+    let Some(region) = text.get(start..end) else {
+        return end;
+    };
+    let mut at = 0;
+    for line in region.split_inclusive('\n') {
+        let trimmed = line.trim_start().as_bytes();
+        if at > 0
+            && FIELDS.iter().any(|f| {
+                trimmed
+                    .get(..f.len())
+                    .is_some_and(|w| w.eq_ignore_ascii_case(f.as_bytes()))
+            })
+        {
+            return start + at;
+        }
+        at += line.len();
+    }
+    end
 }
 
 /// Whether `seg` says less than 24 bytes besides `addr`: `seg.replace(addr, "").trim()` is

@@ -176,6 +176,35 @@ Diagnostic-Code: X-Outbound-Mail-Relay; Host or domain name not found. Name\r\n 
 }
 
 #[test]
+fn delivery_status_fields_inlined_in_text_end_the_diagnostic() {
+    let raw = "From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.net>\r\n\
+To: app@example.com\r\n\
+Subject: Returned mail: see transcript for details\r\n\
+\r\n\
+   ----- The following addresses had permanent fatal errors -----\r\n\
+<dora@example.net>\r\n\
+\r\n\
+   ----- Transcript of session follows -----\r\n\
+mail.local: unknown user: dora\r\n\
+554 <dora@example.net>... Service unavailable\r\n\
+\r\n\
+Reporting-MTA: dns; mx.example.net\r\n\
+Arrival-Date: Mon, 2 Jun 2025 10:00:00 +0000\r\n\
+\r\n\
+Final-Recipient: RFC822; dora@example.net\r\n\
+Action: failed\r\n\
+Status: 5.1.1\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "dora@example.net");
+    let diagnostic = r.diagnostic.as_deref().unwrap_or("");
+    assert!(
+        diagnostic.ends_with("Service unavailable"),
+        "{diagnostic:?}"
+    );
+    assert!(!diagnostic.contains("Reporting-MTA"), "{diagnostic:?}");
+}
+
+#[test]
 fn a_dsn_of_only_successes_reports_them_as_delivered() {
     let raw = "From: MAILER-DAEMON@mx.example.org\r\nSubject: Successful Mail Delivery Report\r\n\
 Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\

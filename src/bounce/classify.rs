@@ -346,6 +346,10 @@ impl Classifier {
     /// The reason for one failed recipient; `diagnostic_type` is the Diagnostic-Code type
     /// (`smtp`, `x-unix`, `x-postfix`), which changes the order of decision (see above).
     pub fn reason_typed(&self, ev: &Evidence<'_>, diagnostic_type: Option<&str>) -> BounceReason {
+        // A long extension type (`X-Outbound-Mail-Relay`) names the relay that wrote the text,
+        // not whether it is an SMTP reply or a mailer's own message (`X-Unix`, `X-Postfix`):
+        // the rules read such a diagnostic as untyped.
+        let diagnostic_type = diagnostic_type.filter(|t| super::dsn::is_registered_type(t));
         let status = ev.status.map(str::trim).filter(|s| !s.is_empty());
         if let Some(s) = status
             && s.starts_with("2.")

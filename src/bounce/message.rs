@@ -797,10 +797,14 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             let Some(recipient) = recipient else {
                 continue;
             };
-            let mut diagnostic = block
-                .get("diagnostic-code")
-                .map(|d| dsn::strip_type(d).to_string())
-                .filter(|d| !d.is_empty());
+            let (diagnostic_type, diagnostic_code) =
+                block.get("diagnostic-code").map_or((None, None), |d| {
+                    let (t, text) = dsn::split_type(d);
+                    (t, Some(text))
+                });
+            let mut diagnostic = diagnostic_code
+                .filter(|d| !d.is_empty())
+                .map(str::to_string);
             if diagnostic.is_none() {
                 let segments = prose();
                 diagnostic = segments
@@ -827,10 +831,7 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             });
             r.action = action;
             r.diagnostic = diagnostic;
-            r.diagnostic_type = block
-                .get("diagnostic-code")
-                .and_then(|d| dsn::split_type(d).0)
-                .map(str::to_ascii_lowercase);
+            r.diagnostic_type = diagnostic_type.map(str::to_ascii_lowercase);
             r.original_recipient = block.get("original-recipient").and_then(dsn::address_of);
             r.orcpt = non_empty(block.get("original-recipient"));
             r.remote_mta = block

@@ -132,14 +132,7 @@ impl BounceRecord {
             action: self.action.as_deref(),
             command: self.smtp_command.as_deref(),
         };
-        // A long extension type (`X-Outbound-Mail-Relay`) names the relay that wrote the text,
-        // not whether it is an SMTP reply or a mailer's own message (`X-Unix`, `X-Postfix`):
-        // the rules read such a diagnostic as untyped.
-        let typed = self
-            .diagnostic_type
-            .as_deref()
-            .filter(|t| dsn::is_registered_type(t));
-        self.reason = classifier.reason_typed(&ev, typed);
+        self.reason = classifier.reason_typed(&ev, self.diagnostic_type.as_deref());
         // Unknown-user wording counts as `userunknown` when the server said so at RCPT or
         // with an x.1.1 status. A bare `550` quoted without status or command is how content
         // filters and appliances word their refusals too; read as Sisimai does: `filtered`.

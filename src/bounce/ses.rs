@@ -67,12 +67,11 @@ pub(crate) fn records(view: &View) -> Vec<BounceRecord> {
                 continue;
             };
             let mut rec = BounceRecord::new(addr, BounceKind::Dsn);
-            let diagnostic = string(r, "diagnosticCode");
-            rec.diagnostic_type = diagnostic
-                .as_deref()
-                .and_then(|d| super::dsn::split_type(d).0)
-                .map(str::to_ascii_lowercase);
-            rec.diagnostic = diagnostic.map(|d| super::dsn::strip_type(&d).to_string());
+            if let Some(code) = string(r, "diagnosticCode") {
+                let (t, text) = super::dsn::split_type(&code);
+                rec.diagnostic_type = t.map(str::to_ascii_lowercase);
+                rec.diagnostic = Some(text.to_string());
+            }
             let diag = rec.diagnostic.as_deref().unwrap_or("");
             rec.status = string(r, "status").or_else(|| text::find_enhanced_status(diag));
             rec.reply_code = text::find_reply_code(diag);

@@ -104,8 +104,8 @@ pub struct Writer {
 type Committed = std::sync::mpsc::Sender<Vec<Box<dyn Job>>>;
 
 /// Whether the syncer has committed batches it has not made durable yet. The writer sets it
-/// before it hands a batch over; the syncer clears it (and wakes the writer) after answering
-/// the batches it took, so it is never left set with nothing to flush.
+/// before it hands a batch over; the syncer clears it (and wakes the writer) once the fsync
+/// of the batches it took has returned, so it is never left set with nothing to flush.
 #[derive(Default)]
 struct Flushing {
     busy: AtomicBool,

@@ -15,7 +15,8 @@
 //! Sisimai's:
 //!
 //! 1. stage-1 rules, in file order (user rules first), unless the diagnostic is not an SMTP
-//!    reply (an `X-Unix` Diagnostic-Code type);
+//!    reply (an `X-Unix` or `X-Postfix` Diagnostic-Code type; an `X-Postfix` text that
+//!    quotes the remote server's reply, with its code, counts as one);
 //! 2. the `[status]` table, unless it gives a reason listed as `refinable` (generic codes)
 //!    or the diagnostic is not an SMTP reply;
 //! 3. stage-2 rules (phrases that refine a generic status);
@@ -360,8 +361,12 @@ impl Classifier {
         let normalized = normalize(ev.diagnostic);
         let mut m = Matches::new(&normalized, self.rules.len());
         let reason_of = |i: Option<usize>| i.and_then(|i| self.rules.get(i)).map(|r| r.reason);
-        // Stage 1 reads SMTP replies; a mailer's own message (X-Unix, X-Postfix) skips it.
-        let smtp_diagnostic = diagnostic_type.is_none_or(|t| t.eq_ignore_ascii_case("smtp"));
+        // Stage 1 reads SMTP replies; a mailer's own message (X-Unix, X-Postfix) skips it,
+        // unless Postfix's text quotes the remote server's reply (`host mx.example[192.0.2.1]
+        // refused to talk to me: 421 ...`): that reply is an SMTP reply like any other.
+        let smtp_diagnostic = diagnostic_type.is_none_or(|t| t.eq_ignore_ascii_case("smtp"))
+            || (diagnostic_type.is_some_and(|t| t.eq_ignore_ascii_case("x-postfix"))
+                && ev.reply_code.is_some());
         if smtp_diagnostic && let Some(reason) = reason_of(self.first_rule(&mut m, ev, 1)) {
             return reason;
         }
@@ -992,6 +997,28 @@ mod tests {
             command: Some(command),
             ..Default::default()
         })
+    }
+
+    #[test]
+    fn an_x_postfix_text_is_read_as_a_reply_only_where_it_quotes_one() {
+        let typed = |reply_code, text| {
+            Classifier::builtin().reason_typed(
+                &Evidence {
+                    status: Some("4.0.0"),
+                    reply_code,
+                    diagnostic: text,
+                    action: Some("delayed"),
+                    ..Default::default()
+                },
+                Some("x-postfix"),
+            )
+        };
+        let greeting = "delivery temporarily suspended: host mx.example.net[192.0.2.7] refused \
+            to talk to me: 421 Service not available, closing transmission channel";
+        // The remote server's greeting refused us: its reply decides, as at RCPT.
+        assert_eq!(typed(Some(421), greeting), Blocked);
+        // Without a reply code found in it, the text is Postfix's own: a mailer error.
+        assert_eq!(typed(None, greeting), MailerError);
     }
 
     #[test]

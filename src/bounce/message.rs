@@ -734,6 +734,21 @@ fn pick_status(field: Option<&str>, diagnostic: &str) -> Option<String> {
     }
 }
 
+/// The comment after a Status field's code (`5.0.0 (permanent failure)`), when it says more
+/// than the code's class does.
+fn status_comment(field: &str) -> Option<String> {
+    let (_, rest) = field.split_once('(')?;
+    let comment = rest.rsplit_once(')').map_or(rest, |(c, _)| c).trim();
+    let generic = [
+        "permanent failure",
+        "temporary failure",
+        "success",
+        "delayed",
+    ];
+    (!comment.is_empty() && !generic.iter().any(|g| comment.eq_ignore_ascii_case(g)))
+        .then(|| collapse_clipped(comment, MAX_PROSE_DIAGNOSTIC))
+}
+
 /// Records from delivery-status fields: MIME report parts first, else fields inlined in text.
 pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
     let mut parsed: Vec<DeliveryStatus> = view
@@ -806,12 +821,25 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
                 .filter(|d| !d.is_empty())
                 .map(str::to_string);
             if diagnostic.is_none() {
-                let segments = prose();
-                diagnostic = segments
-                    .iter()
+                // A segment that is the inlined fields themselves (the recipient named only
+                // in `Final-Recipient:`) explains nothing: the other prose does, else the
+                // text before the fields (a transcript without the address).
+                // A comment in the Status field (`4.0.0 (example.net: host name lookup
+                // failure)`) is the reporting MTA's word on this recipient: it beats prose
+                // about another.
+                let explaining = || prose().iter().filter(|(_, d)| !is_report_data(d));
+                diagnostic = explaining()
                     .find(|(a, _)| a.eq_ignore_ascii_case(&recipient))
-                    .or(segments.first())
                     .map(|(_, d)| d.clone())
+                    .or_else(|| status_field.and_then(status_comment))
+                    .or_else(|| explaining().next().map(|(_, d)| d.clone()))
+                    .or_else(|| {
+                        prose().first()?;
+                        let end = dsn_fields_after(error_section, 0, error_section.len());
+                        error_section
+                            .get(..end)
+                            .map(|t| collapse_clipped(t, MAX_PROSE_DIAGNOSTIC))
+                    })
                     .filter(|d| !d.is_empty());
             }
             let diag = diagnostic.as_deref().unwrap_or("");
@@ -974,6 +1002,15 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         out.push((addr.clone(), collapse_clipped(seg, MAX_PROSE_DIAGNOSTIC)));
     }
     out
+}
+
+/// Whether a prose segment starts with a delivery-status field (`Final-Recipient: rfc822;
+/// ...` inlined in the text): it is the report's data, not the explanation of its address.
+fn is_report_data(segment: &str) -> bool {
+    segment.split_once(':').is_some_and(|(name, _)| {
+        let name = name.trim();
+        name.len() <= 24 && dsn::is_dsn_field(&name.to_ascii_lowercase())
+    })
 }
 
 /// Where delivery-status fields inlined in the text (`Reporting-MTA: dns; ...` after a

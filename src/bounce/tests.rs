@@ -204,6 +204,80 @@ Status: 5.1.1\r\n";
     assert!(!diagnostic.contains("Reporting-MTA"), "{diagnostic:?}");
 }
 
+/// The transcript names the address before aliasing (or a program it was piped to), the
+/// inlined fields the final one: the fields are no diagnostic, the transcript is.
+#[test]
+fn a_recipient_named_only_in_inlined_fields_takes_the_transcript_as_diagnostic() {
+    let raw = "From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.net>\r\n\
+To: app@example.com\r\n\
+Subject: Returned mail: Service unavailable\r\n\
+\r\n\
+   ----- The following addresses had permanent fatal errors -----\r\n\
+\"|/usr/bin/filter-program #erin\"\r\n\
+    (expanded from: <erin-alias@example.net>)\r\n\
+\r\n\
+   ----- Transcript of session follows -----\r\n\
+554 \"|/usr/bin/filter-program #erin\"... Service unavailable\r\n\
+\r\n\
+Reporting-MTA: dns; mx.example.net\r\n\
+\r\n\
+Final-Recipient: RFC822; erin@mx.example.net\r\n\
+Action: failed\r\n\
+Status: 5.5.0\r\n";
+    let r = one(raw);
+    assert_eq!(r.recipient, "erin@mx.example.net");
+    let diagnostic = r.diagnostic.as_deref().unwrap_or("");
+    assert!(
+        diagnostic.ends_with("Service unavailable"),
+        "{diagnostic:?}"
+    );
+    assert!(!diagnostic.contains("Final-Recipient"), "{diagnostic:?}");
+    assert_eq!(r.reply_code, Some(554));
+    assert_eq!(r.status.as_deref(), Some("5.5.0"));
+}
+
+/// A block without Diagnostic-Code whose recipient the prose does not name: the comment in
+/// its Status field explains it, not the prose about another recipient.
+#[test]
+fn a_status_comment_explains_a_recipient_the_prose_does_not_name() {
+    let raw = "From: Mail Delivery Subsystem <MAILER-DAEMON@mx.example.org>\r\n\
+To: app@example.com\r\n\
+Subject: Returned mail: User unknown\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"S\"\r\n\
+\r\n\
+--S\r\n\
+Content-Type: text/plain\r\n\
+\r\n\
+<frank@example.net> (unrecoverable error)\r\n\
+\r\n\
+--S\r\n\
+Content-Type: message/delivery-status\r\n\
+\r\n\
+Reporting-MTA: dns; mx.example.org\r\n\
+\r\n\
+Final-Recipient: rfc822;frank@example.net\r\n\
+Action: failed\r\n\
+Status: 5.0.0\r\n\
+Diagnostic-Code: smtp; 550 user unknown\r\n\
+\r\n\
+Final-Recipient: rfc822;grace@example.com\r\n\
+Action: delayed\r\n\
+Status: 4.0.0 (example.com: host name lookup failure)\r\n\
+\r\n\
+--S--\r\n";
+    let records = parse(raw.as_bytes());
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let grace = &records[1];
+    assert_eq!(grace.recipient, "grace@example.com");
+    assert_eq!(
+        grace.diagnostic.as_deref(),
+        Some("example.com: host name lookup failure")
+    );
+    assert_eq!(grace.status.as_deref(), Some("4.0.0"));
+    assert_eq!(records[0].diagnostic.as_deref(), Some("550 user unknown"));
+}
+
 #[test]
 fn a_dsn_of_only_successes_reports_them_as_delivered() {
     let raw = "From: MAILER-DAEMON@mx.example.org\r\nSubject: Successful Mail Delivery Report\r\n\

@@ -971,6 +971,28 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         }
     }
 
+    // Where a recipient is named again after the first time (a bounce that repeats its
+    // list in a second language): the text about another recipient ends there too.
+    let mut mentions: Vec<(usize, usize)> = Vec::new();
+    if found.len() > 1 {
+        for (pos, addr) in text::addresses(error_section) {
+            if mentions.len() >= MAX_PROSE_RECIPIENTS {
+                break;
+            }
+            let Some(i) = found.iter().position(|(a, _)| a.eq_ignore_ascii_case(addr)) else {
+                continue;
+            };
+            let line_start = error_section
+                .get(..pos)
+                .and_then(|s| s.rfind('\n'))
+                .map(|i| i + 1)
+                .unwrap_or(0);
+            if found.get(i).is_some_and(|(_, first)| *first != line_start) {
+                mentions.push((line_start, i));
+            }
+        }
+    }
+
     let mut out = Vec::new();
     let n = found.len();
     let informative =
@@ -987,6 +1009,12 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             .map(|(_, s)| *s)
             .find(|s| s > start)
             .unwrap_or(error_section.len());
+        let end = mentions
+            .iter()
+            .filter(|(at, j)| *j != i && at > start)
+            .map(|(at, _)| *at)
+            .min()
+            .map_or(end, |at| at.min(end));
         let end = dsn_fields_after(error_section, *start, end);
         let mut seg = error_section.get(*start..end).unwrap_or("");
         // A lone recipient whose own lines say little: the explanation may come before it.

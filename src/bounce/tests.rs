@@ -278,6 +278,42 @@ Status: 4.0.0 (example.com: host name lookup failure)\r\n\
     assert_eq!(records[0].diagnostic.as_deref(), Some("550 user unknown"));
 }
 
+/// A bounce that lists its recipients twice (in Russian, then in English): each
+/// recipient's text ends where another recipient is named again.
+#[test]
+fn a_repeated_list_ends_each_recipients_text_at_the_next_recipient_named_again() {
+    let raw = "From: Mail Delivery System <Mailer-Daemon@mx.example.org>\r\n\
+To: app@example.com\r\n\
+Subject: Mail delivery failed: returning message to sender\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+\r\n\
+Сообщение не доставлено.\r\n\
+\r\n\
+  ann@example.net\r\n\
+    host mx.example.net [192.0.2.1]: 550 5.2.2 <ann@example.net>... Mailbox full\r\n\
+  bea@example.net\r\n\
+    host mx.example.net [192.0.2.1]: 550 5.1.1 <bea@example.net>... User unknown\r\n\
+Проверьте адреса получателей.\r\n\
+\r\n\
+This message was created automatically by mail delivery software.\r\n\
+The following address(es) failed:\r\n\
+\r\n\
+  ann@example.net\r\n\
+    host mx.example.net [192.0.2.1]: 550 5.2.2 <ann@example.net>... Mailbox full\r\n\
+  bea@example.net\r\n\
+    host mx.example.net [192.0.2.1]: 550 5.1.1 <bea@example.net>... User unknown\r\n";
+    let records = parse(raw.as_bytes());
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let (ann, bea) = (&records[0], &records[1]);
+    assert_eq!(ann.recipient, "ann@example.net");
+    assert_eq!(ann.reason, BounceReason::MailboxFull);
+    assert_eq!(bea.recipient, "bea@example.net");
+    let diagnostic = bea.diagnostic.as_deref().unwrap_or("");
+    assert!(!diagnostic.contains("Mailbox full"), "{diagnostic:?}");
+    assert_eq!(bea.reason, BounceReason::UserUnknown);
+    assert_eq!(bea.bounce_type, BounceType::Hard);
+}
+
 #[test]
 fn a_dsn_of_only_successes_reports_them_as_delivered() {
     let raw = "From: MAILER-DAEMON@mx.example.org\r\nSubject: Successful Mail Delivery Report\r\n\

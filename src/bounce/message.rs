@@ -973,12 +973,11 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
 
     // Where a recipient is named again after the first time (a bounce that repeats its
     // list in a second language): the text about another recipient ends there too.
+    // Bounded like the first pass: at most 4 × MAX_PROSE_RECIPIENTS addresses looked at,
+    // each compared with at most MAX_PROSE_RECIPIENTS found ones.
     let mut mentions: Vec<(usize, usize)> = Vec::new();
     if found.len() > 1 {
-        for (pos, addr) in text::addresses(error_section) {
-            if mentions.len() >= MAX_PROSE_RECIPIENTS {
-                break;
-            }
+        for (pos, addr) in text::addresses(error_section).take(4 * MAX_PROSE_RECIPIENTS) {
             let Some(i) = found.iter().position(|(a, _)| a.eq_ignore_ascii_case(addr)) else {
                 continue;
             };

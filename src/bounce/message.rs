@@ -958,12 +958,7 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             continue;
         }
         // Start the segment at the beginning of the line that names the address.
-        let line_start = error_section
-            .get(..pos)
-            .and_then(|s| s.rfind('\n'))
-            .map(|i| i + 1)
-            .unwrap_or(0);
-        found.push((addr.to_string(), line_start));
+        found.push((addr.to_string(), line_start(error_section, pos)));
     }
     for f in &failed_header {
         if !found.iter().any(|(a, _)| a.eq_ignore_ascii_case(f)) {
@@ -981,13 +976,9 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
             let Some(i) = found.iter().position(|(a, _)| a.eq_ignore_ascii_case(addr)) else {
                 continue;
             };
-            let line_start = error_section
-                .get(..pos)
-                .and_then(|s| s.rfind('\n'))
-                .map(|i| i + 1)
-                .unwrap_or(0);
-            if found.get(i).is_some_and(|(_, first)| *first != line_start) {
-                mentions.push((line_start, i));
+            let at = line_start(error_section, pos);
+            if found.get(i).is_some_and(|(_, first)| *first != at) {
+                mentions.push((at, i));
             }
         }
     }
@@ -1029,6 +1020,13 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         out.push((addr.clone(), collapse_clipped(seg, MAX_PROSE_DIAGNOSTIC)));
     }
     out
+}
+
+/// Where the line holding byte `pos` of `text` begins.
+fn line_start(text: &str, pos: usize) -> usize {
+    text.get(..pos)
+        .and_then(|s| s.rfind('\n'))
+        .map_or(0, |i| i + 1)
 }
 
 /// Whether a prose segment starts with a delivery-status field (`Final-Recipient: rfc822;

@@ -88,15 +88,21 @@ bench_cleanup() {
         if [[ -n ${BENCH_KEEP:-} ]]; then
             log "kept $BENCH_DIR (BENCH_KEEP set)"
         else
-            # Postfix's master may take a moment to let go of its queue files after stop.
-            local i
-            for ((i = 0; i < 50; i++)); do
-                rm -rf "$BENCH_DIR" 2>/dev/null && break
-                sleep 0.1
-            done
+            remove_tree "$BENCH_DIR" || true
         fi
     fi
     exit "$status"
+}
+
+# remove_tree DIR: rm -rf, retried for up to 5 s: Postfix's master may take a moment to let
+# go of its queue files after stop.
+remove_tree() {
+    local i
+    for ((i = 0; i < 50; i++)); do
+        rm -rf "$1" 2>/dev/null && return 0
+        sleep 0.1
+    done
+    return 1
 }
 
 # SIGTERM, up to 10 s of grace, then SIGKILL. Only ever for pids this script started.

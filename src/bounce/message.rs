@@ -749,6 +749,36 @@ fn status_comment(field: &str) -> Option<String> {
         .then(|| collapse_clipped(comment, MAX_PROSE_DIAGNOSTIC))
 }
 
+/// The diagnostic of a DSN block without Diagnostic-Code, from the human-readable part, in
+/// this order: the prose about its recipient; a comment in its Status field (`4.0.0
+/// (example.net: host name lookup failure)`, the reporting MTA's word on this recipient,
+/// which beats prose about another); the first prose about any recipient; when the text
+/// names some address at all, the text before delivery-status fields inlined in it (a
+/// transcript that names the address before aliasing). Prose that is those inlined fields themselves (the recipient named only in
+/// `Final-Recipient:`) explains nothing and is passed over.
+fn block_diagnostic_from_prose(
+    prose: &[(String, String)],
+    recipient: &str,
+    status_field: Option<&str>,
+    error_section: &str,
+) -> Option<String> {
+    let explaining = || prose.iter().filter(|(_, d)| !is_report_data(d));
+    let before_fields = || {
+        prose.first()?;
+        let end = dsn_fields_after(error_section, 0, error_section.len());
+        error_section
+            .get(..end)
+            .map(|t| collapse_clipped(t, MAX_PROSE_DIAGNOSTIC))
+    };
+    explaining()
+        .find(|(a, _)| a.eq_ignore_ascii_case(recipient))
+        .map(|(_, d)| d.clone())
+        .or_else(|| status_field.and_then(status_comment))
+        .or_else(|| explaining().next().map(|(_, d)| d.clone()))
+        .or_else(before_fields)
+        .filter(|d| !d.is_empty())
+}
+
 /// Records from delivery-status fields: MIME report parts first, else fields inlined in text.
 pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
     let mut parsed: Vec<DeliveryStatus> = view
@@ -821,26 +851,8 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
                 .filter(|d| !d.is_empty())
                 .map(str::to_string);
             if diagnostic.is_none() {
-                // A segment that is the inlined fields themselves (the recipient named only
-                // in `Final-Recipient:`) explains nothing: the other prose does, else the
-                // text before the fields (a transcript without the address).
-                // A comment in the Status field (`4.0.0 (example.net: host name lookup
-                // failure)`) is the reporting MTA's word on this recipient: it beats prose
-                // about another.
-                let explaining = || prose().iter().filter(|(_, d)| !is_report_data(d));
-                diagnostic = explaining()
-                    .find(|(a, _)| a.eq_ignore_ascii_case(&recipient))
-                    .map(|(_, d)| d.clone())
-                    .or_else(|| status_field.and_then(status_comment))
-                    .or_else(|| explaining().next().map(|(_, d)| d.clone()))
-                    .or_else(|| {
-                        prose().first()?;
-                        let end = dsn_fields_after(error_section, 0, error_section.len());
-                        error_section
-                            .get(..end)
-                            .map(|t| collapse_clipped(t, MAX_PROSE_DIAGNOSTIC))
-                    })
-                    .filter(|d| !d.is_empty());
+                diagnostic =
+                    block_diagnostic_from_prose(prose(), &recipient, status_field, error_section);
             }
             let diag = diagnostic.as_deref().unwrap_or("");
             let mut r = BounceRecord::new(recipient.clone(), BounceKind::Dsn);
@@ -929,6 +941,10 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
     };
 
     let mut found: Vec<(String, usize)> = Vec::new();
+    // Where a found recipient is named again on a later line (a bounce that repeats its
+    // list in a second language): the text about another recipient ends there too. At most
+    // 4 × MAX_PROSE_RECIPIENTS are kept, so that hostile repetition stays linear.
+    let mut mentions: Vec<(usize, usize)> = Vec::new();
     // An address once seen as the sender, a help desk or a Message-Id stays that further
     // on, where the words around it may say nothing (another language, a bare list).
     let mut not_recipients: Vec<&str> = Vec::new();
@@ -954,32 +970,21 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         {
             continue;
         }
-        if found.iter().any(|(a, _)| a.eq_ignore_ascii_case(addr)) {
+        // Start the segment at the beginning of the line that names the address.
+        let at = line_start(error_section, pos);
+        if let Some(i) = found.iter().position(|(a, _)| a.eq_ignore_ascii_case(addr)) {
+            if found.get(i).is_some_and(|(_, first)| *first != at)
+                && mentions.len() < 4 * MAX_PROSE_RECIPIENTS
+            {
+                mentions.push((at, i));
+            }
             continue;
         }
-        // Start the segment at the beginning of the line that names the address.
-        found.push((addr.to_string(), line_start(error_section, pos)));
+        found.push((addr.to_string(), at));
     }
     for f in &failed_header {
         if !found.iter().any(|(a, _)| a.eq_ignore_ascii_case(f)) {
             found.push((f.clone(), error_section.len()));
-        }
-    }
-
-    // Where a recipient is named again after the first time (a bounce that repeats its
-    // list in a second language): the text about another recipient ends there too.
-    // Bounded like the first pass: at most 4 × MAX_PROSE_RECIPIENTS addresses looked at,
-    // each compared with at most MAX_PROSE_RECIPIENTS found ones.
-    let mut mentions: Vec<(usize, usize)> = Vec::new();
-    if found.len() > 1 {
-        for (pos, addr) in text::addresses(error_section).take(4 * MAX_PROSE_RECIPIENTS) {
-            let Some(i) = found.iter().position(|(a, _)| a.eq_ignore_ascii_case(addr)) else {
-                continue;
-            };
-            let at = line_start(error_section, pos);
-            if found.get(i).is_some_and(|(_, first)| *first != at) {
-                mentions.push((at, i));
-            }
         }
     }
 

@@ -180,7 +180,12 @@ fn render_recipient(out: &mut String, r: &RecipientLog) {
 }
 
 fn render_event(out: &mut String, e: &EventLog) {
-    let _ = write!(out, "    {}  {} {}", format_time(e.at_ms), e.kind, e.status);
+    let _ = write!(out, "    {}  {}", format_time(e.at_ms), e.kind);
+    // "rejected", "suppressed": the event says the status already.
+    let status = e.status.to_string();
+    if status != e.kind {
+        let _ = write!(out, " {status}");
+    }
     if let Some(stage) = e.stage {
         let _ = write!(out, " at {}", serde_plain(&stage));
     }
@@ -486,6 +491,18 @@ mod tests {
       please retry
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn an_event_named_as_its_status_names_it_once() {
+        let mut m = sample();
+        let event = &mut m.recipients[0].events[1];
+        event.kind = "rejected".into();
+        event.status = RecipientStatus::Rejected;
+        event.stage = Some(Stage::Local);
+        let text = render_text(&[m]);
+        assert!(text.contains("  rejected at local mx1"), "{text}");
+        assert!(text.contains("  accepted queued\n"), "{text}");
     }
 
     #[test]

@@ -146,9 +146,10 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         "mailtrail started"
     );
 
-    tokio::spawn(purge_bodies(
+    tokio::spawn(purge(
         store.clone(),
         config.delivery.body_retention,
+        config.delivery.log_retention,
         shutdown.clone(),
     ));
     let signals = shutdown.clone();
@@ -168,31 +169,48 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// How often bodies past `[delivery] body_retention` are looked for.
+/// How often bodies past `[delivery] body_retention` and, when set, the log past
+/// `[delivery] log_retention` are looked for.
 const PURGE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// Deletes the bodies of finished mail older than `retention`, a minute after start and then
-/// hourly, until shutdown.
-async fn purge_bodies(
+/// Deletes the bodies of finished mail older than `body_retention` and, unless
+/// `log_retention` is zero (keep forever), the log and bounce records older than that; a
+/// minute after start and then hourly, until shutdown.
+async fn purge(
     store: Arc<dyn Store>,
-    retention: std::time::Duration,
+    body_retention: std::time::Duration,
+    log_retention: std::time::Duration,
     shutdown: CancellationToken,
 ) {
     let start = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut tick = tokio::time::interval_at(start, PURGE_EVERY);
+    let cut_off = |retention: std::time::Duration| {
+        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        chrono::Utc::now()
+            .timestamp_millis()
+            .saturating_sub(retention_ms)
+    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-        let before = chrono::Utc::now()
-            .timestamp_millis()
-            .saturating_sub(retention_ms);
-        match store.purge_bodies(before).await {
+        match store.purge_bodies(cut_off(body_retention)).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(bodies = n, "message bodies past body_retention deleted"),
             Err(e) => tracing::warn!(error = %e, "cannot delete old message bodies"),
+        }
+        if log_retention.is_zero() {
+            continue;
+        }
+        match store.purge_log(cut_off(log_retention)).await {
+            Ok((0, 0)) => {}
+            Ok((messages, bounces)) => tracing::info!(
+                messages,
+                bounces,
+                "mail log and bounce records past log_retention deleted"
+            ),
+            Err(e) => tracing::warn!(error = %e, "cannot delete the old mail log"),
         }
     }
 }

@@ -229,6 +229,10 @@ pub struct DeliveryConfig {
     /// Bodies of finished mail are deleted this long after receipt (the log stays).
     #[serde(with = "humantime_serde")]
     pub body_retention: Duration,
+    /// Finished mail's log (envelope, recipients, events) and bounce records are deleted this
+    /// long after receipt; zero keeps them forever.
+    #[serde(with = "humantime_serde")]
+    pub log_retention: Duration,
 }
 
 impl Default for DeliveryConfig {
@@ -250,6 +254,7 @@ impl Default for DeliveryConfig {
             data_timeout: Duration::from_secs(600),
             mx_port: 25,
             body_retention: Duration::from_secs(7 * 86400),
+            log_retention: Duration::ZERO,
         }
     }
 }
@@ -484,6 +489,18 @@ impl Config {
                 "must not be shorter than delivery.retry_first",
             ));
         }
+        // Shorter, the log would go before the bodies it describes, or take the bounces the
+        // soft-bounce threshold counts.
+        if !self.delivery.log_retention.is_zero()
+            && (self.delivery.log_retention < self.delivery.body_retention
+                || self.delivery.log_retention < self.suppression.soft_window)
+        {
+            return Err(invalid(
+                "delivery.log_retention",
+                "must be \"0s\" (keep forever) or at least delivery.body_retention and \
+                 suppression.soft_window",
+            ));
+        }
         for (i, route) in self.routes.iter().enumerate() {
             let key = |k: &str| format!("route[{i}].{k}");
             if route.domains.is_empty() {
@@ -568,6 +585,22 @@ mod tests {
         assert!(e.to_string().contains("command_timeout"), "{e}");
         let e = Config::parse("[smtp]\nmax_recipients = 0\n").unwrap_err();
         assert!(e.to_string().contains("smtp.max_recipients"), "{e}");
+    }
+
+    #[test]
+    fn log_retention_is_forever_by_default_and_not_shorter_than_body_retention() {
+        assert!(Config::parse("").unwrap().delivery.log_retention.is_zero());
+        let c = Config::parse("[delivery]\nlog_retention = \"400days\"\n").unwrap();
+        assert_eq!(c.delivery.log_retention, Duration::from_secs(400 * 86400));
+        let e = Config::parse("[delivery]\nlog_retention = \"1day\"\n").unwrap_err();
+        assert!(e.to_string().contains("delivery.log_retention"), "{e}");
+        let short_body = "[delivery]\nlog_retention = \"1day\"\nbody_retention = \"1h\"\n";
+        let e = Config::parse(short_body).unwrap_err();
+        assert!(e.to_string().contains("soft_window"), "{e}");
+        let c = Config::parse(&format!(
+            "{short_body}[suppression]\nsoft_window = \"1day\"\n"
+        ));
+        assert!(c.is_ok(), "{c:?}");
     }
 
     #[test]

@@ -561,6 +561,9 @@ mod tests {
         async fn purge_bodies(&self, _: i64) -> Result<usize, StoreError> {
             unused()
         }
+        async fn purge_log(&self, _: i64) -> Result<(usize, usize), StoreError> {
+            unused()
+        }
         async fn due(
             &self,
             _: i64,

@@ -337,6 +337,11 @@ pub trait Store: Send + Sync + 'static {
     /// many were dropped.
     async fn purge_bodies(&self, before_ms: i64) -> Result<usize, StoreError>;
 
+    /// Deletes the log of finished mail received before `before_ms` (message, body,
+    /// recipients, events; pending mail and unprocessed inbound bounce mail stay) and the
+    /// bounce records recorded before it. Returns (messages, bounces) deleted.
+    async fn purge_log(&self, before_ms: i64) -> Result<(usize, usize), StoreError>;
+
     /// Counters of the backend's commits, when it keeps them (exported at `/metrics`).
     fn commit_counters(&self) -> Option<sqlite::WriterStats> {
         None

@@ -229,6 +229,25 @@ impl SqliteStore {
         self.writer.write(op).await
     }
 
+    /// Runs a purge `(conn, before_ms, limit)` in small transactions, one after the other
+    /// until one deletes fewer than a batch (accepts queued meanwhile share their commits, and
+    /// no purge holds the writer long). Returns how many rows it deleted in all.
+    async fn purge_in_batches(
+        &self,
+        before_ms: i64,
+        purge: fn(&Connection, i64, usize) -> Result<usize, StoreError>,
+    ) -> Result<usize, StoreError> {
+        const BATCH: usize = 1000;
+        let mut total = 0;
+        loop {
+            let n = self.write(move |c| purge(c, before_ms, BATCH)).await?;
+            total += n;
+            if n < BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
     async fn read<R, F>(&self, op: F) -> Result<R, StoreError>
     where
         R: Send + 'static,
@@ -297,18 +316,17 @@ impl Store for SqliteStore {
     }
 
     async fn purge_bodies(&self, before_ms: i64) -> Result<usize, StoreError> {
-        // Small transactions, one after the other: accepts queued meanwhile share their commits.
-        const BATCH: usize = 1000;
-        let mut total = 0;
-        loop {
-            let n = self
-                .write(move |c| write::purge_bodies(c, before_ms, BATCH))
-                .await?;
-            total += n;
-            if n < BATCH {
-                return Ok(total);
-            }
-        }
+        self.purge_in_batches(before_ms, write::purge_bodies).await
+    }
+
+    async fn purge_log(&self, before_ms: i64) -> Result<(usize, usize), StoreError> {
+        let messages = self
+            .purge_in_batches(before_ms, write::purge_messages)
+            .await?;
+        let bounces = self
+            .purge_in_batches(before_ms, write::purge_bounces)
+            .await?;
+        Ok((messages, bounces))
     }
 
     async fn queue_list(&self) -> Result<Vec<QueueEntry>, StoreError> {

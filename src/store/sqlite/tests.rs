@@ -1228,6 +1228,16 @@ fn hot_queries_use_their_indexes() {
         "SELECT receipt FROM messages WHERE inbound_bounce = 1 AND inbound_processed_at IS NULL",
     );
     assert!(plan.contains("messages_inbound_pending"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        &write::PURGE_MESSAGES.replace("?1", "5").replace("?2", "10"),
+    );
+    assert!(plan.contains("messages_received_at"), "{plan}");
+    let plan = query_plan(
+        &conn,
+        &write::PURGE_BOUNCES.replace("?1", "5").replace("?2", "10"),
+    );
+    assert!(plan.contains("bounces_at"), "{plan}");
 }
 
 #[tokio::test]
@@ -1296,6 +1306,88 @@ async fn purge_drops_only_bodies_whose_recipients_are_all_final() {
     store.mark_inbound_processed(b).await.unwrap();
     assert_eq!(store.purge_bodies(5_000).await.unwrap(), 1);
     assert!(matches!(store.body(b).await, Err(StoreError::NotFound(_))));
+}
+
+/// Rows of `table` that belong to `receipt`.
+fn rows_of(conn: &Connection, table: &str, receipt: ReceiptId) -> i64 {
+    conn.query_row(
+        &format!("SELECT COUNT(*) FROM {table} WHERE receipt = ?1"),
+        [receipt.to_string()],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn log_purge_drops_finished_mail_and_old_bounces_only() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let done = message(1_000, "app@example.com", &["a@example.net"]);
+    let pending = message(1_000, "app@example.com", &["b@example.net"]);
+    let recent = message(9_000, "app@example.com", &["c@example.net"]);
+    let mut bounce_mail = message(1_000, "", &["bounces@bounce.example"]);
+    bounce_mail.inbound_bounce = true;
+    let (d, p, r, b) = (
+        done.receipt,
+        pending.receipt,
+        recent.receipt,
+        bounce_mail.receipt,
+    );
+    for m in [done, pending, recent, bounce_mail] {
+        store.accept(m).await.unwrap();
+    }
+    store
+        .record_attempts(
+            vec![
+                attempt(d, 0, 1_100, RecipientStatus::Delivered),
+                attempt(r, 0, 9_100, RecipientStatus::Delivered),
+            ],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let old_bounce = store
+        .record_bounce(new_bounce(Some(d), Some(0), 2_000))
+        .await
+        .unwrap();
+    let new = store
+        .record_bounce(new_bounce(Some(r), Some(0), 9_500))
+        .await
+        .unwrap();
+
+    assert_eq!(store.purge_log(5_000).await.unwrap(), (1, 1));
+    assert!(
+        store
+            .log(&by_address("a@example.net"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let conn = Connection::open(dir.path().join("mailtrail.db")).unwrap();
+    for table in ["messages", "bodies", "recipients", "events"] {
+        assert_eq!(rows_of(&conn, table, d), 0, "{table} of the purged message");
+    }
+    assert_eq!(rows_of(&conn, "events", p), 1, "pending mail stays");
+    // Newer than the cut-off: accepted, attempt, bounce.
+    assert_eq!(rows_of(&conn, "events", r), 3);
+    assert_eq!(
+        rows_of(&conn, "messages", b),
+        1,
+        "unprocessed bounce mail stays"
+    );
+    let ids: Vec<i64> = store
+        .bounces(&BounceQuery::default())
+        .await
+        .unwrap()
+        .iter()
+        .map(|x| x.id)
+        .collect();
+    assert_eq!(ids, [new], "bounce {old_bounce} was older than the cut-off");
+
+    store.mark_inbound_processed(b).await.unwrap();
+    assert_eq!(store.purge_log(5_000).await.unwrap(), (1, 0));
+    assert_eq!(rows_of(&conn, "messages", b), 0);
+    assert_eq!(store.purge_log(5_000).await.unwrap(), (0, 0));
 }
 
 #[test]

@@ -564,6 +564,42 @@ pub fn unsuppress(conn: &Connection, address: &str) -> Result<bool, StoreError> 
     Ok(changed > 0)
 }
 
+/// [`purge_messages`]: the oldest finished messages received before `?1`, at most `?2`.
+pub(super) const PURGE_MESSAGES: &str = "DELETE FROM messages WHERE receipt IN (
+     SELECT m.receipt FROM messages m
+     WHERE m.received_at < ?1
+       AND (m.inbound_bounce = 0 OR m.inbound_processed_at IS NOT NULL)
+       AND NOT EXISTS (SELECT 1 FROM recipients r
+                       WHERE r.receipt = m.receipt
+                         AND r.status IN ('queued', 'deferred'))
+     ORDER BY m.received_at
+     LIMIT ?2)";
+
+/// [`purge_bounces`]: the oldest bounce records recorded before `?1`, at most `?2`.
+pub(super) const PURGE_BOUNCES: &str =
+    "DELETE FROM bounces WHERE id IN (SELECT id FROM bounces WHERE at < ?1 ORDER BY at LIMIT ?2)";
+
+/// Deletes the log of messages received before `before_ms` whose recipients are all final
+/// (inbound bounce mail: processed): the message row, and with it (foreign-key cascade) its
+/// body, recipients and events; at most `limit` messages, oldest first. Returns how many.
+pub fn purge_messages(
+    conn: &Connection,
+    before_ms: i64,
+    limit: usize,
+) -> Result<usize, StoreError> {
+    conn.prepare_cached(PURGE_MESSAGES)
+        .and_then(|mut st| st.execute(params![before_ms, limit.min(i64::MAX as usize) as i64]))
+        .map_err(storage)
+}
+
+/// Deletes bounce records recorded before `before_ms`, handled or not; at most `limit`,
+/// oldest first. The suppression list keeps its own entries. Returns how many.
+pub fn purge_bounces(conn: &Connection, before_ms: i64, limit: usize) -> Result<usize, StoreError> {
+    conn.prepare_cached(PURGE_BOUNCES)
+        .and_then(|mut st| st.execute(params![before_ms, limit.min(i64::MAX as usize) as i64]))
+        .map_err(storage)
+}
+
 /// Drops the bodies of messages received before `before_ms` whose recipients are all final
 /// (and, for inbound bounce mail, that the bounce stage has processed). Envelope, recipients,
 /// events and bounces stay, so `mailtrail log` still tells the whole story. Returns how many.

@@ -164,15 +164,25 @@ wait_port() {
 
 # run_source PORT: sends the workload; prints the elapsed seconds. smtp-source aborts on any
 # reply that is not the expected 2xx/3xx, so a success here means every message was accepted.
+# The CPU seconds smtp-source used (user + system) are left in $BENCH_DIR/source.cpu.
 run_source() {
     local port=$1 start end
     start=$(now)
+    # `times` in the subshell, not in a pipeline (a forked shell has no children yet): its
+    # second line is the CPU of the subshell's waited-for children, timeout and smtp-source.
     # shellcheck disable=SC2086 # SOURCE_OPTS is a list of flags
     (cd "$BENCH_DIR" && timeout --foreground "$BENCH_TIMEOUT" "$SMTP_SOURCE" $SOURCE_OPTS -s "$SESSIONS" \
-        -m "$MSGS" -l "$SIZE" -f "$FROM" -t "$TO" "127.0.0.1:$port") >&2 ||
+        -m "$MSGS" -l "$SIZE" -f "$FROM" -t "$TO" "127.0.0.1:$port" &&
+        times >"$BENCH_DIR/source.times") >&2 ||
         die "smtp-source to 127.0.0.1:$port failed (status $?)"
     end=$(now)
     elapsed "$start" "$end"
+}
+
+# CPU seconds (user + system) smtp-source used in the last run_source.
+source_cpu_secs() {
+    awk 'NR == 2 { for (i = 1; i <= 2; i++) { split($i, t, "m"); s += t[1] * 60 + t[2] }
+        printf "%.3f\n", s }' "$BENCH_DIR/source.times" 2>/dev/null || echo "n/a"
 }
 
 # sink_start PORT: smtp-sink with running counters (-c) in $SINK_OUT. Not -M: smtp-sink -M
@@ -297,11 +307,16 @@ mailtrail_peak_rss_mib() {
         echo "n/a"
 }
 
-# CPU seconds (user + system, all threads) mailtrail has used so far: less sensitive to other
-# load on the machine than wall-clock rates.
-mailtrail_cpu_secs() {
+# pid_cpu_secs PID: CPU seconds (user + system, all threads) the process has used so far.
+pid_cpu_secs() {
     awk -v hz="$(getconf CLK_TCK)" '{ printf "%.3f\n", ($14 + $15) / hz }' \
-        "/proc/$MAILTRAIL_PID/stat" 2>/dev/null || echo "n/a"
+        "/proc/$1/stat" 2>/dev/null || echo "n/a"
+}
+
+# CPU seconds mailtrail has used so far: less sensitive to other load on the machine than
+# wall-clock rates.
+mailtrail_cpu_secs() {
+    pid_cpu_secs "$MAILTRAIL_PID"
 }
 
 # Context switches (voluntary + involuntary, all threads) mailtrail has made so far: each

@@ -6,19 +6,21 @@ mod common;
 
 use std::time::Duration;
 
+use common::disk::{SmallDisk, fill};
 use common::mailtrail::{Mailtrail, wait_until};
 use common::postfix::Postfix;
 use common::test_mx::{Script, TestMx};
 
 fn relay_to(port: u16, delivery_extra: &str) -> Mailtrail {
-    Mailtrail::start_with(
-        "",
-        "",
-        &format!(
-            "[delivery]\nretry_first = \"1s\"\nretry_max_interval = \"2s\"\n{delivery_extra}\n\
-             [checks]\ndomain_check = false\n\
-             [[route]]\ndomains = [\"*\"]\nmx = [\"127.0.0.1:{port}\"]\ntls = \"none\"\n"
-        ),
+    Mailtrail::start_with("", "", &relay_tables(port, delivery_extra))
+}
+
+/// Config tables that relay everything to 127.0.0.1:`port`, with quick retries.
+fn relay_tables(port: u16, delivery_extra: &str) -> String {
+    format!(
+        "[delivery]\nretry_first = \"1s\"\nretry_max_interval = \"2s\"\n{delivery_extra}\n\
+         [checks]\ndomain_check = false\n\
+         [[route]]\ndomains = [\"*\"]\nmx = [\"127.0.0.1:{port}\"]\ntls = \"none\"\n"
     )
 }
 
@@ -274,6 +276,57 @@ async fn kill_9_during_delivery_leaves_every_recipient_with_one_final_status() {
         (20..=20 + CONCURRENCY).contains(&accepted),
         "{accepted} deliveries"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delivery_the_full_disk_cannot_record_is_not_sent_again() {
+    let mx = TestMx::start(Script {
+        reply_delay: Duration::from_millis(300),
+        ..Script::default()
+    })
+    .await;
+    let mut m = Mailtrail::configure("", "", &relay_tables(mx.port(), ""));
+    let Some(_disk) = SmallDisk::mount(&m.data_dir(), "8m") else {
+        return;
+    };
+    m.spawn();
+    let receipt = m.submit(None, "app@example.com", &["full@dest.test"], "disk");
+    // The MX takes its time; the disk fills up while the transaction runs, so the remote
+    // 250 cannot be recorded.
+    let filler = m.data_dir().join("filler");
+    fill(&filler);
+    let accepted = || mx.transactions().iter().filter(|t| t.accepted).count();
+    wait_until(
+        "the MX accepted the message",
+        Duration::from_secs(30),
+        || accepted() >= 1,
+    );
+    // From now on the MX answers at once: a relay that delivered again whenever it could not
+    // record would send copy after copy.
+    mx.set_script(|s| s.reply_delay = Duration::ZERO);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(accepted(), 1, "{}", m.server_log());
+    assert_eq!(m.recipient(&receipt, "full@dest.test")["status"], "queued");
+    assert!(
+        m.server_log().contains("cannot record delivery attempts"),
+        "{}",
+        m.server_log()
+    );
+
+    // Space again: the attempt the remote accepted is recorded, without another delivery.
+    std::fs::remove_file(&filler).unwrap();
+    wait_until("recorded as delivered", Duration::from_secs(30), || {
+        m.recipient(&receipt, "full@dest.test")["status"] == "delivered"
+    });
+    let rec = m.recipient(&receipt, "full@dest.test");
+    let attempts = rec["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "attempt")
+        .count();
+    assert_eq!(attempts, 1, "{rec}");
+    assert_eq!(accepted(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -4,6 +4,7 @@
 
 mod common;
 
+use common::disk::{SmallDisk, fill};
 use common::mailtrail::{ACCEPT_ONLY, Mailtrail, RawSmtp, python, receipt_in, swaks};
 
 fn smtp_arg(m: &Mailtrail) -> String {
@@ -554,51 +555,6 @@ fn http_api_serves_the_log_as_json_and_a_search_page() {
     let (status, page) = m.http_get("/");
     assert_eq!(status, 200);
     assert!(page.contains("<title>mailtrail</title>"), "{page}");
-}
-
-/// A tmpfs mounted at a path for the length of a test; detached lazily on drop (the server
-/// may still hold files open while the test's other values drop).
-struct SmallDisk(std::path::PathBuf);
-
-impl SmallDisk {
-    /// `None` when not root: mounting needs it (CI runs the tests as root).
-    fn mount(path: &std::path::Path, size: &str) -> Option<Self> {
-        let uid = std::process::Command::new("id").arg("-u").output().ok()?;
-        if String::from_utf8_lossy(&uid.stdout).trim() != "0" {
-            eprintln!("skipping: mounting a small filesystem needs root");
-            return None;
-        }
-        std::fs::create_dir_all(path).unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(path)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mount tmpfs: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Some(SmallDisk(path.to_path_buf()))
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-/// Writes a file until the filesystem is full.
-fn fill(path: &std::path::Path) {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path).unwrap();
-    let chunk = vec![b'f'; 16 * 1024];
-    while f.write_all(&chunk).is_ok() {}
-    let _ = f.sync_all();
 }
 
 fn send_message(m: &Mailtrail, to: &str, body_bytes: usize) -> String {

@@ -46,6 +46,9 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 /// Longest time between two full scans of the queue while mail keeps arriving.
 const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
+/// First and longest pause between tries to record attempts the store refused.
+const RECORD_RETRY_FIRST: Duration = Duration::from_secs(1);
+const RECORD_RETRY_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -683,11 +686,7 @@ async fn deliver_message(
                     bounce_type: None,
                 })
                 .collect();
-            if let Err(e) = ctx.store.record_attempts(attempts, Vec::new()).await {
-                tracing::error!(receipt = %msg.receipt, error = %e, "cannot record");
-                return true;
-            }
-            return false;
+            return !record_attempts(&ctx, msg.receipt, attempts, Vec::new()).await;
         }
         Err(e) => {
             tracing::error!(receipt = %msg.receipt, error = %e, "cannot load message body");
@@ -1077,8 +1076,7 @@ async fn record(
     }
     let had_dsns = !dsns.is_empty();
     let pending = attempts.iter().any(|a| a.status.is_pending());
-    if let Err(e) = ctx.store.record_attempts(attempts, dsns).await {
-        tracing::error!(receipt = %msg.receipt, error = %e, "cannot record delivery attempts");
+    if !record_attempts(ctx, msg.receipt, attempts, dsns).await {
         return true;
     }
     if !delay_marked.is_empty()
@@ -1094,6 +1092,45 @@ async fn record(
         tracing::debug!(receipt = %msg.receipt, "DSN queued");
     }
     had_dsns || pending
+}
+
+/// Records `attempts` and the DSNs they caused; while the store refuses the write (a full
+/// disk, a failed fsync) tries again after a pause that doubles up to [`RECORD_RETRY_MAX`].
+/// The recipients stay in flight meanwhile, so one that a remote server already accepted is
+/// not delivered again each time the queue is read: what is not recorded yet is held here,
+/// not redone. False only when shutdown came first: then they are delivered again after the
+/// restart, the duplicate window of a remote `250` not yet recorded (docs/architecture.md).
+async fn record_attempts(
+    ctx: &Context,
+    receipt: ReceiptId,
+    attempts: Vec<AttemptRecord>,
+    dsns: Vec<AcceptedMessage>,
+) -> bool {
+    let mut pause = RECORD_RETRY_FIRST;
+    loop {
+        // A clone per try: the store takes them, and a refused write gives nothing back.
+        let Err(e) = ctx
+            .store
+            .record_attempts(attempts.clone(), dsns.clone())
+            .await
+        else {
+            return true;
+        };
+        tracing::error!(
+            %receipt,
+            error = %e,
+            retry_in = ?pause,
+            "cannot record delivery attempts; trying again (their recipients are not delivered again meanwhile)"
+        );
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => {
+                tracing::error!(%receipt, "shutdown with delivery attempts not recorded: their recipients are delivered again after the restart");
+                return false;
+            }
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(RECORD_RETRY_MAX);
+    }
 }
 
 /// Reason and bounce type (Sisimai vocabulary) of a recipient that was not delivered: the

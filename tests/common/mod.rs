@@ -2,6 +2,7 @@
 //! peers (scripted MX, DNS server) it talks to. Each test binary uses a part of it.
 #![allow(dead_code)]
 
+pub mod disk;
 pub mod mailtrail;
 pub mod postfix;
 pub mod test_dns;

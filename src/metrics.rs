@@ -42,6 +42,7 @@ pub struct Metrics {
     pub smtp_rejections: Family<ClassLabel, Counter>,
     pub bytes_received: Counter,
     pub smtp_transaction_seconds: Histogram,
+    pub smtp_content_memory_bytes: Gauge,
     // Delivery.
     pub delivery_recipients: Family<OutcomeLabel, Counter>,
     pub delivery_replies: Family<ClassLabel, Counter>,
@@ -74,6 +75,7 @@ impl Metrics {
             smtp_rejections: Family::default(),
             bytes_received: Counter::default(),
             smtp_transaction_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            smtp_content_memory_bytes: Gauge::default(),
             delivery_recipients: Family::default(),
             delivery_replies: Family::default(),
             delivery_attempt_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
@@ -91,6 +93,11 @@ impl Metrics {
             "smtp_connections",
             "Inbound SMTP connections accepted",
             m.smtp_connections.clone(),
+        );
+        registry.register(
+            "smtp_content_memory_bytes",
+            "Bytes of message content the SMTP sessions hold in memory now ([smtp] max_content_memory at most)",
+            m.smtp_content_memory_bytes.clone(),
         );
         registry.register(
             "smtp_connections_open",

@@ -4,8 +4,10 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::disk::{SmallDisk, fill};
-use common::mailtrail::{ACCEPT_ONLY, Mailtrail, RawSmtp, python, receipt_in, swaks};
+use common::mailtrail::{ACCEPT_ONLY, Mailtrail, RawSmtp, python, receipt_in, swaks, wait_until};
 
 fn smtp_arg(m: &Mailtrail) -> String {
     m.smtp.to_string()
@@ -573,6 +575,65 @@ fn send_message(m: &Mailtrail, to: &str, body_bytes: usize) -> String {
     let reply = c.reply();
     let _ = c.cmd("QUIT");
     reply
+}
+
+/// The value of an unlabelled metric in `/metrics`.
+fn metric(m: &Mailtrail, name: &str) -> i64 {
+    let (_, text) = m.http_get("/metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// Opens a transaction to `to` and sends `bytes` of content without ending it.
+fn open_data(m: &Mailtrail, to: &str, bytes: usize) -> RawSmtp {
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO memory.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<app@example.com>").starts_with("250"));
+    assert!(c.cmd(&format!("RCPT TO:<{to}>")).starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    let line = format!("{}\r\n", "x".repeat(98));
+    let mut data = format!("Subject: {to}\r\n\r\n").into_bytes();
+    while data.len() < bytes {
+        data.extend_from_slice(line.as_bytes());
+    }
+    c.send(&data);
+    c
+}
+
+#[test]
+fn messages_in_transit_share_a_memory_bound_and_the_one_past_it_is_told_to_retry() {
+    let m = Mailtrail::start_with(
+        "",
+        "max_message_size = 60000\nmax_content_memory = 100000\n",
+        ACCEPT_ONLY,
+    );
+    // One message in transit holds 50 kB of the 100 kB...
+    let mut first = open_data(&m, "first@example.org", 50_000);
+    wait_until("the first body is held", Duration::from_secs(10), || {
+        metric(&m, "mailtrail_smtp_content_memory_bytes") >= 50_000
+    });
+    // ...so a second one of 55 kB does not fit: try again later, nothing stored.
+    let mut second = open_data(&m, "second@example.org", 55_000);
+    second.send(b".\r\n");
+    let refused = second.reply();
+    assert!(refused.starts_with("452 4.3.1"), "{refused}");
+    assert_eq!(
+        m.cli_ok(&["log", "second@example.org", "--json"]).trim(),
+        ""
+    );
+    // The same session goes on, and the first message is stored whole.
+    assert!(second.cmd("RSET").starts_with("250"));
+    first.send(b".\r\n");
+    let stored = first.reply();
+    assert!(stored.starts_with("250 2.0.0 Ok: queued as"), "{stored}");
+    // Its memory is given back once stored: the retried message fits now.
+    assert_eq!(metric(&m, "mailtrail_smtp_content_memory_bytes"), 0);
+    let mut retried = open_data(&m, "second@example.org", 55_000);
+    retried.send(b".\r\n");
+    let reply = retried.reply();
+    assert!(reply.starts_with("250 2.0.0 Ok: queued as"), "{reply}");
+    assert_eq!(m.log_json("second@example.org").len(), 1);
 }
 
 #[test]

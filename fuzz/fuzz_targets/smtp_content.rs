@@ -3,10 +3,17 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mailtrail::smtp::content::{ContentScanner, Framing};
+use mailtrail::smtp::content::{ContentMemory, ContentScanner, Framing};
 
-fn scan(framing: Framing, data: &[u8], cuts: &[u8]) -> (usize, bool, Result<Vec<u8>, String>) {
-    let mut s = ContentScanner::new(framing, 4096, 200);
+/// `memory`: the content memory's size (below the size limit: `NoMemory` is reached first,
+/// wherever the reads split the content).
+fn scan(
+    framing: Framing,
+    memory: usize,
+    data: &[u8],
+    cuts: &[u8],
+) -> (usize, bool, Result<Vec<u8>, String>) {
+    let mut s = ContentScanner::new(framing, 4096, 200, ContentMemory::new(memory));
     let mut used_total = 0;
     let mut done = false;
     let mut rest = data;
@@ -34,9 +41,11 @@ fuzz_target!(|input: &[u8]| {
         return;
     };
     let (cuts, data) = rest.split_at((split as usize % 16).min(rest.len()));
+    // The high bit of the split byte: content memory for 1,000 bytes only.
+    let memory = if split & 0x80 != 0 { 1000 } else { usize::MAX };
     for framing in [Framing::DotTerminated, Framing::Chunked] {
-        let whole = scan(framing, data, &[]);
-        let pieces = scan(framing, data, cuts);
+        let whole = scan(framing, memory, data, &[]);
+        let pieces = scan(framing, memory, data, cuts);
         assert_eq!(whole, pieces, "{framing:?}");
         if let (_, _, Ok(body)) = &whole {
             assert!(body.len() <= 4096 + 2);

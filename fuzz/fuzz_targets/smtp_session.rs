@@ -7,6 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mailtrail::smtp::content::ContentMemory;
 use mailtrail::smtp::{Action, Peer, RecipientVerdict, Reply, Session, SessionConfig};
 
 fuzz_target!(|input: &[u8]| {
@@ -25,6 +26,7 @@ fuzz_target!(|input: &[u8]| {
         max_errors: if opts & 0x80 != 0 { 1000 } else { 5 },
         tls_available: opts & 1 != 0,
         auth_available: opts & 2 != 0,
+        content_memory: ContentMemory::new(usize::MAX),
     };
     let ip = if opts & 4 != 0 {
         "127.0.0.1"

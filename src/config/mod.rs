@@ -90,6 +90,9 @@ pub struct SmtpConfig {
     pub tls_key: Option<PathBuf>,
     /// Largest message accepted, in bytes (advertised with SIZE).
     pub max_message_size: usize,
+    /// Bytes of message content all sessions together hold in memory while receiving and
+    /// storing; beyond it a message gets `452 4.3.1`.
+    pub max_content_memory: usize,
     pub max_recipients: usize,
     /// Longest command line, CRLF included.
     pub max_command_line: usize,
@@ -123,6 +126,7 @@ impl Default for SmtpConfig {
             tls_cert: None,
             tls_key: None,
             max_message_size: 25 * 1024 * 1024,
+            max_content_memory: 1024 * 1024 * 1024,
             max_recipients: 1000,
             max_command_line: 2048,
             max_data_line: 10_000,
@@ -448,6 +452,12 @@ impl Config {
                 return Err(invalid(key, "must be greater than 0"));
             }
         }
+        if self.smtp.max_content_memory < self.smtp.max_message_size {
+            return Err(invalid(
+                "smtp.max_content_memory",
+                "must be at least smtp.max_message_size (one message of the largest size)",
+            ));
+        }
         if self.smtp.max_command_line < 512 {
             return Err(invalid(
                 "smtp.max_command_line",
@@ -585,6 +595,8 @@ mod tests {
         assert!(e.to_string().contains("command_timeout"), "{e}");
         let e = Config::parse("[smtp]\nmax_recipients = 0\n").unwrap_err();
         assert!(e.to_string().contains("smtp.max_recipients"), "{e}");
+        let e = Config::parse("[smtp]\nmax_content_memory = 1000000\n").unwrap_err();
+        assert!(e.to_string().contains("smtp.max_content_memory"), "{e}");
     }
 
     #[test]

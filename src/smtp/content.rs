@@ -7,6 +7,9 @@
 //! `<CRLF>.<CRLF>` as the end of data and flags every bare CR or LF, so the session can reject
 //! the message (Postfix `smtpd_forbid_bare_newline = reject`).
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 /// Why a complete message is rejected. The session turns each into its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentError {
@@ -16,6 +19,102 @@ pub enum ContentError {
     LineTooLong,
     /// More than `max_message_size` bytes after dot-unstuffing.
     TooBig,
+    /// The content of all sessions together would pass `max_content_memory`.
+    NoMemory,
+}
+
+/// The bytes of message content that all sessions together may hold in memory
+/// (`[smtp] max_content_memory`): each scanner takes from it as its body grows, in steps of
+/// [`CHARGE_STEP`], and what it took returns when the [`Charge`] drops: after the message is
+/// stored, or at once when it is rejected. Without it, every connection could hold a message
+/// of the maximum size at the same time (1,000 × 25 MiB by default).
+#[derive(Debug, Clone)]
+pub struct ContentMemory {
+    available: Arc<AtomicUsize>,
+    /// What is taken now, for `/metrics`.
+    in_use: Option<prometheus_client::metrics::gauge::Gauge>,
+}
+
+/// The most a scanner takes from [`ContentMemory`] beyond what its body needs right now, so
+/// that a message costs one atomic operation per 64 KiB rather than one per read.
+const CHARGE_STEP: usize = 64 * 1024;
+
+impl ContentMemory {
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            available: Arc::new(AtomicUsize::new(bytes)),
+            in_use: None,
+        }
+    }
+
+    /// The same, with the bytes taken kept in `gauge`.
+    pub fn reported_in(self, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+        Self {
+            in_use: Some(gauge),
+            ..self
+        }
+    }
+
+    /// Bytes no scanner holds now.
+    pub fn available(&self) -> usize {
+        self.available.load(Ordering::Relaxed)
+    }
+
+    fn try_take(&self, n: usize) -> bool {
+        let taken = self
+            .available
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| a.checked_sub(n))
+            .is_ok();
+        if taken && let Some(g) = &self.in_use {
+            g.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        taken
+    }
+
+    fn give_back(&self, n: usize) {
+        self.available.fetch_add(n, Ordering::AcqRel);
+        if let Some(g) = &self.in_use {
+            g.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+}
+
+/// Bytes taken from a [`ContentMemory`]; given back on drop.
+#[derive(Debug)]
+pub struct Charge {
+    memory: ContentMemory,
+    bytes: usize,
+}
+
+impl Charge {
+    fn new(memory: ContentMemory) -> Self {
+        Self { memory, bytes: 0 }
+    }
+
+    /// Makes the charge at least `needed` bytes, up to [`CHARGE_STEP`] beyond it (never past
+    /// `cap`); false when the memory cannot spare even `needed`.
+    fn grow_to(&mut self, needed: usize, cap: usize) -> bool {
+        if needed <= self.bytes {
+            return true;
+        }
+        let ahead = (needed + CHARGE_STEP).min(cap.max(needed)) - self.bytes;
+        let exact = needed - self.bytes;
+        for n in [ahead, exact] {
+            if self.memory.try_take(n) {
+                self.bytes += n;
+                return true;
+            }
+        }
+        false
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.memory.give_back(self.bytes);
+        }
+    }
 }
 
 /// How the content ends.
@@ -42,10 +141,12 @@ pub struct ContentScanner {
     /// The previous byte was a CR whose LF has not arrived yet.
     pending_cr: bool,
     error: Option<ContentError>,
+    /// What the body takes from the shared content memory.
+    charge: Charge,
 }
 
 impl ContentScanner {
-    pub fn new(framing: Framing, max_size: usize, max_line: usize) -> Self {
+    pub fn new(framing: Framing, max_size: usize, max_line: usize, memory: ContentMemory) -> Self {
         Self {
             framing,
             max_size,
@@ -55,7 +156,15 @@ impl ContentScanner {
             dot_line: false,
             pending_cr: false,
             error: None,
+            charge: Charge::new(memory),
         }
+    }
+
+    /// The content memory the body holds, to keep until the message is stored (the body
+    /// lives on in it); taken before [`ContentScanner::finish`].
+    pub fn take_charge(&mut self) -> Charge {
+        let memory = self.charge.memory.clone();
+        std::mem::replace(&mut self.charge, Charge::new(memory))
     }
 
     /// Scans `input`. Returns how many bytes were consumed and whether the end of data was
@@ -159,19 +268,26 @@ impl ContentScanner {
         if self.error.is_some() {
             return;
         }
-        if self.body.len() + bytes.len() > self.max_size {
+        let len = self.body.len() + bytes.len();
+        if len > self.max_size {
             self.fail(ContentError::TooBig);
+            return;
+        }
+        // Two more for the CRLF `finish` may add.
+        if !self.charge.grow_to(len + 2, self.max_size + 2) {
+            self.fail(ContentError::NoMemory);
             return;
         }
         self.body.extend_from_slice(bytes);
     }
 
     fn fail(&mut self, error: ContentError) {
-        // The first problem names the rejection; the body is dropped but scanning goes on so
-        // that the end of data is still found.
+        // The first problem names the rejection; the body (and the memory it held) is
+        // dropped, but scanning goes on so that the end of data is still found.
         if self.error.is_none() {
             self.error = Some(error);
             self.body = Vec::new();
+            self.take_charge();
         }
     }
 }
@@ -180,8 +296,52 @@ impl ContentScanner {
 mod tests {
     use super::*;
 
+    /// More content memory than any test uses.
+    fn plenty() -> ContentMemory {
+        ContentMemory::new(usize::MAX)
+    }
+
+    #[test]
+    fn sessions_share_the_content_memory_and_give_it_back() {
+        let memory = ContentMemory::new(250);
+        let scanner = || ContentScanner::new(Framing::DotTerminated, 1000, 100, memory.clone());
+        let line = [b'x'; 48];
+        let line = [&line[..], b"\r\n"].concat();
+        let mut first = scanner();
+        for _ in 0..3 {
+            assert_eq!(first.ingest(&line), (50, false));
+        }
+        // The first holds 152 bytes (150 and room for a final CRLF), the rest is left.
+        assert_eq!(memory.available(), 250 - 152);
+        let mut second = scanner();
+        for _ in 0..3 {
+            second.ingest(&line);
+        }
+        assert_eq!(second.ingest(b".\r\n"), (3, true));
+        assert_eq!(second.finish(), Err(ContentError::NoMemory));
+        assert_eq!(
+            memory.available(),
+            250 - 152,
+            "a rejected body holds nothing"
+        );
+        // The first one's charge outlives its scanner until the message is stored.
+        first.ingest(b".\r\n");
+        let charge = first.take_charge();
+        assert_eq!(first.finish().unwrap().len(), 150);
+        assert_eq!(memory.available(), 250 - 152);
+        drop(charge);
+        assert_eq!(memory.available(), 250);
+        let mut third = scanner();
+        for _ in 0..3 {
+            third.ingest(&line);
+        }
+        third.ingest(b".\r\n");
+        assert_eq!(third.finish().unwrap().len(), 150);
+        assert_eq!(memory.available(), 250);
+    }
+
     fn data(input: &[u8]) -> (usize, bool, Result<Vec<u8>, ContentError>) {
-        let mut s = ContentScanner::new(Framing::DotTerminated, 1000, 100);
+        let mut s = ContentScanner::new(Framing::DotTerminated, 1000, 100, plenty());
         let (n, done) = s.ingest(input);
         (n, done, s.finish())
     }
@@ -227,7 +387,7 @@ mod tests {
 
     #[test]
     fn finds_end_split_across_feeds() {
-        let mut s = ContentScanner::new(Framing::DotTerminated, 1000, 100);
+        let mut s = ContentScanner::new(Framing::DotTerminated, 1000, 100, plenty());
         for part in [&b"hi\r"[..], b"\n", b".", b"\r", b"\n"] {
             let (n, done) = s.ingest(part);
             assert_eq!(n, part.len());
@@ -242,12 +402,12 @@ mod tests {
     #[test]
     fn same_result_whatever_the_read_boundaries() {
         let input = b"Subject: x\r\n\r\n..dot\r\nline two\r\n.\r\nNEXT";
-        let mut whole = ContentScanner::new(Framing::DotTerminated, 1000, 100);
+        let mut whole = ContentScanner::new(Framing::DotTerminated, 1000, 100, plenty());
         let (n_whole, done) = whole.ingest(input);
         assert!(done);
         let expected = whole.finish().unwrap();
         for split in 1..input.len() {
-            let mut s = ContentScanner::new(Framing::DotTerminated, 1000, 100);
+            let mut s = ContentScanner::new(Framing::DotTerminated, 1000, 100, plenty());
             let mut used = 0;
             let mut ended = false;
             for part in input.chunks(split) {
@@ -278,7 +438,7 @@ mod tests {
 
     #[test]
     fn flags_oversized_message_but_still_finds_end() {
-        let mut s = ContentScanner::new(Framing::DotTerminated, 10, 100);
+        let mut s = ContentScanner::new(Framing::DotTerminated, 10, 100, plenty());
         let (_, done) = s.ingest(b"0123456789\r\n.\r\n");
         assert!(done);
         assert_eq!(s.finish(), Err(ContentError::TooBig));
@@ -290,7 +450,7 @@ mod tests {
         // is too big, whether the line arrives in one read or in two.
         let input = b"aaaaaaaaaaaaaaaaaaaaaaaaa\r\n.\r\n";
         for split in [input.len(), 12] {
-            let mut s = ContentScanner::new(Framing::DotTerminated, 10, 20);
+            let mut s = ContentScanner::new(Framing::DotTerminated, 10, 20, plenty());
             let (head, tail) = input.split_at(split);
             let (n, done) = s.ingest(head);
             assert_eq!((n, done), (head.len(), tail.is_empty()));
@@ -303,17 +463,17 @@ mod tests {
 
     #[test]
     fn chunked_keeps_dots_and_adds_final_crlf() {
-        let mut s = ContentScanner::new(Framing::Chunked, 1000, 100);
+        let mut s = ContentScanner::new(Framing::Chunked, 1000, 100, plenty());
         assert_eq!(s.ingest(b".\r\n.x"), (5, false));
         assert_eq!(s.finish().unwrap(), b".\r\n.x\r\n");
     }
 
     #[test]
     fn chunked_rejects_cr_split_from_nothing_at_end() {
-        let mut s = ContentScanner::new(Framing::Chunked, 1000, 100);
+        let mut s = ContentScanner::new(Framing::Chunked, 1000, 100, plenty());
         s.ingest(b"a\r");
         assert_eq!(s.finish(), Err(ContentError::BareLineEnding));
-        let mut s = ContentScanner::new(Framing::Chunked, 1000, 100);
+        let mut s = ContentScanner::new(Framing::Chunked, 1000, 100, plenty());
         s.ingest(b"a\r");
         s.ingest(b"\nb\r\n");
         assert_eq!(s.finish().unwrap(), b"a\r\nb\r\n");

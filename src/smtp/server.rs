@@ -105,8 +105,12 @@ impl SmtpServer {
                 });
             }
         }
+        let mut session = SessionConfig::from_config(&config, true);
+        session.content_memory = session
+            .content_memory
+            .reported_in(metrics.smtp_content_memory_bytes.clone());
         let shared = Shared {
-            session: SessionConfig::from_config(&config, true),
+            session,
             tls: TlsAcceptor::from(tls_config),
             limits: ConnectionLimits::new(
                 config.smtp.max_connections,

@@ -15,7 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use smtp_proto::{Error as ParseError, MailFrom, RcptTo, Request};
 
-use super::content::{ContentError, ContentScanner, Framing};
+use super::content::{Charge, ContentError, ContentMemory, ContentScanner, Framing};
 use super::message::{self, Envelope};
 use super::reply::Reply;
 use crate::bounce::BounceReason;
@@ -40,6 +40,8 @@ pub struct SessionConfig {
     pub tls_available: bool,
     /// At least one AUTH user is configured.
     pub auth_available: bool,
+    /// The content memory all sessions of the server share (`[smtp] max_content_memory`).
+    pub content_memory: ContentMemory,
 }
 
 impl SessionConfig {
@@ -53,6 +55,7 @@ impl SessionConfig {
             max_errors: config.smtp.max_errors,
             tls_available,
             auth_available: !config.smtp.users.is_empty(),
+            content_memory: ContentMemory::new(config.smtp.max_content_memory),
         }
     }
 }
@@ -161,9 +164,16 @@ enum SaslStep {
 #[derive(Debug)]
 enum Pending {
     Tls,
-    Auth { username: String },
+    Auth {
+        username: String,
+    },
     Recipient(AcceptedRecipient),
-    Store { receipt: ReceiptId },
+    /// The message is being stored; its content stays charged to the content memory until
+    /// the store answers.
+    Store {
+        receipt: ReceiptId,
+        _charge: Charge,
+    },
 }
 
 #[derive(Debug)]
@@ -356,7 +366,7 @@ impl Session {
 
     /// The answer to [`Action::Store`]: `true` once the message is durable.
     pub fn stored(&mut self, ok: bool) -> Vec<Action> {
-        let Phase::Waiting(Pending::Store { receipt }) = &self.phase else {
+        let Phase::Waiting(Pending::Store { receipt, .. }) = &self.phase else {
             return Vec::new();
         };
         let receipt = *receipt;
@@ -830,6 +840,7 @@ impl Session {
             Framing::DotTerminated,
             self.config.max_message_size,
             self.config.max_data_line,
+            self.config.content_memory.clone(),
         ));
         self.reply(out, Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
     }
@@ -846,6 +857,7 @@ impl Session {
                         Framing::Chunked,
                         self.config.max_message_size,
                         self.config.max_data_line,
+                        self.config.content_memory.clone(),
                     ));
                 }
                 None
@@ -873,10 +885,11 @@ impl Session {
     }
 
     /// The message content is complete: reject it, or hand it to the store.
-    fn content_complete(&mut self, out: &mut Vec<Action>, scanner: ContentScanner) {
+    fn content_complete(&mut self, out: &mut Vec<Action>, mut scanner: ContentScanner) {
         let Some(tx) = self.transaction.take() else {
             return;
         };
+        let charge = scanner.take_charge();
         let body = match scanner.finish() {
             Ok(body) => body,
             Err(e) => return self.reply(out, self.content_error_reply(e)),
@@ -910,7 +923,10 @@ impl Session {
         );
         // After the accepted ones, so their indexes (VERP, DSN) are unaffected.
         message.recipients.extend(refused);
-        self.phase = Phase::Waiting(Pending::Store { receipt });
+        self.phase = Phase::Waiting(Pending::Store {
+            receipt,
+            _charge: charge,
+        });
         out.push(Action::Store(Box::new(message)));
     }
 
@@ -928,6 +944,12 @@ impl Session {
                 552,
                 "5.3.4",
                 "Message size exceeds fixed maximum message size",
+            ),
+            // RFC 5321 452 and RFC 3463 4.3.1 (mail system full): a client tries again later.
+            ContentError::NoMemory => Reply::new(
+                452,
+                "4.3.1",
+                "Insufficient system storage: too much mail in transit, try again later",
             ),
             ContentError::LineTooLong => Reply::new(
                 500,
@@ -1156,6 +1178,7 @@ mod tests {
             max_errors: 5,
             tls_available: true,
             auth_available: true,
+            content_memory: ContentMemory::new(usize::MAX),
         }
     }
 

@@ -91,6 +91,14 @@ impl Charge {
         Self { memory, bytes: 0 }
     }
 
+    /// Gives back what the charge holds beyond `bytes`.
+    fn shrink_to(&mut self, bytes: usize) {
+        if let Some(extra) = self.bytes.checked_sub(bytes).filter(|&n| n > 0) {
+            self.memory.give_back(extra);
+            self.bytes = bytes;
+        }
+    }
+
     /// Makes the charge at least `needed` bytes, up to [`CHARGE_STEP`] beyond it (never past
     /// `cap`); false when the memory cannot spare even `needed`.
     fn grow_to(&mut self, needed: usize, cap: usize) -> bool {
@@ -160,9 +168,16 @@ impl ContentScanner {
         }
     }
 
-    /// The content memory the body holds, to keep until the message is stored (the body
-    /// lives on in it); taken before [`ContentScanner::finish`].
+    /// The content memory the body holds (what was taken ahead of need given back), to keep
+    /// until the message is stored (the body lives on in it); taken before
+    /// [`ContentScanner::finish`].
     pub fn take_charge(&mut self) -> Charge {
+        let held = if self.error.is_some() {
+            0
+        } else {
+            self.body.len() + 2
+        };
+        self.charge.shrink_to(held);
         let memory = self.charge.memory.clone();
         std::mem::replace(&mut self.charge, Charge::new(memory))
     }
@@ -338,6 +353,20 @@ mod tests {
         third.ingest(b".\r\n");
         assert_eq!(third.finish().unwrap().len(), 150);
         assert_eq!(memory.available(), 250);
+    }
+
+    #[test]
+    fn takes_ahead_while_receiving_and_keeps_only_the_body_once_complete() {
+        let memory = ContentMemory::new(1 << 20);
+        let mut s = ContentScanner::new(Framing::DotTerminated, 1000, 100, memory.clone());
+        s.ingest(b"hi\r\n");
+        // Up to the size limit ahead (one step is 64 KiB), not once per read.
+        assert_eq!(memory.available(), (1 << 20) - 1002);
+        s.ingest(b".\r\n");
+        let charge = s.take_charge();
+        assert_eq!(memory.available(), (1 << 20) - 6);
+        drop(charge);
+        assert_eq!(memory.available(), 1 << 20);
     }
 
     fn data(input: &[u8]) -> (usize, bool, Result<Vec<u8>, ContentError>) {

@@ -1259,34 +1259,42 @@ async fn a_panicking_command_fails_alone_and_the_writer_keeps_going() {
     );
 }
 
-#[tokio::test]
-async fn purge_drops_only_bodies_whose_recipients_are_all_final() {
-    let dir = TempDir::new().unwrap();
-    let store = store_in(&dir);
+/// What the purges tell apart, received at 1,000 but for `recent` (9,000): a message
+/// delivered at 1,100 (`done`), one still pending, one delivered at 9,100 (`recent`) and
+/// inbound bounce mail not yet processed. Returns their receipts in that order.
+async fn purge_fixture(store: &SqliteStore) -> (ReceiptId, ReceiptId, ReceiptId, ReceiptId) {
     let done = message(1_000, "app@example.com", &["a@example.net"]);
     let pending = message(1_000, "app@example.com", &["b@example.net"]);
     let recent = message(9_000, "app@example.com", &["c@example.net"]);
-    let mut bounce = message(1_000, "", &["bounces@bounce.example"]);
-    bounce.inbound_bounce = true;
-    let (d, p, r, b) = (
+    let mut bounce_mail = message(1_000, "", &["bounces@bounce.example"]);
+    bounce_mail.inbound_bounce = true;
+    let receipts = (
         done.receipt,
         pending.receipt,
         recent.receipt,
-        bounce.receipt,
+        bounce_mail.receipt,
     );
-    for m in [done, pending, recent, bounce] {
+    for m in [done, pending, recent, bounce_mail] {
         store.accept(m).await.unwrap();
     }
     store
         .record_attempts(
             vec![
-                attempt(d, 0, 1_100, RecipientStatus::Delivered),
-                attempt(r, 0, 9_100, RecipientStatus::Delivered),
+                attempt(receipts.0, 0, 1_100, RecipientStatus::Delivered),
+                attempt(receipts.2, 0, 9_100, RecipientStatus::Delivered),
             ],
             vec![],
         )
         .await
         .unwrap();
+    receipts
+}
+
+#[tokio::test]
+async fn purge_drops_only_bodies_whose_recipients_are_all_final() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let (d, p, r, b) = purge_fixture(&store).await;
 
     assert_eq!(store.purge_bodies(5_000).await.unwrap(), 1);
     assert!(matches!(store.body(d).await, Err(StoreError::NotFound(_))));
@@ -1322,30 +1330,7 @@ fn rows_of(conn: &Connection, table: &str, receipt: ReceiptId) -> i64 {
 async fn log_purge_drops_finished_mail_and_old_bounces_only() {
     let dir = TempDir::new().unwrap();
     let store = store_in(&dir);
-    let done = message(1_000, "app@example.com", &["a@example.net"]);
-    let pending = message(1_000, "app@example.com", &["b@example.net"]);
-    let recent = message(9_000, "app@example.com", &["c@example.net"]);
-    let mut bounce_mail = message(1_000, "", &["bounces@bounce.example"]);
-    bounce_mail.inbound_bounce = true;
-    let (d, p, r, b) = (
-        done.receipt,
-        pending.receipt,
-        recent.receipt,
-        bounce_mail.receipt,
-    );
-    for m in [done, pending, recent, bounce_mail] {
-        store.accept(m).await.unwrap();
-    }
-    store
-        .record_attempts(
-            vec![
-                attempt(d, 0, 1_100, RecipientStatus::Delivered),
-                attempt(r, 0, 9_100, RecipientStatus::Delivered),
-            ],
-            vec![],
-        )
-        .await
-        .unwrap();
+    let (d, p, r, b) = purge_fixture(&store).await;
     let old_bounce = store
         .record_bounce(new_bounce(Some(d), Some(0), 2_000))
         .await

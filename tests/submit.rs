@@ -552,8 +552,13 @@ fn http_api_serves_the_log_as_json_and_a_search_page() {
     assert!(body.contains("api@example.org"), "{body}");
     let (status, body) = m.http_get("/api/log/api@example.org?since=yesterday-ish");
     assert_eq!(status, 400, "{body}");
-    let (status, body) = m.http_get("/api/bounces?unhandled=true");
-    assert_eq!((status, body.trim()), (200, "[]"));
+    for switch in ["true", "1", "YES", "on"] {
+        let (status, body) = m.http_get(&format!("/api/bounces?unhandled={switch}"));
+        assert_eq!((status, body.trim()), (200, "[]"), "unhandled={switch}");
+    }
+    let (status, body) = m.http_get("/api/bounces?first=maybe");
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("\"maybe\" is not a switch"), "{body}");
     let (status, page) = m.http_get("/");
     assert_eq!(status, 200);
     assert!(page.contains("<title>mailtrail</title>"), "{page}");

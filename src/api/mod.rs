@@ -118,11 +118,24 @@ async fn log(
 struct BounceParams {
     address: Option<String>,
     reason: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     unhandled: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "flag")]
     first: bool,
     limit: Option<usize>,
+}
+
+/// A query-string switch as scripts write it: `true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`
+/// (any case).
+fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let value = String::deserialize(d)?;
+    match value.to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" => Ok(false),
+        _ => Err(serde::de::Error::custom(format!(
+            "{value:?} is not a switch (true/false, 1/0, yes/no, on/off)"
+        ))),
+    }
 }
 
 async fn bounces(State(state): State<ApiState>, Query(p): Query<BounceParams>) -> Response {

@@ -330,6 +330,28 @@ async fn a_delivery_the_full_disk_cannot_record_is_not_sent_again() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_body_the_store_cannot_read_is_asked_for_again_after_a_pause_not_at_once() {
+    let mx =
+        TestMx::start(Script::default().rcpt("later@dest.test", &["451 4.7.1 try later"])).await;
+    let m = relay_to(mx.port(), "");
+    let receipt = m.submit(None, "app@example.com", &["later@dest.test"], "unreadable");
+    wait_until("deferred", Duration::from_secs(30), || {
+        m.recipient(&receipt, "later@dest.test")["status"] == "deferred"
+    });
+    // The retry (due a second later) must read the body from the store, which now fails as
+    // a damaged database would.
+    let db = rusqlite::Connection::open(m.data_dir().join("mailtrail.db")).unwrap();
+    db.execute_batch("DROP TABLE bodies").unwrap();
+    drop(db);
+    wait_until("the retry fails to read", Duration::from_secs(30), || {
+        m.server_log().contains("cannot load message body")
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let tries = m.server_log().matches("cannot load message body").count();
+    assert!(tries <= 6, "{tries} reads in about 3 s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relays_through_a_real_postfix_smarthost() {
     let mx = TestMx::start(Script::default()).await;
     let postfix = Postfix::start_relay_to(mx.port());

@@ -46,7 +46,8 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 /// Longest time between two full scans of the queue while mail keeps arriving.
 const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
-/// First and longest pause between tries to record attempts the store refused.
+/// First and longest pause between tries to record attempts the store refused (the first
+/// also before a message whose body could not be read is given back to the queue).
 const RECORD_RETRY_FIRST: Duration = Duration::from_secs(1);
 const RECORD_RETRY_MAX: Duration = Duration::from_secs(60);
 
@@ -690,6 +691,12 @@ async fn deliver_message(
         }
         Err(e) => {
             tracing::error!(receipt = %msg.receipt, error = %e, "cannot load message body");
+            // The next scan finds the message due again: a pause first, so that a store that
+            // cannot be read (a damaged page) is not asked again thousands of times a second.
+            tokio::select! {
+                _ = ctx.shutdown.cancelled() => {}
+                _ = tokio::time::sleep(RECORD_RETRY_FIRST) => {}
+            }
             return true;
         }
     };

@@ -309,28 +309,50 @@ impl BounceIngest {
     }
 
     /// Parses every inbound bounce message accepted over SMTP and not yet processed (also
-    /// those accepted before a crash). Returns how many messages were processed.
+    /// those accepted before a crash). One the store cannot give back or record is left
+    /// pending for the next run and does not hold up the ones after it. Returns how many
+    /// messages were processed.
     pub async fn process_pending(&self) -> Result<usize, StoreError> {
         let pending = self.store.pending_inbound_bounces().await?;
-        for receipt in &pending {
-            let body = self.store.body(*receipt).await?;
-            let envelope_recipients: Vec<String> = self
-                .store
-                .log(&LogQuery {
-                    key: LogKey::Receipt(*receipt),
-                    since_ms: None,
-                    until_ms: None,
-                    limit: 1,
-                })
-                .await?
-                .into_iter()
-                .flat_map(|m| m.recipients.into_iter().map(|r| r.address))
-                .collect();
-            self.ingest(&body, &envelope_recipients, Some(*receipt))
-                .await?;
-            self.store.mark_inbound_processed(*receipt).await?;
+        let mut processed = 0;
+        for receipt in pending {
+            match self.process_one(receipt).await {
+                Ok(()) => processed += 1,
+                Err(e) => tracing::warn!(
+                    %receipt,
+                    error = %e,
+                    "cannot process inbound bounce mail; the rest go on, it is tried again later"
+                ),
+            }
         }
-        Ok(pending.len())
+        Ok(processed)
+    }
+
+    async fn process_one(&self, receipt: ReceiptId) -> Result<(), StoreError> {
+        let body = match self.store.body(receipt).await {
+            Ok(body) => body,
+            Err(StoreError::NotFound(what)) => {
+                // Nothing will ever be parsed: said once, and not asked for again.
+                tracing::error!(%receipt, %what, "inbound bounce mail without a body; marked processed");
+                return self.store.mark_inbound_processed(receipt).await;
+            }
+            Err(e) => return Err(e),
+        };
+        let envelope_recipients: Vec<String> = self
+            .store
+            .log(&LogQuery {
+                key: LogKey::Receipt(receipt),
+                since_ms: None,
+                until_ms: None,
+                limit: 1,
+            })
+            .await?
+            .into_iter()
+            .flat_map(|m| m.recipients.into_iter().map(|r| r.address))
+            .collect();
+        self.ingest(&body, &envelope_recipients, Some(receipt))
+            .await?;
+        self.store.mark_inbound_processed(receipt).await
     }
 
     /// Runs [`BounceIngest::process_pending`] at start, whenever `wake` is notified, and
@@ -406,6 +428,74 @@ mod tests {
         );
         assert_eq!(new_status(&r), Some(RecipientStatus::Complained));
         assert!(suppresses_at_once(&r));
+    }
+
+    /// Inbound bounce mail for `bounces@bounce.example` with `body`, stored in `store`.
+    async fn inbound(store: &crate::store::sqlite::SqliteStore, body: &str) -> ReceiptId {
+        let receipt = ReceiptId::new();
+        store
+            .accept(crate::spool::AcceptedMessage {
+                receipt,
+                received_at_ms: 1_000,
+                client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+                helo: "mx.example.net".into(),
+                tls_version: None,
+                auth_user: None,
+                envelope_sender: String::new(),
+                recipients: vec![crate::spool::AcceptedRecipient {
+                    address: "bounces@bounce.example".into(),
+                    orcpt: None,
+                    notify: None,
+                    preset: None,
+                }],
+                envid: None,
+                ret: None,
+                eight_bit: false,
+                smtputf8: false,
+                message_id: None,
+                subject: None,
+                context: None,
+                body: body.as_bytes().to_vec(),
+                inbound_bounce: true,
+            })
+            .await
+            .unwrap();
+        receipt
+    }
+
+    #[tokio::test]
+    async fn one_unreadable_bounce_message_does_not_hold_up_the_others() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("mailtrail.db");
+        let store = Arc::new(crate::store::sqlite::SqliteStore::open_path(&path).unwrap());
+        let bounce = "From: MAILER-DAEMON@mx.example.net\r\nSubject: Undelivered Mail\r\n\r\n\
+                      <gone@example.org>: host mx.example.org said: 550 5.1.1 User unknown\r\n";
+        let damaged = inbound(&store, bounce).await;
+        let gone = inbound(&store, bounce).await;
+        let good = inbound(&store, bounce).await;
+        // A body the store cannot read back (a BLOB turned into text), and one missing.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE bodies SET body = 'not a blob' WHERE receipt = ?1",
+            [damaged.to_string()],
+        )
+        .unwrap();
+        conn.execute("DELETE FROM bodies WHERE receipt = ?1", [gone.to_string()])
+            .unwrap();
+        let ingest = BounceIngest::new(
+            Arc::new(Config::default()),
+            store.clone(),
+            Arc::new(Metrics::new()),
+            Arc::new(Classifier::with_user_rules("").unwrap()),
+            None,
+        );
+
+        assert_eq!(ingest.process_pending().await.unwrap(), 2);
+        let bounces = store.bounces(&Default::default()).await.unwrap();
+        assert_eq!(bounces.len(), 1, "{bounces:?}");
+        assert_eq!(bounces[0].facts.source_receipt, Some(good));
+        // The missing body is given up on; the unreadable one waits for the next run.
+        assert_eq!(store.pending_inbound_bounces().await.unwrap(), [damaged]);
     }
 
     #[test]

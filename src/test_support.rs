@@ -39,3 +39,35 @@ impl TestRng {
 pub(crate) fn test_chars(alphabet: &str) -> Vec<String> {
     alphabet.chars().map(String::from).collect()
 }
+
+/// A message as the SMTP stage hands it over: from `app@example.com` on loopback, received at
+/// 1,000 ms, to `recipients` (no DSN parameters, no preset outcome), with `body`.
+pub(crate) fn accepted_message(recipients: &[&str], body: &[u8]) -> crate::spool::AcceptedMessage {
+    crate::spool::AcceptedMessage {
+        receipt: crate::receipt::ReceiptId::new(),
+        received_at_ms: 1_000,
+        client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
+        helo: "client".into(),
+        tls_version: None,
+        auth_user: None,
+        envelope_sender: "app@example.com".into(),
+        recipients: recipients
+            .iter()
+            .map(|a| crate::spool::AcceptedRecipient {
+                address: a.to_string(),
+                orcpt: None,
+                notify: None,
+                preset: None,
+            })
+            .collect(),
+        envid: None,
+        ret: None,
+        eight_bit: false,
+        smtputf8: false,
+        message_id: None,
+        subject: None,
+        context: None,
+        body: body.to_vec(),
+        inbound_bounce: false,
+    }
+}

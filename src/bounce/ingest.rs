@@ -432,34 +432,12 @@ mod tests {
 
     /// Inbound bounce mail for `bounces@bounce.example` with `body`, stored in `store`.
     async fn inbound(store: &crate::store::sqlite::SqliteStore, body: &str) -> ReceiptId {
-        let receipt = ReceiptId::new();
-        store
-            .accept(crate::spool::AcceptedMessage {
-                receipt,
-                received_at_ms: 1_000,
-                client_ip: std::net::Ipv4Addr::LOCALHOST.into(),
-                helo: "mx.example.net".into(),
-                tls_version: None,
-                auth_user: None,
-                envelope_sender: String::new(),
-                recipients: vec![crate::spool::AcceptedRecipient {
-                    address: "bounces@bounce.example".into(),
-                    orcpt: None,
-                    notify: None,
-                    preset: None,
-                }],
-                envid: None,
-                ret: None,
-                eight_bit: false,
-                smtputf8: false,
-                message_id: None,
-                subject: None,
-                context: None,
-                body: body.as_bytes().to_vec(),
-                inbound_bounce: true,
-            })
-            .await
-            .unwrap();
+        let mut msg =
+            crate::test_support::accepted_message(&["bounces@bounce.example"], body.as_bytes());
+        msg.envelope_sender = String::new();
+        msg.inbound_bounce = true;
+        let receipt = msg.receipt;
+        store.accept(msg).await.unwrap();
         receipt
     }
 

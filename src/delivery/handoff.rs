@@ -139,42 +139,25 @@ fn fresh(msg: AcceptedMessage) -> Fresh {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::spool::{AcceptedRecipient, PresetOutcome};
+    use crate::spool::PresetOutcome;
 
     fn message(receipt: ReceiptId, presets: &[bool]) -> AcceptedMessage {
-        AcceptedMessage {
-            receipt,
-            received_at_ms: 1_000,
-            client_ip: "127.0.0.1".parse().unwrap(),
-            helo: "client".into(),
-            tls_version: None,
-            auth_user: None,
-            envelope_sender: "app@example.com".into(),
-            recipients: presets
-                .iter()
-                .enumerate()
-                .map(|(i, &p)| AcceptedRecipient {
-                    address: format!("r{i}@example.net"),
-                    orcpt: None,
-                    notify: None,
-                    preset: p.then(|| PresetOutcome {
-                        status: RecipientStatus::Suppressed,
-                        reason: "suppressed".into(),
-                        text: "on the suppression list".into(),
-                        bounce_type: "soft".into(),
-                    }),
-                })
-                .collect(),
-            envid: None,
-            ret: None,
-            eight_bit: false,
-            smtputf8: false,
-            message_id: None,
-            subject: None,
-            context: None,
-            body: b"Subject: x\r\n\r\nhi\r\n".to_vec(),
-            inbound_bounce: false,
+        let addresses: Vec<String> = (0..presets.len())
+            .map(|i| format!("r{i}@example.net"))
+            .collect();
+        let addresses: Vec<&str> = addresses.iter().map(String::as_str).collect();
+        let mut msg =
+            crate::test_support::accepted_message(&addresses, b"Subject: x\r\n\r\nhi\r\n");
+        msg.receipt = receipt;
+        for (r, &p) in msg.recipients.iter_mut().zip(presets) {
+            r.preset = p.then(|| PresetOutcome {
+                status: RecipientStatus::Suppressed,
+                reason: "suppressed".into(),
+                text: "on the suppression list".into(),
+                bounce_type: "soft".into(),
+            });
         }
+        msg
     }
 
     #[test]

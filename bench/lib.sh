@@ -164,7 +164,7 @@ wait_port() {
 
 # run_source PORT: sends the workload; prints the elapsed seconds. smtp-source aborts on any
 # reply that is not the expected 2xx/3xx, so a success here means every message was accepted.
-# The CPU seconds smtp-source used (user + system) are left in $BENCH_DIR/source.cpu.
+# The CPU seconds smtp-source used are left for source_cpu_secs in $BENCH_DIR/source.times.
 run_source() {
     local port=$1 start end
     start=$(now)

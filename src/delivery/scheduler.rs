@@ -46,10 +46,11 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(1);
 const MAX_SLEEP: Duration = Duration::from_secs(1);
 /// Longest time between two full scans of the queue while mail keeps arriving.
 const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
-/// First and longest pause between tries to record attempts the store refused (the first
-/// also before a message whose body could not be read is given back to the queue).
-const RECORD_RETRY_FIRST: Duration = Duration::from_secs(1);
-const RECORD_RETRY_MAX: Duration = Duration::from_secs(60);
+/// First and longest pause before the store is asked again after it failed: between tries
+/// to record attempts it refused, and (the first) before a message whose body it could not
+/// read goes back to the queue.
+const STORE_RETRY_FIRST: Duration = Duration::from_secs(1);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeliveryError {
@@ -695,7 +696,7 @@ async fn deliver_message(
             // cannot be read (a damaged page) is not asked again thousands of times a second.
             tokio::select! {
                 _ = ctx.shutdown.cancelled() => {}
-                _ = tokio::time::sleep(RECORD_RETRY_FIRST) => {}
+                _ = tokio::time::sleep(STORE_RETRY_FIRST) => {}
             }
             return true;
         }
@@ -1102,7 +1103,7 @@ async fn record(
 }
 
 /// Records `attempts` and the DSNs they caused; while the store refuses the write (a full
-/// disk, a failed fsync) tries again after a pause that doubles up to [`RECORD_RETRY_MAX`].
+/// disk, a failed fsync) tries again after a pause that doubles up to [`STORE_RETRY_MAX`].
 /// The recipients stay in flight meanwhile, so one that a remote server already accepted is
 /// not delivered again each time the queue is read: what is not recorded yet is held here,
 /// not redone. False only when shutdown came first: then they are delivered again after the
@@ -1113,7 +1114,7 @@ async fn record_attempts(
     attempts: Vec<AttemptRecord>,
     dsns: Vec<AcceptedMessage>,
 ) -> bool {
-    let mut pause = RECORD_RETRY_FIRST;
+    let mut pause = STORE_RETRY_FIRST;
     loop {
         // A clone per try: the store takes them, and a refused write gives nothing back.
         let Err(e) = ctx
@@ -1136,7 +1137,7 @@ async fn record_attempts(
             }
             _ = tokio::time::sleep(pause) => {}
         }
-        pause = (pause * 2).min(RECORD_RETRY_MAX);
+        pause = (pause * 2).min(STORE_RETRY_MAX);
     }
 }
 

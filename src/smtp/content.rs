@@ -10,6 +10,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use prometheus_client::metrics::gauge::Gauge;
+
 /// Why a complete message is rejected. The session turns each into its reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentError {
@@ -32,7 +34,7 @@ pub enum ContentError {
 pub struct ContentMemory {
     available: Arc<AtomicUsize>,
     /// What is taken now, for `/metrics`.
-    in_use: Option<prometheus_client::metrics::gauge::Gauge>,
+    in_use: Gauge,
 }
 
 /// The most a scanner takes from [`ContentMemory`] beyond what its body needs right now, so
@@ -40,18 +42,16 @@ pub struct ContentMemory {
 const CHARGE_STEP: usize = 64 * 1024;
 
 impl ContentMemory {
+    /// `bytes` to share, what is taken kept in a gauge of its own.
     pub fn new(bytes: usize) -> Self {
-        Self {
-            available: Arc::new(AtomicUsize::new(bytes)),
-            in_use: None,
-        }
+        Self::reported_in(bytes, Gauge::default())
     }
 
-    /// The same, with the bytes taken kept in `gauge`.
-    pub fn reported_in(self, gauge: prometheus_client::metrics::gauge::Gauge) -> Self {
+    /// `bytes` to share, what is taken kept in `in_use` (the `/metrics` gauge).
+    pub fn reported_in(bytes: usize, in_use: Gauge) -> Self {
         Self {
-            in_use: Some(gauge),
-            ..self
+            available: Arc::new(AtomicUsize::new(bytes)),
+            in_use,
         }
     }
 
@@ -65,17 +65,15 @@ impl ContentMemory {
             .available
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| a.checked_sub(n))
             .is_ok();
-        if taken && let Some(g) = &self.in_use {
-            g.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
+        if taken {
+            self.in_use.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
         }
         taken
     }
 
     fn give_back(&self, n: usize) {
         self.available.fetch_add(n, Ordering::AcqRel);
-        if let Some(g) = &self.in_use {
-            g.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
-        }
+        self.in_use.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
     }
 }
 

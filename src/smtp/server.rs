@@ -105,12 +105,12 @@ impl SmtpServer {
                 });
             }
         }
-        let mut session = SessionConfig::from_config(&config, true);
-        session.content_memory = session
-            .content_memory
-            .reported_in(metrics.smtp_content_memory_bytes.clone());
         let shared = Shared {
-            session,
+            session: SessionConfig::from_config(
+                &config,
+                true,
+                metrics.smtp_content_memory_bytes.clone(),
+            ),
             tls: TlsAcceptor::from(tls_config),
             limits: ConnectionLimits::new(
                 config.smtp.max_connections,

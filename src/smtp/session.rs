@@ -45,7 +45,12 @@ pub struct SessionConfig {
 }
 
 impl SessionConfig {
-    pub fn from_config(config: &Config, tls_available: bool) -> Self {
+    /// `content_memory_in_use`: the gauge the shared content memory reports to.
+    pub fn from_config(
+        config: &Config,
+        tls_available: bool,
+        content_memory_in_use: prometheus_client::metrics::gauge::Gauge,
+    ) -> Self {
         Self {
             hostname: config.hostname.clone(),
             max_message_size: config.smtp.max_message_size,
@@ -55,7 +60,10 @@ impl SessionConfig {
             max_errors: config.smtp.max_errors,
             tls_available,
             auth_available: !config.smtp.users.is_empty(),
-            content_memory: ContentMemory::new(config.smtp.max_content_memory),
+            content_memory: ContentMemory::reported_in(
+                config.smtp.max_content_memory,
+                content_memory_in_use,
+            ),
         }
     }
 }

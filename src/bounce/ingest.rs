@@ -113,9 +113,10 @@ impl BounceIngest {
         self
     }
 
-    /// Parses one returned message and stores a bounce per record. `envelope_recipients` are
-    /// the addresses it was sent to (VERP addresses at the bounce domain); `source` is its
-    /// own receipt when it arrived over SMTP.
+    /// Parses one returned message and stores a bounce per record, all in one commit
+    /// together with the suppressions they add and, when `source` (its own receipt, when it
+    /// arrived over SMTP) is given, the mark that it is processed. `envelope_recipients` are
+    /// the addresses it was sent to (VERP addresses at the bounce domain).
     pub async fn ingest(
         &self,
         raw: &[u8],
@@ -124,11 +125,57 @@ impl BounceIngest {
     ) -> Result<Vec<Ingested>, StoreError> {
         let records = super::parse_with(raw, &self.classifier);
         let verp_tag = self.verp_tag(envelope_recipients);
-        let mut out = Vec::with_capacity(records.len());
-        for record in records {
-            out.push(self.store_record(&record, verp_tag, source).await?);
+        let now = chrono::Utc::now().timestamp_millis();
+        let mut bounces: Vec<NewBounce> = Vec::with_capacity(records.len());
+        for record in &records {
+            let matched = self.correlate(record, verp_tag).await?;
+            let suppress = self.suppression(record, &bounces, now).await?;
+            bounces.push(new_bounce(record, matched, source, suppress, now));
         }
-        Ok(out)
+        let ids = self.store.record_bounces(bounces.clone(), source).await?;
+        if bounces.iter().any(|b| b.suppress.is_some())
+            && let Some(cache) = &self.suppressions
+        {
+            cache.invalidate();
+        }
+        Ok(ids
+            .into_iter()
+            .zip(bounces)
+            .map(|(bounce_id, b)| self.recorded(bounce_id, b))
+            .collect())
+    }
+
+    /// Counts and logs a committed bounce.
+    fn recorded(&self, bounce_id: i64, b: NewBounce) -> Ingested {
+        let f = b.facts;
+        self.metrics
+            .bounces
+            .get_or_create(&BounceLabel {
+                reason: f.reason.clone(),
+                bounce_type: f.bounce_type.clone(),
+            })
+            .inc();
+        if f.kind == BounceKind::Arf.as_str() {
+            self.metrics.complaints.inc();
+        }
+        if f.correlation == Correlation::Unmatched {
+            self.metrics.unmatched_bounces.inc();
+        }
+        let suppressed = b.suppress.is_some();
+        tracing::info!(
+            recipient = %f.recipient, reason = %f.reason, bounce_type = %f.bounce_type,
+            correlation = ?f.correlation, receipt = ?f.receipt.map(|r| r.to_string()), suppressed,
+            "bounce recorded"
+        );
+        Ingested {
+            bounce_id,
+            recipient: f.recipient,
+            reason: f.reason,
+            bounce_type: f.bounce_type,
+            correlation: f.correlation,
+            receipt: f.receipt,
+            suppressed,
+        }
     }
 
     fn verp_tag(&self, envelope_recipients: &[String]) -> Option<verp::VerpTag> {
@@ -201,111 +248,58 @@ impl BounceIngest {
         Ok(None)
     }
 
-    async fn store_record(
+    /// The suppression-list entry `record` adds, if any. A soft bounce counts toward the
+    /// run with the stored bounces of its address and those of `earlier`, the records of the
+    /// same message stored with it.
+    async fn suppression(
         &self,
         record: &BounceRecord,
-        verp_tag: Option<verp::VerpTag>,
-        source: Option<ReceiptId>,
-    ) -> Result<Ingested, StoreError> {
-        let now = chrono::Utc::now().timestamp_millis();
-        let matched = self.correlate(record, verp_tag).await?;
-        let correlation = matched.map_or(Correlation::Unmatched, |m| m.correlation);
-        let reason = record.reason.as_str().to_string();
-        let bounce_type = record.bounce_type.as_str().to_string();
-        let facts = BounceFacts {
-            at_ms: now,
-            receipt: matched.map(|m| m.receipt),
-            rcpt_index: matched.and_then(|m| m.rcpt_index),
-            correlation,
-            recipient: record.recipient.clone(),
-            kind: record.kind.as_str().to_string(),
-            action: record.action.clone(),
-            status: record.status.clone(),
-            reply_code: record.reply_code,
-            diagnostic: record.diagnostic.clone(),
-            remote_mta: record.remote_mta.clone(),
-            reporting_mta: record.reporting_mta.clone(),
-            reason: reason.clone(),
-            bounce_type: bounce_type.clone(),
-            source_receipt: source,
-        };
-        let bounce = NewBounce {
-            facts,
-            new_status: matched.and(new_status(record)),
-        };
-        let bounce_id = self.store.record_bounce(bounce).await?;
-        self.metrics
-            .bounces
-            .get_or_create(&BounceLabel {
-                reason: reason.clone(),
-                bounce_type: bounce_type.clone(),
-            })
-            .inc();
-        if record.kind == BounceKind::Arf {
-            self.metrics.complaints.inc();
-        }
-        if matched.is_none() {
-            self.metrics.unmatched_bounces.inc();
-        }
-        let suppressed = self.maybe_suppress(record, now).await?;
-        tracing::info!(
-            recipient = %record.recipient, %reason, %bounce_type, ?correlation,
-            receipt = ?matched.map(|m| m.receipt.to_string()), suppressed,
-            "bounce recorded"
-        );
-        Ok(Ingested {
-            bounce_id,
-            recipient: record.recipient.clone(),
-            reason,
-            bounce_type,
-            correlation,
-            receipt: matched.map(|m| m.receipt),
-            suppressed,
-        })
-    }
-
-    async fn maybe_suppress(&self, record: &BounceRecord, now: i64) -> Result<bool, StoreError> {
+        earlier: &[NewBounce],
+        now: i64,
+    ) -> Result<Option<Suppression>, StoreError> {
         let s = &self.config.suppression;
         if !s.enabled || record.recipient.is_empty() || !record.recipient.contains('@') {
-            return Ok(false);
+            return Ok(None);
         }
         let suppress = if suppresses_at_once(record) {
             true
         } else if record.bounce_type == BounceType::Soft && new_status(record).is_some() {
             let since =
                 now.saturating_sub(i64::try_from(s.soft_window.as_millis()).unwrap_or(i64::MAX));
-            let recent = self
+            let stored = self
                 .store
                 .recent_bounce_types(&record.recipient, since)
                 .await?;
+            // Newest first: this record, the same message's earlier ones, then the store's.
+            let recent: Vec<String> = std::iter::once(record.bounce_type.as_str().to_string())
+                .chain(
+                    earlier
+                        .iter()
+                        .rev()
+                        .filter(|b| b.facts.recipient.eq_ignore_ascii_case(&record.recipient))
+                        .map(|b| b.facts.bounce_type.clone()),
+                )
+                .chain(stored)
+                .collect();
             soft_run_reached(&recent, s.soft_bounce_threshold)
         } else {
             false
         };
-        if !suppress {
-            return Ok(false);
-        }
         let expires_at_ms = (!s.expiry.is_zero())
             .then(|| now.saturating_add(i64::try_from(s.expiry.as_millis()).unwrap_or(i64::MAX)));
-        self.store
-            .suppress(Suppression {
-                address: record.recipient.clone(),
-                reason: record.reason.as_str().to_string(),
-                source: if record.kind == BounceKind::Arf {
-                    "complaint".to_string()
-                } else {
-                    "bounce".to_string()
-                },
-                first_at_ms: now,
-                last_at_ms: now,
-                count: 1,
-                expires_at_ms,
-            })
-            .await?;
-        if let Some(cache) = &self.suppressions {
-            cache.invalidate();
-        }
-        Ok(true)
+        Ok(suppress.then(|| Suppression {
+            address: record.recipient.clone(),
+            reason: record.reason.as_str().to_string(),
+            source: if record.kind == BounceKind::Arf {
+                "complaint".to_string()
+            } else {
+                "bounce".to_string()
+            },
+            first_at_ms: now,
+            last_at_ms: now,
+            count: 1,
+            expires_at_ms,
+        }))
     }
 
     /// Parses every inbound bounce message accepted over SMTP and not yet processed (also
@@ -351,8 +345,8 @@ impl BounceIngest {
             .flat_map(|m| m.recipients.into_iter().map(|r| r.address))
             .collect();
         self.ingest(&body, &envelope_recipients, Some(receipt))
-            .await?;
-        self.store.mark_inbound_processed(receipt).await
+            .await
+            .map(drop)
     }
 
     /// Runs [`BounceIngest::process_pending`] at start, whenever `wake` is notified, and
@@ -374,6 +368,37 @@ impl BounceIngest {
                 }
             }
         })
+    }
+}
+
+/// The bounce to store for `record`, matched (or not) to what we sent.
+fn new_bounce(
+    record: &BounceRecord,
+    matched: Option<Match>,
+    source: Option<ReceiptId>,
+    suppress: Option<Suppression>,
+    now: i64,
+) -> NewBounce {
+    NewBounce {
+        facts: BounceFacts {
+            at_ms: now,
+            receipt: matched.map(|m| m.receipt),
+            rcpt_index: matched.and_then(|m| m.rcpt_index),
+            correlation: matched.map_or(Correlation::Unmatched, |m| m.correlation),
+            recipient: record.recipient.clone(),
+            kind: record.kind.as_str().to_string(),
+            action: record.action.clone(),
+            status: record.status.clone(),
+            reply_code: record.reply_code,
+            diagnostic: record.diagnostic.clone(),
+            remote_mta: record.remote_mta.clone(),
+            reporting_mta: record.reporting_mta.clone(),
+            reason: record.reason.as_str().to_string(),
+            bounce_type: record.bounce_type.as_str().to_string(),
+            source_receipt: source,
+        },
+        new_status: matched.and(new_status(record)),
+        suppress,
     }
 }
 
@@ -474,6 +499,55 @@ mod tests {
         assert_eq!(bounces[0].facts.source_receipt, Some(good));
         // The missing body is given up on; the unreadable one waits for the next run.
         assert_eq!(store.pending_inbound_bounces().await.unwrap(), [damaged]);
+    }
+
+    #[tokio::test]
+    async fn a_bounce_message_is_stored_whole_or_not_at_all() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let path = dir.path().join("mailtrail.db");
+        let store = Arc::new(crate::store::sqlite::SqliteStore::open_path(&path).unwrap());
+        let receipt = inbound(
+            &store,
+            "From: MAILER-DAEMON@mx.example.net\r\nSubject: Undelivered Mail\r\n\r\n\
+             <gone@example.org>: host mx.example.org said: 550 5.1.1 User unknown\r\n\
+             <also-gone@example.org>: host mx.example.org said: 550 5.1.1 User unknown\r\n",
+        )
+        .await;
+        let ingest = BounceIngest::new(
+            Arc::new(Config::default()),
+            store.clone(),
+            Arc::new(Metrics::new()),
+            Arc::new(Classifier::with_user_rules("").unwrap()),
+            None,
+        );
+        // The suppression list cannot be written: each record's bounce row could be, its
+        // suppression not.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        let schema: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'suppressions'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        conn.execute_batch("DROP TABLE suppressions").unwrap();
+
+        assert_eq!(ingest.process_pending().await.unwrap(), 0);
+        let none = store.bounces(&Default::default()).await.unwrap();
+        assert!(none.is_empty(), "half a message stored: {none:?}");
+        assert_eq!(store.pending_inbound_bounces().await.unwrap(), [receipt]);
+
+        // Once the store takes writes again, the next run stores each record once.
+        conn.execute_batch(&schema).unwrap();
+        assert_eq!(ingest.process_pending().await.unwrap(), 1);
+        let bounces = store.bounces(&Default::default()).await.unwrap();
+        let mut recipients: Vec<&str> =
+            bounces.iter().map(|b| b.facts.recipient.as_str()).collect();
+        recipients.sort_unstable();
+        assert_eq!(recipients, ["also-gone@example.org", "gone@example.org"]);
+        assert!(store.pending_inbound_bounces().await.unwrap().is_empty());
+        let now = chrono::Utc::now().timestamp_millis();
+        assert_eq!(store.suppression_list(now).await.unwrap().len(), 2);
     }
 
     #[test]

@@ -686,6 +686,7 @@ async fn deliver_message(
                     duration_ms: 0,
                     reason: Some(BounceReason::SystemError.as_str().to_string()),
                     bounce_type: None,
+                    delay_dsn: false,
                 })
                 .collect();
             return !record_attempts(&ctx, msg.receipt, attempts, Vec::new()).await;
@@ -944,7 +945,6 @@ async fn record(
     let now = now_ms();
     let mut attempts = Vec::with_capacity(recipients.len());
     let mut reports: HashMap<ReportKind, Vec<ReportRecipient>> = HashMap::new();
-    let mut delay_marked = Vec::new();
     for ((rcpt, result), kind) in recipients
         .iter()
         .zip(outcome.results.iter())
@@ -997,7 +997,7 @@ async fn record(
                 .observe(((now - msg.received_at_ms).max(0) as f64) / 1000.0);
         }
 
-        // DSN decision.
+        // DSN decision: what happened, if the sender asked to hear of it.
         let action = match v.status {
             RecipientStatus::Failed | RecipientStatus::Expired => Some(Action::Failed),
             RecipientStatus::Deferred => {
@@ -1009,15 +1009,13 @@ async fn record(
             RecipientStatus::Delivered if !outcome.remote_dsn => Some(Action::Relayed),
             // A DSN-capable peer got NOTIFY passed on and reports success itself.
             _ => None,
-        };
-        if let Some(action) = action
-            && ctx.config.delivery.dsn
-            && !msg.envelope_sender.is_empty()
-            && dsn::wanted(rcpt.notify, action)
-        {
-            if action == Action::Delayed {
-                delay_marked.push(rcpt.index);
-            }
+        }
+        .filter(|&a| {
+            ctx.config.delivery.dsn
+                && !msg.envelope_sender.is_empty()
+                && dsn::wanted(rcpt.notify, a)
+        });
+        if let Some(action) = action {
             let code = result.reply.as_ref().map(|r| r.code);
             let diagnostic = match &result.reply {
                 Some(r) => Some(r.display()),
@@ -1062,6 +1060,7 @@ async fn record(
             duration_ms: duration.as_millis() as u64,
             reason,
             bounce_type,
+            delay_dsn: action == Some(Action::Delayed),
         });
     }
     let mut dsns: Vec<AcceptedMessage> = Vec::new();
@@ -1086,14 +1085,6 @@ async fn record(
     let pending = attempts.iter().any(|a| a.status.is_pending());
     if !record_attempts(ctx, msg.receipt, attempts, dsns).await {
         return true;
-    }
-    if !delay_marked.is_empty()
-        && let Err(e) = ctx
-            .store
-            .mark_delay_dsn_sent(msg.receipt, &delay_marked)
-            .await
-    {
-        tracing::error!(receipt = %msg.receipt, error = %e, "cannot mark delay DSN sent");
     }
     if had_dsns {
         // The DSNs are queued mail themselves; the loop picks them up on its next pass.

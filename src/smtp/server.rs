@@ -589,9 +589,6 @@ mod tests {
         ) -> Result<(), StoreError> {
             unused()
         }
-        async fn mark_delay_dsn_sent(&self, _: ReceiptId, _: &[u32]) -> Result<(), StoreError> {
-            unused()
-        }
         async fn queue_list(&self) -> Result<Vec<QueueEntry>, StoreError> {
             unused()
         }
@@ -622,7 +619,11 @@ mod tests {
         async fn find_by_envid(&self, _: &str) -> Result<Option<ReceiptId>, StoreError> {
             unused()
         }
-        async fn record_bounce(&self, _: NewBounce) -> Result<i64, StoreError> {
+        async fn record_bounces(
+            &self,
+            _: Vec<NewBounce>,
+            _: Option<ReceiptId>,
+        ) -> Result<Vec<i64>, StoreError> {
             unused()
         }
         async fn bounces(&self, _: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError> {

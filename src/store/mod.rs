@@ -128,6 +128,9 @@ pub struct AttemptRecord {
     /// Classifier verdict (Sisimai vocabulary) and bounce type for non-2xx replies.
     pub reason: Option<String>,
     pub bounce_type: Option<String>,
+    /// This attempt queued a delay DSN for its recipient (in the same commit): marked sent
+    /// with it, so the next deferral does not send another.
+    pub delay_dsn: bool,
 }
 
 /// A queued or deferred message with the recipients that are due.
@@ -298,6 +301,8 @@ pub struct NewBounce {
     pub facts: BounceFacts,
     /// New recipient status when matched (`bounced`, `complained`); `None` leaves it (autoreply).
     pub new_status: Option<RecipientStatus>,
+    /// The suppression-list entry it adds or refreshes, if it suppresses its address.
+    pub suppress: Option<Suppression>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -368,12 +373,6 @@ pub trait Store: Send + Sync + 'static {
         attempts: Vec<AttemptRecord>,
         dsns: Vec<AcceptedMessage>,
     ) -> Result<(), StoreError>;
-    /// Marks a delay DSN as sent for these recipients.
-    async fn mark_delay_dsn_sent(
-        &self,
-        receipt: ReceiptId,
-        indexes: &[u32],
-    ) -> Result<(), StoreError>;
     async fn queue_list(&self) -> Result<Vec<QueueEntry>, StoreError>;
     /// Makes pending recipients due now; `None` = all. Returns how many.
     async fn queue_retry(&self, receipt: Option<ReceiptId>) -> Result<usize, StoreError>;
@@ -406,8 +405,17 @@ pub trait Store: Send + Sync + 'static {
     /// Receipt of a sent message by its `Message-ID` (angle brackets stripped).
     async fn find_by_message_id(&self, message_id: &str) -> Result<Option<ReceiptId>, StoreError>;
     async fn find_by_envid(&self, envid: &str) -> Result<Option<ReceiptId>, StoreError>;
-    /// Stores a bounce, moves the matched recipient's status, appends its event. Returns its id.
-    async fn record_bounce(&self, bounce: NewBounce) -> Result<i64, StoreError>;
+    /// Stores the bounces parsed from one returned message, in one commit or not at all:
+    /// each moves its matched recipient's status and appends its event, and adds its
+    /// suppression; `processed`, the inbound bounce mail they came from, is marked processed
+    /// in the same commit (`NotFound` if it is not one), so a crash or a refused write never
+    /// leaves half of a message's records stored, to be stored again by the next run.
+    /// Returns the bounces' ids, in order.
+    async fn record_bounces(
+        &self,
+        bounces: Vec<NewBounce>,
+        processed: Option<ReceiptId>,
+    ) -> Result<Vec<i64>, StoreError>;
     async fn bounces(&self, query: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError>;
     /// Sets or clears the handled flag. Returns false when no such bounce.
     async fn set_handled(&self, id: i64, by: Option<&str>, at_ms: i64) -> Result<bool, StoreError>;

@@ -304,17 +304,6 @@ impl Store for SqliteStore {
             .await
     }
 
-    async fn mark_delay_dsn_sent(
-        &self,
-        receipt: ReceiptId,
-        indexes: &[u32],
-    ) -> Result<(), StoreError> {
-        let indexes = indexes.to_vec();
-        let now = now_ms();
-        self.write(move |c| write::mark_delay_dsn_sent(c, receipt, &indexes, now))
-            .await
-    }
-
     async fn purge_bodies(&self, before_ms: i64) -> Result<usize, StoreError> {
         self.purge_in_batches(before_ms, write::purge_bodies).await
     }
@@ -385,8 +374,14 @@ impl Store for SqliteStore {
         self.read(move |c| read::find_by_envid(c, &envid)).await
     }
 
-    async fn record_bounce(&self, bounce: NewBounce) -> Result<i64, StoreError> {
-        self.write(move |c| write::record_bounce(c, &bounce)).await
+    async fn record_bounces(
+        &self,
+        bounces: Vec<NewBounce>,
+        processed: Option<ReceiptId>,
+    ) -> Result<Vec<i64>, StoreError> {
+        let now = now_ms();
+        self.write(move |c| write::record_bounces(c, &bounces, processed, now))
+            .await
     }
 
     async fn bounces(&self, query: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError> {

@@ -157,6 +157,42 @@ DROP INDEX messages_envid;
 CREATE INDEX messages_message_id ON messages(message_id_key) WHERE message_id_key IS NOT NULL;
 CREATE INDEX messages_envid ON messages(envid) WHERE envid IS NOT NULL;
 "#,
+    // 5: bounce ids are never given out twice. Without AUTOINCREMENT a new row takes the
+    // largest id + 1, so once the log purge deleted the newest bounces (all of them, after a
+    // quiet spell), `bounces handle 7` could mark a different bounce than the 7 an admin
+    // noted. The table is rebuilt with the same columns; sqlite_sequence starts at its
+    // largest id.
+    r#"
+CREATE TABLE bounces_new (
+    id             INTEGER PRIMARY KEY AUTOINCREMENT,
+    at             INTEGER NOT NULL,
+    receipt        TEXT,
+    idx            INTEGER,
+    correlation    TEXT NOT NULL,
+    recipient      TEXT NOT NULL,
+    recipient_lc   TEXT NOT NULL,
+    kind           TEXT NOT NULL,
+    action         TEXT,
+    status         TEXT,
+    reply_code     INTEGER,
+    diagnostic     TEXT,
+    remote_mta     TEXT,
+    reporting_mta  TEXT,
+    reason         TEXT NOT NULL,
+    bounce_type    TEXT NOT NULL,
+    source_receipt TEXT,
+    handled_by     TEXT,
+    handled_at     INTEGER
+);
+INSERT INTO bounces_new SELECT id, at, receipt, idx, correlation, recipient, recipient_lc, kind,
+    action, status, reply_code, diagnostic, remote_mta, reporting_mta, reason, bounce_type,
+    source_receipt, handled_by, handled_at FROM bounces;
+DROP TABLE bounces;
+ALTER TABLE bounces_new RENAME TO bounces;
+CREATE INDEX bounces_recipient ON bounces(recipient_lc, at);
+CREATE INDEX bounces_at ON bounces(at);
+CREATE INDEX bounces_receipt ON bounces(receipt);
+"#,
 ];
 
 /// The schema version this build reads and writes.
@@ -170,13 +206,23 @@ pub fn user_version(conn: &Connection) -> Result<i64, StoreError> {
 /// Applies every migration the database has not seen yet, each in its own transaction
 /// together with its `user_version` bump.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    migrate_to(conn, SCHEMA_VERSION)
+}
+
+/// [`migrate`] up to `version` only (tests build older databases with it).
+pub(super) fn migrate_to(conn: &mut Connection, version: i64) -> Result<(), StoreError> {
     let current = user_version(conn)?;
     if current > SCHEMA_VERSION {
         return Err(StoreError::Storage(format!(
             "database schema version {current} is newer than this mailtrail ({SCHEMA_VERSION})"
         )));
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .take(version as usize)
+        .skip(current as usize)
+    {
         let version = i as i64 + 1;
         let tx = conn.transaction().map_err(storage)?;
         tx.execute_batch(sql).map_err(storage)?;

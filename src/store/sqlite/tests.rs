@@ -76,6 +76,7 @@ fn attempt(receipt: ReceiptId, idx: u32, at_ms: i64, status: RecipientStatus) ->
         duration_ms: 120,
         reason: None,
         bounce_type: None,
+        delay_dsn: false,
     }
 }
 
@@ -106,12 +107,48 @@ fn migrates_an_empty_database_and_reopens_without_migrating_again() {
             "messages",
             "meta",
             "recipients",
+            "sqlite_sequence",
             "suppressions"
         ]
     );
     drop(conn);
     // A second open finds the schema current and keeps the data.
     drop(SqliteStore::open_path(&path).unwrap());
+}
+
+#[tokio::test]
+async fn bounce_ids_of_a_schema_4_database_are_kept_and_never_given_out_again() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    let mut conn = Connection::open(&path).unwrap();
+    schema::migrate_to(&mut conn, 4).unwrap();
+    conn.execute(
+        "INSERT INTO bounces (id, at, correlation, recipient, recipient_lc, kind, reason,
+             bounce_type, handled_by)
+         VALUES (41, 1000, 'unmatched', 'A@example.net', 'a@example.net', 'dsn', 'userunknown',
+             'hard', 'admin')",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+
+    let store = store_in(&dir);
+    let kept = store.bounces(&BounceQuery::default()).await.unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(
+        (kept[0].id, kept[0].handled_by.as_deref()),
+        (41, Some("admin"))
+    );
+    assert_eq!(
+        kept[0].facts.recipient, "A@example.net",
+        "columns copied in their places"
+    );
+    // Every bounce purged: the next one still gets a new id.
+    assert_eq!(store.purge_log(i64::MAX).await.unwrap(), (0, 1));
+    assert_eq!(
+        record_bounce(&store, new_bounce(None, None, 2_000)).await,
+        42
+    );
 }
 
 #[test]
@@ -680,15 +717,13 @@ async fn delivery_lifecycle_due_defer_retry_deliver() {
     );
     assert!(!b.delay_dsn_sent);
 
-    store.mark_delay_dsn_sent(r, &[1]).await.unwrap();
-    // A second deferral keeps the first deferral time.
-    store
-        .record_attempts(
-            vec![attempt(r, 1, 2_000, RecipientStatus::Deferred)],
-            vec![],
-        )
-        .await
-        .unwrap();
+    // A second deferral keeps the first deferral time; the delay DSN it queued is marked
+    // sent in the same commit.
+    let delayed = AttemptRecord {
+        delay_dsn: true,
+        ..attempt(r, 1, 2_000, RecipientStatus::Deferred)
+    };
+    store.record_attempts(vec![delayed], vec![]).await.unwrap();
     let list = store.queue_list().await.unwrap();
     let entry = list.iter().find(|e| e.receipt == r).unwrap();
     assert_eq!(entry.recipient, "b@example.net");
@@ -719,8 +754,8 @@ async fn delivery_lifecycle_due_defer_retry_deliver() {
         [
             "accepted",
             "attempt",
-            "delay_dsn_sent",
             "attempt",
+            "delay_dsn_sent",
             "retry",
             "attempt"
         ]
@@ -810,7 +845,15 @@ fn new_bounce(receipt: Option<ReceiptId>, idx: Option<u32>, at_ms: i64) -> NewBo
     NewBounce {
         facts,
         new_status: Some(RecipientStatus::Bounced),
+        suppress: None,
     }
+}
+
+/// Stores one bounce on its own; returns its id.
+async fn record_bounce(store: &SqliteStore, bounce: NewBounce) -> i64 {
+    let ids = store.record_bounces(vec![bounce], None).await.unwrap();
+    assert_eq!(ids.len(), 1);
+    ids[0]
 }
 
 #[tokio::test]
@@ -853,21 +896,18 @@ async fn bounces_are_correlated_recorded_and_filtered() {
         )
         .await
         .unwrap();
-    let first = store
-        .record_bounce(new_bounce(Some(r), Some(1), 2_000))
-        .await
-        .unwrap();
+    let first = record_bounce(&store, new_bounce(Some(r), Some(1), 2_000)).await;
     let mut complaint = new_bounce(Some(r), Some(1), 3_000);
     complaint.facts.kind = "arf".into();
     complaint.facts.reason = "feedback".into();
     complaint.facts.bounce_type = "complaint".into();
     complaint.new_status = Some(RecipientStatus::Complained);
-    let second = store.record_bounce(complaint).await.unwrap();
+    let second = record_bounce(&store, complaint).await;
     let mut soft = new_bounce(None, None, 4_000);
     soft.facts.reason = "mailboxfull".into();
     soft.facts.bounce_type = "soft".into();
     soft.facts.recipient = "other@example.net".into();
-    let third = store.record_bounce(soft).await.unwrap();
+    let third = record_bounce(&store, soft).await;
     assert!(first < second && second < third);
 
     let log = store.log(&by_address("a@example.net")).await.unwrap();
@@ -968,7 +1008,7 @@ async fn autoreply_keeps_status_but_is_logged() {
     let mut auto = new_bounce(Some(r), Some(0), 2_000);
     auto.facts.kind = "autoreply".into();
     auto.new_status = None;
-    store.record_bounce(auto).await.unwrap();
+    record_bounce(&store, auto).await;
     let log = store.log(&by_address("a@example.net")).await.unwrap();
     let a = &log[0].recipients[0];
     assert_eq!(a.status, RecipientStatus::Delivered);
@@ -1085,10 +1125,7 @@ async fn reopen_after_drop_sees_everything() {
         .suppress(suppression("s@example.net", 1_000, None))
         .await
         .unwrap();
-    store
-        .record_bounce(new_bounce(None, None, 1_200))
-        .await
-        .unwrap();
+    record_bounce(&store, new_bounce(None, None, 1_200)).await;
     drop(store);
 
     let store = SqliteStore::open_path(&path).unwrap();
@@ -1327,18 +1364,57 @@ fn rows_of(conn: &Connection, table: &str, receipt: ReceiptId) -> i64 {
 }
 
 #[tokio::test]
+async fn a_message_s_bounces_suppressions_and_processed_mark_commit_together() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let (d, _, _, b) = purge_fixture(&store).await;
+    let suppressing = |address: &str| NewBounce {
+        suppress: Some(suppression(address, 2_000, None)),
+        ..new_bounce(None, None, 2_000)
+    };
+    // `d` is not inbound bounce mail: marking it fails, and so does everything with it.
+    let refused = store
+        .record_bounces(vec![suppressing("x@example.net")], Some(d))
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::NotFound(_))),
+        "{refused:?}"
+    );
+    assert!(
+        store
+            .bounces(&BounceQuery::default())
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.suppression_list(0).await.unwrap().is_empty());
+
+    let ids = store
+        .record_bounces(
+            vec![suppressing("x@example.net"), new_bounce(None, None, 2_000)],
+            Some(b),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 2);
+    assert!(ids[0] < ids[1]);
+    assert_eq!(
+        store.bounces(&BounceQuery::default()).await.unwrap().len(),
+        2
+    );
+    let listed = store.suppression_list(0).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].address, "x@example.net");
+    assert!(store.pending_inbound_bounces().await.unwrap().is_empty());
+}
+
+#[tokio::test]
 async fn log_purge_drops_finished_mail_and_old_bounces_only() {
     let dir = TempDir::new().unwrap();
     let store = store_in(&dir);
     let (d, p, r, b) = purge_fixture(&store).await;
-    let old_bounce = store
-        .record_bounce(new_bounce(Some(d), Some(0), 2_000))
-        .await
-        .unwrap();
-    let new = store
-        .record_bounce(new_bounce(Some(r), Some(0), 9_500))
-        .await
-        .unwrap();
+    let old_bounce = record_bounce(&store, new_bounce(Some(d), Some(0), 2_000)).await;
+    let new = record_bounce(&store, new_bounce(Some(r), Some(0), 9_500)).await;
 
     assert_eq!(store.purge_log(5_000).await.unwrap(), (1, 1));
     assert!(

@@ -235,7 +235,8 @@ pub fn record_attempt(conn: &Connection, a: &AttemptRecord) -> Result<(), StoreE
     let current_is_final = RecipientStatus::parse(&current).is_some_and(|s| !s.is_pending());
     // A locally decided outcome (expiry, suppression) is not a delivery attempt.
     let counted = i64::from(a.stage != Stage::Local);
-    if current_is_final && a.status.is_pending() {
+    let kept_final = current_is_final && a.status.is_pending();
+    if kept_final {
         conn.execute(
             "UPDATE recipients SET attempts = attempts + ?3, updated_at = ?4
              WHERE receipt = ?1 AND idx = ?2",
@@ -270,7 +271,16 @@ pub fn record_attempt(conn: &Connection, a: &AttemptRecord) -> Result<(), StoreE
             reason: a.reason.as_deref(),
             rcpt_reply: a.rcpt_reply.as_ref(),
         },
-    )
+    )?;
+    if a.delay_dsn {
+        let status = if kept_final {
+            current.as_str()
+        } else {
+            a.status.as_str()
+        };
+        mark_delay_dsn_sent(conn, &receipt, a.rcpt_index, status, a.at_ms)?;
+    }
+    Ok(())
 }
 
 pub fn record_attempts(
@@ -300,39 +310,30 @@ fn current_status(
         .map_err(storage)
 }
 
-pub fn mark_delay_dsn_sent(
+/// Marks the delay DSN of recipient `idx` sent (the attempt that queued it is recorded in
+/// the same commit, so the next deferral does not send another).
+fn mark_delay_dsn_sent(
     conn: &Connection,
-    receipt: ReceiptId,
-    indexes: &[u32],
-    now_ms: i64,
+    receipt: &str,
+    idx: u32,
+    status: &str,
+    at_ms: i64,
 ) -> Result<(), StoreError> {
-    let receipt = receipt.to_string();
-    for &idx in indexes {
-        let Some(status) = current_status(conn, &receipt, idx)? else {
-            return Err(StoreError::NotFound(format!(
-                "recipient {idx} of {receipt}"
-            )));
-        };
-        conn.execute(
-            "UPDATE recipients SET delay_dsn_sent = 1, updated_at = ?3
-             WHERE receipt = ?1 AND idx = ?2",
-            params![receipt, idx, now_ms],
-        )
+    conn.prepare_cached("UPDATE recipients SET delay_dsn_sent = 1 WHERE receipt = ?1 AND idx = ?2")
+        .and_then(|mut st| st.execute(params![receipt, idx]))
         .map_err(storage)?;
-        append_event(
-            conn,
-            &receipt,
-            idx,
-            &Event {
-                at: now_ms,
-                kind: "delay_dsn_sent",
-                status: &status,
-                stage: Some(stage_str(Stage::Local)),
-                ..Event::default()
-            },
-        )?;
-    }
-    Ok(())
+    append_event(
+        conn,
+        receipt,
+        idx,
+        &Event {
+            at: at_ms,
+            kind: "delay_dsn_sent",
+            status,
+            stage: Some(stage_str(Stage::Local)),
+            ..Event::default()
+        },
+    )
 }
 
 /// Pending recipients of one message (or all), as (receipt, idx, status).
@@ -440,7 +441,29 @@ pub fn mark_inbound_processed(
     Ok(())
 }
 
-pub fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> {
+pub fn record_bounces(
+    conn: &Connection,
+    bounces: &[NewBounce],
+    processed: Option<ReceiptId>,
+    now_ms: i64,
+) -> Result<Vec<i64>, StoreError> {
+    let ids = bounces
+        .iter()
+        .map(|b| {
+            let id = record_bounce(conn, b)?;
+            if let Some(entry) = &b.suppress {
+                suppress(conn, entry)?;
+            }
+            Ok(id)
+        })
+        .collect::<Result<Vec<i64>, StoreError>>()?;
+    if let Some(receipt) = processed {
+        mark_inbound_processed(conn, receipt, now_ms)?;
+    }
+    Ok(ids)
+}
+
+fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> {
     let b = &new.facts;
     let receipt = b.receipt.map(|r| r.to_string());
     conn.execute(

@@ -292,10 +292,30 @@ async fn bounce_ingest_correlates_by_receipt_header_and_keeps_unmatched() {
         "Subject: hi\n\nhello\n",
     )
     .unwrap();
+    // One whose returned headers name no receipt we know, delivered to a VERP address: the
+    // header keeps what the envelope said.
+    submit(&m, &["gina@dest.test"], "reminder");
+    wait_until("gina delivered", Duration::from_secs(30), || {
+        status_of(&m, "gina@dest.test")["status"] == "delivered"
+    });
+    let gina_verp = verp_sender_for(&mx, "gina@dest.test");
+    std::fs::write(
+        dir.path().join("gina.eml"),
+        dsn_for("gina@dest.test", "01M84TQJYPE2DRCRGB1667C64M").replacen(
+            &format!("To: bounces@{BOUNCE_DOMAIN}"),
+            &format!("Delivered-To: {gina_verp}"),
+            1,
+        ),
+    )
+    .unwrap();
     let out = m.cli_ok(&["bounce", "ingest", dir.path().to_str().unwrap()]);
-    assert!(out.contains("2 bounce records stored"), "{out}");
+    assert!(out.contains("3 bounce records stored"), "{out}");
     assert!(out.contains("no bounce record"), "{out}");
     assert_eq!(status_of(&m, "frank@dest.test")["status"], "bounced");
+    assert_eq!(status_of(&m, "gina@dest.test")["status"], "bounced");
+    let gina = m.cli_ok(&["bounces", "--address", "gina@dest.test", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(gina.trim()).unwrap();
+    assert_eq!(v["correlation"], "verp");
     let stranger = m.cli_ok(&["bounces", "--address", "stranger@dest.test", "--json"]);
     let v: serde_json::Value = serde_json::from_str(stranger.trim()).unwrap();
     assert_eq!(v["correlation"], "unmatched");

@@ -279,6 +279,29 @@ async fn rset_only_after_a_transaction_cut_short() {
 }
 
 #[tokio::test]
+async fn a_data_command_refused_before_the_message_is_followed_by_rset() {
+    let mx = TestMx::start(Script {
+        data_command_reply: "451 4.3.0 DATA temporarily refused".into(),
+        ..Script::default()
+    })
+    .await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let refused = send(&mut conn, &["a@d.test"]).await;
+    assert_eq!(refused.data.as_ref().unwrap().code, 451, "{refused:?}");
+    // MAIL and RCPT still stand on the server (RFC 5321 4.1.1.4): without RSET the next
+    // MAIL would be a nested one ("503 5.5.1" from Postfix).
+    assert!(conn.ready().await);
+    let rsets = mx
+        .commands()
+        .iter()
+        .filter(|c| c.as_str() == "RSET")
+        .count();
+    assert_eq!(rsets, 1, "{:?}", mx.commands());
+}
+
+#[tokio::test]
 async fn transaction_on_a_connection_the_server_closed_receives_nothing() {
     let mx = TestMx::start(Script {
         drop_at: Some(DropAt::AfterData),

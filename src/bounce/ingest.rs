@@ -20,12 +20,28 @@ use crate::store::{
     Suppression,
 };
 
-/// Where a record was matched: the message and recipient index it is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Where a record was matched: the message and recipient it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Match {
     pub receipt: ReceiptId,
-    pub rcpt_index: Option<u32>,
+    pub rcpt_index: u32,
     pub correlation: Correlation,
+    /// The recipient's address as we sent to it; `None` when the store no longer has the
+    /// message (a VERP tag outlives the log purge).
+    pub address: Option<String>,
+}
+
+impl Match {
+    /// Whether a record matched here may change its recipient's status and suppress its
+    /// address. A VERP match is proof (the MAC names one copy we sent) and bounce mail an
+    /// admin feeds in (`bounce ingest`) is trusted; a complaint is matched by the returned
+    /// message (feedback loops report to a fixed address, never VERP). A DSN that reached a
+    /// plain address of the bounce domain over SMTP and names our receipt id or Message-ID
+    /// is recorded against the message but changes nothing: anyone who received the
+    /// message could have written it, about its other recipients.
+    fn acts(&self, record: &BounceRecord, from_smtp: bool) -> bool {
+        self.correlation == Correlation::Verp || !from_smtp || record.kind == BounceKind::Arf
+    }
 }
 
 /// What one stored record turned into.
@@ -129,8 +145,17 @@ impl BounceIngest {
         let mut bounces: Vec<NewBounce> = Vec::with_capacity(records.len());
         for record in &records {
             let matched = self.correlate(record, verp_tag).await?;
-            let suppress = self.suppression(record, &bounces, now).await?;
-            bounces.push(new_bounce(record, matched, source, suppress, now));
+            // Only a record that may act on its recipient suppresses, and then the address
+            // we sent to: an unmatched bounce proves nothing about any address of ours.
+            let acting = matched
+                .as_ref()
+                .filter(|m| m.acts(record, source.is_some()));
+            let suppress = match acting.and_then(|m| m.address.as_deref()) {
+                Some(address) => self.suppression(record, address, &bounces, now).await?,
+                None => None,
+            };
+            let status = acting.and(new_status(record));
+            bounces.push(new_bounce(record, matched, status, source, suppress, now));
         }
         let ids = self.store.record_bounces(bounces.clone(), source).await?;
         if bounces.iter().any(|b| b.suppress.is_some())
@@ -196,16 +221,16 @@ impl BounceIngest {
             .filter(|a| !a.is_empty())
             .collect();
         if let Some(tag) = verp_tag {
-            // The VERP address names the recipient even when the bounce reports a forwarded
-            // or rewritten address.
-            let idx = self
-                .index_in(tag.receipt, &addresses)
-                .await?
-                .unwrap_or(tag.rcpt_index);
+            // The VERP address names the copy, whatever address the bounce reports (a
+            // forwarded or rewritten one, or, forged by that recipient, another's).
             return Ok(Some(Match {
                 receipt: tag.receipt,
-                rcpt_index: Some(idx),
+                rcpt_index: tag.rcpt_index,
                 correlation: Correlation::Verp,
+                address: self
+                    .store
+                    .recipient_address(tag.receipt, tag.rcpt_index)
+                    .await?,
             }));
         }
         let mut candidates: Vec<(ReceiptId, Correlation)> = Vec::new();
@@ -223,42 +248,33 @@ impl BounceIngest {
             candidates.push((r, Correlation::Envid));
         }
         for (receipt, correlation) in candidates {
-            if let Some(idx) = self.index_in(receipt, &addresses).await? {
-                return Ok(Some(Match {
-                    receipt,
-                    rcpt_index: Some(idx),
-                    correlation,
-                }));
+            for a in &addresses {
+                if let Some(idx) = self.store.find_recipient(receipt, a).await? {
+                    return Ok(Some(Match {
+                        receipt,
+                        rcpt_index: idx,
+                        correlation,
+                        address: self.store.recipient_address(receipt, idx).await?,
+                    }));
+                }
             }
         }
         Ok(None)
     }
 
-    /// The index of the first of `addresses` among the recipients of `receipt`.
-    async fn index_in(
-        &self,
-        receipt: ReceiptId,
-        addresses: &[&str],
-    ) -> Result<Option<u32>, StoreError> {
-        for a in addresses {
-            if let Some(i) = self.store.find_recipient(receipt, a).await? {
-                return Ok(Some(i));
-            }
-        }
-        Ok(None)
-    }
-
-    /// The suppression-list entry `record` adds, if any. A soft bounce counts toward the
-    /// run with the stored bounces of its address and those of `earlier`, the records of the
+    /// The suppression-list entry `record` adds for `address` (the matched recipient's), if
+    /// any. A soft bounce counts toward the run with the stored bounces that changed the
+    /// status of a recipient with this address and those of `earlier`, the records of the
     /// same message stored with it.
     async fn suppression(
         &self,
         record: &BounceRecord,
+        address: &str,
         earlier: &[NewBounce],
         now: i64,
     ) -> Result<Option<Suppression>, StoreError> {
         let s = &self.config.suppression;
-        if !s.enabled || record.recipient.is_empty() || !record.recipient.contains('@') {
+        if !s.enabled || !address.contains('@') {
             return Ok(None);
         }
         let suppress = if suppresses_at_once(record) {
@@ -266,17 +282,17 @@ impl BounceIngest {
         } else if record.bounce_type == BounceType::Soft && new_status(record).is_some() {
             let since =
                 now.saturating_sub(i64::try_from(s.soft_window.as_millis()).unwrap_or(i64::MAX));
-            let stored = self
-                .store
-                .recent_bounce_types(&record.recipient, since)
-                .await?;
+            let stored = self.store.recent_bounce_types(address, since).await?;
             // Newest first: this record, the same message's earlier ones, then the store's.
             let recent: Vec<String> = std::iter::once(record.bounce_type.as_str().to_string())
                 .chain(
                     earlier
                         .iter()
                         .rev()
-                        .filter(|b| b.facts.recipient.eq_ignore_ascii_case(&record.recipient))
+                        .filter(|b| {
+                            b.new_status.is_some()
+                                && b.facts.recipient.eq_ignore_ascii_case(address)
+                        })
                         .map(|b| b.facts.bounce_type.clone()),
                 )
                 .chain(stored)
@@ -288,7 +304,7 @@ impl BounceIngest {
         let expires_at_ms = (!s.expiry.is_zero())
             .then(|| now.saturating_add(i64::try_from(s.expiry.as_millis()).unwrap_or(i64::MAX)));
         Ok(suppress.then(|| Suppression {
-            address: record.recipient.clone(),
+            address: address.to_string(),
             reason: record.reason.as_str().to_string(),
             source: if record.kind == BounceKind::Arf {
                 "complaint".to_string()
@@ -375,6 +391,7 @@ impl BounceIngest {
 fn new_bounce(
     record: &BounceRecord,
     matched: Option<Match>,
+    new_status: Option<RecipientStatus>,
     source: Option<ReceiptId>,
     suppress: Option<Suppression>,
     now: i64,
@@ -382,8 +399,8 @@ fn new_bounce(
     NewBounce {
         facts: BounceFacts {
             at_ms: now,
-            receipt: matched.map(|m| m.receipt),
-            rcpt_index: matched.and_then(|m| m.rcpt_index),
+            receipt: matched.as_ref().map(|m| m.receipt),
+            rcpt_index: matched.as_ref().map(|m| m.rcpt_index),
             correlation: matched.map_or(Correlation::Unmatched, |m| m.correlation),
             recipient: record.recipient.clone(),
             kind: record.kind.as_str().to_string(),
@@ -397,9 +414,51 @@ fn new_bounce(
             bounce_type: record.bounce_type.as_str().to_string(),
             source_receipt: source,
         },
-        new_status: matched.and(new_status(record)),
+        new_status,
         suppress,
     }
+}
+
+/// The addresses a stored-away bounce names as where it was delivered (`Delivered-To`,
+/// `X-Original-To`, `Envelope-To`, `X-Envelope-To`, `To` of its own header): for bounce mail
+/// fed in from a mailbox, whose envelope is gone, the place a VERP address still shows.
+/// Anything that looks like an address is listed; [`verp::decode`]'s MAC check sorts them.
+pub fn delivered_to(raw: &[u8]) -> Vec<String> {
+    const FIELDS: [&str; 5] = [
+        "delivered-to",
+        "x-original-to",
+        "envelope-to",
+        "x-envelope-to",
+        "to",
+    ];
+    let header_end = memchr::memmem::find(raw, b"\r\n\r\n")
+        .or_else(|| memchr::memmem::find(raw, b"\n\n"))
+        .unwrap_or(raw.len());
+    let header = String::from_utf8_lossy(raw.get(..header_end).unwrap_or_default());
+    // Unfolded fields: a line starting with white space continues the one before.
+    let mut fields: Vec<String> = Vec::new();
+    for line in header.lines() {
+        match fields.last_mut() {
+            Some(last) if line.starts_with([' ', '\t']) => last.push_str(line),
+            _ => fields.push(line.to_string()),
+        }
+    }
+    let mut out = Vec::new();
+    for field in &fields {
+        let Some((name, value)) = field.split_once(':') else {
+            continue;
+        };
+        if !FIELDS.iter().any(|f| name.trim().eq_ignore_ascii_case(f)) {
+            continue;
+        }
+        out.extend(
+            value
+                .split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '<' | '>' | '"'))
+                .filter(|t| t.contains('@'))
+                .map(str::to_string),
+        );
+    }
+    out
 }
 
 fn trim_angle(id: &str) -> &str {
@@ -457,8 +516,16 @@ mod tests {
 
     /// Inbound bounce mail for `bounces@bounce.example` with `body`, stored in `store`.
     async fn inbound(store: &crate::store::sqlite::SqliteStore, body: &str) -> ReceiptId {
-        let mut msg =
-            crate::test_support::accepted_message(&["bounces@bounce.example"], body.as_bytes());
+        inbound_to(store, "bounces@bounce.example", body).await
+    }
+
+    /// Inbound bounce mail for `rcpt` with `body`, stored in `store`.
+    async fn inbound_to(
+        store: &crate::store::sqlite::SqliteStore,
+        rcpt: &str,
+        body: &str,
+    ) -> ReceiptId {
+        let mut msg = crate::test_support::accepted_message(&[rcpt], body.as_bytes());
         msg.envelope_sender = String::new();
         msg.inbound_bounce = true;
         let receipt = msg.receipt;
@@ -520,25 +587,22 @@ mod tests {
             Arc::new(Classifier::with_user_rules("").unwrap()),
             None,
         );
-        // The suppression list cannot be written: each record's bounce row could be, its
-        // suppression not.
+        // The processed mark, written last, is refused: the records before it could each
+        // have been committed on their own.
         let conn = rusqlite::Connection::open(&path).unwrap();
-        let schema: String = conn
-            .query_row(
-                "SELECT sql FROM sqlite_master WHERE name = 'suppressions'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
-        conn.execute_batch("DROP TABLE suppressions").unwrap();
+        conn.execute_batch(
+            "CREATE TRIGGER refuse BEFORE UPDATE OF inbound_processed_at ON messages
+             BEGIN SELECT RAISE(ABORT, 'refused'); END",
+        )
+        .unwrap();
 
         assert_eq!(ingest.process_pending().await.unwrap(), 0);
         let none = store.bounces(&Default::default()).await.unwrap();
         assert!(none.is_empty(), "half a message stored: {none:?}");
         assert_eq!(store.pending_inbound_bounces().await.unwrap(), [receipt]);
 
-        // Once the store takes writes again, the next run stores each record once.
-        conn.execute_batch(&schema).unwrap();
+        // Once the store takes the write, the next run stores each record once.
+        conn.execute_batch("DROP TRIGGER refuse").unwrap();
         assert_eq!(ingest.process_pending().await.unwrap(), 1);
         let bounces = store.bounces(&Default::default()).await.unwrap();
         let mut recipients: Vec<&str> =
@@ -546,8 +610,142 @@ mod tests {
         recipients.sort_unstable();
         assert_eq!(recipients, ["also-gone@example.org", "gone@example.org"]);
         assert!(store.pending_inbound_bounces().await.unwrap().is_empty());
+    }
+
+    /// A DSN saying `rcpt` does not exist, its returned headers naming our `receipt`.
+    fn dsn(rcpt: &str, receipt: ReceiptId) -> String {
+        format!(
+            "From: MAILER-DAEMON@mx.remote.test\r\n\
+             Subject: Undelivered Mail Returned to Sender\r\n\
+             MIME-Version: 1.0\r\n\
+             Content-Type: multipart/report; report-type=delivery-status; boundary=b1\r\n\
+             \r\n\
+             --b1\r\n\
+             Content-Type: message/delivery-status\r\n\
+             \r\n\
+             Reporting-MTA: dns; mx.remote.test\r\n\
+             \r\n\
+             Final-Recipient: rfc822; {rcpt}\r\n\
+             Action: failed\r\n\
+             Status: 5.1.1\r\n\
+             Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: User unknown\r\n\
+             \r\n\
+             --b1\r\n\
+             Content-Type: text/rfc822-headers\r\n\
+             \r\n\
+             Received: from app by mt.test (mailtrail) with ESMTP id {receipt}; \
+             Mon, 23 Nov 2026 10:00:00 +0000\r\n\
+             To: {rcpt}\r\n\
+             \r\n\
+             --b1--\r\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn only_bounces_that_prove_themselves_change_recipients_or_suppress() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = Arc::new(
+            crate::store::sqlite::SqliteStore::open_path(&dir.path().join("m.db")).unwrap(),
+        );
+        let mut config = Config::default();
+        config.delivery.bounce_domain = "bounce.test".into();
+        let key = b"test key".to_vec();
+        let ingest = BounceIngest::new(
+            Arc::new(config),
+            store.clone(),
+            Arc::new(Metrics::new()),
+            Arc::new(Classifier::with_user_rules("").unwrap()),
+            Some(key.clone()),
+        );
+        let recipients = ["alice@ex.test", "bob@ex.test", "carol@ex.test"];
+        let sent = crate::test_support::accepted_message(&recipients, b"Subject: hi\r\n\r\nhi\r\n");
+        let receipt = sent.receipt;
+        store.accept(sent).await.unwrap();
         let now = chrono::Utc::now().timestamp_millis();
-        assert_eq!(store.suppression_list(now).await.unwrap().len(), 2);
+        let statuses = || async {
+            let log = store
+                .log(&LogQuery {
+                    key: LogKey::Receipt(receipt),
+                    since_ms: None,
+                    until_ms: None,
+                    limit: 1,
+                })
+                .await
+                .unwrap();
+            log[0]
+                .recipients
+                .iter()
+                .map(|r| r.status.as_str())
+                .collect::<Vec<_>>()
+        };
+        let suppressed = || async {
+            let list = store.suppression_list(now).await.unwrap();
+            list.into_iter().map(|s| s.address).collect::<Vec<_>>()
+        };
+
+        // Anyone can write to bounces@: a DSN about an address we never mailed, and one that
+        // names our receipt id for a recipient of it. Both are kept; neither acts.
+        inbound_to(
+            &store,
+            "bounces@bounce.test",
+            &dsn("ceo@bigcorp.test", receipt),
+        )
+        .await;
+        inbound_to(
+            &store,
+            "bounces@bounce.test",
+            &dsn("alice@ex.test", receipt),
+        )
+        .await;
+        assert_eq!(ingest.process_pending().await.unwrap(), 2);
+        let kept = store.bounces(&Default::default()).await.unwrap();
+        let correlations: Vec<Correlation> = kept.iter().map(|b| b.facts.correlation).collect();
+        assert!(
+            correlations.contains(&Correlation::Unmatched),
+            "{correlations:?}"
+        );
+        assert!(
+            correlations.contains(&Correlation::ReceiptHeader),
+            "{correlations:?}"
+        );
+        assert_eq!(statuses().await, ["queued", "queued", "queued"]);
+        assert!(suppressed().await.is_empty());
+
+        // Carol's VERP address proves the bounce is about her copy, whoever it names.
+        let carol_verp = verp::encode(&key, "bounces", "bounce.test", receipt, 2);
+        inbound_to(&store, &carol_verp, &dsn("alice@ex.test", receipt)).await;
+        assert_eq!(ingest.process_pending().await.unwrap(), 1);
+        assert_eq!(statuses().await, ["queued", "queued", "bounced"]);
+        assert_eq!(suppressed().await, ["carol@ex.test"]);
+
+        // Bounce mail an admin feeds in is trusted with the receipt id it names.
+        let fed = ingest
+            .ingest(dsn("bob@ex.test", receipt).as_bytes(), &[], None)
+            .await
+            .unwrap();
+        assert_eq!(fed[0].correlation, Correlation::ReceiptHeader);
+        assert_eq!(statuses().await, ["queued", "bounced", "bounced"]);
+        let mut list = suppressed().await;
+        list.sort_unstable();
+        assert_eq!(list, ["bob@ex.test", "carol@ex.test"]);
+    }
+
+    #[test]
+    fn delivered_to_lists_the_addresses_of_the_delivery_fields() {
+        let raw = b"Return-Path: <>\r\nDelivered-To: bounces+x-1-y@bounce.test\r\n\
+                    To: App <app@example.com>,\r\n\tother@example.com\r\n\
+                    X-Original-To: <orig@bounce.test>\r\nFrom: MAILER-DAEMON@mx.test\r\n\
+                    \r\nTo: body@example.com\r\n";
+        assert_eq!(
+            delivered_to(raw),
+            [
+                "bounces+x-1-y@bounce.test",
+                "app@example.com",
+                "other@example.com",
+                "orig@bounce.test"
+            ]
+        );
+        assert!(delivered_to(b"").is_empty());
     }
 
     #[test]

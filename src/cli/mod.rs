@@ -253,7 +253,9 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
                         Some(n) => format!("{}#{n}", src.file),
                         None => src.file.clone(),
                     };
-                    let ingested = ingest.ingest(&src.raw, &[], None).await?;
+                    // The envelope is gone; a VERP address may still show in the header.
+                    let to = crate::bounce::ingest::delivered_to(&src.raw);
+                    let ingested = ingest.ingest(&src.raw, &to, None).await?;
                     if ingested.is_empty() {
                         writeln!(out, "{name}: no bounce record")?;
                     }

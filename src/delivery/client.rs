@@ -664,8 +664,14 @@ impl Connection {
             return out;
         }
 
-        let result = if chunking {
-            self.bdat(body, data_timeout).await
+        // `ended`: the reply came after the message and closed the transaction (RFC 5321
+        // 4.1.1.4). A DATA command refused before the message (a 451 greylisting at DATA)
+        // or a failed BDAT leaves it open: the next transaction on this connection starts
+        // with RSET, or its MAIL meets "503 nested MAIL command".
+        let (result, ended) = if chunking {
+            let r = self.bdat(body, data_timeout).await;
+            let ended = r.as_ref().is_ok_and(Reply::is_positive);
+            (r, ended)
         } else {
             let start = match data_cmd_reply {
                 Some(r) => Ok(r),
@@ -677,9 +683,8 @@ impl Connection {
                     .map_err(|e| mail_error(&e).1),
             };
             match start {
-                Ok(r) if r.code == 354 => self.dot_stuffed(body, data_timeout).await,
-                Ok(r) => Ok(r),
-                Err(e) => Err(e),
+                Ok(r) if r.code == 354 => (self.dot_stuffed(body, data_timeout).await, true),
+                other => (other, false),
             }
         };
         match result {
@@ -688,7 +693,7 @@ impl Connection {
         }
         if out.error.is_none() {
             self.transactions += 1;
-            self.clean = true;
+            self.clean = ended;
         }
         out
     }

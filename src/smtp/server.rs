@@ -613,6 +613,13 @@ mod tests {
         async fn find_recipient(&self, _: ReceiptId, _: &str) -> Result<Option<u32>, StoreError> {
             unused()
         }
+        async fn recipient_address(
+            &self,
+            _: ReceiptId,
+            _: u32,
+        ) -> Result<Option<String>, StoreError> {
+            unused()
+        }
         async fn find_by_message_id(&self, _: &str) -> Result<Option<ReceiptId>, StoreError> {
             unused()
         }

@@ -402,6 +402,12 @@ pub trait Store: Send + Sync + 'static {
         receipt: ReceiptId,
         address: &str,
     ) -> Result<Option<u32>, StoreError>;
+    /// The address of recipient `idx` of `receipt`, if the store has it.
+    async fn recipient_address(
+        &self,
+        receipt: ReceiptId,
+        idx: u32,
+    ) -> Result<Option<String>, StoreError>;
     /// Receipt of a sent message by its `Message-ID` (angle brackets stripped).
     async fn find_by_message_id(&self, message_id: &str) -> Result<Option<ReceiptId>, StoreError>;
     async fn find_by_envid(&self, envid: &str) -> Result<Option<ReceiptId>, StoreError>;
@@ -419,7 +425,9 @@ pub trait Store: Send + Sync + 'static {
     async fn bounces(&self, query: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError>;
     /// Sets or clears the handled flag. Returns false when no such bounce.
     async fn set_handled(&self, id: i64, by: Option<&str>, at_ms: i64) -> Result<bool, StoreError>;
-    /// Recent bounce types for an address, newest first (for the soft-bounce threshold).
+    /// Types of the recent bounces that changed the status of a recipient with this address
+    /// (failures matched to mail we sent; not delay notices, auto-replies or unmatched or
+    /// untrusted records), newest first: the soft-bounce run.
     async fn recent_bounce_types(
         &self,
         address: &str,

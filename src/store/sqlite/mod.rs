@@ -363,6 +363,15 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn recipient_address(
+        &self,
+        receipt: ReceiptId,
+        idx: u32,
+    ) -> Result<Option<String>, StoreError> {
+        self.read(move |c| read::recipient_address(c, receipt, idx))
+            .await
+    }
+
     async fn find_by_message_id(&self, message_id: &str) -> Result<Option<ReceiptId>, StoreError> {
         let message_id = message_id.to_string();
         self.read(move |c| read::find_by_message_id(c, &message_id))

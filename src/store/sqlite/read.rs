@@ -388,6 +388,20 @@ pub fn find_recipient(
     .map_err(storage)
 }
 
+pub fn recipient_address(
+    conn: &Connection,
+    receipt: ReceiptId,
+    idx: u32,
+) -> Result<Option<String>, StoreError> {
+    conn.query_row(
+        "SELECT address FROM recipients WHERE receipt = ?1 AND idx = ?2",
+        params![receipt.to_string(), idx],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(storage)
+}
+
 pub fn find_by_message_id(
     conn: &Connection,
     message_id: &str,
@@ -478,7 +492,7 @@ pub fn recent_bounce_types(
 ) -> Result<Vec<String>, StoreError> {
     let mut st = conn
         .prepare_cached(
-            "SELECT bounce_type FROM bounces WHERE recipient_lc = ?1 AND at >= ?2
+            "SELECT bounce_type FROM bounces WHERE recipient_lc = ?1 AND at >= ?2 AND acted = 1
              ORDER BY at DESC, id DESC",
         )
         .map_err(storage)?;

@@ -160,8 +160,9 @@ CREATE INDEX messages_envid ON messages(envid) WHERE envid IS NOT NULL;
     // 5: bounce ids are never given out twice. Without AUTOINCREMENT a new row takes the
     // largest id + 1, so once the log purge deleted the newest bounces (all of them, after a
     // quiet spell), `bounces handle 7` could mark a different bounce than the 7 an admin
-    // noted. The table is rebuilt with the same columns; sqlite_sequence starts at its
-    // largest id.
+    // noted. The table is rebuilt with the same columns plus `acted` (the bounce changed
+    // its matched recipient's status: only those count toward a soft-bounce run; older
+    // rows: matched failures); sqlite_sequence starts at its largest id.
     r#"
 CREATE TABLE bounces_new (
     id             INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -182,11 +183,15 @@ CREATE TABLE bounces_new (
     bounce_type    TEXT NOT NULL,
     source_receipt TEXT,
     handled_by     TEXT,
-    handled_at     INTEGER
+    handled_at     INTEGER,
+    acted          INTEGER NOT NULL DEFAULT 0
 );
 INSERT INTO bounces_new SELECT id, at, receipt, idx, correlation, recipient, recipient_lc, kind,
     action, status, reply_code, diagnostic, remote_mta, reporting_mta, reason, bounce_type,
-    source_receipt, handled_by, handled_at FROM bounces;
+    source_receipt, handled_by, handled_at,
+    receipt IS NOT NULL AND kind <> 'autoreply'
+        AND (action IS NULL OR lower(action) NOT IN ('delayed', 'delivered', 'relayed', 'expanded'))
+    FROM bounces;
 DROP TABLE bounces;
 ALTER TABLE bounces_new RENAME TO bounces;
 CREATE INDEX bounces_recipient ON bounces(recipient_lc, at);

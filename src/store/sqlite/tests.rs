@@ -989,6 +989,20 @@ async fn bounces_are_correlated_recorded_and_filtered() {
         store.recent_bounce_types("A@example.NET", 0).await.unwrap(),
         ["complaint", "hard"]
     );
+    // Records that changed no status (a delay notice, an unmatched bounce) are no part of a
+    // soft-bounce run.
+    let mut delayed = new_bounce(Some(r), Some(1), 7_000);
+    delayed.facts.action = Some("delayed".into());
+    delayed.facts.bounce_type = "soft".into();
+    delayed.new_status = None;
+    record_bounce(&store, delayed).await;
+    let mut unmatched = new_bounce(None, None, 7_100);
+    unmatched.facts.bounce_type = "soft".into();
+    record_bounce(&store, unmatched).await;
+    assert_eq!(
+        store.recent_bounce_types("a@example.net", 0).await.unwrap(),
+        ["complaint", "hard"]
+    );
 }
 
 #[tokio::test]

@@ -466,11 +466,19 @@ pub fn record_bounces(
 fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> {
     let b = &new.facts;
     let receipt = b.receipt.map(|r| r.to_string());
+    // The matched recipient, when the store still has it (a bounce may outlive its message).
+    let matched = match (&receipt, b.rcpt_index) {
+        (Some(receipt), Some(idx)) => {
+            current_status(conn, receipt, idx)?.map(|s| (receipt, idx, s))
+        }
+        _ => None,
+    };
+    let acted = matched.is_some() && new.new_status.is_some();
     conn.execute(
         "INSERT INTO bounces (at, receipt, idx, correlation, recipient, recipient_lc, kind,
              action, status, reply_code, diagnostic, remote_mta, reporting_mta, reason,
-             bounce_type, source_receipt)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+             bounce_type, source_receipt, acted)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
         params![
             b.at_ms,
             receipt,
@@ -488,16 +496,14 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
             b.reason,
             b.bounce_type,
             b.source_receipt.map(|r| r.to_string()),
+            acted,
         ],
     )
     .map_err(storage)?;
     let id = conn.last_insert_rowid();
 
-    let (Some(receipt), Some(idx)) = (receipt, b.rcpt_index) else {
-        return Ok(id);
-    };
-    let Some(current) = current_status(conn, &receipt, idx)? else {
-        // Matched to a message this store no longer (or never) had: keep the bounce only.
+    let Some((receipt, idx, current)) = matched else {
+        // Unmatched, or matched to a message this store no longer has: the bounce only.
         return Ok(id);
     };
     let status = match new.new_status {
@@ -520,7 +526,7 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
     };
     append_event(
         conn,
-        &receipt,
+        receipt,
         idx,
         &Event {
             at: b.at_ms,

@@ -156,6 +156,42 @@ async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
     );
 }
 
+#[test]
+fn a_route_back_to_itself_ends_in_a_loop_failure_not_an_endless_relay() {
+    let mut m = Mailtrail::configure(
+        "",
+        "max_hops = 5\n",
+        "[checks]\ndomain_check = false\n[delivery]\ndsn = false\n",
+    );
+    let route = format!(
+        "[[route]]\ndomains = [\"loop.test\"]\nmx = [\"{}\"]\ntls = \"none\"\n",
+        m.smtp
+    );
+    let mut config = std::fs::read_to_string(&m.config_path).unwrap();
+    config.push_str(&route);
+    std::fs::write(&m.config_path, config).unwrap();
+    m.spawn();
+    m.submit(None, "app@example.com", &["x@loop.test"], "round and round");
+    // Each hop is a message of its own; the sixth arrives with six Received: fields.
+    wait_until("the loop refused", Duration::from_secs(60), || {
+        m.log_json("x@loop.test")
+            .iter()
+            .any(|msg| msg["recipients"][0]["status"] == "failed")
+    });
+    let log = m.log_json("x@loop.test");
+    assert_eq!(log.len(), 6, "one message per hop, then no more: {log:?}");
+    let failed: Vec<&serde_json::Value> = log
+        .iter()
+        .map(|msg| &msg["recipients"][0])
+        .filter(|r| r["status"] == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{log:?}");
+    assert_eq!(failed[0]["last_reply_code"], 554);
+    assert_eq!(failed[0]["last_enhanced_status"], "5.4.6");
+    let text = failed[0]["last_reply_text"].as_str().unwrap();
+    assert!(text.contains("mail forwarding loop"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queue_list_retry_and_delete() {
     let mx =

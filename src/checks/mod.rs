@@ -47,6 +47,20 @@ pub fn bounce_domain_verdict(
     bounce_local: &str,
     key: Option<&[u8]>,
 ) -> Option<RecipientVerdict> {
+    if address.eq_ignore_ascii_case("postmaster") {
+        // RFC 5321 4.5.1: `<Postmaster>` without a domain must be taken. mailtrail has no
+        // mailbox of its own; with a bounce domain it lands with the bounce mail.
+        return Some(if bounce_domain.is_empty() {
+            RecipientVerdict::Reject(Reply::new(
+                550,
+                "5.1.1",
+                "No postmaster mailbox here: this relay receives mail only for its bounce \
+                 domain, and none is set",
+            ))
+        } else {
+            RecipientVerdict::AcceptInboundBounce
+        });
+    }
     if bounce_domain.is_empty() {
         return None;
     }
@@ -265,6 +279,18 @@ mod tests {
     use crate::receipt::ReceiptId;
 
     const KEY: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn postmaster_without_a_domain_is_bounce_mail_or_refused() {
+        assert_eq!(
+            bounce_domain_verdict("PostMaster", "bounce.example.com", "bounces", Some(KEY)),
+            Some(RecipientVerdict::AcceptInboundBounce)
+        );
+        assert!(matches!(
+            bounce_domain_verdict("postmaster", "", "bounces", Some(KEY)),
+            Some(RecipientVerdict::Reject(r)) if r.code == 550
+        ));
+    }
 
     #[test]
     fn verp_address_with_good_mac_is_inbound_bounce() {

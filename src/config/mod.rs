@@ -107,6 +107,8 @@ pub struct SmtpConfig {
     pub max_connections_per_ip: usize,
     /// Protocol errors (4xx/5xx replies to bad commands) before `421` and close.
     pub max_errors: usize,
+    /// `Received:` fields a message may already carry; more is a mail loop (`554 5.4.6`).
+    pub max_hops: usize,
     /// How long `serve` waits for transactions in flight at SIGTERM before closing them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -135,6 +137,7 @@ impl Default for SmtpConfig {
             max_connections: 1000,
             max_connections_per_ip: 100,
             max_errors: 10,
+            max_hops: 100,
             shutdown_grace: Duration::from_secs(30),
             users: Vec::new(),
         }
@@ -442,6 +445,7 @@ impl Config {
                 self.smtp.max_connections_per_ip,
             ),
             ("smtp.max_errors", self.smtp.max_errors),
+            ("smtp.max_hops", self.smtp.max_hops),
             ("delivery.max_connections", self.delivery.max_connections),
             (
                 "delivery.max_connections_per_destination",

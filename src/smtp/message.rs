@@ -115,6 +115,17 @@ pub fn received_header(
     header
 }
 
+/// The number of `Received:` fields in the header of `raw` (the hops it has made).
+pub fn received_count(raw: &[u8]) -> usize {
+    fields(split_header(raw).0)
+        .iter()
+        .filter(|f| {
+            f.get(..9)
+                .is_some_and(|name| name.eq_ignore_ascii_case(b"received:"))
+        })
+        .count()
+}
+
 /// Splits at the blank line ending the header section. The header block keeps its final
 /// CRLF; the rest starts with the blank line. A message without a blank line is all header.
 fn split_header(raw: &[u8]) -> (&[u8], &[u8]) {
@@ -312,6 +323,16 @@ mod tests {
                 .to_lowercase()
                 .contains("x-mailtrail-context")
         );
+    }
+
+    #[test]
+    fn counts_received_fields_of_the_header_only() {
+        let raw = b"Received: from a by b; Mon, 1 Jan 2026 00:00:00 +0000\r\n\
+                    RECEIVED:\r\n  from c by d\r\nX-Received: no\r\nReceived-SPF: pass\r\n\
+                    Subject: x\r\n\r\nReceived: in the body\r\n";
+        assert_eq!(received_count(raw), 2);
+        assert_eq!(received_count(b""), 0);
+        assert_eq!(received_count(b"\r\nReceived: x\r\n"), 0);
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub struct SessionConfig {
     pub max_command_line: usize,
     pub max_data_line: usize,
     pub max_errors: usize,
+    pub max_hops: usize,
     /// A TLS server config exists, so STARTTLS can be offered.
     pub tls_available: bool,
     /// At least one AUTH user is configured.
@@ -58,6 +59,7 @@ impl SessionConfig {
             max_command_line: config.smtp.max_command_line,
             max_data_line: config.smtp.max_data_line,
             max_errors: config.smtp.max_errors,
+            max_hops: config.smtp.max_hops,
             tls_available,
             auth_available: !config.smtp.users.is_empty(),
             content_memory: ContentMemory::reported_in(
@@ -615,6 +617,10 @@ impl Session {
             };
             return self.rcpt(out, to);
         }
+        if is_mail_from_postmaster(line) {
+            let reply = Reply::new(553, "5.1.7", "Sender address must name a domain");
+            return self.reply(out, reply);
+        }
         let request = match Request::parse(&mut line.iter()) {
             Ok(request) => request,
             Err(e) => {
@@ -740,10 +746,15 @@ impl Session {
             return self.reply(out, Reply::new(555, "5.5.4", "REQUIRETLS not supported"));
         }
         let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
-        let address = from.address.into_owned();
-        if !address.is_empty() && !is_mailbox(&address) {
-            return self.reply(out, Reply::new(553, "5.1.7", "Bad sender address syntax"));
-        }
+        let address = match from.address.as_ref() {
+            "" => String::new(),
+            a => match canonical_mailbox(a) {
+                Some(a) => a,
+                None => {
+                    return self.reply(out, Reply::new(553, "5.1.7", "Bad sender address syntax"));
+                }
+            },
+        };
         if !smtputf8 && !address.is_ascii() {
             return self.reply(
                 out,
@@ -784,12 +795,18 @@ impl Session {
         if tx.recipients.len() >= self.config.max_recipients {
             return self.reply(out, Reply::new(452, "4.5.3", "Too many recipients"));
         }
-        let address = to.address.into_owned();
-        if !is_mailbox(&address) && !address.eq_ignore_ascii_case("postmaster") {
-            self.record_refused(address);
-            let reply = Reply::new(553, "5.1.3", "Bad recipient address syntax");
-            return self.reply(out, reply);
-        }
+        let address = if to.address.eq_ignore_ascii_case("postmaster") {
+            to.address.into_owned()
+        } else {
+            match canonical_mailbox(&to.address) {
+                Some(a) => a,
+                None => {
+                    self.record_refused(to.address.into_owned());
+                    let reply = Reply::new(553, "5.1.3", "Bad recipient address syntax");
+                    return self.reply(out, reply);
+                }
+            }
+        };
         if !tx.smtputf8 && !address.is_ascii() {
             return self.reply(
                 out,
@@ -902,6 +919,18 @@ impl Session {
             Ok(body) => body,
             Err(e) => return self.reply(out, self.content_error_reply(e)),
         };
+        // RFC 5321 6.3: counting Received: fields is how a relay finds a loop.
+        let hops = message::received_count(&body);
+        if hops > self.config.max_hops {
+            return self.reply(
+                out,
+                Reply::new(
+                    554,
+                    "5.4.6",
+                    format!("Too many hops ({hops} Received: header fields): mail forwarding loop"),
+                ),
+            );
+        }
         let refused = if tx.inbound_bounce == Some(true) {
             Vec::new()
         } else {
@@ -1111,15 +1140,23 @@ fn parse_error_reply(e: ParseError) -> Reply {
 }
 
 fn is_rcpt_postmaster(line: &[u8]) -> bool {
-    let squeezed: Vec<u8> = line
-        .iter()
-        .filter(|b| !b.is_ascii_whitespace())
-        .map(u8::to_ascii_uppercase)
-        .collect();
-    squeezed == b"RCPTTO:<POSTMASTER>"
+    squeezed(line) == b"RCPTTO:<POSTMASTER>"
 }
 
-/// `local@domain` with both parts present. The parser has checked the characters.
+/// `MAIL FROM:<postmaster>`, which smtp-proto reads as the null sender: a reverse-path is a
+/// mailbox with a domain or `<>` (RFC 5321 4.1.2), and `<>` would mean "send no DSN".
+fn is_mail_from_postmaster(line: &[u8]) -> bool {
+    squeezed(line).starts_with(b"MAILFROM:<POSTMASTER>")
+}
+
+/// `line` upper-cased without white space.
+fn squeezed(line: &[u8]) -> Vec<u8> {
+    line.iter()
+        .filter(|b| !b.is_ascii_whitespace())
+        .map(u8::to_ascii_uppercase)
+        .collect()
+}
+
 /// The forward-path as the client wrote it in a `RCPT TO:` line smtp-proto refused:
 /// between `<` and `>` (or up to the first space), printable characters only.
 fn forward_path_text(line: &[u8]) -> Option<String> {
@@ -1135,10 +1172,30 @@ fn forward_path_text(line: &[u8]) -> Option<String> {
     (!path.is_empty()).then_some(path)
 }
 
-fn is_mailbox(address: &str) -> bool {
-    address
-        .rsplit_once('@')
-        .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
+/// The address as it is stored and relayed, or `None` when it is not a mailbox. smtp-proto
+/// hands a quoted local part over without its quotes (`"a b"@x` as `a b@x`), which relayed
+/// verbatim would turn into other parameters or commands (`<a> NOTIFY=SUCCESS@x>`): it is
+/// quoted again unless it is a dot-atom (RFC 5321 4.1.2; UTF-8 counts as atext, RFC 6531).
+/// Control characters fit no quoted string, and a domain is a name or an address literal.
+fn canonical_mailbox(address: &str) -> Option<String> {
+    let (local, domain) = address.rsplit_once('@')?;
+    let domain_ok = !domain.is_empty()
+        && domain
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':'));
+    if local.is_empty() || !domain_ok || local.chars().any(char::is_control) {
+        return None;
+    }
+    let atext =
+        |c: char| !c.is_ascii() || c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    let dot_atom = local
+        .split('.')
+        .all(|atom| !atom.is_empty() && atom.chars().all(atext));
+    if dot_atom {
+        return Some(address.to_string());
+    }
+    let quoted = local.replace('\\', "\\\\").replace('"', "\\\"");
+    Some(format!("\"{quoted}\"@{domain}"))
 }
 
 fn notify_of(flags: u64) -> Option<Notify> {
@@ -1184,6 +1241,7 @@ mod tests {
             max_command_line: 512,
             max_data_line: 200,
             max_errors: 5,
+            max_hops: 100,
             tls_available: true,
             auth_available: true,
             content_memory: ContentMemory::new(usize::MAX),
@@ -1415,6 +1473,68 @@ mod tests {
             "550 5.5.2 Message rejected: bare <LF> or <CR> not allowed, use <CRLF>\r\n"
         );
         assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn quoted_local_parts_keep_their_quotes() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        let reply = c.send(b"MAIL FROM:<\"x> SIZE=1\"@b.example>\r\n");
+        assert_eq!(reply, "250 2.1.0 Ok\r\n");
+        for rcpt in [
+            "<\"a> NOTIFY=SUCCESS\"@example.com>",
+            "<\"user@victim.example\"@example.net>",
+            "<\"plain\"@example.com>",
+        ] {
+            let reply = c.send(format!("RCPT TO:{rcpt}\r\n").as_bytes());
+            assert_eq!(reply, "250 2.1.5 Ok\r\n", "{rcpt}");
+        }
+        c.send(b"DATA\r\n");
+        c.send(b"Subject: x\r\n\r\nhi\r\n.\r\n");
+        let msg = &c.stored[0];
+        assert_eq!(msg.envelope_sender, "\"x> SIZE=1\"@b.example");
+        let rcpts: Vec<&str> = msg.recipients.iter().map(|r| r.address.as_str()).collect();
+        assert_eq!(
+            rcpts,
+            [
+                "\"a> NOTIFY=SUCCESS\"@example.com",
+                "\"user@victim.example\"@example.net",
+                "plain@example.com"
+            ]
+        );
+    }
+
+    #[test]
+    fn mail_from_postmaster_without_a_domain_is_no_null_sender() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        let reply = c.send(b"MAIL FROM:<postmaster>\r\n");
+        assert!(reply.starts_with("553 5.1.7"), "{reply}");
+    }
+
+    #[test]
+    fn a_message_past_max_hops_is_a_loop() {
+        let hops = |n: usize| "Received: x\r\n".repeat(n);
+        let mut c = client_with(
+            SessionConfig {
+                max_hops: 3,
+                ..config()
+            },
+            "127.0.0.1",
+            true,
+        );
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let reply = c.send(format!("{}Subject: x\r\n\r\nhi\r\n.\r\n", hops(4)).as_bytes());
+        assert_eq!(
+            reply,
+            "554 5.4.6 Too many hops (4 Received: header fields): mail forwarding loop\r\n"
+        );
+        assert!(c.stored.is_empty());
+        c.transaction();
+        c.send(b"DATA\r\n");
+        let reply = c.send(format!("{}Subject: x\r\n\r\nhi\r\n.\r\n", hops(3)).as_bytes());
+        assert!(reply.starts_with("250 2.0.0 Ok: queued as"), "{reply}");
     }
 
     #[test]

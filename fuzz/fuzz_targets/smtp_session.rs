@@ -24,9 +24,11 @@ fuzz_target!(|input: &[u8]| {
         max_command_line: 512,
         max_data_line: 300,
         max_errors: if opts & 0x80 != 0 { 1000 } else { 5 },
+        max_hops: 3,
         tls_available: opts & 1 != 0,
         auth_available: opts & 2 != 0,
         content_memory: ContentMemory::new(usize::MAX),
+        untrusted_content_memory: ContentMemory::new(4096),
     };
     let ip = if opts & 4 != 0 {
         "127.0.0.1"

@@ -35,6 +35,9 @@ pub struct ContentMemory {
     available: Arc<AtomicUsize>,
     /// What is taken now, for `/metrics`.
     in_use: Gauge,
+    /// The memory this one is a share of ([`ContentMemory::share`]): what is taken here is
+    /// taken there too.
+    within: Option<Box<ContentMemory>>,
 }
 
 /// The most a scanner takes from [`ContentMemory`] beyond what its body needs right now, so
@@ -52,6 +55,18 @@ impl ContentMemory {
         Self {
             available: Arc::new(AtomicUsize::new(bytes)),
             in_use,
+            within: None,
+        }
+    }
+
+    /// A share of at most `bytes` of this memory: what a scanner takes from the share it
+    /// takes from this memory too, so a share's users can never hold more than `bytes`,
+    /// whatever is left for the others.
+    pub fn share(&self, bytes: usize) -> Self {
+        Self {
+            available: Arc::new(AtomicUsize::new(bytes)),
+            in_use: Gauge::default(),
+            within: Some(Box::new(self.clone())),
         }
     }
 
@@ -65,15 +80,25 @@ impl ContentMemory {
             .available
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |a| a.checked_sub(n))
             .is_ok();
-        if taken {
-            self.in_use.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
+        if !taken {
+            return false;
         }
-        taken
+        if let Some(outer) = &self.within
+            && !outer.try_take(n)
+        {
+            self.available.fetch_add(n, Ordering::AcqRel);
+            return false;
+        }
+        self.in_use.inc_by(i64::try_from(n).unwrap_or(i64::MAX));
+        true
     }
 
     fn give_back(&self, n: usize) {
         self.available.fetch_add(n, Ordering::AcqRel);
         self.in_use.dec_by(i64::try_from(n).unwrap_or(i64::MAX));
+        if let Some(outer) = &self.within {
+            outer.give_back(n);
+        }
     }
 }
 
@@ -351,6 +376,31 @@ mod tests {
         third.ingest(b".\r\n");
         assert_eq!(third.finish().unwrap().len(), 150);
         assert_eq!(memory.available(), 250);
+    }
+
+    #[test]
+    fn a_share_holds_no_more_than_its_bytes_and_takes_them_from_the_whole() {
+        let memory = ContentMemory::new(1000);
+        let share = memory.share(100);
+        let scanner =
+            |m: &ContentMemory| ContentScanner::new(Framing::DotTerminated, 80, 100, m.clone());
+        let mut within = scanner(&share);
+        within.ingest(b"0123456789\r\n");
+        // Taken ahead up to its size limit (80 + CRLF), from both.
+        assert_eq!((share.available(), memory.available()), (18, 918));
+        let mut second = scanner(&share);
+        second.ingest(b"01234567890123456789\r\n.\r\n");
+        assert_eq!(
+            second.finish(),
+            Err(ContentError::NoMemory),
+            "the share is spent"
+        );
+        let mut outside = scanner(&memory);
+        outside.ingest(b"0123456789\r\n.\r\n");
+        assert!(outside.finish().is_ok(), "the rest of the whole is not");
+        within.ingest(b".\r\n");
+        drop(within);
+        assert_eq!((share.available(), memory.available()), (100, 1000));
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct SessionConfig {
     pub auth_available: bool,
     /// The content memory all sessions of the server share (`[smtp] max_content_memory`).
     pub content_memory: ContentMemory,
+    /// The share of it that clients may use which are neither relay clients nor
+    /// authenticated (anyone sending to the bounce domain): a quarter, so that nobody on
+    /// the Internet can hold all of it with slow or unfinished messages.
+    pub untrusted_content_memory: ContentMemory,
 }
 
 impl SessionConfig {
@@ -52,7 +56,10 @@ impl SessionConfig {
         tls_available: bool,
         content_memory_in_use: prometheus_client::metrics::gauge::Gauge,
     ) -> Self {
+        let content_memory =
+            ContentMemory::reported_in(config.smtp.max_content_memory, content_memory_in_use);
         Self {
+            untrusted_content_memory: content_memory.share(config.smtp.max_content_memory / 4),
             hostname: config.hostname.clone(),
             max_message_size: config.smtp.max_message_size,
             max_recipients: config.smtp.max_recipients,
@@ -62,10 +69,7 @@ impl SessionConfig {
             max_hops: config.smtp.max_hops,
             tls_available,
             auth_available: !config.smtp.users.is_empty(),
-            content_memory: ContentMemory::reported_in(
-                config.smtp.max_content_memory,
-                content_memory_in_use,
-            ),
+            content_memory,
         }
     }
 }
@@ -617,6 +621,23 @@ impl Session {
             };
             return self.rcpt(out, to);
         }
+        match overflowing_number(line) {
+            Some(Overflow::ChunkSize) => {
+                // Where the chunk ends is unknown, so nothing after it can be read as a command.
+                let reply = Reply::new(501, "5.5.4", "BDAT chunk size out of range");
+                out.extend(self.close_with(reply));
+                return;
+            }
+            Some(Overflow::MessageSize) => {
+                let reply = Reply::new(
+                    552,
+                    "5.3.4",
+                    "Message size exceeds fixed maximum message size",
+                );
+                return self.reply(out, reply);
+            }
+            None => {}
+        }
         if is_mail_from_postmaster(line) {
             let reply = Reply::new(553, "5.1.7", "Sender address must name a domain");
             return self.reply(out, reply);
@@ -712,6 +733,15 @@ impl Session {
             lines.push("AUTH PLAIN LOGIN".to_string());
         }
         self.reply(out, Reply::multiline(250, lines));
+    }
+
+    /// The content memory this client's messages take from.
+    fn content_memory(&self) -> ContentMemory {
+        if self.peer.relay_client || self.auth_user.is_some() {
+            self.config.content_memory.clone()
+        } else {
+            self.config.untrusted_content_memory.clone()
+        }
     }
 
     /// AUTH is offered under TLS, or in clear text only to loopback clients.
@@ -865,12 +895,13 @@ impl Session {
             Framing::DotTerminated,
             self.config.max_message_size,
             self.config.max_data_line,
-            self.config.content_memory.clone(),
+            self.content_memory(),
         ));
         self.reply(out, Reply::plain(354, "End data with <CR><LF>.<CR><LF>"));
     }
 
     fn bdat(&mut self, size: usize, last: bool) {
+        let memory = self.content_memory();
         let refusal = match self.transaction.as_mut() {
             None => Some(Reply::new(503, "5.5.1", "Need MAIL command")),
             Some(tx) if tx.recipients.is_empty() => {
@@ -882,7 +913,7 @@ impl Session {
                         Framing::Chunked,
                         self.config.max_message_size,
                         self.config.max_data_line,
-                        self.config.content_memory.clone(),
+                        memory,
                     ));
                 }
                 None
@@ -1149,6 +1180,42 @@ fn is_mail_from_postmaster(line: &[u8]) -> bool {
     squeezed(line).starts_with(b"MAILFROM:<POSTMASTER>")
 }
 
+/// A number smtp-proto would misread: its parser keeps only the last digits of a number of
+/// 21 digits or more (`BDAT 99999999999999999999999 LAST` as a 999-byte chunk, `SIZE=` of
+/// the same as a small message), so the chunk would end where the client did not mean it to.
+#[derive(Debug, PartialEq, Eq)]
+enum Overflow {
+    ChunkSize,
+    MessageSize,
+}
+
+fn overflowing_number(line: &[u8]) -> Option<Overflow> {
+    let too_big = |digits: &str| {
+        !digits.is_empty()
+            && digits.bytes().all(|b| b.is_ascii_digit())
+            && digits.parse::<u64>().is_err()
+    };
+    let text = std::str::from_utf8(line).ok()?;
+    let mut words = text.split_ascii_whitespace();
+    let verb = words.next()?;
+    if verb.eq_ignore_ascii_case("BDAT") {
+        return words
+            .next()
+            .filter(|n| too_big(n))
+            .map(|_| Overflow::ChunkSize);
+    }
+    if verb.eq_ignore_ascii_case("MAIL") {
+        return words
+            .filter_map(|w| {
+                let (name, value) = w.split_once('=')?;
+                name.eq_ignore_ascii_case("SIZE").then_some(value)
+            })
+            .any(too_big)
+            .then_some(Overflow::MessageSize);
+    }
+    None
+}
+
 /// `line` upper-cased without white space.
 fn squeezed(line: &[u8]) -> Vec<u8> {
     line.iter()
@@ -1245,6 +1312,7 @@ mod tests {
             tls_available: true,
             auth_available: true,
             content_memory: ContentMemory::new(usize::MAX),
+            untrusted_content_memory: ContentMemory::new(usize::MAX),
         }
     }
 
@@ -1505,11 +1573,49 @@ mod tests {
     }
 
     #[test]
+    fn numbers_too_big_for_64_bits_are_not_read_as_their_last_digits() {
+        let mut c = client();
+        c.transaction();
+        let reply = c.send(b"BDAT 99999999999999999999999 LAST\r\n");
+        assert_eq!(reply, "501 5.5.4 BDAT chunk size out of range\r\n");
+        assert!(c.closed);
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        let reply = c.send(b"MAIL FROM:<a@b.example> SIZE=99999999999999999999999\r\n");
+        assert!(reply.starts_with("552 5.3.4"), "{reply}");
+        let reply = c.send(b"MAIL FROM:<a@b.example> SIZE=99999999999999999999\r\n");
+        assert!(reply.starts_with("552 5.3.4"), "{reply}");
+        let reply = c.send(b"MAIL FROM:<a@b.example> SIZE=999\r\n");
+        assert_eq!(reply, "250 2.1.0 Ok\r\n");
+    }
+
+    #[test]
     fn mail_from_postmaster_without_a_domain_is_no_null_sender() {
         let mut c = client();
         c.send(b"EHLO x\r\n");
         let reply = c.send(b"MAIL FROM:<postmaster>\r\n");
         assert!(reply.starts_with("553 5.1.7"), "{reply}");
+    }
+
+    #[test]
+    fn clients_neither_relaying_nor_authenticated_use_their_share_of_the_content_memory() {
+        let memory = ContentMemory::new(100_000);
+        let cfg = SessionConfig {
+            content_memory: memory.clone(),
+            untrusted_content_memory: memory.share(50),
+            ..config()
+        };
+        let body = b"Subject: more than the share holds\r\n\r\n0123456789012345678\r\n.\r\n";
+        let mut outsider = client_with(cfg.clone(), "192.0.2.9", false);
+        outsider.policy = |_| RecipientVerdict::AcceptInboundBounce;
+        outsider.send(b"EHLO x\r\nMAIL FROM:<>\r\nRCPT TO:<bounces@bounce.test>\r\nDATA\r\n");
+        let reply = outsider.send(body);
+        assert!(reply.starts_with("452 4.3.1"), "{reply}");
+        let mut app = client_with(cfg, "127.0.0.1", true);
+        app.transaction();
+        app.send(b"DATA\r\n");
+        let reply = app.send(body);
+        assert!(reply.starts_with("250 2.0.0 Ok: queued as"), "{reply}");
     }
 
     #[test]

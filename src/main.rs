@@ -138,7 +138,7 @@ enum SuppressCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Suppress an address by hand (it is not relayed until removed).
+    /// Suppress an address by hand (not relayed until removed or until [suppression] expiry).
     Add {
         address: String,
         /// Why, as shown by `list` and in the recipient's log.

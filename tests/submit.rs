@@ -552,6 +552,14 @@ fn http_api_serves_the_log_as_json_and_a_search_page() {
     assert!(body.contains("api@example.org"), "{body}");
     let (status, body) = m.http_get("/api/log/api@example.org?since=yesterday-ish");
     assert_eq!(status, 400, "{body}");
+    // A limit is at least one row: 0 is no way around the 10,000 cap.
+    let (ok, out) = swaks(&["--to", "api@example.org", "--server", &m.smtp.to_string()]);
+    assert!(ok, "{out}");
+    for limit in ["0", "1"] {
+        let (_, body) = m.http_get(&format!("/api/log/api@example.org?limit={limit}"));
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v.as_array().map(Vec::len), Some(1), "limit={limit}: {body}");
+    }
     for switch in ["true", "1", "YES", "on"] {
         let (status, body) = m.http_get(&format!("/api/bounces?unhandled={switch}"));
         assert_eq!((status, body.trim()), (200, "[]"), "unhandled={switch}");

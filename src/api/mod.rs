@@ -76,6 +76,12 @@ struct LogParams {
     limit: Option<usize>,
 }
 
+/// Rows per answer: `limit` (default 100) within 1..=10,000. Zero would mean "no limit" to
+/// the store.
+fn page_size(limit: Option<usize>) -> usize {
+    limit.unwrap_or(100).clamp(1, 10_000)
+}
+
 fn bad_request(message: String) -> Response {
     (
         StatusCode::BAD_REQUEST,
@@ -102,7 +108,7 @@ async fn log(
         json: true,
         since: params.since,
         until: params.until,
-        limit: params.limit.unwrap_or(100).min(10_000),
+        limit: page_size(params.limit),
     };
     let query = match crate::cli::log::query(&args, chrono::Utc::now()) {
         Ok(q) => q,
@@ -144,7 +150,7 @@ async fn bounces(State(state): State<ApiState>, Query(p): Query<BounceParams>) -
         reason: p.reason,
         unhandled_only: p.unhandled,
         first_only: p.first,
-        limit: p.limit.unwrap_or(100).min(10_000),
+        limit: page_size(p.limit),
     };
     match state.store.bounces(&query).await {
         Ok(b) => axum::Json(b).into_response(),

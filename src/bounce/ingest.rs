@@ -60,7 +60,9 @@ pub struct Ingested {
 /// bounce → `bounced`, a complaint → `complained`; auto-replies and delay notices leave it.
 pub fn new_status(record: &BounceRecord) -> Option<RecipientStatus> {
     match record.kind {
-        BounceKind::Arf => Some(RecipientStatus::Complained),
+        BounceKind::Arf => {
+            (record.bounce_type == BounceType::Complaint).then_some(RecipientStatus::Complained)
+        }
         BounceKind::Autoreply => None,
         BounceKind::Dsn | BounceKind::Heuristic => {
             let delayed = record
@@ -180,7 +182,7 @@ impl BounceIngest {
                 bounce_type: f.bounce_type.clone(),
             })
             .inc();
-        if f.kind == BounceKind::Arf.as_str() {
+        if f.bounce_type == BounceType::Complaint.as_str() {
             self.metrics.complaints.inc();
         }
         if f.correlation == Correlation::Unmatched {

@@ -242,7 +242,17 @@ fn parse_view(
     for r in &mut records {
         if r.kind == BounceKind::Arf {
             r.reason = BounceReason::Feedback;
-            r.bounce_type = BounceType::Complaint;
+            // RFC 6430 `not-spam` takes a complaint back; RFC 6591 `auth-failure` reports
+            // an SPF/DKIM/DMARC failure. Neither says the recipient complained.
+            let not_a_complaint = r
+                .feedback_type
+                .as_deref()
+                .is_some_and(|t| matches!(t, "not-spam" | "auth-failure"));
+            r.bounce_type = if not_a_complaint {
+                BounceType::Undetermined
+            } else {
+                BounceType::Complaint
+            };
         } else if r.kind == BounceKind::Autoreply {
             r.reason = BounceReason::Vacation;
             r.bounce_type = BounceType::Autoreply;

@@ -378,6 +378,31 @@ Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\
 }
 
 #[test]
+fn not_spam_and_auth_failure_reports_are_no_complaints() {
+    for (feedback_type, bounce_type) in [
+        ("abuse", BounceType::Complaint),
+        ("not-spam", BounceType::Undetermined),
+        ("auth-failure", BounceType::Undetermined),
+    ] {
+        let raw = format!(
+            "From: fbl@isp.example\r\nSubject: report\r\n\
+Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\r\n\
+--F\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: {feedback_type}\r\n\
+Original-Rcpt-To: u@isp.example\r\n\
+--F\r\nContent-Type: message/rfc822\r\n\r\nFrom: app@example.com\r\n\r\nx\r\n--F--\r\n"
+        );
+        let r = one(&raw);
+        assert_eq!(r.kind, BounceKind::Arf);
+        assert_eq!(r.bounce_type, bounce_type, "{feedback_type}");
+        assert_eq!(
+            crate::bounce::ingest::new_status(&r).is_some(),
+            bounce_type == BounceType::Complaint,
+            "{feedback_type}"
+        );
+    }
+}
+
+#[test]
 fn auto_replies_are_vacation_records_for_the_replying_address() {
     for headers in [
         "Auto-Submitted: auto-replied\r\nSubject: Re: your order\r\n",

@@ -135,17 +135,16 @@ fn table_line(src: &Source, r: &BounceRecord) -> String {
         Some(n) => format!("{}#{n}", src.file),
         None => src.file.clone(),
     };
-    let diagnostic: String = r
-        .diagnostic
-        .as_deref()
-        .unwrap_or("")
+    // Both come from the network: shown with control characters escaped, on one line.
+    let diagnostic: String = super::log::sanitize(r.diagnostic.as_deref().unwrap_or(""))
+        .replace('\n', " ")
         .chars()
         .take(80)
         .collect();
     format!(
         "{:<40} {:<36} {:<15} {:<12} {:<7} {:<5} {:<9} {}",
         file,
-        r.recipient,
+        super::log::sanitize(&r.recipient).replace('\n', " "),
         r.reason.as_str(),
         r.bounce_type.as_str(),
         r.status.as_deref().unwrap_or("-"),
@@ -176,6 +175,22 @@ Subject: Undelivered Mail Returned to Sender\r\n\r\n\
         let single = split_messages(Path::new("x.eml"), b"Subject: x\n\n".to_vec());
         assert_eq!(single.len(), 1);
         assert_eq!(single[0].message, None);
+    }
+
+    #[test]
+    fn the_table_shows_network_text_escaped_on_one_line() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("esc.eml");
+        std::fs::write(
+            &p,
+            BOUNCE.replace("host mx", "host \x1b]0;pwned\x07\x1b[2Jmx"),
+        )?;
+        let mut out = Vec::new();
+        run_bounce_parse(&[p], false, &mut out)?;
+        let text = String::from_utf8(out)?;
+        assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
+        assert!(text.contains("\\u{1b}"), "{text}");
+        Ok(())
     }
 
     #[test]

@@ -105,18 +105,25 @@ pub fn format_time(ms: i64) -> String {
 }
 
 /// Text from remote servers and clients, safe for a terminal: control characters (escape
-/// sequences could rewrite the screen) are shown escaped; line breaks are kept.
+/// sequences could rewrite the screen) and the bidirectional controls (which reorder what
+/// is shown, "Trojan Source") are shown escaped; line breaks are kept.
 pub fn sanitize(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
             '\n' => out.push('\n'),
             '\t' => out.push('\t'),
-            c if c.is_control() => out.extend(c.escape_default()),
+            c if c.is_control() || is_bidi_control(c) => out.extend(c.escape_default()),
             c => out.push(c),
         }
     }
     out
+}
+
+/// The Unicode bidirectional formatting characters (UAX #9): marks, embeddings, overrides,
+/// isolates.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 /// `code enhanced text`, whichever parts exist.
@@ -550,5 +557,6 @@ mod tests {
             sanitize("a\x1b[31mb\nc\td\x07"),
             "a\\u{1b}[31mb\nc\td\\u{7}"
         );
+        assert_eq!(sanitize("evil\u{202E}gpj.exe"), "evil\\u{202e}gpj.exe");
     }
 }

@@ -273,9 +273,7 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             out.write_all(bounces::render_suppressions(&list, json).as_bytes())?;
         }
         Request::SuppressAdd { address, reason } => {
-            if !address.contains('@') {
-                anyhow::bail!("not an address: {address:?}");
-            }
+            let address = address_arg(&address)?;
             let store = open_store(&config)?;
             let now = now_ms();
             let expiry = config.suppression.expiry;
@@ -294,6 +292,7 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             writeln!(out, "{address} suppressed")?;
         }
         Request::SuppressRemove { address } => {
+            let address = address_arg(&address)?;
             let store = open_store(&config)?;
             if store.unsuppress(&address).await? {
                 writeln!(out, "{address} removed from the suppression list")?;
@@ -303,6 +302,7 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             }
         }
         Request::SuppressCheck { address } => {
+            let address = address_arg(&address)?;
             let store = open_store(&config)?;
             match store.suppressed(&address, now_ms()).await? {
                 Some(s) => out.write_all(bounces::render_suppressions(&[s], false).as_bytes())?,
@@ -336,6 +336,57 @@ pub fn error_text(e: &anyhow::Error) -> String {
         out.push_str(&text);
     }
     out
+}
+
+/// An address typed on the command line, as the store keeps it: without the angle brackets
+/// it may be pasted with, `local@domain` with both parts (a local part with an `@` or a
+/// space is written quoted, as SMTP stores it: `"john doe"@example.org`).
+fn address_arg(raw: &str) -> anyhow::Result<String> {
+    let a = raw.trim();
+    let a = a
+        .strip_prefix('<')
+        .and_then(|a| a.strip_suffix('>'))
+        .unwrap_or(a)
+        .trim();
+    let quoted = |local: &str| local.len() >= 2 && local.starts_with('"') && local.ends_with('"');
+    match a.rsplit_once('@') {
+        Some((local, domain))
+            if !local.is_empty()
+                && !domain.is_empty()
+                && !domain.contains(|c: char| c.is_whitespace() || c == '>')
+                && !a.chars().any(char::is_control)
+                && (quoted(local) || !local.contains(|c: char| c == '@' || c.is_whitespace())) =>
+        {
+            Ok(a.to_string())
+        }
+        _ => anyhow::bail!("not an address: {raw:?} (want local@domain)"),
+    }
+}
+
+#[cfg(test)]
+mod address_arg_tests {
+    use super::address_arg;
+
+    #[test]
+    fn addresses_lose_their_brackets_and_must_have_both_parts() {
+        assert_eq!(address_arg(" <Br@Ex.test> ").unwrap(), "Br@Ex.test");
+        assert_eq!(
+            address_arg("\"john doe\"@ex.test").unwrap(),
+            "\"john doe\"@ex.test"
+        );
+        for bad in [
+            "@",
+            "a@",
+            "@b",
+            "a@b@c",
+            "john doe@ex.test",
+            "a@b c",
+            "nobody",
+            "a\u{1b}@b",
+        ] {
+            assert!(address_arg(bad).is_err(), "{bad:?}");
+        }
+    }
 }
 
 #[cfg(test)]

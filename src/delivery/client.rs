@@ -50,13 +50,28 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// An enhanced status whose class contradicts the reply code (`550 2.1.1`) is no status
+    /// (RFC 3463 2: the class must match; a DSN would report a failure as `2.1.1`): it stays
+    /// in the text, where the server wrote it.
     pub fn from_response(r: &Response<String>) -> Self {
-        let enhanced_status =
-            (r.esc[0] != 0).then(|| format!("{}.{}.{}", r.esc[0], r.esc[1], r.esc[2]));
-        Self {
-            code: r.code,
-            enhanced_status,
-            text: r.message.trim_end().to_string(),
+        let text = r.message.trim_end();
+        let esc = (r.esc[0] != 0).then(|| format!("{}.{}.{}", r.esc[0], r.esc[1], r.esc[2]));
+        match esc {
+            Some(e) if u16::from(r.esc[0]) == r.code / 100 => Self {
+                code: r.code,
+                enhanced_status: Some(e),
+                text: text.to_string(),
+            },
+            Some(e) => Self {
+                code: r.code,
+                enhanced_status: None,
+                text: format!("{e} {text}"),
+            },
+            None => Self {
+                code: r.code,
+                enhanced_status: None,
+                text: text.to_string(),
+            },
         }
     }
 
@@ -987,6 +1002,21 @@ mod tests {
             reply.display(),
             "550 5.1.1 The email account does not exist.\nTry again."
         );
+    }
+
+    #[test]
+    fn an_enhanced_status_of_another_class_than_the_reply_is_text() {
+        let parse = |raw: &[u8]| {
+            let mut rx = smtp_proto::response::parser::ResponseReceiver::default();
+            Reply::from_response(&rx.parse(&mut raw.iter()).unwrap())
+        };
+        let r = parse(b"550 2.1.1 mismatched class\r\n");
+        assert_eq!(
+            (r.enhanced_status, r.text.as_str()),
+            (None, "2.1.1 mismatched class")
+        );
+        let r = parse(b"451 4.7.1 greylisted\r\n");
+        assert_eq!(r.enhanced_status.as_deref(), Some("4.7.1"));
     }
 
     #[test]

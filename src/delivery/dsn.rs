@@ -132,13 +132,29 @@ fn clean(s: &str) -> String {
         .collect()
 }
 
-/// Multi-line remote texts folded into one header field (continuation lines start with a
-/// space, RFC 5322 §2.2.3).
+/// Multi-line remote texts folded into one header field: continuation lines start with a
+/// space (RFC 5322 §2.2.3), lines of only white space are left out (obsolete syntax, §4.2),
+/// and a line longer than 900 characters is cut into pieces (no line may pass 998, §2.1.1).
 fn folded(s: &str) -> String {
-    s.lines()
-        .map(|l| clean(l.trim_end_matches('\r')))
-        .collect::<Vec<_>>()
-        .join("\r\n ")
+    const MAX_LINE: usize = 900;
+    let mut pieces = Vec::new();
+    for line in s.lines() {
+        // ASCII only, so any byte offset is a character boundary.
+        let line = clean(line.trim_end_matches('\r'));
+        let mut rest = line.trim_end();
+        if rest.trim_start().is_empty() {
+            continue;
+        }
+        while let Some((piece, more)) = rest
+            .split_at_checked(MAX_LINE)
+            .filter(|(_, m)| !m.is_empty())
+        {
+            pieces.push(piece.to_string());
+            rest = more;
+        }
+        pieces.push(rest.to_string());
+    }
+    pieces.join("\r\n ")
 }
 
 fn header_section(body: &[u8]) -> &[u8] {
@@ -379,6 +395,22 @@ mod tests {
             last_attempt_ms: 1_700_000_100_000,
             will_retry_until_ms: None,
         }
+    }
+
+    #[test]
+    fn remote_texts_fold_into_lines_a_message_may_carry() {
+        let long = "x".repeat(2_000);
+        let f = folded(&format!("550-first\n\n   \n{long}\nlast"));
+        let lines: Vec<&str> = f.split("\r\n").collect();
+        assert_eq!(lines.len(), 5, "{lines:?}");
+        assert_eq!(lines[0], "550-first");
+        assert!(
+            lines.iter().all(|l| l.len() <= 901 && !l.trim().is_empty()),
+            "{lines:?}"
+        );
+        assert!(lines.iter().skip(1).all(|l| l.starts_with(' ')));
+        assert_eq!(f.replace("\r\n ", "").matches('x').count(), 2_000);
+        assert_eq!(lines[4], " last");
     }
 
     #[test]

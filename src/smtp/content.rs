@@ -214,7 +214,7 @@ impl ContentScanner {
                 self.pending_cr = false;
                 if b == b'\n' {
                     // The line so far is `.` and its CR: the end of data.
-                    if self.framing == Framing::DotTerminated && self.dot_line && self.line_len == 2
+                    if self.framing == Framing::DotTerminated && self.dot_line && self.line_len == 1
                     {
                         return (i + 1, true);
                     }
@@ -240,9 +240,13 @@ impl ContentScanner {
                     self.push(b"\n");
                     i += 1;
                 }
-                b'.' if self.framing == Framing::DotTerminated && self.line_len == 0 => {
+                b'.' if self.framing == Framing::DotTerminated
+                    && self.line_len == 0
+                    && !self.dot_line =>
+                {
+                    // Not counted: the line limit excludes the dot added for transparency
+                    // (RFC 5321 4.5.3.1.6).
                     self.dot_line = true;
-                    self.count_line_bytes(1);
                     i += 1;
                 }
                 _ => {
@@ -401,6 +405,21 @@ mod tests {
         within.ingest(b".\r\n");
         drop(within);
         assert_eq!((share.available(), memory.available()), (100, 1000));
+    }
+
+    #[test]
+    fn the_line_limit_does_not_count_the_transparency_dot() {
+        let line = |n: usize| format!(".{}\r\n.\r\n", "x".repeat(n));
+        // max_line 100, CRLF included: 98 bytes of text after the dot fit, 99 do not.
+        let (_, done, body) = data(line(98).as_bytes());
+        assert!(done);
+        assert_eq!(body.unwrap().len(), 100);
+        let (_, _, body) = data(line(99).as_bytes());
+        assert_eq!(body, Err(ContentError::LineTooLong));
+        // A stuffed dot line is content, and `..` is one dot.
+        let (_, done, body) = data(b"..\r\n.\r\n");
+        assert!(done);
+        assert_eq!(body.unwrap(), b".\r\n");
     }
 
     #[test]

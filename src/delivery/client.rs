@@ -8,8 +8,9 @@
 //! that parser directly ([`Connection::pipelined`]) because `mail-send`'s `cmds` returns
 //! nothing when the server hangs up part-way, losing the replies that did arrive.
 //!
-//! [`connect`] walks the targets (next MX on connect failure, timeout or 4xx before MAIL; a
-//! 5xx greeting or EHLO/HELO applies to every recipient and stops the walk), does EHLO (HELO
+//! [`connect`] walks the targets (next MX on connect failure, timeout, 4xx before MAIL or a
+//! 5xx greeting, which fails every recipient only when no other target failed temporarily;
+//! a 5xx to EHLO/HELO applies to every recipient and stops the walk), does EHLO (HELO
 //! fallback), STARTTLS per policy and AUTH. [`Connection::transaction`] sends MAIL, RCPT per
 //! recipient and DATA or BDAT, pipelined when offered, and returns every reply it got.
 //! [`per_recipient`] (pure) turns those replies into one result per recipient.
@@ -180,8 +181,12 @@ pub struct SessionError {
     pub reply: Option<Reply>,
     /// What happened, for the record when there is no reply.
     pub text: String,
-    /// A 5xx before MAIL: applies to every recipient; no other MX is tried.
+    /// A 5xx before MAIL: applies to every recipient; no other MX is tried, unless it was
+    /// the greeting ([`SessionError::greeting_refused`]).
     pub permanent: bool,
+    /// The server greeted with 5xx: it takes no mail, but another MX of the domain may
+    /// (Postfix `smtp_skip_5xx_greeting`).
+    pub greeting_refused: bool,
     pub remote_host: Option<String>,
     pub remote_ip: Option<IpAddr>,
     pub tls: Option<TlsInfo>,
@@ -375,6 +380,9 @@ struct Greeted<T: AsyncRead + AsyncWrite + Unpin> {
     capabilities: EhloResponse<String>,
 }
 
+/// How [`greet`]'s error text for a refusing greeting starts.
+const GREETING: &str = "greeting: ";
+
 /// Reads the greeting and says EHLO (HELO when EHLO is refused with 5xx).
 async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
     mut client: SmtpClient<T>,
@@ -388,7 +396,7 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
             .map_err(|e| mail_error(&e))?;
         let reply = Reply::from_response(&banner);
         if !reply.is_positive() {
-            let text = format!("greeting: {}", reply.display());
+            let text = format!("{GREETING}{}", reply.display());
             return Err((Some(reply), text));
         }
     }
@@ -447,10 +455,19 @@ pub async fn connect(
         remote_ip: None,
         tls: None,
         tls_handshake_failed: false,
+        greeting_refused: false,
     };
+    // A 5xx greeting, kept while the other targets are tried: the verdict only if no other
+    // target failed for a reason that may pass.
+    let mut refused: Option<SessionError> = None;
+    let mut temporary = false;
     for target in targets {
         match connect_one(target, settings).await {
             Ok(c) => return Ok(c),
+            Err(e) if e.greeting_refused => {
+                tracing::debug!(host = %target.host, error = %e.text, "5xx greeting; next MX");
+                refused = Some(e);
+            }
             Err(e) if e.permanent => return Err(e),
             // Opportunistic TLS that breaks in the handshake: try this host once more in
             // plain text (as Postfix does) rather than never delivering to a peer whose TLS
@@ -464,16 +481,23 @@ pub async fn connect(
                 match connect_one(target, &plain).await {
                     Ok(c) => return Ok(c),
                     Err(e) if e.permanent => return Err(e),
-                    Err(e) => last = e,
+                    Err(e) => {
+                        temporary = true;
+                        last = e;
+                    }
                 }
             }
             Err(e) => {
                 tracing::debug!(host = %target.host, addr = %target.addr, error = %e.text, "next MX");
+                temporary = true;
                 last = e;
             }
         }
     }
-    Err(last)
+    match refused {
+        Some(r) if !temporary => Err(r),
+        _ => Err(last),
+    }
 }
 
 async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection, SessionError> {
@@ -488,6 +512,7 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
             remote_ip: Some(target.addr.ip()),
             tls,
             tls_handshake_failed: false,
+            greeting_refused: false,
         }
     };
     let mut tcp = SmtpClient::connect(target.addr, s.connect_timeout)
@@ -503,12 +528,12 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
         let info = tls_info(&tls_client);
         let g = greet(tls_client, &s.helo_name, true)
             .await
-            .map_err(|(r, t)| fail(r, t, Some(info.clone())))?;
+            .map_err(|(r, t)| greet_failed(fail, r, t, Some(info.clone())))?;
         (boxed(g.client), g.capabilities, Some(info))
     } else {
         let g = greet(tcp, &s.helo_name, true)
             .await
-            .map_err(|(r, t)| fail(r, t, None))?;
+            .map_err(|(r, t)| greet_failed(fail, r, t, None))?;
         let offers_tls = g.capabilities.has_capability(EXT_START_TLS);
         if s.tls == TlsPolicy::None || (!offers_tls && s.tls == TlsPolicy::Opportunistic) {
             (boxed(g.client), g.capabilities, None)
@@ -564,6 +589,18 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
         clean: true,
     };
     if let Some((user, secret)) = &s.auth {
+        if !may_send_password(conn.tls.is_some(), conn.ip) {
+            // As Postfix's smtp_sasl_security_options = noplaintext: a password never
+            // crosses a network in clear (route tls = "opportunistic" and no STARTTLS).
+            let text = format!(
+                "AUTH not sent: {} offered no TLS, and the password goes only over TLS or \
+                 to a loopback next hop (set tls = \"required\" on the route to insist)",
+                conn.host
+            );
+            let mut err = fail(None, text, None);
+            err.permanent = false;
+            return Err(err);
+        }
         let creds = Credentials::new(user.clone(), secret.0.clone());
         if let Err(e) = conn.client.authenticate(&creds, &conn.capabilities).await {
             let (reply, text) = mail_error(&e);
@@ -575,6 +612,25 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
         }
     }
     Ok(conn)
+}
+
+/// The error of a [`greet`] that failed, marked when the greeting itself refused.
+fn greet_failed(
+    fail: impl Fn(Option<Reply>, String, Option<TlsInfo>) -> SessionError,
+    reply: Option<Reply>,
+    text: String,
+    tls: Option<TlsInfo>,
+) -> SessionError {
+    let at_greeting = text.starts_with(GREETING);
+    let mut e = fail(reply, text, tls);
+    e.greeting_refused = e.permanent && at_greeting;
+    e
+}
+
+/// Whether AUTH may send a password on this connection: inside TLS, or in clear only to a
+/// next hop on this machine (a local Postfix), as the inbound side offers AUTH.
+fn may_send_password(tls: bool, ip: IpAddr) -> bool {
+    tls || ip.is_loopback()
 }
 
 fn boxed<T: Io + 'static>(c: SmtpClient<T>) -> SmtpClient<Box<dyn Io>> {
@@ -1002,6 +1058,15 @@ mod tests {
             reply.display(),
             "550 5.1.1 The email account does not exist.\nTry again."
         );
+    }
+
+    #[test]
+    fn passwords_go_only_over_tls_or_to_loopback() {
+        let remote: IpAddr = "192.0.2.7".parse().unwrap();
+        assert!(may_send_password(true, remote));
+        assert!(!may_send_password(false, remote));
+        assert!(may_send_password(false, "127.0.0.1".parse().unwrap()));
+        assert!(may_send_password(false, "::1".parse().unwrap()));
     }
 
     #[test]

@@ -800,7 +800,7 @@ impl Session {
         };
         self.transaction = Some(Transaction {
             envelope_sender: address,
-            envid: from.env_id.map(Cow::into_owned),
+            envid: from.env_id.as_deref().map(xtext_bytes_as_utf8),
             ret,
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
             smtputf8,
@@ -853,7 +853,10 @@ impl Session {
         };
         self.phase = Phase::Waiting(Pending::Recipient(AcceptedRecipient {
             address,
-            orcpt: to.orcpt.map(|o| format!("rfc822;{o}")),
+            orcpt: to
+                .orcpt
+                .as_deref()
+                .map(|o| format!("rfc822;{}", xtext_bytes_as_utf8(o))),
             notify,
             preset: None,
         }));
@@ -1214,6 +1217,17 @@ fn overflowing_number(line: &[u8]) -> Option<Overflow> {
             .then_some(Overflow::MessageSize);
     }
     None
+}
+
+/// An xtext value (ORCPT, ENVID; RFC 3461 4) as smtp-proto decodes it: each `+XX` byte
+/// becomes the character U+00XX, so the UTF-8 bytes of `jörg` (`j+C3+B6rg`) come out as
+/// `jÃ¶rg`, which relayed or reported would be encoded once more. Characters that are all
+/// bytes and spell UTF-8 are read as that; anything else stays as it was.
+fn xtext_bytes_as_utf8(value: &str) -> String {
+    let bytes: Option<Vec<u8>> = value.chars().map(|c| u8::try_from(c).ok()).collect();
+    bytes
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_else(|| value.to_string())
 }
 
 /// `line` upper-cased without white space.
@@ -2049,6 +2063,20 @@ mod tests {
         );
         assert_eq!(msg.recipients[1].notify, None);
         assert_eq!(msg.recipients[1].orcpt, None);
+    }
+
+    #[test]
+    fn xtext_bytes_of_utf8_are_read_as_utf8() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org> ENVID=id+C3+A9\r\n");
+        let reply = c.send(b"RCPT TO:<b@y.org> ORCPT=rfc822;j+C3+B6rg@y.org\r\nDATA\r\n");
+        assert!(reply.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"), "{reply}");
+        c.send(MESSAGE);
+        let msg = &c.stored[0];
+        assert_eq!(msg.envid.as_deref(), Some("id\u{e9}"));
+        assert_eq!(msg.recipients[0].orcpt.as_deref(), Some("rfc822;j\u{f6}rg@y.org"));
+        // Bytes that are no UTF-8 (Latin-1 `+F6`) stay the characters they were read as.
+        assert_eq!(xtext_bytes_as_utf8("j\u{f6}rg"), "j\u{f6}rg");
     }
 
     #[test]

@@ -7,7 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::disk::{SmallDisk, fill};
-use common::mailtrail::{ACCEPT_ONLY, Mailtrail, RawSmtp, python, receipt_in, swaks, wait_until};
+use common::mailtrail::{
+    ACCEPT_ONLY, Mailtrail, RawSmtp, http_get_for, python, receipt_in, swaks, wait_until,
+};
 
 fn smtp_arg(m: &Mailtrail) -> String {
     m.smtp.to_string()
@@ -570,6 +572,12 @@ fn http_api_serves_the_log_as_json_and_a_search_page() {
     let (status, page) = m.http_get("/");
     assert_eq!(status, 200);
     assert!(page.contains("<title>mailtrail</title>"), "{page}");
+    // A page whose own name now points here (DNS rebinding) gets nothing.
+    let (status, body) = http_get_for(m.http, "attacker.example:8025", "/api/log/api@example.org");
+    assert_eq!(status, 421, "{body}");
+    assert!(!body.contains("api@example.org"), "{body}");
+    let (status, _) = http_get_for(m.http, &m.http.to_string(), "/healthz");
+    assert_eq!(status, 200);
 }
 
 /// Sends one message of about `body_bytes` to `to`; the reply to its end of data.

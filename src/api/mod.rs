@@ -21,6 +21,8 @@ use crate::store::{BounceQuery, Store};
 pub struct ApiState {
     pub metrics: Arc<Metrics>,
     pub store: Arc<dyn Store>,
+    /// `[http] allowed_hosts`.
+    pub allowed_hosts: Arc<Vec<String>>,
 }
 
 pub fn router(state: ApiState) -> Router {
@@ -30,7 +32,60 @@ pub fn router(state: ApiState) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/log/{key}", get(log))
         .route("/api/bounces", get(bounces))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            known_host,
+        ))
         .with_state(state)
+}
+
+/// Answers only requests for a host this server is: an IP address, `localhost` or one of
+/// `[http] allowed_hosts`. A browser that visits a page whose DNS name its owner then points
+/// at 127.0.0.1 sends that name, so the page cannot read the mail log through it (DNS
+/// rebinding). A request without Host (HTTP/1.0) names nothing and is served.
+async fn known_host(
+    State(state): State<ApiState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
+    match host {
+        Some(h) if !host_allowed(&h, &state.allowed_hosts) => (
+            StatusCode::MISDIRECTED_REQUEST,
+            format!(
+                "unknown host {:?}: add it to [http] allowed_hosts to serve it\n",
+                h.chars()
+                    .filter(|c| !c.is_control())
+                    .take(100)
+                    .collect::<String>()
+            ),
+        )
+            .into_response(),
+        _ => next.run(request).await,
+    }
+}
+
+/// `host` (a Host header: name or address, maybe a port) is an IP address, `localhost` or
+/// one of `allowed` (case-insensitive).
+fn host_allowed(host: &str, allowed: &[String]) -> bool {
+    let host = host.trim();
+    let name = match host.strip_prefix('[') {
+        // `[::1]:8025`
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => match host.rsplit_once(':') {
+            Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+            _ => host,
+        },
+    };
+    let name = name.trim_end_matches('.');
+    name.parse::<std::net::IpAddr>().is_ok()
+        || name.eq_ignore_ascii_case("localhost")
+        || allowed
+            .iter()
+            .any(|a| a.trim_end_matches('.').eq_ignore_ascii_case(name))
 }
 
 /// Binds every `[http] listen` address (errors surface at start) and serves until `shutdown`.
@@ -161,4 +216,33 @@ async fn bounces(State(state): State<ApiState>, Query(p): Query<BounceParams>) -
 /// A minimal page for admins: search box over `/api/log/{key}`.
 async fn index_page() -> Html<&'static str> {
     Html(include_str!("index.html"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_allowed;
+
+    #[test]
+    fn hosts_are_addresses_localhost_or_allowed_names() {
+        let allowed = vec!["mail-admin.example.org".to_string()];
+        for ok in [
+            "127.0.0.1:8025",
+            "127.0.0.1",
+            "[::1]:8025",
+            "localhost:8025",
+            "LOCALHOST",
+            "Mail-Admin.example.org",
+            "mail-admin.example.org.:443",
+        ] {
+            assert!(host_allowed(ok, &allowed), "{ok}");
+        }
+        for bad in [
+            "attacker.example:8025",
+            "attacker.example",
+            "localhost.attacker.example",
+            "",
+        ] {
+            assert!(!host_allowed(bad, &allowed), "{bad}");
+        }
+    }
 }

@@ -135,6 +135,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
         crate::api::ApiState {
             metrics: metrics.clone(),
             store: store.clone(),
+            allowed_hosts: Arc::new(config.http.allowed_hosts.clone()),
         },
         shutdown.clone(),
     )

@@ -166,12 +166,15 @@ pub struct UserConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     pub listen: Vec<SocketAddr>,
+    /// Host names requests may name besides IP addresses and `localhost` (a reverse proxy's).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         Self {
             listen: vec!["127.0.0.1:8025".parse().expect("literal address")],
+            allowed_hosts: Vec::new(),
         }
     }
 }

@@ -2070,11 +2070,17 @@ mod tests {
         let mut c = client();
         c.send(b"EHLO x\r\nMAIL FROM:<a@x.org> ENVID=id+C3+A9\r\n");
         let reply = c.send(b"RCPT TO:<b@y.org> ORCPT=rfc822;j+C3+B6rg@y.org\r\nDATA\r\n");
-        assert!(reply.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"), "{reply}");
+        assert!(
+            reply.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
+            "{reply}"
+        );
         c.send(MESSAGE);
         let msg = &c.stored[0];
         assert_eq!(msg.envid.as_deref(), Some("id\u{e9}"));
-        assert_eq!(msg.recipients[0].orcpt.as_deref(), Some("rfc822;j\u{f6}rg@y.org"));
+        assert_eq!(
+            msg.recipients[0].orcpt.as_deref(),
+            Some("rfc822;j\u{f6}rg@y.org")
+        );
         // Bytes that are no UTF-8 (Latin-1 `+F6`) stay the characters they were read as.
         assert_eq!(xtext_bytes_as_utf8("j\u{f6}rg"), "j\u{f6}rg");
     }

@@ -268,9 +268,14 @@ pub fn hash_password(password: &str) -> String {
 
 /// Minimal HTTP/1.0 GET: (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_get_for(addr, "localhost", path)
+}
+
+/// `GET path` naming `host` in its Host header; (status, body).
+pub fn http_get_for(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
     let mut s = TcpStream::connect(addr).expect("connect http");
     s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).expect("read http");
     let status = text

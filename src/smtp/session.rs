@@ -775,6 +775,28 @@ impl Session {
         if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 {
             return self.reply(out, Reply::new(555, "5.5.4", "REQUIRETLS not supported"));
         }
+        // Extensions this server does not offer (RFC 5321 4.1.1.11): a client asking for
+        // delivery by a time (BY), a held release (FUTURERELEASE) or a priority must hear
+        // that it will not get it.
+        let unoffered = from.by != 0
+            || from.flags
+                & (smtp_proto::MAIL_BY_NOTIFY
+                    | smtp_proto::MAIL_BY_RETURN
+                    | smtp_proto::MAIL_BY_TRACE
+                    | smtp_proto::MAIL_CONPERM)
+                != 0
+            || from.hold_for != 0
+            || from.hold_until != 0
+            || from.mt_priority != 0
+            || from.trans_id.is_some()
+            || from.solicit.is_some()
+            || from.mtrk.is_some();
+        if unoffered {
+            return self.reply(
+                out,
+                Reply::new(555, "5.5.4", "MAIL parameter of an extension not offered"),
+            );
+        }
         let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
         let address = match from.address.as_ref() {
             "" => String::new(),
@@ -824,6 +846,28 @@ impl Session {
         }
         if tx.recipients.len() >= self.config.max_recipients {
             return self.reply(out, Reply::new(452, "4.5.3", "Too many recipients"));
+        }
+        let never_and_more = smtp_proto::RCPT_NOTIFY_SUCCESS
+            | smtp_proto::RCPT_NOTIFY_FAILURE
+            | smtp_proto::RCPT_NOTIFY_DELAY;
+        if to.flags & smtp_proto::RCPT_NOTIFY_NEVER != 0 && to.flags & never_and_more != 0 {
+            // RFC 3461 4.1: NEVER stands alone.
+            return self.reply(
+                out,
+                Reply::new(501, "5.5.4", "NOTIFY=NEVER must stand alone"),
+            );
+        }
+        if to.rrvs != 0
+            || to.flags
+                & (smtp_proto::RCPT_CONNEG
+                    | smtp_proto::RCPT_RRVS_REJECT
+                    | smtp_proto::RCPT_RRVS_CONTINUE)
+                != 0
+        {
+            return self.reply(
+                out,
+                Reply::new(555, "5.5.4", "RCPT parameter of an extension not offered"),
+            );
         }
         let address = if to.address.eq_ignore_ascii_case("postmaster") {
             to.address.into_owned()
@@ -1258,7 +1302,11 @@ fn forward_path_text(line: &[u8]) -> Option<String> {
 /// verbatim would turn into other parameters or commands (`<a> NOTIFY=SUCCESS@x>`): it is
 /// quoted again unless it is a dot-atom (RFC 5321 4.1.2; UTF-8 counts as atext, RFC 6531).
 /// Control characters fit no quoted string, and a domain is a name or an address literal.
+/// U+FFFD is what the parser makes of bytes that are no UTF-8 (RFC 6531 wants UTF-8).
 fn canonical_mailbox(address: &str) -> Option<String> {
+    if address.contains(char::REPLACEMENT_CHARACTER) {
+        return None;
+    }
     let (local, domain) = address.rsplit_once('@')?;
     let domain_ok = !domain.is_empty()
         && domain
@@ -1601,6 +1649,31 @@ mod tests {
         assert!(reply.starts_with("552 5.3.4"), "{reply}");
         let reply = c.send(b"MAIL FROM:<a@b.example> SIZE=999\r\n");
         assert_eq!(reply, "250 2.1.0 Ok\r\n");
+    }
+
+    #[test]
+    fn an_address_of_bytes_that_are_no_utf8_is_refused() {
+        let mut c = client();
+        c.send(b"EHLO x\r\nMAIL FROM:<a@b.example> SMTPUTF8\r\n");
+        let reply = c.send(b"RCPT TO:<j\xff\xfe@example.com>\r\n");
+        assert!(reply.starts_with("553 5.1.3"), "{reply}");
+        let reply = c.send("RCPT TO:<jörg@example.com>\r\n".as_bytes());
+        assert_eq!(reply, "250 2.1.5 Ok\r\n");
+    }
+
+    #[test]
+    fn parameters_of_extensions_not_offered_are_refused() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        for p in ["BY=120;R", "HOLDFOR=100", "MT-PRIORITY=3", "TRANSID=<a@b>"] {
+            let reply = c.send(format!("MAIL FROM:<a@b.example> {p}\r\n").as_bytes());
+            assert!(reply.starts_with("555 5.5.4"), "{p}: {reply}");
+        }
+        assert_eq!(c.send(b"MAIL FROM:<a@b.example>\r\n"), "250 2.1.0 Ok\r\n");
+        let reply = c.send(b"RCPT TO:<x@y.example> NOTIFY=NEVER,SUCCESS\r\n");
+        assert!(reply.starts_with("501 5.5.4"), "{reply}");
+        let reply = c.send(b"RCPT TO:<x@y.example> NOTIFY=NEVER\r\n");
+        assert_eq!(reply, "250 2.1.5 Ok\r\n");
     }
 
     #[test]

@@ -313,9 +313,24 @@ async fn bounce_ingest_correlates_by_receipt_header_and_keeps_unmatched() {
     assert!(out.contains("no bounce record"), "{out}");
     assert_eq!(status_of(&m, "frank@dest.test")["status"], "bounced");
     assert_eq!(status_of(&m, "gina@dest.test")["status"], "bounced");
-    let gina = m.cli_ok(&["bounces", "--address", "gina@dest.test", "--json"]);
+    // As pasted from a log, and a reason in any case.
+    let gina = m.cli_ok(&[
+        "bounces",
+        "--address",
+        "<gina@dest.test>",
+        "--reason",
+        "UserUnknown",
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(gina.trim()).unwrap();
     assert_eq!(v["correlation"], "verp");
+    let typo = m.cli(&["bounces", "--reason", "userunkown"]);
+    assert!(!typo.status.success());
+    let err = String::from_utf8_lossy(&typo.stderr);
+    assert!(
+        err.contains("no reason \"userunkown\"") && err.contains("userunknown"),
+        "{err}"
+    );
     let stranger = m.cli_ok(&["bounces", "--address", "stranger@dest.test", "--json"]);
     let v: serde_json::Value = serde_json::from_str(stranger.trim()).unwrap();
     assert_eq!(v["correlation"], "unmatched");

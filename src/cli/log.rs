@@ -127,7 +127,15 @@ fn is_bidi_control(c: char) -> bool {
 }
 
 /// `code enhanced text`, whichever parts exist.
+/// A text that already starts with the code (a bounce's diagnostic, `550 5.1.1 ...`) is
+/// shown as it is.
 fn reply(code: Option<u16>, enhanced: Option<&str>, text: Option<&str>) -> String {
+    if let (Some(c), Some(t)) = (code, text)
+        && t.strip_prefix(c.to_string().as_str())
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '-']))
+    {
+        return t.to_string();
+    }
     let mut parts = Vec::new();
     if let Some(c) = code {
         parts.push(c.to_string());
@@ -479,6 +487,22 @@ mod tests {
                 ],
             }],
         }
+    }
+
+    #[test]
+    fn a_text_that_starts_with_its_code_is_not_prefixed_again() {
+        assert_eq!(
+            reply(Some(550), Some("5.1.1"), Some("550 5.1.1 <a@b>: unknown")),
+            "550 5.1.1 <a@b>: unknown"
+        );
+        assert_eq!(
+            reply(Some(550), Some("5.1.1"), Some("unknown")),
+            "550 5.1.1 unknown"
+        );
+        assert_eq!(
+            reply(Some(550), None, Some("5501 is no code")),
+            "550 5501 is no code"
+        );
     }
 
     #[test]

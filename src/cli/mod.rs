@@ -203,6 +203,28 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             json,
             limit,
         } => {
+            // As pasted from a log (`<a@b>`), and a reason in any case; a reason that is none
+            // is named instead of matching nothing.
+            let address = address.map(|a| {
+                let a = a.trim();
+                a.strip_prefix('<')
+                    .and_then(|a| a.strip_suffix('>'))
+                    .unwrap_or(a)
+                    .to_string()
+            });
+            let reason = match reason {
+                None => None,
+                Some(r) => match r.parse::<crate::bounce::BounceReason>() {
+                    Ok(r) => Some(r.as_str().to_string()),
+                    Err(_) => {
+                        let names: Vec<&str> = crate::bounce::BounceReason::ALL
+                            .iter()
+                            .map(|r| r.as_str())
+                            .collect();
+                        anyhow::bail!("no reason {r:?}; the reasons are: {}", names.join(", "));
+                    }
+                },
+            };
             let reader = crate::store::sqlite::open_read_only(&config)?;
             let list = reader.bounces(&crate::store::BounceQuery {
                 address,
@@ -217,6 +239,9 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             let by = by
                 .or_else(|| std::env::var("USER").ok())
                 .unwrap_or_else(|| "admin".to_string());
+            if by.trim().is_empty() {
+                anyhow::bail!("--by needs a name: who handled the bounce");
+            }
             let store = open_store(&config)?;
             if !store.set_handled(id, Some(&by), now_ms()).await? {
                 anyhow::bail!("no bounce with id {id}");

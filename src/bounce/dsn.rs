@@ -77,7 +77,8 @@ fn field_name(name: &str) -> Cow<'static, str> {
 }
 
 /// Limits that keep hostile input linear: no real report has more recipients or fields.
-const MAX_BLOCKS: usize = 1000;
+/// (The per-message block and up to 1,000 recipients, SMTP's usual recipient limit.)
+const MAX_BLOCKS: usize = 1001;
 const MAX_FIELDS: usize = 64;
 
 /// Splits `text` into header-style field blocks separated by blank lines. Lines that are

@@ -100,7 +100,8 @@ pub fn encode(
 pub fn decode(key: &[u8], local: &str, domain: &str, address: &str) -> Result<VerpTag, VerpError> {
     let address = address.trim().trim_start_matches('<').trim_end_matches('>');
     let (lp, dom) = address.rsplit_once('@').ok_or(VerpError::WrongDomain)?;
-    if !dom.eq_ignore_ascii_case(domain) {
+    // `bounce.example.` (the root's dot) is the same domain, as the RCPT check takes it.
+    if !dom.trim_end_matches('.').eq_ignore_ascii_case(domain) {
         return Err(VerpError::WrongDomain);
     }
     let (prefix, rest) = lp.split_once('+').ok_or(VerpError::NotVerp)?;
@@ -179,6 +180,11 @@ mod tests {
         assert_eq!(
             decode(KEY, "Bounces", "BOUNCE.example.org", &format!("<{addr}>")),
             want
+        );
+        assert_eq!(
+            decode(KEY, "bounces", "bounce.example.org", &format!("{addr}.")),
+            want,
+            "the root's dot"
         );
     }
 

@@ -161,8 +161,9 @@ CREATE INDEX messages_envid ON messages(envid) WHERE envid IS NOT NULL;
     // largest id + 1, so once the log purge deleted the newest bounces (all of them, after a
     // quiet spell), `bounces handle 7` could mark a different bounce than the 7 an admin
     // noted. The table is rebuilt with the same columns plus `acted` (the bounce changed
-    // its matched recipient's status: only those count toward a soft-bounce run; older
-    // rows: matched failures); sqlite_sequence starts at its largest id.
+    // its matched recipient's status: only those count toward a soft-bounce run, until the
+    // address is taken off the suppression list by hand; older rows: matched failures);
+    // sqlite_sequence starts at its largest id.
     r#"
 CREATE TABLE bounces_new (
     id             INTEGER PRIMARY KEY AUTOINCREMENT,

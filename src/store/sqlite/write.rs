@@ -583,13 +583,24 @@ pub fn suppress(conn: &Connection, s: &Suppression) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Takes `address` off the suppression list. Its earlier bounces no longer count toward a
+/// soft-bounce run (`acted` cleared): removed by hand once the address was fixed, it starts
+/// from zero, not one soft bounce short of being suppressed again.
 pub fn unsuppress(conn: &Connection, address: &str) -> Result<bool, StoreError> {
+    let key = address_key(address);
     let changed = conn
         .execute(
             "DELETE FROM suppressions WHERE address_lc = ?1",
-            params![address_key(address)],
+            params![key],
         )
         .map_err(storage)?;
+    if changed > 0 {
+        conn.execute(
+            "UPDATE bounces SET acted = 0 WHERE recipient_lc = ?1 AND acted = 1",
+            params![key],
+        )
+        .map_err(storage)?;
+    }
     Ok(changed > 0)
 }
 

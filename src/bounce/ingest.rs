@@ -218,10 +218,6 @@ impl BounceIngest {
         record: &BounceRecord,
         verp_tag: Option<verp::VerpTag>,
     ) -> Result<Option<Match>, StoreError> {
-        let addresses: Vec<&str> = std::iter::once(record.recipient.as_str())
-            .chain(record.original_recipient.as_deref())
-            .filter(|a| !a.is_empty())
-            .collect();
         if let Some(tag) = verp_tag {
             // The VERP address names the copy, whatever address the bounce reports (a
             // forwarded or rewritten one, or, forged by that recipient, another's).
@@ -249,6 +245,10 @@ impl BounceIngest {
         {
             candidates.push((r, Correlation::Envid));
         }
+        let addresses: Vec<&str> = std::iter::once(record.recipient.as_str())
+            .chain(record.original_recipient.as_deref())
+            .filter(|a| !a.is_empty())
+            .collect();
         for (receipt, correlation) in candidates {
             for a in &addresses {
                 if let Some(idx) = self.store.find_recipient(receipt, a).await? {

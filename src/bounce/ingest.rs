@@ -516,6 +516,17 @@ mod tests {
         assert!(suppresses_at_once(&r));
     }
 
+    /// The bounce stage with the default config and no VERP key, over `store`.
+    fn default_ingest(store: Arc<crate::store::sqlite::SqliteStore>) -> BounceIngest {
+        BounceIngest::new(
+            Arc::new(Config::default()),
+            store,
+            Arc::new(Metrics::new()),
+            Arc::new(Classifier::with_user_rules("").unwrap()),
+            None,
+        )
+    }
+
     /// Inbound bounce mail for `bounces@bounce.example` with `body`, stored in `store`.
     async fn inbound(store: &crate::store::sqlite::SqliteStore, body: &str) -> ReceiptId {
         inbound_to(store, "bounces@bounce.example", body).await
@@ -554,13 +565,7 @@ mod tests {
         .unwrap();
         conn.execute("DELETE FROM bodies WHERE receipt = ?1", [gone.to_string()])
             .unwrap();
-        let ingest = BounceIngest::new(
-            Arc::new(Config::default()),
-            store.clone(),
-            Arc::new(Metrics::new()),
-            Arc::new(Classifier::with_user_rules("").unwrap()),
-            None,
-        );
+        let ingest = default_ingest(store.clone());
 
         assert_eq!(ingest.process_pending().await.unwrap(), 2);
         let bounces = store.bounces(&Default::default()).await.unwrap();
@@ -582,13 +587,7 @@ mod tests {
              <also-gone@example.org>: host mx.example.org said: 550 5.1.1 User unknown\r\n",
         )
         .await;
-        let ingest = BounceIngest::new(
-            Arc::new(Config::default()),
-            store.clone(),
-            Arc::new(Metrics::new()),
-            Arc::new(Classifier::with_user_rules("").unwrap()),
-            None,
-        );
+        let ingest = default_ingest(store.clone());
         // The processed mark, written last, is refused: the records before it could each
         // have been committed on their own.
         let conn = rusqlite::Connection::open(&path).unwrap();

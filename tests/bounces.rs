@@ -57,6 +57,7 @@ fn dsn_for(rcpt: &str, receipt: &str) -> String {
     format!(
         "From: MAILER-DAEMON@mx.remote.test\n\
          To: bounces@{BOUNCE_DOMAIN}\n\
+         Message-ID: <dsn.{rcpt}.{receipt}@mx.remote.test>\n\
          Subject: Undelivered Mail Returned to Sender\n\
          Auto-Submitted: auto-replied\n\
          MIME-Version: 1.0\n\
@@ -324,6 +325,19 @@ async fn bounce_ingest_correlates_by_receipt_header_and_keeps_unmatched() {
     ]);
     let v: serde_json::Value = serde_json::from_str(gina.trim()).unwrap();
     assert_eq!(v["correlation"], "verp");
+    // The same mailbox fed in again (a cron job, a second run) adds nothing.
+    let before = m.cli_ok(&["bounces", "--json"]).lines().count();
+    let again = m.cli_ok(&["bounce", "ingest", dir.path().to_str().unwrap()]);
+    assert_eq!(
+        again.matches("stored before: unchanged").count(),
+        3,
+        "{again}"
+    );
+    assert!(
+        again.contains("0 bounce records stored, 3 stored before"),
+        "{again}"
+    );
+    assert_eq!(m.cli_ok(&["bounces", "--json"]).lines().count(), before);
     let typo = m.cli(&["bounces", "--reason", "userunkown"]);
     assert!(!typo.status.success());
     let err = String::from_utf8_lossy(&typo.stderr);

@@ -54,6 +54,8 @@ pub struct Ingested {
     pub correlation: Correlation,
     pub receipt: Option<ReceiptId>,
     pub suppressed: bool,
+    /// Stored before (the same returned mail again): nothing changed.
+    pub duplicate: bool,
 }
 
 /// The recipient status a record moves its matched recipient to: a failed DSN or prose
@@ -144,8 +146,9 @@ impl BounceIngest {
         let records = super::parse_with(raw, &self.classifier);
         let verp_tag = self.verp_tag(envelope_recipients);
         let now = chrono::Utc::now().timestamp_millis();
+        let message_id = own_message_id(raw);
         let mut bounces: Vec<NewBounce> = Vec::with_capacity(records.len());
-        for record in &records {
+        for (position, record) in records.iter().enumerate() {
             let matched = self.correlate(record, verp_tag).await?;
             // Only a record that may act on its recipient suppresses, and then the address
             // we sent to: an unmatched bounce proves nothing about any address of ours.
@@ -157,51 +160,62 @@ impl BounceIngest {
                 None => None,
             };
             let status = acting.and(new_status(record));
-            bounces.push(new_bounce(record, matched, status, source, suppress, now));
+            let mut bounce = new_bounce(record, matched, status, source, suppress, now);
+            bounce.dedup_key = message_id
+                .as_ref()
+                .map(|id| format!("{id}\n{position}\n{}", record.recipient.to_lowercase()));
+            bounces.push(bounce);
         }
-        let ids = self.store.record_bounces(bounces.clone(), source).await?;
-        if bounces.iter().any(|b| b.suppress.is_some())
-            && let Some(cache) = &self.suppressions
-        {
+        let recorded = self.store.record_bounces(bounces.clone(), source).await?;
+        let suppressed_any = recorded
+            .iter()
+            .zip(&bounces)
+            .any(|(r, b)| !r.duplicate && b.suppress.is_some());
+        if suppressed_any && let Some(cache) = &self.suppressions {
             cache.invalidate();
         }
-        Ok(ids
+        Ok(recorded
             .into_iter()
             .zip(bounces)
-            .map(|(bounce_id, b)| self.recorded(bounce_id, b))
+            .map(|(r, b)| self.recorded(r, b))
             .collect())
     }
 
-    /// Counts and logs a committed bounce.
-    fn recorded(&self, bounce_id: i64, b: NewBounce) -> Ingested {
+    /// Counts and logs a committed bounce (a duplicate is only logged).
+    fn recorded(&self, r: crate::store::RecordedBounce, b: NewBounce) -> Ingested {
         let f = b.facts;
-        self.metrics
-            .bounces
-            .get_or_create(&BounceLabel {
-                reason: f.reason.clone(),
-                bounce_type: f.bounce_type.clone(),
-            })
-            .inc();
-        if f.bounce_type == BounceType::Complaint.as_str() {
-            self.metrics.complaints.inc();
+        let suppressed = !r.duplicate && b.suppress.is_some();
+        if r.duplicate {
+            tracing::info!(recipient = %f.recipient, bounce_id = r.id, "bounce already recorded");
+        } else {
+            self.metrics
+                .bounces
+                .get_or_create(&BounceLabel {
+                    reason: f.reason.clone(),
+                    bounce_type: f.bounce_type.clone(),
+                })
+                .inc();
+            if f.bounce_type == BounceType::Complaint.as_str() {
+                self.metrics.complaints.inc();
+            }
+            if f.correlation == Correlation::Unmatched {
+                self.metrics.unmatched_bounces.inc();
+            }
+            tracing::info!(
+                recipient = %f.recipient, reason = %f.reason, bounce_type = %f.bounce_type,
+                correlation = ?f.correlation, receipt = ?f.receipt.map(|r| r.to_string()),
+                suppressed, "bounce recorded"
+            );
         }
-        if f.correlation == Correlation::Unmatched {
-            self.metrics.unmatched_bounces.inc();
-        }
-        let suppressed = b.suppress.is_some();
-        tracing::info!(
-            recipient = %f.recipient, reason = %f.reason, bounce_type = %f.bounce_type,
-            correlation = ?f.correlation, receipt = ?f.receipt.map(|r| r.to_string()), suppressed,
-            "bounce recorded"
-        );
         Ingested {
-            bounce_id,
+            bounce_id: r.id,
             recipient: f.recipient,
             reason: f.reason,
             bounce_type: f.bounce_type,
             correlation: f.correlation,
             receipt: f.receipt,
             suppressed,
+            duplicate: r.duplicate,
         }
     }
 
@@ -418,6 +432,7 @@ fn new_bounce(
         },
         new_status,
         suppress,
+        dedup_key: None,
     }
 }
 
@@ -433,34 +448,48 @@ pub fn delivered_to(raw: &[u8]) -> Vec<String> {
         "x-envelope-to",
         "to",
     ];
+    top_fields(raw)
+        .iter()
+        .filter(|(name, _)| FIELDS.iter().any(|f| name.eq_ignore_ascii_case(f)))
+        .flat_map(|(_, value)| {
+            value
+                .split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '<' | '>' | '"'))
+                .filter(|t| t.contains('@'))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The returned mail's own `Message-ID` (what a reporting MTA sends again unchanged when it
+/// retries, and what a mailbox keeps), angle brackets stripped.
+fn own_message_id(raw: &[u8]) -> Option<String> {
+    top_fields(raw)
+        .into_iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case("message-id"))
+        .map(|(_, value)| trim_angle(&value).to_string())
+        .filter(|id| !id.is_empty())
+}
+
+/// The fields of the top-level header of `raw` as (name, unfolded value), in order.
+fn top_fields(raw: &[u8]) -> Vec<(String, String)> {
     let header_end = memchr::memmem::find(raw, b"\r\n\r\n")
         .or_else(|| memchr::memmem::find(raw, b"\n\n"))
         .unwrap_or(raw.len());
     let header = String::from_utf8_lossy(raw.get(..header_end).unwrap_or_default());
-    // Unfolded fields: a line starting with white space continues the one before.
-    let mut fields: Vec<String> = Vec::new();
+    // Unfolded: a line starting with white space continues the one before.
+    let mut lines: Vec<String> = Vec::new();
     for line in header.lines() {
-        match fields.last_mut() {
+        match lines.last_mut() {
             Some(last) if line.starts_with([' ', '\t']) => last.push_str(line),
-            _ => fields.push(line.to_string()),
+            _ => lines.push(line.to_string()),
         }
     }
-    let mut out = Vec::new();
-    for field in &fields {
-        let Some((name, value)) = field.split_once(':') else {
-            continue;
-        };
-        if !FIELDS.iter().any(|f| name.trim().eq_ignore_ascii_case(f)) {
-            continue;
-        }
-        out.extend(
-            value
-                .split(|c: char| c.is_whitespace() || matches!(c, ',' | ';' | '<' | '>' | '"'))
-                .filter(|t| t.contains('@'))
-                .map(str::to_string),
-        );
-    }
-    out
+    lines
+        .iter()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(name, value)| (name.trim().to_string(), value.trim().to_string()))
+        .collect()
 }
 
 fn trim_angle(id: &str) -> &str {

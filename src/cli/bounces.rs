@@ -108,7 +108,9 @@ pub fn render_ingested(file: &str, i: &Ingested) -> String {
             None => "unmatched".to_string(),
         },
         i.bounce_id,
-        if i.suppressed {
+        if i.duplicate {
+            ", stored before: unchanged"
+        } else if i.suppressed {
             ", address suppressed"
         } else {
             ""

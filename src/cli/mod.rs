@@ -269,6 +269,7 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             for f in &files {
                 bounce_parse::collect_files(f, &mut paths)?;
             }
+            let mut stored_before = 0;
             let mut records = 0usize;
             for path in paths {
                 let data =
@@ -287,10 +288,18 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
                     for i in &ingested {
                         out.write_all(bounces::render_ingested(&name, i).as_bytes())?;
                     }
-                    records += ingested.len();
+                    records += ingested.iter().filter(|i| !i.duplicate).count();
+                    stored_before += ingested.iter().filter(|i| i.duplicate).count();
                 }
             }
-            writeln!(out, "{records} bounce records stored")?;
+            if stored_before > 0 {
+                writeln!(
+                    out,
+                    "{records} bounce records stored, {stored_before} stored before"
+                )?;
+            } else {
+                writeln!(out, "{records} bounce records stored")?;
+            }
         }
         Request::SuppressList { json } => {
             let reader = crate::store::sqlite::open_read_only(&config)?;

@@ -630,7 +630,7 @@ mod tests {
             &self,
             _: Vec<NewBounce>,
             _: Option<ReceiptId>,
-        ) -> Result<Vec<i64>, StoreError> {
+        ) -> Result<Vec<crate::store::RecordedBounce>, StoreError> {
             unused()
         }
         async fn bounces(&self, _: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError> {

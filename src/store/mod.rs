@@ -303,6 +303,18 @@ pub struct NewBounce {
     pub new_status: Option<RecipientStatus>,
     /// The suppression-list entry it adds or refreshes, if it suppresses its address.
     pub suppress: Option<Suppression>,
+    /// Names this record among all returned mail (its message's own Message-ID and its
+    /// place in it): one already stored under it is not stored again.
+    pub dedup_key: Option<String>,
+}
+
+/// What [`Store::record_bounces`] did with one bounce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordedBounce {
+    pub id: i64,
+    /// Stored before under the same [`NewBounce::dedup_key`]: nothing was written, `id` is
+    /// the earlier one's.
+    pub duplicate: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -415,13 +427,14 @@ pub trait Store: Send + Sync + 'static {
     /// each moves its matched recipient's status and appends its event, and adds its
     /// suppression; `processed`, the inbound bounce mail they came from, is marked processed
     /// in the same commit (`NotFound` if it is not one), so a crash or a refused write never
-    /// leaves half of a message's records stored, to be stored again by the next run.
-    /// Returns the bounces' ids, in order.
+    /// leaves half of a message's records stored, to be stored again by the next run. A
+    /// bounce whose `dedup_key` is stored already changes nothing. Returns what became of
+    /// each, in order.
     async fn record_bounces(
         &self,
         bounces: Vec<NewBounce>,
         processed: Option<ReceiptId>,
-    ) -> Result<Vec<i64>, StoreError>;
+    ) -> Result<Vec<RecordedBounce>, StoreError>;
     async fn bounces(&self, query: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError>;
     /// Sets or clears the handled flag. Returns false when no such bounce.
     async fn set_handled(&self, id: i64, by: Option<&str>, at_ms: i64) -> Result<bool, StoreError>;

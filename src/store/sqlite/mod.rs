@@ -19,7 +19,7 @@ use crate::receipt::ReceiptId;
 use crate::spool::AcceptedMessage;
 use crate::store::{
     AttemptRecord, BounceQuery, Correlation, LogQuery, MessageLog, NewBounce, QueueEntry,
-    QueuedMessage, Stage, Store, StoreError, StoredBounce, Suppression,
+    QueuedMessage, RecordedBounce, Stage, Store, StoreError, StoredBounce, Suppression,
 };
 
 pub use schema::SCHEMA_VERSION;
@@ -387,7 +387,7 @@ impl Store for SqliteStore {
         &self,
         bounces: Vec<NewBounce>,
         processed: Option<ReceiptId>,
-    ) -> Result<Vec<i64>, StoreError> {
+    ) -> Result<Vec<RecordedBounce>, StoreError> {
         let now = now_ms();
         self.write(move |c| write::record_bounces(c, &bounces, processed, now))
             .await

@@ -199,6 +199,13 @@ CREATE INDEX bounces_recipient ON bounces(recipient_lc, at);
 CREATE INDEX bounces_at ON bounces(at);
 CREATE INDEX bounces_receipt ON bounces(receipt);
 "#,
+    // 6: a bounce stored once. `dedup_key` names a record by the returned mail's own
+    // Message-ID and its place in it, so the same DSN delivered twice (a reporting MTA that
+    // retried after a lost 250) or a mailbox fed to `bounce ingest` again adds nothing.
+    r#"
+ALTER TABLE bounces ADD COLUMN dedup_key TEXT;
+CREATE UNIQUE INDEX bounces_dedup ON bounces(dedup_key) WHERE dedup_key IS NOT NULL;
+"#,
 ];
 
 /// The schema version this build reads and writes.

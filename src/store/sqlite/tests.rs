@@ -846,6 +846,7 @@ fn new_bounce(receipt: Option<ReceiptId>, idx: Option<u32>, at_ms: i64) -> NewBo
         facts,
         new_status: Some(RecipientStatus::Bounced),
         suppress: None,
+        dedup_key: None,
     }
 }
 
@@ -853,7 +854,8 @@ fn new_bounce(receipt: Option<ReceiptId>, idx: Option<u32>, at_ms: i64) -> NewBo
 async fn record_bounce(store: &SqliteStore, bounce: NewBounce) -> i64 {
     let ids = store.record_bounces(vec![bounce], None).await.unwrap();
     assert_eq!(ids.len(), 1);
-    ids[0]
+    assert!(!ids[0].duplicate);
+    ids[0].id
 }
 
 #[tokio::test]
@@ -1424,7 +1426,7 @@ async fn a_message_s_bounces_suppressions_and_processed_mark_commit_together() {
         .await
         .unwrap();
     assert_eq!(ids.len(), 2);
-    assert!(ids[0] < ids[1]);
+    assert!(ids[0].id < ids[1].id);
     assert_eq!(
         store.bounces(&BounceQuery::default()).await.unwrap().len(),
         2
@@ -1433,6 +1435,26 @@ async fn a_message_s_bounces_suppressions_and_processed_mark_commit_together() {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].address, "x@example.net");
     assert!(store.pending_inbound_bounces().await.unwrap().is_empty());
+
+    // The same returned mail again: what was stored under its key is left as it was.
+    let keyed = |key: &str| NewBounce {
+        dedup_key: Some(key.into()),
+        ..suppressing("y@example.net")
+    };
+    let first = store
+        .record_bounces(vec![keyed("m1\n0\ny")], None)
+        .await
+        .unwrap();
+    let again = store
+        .record_bounces(vec![keyed("m1\n0\ny"), keyed("m1\n1\ny")], None)
+        .await
+        .unwrap();
+    assert_eq!((again[0].id, again[0].duplicate), (first[0].id, true));
+    assert!(!again[1].duplicate);
+    assert_eq!(
+        store.bounces(&BounceQuery::default()).await.unwrap().len(),
+        4
+    );
 }
 
 #[tokio::test]

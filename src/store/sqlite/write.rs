@@ -6,7 +6,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::receipt::ReceiptId;
 use crate::spool::{AcceptedMessage, DsnRet};
 use crate::store::{
-    AttemptRecord, NewBounce, RcptReply, RecipientStatus, Stage, StoreError, Suppression,
+    AttemptRecord, NewBounce, RcptReply, RecipientStatus, RecordedBounce, Stage, StoreError,
+    Suppression,
 };
 
 use super::{address_key, correlation_str, stage_str, storage};
@@ -446,21 +447,40 @@ pub fn record_bounces(
     bounces: &[NewBounce],
     processed: Option<ReceiptId>,
     now_ms: i64,
-) -> Result<Vec<i64>, StoreError> {
+) -> Result<Vec<RecordedBounce>, StoreError> {
     let ids = bounces
         .iter()
         .map(|b| {
+            if let Some(id) = stored_under(conn, b.dedup_key.as_deref())? {
+                return Ok(RecordedBounce {
+                    id,
+                    duplicate: true,
+                });
+            }
             let id = record_bounce(conn, b)?;
             if let Some(entry) = &b.suppress {
                 suppress(conn, entry)?;
             }
-            Ok(id)
+            Ok(RecordedBounce {
+                id,
+                duplicate: false,
+            })
         })
-        .collect::<Result<Vec<i64>, StoreError>>()?;
+        .collect::<Result<Vec<_>, StoreError>>()?;
     if let Some(receipt) = processed {
         mark_inbound_processed(conn, receipt, now_ms)?;
     }
     Ok(ids)
+}
+
+/// The id of the bounce stored under `dedup_key`, if any.
+fn stored_under(conn: &Connection, dedup_key: Option<&str>) -> Result<Option<i64>, StoreError> {
+    let Some(key) = dedup_key else {
+        return Ok(None);
+    };
+    conn.prepare_cached("SELECT id FROM bounces WHERE dedup_key = ?1")
+        .and_then(|mut st| st.query_row(params![key], |r| r.get(0)).optional())
+        .map_err(storage)
 }
 
 fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> {
@@ -477,8 +497,8 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
     conn.execute(
         "INSERT INTO bounces (at, receipt, idx, correlation, recipient, recipient_lc, kind,
              action, status, reply_code, diagnostic, remote_mta, reporting_mta, reason,
-             bounce_type, source_receipt, acted)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+             bounce_type, source_receipt, acted, dedup_key)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
         params![
             b.at_ms,
             receipt,
@@ -497,6 +517,7 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
             b.bounce_type,
             b.source_receipt.map(|r| r.to_string()),
             acted,
+            new.dedup_key,
         ],
     )
     .map_err(storage)?;

@@ -21,11 +21,21 @@ pub enum AuthError {
 
 /// The configured users. Unknown users are checked against a dummy hash so that a wrong user
 /// name takes as long to refuse as a wrong password.
+///
+/// Each check costs tens of milliseconds of CPU by design, so guessing is throttled: one
+/// check runs at a time across the server (many connections guessing at once get at most
+/// one core, the rest keeps relaying), and a refusal is answered only after
+/// [`FAILURE_DELAY`] (as Dovecot's `auth_failure_delay`), which slows one connection's
+/// guesses to about one a second until `max_errors` ends it.
 #[derive(Debug)]
 pub struct Authenticator {
     users: HashMap<String, String>,
     dummy_hash: Option<String>,
+    checks: tokio::sync::Semaphore,
 }
+
+/// How long a refused AUTH waits before its reply.
+pub const FAILURE_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Authenticator {
     /// Validates every PHC string now, so a typo fails `serve` at start.
@@ -46,6 +56,7 @@ impl Authenticator {
         Ok(Self {
             users: map,
             dummy_hash,
+            checks: tokio::sync::Semaphore::new(1),
         })
     }
 
@@ -71,16 +82,24 @@ impl Authenticator {
         ok && known
     }
 
-    /// Checks a password on the blocking pool; returns the user name when it matches.
+    /// Checks a password on the blocking pool, one check at a time; returns the user name
+    /// when it matches, and otherwise answers after [`FAILURE_DELAY`].
     pub async fn verify(self: &Arc<Self>, username: String, password: String) -> Option<String> {
-        let this = Arc::clone(self);
-        tokio::task::spawn_blocking(move || {
-            this.verify_blocking(&username, &password)
-                .then_some(username)
-        })
-        .await
-        .ok()
-        .flatten()
+        let user = {
+            let _turn = self.checks.acquire().await.ok()?;
+            let this = Arc::clone(self);
+            tokio::task::spawn_blocking(move || {
+                this.verify_blocking(&username, &password)
+                    .then_some(username)
+            })
+            .await
+            .ok()
+            .flatten()
+        };
+        if user.is_none() {
+            tokio::time::sleep(FAILURE_DELAY).await;
+        }
+        user
     }
 }
 
@@ -138,5 +157,19 @@ mod tests {
             Some("app")
         );
         assert_eq!(auth.verify("app".into(), "nope".into()).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_refusal_waits_and_checks_take_turns() {
+        let auth = Arc::new(Authenticator::new(&users()).unwrap());
+        let started = std::time::Instant::now();
+        let (a, b) = tokio::join!(
+            auth.verify("app".into(), "nope".into()),
+            auth.verify("app".into(), "secret".into()),
+        );
+        assert_eq!((a, b.as_deref()), (None, Some("app")));
+        assert!(started.elapsed() >= FAILURE_DELAY);
+        // Both checks done, the turn is free again.
+        assert_eq!(auth.checks.available_permits(), 1);
     }
 }

@@ -1107,6 +1107,44 @@ async fn suppression_upserts_expires_and_is_case_insensitive() {
             .unwrap()
             .is_none()
     );
+    // Suppressed again after it expired: a new entry, not the old one counted on.
+    store
+        .suppress(suppression("temp@example.net", 6_000, Some(9_000)))
+        .await
+        .unwrap();
+    let t = store
+        .suppressed("temp@example.net", 6_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (t.first_at_ms, t.count, t.expires_at_ms),
+        (6_000, 1, Some(9_000))
+    );
+    // A refresh with a sooner expiry does not shorten a live entry; "never" stays never.
+    store
+        .suppress(suppression("temp@example.net", 7_000, Some(8_000)))
+        .await
+        .unwrap();
+    store
+        .suppress(suppression("forever@example.net", 2_000, Some(3_000)))
+        .await
+        .unwrap();
+    let t = store
+        .suppressed("temp@example.net", 8_500)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (t.first_at_ms, t.count, t.expires_at_ms),
+        (6_000, 2, Some(9_000))
+    );
+    let f = store
+        .suppressed("forever@example.net", 1 << 40)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(f.expires_at_ms, None);
     assert!(
         store
             .suppressed("forever@example.net", i64::MAX)
@@ -1122,7 +1160,8 @@ async fn suppression_upserts_expires_and_is_case_insensitive() {
         .into_iter()
         .map(|s| s.address)
         .collect();
-    assert_eq!(list, ["Gone@Example.net", "forever@example.net"]);
+    // Newest first (both last seen at 2,000, then by address).
+    assert_eq!(list, ["forever@example.net", "Gone@Example.net"]);
 
     assert!(store.unsuppress("gone@EXAMPLE.net").await.unwrap());
     assert!(!store.unsuppress("gone@example.net").await.unwrap());

@@ -581,6 +581,9 @@ pub fn set_handled(
     Ok(changed > 0)
 }
 
+/// Adds an entry, or refreshes the one there: reason, source and last time from `s`; while
+/// that one is live it keeps its first time and counts one more, and lasts until the later
+/// of the two expiries (never, if either never expires); an expired one starts afresh.
 pub fn suppress(conn: &Connection, s: &Suppression) -> Result<(), StoreError> {
     conn.execute(
         "INSERT INTO suppressions (address_lc, address, reason, source, first_at, last_at, count,
@@ -588,7 +591,13 @@ pub fn suppress(conn: &Connection, s: &Suppression) -> Result<(), StoreError> {
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (address_lc) DO UPDATE SET
              reason = excluded.reason, source = excluded.source, last_at = excluded.last_at,
-             count = count + 1, expires_at = excluded.expires_at",
+             first_at = CASE WHEN expires_at <= excluded.last_at THEN excluded.first_at
+                             ELSE first_at END,
+             count = CASE WHEN expires_at <= excluded.last_at THEN excluded.count
+                          ELSE count + 1 END,
+             expires_at = CASE WHEN expires_at <= excluded.last_at THEN excluded.expires_at
+                               WHEN expires_at IS NULL OR excluded.expires_at IS NULL THEN NULL
+                               ELSE max(expires_at, excluded.expires_at) END",
         params![
             address_key(&s.address),
             s.address,

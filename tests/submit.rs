@@ -576,7 +576,10 @@ fn http_api_serves_the_log_as_json_and_a_search_page() {
     let (status, body) = http_get_for(m.http, "attacker.example:8025", "/api/log/api@example.org");
     assert_eq!(status, 421, "{body}");
     assert!(!body.contains("api@example.org"), "{body}");
-    let (status, _) = http_get_for(m.http, &m.http.to_string(), "/healthz");
+    let (status, _) = http_get_for(m.http, &m.http.to_string(), "/api/bounces");
+    assert_eq!(status, 200);
+    // Health and counters name no one: a probe or a scrape by any name is answered.
+    let (status, _) = http_get_for(m.http, "mailtrail.internal:8025", "/metrics");
     assert_eq!(status, 200);
 }
 

@@ -160,10 +160,14 @@ impl BounceIngest {
                 None => None,
             };
             let status = acting.and(new_status(record));
+            let acts = acting.is_some();
             let mut bounce = new_bounce(record, matched, status, source, suppress, now);
-            bounce.dedup_key = message_id
-                .as_ref()
-                .map(|id| format!("{id}\n{position}\n{}", record.recipient.to_lowercase()));
+            // The same record again adds nothing; a copy that acts is not the same as one
+            // that did not (a copy first sent to a plain address must not block the real one).
+            bounce.dedup_key = message_id.as_ref().map(|id| {
+                let about = bounce.facts.recipient.to_lowercase();
+                format!("{id}\n{position}\n{about}\n{acts}")
+            });
             bounces.push(bounce);
         }
         let recorded = self.store.record_bounces(bounces.clone(), source).await?;
@@ -412,13 +416,20 @@ fn new_bounce(
     suppress: Option<Suppression>,
     now: i64,
 ) -> NewBounce {
+    // Filed under the recipient it matched (what it acts on and counts toward).
+    let matched_address = matched.as_ref().and_then(|m| m.address.clone());
+    let reported_recipient = matched_address
+        .as_ref()
+        .filter(|a| !a.eq_ignore_ascii_case(&record.recipient))
+        .map(|_| record.recipient.clone());
     NewBounce {
         facts: BounceFacts {
             at_ms: now,
             receipt: matched.as_ref().map(|m| m.receipt),
             rcpt_index: matched.as_ref().map(|m| m.rcpt_index),
             correlation: matched.map_or(Correlation::Unmatched, |m| m.correlation),
-            recipient: record.recipient.clone(),
+            recipient: matched_address.unwrap_or_else(|| record.recipient.clone()),
+            reported_recipient,
             kind: record.kind.as_str().to_string(),
             action: record.action.clone(),
             status: record.status.clone(),
@@ -646,6 +657,7 @@ mod tests {
     fn dsn(rcpt: &str, receipt: ReceiptId) -> String {
         format!(
             "From: MAILER-DAEMON@mx.remote.test\r\n\
+             Message-ID: <dsn.{rcpt}@mx.remote.test>\r\n\
              Subject: Undelivered Mail Returned to Sender\r\n\
              MIME-Version: 1.0\r\n\
              Content-Type: multipart/report; report-type=delivery-status; boundary=b1\r\n\
@@ -741,12 +753,26 @@ mod tests {
         assert_eq!(statuses().await, ["queued", "queued", "queued"]);
         assert!(suppressed().await.is_empty());
 
-        // Carol's VERP address proves the bounce is about her copy, whoever it names.
+        // Carol's VERP address proves the bounce is about her copy, whoever it names; the
+        // same bytes sent to bounces@ first (stored, acting on nothing) do not hold it up.
         let carol_verp = verp::encode(&key, "bounces", "bounce.test", receipt, 2);
         inbound_to(&store, &carol_verp, &dsn("alice@ex.test", receipt)).await;
         assert_eq!(ingest.process_pending().await.unwrap(), 1);
         assert_eq!(statuses().await, ["queued", "queued", "bounced"]);
         assert_eq!(suppressed().await, ["carol@ex.test"]);
+        // Filed under carol, whom it acted on, with the address it named beside.
+        let carols = store
+            .bounces(&crate::store::BounceQuery {
+                address: Some("carol@ex.test".into()),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(carols.len(), 1, "{carols:?}");
+        assert_eq!(
+            carols[0].facts.reported_recipient.as_deref(),
+            Some("alice@ex.test")
+        );
 
         // Bounce mail an admin feeds in is trusted with the receipt id it names.
         let fed = ingest

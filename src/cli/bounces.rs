@@ -130,6 +130,7 @@ mod tests {
             rcpt_index: None,
             correlation: Correlation::Unmatched,
             recipient: "a@example.org".into(),
+            reported_recipient: None,
             kind: "dsn".into(),
             action: Some("failed".into()),
             status: Some("5.1.1".into()),

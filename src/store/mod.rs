@@ -270,7 +270,12 @@ pub struct BounceFacts {
     pub receipt: Option<ReceiptId>,
     pub rcpt_index: Option<u32>,
     pub correlation: Correlation,
+    /// The recipient it is about: for a matched bounce the address we sent to, else the
+    /// address the bounce names.
     pub recipient: String,
+    /// The address the bounce named, when it matched a recipient with another address (a
+    /// forward, or a forgery by another recipient of the same message).
+    pub reported_recipient: Option<String>,
     /// `dsn`, `arf`, `autoreply`, `heuristic`.
     pub kind: String,
     pub action: Option<String>,

@@ -445,6 +445,7 @@ fn bounce_row(r: &Row) -> rusqlite::Result<StoredBounce> {
         reason: r.get(13)?,
         bounce_type: r.get(14)?,
         source_receipt: opt_receipt_at(r, 15)?,
+        reported_recipient: r.get(18)?,
     };
     Ok(StoredBounce {
         id: r.get(0)?,
@@ -467,7 +468,7 @@ pub fn bounces(conn: &Connection, q: &BounceQuery) -> Result<Vec<StoredBounce>, 
         )
         SELECT id, at, receipt, correlation, idx, recipient, kind, action, status, reply_code,
                diagnostic, remote_mta, reporting_mta, reason, bounce_type, source_receipt,
-               handled_by, handled_at
+               handled_by, handled_at, reported_recipient
         FROM matching WHERE (NOT ?4 OR nth = 1)
         ORDER BY at DESC, id DESC LIMIT ?5";
     let mut st = conn.prepare_cached(sql).map_err(storage)?;

@@ -206,6 +206,12 @@ CREATE INDEX bounces_receipt ON bounces(receipt);
 ALTER TABLE bounces ADD COLUMN dedup_key TEXT;
 CREATE UNIQUE INDEX bounces_dedup ON bounces(dedup_key) WHERE dedup_key IS NOT NULL;
 "#,
+    // 7: a matched bounce is filed under the recipient it was matched to (the address we
+    // sent to, which it acts on and counts toward); the address the bounce itself named,
+    // when another (a forward, or a forgery by a co-recipient), is kept beside it.
+    r#"
+ALTER TABLE bounces ADD COLUMN reported_recipient TEXT;
+"#,
 ];
 
 /// The schema version this build reads and writes.

@@ -831,6 +831,7 @@ fn new_bounce(receipt: Option<ReceiptId>, idx: Option<u32>, at_ms: i64) -> NewBo
             Correlation::Unmatched
         },
         recipient: "A@Example.net".into(),
+        reported_recipient: None,
         kind: "dsn".into(),
         action: Some("failed".into()),
         status: Some("5.1.1".into()),

@@ -71,7 +71,8 @@ pub fn parse_key(s: &str) -> Result<LogKey, LogArgError> {
         .strip_prefix('<')
         .and_then(|t| t.strip_suffix('>'))
         .unwrap_or(s);
-    if unbracketed.contains('@') {
+    // `postmaster` without a domain is a recipient SMTP must take (RFC 5321 4.5.1).
+    if unbracketed.contains('@') || unbracketed.eq_ignore_ascii_case("postmaster") {
         return Ok(LogKey::Address(unbracketed.to_string()));
     }
     unbracketed
@@ -399,6 +400,7 @@ mod tests {
         );
         assert!(matches!(parse_key("a@b"), Ok(LogKey::Address(a)) if a == "a@b"));
         assert!(matches!(parse_key("<>"), Ok(LogKey::Address(a)) if a.is_empty()));
+        assert!(matches!(parse_key("<Postmaster>"), Ok(LogKey::Address(a)) if a == "Postmaster"));
         assert_eq!(
             parse_key("alice").map(|_| ()),
             Err(LogArgError::Key("alice".into()))

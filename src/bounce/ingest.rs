@@ -269,12 +269,12 @@ impl BounceIngest {
             .collect();
         for (receipt, correlation) in candidates {
             for a in &addresses {
-                if let Some(idx) = self.store.find_recipient(receipt, a).await? {
+                if let Some((idx, address)) = self.store.find_recipient(receipt, a).await? {
                     return Ok(Some(Match {
                         receipt,
                         rcpt_index: idx,
                         correlation,
-                        address: self.store.recipient_address(receipt, idx).await?,
+                        address: Some(address),
                     }));
                 }
             }
@@ -459,8 +459,11 @@ pub fn delivered_to(raw: &[u8]) -> Vec<String> {
         "x-envelope-to",
         "to",
     ];
-    top_fields(raw)
-        .iter()
+    let Some(header) = mail_parser::MessageParser::default().parse_headers(raw) else {
+        return Vec::new();
+    };
+    header
+        .headers_raw()
         .filter(|(name, _)| FIELDS.iter().any(|f| name.eq_ignore_ascii_case(f)))
         .flat_map(|(_, value)| {
             value
@@ -475,32 +478,11 @@ pub fn delivered_to(raw: &[u8]) -> Vec<String> {
 /// The returned mail's own `Message-ID` (what a reporting MTA sends again unchanged when it
 /// retries, and what a mailbox keeps), angle brackets stripped.
 fn own_message_id(raw: &[u8]) -> Option<String> {
-    top_fields(raw)
-        .into_iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case("message-id"))
-        .map(|(_, value)| trim_angle(&value).to_string())
+    mail_parser::MessageParser::default()
+        .parse_headers(raw)?
+        .message_id()
+        .map(|id| trim_angle(id).to_string())
         .filter(|id| !id.is_empty())
-}
-
-/// The fields of the top-level header of `raw` as (name, unfolded value), in order.
-fn top_fields(raw: &[u8]) -> Vec<(String, String)> {
-    let header_end = memchr::memmem::find(raw, b"\r\n\r\n")
-        .or_else(|| memchr::memmem::find(raw, b"\n\n"))
-        .unwrap_or(raw.len());
-    let header = String::from_utf8_lossy(raw.get(..header_end).unwrap_or_default());
-    // Unfolded: a line starting with white space continues the one before.
-    let mut lines: Vec<String> = Vec::new();
-    for line in header.lines() {
-        match lines.last_mut() {
-            Some(last) if line.starts_with([' ', '\t']) => last.push_str(line),
-            _ => lines.push(line.to_string()),
-        }
-    }
-    lines
-        .iter()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(name, value)| (name.trim().to_string(), value.trim().to_string()))
-        .collect()
 }
 
 fn trim_angle(id: &str) -> &str {

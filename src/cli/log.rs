@@ -62,15 +62,21 @@ pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<i64, LogArgError> {
 
 /// An argument with `@` is an address; otherwise it must be a receipt id. The null sender
 /// is looked up as `<>`.
+/// An address as pasted from a log or a header: trimmed, without its angle brackets.
+pub fn unbracketed(s: &str) -> &str {
+    let s = s.trim();
+    s.strip_prefix('<')
+        .and_then(|t| t.strip_suffix('>'))
+        .unwrap_or(s)
+        .trim()
+}
+
 pub fn parse_key(s: &str) -> Result<LogKey, LogArgError> {
     let s = s.trim();
     if s == "<>" {
         return Ok(LogKey::Address(String::new()));
     }
-    let unbracketed = s
-        .strip_prefix('<')
-        .and_then(|t| t.strip_suffix('>'))
-        .unwrap_or(s);
+    let unbracketed = unbracketed(s);
     // `postmaster` without a domain is a recipient SMTP must take (RFC 5321 4.5.1).
     if unbracketed.contains('@') || unbracketed.eq_ignore_ascii_case("postmaster") {
         return Ok(LogKey::Address(unbracketed.to_string()));

@@ -205,13 +205,7 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
         } => {
             // As pasted from a log (`<a@b>`), and a reason in any case; a reason that is none
             // is named instead of matching nothing.
-            let address = address.map(|a| {
-                let a = a.trim();
-                a.strip_prefix('<')
-                    .and_then(|a| a.strip_suffix('>'))
-                    .unwrap_or(a)
-                    .to_string()
-            });
+            let address = address.map(|a| log::unbracketed(&a).to_string());
             let reason = match reason {
                 None => None,
                 Some(r) => match r.parse::<crate::bounce::BounceReason>() {
@@ -376,12 +370,7 @@ pub fn error_text(e: &anyhow::Error) -> String {
 /// it may be pasted with, `local@domain` with both parts (a local part with an `@` or a
 /// space is written quoted, as SMTP stores it: `"john doe"@example.org`).
 fn address_arg(raw: &str) -> anyhow::Result<String> {
-    let a = raw.trim();
-    let a = a
-        .strip_prefix('<')
-        .and_then(|a| a.strip_suffix('>'))
-        .unwrap_or(a)
-        .trim();
+    let a = log::unbracketed(raw);
     let quoted = |local: &str| local.len() >= 2 && local.starts_with('"') && local.ends_with('"');
     match a.rsplit_once('@') {
         Some((local, domain))

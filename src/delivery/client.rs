@@ -380,15 +380,30 @@ struct Greeted<T: AsyncRead + AsyncWrite + Unpin> {
     capabilities: EhloResponse<String>,
 }
 
-/// How [`greet`]'s error text for a refusing greeting starts.
-const GREETING: &str = "greeting: ";
+/// Why [`greet`] failed: the reply that ended it, what happened, and whether it was the
+/// greeting itself that refused (another MX may take the mail then).
+struct GreetError {
+    reply: Option<Reply>,
+    text: String,
+    at_greeting: bool,
+}
+
+impl From<(Option<Reply>, String)> for GreetError {
+    fn from((reply, text): (Option<Reply>, String)) -> Self {
+        Self {
+            reply,
+            text,
+            at_greeting: false,
+        }
+    }
+}
 
 /// Reads the greeting and says EHLO (HELO when EHLO is refused with 5xx).
 async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
     mut client: SmtpClient<T>,
     helo_name: &str,
     read_banner: bool,
-) -> Result<Greeted<T>, (Option<Reply>, String)> {
+) -> Result<Greeted<T>, GreetError> {
     if read_banner {
         let banner = tokio::time::timeout(client.timeout, client.read())
             .await
@@ -396,8 +411,11 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
             .map_err(|e| mail_error(&e))?;
         let reply = Reply::from_response(&banner);
         if !reply.is_positive() {
-            let text = format!("{GREETING}{}", reply.display());
-            return Err((Some(reply), text));
+            return Err(GreetError {
+                text: format!("greeting: {}", reply.display()),
+                reply: Some(reply),
+                at_greeting: true,
+            });
         }
     }
     match client.ehlo(helo_name).await {
@@ -413,7 +431,7 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
             let reply = Reply::from_response(&helo);
             if !reply.is_positive() {
                 let text = format!("HELO: {}", reply.display());
-                return Err((Some(reply), text));
+                return Err((Some(reply), text).into());
             }
             Ok(Greeted {
                 client,
@@ -422,7 +440,7 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
         }
         Err(e) => {
             let (reply, text) = mail_error(&e);
-            Err((reply, format!("EHLO: {text}")))
+            Err((reply, format!("EHLO: {text}")).into())
         }
     }
 }
@@ -528,12 +546,12 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
         let info = tls_info(&tls_client);
         let g = greet(tls_client, &s.helo_name, true)
             .await
-            .map_err(|(r, t)| greet_failed(fail, r, t, Some(info.clone())))?;
+            .map_err(|e| greet_failed(fail, e, Some(info.clone())))?;
         (boxed(g.client), g.capabilities, Some(info))
     } else {
         let g = greet(tcp, &s.helo_name, true)
             .await
-            .map_err(|(r, t)| greet_failed(fail, r, t, None))?;
+            .map_err(|e| greet_failed(fail, e, None))?;
         let offers_tls = g.capabilities.has_capability(EXT_START_TLS);
         if s.tls == TlsPolicy::None || (!offers_tls && s.tls == TlsPolicy::Opportunistic) {
             (boxed(g.client), g.capabilities, None)
@@ -572,7 +590,7 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
                 // RFC 3207 §4.2: forget what was learnt before TLS and ask again.
                 let g = greet(tls_client, &s.helo_name, false)
                     .await
-                    .map_err(|(r, t)| fail(r, t, Some(info.clone())))?;
+                    .map_err(|e| greet_failed(fail, e, Some(info.clone())))?;
                 (boxed(g.client), g.capabilities, Some(info))
             }
         }
@@ -614,17 +632,15 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
     Ok(conn)
 }
 
-/// The error of a [`greet`] that failed, marked when the greeting itself refused.
+/// The session error of a [`greet`] that failed, marked when the greeting itself refused.
 fn greet_failed(
     fail: impl Fn(Option<Reply>, String, Option<TlsInfo>) -> SessionError,
-    reply: Option<Reply>,
-    text: String,
+    e: GreetError,
     tls: Option<TlsInfo>,
 ) -> SessionError {
-    let at_greeting = text.starts_with(GREETING);
-    let mut e = fail(reply, text, tls);
-    e.greeting_refused = e.permanent && at_greeting;
-    e
+    let mut err = fail(e.reply, e.text, tls);
+    err.greeting_refused = err.permanent && e.at_greeting;
+    err
 }
 
 /// Whether AUTH may send a password on this connection: inside TLS, or in clear only to a

@@ -160,7 +160,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_refusal_waits_and_checks_take_turns() {
+    async fn a_refusal_waits_and_gives_the_turn_back() {
         let auth = Arc::new(Authenticator::new(&users()).unwrap());
         let started = std::time::Instant::now();
         let (a, b) = tokio::join!(

@@ -610,7 +610,11 @@ mod tests {
         async fn log(&self, _: &LogQuery) -> Result<Vec<MessageLog>, StoreError> {
             unused()
         }
-        async fn find_recipient(&self, _: ReceiptId, _: &str) -> Result<Option<u32>, StoreError> {
+        async fn find_recipient(
+            &self,
+            _: ReceiptId,
+            _: &str,
+        ) -> Result<Option<(u32, String)>, StoreError> {
             unused()
         }
         async fn recipient_address(

@@ -1218,13 +1218,16 @@ fn parse_error_reply(e: ParseError) -> Reply {
 }
 
 fn is_rcpt_postmaster(line: &[u8]) -> bool {
-    squeezed(line) == b"RCPTTO:<POSTMASTER>"
+    squeezed(line).eq(b"RCPTTO:<POSTMASTER>".iter().copied())
 }
 
 /// `MAIL FROM:<postmaster>`, which smtp-proto reads as the null sender: a reverse-path is a
 /// mailbox with a domain or `<>` (RFC 5321 4.1.2), and `<>` would mean "send no DSN".
 fn is_mail_from_postmaster(line: &[u8]) -> bool {
-    squeezed(line).starts_with(b"MAILFROM:<POSTMASTER>")
+    let mut bytes = squeezed(line);
+    b"MAILFROM:<POSTMASTER>"
+        .iter()
+        .all(|&b| bytes.next() == Some(b))
 }
 
 /// A number smtp-proto would misread: its parser keeps only the last digits of a number of
@@ -1237,6 +1240,11 @@ enum Overflow {
 }
 
 fn overflowing_number(line: &[u8]) -> Option<Overflow> {
+    // Every command passes here: only BDAT and MAIL lines are read further.
+    let verb = line.get(..4)?;
+    if !verb.eq_ignore_ascii_case(b"BDAT") && !verb.eq_ignore_ascii_case(b"MAIL") {
+        return None;
+    }
     let too_big = |digits: &str| {
         !digits.is_empty()
             && digits.bytes().all(|b| b.is_ascii_digit())
@@ -1274,12 +1282,11 @@ fn xtext_bytes_as_utf8(value: &str) -> String {
         .unwrap_or_else(|| value.to_string())
 }
 
-/// `line` upper-cased without white space.
-fn squeezed(line: &[u8]) -> Vec<u8> {
+/// The bytes of `line` upper-cased without white space (run for every command: no copy).
+fn squeezed(line: &[u8]) -> impl Iterator<Item = u8> + '_ {
     line.iter()
         .filter(|b| !b.is_ascii_whitespace())
         .map(u8::to_ascii_uppercase)
-        .collect()
 }
 
 /// The forward-path as the client wrote it in a `RCPT TO:` line smtp-proto refused:

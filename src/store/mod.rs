@@ -413,12 +413,13 @@ pub trait Store: Send + Sync + 'static {
     async fn log(&self, query: &LogQuery) -> Result<Vec<MessageLog>, StoreError>;
 
     // --- bounces ---
-    /// Finds the recipient index of `address` in `receipt`.
+    /// Finds `address` (case-insensitive) among the recipients of `receipt`: its index and
+    /// the address as stored.
     async fn find_recipient(
         &self,
         receipt: ReceiptId,
         address: &str,
-    ) -> Result<Option<u32>, StoreError>;
+    ) -> Result<Option<(u32, String)>, StoreError>;
     /// The address of recipient `idx` of `receipt`, if the store has it.
     async fn recipient_address(
         &self,

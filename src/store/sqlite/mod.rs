@@ -357,7 +357,7 @@ impl Store for SqliteStore {
         &self,
         receipt: ReceiptId,
         address: &str,
-    ) -> Result<Option<u32>, StoreError> {
+    ) -> Result<Option<(u32, String)>, StoreError> {
         let address = address.to_string();
         self.read(move |c| read::find_recipient(c, receipt, &address))
             .await

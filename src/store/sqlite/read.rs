@@ -378,11 +378,12 @@ pub fn find_recipient(
     conn: &Connection,
     receipt: ReceiptId,
     address: &str,
-) -> Result<Option<u32>, StoreError> {
+) -> Result<Option<(u32, String)>, StoreError> {
     conn.query_row(
-        "SELECT idx FROM recipients WHERE receipt = ?1 AND address_lc = ?2 ORDER BY idx LIMIT 1",
+        "SELECT idx, address FROM recipients WHERE receipt = ?1 AND address_lc = ?2
+         ORDER BY idx LIMIT 1",
         params![receipt.to_string(), address_key(address)],
-        |r| r.get(0),
+        |r| Ok((r.get(0)?, r.get(1)?)),
     )
     .optional()
     .map_err(storage)

@@ -874,7 +874,7 @@ async fn bounces_are_correlated_recorded_and_filtered() {
 
     assert_eq!(
         store.find_recipient(r, "a@EXAMPLE.net").await.unwrap(),
-        Some(1)
+        Some((1, "A@example.net".to_string()))
     );
     assert_eq!(
         store.find_recipient(r, "z@example.net").await.unwrap(),

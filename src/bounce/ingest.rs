@@ -16,8 +16,8 @@ use crate::config::Config;
 use crate::metrics::{BounceLabel, Metrics};
 use crate::receipt::ReceiptId;
 use crate::store::{
-    BounceFacts, Correlation, LogKey, LogQuery, NewBounce, RecipientStatus, Store, StoreError,
-    Suppression,
+    BounceFacts, Correlation, LogKey, LogQuery, NewBounce, RecipientRef, RecipientStatus, Store,
+    StoreError, Suppression,
 };
 
 /// Where a record was matched: the message and recipient it is about.
@@ -26,9 +26,9 @@ pub struct Match {
     pub receipt: ReceiptId,
     pub rcpt_index: u32,
     pub correlation: Correlation,
-    /// The recipient's address as we sent to it; `None` when the store no longer has the
-    /// message (a VERP tag outlives the log purge).
-    pub address: Option<String>,
+    /// The recipient as stored; `None` when the store no longer has the message (a VERP
+    /// tag outlives the log purge).
+    pub recipient: Option<RecipientRef>,
 }
 
 impl Match {
@@ -38,9 +38,17 @@ impl Match {
     /// message (feedback loops report to a fixed address, never VERP). A DSN that reached a
     /// plain address of the bounce domain over SMTP and names our receipt id or Message-ID
     /// is recorded against the message but changes nothing: anyone who received the
-    /// message could have written it, about its other recipients.
+    /// message could have written it, about its other recipients. Nor does any record about
+    /// a recipient the receiving server never took (queued, refused, suppressed, failed):
+    /// there was nothing to bounce.
     fn acts(&self, record: &BounceRecord, from_smtp: bool) -> bool {
-        self.correlation == Correlation::Verp || !from_smtp || record.kind == BounceKind::Arf
+        let trusted =
+            self.correlation == Correlation::Verp || !from_smtp || record.kind == BounceKind::Arf;
+        trusted
+            && self
+                .recipient
+                .as_ref()
+                .is_some_and(|r| r.status.was_handed_over())
     }
 }
 
@@ -155,8 +163,8 @@ impl BounceIngest {
             let acting = matched
                 .as_ref()
                 .filter(|m| m.acts(record, source.is_some()));
-            let suppress = match acting.and_then(|m| m.address.as_deref()) {
-                Some(address) => self.suppression(record, address, &bounces, now).await?,
+            let suppress = match acting.and_then(|m| m.recipient.as_ref()) {
+                Some(r) => self.suppression(record, &r.address, &bounces, now).await?,
                 None => None,
             };
             let status = acting.and(new_status(record));
@@ -243,10 +251,7 @@ impl BounceIngest {
                 receipt: tag.receipt,
                 rcpt_index: tag.rcpt_index,
                 correlation: Correlation::Verp,
-                address: self
-                    .store
-                    .recipient_address(tag.receipt, tag.rcpt_index)
-                    .await?,
+                recipient: self.store.recipient(tag.receipt, tag.rcpt_index).await?,
             }));
         }
         let mut candidates: Vec<(ReceiptId, Correlation)> = Vec::new();
@@ -269,12 +274,12 @@ impl BounceIngest {
             .collect();
         for (receipt, correlation) in candidates {
             for a in &addresses {
-                if let Some((idx, address)) = self.store.find_recipient(receipt, a).await? {
+                if let Some(r) = self.store.find_recipient(receipt, a).await? {
                     return Ok(Some(Match {
                         receipt,
-                        rcpt_index: idx,
+                        rcpt_index: r.index,
                         correlation,
-                        address: Some(address),
+                        recipient: Some(r),
                     }));
                 }
             }
@@ -417,7 +422,10 @@ fn new_bounce(
     now: i64,
 ) -> NewBounce {
     // Filed under the recipient it matched (what it acts on and counts toward).
-    let matched_address = matched.as_ref().and_then(|m| m.address.clone());
+    let matched_address = matched
+        .as_ref()
+        .and_then(|m| m.recipient.as_ref())
+        .map(|r| r.address.clone());
     let reported_recipient = matched_address
         .as_ref()
         .filter(|a| !a.eq_ignore_ascii_case(&record.recipient))
@@ -681,10 +689,23 @@ mod tests {
             Arc::new(Classifier::with_user_rules("").unwrap()),
             Some(key.clone()),
         );
-        let recipients = ["alice@ex.test", "bob@ex.test", "carol@ex.test"];
+        let recipients = [
+            "alice@ex.test",
+            "bob@ex.test",
+            "carol@ex.test",
+            "dave@ex.test",
+        ];
         let sent = crate::test_support::accepted_message(&recipients, b"Subject: hi\r\n\r\nhi\r\n");
         let receipt = sent.receipt;
         store.accept(sent).await.unwrap();
+        // The receiving server took the first three; dave is still queued.
+        rusqlite::Connection::open(dir.path().join("m.db"))
+            .unwrap()
+            .execute(
+                "UPDATE recipients SET status = 'delivered' WHERE receipt = ?1 AND idx < 3",
+                [receipt.to_string()],
+            )
+            .unwrap();
         let now = chrono::Utc::now().timestamp_millis();
         let statuses = || async {
             let log = store
@@ -732,7 +753,10 @@ mod tests {
             correlations.contains(&Correlation::ReceiptHeader),
             "{correlations:?}"
         );
-        assert_eq!(statuses().await, ["queued", "queued", "queued"]);
+        assert_eq!(
+            statuses().await,
+            ["delivered", "delivered", "delivered", "queued"]
+        );
         assert!(suppressed().await.is_empty());
 
         // Carol's VERP address proves the bounce is about her copy, whoever it names; the
@@ -740,7 +764,10 @@ mod tests {
         let carol_verp = verp::encode(&key, "bounces", "bounce.test", receipt, 2);
         inbound_to(&store, &carol_verp, &dsn("alice@ex.test", receipt)).await;
         assert_eq!(ingest.process_pending().await.unwrap(), 1);
-        assert_eq!(statuses().await, ["queued", "queued", "bounced"]);
+        assert_eq!(
+            statuses().await,
+            ["delivered", "delivered", "bounced", "queued"]
+        );
         assert_eq!(suppressed().await, ["carol@ex.test"]);
         // Filed under carol, whom it acted on, with the address it named beside.
         let carols = store
@@ -762,10 +789,25 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(fed[0].correlation, Correlation::ReceiptHeader);
-        assert_eq!(statuses().await, ["queued", "bounced", "bounced"]);
+        assert_eq!(
+            statuses().await,
+            ["delivered", "bounced", "bounced", "queued"]
+        );
         let mut list = suppressed().await;
         list.sort_unstable();
         assert_eq!(list, ["bob@ex.test", "carol@ex.test"]);
+
+        // Even trusted, a bounce about a recipient never handed over has nothing to bounce.
+        let fed = ingest
+            .ingest(dsn("dave@ex.test", receipt).as_bytes(), &[], None)
+            .await
+            .unwrap();
+        assert_eq!(fed[0].correlation, Correlation::ReceiptHeader);
+        assert!(!fed[0].suppressed);
+        assert_eq!(
+            statuses().await,
+            ["delivered", "bounced", "bounced", "queued"]
+        );
     }
 
     #[test]

@@ -614,14 +614,14 @@ mod tests {
             &self,
             _: ReceiptId,
             _: &str,
-        ) -> Result<Option<(u32, String)>, StoreError> {
+        ) -> Result<Option<crate::store::RecipientRef>, StoreError> {
             unused()
         }
-        async fn recipient_address(
+        async fn recipient(
             &self,
             _: ReceiptId,
             _: u32,
-        ) -> Result<Option<String>, StoreError> {
+        ) -> Result<Option<crate::store::RecipientRef>, StoreError> {
             unused()
         }
         async fn find_by_message_id(&self, _: &str) -> Result<Option<ReceiptId>, StoreError> {

@@ -48,6 +48,15 @@ impl RecipientStatus {
     }
 
     /// Still waiting for a delivery attempt.
+    /// The receiving server took the message for this recipient (a `250`), so a bounce or a
+    /// complaint about it can follow.
+    pub fn was_handed_over(self) -> bool {
+        matches!(
+            self,
+            RecipientStatus::Delivered | RecipientStatus::Bounced | RecipientStatus::Complained
+        )
+    }
+
     pub fn is_pending(self) -> bool {
         matches!(self, Self::Queued | Self::Deferred)
     }
@@ -313,6 +322,15 @@ pub struct NewBounce {
     pub dedup_key: Option<String>,
 }
 
+/// One recipient of a stored message, as correlation needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecipientRef {
+    pub index: u32,
+    /// As stored (the case the client used).
+    pub address: String,
+    pub status: RecipientStatus,
+}
+
 /// What [`Store::record_bounces`] did with one bounce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordedBounce {
@@ -413,19 +431,18 @@ pub trait Store: Send + Sync + 'static {
     async fn log(&self, query: &LogQuery) -> Result<Vec<MessageLog>, StoreError>;
 
     // --- bounces ---
-    /// Finds `address` (case-insensitive) among the recipients of `receipt`: its index and
-    /// the address as stored.
+    /// Finds `address` (case-insensitive) among the recipients of `receipt`.
     async fn find_recipient(
         &self,
         receipt: ReceiptId,
         address: &str,
-    ) -> Result<Option<(u32, String)>, StoreError>;
-    /// The address of recipient `idx` of `receipt`, if the store has it.
-    async fn recipient_address(
+    ) -> Result<Option<RecipientRef>, StoreError>;
+    /// Recipient `idx` of `receipt`, if the store has it.
+    async fn recipient(
         &self,
         receipt: ReceiptId,
         idx: u32,
-    ) -> Result<Option<String>, StoreError>;
+    ) -> Result<Option<RecipientRef>, StoreError>;
     /// Receipt of a sent message by its `Message-ID` (angle brackets stripped).
     async fn find_by_message_id(&self, message_id: &str) -> Result<Option<ReceiptId>, StoreError>;
     async fn find_by_envid(&self, envid: &str) -> Result<Option<ReceiptId>, StoreError>;

@@ -19,7 +19,8 @@ use crate::receipt::ReceiptId;
 use crate::spool::AcceptedMessage;
 use crate::store::{
     AttemptRecord, BounceQuery, Correlation, LogQuery, MessageLog, NewBounce, QueueEntry,
-    QueuedMessage, RecordedBounce, Stage, Store, StoreError, StoredBounce, Suppression,
+    QueuedMessage, RecipientRef, RecordedBounce, Stage, Store, StoreError, StoredBounce,
+    Suppression,
 };
 
 pub use schema::SCHEMA_VERSION;
@@ -357,19 +358,18 @@ impl Store for SqliteStore {
         &self,
         receipt: ReceiptId,
         address: &str,
-    ) -> Result<Option<(u32, String)>, StoreError> {
+    ) -> Result<Option<RecipientRef>, StoreError> {
         let address = address.to_string();
         self.read(move |c| read::find_recipient(c, receipt, &address))
             .await
     }
 
-    async fn recipient_address(
+    async fn recipient(
         &self,
         receipt: ReceiptId,
         idx: u32,
-    ) -> Result<Option<String>, StoreError> {
-        self.read(move |c| read::recipient_address(c, receipt, idx))
-            .await
+    ) -> Result<Option<RecipientRef>, StoreError> {
+        self.read(move |c| read::recipient(c, receipt, idx)).await
     }
 
     async fn find_by_message_id(&self, message_id: &str) -> Result<Option<ReceiptId>, StoreError> {

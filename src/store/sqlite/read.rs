@@ -7,8 +7,8 @@ use crate::receipt::ReceiptId;
 use crate::spool::{DsnRet, Notify};
 use crate::store::{
     BounceFacts, BounceQuery, Correlation, EventLog, LogKey, LogQuery, MessageLog, QueueEntry,
-    QueuedMessage, QueuedRecipient, RcptReply, RecipientLog, RecipientStatus, Stage, StoreError,
-    StoredBounce, Suppression,
+    QueuedMessage, QueuedRecipient, RcptReply, RecipientLog, RecipientRef, RecipientStatus, Stage,
+    StoreError, StoredBounce, Suppression,
 };
 
 use super::write::message_id_key;
@@ -378,29 +378,38 @@ pub fn find_recipient(
     conn: &Connection,
     receipt: ReceiptId,
     address: &str,
-) -> Result<Option<(u32, String)>, StoreError> {
+) -> Result<Option<RecipientRef>, StoreError> {
     conn.query_row(
-        "SELECT idx, address FROM recipients WHERE receipt = ?1 AND address_lc = ?2
+        "SELECT idx, address, status FROM recipients WHERE receipt = ?1 AND address_lc = ?2
          ORDER BY idx LIMIT 1",
         params![receipt.to_string(), address_key(address)],
-        |r| Ok((r.get(0)?, r.get(1)?)),
+        recipient_ref,
     )
     .optional()
     .map_err(storage)
 }
 
-pub fn recipient_address(
+pub fn recipient(
     conn: &Connection,
     receipt: ReceiptId,
     idx: u32,
-) -> Result<Option<String>, StoreError> {
+) -> Result<Option<RecipientRef>, StoreError> {
     conn.query_row(
-        "SELECT address FROM recipients WHERE receipt = ?1 AND idx = ?2",
+        "SELECT idx, address, status FROM recipients WHERE receipt = ?1 AND idx = ?2",
         params![receipt.to_string(), idx],
-        |r| r.get(0),
+        recipient_ref,
     )
     .optional()
     .map_err(storage)
+}
+
+/// A row of `idx, address, status`.
+fn recipient_ref(r: &Row) -> rusqlite::Result<RecipientRef> {
+    Ok(RecipientRef {
+        index: r.get(0)?,
+        address: r.get(1)?,
+        status: status_at(r, 2)?,
+    })
 }
 
 pub fn find_by_message_id(

@@ -873,8 +873,12 @@ async fn bounces_are_correlated_recorded_and_filtered() {
     store.accept(msg).await.unwrap();
 
     assert_eq!(
-        store.find_recipient(r, "a@EXAMPLE.net").await.unwrap(),
-        Some((1, "A@example.net".to_string()))
+        store
+            .find_recipient(r, "a@EXAMPLE.net")
+            .await
+            .unwrap()
+            .map(|r| r.index),
+        Some(1)
     );
     assert_eq!(
         store.find_recipient(r, "z@example.net").await.unwrap(),

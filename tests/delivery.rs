@@ -1721,3 +1721,24 @@ mod queue {
         h.handle.join().await;
     }
 }
+
+#[tokio::test]
+async fn eight_bit_content_goes_unchanged_to_a_peer_offering_8bitmime() {
+    let mx = TestMx::start(Script::default()).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let body =
+        "Subject: t\r\nMIME-Version: 1.0\r\nContent-Transfer-Encoding: 8bit\r\n\r\nGrüße\r\n";
+    let mut env = envelope(&["a@d.test"]);
+    env.eight_bit = true;
+    let r = per_recipient(
+        &conn
+            .transaction(&env, body.as_bytes(), Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(r[0].reply.as_ref().unwrap().code, 250);
+    let tx = &mx.transactions()[0];
+    assert!(tx.mail_from.contains("BODY=8BITMIME"), "{}", tx.mail_from);
+    assert_eq!(tx.body, body.as_bytes());
+}

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::disk::{SmallDisk, fill};
-use common::mailtrail::{Mailtrail, wait_until};
+use common::mailtrail::{Mailtrail, python, wait_until};
 use common::postfix::Postfix;
 use common::test_mx::{Script, TestMx};
 
@@ -454,4 +454,69 @@ async fn each_message_is_delivered_once() {
             .map(|t| t.rcpt_to.clone())
             .collect::<Vec<_>>()
     );
+}
+
+/// RFC 6152 §3: a next hop that does not offer 8BITMIME gets the 8-bit parts of a message
+/// submitted with `BODY=8BITMIME` converted (quoted-printable for text, base64 otherwise),
+/// and no `BODY=8BITMIME`; what its reader decodes is what the application wrote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_bit_mail_is_converted_for_a_next_hop_without_8bitmime() {
+    let mx = TestMx::start(Script {
+        extensions: vec!["PIPELINING".into(), "ENHANCEDSTATUSCODES".into()],
+        ..Script::default()
+    })
+    .await;
+    let m = relay_to(mx.port(), "");
+    let script = format!(
+        r#"
+import smtplib
+msg = (b"From: app@example.com\r\nTo: seven@dest.test\r\nSubject: Rechnung\r\n"
+       b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n\r\n"
+       b"--XX\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+       + "Grüße, Ihre Buchhaltung – 100 €".encode() + b"\r\n"
+       b"--XX\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+       b"\x89PNG\xff\x00\r\n--XX--\r\n")
+s = smtplib.SMTP("127.0.0.1", {port})
+s.ehlo("app.test")
+refused = s.sendmail("app@example.com", ["seven@dest.test"], msg, mail_options=["BODY=8BITMIME"])
+print("refused", refused, s.noop())
+"#,
+        port = m.smtp.port()
+    );
+    let (ok, out) = python(&script);
+    assert!(ok, "{out}");
+    assert!(out.contains("refused {}"), "{out}");
+    wait_until("delivered", Duration::from_secs(20), || {
+        mx.transactions().iter().any(|t| t.accepted)
+    });
+    let tx = mx.transactions().into_iter().find(|t| t.accepted).unwrap();
+    assert!(
+        !tx.mail_from.to_ascii_uppercase().contains("BODY="),
+        "{}",
+        tx.mail_from
+    );
+    let body = String::from_utf8(tx.body.clone()).expect("the relayed message is ASCII");
+    assert!(body.is_ascii(), "{body}");
+    assert!(
+        body.contains("Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe"),
+        "{body}"
+    );
+    assert!(
+        body.contains("Content-Transfer-Encoding: base64\r\n\r\niVBOR/8A\r\n--XX--"),
+        "{body}"
+    );
+    let parsed = mail_parser::MessageParser::default()
+        .parse(&tx.body)
+        .expect("parses");
+    assert_eq!(
+        parsed.body_text(0).as_deref(),
+        Some("Grüße, Ihre Buchhaltung – 100 €")
+    );
+    assert_eq!(
+        parsed.attachment(0).map(|a| a.contents().to_vec()),
+        Some(b"\x89PNG\xff\x00".to_vec())
+    );
+    wait_until("recorded as delivered", Duration::from_secs(20), || {
+        m.recipient("seven@dest.test", "seven@dest.test")["status"] == "delivered"
+    });
 }

@@ -692,6 +692,13 @@ impl Connection {
             ));
             return out;
         }
+        // RFC 6152 §3: 8-bit content reaches a server without 8BITMIME only converted.
+        let body = if caps & EXT_8BIT_MIME == 0 {
+            super::downgrade::to_7bit(body)
+        } else {
+            std::borrow::Cow::Borrowed(body)
+        };
+        let body = &body[..];
         self.clean = false;
         let chunking = caps & EXT_CHUNKING != 0;
         let mut commands = vec![mail_command(env, body.len(), caps)];

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod dns;
+pub mod downgrade;
 pub mod dsn;
 pub mod handoff;
 pub mod retry;

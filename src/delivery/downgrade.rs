@@ -1,0 +1,348 @@
+//! 8-bit to 7-bit conversion of a message for a next hop that does not offer 8BITMIME
+//! (RFC 6152 §3: the client converts the message or does not send it; Postfix converts).
+//!
+//! Every leaf part whose body holds 8-bit bytes under an identity transfer encoding (`7bit`,
+//! `8bit`, `binary` or none) is encoded: quoted-printable for text, base64 for anything else
+//! (RFC 2045 §6), its `Content-Transfer-Encoding` field replaced. Multipart and `message/*`
+//! parts are never encoded themselves (RFC 2046 §5): the parts inside them are, and their
+//! boundaries, preambles and headers stay byte for byte. A message without `MIME-Version`
+//! gets one, or its reader would not decode the new encoding (RFC 2045 §4). Nothing else
+//! changes: 8-bit bytes in header fields (which only SMTPUTF8 allows) stay, as in Postfix,
+//! and so do those in a part already declared base64 or quoted-printable, which is broken
+//! and whose reader would decode something else if it were encoded again.
+
+use std::borrow::Cow;
+
+use base64::Engine;
+use mail_parser::{HeaderName, Message, MessageParser, MessagePart, MimeHeaders, PartType};
+
+/// The message with every 8-bit leaf part encoded; the message itself when it is ASCII or
+/// nothing in it can be encoded.
+pub fn to_7bit(raw: &[u8]) -> Cow<'_, [u8]> {
+    if raw.is_ascii() {
+        return Cow::Borrowed(raw);
+    }
+    let Some(message) = MessageParser::new().with_mime_headers().parse(raw) else {
+        return Cow::Borrowed(raw);
+    };
+    let needs_version = message.header(HeaderName::MimeVersion).is_none();
+    let mut edits = Vec::new();
+    collect(&message, raw, needs_version, &mut edits);
+    if edits.is_empty() {
+        return Cow::Borrowed(raw);
+    }
+    if needs_version
+        && !edits.iter().any(|e| e.start == 0)
+        && let Some(top) = message.parts.first()
+    {
+        // The top header is not rewritten (the message is multipart): the version goes
+        // at its end.
+        let at = fields_end(raw.get(..top.offset_body as usize).unwrap_or_default());
+        edits.push(Edit {
+            start: at,
+            end: at,
+            replacement: MIME_VERSION.to_vec(),
+        });
+    }
+    edits.sort_by_key(|e| e.start);
+    let mut out = Vec::with_capacity(raw.len() + raw.len() / 4);
+    let mut copied = 0;
+    for e in edits {
+        // mail-parser's parts never overlap; a range that did would be left as it is.
+        if e.start < copied || e.end > raw.len() {
+            continue;
+        }
+        out.extend_from_slice(&raw[copied..e.start]);
+        out.extend_from_slice(&e.replacement);
+        copied = e.end;
+    }
+    out.extend_from_slice(&raw[copied..]);
+    Cow::Owned(out)
+}
+
+const MIME_VERSION: &[u8] = b"MIME-Version: 1.0\r\n";
+
+/// `raw[start..end]` becomes `replacement`.
+struct Edit {
+    start: usize,
+    end: usize,
+    replacement: Vec<u8>,
+}
+
+/// The edits for every leaf of `message` (and of the messages attached to it: their
+/// parts' offsets are into the same buffer) that needs encoding. `add_version`: the top
+/// header, when rewritten (the message is a single part), takes a `MIME-Version` field.
+fn collect(message: &Message<'_>, raw: &[u8], add_version: bool, edits: &mut Vec<Edit>) {
+    for part in &message.parts {
+        let base64 = match &part.body {
+            PartType::Multipart(_) => continue,
+            PartType::Message(attached) => {
+                collect(attached, raw, false, edits);
+                continue;
+            }
+            PartType::Text(_) | PartType::Html(_) => false,
+            PartType::Binary(_) | PartType::InlineBinary(_) => true,
+        };
+        if is_message_type(part) || !has_identity_encoding(part) {
+            continue;
+        }
+        let (start, body_start, end) = (
+            part.offset_header as usize,
+            part.offset_body as usize,
+            part.offset_end as usize,
+        );
+        let (Some(header), Some(body)) = (raw.get(start..body_start), raw.get(body_start..end))
+        else {
+            continue;
+        };
+        if body.is_ascii() {
+            continue;
+        }
+        let (name, encoded) = if base64 {
+            ("base64", encode_base64(body))
+        } else {
+            ("quoted-printable", encode_quoted_printable(body))
+        };
+        let mut replacement = Vec::with_capacity(header.len() + encoded.len() + 48);
+        rewrite_header(header, add_version && start == 0, name, &mut replacement);
+        replacement.extend_from_slice(&encoded);
+        edits.push(Edit {
+            start,
+            end,
+            replacement,
+        });
+    }
+}
+
+/// `message/*` other than an attached message (which mail-parser parses as one): partial,
+/// external-body, delivery-status. RFC 2046 §5.2 allows them no encoding.
+fn is_message_type(part: &MessagePart<'_>) -> bool {
+    part.content_type()
+        .is_some_and(|ct| ct.ctype().eq_ignore_ascii_case("message"))
+}
+
+/// No `Content-Transfer-Encoding`, or `7bit`, `8bit` or `binary` (RFC 2045 §6.1).
+fn has_identity_encoding(part: &MessagePart<'_>) -> bool {
+    match part.content_transfer_encoding() {
+        None => true,
+        Some(cte) => {
+            let cte = cte.trim();
+            ["7bit", "8bit", "binary"]
+                .iter()
+                .any(|identity| cte.eq_ignore_ascii_case(identity))
+        }
+    }
+}
+
+/// The header block without its `Content-Transfer-Encoding` field(s), then `MIME-Version`
+/// if asked for and the new encoding, then the blank line that ends it.
+fn rewrite_header(header: &[u8], add_version: bool, encoding: &str, out: &mut Vec<u8>) {
+    let end = fields_end(header);
+    let mut dropping = false;
+    for line in header[..end].split_inclusive(|b| *b == b'\n') {
+        let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
+        if !continuation {
+            dropping = is_field(line, b"content-transfer-encoding");
+        }
+        if !dropping {
+            out.extend_from_slice(line);
+        }
+    }
+    if add_version {
+        out.extend_from_slice(MIME_VERSION);
+    }
+    out.extend_from_slice(b"Content-Transfer-Encoding: ");
+    out.extend_from_slice(encoding.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&header[end..]);
+}
+
+/// Whether the field line is named `name` (lower case).
+fn is_field(line: &[u8], name: &[u8]) -> bool {
+    line.split(|b| *b == b':')
+        .next()
+        .filter(|_| line.contains(&b':'))
+        .is_some_and(|n| n.trim_ascii().eq_ignore_ascii_case(name))
+}
+
+/// Where the blank line that ends a header block starts (its length when there is none).
+fn fields_end(header: &[u8]) -> usize {
+    if header.ends_with(b"\r\n\r\n") {
+        header.len() - 2
+    } else if header.ends_with(b"\n\n") {
+        header.len() - 1
+    } else if header == b"\r\n" || header == b"\n" {
+        0
+    } else {
+        header.len()
+    }
+}
+
+/// Quoted-printable (the `quoted_printable` crate, line breaks kept as they are), where no
+/// line that follows a soft line break starts with `-`: such a line could read as a
+/// boundary delimiter of the enclosing multipart (`--boundary`), which the text it was cut
+/// from, a line that did not start there, could not. The crate wraps at 74 characters, so
+/// a `-` written `=2D` keeps the line within RFC 2045's 76.
+fn encode_quoted_printable(body: &[u8]) -> Vec<u8> {
+    let encoded = quoted_printable::encode_with_options(
+        body,
+        quoted_printable::Options::default().line_length_limit(74),
+    );
+    let mut out = Vec::with_capacity(encoded.len() + 16);
+    let mut after_soft_break = false;
+    for line in encoded.as_bytes().split_inclusive(|b| *b == b'\n') {
+        match line.split_first() {
+            Some((b'-', rest)) if after_soft_break => {
+                out.extend_from_slice(b"=2D");
+                out.extend_from_slice(rest);
+            }
+            _ => out.extend_from_slice(line),
+        }
+        after_soft_break = line.ends_with(b"=\r\n");
+    }
+    out
+}
+
+/// Base64 in lines of 76 characters, CRLF between them (RFC 2045 §6.8).
+fn encode_base64(body: &[u8]) -> Vec<u8> {
+    let encoded = base64::engine::general_purpose::STANDARD.encode(body);
+    let mut out = Vec::with_capacity(encoded.len() + encoded.len() / 38 + 2);
+    for (i, line) in encoded.as_bytes().chunks(76).enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(line);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(raw: &[u8]) -> Message<'_> {
+        MessageParser::default().parse(raw).expect("parses")
+    }
+
+    /// Every part's decoded content, in order.
+    fn contents(m: &Message<'_>) -> Vec<Vec<u8>> {
+        m.parts
+            .iter()
+            .filter_map(|p| match &p.body {
+                PartType::Text(t) | PartType::Html(t) => Some(t.as_bytes().to_vec()),
+                PartType::Binary(b) | PartType::InlineBinary(b) => Some(b.to_vec()),
+                PartType::Message(inner) => Some(contents(inner).concat()),
+                PartType::Multipart(_) => None,
+            })
+            .collect()
+    }
+
+    const MIXED: &[u8] = b"Subject: x\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/mixed; boundary=\"B\"\r\n\r\npreamble\r\n\
+--B\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+h\xc3\xa9llo w\xc3\xb6rld\r\nsecond line\r\n\
+--B\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n\
+\x00\x01\xff\xfe\x80\r\n\
+--B\r\nContent-Type: message/rfc822\r\n\r\n\
+Subject: inner\r\nContent-Type: text/plain; charset=utf-8\r\n\
+Content-Transfer-Encoding:\r\n 8bit\r\n\r\ninn\xc3\xa9r\r\n\
+--B\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\naGk=\r\n\
+--B--\r\nepilogue\r\n";
+
+    #[test]
+    fn every_8bit_leaf_is_encoded_and_decodes_to_the_same_content() {
+        let out = to_7bit(MIXED);
+        assert!(out.is_ascii(), "{}", String::from_utf8_lossy(&out));
+        assert_eq!(contents(&parse(&out)), contents(&parse(MIXED)));
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.contains("Content-Transfer-Encoding: quoted-printable\r\n\r\nh=C3=A9llo w=C3=B6rld\r\nsecond line\r\n--B\r\n"), "{text}");
+        assert!(
+            text.contains("Content-Transfer-Encoding: base64\r\n\r\nAAH//oA=\r\n--B"),
+            "{text}"
+        );
+        // The attached message's folded field is replaced whole.
+        assert!(text.contains("Subject: inner\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\ninn=C3=A9r\r\n"), "{text}");
+        assert!(!text.contains(" 8bit"), "{text}");
+        // Structure, preamble, epilogue and the ASCII base64 part as they were.
+        assert!(text.starts_with("Subject: x\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"B\"\r\n\r\npreamble\r\n--B\r\n"));
+        assert!(
+            text.ends_with(
+                "Content-Transfer-Encoding: base64\r\n\r\naGk=\r\n--B--\r\nepilogue\r\n"
+            )
+        );
+        assert_eq!(text.matches("MIME-Version").count(), 1);
+    }
+
+    #[test]
+    fn ascii_messages_and_unencodable_ones_are_sent_as_they_are() {
+        let ascii = b"Subject: a\r\n\r\nplain\r\n";
+        assert!(matches!(to_7bit(ascii), Cow::Borrowed(_)));
+        // 8 bits only in a header field: nothing to encode.
+        let header_only = b"Subject: caf\xc3\xa9\r\n\r\nplain\r\n";
+        assert!(matches!(to_7bit(header_only), Cow::Borrowed(b) if b == header_only));
+        // A part declared quoted-printable that holds raw 8-bit bytes: left alone.
+        let broken =
+            b"MIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nx\xe9\r\n";
+        assert!(matches!(to_7bit(broken), Cow::Borrowed(_)));
+        // message/delivery-status may not be encoded (RFC 2046 5.2).
+        let report = b"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=R\r\n\r\n\
+--R\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; h\xc3\xa9\r\n--R--\r\n";
+        assert!(matches!(to_7bit(report), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn a_message_without_mime_version_gets_one() {
+        let plain = b"Subject: s\r\nFrom: a@b.example\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n";
+        let out = to_7bit(plain);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "Subject: s\r\nFrom: a@b.example\r\nMIME-Version: 1.0\r\n\
+             Content-Transfer-Encoding: quoted-printable\r\n\r\nGr=C3=BC=C3=9Fe\r\n"
+        );
+        // Multipart without the version field (mail-parser reads it anyway): inserted in
+        // the top header, the part rewritten below it.
+        let multipart =
+            b"Content-Type: multipart/mixed; boundary=Q\r\n\r\n--Q\r\n\r\n\xc3\xa9\r\n--Q--\r\n";
+        let out = to_7bit(multipart);
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "Content-Type: multipart/mixed; boundary=Q\r\nMIME-Version: 1.0\r\n\r\n--Q\r\n\
+             Content-Transfer-Encoding: quoted-printable\r\n\r\n=C3=A9\r\n--Q--\r\n"
+        );
+    }
+
+    #[test]
+    fn no_soft_broken_line_starts_like_a_boundary() {
+        // A dash where the 74-character wrap puts it at the start of the next line
+        // (mail-parser ends a part at its boundary even inside a line, so a real
+        // boundary cannot be used to show this).
+        let mut line = "é".to_string();
+        line.push_str(&"x".repeat(67));
+        line.push_str("--Z-");
+        let raw = format!(
+            "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n\
+             Content-Transfer-Encoding: 8bit\r\n\r\n{line}\r\n--B--\r\n"
+        );
+        let out = to_7bit(raw.as_bytes());
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(text.contains("x=\r\n=2D-Z-\r\n--B--"), "{text:?}");
+        assert!(text.lines().all(|l| l.len() <= 76), "{text:?}");
+        assert_eq!(contents(&parse(&out)), contents(&parse(raw.as_bytes())));
+    }
+
+    #[test]
+    fn long_lines_and_trailing_spaces_survive_the_round_trip() {
+        let body = format!("{}\u{e9}  \r\n\tend é\r\n", "a ".repeat(600));
+        let raw =
+            format!("MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}");
+        let out = to_7bit(raw.as_bytes());
+        assert!(out.is_ascii());
+        assert!(
+            std::str::from_utf8(&out)
+                .unwrap()
+                .lines()
+                .all(|l| l.len() <= 76)
+        );
+        assert_eq!(contents(&parse(&out)), vec![body.into_bytes()]);
+    }
+}

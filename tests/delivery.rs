@@ -1742,3 +1742,127 @@ async fn eight_bit_content_goes_unchanged_to_a_peer_offering_8bitmime() {
     assert!(tx.mail_from.contains("BODY=8BITMIME"), "{}", tx.mail_from);
     assert_eq!(tx.body, body.as_bytes());
 }
+
+/// A next hop that answers RCPT with `250-` lines for ever: the reply is refused after
+/// `MAX_LINES` lines, with memory bounded (smtp-proto's parser kept two bytes of each).
+#[tokio::test]
+async fn an_endless_reply_ends_the_session_instead_of_filling_memory() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut rd = BufReader::new(stream);
+        rd.get_mut().write_all(b"220 endless\r\n").await.unwrap();
+        let mut line = String::new();
+        for answer in [&b"250 endless\r\n"[..], b"250 2.1.0 ok\r\n"] {
+            line.clear();
+            rd.read_line(&mut line).await.unwrap();
+            rd.get_mut().write_all(answer).await.unwrap();
+        }
+        line.clear();
+        rd.read_line(&mut line).await.unwrap();
+        assert!(line.starts_with("RCPT"), "{line}");
+        let chunk = b"250-\r\n".repeat(1000);
+        let mut sent = 0usize;
+        while rd.get_mut().write_all(&chunk).await.is_ok() {
+            sent += chunk.len();
+            if sent > 50_000_000 {
+                break;
+            }
+        }
+        sent
+    });
+    let mut conn = client::connect(&[target(addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let t = conn
+        .transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    let error = t.error.expect("the session ends in an error");
+    assert!(error.contains("more than 1000 lines"), "{error}");
+    drop(conn);
+    let sent = server.await.unwrap();
+    assert!(sent < 50_000_000, "the client read on for {sent} bytes");
+}
+
+#[tokio::test]
+async fn a_long_multi_line_refusal_keeps_its_code_status_and_text() {
+    let lines: Vec<String> = (0..10)
+        .map(|i| format!("550 5.7.1 policy text {i} {}", "x".repeat(480)))
+        .chain(std::iter::once("550 5.7.1 rejected by policy".to_string()))
+        .collect();
+    let mx = TestMx::start(Script::default().rcpt("long@d.test", &[&lines.join("\n")])).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let r = per_recipient(
+        &conn
+            .transaction(&envelope(&["long@d.test"]), BODY, Duration::from_secs(2))
+            .await,
+    );
+    let reply = r[0].reply.as_ref().expect("the reply is kept");
+    assert_eq!(reply.code, 550);
+    assert_eq!(reply.enhanced_status.as_deref(), Some("5.7.1"));
+    assert!(
+        reply.text.starts_with("policy text 0 xxx"),
+        "{}",
+        reply.text
+    );
+    assert!(reply.text.ends_with("[...]"), "{}", reply.text);
+}
+
+#[tokio::test]
+async fn a_reply_whose_lines_disagree_is_decided_by_its_last_line() {
+    let mx = TestMx::start(
+        Script::default().rcpt("odd@d.test", &["250 2.1.5 ok\n550 5.1.1 no such user"]),
+    )
+    .await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let t = conn
+        .transaction(&envelope(&["odd@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    let reply = t.rcpt[0].clone().unwrap();
+    assert_eq!(
+        (
+            reply.code,
+            reply.enhanced_status.as_deref(),
+            reply.text.as_str()
+        ),
+        (550, Some("5.1.1"), "250 ok\nno such user")
+    );
+    assert!(t.data.is_none());
+}
+
+/// RFC 5321 §4.1.1.4: only 354 asks for the message. A 250 to DATA (or an RCPT's 250 in
+/// the DATA slot of a server answering out of order) took nothing and must not read as
+/// delivered.
+#[tokio::test]
+async fn a_2xx_to_the_data_command_is_not_a_delivery() {
+    for pipelining in [true, false] {
+        let mut script = Script {
+            data_command_reply: "250 2.0.0 ok no data needed".into(),
+            ..Default::default()
+        };
+        if !pipelining {
+            script.extensions.retain(|e| e != "PIPELINING");
+        }
+        let mx = TestMx::start(script).await;
+        let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+            .await
+            .unwrap();
+        let t = conn
+            .transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+            .await;
+        assert!(t.data.is_none(), "pipelining {pipelining}: {:?}", t.data);
+        let error = t.error.clone().expect("an error");
+        assert!(error.contains("instead of 354"), "{error}");
+        // The recipient is decided at DATA with no reply: a temporary failure, retried.
+        let r = per_recipient(&t);
+        assert_eq!((r[0].stage, r[0].reply.as_ref()), (Stage::Data, None));
+        assert!(r[0].text.contains("instead of 354"), "{}", r[0].text);
+        assert!(mx.transactions().iter().all(|t| !t.accepted));
+    }
+}

@@ -17,14 +17,69 @@ fn init_tracing(config: &Config) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours off: every control byte a field brings is escaped on the way out (see
+    // `OneLine`), which would show the colours' own escapes as text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+        .with_writer(|| OneLine(std::io::stderr()))
+        .with_ansi(false);
     let _ = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
     };
+}
+
+/// Writes each formatted log event with its control characters escaped, the final line
+/// break excepted: field values carry text from remote servers and clients (a reply, a
+/// bounce's recipient), and a line break in one made a line of its own that could pass for
+/// mailtrail's (`... delivery attempt status=delivered`), an escape sequence could rewrite
+/// an admin's terminal. Postfix logs such text through `printable()` for the same reason.
+struct OneLine<W>(W);
+
+impl<W: std::io::Write> std::io::Write for OneLine<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write_all(&escape_controls(buf))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// `buf` with C0 controls (tab kept), DEL and C1 controls (UTF-8 `C2 80`..`C2 9F`) as
+/// `\xNN`; a line break at the very end stays.
+fn escape_controls(buf: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let (body, end) = match buf.strip_suffix(b"\n") {
+        Some(body) => (body, &b"\n"[..]),
+        None => (buf, &b""[..]),
+    };
+    let is_c1 =
+        |i: usize| body[i] == 0xC2 && body.get(i + 1).is_some_and(|b| (0x80..=0x9F).contains(b));
+    let needs = |i: usize| {
+        let b = body[i];
+        (b < 0x20 && b != b'\t') || b == 0x7f || is_c1(i)
+    };
+    if !(0..body.len()).any(needs) {
+        return std::borrow::Cow::Borrowed(buf);
+    }
+    let mut out = Vec::with_capacity(buf.len() + 16);
+    let mut i = 0;
+    while i < body.len() {
+        if is_c1(i) {
+            out.extend_from_slice(format!("\\x{:02x}", body[i + 1]).as_bytes());
+            i += 2;
+            continue;
+        }
+        if needs(i) {
+            out.extend_from_slice(format!("\\x{:02x}", body[i]).as_bytes());
+        } else {
+            out.push(body[i]);
+        }
+        i += 1;
+    }
+    out.extend_from_slice(end);
+    std::borrow::Cow::Owned(out)
 }
 
 pub fn serve(config: Config) -> anyhow::Result<ExitCode> {
@@ -300,6 +355,22 @@ async fn wait_for_signal() {
 mod tests {
     use super::*;
     use std::ffi::OsStr;
+
+    #[test]
+    fn log_lines_carry_no_control_characters_but_their_own_end() {
+        let line =
+            "INFO delivery attempt text=550-x\n2026 INFO forged \x1b]0;t\x07\r\u{9b}31m\tok é\n";
+        let out = escape_controls(line.as_bytes());
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            "INFO delivery attempt text=550-x\\x0a2026 INFO forged \\x1b]0;t\\x07\\x0d\\x9b31m\tok é\n"
+        );
+        let clean = "INFO message accepted receipt=01M é\n";
+        assert!(matches!(
+            escape_controls(clean.as_bytes()),
+            std::borrow::Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn worker_threads_from_the_environment() {

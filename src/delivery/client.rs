@@ -24,7 +24,7 @@ use mail_send::smtp::tls::build_tls_connector;
 use mail_send::{Credentials, SmtpClient};
 use smtp_proto::{
     EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
-    EhloResponse, Response,
+    EhloResponse,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -40,54 +40,8 @@ use super::dns::Target;
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-/// One SMTP reply as recorded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reply {
-    pub code: u16,
-    /// RFC 3463 `class.subject.detail` when the server sent one.
-    pub enhanced_status: Option<String>,
-    /// Reply text without code and enhanced status; lines of a multi-line reply joined by `\n`.
-    pub text: String,
-}
-
-impl Reply {
-    /// An enhanced status whose class contradicts the reply code (`550 2.1.1`) is no status
-    /// (RFC 3463 2: the class must match; a DSN would report a failure as `2.1.1`): it stays
-    /// in the text, where the server wrote it.
-    pub fn from_response(r: &Response<String>) -> Self {
-        let text = r.message.trim_end();
-        let esc = (r.esc[0] != 0).then(|| format!("{}.{}.{}", r.esc[0], r.esc[1], r.esc[2]));
-        match esc {
-            Some(e) if u16::from(r.esc[0]) == r.code / 100 => Self {
-                code: r.code,
-                enhanced_status: Some(e),
-                text: text.to_string(),
-            },
-            Some(e) => Self {
-                code: r.code,
-                enhanced_status: None,
-                text: format!("{e} {text}"),
-            },
-            None => Self {
-                code: r.code,
-                enhanced_status: None,
-                text: text.to_string(),
-            },
-        }
-    }
-
-    pub fn is_positive(&self) -> bool {
-        (200..300).contains(&self.code)
-    }
-
-    /// `550 5.1.1 text` (first line form used in logs and Diagnostic-Code).
-    pub fn display(&self) -> String {
-        match &self.enhanced_status {
-            Some(e) => format!("{} {} {}", self.code, e, self.text),
-            None => format!("{} {}", self.code, self.text),
-        }
-    }
-}
+pub use super::reply::Reply;
+use super::reply::{self as reply_reader, ReadError};
 
 /// Negotiated TLS parameters of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,6 +164,8 @@ pub struct Connection {
     /// not). A transaction cut short before the message (MAIL refused, no recipient taken)
     /// leaves it false: RSET comes first on reuse.
     clean: bool,
+    /// Bytes received after the last reply read (a pipelining server's next replies).
+    pending: Vec<u8>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -375,6 +331,30 @@ fn mail_error(e: &mail_send::Error) -> (Option<Reply>, String) {
     }
 }
 
+/// Sends `wire` and reads one reply with the bounded reader, all within `timeout`.
+async fn command<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+    stream: &mut S,
+    wire: &[u8],
+    pending: &mut Vec<u8>,
+    timeout: Duration,
+) -> Result<Reply, String> {
+    let exchange = async {
+        stream
+            .write_all(wire)
+            .await
+            .map_err(|e| ReadError::Io(e.to_string()))?;
+        stream
+            .flush()
+            .await
+            .map_err(|e| ReadError::Io(e.to_string()))?;
+        reply_reader::read(stream, pending).await
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("timeout waiting for the server".to_string()),
+    }
+}
+
 struct Greeted<T: AsyncRead + AsyncWrite + Unpin> {
     client: SmtpClient<T>,
     capabilities: EhloResponse<String>,
@@ -405,11 +385,15 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
     read_banner: bool,
 ) -> Result<Greeted<T>, GreetError> {
     if read_banner {
-        let banner = tokio::time::timeout(client.timeout, client.read())
-            .await
-            .map_err(|_| (None, "timeout waiting for the greeting".to_string()))?
-            .map_err(|e| mail_error(&e))?;
-        let reply = Reply::from_response(&banner);
+        // Bytes a server sends after its greeting, unasked, are dropped with this buffer.
+        let mut pending = Vec::new();
+        let reply = tokio::time::timeout(
+            client.timeout,
+            reply_reader::read(&mut client.stream, &mut pending),
+        )
+        .await
+        .map_err(|_| (None, "timeout waiting for the greeting".to_string()))?
+        .map_err(|e| (None, e.to_string()))?;
         if !reply.is_positive() {
             return Err(GreetError {
                 text: format!("greeting: {}", reply.display()),
@@ -424,11 +408,15 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
             capabilities,
         }),
         Err(mail_send::Error::UnexpectedReply(r)) if (500..600).contains(&r.code) => {
-            let helo = client
-                .cmd(format!("HELO {helo_name}\r\n"))
-                .await
-                .map_err(|e| mail_error(&e))?;
-            let reply = Reply::from_response(&helo);
+            let timeout = client.timeout;
+            let reply = command(
+                &mut client.stream,
+                format!("HELO {helo_name}\r\n").as_bytes(),
+                &mut Vec::new(),
+                timeout,
+            )
+            .await
+            .map_err(|e| (None, e))?;
             if !reply.is_positive() {
                 let text = format!("HELO: {}", reply.display());
                 return Err((Some(reply), text).into());
@@ -563,11 +551,16 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
             ));
         } else {
             let mut client = g.client;
-            let reply = client.cmd(b"STARTTLS\r\n").await.map_err(|e| {
-                let (r, t) = mail_error(&e);
-                fail(r, format!("STARTTLS: {t}"), None)
-            })?;
-            let reply = Reply::from_response(&reply);
+            // RFC 3207 §4: what the server sends after its 220 and before the handshake
+            // (an injection by a man in the middle) goes with this buffer, unread.
+            let reply = command(
+                &mut client.stream,
+                b"STARTTLS\r\n",
+                &mut Vec::new(),
+                s.command_timeout,
+            )
+            .await
+            .map_err(|t| fail(None, format!("STARTTLS: {t}"), None))?;
             if !reply.is_positive() {
                 if s.tls == TlsPolicy::Required {
                     let text = format!("STARTTLS refused: {}", reply.display());
@@ -605,6 +598,7 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
         command_timeout: s.command_timeout,
         transactions: 0,
         clean: true,
+        pending: Vec::new(),
     };
     if let Some((user, secret)) = &s.auth {
         if !may_send_password(conn.tls.is_some(), conn.ip) {
@@ -715,9 +709,8 @@ impl Connection {
         } else {
             let mut got = Vec::new();
             for (i, c) in commands.iter().enumerate() {
-                match self.client.cmd(c).await {
-                    Ok(r) => {
-                        let reply = Reply::from_response(&r);
+                match self.command(c.as_bytes(), self.command_timeout).await {
+                    Ok(reply) => {
                         let stop = i == 0 && !reply.is_positive();
                         got.push(reply);
                         if stop {
@@ -725,7 +718,7 @@ impl Connection {
                         }
                     }
                     Err(e) => {
-                        out.error = Some(mail_error(&e).1);
+                        out.error = Some(e);
                         break;
                     }
                 }
@@ -751,9 +744,7 @@ impl Connection {
                 && r.code == 354
             {
                 // RFC 2920 §3.1: DATA was accepted though no recipient was; end it empty.
-                self.client.timeout = data_timeout;
-                let _ = self.client.cmd(b".\r\n").await;
-                self.client.timeout = self.command_timeout;
+                let _ = self.command(b".\r\n", data_timeout).await;
             }
             return out;
         }
@@ -769,15 +760,20 @@ impl Connection {
         } else {
             let start = match data_cmd_reply {
                 Some(r) => Ok(r),
-                None => self
-                    .client
-                    .cmd(b"DATA\r\n")
-                    .await
-                    .map(|r| Reply::from_response(&r))
-                    .map_err(|e| mail_error(&e).1),
+                None => self.command(b"DATA\r\n", self.command_timeout).await,
             };
             match start {
                 Ok(r) if r.code == 354 => (self.dot_stuffed(body, data_timeout).await, true),
+                // RFC 5321 §4.1.1.4: only 354 asks for the message; a 2xx here (or an RCPT's
+                // 250 in the DATA slot of a server answering out of order) took nothing,
+                // and recording it as delivered would be the one lie a mail log must not tell.
+                Ok(r) if r.is_positive() => (
+                    Err(format!(
+                        "DATA answered {} instead of 354: the message was not sent",
+                        r.display()
+                    )),
+                    false,
+                ),
                 other => (other, false),
             }
         };
@@ -797,7 +793,6 @@ impl Connection {
     /// (e.g. `421` to MAIL, then the server hangs up), which would lose the replies that did
     /// arrive. Returns the replies received and what ended the group early, if anything.
     pub(crate) async fn pipelined(&mut self, commands: &[String]) -> (Vec<Reply>, Option<String>) {
-        use tokio::io::AsyncReadExt;
         let stream = &mut self.client.stream;
         let mut wire = Vec::new();
         for c in commands {
@@ -814,63 +809,35 @@ impl Connection {
             Err(_) => return (Vec::new(), Some("timeout sending commands".to_string())),
         }
         let mut out = Vec::with_capacity(commands.len());
-        let mut parser = smtp_proto::response::parser::ResponseReceiver::default();
-        let mut buf = vec![0u8; 4096];
         while out.len() < commands.len() {
-            let n = match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-                Ok(Ok(0)) => return (out, Some("connection closed by server".to_string())),
-                Ok(Ok(n)) => n,
-                Ok(Err(e)) => return (out, Some(format!("reading replies: {e}"))),
+            let read = reply_reader::read(stream.as_mut(), &mut self.pending);
+            match tokio::time::timeout_at(deadline, read).await {
+                Ok(Ok(reply)) => out.push(reply),
+                Ok(Err(e)) => return (out, Some(e.to_string())),
                 Err(_) => return (out, Some("timeout waiting for the server".to_string())),
-            };
-            let mut bytes = buf.get(..n).unwrap_or_default().iter();
-            while out.len() < commands.len() {
-                match parser.parse(&mut bytes) {
-                    Ok(r) => {
-                        out.push(Reply::from_response(&r));
-                        parser.reset();
-                    }
-                    Err(smtp_proto::Error::NeedsMoreData { .. }) => break,
-                    Err(e) => return (out, Some(format!("unparseable reply: {e:?}"))),
-                }
             }
         }
         (out, None)
     }
 
     async fn dot_stuffed(&mut self, body: &[u8], data_timeout: Duration) -> Result<Reply, String> {
-        let client = &mut self.client;
         let wire = dot_stuff(body);
-        match tokio::time::timeout(data_timeout, async {
-            client.stream.write_all(&wire).await?;
-            client.stream.flush().await?;
-            client.read().await
-        })
-        .await
-        {
-            Ok(Ok(r)) => Ok(Reply::from_response(&r)),
-            Ok(Err(e)) => Err(format!("after DATA: {}", mail_error(&e).1)),
-            Err(_) => Err("timeout after end of data".to_string()),
-        }
+        self.command(&wire, data_timeout)
+            .await
+            .map_err(|e| format!("after end of data: {e}"))
     }
 
     async fn bdat(&mut self, body: &[u8], data_timeout: Duration) -> Result<Reply, String> {
-        let client = &mut self.client;
-        match tokio::time::timeout(data_timeout, async {
-            client
-                .stream
-                .write_all(format!("BDAT {} LAST\r\n", body.len()).as_bytes())
-                .await?;
-            client.stream.write_all(body).await?;
-            client.stream.flush().await?;
-            client.read().await
-        })
-        .await
-        {
-            Ok(Ok(r)) => Ok(Reply::from_response(&r)),
-            Ok(Err(e)) => Err(format!("after BDAT: {}", mail_error(&e).1)),
-            Err(_) => Err("timeout after BDAT".to_string()),
-        }
+        let mut wire = format!("BDAT {} LAST\r\n", body.len()).into_bytes();
+        wire.extend_from_slice(body);
+        self.command(&wire, data_timeout)
+            .await
+            .map_err(|e| format!("after BDAT: {e}"))
+    }
+
+    /// Sends `wire` and reads one reply, all within `timeout`.
+    async fn command(&mut self, wire: &[u8], timeout: Duration) -> Result<Reply, String> {
+        command(&mut self.client.stream, wire, &mut self.pending, timeout).await
     }
 
     /// Readies the connection for its next transaction: RSET when the last one was cut
@@ -884,15 +851,17 @@ impl Connection {
 
     /// RSET; false when the session is no longer usable.
     pub async fn rset(&mut self) -> bool {
-        let ok =
-            matches!(self.client.cmd(b"RSET\r\n").await, Ok(r) if (200..300).contains(&r.code));
+        let ok = matches!(
+            self.command(b"RSET\r\n", self.command_timeout).await,
+            Ok(r) if r.is_positive()
+        );
         self.clean = ok;
         ok
     }
 
     /// Polite close; errors do not matter any more.
     pub async fn quit(&mut self) {
-        let _ = self.client.cmd(b"QUIT\r\n").await;
+        let _ = self.command(b"QUIT\r\n", self.command_timeout).await;
     }
 }
 

@@ -11,6 +11,7 @@ pub mod dns;
 pub mod downgrade;
 pub mod dsn;
 pub mod handoff;
+pub mod reply;
 pub mod retry;
 pub mod route;
 pub mod scheduler;

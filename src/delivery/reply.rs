@@ -1,0 +1,399 @@
+//! Replies of the receiving server (RFC 5321 §4.2), read with bounded memory: a server is
+//! as hostile as a client. `smtp-proto`'s `ResponseReceiver` (behind `mail-send`'s `read`)
+//! keeps two bytes of every empty continuation line (`250-`) without a limit, so a server
+//! streaming them grew mailtrail by ~100 MB a second until the command timeout; and it
+//! gives up on a valid reply longer than 4096 bytes (ten policy lines of a `550`), which
+//! lost its code and deferred the recipient until it expired. Here a line may be 4096
+//! bytes, the text kept is cut at 4096 bytes (Postfix keeps 2048), and a reply of more
+//! than [`MAX_LINES`] lines is refused; the last line's code is the reply's (as Postfix's
+//! `smtp_chat_resp`), so `250-ok` + `550 no` is a 550.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Longest reply line read (RFC 5321 §4.5.3.1.5 allows 512 bytes).
+pub const MAX_LINE: usize = 4096;
+/// Reply text kept; what follows is cut.
+pub const MAX_TEXT: usize = 4096;
+/// Lines in one reply.
+pub const MAX_LINES: usize = 1000;
+
+/// One SMTP reply as recorded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    pub code: u16,
+    /// RFC 3463 `class.subject.detail` when the server sent one.
+    pub enhanced_status: Option<String>,
+    /// Reply text without code and enhanced status; lines of a multi-line reply joined by `\n`.
+    pub text: String,
+}
+
+impl Reply {
+    /// From `smtp-proto`'s parse (the replies `mail-send` reads itself: EHLO, AUTH). An
+    /// enhanced status whose class contradicts the reply code (`550 2.1.1`) is no status
+    /// (RFC 3463 2: the class must match; a DSN would report a failure as `2.1.1`): it stays
+    /// in the text, where the server wrote it.
+    pub fn from_response(r: &smtp_proto::Response<String>) -> Self {
+        let text = r.message.trim_end();
+        let esc = (r.esc[0] != 0).then(|| format!("{}.{}.{}", r.esc[0], r.esc[1], r.esc[2]));
+        match esc {
+            Some(e) if u16::from(r.esc[0]) == r.code / 100 => Self {
+                code: r.code,
+                enhanced_status: Some(e),
+                text: text.to_string(),
+            },
+            Some(e) => Self {
+                code: r.code,
+                enhanced_status: None,
+                text: format!("{e} {text}"),
+            },
+            None => Self {
+                code: r.code,
+                enhanced_status: None,
+                text: text.to_string(),
+            },
+        }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..300).contains(&self.code)
+    }
+
+    /// `550 5.1.1 text` (first line form used in logs and Diagnostic-Code).
+    pub fn display(&self) -> String {
+        match &self.enhanced_status {
+            Some(e) => format!("{} {} {}", self.code, e, self.text),
+            None => format!("{} {}", self.code, self.text),
+        }
+    }
+}
+
+/// Why no reply could be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    #[error("connection closed by server")]
+    Closed,
+    #[error("reading the reply: {0}")]
+    Io(String),
+    #[error("unparseable reply: {0}")]
+    Invalid(String),
+}
+
+/// One reply being read: complete lines are taken in as they come, the line in progress
+/// is the only thing buffered.
+#[derive(Debug, Default)]
+pub struct ReplyParser {
+    line: Vec<u8>,
+    /// Each line's code and text (text cut once [`MAX_TEXT`] bytes are kept).
+    lines: Vec<(u16, String)>,
+    kept: usize,
+    cut: bool,
+    count: usize,
+    esc: Option<String>,
+}
+
+impl ReplyParser {
+    /// Takes bytes up to the end of the reply. Returns how many it used and, once the last
+    /// line is in, the reply; the bytes after it belong to the next reply.
+    pub fn feed(&mut self, bytes: &[u8]) -> Result<(usize, Option<Reply>), ReadError> {
+        let mut used = 0;
+        while let Some(rest) = bytes.get(used..).filter(|r| !r.is_empty()) {
+            let (chunk, complete) = match memchr::memchr(b'\n', rest) {
+                Some(i) => (&rest[..i], true),
+                None => (rest, false),
+            };
+            used += chunk.len() + usize::from(complete);
+            if self.line.len() + chunk.len() > MAX_LINE {
+                return Err(ReadError::Invalid(format!(
+                    "a reply line longer than {MAX_LINE} bytes"
+                )));
+            }
+            self.line.extend_from_slice(chunk);
+            if complete {
+                let line = std::mem::take(&mut self.line);
+                if self.take_line(&line)? {
+                    return Ok((used, Some(self.finish())));
+                }
+            }
+        }
+        Ok((used, None))
+    }
+
+    /// One complete line (without its LF); true when it was the last.
+    fn take_line(&mut self, line: &[u8]) -> Result<bool, ReadError> {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let code = match line.get(..3) {
+            Some(d) if d.iter().all(u8::is_ascii_digit) => {
+                d.iter().fold(0u16, |n, b| n * 10 + u16::from(b - b'0'))
+            }
+            _ => return Err(ReadError::Invalid(preview(line))),
+        };
+        if !(200..600).contains(&code) && code / 100 != 1 {
+            return Err(ReadError::Invalid(preview(line)));
+        }
+        let last = match line.get(3) {
+            None | Some(b' ') => true,
+            Some(b'-') => false,
+            Some(_) => return Err(ReadError::Invalid(preview(line))),
+        };
+        self.count += 1;
+        if !last && self.count >= MAX_LINES {
+            return Err(ReadError::Invalid(format!(
+                "a reply of more than {MAX_LINES} lines"
+            )));
+        }
+        let text = String::from_utf8_lossy(line.get(4..).unwrap_or_default());
+        let text = match enhanced_status(&text, code) {
+            Some((esc, rest)) => {
+                self.esc = Some(esc.to_string());
+                rest.to_string()
+            }
+            None => text.into_owned(),
+        };
+        if self.kept + text.len() > MAX_TEXT {
+            self.cut = true;
+        } else if !self.cut {
+            self.kept += text.len() + 1;
+            self.lines.push((code, text));
+        }
+        if last {
+            // Only the last line's code counts; a line that said another keeps it in its
+            // text, as the server wrote it.
+            self.lines.push((code, String::new()));
+        }
+        Ok(last)
+    }
+
+    fn finish(&mut self) -> Reply {
+        let (code, _) = self.lines.pop().unwrap_or((0, String::new()));
+        let mut text = String::with_capacity(self.kept);
+        for (i, (line_code, line)) in self.lines.iter().enumerate() {
+            if i > 0 {
+                text.push('\n');
+            }
+            if *line_code != code {
+                text.push_str(&format!("{line_code} "));
+            }
+            text.push_str(line);
+        }
+        if self.cut {
+            text.push_str(" [...]");
+        }
+        let enhanced_status = self
+            .esc
+            .take()
+            .filter(|e| e.as_bytes().first().map(|c| u16::from(c - b'0')) == Some(code / 100));
+        Reply {
+            code,
+            enhanced_status,
+            text: text.trim_end().to_string(),
+        }
+    }
+}
+
+/// `5.1.1 rest` at the start of a line's text, of the line's own class: the status and
+/// what follows it.
+fn enhanced_status(text: &str, code: u16) -> Option<(&str, &str)> {
+    let end = text.find(' ').unwrap_or(text.len());
+    let candidate = &text[..end];
+    let mut parts = candidate.split('.');
+    let class = parts.next()?;
+    let subject = parts.next()?;
+    let detail = parts.next()?;
+    let digits = |s: &str, max: usize| {
+        !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_digit())
+    };
+    let ok = parts.next().is_none()
+        && class.len() == 1
+        && matches!(class, "2" | "4" | "5")
+        && u16::from(class.as_bytes()[0] - b'0') == code / 100
+        && digits(subject, 3)
+        && digits(detail, 3);
+    ok.then(|| (candidate, text[end..].trim_start_matches(' ')))
+}
+
+/// The start of a line that is no reply line, for the error.
+fn preview(line: &[u8]) -> String {
+    let mut s: String = String::from_utf8_lossy(&line[..line.len().min(60)])
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if line.len() > 60 {
+        s.push_str("...");
+    }
+    format!("{s:?}")
+}
+
+/// Reads one reply from `stream`. `pending` holds the bytes read but not yet used (a
+/// pipelining server's next replies) and stays below a read buffer's size plus a line.
+pub async fn read<S: AsyncRead + Unpin + ?Sized>(
+    stream: &mut S,
+    pending: &mut Vec<u8>,
+) -> Result<Reply, ReadError> {
+    let mut parser = ReplyParser::default();
+    let mut buf = [0u8; 4096];
+    loop {
+        if !pending.is_empty() {
+            let (used, reply) = parser.feed(pending)?;
+            pending.drain(..used);
+            if let Some(reply) = reply {
+                return Ok(reply);
+            }
+        }
+        let n = stream
+            .read(&mut buf)
+            .await
+            .map_err(|e| ReadError::Io(e.to_string()))?;
+        if n == 0 {
+            return Err(ReadError::Closed);
+        }
+        pending.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(bytes: &[u8]) -> Result<Reply, ReadError> {
+        let mut p = ReplyParser::default();
+        match p.feed(bytes)? {
+            (_, Some(r)) => Ok(r),
+            (_, None) => Err(ReadError::Closed),
+        }
+    }
+
+    fn reply(code: u16, esc: Option<&str>, text: &str) -> Reply {
+        Reply {
+            code,
+            enhanced_status: esc.map(String::from),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn single_and_multi_line_replies() {
+        assert_eq!(
+            parse(b"250 2.1.5 Ok\r\n").unwrap(),
+            reply(250, Some("2.1.5"), "Ok")
+        );
+        assert_eq!(
+            parse(b"550-5.7.1 first\r\n550-5.7.1 second\r\n550 5.7.1 third\r\n").unwrap(),
+            reply(550, Some("5.7.1"), "first\nsecond\nthird")
+        );
+        assert_eq!(parse(b"221\r\n").unwrap(), reply(221, None, ""));
+        assert_eq!(parse(b"250 ok\n").unwrap(), reply(250, None, "ok"));
+        // A status of another class than the code is text.
+        assert_eq!(
+            parse(b"550 2.1.1 odd\r\n").unwrap(),
+            reply(550, None, "2.1.1 odd")
+        );
+    }
+
+    #[test]
+    fn the_last_line_decides_and_other_codes_stay_in_the_text() {
+        assert_eq!(
+            parse(b"250-2.1.5 ok\r\n550 5.1.1 no such user\r\n").unwrap(),
+            reply(550, Some("5.1.1"), "250 ok\nno such user")
+        );
+    }
+
+    #[test]
+    fn a_long_valid_reply_keeps_its_code_and_a_cut_text() {
+        let mut wire = Vec::new();
+        for i in 0..10 {
+            wire.extend_from_slice(
+                format!("550-5.7.1 policy {i} {}\r\n", "x".repeat(480)).as_bytes(),
+            );
+        }
+        wire.extend_from_slice(b"550 5.7.1 rejected by policy\r\n");
+        let r = parse(&wire).unwrap();
+        assert_eq!((r.code, r.enhanced_status.as_deref()), (550, Some("5.7.1")));
+        assert!(r.text.starts_with("policy 0 xxx"));
+        assert!(r.text.ends_with(" [...]"), "{}", r.text);
+        assert!(r.text.len() <= MAX_TEXT + 10);
+    }
+
+    #[test]
+    fn endless_replies_end_in_an_error_with_bounded_memory() {
+        let mut p = ReplyParser::default();
+        let chunk = b"250-\r\n".repeat(100);
+        let mut fed = 0;
+        let err = loop {
+            match p.feed(&chunk) {
+                Ok((n, None)) => fed += n,
+                Ok((_, Some(r))) => panic!("a reply: {r:?}"),
+                Err(e) => break e,
+            }
+            assert!(p.lines.len() <= MAX_LINES && p.line.len() <= MAX_LINE);
+        };
+        assert!(
+            matches!(err, ReadError::Invalid(ref t) if t.contains("1000 lines")),
+            "{err:?}"
+        );
+        assert!(fed < 10_000);
+        let long_line = vec![b'2'; MAX_LINE + 1];
+        assert!(matches!(
+            ReplyParser::default().feed(&long_line),
+            Err(ReadError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bad in [
+            &b"hello\r\n"[..],
+            b"25\r\n",
+            b"2500 x\r\n",
+            b"250x\r\n",
+            b"\xff\xfe\r\n",
+            b"700 x\r\n",
+        ] {
+            assert!(matches!(parse(bad), Err(ReadError::Invalid(_))), "{bad:?}");
+        }
+        // Bytes that are not UTF-8 in the text are kept as U+FFFD.
+        assert_eq!(parse(b"550 \xc3\x28 x\r\n").unwrap().text, "\u{fffd}( x");
+    }
+
+    #[test]
+    fn bytes_after_the_reply_are_left_for_the_next_one() {
+        let wire = b"250 a\r\n251 b\r\n";
+        let mut p = ReplyParser::default();
+        let (used, r) = p.feed(wire).unwrap();
+        assert_eq!(r.unwrap().code, 250);
+        assert_eq!(&wire[used..], b"251 b\r\n");
+    }
+
+    #[tokio::test]
+    async fn read_splits_pipelined_replies_and_reports_a_closed_stream() {
+        let wire: &[u8] = b"250 2.1.0 ok\r\n550-5.1.1 no\r\n550 5.1.1 user\r\n";
+        let mut stream = wire;
+        let mut pending = Vec::new();
+        assert_eq!(read(&mut stream, &mut pending).await.unwrap().code, 250);
+        assert_eq!(
+            read(&mut stream, &mut pending).await.unwrap(),
+            reply(550, Some("5.1.1"), "no\nuser")
+        );
+        assert_eq!(
+            read(&mut stream, &mut pending).await,
+            Err(ReadError::Closed)
+        );
+    }
+
+    #[test]
+    fn a_reply_arriving_byte_by_byte_is_the_same() {
+        let wire = b"451-4.7.1 greylisted\r\n451 4.7.1 come back later\r\n";
+        let mut p = ReplyParser::default();
+        let mut got = None;
+        for b in wire.iter() {
+            let (used, r) = p.feed(std::slice::from_ref(b)).unwrap();
+            assert_eq!(used, 1);
+            if r.is_some() {
+                got = r;
+            }
+        }
+        assert_eq!(
+            got,
+            Some(reply(451, Some("4.7.1"), "greylisted\ncome back later"))
+        );
+    }
+}

@@ -22,6 +22,7 @@ fn settings(tls: TlsPolicy) -> SessionSettings {
         tls,
         implicit_tls: false,
         tls_connector: client::tls_connector(false, None).unwrap(),
+        unverified_fallback: None,
         auth: None,
         connect_timeout: Duration::from_secs(2),
         command_timeout: Duration::from_secs(2),
@@ -1865,4 +1866,40 @@ async fn a_2xx_to_the_data_command_is_not_a_delivery() {
         assert!(r[0].text.contains("instead of 354"), "{}", r[0].text);
         assert!(mx.transactions().iter().all(|t| !t.accepted));
     }
+}
+
+/// A route that verifies certificates meets a self-signed one under `tls = opportunistic`:
+/// the mail goes encrypted without verification, marked so, never in plain text; a
+/// password would not be sent over it (to a remote host; loopback is exempt).
+#[tokio::test]
+async fn a_certificate_that_does_not_verify_still_gets_tls_never_plain_text() {
+    let mx = TestMx::start(Script {
+        starttls: true,
+        ..Default::default()
+    })
+    .await;
+    let mut verifying = settings(TlsPolicy::Opportunistic);
+    verifying.tls_connector = client::tls_connector(true, None).unwrap();
+    verifying.unverified_fallback = Some(client::tls_connector(false, None).unwrap());
+    let mut conn = client::connect(&[target(mx.addr)], &verifying)
+        .await
+        .unwrap();
+    let tls = conn.tls.clone().expect("TLS, not plain text");
+    assert!(tls.unverified, "{tls:?}");
+    assert!(
+        tls.recorded_version()
+            .ends_with("(certificate not verified)")
+    );
+    conn.transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+        .await;
+    assert_eq!(mx.connections(), 2);
+    assert!(mx.transactions().iter().all(|t| t.tls));
+    // Under `tls = required` the certificate decides: deferred, with the reason.
+    let mut required = verifying.clone();
+    required.tls = TlsPolicy::Required;
+    let e = client::connect(&[target(mx.addr)], &required)
+        .await
+        .unwrap_err();
+    assert!(!e.permanent && e.certificate_refused, "{e:?}");
+    assert!(e.text.contains("certificate"), "{}", e.text);
 }

@@ -526,6 +526,18 @@ impl Config {
                     "must list at least one domain or \"*\"",
                 ));
             }
+            if route.mx.is_empty() {
+                return Err(invalid(
+                    &key("mx"),
+                    "must list at least one next hop host:port",
+                ));
+            }
+            if route.implicit_tls && route.tls == TlsPolicy::None {
+                return Err(invalid(
+                    &key("implicit_tls"),
+                    "TLS from the first byte contradicts tls = \"none\"",
+                ));
+            }
             for hop in &route.mx {
                 if crate::config::split_host_port(hop).is_none() {
                     return Err(invalid(&key("mx"), format!("{hop:?} is not host:port")));
@@ -633,6 +645,17 @@ mod tests {
         let e =
             Config::parse("[[route]]\ndomains = [\"x.test\"]\nmx = [\"nohost\"]\n").unwrap_err();
         assert!(e.to_string().contains("route[0].mx"), "{e}");
+        for (route, key) in [
+            ("domains = [\"x.test\"]\nmx = []\n", "route[0].mx"),
+            ("domains = [\"x.test\"]\n", "route[0].mx"),
+            (
+                "domains = [\"x.test\"]\nmx = [\"h:465\"]\nimplicit_tls = true\ntls = \"none\"\n",
+                "route[0].implicit_tls",
+            ),
+        ] {
+            let e = Config::parse(&format!("[[route]]\n{route}")).unwrap_err();
+            assert!(e.to_string().contains(key), "{route}: {e}");
+        }
     }
 
     #[test]

@@ -49,6 +49,20 @@ pub struct TlsInfo {
     /// `TLSv1_3`, `TLSv1_2`.
     pub version: String,
     pub cipher: String,
+    /// The route verifies certificates, this server's did not verify, and the session runs
+    /// encrypted without it ([`SessionSettings::unverified_fallback`]).
+    pub unverified: bool,
+}
+
+impl TlsInfo {
+    /// The version as recorded with the attempt, saying when the certificate did not verify.
+    pub fn recorded_version(&self) -> String {
+        if self.unverified {
+            format!("{} (certificate not verified)", self.version)
+        } else {
+            self.version.clone()
+        }
+    }
 }
 
 /// A smarthost password; never printed.
@@ -69,6 +83,12 @@ pub struct SessionSettings {
     pub tls: TlsPolicy,
     pub implicit_tls: bool,
     pub tls_connector: TlsConnector,
+    /// For an opportunistic route that verifies certificates: a connector that accepts any,
+    /// for a second STARTTLS when the server's certificate did not verify. That session is
+    /// encrypted but its peer unproven: marked [`TlsInfo::unverified`], and no password goes
+    /// over it (but to loopback). Without it, as before 2026-12-04, a certificate that did not
+    /// verify sent the mail in plain text: verification made things worse than none.
+    pub unverified_fallback: Option<TlsConnector>,
     pub auth: Option<(String, Secret)>,
     pub connect_timeout: Duration,
     pub command_timeout: Duration,
@@ -111,9 +131,14 @@ pub fn tls_connector(verify: bool, ca_file: Option<&Path>) -> Result<TlsConnecto
             message: e,
         };
         let certs = CertificateDer::pem_file_iter(path).map_err(|e| err(e.to_string()))?;
+        let mut added = 0;
         for cert in certs {
             let cert = cert.map_err(|e| err(e.to_string()))?;
             roots.add(cert).map_err(|e| err(e.to_string()))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(err("no PEM certificate in it".to_string()));
         }
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -146,6 +171,8 @@ pub struct SessionError {
     pub tls: Option<TlsInfo>,
     /// The STARTTLS handshake failed (the session is gone).
     pub tls_handshake_failed: bool,
+    /// ... because the server's certificate did not verify.
+    pub certificate_refused: bool,
 }
 
 /// An open, greeted session ready for MAIL.
@@ -433,9 +460,13 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
-fn tls_info(client: &SmtpClient<tokio_rustls::client::TlsStream<TcpStream>>) -> TlsInfo {
+fn tls_info(
+    client: &SmtpClient<tokio_rustls::client::TlsStream<TcpStream>>,
+    unverified: bool,
+) -> TlsInfo {
     let conn = client.tls_connection();
     TlsInfo {
+        unverified,
         version: conn
             .protocol_version()
             .map(|v| format!("{v:?}"))
@@ -461,6 +492,7 @@ pub async fn connect(
         remote_ip: None,
         tls: None,
         tls_handshake_failed: false,
+        certificate_refused: false,
         greeting_refused: false,
     };
     // A 5xx greeting, kept while the other targets are tried: the verdict only if no other
@@ -468,13 +500,38 @@ pub async fn connect(
     let mut refused: Option<SessionError> = None;
     let mut temporary = false;
     for target in targets {
-        match connect_one(target, settings).await {
+        match connect_one(target, settings, false).await {
             Ok(c) => return Ok(c),
             Err(e) if e.greeting_refused => {
                 tracing::debug!(host = %target.host, error = %e.text, "5xx greeting; next MX");
                 refused = Some(e);
             }
             Err(e) if e.permanent => return Err(e),
+            // A certificate that does not verify on an opportunistic route: encrypted all
+            // the same, never plain text (Postfix's `may` does not verify at all).
+            Err(e)
+                if e.certificate_refused
+                    && settings.tls == TlsPolicy::Opportunistic
+                    && settings.unverified_fallback.is_some() =>
+            {
+                tracing::info!(host = %target.host, error = %e.text, "certificate not verified; TLS without verification");
+                let unverified = SessionSettings {
+                    tls_connector: settings
+                        .unverified_fallback
+                        .clone()
+                        .unwrap_or_else(|| settings.tls_connector.clone()),
+                    unverified_fallback: None,
+                    ..settings.clone()
+                };
+                match connect_one(target, &unverified, true).await {
+                    Ok(c) => return Ok(c),
+                    Err(e) if e.permanent => return Err(e),
+                    Err(e) => {
+                        temporary = true;
+                        last = e;
+                    }
+                }
+            }
             // Opportunistic TLS that breaks in the handshake: try this host once more in
             // plain text (as Postfix does) rather than never delivering to a peer whose TLS
             // stack cannot talk to ours.
@@ -484,7 +541,7 @@ pub async fn connect(
                     tls: TlsPolicy::None,
                     ..settings.clone()
                 };
-                match connect_one(target, &plain).await {
+                match connect_one(target, &plain, false).await {
                     Ok(c) => return Ok(c),
                     Err(e) if e.permanent => return Err(e),
                     Err(e) => {
@@ -506,7 +563,13 @@ pub async fn connect(
     }
 }
 
-async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection, SessionError> {
+/// `unverified`: `s.tls_connector` accepts any certificate because the verifying one
+/// refused this server's (the session's TLS is marked so).
+async fn connect_one(
+    target: &Target,
+    s: &SessionSettings,
+    unverified: bool,
+) -> Result<Connection, SessionError> {
     let fail = |reply: Option<Reply>, text: String, tls: Option<TlsInfo>| {
         let permanent = reply.as_ref().is_some_and(|r| (500..600).contains(&r.code));
         SessionError {
@@ -518,6 +581,7 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
             remote_ip: Some(target.addr.ip()),
             tls,
             tls_handshake_failed: false,
+            certificate_refused: false,
             greeting_refused: false,
         }
     };
@@ -531,7 +595,7 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
             .into_tls(&s.tls_connector, &target.host)
             .await
             .map_err(|e| fail(None, format!("TLS handshake: {e}"), None))?;
-        let info = tls_info(&tls_client);
+        let info = tls_info(&tls_client, false);
         let g = greet(tls_client, &s.helo_name, true)
             .await
             .map_err(|e| greet_failed(fail, e, Some(info.clone())))?;
@@ -577,9 +641,17 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
                     .map_err(|e| {
                         let mut err = fail(None, format!("TLS handshake: {e}"), None);
                         err.tls_handshake_failed = true;
+                        err.certificate_refused = matches!(
+                            &e,
+                            mail_send::Error::Tls(t) if matches!(
+                                **t,
+                                rustls::Error::InvalidCertificate(_)
+                                    | rustls::Error::NoCertificatesPresented
+                            )
+                        );
                         err
                     })?;
-                let info = tls_info(&tls_client);
+                let info = tls_info(&tls_client, unverified);
                 // RFC 3207 §4.2: forget what was learnt before TLS and ask again.
                 let g = greet(tls_client, &s.helo_name, false)
                     .await
@@ -601,12 +673,20 @@ async fn connect_one(target: &Target, s: &SessionSettings) -> Result<Connection,
         pending: Vec::new(),
     };
     if let Some((user, secret)) = &s.auth {
-        if !may_send_password(conn.tls.is_some(), conn.ip) {
+        let trusted_tls = conn.tls.as_ref().is_some_and(|t| !t.unverified);
+        if !may_send_password(trusted_tls, conn.ip) {
             // As Postfix's smtp_sasl_security_options = noplaintext: a password never
-            // crosses a network in clear (route tls = "opportunistic" and no STARTTLS).
+            // crosses a network in clear (route tls = "opportunistic" and no STARTTLS), nor
+            // to a server whose certificate did not verify.
+            let why = if conn.tls.is_some() {
+                "whose certificate did not verify"
+            } else {
+                "offered no TLS"
+            };
             let text = format!(
-                "AUTH not sent: {} offered no TLS, and the password goes only over TLS or \
-                 to a loopback next hop (set tls = \"required\" on the route to insist)",
+                "AUTH not sent: {} {why}, and the password goes only over verified TLS or \
+                 to a loopback next hop (set tls = \"required\" on the route to insist, \
+                 ca_file for a private CA)",
                 conn.host
             );
             let mut err = fail(None, text, None);
@@ -1142,6 +1222,15 @@ mod tests {
             r.iter()
                 .all(|r| r.local_permanent == Some("5.6.7") && r.reply.is_none())
         );
+    }
+
+    #[test]
+    fn a_ca_file_without_a_certificate_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.pem");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let e = tls_connector(true, Some(&path)).map(|_| ()).unwrap_err();
+        assert!(e.to_string().contains("no PEM certificate"), "{e}");
     }
 
     #[test]

@@ -164,34 +164,43 @@ impl Context {
         let d = &config.delivery;
         let resolver = MxResolver::new(&config.dns.nameservers, config.dns.timeout)
             .map_err(|e| DeliveryError::Resolver(e.to_string()))?;
-        let base = |tls, implicit_tls, connector, auth| SessionSettings {
+        let insecure = client::tls_connector(false, None)
+            .map_err(|e| DeliveryError::Resolver(e.to_string()))?;
+        let base = |tls, implicit_tls, connector, unverified_fallback, auth| SessionSettings {
             helo_name: config.hostname.clone(),
             tls,
             implicit_tls,
             tls_connector: connector,
+            unverified_fallback,
             auth,
             connect_timeout: d.connect_timeout,
             command_timeout: d.command_timeout,
             data_timeout: d.data_timeout,
         };
-        let insecure = client::tls_connector(false, None)
-            .map_err(|e| DeliveryError::Resolver(e.to_string()))?;
-        let mx_settings = base(TlsPolicy::Opportunistic, false, insecure, None);
+        let mx_settings = base(
+            TlsPolicy::Opportunistic,
+            false,
+            insecure.clone(),
+            None,
+            None,
+        );
         let route_settings = config
             .routes
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let connector = client::tls_connector(
-                    r.verify_certificate.unwrap_or(true),
-                    r.ca_file.as_deref(),
-                )
-                .map_err(|e| DeliveryError::Route {
-                    route: i,
-                    message: e.to_string(),
-                })?;
+                let verify = r.verify_certificate.unwrap_or(true);
+                let connector =
+                    client::tls_connector(verify, r.ca_file.as_deref()).map_err(|e| {
+                        DeliveryError::Route {
+                            route: i,
+                            message: e.to_string(),
+                        }
+                    })?;
                 let auth = route_auth(i, r)?;
-                Ok(base(r.tls, r.implicit_tls, connector, auth))
+                let fallback = (verify && r.tls == TlsPolicy::Opportunistic && !r.implicit_tls)
+                    .then(|| insecure.clone());
+                Ok(base(r.tls, r.implicit_tls, connector, fallback, auth))
             })
             .collect::<Result<Vec<_>, DeliveryError>>()?;
         let classifier = match &config.bounce.rules_file {
@@ -293,6 +302,14 @@ fn route_auth(i: usize, r: &RouteConfig) -> Result<Option<(String, Secret)>, Del
     } else {
         return Err(err("auth_user needs a password source".to_string()));
     };
+    if password.is_empty() {
+        let source = match (&r.auth_password_file, &r.auth_password_env) {
+            (Some(path), _) => format!("auth_password_file {}", path.display()),
+            (None, Some(var)) => format!("auth_password_env {var}"),
+            (None, None) => "the password".to_string(),
+        };
+        return Err(err(format!("{source} is empty")));
+    }
     Ok(Some((user.clone(), Secret(password))))
 }
 
@@ -1047,7 +1064,7 @@ async fn record(
             stage: result.stage,
             remote_host: outcome.remote_host.clone(),
             remote_ip: outcome.remote_ip.clone(),
-            tls_version: outcome.tls.as_ref().map(|t| t.version.clone()),
+            tls_version: outcome.tls.as_ref().map(|t| t.recorded_version()),
             tls_cipher: outcome.tls.as_ref().map(|t| t.cipher.clone()),
             reply_code: result.reply.as_ref().map(|r| r.code),
             enhanced_status: enhanced,
@@ -1158,12 +1175,15 @@ fn classify(
                 };
                 return Some(classifier.classify_reply(reply.code, enhanced, &reply.text, command));
             } else {
+                // No action for a deferral: "delayed" is what a delay DSN says, and reads as
+                // `expired` (Sisimai's reason for it), which a recipient still being retried
+                // is not; the text (a timeout, a refused connection) decides.
                 let failed = status == RecipientStatus::Failed;
                 classifier.reason(&Evidence {
                     status: enhanced,
                     reply_code: None,
                     diagnostic: &result.text,
-                    action: Some(if failed { "failed" } else { "delayed" }),
+                    action: failed.then_some("failed"),
                     command: None,
                 })
             }
@@ -1176,7 +1196,26 @@ fn classify(
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::delivery::client::Reply;
+
+    #[test]
+    fn an_empty_smarthost_password_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "\n").unwrap();
+        let route: RouteConfig = toml::from_str(&format!(
+            "domains = [\"x.test\"]\nmx = [\"h.test:587\"]\nauth_user = \"apikey\"\n\
+             auth_password_file = {:?}\n",
+            path.display().to_string()
+        ))
+        .unwrap();
+        let e = route_auth(0, &route).unwrap_err();
+        assert!(e.to_string().contains("is empty"), "{e}");
+        std::fs::write(&path, "s3cret\n").unwrap();
+        let (user, secret) = route_auth(0, &route).unwrap().unwrap();
+        assert_eq!((user.as_str(), secret.0.as_str()), ("apikey", "s3cret"));
+    }
 
     fn replied(code: u16, esc: &str, text: &str) -> RecipientResult {
         RecipientResult {
@@ -1260,5 +1299,21 @@ mod tests {
         .unwrap();
         assert_eq!(expired.0, BounceReason::Expired);
         assert_ne!(expired.1, BounceType::Hard);
+    }
+
+    #[test]
+    fn a_deferral_without_a_reply_is_not_called_expired() {
+        let c = Classifier::builtin();
+        for text in [
+            "timeout waiting for the server",
+            "connection closed by server",
+            "mx.test [127.0.0.1]: connect: Connection refused (os error 111)",
+            "unparseable reply: \"hello\"",
+        ] {
+            let (reason, kind) =
+                classify(c, RecipientStatus::Deferred, &local(text), None, None).unwrap();
+            assert_ne!(reason, BounceReason::Expired, "{text}");
+            assert_ne!(kind, BounceType::Hard, "{text}");
+        }
     }
 }

@@ -1315,7 +1315,12 @@ fn canonical_mailbox(address: &str) -> Option<String> {
         return None;
     }
     let (local, domain) = address.rsplit_once('@')?;
+    // `user@example.org.` is `user@example.org` (Postfix strips the dot; RFC 5321's Domain
+    // has none): kept, it passed the suppression list and the log's search by address.
+    let stripped = domain.strip_suffix('.');
+    let domain = stripped.unwrap_or(domain);
     let domain_ok = !domain.is_empty()
+        && !domain.ends_with('.')
         && domain
             .chars()
             .all(|c| c.is_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':'));
@@ -1328,7 +1333,10 @@ fn canonical_mailbox(address: &str) -> Option<String> {
         .split('.')
         .all(|atom| !atom.is_empty() && atom.chars().all(atext));
     if dot_atom {
-        return Some(address.to_string());
+        return Some(match stripped {
+            Some(_) => format!("{local}@{domain}"),
+            None => address.to_string(),
+        });
     }
     let quoted = local.replace('\\', "\\\\").replace('"', "\\\"");
     Some(format!("\"{quoted}\"@{domain}"))
@@ -1610,6 +1618,26 @@ mod tests {
             "550 5.5.2 Message rejected: bare <LF> or <CR> not allowed, use <CRLF>\r\n"
         );
         assert!(c.stored.is_empty());
+    }
+
+    #[test]
+    fn a_trailing_dot_of_the_domain_is_dropped() {
+        assert_eq!(
+            canonical_mailbox("r9@y.test.").as_deref(),
+            Some("r9@y.test")
+        );
+        assert_eq!(
+            canonical_mailbox("R9@Y.TEST.").as_deref(),
+            Some("R9@Y.TEST")
+        );
+        assert_eq!(
+            canonical_mailbox("a b@y.test.").as_deref(),
+            Some("\"a b\"@y.test")
+        );
+        assert_eq!(canonical_mailbox("r9@y.test").as_deref(), Some("r9@y.test"));
+        for bad in ["r9@.", "r9@y.test..", "r9@"] {
+            assert_eq!(canonical_mailbox(bad), None, "{bad}");
+        }
     }
 
     #[test]

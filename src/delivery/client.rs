@@ -500,67 +500,67 @@ pub async fn connect(
     let mut refused: Option<SessionError> = None;
     let mut temporary = false;
     for target in targets {
-        match connect_one(target, settings, false).await {
+        let e = match connect_one(target, settings, false).await {
             Ok(c) => return Ok(c),
-            Err(e) if e.greeting_refused => {
-                tracing::debug!(host = %target.host, error = %e.text, "5xx greeting; next MX");
-                refused = Some(e);
-            }
-            Err(e) if e.permanent => return Err(e),
-            // A certificate that does not verify on an opportunistic route: encrypted all
-            // the same, never plain text (Postfix's `may` does not verify at all).
-            Err(e)
-                if e.certificate_refused
-                    && settings.tls == TlsPolicy::Opportunistic
-                    && settings.unverified_fallback.is_some() =>
-            {
-                tracing::info!(host = %target.host, error = %e.text, "certificate not verified; TLS without verification");
-                let unverified = SessionSettings {
-                    tls_connector: settings
-                        .unverified_fallback
-                        .clone()
-                        .unwrap_or_else(|| settings.tls_connector.clone()),
-                    unverified_fallback: None,
-                    ..settings.clone()
-                };
-                match connect_one(target, &unverified, true).await {
-                    Ok(c) => return Ok(c),
-                    Err(e) if e.permanent => return Err(e),
-                    Err(e) => {
-                        temporary = true;
-                        last = e;
-                    }
-                }
-            }
-            // Opportunistic TLS that breaks in the handshake: try this host once more in
-            // plain text (as Postfix does) rather than never delivering to a peer whose TLS
-            // stack cannot talk to ours.
-            Err(e) if e.tls_handshake_failed && settings.tls == TlsPolicy::Opportunistic => {
-                tracing::info!(host = %target.host, error = %e.text, "TLS failed; retrying in plain text");
-                let plain = SessionSettings {
-                    tls: TlsPolicy::None,
-                    ..settings.clone()
-                };
-                match connect_one(target, &plain, false).await {
-                    Ok(c) => return Ok(c),
-                    Err(e) if e.permanent => return Err(e),
-                    Err(e) => {
-                        temporary = true;
-                        last = e;
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::debug!(host = %target.host, addr = %target.addr, error = %e.text, "next MX");
-                temporary = true;
-                last = e;
-            }
+            Err(e) => e,
+        };
+        if e.greeting_refused {
+            tracing::debug!(host = %target.host, error = %e.text, "5xx greeting; next MX");
+            refused = Some(e);
+            continue;
         }
+        if e.permanent {
+            return Err(e);
+        }
+        let e = match second_try(&e, settings) {
+            Some((again, unverified)) => {
+                tracing::info!(host = %target.host, error = %e.text, "TLS failed; trying the host again");
+                match connect_one(target, &again, unverified).await {
+                    Ok(c) => return Ok(c),
+                    Err(e) if e.permanent => return Err(e),
+                    Err(e) => e,
+                }
+            }
+            None => {
+                tracing::debug!(host = %target.host, addr = %target.addr, error = %e.text, "next MX");
+                e
+            }
+        };
+        temporary = true;
+        last = e;
     }
     match refused {
         Some(r) if !temporary => Err(r),
         _ => Err(last),
     }
+}
+
+/// How to try the same host again after an opportunistic STARTTLS failed, and whether that
+/// session's TLS is unverified: a certificate that did not verify (a route that verifies)
+/// gets TLS without verification, never plain text (Postfix's `may` does not verify at
+/// all); a handshake that broke otherwise gets plain text, as Postfix does, rather than
+/// never delivering to a peer whose TLS stack cannot talk to ours.
+fn second_try(e: &SessionError, s: &SessionSettings) -> Option<(SessionSettings, bool)> {
+    if !e.tls_handshake_failed || s.tls != TlsPolicy::Opportunistic {
+        return None;
+    }
+    Some(match (&s.unverified_fallback, e.certificate_refused) {
+        (Some(any_certificate), true) => (
+            SessionSettings {
+                tls_connector: any_certificate.clone(),
+                unverified_fallback: None,
+                ..s.clone()
+            },
+            true,
+        ),
+        _ => (
+            SessionSettings {
+                tls: TlsPolicy::None,
+                ..s.clone()
+            },
+            false,
+        ),
+    })
 }
 
 /// `unverified`: `s.tls_connector` accepts any certificate because the verifying one

@@ -1272,6 +1272,27 @@ mod queue {
         let rc = &log.recipients[0];
         assert_eq!(rc.last_reply_code, Some(535));
         assert!(smarthost.transactions().is_empty());
+        // The next messages meet the suspended destination: deferred with the same
+        // reason, and no second failed login (Postfix: "delivery temporarily suspended").
+        for i in 0..3 {
+            let r = h
+                .submit(message(
+                    "app@sender.test",
+                    &[(&format!("b{i}@anywhere.test"), None)],
+                ))
+                .await;
+            let log = h.wait(r, |s| s[0] == RecipientStatus::Deferred).await;
+            let text = log.recipients[0]
+                .last_reply_text
+                .clone()
+                .unwrap_or_default();
+            assert!(
+                text.starts_with("delivery temporarily suspended: "),
+                "{text}"
+            );
+            assert!(text.contains("535"), "{text}");
+        }
+        assert_eq!(smarthost.connections(), 1);
         h.shutdown.cancel();
         h.handle.join().await;
     }

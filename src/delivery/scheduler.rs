@@ -152,7 +152,16 @@ struct Context {
     pool: Pool,
     /// Built-in reply classification plus `[bounce] rules_file`, if set.
     classifier: Option<Classifier>,
+    /// Destinations that could not be connected to (refused, timed out, 4xx greeting, AUTH
+    /// refused), until when, and why: mail for them meanwhile is deferred with that reason
+    /// without a new connection (Postfix: "delivery temporarily suspended"), so a burst of
+    /// queued mail costs a smarthost one failed login, not one per message.
+    suspended: Mutex<HashMap<Destination, (Instant, client::SessionError)>>,
 }
+
+/// How long a destination that could not be connected to stays suspended: short, so mail
+/// an admin retries by hand after a fix (`queue retry`) meets it only within this window.
+const SUSPENSION: Duration = Duration::from_secs(30);
 
 impl Context {
     fn new(
@@ -219,6 +228,7 @@ impl Context {
             policy: RetryPolicy::from_config(d),
             verp: VerpSender::from_config(&config)?,
             pool: Pool::new(d.max_connections, d.max_connections_per_destination),
+            suspended: Mutex::new(HashMap::new()),
             resolver,
             mx_settings,
             route_settings,
@@ -227,6 +237,27 @@ impl Context {
             metrics,
             shutdown,
         })
+    }
+
+    /// Why `dest` is suspended, if it still is.
+    fn suspension(&self, dest: &Destination) -> Option<client::SessionError> {
+        let mut map = self.suspended.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(dest) {
+            Some((until, e)) if Instant::now() < *until => Some(e.clone()),
+            Some(_) => {
+                map.remove(dest);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// `dest` could not be connected to: suspended for [`SUSPENSION`] (at most the first
+    /// retry interval).
+    fn suspend(&self, dest: &Destination, e: &client::SessionError) {
+        let until = Instant::now() + SUSPENSION.min(self.config.delivery.retry_first);
+        let mut map = self.suspended.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(dest.clone(), (until, e.clone()));
     }
 
     fn classifier(&self) -> &Classifier {
@@ -804,6 +835,11 @@ async fn lease(
     n: usize,
 ) -> Result<(Leased, bool), Option<Outcome>> {
     loop {
+        if let Some(e) = ctx.suspension(dest) {
+            let mut e = e;
+            e.text = format!("delivery temporarily suspended: {}", e.text);
+            return Err(Some(connect_failure(&e, n)));
+        }
         let slot = tokio::select! {
             s = ctx.pool.acquire(dest) => s.ok_or(None)?,
             _ = ctx.shutdown.cancelled() => return Err(None),
@@ -863,33 +899,44 @@ async fn lease(
                 return Ok((leased, false));
             }
             Err(e) => {
-                let kind = match (&e.reply, e.permanent) {
-                    (Some(r), true) => AttemptResult::Reply(r.code),
-                    (_, true) => AttemptResult::Permanent,
-                    _ => AttemptResult::Temporary,
-                };
-                let text = e.reply.as_ref().map_or(e.text.clone(), |r| r.text.clone());
-                return Err(Some(Outcome {
-                    results: vec![
-                        RecipientResult {
-                            stage: Stage::Connect,
-                            reply: e.reply.clone(),
-                            text,
-                            local_permanent: None,
-                            rcpt_reply: None,
-                        };
-                        n
-                    ],
-                    remote_host: e.remote_host.clone(),
-                    remote_ip: e.remote_ip.map(|ip| ip.to_string()),
-                    tls: e.tls.clone(),
-                    kinds: vec![kind; n],
-                    local_reason: None,
-                    local_status: None,
-                    remote_dsn: false,
-                }));
+                if !e.permanent {
+                    ctx.suspend(dest, &e);
+                }
+                return Err(Some(connect_failure(&e, n)));
             }
         }
+    }
+}
+
+/// The outcome for all `n` recipients of a transaction that had no connection.
+fn connect_failure(e: &client::SessionError, n: usize) -> Outcome {
+    let kind = match (&e.reply, e.permanent) {
+        (Some(r), true) => AttemptResult::Reply(r.code),
+        (_, true) => AttemptResult::Permanent,
+        _ => AttemptResult::Temporary,
+    };
+    let text = match &e.reply {
+        Some(r) if !e.text.starts_with("delivery temporarily suspended") => r.text.clone(),
+        _ => e.text.clone(),
+    };
+    Outcome {
+        results: vec![
+            RecipientResult {
+                stage: Stage::Connect,
+                reply: e.reply.clone(),
+                text,
+                local_permanent: None,
+                rcpt_reply: None,
+            };
+            n
+        ],
+        remote_host: e.remote_host.clone(),
+        remote_ip: e.remote_ip.map(|ip| ip.to_string()),
+        tls: e.tls.clone(),
+        kinds: vec![kind; n],
+        local_reason: None,
+        local_status: None,
+        remote_dsn: false,
     }
 }
 

@@ -446,6 +446,46 @@ fn sigterm_finishes_transaction_in_flight_and_exits_0() {
     assert_eq!(msgs.len(), 1);
 }
 
+/// SIGHUP (logrotate, a closed terminal) leaves the server running; after SIGTERM a second
+/// one stops it at once instead of waiting `shutdown_grace` for a stalled transaction.
+#[test]
+fn sighup_is_harmless_and_a_second_sigterm_stops_at_once() {
+    let mut m = Mailtrail::start();
+    let child = m.child_id().to_string();
+    let kill = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &child])
+            .status()
+            .unwrap()
+    };
+    kill("-HUP");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO after-hup.test").starts_with("250"));
+    assert!(
+        m.server_log().contains("SIGHUP ignored"),
+        "{}",
+        m.server_log()
+    );
+    // A transaction that stalls in DATA holds the first shutdown for its 30 s of grace.
+    assert!(c.cmd("MAIL FROM:<a@example.com>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<stall@example.org>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: stalled\r\n\r\nhalf a message\r\n");
+    kill("-TERM");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let started = std::time::Instant::now();
+    kill("-TERM");
+    let status = m.wait_exit(std::time::Duration::from_secs(10));
+    assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    assert_eq!(status.code(), Some(1), "{}", m.server_log());
+    assert!(
+        m.server_log().contains("second signal"),
+        "{}",
+        m.server_log()
+    );
+}
+
 /// `mailtrail serve --config path`, which must fail: its stderr.
 fn serve_fails_with(path: &std::path::Path) -> String {
     let out = std::process::Command::new(common::mailtrail::bin())

@@ -4,8 +4,6 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::Context;
-
 use crate::bounce::{self, BounceRecord, Classifier};
 
 /// One message to parse: where it came from and its bytes.
@@ -28,10 +26,7 @@ pub fn run_bounce_parse_with(
     classifier: &Classifier,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    let mut files = Vec::new();
-    for p in paths {
-        collect_files(p, &mut files)?;
-    }
+    let (files, mut skipped) = collect_files(paths);
     if !json {
         writeln!(
             out,
@@ -40,7 +35,13 @@ pub fn run_bounce_parse_with(
         )?;
     }
     for file in files {
-        let data = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+        let data = match std::fs::read(&file) {
+            Ok(data) => data,
+            Err(e) => {
+                skipped.push(format!("{}: {e}", file.display()));
+                continue;
+            }
+        };
         for src in split_messages(&file, data) {
             for record in bounce::parse_with(&src.raw, classifier) {
                 if json {
@@ -51,25 +52,54 @@ pub fn run_bounce_parse_with(
             }
         }
     }
-    Ok(())
+    out.flush()?;
+    report_skipped(&skipped)
 }
 
-/// A file, or every file under a directory (recursively, in name order).
-pub(crate) fn collect_files(path: &Path, files: &mut Vec<PathBuf>) -> anyhow::Result<()> {
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+/// The files under `paths`: each regular file named, and every regular file under each
+/// directory (recursively, in name order). What cannot be listed, or is no regular file (a
+/// FIFO would block the read for ever), is left out and said in the second list, so one bad
+/// entry does not end the run before the rest is read.
+pub(crate) fn collect_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<String>) {
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
+    for p in paths {
+        collect(p, &mut files, &mut skipped);
+    }
+    (files, skipped)
+}
+
+fn collect(path: &Path, files: &mut Vec<PathBuf>, skipped: &mut Vec<String>) {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return skipped.push(format!("{}: {e}", path.display())),
+    };
     if meta.is_dir() {
-        let mut entries: Vec<PathBuf> = std::fs::read_dir(path)
-            .with_context(|| format!("listing {}", path.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .collect();
+        let entries = match std::fs::read_dir(path) {
+            Ok(entries) => entries,
+            Err(e) => return skipped.push(format!("{}: {e}", path.display())),
+        };
+        let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
         entries.sort();
         for e in entries {
-            collect_files(&e, files)?;
+            collect(&e, files, skipped);
         }
-    } else {
+    } else if meta.is_file() {
         files.push(path.to_path_buf());
+    } else {
+        skipped.push(format!("{}: not a regular file", path.display()));
     }
-    Ok(())
+}
+
+/// The files left out, on standard error; an error (exit status 1) when there were any.
+pub(crate) fn report_skipped(skipped: &[String]) -> anyhow::Result<()> {
+    for s in skipped {
+        eprintln!("mailtrail: skipped {s}");
+    }
+    match skipped.len() {
+        0 => Ok(()),
+        n => anyhow::bail!("{n} file(s) could not be read (listed above)"),
+    }
 }
 
 /// An mbox file (starts with a `From ` line) is split into its messages, `>From ` unquoted;
@@ -175,6 +205,37 @@ Subject: Undelivered Mail Returned to Sender\r\n\r\n\
         let single = split_messages(Path::new("x.eml"), b"Subject: x\n\n".to_vec());
         assert_eq!(single.len(), 1);
         assert_eq!(single[0].message, None);
+    }
+
+    #[test]
+    fn entries_that_cannot_be_read_are_skipped_and_the_rest_is_parsed() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("a.eml"), BOUNCE)?;
+        // A FIFO (a read would block for ever) and a dangling link, sorted before z.eml.
+        let fifo = dir.path().join("b.fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()?
+                .success()
+        );
+        std::os::unix::fs::symlink(dir.path().join("gone"), dir.path().join("c.link"))?;
+        std::fs::write(dir.path().join("z.eml"), BOUNCE)?;
+        let (files, skipped) = collect_files(&[dir.path().to_path_buf()]);
+        assert_eq!(files.len(), 2, "{files:?}");
+        assert_eq!(skipped.len(), 2, "{skipped:?}");
+        assert!(
+            skipped[0].contains("b.fifo: not a regular file"),
+            "{skipped:?}"
+        );
+        assert!(skipped[1].contains("c.link"), "{skipped:?}");
+        let mut out = Vec::new();
+        let result = run_bounce_parse(&[dir.path().to_path_buf()], true, &mut out);
+        assert!(result.is_err());
+        let text = String::from_utf8(out)?;
+        assert_eq!(text.lines().count(), 2, "{text}");
+        assert!(text.contains("z.eml"), "{text}");
+        Ok(())
     }
 
     #[test]

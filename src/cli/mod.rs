@@ -259,15 +259,17 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
                 Arc::new(serve::load_classifier(&config)?),
                 serve::verp_key(&config)?,
             );
-            let mut paths = Vec::new();
-            for f in &files {
-                bounce_parse::collect_files(f, &mut paths)?;
-            }
+            let (paths, mut skipped) = bounce_parse::collect_files(&files);
             let mut stored_before = 0;
             let mut records = 0usize;
             for path in paths {
-                let data =
-                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+                let data = match std::fs::read(&path) {
+                    Ok(data) => data,
+                    Err(e) => {
+                        skipped.push(format!("{}: {e}", path.display()));
+                        continue;
+                    }
+                };
                 for src in bounce_parse::split_messages(&path, data) {
                     let name = match src.message {
                         Some(n) => format!("{}#{n}", src.file),
@@ -294,6 +296,8 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             } else {
                 writeln!(out, "{records} bounce records stored")?;
             }
+            out.flush()?;
+            bounce_parse::report_skipped(&skipped)?;
         }
         Request::SuppressList { json } => {
             let reader = crate::store::sqlite::open_read_only(&config)?;

@@ -14,8 +14,9 @@ use crate::store::Store;
 
 fn init_tracing(config: &Config) {
     use tracing_subscriber::EnvFilter;
+    // `[log] level` was checked with the config; RUST_LOG, when set, is tracing's own.
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&config.log.level))
+        .or_else(|_| crate::config::log_filter(&config.log.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours off: every control byte a field brings is escaped on the way out (see
     // `OneLine`), which would show the colours' own escapes as text.
@@ -210,9 +211,19 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     ));
     let signals = shutdown.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        let Some(mut incoming) = Signals::install() else {
+            return; // without handlers the default actions stay: TERM and INT end the process
+        };
+        while incoming.next().await == Signal::Hangup {
+            tracing::info!("SIGHUP ignored: the config is read at start; restart to apply changes");
+        }
         tracing::info!("shutting down: no new connections, finishing transactions in flight");
         signals.cancel();
+        // A second TERM or INT: stop now. Acknowledged mail is already durable; what is cut
+        // short is transactions in flight, as with kill -9.
+        while incoming.next().await == Signal::Hangup {}
+        tracing::warn!("second signal: exiting now, transactions in flight cut short");
+        std::process::exit(1);
     });
 
     smtp.run(shutdown.clone()).await;
@@ -273,17 +284,12 @@ async fn purge(
 
 /// The VERP MAC key, when a bounce domain is configured (created at first start).
 pub fn verp_key(config: &Config) -> anyhow::Result<Option<Vec<u8>>> {
-    if config.delivery.bounce_domain.is_empty() {
-        return Ok(None);
-    }
-    let path = config
-        .delivery
-        .verp_key_file
-        .clone()
-        .unwrap_or_else(|| config.data_dir.join("verp.key"));
-    Ok(Some(crate::delivery::verp_sender::load_or_create_key(
-        &path,
-    )?))
+    crate::delivery::verp_sender::key_for(config).with_context(|| {
+        match config.delivery.verp_key_file {
+            Some(_) => "config key `delivery.verp_key_file`".to_string(),
+            None => "the VERP key".to_string(),
+        }
+    })
 }
 
 /// Built-in bounce rules, with `[bounce] rules_file` tried first when set.
@@ -335,19 +341,37 @@ fn submission_policy(
     ))
 }
 
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process still dies on the default action.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+#[derive(Debug, PartialEq, Eq)]
+enum Signal {
+    /// TERM or INT.
+    Stop,
+    /// HUP: logrotate's postrotate, a closed terminal. Its default action would kill the
+    /// server mid-transaction; Postfix reloads on it, mailtrail has nothing to reload.
+    Hangup,
+}
+
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Option<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some(Self {
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+            hup: signal(SignalKind::hangup()).ok()?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Hangup,
+        }
     }
 }
 

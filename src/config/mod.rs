@@ -497,8 +497,53 @@ impl Config {
                 "must be a fully qualified domain",
             ));
         }
-        if self.delivery.retry_first.is_zero() {
-            return Err(invalid("delivery.retry_first", "must be greater than 0"));
+        // Zero would time out every session, expire every deferral at once, or wait for no
+        // answer at all.
+        for (key, v) in [
+            ("smtp.command_timeout", self.smtp.command_timeout),
+            ("smtp.data_timeout", self.smtp.data_timeout),
+            ("delivery.retry_first", self.delivery.retry_first),
+            (
+                "delivery.max_queue_lifetime",
+                self.delivery.max_queue_lifetime,
+            ),
+            ("delivery.connect_timeout", self.delivery.connect_timeout),
+            ("delivery.command_timeout", self.delivery.command_timeout),
+            ("delivery.data_timeout", self.delivery.data_timeout),
+            ("suppression.soft_window", self.suppression.soft_window),
+            (
+                "checks.domain_check_timeout",
+                self.checks.domain_check_timeout,
+            ),
+            (
+                "dns.timeout",
+                self.dns.timeout.unwrap_or(Duration::from_secs(1)),
+            ),
+        ] {
+            if v.is_zero() {
+                return Err(invalid(key, "must be greater than 0"));
+            }
+        }
+        if self.delivery.mx_port == 0 {
+            return Err(invalid(
+                "delivery.mx_port",
+                "must be a port from 1 to 65535",
+            ));
+        }
+        if self.suppression.soft_bounce_threshold == 0 {
+            return Err(invalid(
+                "suppression.soft_bounce_threshold",
+                "must be greater than 0 (a soft bounce never suppresses alone)",
+            ));
+        }
+        if self.delivery.max_queue_lifetime < self.delivery.retry_first {
+            return Err(invalid(
+                "delivery.max_queue_lifetime",
+                "must not be shorter than delivery.retry_first (mail would expire before its first retry)",
+            ));
+        }
+        if let Err(e) = log_filter(&self.log.level) {
+            return Err(invalid("log.level", e));
         }
         if self.delivery.retry_max_interval < self.delivery.retry_first {
             return Err(invalid(
@@ -526,6 +571,25 @@ impl Config {
                     "must list at least one domain or \"*\"",
                 ));
             }
+            for (k, list) in [
+                ("domains", &route.domains),
+                ("sender_domains", &route.sender_domains),
+            ] {
+                if let Some(bad) = list.iter().find(|d| !is_route_domain(d)) {
+                    return Err(invalid(
+                        &key(k),
+                        format!("{bad:?} is not a domain or \"*\""),
+                    ));
+                }
+            }
+            if route.auth_user.is_none()
+                && (route.auth_password_file.is_some() || route.auth_password_env.is_some())
+            {
+                return Err(invalid(
+                    &key("auth_user"),
+                    "is needed: a password is set but no user to send it for",
+                ));
+            }
             if route.mx.is_empty() {
                 return Err(invalid(
                     &key("mx"),
@@ -539,7 +603,9 @@ impl Config {
                 ));
             }
             for hop in &route.mx {
-                if crate::config::split_host_port(hop).is_none() {
+                let usable = crate::config::split_host_port(hop)
+                    .is_some_and(|(host, port)| port != 0 && !host.contains(char::is_whitespace));
+                if !usable {
                     return Err(invalid(&key("mx"), format!("{hop:?} is not host:port")));
                 }
             }
@@ -565,6 +631,38 @@ impl Config {
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("mailtrail.db")
     }
+}
+
+/// A route's domain: `*`, or labels of letters, digits, `-` and `_` (and non-ASCII, for
+/// IDNs) joined by dots; a trailing dot is allowed.
+fn is_route_domain(d: &str) -> bool {
+    if d == "*" {
+        return true;
+    }
+    let d = d.strip_suffix('.').unwrap_or(d);
+    !d.is_empty()
+        && d.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+/// The tracing filter of `[log] level`: a level (`info`), or comma-separated `target=level`
+/// directives (`mailtrail=debug,info`). `EnvFilter` itself reads a bare word as a target
+/// to log at every level, so `verbose` silenced everything: only levels stand alone here.
+pub fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in level.split(',').map(str::trim) {
+        let lvl = directive.rsplit_once('=').map_or(directive, |(_, l)| l);
+        if !LEVELS.iter().any(|l| lvl.eq_ignore_ascii_case(l)) {
+            return Err(format!(
+                "{directive:?} is not a level (trace, debug, info, warn, error, off) or target=level"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("{level:?}: {e}"))
 }
 
 /// Splits `host:port` / `[v6]:port`.
@@ -656,6 +754,69 @@ mod tests {
             let e = Config::parse(&format!("[[route]]\n{route}")).unwrap_err();
             assert!(e.to_string().contains(key), "{route}: {e}");
         }
+    }
+
+    #[test]
+    fn unworkable_values_are_refused_with_their_key() {
+        for (toml, key) in [
+            ("[smtp]\ncommand_timeout = \"0s\"", "smtp.command_timeout"),
+            ("[smtp]\ndata_timeout = \"0s\"", "smtp.data_timeout"),
+            (
+                "[delivery]\nconnect_timeout = \"0s\"",
+                "delivery.connect_timeout",
+            ),
+            (
+                "[delivery]\nmax_queue_lifetime = \"0s\"",
+                "delivery.max_queue_lifetime",
+            ),
+            (
+                "[delivery]\nmax_queue_lifetime = \"1s\"\nretry_first = \"1h\"\nretry_max_interval = \"1h\"",
+                "delivery.max_queue_lifetime",
+            ),
+            ("[delivery]\nmx_port = 0", "delivery.mx_port"),
+            (
+                "[suppression]\nsoft_bounce_threshold = 0",
+                "suppression.soft_bounce_threshold",
+            ),
+            ("[log]\nlevel = \"verbose\"", "log.level"),
+            ("[log]\nlevel = \"mailtrail=loud\"", "log.level"),
+            (
+                "[[route]]\ndomains = [\"\"]\nmx = [\"h:25\"]",
+                "route[0].domains",
+            ),
+            (
+                "[[route]]\ndomains = [\"not a domain!!\"]\nmx = [\"h:25\"]",
+                "route[0].domains",
+            ),
+            (
+                "[[route]]\ndomains = [\"x.test\"]\nmx = [\"h:0\"]",
+                "route[0].mx",
+            ),
+            (
+                "[[route]]\ndomains = [\"x.test\"]\nmx = [\"has space:25\"]",
+                "route[0].mx",
+            ),
+            (
+                "[[route]]\ndomains = [\"x.test\"]\nmx = [\"h:25\"]\nauth_password_env = \"P\"",
+                "route[0].auth_user",
+            ),
+        ] {
+            let e = Config::parse(toml).unwrap_err();
+            assert!(e.to_string().contains(key), "{toml}: {e}");
+        }
+        for level in [
+            "info",
+            "warn",
+            "mailtrail=debug,info",
+            "mailtrail::smtp=trace, warn",
+        ] {
+            let c = Config::parse(&format!("[log]\nlevel = {level:?}"));
+            assert!(c.is_ok(), "{level}: {:?}", c.err());
+        }
+        let c = Config::parse(
+            "[[route]]\ndomains = [\"*\", \"Example.TEST.\", \"bücher.test\"]\nmx = [\"[::1]:25\"]",
+        );
+        assert!(c.is_ok(), "{:?}", c.err());
     }
 
     #[test]

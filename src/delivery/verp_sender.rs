@@ -43,19 +43,10 @@ impl VerpSender {
         }
     }
 
-    /// From config: `None` when no bounce domain is set (original senders are kept). The key
-    /// comes from `delivery.verp_key_file`, else `data_dir/verp.key`, created on first use.
+    /// From config: `None` when no bounce domain is set (original senders are kept).
     pub fn from_config(config: &Config) -> Result<Option<Self>, VerpKeyError> {
         let d = &config.delivery;
-        if d.bounce_domain.is_empty() {
-            return Ok(None);
-        }
-        let path = d
-            .verp_key_file
-            .clone()
-            .unwrap_or_else(|| config.data_dir.join("verp.key"));
-        let key = load_or_create_key(&path)?;
-        Ok(Some(Self::new(key, &d.bounce_local_part, &d.bounce_domain)))
+        Ok(key_for(config)?.map(|key| Self::new(key, &d.bounce_local_part, &d.bounce_domain)))
     }
 
     /// The envelope sender for recipient `rcpt_index` of `receipt`.
@@ -66,23 +57,59 @@ impl VerpSender {
 
 /// Reads the key (file contents, surrounding whitespace ignored) or writes 32 random bytes
 /// as hex to a new file readable by the owner only.
+/// The VERP key when a bounce domain is set: from `delivery.verp_key_file`, which must
+/// exist, else from `data_dir/verp.key`, created on first use.
+pub fn key_for(config: &Config) -> Result<Option<Vec<u8>>, VerpKeyError> {
+    if config.delivery.bounce_domain.is_empty() {
+        return Ok(None);
+    }
+    match &config.delivery.verp_key_file {
+        Some(path) => load_key(path).map(Some),
+        None => load_or_create_key(&config.data_dir.join("verp.key")).map(Some),
+    }
+}
+
+/// The key in a file the admin named (`[delivery] verp_key_file`): it must exist. Were it
+/// made up when missing (a typo, a secrets mount not yet there), every VERP address already
+/// sent would fail its MAC and the bounces for them be refused.
+pub fn load_key(path: &Path) -> Result<Vec<u8>, VerpKeyError> {
+    let bytes = std::fs::read(path).map_err(|source| VerpKeyError {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    key_from(&bytes).map_err(|source| VerpKeyError {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Shortest key taken: 16 bytes (128 bits); the generated ones are 64 hex digits.
+const MIN_KEY_LEN: usize = 16;
+
+/// The key is the file's text without surrounding whitespace.
+fn key_from(bytes: &[u8]) -> Result<Vec<u8>, std::io::Error> {
+    let text = String::from_utf8_lossy(bytes);
+    let key = text.trim().as_bytes().to_vec();
+    if key.len() < MIN_KEY_LEN {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "the key is {} bytes; at least {MIN_KEY_LEN} are needed (delete the file to \
+                 have a new one made, which invalidates VERP addresses already sent)",
+                key.len()
+            ),
+        ));
+    }
+    Ok(key)
+}
+
 pub fn load_or_create_key(path: &Path) -> Result<Vec<u8>, VerpKeyError> {
     let err = |source| VerpKeyError {
         path: path.to_path_buf(),
         source,
     };
     match std::fs::read(path) {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes);
-            let key = text.trim().as_bytes().to_vec();
-            if key.is_empty() {
-                return Err(err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "key file is empty",
-                )));
-            }
-            Ok(key)
-        }
+        Ok(bytes) => key_from(&bytes).map_err(err),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(err)?;
@@ -145,5 +172,25 @@ mod tests {
             let mode = std::fs::metadata(&p).unwrap().permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+    }
+
+    #[test]
+    fn a_key_file_the_admin_named_must_exist_and_hold_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::parse("[delivery]\nbounce_domain = \"b.example\"").unwrap();
+        config.data_dir = dir.path().to_path_buf();
+        let missing = dir.path().join("secrets/verp.key");
+        config.delivery.verp_key_file = Some(missing.clone());
+        assert!(key_for(&config).is_err());
+        assert!(!missing.exists() && !dir.path().join("secrets").exists());
+        std::fs::create_dir(dir.path().join("secrets")).unwrap();
+        std::fs::write(&missing, "short\n").unwrap();
+        let e = key_for(&config).unwrap_err();
+        assert!(e.to_string().contains("at least 16"), "{e}");
+        std::fs::write(&missing, "0123456789abcdef0123\n").unwrap();
+        assert_eq!(key_for(&config).unwrap().unwrap(), b"0123456789abcdef0123");
+        // Without the key set, data_dir/verp.key is made.
+        config.delivery.verp_key_file = None;
+        assert_eq!(key_for(&config).unwrap().unwrap().len(), 64);
     }
 }

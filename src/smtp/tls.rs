@@ -27,6 +27,12 @@ pub enum TlsError {
     Pem { path: PathBuf, message: String },
     #[error("cannot generate a self-signed certificate: {0}")]
     Generate(String),
+    #[error("certificate {cert} and key {key} do not go together: {message}")]
+    Pair {
+        cert: PathBuf,
+        key: PathBuf,
+        message: String,
+    },
     #[error("TLS configuration rejected: {0}")]
     Rustls(#[from] rustls::Error),
 }
@@ -55,7 +61,12 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsError> {
     let server = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_single_cert(certs, key)
+        .map_err(|e| TlsError::Pair {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+            message: e.to_string(),
+        })?;
     Ok(Arc::new(server))
 }
 
@@ -178,6 +189,20 @@ mod tests {
         config.smtp.tls_key = Some(key);
         server_config(&config).unwrap();
         assert!(!generated_paths(&config.data_dir).0.exists());
+    }
+
+    #[test]
+    fn a_key_of_another_certificate_names_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        let other_key = dir.path().join("k2.pem");
+        generate_self_signed("one.test", &cert, &key).unwrap();
+        generate_self_signed("two.test", &dir.path().join("c2.pem"), &other_key).unwrap();
+        let mut config = config_in(dir.path());
+        config.smtp.tls_cert = Some(cert);
+        config.smtp.tls_key = Some(other_key);
+        let err = server_config(&config).unwrap_err().to_string();
+        assert!(err.contains("c.pem") && err.contains("k2.pem"), "{err}");
     }
 
     #[test]

@@ -147,6 +147,22 @@ impl Mailtrail {
         }
     }
 
+    /// Waits up to `timeout` for the server to exit by itself (after signals sent).
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("mailtrail did not exit:\n{}", self.server_log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     pub fn child_id(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }

@@ -71,7 +71,7 @@ fn default_hostname() -> String {
     gethostname::gethostname()
         .into_string()
         .ok()
-        .filter(|h| !h.is_empty())
+        .filter(|h| is_route_domain(h) && h != "*")
         .unwrap_or_else(|| "localhost".to_string())
 }
 
@@ -424,8 +424,13 @@ impl Config {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
         }
-        if self.hostname.is_empty() || self.hostname.contains(char::is_whitespace) {
-            return Err(invalid("hostname", "must be a host name without spaces"));
+        // It goes into EHLO, Received: fields and DSNs: `<`, `;` or a space there would
+        // make them say something else.
+        if self.hostname == "*" || !is_route_domain(&self.hostname) {
+            return Err(invalid(
+                "hostname",
+                "must be a host name (letters, digits, '-', '_' and dots)",
+            ));
         }
         if self.smtp.listen.is_empty() && self.smtp.tls_listen.is_empty() {
             return Err(invalid(
@@ -491,10 +496,27 @@ impl Config {
                 ));
             }
         }
-        if !self.delivery.bounce_domain.is_empty() && !self.delivery.bounce_domain.contains('.') {
+        let bounce_domain = &self.delivery.bounce_domain;
+        if !bounce_domain.is_empty()
+            && (!bounce_domain.contains('.')
+                || bounce_domain == "*"
+                || !is_route_domain(bounce_domain))
+        {
             return Err(invalid(
                 "delivery.bounce_domain",
                 "must be a fully qualified domain",
+            ));
+        }
+        // The local part of every VERP sender: a dot-atom, or the addresses would need quoting.
+        let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+        let local = &self.delivery.bounce_local_part;
+        if local
+            .split('.')
+            .any(|atom| atom.is_empty() || !atom.chars().all(atext))
+        {
+            return Err(invalid(
+                "delivery.bounce_local_part",
+                "must be a plain local part (letters, digits, and !#$%&'*+-/=?^_`{|}~ between dots)",
             ));
         }
         // Zero would time out every session, expire every deferral at once, or wait for no
@@ -779,6 +801,15 @@ mod tests {
                 "suppression.soft_bounce_threshold",
             ),
             ("[log]\nlevel = \"verbose\"", "log.level"),
+            ("hostname = \"a<b>;c\"", "hostname"),
+            (
+                "[delivery]\nbounce_local_part = \"a@b c\"",
+                "delivery.bounce_local_part",
+            ),
+            (
+                "[delivery]\nbounce_domain = \"bad domain..\"",
+                "delivery.bounce_domain",
+            ),
             ("[log]\nlevel = \"mailtrail=loud\"", "log.level"),
             (
                 "[[route]]\ndomains = [\"\"]\nmx = [\"h:25\"]",

@@ -904,6 +904,12 @@ async fn bounces_are_correlated_recorded_and_filtered() {
         .await
         .unwrap();
     let first = record_bounce(&store, new_bounce(Some(r), Some(1), 2_000)).await;
+    // The bounce, not the 250 before it, is the recipient's last reply now.
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    let bounced = &log[0].recipients[1];
+    assert_eq!(bounced.status, RecipientStatus::Bounced);
+    assert_eq!(bounced.last_enhanced_status.as_deref(), Some("5.1.1"));
+    assert_ne!(bounced.last_reply_code, Some(250));
     let mut complaint = new_bounce(Some(r), Some(1), 3_000);
     complaint.facts.kind = "arf".into();
     complaint.facts.reason = "feedback".into();

@@ -531,11 +531,24 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
     };
     let status = match new.new_status {
         Some(new) => {
+            // The bounce's code, status and diagnostic become the recipient's last reply:
+            // the log's summary line then says why it bounced, not the 250 before it.
             conn.execute(
                 "UPDATE recipients SET status = ?3, reason = ?4, bounce_type = ?5,
-                     next_attempt_at = NULL, updated_at = ?6
+                     next_attempt_at = NULL, updated_at = ?6, last_reply_code = ?7,
+                     last_enhanced = ?8, last_reply_text = ?9
                  WHERE receipt = ?1 AND idx = ?2",
-                params![receipt, idx, new.as_str(), b.reason, b.bounce_type, b.at_ms],
+                params![
+                    receipt,
+                    idx,
+                    new.as_str(),
+                    b.reason,
+                    b.bounce_type,
+                    b.at_ms,
+                    b.reply_code,
+                    b.status,
+                    b.diagnostic
+                ],
             )
             .map_err(storage)?;
             new.as_str().to_string()

@@ -242,6 +242,9 @@ async fn bounces_complaints_and_autoreplies_become_records_and_suppress() {
     assert_eq!(bob_bounce["status"], "5.1.1");
     let id = bob_bounce["id"].to_string();
     m.cli_ok(&["bounces", "handle", &id, "--by", "alice"]);
+    // A second handler is told, and alice stays the one who handled it.
+    let again = m.cli_ok(&["bounces", "handle", &id, "--by", "bob"]);
+    assert!(again.contains("handled already, by alice"), "{again}");
     let after = m.cli_ok(&["bounces", "--unhandled", "--json"]);
     assert_eq!(after.lines().count(), 2, "{after}");
     let text = m.cli_ok(&["bounces", "--address", bob, "--first"]);

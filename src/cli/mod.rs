@@ -16,7 +16,7 @@ use anyhow::Context;
 
 use crate::config::Config;
 use crate::receipt::ReceiptId;
-use crate::store::Store;
+use crate::store::{HandledChange, Store};
 
 /// One parsed command line.
 pub enum Request {
@@ -237,17 +237,24 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
                 anyhow::bail!("--by needs a name: who handled the bounce");
             }
             let store = open_store(&config)?;
-            if !store.set_handled(id, Some(&by), now_ms()).await? {
-                anyhow::bail!("no bounce with id {id}");
+            match store.set_handled(id, Some(&by), now_ms()).await? {
+                HandledChange::Changed => writeln!(out, "bounce {id} marked handled by {by}")?,
+                HandledChange::Already { by: first, at_ms } => writeln!(
+                    out,
+                    "bounce {id} was handled already, by {} at {} (kept)",
+                    log::sanitize(first.as_deref().unwrap_or("?")),
+                    at_ms.map(log::format_time).unwrap_or_default()
+                )?,
+                HandledChange::NoSuchBounce => anyhow::bail!("no bounce with id {id}"),
             }
-            writeln!(out, "bounce {id} marked handled by {by}")?;
         }
         Request::BounceUnhandle { id } => {
             let store = open_store(&config)?;
-            if !store.set_handled(id, None, now_ms()).await? {
-                anyhow::bail!("no bounce with id {id}");
+            match store.set_handled(id, None, now_ms()).await? {
+                HandledChange::Changed => writeln!(out, "bounce {id} marked unhandled")?,
+                HandledChange::Already { .. } => writeln!(out, "bounce {id} is not handled")?,
+                HandledChange::NoSuchBounce => anyhow::bail!("no bounce with id {id}"),
             }
-            writeln!(out, "bounce {id} marked unhandled")?;
         }
         Request::BounceIngest { files } => {
             let config = Arc::new(config);

@@ -640,7 +640,12 @@ mod tests {
         async fn bounces(&self, _: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError> {
             unused()
         }
-        async fn set_handled(&self, _: i64, _: Option<&str>, _: i64) -> Result<bool, StoreError> {
+        async fn set_handled(
+            &self,
+            _: i64,
+            _: Option<&str>,
+            _: i64,
+        ) -> Result<crate::store::HandledChange, StoreError> {
             unused()
         }
         async fn recent_bounce_types(&self, _: &str, _: i64) -> Result<Vec<String>, StoreError> {

@@ -365,6 +365,19 @@ pub struct Suppression {
 
 /// The outcome store. Writes are durable when the future resolves (group commit: one fsync
 /// shared by every write queued meanwhile). Reads see every committed write.
+/// What marking a bounce handled (or unhandled) did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandledChange {
+    Changed,
+    /// It was so already: who marked it and when (both `None` when it is unhandled). The
+    /// first handler's name and time are kept, not overwritten.
+    Already {
+        by: Option<String>,
+        at_ms: Option<i64>,
+    },
+    NoSuchBounce,
+}
+
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     // --- accept (spool) ---
@@ -459,8 +472,13 @@ pub trait Store: Send + Sync + 'static {
         processed: Option<ReceiptId>,
     ) -> Result<Vec<RecordedBounce>, StoreError>;
     async fn bounces(&self, query: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError>;
-    /// Sets or clears the handled flag. Returns false when no such bounce.
-    async fn set_handled(&self, id: i64, by: Option<&str>, at_ms: i64) -> Result<bool, StoreError>;
+    /// Sets or clears the handled flag (see [`HandledChange`]).
+    async fn set_handled(
+        &self,
+        id: i64,
+        by: Option<&str>,
+        at_ms: i64,
+    ) -> Result<HandledChange, StoreError>;
     /// Types of the recent bounces that changed the status of a recipient with this address
     /// (failures matched to mail we sent; not delay notices, auto-replies or unmatched or
     /// untrusted records), newest first: the soft-bounce run.

@@ -18,9 +18,9 @@ use crate::config::Config;
 use crate::receipt::ReceiptId;
 use crate::spool::AcceptedMessage;
 use crate::store::{
-    AttemptRecord, BounceQuery, Correlation, LogQuery, MessageLog, NewBounce, QueueEntry,
-    QueuedMessage, RecipientRef, RecordedBounce, Stage, Store, StoreError, StoredBounce,
-    Suppression,
+    AttemptRecord, BounceQuery, Correlation, HandledChange, LogQuery, MessageLog, NewBounce,
+    QueueEntry, QueuedMessage, RecipientRef, RecordedBounce, Stage, Store, StoreError,
+    StoredBounce, Suppression,
 };
 
 pub use schema::SCHEMA_VERSION;
@@ -398,7 +398,12 @@ impl Store for SqliteStore {
         self.read(move |c| read::bounces(c, &query)).await
     }
 
-    async fn set_handled(&self, id: i64, by: Option<&str>, at_ms: i64) -> Result<bool, StoreError> {
+    async fn set_handled(
+        &self,
+        id: i64,
+        by: Option<&str>,
+        at_ms: i64,
+    ) -> Result<HandledChange, StoreError> {
         let by = by.map(str::to_string);
         self.write(move |c| write::set_handled(c, id, by.as_deref(), at_ms))
             .await

@@ -7,7 +7,7 @@ use tempfile::TempDir;
 
 use super::*;
 use crate::spool::{AcceptedRecipient, DsnRet, Notify, PresetOutcome};
-use crate::store::{BounceFacts, LogKey, RecipientStatus};
+use crate::store::{BounceFacts, HandledChange, LogKey, RecipientStatus};
 
 fn store_in(dir: &TempDir) -> SqliteStore {
     SqliteStore::open_path(&dir.path().join("mailtrail.db")).unwrap()
@@ -973,8 +973,22 @@ async fn bounces_are_correlated_recorded_and_filtered() {
         [third]
     );
 
-    assert!(store.set_handled(first, Some("ops"), 5_000).await.unwrap());
-    assert!(!store.set_handled(9_999, Some("ops"), 5_000).await.unwrap());
+    assert_eq!(
+        store.set_handled(first, Some("ops"), 5_000).await.unwrap(),
+        HandledChange::Changed
+    );
+    assert_eq!(
+        store.set_handled(9_999, Some("ops"), 5_000).await.unwrap(),
+        HandledChange::NoSuchBounce
+    );
+    // A second handler does not overwrite the first.
+    assert_eq!(
+        store.set_handled(first, Some("late"), 5_500).await.unwrap(),
+        HandledChange::Already {
+            by: Some("ops".into()),
+            at_ms: Some(5_000)
+        }
+    );
     assert_eq!(
         ids(store
             .bounces(&q(|q| q.unhandled_only = true))
@@ -986,7 +1000,17 @@ async fn bounces_are_correlated_recorded_and_filtered() {
     let h = handled.iter().find(|b| b.id == first).unwrap();
     assert_eq!(h.handled_by.as_deref(), Some("ops"));
     assert_eq!(h.handled_at_ms, Some(5_000));
-    assert!(store.set_handled(first, None, 6_000).await.unwrap());
+    assert_eq!(
+        store.set_handled(first, None, 6_000).await.unwrap(),
+        HandledChange::Changed
+    );
+    assert_eq!(
+        store.set_handled(first, None, 6_500).await.unwrap(),
+        HandledChange::Already {
+            by: None,
+            at_ms: None
+        }
+    );
     let cleared = store.bounces(&BounceQuery::default()).await.unwrap();
     let h = cleared.iter().find(|b| b.id == first).unwrap();
     assert_eq!((h.handled_by.as_deref(), h.handled_at_ms), (None, None));

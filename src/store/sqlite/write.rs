@@ -6,8 +6,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::receipt::ReceiptId;
 use crate::spool::{AcceptedMessage, DsnRet};
 use crate::store::{
-    AttemptRecord, NewBounce, RcptReply, RecipientStatus, RecordedBounce, Stage, StoreError,
-    Suppression,
+    AttemptRecord, HandledChange, NewBounce, RcptReply, RecipientStatus, RecordedBounce, Stage,
+    StoreError, Suppression,
 };
 
 use super::{address_key, correlation_str, stage_str, storage};
@@ -580,20 +580,36 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
     Ok(id)
 }
 
+/// Marks bounce `id` handled by `by` at `at_ms`, or unhandled (`by` None), unless it is so
+/// already: then who handled it first, and when, stay.
 pub fn set_handled(
     conn: &Connection,
     id: i64,
     by: Option<&str>,
     at_ms: i64,
-) -> Result<bool, StoreError> {
+) -> Result<HandledChange, StoreError> {
     let changed = conn
         .execute(
             "UPDATE bounces SET handled_by = ?2, handled_at = CASE WHEN ?2 IS NULL THEN NULL ELSE ?3 END
-             WHERE id = ?1",
+             WHERE id = ?1 AND (handled_at IS NULL) = (?2 IS NOT NULL)",
             params![id, by, at_ms],
         )
         .map_err(storage)?;
-    Ok(changed > 0)
+    if changed > 0 {
+        return Ok(HandledChange::Changed);
+    }
+    let now = conn
+        .query_row(
+            "SELECT handled_by, handled_at FROM bounces WHERE id = ?1",
+            params![id],
+            |r| Ok((r.get::<_, Option<String>>(0)?, r.get::<_, Option<i64>>(1)?)),
+        )
+        .optional()
+        .map_err(storage)?;
+    Ok(match now {
+        Some((by, at_ms)) => HandledChange::Already { by, at_ms },
+        None => HandledChange::NoSuchBounce,
+    })
 }
 
 /// Adds an entry, or refreshes the one there: reason, source and last time from `s`; while

@@ -38,7 +38,7 @@ pub fn router(state: ApiState) -> Router {
         ));
     Router::new()
         .merge(mail_log)
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
@@ -115,6 +115,26 @@ pub async fn serve(
         }));
     }
     Ok(tasks)
+}
+
+/// `ok`, or `503` with the reason while the store refuses writes (a failed fsync, its
+/// database file deleted or replaced): the SMTP listener answers every message `451` then,
+/// and only a restart helps, which is what a probe is for.
+async fn healthz(State(state): State<ApiState>) -> Response {
+    let store = state.store.clone();
+    // The store looks at its files (a stat or two): not on an async worker, where a hung
+    // disk would stall other connections.
+    let refusal = tokio::task::spawn_blocking(move || store.write_refusal())
+        .await
+        .unwrap_or_else(|e| Some(format!("health check failed: {e}")));
+    match refusal {
+        None => "ok\n".into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unwritable: {reason}\n"),
+        )
+            .into_response(),
+    }
 }
 
 async fn metrics(State(state): State<ApiState>) -> Response {

@@ -3,6 +3,7 @@
 
 pub mod bounce_parse;
 pub mod bounces;
+pub mod lock;
 pub mod log;
 pub mod queue;
 pub mod serve;

@@ -85,6 +85,11 @@ fn escape_controls(buf: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 
 pub fn serve(config: Config) -> anyhow::Result<ExitCode> {
     init_tracing(&config);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    // Before anything else touches the store, and held until the runtime (and with it every
+    // task that could still write or deliver) is gone: declared first, dropped last.
+    let _lock = super::lock::acquire(&config.data_dir)?;
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads(std::env::var_os(WORKER_THREADS_VAR).as_deref())? {
         builder.worker_threads(n);
@@ -144,8 +149,6 @@ impl crate::smtp::AcceptHook for NextStages {
 }
 
 async fn run(config: Arc<Config>) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = crate::store::sqlite::open(&config)?;
     let mut metrics = Metrics::new();
     if let Some(counters) = store.commit_counters() {

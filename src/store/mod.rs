@@ -400,6 +400,13 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
+    /// Why every write fails until a restart (a failed fsync; the database file deleted or
+    /// replaced), when that is so; `/healthz` reports it. May look at the disk: call it off
+    /// the async workers.
+    fn write_refusal(&self) -> Option<String> {
+        None
+    }
+
     // --- delivery ---
     /// Messages with at least one recipient `queued`/`deferred` whose next attempt is due at
     /// `now_ms`, oldest first; only the due recipients are listed. With `after`, only

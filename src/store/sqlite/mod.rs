@@ -3,6 +3,7 @@
 //! fsync covers all three), a group-commit writer thread, and read-only connections for reads
 //! (in this process, or in `mailtrail log` while the server runs).
 
+mod files;
 mod read;
 mod schema;
 mod write;
@@ -207,8 +208,9 @@ impl SqliteStore {
                     Path::new(&wal_path).display()
                 ))
             })?;
+        let files = files::StoreFiles::new(path, Path::new(&wal_path), &wal)?;
         Ok(Self {
-            writer: writer::Writer::start(conn, wal, wait)?,
+            writer: writer::Writer::start(conn, wal, files, wait)?,
             readers: Arc::new(ReadPool {
                 path: path.to_path_buf(),
                 idle: Mutex::new(Vec::new()),
@@ -274,6 +276,10 @@ impl Store for SqliteStore {
 
     fn commit_counters(&self) -> Option<WriterStats> {
         Some(self.writer.stats.as_ref().clone())
+    }
+
+    fn write_refusal(&self) -> Option<String> {
+        self.writer.refusal()
     }
 
     async fn due(

@@ -1590,6 +1590,11 @@ fn correlation_lookups_use_the_partial_indexes() {
     assert!(mid.contains("USING INDEX messages_message_id"), "{mid}");
 }
 
+/// A file check for writers whose files nobody touches.
+fn files_unchanged() -> writer::FileCheck {
+    Arc::new(|| Ok(()))
+}
+
 #[tokio::test]
 async fn a_failed_log_fsync_fails_the_write_and_every_later_one() {
     let dir = TempDir::new().unwrap();
@@ -1599,7 +1604,13 @@ async fn a_failed_log_fsync_fails_the_write_and_every_later_one() {
         .write(true)
         .open("/dev/null")
         .unwrap();
-    let writer = writer::Writer::start(conn, wal, writer::DEFERRABLE_WAIT).unwrap();
+    let writer = writer::Writer::start_with_sync(
+        conn,
+        move || wal.sync_data(),
+        files_unchanged(),
+        writer::DEFERRABLE_WAIT,
+    )
+    .unwrap();
     let not_durable = |r: &Result<(), StoreError>| matches!(r, Err(StoreError::Storage(e)) if e.contains("fsync of the database log failed"));
     let first = writer
         .write(|c| c.execute_batch("CREATE TABLE t (x)").map_err(storage))
@@ -1628,8 +1639,10 @@ async fn commands_that_arrive_while_the_log_is_flushed_share_the_next_commit() {
         }
         Ok(())
     };
-    let writer =
-        Arc::new(writer::Writer::start_with_sync(conn, sync, writer::DEFERRABLE_WAIT).unwrap());
+    let writer = Arc::new(
+        writer::Writer::start_with_sync(conn, sync, files_unchanged(), writer::DEFERRABLE_WAIT)
+            .unwrap(),
+    );
     let first = {
         let writer = writer.clone();
         tokio::spawn(async move {
@@ -1717,4 +1730,57 @@ async fn the_write_connection_leaves_syncing_the_log_to_the_syncer() {
     assert_eq!(mode, 1, "synchronous should be NORMAL (1)");
     let wal = dir.path().join("mailtrail.db-wal");
     assert!(wal.exists());
+}
+
+#[tokio::test]
+async fn a_deleted_database_file_fails_the_next_write_and_every_later_one() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    store
+        .accept(message(1_000, "a@x.example", &["kept@y.example"]))
+        .await
+        .unwrap();
+    assert_eq!(store.write_refusal(), None);
+
+    let db = dir.path().join("mailtrail.db");
+    std::fs::remove_file(&db).unwrap();
+    // Refused, though SQLite would commit and fsync into the unlinked file without a word.
+    let lost = store
+        .accept(message(2_000, "a@x.example", &["lost@y.example"]))
+        .await;
+    let names_the_file =
+        |e: &str| e.contains(&db.display().to_string()) && e.contains("was deleted");
+    assert!(
+        matches!(&lost, Err(StoreError::Storage(e)) if names_the_file(e)),
+        "{lost:?}"
+    );
+    let later = store.queue_retry(None).await;
+    assert!(
+        matches!(&later, Err(StoreError::Storage(e)) if names_the_file(e)),
+        "{later:?}"
+    );
+    assert!(store.write_refusal().is_some_and(|r| names_the_file(&r)));
+}
+
+#[tokio::test]
+async fn a_replaced_database_file_is_seen_without_a_write() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let db = dir.path().join("mailtrail.db");
+    let other = dir.path().join("restored.db");
+    std::fs::copy(&db, &other).unwrap();
+    std::fs::rename(&other, &db).unwrap();
+    // No write needed: what a health probe asks.
+    let refusal = store
+        .write_refusal()
+        .expect("the store sees its file replaced");
+    assert!(
+        refusal.contains("was replaced by another file"),
+        "{refusal}"
+    );
+    let write = store.queue_retry(None).await;
+    assert!(
+        matches!(&write, Err(StoreError::Storage(e)) if e == &refusal),
+        "{write:?}"
+    );
 }

@@ -7,8 +7,8 @@
 //! (index leaves, the table's last page) are written once.
 
 use std::fs::File;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -16,6 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
+use super::files::StoreFiles;
 use crate::store::StoreError;
 
 /// At most this many commands share one transaction, so a flood of writers cannot grow one
@@ -98,6 +99,37 @@ pub struct Writer {
     thread: Option<JoinHandle<()>>,
     syncer: Option<JoinHandle<()>>,
     pub stats: Arc<WriterStats>,
+    refusal: Arc<Refusal>,
+    files: FileCheck,
+}
+
+/// `Err(reason)` when the files written are no longer the ones a restart opens
+/// ([`StoreFiles::check`]; tests pass their own).
+pub(crate) type FileCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Why the store refuses every write until a restart: a failed fsync, or its files deleted
+/// or replaced. Set once; the first reason stays, and only the call that set it logs it.
+#[derive(Default)]
+struct Refusal(OnceLock<String>);
+
+impl Refusal {
+    fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+
+    /// Refuses from now on for `reason` (logged once) unless already refusing; returns the
+    /// reason in force, which callers answer with.
+    fn refuse(&self, reason: String) -> String {
+        let mut first = false;
+        let kept = self.0.get_or_init(|| {
+            first = true;
+            reason
+        });
+        if first {
+            tracing::error!(reason = %kept, "store refusing further writes");
+        }
+        kept.clone()
+    }
 }
 
 /// Committed batches on their way to the disk, oldest first.
@@ -119,34 +151,43 @@ impl Writer {
     /// `conn` runs with `synchronous = NORMAL` (its commits do not fsync); `wal` is its
     /// write-ahead log, which the syncer thread fsyncs after each commit and before answering:
     /// a caller hears `Ok` only once its commit is on stable storage, as with `FULL`.
+    ///
+    /// After each fsync the syncer also checks that `files` are still the database and log a
+    /// restart would open, before it answers.
     pub fn start(
         conn: Connection,
         wal: File,
+        files: StoreFiles,
         deferrable_wait: Duration,
     ) -> Result<Self, StoreError> {
-        Self::start_with_sync(conn, move || wal.sync_data(), deferrable_wait)
+        let files: FileCheck = Arc::new(move || files.check());
+        Self::start_with_sync(conn, move || wal.sync_data(), files, deferrable_wait)
     }
 
     /// [`Writer::start`] with the syncer's flush given as `sync` (tests hold it to see what
-    /// the writer does meanwhile).
+    /// the writer does meanwhile) and the file check as `files`.
     pub(crate) fn start_with_sync(
         conn: Connection,
         sync_log: impl FnMut() -> std::io::Result<()> + Send + 'static,
+        files: FileCheck,
         deferrable_wait: Duration,
     ) -> Result<Self, StoreError> {
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let (committed, to_sync) = std::sync::mpsc::channel();
         let stats = Arc::new(WriterStats::default());
         let thread_stats = stats.clone();
-        let poisoned = Arc::new(AtomicBool::new(false));
-        let syncer_poisoned = poisoned.clone();
+        let refusal = Arc::new(Refusal::default());
         let flushing = Arc::new(Flushing::default());
         let syncer_flushing = flushing.clone();
         let spawn_error = |e| StoreError::Storage(format!("cannot start writer thread: {e}"));
-        let syncer = std::thread::Builder::new()
-            .name("store-sync".into())
-            .spawn(move || sync(sync_log, &to_sync, &syncer_poisoned, &syncer_flushing))
-            .map_err(spawn_error)?;
+        let syncer = {
+            let (refusal, files) = (refusal.clone(), files.clone());
+            std::thread::Builder::new()
+                .name("store-sync".into())
+                .spawn(move || sync(sync_log, &*files, &to_sync, &refusal, &syncer_flushing))
+                .map_err(spawn_error)?
+        };
+        let writer_refusal = refusal.clone();
         let thread = std::thread::Builder::new()
             .name("store-writer".into())
             .spawn(move || {
@@ -155,7 +196,7 @@ impl Writer {
                     rx,
                     &committed,
                     &flushing,
-                    &poisoned,
+                    &writer_refusal,
                     &thread_stats,
                     deferrable_wait,
                 )
@@ -166,7 +207,19 @@ impl Writer {
             thread: Some(thread),
             syncer: Some(syncer),
             stats,
+            refusal,
+            files,
         })
+    }
+
+    /// Why every write fails until a restart, if it does. Looks at the files now rather than
+    /// waiting for the next commit, so a health probe sees a deleted database while no mail
+    /// comes (and the first message after it is refused, not lost).
+    pub fn refusal(&self) -> Option<String> {
+        if let Some(reason) = self.refusal.get() {
+            return Some(reason.to_string());
+        }
+        (self.files)().err().map(|moved| self.refusal.refuse(moved))
     }
 
     /// Queues `op` and resolves once the transaction it ran in has committed.
@@ -238,7 +291,7 @@ fn run(
     mut rx: mpsc::Receiver<Box<dyn Job>>,
     committed: &Committed,
     flushing: &Flushing,
-    poisoned: &AtomicBool,
+    refusal: &Refusal,
     stats: &WriterStats,
     deferrable_wait: Duration,
 ) {
@@ -278,9 +331,9 @@ fn run(
                 }
             }
         }
-        if poisoned.load(Ordering::Acquire) {
+        if let Some(reason) = refusal.get() {
             for job in batch {
-                job.finish(Err(NOT_DURABLE));
+                job.finish(Err(reason));
             }
             continue;
         }
@@ -342,24 +395,24 @@ const NOT_DURABLE: &str = "an fsync of the database log failed: the store accept
 
 /// The syncer thread: waits for committed batches, takes all that are there, makes them
 /// durable with one fsync of the WAL (fsync covers every write to the file before it, by any
-/// descriptor), then answers their callers.
+/// descriptor), checks that the files it made durable are still the ones a restart opens,
+/// then answers their callers.
 fn sync(
     mut sync_log: impl FnMut() -> std::io::Result<()>,
+    files: &(dyn Fn() -> Result<(), String> + Send + Sync),
     committed: &std::sync::mpsc::Receiver<Vec<Box<dyn Job>>>,
-    poisoned: &AtomicBool,
+    refusal: &Refusal,
     flushing: &Flushing,
 ) {
     while let Ok(first) = committed.recv() {
         let mut batches = vec![first];
         batches.extend(committed.try_iter());
-        let synced = if poisoned.load(Ordering::Acquire) {
-            Err(NOT_DURABLE.to_string())
-        } else {
-            sync_log().map_err(|e| {
-                poisoned.store(true, Ordering::Release);
-                tracing::error!(error = %e, "fsync of the database log failed; refusing further writes");
-                format!("{NOT_DURABLE} ({e})")
-            })
+        let synced = match refusal.get() {
+            Some(reason) => Err(reason.to_string()),
+            None => sync_log()
+                .map_err(|e| format!("{NOT_DURABLE} ({e})"))
+                .and_then(|()| files())
+                .map_err(|reason| refusal.refuse(reason)),
         };
         // Cleared before the answers go out: a caller that hears back and writes again finds
         // the writer free to commit at once.

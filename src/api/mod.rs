@@ -5,15 +5,22 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::config::HttpConfig;
 use crate::metrics::Metrics;
 use crate::store::{BounceQuery, Store};
 
@@ -92,27 +99,49 @@ fn host_allowed(host: &str, allowed: &[String]) -> bool {
             .any(|a| a.trim_end_matches('.').eq_ignore_ascii_case(name))
 }
 
-/// Binds every `[http] listen` address (errors surface at start) and serves until `shutdown`.
+/// What one slow or many clients of the admin port may hold. Without these, 20,000 clients
+/// sending a header line every 5 s stayed open until the process ran out of file
+/// descriptors, and the SMTP listener's `accept` then failed too.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// `[http] max_connections`: connections served at once, over all listen addresses.
+    pub max_connections: usize,
+    /// `[http] header_read_timeout`: the longest wait for a whole request head.
+    pub header_read_timeout: Duration,
+}
+
+impl Limits {
+    pub fn from_config(http: &HttpConfig) -> Self {
+        Self {
+            max_connections: http.max_connections,
+            header_read_timeout: http.header_read_timeout,
+        }
+    }
+}
+
+/// Binds every `[http] listen` address (errors surface at start) and serves until `shutdown`,
+/// then closes idle connections, lets requests in flight finish and returns once every
+/// connection has closed.
 pub async fn serve(
     listen: &[SocketAddr],
+    limits: Limits,
     state: ApiState,
     shutdown: CancellationToken,
 ) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
+    // One cap for all listeners: it bounds the process's file descriptors, not a port's.
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut tasks = Vec::new();
     for addr in listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot listen on {addr} (http): {e}"))
         })?;
-        let app = router(state.clone());
-        let token = shutdown.clone();
-        tasks.push(tokio::spawn(async move {
-            let result = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { token.cancelled().await })
-                .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "http server failed");
-            }
-        }));
+        tasks.push(tokio::spawn(accept_loop(
+            listener,
+            router(state.clone()),
+            http1(limits.header_read_timeout),
+            Arc::clone(&slots),
+            shutdown.clone(),
+        )));
     }
     Ok(tasks)
 }
@@ -134,6 +163,67 @@ async fn healthz(State(state): State<ApiState>) -> Response {
             format!("store unwritable: {reason}\n"),
         )
             .into_response(),
+    }
+}
+
+/// HTTP/1.1 as axum::serve speaks it, plus a deadline for the request head. hyper starts
+/// it whenever it waits for a head, so it also bounds an idle keep-alive connection (from
+/// the end of one response to the end of the next request's head).
+fn http1(header_read_timeout: Duration) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    app: Router,
+    http: hyper::server::conn::http1::Builder,
+    slots: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
+    let graceful = GracefulShutdown::new();
+    while let Some((slot, stream)) = next_connection(&listener, &slots, &shutdown).await {
+        let connection = graceful.watch(
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone())),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                // A client that stalled, hung up or sent garbage: nothing to act on.
+                tracing::debug!(error = %e, "http connection ended");
+            }
+            drop(slot);
+        });
+    }
+    graceful.shutdown().await;
+}
+
+/// A free slot, then a connection to hold it; `None` once `shutdown` is cancelled. The slot
+/// comes first: past the cap, a connection waits in the kernel's listen backlog, unread and
+/// holding none of our file descriptors, and is served as soon as a slot frees.
+async fn next_connection(
+    listener: &TcpListener,
+    slots: &Arc<Semaphore>,
+    shutdown: &CancellationToken,
+) -> Option<(OwnedSemaphorePermit, tokio::net::TcpStream)> {
+    let slot = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        slot = Arc::clone(slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => return Some((slot, stream)),
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning (as axum::serve did).
+                    tracing::warn!(error = %e, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
     }
 }
 
@@ -244,7 +334,213 @@ async fn index_page() -> Html<&'static str> {
 
 #[cfg(test)]
 mod tests {
-    use super::host_allowed;
+    use super::*;
+    use std::time::Instant;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// The admin server on a free loopback port, with `limits`; stops when the test ends.
+    struct Running {
+        addr: SocketAddr,
+        shutdown: CancellationToken,
+        server: Option<tokio::task::JoinHandle<()>>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    async fn start(limits: Limits) -> Running {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::sqlite::SqliteStore::open_path(&dir.path().join("t.db"));
+        let state = ApiState {
+            metrics: Arc::new(Metrics::new()),
+            store: Arc::new(store.unwrap()),
+            allowed_hosts: Arc::new(Vec::new()),
+        };
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(accept_loop(
+            listener,
+            router(state),
+            http1(limits.header_read_timeout),
+            Arc::new(Semaphore::new(limits.max_connections)),
+            shutdown.clone(),
+        ));
+        Running {
+            addr,
+            shutdown,
+            server: Some(server),
+            _dir: dir,
+        }
+    }
+
+    /// A request head cut short: the request line and Host, no empty line.
+    const PARTIAL_HEAD: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\n";
+    const WHOLE_REQUEST: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+    /// Everything the server sends until it closes, or `None` if it is still open after
+    /// `wait`.
+    async fn read_until_closed(stream: &mut TcpStream, wait: Duration) -> Option<String> {
+        let mut received = Vec::new();
+        let read = tokio::time::timeout(wait, async {
+            let mut buf = [0; 1024];
+            // A reset counts as closed, as an end of stream does.
+            while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                received.extend_from_slice(&buf[..n]);
+            }
+        });
+        read.await
+            .ok()
+            .map(|()| String::from_utf8_lossy(&received).into_owned())
+    }
+
+    #[tokio::test]
+    async fn a_request_head_sent_a_line_at_a_time_is_cut_off_at_the_timeout() {
+        let timeout = Duration::from_millis(300);
+        let srv = start(Limits {
+            max_connections: 64,
+            header_read_timeout: timeout,
+        })
+        .await;
+        let mut slow = TcpStream::connect(srv.addr).await.unwrap();
+        let started = Instant::now();
+        slow.write_all(PARTIAL_HEAD).await.unwrap();
+        // One more header line every 50 ms: each read is quick, the head never ends. A
+        // per-read timeout would never fire; the deadline is for the whole head.
+        let (mut reader, mut writer) = slow.split();
+        let trickle = async {
+            for i in 0.. {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let line = format!("X-Slow-{i}: y\r\n");
+                if writer.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let closed = async {
+            let mut buf = [0; 1024];
+            while let Ok(n @ 1..) = reader.read(&mut buf).await {
+                assert!(
+                    !String::from_utf8_lossy(&buf[..n]).contains(" 200 "),
+                    "an unfinished request was served"
+                );
+            }
+        };
+        tokio::select! {
+            () = trickle => {}
+            () = closed => {}
+            () = tokio::time::sleep(Duration::from_secs(5)) => {
+                panic!("a client trickling its request head was not closed")
+            }
+        }
+        assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed_at_the_timeout() {
+        let timeout = Duration::from_millis(300);
+        let srv = start(Limits {
+            max_connections: 64,
+            header_read_timeout: timeout,
+        })
+        .await;
+        let mut client = TcpStream::connect(srv.addr).await.unwrap();
+        // HTTP/1.1 without `Connection: close`: the connection stays open for the next one.
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0; 1024];
+        let n = client.read(&mut buf).await.unwrap();
+        let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nok\n"), "{answer}");
+        let answered = Instant::now();
+        let rest = read_until_closed(&mut client, Duration::from_secs(5)).await;
+        assert_eq!(
+            rest.as_deref(),
+            Some(""),
+            "idle keep-alive connection left open"
+        );
+        assert!(answered.elapsed() >= timeout, "{:?}", answered.elapsed());
+    }
+
+    #[tokio::test]
+    async fn past_the_cap_a_connection_waits_unserved_until_one_closes() {
+        let srv = start(Limits {
+            max_connections: 2,
+            // Longer than the test: only closing a connection frees its slot here.
+            header_read_timeout: Duration::from_secs(60),
+        })
+        .await;
+        let mut slow = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(srv.addr).await.unwrap();
+            s.write_all(PARTIAL_HEAD).await.unwrap();
+            slow.push(s);
+        }
+        // Let the server take both before the third arrives.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut waiting = TcpStream::connect(srv.addr).await.unwrap();
+        waiting.write_all(WHOLE_REQUEST).await.unwrap();
+        assert_eq!(
+            read_until_closed(&mut waiting, Duration::from_millis(500)).await,
+            None,
+            "a connection past the cap was served or closed"
+        );
+
+        // One slow client goes: the waiting connection gets its slot and its answer.
+        drop(slow.pop());
+        let answer = read_until_closed(&mut waiting, Duration::from_secs(5)).await;
+        let answer = answer.expect("the waiting connection was never served");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(answer.ends_with("\r\n\r\nok\n"), "{answer}");
+
+        // The other goes too: the server goes on serving new connections.
+        drop(slow.pop());
+        for _ in 0..3 {
+            let mut fresh = TcpStream::connect(srv.addr).await.unwrap();
+            fresh.write_all(WHOLE_REQUEST).await.unwrap();
+            let answer = read_until_closed(&mut fresh, Duration::from_secs(5)).await;
+            let answer = answer.expect("a connection after the slow ones was never served");
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        }
+    }
+
+    #[tokio::test]
+    async fn shutdown_closes_idle_connections_and_returns() {
+        let mut srv = start(Limits {
+            max_connections: 64,
+            // Longer than the test: the shutdown, not the timeout, must close them.
+            header_read_timeout: Duration::from_secs(60),
+        })
+        .await;
+        let mut idle = TcpStream::connect(srv.addr).await.unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0; 1024];
+        assert!(idle.read(&mut buf).await.unwrap() > 0);
+        srv.shutdown.cancel();
+        let server = srv.server.take().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the server still waits for an idle connection")
+            .unwrap();
+        assert_eq!(
+            read_until_closed(&mut idle, Duration::from_secs(1)).await,
+            Some(String::new())
+        );
+        assert!(
+            TcpStream::connect(srv.addr).await.is_err(),
+            "still listening"
+        );
+    }
 
     #[test]
     fn hosts_are_addresses_localhost_or_allowed_names() {

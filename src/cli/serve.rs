@@ -191,6 +191,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     }));
     let http = crate::api::serve(
         &config.http.listen,
+        crate::api::Limits::from_config(&config.http),
         crate::api::ApiState {
             metrics: metrics.clone(),
             store: store.clone(),

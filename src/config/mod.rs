@@ -168,6 +168,14 @@ pub struct HttpConfig {
     pub listen: Vec<SocketAddr>,
     /// Host names requests may name besides IP addresses and `localhost` (a reverse proxy's).
     pub allowed_hosts: Vec<String>,
+    /// Connections served at once, over all `listen` addresses; more wait unread in the
+    /// kernel's listen backlog, so the admin port cannot take the SMTP listener's file
+    /// descriptors.
+    pub max_connections: usize,
+    /// Longest wait for a whole request head, from accept or from the end of the previous
+    /// response (so it also closes idle keep-alive connections).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -175,6 +183,8 @@ impl Default for HttpConfig {
         Self {
             listen: vec!["127.0.0.1:8025".parse().expect("literal address")],
             allowed_hosts: Vec::new(),
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -454,6 +464,7 @@ impl Config {
             ),
             ("smtp.max_errors", self.smtp.max_errors),
             ("smtp.max_hops", self.smtp.max_hops),
+            ("http.max_connections", self.http.max_connections),
             ("delivery.max_connections", self.delivery.max_connections),
             (
                 "delivery.max_connections_per_destination",
@@ -524,6 +535,7 @@ impl Config {
         for (key, v) in [
             ("smtp.command_timeout", self.smtp.command_timeout),
             ("smtp.data_timeout", self.smtp.data_timeout),
+            ("http.header_read_timeout", self.http.header_read_timeout),
             ("delivery.retry_first", self.delivery.retry_first),
             (
                 "delivery.max_queue_lifetime",
@@ -736,6 +748,14 @@ mod tests {
         assert!(e.to_string().contains("smtp.max_recipients"), "{e}");
         let e = Config::parse("[smtp]\nmax_content_memory = 1000000\n").unwrap_err();
         assert!(e.to_string().contains("smtp.max_content_memory"), "{e}");
+    }
+
+    #[test]
+    fn http_limits_must_bound_something() {
+        let e = Config::parse("[http]\nmax_connections = 0\n").unwrap_err();
+        assert!(e.to_string().contains("http.max_connections"), "{e}");
+        let e = Config::parse("[http]\nheader_read_timeout = \"0s\"\n").unwrap_err();
+        assert!(e.to_string().contains("http.header_read_timeout"), "{e}");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -119,6 +120,13 @@ impl Limits {
     }
 }
 
+/// The admin HTTP server as started: where it listens (a configured port 0 resolved) and
+/// the tasks that end once it has stopped.
+pub struct Started {
+    pub local_addrs: Vec<SocketAddr>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
 /// Binds every `[http] listen` address (errors surface at start) and serves until `shutdown`,
 /// then closes idle connections, lets requests in flight finish and returns once every
 /// connection has closed.
@@ -127,14 +135,16 @@ pub async fn serve(
     limits: Limits,
     state: ApiState,
     shutdown: CancellationToken,
-) -> std::io::Result<Vec<tokio::task::JoinHandle<()>>> {
+) -> std::io::Result<Started> {
     // One cap for all listeners: it bounds the process's file descriptors, not a port's.
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut tasks = Vec::new();
+    let mut local_addrs = Vec::new();
     for addr in listen {
         let listener = TcpListener::bind(addr).await.map_err(|e| {
             std::io::Error::new(e.kind(), format!("cannot listen on {addr} (http): {e}"))
         })?;
+        local_addrs.push(listener.local_addr()?);
         tasks.push(tokio::spawn(accept_loop(
             listener,
             router(state.clone()),
@@ -143,7 +153,7 @@ pub async fn serve(
             shutdown.clone(),
         )));
     }
-    Ok(tasks)
+    Ok(Started { local_addrs, tasks })
 }
 
 /// `ok`, or `503` with the reason while the store refuses writes (a failed fsync, its
@@ -270,8 +280,12 @@ fn store_error(e: crate::store::StoreError) -> Response {
 async fn log(
     State(state): State<ApiState>,
     Path(key): Path<String>,
-    Query(params): Query<LogParams>,
+    params: Result<Query<LogParams>, QueryRejection>,
 ) -> Response {
+    let params = match params {
+        Ok(Query(p)) => p,
+        Err(e) => return bad_request(e.body_text()),
+    };
     let args = crate::cli::log::LogArgs {
         key,
         json: true,
@@ -313,7 +327,16 @@ fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     }
 }
 
-async fn bounces(State(state): State<ApiState>, Query(p): Query<BounceParams>) -> Response {
+async fn bounces(
+    State(state): State<ApiState>,
+    params: Result<Query<BounceParams>, QueryRejection>,
+) -> Response {
+    // A bad parameter is JSON like every other error of the API (axum's own rejection is
+    // plain text).
+    let p = match params {
+        Ok(Query(p)) => p,
+        Err(e) => return bad_request(e.body_text()),
+    };
     let query = BounceQuery {
         address: p.address,
         reason: p.reason,

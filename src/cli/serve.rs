@@ -202,7 +202,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     .await?;
     tracing::info!(
         smtp = ?smtp.local_addrs(),
-        http = ?config.http.listen,
+        http = ?http.local_addrs,
         data_dir = %config.data_dir.display(),
         "mailtrail started"
     );
@@ -233,7 +233,7 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     smtp.run(shutdown.clone()).await;
     delivery.join().await;
     let _ = bounces.await;
-    for task in http {
+    for task in http.tasks {
         let _ = task.await;
     }
     tracing::info!("stopped");

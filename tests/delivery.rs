@@ -1293,6 +1293,13 @@ mod queue {
             assert!(text.contains("535"), "{text}");
         }
         assert_eq!(smarthost.connections(), 1);
+        // `queue retry` after the password is fixed goes out at once, suspension or not.
+        smarthost.set_script(|s| s.auth = Some(("relayuser".into(), "wrong".into())));
+        assert_eq!(h.store.queue_retry(Some(r)).await.unwrap(), 1);
+        h.handle.wake();
+        let log = h.wait(r, |s| s[0] == RecipientStatus::Delivered).await;
+        assert_eq!(log.recipients[0].last_reply_code, Some(250));
+        assert_eq!(smarthost.connections(), 2);
         h.shutdown.cancel();
         h.handle.join().await;
     }

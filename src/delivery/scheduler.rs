@@ -260,6 +260,12 @@ impl Context {
         map.insert(dest.clone(), (until, e.clone()));
     }
 
+    /// `dest` took a connection: mail for it goes out again.
+    fn resume(&self, dest: &Destination) {
+        let mut map = self.suspended.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(dest);
+    }
+
     fn classifier(&self) -> &Classifier {
         self.classifier
             .as_ref()
@@ -814,7 +820,9 @@ async fn run_batch(ctx: &Context, msg: &QueuedMessage, body: &[u8], batch: Batch
         smtputf8: msg.smtputf8,
     };
 
-    let outcome = transact(ctx, &batch.destination, &envelope, body).await;
+    // `queue retry` after a fix: tried even while the destination is suspended.
+    let retry_requested = recipients.iter().any(|r| r.retry_requested);
+    let outcome = transact(ctx, &batch.destination, &envelope, body, retry_requested).await;
     let Some(outcome) = outcome else {
         return false;
     };
@@ -833,9 +841,10 @@ async fn lease(
     dest: &Destination,
     settings: &SessionSettings,
     n: usize,
+    retry_requested: bool,
 ) -> Result<(Leased, bool), Option<Outcome>> {
     loop {
-        if let Some(e) = ctx.suspension(dest) {
+        if let Some(e) = ctx.suspension(dest).filter(|_| !retry_requested) {
             let mut e = e;
             e.text = format!("delivery temporarily suspended: {}", e.text);
             return Err(Some(connect_failure(&e, n)));
@@ -888,6 +897,7 @@ async fn lease(
         };
         match client::connect(&targets, settings).await {
             Ok(conn) => {
+                ctx.resume(dest);
                 ctx.metrics.outbound_connections_open.inc();
                 let leased = Leased {
                     conn,
@@ -947,11 +957,12 @@ async fn transact(
     dest: &Destination,
     envelope: &Envelope,
     body: &[u8],
+    retry_requested: bool,
 ) -> Option<Outcome> {
     let n = envelope.recipients.len();
     let settings = ctx.settings(dest);
     loop {
-        let (mut leased, reused) = match lease(ctx, dest, settings, n).await {
+        let (mut leased, reused) = match lease(ctx, dest, settings, n, retry_requested).await {
             Ok(l) => l,
             Err(outcome) => return outcome,
         };

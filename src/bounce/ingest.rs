@@ -164,7 +164,7 @@ impl BounceIngest {
                 .as_ref()
                 .filter(|m| m.acts(record, source.is_some()));
             let suppress = match acting.and_then(|m| m.recipient.as_ref()) {
-                Some(r) => self.suppression(record, &r.address, &bounces, now).await?,
+                Some(r) => self.suppression(record, &r.address, now).await?,
                 None => None,
             };
             let status = acting.and(new_status(record));
@@ -289,13 +289,13 @@ impl BounceIngest {
 
     /// The suppression-list entry `record` adds for `address` (the matched recipient's), if
     /// any. A soft bounce counts toward the run with the stored bounces that changed the
-    /// status of a recipient with this address and those of `earlier`, the records of the
-    /// same message stored with it.
+    /// status of a recipient with this address, one per returned message: the other records
+    /// of this message are the same event (a DSN with six blocks for one address, an alias
+    /// expanded to six mailboxes, put a year's suppression on one "mailbox full").
     async fn suppression(
         &self,
         record: &BounceRecord,
         address: &str,
-        earlier: &[NewBounce],
         now: i64,
     ) -> Result<Option<Suppression>, StoreError> {
         let s = &self.config.suppression;
@@ -308,18 +308,8 @@ impl BounceIngest {
             let since =
                 now.saturating_sub(i64::try_from(s.soft_window.as_millis()).unwrap_or(i64::MAX));
             let stored = self.store.recent_bounce_types(address, since).await?;
-            // Newest first: this record, the same message's earlier ones, then the store's.
+            // Newest first: this message's, then the store's.
             let recent: Vec<String> = std::iter::once(record.bounce_type.as_str().to_string())
-                .chain(
-                    earlier
-                        .iter()
-                        .rev()
-                        .filter(|b| {
-                            b.new_status.is_some()
-                                && b.facts.recipient.eq_ignore_ascii_case(address)
-                        })
-                        .map(|b| b.facts.bounce_type.clone()),
-                )
                 .chain(stored)
                 .collect();
             soft_run_reached(&recent, s.soft_bounce_threshold)
@@ -671,6 +661,68 @@ mod tests {
              \r\n\
              --b1--\r\n"
         )
+    }
+
+    /// A DSN with `blocks` "mailbox full" blocks for `rcpt`, numbered `n` (its own Message-ID).
+    fn mailbox_full(rcpt: &str, blocks: usize, n: usize) -> String {
+        let block = format!(
+            "Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: 5.2.2\r\n\
+             Diagnostic-Code: smtp; 552 5.2.2 <{rcpt}>: Mailbox full\r\n\r\n"
+        );
+        format!(
+            "From: MAILER-DAEMON@mx.remote.test\r\nMessage-ID: <full.{n}@mx.remote.test>\r\n\
+             Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n\
+             Content-Type: multipart/report; report-type=delivery-status; boundary=b1\r\n\r\n\
+             --b1\r\nContent-Type: message/delivery-status\r\n\r\n\
+             Reporting-MTA: dns; mx.remote.test\r\n\r\n{}--b1--\r\n",
+            block.repeat(blocks)
+        )
+    }
+
+    #[tokio::test]
+    async fn a_returned_message_counts_once_toward_the_soft_bounce_run() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let store = Arc::new(
+            crate::store::sqlite::SqliteStore::open_path(&dir.path().join("m.db")).unwrap(),
+        );
+        let mut config = Config::default();
+        config.delivery.bounce_domain = "bounce.test".into();
+        let key = b"test key".to_vec();
+        let ingest = BounceIngest::new(
+            Arc::new(config),
+            store.clone(),
+            Arc::new(Metrics::new()),
+            Arc::new(Classifier::with_user_rules("").unwrap()),
+            Some(key.clone()),
+        );
+        let sent =
+            crate::test_support::accepted_message(&["full@ex.test"], b"Subject: hi\r\n\r\nhi\r\n");
+        let receipt = sent.receipt;
+        store.accept(sent).await.unwrap();
+        rusqlite::Connection::open(dir.path().join("m.db"))
+            .unwrap()
+            .execute(
+                "UPDATE recipients SET status = 'delivered' WHERE receipt = ?1",
+                [receipt.to_string()],
+            )
+            .unwrap();
+        let verp = verp::encode(&key, "bounces", "bounce.test", receipt, 0);
+        let now = chrono::Utc::now().timestamp_millis();
+        let suppressed = || async { !store.suppression_list(now).await.unwrap().is_empty() };
+
+        // One DSN with six soft blocks for the address: one event, not six.
+        inbound_to(&store, &verp, &mailbox_full("full@ex.test", 6, 0)).await;
+        assert_eq!(ingest.process_pending().await.unwrap(), 1);
+        assert!(!suppressed().await);
+        // Four more returned messages make five in a row (the default threshold).
+        for n in 1..4 {
+            inbound_to(&store, &verp, &mailbox_full("full@ex.test", 1, n)).await;
+            ingest.process_pending().await.unwrap();
+            assert!(!suppressed().await, "after message {n}");
+        }
+        inbound_to(&store, &verp, &mailbox_full("full@ex.test", 1, 4)).await;
+        ingest.process_pending().await.unwrap();
+        assert!(suppressed().await);
     }
 
     #[tokio::test]

@@ -111,14 +111,25 @@ pub fn format_time(ms: i64) -> String {
         .unwrap_or_else(|| format!("@{ms}ms"))
 }
 
-/// Text from remote servers and clients, safe for a terminal: control characters (escape
-/// sequences could rewrite the screen) and the bidirectional controls (which reorder what
-/// is shown, "Trojan Source") are shown escaped; line breaks are kept.
+/// Text from remote servers and clients for one line of a terminal: control characters
+/// (escape sequences could rewrite the screen; a line break in a subject made a line that
+/// passed for a recipient's, `to <x>: delivered`) and the bidirectional controls (which
+/// reorder what is shown, "Trojan Source") are shown escaped.
 pub fn sanitize(s: &str) -> String {
+    escaped(s, false)
+}
+
+/// As [`sanitize`], line breaks kept: for a multi-line reply, which [`push_indented`]
+/// indents under its event.
+pub fn sanitize_lines(s: &str) -> String {
+    escaped(s, true)
+}
+
+fn escaped(s: &str, keep_line_breaks: bool) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
-            '\n' => out.push('\n'),
+            '\n' if keep_line_breaks => out.push('\n'),
             '\t' => out.push('\t'),
             c if c.is_control() || is_bidi_control(c) => out.extend(c.escape_default()),
             c => out.push(c),
@@ -159,7 +170,7 @@ fn reply(code: Option<u16>, enhanced: Option<&str>, text: Option<&str>) -> Strin
 /// Writes `text` with every line after the first indented by `indent`, so a multi-line
 /// reply stays visibly one reply.
 fn push_indented(out: &mut String, text: &str, indent: &str) {
-    let text = sanitize(text);
+    let text = sanitize_lines(text);
     let mut lines = text.split('\n');
     if let Some(first) = lines.next() {
         out.push_str(first.trim_end_matches('\r'));
@@ -584,10 +595,14 @@ mod tests {
     }
 
     #[test]
-    fn sanitize_escapes_control_characters_but_keeps_line_breaks() {
+    fn sanitize_escapes_control_characters_and_line_breaks_but_for_replies() {
         assert_eq!(
-            sanitize("a\x1b[31mb\nc\td\x07"),
+            sanitize_lines("a\x1b[31mb\nc\td\x07"),
             "a\\u{1b}[31mb\nc\td\\u{7}"
+        );
+        assert_eq!(
+            sanitize("hello\n  to <v@x.test>: delivered"),
+            "hello\\n  to <v@x.test>: delivered"
         );
         assert_eq!(sanitize("evil\u{202E}gpj.exe"), "evil\\u{202e}gpj.exe");
     }

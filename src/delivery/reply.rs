@@ -3,15 +3,20 @@
 //! keeps two bytes of every empty continuation line (`250-`) without a limit, so a server
 //! streaming them grew mailtrail by ~100 MB a second until the command timeout; and it
 //! gives up on a valid reply longer than 4096 bytes (ten policy lines of a `550`), which
-//! lost its code and deferred the recipient until it expired. Here a line may be 4096
-//! bytes, the text kept is cut at 4096 bytes (Postfix keeps 2048), and a reply of more
-//! than [`MAX_LINES`] lines is refused; the last line's code is the reply's (as Postfix's
-//! `smtp_chat_resp`), so `250-ok` + `550 no` is a 550.
+//! lost its code and deferred the recipient until it expired. Here a line is kept up to
+//! 4096 bytes (the rest dropped), the text kept is cut at 4096 bytes (Postfix keeps 2048),
+//! and a reply of more than [`MAX_LINES`] lines or [`MAX_REPLY`] bytes is refused; the last
+//! line's code is the reply's (as Postfix's `smtp_chat_resp`), so `250-ok` + `550 no` is a
+//! 550.
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-/// Longest reply line read (RFC 5321 §4.5.3.1.5 allows 512 bytes).
+/// Longest reply line kept (RFC 5321 §4.5.3.1.5 allows 512 bytes); the rest of a longer
+/// one is read and dropped, as Postfix does, so its code still counts.
 pub const MAX_LINE: usize = 4096;
+/// Bytes of one reply, all lines together: past this it is refused (a server streaming one
+/// endless line).
+pub const MAX_REPLY: usize = 1 << 20;
 /// Reply text kept; what follows is cut.
 pub const MAX_TEXT: usize = 4096;
 /// Lines in one reply.
@@ -83,6 +88,8 @@ pub enum ReadError {
 #[derive(Debug, Default)]
 pub struct ReplyParser {
     line: Vec<u8>,
+    /// Bytes of this reply so far.
+    read: usize,
     /// Each line's code and text (text cut once [`MAX_TEXT`] bytes are kept).
     lines: Vec<(u16, String)>,
     kept: usize,
@@ -102,12 +109,14 @@ impl ReplyParser {
                 None => (rest, false),
             };
             used += chunk.len() + usize::from(complete);
-            if self.line.len() + chunk.len() > MAX_LINE {
+            self.read += chunk.len() + usize::from(complete);
+            if self.read > MAX_REPLY {
                 return Err(ReadError::Invalid(format!(
-                    "a reply line longer than {MAX_LINE} bytes"
+                    "a reply longer than {MAX_REPLY} bytes"
                 )));
             }
-            self.line.extend_from_slice(chunk);
+            let room = MAX_LINE.saturating_sub(self.line.len());
+            self.line.extend_from_slice(&chunk[..chunk.len().min(room)]);
             if complete {
                 let line = std::mem::take(&mut self.line);
                 if self.take_line(&line)? {
@@ -290,6 +299,19 @@ mod tests {
     }
 
     #[test]
+    fn an_overlong_line_is_cut_and_its_code_still_counts() {
+        let wire = format!(
+            "550-5.1.1 {}\r\n550 5.1.1 no such user\r\n",
+            "y".repeat(5000)
+        );
+        let r = parse(wire.as_bytes()).unwrap();
+        assert_eq!((r.code, r.enhanced_status.as_deref()), (550, Some("5.1.1")));
+        // The text is cut (as Postfix keeps its first 2048 bytes); the code is the last line's.
+        assert!(r.text.len() < 4200, "{}", r.text.len());
+        assert!(r.text.starts_with("yyy") && r.text.ends_with(" [...]"));
+    }
+
+    #[test]
     fn the_last_line_decides_and_other_codes_stay_in_the_text() {
         assert_eq!(
             parse(b"250-2.1.5 ok\r\n550 5.1.1 no such user\r\n").unwrap(),
@@ -331,11 +353,20 @@ mod tests {
             "{err:?}"
         );
         assert!(fed < 10_000);
-        let long_line = vec![b'2'; MAX_LINE + 1];
-        assert!(matches!(
-            ReplyParser::default().feed(&long_line),
-            Err(ReadError::Invalid(_))
-        ));
+        // One endless line: read and dropped past MAX_LINE, refused past MAX_REPLY.
+        let mut p = ReplyParser::default();
+        let chunk = vec![b'x'; 64 * 1024];
+        assert!(matches!(p.feed(b"550 "), Ok((4, None))));
+        let err = loop {
+            match p.feed(&chunk) {
+                Ok(_) => assert!(p.line.len() <= MAX_LINE),
+                Err(e) => break e,
+            }
+        };
+        assert!(
+            matches!(err, ReadError::Invalid(ref t) if t.contains("longer than")),
+            "{err:?}"
+        );
     }
 
     #[test]

@@ -813,6 +813,22 @@ impl Session {
                 Reply::new(553, "5.6.7", "Non-ASCII address requires SMTPUTF8"),
             );
         }
+        // RFC 3461 4.4: printable US-ASCII. A line break or escape in it reached the log and
+        // DSNs' readers as the client wrote it; Postfix refuses the same.
+        let envid = from.env_id.as_deref().map(xtext_bytes_as_utf8);
+        if envid
+            .as_deref()
+            .is_some_and(|e| !e.bytes().all(|b| (0x20..0x7f).contains(&b)))
+        {
+            return self.reply(
+                out,
+                Reply::new(
+                    501,
+                    "5.5.4",
+                    "Bad ENVID parameter syntax (printable US-ASCII only)",
+                ),
+            );
+        }
         let ret = if from.flags & smtp_proto::MAIL_RET_FULL != 0 {
             Some(DsnRet::Full)
         } else if from.flags & smtp_proto::MAIL_RET_HDRS != 0 {
@@ -822,7 +838,7 @@ impl Session {
         };
         self.transaction = Some(Transaction {
             envelope_sender: address,
-            envid: from.env_id.as_deref().map(xtext_bytes_as_utf8),
+            envid,
             ret,
             eight_bit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
             smtputf8,
@@ -2174,9 +2190,23 @@ mod tests {
     }
 
     #[test]
+    fn an_envid_that_is_no_printable_ascii_is_refused() {
+        for envid in ["a+0D+0AX-Inj:+201", "a+1B[31m", "id+C3+A9"] {
+            let mut c = client();
+            c.send(b"EHLO x\r\n");
+            let reply = c.send(format!("MAIL FROM:<a@x.org> ENVID={envid}\r\n").as_bytes());
+            assert!(reply.starts_with("501 5.5.4 Bad ENVID"), "{envid}: {reply}");
+        }
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        let reply = c.send(b"MAIL FROM:<a@x.org> ENVID=ok+20id\r\n");
+        assert!(reply.starts_with("250"), "{reply}");
+    }
+
+    #[test]
     fn xtext_bytes_of_utf8_are_read_as_utf8() {
         let mut c = client();
-        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org> ENVID=id+C3+A9\r\n");
+        c.send(b"EHLO x\r\nMAIL FROM:<a@x.org> ENVID=id+2B1\r\n");
         let reply = c.send(b"RCPT TO:<b@y.org> ORCPT=rfc822;j+C3+B6rg@y.org\r\nDATA\r\n");
         assert!(
             reply.ends_with("354 End data with <CR><LF>.<CR><LF>\r\n"),
@@ -2184,7 +2214,7 @@ mod tests {
         );
         c.send(MESSAGE);
         let msg = &c.stored[0];
-        assert_eq!(msg.envid.as_deref(), Some("id\u{e9}"));
+        assert_eq!(msg.envid.as_deref(), Some("id+1"));
         assert_eq!(
             msg.recipients[0].orcpt.as_deref(),
             Some("rfc822;j\u{f6}rg@y.org")

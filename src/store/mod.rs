@@ -492,7 +492,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<HandledChange, StoreError>;
     /// Types of the recent bounces that changed the status of a recipient with this address
     /// (failures matched to mail we sent; not delay notices, auto-replies or unmatched or
-    /// untrusted records), newest first: the soft-bounce run.
+    /// untrusted records), newest first, one per returned message: the soft-bounce run.
     async fn recent_bounce_types(
         &self,
         address: &str,

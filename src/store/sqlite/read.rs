@@ -503,9 +503,14 @@ pub fn recent_bounce_types(
     since_ms: i64,
 ) -> Result<Vec<String>, StoreError> {
     let mut st = conn
+        // One row per returned message (its receipt; a record fed in by `bounce ingest` has
+        // none and counts alone), the type of its newest record (SQLite takes the bare column
+        // from the row of the MAX).
         .prepare_cached(
-            "SELECT bounce_type FROM bounces WHERE recipient_lc = ?1 AND at >= ?2 AND acted = 1
-             ORDER BY at DESC, id DESC",
+            "SELECT bounce_type, MAX(at) AS last FROM bounces
+             WHERE recipient_lc = ?1 AND at >= ?2 AND acted = 1
+             GROUP BY COALESCE(source_receipt, 'row ' || id)
+             ORDER BY last DESC",
         )
         .map_err(storage)?;
     st.query_map(params![address_key(address), since_ms], |r| r.get(0))

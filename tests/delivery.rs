@@ -1008,7 +1008,9 @@ mod queue {
         let dsn = txs.iter().find(|t| t.mail_from.starts_with("<>")).unwrap();
         let body = String::from_utf8_lossy(&dsn.body);
         assert!(body.contains("Action: failed"), "{body}");
-        assert!(body.contains("Status: 4.3.0"));
+        // RFC 3463 X.4.7, delivery time expired; the last reply in Diagnostic-Code.
+        assert!(body.contains("Status: 4.4.7"), "{body}");
+        assert!(body.contains("delivery time expired"), "{body}");
         assert!(body.contains("Diagnostic-Code: smtp; 451 4.3.0 try again later"));
         h.shutdown.cancel();
         h.handle.join().await;

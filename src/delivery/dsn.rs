@@ -75,6 +75,9 @@ pub struct ReportRecipient {
     pub last_attempt_ms: i64,
     /// For delayed recipients: when retrying stops.
     pub will_retry_until_ms: Option<i64>,
+    /// Failed because retrying ran out (`max_queue_lifetime`), not by a refusal: the status is
+    /// `4.4.7` (RFC 3463: delivery time expired) and the notice says so.
+    pub expired: bool,
 }
 
 /// The status to report: the reply's enhanced code, else one derived from the reply class.
@@ -234,6 +237,9 @@ pub fn build(
     );
     for r in recipients {
         let _ = write!(m, "<{}>: {}", clean(&r.address), r.action.as_str());
+        if r.expired {
+            m.push_str(" (delivery time expired: still undelivered when retrying ran out)");
+        }
         if let Some(d) = &r.diagnostic {
             let _ = write!(m, ": {}", folded(d).replace("\r\n ", "\r\n    "));
         }
@@ -250,11 +256,9 @@ pub fn build(
         receipt_orig = original.receipt,
     );
     if let Some(envid) = &original.envid {
-        let _ = write!(
-            m,
-            "Original-Envelope-Id: {}\r\n",
-            super::client::xtext(envid)
-        );
+        // Decoded (RFC 3464 2.2.1; as Postfix writes it): the SMTP side takes only printable
+        // ASCII, and `clean` keeps the field on its line whatever the store holds.
+        let _ = write!(m, "Original-Envelope-Id: {}\r\n", clean(envid));
     }
     let _ = write!(
         m,
@@ -386,6 +390,7 @@ mod tests {
 
     fn failed(addr: &str) -> ReportRecipient {
         ReportRecipient {
+            expired: false,
             address: addr.into(),
             orcpt: Some("rfc822;Bob@B.example".into()),
             action: Action::Failed,
@@ -483,7 +488,7 @@ mod tests {
             "Content-Type: multipart/report; report-type=delivery-status;",
             "Content-Type: message/delivery-status\r\n",
             "Reporting-MTA: dns; relay.example\r\n",
-            "Original-Envelope-Id: env+2042\r\n",
+            "Original-Envelope-Id: env 42\r\n",
             "Arrival-Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n",
             "Original-Recipient: rfc822;Bob@B.example\r\n",
             "Final-Recipient: rfc822; bob@b.example\r\n",

@@ -1096,6 +1096,7 @@ async fn record(
                 Some(r) => Some(r.display()),
                 None => Some(result.text.clone()),
             };
+            let expired = v.status == RecipientStatus::Expired;
             reports
                 .entry(ReportKind::of(action))
                 .or_default()
@@ -1103,13 +1104,20 @@ async fn record(
                     address: rcpt.address.clone(),
                     orcpt: rcpt.orcpt.clone(),
                     action,
-                    status: dsn::status_for(code, enhanced.as_deref(), action),
+                    // RFC 3463 X.4.7, which a reader (Sisimai) reads as expired; the last
+                    // reply stays in Diagnostic-Code.
+                    status: if expired {
+                        "4.4.7".to_string()
+                    } else {
+                        dsn::status_for(code, enhanced.as_deref(), action)
+                    },
                     remote_mta: outcome.remote_host.clone(),
                     diagnostic,
                     diagnostic_is_smtp: result.reply.is_some(),
                     last_attempt_ms: started_ms,
                     will_retry_until_ms: (action == Action::Delayed)
                         .then(|| ctx.policy.expires_at_ms(msg.received_at_ms)),
+                    expired,
                 });
         }
 

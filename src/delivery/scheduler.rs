@@ -895,10 +895,15 @@ async fn lease(
                 }));
             }
         };
-        match client::connect(&targets, settings).await {
+        // Counted from the connect on: a connection waiting for a slow greeting is open too.
+        ctx.metrics.outbound_connections_open.inc();
+        let connected = client::connect(&targets, settings).await;
+        if connected.is_err() {
+            ctx.metrics.outbound_connections_open.dec();
+        }
+        match connected {
             Ok(conn) => {
                 ctx.resume(dest);
-                ctx.metrics.outbound_connections_open.inc();
                 let leased = Leased {
                     conn,
                     _global: global,

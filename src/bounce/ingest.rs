@@ -679,9 +679,15 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn a_returned_message_counts_once_toward_the_soft_bounce_run() {
-        let dir = tempfile::TempDir::new().unwrap();
+    /// A store in `dir` and a bounce stage over it with bounce domain `bounce.test` and a
+    /// VERP key (returned for encoding addresses).
+    fn verp_ingest(
+        dir: &tempfile::TempDir,
+    ) -> (
+        Arc<crate::store::sqlite::SqliteStore>,
+        BounceIngest,
+        Vec<u8>,
+    ) {
         let store = Arc::new(
             crate::store::sqlite::SqliteStore::open_path(&dir.path().join("m.db")).unwrap(),
         );
@@ -695,6 +701,13 @@ mod tests {
             Arc::new(Classifier::with_user_rules("").unwrap()),
             Some(key.clone()),
         );
+        (store, ingest, key)
+    }
+
+    #[tokio::test]
+    async fn a_returned_message_counts_once_toward_the_soft_bounce_run() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (store, ingest, key) = verp_ingest(&dir);
         let sent =
             crate::test_support::accepted_message(&["full@ex.test"], b"Subject: hi\r\n\r\nhi\r\n");
         let receipt = sent.receipt;
@@ -728,19 +741,7 @@ mod tests {
     #[tokio::test]
     async fn only_bounces_that_prove_themselves_change_recipients_or_suppress() {
         let dir = tempfile::TempDir::new().unwrap();
-        let store = Arc::new(
-            crate::store::sqlite::SqliteStore::open_path(&dir.path().join("m.db")).unwrap(),
-        );
-        let mut config = Config::default();
-        config.delivery.bounce_domain = "bounce.test".into();
-        let key = b"test key".to_vec();
-        let ingest = BounceIngest::new(
-            Arc::new(config),
-            store.clone(),
-            Arc::new(Metrics::new()),
-            Arc::new(Classifier::with_user_rules("").unwrap()),
-            Some(key.clone()),
-        );
+        let (store, ingest, key) = verp_ingest(&dir);
         let recipients = [
             "alice@ex.test",
             "bob@ex.test",

@@ -16,8 +16,10 @@ use std::borrow::Cow;
 use base64::Engine;
 use mail_parser::{HeaderName, Message, MessageParser, MessagePart, MimeHeaders, PartType};
 
-/// The message with every 8-bit leaf part encoded; the message itself when it is ASCII or
-/// nothing in it can be encoded.
+/// The message with every 8-bit leaf part encoded; the message itself when it is ASCII,
+/// nothing in it can be encoded, or the encoding would grow it past [`max_size`] (then it
+/// goes as it is, as before there was a conversion: thousands of tiny 8-bit parts, each
+/// given a header field, could make a message many times its size in memory).
 pub fn to_7bit(raw: &[u8]) -> Cow<'_, [u8]> {
     if raw.is_ascii() {
         return Cow::Borrowed(raw);
@@ -27,8 +29,8 @@ pub fn to_7bit(raw: &[u8]) -> Cow<'_, [u8]> {
     };
     let needs_version = message.header(HeaderName::MimeVersion).is_none();
     let mut edits = Vec::new();
-    collect(&message, raw, needs_version, &mut edits);
-    if edits.is_empty() {
+    let mut room = max_size(raw.len()) - raw.len();
+    if !collect(&message, raw, needs_version, &mut room, &mut edits) || edits.is_empty() {
         return Cow::Borrowed(raw);
     }
     if needs_version
@@ -69,15 +71,30 @@ struct Edit {
     replacement: Vec<u8>,
 }
 
+/// The largest a message of `len` bytes may become: quoted-printable of text that is all
+/// 8-bit (Cyrillic, CJK) is three times its size, plus a header field per part.
+pub fn max_size(len: usize) -> usize {
+    len.saturating_mul(4).saturating_add(64 * 1024)
+}
+
 /// The edits for every leaf of `message` (and of the messages attached to it: their
 /// parts' offsets are into the same buffer) that needs encoding. `add_version`: the top
 /// header, when rewritten (the message is a single part), takes a `MIME-Version` field.
-fn collect(message: &Message<'_>, raw: &[u8], add_version: bool, edits: &mut Vec<Edit>) {
+/// False when the edits would grow the message by more than `room` bytes.
+fn collect(
+    message: &Message<'_>,
+    raw: &[u8],
+    add_version: bool,
+    room: &mut usize,
+    edits: &mut Vec<Edit>,
+) -> bool {
     for part in &message.parts {
         let base64 = match &part.body {
             PartType::Multipart(_) => continue,
             PartType::Message(attached) => {
-                collect(attached, raw, false, edits);
+                if !collect(attached, raw, false, room, edits) {
+                    return false;
+                }
                 continue;
             }
             PartType::Text(_) | PartType::Html(_) => false,
@@ -106,12 +123,18 @@ fn collect(message: &Message<'_>, raw: &[u8], add_version: bool, edits: &mut Vec
         let mut replacement = Vec::with_capacity(header.len() + encoded.len() + 48);
         rewrite_header(header, add_version && start == 0, name, &mut replacement);
         replacement.extend_from_slice(&encoded);
+        let growth = replacement.len().saturating_sub(end - start);
+        if growth > *room {
+            return false;
+        }
+        *room -= growth;
         edits.push(Edit {
             start,
             end,
             replacement,
         });
     }
+    true
 }
 
 /// `message/*` other than an attached message (which mail-parser parses as one): partial,
@@ -328,6 +351,23 @@ Content-Transfer-Encoding:\r\n 8bit\r\n\r\ninn\xc3\xa9r\r\n\
         assert!(text.contains("x=\r\n=2D-Z-\r\n--B--"), "{text:?}");
         assert!(text.lines().all(|l| l.len() <= 76), "{text:?}");
         assert_eq!(contents(&parse(&out)), contents(&parse(raw.as_bytes())));
+    }
+
+    #[test]
+    fn a_message_that_would_grow_past_its_bound_goes_as_it_is() {
+        // Thousands of one-byte 8-bit parts: each would take a header field of its own.
+        let mut raw =
+            String::from("MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n");
+        for _ in 0..20_000 {
+            raw.push_str("--B\r\n\r\n\u{e9}\r\n");
+        }
+        raw.push_str("--B--\r\n");
+        let out = to_7bit(raw.as_bytes());
+        assert!(matches!(out, Cow::Borrowed(_)));
+        // A text that is all 8-bit (three times its size as quoted-printable) is converted.
+        let cyrillic = format!("MIME-Version: 1.0\r\n\r\n{}\r\n", "Привет ".repeat(20_000));
+        let out = to_7bit(cyrillic.as_bytes());
+        assert!(out.is_ascii() && out.len() <= max_size(cyrillic.len()));
     }
 
     #[test]

@@ -741,3 +741,21 @@ fn full_disk_answers_451_and_loses_nothing_acknowledged() {
     assert_eq!(log.len(), 1);
     assert_eq!(log[0]["recipients"][0]["status"], "queued");
 }
+
+/// The harness itself: a port taken between `free_port` and the server's bind (another
+/// test's server, an outgoing connection) makes it choose new ports, not fail the test.
+#[test]
+fn the_harness_survives_a_stolen_port() {
+    let mut m = Mailtrail::configure("", "", common::mailtrail::ACCEPT_ONLY);
+    let stolen = m.smtp;
+    let _thief = std::net::TcpListener::bind(stolen).expect("the port is still free");
+    m.spawn();
+    assert_ne!(m.smtp, stolen);
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO harness.test").starts_with("250"));
+    assert!(
+        m.server_log().contains("Address already in use"),
+        "{}",
+        m.server_log()
+    );
+}

@@ -75,30 +75,66 @@ impl Mailtrail {
         self.dir.path().join("data")
     }
 
+    /// Starts the server and waits until it answers. A port `free_port` handed out can be
+    /// taken before the server binds it (another test's server, an outgoing connection's
+    /// ephemeral port): then the ports are chosen again, up to five times.
     pub fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.path().join("server.log"))
-            .expect("server log");
-        let child = Command::new(bin())
-            .args(["serve", "--config"])
-            .arg(&self.config_path)
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn mailtrail");
-        self.child = Some(child);
-        self.wait_ready();
+        for _ in 0..5 {
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.path().join("server.log"))
+                .expect("server log");
+            let started_before = self.server_log().matches("mailtrail started").count();
+            let child = Command::new(bin())
+                .args(["serve", "--config"])
+                .arg(&self.config_path)
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log))
+                .env("RUST_LOG", "info")
+                .spawn()
+                .expect("spawn mailtrail");
+            self.child = Some(child);
+            match self.wait_ready(started_before) {
+                Ok(()) => return,
+                Err(log) if log.contains("Address already in use") => self.choose_new_ports(),
+                Err(log) => panic!("mailtrail exited early:\n{log}"),
+            }
+        }
+        panic!(
+            "mailtrail found no free ports in five tries:\n{}",
+            self.server_log()
+        );
     }
 
-    fn wait_ready(&mut self) {
+    /// New free ports for SMTP and HTTP, in the config file too.
+    fn choose_new_ports(&mut self) {
+        let smtp: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let http: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let text = std::fs::read_to_string(&self.config_path).expect("read config");
+        let text = text
+            .replace(&format!("\"{}\"", self.smtp), &format!("\"{smtp}\""))
+            .replace(&format!("\"{}\"", self.http), &format!("\"{http}\""));
+        std::fs::write(&self.config_path, text).expect("write config");
+        (self.smtp, self.http) = (smtp, http);
+    }
+
+    /// Waits until this start of the server (its `mailtrail started` line, the one after
+    /// `started_before` earlier ones in the log: not some other server on a stolen port)
+    /// answers SMTP. `Err(log)` when it exited first.
+    fn wait_ready(&mut self, started_before: usize) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Some(child) = self.child.as_mut()
                 && let Ok(Some(status)) = child.try_wait()
             {
-                panic!("mailtrail exited early ({status}):\n{}", self.server_log());
+                self.child = None;
+                return Err(format!("({status})\n{}", self.server_log()));
+            }
+            let ours = self.server_log().matches("mailtrail started").count() > started_before;
+            if !ours {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
             }
             if let Ok(mut s) = TcpStream::connect_timeout(&self.smtp, Duration::from_millis(200)) {
                 s.set_read_timeout(Some(Duration::from_secs(5))).ok();
@@ -107,7 +143,7 @@ impl Mailtrail {
                     && buf[..n].starts_with(b"220")
                 {
                     let _ = s.write_all(b"QUIT\r\n");
-                    return;
+                    return Ok(());
                 }
             }
             std::thread::sleep(Duration::from_millis(50));

@@ -1147,6 +1147,55 @@ mod queue {
         h.handle.join().await;
     }
 
+    /// Under VERP every recipient is its own transaction; the sender still gets one DSN
+    /// for the message, listing every failed recipient (Postfix: one bounce per message).
+    #[tokio::test]
+    async fn failed_recipients_of_one_message_share_one_dsn() {
+        let script = Script::default()
+            .rcpt("x@dest.test", &["550 5.1.1 no x"])
+            .rcpt("y@dest.test", &["550 5.1.1 no y"])
+            .rcpt("z@dest.test", &["550 5.1.1 no z"]);
+        let h = harness(script, |c| {
+            c.delivery.bounce_domain = "bounces.relay.test".into();
+        })
+        .await;
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[
+                    ("x@dest.test", None),
+                    ("ok@dest.test", None),
+                    ("y@dest.test", None),
+                    ("z@dest.test", None),
+                ],
+            ))
+            .await;
+        h.wait(r, final_status).await;
+        // The delivered copy, then the DSN to app@sender.test (the refused ones never got
+        // to DATA); a moment more for any second DSN.
+        let txs = h.wait_mx(2).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let dsns: Vec<_> =
+            h.mx.transactions()
+                .into_iter()
+                .filter(|t| t.mail_from.starts_with("<>"))
+                .collect();
+        assert_eq!(dsns.len(), 1, "{txs:#?}");
+        let body = String::from_utf8_lossy(&dsns[0].body);
+        for rcpt in ["x", "y", "z"] {
+            assert!(
+                body.contains(&format!("Final-Recipient: rfc822; {rcpt}@dest.test")),
+                "{body}"
+            );
+        }
+        assert!(
+            !body.contains("Final-Recipient: rfc822; ok@dest.test"),
+            "{body}"
+        );
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
     #[tokio::test]
     async fn verp_gives_each_recipient_its_own_sender_and_transaction() {
         let h = harness(Script::default(), |c| {

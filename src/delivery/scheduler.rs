@@ -758,10 +758,11 @@ async fn deliver_message(
     };
     let msg = Arc::new(msg);
     let batches = route::plan(&ctx.config.routes, &msg, ctx.verp.is_some());
+    let gather = Arc::new(Gather::new(batches.len()));
     let mut set = JoinSet::new();
     for batch in batches {
-        let (ctx, msg, body) = (ctx.clone(), msg.clone(), body.clone());
-        set.spawn(async move { run_batch(&ctx, &msg, &body, batch).await });
+        let (ctx, msg, body, gather) = (ctx.clone(), msg.clone(), body.clone(), gather.clone());
+        set.spawn(async move { run_batch(&ctx, &msg, &body, batch, &gather).await });
     }
     let mut rescan = false;
     while let Some(done) = set.join_next().await {
@@ -786,8 +787,15 @@ struct Outcome {
 }
 
 /// Returns whether it left work for later (see [`record`]).
-async fn run_batch(ctx: &Context, msg: &QueuedMessage, body: &[u8], batch: Batch) -> bool {
+async fn run_batch(
+    ctx: &Context,
+    msg: &QueuedMessage,
+    body: &[u8],
+    batch: Batch,
+    gather: &Gather,
+) -> bool {
     if ctx.shutdown.is_cancelled() {
+        gather.leave();
         return false;
     }
     let started_ms = now_ms();
@@ -824,13 +832,137 @@ async fn run_batch(ctx: &Context, msg: &QueuedMessage, body: &[u8], batch: Batch
     let retry_requested = recipients.iter().any(|r| r.retry_requested);
     let outcome = transact(ctx, &batch.destination, &envelope, body, retry_requested).await;
     let Some(outcome) = outcome else {
+        gather.leave();
         return false;
     };
     let duration = started.elapsed();
     ctx.metrics
         .delivery_attempt_seconds
         .observe(duration.as_secs_f64());
-    record(ctx, msg, body, &recipients, outcome, started_ms, duration).await
+    let (attempts, reports) = judge(ctx, msg, &recipients, outcome, started_ms, duration);
+    gather.hand_in(ctx, msg, body, attempts, reports).await
+}
+
+/// One batch's attempt records and the DSN reports they call for, by kind.
+type Judged = (
+    Vec<AttemptRecord>,
+    HashMap<ReportKind, Vec<ReportRecipient>>,
+);
+
+/// The batches of one message in one delivery pass. Those that end close together commit
+/// together, so the sender gets one DSN per kind listing every recipient it is about (as
+/// Postfix sends one bounce per message and pass), not one per recipient: under VERP every
+/// recipient is a transaction of its own, and 30 failed recipients sent 30 DSNs. The first
+/// batch to end waits up to [`GATHER_LINGER`] for the others, then commits all that have
+/// ended; a batch ending later starts the next group. Each commit holds its attempts and
+/// their DSN together, so a crash never loses a DSN; what the wait costs is at most
+/// [`GATHER_LINGER`] more in the window where a delivered recipient is not yet recorded.
+struct Gather {
+    state: Mutex<GatherState>,
+    ended: tokio::sync::Notify,
+}
+
+#[derive(Default)]
+struct GatherState {
+    /// Batches not ended yet.
+    running: usize,
+    /// Results of ended batches, not yet committed.
+    parts: Vec<Judged>,
+    /// A batch waits to commit them.
+    led: bool,
+}
+
+/// How long the first batch of a message to end waits for the others (they usually end
+/// within milliseconds: the same pass, the same replies).
+const GATHER_LINGER: Duration = Duration::from_secs(2);
+
+impl Gather {
+    fn new(batches: usize) -> Self {
+        Self {
+            state: Mutex::new(GatherState {
+                running: batches,
+                ..Default::default()
+            }),
+            ended: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GatherState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A batch ended with nothing to record (shutdown came first).
+    fn leave(&self) {
+        self.lock().running -= 1;
+        self.ended.notify_one();
+    }
+
+    /// Hands in one batch's results; the batch that leads the group commits it. Returns
+    /// whether it left work for later (a recipient pending, a DSN queued, a write refused).
+    async fn hand_in(
+        &self,
+        ctx: &Context,
+        msg: &QueuedMessage,
+        body: &[u8],
+        attempts: Vec<AttemptRecord>,
+        reports: HashMap<ReportKind, Vec<ReportRecipient>>,
+    ) -> bool {
+        let own = attempts.iter().any(|a| a.status.is_pending()) || !reports.is_empty();
+        let lead = {
+            let mut st = self.lock();
+            st.parts.push((attempts, reports));
+            st.running -= 1;
+            !std::mem::replace(&mut st.led, true)
+        };
+        self.ended.notify_one();
+        if !lead {
+            return own;
+        }
+        let deadline = tokio::time::Instant::now() + GATHER_LINGER;
+        while self.lock().running > 0 {
+            tokio::select! {
+                _ = self.ended.notified() => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = ctx.shutdown.cancelled() => break,
+            }
+        }
+        let parts = {
+            let mut st = self.lock();
+            st.led = false;
+            std::mem::take(&mut st.parts)
+        };
+        commit(ctx, msg, body, parts).await || own
+    }
+}
+
+/// Records the attempts of `parts` with one DSN per kind for all their reports, in one commit.
+async fn commit(ctx: &Context, msg: &QueuedMessage, body: &[u8], parts: Vec<Judged>) -> bool {
+    let mut attempts = Vec::new();
+    let mut reports: HashMap<ReportKind, Vec<ReportRecipient>> = HashMap::new();
+    for (a, r) in parts {
+        attempts.extend(a);
+        for (kind, list) in r {
+            reports.entry(kind).or_default().extend(list);
+        }
+    }
+    let now = now_ms();
+    let mut dsns: Vec<AcceptedMessage> = Vec::new();
+    for (_, mut list) in reports {
+        list.sort_by(|a, b| a.address.cmp(&b.address));
+        if let Some(m) = dsn::build(&ctx.config.hostname, msg, body, &list, now) {
+            dsns.push(m);
+        }
+    }
+    let had_dsns = !dsns.is_empty();
+    let pending = attempts.iter().any(|a| a.status.is_pending());
+    if !record_attempts(ctx, msg.receipt, attempts, dsns).await {
+        return true;
+    }
+    if had_dsns {
+        // The DSNs are queued mail themselves; the loop picks them up on its next pass.
+        tracing::debug!(receipt = %msg.receipt, "DSN queued");
+    }
+    had_dsns || pending
 }
 
 /// A connection for one transaction to `dest`: a pooled one (true) or a new one (false).
@@ -1010,18 +1142,16 @@ async fn transact(
     }
 }
 
-/// Turns an outcome into attempt records and DSNs, and commits them together. Returns whether
-/// it left work for later: a recipient still pending (its retry time must be scheduled), a DSN
-/// queued, or a failure to record (the recipients stay due).
-async fn record(
+/// Turns an outcome into attempt records and the DSN reports they call for (counted in the
+/// metrics and logged here; committed by the batch's [`Gather`]).
+fn judge(
     ctx: &Context,
     msg: &QueuedMessage,
-    body: &[u8],
     recipients: &[&crate::store::QueuedRecipient],
     outcome: Outcome,
     started_ms: i64,
     duration: Duration,
-) -> bool {
+) -> Judged {
     let now = now_ms();
     let mut attempts = Vec::with_capacity(recipients.len());
     let mut reports: HashMap<ReportKind, Vec<ReportRecipient>> = HashMap::new();
@@ -1151,12 +1281,6 @@ async fn record(
             delay_dsn: action == Some(Action::Delayed),
         });
     }
-    let mut dsns: Vec<AcceptedMessage> = Vec::new();
-    for (_, list) in reports {
-        if let Some(m) = dsn::build(&ctx.config.hostname, msg, body, &list, now) {
-            dsns.push(m);
-        }
-    }
     for a in &attempts {
         tracing::info!(
             receipt = %a.receipt,
@@ -1169,16 +1293,7 @@ async fn record(
             "delivery attempt"
         );
     }
-    let had_dsns = !dsns.is_empty();
-    let pending = attempts.iter().any(|a| a.status.is_pending());
-    if !record_attempts(ctx, msg.receipt, attempts, dsns).await {
-        return true;
-    }
-    if had_dsns {
-        // The DSNs are queued mail themselves; the loop picks them up on its next pass.
-        tracing::debug!(receipt = %msg.receipt, "DSN queued");
-    }
-    had_dsns || pending
+    (attempts, reports)
 }
 
 /// Records `attempts` and the DSNs they caused; while the store refuses the write (a full

@@ -1344,13 +1344,40 @@ mod queue {
             assert!(text.contains("535"), "{text}");
         }
         assert_eq!(smarthost.connections(), 1);
+        // `queue retry` with the password still wrong: one probe, one more failed login,
+        // not one per message; every message deferred again.
+        assert_eq!(h.store.queue_retry(None).await.unwrap(), 4);
+        h.handle.wake();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while h
+            .store
+            .queue_list()
+            .await
+            .unwrap()
+            .iter()
+            .any(|q| q.next_attempt_at_ms <= chrono::Utc::now().timestamp_millis())
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "retried mail still due"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let log = h.log(r).await;
+        let attempts = log.recipients[0]
+            .events
+            .iter()
+            .filter(|e| e.kind == "attempt");
+        assert_eq!(attempts.count(), 2, "{log:#?}");
+        assert_eq!(smarthost.connections(), 2);
+        tokio::time::sleep(Duration::from_millis(5)).await;
         // `queue retry` after the password is fixed goes out at once, suspension or not.
         smarthost.set_script(|s| s.auth = Some(("relayuser".into(), "wrong".into())));
         assert_eq!(h.store.queue_retry(Some(r)).await.unwrap(), 1);
         h.handle.wake();
         let log = h.wait(r, |s| s[0] == RecipientStatus::Delivered).await;
         assert_eq!(log.recipients[0].last_reply_code, Some(250));
-        assert_eq!(smarthost.connections(), 2);
+        assert_eq!(smarthost.connections(), 3);
         h.shutdown.cancel();
         h.handle.join().await;
     }

@@ -436,8 +436,11 @@ impl Classifier {
         if reply_code < 400 && reason == BounceReason::Delivered {
             return (reason, BounceType::Undetermined);
         }
-        // A temporary reply that nothing else explains is a deferral, not an expiry.
-        if reply_code < 500 && reason == BounceReason::Expired && status.is_none() {
+        // A temporary reply that nothing else explains is a deferral, not an expiry, unless
+        // its status says so (X.4.7, delivery time expired): `451 4.3.0 try later` read as
+        // `expired` on a recipient's first attempt.
+        let says_expired = status.as_deref().is_some_and(|s| s.ends_with(".4.7"));
+        if reply_code < 500 && reason == BounceReason::Expired && !says_expired {
             reason = BounceReason::OnHold;
         }
         (

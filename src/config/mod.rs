@@ -518,8 +518,10 @@ impl Config {
                 "must be a fully qualified domain",
             ));
         }
-        // The local part of every VERP sender: a dot-atom, or the addresses would need quoting.
-        let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+        // The local part of every VERP sender: a dot-atom, or the addresses would need quoting;
+        // without `+`, which starts the VERP tag (a `+` of its own made every bounce fail
+        // the MAC check and be refused).
+        let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*-/=?^_`{|}~".contains(c);
         let local = &self.delivery.bounce_local_part;
         if local
             .split('.')
@@ -527,7 +529,7 @@ impl Config {
         {
             return Err(invalid(
                 "delivery.bounce_local_part",
-                "must be a plain local part (letters, digits, and !#$%&'*+-/=?^_`{|}~ between dots)",
+                "must be a plain local part without '+' (letters, digits, and !#$%&'*-/=?^_`{|}~ between dots)",
             ));
         }
         // Zero would time out every session, expire every deferral at once, or wait for no
@@ -824,6 +826,10 @@ mod tests {
             ("hostname = \"a<b>;c\"", "hostname"),
             (
                 "[delivery]\nbounce_local_part = \"a@b c\"",
+                "delivery.bounce_local_part",
+            ),
+            (
+                "[delivery]\nbounce_local_part = \"a+b\"",
                 "delivery.bounce_local_part",
             ),
             (

@@ -89,7 +89,7 @@ fn collect(
     edits: &mut Vec<Edit>,
 ) -> bool {
     for part in &message.parts {
-        let base64 = match &part.body {
+        match &part.body {
             PartType::Multipart(_) => continue,
             PartType::Message(attached) => {
                 if !collect(attached, raw, false, room, edits) {
@@ -97,12 +97,22 @@ fn collect(
                 }
                 continue;
             }
-            PartType::Text(_) | PartType::Html(_) => false,
-            PartType::Binary(_) | PartType::InlineBinary(_) => true,
-        };
-        if is_message_type(part) || !has_identity_encoding(part) {
+            PartType::Text(_)
+            | PartType::Html(_)
+            | PartType::Binary(_)
+            | PartType::InlineBinary(_) => {}
+        }
+        // By the declared type, not by mail-parser's reading: it reads the last part of a
+        // multipart that never closes as text (a JPEG went out quoted-printable), and a
+        // multipart whose boundary never comes as one text part (which may not be encoded).
+        let ctype = part.content_type().map(|ct| ct.ctype());
+        if ctype.is_some_and(|t| t.eq_ignore_ascii_case("multipart"))
+            || is_message_type(part)
+            || !has_identity_encoding(part)
+        {
             continue;
         }
+        let base64 = ctype.is_some_and(|t| !t.eq_ignore_ascii_case("text"));
         let (start, body_start, end) = (
             part.offset_header as usize,
             part.offset_body as usize,
@@ -351,6 +361,18 @@ Content-Transfer-Encoding:\r\n 8bit\r\n\r\ninn\xc3\xa9r\r\n\
         assert!(text.contains("x=\r\n=2D-Z-\r\n--B--"), "{text:?}");
         assert!(text.lines().all(|l| l.len() <= 76), "{text:?}");
         assert_eq!(contents(&parse(&out)), contents(&parse(raw.as_bytes())));
+    }
+
+    #[test]
+    fn the_declared_type_decides_even_in_a_multipart_that_never_closes() {
+        let unclosed = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n\
+--B\r\nContent-Type: image/jpeg\r\n\r\n\xff\xd8\xff\xe0 jpeg\r\n";
+        let out = to_7bit(unclosed);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.contains("Content-Transfer-Encoding: base64"), "{text}");
+        // A boundary that never comes: the multipart's own header is not given an encoding.
+        let never = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=NEVER\r\n\r\n\xc3\xa9\r\n";
+        assert!(matches!(to_7bit(never), Cow::Borrowed(_)));
     }
 
     #[test]

@@ -114,7 +114,7 @@ fn fresh(msg: AcceptedMessage) -> Fresh {
                 last_reply_code: None,
                 last_enhanced_status: None,
                 last_reply_text: None,
-                retry_requested: false,
+                retry_requested_at: None,
             })
         })
         .collect();

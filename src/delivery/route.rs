@@ -203,7 +203,7 @@ mod tests {
                     last_reply_code: None,
                     last_enhanced_status: None,
                     last_reply_text: None,
-                    retry_requested: false,
+                    retry_requested_at: None,
                 })
                 .collect(),
         }

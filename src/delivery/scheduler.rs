@@ -156,7 +156,31 @@ struct Context {
     /// refused), until when, and why: mail for them meanwhile is deferred with that reason
     /// without a new connection (Postfix: "delivery temporarily suspended"), so a burst of
     /// queued mail costs a smarthost one failed login, not one per message.
-    suspended: Mutex<HashMap<Destination, (Instant, client::SessionError)>>,
+    suspended: Mutex<HashMap<Destination, Suspension>>,
+}
+
+/// A destination that could not be connected to, until when, and why. Each `queue retry`
+/// an admin makes tries a suspended destination once, as a probe: the rest of the mail it
+/// retried waits for the probe's answer instead of each trying (a wrong smarthost password
+/// would cost one failed login per message again), and when the probe fails too, that mail
+/// is deferred with the rest.
+struct Suspension {
+    until: Instant,
+    error: client::SessionError,
+    /// A probe is connecting now.
+    probing: bool,
+    /// The `queue retry` (its time) whose probe ran last.
+    probed: Option<i64>,
+}
+
+/// What [`Context::admit`] says about a transaction to a destination.
+enum Admission {
+    /// Connect; `probe`: as the one retried transaction trying a suspended destination.
+    Go { probe: bool },
+    /// Defer with the reason the destination is suspended.
+    Suspended(client::SessionError),
+    /// Retried mail while a probe runs: ask again shortly.
+    Wait,
 }
 
 /// How long a destination that could not be connected to stays suspended: short, so mail
@@ -239,25 +263,42 @@ impl Context {
         })
     }
 
-    /// Why `dest` is suspended, if it still is.
-    fn suspension(&self, dest: &Destination) -> Option<client::SessionError> {
+    /// Whether a transaction to `dest` may connect now. `retry`: the time of the `queue
+    /// retry` that made its mail due, which may probe a suspended destination once.
+    fn admit(&self, dest: &Destination, retry: Option<i64>) -> Admission {
         let mut map = self.suspended.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(dest) {
-            Some((until, e)) if Instant::now() < *until => Some(e.clone()),
-            Some(_) => {
-                map.remove(dest);
-                None
+        let Some(s) = map.get_mut(dest) else {
+            return Admission::Go { probe: false };
+        };
+        if Instant::now() >= s.until {
+            map.remove(dest);
+            return Admission::Go { probe: false };
+        }
+        match retry {
+            Some(_) if s.probing => Admission::Wait,
+            Some(at) if s.probed != Some(at) => {
+                (s.probing, s.probed) = (true, Some(at));
+                Admission::Go { probe: true }
             }
-            None => None,
+            _ => Admission::Suspended(s.error.clone()),
         }
     }
 
     /// `dest` could not be connected to: suspended for [`SUSPENSION`] (at most the first
-    /// retry interval).
-    fn suspend(&self, dest: &Destination, e: &client::SessionError) {
+    /// retry interval). `probe`: the failure was the probe of the `queue retry` at that time.
+    fn suspend(&self, dest: &Destination, e: &client::SessionError, probe: Option<i64>) {
         let until = Instant::now() + SUSPENSION.min(self.config.delivery.retry_first);
         let mut map = self.suspended.lock().unwrap_or_else(|p| p.into_inner());
-        map.insert(dest.clone(), (until, e.clone()));
+        let probed = probe.or_else(|| map.get(dest).and_then(|s| s.probed));
+        map.insert(
+            dest.clone(),
+            Suspension {
+                until,
+                error: e.clone(),
+                probing: false,
+                probed,
+            },
+        );
     }
 
     /// `dest` took a connection: mail for it goes out again.
@@ -828,8 +869,8 @@ async fn run_batch(
         smtputf8: msg.smtputf8,
     };
 
-    // `queue retry` after a fix: tried even while the destination is suspended.
-    let retry_requested = recipients.iter().any(|r| r.retry_requested);
+    // `queue retry` after a fix: one probe of a suspended destination per retry.
+    let retry_requested = recipients.iter().find_map(|r| r.retry_requested_at);
     let outcome = transact(ctx, &batch.destination, &envelope, body, retry_requested).await;
     let Some(outcome) = outcome else {
         gather.leave();
@@ -973,14 +1014,26 @@ async fn lease(
     dest: &Destination,
     settings: &SessionSettings,
     n: usize,
-    retry_requested: bool,
+    retry_requested: Option<i64>,
 ) -> Result<(Leased, bool), Option<Outcome>> {
+    let mut probe = None;
     loop {
-        if let Some(e) = ctx.suspension(dest).filter(|_| !retry_requested) {
-            let mut e = e;
-            e.text = format!("delivery temporarily suspended: {}", e.text);
-            return Err(Some(connect_failure(&e, n)));
-        }
+        let is_probe = match probe {
+            Some(p) => p,
+            None => match ctx.admit(dest, retry_requested) {
+                Admission::Go { probe: p } => *probe.insert(p),
+                Admission::Suspended(mut e) => {
+                    e.text = format!("delivery temporarily suspended: {}", e.text);
+                    return Err(Some(connect_failure(&e, n)));
+                }
+                Admission::Wait => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                        _ = ctx.shutdown.cancelled() => return Err(None),
+                    }
+                }
+            },
+        };
         let slot = tokio::select! {
             s = ctx.pool.acquire(dest) => s.ok_or(None)?,
             _ = ctx.shutdown.cancelled() => return Err(None),
@@ -1046,8 +1099,8 @@ async fn lease(
                 return Ok((leased, false));
             }
             Err(e) => {
-                if !e.permanent {
-                    ctx.suspend(dest, &e);
+                if !e.permanent || is_probe {
+                    ctx.suspend(dest, &e, retry_requested.filter(|_| is_probe));
                 }
                 return Err(Some(connect_failure(&e, n)));
             }
@@ -1094,7 +1147,7 @@ async fn transact(
     dest: &Destination,
     envelope: &Envelope,
     body: &[u8],
-    retry_requested: bool,
+    retry_requested: Option<i64>,
 ) -> Option<Outcome> {
     let n = envelope.recipients.len();
     let settings = ctx.settings(dest);
@@ -1440,6 +1493,13 @@ mod tests {
             classify(c, RecipientStatus::Deferred, &r, Some("4.2.2"), None).unwrap();
         assert_eq!(reason, BounceReason::MailboxFull);
         assert_eq!(kind, BounceType::Soft);
+        // A first deferral is no expiry, whatever status it carries, but X.4.7.
+        let r = replied(451, "4.3.0", "try later");
+        let (reason, _) = classify(c, RecipientStatus::Deferred, &r, Some("4.3.0"), None).unwrap();
+        assert_eq!(reason, BounceReason::OnHold);
+        let r = replied(451, "4.4.7", "message too old");
+        let (reason, _) = classify(c, RecipientStatus::Deferred, &r, Some("4.4.7"), None).unwrap();
+        assert_eq!(reason, BounceReason::Expired);
         assert_eq!(
             classify(
                 c,

@@ -175,10 +175,11 @@ pub struct QueuedRecipient {
     pub last_reply_code: Option<u16>,
     pub last_enhanced_status: Option<String>,
     pub last_reply_text: Option<String>,
-    /// An admin made it due again (`mailtrail queue retry`) after an attempt: it is tried even
-    /// while its destination is suspended. Read as `queue retry` leaves the row (due at the
-    /// moment it was changed); an attempt's record always puts the next one later.
-    pub retry_requested: bool,
+    /// When an admin made it due again (`mailtrail queue retry`) after an attempt: such mail
+    /// may probe a suspended destination, once per retry. Read as `queue retry` leaves the
+    /// row (due at the moment it was changed); an attempt's record always puts the next one
+    /// later.
+    pub retry_requested_at: Option<i64>,
 }
 
 /// A row of `mailtrail queue list`.

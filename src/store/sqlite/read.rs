@@ -132,7 +132,8 @@ pub fn due(
         .prepare_cached(&format!(
             "SELECT idx, address, orcpt, notify, status, attempts, next_attempt_at,
                  first_deferred_at, delay_dsn_sent, last_reply_code, last_enhanced,
-                 last_reply_text, attempts > 0 AND next_attempt_at = updated_at
+                 last_reply_text,
+                 CASE WHEN attempts > 0 AND next_attempt_at = updated_at THEN updated_at END
              FROM recipients
              WHERE receipt = ?1 AND {PENDING} AND next_attempt_at <= ?2 ORDER BY idx"
         ))
@@ -153,7 +154,7 @@ pub fn due(
                     last_reply_code: r.get(9)?,
                     last_enhanced_status: r.get(10)?,
                     last_reply_text: r.get(11)?,
-                    retry_requested: r.get(12)?,
+                    retry_requested_at: r.get(12)?,
                 })
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())

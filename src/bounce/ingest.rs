@@ -633,33 +633,33 @@ mod tests {
         assert!(store.pending_inbound_bounces().await.unwrap().is_empty());
     }
 
+    /// A DSN (`multipart/report`) with Message-ID `<id@mx.remote.test>`, the per-recipient
+    /// `blocks` and, when given, a returned header section.
+    fn report(id: &str, blocks: &str, returned: Option<&str>) -> String {
+        let returned = returned.map_or(String::new(), |h| {
+            format!("--b1\r\nContent-Type: text/rfc822-headers\r\n\r\n{h}\r\n")
+        });
+        format!(
+            "From: MAILER-DAEMON@mx.remote.test\r\nMessage-ID: <{id}@mx.remote.test>\r\n\
+             Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n\
+             Content-Type: multipart/report; report-type=delivery-status; boundary=b1\r\n\r\n\
+             --b1\r\nContent-Type: message/delivery-status\r\n\r\n\
+             Reporting-MTA: dns; mx.remote.test\r\n\r\n{blocks}{returned}--b1--\r\n"
+        )
+    }
+
     /// A DSN saying `rcpt` does not exist, its returned headers naming our `receipt`.
     fn dsn(rcpt: &str, receipt: ReceiptId) -> String {
-        format!(
-            "From: MAILER-DAEMON@mx.remote.test\r\n\
-             Message-ID: <dsn.{rcpt}@mx.remote.test>\r\n\
-             Subject: Undelivered Mail Returned to Sender\r\n\
-             MIME-Version: 1.0\r\n\
-             Content-Type: multipart/report; report-type=delivery-status; boundary=b1\r\n\
-             \r\n\
-             --b1\r\n\
-             Content-Type: message/delivery-status\r\n\
-             \r\n\
-             Reporting-MTA: dns; mx.remote.test\r\n\
-             \r\n\
-             Final-Recipient: rfc822; {rcpt}\r\n\
-             Action: failed\r\n\
-             Status: 5.1.1\r\n\
-             Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: User unknown\r\n\
-             \r\n\
-             --b1\r\n\
-             Content-Type: text/rfc822-headers\r\n\
-             \r\n\
-             Received: from app by mt.test (mailtrail) with ESMTP id {receipt}; \
-             Mon, 23 Nov 2026 10:00:00 +0000\r\n\
-             To: {rcpt}\r\n\
-             \r\n\
-             --b1--\r\n"
+        report(
+            &format!("dsn.{rcpt}"),
+            &format!(
+                "Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: 5.1.1\r\n\
+                 Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: User unknown\r\n\r\n"
+            ),
+            Some(&format!(
+                "Received: from app by mt.test (mailtrail) with ESMTP id {receipt}; \
+                 Mon, 23 Nov 2026 10:00:00 +0000\r\nTo: {rcpt}\r\n"
+            )),
         )
     }
 
@@ -669,14 +669,7 @@ mod tests {
             "Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: 5.2.2\r\n\
              Diagnostic-Code: smtp; 552 5.2.2 <{rcpt}>: Mailbox full\r\n\r\n"
         );
-        format!(
-            "From: MAILER-DAEMON@mx.remote.test\r\nMessage-ID: <full.{n}@mx.remote.test>\r\n\
-             Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n\
-             Content-Type: multipart/report; report-type=delivery-status; boundary=b1\r\n\r\n\
-             --b1\r\nContent-Type: message/delivery-status\r\n\r\n\
-             Reporting-MTA: dns; mx.remote.test\r\n\r\n{}--b1--\r\n",
-            block.repeat(blocks)
-        )
+        report(&format!("full.{n}"), &block.repeat(blocks), None)
     }
 
     /// A store in `dir` and a bounce stage over it with bounce domain `bounce.test` and a

@@ -518,15 +518,11 @@ impl Config {
                 "must be a fully qualified domain",
             ));
         }
-        // The local part of every VERP sender: a dot-atom, or the addresses would need quoting;
-        // without `+`, which starts the VERP tag (a `+` of its own made every bounce fail
-        // the MAC check and be refused).
-        let atext = |c: char| c.is_ascii_alphanumeric() || "!#$%&'*-/=?^_`{|}~".contains(c);
+        // The local part of every VERP sender: an ASCII dot-atom, or the addresses would need
+        // quoting (or SMTPUTF8); without `+`, which starts the VERP tag (a `+` of its own made
+        // every bounce fail the MAC check and be refused).
         let local = &self.delivery.bounce_local_part;
-        if local
-            .split('.')
-            .any(|atom| atom.is_empty() || !atom.chars().all(atext))
-        {
+        if !(local.is_ascii() && !local.contains('+') && crate::smtp::session::is_dot_atom(local)) {
             return Err(invalid(
                 "delivery.bounce_local_part",
                 "must be a plain local part without '+' (letters, digits, and !#$%&'*-/=?^_`{|}~ between dots)",

@@ -105,11 +105,13 @@ fn collect(
         // By the declared type, not by mail-parser's reading: it reads the last part of a
         // multipart that never closes as text (a JPEG went out quoted-printable), and a
         // multipart whose boundary never comes as one text part (which may not be encoded).
+        // `message/*` other than an attached message (which mail-parser parses as one):
+        // partial, external-body, delivery-status, which RFC 2046 5.2 allows no encoding.
         let ctype = part.content_type().map(|ct| ct.ctype());
-        if ctype.is_some_and(|t| t.eq_ignore_ascii_case("multipart"))
-            || is_message_type(part)
-            || !has_identity_encoding(part)
-        {
+        let container = ctype.is_some_and(|t| {
+            t.eq_ignore_ascii_case("multipart") || t.eq_ignore_ascii_case("message")
+        });
+        if container || !has_identity_encoding(part) {
             continue;
         }
         let base64 = ctype.is_some_and(|t| !t.eq_ignore_ascii_case("text"));
@@ -145,13 +147,6 @@ fn collect(
         });
     }
     true
-}
-
-/// `message/*` other than an attached message (which mail-parser parses as one): partial,
-/// external-body, delivery-status. RFC 2046 §5.2 allows them no encoding.
-fn is_message_type(part: &MessagePart<'_>) -> bool {
-    part.content_type()
-        .is_some_and(|ct| ct.ctype().eq_ignore_ascii_case("message"))
 }
 
 /// No `Content-Transfer-Encoding`, or `7bit`, `8bit` or `binary` (RFC 2045 §6.1).

@@ -96,6 +96,8 @@ pub struct ReplyParser {
     cut: bool,
     count: usize,
     esc: Option<String>,
+    /// The last line's code: the reply's.
+    code: u16,
 }
 
 impl ReplyParser {
@@ -164,16 +166,14 @@ impl ReplyParser {
             self.kept += text.len() + 1;
             self.lines.push((code, text));
         }
-        if last {
-            // Only the last line's code counts; a line that said another keeps it in its
-            // text, as the server wrote it.
-            self.lines.push((code, String::new()));
-        }
+        self.code = code;
         Ok(last)
     }
 
+    /// Only the last line's code counts; a line that said another keeps it in its text, as
+    /// the server wrote it.
     fn finish(&mut self) -> Reply {
-        let (code, _) = self.lines.pop().unwrap_or((0, String::new()));
+        let code = self.code;
         let mut text = String::with_capacity(self.kept);
         for (i, (line_code, line)) in self.lines.iter().enumerate() {
             if i > 0 {

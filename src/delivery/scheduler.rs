@@ -1022,10 +1022,7 @@ async fn lease(
             Some(p) => p,
             None => match ctx.admit(dest, retry_requested) {
                 Admission::Go { probe: p } => *probe.insert(p),
-                Admission::Suspended(mut e) => {
-                    e.text = format!("delivery temporarily suspended: {}", e.text);
-                    return Err(Some(connect_failure(&e, n)));
-                }
+                Admission::Suspended(e) => return Err(Some(connect_failure(&e, n, true))),
                 Admission::Wait => {
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
@@ -1102,22 +1099,25 @@ async fn lease(
                 if !e.permanent || is_probe {
                     ctx.suspend(dest, &e, retry_requested.filter(|_| is_probe));
                 }
-                return Err(Some(connect_failure(&e, n)));
+                return Err(Some(connect_failure(&e, n, false)));
             }
         }
     }
 }
 
 /// The outcome for all `n` recipients of a transaction that had no connection.
-fn connect_failure(e: &client::SessionError, n: usize) -> Outcome {
+/// `suspended`: `e` is the failure the destination is suspended for, not this transaction's
+/// own; the text says so, whole (this transaction had no reply of its own to show).
+fn connect_failure(e: &client::SessionError, n: usize, suspended: bool) -> Outcome {
     let kind = match (&e.reply, e.permanent) {
         (Some(r), true) => AttemptResult::Reply(r.code),
         (_, true) => AttemptResult::Permanent,
         _ => AttemptResult::Temporary,
     };
     let text = match &e.reply {
-        Some(r) if !e.text.starts_with("delivery temporarily suspended") => r.text.clone(),
-        _ => e.text.clone(),
+        _ if suspended => format!("delivery temporarily suspended: {}", e.text),
+        Some(r) => r.text.clone(),
+        None => e.text.clone(),
     };
     Outcome {
         results: vec![

@@ -1320,6 +1320,16 @@ fn forward_path_text(line: &[u8]) -> Option<String> {
     (!path.is_empty()).then_some(path)
 }
 
+/// A local part that needs no quoting (RFC 5321 4.1.2 Dot-string; UTF-8 counts as atext,
+/// RFC 6531).
+pub(crate) fn is_dot_atom(local: &str) -> bool {
+    let atext =
+        |c: char| !c.is_ascii() || c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
+    local
+        .split('.')
+        .all(|atom| !atom.is_empty() && atom.chars().all(atext))
+}
+
 /// The address as it is stored and relayed, or `None` when it is not a mailbox. smtp-proto
 /// hands a quoted local part over without its quotes (`"a b"@x` as `a b@x`), which relayed
 /// verbatim would turn into other parameters or commands (`<a> NOTIFY=SUCCESS@x>`): it is
@@ -1343,12 +1353,7 @@ fn canonical_mailbox(address: &str) -> Option<String> {
     if local.is_empty() || !domain_ok || local.chars().any(char::is_control) {
         return None;
     }
-    let atext =
-        |c: char| !c.is_ascii() || c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c);
-    let dot_atom = local
-        .split('.')
-        .all(|atom| !atom.is_empty() && atom.chars().all(atext));
-    if dot_atom {
+    if is_dot_atom(local) {
         return Some(match stripped {
             Some(_) => format!("{local}@{domain}"),
             None => address.to_string(),

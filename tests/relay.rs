@@ -520,3 +520,66 @@ print("refused", refused, s.noop())
         m.recipient("seven@dest.test", "seven@dest.test")["status"] == "delivered"
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn smtputf8_mail_gets_an_internationalised_dsn() {
+    let mx = TestMx::start(
+        Script {
+            extensions: vec![
+                "PIPELINING".into(),
+                "8BITMIME".into(),
+                "SMTPUTF8".into(),
+                "DSN".into(),
+                "ENHANCEDSTATUSCODES".into(),
+            ],
+            ..Script::default()
+        }
+        .rcpt("jörg@dest.test", &["550 5.1.1 Unknown user"]),
+    )
+    .await;
+    let m = relay_to(mx.port(), "");
+    let script = format!(
+        r#"
+import smtplib
+msg = "From: åsa@example.com\r\nTo: jörg@dest.test\r\nSubject: Grüße\r\n\r\nHej\r\n".encode()
+s = smtplib.SMTP("127.0.0.1", {port})
+s.ehlo("app.test")
+print("refused", s.sendmail("åsa@example.com", ["jörg@dest.test"], msg, mail_options=["SMTPUTF8"]))
+"#,
+        port = m.smtp.port()
+    );
+    let (ok, out) = python(&script);
+    assert!(ok && out.contains("refused {}"), "{out}");
+    wait_until("DSN relayed", Duration::from_secs(30), || {
+        mx.transactions()
+            .iter()
+            .any(|t| t.mail_from.starts_with("<>") && t.accepted)
+    });
+    let dsn = mx
+        .transactions()
+        .into_iter()
+        .find(|t| t.mail_from.starts_with("<>"))
+        .unwrap();
+    assert!(
+        dsn.mail_from.to_ascii_uppercase().contains("SMTPUTF8"),
+        "{}",
+        dsn.mail_from
+    );
+    assert!(
+        dsn.rcpt_to[0].contains("åsa@example.com"),
+        "{:?}",
+        dsn.rcpt_to
+    );
+    let body = String::from_utf8(dsn.body.clone()).expect("UTF-8");
+    for needle in [
+        "To: <åsa@example.com>\r\n",
+        "report-type=global-delivery-status",
+        "Content-Type: message/global-delivery-status\r\n",
+        "Final-Recipient: utf-8; jörg@dest.test\r\n",
+        "Status: 5.1.1\r\n",
+        "Content-Type: message/global\r\n",
+        "Subject: Grüße\r\n",
+    ] {
+        assert!(body.contains(needle), "missing {needle:?} in\n{body}");
+    }
+}

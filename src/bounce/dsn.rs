@@ -202,7 +202,14 @@ pub fn split_type(value: &str) -> (Option<&str>, &str) {
 
 /// The address in a recipient field value: type prefix and angle brackets removed.
 pub fn address_of(value: &str) -> Option<String> {
-    let v = strip_type(value);
+    let (kind, v) = split_type(value);
+    let unescaped;
+    let v = if kind.is_some_and(|k| k.eq_ignore_ascii_case("utf-8")) && v.contains("\\x{") {
+        unescaped = unescape_unicode(v);
+        unescaped.as_str()
+    } else {
+        v
+    };
     let v = v.trim().trim_start_matches('<');
     let v = v.split(['>', ' ', '\t']).next().unwrap_or("").trim();
     let v = v.trim_matches(|c| c == '"' || c == '\'');
@@ -213,9 +220,59 @@ pub fn address_of(value: &str) -> Option<String> {
     }
 }
 
+/// An RFC 6533 `utf-8-addr-xtext` / `utf-8-addr-unitext` value with its `\\x{HEX}` escapes
+/// (EmbeddedUnicodeChar) read as the characters they name; an escape that names none, or is
+/// not closed, stays as written.
+fn unescape_unicode(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    let mut rest = v;
+    while let Some(at) = rest.find("\\x{") {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 3..];
+        let decoded = after.split_once('}').and_then(|(hex, tail)| {
+            let c = (1..=6)
+                .contains(&hex.len())
+                .then(|| u32::from_str_radix(hex, 16).ok())
+                .flatten()
+                .and_then(char::from_u32)?;
+            Some((c, tail))
+        });
+        match decoded {
+            Some((c, tail)) => {
+                out.push(c);
+                rest = tail;
+            }
+            None => {
+                out.push_str("\\x{");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn utf8_addresses_lose_their_escapes() {
+        assert_eq!(
+            address_of("utf-8; j\\x{F6}rg\\x{2B}tag@b\\x{FC}ro.example").as_deref(),
+            Some("j\u{f6}rg+tag@b\u{fc}ro.example")
+        );
+        assert_eq!(
+            address_of("utf-8; j\u{f6}rg@example.org").as_deref(),
+            Some("j\u{f6}rg@example.org")
+        );
+        // Broken escapes stay as they were; rfc822 addresses are never unescaped.
+        assert_eq!(unescape_unicode("a\\x{D800}b\\x{41"), "a\\x{D800}b\\x{41");
+        assert_eq!(
+            address_of("rfc822; a\\x{41}@example.org").as_deref(),
+            Some("a\\x{41}@example.org")
+        );
+    }
 
     const TWO_RECIPIENTS: &str = "Reporting-MTA: dns; mx.example.org\r\n\
 Original-Envelope-Id: env-42\r\n\

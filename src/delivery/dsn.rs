@@ -5,6 +5,13 @@
 //! [`AcceptedMessage`] with the null envelope sender, for the store to queue in the same
 //! commit as the attempts that caused it.
 //!
+//! Internationalised mail (RFC 6533, as Postfix does it): when the original came with
+//! SMTPUTF8 or an address to report is not ASCII, the report is
+//! `report-type=global-delivery-status`: a `message/global-delivery-status` part whose
+//! non-ASCII addresses have the `utf-8` address type and are written as they are, the
+//! original returned as `message/global` (or `message/global-headers`), and the notice in
+//! UTF-8. Otherwise everything stays ASCII.
+//!
 //! What is returned (RFC 3461 §4.3 leaves the default to the MTA; this follows Postfix):
 //! failure DSNs carry the full message (`message/rfc822`) unless `RET=HDRS`, or when it is
 //! larger than [`FULL_RETURN_LIMIT`], in which case only its header (`text/rfc822-headers`);
@@ -135,6 +142,30 @@ fn clean(s: &str) -> String {
         .collect()
 }
 
+/// An address for an internationalised report (RFC 6532 allows UTF-8 in its fields): printable
+/// ASCII and non-ASCII characters other than controls (C1, line and paragraph separators).
+fn clean_utf8(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            let printable = c == ' '
+                || c.is_ascii_graphic()
+                || (!c.is_ascii() && !c.is_control() && !matches!(c, '\u{2028}' | '\u{2029}'));
+            if printable { c } else { '?' }
+        })
+        .collect()
+}
+
+/// A recipient field's value (RFC 3464 §2.3.1-2, RFC 6533 §3): `type; address`, with the
+/// `utf-8` type and the address as it is (the `utf-8-address` form) when it is not ASCII,
+/// which only happens in an internationalised report.
+fn address_field(kind: &str, address: &str) -> String {
+    if address.is_ascii() {
+        format!("{}; {}", clean(kind), clean(address))
+    } else {
+        format!("utf-8; {}", clean_utf8(address))
+    }
+}
+
 /// Multi-line remote texts folded into one header field: continuation lines start with a
 /// space (RFC 5322 §2.2.3), lines of only white space are left out (obsolete syntax, §4.2),
 /// and a line longer than 900 characters is cut into pieces (no line may pass 998, §2.1.1).
@@ -180,6 +211,12 @@ pub fn build(
         return None;
     }
     let kind = ReportKind::of(recipients[0].action);
+    let global = original.smtputf8
+        || !original.envelope_sender.is_ascii()
+        || recipients
+            .iter()
+            .any(|r| !r.address.is_ascii() || r.orcpt.as_deref().is_some_and(|o| !o.is_ascii()));
+    let address = |a: &str| if global { clean_utf8(a) } else { clean(a) };
     let receipt = ReceiptId::new();
     let host = clean(reporting_mta);
     let boundary = format!("{receipt}/{host}");
@@ -209,6 +246,21 @@ pub fn build(
         header_section(original_body)
     };
 
+    // The report's type, and the content headers of its notice and its status part.
+    let (report_type, notice, status) = if global {
+        (
+            "global-delivery-status",
+            "text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit",
+            "message/global-delivery-status\r\nContent-Transfer-Encoding: 8bit",
+        )
+    } else {
+        (
+            "delivery-status",
+            "text/plain; charset=us-ascii",
+            "message/delivery-status",
+        )
+    };
+
     let mut m = String::new();
     let _ = write!(
         m,
@@ -219,24 +271,24 @@ pub fn build(
          Message-ID: <{message_id}>\r\n\
          Auto-Submitted: auto-replied\r\n\
          MIME-Version: 1.0\r\n\
-         Content-Type: multipart/report; report-type=delivery-status;\r\n\
+         Content-Type: multipart/report; report-type={report_type};\r\n\
          \tboundary=\"{boundary}\"\r\n\
          \r\n\
          This is a MIME-encapsulated message.\r\n\
          \r\n\
          --{boundary}\r\n\
          Content-Description: Notification\r\n\
-         Content-Type: text/plain; charset=us-ascii\r\n\
+         Content-Type: {notice}\r\n\
          \r\n\
          This is the mail system at host {host}.\r\n\
          \r\n\
          {intro}\r\n\
          \r\n",
-        to = clean(&original.envelope_sender),
+        to = address(&original.envelope_sender),
         date = rfc5322_date(now_ms),
     );
     for r in recipients {
-        let _ = write!(m, "<{}>: {}", clean(&r.address), r.action.as_str());
+        let _ = write!(m, "<{}>: {}", address(&r.address), r.action.as_str());
         if r.expired {
             m.push_str(" (delivery time expired: still undelivered when retrying ran out)");
         }
@@ -249,7 +301,7 @@ pub fn build(
         m,
         "\r\n--{boundary}\r\n\
          Content-Description: Delivery report\r\n\
-         Content-Type: message/delivery-status\r\n\
+         Content-Type: {status}\r\n\
          \r\n\
          Reporting-MTA: dns; {host}\r\n\
          X-Mailtrail-Receipt: {receipt_orig}\r\n",
@@ -271,15 +323,14 @@ pub fn build(
             let (kind, addr) = orcpt.split_once(';').unwrap_or(("rfc822", orcpt));
             let _ = write!(
                 m,
-                "Original-Recipient: {};{}\r\n",
-                clean(kind.trim()),
-                clean(addr.trim())
+                "Original-Recipient: {}\r\n",
+                address_field(kind.trim(), addr.trim())
             );
         }
         let _ = write!(
             m,
-            "Final-Recipient: rfc822; {}\r\nAction: {}\r\nStatus: {}\r\n",
-            clean(&r.address),
+            "Final-Recipient: {}\r\nAction: {}\r\nStatus: {}\r\n",
+            address_field("rfc822", &r.address),
             r.action.as_str(),
             clean(&r.status)
         );
@@ -303,18 +354,30 @@ pub fn build(
             let _ = write!(m, "Will-Retry-Until: {}\r\n", rfc5322_date(until));
         }
     }
-    let (description, content_type) = if full {
-        ("Undelivered Message", "message/rfc822")
-    } else if kind == ReportKind::Failure {
-        ("Undelivered Message Headers", "text/rfc822-headers")
+    let description = match (full, kind) {
+        (true, _) => "Undelivered Message",
+        (false, ReportKind::Failure) => "Undelivered Message Headers",
+        (false, _) => "Message Headers",
+    };
+    let content_type = match (full, global) {
+        (true, false) => "message/rfc822",
+        (true, true) => "message/global",
+        (false, false) => "text/rfc822-headers",
+        (false, true) => "message/global-headers",
+    };
+    // An 8-bit original (8BITMIME, SMTPUTF8) is returned as it came, and labelled so (RFC
+    // 2046 §5.2.1 allows 7bit, 8bit or binary for a message part; the default is 7bit).
+    let encoding = if returned.iter().any(|b| *b >= 0x80) {
+        "Content-Transfer-Encoding: 8bit\r\n"
     } else {
-        ("Message Headers", "text/rfc822-headers")
+        ""
     };
     let _ = write!(
         m,
         "\r\n--{boundary}\r\n\
          Content-Description: {description}\r\n\
          Content-Type: {content_type}\r\n\
+         {encoding}\
          \r\n"
     );
     let mut body = m.into_bytes();
@@ -490,7 +553,7 @@ mod tests {
             "Reporting-MTA: dns; relay.example\r\n",
             "Original-Envelope-Id: env 42\r\n",
             "Arrival-Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n",
-            "Original-Recipient: rfc822;Bob@B.example\r\n",
+            "Original-Recipient: rfc822; Bob@B.example\r\n",
             "Final-Recipient: rfc822; bob@b.example\r\n",
             "Action: failed\r\n",
             "Status: 5.1.1\r\n",
@@ -544,6 +607,69 @@ mod tests {
         assert!(t.contains("Will-Retry-Until: "));
         assert!(t.contains("text/rfc822-headers"));
         assert!(!t.contains("secret body line"));
+    }
+
+    #[test]
+    fn smtputf8_mail_gets_an_internationalised_report() {
+        let mut orig = original("\u{e5}sa@a.example", None, Some("env 42"));
+        orig.smtputf8 = true;
+        let mut r = failed("j\u{f6}rg@b\u{fc}cher.example");
+        r.orcpt = Some("rfc822;J\u{f6}rg@b\u{fc}cher.example".into());
+        let body =
+            "From: \u{e5}sa@a.example\r\nSubject: Gr\u{fc}\u{df}e\r\n\r\nsecret body line\r\n";
+        let m = build("relay.example", &orig, body.as_bytes(), &[r], 0).unwrap();
+        assert!(m.smtputf8 && m.eight_bit);
+        let t = text(&m);
+        for needle in [
+            "To: <\u{e5}sa@a.example>\r\n",
+            "Content-Type: multipart/report; report-type=global-delivery-status;",
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n",
+            "<j\u{f6}rg@b\u{fc}cher.example>: failed",
+            "Content-Type: message/global-delivery-status\r\n",
+            "Original-Recipient: utf-8; J\u{f6}rg@b\u{fc}cher.example\r\n",
+            "Final-Recipient: utf-8; j\u{f6}rg@b\u{fc}cher.example\r\n",
+            "Content-Type: message/global\r\nContent-Transfer-Encoding: 8bit\r\n",
+            "Subject: Gr\u{fc}\u{df}e\r\n",
+        ] {
+            assert!(t.contains(needle), "missing {needle:?} in\n{t}");
+        }
+        // Our own bounce parser reads it back: one record for the UTF-8 recipient.
+        let records = crate::bounce::parse(&m.body);
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].recipient, "j\u{f6}rg@b\u{fc}cher.example");
+        assert_eq!(records[0].status.as_deref(), Some("5.1.1"));
+        assert_eq!(records[0].reason, crate::bounce::BounceReason::UserUnknown);
+    }
+
+    #[test]
+    fn internationalised_headers_only_and_controls() {
+        let mut orig = original("a@a.example", Some(DsnRet::Hdrs), None);
+        orig.smtputf8 = true;
+        // A C1 control and a line separator cannot pass into a field.
+        let t = text(&build("h", &orig, BODY, &[failed("x\u{85}y\u{2028}@b.example")], 0).unwrap());
+        assert!(
+            t.contains("Content-Type: message/global-headers\r\n\r\n"),
+            "{t}"
+        );
+        assert!(
+            t.contains("Final-Recipient: utf-8; x?y?@b.example\r\n"),
+            "{t}"
+        );
+        assert!(!t.contains("secret body line"));
+    }
+
+    #[test]
+    fn ascii_mail_keeps_the_ascii_report_and_labels_eight_bit_content() {
+        let orig = original("alice@a.example", None, None);
+        let body = "Subject: x\r\n\r\nGr\u{fc}\u{df}e\r\n";
+        let t = text(&build("h", &orig, body.as_bytes(), &[failed("bob@b.example")], 0).unwrap());
+        assert!(t.contains("report-type=delivery-status;"));
+        assert!(t.contains("Content-Type: text/plain; charset=us-ascii\r\n\r\n"));
+        assert!(
+            t.contains("Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 8bit\r\n\r\n")
+        );
+        let plain = text(&build("h", &orig, BODY, &[failed("bob@b.example")], 0).unwrap());
+        assert!(plain.contains("Content-Type: message/rfc822\r\n\r\n"));
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! `8bit`, `binary` or none) is encoded: quoted-printable for text, base64 for anything else
 //! (RFC 2045 §6), its `Content-Transfer-Encoding` field replaced. Multipart and `message/*`
 //! parts are never encoded themselves (RFC 2046 §5): the parts inside them are, and their
-//! boundaries, preambles and headers stay byte for byte. A message without `MIME-Version`
+//! boundaries and headers stay byte for byte, and 8-bit bytes in their preambles and
+//! epilogues, which readers ignore, become `?`. Once nothing 8-bit is left, a container's
+//! `8bit` or `binary` label becomes `7bit`. A message without `MIME-Version`
 //! gets one, or its reader would not decode the new encoding (RFC 2045 §4). Nothing else
 //! changes: 8-bit bytes in header fields (which only SMTPUTF8 allows) stay, as in Postfix,
 //! and so do those in a part already declared base64 or quoted-printable, which is broken
@@ -29,8 +31,17 @@ pub fn to_7bit(raw: &[u8]) -> Cow<'_, [u8]> {
     };
     let needs_version = message.header(HeaderName::MimeVersion).is_none();
     let mut edits = Vec::new();
+    let mut labels = Vec::new();
     let mut room = max_size(raw.len()) - raw.len();
-    if !collect(&message, raw, needs_version, &mut room, &mut edits) || edits.is_empty() {
+    if !collect(
+        &message,
+        raw,
+        needs_version,
+        &mut room,
+        &mut edits,
+        &mut labels,
+    ) || edits.is_empty()
+    {
         return Cow::Borrowed(raw);
     }
     if needs_version
@@ -46,10 +57,22 @@ pub fn to_7bit(raw: &[u8]) -> Cow<'_, [u8]> {
             replacement: MIME_VERSION.to_vec(),
         });
     }
+    let out = apply(raw, &mut edits);
+    if labels.is_empty() || !out.is_ascii() {
+        return Cow::Owned(out);
+    }
+    // Nothing 8-bit is left: a multipart or attached message labelled `8bit` or `binary`
+    // is now `7bit` (RFC 2046 §5: their label says what is inside them; Postfix relabels).
+    edits.append(&mut labels);
+    Cow::Owned(apply(raw, &mut edits))
+}
+
+/// `raw` with `edits` applied in the order of their start.
+fn apply(raw: &[u8], edits: &mut [Edit]) -> Vec<u8> {
     edits.sort_by_key(|e| e.start);
     let mut out = Vec::with_capacity(raw.len() + raw.len() / 4);
     let mut copied = 0;
-    for e in edits {
+    for e in edits.iter() {
         // mail-parser's parts never overlap; a range that did would be left as it is.
         if e.start < copied || e.end > raw.len() {
             continue;
@@ -59,7 +82,7 @@ pub fn to_7bit(raw: &[u8]) -> Cow<'_, [u8]> {
         copied = e.end;
     }
     out.extend_from_slice(&raw[copied..]);
-    Cow::Owned(out)
+    out
 }
 
 const MIME_VERSION: &[u8] = b"MIME-Version: 1.0\r\n";
@@ -81,18 +104,25 @@ pub fn max_size(len: usize) -> usize {
 /// parts' offsets are into the same buffer) that needs encoding. `add_version`: the top
 /// header, when rewritten (the message is a single part), takes a `MIME-Version` field.
 /// False when the edits would grow the message by more than `room` bytes.
+/// `labels`: the edits that relabel containers as `7bit`, for when nothing 8-bit is left.
 fn collect(
     message: &Message<'_>,
     raw: &[u8],
     add_version: bool,
     room: &mut usize,
     edits: &mut Vec<Edit>,
+    labels: &mut Vec<Edit>,
 ) -> bool {
     for part in &message.parts {
         match &part.body {
-            PartType::Multipart(_) => continue,
+            PartType::Multipart(children) => {
+                blank_preamble_and_epilogue(message, part, children, raw, edits);
+                relabel(part, raw, labels);
+                continue;
+            }
             PartType::Message(attached) => {
-                if !collect(attached, raw, false, room, edits) {
+                relabel(part, raw, labels);
+                if !collect(attached, raw, false, room, edits, labels) {
                     return false;
                 }
                 continue;
@@ -147,6 +177,89 @@ fn collect(
         });
     }
     true
+}
+
+/// A multipart's preamble and epilogue, which its reader ignores (RFC 2046 §5.1.1), with
+/// every 8-bit byte written `?`: nothing can declare their encoding. Only under a boundary
+/// that is ASCII, as RFC 2046 requires, so that the delimiter lines stay as they were.
+fn blank_preamble_and_epilogue(
+    message: &Message<'_>,
+    part: &MessagePart<'_>,
+    children: &[u32],
+    raw: &[u8],
+    edits: &mut Vec<Edit>,
+) {
+    let boundary_is_ascii = part
+        .content_type()
+        .and_then(|ct| ct.attribute("boundary"))
+        .is_some_and(|b| b.is_ascii());
+    let first = children
+        .first()
+        .and_then(|i| message.parts.get(*i as usize));
+    let last = children.last().and_then(|i| message.parts.get(*i as usize));
+    let (Some(first), Some(last), true) = (first, last, boundary_is_ascii) else {
+        return;
+    };
+    for (from, to) in [
+        (part.offset_body, first.offset_header),
+        (last.offset_end, part.offset_end),
+    ] {
+        let (from, to) = (from as usize, to as usize);
+        let Some(gap) = raw.get(from..to) else {
+            continue;
+        };
+        let mut i = 0;
+        while let Some(run) = gap[i..].iter().position(|b| *b >= 0x80) {
+            let start = i + run;
+            let len = gap[start..].iter().take_while(|b| **b >= 0x80).count();
+            edits.push(Edit {
+                start: from + start,
+                end: from + start + len,
+                replacement: vec![b'?'; len],
+            });
+            i = start + len;
+        }
+    }
+}
+
+/// The edit that turns a container's `8bit` or `binary` `Content-Transfer-Encoding` field
+/// (with its continuation lines) into `7bit`.
+fn relabel(part: &MessagePart<'_>, raw: &[u8], labels: &mut Vec<Edit>) {
+    let eight_bit = part
+        .content_transfer_encoding()
+        .is_some_and(|cte| matches!(cte.trim().to_ascii_lowercase().as_str(), "8bit" | "binary"));
+    let start = part.offset_header as usize;
+    let Some(header) = raw
+        .get(start..part.offset_body as usize)
+        .filter(|_| eight_bit)
+    else {
+        return;
+    };
+    let mut at = 0;
+    let mut field: Option<usize> = None;
+    for line in header.split_inclusive(|b| *b == b'\n') {
+        let continuation = line.first().is_some_and(|b| *b == b' ' || *b == b'\t');
+        if !continuation {
+            if let Some(from) = field.take() {
+                labels.push(Edit {
+                    start: start + from,
+                    end: start + at,
+                    replacement: b"Content-Transfer-Encoding: 7bit\r\n".to_vec(),
+                });
+            }
+            if is_field(line, b"content-transfer-encoding") {
+                field = Some(at);
+            }
+        }
+        at += line.len();
+    }
+    if let Some(from) = field {
+        labels.push(Edit {
+            start: start + from,
+            end: start + at,
+            replacement: b"Content-Transfer-Encoding: 7bit\r\n".to_vec(),
+        });
+    }
 }
 
 /// No `Content-Transfer-Encoding`, or `7bit`, `8bit` or `binary` (RFC 2045 §6.1).
@@ -299,6 +412,46 @@ Content-Transfer-Encoding:\r\n 8bit\r\n\r\ninn\xc3\xa9r\r\n\
             )
         );
         assert_eq!(text.matches("MIME-Version").count(), 1);
+    }
+
+    #[test]
+    fn preamble_epilogue_and_container_labels_leave_nothing_8bit() {
+        let raw = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\
+Content-Transfer-Encoding: 8bit\r\n\r\nPr\xc3\xa4ambel\r\n\
+--B\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n\xc3\xa9\r\n\
+--B\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding:\r\n binary\r\n\r\n\
+Subject: inner\r\n\r\ninn\xc3\xa9r\r\n\
+--B--\r\nEpilog \xe2\x80\x93 Ende\r\n";
+        let out = to_7bit(raw);
+        let text = String::from_utf8(out.to_vec()).unwrap();
+        assert!(text.is_ascii(), "{text}");
+        assert_eq!(contents(&parse(&out)), contents(&parse(raw)));
+        assert!(
+            text.starts_with(
+                "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\
+Content-Transfer-Encoding: 7bit\r\n\r\nPr??ambel\r\n--B\r\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("Content-Type: message/rfc822\r\nContent-Transfer-Encoding: 7bit\r\n\r\nSubject: inner\r\nContent-Transfer-Encoding: quoted-printable\r\n"), "{text}");
+        assert!(text.ends_with("--B--\r\nEpilog ??? Ende\r\n"), "{text}");
+    }
+
+    #[test]
+    fn a_container_keeps_its_8bit_label_while_anything_8bit_is_left() {
+        // An 8-bit header field (SMTPUTF8) stays, so the label stays true.
+        let raw = b"MIME-Version: 1.0\r\nSubject: Gr\xc3\xbc\xc3\x9fe\r\n\
+Content-Type: multipart/mixed; boundary=B\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+--B\r\n\r\n\xc3\xa9\r\n--B--\r\n";
+        let text = String::from_utf8(to_7bit(raw).to_vec()).unwrap();
+        assert!(
+            text.contains("Content-Transfer-Encoding: 8bit\r\n\r\n--B\r\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Content-Transfer-Encoding: quoted-printable\r\n\r\n=C3=A9"),
+            "{text}"
+        );
     }
 
     #[test]

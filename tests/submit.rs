@@ -182,6 +182,49 @@ fn auth_plain_and_login_only_with_right_password() {
 }
 
 #[test]
+fn a_client_that_keeps_guessing_is_throttled_and_told_so() {
+    let hash = common::mailtrail::hash_password("s3cret pass");
+    let m = Mailtrail::start_with(
+        "",
+        &format!(
+            "relay_networks = [\"192.0.2.0/24\"]\nauth_failure_limit = 2\n\
+             [[smtp.users]]\nname = \"app\"\npassword_hash = \"{hash}\"\n"
+        ),
+        ACCEPT_ONLY,
+    );
+    let auth = |password: &str| {
+        swaks(&[
+            "--to",
+            "x@example.org",
+            "--server",
+            &smtp_arg(&m),
+            "--auth",
+            "PLAIN",
+            "--auth-user",
+            "app",
+            "--auth-password",
+            password,
+        ])
+    };
+    for guess in ["guess1", "guess2"] {
+        let (ok, out) = auth(guess);
+        assert!(!ok && out.contains("535 5.7.8"), "{out}");
+    }
+    // The limit is reached: even the right password is not checked for a while.
+    let (ok, out) = auth("s3cret pass");
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("454 4.7.0 Too many failed authentications from your address"),
+        "{out}"
+    );
+    assert!(
+        m.server_log().contains("AUTH throttled"),
+        "{}",
+        m.server_log()
+    );
+}
+
+#[test]
 fn refuses_relay_to_clients_outside_relay_networks() {
     let m = Mailtrail::start_with("", "relay_networks = [\"10.0.0.0/8\"]\n", ACCEPT_ONLY);
     let mut c = RawSmtp::connect(m.smtp);

@@ -112,6 +112,12 @@ pub struct SmtpConfig {
     /// How long `serve` waits for transactions in flight at SIGTERM before closing them.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// AUTH refusals from one client network (an IPv4 address, an IPv6 /64) within
+    /// `auth_failure_window` after which its AUTH gets `454 4.7.0` unchecked until the
+    /// window has passed.
+    pub auth_failure_limit: u32,
+    #[serde(with = "humantime_serde")]
+    pub auth_failure_window: Duration,
     /// AUTH users: `[[smtp.users]] name = "...", password_hash = "$argon2id$..."`.
     pub users: Vec<UserConfig>,
 }
@@ -139,6 +145,8 @@ impl Default for SmtpConfig {
             max_errors: 10,
             max_hops: 100,
             shutdown_grace: Duration::from_secs(30),
+            auth_failure_limit: 10,
+            auth_failure_window: Duration::from_secs(600),
             users: Vec::new(),
         }
     }
@@ -464,6 +472,10 @@ impl Config {
             ),
             ("smtp.max_errors", self.smtp.max_errors),
             ("smtp.max_hops", self.smtp.max_hops),
+            (
+                "smtp.auth_failure_limit",
+                self.smtp.auth_failure_limit as usize,
+            ),
             ("http.max_connections", self.http.max_connections),
             ("delivery.max_connections", self.delivery.max_connections),
             (
@@ -533,6 +545,7 @@ impl Config {
         for (key, v) in [
             ("smtp.command_timeout", self.smtp.command_timeout),
             ("smtp.data_timeout", self.smtp.data_timeout),
+            ("smtp.auth_failure_window", self.smtp.auth_failure_window),
             ("http.header_read_timeout", self.http.header_read_timeout),
             ("delivery.retry_first", self.delivery.retry_first),
             (
@@ -801,6 +814,11 @@ mod tests {
         for (toml, key) in [
             ("[smtp]\ncommand_timeout = \"0s\"", "smtp.command_timeout"),
             ("[smtp]\ndata_timeout = \"0s\"", "smtp.data_timeout"),
+            ("[smtp]\nauth_failure_limit = 0", "smtp.auth_failure_limit"),
+            (
+                "[smtp]\nauth_failure_window = \"0s\"",
+                "smtp.auth_failure_window",
+            ),
             (
                 "[delivery]\nconnect_timeout = \"0s\"",
                 "delivery.connect_timeout",

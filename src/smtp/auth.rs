@@ -2,7 +2,9 @@
 //! verified on the blocking pool because each check deliberately costs tens of milliseconds.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
@@ -22,24 +24,146 @@ pub enum AuthError {
 /// The configured users. Unknown users are checked against a dummy hash so that a wrong user
 /// name takes as long to refuse as a wrong password.
 ///
-/// Each check costs tens of milliseconds of CPU by design, so guessing is throttled: one
-/// check runs at a time across the server (many connections guessing at once get at most
-/// one core, the rest keeps relaying), and a refusal is answered only after
-/// [`FAILURE_DELAY`] (as Dovecot's `auth_failure_delay`), which slows one connection's
-/// guesses to about one a second until `max_errors` ends it.
+/// Each check costs tens of milliseconds of CPU by design, so guessing is throttled:
+/// - a refusal is answered only after [`FAILURE_DELAY`] (as Dovecot's
+///   `auth_failure_delay`), which slows one connection's guesses to about one a second until
+///   `max_errors` ends it;
+/// - one check runs at a time for clients without a recent failure, and one at a time for
+///   clients with one (each client network counted apart: an IPv4 address, an IPv6 /64), so
+///   guessing from many connections takes at most one core and the applications that know
+///   their password wait for at most one check of a guesser, not for all of them;
+/// - a client network with `failure_limit` refusals within `failure_window` gets
+///   `454 4.7.0` without a check until the window has passed (fail2ban's rule, built in).
 #[derive(Debug)]
 pub struct Authenticator {
     users: HashMap<String, String>,
     dummy_hash: Option<String>,
     checks: tokio::sync::Semaphore,
+    suspect_checks: tokio::sync::Semaphore,
+    throttle: Throttle,
 }
 
 /// How long a refused AUTH waits before its reply.
 pub const FAILURE_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// What an AUTH exchange comes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthOutcome {
+    /// The password matches this user.
+    Accepted(String),
+    /// Wrong user name or password.
+    Refused,
+    /// Too many refusals from this client network lately: not checked.
+    Throttled,
+}
+
+/// Client networks tracked at most; when all are taken by recent failures, a new one counts
+/// as suspect (one check at a time with the guessers) without being tracked.
+const MAX_TRACKED: usize = 100_000;
+
+/// Recent AUTH refusals per client network.
+#[derive(Debug)]
+struct Throttle {
+    limit: u32,
+    window: Duration,
+    clients: Mutex<HashMap<IpAddr, Failures>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    since: Instant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    Clean,
+    Suspect,
+    Blocked,
+}
+
+/// The network a client is counted by: its IPv4 address (also when IPv4-mapped), or the /64
+/// of its IPv6 address (one subscriber's, which holds 2^64 addresses).
+fn client_network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(bits.into())
+            }
+        },
+    }
+}
+
+impl Throttle {
+    fn new(limit: u32, window: Duration) -> Self {
+        Self {
+            limit,
+            window,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn standing(&self, ip: IpAddr, now: Instant) -> Standing {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let key = client_network(ip);
+        match clients.get(&key) {
+            Some(f) if now.duration_since(f.since) >= self.window => {
+                clients.remove(&key);
+                Standing::Clean
+            }
+            Some(f) if f.count >= self.limit => Standing::Blocked,
+            Some(_) => Standing::Suspect,
+            None if clients.len() >= MAX_TRACKED => Standing::Suspect,
+            None => Standing::Clean,
+        }
+    }
+
+    fn refused(&self, ip: IpAddr, now: Instant) {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        if clients.len() >= MAX_TRACKED {
+            let window = self.window;
+            clients.retain(|_, f| now.duration_since(f.since) < window);
+        }
+        let key = client_network(ip);
+        let full = clients.len() >= MAX_TRACKED;
+        match clients.get_mut(&key) {
+            Some(f) if now.duration_since(f.since) < self.window => f.count += 1,
+            Some(f) => {
+                *f = Failures {
+                    count: 1,
+                    since: now,
+                }
+            }
+            None if !full => {
+                clients.insert(
+                    key,
+                    Failures {
+                        count: 1,
+                        since: now,
+                    },
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn accepted(&self, ip: IpAddr) {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients.remove(&client_network(ip));
+    }
+}
+
 impl Authenticator {
-    /// Validates every PHC string now, so a typo fails `serve` at start.
-    pub fn new(users: &[UserConfig]) -> Result<Self, AuthError> {
+    /// Validates every PHC string now, so a typo fails `serve` at start. `failure_limit`
+    /// refusals from one client network within `failure_window` throttle it.
+    pub fn new(
+        users: &[UserConfig],
+        failure_limit: u32,
+        failure_window: Duration,
+    ) -> Result<Self, AuthError> {
         let mut map = HashMap::new();
         for user in users {
             PasswordHash::new(&user.password_hash).map_err(|e| AuthError::BadHash {
@@ -57,6 +181,8 @@ impl Authenticator {
             users: map,
             dummy_hash,
             checks: tokio::sync::Semaphore::new(1),
+            suspect_checks: tokio::sync::Semaphore::new(1),
+            throttle: Throttle::new(failure_limit, failure_window),
         })
     }
 
@@ -82,24 +208,47 @@ impl Authenticator {
         ok && known
     }
 
-    /// Checks a password on the blocking pool, one check at a time; returns the user name
-    /// when it matches, and otherwise answers after [`FAILURE_DELAY`].
-    pub async fn verify(self: &Arc<Self>, username: String, password: String) -> Option<String> {
-        let user = {
-            let _turn = self.checks.acquire().await.ok()?;
-            let this = Arc::clone(self);
-            tokio::task::spawn_blocking(move || {
-                this.verify_blocking(&username, &password)
-                    .then_some(username)
-            })
-            .await
-            .ok()
-            .flatten()
+    /// Checks a password from `client` on the blocking pool, one check at a time in its
+    /// lane; a refusal (and a throttled attempt) is answered after [`FAILURE_DELAY`].
+    pub async fn verify(
+        self: &Arc<Self>,
+        client: IpAddr,
+        username: String,
+        password: String,
+    ) -> AuthOutcome {
+        let lane = match self.throttle.standing(client, Instant::now()) {
+            Standing::Clean => &self.checks,
+            Standing::Suspect => &self.suspect_checks,
+            Standing::Blocked => {
+                tracing::warn!(client = %client, "AUTH throttled: too many refusals from this client lately");
+                tokio::time::sleep(FAILURE_DELAY).await;
+                return AuthOutcome::Throttled;
+            }
         };
-        if user.is_none() {
-            tokio::time::sleep(FAILURE_DELAY).await;
+        let user = match lane.acquire().await {
+            Ok(_turn) => {
+                let this = Arc::clone(self);
+                tokio::task::spawn_blocking(move || {
+                    this.verify_blocking(&username, &password)
+                        .then_some(username)
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+            Err(_) => None,
+        };
+        match user {
+            Some(user) => {
+                self.throttle.accepted(client);
+                AuthOutcome::Accepted(user)
+            }
+            None => {
+                self.throttle.refused(client, Instant::now());
+                tokio::time::sleep(FAILURE_DELAY).await;
+                AuthOutcome::Refused
+            }
         }
-        user
     }
 }
 
@@ -133,7 +282,7 @@ mod tests {
 
     #[test]
     fn verifies_right_password_only() {
-        let auth = Authenticator::new(&users()).unwrap();
+        let auth = authenticator();
         assert!(auth.verify_blocking("app", "secret"));
         assert!(!auth.verify_blocking("app", "wrong"));
         assert!(!auth.verify_blocking("nobody", "secret"));
@@ -145,31 +294,109 @@ mod tests {
             name: "app".into(),
             password_hash: "plaintext".into(),
         }];
-        let err = Authenticator::new(&bad).unwrap_err();
+        let err = Authenticator::new(&bad, 3, WINDOW).unwrap_err();
         assert!(err.to_string().contains("user `app`"), "{err}");
+    }
+
+    const WINDOW: Duration = Duration::from_secs(600);
+
+    fn authenticator() -> Arc<Authenticator> {
+        Arc::new(Authenticator::new(&users(), 3, WINDOW).unwrap())
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
     }
 
     #[tokio::test]
     async fn verifies_on_blocking_pool() {
-        let auth = Arc::new(Authenticator::new(&users()).unwrap());
+        let auth = authenticator();
+        let client = ip("192.0.2.1");
         assert_eq!(
-            auth.verify("app".into(), "secret".into()).await.as_deref(),
-            Some("app")
+            auth.verify(client, "app".into(), "secret".into()).await,
+            AuthOutcome::Accepted("app".into())
         );
-        assert_eq!(auth.verify("app".into(), "nope".into()).await, None);
+        assert_eq!(
+            auth.verify(client, "app".into(), "nope".into()).await,
+            AuthOutcome::Refused
+        );
     }
 
     #[tokio::test]
     async fn a_refusal_waits_and_gives_the_turn_back() {
-        let auth = Arc::new(Authenticator::new(&users()).unwrap());
+        let auth = authenticator();
         let started = std::time::Instant::now();
         let (a, b) = tokio::join!(
-            auth.verify("app".into(), "nope".into()),
-            auth.verify("app".into(), "secret".into()),
+            auth.verify(ip("192.0.2.1"), "app".into(), "nope".into()),
+            auth.verify(ip("192.0.2.2"), "app".into(), "secret".into()),
         );
-        assert_eq!((a, b.as_deref()), (None, Some("app")));
+        assert_eq!(
+            (a, b),
+            (AuthOutcome::Refused, AuthOutcome::Accepted("app".into()))
+        );
         assert!(started.elapsed() >= FAILURE_DELAY);
-        // Both checks done, the turn is free again.
+        // Both checks done, the turns are free again.
         assert_eq!(auth.checks.available_permits(), 1);
+        assert_eq!(auth.suspect_checks.available_permits(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_client_with_refusals_checks_in_its_own_lane_and_is_throttled_at_the_limit() {
+        let auth = authenticator();
+        let guesser = ip("2001:db8:1:2::7");
+        assert_eq!(
+            auth.verify(guesser, "app".into(), "a".into()).await,
+            AuthOutcome::Refused
+        );
+        // Now suspect: while a guess of it holds the suspect lane, an application without
+        // refusals is checked at once in the other lane.
+        let suspect_turn = auth.suspect_checks.acquire().await.unwrap();
+        let app = auth.verify(ip("192.0.2.9"), "app".into(), "secret".into());
+        let app = tokio::time::timeout(Duration::from_secs(20), app).await;
+        assert_eq!(app.ok(), Some(AuthOutcome::Accepted("app".into())));
+        drop(suspect_turn);
+        // Another address of the same /64 counts with it: the third refusal reaches the limit.
+        for guess in ["b", "c"] {
+            assert_eq!(
+                auth.verify(ip("2001:db8:1:2::8"), "app".into(), guess.into())
+                    .await,
+                AuthOutcome::Refused
+            );
+        }
+        // Throttled now, even with the right password; another /64 is not.
+        assert_eq!(
+            auth.verify(guesser, "app".into(), "secret".into()).await,
+            AuthOutcome::Throttled
+        );
+        assert_eq!(
+            auth.verify(ip("2001:db8:1:3::7"), "app".into(), "secret".into())
+                .await,
+            AuthOutcome::Accepted("app".into())
+        );
+    }
+
+    #[test]
+    fn refusals_count_within_their_window_and_a_success_clears_them() {
+        let t = Throttle::new(2, WINDOW);
+        let (a, now) = (ip("198.51.100.1"), Instant::now());
+        assert_eq!(t.standing(a, now), Standing::Clean);
+        t.refused(a, now);
+        assert_eq!(t.standing(a, now), Standing::Suspect);
+        t.refused(a, now + Duration::from_secs(1));
+        assert_eq!(
+            t.standing(a, now + Duration::from_secs(2)),
+            Standing::Blocked
+        );
+        // The window runs from the first refusal; after it the client is clean again.
+        assert_eq!(t.standing(a, now + WINDOW), Standing::Clean);
+        t.refused(a, now + WINDOW);
+        t.accepted(a);
+        assert_eq!(t.standing(a, now + WINDOW), Standing::Clean);
+        // An IPv4-mapped address is its IPv4 address.
+        t.refused(a, now);
+        assert_eq!(
+            t.standing(ip("::ffff:198.51.100.1"), now),
+            Standing::Suspect
+        );
     }
 }

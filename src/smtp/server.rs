@@ -89,7 +89,11 @@ impl SmtpServer {
         metrics: Arc<Metrics>,
     ) -> Result<SmtpServer, ServerError> {
         let tls_config = tls::server_config(&config)?;
-        let auth = Arc::new(Authenticator::new(&config.smtp.users)?);
+        let auth = Arc::new(Authenticator::new(
+            &config.smtp.users,
+            config.smtp.auth_failure_limit,
+            config.smtp.auth_failure_window,
+        )?);
         let mut listeners = Vec::new();
         for (addrs, implicit_tls) in [
             (&config.smtp.listen, false),
@@ -417,12 +421,16 @@ impl Connection<'_> {
                         return Ended::Closed;
                     }
                     Action::Authenticate(credentials) => {
-                        let user = self
+                        let outcome = self
                             .shared
                             .auth
-                            .verify(credentials.username, credentials.password)
+                            .verify(
+                                session.peer_ip(),
+                                credentials.username,
+                                credentials.password,
+                            )
                             .await;
-                        pending.extend(session.auth_verified(user));
+                        pending.extend(session.auth_verified(outcome));
                     }
                     Action::CheckRecipient(check) => {
                         let verdict = self.shared.policy.check(&check).await;

@@ -15,6 +15,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use smtp_proto::{Error as ParseError, MailFrom, RcptTo, Request};
 
+use super::auth::AuthOutcome;
 use super::content::{Charge, ContentError, ContentMemory, ContentScanner, Framing};
 use super::message::{self, Envelope};
 use super::reply::Reply;
@@ -285,6 +286,11 @@ impl Session {
     }
 
     /// The banner.
+    /// The client's address.
+    pub fn peer_ip(&self) -> IpAddr {
+        self.peer.ip
+    }
+
     pub fn greeting(&self) -> Vec<Action> {
         vec![Action::Send(Reply::plain(
             220,
@@ -315,19 +321,27 @@ impl Session {
     }
 
     /// The answer to [`Action::Authenticate`]: the verified user, or `None`.
-    pub fn auth_verified(&mut self, user: Option<String>) -> Vec<Action> {
+    pub fn auth_verified(&mut self, outcome: AuthOutcome) -> Vec<Action> {
         let Phase::Waiting(Pending::Auth { username }) = &self.phase else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        match user {
-            Some(user) if &user == username => {
+        match outcome {
+            AuthOutcome::Accepted(user) if &user == username => {
                 self.auth_user = Some(user);
                 self.reply(
                     &mut out,
                     Reply::new(235, "2.7.0", "Authentication successful"),
                 );
             }
+            AuthOutcome::Throttled => self.reply(
+                &mut out,
+                Reply::new(
+                    454,
+                    "4.7.0",
+                    "Too many failed authentications from your address; try again later",
+                ),
+            ),
             _ => self.reply(
                 &mut out,
                 Reply::new(535, "5.7.8", "Authentication credentials invalid"),
@@ -1457,8 +1471,12 @@ mod tests {
                     Action::Close => self.closed = true,
                     Action::StartTls => self.starttls = true,
                     Action::Authenticate(c) => {
-                        let ok = c.username == "app" && c.password == "secret";
-                        let next = self.session.auth_verified(ok.then_some(c.username));
+                        let outcome = match (c.username.as_str(), c.password.as_str()) {
+                            ("app", "secret") => AuthOutcome::Accepted(c.username),
+                            (_, "throttled") => AuthOutcome::Throttled,
+                            _ => AuthOutcome::Refused,
+                        };
+                        let next = self.session.auth_verified(outcome);
                         self.run(next);
                     }
                     Action::CheckRecipient(check) => {
@@ -2095,6 +2113,23 @@ mod tests {
         assert_eq!(
             c.send(format!("{bad}\r\n").as_bytes()),
             "535 5.7.8 Authentication credentials invalid\r\n"
+        );
+    }
+
+    #[test]
+    fn a_throttled_auth_is_a_temporary_failure() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        let token = BASE64.encode(b"\0app\0throttled");
+        assert_eq!(
+            c.send(format!("AUTH PLAIN {token}\r\n").as_bytes()),
+            "454 4.7.0 Too many failed authentications from your address; try again later\r\n"
+        );
+        // Not authenticated: relaying still needs AUTH.
+        let ok = BASE64.encode(b"\0app\0secret");
+        assert_eq!(
+            c.send(format!("AUTH PLAIN {ok}\r\n").as_bytes()),
+            "235 2.7.0 Authentication successful\r\n"
         );
     }
 

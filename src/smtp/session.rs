@@ -6,7 +6,9 @@
 //! store a message, start TLS). While such a request is open the session buffers input and
 //! processes nothing, so pipelined commands are answered in order and only after the reply
 //! they depend on. Commands are parsed with smtp-proto; message content is scanned by
-//! [`super::content`].
+//! [`super::content`]. A command line ends in CRLF and nothing else (RFC 5321 2.3.8): one
+//! ending in a bare LF, or holding a bare CR, gets `521 5.5.2` and the session closes, since
+//! where it ends is in doubt; bare line endings in content reject only the message.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -592,6 +594,15 @@ impl Session {
                             return None;
                         }
                         continue;
+                    }
+                    if let Some(bare) = bare_line_ending(&line) {
+                        // Where this command ends is in doubt (a proxy or filter before us
+                        // may read it as a part of the next one, or the next as a part of
+                        // it), so nothing after it can be read as a command: close, as
+                        // Postfix `smtpd_forbid_bare_newline = reject` with code 521.
+                        let text = format!("{} Error: bare {bare} received", self.config.hostname);
+                        out.extend(self.close_with(Reply::new(521, "5.5.2", text)));
+                        return None;
                     }
                     return Some(line);
                 }
@@ -1216,6 +1227,17 @@ impl Session {
     }
 }
 
+/// `<LF>` when a command line (its line end included) ends in an LF without a CR before
+/// it, `<CR>` when it holds a CR that no LF follows; `None` for a line ending in CRLF with
+/// no other CR in it. RFC 5321 2.3.8: a line ends in CRLF and nothing else.
+fn bare_line_ending(line: &[u8]) -> Option<&'static str> {
+    let body = match line.strip_suffix(b"\r\n") {
+        Some(body) => body,
+        None => return Some("<LF>"),
+    };
+    body.contains(&b'\r').then_some("<CR>")
+}
+
 fn parse_error_reply(e: ParseError) -> Reply {
     match e {
         ParseError::InvalidSenderAddress => Reply::new(553, "5.1.7", "Bad sender address syntax"),
@@ -1626,6 +1648,64 @@ mod tests {
             b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nRCPT TO:<c@y.org>\r\nDATA\r\n",
         );
         assert!(reply.ends_with("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"), "{reply}");
+    }
+
+    #[test]
+    fn a_command_ending_in_bare_lf_is_refused_and_the_session_closed() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        // smtp-proto alone reads `\n` as the end of a command: this MAIL got 250 and the
+        // RCPT after it was read as a command of its own.
+        let reply = c.send(b"MAIL FROM:<a@b.example>\nRCPT TO:<c@d.example>\r\n");
+        assert_eq!(reply, "521 5.5.2 mx.test Error: bare <LF> received\r\n");
+        assert!(c.closed);
+        assert!(c.checks.is_empty(), "a command after the bare LF was read");
+        assert!(c.session.is_closed());
+        assert!(c.session.feed(b"NOOP\r\n").is_empty());
+    }
+
+    #[test]
+    fn a_bare_cr_inside_a_command_is_refused_and_the_session_closed() {
+        for line in [&b"RSET\rMAIL FROM:<a@b.example>\r\n"[..], b"NOOP\r\r\n"] {
+            let mut c = client();
+            c.send(b"EHLO x\r\n");
+            let reply = c.send(line);
+            assert_eq!(
+                reply, "521 5.5.2 mx.test Error: bare <CR> received\r\n",
+                "{line:?}"
+            );
+            assert!(c.closed, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn a_bare_lf_after_an_accepted_message_loses_nothing_acknowledged() {
+        let mut c = client();
+        c.transaction();
+        // Pipelined: the message, then a command with a bare LF. The message is stored and
+        // acknowledged first; only then is the session closed.
+        let reply = c.send(b"DATA\r\nSubject: hi\r\n\r\nhello\r\n.\r\nNOOP\n");
+        assert_eq!(c.stored.len(), 1);
+        let receipt = c.stored[0].receipt;
+        assert_eq!(
+            reply,
+            format!(
+                "354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as {receipt}\r\n\
+                 521 5.5.2 mx.test Error: bare <LF> received\r\n"
+            )
+        );
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn a_sasl_response_ending_in_bare_lf_is_refused() {
+        // AUTH is offered in plain text to a loopback client only.
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        assert!(c.send(b"AUTH LOGIN\r\n").starts_with("334 "));
+        let reply = c.send(b"YXBw\n");
+        assert_eq!(reply, "521 5.5.2 mx.test Error: bare <LF> received\r\n");
+        assert!(c.closed);
     }
 
     #[test]

@@ -86,6 +86,65 @@ async fn dead_domains_are_rejected_without_attempt_and_live_ones_go_to_their_mx(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn address_literals_are_relayed_to_their_address_for_relay_clients_only() {
+    let v4 = TestMx::start(Script::default()).await;
+    // The same port on the IPv6 loopback: mx_port is one for all.
+    let v6 = TestMx::start_on(&format!("[::1]:{}", v4.port()), Script::default()).await;
+    let dns = TestDns::start().await;
+    let m = start(dns.addr, v4.port(), "");
+
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO app.test").starts_with("250"));
+    // Before, smtp-proto refused every literal as bad syntax (553 5.1.7 / 553 5.1.3).
+    let reply = c.cmd("MAIL FROM:<app@[127.0.0.1]>");
+    assert!(reply.starts_with("250"), "{reply}");
+    for r in ["user@[127.0.0.1]", "user@[IPv6:::1]"] {
+        let reply = c.cmd(&format!("RCPT TO:<{r}>"));
+        assert!(reply.starts_with("250"), "{r}: {reply}");
+    }
+    // A literal of no single host is refused, and recorded.
+    let reply = c.cmd("RCPT TO:<nobody@[0.0.0.0]>");
+    assert!(reply.starts_with("553 5.1.3"), "{reply}");
+    assert!(c.cmd("DATA").starts_with("354"));
+    let reply = c.cmd("Subject: literals\r\n\r\nhi\r\n.");
+    let receipt = receipt_in(&reply).unwrap_or_else(|| panic!("{reply}"));
+
+    for r in ["user@[127.0.0.1]", "user@[IPv6:::1]"] {
+        wait_until(&format!("{r} delivered"), Duration::from_secs(30), || {
+            m.recipient(&receipt, r)["status"] == "delivered"
+        });
+    }
+    let sent_to = |mx: &TestMx| -> Vec<(String, Vec<String>)> {
+        mx.transactions()
+            .into_iter()
+            .map(|t| (t.mail_from, t.rcpt_to))
+            .collect()
+    };
+    let seen = sent_to(&v4);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].0.starts_with("<app@[127.0.0.1]>"), "{seen:?}");
+    assert_eq!(seen[0].1.len(), 1, "{seen:?}");
+    assert!(seen[0].1[0].starts_with("<user@[127.0.0.1]>"), "{seen:?}");
+    let seen = sent_to(&v6);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].1[0].starts_with("<user@[IPv6:::1]>"), "{seen:?}");
+    let nobody = m.recipient(&receipt, "nobody@[0.0.0.0]");
+    assert_eq!(nobody["status"], "rejected", "{nobody}");
+
+    // Never an open relay: a client outside relay_networks gets no literal either.
+    let outside = Mailtrail::start_with(
+        "",
+        "relay_networks = [\"10.0.0.0/8\"]\n",
+        "[delivery]\nenabled = false\n",
+    );
+    let mut c = RawSmtp::connect(outside.smtp);
+    assert!(c.cmd("EHLO outside.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@[127.0.0.1]>").starts_with("250"));
+    let reply = c.cmd("RCPT TO:<victim@[127.0.0.1]>");
+    assert!(reply.starts_with("554 5.7.1"), "{reply}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_silent_resolver_never_rejects_and_never_holds_rcpt_long() {
     // A nameserver that never answers: every lookup times out.
     let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();

@@ -322,6 +322,38 @@ fn rejects_bare_lf_and_bare_cr_smuggling() {
 }
 
 #[test]
+fn a_command_with_a_bare_lf_or_cr_is_refused_521_and_the_connection_closed() {
+    let m = Mailtrail::start_with("", "", ACCEPT_ONLY);
+    // A message acknowledged before the bad command stays stored.
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO lf.test").starts_with("250"));
+    assert!(c.cmd("MAIL FROM:<a@example.com>").starts_with("250"));
+    assert!(c.cmd("RCPT TO:<kept@example.org>").starts_with("250"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    c.send(b"Subject: kept\r\n\r\nhello\r\n.\r\n");
+    let accepted = c.reply();
+    let receipt = receipt_in(&accepted).unwrap_or_else(|| panic!("{accepted}"));
+    // Pipelined after a bare LF: were it read as the end of MAIL, the RCPT would be read
+    // as a command of its own (it was, before).
+    c.send(b"MAIL FROM:<b@example.com>\nRCPT TO:<lost@example.org>\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("521 5.5.2 "), "{r}");
+    assert!(r.trim_end().ends_with("Error: bare <LF> received"), "{r}");
+    assert_eq!(c.reply(), "", "the connection was left open after 521");
+    let kept = m.recipient(&receipt, "kept@example.org");
+    assert_eq!(kept["status"], "queued", "{kept}");
+
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO cr.test").starts_with("250"));
+    c.send(b"RSET\rMAIL FROM:<c@example.com>\r\n");
+    let r = c.reply();
+    assert!(r.starts_with("521 5.5.2 "), "{r}");
+    assert!(r.trim_end().ends_with("Error: bare <CR> received"), "{r}");
+    assert_eq!(c.reply(), "");
+    assert_eq!(m.cli_ok(&["log", "lost@example.org", "--json"]).trim(), "");
+}
+
+#[test]
 fn enforces_size_recipient_and_line_limits() {
     let m = Mailtrail::start_with(
         "",

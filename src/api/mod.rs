@@ -3,8 +3,11 @@
 //! Bound to loopback by default (`[http] listen`); it exposes who mailed whom, so do not put it
 //! on a public interface without a proxy that authenticates.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -17,6 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -109,6 +113,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// `[http] header_read_timeout`: the longest wait for a whole request head.
     pub header_read_timeout: Duration,
+    /// `[http] write_timeout`: the longest a response may take to be written.
+    pub write_timeout: Duration,
 }
 
 impl Limits {
@@ -116,9 +122,46 @@ impl Limits {
         Self {
             max_connections: http.max_connections,
             header_read_timeout: http.header_read_timeout,
+            write_timeout: http.write_timeout,
         }
     }
 }
+
+/// The connections of all admin listeners together: those served, and those being told
+/// that no more can be.
+struct Gate {
+    /// One permit per connection served (`[http] max_connections`), returned when it closes.
+    slots: Arc<Semaphore>,
+    /// One permit per connection past the cap that is being answered `503`: each holds a
+    /// file descriptor for up to [`REFUSAL_TIME`], so past these a connection is closed
+    /// unanswered.
+    refusing: Arc<Semaphore>,
+    write_timeout: Duration,
+}
+
+impl Gate {
+    fn new(limits: Limits) -> Arc<Self> {
+        Arc::new(Self {
+            slots: Arc::new(Semaphore::new(limits.max_connections)),
+            refusing: Arc::new(Semaphore::new(REFUSING_AT_ONCE)),
+            write_timeout: limits.write_timeout,
+        })
+    }
+}
+
+/// Connections past the cap answered `503` at the same time; more are closed at once.
+const REFUSING_AT_ONCE: usize = 16;
+/// The longest a `503` answer, and the wait for the client to close after it, may take.
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
+/// The whole answer to a connection past the cap. Not hyper's: it would need a task, a
+/// buffer and the request head first, all of which a flood of connections must not get.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Retry-After: 1\r\n\
+Content-Type: text/plain; charset=utf-8\r\n\
+Content-Length: 33\r\n\
+Connection: close\r\n\
+\r\n\
+too many connections, retry soon\n";
 
 /// The admin HTTP server as started: where it listens (a configured port 0 resolved) and
 /// the tasks that end once it has stopped.
@@ -137,7 +180,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> std::io::Result<Started> {
     // One cap for all listeners: it bounds the process's file descriptors, not a port's.
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let gate = Gate::new(limits);
     let mut tasks = Vec::new();
     let mut local_addrs = Vec::new();
     for addr in listen {
@@ -149,7 +192,7 @@ pub async fn serve(
             listener,
             router(state.clone()),
             http1(limits.header_read_timeout),
-            Arc::clone(&slots),
+            Arc::clone(&gate),
             shutdown.clone(),
         )));
     }
@@ -191,14 +234,14 @@ async fn accept_loop(
     listener: TcpListener,
     app: Router,
     http: hyper::server::conn::http1::Builder,
-    slots: Arc<Semaphore>,
+    gate: Arc<Gate>,
     shutdown: CancellationToken,
 ) {
     let graceful = GracefulShutdown::new();
-    while let Some((slot, stream)) = next_connection(&listener, &slots, &shutdown).await {
-        let connection = graceful.watch(
-            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone())),
-        );
+    while let Some((slot, stream)) = next_connection(&listener, &gate, &shutdown).await {
+        let io = TokioIo::new(WriteDeadline::new(stream, gate.write_timeout));
+        let connection =
+            graceful.watch(http.serve_connection(io, TowerToHyperService::new(app.clone())));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 // A client that stalled, hung up or sent garbage: nothing to act on.
@@ -210,23 +253,26 @@ async fn accept_loop(
     graceful.shutdown().await;
 }
 
-/// A free slot, then a connection to hold it; `None` once `shutdown` is cancelled. The slot
-/// comes first: past the cap, a connection waits in the kernel's listen backlog, unread and
-/// holding none of our file descriptors, and is served as soon as a slot frees.
+/// The next connection to serve, with the slot it holds; `None` once `shutdown` is
+/// cancelled. A connection that finds every slot taken is answered `503` and closed
+/// ([`refuse`]): left in the kernel's listen backlog, as before, it waited unanswered for
+/// as long as the slow clients ahead of it took, and a client's own timeout was all it got.
 async fn next_connection(
     listener: &TcpListener,
-    slots: &Arc<Semaphore>,
+    gate: &Gate,
     shutdown: &CancellationToken,
 ) -> Option<(OwnedSemaphorePermit, tokio::net::TcpStream)> {
-    let slot = tokio::select! {
-        _ = shutdown.cancelled() => return None,
-        slot = Arc::clone(slots).acquire_owned() => slot.expect("the semaphore is never closed"),
-    };
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return None,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => return Some((slot, stream)),
+                Ok((stream, peer)) => match Arc::clone(&gate.slots).try_acquire_owned() {
+                    Ok(slot) => return Some((slot, stream)),
+                    Err(_) => {
+                        tracing::debug!(%peer, "http connection refused: max_connections reached");
+                        refuse(stream, &gate.refusing);
+                    }
+                },
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning (as axum::serve did).
                     tracing::warn!(error = %e, "http accept failed");
@@ -234,6 +280,129 @@ async fn next_connection(
                 }
             },
         }
+    }
+}
+
+/// Answers a connection past the cap with [`BUSY`] and closes it. Its write side is shut
+/// first and what the client sent read until it closes (at most [`REFUSAL_TIME`] in all):
+/// closing a socket with unread input resets it, and a reset can destroy the answer before
+/// the client reads it. Past [`REFUSING_AT_ONCE`] such answers the connection is closed
+/// unanswered.
+fn refuse(mut stream: tokio::net::TcpStream, refusing: &Arc<Semaphore>) {
+    let Ok(permit) = Arc::clone(refusing).try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        let answer = async {
+            stream.write_all(BUSY).await?;
+            stream.shutdown().await?;
+            let mut unread = [0; 1024];
+            while stream.read(&mut unread).await? > 0 {}
+            std::io::Result::Ok(())
+        };
+        let _ = tokio::time::timeout(REFUSAL_TIME, answer).await;
+        drop(permit);
+    });
+}
+
+/// A connection whose responses must be written within `limit`: the clock starts at the
+/// first write after everything before it was flushed and stops when a flush completes
+/// (hyper flushes what it buffered of a response before it waits for the next request), so
+/// it bounds each response, not an idle connection. Past it a write fails with `TimedOut`
+/// and hyper closes the connection. Without it, a client that asked for a large answer and
+/// never read it held its connection, its slot and a task for good: hyper has a timeout for
+/// reading a request head, none for writing.
+struct WriteDeadline<S> {
+    inner: S,
+    limit: Duration,
+    /// Set while written bytes wait for a flush.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteDeadline<S> {
+    fn new(inner: S, limit: Duration) -> Self {
+        Self {
+            inner,
+            limit,
+            deadline: None,
+        }
+    }
+
+    /// Starts the clock unless it runs already.
+    fn start(&mut self) {
+        if self.deadline.is_none() {
+            self.deadline = Some(Box::pin(tokio::time::sleep(self.limit)));
+        }
+    }
+
+    /// An error once the deadline has passed; else registers the task to be woken at it, so
+    /// a write that stays pending comes back to fail.
+    fn check(&mut self, cx: &mut Context<'_>) -> std::io::Result<()> {
+        let passed = self
+            .deadline
+            .as_mut()
+            .is_some_and(|deadline| deadline.as_mut().poll(cx).is_ready());
+        if passed {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("response not written within {:?}", self.limit),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.start();
+        this.check(cx)?;
+        Pin::new(&mut this.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        this.start();
+        this.check(cx)?;
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        let flushed = Pin::new(&mut this.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            this.deadline = None;
+        }
+        flushed
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        this.check(cx)?;
+        Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 }
 
@@ -377,6 +546,11 @@ mod tests {
     }
 
     async fn start(limits: Limits) -> Running {
+        start_serving(limits, Router::new()).await
+    }
+
+    /// [`start`], with `extra` routes beside the admin ones.
+    async fn start_serving(limits: Limits, extra: Router) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let store = crate::store::sqlite::SqliteStore::open_path(&dir.path().join("t.db"));
         let state = ApiState {
@@ -389,9 +563,9 @@ mod tests {
         let shutdown = CancellationToken::new();
         let server = tokio::spawn(accept_loop(
             listener,
-            router(state),
+            router(state).merge(extra),
             http1(limits.header_read_timeout),
-            Arc::new(Semaphore::new(limits.max_connections)),
+            Gate::new(limits),
             shutdown.clone(),
         ));
         Running {
@@ -428,6 +602,7 @@ mod tests {
         let srv = start(Limits {
             max_connections: 64,
             header_read_timeout: timeout,
+            write_timeout: Duration::from_secs(60),
         })
         .await;
         let mut slow = TcpStream::connect(srv.addr).await.unwrap();
@@ -470,6 +645,7 @@ mod tests {
         let srv = start(Limits {
             max_connections: 64,
             header_read_timeout: timeout,
+            write_timeout: Duration::from_secs(60),
         })
         .await;
         let mut client = TcpStream::connect(srv.addr).await.unwrap();
@@ -494,11 +670,12 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn past_the_cap_a_connection_waits_unserved_until_one_closes() {
+    async fn past_the_cap_a_connection_is_answered_503_and_closed() {
         let srv = start(Limits {
             max_connections: 2,
             // Longer than the test: only closing a connection frees its slot here.
             header_read_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
         })
         .await;
         let mut slow = Vec::new();
@@ -509,30 +686,97 @@ mod tests {
         }
         // Let the server take both before the third arrives.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut waiting = TcpStream::connect(srv.addr).await.unwrap();
-        waiting.write_all(WHOLE_REQUEST).await.unwrap();
-        assert_eq!(
-            read_until_closed(&mut waiting, Duration::from_millis(500)).await,
-            None,
-            "a connection past the cap was served or closed"
-        );
+        for _ in 0..3 {
+            let mut refused = TcpStream::connect(srv.addr).await.unwrap();
+            refused.write_all(WHOLE_REQUEST).await.unwrap();
+            // Before, it waited unanswered in the listen backlog for as long as the slow
+            // clients stayed.
+            let answer = read_until_closed(&mut refused, Duration::from_secs(2)).await;
+            let answer = answer.expect("a connection past the cap was left waiting");
+            let (head, body) = answer.split_once("\r\n\r\n").expect("{answer}");
+            assert!(
+                head.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+                "{answer}"
+            );
+            assert!(head.contains("\r\nRetry-After: 1"), "{answer}");
+            assert!(head.contains("\r\nConnection: close"), "{answer}");
+            let length = format!("\r\nContent-Length: {}", body.len());
+            assert!(head.contains(&length), "{answer}");
+        }
 
-        // One slow client goes: the waiting connection gets its slot and its answer.
+        // A slow client goes: its slot serves the next connection.
         drop(slow.pop());
-        let answer = read_until_closed(&mut waiting, Duration::from_secs(5)).await;
-        let answer = answer.expect("the waiting connection was never served");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut fresh = TcpStream::connect(srv.addr).await.unwrap();
+        fresh.write_all(WHOLE_REQUEST).await.unwrap();
+        let answer = read_until_closed(&mut fresh, Duration::from_secs(5)).await;
+        let answer = answer.expect("a connection after a slow one closed was not served");
         assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
         assert!(answer.ends_with("\r\n\r\nok\n"), "{answer}");
+    }
 
-        // The other goes too: the server goes on serving new connections.
-        drop(slow.pop());
-        for _ in 0..3 {
-            let mut fresh = TcpStream::connect(srv.addr).await.unwrap();
-            fresh.write_all(WHOLE_REQUEST).await.unwrap();
-            let answer = read_until_closed(&mut fresh, Duration::from_secs(5)).await;
-            let answer = answer.expect("a connection after the slow ones was never served");
+    #[tokio::test]
+    async fn a_client_that_does_not_read_its_response_is_closed_at_the_write_timeout() {
+        const BIG: usize = 32 << 20;
+        let timeout = Duration::from_millis(300);
+        let limits = Limits {
+            max_connections: 1,
+            header_read_timeout: Duration::from_secs(60),
+            write_timeout: timeout,
+        };
+        // An answer larger than the kernel buffers of both ends can hold.
+        let big = Router::new().route("/big", get(|| async { vec![b'x'; BIG] }));
+        let srv = start_serving(limits, big).await;
+
+        // Idle time between two responses is no write time.
+        let mut client = TcpStream::connect(srv.addr).await.unwrap();
+        for _ in 0..2 {
+            client
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut buf = [0; 1024];
+            let n = client.read(&mut buf).await.unwrap();
+            let answer = String::from_utf8_lossy(&buf[..n]).into_owned();
             assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+            tokio::time::sleep(timeout * 2).await;
         }
+        drop(client);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stalled = socket.connect(srv.addr).await.unwrap();
+        stalled
+            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        // It reads nothing. Past the timeout its connection is closed and its slot free.
+        tokio::time::sleep(timeout * 3).await;
+        let mut next = TcpStream::connect(srv.addr).await.unwrap();
+        next.write_all(WHOLE_REQUEST).await.unwrap();
+        let answer = read_until_closed(&mut next, Duration::from_secs(5)).await;
+        let answer = answer.expect("the next connection was not answered");
+        assert!(
+            answer.starts_with("HTTP/1.1 200 OK\r\n"),
+            "the stalled client still holds the only slot: {answer}"
+        );
+        let mut received = 0;
+        let mut buf = vec![0; 1 << 16];
+        let drained = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(n @ 1..) = stalled.read(&mut buf).await {
+                received += n;
+            }
+        });
+        drained.await.expect("the stalled connection is still open");
+        assert!(received < BIG, "the whole answer was written: {received}");
+    }
+
+    #[test]
+    fn the_busy_answer_is_whole() {
+        let text = std::str::from_utf8(BUSY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("\r\nContent-Length: {}\r\n", body.len())));
     }
 
     #[tokio::test]
@@ -541,6 +785,7 @@ mod tests {
             max_connections: 64,
             // Longer than the test: the shutdown, not the timeout, must close them.
             header_read_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
         })
         .await;
         let mut idle = TcpStream::connect(srv.addr).await.unwrap();

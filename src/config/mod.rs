@@ -176,14 +176,17 @@ pub struct HttpConfig {
     pub listen: Vec<SocketAddr>,
     /// Host names requests may name besides IP addresses and `localhost` (a reverse proxy's).
     pub allowed_hosts: Vec<String>,
-    /// Connections served at once, over all `listen` addresses; more wait unread in the
-    /// kernel's listen backlog, so the admin port cannot take the SMTP listener's file
-    /// descriptors.
+    /// Connections served at once, over all `listen` addresses; more are answered `503`
+    /// and closed, so the admin port cannot take the SMTP listener's file descriptors.
     pub max_connections: usize,
     /// Longest wait for a whole request head, from accept or from the end of the previous
     /// response (so it also closes idle keep-alive connections).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Longest a response may take to be written, from its first byte until the kernel has
+    /// taken the last: a client that does not read closes its connection after it.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
 }
 
 impl Default for HttpConfig {
@@ -193,6 +196,7 @@ impl Default for HttpConfig {
             allowed_hosts: Vec::new(),
             max_connections: 64,
             header_read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -547,6 +551,7 @@ impl Config {
             ("smtp.data_timeout", self.smtp.data_timeout),
             ("smtp.auth_failure_window", self.smtp.auth_failure_window),
             ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.write_timeout", self.http.write_timeout),
             ("delivery.retry_first", self.delivery.retry_first),
             (
                 "delivery.max_queue_lifetime",
@@ -767,6 +772,8 @@ mod tests {
         assert!(e.to_string().contains("http.max_connections"), "{e}");
         let e = Config::parse("[http]\nheader_read_timeout = \"0s\"\n").unwrap_err();
         assert!(e.to_string().contains("http.header_read_timeout"), "{e}");
+        let e = Config::parse("[http]\nwrite_timeout = \"0s\"\n").unwrap_err();
+        assert!(e.to_string().contains("http.write_timeout"), "{e}");
     }
 
     #[test]

@@ -179,14 +179,23 @@ pub fn targets(
     }
 }
 
-/// An address literal domain (`[192.0.2.1]`, `[IPv6:2001:db8::1]`), delivered to directly.
+/// An address literal domain (RFC 5321 4.1.3: `[192.0.2.1]`, `[IPv6:2001:db8::1]`, the tag
+/// in any case) that names one host, delivered to directly. An IPv6 address without its
+/// tag, a general literal (`[tag:...]`), and an address of no single host (unspecified,
+/// broadcast, multicast: connecting to `0.0.0.0` reaches this machine) are none.
 pub fn address_literal(domain: &str) -> Option<IpAddr> {
     let inner = domain.strip_prefix('[')?.strip_suffix(']')?;
-    let inner = inner
-        .strip_prefix("IPv6:")
-        .or_else(|| inner.strip_prefix("ipv6:"))
-        .unwrap_or(inner);
-    inner.parse().ok()
+    let ip = match inner.get(..5) {
+        Some(tag) if tag.eq_ignore_ascii_case("IPv6:") => {
+            IpAddr::V6(inner.get(5..)?.parse::<std::net::Ipv6Addr>().ok()?)
+        }
+        _ => IpAddr::V4(inner.parse::<std::net::Ipv4Addr>().ok()?),
+    };
+    let one_host = match ip {
+        IpAddr::V4(v4) => !(v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+    };
+    one_host.then_some(ip)
 }
 
 /// The resolver shell: asks DNS and hands the answers to the pure functions above.
@@ -496,7 +505,23 @@ mod tests {
             address_literal("[IPv6:2001:db8::1]"),
             Some(ip("2001:db8::1"))
         );
+        assert_eq!(address_literal("[ipv6:::1]"), Some(ip("::1")));
         assert_eq!(address_literal("example.com"), None);
-        assert_eq!(address_literal("[bogus]"), None);
+        for none in [
+            "[bogus]",
+            "[::1]",
+            "[IPv6:192.0.2.1]",
+            "[192.0.2.256]",
+            "[192.0.2]",
+            "[x-tag:stuff]",
+            "[0.0.0.0]",
+            "[255.255.255.255]",
+            "[224.0.0.1]",
+            "[IPv6:::]",
+            "[IPv6:ff02::1]",
+            "192.0.2.1",
+        ] {
+            assert_eq!(address_literal(none), None, "{none}");
+        }
     }
 }

@@ -5,7 +5,8 @@
 //! the message and has no line-length limit, and a relay that stores a bare LF and later sends
 //! the message on with DATA is exactly what SMTP smuggling exploits. This scanner treats only
 //! `<CRLF>.<CRLF>` as the end of data and flags every bare CR or LF, so the session can reject
-//! the message (Postfix `smtpd_forbid_bare_newline = reject`).
+//! the message (Postfix `smtpd_forbid_bare_newline = reject`). Command lines get the same
+//! rule in [`super::session`], where a bare line ending closes the session instead.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -6,7 +6,9 @@
 //! store a message, start TLS). While such a request is open the session buffers input and
 //! processes nothing, so pipelined commands are answered in order and only after the reply
 //! they depend on. Commands are parsed with smtp-proto; message content is scanned by
-//! [`super::content`].
+//! [`super::content`]. A command line ends in CRLF and nothing else (RFC 5321 2.3.8): one
+//! ending in a bare LF, or holding a bare CR, gets `521 5.5.2` and the session closes, since
+//! where it ends is in doubt; bare line endings in content reject only the message.
 
 use std::borrow::Cow;
 use std::net::IpAddr;
@@ -607,6 +609,15 @@ impl Session {
                         }
                         continue;
                     }
+                    if let Some(bare) = bare_line_ending(&line) {
+                        // Where this command ends is in doubt (a proxy or filter before us
+                        // may read it as a part of the next one, or the next as a part of
+                        // it), so nothing after it can be read as a command: close, as
+                        // Postfix `smtpd_forbid_bare_newline = reject` with code 521.
+                        let text = format!("{} Error: bare {bare} received", self.config.hostname);
+                        out.extend(self.close_with(Reply::new(521, "5.5.2", text)));
+                        return None;
+                    }
                     return Some(line);
                 }
                 None => {
@@ -656,6 +667,12 @@ impl Session {
             let reply = Reply::new(553, "5.1.7", "Sender address must name a domain");
             return self.reply(out, reply);
         }
+        // smtp-proto refuses address literals: it reads a stand-in domain instead.
+        let (line, literal) = match stand_in_for_literal(line) {
+            Some((line, literal)) => (Cow::Owned(line), Some(literal)),
+            None => (Cow::Borrowed(line), None),
+        };
+        let line = line.as_ref();
         let request = match Request::parse(&mut line.iter()) {
             Ok(request) => request,
             Err(e) => {
@@ -672,8 +689,18 @@ impl Session {
         match request {
             Request::Ehlo { host } => self.hello(out, host.into_owned(), true),
             Request::Helo { host } => self.hello(out, host.into_owned(), false),
-            Request::Mail { from } => self.mail(out, from),
-            Request::Rcpt { to } => self.rcpt(out, to),
+            Request::Mail { mut from } => {
+                if let Some(literal) = &literal {
+                    from.address = with_literal(from.address, literal);
+                }
+                self.mail(out, from)
+            }
+            Request::Rcpt { mut to } => {
+                if let Some(literal) = &literal {
+                    to.address = with_literal(to.address, literal);
+                }
+                self.rcpt(out, to)
+            }
             Request::Data => self.data(out),
             Request::Bdat {
                 chunk_size,
@@ -1230,6 +1257,71 @@ impl Session {
     }
 }
 
+/// The domain smtp-proto reads in place of an address literal (RFC 5321 4.1.3), which it
+/// refuses as bad syntax. `.invalid` (RFC 2606) is no domain anyone can have.
+const LITERAL_STAND_IN: &str = "address-literal.mailtrail.invalid";
+
+/// A MAIL or RCPT line whose path ends in an address literal that names one host
+/// (`<user@[192.0.2.1]>`, `<user@[IPv6:2001:db8::1]>`; `delivery::dns::address_literal`),
+/// with [`LITERAL_STAND_IN`] in place of the literal, and the literal as written. Any other
+/// line, a literal of no single host among them, is `None` and parsed as it is.
+fn stand_in_for_literal(line: &[u8]) -> Option<(Vec<u8>, String)> {
+    let verb = line.get(..4)?;
+    if !verb.eq_ignore_ascii_case(b"MAIL") && !verb.eq_ignore_ascii_case(b"RCPT") {
+        return None;
+    }
+    let open = memchr::memchr(b'<', line)?;
+    // The path ends at the first `>` outside a quoted local part; its domain follows the
+    // last `@` outside one.
+    let (mut in_quote, mut escaped) = (false, false);
+    let (mut at, mut close) = (None, None);
+    for (i, &b) in line.iter().enumerate().skip(open + 1) {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        match b {
+            b'\\' if in_quote => escaped = true,
+            b'"' => in_quote = !in_quote,
+            b'@' if !in_quote => at = Some(i),
+            b'>' if !in_quote => {
+                close = Some(i);
+                break;
+            }
+            _ => {}
+        }
+    }
+    let (at, close) = (at?, close?);
+    let domain = std::str::from_utf8(line.get(at + 1..close)?).ok()?;
+    crate::delivery::dns::address_literal(domain)?;
+    let mut stood_in = line.get(..=at)?.to_vec();
+    stood_in.extend_from_slice(LITERAL_STAND_IN.as_bytes());
+    stood_in.extend_from_slice(line.get(close..)?);
+    Some((stood_in, domain.to_string()))
+}
+
+/// `address` as smtp-proto read it from a line of [`stand_in_for_literal`], with the
+/// client's literal back in place of the stand-in.
+fn with_literal<'x>(address: Cow<'x, str>, literal: &str) -> Cow<'x, str> {
+    match address.strip_suffix(LITERAL_STAND_IN) {
+        Some(local_and_at) if local_and_at.ends_with('@') => {
+            Cow::Owned(format!("{local_and_at}{literal}"))
+        }
+        _ => address,
+    }
+}
+
+/// `<LF>` when a command line (its line end included) ends in an LF without a CR before
+/// it, `<CR>` when it holds a CR that no LF follows; `None` for a line ending in CRLF with
+/// no other CR in it. RFC 5321 2.3.8: a line ends in CRLF and nothing else.
+fn bare_line_ending(line: &[u8]) -> Option<&'static str> {
+    let body = match line.strip_suffix(b"\r\n") {
+        Some(body) => body,
+        None => return Some("<LF>"),
+    };
+    body.contains(&b'\r').then_some("<CR>")
+}
+
 fn parse_error_reply(e: ParseError) -> Reply {
     match e {
         ParseError::InvalidSenderAddress => Reply::new(553, "5.1.7", "Bad sender address syntax"),
@@ -1644,6 +1736,123 @@ mod tests {
             b"EHLO x\r\nMAIL FROM:<a@x.org>\r\nRCPT TO:<b@y.org>\r\nRCPT TO:<c@y.org>\r\nDATA\r\n",
         );
         assert!(reply.ends_with("250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n250 2.1.5 Ok\r\n354 End data with <CR><LF>.<CR><LF>\r\n"), "{reply}");
+    }
+
+    #[test]
+    fn a_command_ending_in_bare_lf_is_refused_and_the_session_closed() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        // smtp-proto alone reads `\n` as the end of a command: this MAIL got 250 and the
+        // RCPT after it was read as a command of its own.
+        let reply = c.send(b"MAIL FROM:<a@b.example>\nRCPT TO:<c@d.example>\r\n");
+        assert_eq!(reply, "521 5.5.2 mx.test Error: bare <LF> received\r\n");
+        assert!(c.closed);
+        assert!(c.checks.is_empty(), "a command after the bare LF was read");
+        assert!(c.session.is_closed());
+        assert!(c.session.feed(b"NOOP\r\n").is_empty());
+    }
+
+    #[test]
+    fn a_bare_cr_inside_a_command_is_refused_and_the_session_closed() {
+        for line in [&b"RSET\rMAIL FROM:<a@b.example>\r\n"[..], b"NOOP\r\r\n"] {
+            let mut c = client();
+            c.send(b"EHLO x\r\n");
+            let reply = c.send(line);
+            assert_eq!(
+                reply, "521 5.5.2 mx.test Error: bare <CR> received\r\n",
+                "{line:?}"
+            );
+            assert!(c.closed, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn a_bare_lf_after_an_accepted_message_loses_nothing_acknowledged() {
+        let mut c = client();
+        c.transaction();
+        // Pipelined: the message, then a command with a bare LF. The message is stored and
+        // acknowledged first; only then is the session closed.
+        let reply = c.send(b"DATA\r\nSubject: hi\r\n\r\nhello\r\n.\r\nNOOP\n");
+        assert_eq!(c.stored.len(), 1);
+        let receipt = c.stored[0].receipt;
+        assert_eq!(
+            reply,
+            format!(
+                "354 End data with <CR><LF>.<CR><LF>\r\n250 2.0.0 Ok: queued as {receipt}\r\n\
+                 521 5.5.2 mx.test Error: bare <LF> received\r\n"
+            )
+        );
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn a_sasl_response_ending_in_bare_lf_is_refused() {
+        // AUTH is offered in plain text to a loopback client only.
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        assert!(c.send(b"AUTH LOGIN\r\n").starts_with("334 "));
+        let reply = c.send(b"YXBw\n");
+        assert_eq!(reply, "521 5.5.2 mx.test Error: bare <LF> received\r\n");
+        assert!(c.closed);
+    }
+
+    #[test]
+    fn address_literals_are_domains_of_sender_and_recipients() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(
+            c.send(b"MAIL FROM:<app@[127.0.0.1]> SIZE=10\r\n"),
+            "250 2.1.0 Ok\r\n"
+        );
+        for rcpt in [
+            &b"RCPT TO:<user@[192.0.2.1]>\r\n"[..],
+            b"RCPT TO:<user@[IPv6:2001:db8::1]> NOTIFY=SUCCESS,FAILURE\r\n",
+            // The last `@` outside the quotes is the domain's.
+            b"RCPT TO:<\"x@[192.0.2.9]>\"@[192.0.2.2]>\r\n",
+        ] {
+            assert_eq!(c.send(rcpt), "250 2.1.5 Ok\r\n", "{rcpt:?}");
+        }
+        for bad in [
+            &b"RCPT TO:<user@[::1]>\r\n"[..],
+            b"RCPT TO:<user@[0.0.0.0]>\r\n",
+            b"RCPT TO:<user@[192.0.2.300]>\r\n",
+            b"RCPT TO:<user@[x-tag:stuff]>\r\n",
+        ] {
+            assert_eq!(
+                c.send(bad),
+                "553 5.1.3 Bad recipient address syntax\r\n",
+                "{bad:?}"
+            );
+        }
+        c.send(b"DATA\r\n");
+        c.send(MESSAGE);
+        let msg = &c.stored[0];
+        assert_eq!(msg.envelope_sender, "app@[127.0.0.1]");
+        let to: Vec<&str> = msg
+            .recipients
+            .iter()
+            .filter(|r| r.preset.is_none())
+            .map(|r| r.address.as_str())
+            .collect();
+        assert_eq!(
+            to,
+            [
+                "user@[192.0.2.1]",
+                "user@[IPv6:2001:db8::1]",
+                "\"x@[192.0.2.9]>\"@[192.0.2.2]"
+            ]
+        );
+        assert!(msg.recipients[1].notify.is_some());
+    }
+
+    #[test]
+    fn address_literals_are_no_way_around_relay_control() {
+        let mut c = client_with(config(), "192.0.2.9", false);
+        c.send(b"EHLO x\r\nMAIL FROM:<a@[192.0.2.9]>\r\n");
+        assert_eq!(
+            c.send(b"RCPT TO:<victim@[192.0.2.1]>\r\n"),
+            "554 5.7.1 Relay access denied\r\n"
+        );
     }
 
     #[test]

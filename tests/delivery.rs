@@ -34,6 +34,7 @@ fn target(addr: SocketAddr) -> Target {
     Target {
         host: "mx.test".into(),
         addr,
+        preference: 0,
     }
 }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::disk::{SmallDisk, fill};
 use common::mailtrail::{Mailtrail, python, wait_until};
 use common::postfix::Postfix;
+use common::test_dns::TestDns;
 use common::test_mx::{Script, TestMx};
 
 fn relay_to(port: u16, delivery_extra: &str) -> Mailtrail {
@@ -156,35 +157,105 @@ async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
     );
 }
 
-#[test]
-fn a_route_back_to_itself_ends_in_a_loop_failure_not_an_endless_relay() {
-    let mut m = Mailtrail::configure(
-        "",
-        "max_hops = 5\n",
-        "[checks]\ndomain_check = false\n[delivery]\ndsn = false\n",
-    );
-    let route = format!(
-        "[[route]]\ndomains = [\"loop.test\"]\nmx = [\"{}\"]\ntls = \"none\"\n",
-        m.smtp
-    );
+/// Appends `[[route]] domains = [domain] mx = [to]` to an instance's config.
+fn add_route(m: &Mailtrail, domain: &str, to: std::net::SocketAddr) {
     let mut config = std::fs::read_to_string(&m.config_path).unwrap();
-    config.push_str(&route);
+    config.push_str(&format!(
+        "[[route]]\ndomains = [\"{domain}\"]\nmx = [\"{to}\"]\ntls = \"none\"\n"
+    ));
     std::fs::write(&m.config_path, config).unwrap();
-    m.spawn();
-    m.submit(None, "app@example.com", &["x@loop.test"], "round and round");
-    // Each hop is a message of its own; the sixth arrives with six Received: fields.
-    wait_until("the loop refused", Duration::from_secs(60), || {
-        m.log_json("x@loop.test")
-            .iter()
-            .any(|msg| msg["recipients"][0]["status"] == "failed")
-    });
-    let log = m.log_json("x@loop.test");
-    assert_eq!(log.len(), 6, "one message per hop, then no more: {log:?}");
-    let failed: Vec<&serde_json::Value> = log
-        .iter()
+}
+
+fn failed_recipients(log: &[serde_json::Value]) -> Vec<&serde_json::Value> {
+    log.iter()
         .map(|msg| &msg["recipients"][0])
         .filter(|r| r["status"] == "failed")
-        .collect();
+        .collect()
+}
+
+#[test]
+fn a_route_back_to_itself_fails_at_once_as_a_loop() {
+    let mut m = Mailtrail::configure(
+        "",
+        "",
+        "[checks]\ndomain_check = false\n[delivery]\ndsn = false\n",
+    );
+    add_route(&m, "loop.test", m.smtp);
+    m.spawn();
+    m.submit(None, "app@example.com", &["x@loop.test"], "round and round");
+    wait_until("the loop refused", Duration::from_secs(30), || {
+        !failed_recipients(&m.log_json("x@loop.test")).is_empty()
+    });
+    let log = m.log_json("x@loop.test");
+    assert_eq!(log.len(), 1, "never relayed to itself: {log:?}");
+    let failed = failed_recipients(&log);
+    assert_eq!(failed[0]["last_enhanced_status"], "5.4.6", "{log:?}");
+    let text = failed[0]["last_reply_text"].as_str().unwrap();
+    assert!(text.contains("loops back to myself"), "{text}");
+    assert!(text.contains(&m.smtp.to_string()), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_mx_that_is_this_server_is_a_loop_not_a_relay() {
+    let dns = TestDns::start().await;
+    dns.zone
+        .mx("self.test", 10, "mx.self.test")
+        .addr("mx.self.test", "127.0.0.1".parse().unwrap());
+    let mut m = Mailtrail::configure(
+        "",
+        "",
+        &format!(
+            "[dns]\nnameservers = [\"{}\"]\ntimeout = \"300ms\"\n\
+             [checks]\ndomain_check = false\n[delivery]\ndsn = false\n",
+            dns.addr
+        ),
+    );
+    // The MX port is this server's own.
+    let mut config = std::fs::read_to_string(&m.config_path).unwrap();
+    config = config.replace(
+        "[delivery]\n",
+        &format!("[delivery]\nmx_port = {}\n", m.smtp.port()),
+    );
+    std::fs::write(&m.config_path, config).unwrap();
+    m.spawn();
+    m.submit(None, "app@example.com", &["x@self.test"], "to myself");
+    wait_until("the loop refused", Duration::from_secs(30), || {
+        !failed_recipients(&m.log_json("x@self.test")).is_empty()
+    });
+    let log = m.log_json("x@self.test");
+    assert_eq!(log.len(), 1, "never relayed to itself: {log:?}");
+    let text = failed_recipients(&log)[0]["last_reply_text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        text.contains("mail for self.test loops back to myself (mx.self.test"),
+        "{text}"
+    );
+}
+
+#[test]
+fn two_relays_routing_to_each_other_end_at_max_hops() {
+    let tables = "[checks]\ndomain_check = false\n[delivery]\ndsn = false\n";
+    let mut a = Mailtrail::configure("", "max_hops = 5\n", tables);
+    let mut b = Mailtrail::configure("", "max_hops = 5\n", tables);
+    add_route(&a, "loop.test", b.smtp);
+    add_route(&b, "loop.test", a.smtp);
+    a.spawn();
+    b.spawn();
+    a.submit(None, "app@example.com", &["x@loop.test"], "round and round");
+    // Each hop is a message of its own; the sixth arrives with six Received: fields.
+    let both = || {
+        let mut log = a.log_json("x@loop.test");
+        log.extend(b.log_json("x@loop.test"));
+        log
+    };
+    wait_until("the loop refused", Duration::from_secs(60), || {
+        !failed_recipients(&both()).is_empty()
+    });
+    let log = both();
+    assert_eq!(log.len(), 6, "one message per hop, then no more: {log:?}");
+    let failed = failed_recipients(&log);
     assert_eq!(failed.len(), 1, "{log:?}");
     assert_eq!(failed[0]["last_reply_code"], 554);
     assert_eq!(failed[0]["last_enhanced_status"], "5.4.6");

@@ -43,6 +43,8 @@ pub struct Target {
     /// The MX host name (TLS server name, Remote-MTA).
     pub host: String,
     pub addr: SocketAddr,
+    /// The MX preference the host has (0 for an implicit MX, a literal, a route's hop).
+    pub preference: u16,
 }
 
 /// Why a destination has no usable target.
@@ -143,6 +145,7 @@ pub fn targets(
                         out.push(Target {
                             host: host.clone(),
                             addr: SocketAddr::new(*ip, port),
+                            preference: 0,
                         });
                     }
                 }
@@ -177,6 +180,57 @@ pub fn targets(
             ),
         })
     }
+}
+
+/// The targets without this host (RFC 5321 §5.1): when one of them is mailtrail itself
+/// (`is_self`), it and every target of its preference or a higher one are dropped; when none
+/// is left, the mail would loop: a permanent `5.4.6`, as Postfix's "loops back to myself".
+pub fn without_self(
+    destination: &str,
+    targets: Vec<Target>,
+    is_self: impl Fn(SocketAddr) -> bool,
+) -> Result<Vec<Target>, DnsFailure> {
+    let Some(own) = targets
+        .iter()
+        .filter(|t| is_self(t.addr))
+        .map(|t| t.preference)
+        .min()
+    else {
+        return Ok(targets);
+    };
+    let (kept, dropped): (Vec<Target>, Vec<Target>) =
+        targets.into_iter().partition(|t| t.preference < own);
+    if !kept.is_empty() {
+        return Ok(kept);
+    }
+    let me = dropped
+        .iter()
+        .find(|t| is_self(t.addr))
+        .map(|t| format!("{} [{}]", t.host, t.addr))
+        .unwrap_or_default();
+    Err(DnsFailure {
+        permanent: true,
+        enhanced_status: "5.4.6",
+        reason: "systemerror",
+        text: format!("mail for {destination} loops back to myself ({me} is this server)"),
+    })
+}
+
+/// Whether `addr` is one of mailtrail's own SMTP listeners: the same port, and the same
+/// address or, for a listener on all addresses (`0.0.0.0`, `::`), an address of this machine
+/// (one a socket can be bound to).
+pub fn is_own_listener(listeners: &[SocketAddr], addr: SocketAddr) -> bool {
+    let unmapped = |ip: IpAddr| match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    };
+    let ip = unmapped(addr.ip());
+    listeners.iter().any(|l| {
+        l.port() == addr.port()
+            && (unmapped(l.ip()) == ip
+                || (l.ip().is_unspecified()
+                    && (ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok())))
+    })
 }
 
 /// An address literal domain (RFC 5321 4.1.3: `[192.0.2.1]`, `[IPv6:2001:db8::1]`, the tag
@@ -242,6 +296,7 @@ impl MxResolver {
             return Ok(vec![Target {
                 host: ip.to_string(),
                 addr: SocketAddr::new(ip, port),
+                preference: 0,
             }]);
         }
         let fqdn = format!("{}.", domain.trim_end_matches('.'));
@@ -265,6 +320,15 @@ impl MxResolver {
             ),
             Err(e) => classify(&e),
         };
+        let mut preferences: HashMap<String, u16> = HashMap::new();
+        if let Answer::Records(records) = &mx {
+            for r in records {
+                let p = preferences
+                    .entry(r.exchange.clone())
+                    .or_insert(r.preference);
+                *p = (*p).min(r.preference);
+            }
+        }
         let exchanges = order_exchanges(domain, mx, |s| s.shuffle(&mut rand::rng()))?;
         let mut addresses = HashMap::new();
         for host in &exchanges {
@@ -281,7 +345,11 @@ impl MxResolver {
                 break;
             }
         }
-        targets(domain, &exchanges, &addresses, port)
+        let mut targets = targets(domain, &exchanges, &addresses, port)?;
+        for t in &mut targets {
+            t.preference = preferences.get(&t.host).copied().unwrap_or(0);
+        }
+        Ok(targets)
     }
 
     /// A and AAAA of a host (IPv4 first, as most MX hosts are reachable over it).
@@ -344,6 +412,64 @@ fn classify<T>(e: &NetError) -> Answer<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn at(host: &str, addr: &str, preference: u16) -> Target {
+        Target {
+            host: host.into(),
+            addr: addr.parse().unwrap(),
+            preference,
+        }
+    }
+
+    #[test]
+    fn this_server_and_the_mx_hosts_it_outranks_are_dropped() {
+        let me: SocketAddr = "192.0.2.25:25".parse().unwrap();
+        let is_me = |a: SocketAddr| a == me;
+        let list = vec![
+            at("a.test", "198.51.100.1:25", 5),
+            at("me.test", "192.0.2.25:25", 10),
+            at("peer.test", "198.51.100.2:25", 10),
+            at("backup.test", "198.51.100.3:25", 20),
+        ];
+        let kept = without_self("d.test", list, is_me).unwrap();
+        assert_eq!(kept, vec![at("a.test", "198.51.100.1:25", 5)]);
+        // This server the best MX: nothing left, a loop.
+        let only = vec![
+            at("peer.test", "198.51.100.2:25", 10),
+            at("me.test", "192.0.2.25:25", 10),
+        ];
+        let e = without_self("d.test", only, is_me).unwrap_err();
+        assert!(e.permanent && e.enhanced_status == "5.4.6", "{e:?}");
+        assert_eq!(
+            e.text,
+            "mail for d.test loops back to myself (me.test [192.0.2.25:25] is this server)"
+        );
+        // Without this server in it, the list is as it was.
+        let other = vec![at("a.test", "198.51.100.1:25", 5)];
+        assert_eq!(without_self("d.test", other.clone(), is_me).unwrap(), other);
+    }
+
+    #[test]
+    fn own_listeners_are_recognised_by_address_and_port() {
+        let specific: Vec<SocketAddr> = vec!["127.0.0.1:2525".parse().unwrap()];
+        assert!(is_own_listener(
+            &specific,
+            "127.0.0.1:2525".parse().unwrap()
+        ));
+        assert!(is_own_listener(
+            &specific,
+            "[::ffff:127.0.0.1]:2525".parse().unwrap()
+        ));
+        assert!(!is_own_listener(&specific, "127.0.0.1:25".parse().unwrap()));
+        assert!(!is_own_listener(
+            &specific,
+            "192.0.2.1:2525".parse().unwrap()
+        ));
+        let any: Vec<SocketAddr> = vec!["0.0.0.0:25".parse().unwrap()];
+        assert!(is_own_listener(&any, "127.0.0.5:25".parse().unwrap()));
+        // TEST-NET-1 is no address of this machine: nothing can be bound to it.
+        assert!(!is_own_listener(&any, "192.0.2.1:25".parse().unwrap()));
+    }
 
     fn mx(p: u16, h: &str) -> Mx {
         Mx {

@@ -27,7 +27,7 @@ use crate::store::{AttemptRecord, QueuedMessage, RecipientStatus, Stage, Store};
 use super::client::{
     self, Connection, Envelope, EnvelopeRecipient, RecipientResult, Secret, SessionSettings,
 };
-use super::dns::{Answer, DnsFailure, MxResolver, Target};
+use super::dns::{self, Answer, DnsFailure, MxResolver, Target};
 use super::dsn::{self, Action, ReportKind, ReportRecipient};
 use super::handoff::{Fresh, Handoff};
 use super::retry::{self, AttemptResult, RetryPolicy};
@@ -320,8 +320,22 @@ impl Context {
         }
     }
 
-    /// Ordered connection targets for a destination.
+    /// Ordered connection targets for a destination, never this server itself.
     async fn targets(&self, dest: &Destination) -> Result<Vec<Target>, DnsFailure> {
+        let targets = self.resolved_targets(dest).await?;
+        let smtp = &self.config.smtp;
+        let listeners: Vec<std::net::SocketAddr> = smtp
+            .listen
+            .iter()
+            .chain(&smtp.tls_listen)
+            .copied()
+            .collect();
+        dns::without_self(&dest.to_string(), targets, |addr| {
+            dns::is_own_listener(&listeners, addr)
+        })
+    }
+
+    async fn resolved_targets(&self, dest: &Destination) -> Result<Vec<Target>, DnsFailure> {
         match dest {
             Destination::Domain(domain) => {
                 self.resolver
@@ -344,6 +358,7 @@ impl Context {
                         Answer::Records(ips) => out.extend(ips.into_iter().map(|ip| Target {
                             host: hop.host.clone(),
                             addr: std::net::SocketAddr::new(ip, hop.port),
+                            preference: 0,
                         })),
                         other => why.push(format!("{}: {other:?}", hop.host)),
                     }

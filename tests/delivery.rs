@@ -2035,6 +2035,39 @@ async fn an_ehlo_reply_with_a_10_kib_line_still_delivers_and_keeps_the_extension
     );
 }
 
+/// AUTH LOGIN (a server that offers no PLAIN): user name and password each answer their
+/// challenge, base64 on the wire.
+#[tokio::test]
+async fn auth_login_answers_both_challenges() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut rd = BufReader::new(stream);
+        let mut heard = Vec::new();
+        rd.get_mut().write_all(b"220 login\r\n").await.unwrap();
+        for answer in [
+            &b"250-login.test\r\n250 AUTH LOGIN\r\n"[..],
+            b"334 VXNlcm5hbWU6\r\n",
+            b"334 UGFzc3dvcmQ6\r\n",
+            b"235 2.7.0 ok\r\n",
+        ] {
+            let mut line = String::new();
+            rd.read_line(&mut line).await.unwrap();
+            heard.push(line.trim_end().to_string());
+            rd.get_mut().write_all(answer).await.unwrap();
+        }
+        heard
+    });
+    let mut s = settings(TlsPolicy::None);
+    s.auth = Some(("relayuser".into(), client::Secret("pw 1".into())));
+    client::connect(&[target(addr)], &s).await.unwrap();
+    let heard = server.await.unwrap();
+    // base64("relayuser"), base64("pw 1")
+    assert_eq!(heard[1..], ["AUTH LOGIN", "cmVsYXl1c2Vy", "cHcgMQ=="]);
+}
+
 /// A next hop that answers EHLO with `250-` lines for ever: refused after `MAX_LINES`
 /// lines with memory bounded, a temporary failure that says why.
 #[tokio::test]

@@ -403,9 +403,11 @@ async fn while_the_full_disk_keeps_an_attempt_unrecorded_no_other_mail_goes_out(
     let filler = m.data_dir().join("filler");
     fill(&filler);
     let accepted = || mx.transactions().iter().filter(|t| t.accepted).count();
-    wait_until("the MX accepted the message", Duration::from_secs(30), || {
-        accepted() >= 1
-    });
+    wait_until(
+        "the MX accepted the message",
+        Duration::from_secs(30),
+        || accepted() >= 1,
+    );
     mx.set_script(|s| s.reply_delay = Duration::ZERO);
     let before = tries_later();
     assert_eq!(before, 1);
@@ -423,9 +425,11 @@ async fn while_the_full_disk_keeps_an_attempt_unrecorded_no_other_mail_goes_out(
     wait_until("recorded as delivered", Duration::from_secs(30), || {
         m.recipient(&full, "full@dest.test")["status"] == "delivered"
     });
-    wait_until("the deferred message tried again", Duration::from_secs(30), || {
-        tries_later() > before
-    });
+    wait_until(
+        "the deferred message tried again",
+        Duration::from_secs(30),
+        || tries_later() > before,
+    );
     assert!(m.server_log().contains("delivery resumed"));
     assert_eq!(accepted(), 1);
 }

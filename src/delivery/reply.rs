@@ -458,6 +458,54 @@ mod tests {
     }
 
     #[test]
+    fn ehlo_extensions_do_not_depend_on_how_the_reply_was_split() {
+        let pieces = [
+            "250-",
+            "250 ",
+            "PIPELINING",
+            "SIZE ",
+            "1000",
+            "AUTH ",
+            "PLAIN ",
+            "LOGIN",
+            "DSN",
+            "8BITMIME",
+            "\r\n",
+            "\n",
+            " ",
+            "x",
+        ];
+        let mut rng = crate::test_support::TestRng::new(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..2000 {
+            let wire = format!("250-mx\r\n{}", rng.text(30, &pieces));
+            let whole = {
+                let mut p = ReplyParser::ehlo();
+                p.feed(wire.as_bytes())
+                    .map(|(_, r)| r.map(|r| (r, p.capabilities())))
+            };
+            let split = {
+                let mut p = ReplyParser::ehlo();
+                let mut got = Ok(None);
+                for b in wire.as_bytes() {
+                    match p.feed(std::slice::from_ref(b)) {
+                        Ok((_, Some(r))) => {
+                            got = Ok(Some((r, p.capabilities())));
+                            break;
+                        }
+                        Ok((_, None)) => {}
+                        Err(e) => {
+                            got = Err(e);
+                            break;
+                        }
+                    }
+                }
+                got
+            };
+            assert_eq!(whole, split, "{wire:?}");
+        }
+    }
+
+    #[test]
     fn ehlo_refused_names_no_extension() {
         let (reply, caps) = ehlo(b"250-mx\r\n250-PIPELINING\r\n550 5.7.1 go away\r\n");
         assert_eq!(reply.code, 550);

@@ -51,6 +51,8 @@ pub struct Metrics {
     pub queue_size: Gauge,
     pub queue_oldest_age_seconds: Gauge,
     pub outbound_connections_open: Gauge,
+    /// 1 while delivery starts nothing new because the store cannot record it.
+    pub delivery_paused: Gauge,
     // Bounces.
     pub bounces: Family<BounceLabel, Counter>,
     pub complaints: Counter,
@@ -83,6 +85,7 @@ impl Metrics {
             queue_size: Gauge::default(),
             queue_oldest_age_seconds: Gauge::default(),
             outbound_connections_open: Gauge::default(),
+            delivery_paused: Gauge::default(),
             bounces: Family::default(),
             complaints: Counter::default(),
             suppressed_recipients: Counter::default(),
@@ -163,6 +166,11 @@ impl Metrics {
             "outbound_connections_open",
             "Open outbound SMTP connections",
             m.outbound_connections_open.clone(),
+        );
+        registry.register(
+            "delivery_paused",
+            "1 while delivery starts no connection or transaction because the store cannot record attempts (it refuses writes, or a refused record waits)",
+            m.delivery_paused.clone(),
         );
         registry.register(
             "bounces",

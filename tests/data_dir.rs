@@ -7,7 +7,8 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::mailtrail::{Mailtrail, RawSmtp, bin, free_port, receipt_in};
+use common::mailtrail::{Mailtrail, RawSmtp, bin, free_port, receipt_in, wait_until};
+use common::test_mx::{Script, TestMx};
 
 /// The final reply to one message submitted over a raw session (`250 ... queued as` or not).
 fn submit(m: &Mailtrail, to: &str) -> String {
@@ -153,4 +154,63 @@ fn a_deleted_data_dir_shows_at_healthz_before_any_mail_and_mail_gets_451() {
         "{reply}\n{}",
         m.server_log()
     );
+}
+
+/// Mail queued before the database file was deleted is not delivered out of the unlinked
+/// file: its result could not be recorded, and the next start would deliver it again.
+/// Delivery pauses (logged once, `mailtrail_delivery_paused 1`) and starts no transaction;
+/// before, the next retry of every queued message went out, unrecordable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deleted_database_file_pauses_delivery_of_mail_queued_before() {
+    let mx =
+        TestMx::start(Script::default().rcpt("queued@dest.test", &["451 4.7.1 try later"])).await;
+    let m = Mailtrail::start_with(
+        "",
+        "",
+        &format!(
+            "[delivery]\nretry_first = \"2s\"\nretry_max_interval = \"2s\"\n\
+             [checks]\ndomain_check = false\n\
+             [[route]]\ndomains = [\"*\"]\nmx = [\"127.0.0.1:{}\"]\ntls = \"none\"\n",
+            mx.port()
+        ),
+    );
+    let tries = || {
+        mx.commands()
+            .iter()
+            .filter(|c| c.starts_with("RCPT TO:<queued@dest.test>"))
+            .count()
+    };
+    let receipt = m.submit(None, "app@example.com", &["queued@dest.test"], "queued");
+    // Deferred and recorded: its next try is 2 s away, none runs now.
+    wait_until("the first try recorded", Duration::from_secs(30), || {
+        m.recipient(&receipt, "queued@dest.test")["status"] == "deferred"
+    });
+    let db = m.data_dir().join("mailtrail.db");
+    std::fs::remove_file(&db).unwrap();
+    let before = tries();
+    assert_eq!(before, 1);
+    let reply = submit(&m, "new@dest.test");
+    assert!(reply.starts_with("451 4.3.0"), "{reply}");
+    // Two retry times pass: no try goes out of the unlinked file.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        tries(),
+        before,
+        "delivered out of the deleted database\n{}",
+        m.server_log()
+    );
+    assert!(!mx.commands().iter().any(|c| c.contains("new@dest.test")));
+    let log = m.server_log();
+    assert_eq!(
+        log.matches("delivery paused until restart").count(),
+        1,
+        "{log}"
+    );
+    let (_, metrics) = m.http_get("/metrics");
+    assert!(
+        metrics.lines().any(|l| l == "mailtrail_delivery_paused 1"),
+        "{metrics}"
+    );
+    let (status, _) = m.http_get("/healthz");
+    assert_eq!(status, 503);
 }

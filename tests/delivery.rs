@@ -1299,6 +1299,67 @@ mod queue {
         h.handle.join().await;
     }
 
+    /// A smarthost that answers AUTH with `250-` lines for ever: the reply is refused after
+    /// `MAX_LINES` lines (mail-send's reader kept two bytes of each until the command
+    /// timeout), the mail is deferred saying so, and the password is in no recorded text.
+    #[tokio::test]
+    async fn an_endless_auth_reply_defers_with_a_clear_error_and_no_password() {
+        let (addr, server) = super::endless_peer(
+            "250-smarthost.test\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n",
+            "AUTH",
+        )
+        .await;
+        let password = "s3cret-pass-42";
+        let mut route = RouteConfig {
+            domains: vec!["*".into()],
+            sender_domains: vec![],
+            auth_users: vec![],
+            mx: vec![addr.to_string()],
+            tls: TlsPolicy::None,
+            implicit_tls: false,
+            verify_certificate: Some(false),
+            ca_file: None,
+            auth_user: Some("relayuser".into()),
+            auth_password_file: None,
+            auth_password_env: None,
+            keep_sender: false,
+        };
+        let secret_dir = tempfile::tempdir().unwrap();
+        let secret = secret_dir.path().join("password");
+        std::fs::write(&secret, format!("{password}\n")).unwrap();
+        route.auth_password_file = Some(secret);
+        let h = harness(Script::default(), move |c| {
+            c.routes = vec![route];
+            c.delivery.retry_first = Duration::from_secs(60);
+            c.delivery.retry_max_interval = Duration::from_secs(60);
+        })
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@anywhere.test", None)]))
+            .await;
+        let log = h.wait(r, |s| s[0] == RecipientStatus::Deferred).await;
+        let rc = &log.recipients[0];
+        let text = rc.last_reply_text.clone().unwrap_or_default();
+        assert!(
+            text.contains("AUTH") && text.contains("more than 1000 lines"),
+            "{text}"
+        );
+        let (sent, commands) = server.await.unwrap();
+        assert!(sent < 50_000_000, "the client read on for {sent} bytes");
+        // What went on the wire (PLAIN's initial response) is in no recorded text.
+        let auth = commands.last().unwrap();
+        let wire_secret = auth.rsplit(' ').next().unwrap();
+        assert!(
+            auth.starts_with("AUTH PLAIN ") && wire_secret.len() > 8,
+            "{auth}"
+        );
+        let recorded = serde_json::to_string(&log).unwrap();
+        assert!(!recorded.contains(password), "{recorded}");
+        assert!(!recorded.contains(wire_secret), "{recorded}");
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
     #[tokio::test]
     async fn rejected_smarthost_credentials_defer() {
         let smarthost = TestMx::start(Script {
@@ -1891,6 +1952,138 @@ async fn an_endless_reply_ends_the_session_instead_of_filling_memory() {
     assert!(error.contains("more than 1000 lines"), "{error}");
     drop(conn);
     let sent = server.await.unwrap();
+    assert!(sent < 50_000_000, "the client read on for {sent} bytes");
+}
+
+/// A hostile peer on loopback: greets, answers EHLO with `ehlo`, and answers the first
+/// command that starts with `trigger` with `250-` lines for ever (until 50 MB are sent or
+/// the client hangs up). Returns the address and what was sent in the endless reply.
+async fn endless_peer(
+    ehlo: &'static str,
+    trigger: &'static str,
+) -> (SocketAddr, tokio::task::JoinHandle<(usize, Vec<String>)>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut rd = BufReader::new(stream);
+        rd.get_mut().write_all(b"220 endless\r\n").await.unwrap();
+        let mut commands = Vec::new();
+        loop {
+            let mut line = String::new();
+            if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return (0, commands);
+            }
+            commands.push(line.trim_end().to_string());
+            if line.to_ascii_uppercase().starts_with(trigger) {
+                break;
+            }
+            if line.to_ascii_uppercase().starts_with("EHLO") {
+                rd.get_mut().write_all(ehlo.as_bytes()).await.unwrap();
+            } else {
+                rd.get_mut().write_all(b"250 ok\r\n").await.unwrap();
+            }
+        }
+        let chunk = b"250-\r\n".repeat(1000);
+        let mut sent = 0usize;
+        while rd.get_mut().write_all(&chunk).await.is_ok() {
+            sent += chunk.len();
+            if sent > 50_000_000 {
+                break;
+            }
+        }
+        (sent, commands)
+    });
+    (addr, server)
+}
+
+/// A peer advertising a 10 KiB EHLO line (legal enough: RFC 5321 §4.5.3.1.5 lets a server
+/// send longer lines than 512 bytes if the client copes) is no reason to fail the session:
+/// the line is skipped, the extensions after it still count. mail-send's EHLO reader
+/// refused any EHLO reply over 4096 bytes.
+#[tokio::test]
+async fn an_ehlo_reply_with_a_10_kib_line_still_delivers_and_keeps_the_extensions_after_it() {
+    let mx = TestMx::start(Script {
+        extensions: vec![
+            format!("X-LONG {}", "y".repeat(10 * 1024)),
+            "PIPELINING".into(),
+            "SIZE 10240000".into(),
+            "DSN".into(),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .expect("the session survives a long EHLO line");
+    assert!(conn.offers_dsn());
+    let mut env = envelope(&["a@d.test"]);
+    env.recipients[0].notify = Some(Notify {
+        failure: true,
+        ..Default::default()
+    });
+    let t = conn.transaction(&env, BODY, Duration::from_secs(2)).await;
+    assert_eq!(t.data.as_ref().map(|r| r.code), Some(250), "{t:?}");
+    let tx = mx.transactions();
+    assert_eq!(tx.len(), 1);
+    // SIZE and DSN came after the long line, and were used.
+    assert!(tx[0].mail_from.contains("SIZE="), "{}", tx[0].mail_from);
+    assert!(
+        tx[0].rcpt_to[0].contains("NOTIFY=FAILURE"),
+        "{:?}",
+        tx[0].rcpt_to
+    );
+}
+
+/// AUTH LOGIN (a server that offers no PLAIN): user name and password each answer their
+/// challenge, base64 on the wire.
+#[tokio::test]
+async fn auth_login_answers_both_challenges() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut rd = BufReader::new(stream);
+        let mut heard = Vec::new();
+        rd.get_mut().write_all(b"220 login\r\n").await.unwrap();
+        for answer in [
+            &b"250-login.test\r\n250 AUTH LOGIN\r\n"[..],
+            b"334 VXNlcm5hbWU6\r\n",
+            b"334 UGFzc3dvcmQ6\r\n",
+            b"235 2.7.0 ok\r\n",
+        ] {
+            let mut line = String::new();
+            rd.read_line(&mut line).await.unwrap();
+            heard.push(line.trim_end().to_string());
+            rd.get_mut().write_all(answer).await.unwrap();
+        }
+        heard
+    });
+    let mut s = settings(TlsPolicy::None);
+    s.auth = Some(("relayuser".into(), client::Secret("pw 1".into())));
+    client::connect(&[target(addr)], &s).await.unwrap();
+    let heard = server.await.unwrap();
+    // base64("relayuser"), base64("pw 1")
+    assert_eq!(heard[1..], ["AUTH LOGIN", "cmVsYXl1c2Vy", "cHcgMQ=="]);
+}
+
+/// A next hop that answers EHLO with `250-` lines for ever: refused after `MAX_LINES`
+/// lines with memory bounded, a temporary failure that says why.
+#[tokio::test]
+async fn an_endless_ehlo_reply_ends_the_session_with_a_clear_error() {
+    let (addr, server) = endless_peer("", "EHLO").await;
+    let e = client::connect(&[target(addr)], &settings(TlsPolicy::None))
+        .await
+        .expect_err("no session");
+    assert!(!e.permanent, "{e:?}");
+    assert!(
+        e.text.contains("EHLO") && e.text.contains("more than 1000 lines"),
+        "{}",
+        e.text
+    );
+    let (sent, _) = server.await.unwrap();
     assert!(sent < 50_000_000, "the client read on for {sent} bytes");
 }
 

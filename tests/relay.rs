@@ -436,6 +436,75 @@ async fn a_delivery_the_full_disk_cannot_record_is_not_sent_again() {
     assert_eq!(accepted(), 1);
 }
 
+/// While the full disk keeps a delivery from being recorded, no other mail goes out: each
+/// would be one more remote `250` (or `451`) the store cannot take, delivered again after a
+/// crash. Before, the next retry of every queued message went out. Once the record is in,
+/// delivery resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn while_the_full_disk_keeps_an_attempt_unrecorded_no_other_mail_goes_out() {
+    let mx = TestMx::start(Script {
+        reply_delay: Duration::from_millis(300),
+        ..Script::default().rcpt("later@dest.test", &["451 4.7.1 try later"])
+    })
+    .await;
+    let mut m = Mailtrail::configure(
+        "",
+        "",
+        &relay_tables(mx.port(), "")
+            .replace("retry_first = \"1s\"", "retry_first = \"4s\"")
+            .replace("retry_max_interval = \"2s\"", "retry_max_interval = \"4s\""),
+    );
+    let Some(_disk) = SmallDisk::mount(&m.data_dir(), "8m") else {
+        return;
+    };
+    m.spawn();
+    let tries_later = || {
+        mx.commands()
+            .iter()
+            .filter(|c| c.starts_with("RCPT TO:<later@dest.test>"))
+            .count()
+    };
+    let later = m.submit(None, "app@example.com", &["later@dest.test"], "later");
+    wait_until("deferred", Duration::from_secs(30), || {
+        m.recipient(&later, "later@dest.test")["status"] == "deferred"
+    });
+    // Its retry is 4 s away. The next message's transaction takes its time; the disk fills
+    // up meanwhile, so its remote 250 cannot be recorded.
+    let full = m.submit(None, "app@example.com", &["full@dest.test"], "disk");
+    let filler = m.data_dir().join("filler");
+    fill(&filler);
+    let accepted = || mx.transactions().iter().filter(|t| t.accepted).count();
+    wait_until(
+        "the MX accepted the message",
+        Duration::from_secs(30),
+        || accepted() >= 1,
+    );
+    mx.set_script(|s| s.reply_delay = Duration::ZERO);
+    let before = tries_later();
+    assert_eq!(before, 1);
+    // The deferred message's retry time passes, and passes again: it waits.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(tries_later(), before, "{}", m.server_log());
+    let log = m.server_log();
+    assert!(
+        log.contains("delivery paused: the store refuses to record delivery attempts"),
+        "{log}"
+    );
+
+    // Space again: the attempt is recorded, delivery resumes.
+    std::fs::remove_file(&filler).unwrap();
+    wait_until("recorded as delivered", Duration::from_secs(30), || {
+        m.recipient(&full, "full@dest.test")["status"] == "delivered"
+    });
+    wait_until(
+        "the deferred message tried again",
+        Duration::from_secs(30),
+        || tries_later() > before,
+    );
+    assert!(m.server_log().contains("delivery resumed"));
+    assert_eq!(accepted(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_body_the_store_cannot_read_is_asked_for_again_after_a_pause_not_at_once() {
     let mx =

@@ -2,11 +2,12 @@
 //! every RCPT reply and the DATA reply are kept (its `send()` stops at the first rejected
 //! recipient, which would lose outcomes).
 //!
-//! Replies are parsed by `smtp-proto`'s `ResponseReceiver`, which keeps multi-line texts
-//! (joined with `\n`, the enhanced status code of each line removed and kept once in `esc`).
-//! Single commands go through `mail-send`'s `cmd`; a pipelined group (RFC 2920) is read with
-//! that parser directly ([`Connection::pipelined`]) because `mail-send`'s `cmds` returns
-//! nothing when the server hangs up part-way, losing the replies that did arrive.
+//! `mail-send`'s [`SmtpClient`] opens the connection and does the TLS handshake; every reply,
+//! EHLO's and AUTH's included, is read by our bounded reader ([`super::reply`]), which keeps
+//! multi-line texts (joined with `\n`, the enhanced status code kept once). A pipelined
+//! group (RFC 2920) is read reply by reply ([`Connection::pipelined`]) because `mail-send`'s
+//! `cmds` returns nothing when the server hangs up part-way, losing the replies that did
+//! arrive.
 //!
 //! [`connect`] walks the targets (next MX on connect failure, timeout, 4xx before MAIL or a
 //! 5xx greeting, which fails every recipient only when no other target failed temporarily;
@@ -23,8 +24,8 @@ use std::time::{Duration, Instant};
 use mail_send::smtp::tls::build_tls_connector;
 use mail_send::{Credentials, SmtpClient};
 use smtp_proto::{
-    EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE, EXT_SMTP_UTF8, EXT_START_TLS,
-    EhloResponse,
+    AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE,
+    EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -41,7 +42,7 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 pub use super::reply::Reply;
-use super::reply::{self as reply_reader, ReadError};
+use super::reply::{self as reply_reader, ReadError, ReplyParser};
 
 /// Negotiated TLS parameters of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -342,22 +343,6 @@ pub fn rcpt_command(r: &EnvelopeRecipient, capabilities: u32) -> String {
     cmd
 }
 
-fn mail_error(e: &mail_send::Error) -> (Option<Reply>, String) {
-    match e {
-        mail_send::Error::UnexpectedReply(r) | mail_send::Error::AuthenticationFailed(r) => {
-            let reply = Reply::from_response(r);
-            let text = reply.display();
-            (Some(reply), text)
-        }
-        mail_send::Error::UnparseableReply => (
-            None,
-            "connection closed or unparseable reply from server".to_string(),
-        ),
-        mail_send::Error::Timeout => (None, "timeout waiting for the server".to_string()),
-        other => (None, other.to_string()),
-    }
-}
-
 /// Sends `wire` and reads one reply with the bounded reader, all within `timeout`.
 async fn command<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     stream: &mut S,
@@ -380,6 +365,35 @@ async fn command<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
         Ok(r) => r.map_err(|e| e.to_string()),
         Err(_) => Err("timeout waiting for the server".to_string()),
     }
+}
+
+/// EHLO, its reply read with the bounded reader: the reply and, when it is a `250`, the
+/// extensions it names (none for any other code).
+async fn ehlo<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
+    stream: &mut S,
+    helo_name: &str,
+    timeout: Duration,
+) -> Result<(Reply, EhloResponse<String>), String> {
+    let mut parser = ReplyParser::ehlo();
+    // Bytes after the reply, unasked for, go with this buffer (as with mail-send's reader).
+    let mut pending = Vec::new();
+    let exchange = async {
+        let wire = format!("EHLO {helo_name}\r\n");
+        stream
+            .write_all(wire.as_bytes())
+            .await
+            .map_err(|e| ReadError::Io(e.to_string()))?;
+        stream
+            .flush()
+            .await
+            .map_err(|e| ReadError::Io(e.to_string()))?;
+        reply_reader::read_with(stream, &mut pending, &mut parser).await
+    };
+    let reply = match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r.map_err(|e| e.to_string())?,
+        Err(_) => return Err("timeout waiting for the server".to_string()),
+    };
+    Ok((reply, parser.capabilities()))
 }
 
 struct Greeted<T: AsyncRead + AsyncWrite + Unpin> {
@@ -429,13 +443,16 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
             });
         }
     }
-    match client.ehlo(helo_name).await {
-        Ok(capabilities) => Ok(Greeted {
+    let timeout = client.timeout;
+    let (reply, capabilities) = ehlo(&mut client.stream, helo_name, timeout)
+        .await
+        .map_err(|e| (None, format!("EHLO: {e}")))?;
+    match reply.code {
+        250 => Ok(Greeted {
             client,
             capabilities,
         }),
-        Err(mail_send::Error::UnexpectedReply(r)) if (500..600).contains(&r.code) => {
-            let timeout = client.timeout;
+        500..=599 => {
             let reply = command(
                 &mut client.stream,
                 format!("HELO {helo_name}\r\n").as_bytes(),
@@ -453,9 +470,9 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
                 capabilities: EhloResponse::default(),
             })
         }
-        Err(e) => {
-            let (reply, text) = mail_error(&e);
-            Err((reply, format!("EHLO: {text}")).into())
+        _ => {
+            let text = format!("EHLO: {}", reply.display());
+            Err((Some(reply), text).into())
         }
     }
 }
@@ -693,9 +710,7 @@ async fn connect_one(
             err.permanent = false;
             return Err(err);
         }
-        let creds = Credentials::new(user.clone(), secret.0.clone());
-        if let Err(e) = conn.client.authenticate(&creds, &conn.capabilities).await {
-            let (reply, text) = mail_error(&e);
+        if let Err((reply, text)) = conn.authenticate(user, secret).await {
             let mut err = fail(reply, format!("AUTH: {text}"), conn.tls.clone());
             // Failed authentication is a local configuration matter: defer, as Postfix's
             // smtp_sasl_auth_soft_bounce does, rather than bounce the mail.
@@ -717,6 +732,45 @@ fn greet_failed(
     err
 }
 
+/// How one AUTH exchange ended when it did not succeed.
+enum AuthError {
+    /// The server said no (or asked too often).
+    Refused(Reply),
+    /// The session broke, or a challenge could not be answered.
+    Broken(String),
+}
+
+/// The forms of the password that go on the wire, to be kept out of what is recorded: a
+/// server that echoes what it got would put them in its reply text.
+struct Hidden(Vec<String>);
+
+impl Hidden {
+    fn of(creds: &Credentials<&str>, password: &str) -> Self {
+        let mut forms = vec![password.to_string()];
+        // PLAIN's initial response, and LOGIN's answer to "Password:" (base64 "UGFzc3dvcmQ6").
+        forms.extend(creds.encode(AUTH_PLAIN, "").ok());
+        forms.extend(creds.encode(AUTH_LOGIN, "UGFzc3dvcmQ6").ok());
+        forms.retain(|f| !f.is_empty());
+        Self(forms)
+    }
+
+    fn text(&self, mut text: String) -> String {
+        for form in &self.0 {
+            if text.contains(form.as_str()) {
+                text = text.replace(form.as_str(), "[password removed]");
+            }
+        }
+        text
+    }
+
+    fn reply(&self, reply: Reply) -> Reply {
+        Reply {
+            text: self.text(reply.text),
+            ..reply
+        }
+    }
+}
+
 /// Whether AUTH may send a password on this connection: inside TLS, or in clear only to a
 /// next hop on this machine (a local Postfix), as the inbound side offers AUTH.
 fn may_send_password(tls: bool, ip: IpAddr) -> bool {
@@ -731,6 +785,88 @@ fn boxed<T: Io + 'static>(c: SmtpClient<T>) -> SmtpClient<Box<dyn Io>> {
 }
 
 impl Connection {
+    /// AUTH PLAIN (with the initial response, RFC 4954 §4), else LOGIN, whichever the server
+    /// offers, every reply read with the bounded reader. PLAIN refused with anything but
+    /// `535` (bad credentials) tries LOGIN, as `mail-send` did. The password is in no text
+    /// this returns: a reply that echoes it (or its base64) has it replaced.
+    async fn authenticate(
+        &mut self,
+        user: &str,
+        secret: &Secret,
+    ) -> Result<(), (Option<Reply>, String)> {
+        let creds = Credentials::new(user, secret.0.as_str());
+        let hidden = Hidden::of(&creds, &secret.0);
+        let offered = self.capabilities.auth_mechanisms;
+        let mut refused = None;
+        for mechanism in [AUTH_PLAIN, AUTH_LOGIN] {
+            if offered & mechanism == 0 {
+                continue;
+            }
+            match self.auth(mechanism, &creds).await {
+                Ok(()) => return Ok(()),
+                Err(AuthError::Refused(reply)) => {
+                    let reply = hidden.reply(reply);
+                    let last = reply.code == 535;
+                    refused = Some(reply);
+                    if last {
+                        break;
+                    }
+                }
+                Err(AuthError::Broken(text)) => return Err((None, hidden.text(text))),
+            }
+        }
+        Err(match refused {
+            Some(reply) => {
+                let text = reply.display();
+                (Some(reply), text)
+            }
+            None => (
+                None,
+                "the server offers neither AUTH PLAIN nor AUTH LOGIN".to_string(),
+            ),
+        })
+    }
+
+    /// One AUTH exchange: at most three challenges (`334`) answered, `235` ending it.
+    async fn auth(&mut self, mechanism: u64, creds: &Credentials<&str>) -> Result<(), AuthError> {
+        let timeout = self.command_timeout;
+        let encode = |challenge: &str| {
+            creds
+                .encode(mechanism, challenge)
+                .map_err(|e| AuthError::Broken(format!("cannot answer the challenge: {e}")))
+        };
+        let first = if mechanism == AUTH_PLAIN {
+            format!("AUTH PLAIN {}\r\n", encode("")?)
+        } else {
+            "AUTH LOGIN\r\n".to_string()
+        };
+        let mut reply = self
+            .command(first.as_bytes(), timeout)
+            .await
+            .map_err(AuthError::Broken)?;
+        for _ in 0..3 {
+            match reply.code {
+                235 => return Ok(()),
+                334 => {
+                    let answer = match encode(&reply.text) {
+                        Ok(a) => a,
+                        Err(e) => {
+                            // RFC 4954 §4: "*" cancels the exchange.
+                            let _ = self.command(b"*\r\n", timeout).await;
+                            return Err(e);
+                        }
+                    };
+                    reply = self
+                        .command(format!("{answer}\r\n").as_bytes(), timeout)
+                        .await
+                        .map_err(AuthError::Broken)?;
+                }
+                _ => return Err(AuthError::Refused(reply)),
+            }
+        }
+        Err(AuthError::Refused(reply))
+    }
+
     pub fn capabilities(&self) -> u32 {
         self.capabilities.capabilities
     }
@@ -1117,12 +1253,24 @@ mod tests {
         );
     }
 
+    fn parse_reply(raw: &[u8]) -> Reply {
+        ReplyParser::default().feed(raw).unwrap().1.unwrap()
+    }
+
+    #[test]
+    fn a_password_echoed_in_a_reply_is_not_kept() {
+        let creds = Credentials::new("relayuser", "s3cret pass");
+        let hidden = Hidden::of(&creds, "s3cret pass");
+        let plain = creds.encode(AUTH_PLAIN, "").unwrap();
+        let text = hidden.text(format!("535 you sent {plain} and s3cret pass"));
+        assert!(!text.contains("s3cret") && !text.contains(&plain), "{text}");
+        assert!(text.contains("[password removed]"), "{text}");
+    }
+
     #[test]
     fn reply_from_multiline_response_keeps_all_lines() {
         let raw = b"550-5.1.1 The email account does not exist.\r\n550 5.1.1 Try again.\r\n";
-        let mut rx = smtp_proto::response::parser::ResponseReceiver::default();
-        let r = rx.parse(&mut raw.iter()).unwrap();
-        let reply = Reply::from_response(&r);
+        let reply = parse_reply(raw);
         assert_eq!(reply.code, 550);
         assert_eq!(reply.enhanced_status.as_deref(), Some("5.1.1"));
         assert_eq!(reply.text, "The email account does not exist.\nTry again.");
@@ -1143,10 +1291,7 @@ mod tests {
 
     #[test]
     fn an_enhanced_status_of_another_class_than_the_reply_is_text() {
-        let parse = |raw: &[u8]| {
-            let mut rx = smtp_proto::response::parser::ResponseReceiver::default();
-            Reply::from_response(&rx.parse(&mut raw.iter()).unwrap())
-        };
+        let parse = parse_reply;
         let r = parse(b"550 2.1.1 mismatched class\r\n");
         assert_eq!(
             (r.enhanced_status, r.text.as_str()),

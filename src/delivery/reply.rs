@@ -8,7 +8,14 @@
 //! and a reply of more than [`MAX_LINES`] lines or [`MAX_REPLY`] bytes is refused; the last
 //! line's code is the reply's (as Postfix's `smtp_chat_resp`), so `250-ok` + `550 no` is a
 //! 550.
+//!
+//! An EHLO reply ([`ReplyParser::ehlo`]) is read the same way, each line's keyword taken in
+//! as the line arrives (by `smtp-proto`'s EHLO parser, one line at a time), so that a long
+//! list is no reason to keep it: a line over [`MAX_LINE`] bytes is skipped and the keywords
+//! after it still count. `mail-send`'s EHLO reader refused a reply over 4096 bytes, which
+//! failed the session.
 
+use smtp_proto::EhloResponse;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Longest reply line kept (RFC 5321 §4.5.3.1.5 allows 512 bytes); the rest of a longer
@@ -33,32 +40,6 @@ pub struct Reply {
 }
 
 impl Reply {
-    /// From `smtp-proto`'s parse (the replies `mail-send` reads itself: EHLO, AUTH). An
-    /// enhanced status whose class contradicts the reply code (`550 2.1.1`) is no status
-    /// (RFC 3463 2: the class must match; a DSN would report a failure as `2.1.1`): it stays
-    /// in the text, where the server wrote it.
-    pub fn from_response(r: &smtp_proto::Response<String>) -> Self {
-        let text = r.message.trim_end();
-        let esc = (r.esc[0] != 0).then(|| format!("{}.{}.{}", r.esc[0], r.esc[1], r.esc[2]));
-        match esc {
-            Some(e) if u16::from(r.esc[0]) == r.code / 100 => Self {
-                code: r.code,
-                enhanced_status: Some(e),
-                text: text.to_string(),
-            },
-            Some(e) => Self {
-                code: r.code,
-                enhanced_status: None,
-                text: format!("{e} {text}"),
-            },
-            None => Self {
-                code: r.code,
-                enhanced_status: None,
-                text: text.to_string(),
-            },
-        }
-    }
-
     pub fn is_positive(&self) -> bool {
         (200..300).contains(&self.code)
     }
@@ -98,9 +79,32 @@ pub struct ReplyParser {
     esc: Option<String>,
     /// The last line's code: the reply's.
     code: u16,
+    /// The line in progress was longer than [`MAX_LINE`]: what is kept of it is cut.
+    line_cut: bool,
+    /// Reading an EHLO reply: the keywords of its lines so far.
+    ehlo: Option<EhloResponse<String>>,
 }
 
 impl ReplyParser {
+    /// A parser for the reply to EHLO, which also takes in the service extensions its lines
+    /// name ([`ReplyParser::capabilities`]).
+    pub fn ehlo() -> Self {
+        Self {
+            ehlo: Some(EhloResponse::default()),
+            ..Self::default()
+        }
+    }
+
+    /// The extensions of the EHLO reply read (with [`ReplyParser::ehlo`]), when it was a
+    /// `250`; none otherwise. A line the EHLO parser cannot read, or longer than
+    /// [`MAX_LINE`], names none, and the others still count.
+    pub fn capabilities(&mut self) -> EhloResponse<String> {
+        match self.ehlo.take() {
+            Some(caps) if self.code == 250 => caps,
+            _ => EhloResponse::default(),
+        }
+    }
+
     /// Takes bytes up to the end of the reply. Returns how many it used and, once the last
     /// line is in, the reply; the bytes after it belong to the next reply.
     pub fn feed(&mut self, bytes: &[u8]) -> Result<(usize, Option<Reply>), ReadError> {
@@ -118,10 +122,12 @@ impl ReplyParser {
                 )));
             }
             let room = MAX_LINE.saturating_sub(self.line.len());
+            self.line_cut |= chunk.len() > room;
             self.line.extend_from_slice(&chunk[..chunk.len().min(room)]);
             if complete {
                 let line = std::mem::take(&mut self.line);
-                if self.take_line(&line)? {
+                let cut = std::mem::take(&mut self.line_cut);
+                if self.take_line(&line, cut)? {
                     return Ok((used, Some(self.finish())));
                 }
             }
@@ -129,8 +135,9 @@ impl ReplyParser {
         Ok((used, None))
     }
 
-    /// One complete line (without its LF); true when it was the last.
-    fn take_line(&mut self, line: &[u8]) -> Result<bool, ReadError> {
+    /// One complete line (without its LF; `cut`: only its start is here); true when it was
+    /// the last.
+    fn take_line(&mut self, line: &[u8], cut: bool) -> Result<bool, ReadError> {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         let code = match line.get(..3) {
             Some(d) if d.iter().all(u8::is_ascii_digit) => {
@@ -152,7 +159,19 @@ impl ReplyParser {
                 "a reply of more than {MAX_LINES} lines"
             )));
         }
-        let text = String::from_utf8_lossy(line.get(4..).unwrap_or_default());
+        let raw = line.get(4..).unwrap_or_default();
+        if let Some(caps) = self.ehlo.as_mut()
+            && code == 250
+            && !cut
+        {
+            if self.count == 1 {
+                let name = raw.split(|b| *b == b' ').next().unwrap_or_default();
+                caps.hostname = String::from_utf8_lossy(name).into_owned();
+            } else {
+                add_extension(caps, raw);
+            }
+        }
+        let text = String::from_utf8_lossy(raw);
         let text = match enhanced_status(&text, code) {
             Some((esc, rest)) => {
                 self.esc = Some(esc.to_string());
@@ -199,6 +218,37 @@ impl ReplyParser {
     }
 }
 
+/// The extension one EHLO line after the first names (`raw`: the line after `250-`), by
+/// `smtp-proto`'s parser given that line alone; a line it cannot read names none.
+fn add_extension(caps: &mut EhloResponse<String>, raw: &[u8]) {
+    let mut wire = Vec::with_capacity(raw.len() + 12);
+    wire.extend_from_slice(b"250-x\r\n250 ");
+    wire.extend_from_slice(raw);
+    wire.extend_from_slice(b"\r\n");
+    let Ok(line) = EhloResponse::parse(&mut wire.iter()) else {
+        return;
+    };
+    caps.capabilities |= line.capabilities;
+    caps.auth_mechanisms |= line.auth_mechanisms;
+    // `SIZE` without a (readable) number says nothing about the limit.
+    if line.size != 0 {
+        caps.size = line.size;
+    }
+    if line.capabilities & smtp_proto::EXT_DELIVER_BY != 0 {
+        caps.deliver_by = line.deliver_by;
+    }
+    if line.capabilities & smtp_proto::EXT_FUTURE_RELEASE != 0 {
+        caps.future_release_interval = line.future_release_interval;
+        caps.future_release_datetime = line.future_release_datetime;
+    }
+    if line.capabilities & smtp_proto::EXT_MT_PRIORITY != 0 {
+        caps.mt_priority = line.mt_priority;
+    }
+    if line.no_soliciting.is_some() {
+        caps.no_soliciting = line.no_soliciting;
+    }
+}
+
 /// `5.1.1 rest` at the start of a line's text, of the line's own class: the status and
 /// what follows it.
 fn enhanced_status(text: &str, code: u16) -> Option<(&str, &str)> {
@@ -238,7 +288,15 @@ pub async fn read<S: AsyncRead + Unpin + ?Sized>(
     stream: &mut S,
     pending: &mut Vec<u8>,
 ) -> Result<Reply, ReadError> {
-    let mut parser = ReplyParser::default();
+    read_with(stream, pending, &mut ReplyParser::default()).await
+}
+
+/// [`read`] with a parser of the caller's ([`ReplyParser::ehlo`]).
+pub async fn read_with<S: AsyncRead + Unpin + ?Sized>(
+    stream: &mut S,
+    pending: &mut Vec<u8>,
+    parser: &mut ReplyParser,
+) -> Result<Reply, ReadError> {
     let mut buf = [0u8; 4096];
     loop {
         if !pending.is_empty() {
@@ -365,6 +423,111 @@ mod tests {
         };
         assert!(
             matches!(err, ReadError::Invalid(ref t) if t.contains("longer than")),
+            "{err:?}"
+        );
+    }
+
+    fn ehlo(bytes: &[u8]) -> (Reply, EhloResponse<String>) {
+        let mut p = ReplyParser::ehlo();
+        match p.feed(bytes).unwrap() {
+            (_, Some(r)) => (r, p.capabilities()),
+            (_, None) => panic!("incomplete"),
+        }
+    }
+
+    #[test]
+    fn ehlo_keywords_after_an_overlong_line_still_count() {
+        use smtp_proto::{AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_AUTH, EXT_PIPELINING};
+        let wire = format!(
+            "250-mx.test says hi\r\n250-X-LONG {}\r\n250-PIPELINING\r\n250-SIZE 1000\r\n\
+             250-AUTH PLAIN LOGIN\r\n250-SIZE nonsense\r\n250 8BITMIME\r\n",
+            "y".repeat(10 * 1024)
+        );
+        let (reply, caps) = ehlo(wire.as_bytes());
+        assert_eq!(reply.code, 250);
+        assert_eq!(caps.hostname, "mx.test");
+        assert_eq!(
+            caps.capabilities,
+            EXT_PIPELINING | smtp_proto::EXT_SIZE | EXT_AUTH | EXT_8BIT_MIME
+        );
+        assert_eq!(caps.auth_mechanisms, AUTH_PLAIN | AUTH_LOGIN);
+        assert_eq!(caps.size, 1000);
+        // An overlong line that looks like a keyword names none (its parameters are cut).
+        let wire = format!("250-mx\r\n250 SIZE 1{}\r\n", "0".repeat(5000));
+        assert_eq!(ehlo(wire.as_bytes()).1.capabilities, 0);
+    }
+
+    #[test]
+    fn ehlo_extensions_do_not_depend_on_how_the_reply_was_split() {
+        let pieces = [
+            "250-",
+            "250 ",
+            "PIPELINING",
+            "SIZE ",
+            "1000",
+            "AUTH ",
+            "PLAIN ",
+            "LOGIN",
+            "DSN",
+            "8BITMIME",
+            "\r\n",
+            "\n",
+            " ",
+            "x",
+        ];
+        let mut rng = crate::test_support::TestRng::new(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..2000 {
+            let wire = format!("250-mx\r\n{}", rng.text(30, &pieces));
+            let whole = {
+                let mut p = ReplyParser::ehlo();
+                p.feed(wire.as_bytes())
+                    .map(|(_, r)| r.map(|r| (r, p.capabilities())))
+            };
+            let split = {
+                let mut p = ReplyParser::ehlo();
+                let mut got = Ok(None);
+                for b in wire.as_bytes() {
+                    match p.feed(std::slice::from_ref(b)) {
+                        Ok((_, Some(r))) => {
+                            got = Ok(Some((r, p.capabilities())));
+                            break;
+                        }
+                        Ok((_, None)) => {}
+                        Err(e) => {
+                            got = Err(e);
+                            break;
+                        }
+                    }
+                }
+                got
+            };
+            assert_eq!(whole, split, "{wire:?}");
+        }
+    }
+
+    #[test]
+    fn ehlo_refused_names_no_extension() {
+        let (reply, caps) = ehlo(b"250-mx\r\n250-PIPELINING\r\n550 5.7.1 go away\r\n");
+        assert_eq!(reply.code, 550);
+        assert_eq!(caps.capabilities, 0);
+        let (reply, caps) = ehlo(b"502 5.5.1 no EHLO\r\n");
+        assert_eq!((reply.code, caps.capabilities), (502, 0));
+    }
+
+    #[test]
+    fn an_endless_ehlo_reply_is_refused_after_max_lines() {
+        let mut p = ReplyParser::ehlo();
+        let chunk = b"250-PIPELINING\r\n".repeat(100);
+        let err = loop {
+            match p.feed(&chunk) {
+                Ok((_, None)) => {}
+                Ok((_, Some(r))) => panic!("a reply: {r:?}"),
+                Err(e) => break e,
+            }
+            assert!(p.lines.len() <= MAX_LINES && p.line.len() <= MAX_LINE);
+        };
+        assert!(
+            matches!(err, ReadError::Invalid(ref t) if t.contains("1000 lines")),
             "{err:?}"
         );
     }

@@ -9,7 +9,8 @@
 //! cannot be closed without the remote's help (RFC 1047).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -157,6 +158,84 @@ struct Context {
     /// without a new connection (Postfix: "delivery temporarily suspended"), so a burst of
     /// queued mail costs a smarthost one failed login, not one per message.
     suspended: Mutex<HashMap<Destination, Suspension>>,
+    /// Whether new work waits because the store cannot record what delivery does.
+    pause: Pause,
+}
+
+/// Delivery takes no new work (no connection, no transaction) while the store cannot
+/// record it: a remote `250` that cannot be recorded is delivered again after the next start.
+/// Before 2026-12-05 delivery went on leasing mail out of a database file that had been
+/// deleted (read through the descriptor SQLite held), each delivery unrecordable; with the
+/// disk full it went on starting transactions until the in-flight limit was full of tasks
+/// holding results they could not record. Transactions already running finish.
+#[derive(Default)]
+struct Pause {
+    /// The store refuses every write until a restart (its database file deleted or replaced,
+    /// a failed fsync): the reason, set once.
+    refused: OnceLock<String>,
+    /// Attempt records the store refused and that wait to be tried again (a full disk):
+    /// while there are any, nothing new starts; once they are in, delivery resumes.
+    waiting: AtomicUsize,
+}
+
+impl Pause {
+    /// Whether new work waits now, asking the store whether it refuses writes (a stat or
+    /// two: off the async workers). Logs the refusal once.
+    async fn check(&self, store: &Arc<dyn Store>, metrics: &Metrics) -> bool {
+        if self.refused.get().is_none() {
+            let store = store.clone();
+            let refusal = tokio::task::spawn_blocking(move || store.write_refusal())
+                .await
+                .ok()
+                .flatten();
+            if let Some(reason) = refusal
+                && self.refused.set(reason.clone()).is_ok()
+            {
+                tracing::error!(
+                    %reason,
+                    "delivery paused until restart: the store refuses writes, so no delivery could be recorded; no new connection or transaction starts"
+                );
+            }
+        }
+        self.publish(metrics)
+    }
+
+    fn paused(&self) -> bool {
+        self.refused.get().is_some() || self.waiting.load(Ordering::SeqCst) > 0
+    }
+
+    /// Sets the `delivery_paused` gauge; returns whether delivery is paused.
+    fn publish(&self, metrics: &Metrics) -> bool {
+        let paused = self.paused();
+        metrics.delivery_paused.set(i64::from(paused));
+        paused
+    }
+
+    /// A refused attempt record waits to be tried again: delivery pauses until it is in
+    /// (the guard's drop).
+    fn record_waits<'a>(&'a self, metrics: &'a Metrics, error: &str) -> RecordWaiting<'a> {
+        if self.waiting.fetch_add(1, Ordering::SeqCst) == 0 {
+            tracing::error!(
+                %error,
+                "delivery paused: the store refuses to record delivery attempts; no new connection or transaction starts until it takes them"
+            );
+        }
+        self.publish(metrics);
+        RecordWaiting(self, metrics)
+    }
+}
+
+/// One attempt record that the store refused, waiting ([`Pause::record_waits`]).
+struct RecordWaiting<'a>(&'a Pause, &'a Metrics);
+
+impl Drop for RecordWaiting<'_> {
+    fn drop(&mut self) {
+        let RecordWaiting(pause, metrics) = *self;
+        if pause.waiting.fetch_sub(1, Ordering::SeqCst) == 1 && pause.refused.get().is_none() {
+            tracing::info!("delivery resumed: the store records delivery attempts again");
+        }
+        pause.publish(metrics);
+    }
 }
 
 /// A destination that could not be connected to, until when, and why. Each `queue retry`
@@ -253,6 +332,7 @@ impl Context {
             verp: VerpSender::from_config(&config)?,
             pool: Pool::new(d.max_connections, d.max_connections_per_destination),
             suspended: Mutex::new(HashMap::new()),
+            pause: Pause::default(),
             resolver,
             mx_settings,
             route_settings,
@@ -575,6 +655,8 @@ async fn run(
                     _ = tick.tick() => {}
                 }
                 ctx.pool.expire();
+                // Noticed here too while no mail is due, for the log and the gauge.
+                ctx.pause.check(&ctx.store, &ctx.metrics).await;
                 update_queue_gauges(&ctx).await;
             }
         })
@@ -599,7 +681,14 @@ async fn run(
         }
 
         let now = now_ms();
-        let room = max_in_flight.saturating_sub(tasks.len());
+        // The store cannot record what delivery would do: no new work, not even a queue
+        // read, until it can (transactions running finish).
+        let paused = ctx.pause.paused();
+        let room = if paused {
+            0
+        } else {
+            max_in_flight.saturating_sub(tasks.len())
+        };
         if last_full_scan.elapsed() >= FULL_SCAN_EVERY {
             full_scan = true;
         }
@@ -662,7 +751,7 @@ async fn run(
         tokio::select! {
             _ = ctx.shutdown.cancelled() => break,
             _ = wake.notified() => refill = true,
-            Some(Fresh { message, body }) = fresh.recv(), if tasks.len() < max_in_flight => {
+            Some(Fresh { message, body }) = fresh.recv(), if tasks.len() < max_in_flight && !ctx.pause.paused() => {
                 // Marked in flight in the same turn as it leaves `pending`, so every scan
                 // finds it in one of the two and leaves it alone.
                 handoff.received(&message.receipt);
@@ -1156,7 +1245,7 @@ fn connect_failure(e: &client::SessionError, n: usize, suspended: bool) -> Outco
 }
 
 /// Connects (or reuses a connection) and runs the transaction. `None` when shutdown came
-/// before anything was sent.
+/// before anything was sent, or delivery is paused ([`Pause`]).
 async fn transact(
     ctx: &Context,
     dest: &Destination,
@@ -1167,10 +1256,20 @@ async fn transact(
     let n = envelope.recipients.len();
     let settings = ctx.settings(dest);
     loop {
+        // Nothing new starts while the store cannot record it: the recipients stay queued,
+        // untried (the loop takes no more work either).
+        if ctx.pause.check(&ctx.store, &ctx.metrics).await {
+            return None;
+        }
         let (mut leased, reused) = match lease(ctx, dest, settings, n, retry_requested).await {
             Ok(l) => l,
             Err(outcome) => return outcome,
         };
+        if ctx.pause.check(&ctx.store, &ctx.metrics).await {
+            // It went bad while this waited for a connection.
+            ctx.pool.put_idle(dest.clone(), leased);
+            return None;
+        }
         let replies = leased
             .conn
             .transaction(envelope, body, settings.data_timeout)
@@ -1377,6 +1476,8 @@ async fn record_attempts(
     dsns: Vec<AcceptedMessage>,
 ) -> bool {
     let mut pause = STORE_RETRY_FIRST;
+    // Held from the first refusal until the record is in (or given up at shutdown).
+    let mut waiting = None;
     loop {
         // A clone per try: the store takes them, and a refused write gives nothing back.
         let Err(e) = ctx
@@ -1386,6 +1487,9 @@ async fn record_attempts(
         else {
             return true;
         };
+        if waiting.is_none() {
+            waiting = Some(ctx.pause.record_waits(&ctx.metrics, &e.to_string()));
+        }
         tracing::error!(
             %receipt,
             error = %e,

@@ -155,14 +155,14 @@ fn clean_utf8(s: &str) -> String {
         .collect()
 }
 
-/// A recipient field's value (RFC 3464 §2.3.1-2, RFC 6533 §3): `type; address`, with the
+/// A recipient field's address type and address (RFC 3464 §2.3.1-2, RFC 6533 §3): the
 /// `utf-8` type and the address as it is (the `utf-8-address` form) when it is not ASCII,
 /// which only happens in an internationalised report.
-fn address_field(kind: &str, address: &str) -> String {
+fn address_field(kind: &str, address: &str) -> (String, String) {
     if address.is_ascii() {
-        format!("{}; {}", clean(kind), clean(address))
+        (clean(kind), clean(address))
     } else {
-        format!("utf-8; {}", clean_utf8(address))
+        ("utf-8".to_string(), clean_utf8(address))
     }
 }
 
@@ -321,16 +321,14 @@ pub fn build(
         m.push_str("\r\n");
         if let Some(orcpt) = &r.orcpt {
             let (kind, addr) = orcpt.split_once(';').unwrap_or(("rfc822", orcpt));
-            let _ = write!(
-                m,
-                "Original-Recipient: {}\r\n",
-                address_field(kind.trim(), addr.trim())
-            );
+            // As Postfix writes them: no space after the type here, one in Final-Recipient.
+            let (kind, addr) = address_field(kind.trim(), addr.trim());
+            let _ = write!(m, "Original-Recipient: {kind};{addr}\r\n");
         }
+        let (kind, addr) = address_field("rfc822", &r.address);
         let _ = write!(
             m,
-            "Final-Recipient: {}\r\nAction: {}\r\nStatus: {}\r\n",
-            address_field("rfc822", &r.address),
+            "Final-Recipient: {kind}; {addr}\r\nAction: {}\r\nStatus: {}\r\n",
             r.action.as_str(),
             clean(&r.status)
         );
@@ -553,7 +551,7 @@ mod tests {
             "Reporting-MTA: dns; relay.example\r\n",
             "Original-Envelope-Id: env 42\r\n",
             "Arrival-Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n",
-            "Original-Recipient: rfc822; Bob@B.example\r\n",
+            "Original-Recipient: rfc822;Bob@B.example\r\n",
             "Final-Recipient: rfc822; bob@b.example\r\n",
             "Action: failed\r\n",
             "Status: 5.1.1\r\n",
@@ -626,7 +624,7 @@ mod tests {
             "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n",
             "<j\u{f6}rg@b\u{fc}cher.example>: failed",
             "Content-Type: message/global-delivery-status\r\n",
-            "Original-Recipient: utf-8; J\u{f6}rg@b\u{fc}cher.example\r\n",
+            "Original-Recipient: utf-8;J\u{f6}rg@b\u{fc}cher.example\r\n",
             "Final-Recipient: utf-8; j\u{f6}rg@b\u{fc}cher.example\r\n",
             "Content-Type: message/global\r\nContent-Transfer-Encoding: 8bit\r\n",
             "Subject: Gr\u{fc}\u{df}e\r\n",

@@ -154,10 +154,13 @@ impl BounceIngest {
         let records = super::parse_with(raw, &self.classifier);
         let verp_tag = self.verp_tag(envelope_recipients);
         let now = chrono::Utc::now().timestamp_millis();
-        let message_id = own_message_id(raw);
+        let own = OwnHeader::of(raw);
+        let message_id = own.message_id;
+        // What the bounce is about was sent before it was written (its Date), else before now.
+        let dated_ms = own.date_ms.map_or(now, |d| d.min(now));
         let mut bounces: Vec<NewBounce> = Vec::with_capacity(records.len());
         for (position, record) in records.iter().enumerate() {
-            let matched = self.correlate(record, verp_tag).await?;
+            let matched = self.correlate(record, verp_tag, dated_ms).await?;
             // Only a record that may act on its recipient suppresses, and then the address
             // we sent to: an unmatched bounce proves nothing about any address of ours.
             let acting = matched
@@ -243,6 +246,7 @@ impl BounceIngest {
         &self,
         record: &BounceRecord,
         verp_tag: Option<verp::VerpTag>,
+        dated_ms: i64,
     ) -> Result<Option<Match>, StoreError> {
         if let Some(tag) = verp_tag {
             // The VERP address names the copy, whatever address the bounce reports (a
@@ -254,26 +258,32 @@ impl BounceIngest {
                 recipient: self.store.recipient(tag.receipt, tag.rcpt_index).await?,
             }));
         }
-        let mut candidates: Vec<(ReceiptId, Correlation)> = Vec::new();
-        if let Some(r) = record.receipt {
-            candidates.push((r, Correlation::ReceiptHeader));
-        }
-        if let Some(id) = record.message_id.as_deref()
-            && let Some(r) = self.store.find_by_message_id(trim_angle(id)).await?
-        {
-            candidates.push((r, Correlation::MessageId));
-        }
-        if let Some(envid) = record.envid.as_deref()
-            && let Some(r) = self.store.find_by_envid(envid).await?
-        {
-            candidates.push((r, Correlation::Envid));
-        }
         let addresses: Vec<&str> = std::iter::once(record.recipient.as_str())
             .chain(record.original_recipient.as_deref())
             .filter(|a| !a.is_empty())
             .collect();
-        for (receipt, correlation) in candidates {
+        // Each way needs the reported address among the message's recipients; a Message-ID
+        // or ENVID may name several messages (an application resending), of which the one
+        // sent to that address, the newest before the bounce, is meant.
+        for correlation in [
+            Correlation::ReceiptHeader,
+            Correlation::MessageId,
+            Correlation::Envid,
+        ] {
             for a in &addresses {
+                let receipt = match (correlation, &record.message_id, &record.envid) {
+                    (Correlation::ReceiptHeader, _, _) => record.receipt,
+                    (Correlation::MessageId, Some(id), _) => {
+                        self.store
+                            .find_by_message_id(trim_angle(id), a, dated_ms)
+                            .await?
+                    }
+                    (Correlation::Envid, _, Some(envid)) => {
+                        self.store.find_by_envid(envid, a, dated_ms).await?
+                    }
+                    _ => None,
+                };
+                let Some(receipt) = receipt else { continue };
                 if let Some(r) = self.store.find_recipient(receipt, a).await? {
                     return Ok(Some(Match {
                         receipt,
@@ -473,14 +483,33 @@ pub fn delivered_to(raw: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// The returned mail's own `Message-ID` (what a reporting MTA sends again unchanged when it
-/// retries, and what a mailbox keeps), angle brackets stripped.
-fn own_message_id(raw: &[u8]) -> Option<String> {
-    mail_parser::MessageParser::default()
-        .parse_headers(raw)?
-        .message_id()
-        .map(|id| trim_angle(id).to_string())
-        .filter(|id| !id.is_empty())
+/// What the returned mail's own header says about it.
+struct OwnHeader {
+    /// Its `Message-ID` (what a reporting MTA sends again unchanged when it retries, and
+    /// what a mailbox keeps), angle brackets stripped.
+    message_id: Option<String>,
+    /// Its `Date`, in ms since the Unix epoch (the end of its second).
+    date_ms: Option<i64>,
+}
+
+impl OwnHeader {
+    fn of(raw: &[u8]) -> Self {
+        let Some(header) = mail_parser::MessageParser::default().parse_headers(raw) else {
+            return Self {
+                message_id: None,
+                date_ms: None,
+            };
+        };
+        Self {
+            message_id: header
+                .message_id()
+                .map(|id| trim_angle(id).to_string())
+                .filter(|id| !id.is_empty()),
+            date_ms: header
+                .date()
+                .map(|d| d.to_timestamp().saturating_mul(1000).saturating_add(999)),
+        }
+    }
 }
 
 fn trim_angle(id: &str) -> &str {
@@ -854,6 +883,61 @@ mod tests {
             statuses().await,
             ["delivered", "bounced", "bounced", "queued"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_bounce_is_tied_to_the_resent_message_it_is_about() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (store, ingest, _) = verp_ingest(&dir);
+        let at = |t: &str| {
+            chrono::DateTime::parse_from_rfc3339(&format!("2026-11-23T{t}:00Z"))
+                .unwrap()
+                .timestamp_millis()
+        };
+        // An application sends invoice 7 to ann and ben, then again under the same
+        // Message-ID to ben alone, then to ann alone.
+        let mut sent = Vec::new();
+        for (to, time) in [
+            (&["ann@ex.test", "ben@ex.test"][..], "09:00"),
+            (&["ben@ex.test"][..], "11:00"),
+            (&["ann@ex.test"][..], "12:00"),
+        ] {
+            let mut msg = crate::test_support::accepted_message(to, b"Subject: 7\r\n\r\nhi\r\n");
+            msg.message_id = Some("<inv-7@app.test>".into());
+            msg.received_at_ms = at(time);
+            sent.push(msg.receipt);
+            store.accept(msg).await.unwrap();
+        }
+        // Bounces fed in from the application's mailbox, naming no receipt id: only the
+        // returned Message-ID and the bounce's own date say which copy.
+        let bounce = |rcpt: &str, date: &str| {
+            report(
+                &format!("{rcpt}.{date}"),
+                &format!(
+                    "Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+                ),
+                Some(&format!("Message-ID: <inv-7@app.test>\r\nTo: {rcpt}\r\n")),
+            )
+            .replacen(
+                "Subject:",
+                &format!("Date: Mon, 23 Nov 2026 {date}:00 +0000\r\nSubject:"),
+                1,
+            )
+        };
+        for (rcpt, date, copy) in [
+            ("ann@ex.test", "10:00", 0),
+            ("ben@ex.test", "10:30", 0),
+            ("ben@ex.test", "11:30", 1),
+            ("ann@ex.test", "12:30", 2),
+        ] {
+            let fed = ingest
+                .ingest(bounce(rcpt, date).as_bytes(), &[], None)
+                .await
+                .unwrap();
+            assert_eq!(fed.len(), 1, "{fed:?}");
+            assert_eq!(fed[0].correlation, Correlation::MessageId, "{rcpt} {date}");
+            assert_eq!(fed[0].receipt, Some(sent[copy]), "{rcpt} at {date}");
+        }
     }
 
     #[test]

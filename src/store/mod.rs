@@ -468,9 +468,23 @@ pub trait Store: Send + Sync + 'static {
         receipt: ReceiptId,
         idx: u32,
     ) -> Result<Option<RecipientRef>, StoreError>;
-    /// Receipt of a sent message by its `Message-ID` (angle brackets stripped).
-    async fn find_by_message_id(&self, message_id: &str) -> Result<Option<ReceiptId>, StoreError>;
-    async fn find_by_envid(&self, envid: &str) -> Result<Option<ReceiptId>, StoreError>;
+    /// Receipt of the sent message with this `Message-ID` (angle brackets stripped) that
+    /// has `address` (case-insensitive) among its recipients: of several (an application
+    /// resending under one Message-ID), the newest received at or before `before_ms` (the
+    /// bounce's date), else the oldest after it.
+    async fn find_by_message_id(
+        &self,
+        message_id: &str,
+        address: &str,
+        before_ms: i64,
+    ) -> Result<Option<ReceiptId>, StoreError>;
+    /// As [`Store::find_by_message_id`], by the ENVID given at submission.
+    async fn find_by_envid(
+        &self,
+        envid: &str,
+        address: &str,
+        before_ms: i64,
+    ) -> Result<Option<ReceiptId>, StoreError>;
     /// Stores the bounces parsed from one returned message, in one commit or not at all:
     /// each moves its matched recipient's status and appends its event, and adds its
     /// suppression; `processed`, the inbound bounce mail they came from, is marked processed

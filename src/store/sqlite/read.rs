@@ -414,28 +414,58 @@ fn recipient_ref(r: &Row) -> rusqlite::Result<RecipientRef> {
     })
 }
 
+/// The sent message with Message-ID `message_id` that has `address` among its recipients:
+/// of those, the newest received at or before `before_ms` (the bounce's date), else (a
+/// clock ahead of ours) the oldest after it. An application that resends under the same
+/// Message-ID has several; the newest alone tied a bounce for the older copy to the newer.
 pub fn find_by_message_id(
     conn: &Connection,
     message_id: &str,
+    address: &str,
+    before_ms: i64,
 ) -> Result<Option<ReceiptId>, StoreError> {
-    conn.query_row(
-        "SELECT receipt FROM messages WHERE message_id_key = ?1 AND inbound_bounce = 0
-         ORDER BY receipt DESC LIMIT 1",
-        params![message_id_key(message_id)],
-        |r| receipt_at(r, 0),
+    sent_to(
+        conn,
+        "m.message_id_key = ?1",
+        &message_id_key(message_id),
+        address,
+        before_ms,
     )
-    .optional()
-    .map_err(storage)
 }
 
-pub fn find_by_envid(conn: &Connection, envid: &str) -> Result<Option<ReceiptId>, StoreError> {
-    conn.query_row(
-        "SELECT receipt FROM messages WHERE envid = ?1 AND inbound_bounce = 0
-         ORDER BY receipt DESC LIMIT 1",
-        params![envid],
-        |r| receipt_at(r, 0),
-    )
-    .optional()
+/// As [`find_by_message_id`], by the ENVID given at submission.
+pub fn find_by_envid(
+    conn: &Connection,
+    envid: &str,
+    address: &str,
+    before_ms: i64,
+) -> Result<Option<ReceiptId>, StoreError> {
+    sent_to(conn, "m.envid = ?1", envid, address, before_ms)
+}
+
+/// The receipt of the sent message matching `filter` (on `?1` = `value`) with `address`
+/// among its recipients: the newest received at or before `before_ms`, else the oldest after.
+fn sent_to(
+    conn: &Connection,
+    filter: &str,
+    value: &str,
+    address: &str,
+    before_ms: i64,
+) -> Result<Option<ReceiptId>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT m.receipt FROM messages m JOIN recipients r ON r.receipt = m.receipt
+         WHERE {filter} AND m.inbound_bounce = 0 AND r.address_lc = ?2
+         ORDER BY m.received_at <= ?3 DESC,
+             CASE WHEN m.received_at <= ?3 THEN m.received_at END DESC, m.received_at,
+             m.receipt DESC
+         LIMIT 1"
+    ))
+    .and_then(|mut st| {
+        st.query_row(params![value, address_key(address), before_ms], |r| {
+            receipt_at(r, 0)
+        })
+        .optional()
+    })
     .map_err(storage)
 }
 

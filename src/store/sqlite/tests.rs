@@ -860,6 +860,47 @@ async fn record_bounce(store: &SqliteStore, bounce: NewBounce) -> i64 {
 }
 
 #[tokio::test]
+async fn a_message_id_sent_twice_finds_the_message_sent_to_the_address_before_the_bounce() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    // An application resends under one Message-ID: to a and b, then to b alone, then to a
+    // again; all with ENVID `e`.
+    let mut sent = Vec::new();
+    for (at, to) in [
+        (1_000, &["a@example.net", "b@example.net"][..]),
+        (2_000, &["b@example.net"][..]),
+        (3_000, &["a@example.net"][..]),
+    ] {
+        let mut msg = message(at, "app@example.com", to);
+        msg.envid = Some("e".into());
+        sent.push(msg.receipt);
+        store.accept(msg).await.unwrap();
+    }
+    let by_id =
+        |a: &'static str, before: i64| store.find_by_message_id("m1@app.example", a, before);
+    // The newest sent to the bounced address before the bounce, not the newest of all.
+    assert_eq!(
+        by_id("B@example.net", i64::MAX).await.unwrap(),
+        Some(sent[1])
+    );
+    assert_eq!(by_id("b@example.net", 1_500).await.unwrap(), Some(sent[0]));
+    assert_eq!(by_id("a@example.net", 2_500).await.unwrap(), Some(sent[0]));
+    assert_eq!(by_id("a@example.net", 3_000).await.unwrap(), Some(sent[2]));
+    // A bounce dated before all of them (a clock behind ours): the oldest after its date.
+    assert_eq!(by_id("a@example.net", 10).await.unwrap(), Some(sent[0]));
+    assert_eq!(by_id("c@example.net", i64::MAX).await.unwrap(), None);
+    let by_envid = |a: &'static str, before: i64| store.find_by_envid("e", a, before);
+    assert_eq!(
+        by_envid("b@example.net", 1_500).await.unwrap(),
+        Some(sent[0])
+    );
+    assert_eq!(
+        by_envid("a@example.net", 2_500).await.unwrap(),
+        Some(sent[0])
+    );
+}
+
+#[tokio::test]
 async fn bounces_are_correlated_recorded_and_filtered() {
     let dir = TempDir::new().unwrap();
     let store = store_in(&dir);
@@ -884,17 +925,23 @@ async fn bounces_are_correlated_recorded_and_filtered() {
         store.find_recipient(r, "z@example.net").await.unwrap(),
         None
     );
+    let by_id = |id: &'static str, a: &'static str| store.find_by_message_id(id, a, i64::MAX);
     assert_eq!(
-        store.find_by_message_id("m1@app.example").await.unwrap(),
+        by_id("m1@app.example", "x@example.net").await.unwrap(),
         Some(r)
     );
     assert_eq!(
-        store.find_by_message_id("<m1@app.example>").await.unwrap(),
+        by_id("<m1@app.example>", "a@EXAMPLE.net").await.unwrap(),
         Some(r)
     );
-    assert_eq!(store.find_by_message_id("<nope@x>").await.unwrap(), None);
-    assert_eq!(store.find_by_envid("env-42").await.unwrap(), Some(r));
-    assert_eq!(store.find_by_envid("env-43").await.unwrap(), None);
+    assert_eq!(by_id("<nope@x>", "x@example.net").await.unwrap(), None);
+    assert_eq!(
+        by_id("m1@app.example", "z@example.net").await.unwrap(),
+        None
+    );
+    let by_envid = |e: &'static str| store.find_by_envid(e, "x@example.net", i64::MAX);
+    assert_eq!(by_envid("env-42").await.unwrap(), Some(r));
+    assert_eq!(by_envid("env-43").await.unwrap(), None);
 
     store
         .record_attempts(

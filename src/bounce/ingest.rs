@@ -155,7 +155,11 @@ impl BounceIngest {
         let verp_tag = self.verp_tag(envelope_recipients);
         let now = chrono::Utc::now().timestamp_millis();
         let own = OwnHeader::of(raw);
-        let message_id = own.message_id;
+        // Returned mail without a Message-ID is known by its content instead.
+        let message_id = own
+            .message_id
+            .clone()
+            .or_else(|| Some(content_key(raw, &own)));
         // What the bounce is about was sent before it was written (its Date), else before now.
         let dated_ms = own.date_ms.map_or(now, |d| d.min(now));
         let mut bounces: Vec<NewBounce> = Vec::with_capacity(records.len());
@@ -484,32 +488,66 @@ pub fn delivered_to(raw: &[u8]) -> Vec<String> {
 }
 
 /// What the returned mail's own header says about it.
+#[derive(Default)]
 struct OwnHeader {
     /// Its `Message-ID` (what a reporting MTA sends again unchanged when it retries, and
     /// what a mailbox keeps), angle brackets stripped.
     message_id: Option<String>,
     /// Its `Date`, in ms since the Unix epoch (the end of its second).
     date_ms: Option<i64>,
+    /// The `Date`, `From` and `Subject` fields as written (for [`content_key`]).
+    date_from_subject: [Option<String>; 3],
 }
 
 impl OwnHeader {
     fn of(raw: &[u8]) -> Self {
         let Some(header) = mail_parser::MessageParser::default().parse_headers(raw) else {
-            return Self {
-                message_id: None,
-                date_ms: None,
-            };
+            return Self::default();
         };
+        let field = |name: &str| header.header_raw(name).map(|v| v.trim().to_string());
         Self {
             message_id: header
                 .message_id()
                 .map(|id| trim_angle(id).to_string())
                 .filter(|id| !id.is_empty()),
+            date_from_subject: [field("Date"), field("From"), field("Subject")],
             date_ms: header
                 .date()
                 .map(|d| d.to_timestamp().saturating_mul(1000).saturating_add(999)),
         }
     }
+}
+
+/// Names returned mail that has no `Message-ID` by what the sender wrote: a SHA-256 of its
+/// `Date`, `From` and `Subject` and of its body (everything after the header, line breaks
+/// read as LF). A reporting MTA that sends it again, or a mailbox fed to `bounce ingest`
+/// again, gives the same bytes; the trace fields above it (our own `Received:`, a
+/// mailbox's `Delivered-To`) are left out, as they differ between copies.
+fn content_key(raw: &[u8], own: &OwnHeader) -> String {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    for field in &own.date_from_subject {
+        hash.update(field.as_deref().unwrap_or("").as_bytes());
+        hash.update(b"\n");
+    }
+    for run in body_of(raw).split(|&b| b == b'\r') {
+        hash.update(run);
+    }
+    let digest = hash.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("content sha256:{hex}")
+}
+
+/// What follows the first empty line of `raw` (nothing when there is none).
+fn body_of(raw: &[u8]) -> &[u8] {
+    let mut line_start = 0;
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        line_start += line.len();
+        if line == b"\n" || line == b"\r\n" {
+            return raw.get(line_start..).unwrap_or(&[]);
+        }
+    }
+    &[]
 }
 
 fn trim_angle(id: &str) -> &str {
@@ -938,6 +976,37 @@ mod tests {
             assert_eq!(fed[0].correlation, Correlation::MessageId, "{rcpt} {date}");
             assert_eq!(fed[0].receipt, Some(sent[copy]), "{rcpt} at {date}");
         }
+    }
+
+    #[tokio::test]
+    async fn returned_mail_without_a_message_id_is_stored_once() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (store, ingest, _) = verp_ingest(&dir);
+        let receipt = ReceiptId::new();
+        let no_id = dsn("gone@ex.test", receipt).replacen(
+            "Message-ID: <dsn.gone@ex.test@mx.remote.test>\r\n",
+            "Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n",
+            1,
+        );
+        assert!(!no_id.contains("Message-ID"), "{no_id}");
+        // The reporting MTA sends it again after a lost 250 (each copy under its own
+        // Received field of ours), and a mailbox holding it, with LF line ends, is fed in.
+        for hop in ["a", "b"] {
+            let copy = format!("Received: from mx.remote.test by mt.test id {hop}\r\n{no_id}");
+            inbound_to(&store, "bounces@bounce.test", &copy).await;
+        }
+        assert_eq!(ingest.process_pending().await.unwrap(), 2);
+        let fed = ingest
+            .ingest(no_id.replace("\r\n", "\n").as_bytes(), &[], None)
+            .await
+            .unwrap();
+        assert!(fed.iter().all(|i| i.duplicate), "{fed:?}");
+        assert_eq!(store.bounces(&Default::default()).await.unwrap().len(), 1);
+        // Another bounce that differs only in its Date is another bounce.
+        let later = no_id.replace("Mon, 23 Nov 2026", "Tue, 24 Nov 2026");
+        let fed = ingest.ingest(later.as_bytes(), &[], None).await.unwrap();
+        assert!(fed.iter().all(|i| !i.duplicate), "{fed:?}");
+        assert_eq!(store.bounces(&Default::default()).await.unwrap().len(), 2);
     }
 
     #[test]

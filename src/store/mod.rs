@@ -302,6 +302,11 @@ pub struct BounceFacts {
     pub bounce_type: String,
     /// The stored inbound message (bounce mail) it was parsed from, if any.
     pub source_receipt: Option<ReceiptId>,
+    /// Correlation proved it is about the copy it is filed under: a VERP address whose MAC
+    /// verifies (the envelope's, or the returned message's envelope sender). Only a
+    /// verified bounce suppresses; the receipt id, Message-ID and ENVID are known to every
+    /// recipient of the message, so a match by them alone is kept but does not.
+    pub verified: bool,
 }
 
 /// A stored bounce record with its handled state.
@@ -505,9 +510,10 @@ pub trait Store: Send + Sync + 'static {
         by: Option<&str>,
         at_ms: i64,
     ) -> Result<HandledChange, StoreError>;
-    /// Types of the recent bounces that changed the status of a recipient with this address
-    /// (failures matched to mail we sent; not delay notices, auto-replies or unmatched or
-    /// untrusted records), newest first, one per returned message: the soft-bounce run.
+    /// Types of the recent verified bounces that changed the status of a recipient with
+    /// this address (failures matched to mail we sent; not delay notices, auto-replies or
+    /// unmatched or unverified records), newest first, one per returned message: the
+    /// soft-bounce run.
     async fn recent_bounce_types(
         &self,
         address: &str,

@@ -488,6 +488,7 @@ fn bounce_row(r: &Row) -> rusqlite::Result<StoredBounce> {
         bounce_type: r.get(14)?,
         source_receipt: opt_receipt_at(r, 15)?,
         reported_recipient: r.get(18)?,
+        verified: r.get(19)?,
     };
     Ok(StoredBounce {
         id: r.get(0)?,
@@ -510,7 +511,7 @@ pub fn bounces(conn: &Connection, q: &BounceQuery) -> Result<Vec<StoredBounce>, 
         )
         SELECT id, at, receipt, correlation, idx, recipient, kind, action, status, reply_code,
                diagnostic, remote_mta, reporting_mta, reason, bounce_type, source_receipt,
-               handled_by, handled_at, reported_recipient
+               handled_by, handled_at, reported_recipient, verified
         FROM matching WHERE (NOT ?4 OR nth = 1)
         ORDER BY at DESC, id DESC LIMIT ?5";
     let mut st = conn.prepare_cached(sql).map_err(storage)?;
@@ -539,7 +540,7 @@ pub fn recent_bounce_types(
         // from the row of the MAX).
         .prepare_cached(
             "SELECT bounce_type, MAX(at) AS last FROM bounces
-             WHERE recipient_lc = ?1 AND at >= ?2 AND acted = 1
+             WHERE recipient_lc = ?1 AND at >= ?2 AND acted = 1 AND verified = 1
              GROUP BY COALESCE(source_receipt, 'row ' || id)
              ORDER BY last DESC",
         )

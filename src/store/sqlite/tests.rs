@@ -151,6 +151,52 @@ async fn bounce_ids_of_a_schema_4_database_are_kept_and_never_given_out_again() 
     );
 }
 
+#[tokio::test]
+async fn bounces_of_a_schema_7_database_are_verified_when_matched_by_verp() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    let mut conn = Connection::open(&path).unwrap();
+    schema::migrate_to(&mut conn, 7).unwrap();
+    for (at, correlation) in [
+        (1000, "verp"),
+        (2000, "message_id"),
+        (3000, "receipt_header"),
+    ] {
+        conn.execute(
+            "INSERT INTO bounces (at, receipt, idx, correlation, recipient, recipient_lc, kind,
+                 reason, bounce_type, acted)
+             VALUES (?1, '01M84TQJYPE2DRCRGB1667C64M', 0, ?2, 'a@example.net', 'a@example.net',
+                 'dsn', 'mailboxfull', 'soft', 1)",
+            rusqlite::params![at, correlation],
+        )
+        .unwrap();
+    }
+    drop(conn);
+
+    let store = store_in(&dir);
+    let mut kept: Vec<(String, bool)> = store
+        .bounces(&BounceQuery::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.facts.at_ms.to_string(), b.facts.verified))
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [
+            ("1000".to_string(), true),
+            ("2000".to_string(), false),
+            ("3000".to_string(), false)
+        ]
+    );
+    // Only the verified one is part of a soft-bounce run.
+    assert_eq!(
+        store.recent_bounce_types("a@example.net", 0).await.unwrap(),
+        ["soft"]
+    );
+}
+
 #[test]
 fn refuses_a_database_from_a_newer_version() {
     let dir = TempDir::new().unwrap();
@@ -842,6 +888,7 @@ fn new_bounce(receipt: Option<ReceiptId>, idx: Option<u32>, at_ms: i64) -> NewBo
         reason: "userunknown".into(),
         bounce_type: "hard".into(),
         source_receipt: None,
+        verified: receipt.is_some(),
     };
     NewBounce {
         facts,

@@ -182,10 +182,10 @@ impl BounceIngest {
         let now = chrono::Utc::now().timestamp_millis();
         let own = OwnHeader::of(raw);
         // Returned mail without a Message-ID is known by its content instead.
-        let message_id = own
-            .message_id
-            .clone()
-            .or_else(|| Some(content_key(raw, &own)));
+        let mail_key = match &own.message_id {
+            Some(id) => id.clone(),
+            None => content_key(raw, &own),
+        };
         // What the bounce is about was sent before it was written (its Date), else before now.
         let dated_ms = own.date_ms.map_or(now, |d| d.min(now));
         let mut bounces: Vec<NewBounce> = Vec::with_capacity(records.len());
@@ -212,10 +212,8 @@ impl BounceIngest {
                 Effect::Move => "moved",
                 Effect::MoveAndSuppress => "true",
             };
-            bounce.dedup_key = message_id.as_ref().map(|id| {
-                let about = bounce.facts.recipient.to_lowercase();
-                format!("{id}\n{position}\n{about}\n{acts}")
-            });
+            let about = bounce.facts.recipient.to_lowercase();
+            bounce.dedup_key = Some(format!("{mail_key}\n{position}\n{about}\n{acts}"));
             bounces.push(bounce);
         }
         let recorded = self.store.record_bounces(bounces.clone(), source).await?;

@@ -327,8 +327,9 @@ pub struct NewBounce {
     pub new_status: Option<RecipientStatus>,
     /// The suppression-list entry it adds or refreshes, if it suppresses its address.
     pub suppress: Option<Suppression>,
-    /// Names this record among all returned mail (its message's own Message-ID and its
-    /// place in it): one already stored under it is not stored again.
+    /// Names this record among all returned mail (its message's own Message-ID, or a hash
+    /// of its content when it has none, and its place in it): one already stored under it
+    /// is not stored again.
     pub dedup_key: Option<String>,
 }
 

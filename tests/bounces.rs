@@ -353,3 +353,55 @@ async fn bounce_ingest_correlates_by_receipt_header_and_keeps_unmatched() {
     assert_eq!(v["correlation"], "unmatched");
     assert_eq!(v["reason"], "userunknown");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bounce_ingest_twice_stores_returned_mail_without_message_id_once() {
+    let mx = TestMx::start(Script::default()).await;
+    let m = start_relay(mx.port());
+    let receipt = submit(&m, &["hana@dest.test"], "statement");
+    wait_until("hana delivered", Duration::from_secs(30), || {
+        status_of(&m, "hana@dest.test")["status"] == "delivered"
+    });
+    // Bounces whose reporting MTA gave them no Message-ID: one naming our receipt, and an
+    // mbox of two about a stranger that differ only in their Date (two bounces, not one).
+    let without_id = |dsn: String| -> String {
+        dsn.lines()
+            .filter(|l| !l.starts_with("Message-ID:"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("hana.eml"),
+        without_id(dsn_for("hana@dest.test", &receipt)),
+    )
+    .unwrap();
+    let stranger = without_id(dsn_for("stranger@dest.test", "01M84TQJYPE2DRCRGB1667C64M"));
+    let dated = |date: &str| {
+        format!("From MAILER-DAEMON Mon Nov 23 10:00:00 2026\nDate: {date}\n{stranger}")
+    };
+    std::fs::write(
+        dir.path().join("stranger.mbox"),
+        dated("Mon, 23 Nov 2026 10:00:00 +0000") + &dated("Tue, 24 Nov 2026 10:00:00 +0000"),
+    )
+    .unwrap();
+
+    let first = m.cli_ok(&["bounce", "ingest", dir.path().to_str().unwrap()]);
+    assert!(first.contains("3 bounce records stored"), "{first}");
+    assert_eq!(status_of(&m, "hana@dest.test")["status"], "bounced");
+    let stored = m.cli_ok(&["bounces", "--json"]);
+    assert_eq!(stored.lines().count(), 3, "{stored}");
+
+    // The same files again (a cron job over a mailbox): nothing new.
+    let again = m.cli_ok(&["bounce", "ingest", dir.path().to_str().unwrap()]);
+    assert_eq!(
+        again.matches("stored before: unchanged").count(),
+        3,
+        "{again}"
+    );
+    assert!(
+        again.contains("0 bounce records stored, 3 stored before"),
+        "{again}"
+    );
+    assert_eq!(m.cli_ok(&["bounces", "--json"]), stored);
+}

@@ -2,9 +2,11 @@
 //! recipient's status change, the suppression list and metrics.
 //!
 //! Correlation, in order of trust: the VERP address the bounce was sent to (MAC verified
-//! before the mail was even accepted), our receipt id in the returned message's `Received:`
-//! header, its `Message-ID`, its ENVID. A record that matches nothing is still stored under
-//! its recipient address, so it can be found by address.
+//! before the mail was even accepted) or that the returned message names as its envelope
+//! sender, our receipt id in the returned message's `Received:` header, its `Message-ID`,
+//! its ENVID. Only a VERP match is verified and may suppress (see [`Effect`]). A record
+//! that matches nothing is still stored under its recipient address, so it can be found by
+//! address.
 
 use std::sync::Arc;
 
@@ -31,24 +33,46 @@ pub struct Match {
     pub recipient: Option<RecipientRef>,
 }
 
+/// What a matched record may do to its recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Effect {
+    /// Stored against the message and shown in its log; the recipient stays as it is.
+    Record,
+    /// Moves the recipient's status (`bounced`, `complained`) but suppresses nothing and
+    /// counts toward no soft-bounce run.
+    Move,
+    /// Moves the status and may suppress the address.
+    MoveAndSuppress,
+}
+
 impl Match {
-    /// Whether a record matched here may change its recipient's status and suppress its
-    /// address. A VERP match is proof (the MAC names one copy we sent) and bounce mail an
-    /// admin feeds in (`bounce ingest`) is trusted; a complaint is matched by the returned
-    /// message (feedback loops report to a fixed address, never VERP). A DSN that reached a
-    /// plain address of the bounce domain over SMTP and names our receipt id or Message-ID
-    /// is recorded against the message but changes nothing: anyone who received the
-    /// message could have written it, about its other recipients. Nor does any record about
-    /// a recipient the receiving server never took (queued, refused, suppressed, failed):
-    /// there was nothing to bounce.
-    fn acts(&self, record: &BounceRecord, from_smtp: bool) -> bool {
-        let trusted =
-            self.correlation == Correlation::Verp || !from_smtp || record.kind == BounceKind::Arf;
-        trusted
-            && self
-                .recipient
-                .as_ref()
-                .is_some_and(|r| r.status.was_handed_over())
+    /// Whether this match is proof that the record is about the copy it names: a VERP
+    /// address whose MAC verifies, which only we and the holder of that one copy know. The
+    /// receipt id (in the `Received:` field), the Message-ID and the ENVID are seen by every
+    /// recipient of the message and by whoever it is forwarded to.
+    pub fn verified(&self) -> bool {
+        self.correlation == Correlation::Verp
+    }
+
+    /// What a record matched here may do. Only a verified match suppresses. An unverified
+    /// one in bounce mail an admin feeds in (`bounce ingest`: a mailbox the admin chose)
+    /// moves the recipient's status, as the log should say what the bounce said, and
+    /// suppresses nothing; one that arrived over SMTP (anyone may write to `bounces@`,
+    /// `fbl@`) changes nothing, complaints included: knowing a message's Message-ID was
+    /// enough to have any of its recipients marked `complained` and suppressed. Nor does
+    /// any record act on a recipient the receiving server never took (queued, refused,
+    /// suppressed, failed): there was nothing to bounce.
+    fn effect(&self, from_smtp: bool) -> Effect {
+        let handed_over = self
+            .recipient
+            .as_ref()
+            .is_some_and(|r| r.status.was_handed_over());
+        match (handed_over, self.verified(), from_smtp) {
+            (false, _, _) => Effect::Record,
+            (true, true, _) => Effect::MoveAndSuppress,
+            (true, false, false) => Effect::Move,
+            (true, false, true) => Effect::Record,
+        }
     }
 }
 
@@ -61,6 +85,8 @@ pub struct Ingested {
     pub bounce_type: String,
     pub correlation: Correlation,
     pub receipt: Option<ReceiptId>,
+    /// Matched by proof (see [`Match::verified`]).
+    pub verified: bool,
     pub suppressed: bool,
     /// Stored before (the same returned mail again): nothing changed.
     pub duplicate: bool,
@@ -154,28 +180,40 @@ impl BounceIngest {
         let records = super::parse_with(raw, &self.classifier);
         let verp_tag = self.verp_tag(envelope_recipients);
         let now = chrono::Utc::now().timestamp_millis();
-        let message_id = own_message_id(raw);
+        let own = OwnHeader::of(raw);
+        // Returned mail without a Message-ID is known by its content instead.
+        let mail_key = match &own.message_id {
+            Some(id) => id.clone(),
+            None => content_key(raw, &own),
+        };
+        // What the bounce is about was sent before it was written (its Date), else before now.
+        let dated_ms = own.date_ms.map_or(now, |d| d.min(now));
         let mut bounces: Vec<NewBounce> = Vec::with_capacity(records.len());
         for (position, record) in records.iter().enumerate() {
-            let matched = self.correlate(record, verp_tag).await?;
-            // Only a record that may act on its recipient suppresses, and then the address
-            // we sent to: an unmatched bounce proves nothing about any address of ours.
-            let acting = matched
+            let matched = self.correlate(record, verp_tag, dated_ms).await?;
+            let effect = matched
                 .as_ref()
-                .filter(|m| m.acts(record, source.is_some()));
-            let suppress = match acting.and_then(|m| m.recipient.as_ref()) {
-                Some(r) => self.suppression(record, &r.address, now).await?,
-                None => None,
+                .map_or(Effect::Record, |m| m.effect(source.is_some()));
+            // Only a verified record suppresses, and then the address we sent to: an
+            // unmatched bounce proves nothing about any address of ours.
+            let suppress = match (effect, matched.as_ref().and_then(|m| m.recipient.as_ref())) {
+                (Effect::MoveAndSuppress, Some(r)) => {
+                    self.suppression(record, &r.address, now).await?
+                }
+                _ => None,
             };
-            let status = acting.and(new_status(record));
-            let acts = acting.is_some();
+            let status = new_status(record).filter(|_| effect != Effect::Record);
             let mut bounce = new_bounce(record, matched, status, source, suppress, now);
-            // The same record again adds nothing; a copy that acts is not the same as one
-            // that did not (a copy first sent to a plain address must not block the real one).
-            bounce.dedup_key = message_id.as_ref().map(|id| {
-                let about = bounce.facts.recipient.to_lowercase();
-                format!("{id}\n{position}\n{about}\n{acts}")
-            });
+            // The same record again adds nothing; a copy that may do more is not the same
+            // as one that did less (a copy first sent to a plain address must not block the
+            // real one). `true`/`false` as before unverified moves existed.
+            let acts = match effect {
+                Effect::Record => "false",
+                Effect::Move => "moved",
+                Effect::MoveAndSuppress => "true",
+            };
+            let about = bounce.facts.recipient.to_lowercase();
+            bounce.dedup_key = Some(format!("{mail_key}\n{position}\n{about}\n{acts}"));
             bounces.push(bounce);
         }
         let recorded = self.store.record_bounces(bounces.clone(), source).await?;
@@ -226,6 +264,7 @@ impl BounceIngest {
             bounce_type: f.bounce_type,
             correlation: f.correlation,
             receipt: f.receipt,
+            verified: f.verified,
             suppressed,
             duplicate: r.duplicate,
         }
@@ -243,7 +282,17 @@ impl BounceIngest {
         &self,
         record: &BounceRecord,
         verp_tag: Option<verp::VerpTag>,
+        dated_ms: i64,
     ) -> Result<Option<Match>, StoreError> {
+        // The envelope's VERP address, else the one the report gives as the returned
+        // message's envelope sender (ARF `Original-Mail-From`, Postfix's `X-Postfix-Sender`,
+        // the returned `Return-Path`): only we and that copy's recipient know its MAC.
+        let verp_tag = verp_tag.or_else(|| {
+            let key = self.verp_key.as_deref()?;
+            let d = &self.config.delivery;
+            let sender = record.original_sender.as_deref()?;
+            verp::decode(key, &d.bounce_local_part, &d.bounce_domain, sender).ok()
+        });
         if let Some(tag) = verp_tag {
             // The VERP address names the copy, whatever address the bounce reports (a
             // forwarded or rewritten one, or, forged by that recipient, another's).
@@ -254,26 +303,32 @@ impl BounceIngest {
                 recipient: self.store.recipient(tag.receipt, tag.rcpt_index).await?,
             }));
         }
-        let mut candidates: Vec<(ReceiptId, Correlation)> = Vec::new();
-        if let Some(r) = record.receipt {
-            candidates.push((r, Correlation::ReceiptHeader));
-        }
-        if let Some(id) = record.message_id.as_deref()
-            && let Some(r) = self.store.find_by_message_id(trim_angle(id)).await?
-        {
-            candidates.push((r, Correlation::MessageId));
-        }
-        if let Some(envid) = record.envid.as_deref()
-            && let Some(r) = self.store.find_by_envid(envid).await?
-        {
-            candidates.push((r, Correlation::Envid));
-        }
         let addresses: Vec<&str> = std::iter::once(record.recipient.as_str())
             .chain(record.original_recipient.as_deref())
             .filter(|a| !a.is_empty())
             .collect();
-        for (receipt, correlation) in candidates {
+        // Each way needs the reported address among the message's recipients; a Message-ID
+        // or ENVID may name several messages (an application resending), of which the one
+        // sent to that address, the newest before the bounce, is meant.
+        for correlation in [
+            Correlation::ReceiptHeader,
+            Correlation::MessageId,
+            Correlation::Envid,
+        ] {
             for a in &addresses {
+                let receipt = match (correlation, &record.message_id, &record.envid) {
+                    (Correlation::ReceiptHeader, _, _) => record.receipt,
+                    (Correlation::MessageId, Some(id), _) => {
+                        self.store
+                            .find_by_message_id(trim_angle(id), a, dated_ms)
+                            .await?
+                    }
+                    (Correlation::Envid, _, Some(envid)) => {
+                        self.store.find_by_envid(envid, a, dated_ms).await?
+                    }
+                    _ => None,
+                };
+                let Some(receipt) = receipt else { continue };
                 if let Some(r) = self.store.find_recipient(receipt, a).await? {
                     return Ok(Some(Match {
                         receipt,
@@ -411,6 +466,7 @@ fn new_bounce(
     suppress: Option<Suppression>,
     now: i64,
 ) -> NewBounce {
+    let verified = matched.as_ref().is_some_and(Match::verified);
     // Filed under the recipient it matched (what it acts on and counts toward).
     let matched_address = matched
         .as_ref()
@@ -438,6 +494,7 @@ fn new_bounce(
             reason: record.reason.as_str().to_string(),
             bounce_type: record.bounce_type.as_str().to_string(),
             source_receipt: source,
+            verified,
         },
         new_status,
         suppress,
@@ -473,14 +530,67 @@ pub fn delivered_to(raw: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// The returned mail's own `Message-ID` (what a reporting MTA sends again unchanged when it
-/// retries, and what a mailbox keeps), angle brackets stripped.
-fn own_message_id(raw: &[u8]) -> Option<String> {
-    mail_parser::MessageParser::default()
-        .parse_headers(raw)?
-        .message_id()
-        .map(|id| trim_angle(id).to_string())
-        .filter(|id| !id.is_empty())
+/// What the returned mail's own header says about it.
+#[derive(Default)]
+struct OwnHeader {
+    /// Its `Message-ID` (what a reporting MTA sends again unchanged when it retries, and
+    /// what a mailbox keeps), angle brackets stripped.
+    message_id: Option<String>,
+    /// Its `Date`, in ms since the Unix epoch (the end of its second).
+    date_ms: Option<i64>,
+    /// The `Date`, `From` and `Subject` fields as written (for [`content_key`]).
+    date_from_subject: [Option<String>; 3],
+}
+
+impl OwnHeader {
+    fn of(raw: &[u8]) -> Self {
+        let Some(header) = mail_parser::MessageParser::default().parse_headers(raw) else {
+            return Self::default();
+        };
+        let field = |name: &str| header.header_raw(name).map(|v| v.trim().to_string());
+        Self {
+            message_id: header
+                .message_id()
+                .map(|id| trim_angle(id).to_string())
+                .filter(|id| !id.is_empty()),
+            date_from_subject: [field("Date"), field("From"), field("Subject")],
+            date_ms: header
+                .date()
+                .map(|d| d.to_timestamp().saturating_mul(1000).saturating_add(999)),
+        }
+    }
+}
+
+/// Names returned mail that has no `Message-ID` by what the sender wrote: a SHA-256 of its
+/// `Date`, `From` and `Subject` and of its body (everything after the header, line breaks
+/// read as LF). A reporting MTA that sends it again, or a mailbox fed to `bounce ingest`
+/// again, gives the same bytes; the trace fields above it (our own `Received:`, a
+/// mailbox's `Delivered-To`) are left out, as they differ between copies.
+fn content_key(raw: &[u8], own: &OwnHeader) -> String {
+    use sha2::Digest as _;
+    let mut hash = sha2::Sha256::new();
+    for field in &own.date_from_subject {
+        hash.update(field.as_deref().unwrap_or("").as_bytes());
+        hash.update(b"\n");
+    }
+    for run in body_of(raw).split(|&b| b == b'\r') {
+        hash.update(run);
+    }
+    let digest = hash.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("content sha256:{hex}")
+}
+
+/// What follows the first empty line of `raw` (nothing when there is none).
+fn body_of(raw: &[u8]) -> &[u8] {
+    let mut line_start = 0;
+    for line in raw.split_inclusive(|&b| b == b'\n') {
+        line_start += line.len();
+        if line == b"\n" || line == b"\r\n" {
+            return raw.get(line_start..).unwrap_or(&[]);
+        }
+    }
+    &[]
 }
 
 fn trim_angle(id: &str) -> &str {
@@ -829,19 +939,19 @@ mod tests {
             Some("alice@ex.test")
         );
 
-        // Bounce mail an admin feeds in is trusted with the receipt id it names.
+        // Bounce mail an admin feeds in moves the recipient the receipt id it names, but
+        // without proof suppresses nothing.
         let fed = ingest
             .ingest(dsn("bob@ex.test", receipt).as_bytes(), &[], None)
             .await
             .unwrap();
         assert_eq!(fed[0].correlation, Correlation::ReceiptHeader);
+        assert!(!fed[0].verified && !fed[0].suppressed, "{fed:?}");
         assert_eq!(
             statuses().await,
             ["delivered", "bounced", "bounced", "queued"]
         );
-        let mut list = suppressed().await;
-        list.sort_unstable();
-        assert_eq!(list, ["bob@ex.test", "carol@ex.test"]);
+        assert_eq!(suppressed().await, ["carol@ex.test"]);
 
         // Even trusted, a bounce about a recipient never handed over has nothing to bounce.
         let fed = ingest
@@ -854,6 +964,227 @@ mod tests {
             statuses().await,
             ["delivered", "bounced", "bounced", "queued"]
         );
+    }
+
+    #[tokio::test]
+    async fn a_bounce_is_tied_to_the_resent_message_it_is_about() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (store, ingest, _) = verp_ingest(&dir);
+        let at = |t: &str| {
+            chrono::DateTime::parse_from_rfc3339(&format!("2026-11-23T{t}:00Z"))
+                .unwrap()
+                .timestamp_millis()
+        };
+        // An application sends invoice 7 to ann and ben, then again under the same
+        // Message-ID to ben alone, then to ann alone.
+        let mut sent = Vec::new();
+        for (to, time) in [
+            (&["ann@ex.test", "ben@ex.test"][..], "09:00"),
+            (&["ben@ex.test"][..], "11:00"),
+            (&["ann@ex.test"][..], "12:00"),
+        ] {
+            let mut msg = crate::test_support::accepted_message(to, b"Subject: 7\r\n\r\nhi\r\n");
+            msg.message_id = Some("<inv-7@app.test>".into());
+            msg.received_at_ms = at(time);
+            sent.push(msg.receipt);
+            store.accept(msg).await.unwrap();
+        }
+        // Bounces fed in from the application's mailbox, naming no receipt id: only the
+        // returned Message-ID and the bounce's own date say which copy.
+        let bounce = |rcpt: &str, date: &str| {
+            report(
+                &format!("{rcpt}.{date}"),
+                &format!(
+                    "Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+                ),
+                Some(&format!("Message-ID: <inv-7@app.test>\r\nTo: {rcpt}\r\n")),
+            )
+            .replacen(
+                "Subject:",
+                &format!("Date: Mon, 23 Nov 2026 {date}:00 +0000\r\nSubject:"),
+                1,
+            )
+        };
+        for (rcpt, date, copy) in [
+            ("ann@ex.test", "10:00", 0),
+            ("ben@ex.test", "10:30", 0),
+            ("ben@ex.test", "11:30", 1),
+            ("ann@ex.test", "12:30", 2),
+        ] {
+            let fed = ingest
+                .ingest(bounce(rcpt, date).as_bytes(), &[], None)
+                .await
+                .unwrap();
+            assert_eq!(fed.len(), 1, "{fed:?}");
+            assert_eq!(fed[0].correlation, Correlation::MessageId, "{rcpt} {date}");
+            assert_eq!(fed[0].receipt, Some(sent[copy]), "{rcpt} at {date}");
+        }
+    }
+
+    #[tokio::test]
+    async fn returned_mail_without_a_message_id_is_stored_once() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (store, ingest, _) = verp_ingest(&dir);
+        let receipt = ReceiptId::new();
+        let no_id = dsn("gone@ex.test", receipt).replacen(
+            "Message-ID: <dsn.gone@ex.test@mx.remote.test>\r\n",
+            "Date: Mon, 23 Nov 2026 10:00:00 +0000\r\n",
+            1,
+        );
+        assert!(!no_id.contains("Message-ID"), "{no_id}");
+        // The reporting MTA sends it again after a lost 250 (each copy under its own
+        // Received field of ours), and a mailbox holding it, with LF line ends, is fed in.
+        for hop in ["a", "b"] {
+            let copy = format!("Received: from mx.remote.test by mt.test id {hop}\r\n{no_id}");
+            inbound_to(&store, "bounces@bounce.test", &copy).await;
+        }
+        assert_eq!(ingest.process_pending().await.unwrap(), 2);
+        let fed = ingest
+            .ingest(no_id.replace("\r\n", "\n").as_bytes(), &[], None)
+            .await
+            .unwrap();
+        assert!(fed.iter().all(|i| i.duplicate), "{fed:?}");
+        assert_eq!(store.bounces(&Default::default()).await.unwrap().len(), 1);
+        // Another bounce that differs only in its Date is another bounce.
+        let later = no_id.replace("Mon, 23 Nov 2026", "Tue, 24 Nov 2026");
+        let fed = ingest.ingest(later.as_bytes(), &[], None).await.unwrap();
+        assert!(fed.iter().all(|i| !i.duplicate), "{fed:?}");
+        assert_eq!(store.bounces(&Default::default()).await.unwrap().len(), 2);
+    }
+
+    /// An ARF complaint (report Message-ID `<arf.{n}@isp.test>`) about `rcpt`, with
+    /// `Original-Mail-From: <{mail_from}>` when given, returning a message whose header
+    /// has `returned` (with `To: rcpt`).
+    fn complaint(n: usize, rcpt: &str, mail_from: Option<&str>, returned: &str) -> String {
+        let mail_from =
+            mail_from.map_or(String::new(), |a| format!("Original-Mail-From: <{a}>\r\n"));
+        format!(
+            "From: feedback@isp.test\r\nTo: fbl@bounce.test\r\nMessage-ID: <arf.{n}@isp.test>\r\n\
+             Subject: Abuse report\r\nMIME-Version: 1.0\r\n\
+             Content-Type: multipart/report; report-type=feedback-report; boundary=f1\r\n\r\n\
+             --f1\r\nContent-Type: text/plain\r\n\r\nThis is an email abuse report.\r\n\r\n\
+             --f1\r\nContent-Type: message/feedback-report\r\n\r\n\
+             Feedback-Type: abuse\r\nUser-Agent: ExampleFBL/1.0\r\nVersion: 1\r\n{mail_from}\
+             Original-Rcpt-To: {rcpt}\r\n\r\n\
+             --f1\r\nContent-Type: message/rfc822\r\n\r\n\
+             {returned}From: app@example.com\r\nTo: {rcpt}\r\nSubject: newsletter\r\n\r\n\
+             Buy now.\r\n--f1--\r\n"
+        )
+    }
+
+    #[tokio::test]
+    async fn a_complaint_without_proof_marks_and_suppresses_no_one() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (store, ingest, key) = verp_ingest(&dir);
+        let recipients = ["alice@ex.test", "bob@ex.test", "carol@ex.test"];
+        let mut sent =
+            crate::test_support::accepted_message(&recipients, b"Subject: hi\r\n\r\nhi\r\n");
+        sent.message_id = Some("<news-1@app.test>".into());
+        let receipt = sent.receipt;
+        store.accept(sent).await.unwrap();
+        rusqlite::Connection::open(dir.path().join("m.db"))
+            .unwrap()
+            .execute(
+                "UPDATE recipients SET status = 'delivered' WHERE receipt = ?1",
+                [receipt.to_string()],
+            )
+            .unwrap();
+        let now = chrono::Utc::now().timestamp_millis();
+        let statuses = || async {
+            let log = store
+                .log(&LogQuery {
+                    key: LogKey::Receipt(receipt),
+                    since_ms: None,
+                    until_ms: None,
+                    limit: 1,
+                })
+                .await
+                .unwrap();
+            log[0]
+                .recipients
+                .iter()
+                .map(|r| r.status.as_str())
+                .collect::<Vec<_>>()
+        };
+        let suppressed = || async {
+            let list = store.suppression_list(now).await.unwrap();
+            list.into_iter().map(|s| s.address).collect::<Vec<_>>()
+        };
+        let by_message_id = "Message-ID: <news-1@app.test>\r\n".to_string();
+        let by_receipt = format!(
+            "Received: from app by mt.test (mailtrail) with ESMTP id {receipt}; Mon, 23 Nov 2026 10:00:00 +0000\r\n"
+        );
+        let forged_verp = format!("bounces+{receipt}-0-aaaaaaaa@bounce.test");
+
+        // Anyone who knows the Message-ID or the receipt id (every recipient does) writes a
+        // complaint about alice to fbl@, one with a made-up VERP sender too: each is kept,
+        // tied to the message, and changes nothing.
+        inbound_to(
+            &store,
+            "fbl@bounce.test",
+            &complaint(1, "alice@ex.test", None, &by_message_id),
+        )
+        .await;
+        inbound_to(
+            &store,
+            "fbl@bounce.test",
+            &complaint(2, "alice@ex.test", None, &by_receipt),
+        )
+        .await;
+        inbound_to(
+            &store,
+            "fbl@bounce.test",
+            &complaint(3, "alice@ex.test", Some(&forged_verp), &by_message_id),
+        )
+        .await;
+        assert_eq!(ingest.process_pending().await.unwrap(), 3);
+        let kept = store.bounces(&Default::default()).await.unwrap();
+        assert_eq!(kept.len(), 3, "{kept:?}");
+        assert!(
+            kept.iter()
+                .all(|b| b.facts.receipt == Some(receipt) && !b.facts.verified),
+            "{kept:?}"
+        );
+        assert_eq!(statuses().await, ["delivered", "delivered", "delivered"]);
+        assert!(suppressed().await.is_empty());
+
+        // A feedback loop's report gives the complained-of copy's envelope sender, our VERP
+        // address for bob: proof, whatever address it names.
+        let bob_verp = verp::encode(&key, "bounces", "bounce.test", receipt, 1);
+        inbound_to(
+            &store,
+            "fbl@bounce.test",
+            &complaint(4, "alice@ex.test", Some(&bob_verp), &by_message_id),
+        )
+        .await;
+        // Or only the returned message's Return-Path does.
+        let carol_verp = verp::encode(&key, "bounces", "bounce.test", receipt, 2);
+        let return_path = format!("Return-Path: <{carol_verp}>\r\n");
+        inbound_to(
+            &store,
+            "fbl@bounce.test",
+            &complaint(5, "carol@ex.test", None, &return_path),
+        )
+        .await;
+        assert_eq!(ingest.process_pending().await.unwrap(), 2);
+        assert_eq!(statuses().await, ["delivered", "complained", "complained"]);
+        let mut list = suppressed().await;
+        list.sort_unstable();
+        assert_eq!(list, ["bob@ex.test", "carol@ex.test"]);
+
+        // Fed in by an admin, an unverified complaint marks alice but does not suppress her.
+        let fed = ingest
+            .ingest(
+                complaint(6, "alice@ex.test", None, &by_message_id).as_bytes(),
+                &[],
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(fed[0].correlation, Correlation::MessageId);
+        assert!(!fed[0].verified && !fed[0].suppressed, "{fed:?}");
+        assert_eq!(statuses().await, ["complained", "complained", "complained"]);
+        assert!(!suppressed().await.contains(&"alice@ex.test".to_string()));
     }
 
     #[test]

@@ -27,8 +27,8 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>6}  {:<20}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<9}  diagnostic",
-        "id", "time", "recipient", "reason", "type", "status", "receipt", "handled"
+        "{:>6}  {:<20}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<10}  {:<9}  diagnostic",
+        "id", "time", "recipient", "reason", "type", "status", "receipt", "match", "handled"
     );
     for b in bounces {
         let f = &b.facts;
@@ -45,7 +45,7 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
             .collect::<String>();
         let _ = writeln!(
             out,
-            "{:>6}  {:<20}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<9}  {}",
+            "{:>6}  {:<20}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<10}  {:<9}  {}",
             b.id,
             format_time(f.at_ms).get(..19).unwrap_or(""),
             sanitize(&f.recipient),
@@ -55,6 +55,12 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
             f.receipt
                 .map(|r| r.to_string())
                 .unwrap_or_else(|| "(unmatched)".into()),
+            match (f.receipt, f.verified) {
+                (None, _) => "-",
+                (Some(_), true) => "verified",
+                // Matched by what every recipient of the message saw: it suppressed nothing.
+                (Some(_), false) => "unverified",
+            },
             handled,
             diagnostic
         );
@@ -104,7 +110,8 @@ pub fn render_ingested(file: &str, i: &Ingested) -> String {
         i.reason,
         i.bounce_type,
         match i.receipt {
-            Some(r) => format!("matched {r} by {:?}", i.correlation),
+            Some(r) if i.verified => format!("matched {r} by {:?}", i.correlation),
+            Some(r) => format!("matched {r} by {:?}, unverified", i.correlation),
             None => "unmatched".to_string(),
         },
         i.bounce_id,
@@ -141,6 +148,7 @@ mod tests {
             reason: "userunknown".into(),
             bounce_type: "hard".into(),
             source_receipt: None,
+            verified: false,
         };
         StoredBounce {
             id: 7,

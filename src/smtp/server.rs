@@ -632,10 +632,20 @@ mod tests {
         ) -> Result<Option<crate::store::RecipientRef>, StoreError> {
             unused()
         }
-        async fn find_by_message_id(&self, _: &str) -> Result<Option<ReceiptId>, StoreError> {
+        async fn find_by_message_id(
+            &self,
+            _: &str,
+            _: &str,
+            _: i64,
+        ) -> Result<Option<ReceiptId>, StoreError> {
             unused()
         }
-        async fn find_by_envid(&self, _: &str) -> Result<Option<ReceiptId>, StoreError> {
+        async fn find_by_envid(
+            &self,
+            _: &str,
+            _: &str,
+            _: i64,
+        ) -> Result<Option<ReceiptId>, StoreError> {
             unused()
         }
         async fn record_bounces(

@@ -302,6 +302,11 @@ pub struct BounceFacts {
     pub bounce_type: String,
     /// The stored inbound message (bounce mail) it was parsed from, if any.
     pub source_receipt: Option<ReceiptId>,
+    /// Correlation proved it is about the copy it is filed under: a VERP address whose MAC
+    /// verifies (the envelope's, or the returned message's envelope sender). Only a
+    /// verified bounce suppresses; the receipt id, Message-ID and ENVID are known to every
+    /// recipient of the message, so a match by them alone is kept but does not.
+    pub verified: bool,
 }
 
 /// A stored bounce record with its handled state.
@@ -322,8 +327,9 @@ pub struct NewBounce {
     pub new_status: Option<RecipientStatus>,
     /// The suppression-list entry it adds or refreshes, if it suppresses its address.
     pub suppress: Option<Suppression>,
-    /// Names this record among all returned mail (its message's own Message-ID and its
-    /// place in it): one already stored under it is not stored again.
+    /// Names this record among all returned mail (its message's own Message-ID, or a hash
+    /// of its content when it has none, and its place in it): one already stored under it
+    /// is not stored again.
     pub dedup_key: Option<String>,
 }
 
@@ -468,9 +474,23 @@ pub trait Store: Send + Sync + 'static {
         receipt: ReceiptId,
         idx: u32,
     ) -> Result<Option<RecipientRef>, StoreError>;
-    /// Receipt of a sent message by its `Message-ID` (angle brackets stripped).
-    async fn find_by_message_id(&self, message_id: &str) -> Result<Option<ReceiptId>, StoreError>;
-    async fn find_by_envid(&self, envid: &str) -> Result<Option<ReceiptId>, StoreError>;
+    /// Receipt of the sent message with this `Message-ID` (angle brackets stripped) that
+    /// has `address` (case-insensitive) among its recipients: of several (an application
+    /// resending under one Message-ID), the newest received at or before `before_ms` (the
+    /// bounce's date), else the oldest after it.
+    async fn find_by_message_id(
+        &self,
+        message_id: &str,
+        address: &str,
+        before_ms: i64,
+    ) -> Result<Option<ReceiptId>, StoreError>;
+    /// As [`Store::find_by_message_id`], by the ENVID given at submission.
+    async fn find_by_envid(
+        &self,
+        envid: &str,
+        address: &str,
+        before_ms: i64,
+    ) -> Result<Option<ReceiptId>, StoreError>;
     /// Stores the bounces parsed from one returned message, in one commit or not at all:
     /// each moves its matched recipient's status and appends its event, and adds its
     /// suppression; `processed`, the inbound bounce mail they came from, is marked processed
@@ -491,9 +511,10 @@ pub trait Store: Send + Sync + 'static {
         by: Option<&str>,
         at_ms: i64,
     ) -> Result<HandledChange, StoreError>;
-    /// Types of the recent bounces that changed the status of a recipient with this address
-    /// (failures matched to mail we sent; not delay notices, auto-replies or unmatched or
-    /// untrusted records), newest first, one per returned message: the soft-bounce run.
+    /// Types of the recent verified bounces that changed the status of a recipient with
+    /// this address (failures matched to mail we sent; not delay notices, auto-replies or
+    /// unmatched or unverified records), newest first, one per returned message: the
+    /// soft-bounce run.
     async fn recent_bounce_types(
         &self,
         address: &str,

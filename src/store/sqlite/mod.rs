@@ -378,15 +378,26 @@ impl Store for SqliteStore {
         self.read(move |c| read::recipient(c, receipt, idx)).await
     }
 
-    async fn find_by_message_id(&self, message_id: &str) -> Result<Option<ReceiptId>, StoreError> {
-        let message_id = message_id.to_string();
-        self.read(move |c| read::find_by_message_id(c, &message_id))
+    async fn find_by_message_id(
+        &self,
+        message_id: &str,
+        address: &str,
+        before_ms: i64,
+    ) -> Result<Option<ReceiptId>, StoreError> {
+        let (message_id, address) = (message_id.to_string(), address.to_string());
+        self.read(move |c| read::find_by_message_id(c, &message_id, &address, before_ms))
             .await
     }
 
-    async fn find_by_envid(&self, envid: &str) -> Result<Option<ReceiptId>, StoreError> {
-        let envid = envid.to_string();
-        self.read(move |c| read::find_by_envid(c, &envid)).await
+    async fn find_by_envid(
+        &self,
+        envid: &str,
+        address: &str,
+        before_ms: i64,
+    ) -> Result<Option<ReceiptId>, StoreError> {
+        let (envid, address) = (envid.to_string(), address.to_string());
+        self.read(move |c| read::find_by_envid(c, &envid, &address, before_ms))
+            .await
     }
 
     async fn record_bounces(

@@ -414,28 +414,58 @@ fn recipient_ref(r: &Row) -> rusqlite::Result<RecipientRef> {
     })
 }
 
+/// The sent message with Message-ID `message_id` that has `address` among its recipients:
+/// of those, the newest received at or before `before_ms` (the bounce's date), else (a
+/// clock ahead of ours) the oldest after it. An application that resends under the same
+/// Message-ID has several; the newest alone tied a bounce for the older copy to the newer.
 pub fn find_by_message_id(
     conn: &Connection,
     message_id: &str,
+    address: &str,
+    before_ms: i64,
 ) -> Result<Option<ReceiptId>, StoreError> {
-    conn.query_row(
-        "SELECT receipt FROM messages WHERE message_id_key = ?1 AND inbound_bounce = 0
-         ORDER BY receipt DESC LIMIT 1",
-        params![message_id_key(message_id)],
-        |r| receipt_at(r, 0),
+    sent_to(
+        conn,
+        "m.message_id_key = ?1",
+        &message_id_key(message_id),
+        address,
+        before_ms,
     )
-    .optional()
-    .map_err(storage)
 }
 
-pub fn find_by_envid(conn: &Connection, envid: &str) -> Result<Option<ReceiptId>, StoreError> {
-    conn.query_row(
-        "SELECT receipt FROM messages WHERE envid = ?1 AND inbound_bounce = 0
-         ORDER BY receipt DESC LIMIT 1",
-        params![envid],
-        |r| receipt_at(r, 0),
-    )
-    .optional()
+/// As [`find_by_message_id`], by the ENVID given at submission.
+pub fn find_by_envid(
+    conn: &Connection,
+    envid: &str,
+    address: &str,
+    before_ms: i64,
+) -> Result<Option<ReceiptId>, StoreError> {
+    sent_to(conn, "m.envid = ?1", envid, address, before_ms)
+}
+
+/// The receipt of the sent message matching `filter` (on `?1` = `value`) with `address`
+/// among its recipients: the newest received at or before `before_ms`, else the oldest after.
+fn sent_to(
+    conn: &Connection,
+    filter: &str,
+    value: &str,
+    address: &str,
+    before_ms: i64,
+) -> Result<Option<ReceiptId>, StoreError> {
+    conn.prepare_cached(&format!(
+        "SELECT m.receipt FROM messages m JOIN recipients r ON r.receipt = m.receipt
+         WHERE {filter} AND m.inbound_bounce = 0 AND r.address_lc = ?2
+         ORDER BY m.received_at <= ?3 DESC,
+             CASE WHEN m.received_at <= ?3 THEN m.received_at END DESC, m.received_at,
+             m.receipt DESC
+         LIMIT 1"
+    ))
+    .and_then(|mut st| {
+        st.query_row(params![value, address_key(address), before_ms], |r| {
+            receipt_at(r, 0)
+        })
+        .optional()
+    })
     .map_err(storage)
 }
 
@@ -458,6 +488,7 @@ fn bounce_row(r: &Row) -> rusqlite::Result<StoredBounce> {
         bounce_type: r.get(14)?,
         source_receipt: opt_receipt_at(r, 15)?,
         reported_recipient: r.get(18)?,
+        verified: r.get(19)?,
     };
     Ok(StoredBounce {
         id: r.get(0)?,
@@ -480,7 +511,7 @@ pub fn bounces(conn: &Connection, q: &BounceQuery) -> Result<Vec<StoredBounce>, 
         )
         SELECT id, at, receipt, correlation, idx, recipient, kind, action, status, reply_code,
                diagnostic, remote_mta, reporting_mta, reason, bounce_type, source_receipt,
-               handled_by, handled_at, reported_recipient
+               handled_by, handled_at, reported_recipient, verified
         FROM matching WHERE (NOT ?4 OR nth = 1)
         ORDER BY at DESC, id DESC LIMIT ?5";
     let mut st = conn.prepare_cached(sql).map_err(storage)?;
@@ -509,7 +540,7 @@ pub fn recent_bounce_types(
         // from the row of the MAX).
         .prepare_cached(
             "SELECT bounce_type, MAX(at) AS last FROM bounces
-             WHERE recipient_lc = ?1 AND at >= ?2 AND acted = 1
+             WHERE recipient_lc = ?1 AND at >= ?2 AND acted = 1 AND verified = 1
              GROUP BY COALESCE(source_receipt, 'row ' || id)
              ORDER BY last DESC",
         )

@@ -151,6 +151,52 @@ async fn bounce_ids_of_a_schema_4_database_are_kept_and_never_given_out_again() 
     );
 }
 
+#[tokio::test]
+async fn bounces_of_a_schema_7_database_are_verified_when_matched_by_verp() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    let mut conn = Connection::open(&path).unwrap();
+    schema::migrate_to(&mut conn, 7).unwrap();
+    for (at, correlation) in [
+        (1000, "verp"),
+        (2000, "message_id"),
+        (3000, "receipt_header"),
+    ] {
+        conn.execute(
+            "INSERT INTO bounces (at, receipt, idx, correlation, recipient, recipient_lc, kind,
+                 reason, bounce_type, acted)
+             VALUES (?1, '01M84TQJYPE2DRCRGB1667C64M', 0, ?2, 'a@example.net', 'a@example.net',
+                 'dsn', 'mailboxfull', 'soft', 1)",
+            rusqlite::params![at, correlation],
+        )
+        .unwrap();
+    }
+    drop(conn);
+
+    let store = store_in(&dir);
+    let mut kept: Vec<(String, bool)> = store
+        .bounces(&BounceQuery::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|b| (b.facts.at_ms.to_string(), b.facts.verified))
+        .collect();
+    kept.sort();
+    assert_eq!(
+        kept,
+        [
+            ("1000".to_string(), true),
+            ("2000".to_string(), false),
+            ("3000".to_string(), false)
+        ]
+    );
+    // Only the verified one is part of a soft-bounce run.
+    assert_eq!(
+        store.recent_bounce_types("a@example.net", 0).await.unwrap(),
+        ["soft"]
+    );
+}
+
 #[test]
 fn refuses_a_database_from_a_newer_version() {
     let dir = TempDir::new().unwrap();
@@ -842,6 +888,7 @@ fn new_bounce(receipt: Option<ReceiptId>, idx: Option<u32>, at_ms: i64) -> NewBo
         reason: "userunknown".into(),
         bounce_type: "hard".into(),
         source_receipt: None,
+        verified: receipt.is_some(),
     };
     NewBounce {
         facts,
@@ -857,6 +904,47 @@ async fn record_bounce(store: &SqliteStore, bounce: NewBounce) -> i64 {
     assert_eq!(ids.len(), 1);
     assert!(!ids[0].duplicate);
     ids[0].id
+}
+
+#[tokio::test]
+async fn a_message_id_sent_twice_finds_the_message_sent_to_the_address_before_the_bounce() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    // An application resends under one Message-ID: to a and b, then to b alone, then to a
+    // again; all with ENVID `e`.
+    let mut sent = Vec::new();
+    for (at, to) in [
+        (1_000, &["a@example.net", "b@example.net"][..]),
+        (2_000, &["b@example.net"][..]),
+        (3_000, &["a@example.net"][..]),
+    ] {
+        let mut msg = message(at, "app@example.com", to);
+        msg.envid = Some("e".into());
+        sent.push(msg.receipt);
+        store.accept(msg).await.unwrap();
+    }
+    let by_id =
+        |a: &'static str, before: i64| store.find_by_message_id("m1@app.example", a, before);
+    // The newest sent to the bounced address before the bounce, not the newest of all.
+    assert_eq!(
+        by_id("B@example.net", i64::MAX).await.unwrap(),
+        Some(sent[1])
+    );
+    assert_eq!(by_id("b@example.net", 1_500).await.unwrap(), Some(sent[0]));
+    assert_eq!(by_id("a@example.net", 2_500).await.unwrap(), Some(sent[0]));
+    assert_eq!(by_id("a@example.net", 3_000).await.unwrap(), Some(sent[2]));
+    // A bounce dated before all of them (a clock behind ours): the oldest after its date.
+    assert_eq!(by_id("a@example.net", 10).await.unwrap(), Some(sent[0]));
+    assert_eq!(by_id("c@example.net", i64::MAX).await.unwrap(), None);
+    let by_envid = |a: &'static str, before: i64| store.find_by_envid("e", a, before);
+    assert_eq!(
+        by_envid("b@example.net", 1_500).await.unwrap(),
+        Some(sent[0])
+    );
+    assert_eq!(
+        by_envid("a@example.net", 2_500).await.unwrap(),
+        Some(sent[0])
+    );
 }
 
 #[tokio::test]
@@ -884,17 +972,23 @@ async fn bounces_are_correlated_recorded_and_filtered() {
         store.find_recipient(r, "z@example.net").await.unwrap(),
         None
     );
+    let by_id = |id: &'static str, a: &'static str| store.find_by_message_id(id, a, i64::MAX);
     assert_eq!(
-        store.find_by_message_id("m1@app.example").await.unwrap(),
+        by_id("m1@app.example", "x@example.net").await.unwrap(),
         Some(r)
     );
     assert_eq!(
-        store.find_by_message_id("<m1@app.example>").await.unwrap(),
+        by_id("<m1@app.example>", "a@EXAMPLE.net").await.unwrap(),
         Some(r)
     );
-    assert_eq!(store.find_by_message_id("<nope@x>").await.unwrap(), None);
-    assert_eq!(store.find_by_envid("env-42").await.unwrap(), Some(r));
-    assert_eq!(store.find_by_envid("env-43").await.unwrap(), None);
+    assert_eq!(by_id("<nope@x>", "x@example.net").await.unwrap(), None);
+    assert_eq!(
+        by_id("m1@app.example", "z@example.net").await.unwrap(),
+        None
+    );
+    let by_envid = |e: &'static str| store.find_by_envid(e, "x@example.net", i64::MAX);
+    assert_eq!(by_envid("env-42").await.unwrap(), Some(r));
+    assert_eq!(by_envid("env-43").await.unwrap(), None);
 
     store
         .record_attempts(

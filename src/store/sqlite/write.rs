@@ -497,9 +497,9 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
     conn.execute(
         "INSERT INTO bounces (at, receipt, idx, correlation, recipient, recipient_lc, kind,
              action, status, reply_code, diagnostic, remote_mta, reporting_mta, reason,
-             bounce_type, source_receipt, acted, dedup_key, reported_recipient)
+             bounce_type, source_receipt, acted, dedup_key, reported_recipient, verified)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-             ?19)",
+             ?19, ?20)",
         params![
             b.at_ms,
             receipt,
@@ -520,6 +520,7 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
             acted,
             new.dedup_key,
             b.reported_recipient,
+            b.verified,
         ],
     )
     .map_err(storage)?;

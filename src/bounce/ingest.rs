@@ -4,7 +4,8 @@
 //! Correlation, in order of trust: the VERP address the bounce was sent to (MAC verified
 //! before the mail was even accepted) or that the returned message names as its envelope
 //! sender, our receipt id in the returned message's `Received:` header, its `Message-ID`,
-//! its ENVID. Only a VERP match is verified and may suppress (see [`Effect`]). A record
+//! its ENVID. Only a VERP match is verified; over SMTP only a verified one acts, in mail an
+//! admin feeds in any match does (see [`Match::effect`]). A record
 //! that matches nothing is still stored under its recipient address, so it can be found by
 //! address.
 
@@ -38,10 +39,7 @@ pub struct Match {
 pub enum Effect {
     /// Stored against the message and shown in its log; the recipient stays as it is.
     Record,
-    /// Moves the recipient's status (`bounced`, `complained`) but suppresses nothing and
-    /// counts toward no soft-bounce run.
-    Move,
-    /// Moves the status and may suppress the address.
+    /// Moves the recipient's status (`bounced`, `complained`) and may suppress the address.
     MoveAndSuppress,
 }
 
@@ -54,24 +52,24 @@ impl Match {
         self.correlation == Correlation::Verp
     }
 
-    /// What a record matched here may do. Only a verified match suppresses. An unverified
-    /// one in bounce mail an admin feeds in (`bounce ingest`: a mailbox the admin chose)
-    /// moves the recipient's status, as the log should say what the bounce said, and
-    /// suppresses nothing; one that arrived over SMTP (anyone may write to `bounces@`,
-    /// `fbl@`) changes nothing, complaints included: knowing a message's Message-ID was
-    /// enough to have any of its recipients marked `complained` and suppressed. Nor does
-    /// any record act on a recipient the receiving server never took (queued, refused,
-    /// suppressed, failed): there was nothing to bounce.
+    /// What a record matched here may do. Over SMTP (anyone may write to `bounces@`,
+    /// `fbl@`) only a verified match acts: there every real bounce comes to the VERP
+    /// address we sent from, and knowing a message's Message-ID was enough to have any of
+    /// its recipients marked `complained` and suppressed. In bounce mail an admin feeds in
+    /// (`bounce ingest`: a mailbox the admin chose and vouches for, the only way bounces
+    /// reach mailtrail without `bounce_domain`) an unverified match acts as well, as the
+    /// issue's correlation by receipt id, Message-ID and ENVID means it to; it stays marked
+    /// unverified. No record acts on a recipient the receiving server never took (queued,
+    /// refused, suppressed, failed): there was nothing to bounce.
     fn effect(&self, from_smtp: bool) -> Effect {
         let handed_over = self
             .recipient
             .as_ref()
             .is_some_and(|r| r.status.was_handed_over());
-        match (handed_over, self.verified(), from_smtp) {
-            (false, _, _) => Effect::Record,
-            (true, true, _) => Effect::MoveAndSuppress,
-            (true, false, false) => Effect::Move,
-            (true, false, true) => Effect::Record,
+        if handed_over && (self.verified() || !from_smtp) {
+            Effect::MoveAndSuppress
+        } else {
+            Effect::Record
         }
     }
 }
@@ -194,7 +192,7 @@ impl BounceIngest {
             let effect = matched
                 .as_ref()
                 .map_or(Effect::Record, |m| m.effect(source.is_some()));
-            // Only a verified record suppresses, and then the address we sent to: an
+            // Only a record that may act suppresses, and then the address we sent to: an
             // unmatched bounce proves nothing about any address of ours.
             let suppress = match (effect, matched.as_ref().and_then(|m| m.recipient.as_ref())) {
                 (Effect::MoveAndSuppress, Some(r)) => {
@@ -206,12 +204,8 @@ impl BounceIngest {
             let mut bounce = new_bounce(record, matched, status, source, suppress, now);
             // The same record again adds nothing; a copy that may do more is not the same
             // as one that did less (a copy first sent to a plain address must not block the
-            // real one). `true`/`false` as before unverified moves existed.
-            let acts = match effect {
-                Effect::Record => "false",
-                Effect::Move => "moved",
-                Effect::MoveAndSuppress => "true",
-            };
+            // real one).
+            let acts = effect == Effect::MoveAndSuppress;
             let about = bounce.facts.recipient.to_lowercase();
             bounce.dedup_key = Some(format!("{mail_key}\n{position}\n{about}\n{acts}"));
             bounces.push(bounce);
@@ -939,19 +933,21 @@ mod tests {
             Some("alice@ex.test")
         );
 
-        // Bounce mail an admin feeds in moves the recipient the receipt id it names, but
-        // without proof suppresses nothing.
+        // Bounce mail an admin feeds in (and so vouches for) acts by the receipt id it
+        // names, marked unverified.
         let fed = ingest
             .ingest(dsn("bob@ex.test", receipt).as_bytes(), &[], None)
             .await
             .unwrap();
         assert_eq!(fed[0].correlation, Correlation::ReceiptHeader);
-        assert!(!fed[0].verified && !fed[0].suppressed, "{fed:?}");
+        assert!(!fed[0].verified && fed[0].suppressed, "{fed:?}");
         assert_eq!(
             statuses().await,
             ["delivered", "bounced", "bounced", "queued"]
         );
-        assert_eq!(suppressed().await, ["carol@ex.test"]);
+        let mut list = suppressed().await;
+        list.sort_unstable();
+        assert_eq!(list, ["bob@ex.test", "carol@ex.test"]);
 
         // Even trusted, a bounce about a recipient never handed over has nothing to bounce.
         let fed = ingest
@@ -1073,7 +1069,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_complaint_without_proof_marks_and_suppresses_no_one() {
+    async fn over_smtp_a_complaint_without_proof_marks_and_suppresses_no_one() {
         let dir = tempfile::TempDir::new().unwrap();
         let (store, ingest, key) = verp_ingest(&dir);
         let recipients = ["alice@ex.test", "bob@ex.test", "carol@ex.test"];
@@ -1172,7 +1168,8 @@ mod tests {
         list.sort_unstable();
         assert_eq!(list, ["bob@ex.test", "carol@ex.test"]);
 
-        // Fed in by an admin, an unverified complaint marks alice but does not suppress her.
+        // Fed in by an admin, who vouches for the mailbox, the same complaint acts, marked
+        // unverified.
         let fed = ingest
             .ingest(
                 complaint(6, "alice@ex.test", None, &by_message_id).as_bytes(),
@@ -1182,9 +1179,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(fed[0].correlation, Correlation::MessageId);
-        assert!(!fed[0].verified && !fed[0].suppressed, "{fed:?}");
+        assert!(!fed[0].verified && fed[0].suppressed, "{fed:?}");
         assert_eq!(statuses().await, ["complained", "complained", "complained"]);
-        assert!(!suppressed().await.contains(&"alice@ex.test".to_string()));
+        assert!(suppressed().await.contains(&"alice@ex.test".to_string()));
     }
 
     #[test]

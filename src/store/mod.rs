@@ -511,10 +511,10 @@ pub trait Store: Send + Sync + 'static {
         by: Option<&str>,
         at_ms: i64,
     ) -> Result<HandledChange, StoreError>;
-    /// Types of the recent verified bounces that changed the status of a recipient with
-    /// this address (failures matched to mail we sent; not delay notices, auto-replies or
-    /// unmatched or unverified records), newest first, one per returned message: the
-    /// soft-bounce run.
+    /// Types of the recent bounces that changed the status of a recipient with this
+    /// address (failures matched to mail we sent that may act; not delay notices,
+    /// auto-replies, unmatched records or unverified ones over SMTP), newest first, one per
+    /// returned message: the soft-bounce run.
     async fn recent_bounce_types(
         &self,
         address: &str,

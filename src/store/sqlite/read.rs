@@ -537,10 +537,12 @@ pub fn recent_bounce_types(
     let mut st = conn
         // One row per returned message (its receipt; a record fed in by `bounce ingest` has
         // none and counts alone), the type of its newest record (SQLite takes the bare column
-        // from the row of the MAX).
+        // from the row of the MAX). Records that acted before schema 8 include unverified
+        // ones over SMTP (a source receipt, not verified), which no longer may.
         .prepare_cached(
             "SELECT bounce_type, MAX(at) AS last FROM bounces
-             WHERE recipient_lc = ?1 AND at >= ?2 AND acted = 1 AND verified = 1
+             WHERE recipient_lc = ?1 AND at >= ?2 AND acted = 1
+               AND (verified = 1 OR source_receipt IS NULL)
              GROUP BY COALESCE(source_receipt, 'row ' || id)
              ORDER BY last DESC",
         )

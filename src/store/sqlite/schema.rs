@@ -213,9 +213,9 @@ CREATE UNIQUE INDEX bounces_dedup ON bounces(dedup_key) WHERE dedup_key IS NOT N
 ALTER TABLE bounces ADD COLUMN reported_recipient TEXT;
 "#,
     // 8: whether correlation proved the bounce is about the copy it names (a VERP MAC, in
-    // the envelope or in the returned message). Only verified bounces suppress and count
-    // toward a soft-bounce run; the others are kept, linked to the message they name.
-    // Older rows: those matched by VERP.
+    // the envelope or in the returned message). Over SMTP only verified bounces act
+    // (`acted`); the others are kept, linked to the message they name. Older rows: those
+    // matched by VERP.
     r#"
 ALTER TABLE bounces ADD COLUMN verified INTEGER NOT NULL DEFAULT 0;
 UPDATE bounces SET verified = 1 WHERE correlation = 'verp';

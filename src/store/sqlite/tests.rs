@@ -157,17 +157,19 @@ async fn bounces_of_a_schema_7_database_are_verified_when_matched_by_verp() {
     let path = dir.path().join("mailtrail.db");
     let mut conn = Connection::open(&path).unwrap();
     schema::migrate_to(&mut conn, 7).unwrap();
-    for (at, correlation) in [
-        (1000, "verp"),
-        (2000, "message_id"),
-        (3000, "receipt_header"),
+    // Over SMTP (a source receipt) by VERP, fed in by an admin by Message-ID, over SMTP by
+    // the receipt id: all three acted under schema 7's rules.
+    for (at, correlation, source) in [
+        (1000, "verp", Some("01M84TQJYPE2DRCRGB1667C64A")),
+        (2000, "message_id", None),
+        (3000, "receipt_header", Some("01M84TQJYPE2DRCRGB1667C64B")),
     ] {
         conn.execute(
             "INSERT INTO bounces (at, receipt, idx, correlation, recipient, recipient_lc, kind,
-                 reason, bounce_type, acted)
+                 reason, bounce_type, acted, source_receipt)
              VALUES (?1, '01M84TQJYPE2DRCRGB1667C64M', 0, ?2, 'a@example.net', 'a@example.net',
-                 'dsn', 'mailboxfull', 'soft', 1)",
-            rusqlite::params![at, correlation],
+                 'dsn', 'mailboxfull', 'soft', 1, ?3)",
+            rusqlite::params![at, correlation, source],
         )
         .unwrap();
     }
@@ -190,10 +192,11 @@ async fn bounces_of_a_schema_7_database_are_verified_when_matched_by_verp() {
             ("3000".to_string(), false)
         ]
     );
-    // Only the verified one is part of a soft-bounce run.
+    // The verified one and the admin-fed one are part of a soft-bounce run; the unverified
+    // one over SMTP no longer is.
     assert_eq!(
         store.recent_bounce_types("a@example.net", 0).await.unwrap(),
-        ["soft"]
+        ["soft", "soft"]
     );
 }
 

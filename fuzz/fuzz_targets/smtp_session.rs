@@ -7,6 +7,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use mailtrail::smtp::auth::AuthOutcome;
 use mailtrail::smtp::content::ContentMemory;
 use mailtrail::smtp::{Action, Peer, RecipientVerdict, Reply, Session, SessionConfig};
 
@@ -93,8 +94,12 @@ impl Shell {
                 Action::Close => self.closed = true,
                 Action::StartTls => self.tls_pending = true,
                 Action::Authenticate(c) => {
-                    let ok = c.username == "app" && c.password == "secret";
-                    let next = self.session.auth_verified(ok.then_some(c.username));
+                    let outcome = match (c.username.as_str(), c.password.as_str()) {
+                        ("app", "secret") => AuthOutcome::Accepted(c.username),
+                        (_, "throttled") => AuthOutcome::Throttled,
+                        _ => AuthOutcome::Refused,
+                    };
+                    let next = self.session.auth_verified(outcome);
                     self.run(next);
                 }
                 Action::CheckRecipient(check) => {

@@ -778,6 +778,50 @@ mod tests {
 
     /// A store in `dir` and a bounce stage over it with bounce domain `bounce.test` and a
     /// VERP key (returned for encoding addresses).
+    /// Stores `sent` with its first `delivered` recipients taken by the receiving server.
+    async fn accept_delivered(
+        store: &crate::store::sqlite::SqliteStore,
+        dir: &tempfile::TempDir,
+        sent: crate::spool::AcceptedMessage,
+        delivered: u32,
+    ) {
+        let receipt = sent.receipt;
+        store.accept(sent).await.unwrap();
+        rusqlite::Connection::open(dir.path().join("m.db"))
+            .unwrap()
+            .execute(
+                "UPDATE recipients SET status = 'delivered' WHERE receipt = ?1 AND idx < ?2",
+                rusqlite::params![receipt.to_string(), delivered],
+            )
+            .unwrap();
+    }
+
+    /// The statuses of the message's recipients, in order.
+    async fn recipient_statuses(
+        store: &crate::store::sqlite::SqliteStore,
+        receipt: ReceiptId,
+    ) -> Vec<String> {
+        let query = LogQuery {
+            key: LogKey::Receipt(receipt),
+            since_ms: None,
+            until_ms: None,
+            limit: 1,
+        };
+        let log = store.log(&query).await.unwrap();
+        log[0]
+            .recipients
+            .iter()
+            .map(|r| r.status.as_str().to_string())
+            .collect()
+    }
+
+    /// The addresses on the suppression list now.
+    async fn suppressed_addresses(store: &crate::store::sqlite::SqliteStore) -> Vec<String> {
+        let now = chrono::Utc::now().timestamp_millis();
+        let list = store.suppression_list(now).await.unwrap();
+        list.into_iter().map(|s| s.address).collect()
+    }
+
     fn verp_ingest(
         dir: &tempfile::TempDir,
     ) -> (
@@ -808,14 +852,7 @@ mod tests {
         let sent =
             crate::test_support::accepted_message(&["full@ex.test"], b"Subject: hi\r\n\r\nhi\r\n");
         let receipt = sent.receipt;
-        store.accept(sent).await.unwrap();
-        rusqlite::Connection::open(dir.path().join("m.db"))
-            .unwrap()
-            .execute(
-                "UPDATE recipients SET status = 'delivered' WHERE receipt = ?1",
-                [receipt.to_string()],
-            )
-            .unwrap();
+        accept_delivered(&store, &dir, sent, 3).await;
         let verp = verp::encode(&key, "bounces", "bounce.test", receipt, 0);
         let now = chrono::Utc::now().timestamp_millis();
         let suppressed = || async { !store.suppression_list(now).await.unwrap().is_empty() };
@@ -847,36 +884,10 @@ mod tests {
         ];
         let sent = crate::test_support::accepted_message(&recipients, b"Subject: hi\r\n\r\nhi\r\n");
         let receipt = sent.receipt;
-        store.accept(sent).await.unwrap();
         // The receiving server took the first three; dave is still queued.
-        rusqlite::Connection::open(dir.path().join("m.db"))
-            .unwrap()
-            .execute(
-                "UPDATE recipients SET status = 'delivered' WHERE receipt = ?1 AND idx < 3",
-                [receipt.to_string()],
-            )
-            .unwrap();
-        let now = chrono::Utc::now().timestamp_millis();
-        let statuses = || async {
-            let log = store
-                .log(&LogQuery {
-                    key: LogKey::Receipt(receipt),
-                    since_ms: None,
-                    until_ms: None,
-                    limit: 1,
-                })
-                .await
-                .unwrap();
-            log[0]
-                .recipients
-                .iter()
-                .map(|r| r.status.as_str())
-                .collect::<Vec<_>>()
-        };
-        let suppressed = || async {
-            let list = store.suppression_list(now).await.unwrap();
-            list.into_iter().map(|s| s.address).collect::<Vec<_>>()
-        };
+        accept_delivered(&store, &dir, sent, 3).await;
+        let statuses = || recipient_statuses(&store, receipt);
+        let suppressed = || suppressed_addresses(&store);
 
         // Anyone can write to bounces@: a DSN about an address we never mailed, and one that
         // names our receipt id for a recipient of it. Both are kept; neither acts.
@@ -1077,35 +1088,9 @@ mod tests {
             crate::test_support::accepted_message(&recipients, b"Subject: hi\r\n\r\nhi\r\n");
         sent.message_id = Some("<news-1@app.test>".into());
         let receipt = sent.receipt;
-        store.accept(sent).await.unwrap();
-        rusqlite::Connection::open(dir.path().join("m.db"))
-            .unwrap()
-            .execute(
-                "UPDATE recipients SET status = 'delivered' WHERE receipt = ?1",
-                [receipt.to_string()],
-            )
-            .unwrap();
-        let now = chrono::Utc::now().timestamp_millis();
-        let statuses = || async {
-            let log = store
-                .log(&LogQuery {
-                    key: LogKey::Receipt(receipt),
-                    since_ms: None,
-                    until_ms: None,
-                    limit: 1,
-                })
-                .await
-                .unwrap();
-            log[0]
-                .recipients
-                .iter()
-                .map(|r| r.status.as_str())
-                .collect::<Vec<_>>()
-        };
-        let suppressed = || async {
-            let list = store.suppression_list(now).await.unwrap();
-            list.into_iter().map(|s| s.address).collect::<Vec<_>>()
-        };
+        accept_delivered(&store, &dir, sent, 3).await;
+        let statuses = || recipient_statuses(&store, receipt);
+        let suppressed = || suppressed_addresses(&store);
         let by_message_id = "Message-ID: <news-1@app.test>\r\n".to_string();
         let by_receipt = format!(
             "Received: from app by mt.test (mailtrail) with ESMTP id {receipt}; Mon, 23 Nov 2026 10:00:00 +0000\r\n"

@@ -343,6 +343,21 @@ pub fn rcpt_command(r: &EnvelopeRecipient, capabilities: u32) -> String {
     cmd
 }
 
+/// Writes and flushes `wire`.
+async fn send<S: AsyncWrite + Unpin + ?Sized>(
+    stream: &mut S,
+    wire: &[u8],
+) -> Result<(), ReadError> {
+    stream
+        .write_all(wire)
+        .await
+        .map_err(|e| ReadError::Io(e.to_string()))?;
+    stream
+        .flush()
+        .await
+        .map_err(|e| ReadError::Io(e.to_string()))
+}
+
 /// Sends `wire` and reads one reply with the bounded reader, all within `timeout`.
 async fn command<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     stream: &mut S,
@@ -351,14 +366,7 @@ async fn command<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     timeout: Duration,
 ) -> Result<Reply, String> {
     let exchange = async {
-        stream
-            .write_all(wire)
-            .await
-            .map_err(|e| ReadError::Io(e.to_string()))?;
-        stream
-            .flush()
-            .await
-            .map_err(|e| ReadError::Io(e.to_string()))?;
+        send(stream, wire).await?;
         reply_reader::read(stream, pending).await
     };
     match tokio::time::timeout(timeout, exchange).await {
@@ -378,15 +386,7 @@ async fn ehlo<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     // Bytes after the reply, unasked for, go with this buffer (as with mail-send's reader).
     let mut pending = Vec::new();
     let exchange = async {
-        let wire = format!("EHLO {helo_name}\r\n");
-        stream
-            .write_all(wire.as_bytes())
-            .await
-            .map_err(|e| ReadError::Io(e.to_string()))?;
-        stream
-            .flush()
-            .await
-            .map_err(|e| ReadError::Io(e.to_string()))?;
+        send(stream, format!("EHLO {helo_name}\r\n").as_bytes()).await?;
         reply_reader::read_with(stream, &mut pending, &mut parser).await
     };
     let reply = match tokio::time::timeout(timeout, exchange).await {

@@ -104,6 +104,25 @@ s.quit()
     assert_eq!(both[0]["recipients"].as_array().unwrap().len(), 2);
 }
 
+/// swaks through `m` to x@example.org with AUTH `mech` as `app` and `password`, plus `extra`.
+fn swaks_auth(m: &Mailtrail, mech: &str, password: &str, extra: &[&str]) -> (bool, String) {
+    let server = smtp_arg(m);
+    let mut args = vec![
+        "--to",
+        "x@example.org",
+        "--server",
+        &server,
+        "--auth",
+        mech,
+        "--auth-user",
+        "app",
+        "--auth-password",
+        password,
+    ];
+    args.extend_from_slice(extra);
+    swaks(&args)
+}
+
 #[test]
 fn auth_plain_and_login_only_with_right_password() {
     // Loopback clients are outside relay_networks here, so only AUTH lets them relay.
@@ -121,34 +140,12 @@ fn auth_plain_and_login_only_with_right_password() {
     assert!(!ok, "{out}");
     assert!(out.contains("554 5.7.1"), "{out}");
     // Wrong password.
-    let (ok, out) = swaks(&[
-        "--to",
-        "x@example.org",
-        "--server",
-        &smtp_arg(&m),
-        "--auth",
-        "PLAIN",
-        "--auth-user",
-        "app",
-        "--auth-password",
-        "wrong",
-    ]);
+    let (ok, out) = swaks_auth(&m, "PLAIN", "wrong", &[]);
     assert!(!ok, "{out}");
     assert!(out.contains("535"), "{out}");
     // PLAIN and LOGIN with the right password (loopback: offered without TLS).
     for mech in ["PLAIN", "LOGIN"] {
-        let (ok, out) = swaks(&[
-            "--to",
-            "x@example.org",
-            "--server",
-            &smtp_arg(&m),
-            "--auth",
-            mech,
-            "--auth-user",
-            "app",
-            "--auth-password",
-            "s3cret pass",
-        ]);
+        let (ok, out) = swaks_auth(&m, mech, "s3cret pass", &[]);
         assert!(ok, "{mech}: {out}");
         let receipt = receipt_in(&out).unwrap();
         let msgs = m.log_json(&receipt);
@@ -156,19 +153,7 @@ fn auth_plain_and_login_only_with_right_password() {
     }
     // STARTTLS + AUTH: stored with the TLS version and the user (the Received header's
     // ESMTPSA is asserted on the stored body in smtp::server's tests).
-    let (ok, out) = swaks(&[
-        "--to",
-        "x@example.org",
-        "--server",
-        &smtp_arg(&m),
-        "--tls",
-        "--auth",
-        "PLAIN",
-        "--auth-user",
-        "app",
-        "--auth-password",
-        "s3cret pass",
-    ]);
+    let (ok, out) = swaks_auth(&m, "PLAIN", "s3cret pass", &["--tls"]);
     assert!(ok, "{out}");
     let msgs = m.log_json(&receipt_in(&out).unwrap());
     assert_eq!(msgs[0]["auth_user"], "app");
@@ -192,20 +177,7 @@ fn a_client_that_keeps_guessing_is_throttled_and_told_so() {
         ),
         ACCEPT_ONLY,
     );
-    let auth = |password: &str| {
-        swaks(&[
-            "--to",
-            "x@example.org",
-            "--server",
-            &smtp_arg(&m),
-            "--auth",
-            "PLAIN",
-            "--auth-user",
-            "app",
-            "--auth-password",
-            password,
-        ])
-    };
+    let auth = |password: &str| swaks_auth(&m, "PLAIN", password, &[]);
     for guess in ["guess1", "guess2"] {
         let (ok, out) = auth(guess);
         assert!(!ok && out.contains("535 5.7.8"), "{out}");

@@ -195,6 +195,28 @@ fn a_route_back_to_itself_fails_at_once_as_a_loop() {
     assert!(text.contains(&m.smtp.to_string()), "{text}");
 }
 
+#[test]
+fn a_next_hop_on_a_proxy_interface_is_this_server() {
+    // 192.0.2.25 (TEST-NET-1) stands for the public address a NAT forwards to this server:
+    // nothing listens there, so only the loop check can give an answer within the wait.
+    let mut m = Mailtrail::configure(
+        "",
+        "proxy_interfaces = [\"192.0.2.25\"]\n",
+        "[checks]\ndomain_check = false\n[delivery]\ndsn = false\n",
+    );
+    add_route(&m, "nat.test", "192.0.2.25:25".parse().unwrap());
+    m.spawn();
+    m.submit(None, "app@example.com", &["x@nat.test"], "through the NAT");
+    wait_until("the loop refused", Duration::from_secs(30), || {
+        !failed_recipients(&m.log_json("x@nat.test")).is_empty()
+    });
+    let log = m.log_json("x@nat.test");
+    let failed = failed_recipients(&log);
+    assert_eq!(failed[0]["last_enhanced_status"], "5.4.6", "{log:?}");
+    let text = failed[0]["last_reply_text"].as_str().unwrap();
+    assert!(text.contains("loops back to myself (192.0.2.25"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_mx_that_is_this_server_is_a_loop_not_a_relay() {
     let dns = TestDns::start().await;

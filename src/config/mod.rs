@@ -82,6 +82,10 @@ pub struct SmtpConfig {
     pub listen: Vec<SocketAddr>,
     /// Implicit-TLS listeners (RFC 8314 "submissions"), empty by default.
     pub tls_listen: Vec<SocketAddr>,
+    /// Addresses this server receives mail on by way of a proxy or NAT (Postfix's
+    /// `proxy_interfaces`): a next hop on one of them, on any port, is this server itself (a
+    /// mail loop, `5.4.6`), as a next hop on one of the listeners is.
+    pub proxy_interfaces: Vec<IpAddr>,
     /// Clients in these networks may relay without AUTH.
     pub relay_networks: Vec<IpNet>,
     /// PEM certificate chain and key; when both are absent a self-signed pair is generated in
@@ -127,6 +131,7 @@ impl Default for SmtpConfig {
         Self {
             listen: vec!["127.0.0.1:2525".parse().expect("literal address")],
             tls_listen: Vec::new(),
+            proxy_interfaces: Vec::new(),
             relay_networks: vec![
                 "127.0.0.0/8".parse().expect("literal net"),
                 "::1/128".parse().expect("literal net"),

@@ -216,21 +216,23 @@ pub fn without_self(
     })
 }
 
-/// Whether `addr` is one of mailtrail's own SMTP listeners: the same port, and the same
-/// address or, for a listener on all addresses (`0.0.0.0`, `::`), an address of this machine
-/// (one a socket can be bound to).
-pub fn is_own_listener(listeners: &[SocketAddr], addr: SocketAddr) -> bool {
+/// Whether `addr` is mailtrail itself: one of its SMTP listeners (the same port, and the
+/// same address or, for a listener on all addresses (`0.0.0.0`, `::`), an address of this
+/// machine, one a socket can be bound to), or on any port one of the addresses it receives
+/// mail on through a proxy or NAT (`proxies`, Postfix's `proxy_interfaces`).
+pub fn is_own_listener(listeners: &[SocketAddr], proxies: &[IpAddr], addr: SocketAddr) -> bool {
     let unmapped = |ip: IpAddr| match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         IpAddr::V4(_) => ip,
     };
     let ip = unmapped(addr.ip());
-    listeners.iter().any(|l| {
-        l.port() == addr.port()
-            && (unmapped(l.ip()) == ip
-                || (l.ip().is_unspecified()
-                    && (ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok())))
-    })
+    proxies.iter().any(|p| unmapped(*p) == ip)
+        || listeners.iter().any(|l| {
+            l.port() == addr.port()
+                && (unmapped(l.ip()) == ip
+                    || (l.ip().is_unspecified()
+                        && (ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok())))
+        })
 }
 
 /// An address literal domain (RFC 5321 4.1.3: `[192.0.2.1]`, `[IPv6:2001:db8::1]`, the tag
@@ -451,24 +453,29 @@ mod tests {
 
     #[test]
     fn own_listeners_are_recognised_by_address_and_port() {
+        let me = |listeners: &[SocketAddr], addr: &str| {
+            is_own_listener(listeners, &[], addr.parse().unwrap())
+        };
         let specific: Vec<SocketAddr> = vec!["127.0.0.1:2525".parse().unwrap()];
-        assert!(is_own_listener(
-            &specific,
-            "127.0.0.1:2525".parse().unwrap()
-        ));
-        assert!(is_own_listener(
-            &specific,
-            "[::ffff:127.0.0.1]:2525".parse().unwrap()
-        ));
-        assert!(!is_own_listener(&specific, "127.0.0.1:25".parse().unwrap()));
-        assert!(!is_own_listener(
-            &specific,
-            "192.0.2.1:2525".parse().unwrap()
-        ));
+        assert!(me(&specific, "127.0.0.1:2525"));
+        assert!(me(&specific, "[::ffff:127.0.0.1]:2525"));
+        assert!(!me(&specific, "127.0.0.1:25"));
+        assert!(!me(&specific, "192.0.2.1:2525"));
         let any: Vec<SocketAddr> = vec!["0.0.0.0:25".parse().unwrap()];
-        assert!(is_own_listener(&any, "127.0.0.5:25".parse().unwrap()));
+        assert!(me(&any, "127.0.0.5:25"));
         // TEST-NET-1 is no address of this machine: nothing can be bound to it.
-        assert!(!is_own_listener(&any, "192.0.2.1:25".parse().unwrap()));
+        assert!(!me(&any, "192.0.2.1:25"));
+    }
+
+    #[test]
+    fn proxy_interfaces_are_this_server_on_any_port() {
+        let listeners: Vec<SocketAddr> = vec!["127.0.0.1:2525".parse().unwrap()];
+        let nat: Vec<IpAddr> = vec!["203.0.113.5".parse().unwrap()];
+        let me = |addr: &str| is_own_listener(&listeners, &nat, addr.parse().unwrap());
+        assert!(me("203.0.113.5:25"));
+        assert!(me("[::ffff:203.0.113.5]:587"));
+        assert!(!me("203.0.113.6:25"));
+        assert!(me("127.0.0.1:2525"));
     }
 
     fn mx(p: u16, h: &str) -> Mx {

@@ -411,7 +411,7 @@ impl Context {
             .copied()
             .collect();
         dns::without_self(&dest.to_string(), targets, |addr| {
-            dns::is_own_listener(&listeners, addr)
+            dns::is_own_listener(&listeners, &smtp.proxy_interfaces, addr)
         })
     }
 

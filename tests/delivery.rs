@@ -2069,6 +2069,64 @@ async fn auth_login_answers_both_challenges() {
     assert_eq!(heard[1..], ["AUTH LOGIN", "cmVsYXl1c2Vy", "cHcgMQ=="]);
 }
 
+/// A server that answers PLAIN's initial response with another challenge, each one echoing
+/// (base64) what it got: the client cancels with `*` instead of sending its credentials
+/// again, tries no other mechanism inside the open exchange, and the error names the
+/// problem without the challenge's text.
+#[tokio::test]
+async fn an_auth_server_that_keeps_challenging_is_cancelled_not_answered() {
+    use base64::Engine;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut rd = BufReader::new(stream);
+        let mut heard = Vec::new();
+        rd.get_mut().write_all(b"220 echo\r\n").await.unwrap();
+        loop {
+            let mut line = String::new();
+            if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                break;
+            }
+            let line = line.trim_end().to_string();
+            let answer = if line.starts_with("EHLO") {
+                "250-echo.test\r\n250 AUTH PLAIN LOGIN\r\n".to_string()
+            } else if line == "*" {
+                "501 5.7.0 cancelled\r\n".to_string()
+            } else if line == "QUIT" {
+                "221 bye\r\n".to_string()
+            } else {
+                let echo = base64::engine::general_purpose::STANDARD.encode(&line);
+                format!("334 {echo}\r\n")
+            };
+            heard.push(line);
+            rd.get_mut().write_all(answer.as_bytes()).await.unwrap();
+        }
+        heard
+    });
+    let mut s = settings(TlsPolicy::None);
+    s.auth = Some(("relayuser".into(), client::Secret("pw 1".into())));
+    let e = client::connect(&[target(addr)], &s)
+        .await
+        .expect_err("not authenticated");
+    let heard = server.await.unwrap();
+    // base64("\0relayuser\0pw 1"), sent once; then the cancel.
+    assert_eq!(
+        heard[1..3],
+        ["AUTH PLAIN AHJlbGF5dXNlcgBwdyAx", "*"],
+        "{heard:?}"
+    );
+    assert!(
+        !heard.iter().any(|l| l.starts_with("AUTH LOGIN")),
+        "{heard:?}"
+    );
+    assert!(!e.permanent, "{e:?}");
+    assert!(e.text.contains("PLAIN exchange cancelled"), "{}", e.text);
+    // Neither the credentials nor the server's echo of them (base64 of base64).
+    assert!(!e.text.contains("QUhKbGJH"), "{}", e.text);
+}
+
 /// A next hop that answers EHLO with `250-` lines for ever: refused after `MAX_LINES`
 /// lines with memory bounded, a temporary failure that says why.
 #[tokio::test]
@@ -2202,4 +2260,49 @@ async fn a_certificate_that_does_not_verify_still_gets_tls_never_plain_text() {
         .unwrap_err();
     assert!(!e.permanent && e.certificate_refused, "{e:?}");
     assert!(e.text.contains("certificate"), "{}", e.text);
+}
+
+/// A server that hangs up after its 354, while the message is still being sent: the error
+/// says the message was being sent (not "after end of data", where the server may have
+/// it), and the recipient is a temporary failure without a reply.
+#[tokio::test]
+async fn a_connection_lost_while_sending_the_message_says_so() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut rd = BufReader::new(stream);
+        rd.get_mut().write_all(b"220 hangs up\r\n").await.unwrap();
+        let mut line = String::new();
+        while rd.read_line(&mut line).await.unwrap_or(0) > 0 {
+            let answer: &[u8] = match line.get(..4) {
+                Some("EHLO") => b"250 hangs.test\r\n",
+                Some("DATA") => b"354 go on\r\n",
+                _ => b"250 ok\r\n",
+            };
+            rd.get_mut().write_all(answer).await.unwrap();
+            if line.starts_with("DATA") {
+                break;
+            }
+            line.clear();
+        }
+        // Dropped with the message unread: the client's writes meet a reset.
+    });
+    let mut conn = client::connect(&[target(addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let body = vec![b'x'; 16 << 20]
+        .chunks(998)
+        .flat_map(|l| [l, b"\r\n"].concat())
+        .collect::<Vec<u8>>();
+    let t = conn
+        .transaction(&envelope(&["a@d.test"]), &body, Duration::from_secs(10))
+        .await;
+    let error = t.error.clone().expect("an error");
+    assert!(error.starts_with("sending the message: "), "{error}");
+    assert!(t.data.is_none());
+    let r = per_recipient(&t);
+    assert_eq!((r[0].stage, r[0].reply.as_ref()), (Stage::Data, None));
+    assert_eq!(r[0].text, error);
 }

@@ -21,8 +21,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use mail_send::SmtpClient;
 use mail_send::smtp::tls::build_tls_connector;
-use mail_send::{Credentials, SmtpClient};
 use smtp_proto::{
     AUTH_LOGIN, AUTH_PLAIN, EXT_8BIT_MIME, EXT_CHUNKING, EXT_DSN, EXT_PIPELINING, EXT_SIZE,
     EXT_SMTP_UTF8, EXT_START_TLS, EhloResponse,
@@ -42,7 +44,7 @@ pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 pub use super::reply::Reply;
-use super::reply::{self as reply_reader, ReadError, ReplyParser};
+use super::reply::{self as reply_reader, ReplyParser};
 
 /// Negotiated TLS parameters of a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -344,18 +346,14 @@ pub fn rcpt_command(r: &EnvelopeRecipient, capabilities: u32) -> String {
 }
 
 /// Writes and flushes `wire`.
-async fn send<S: AsyncWrite + Unpin + ?Sized>(
-    stream: &mut S,
-    wire: &[u8],
-) -> Result<(), ReadError> {
-    stream
-        .write_all(wire)
-        .await
-        .map_err(|e| ReadError::Io(e.to_string()))?;
-    stream
-        .flush()
-        .await
-        .map_err(|e| ReadError::Io(e.to_string()))
+async fn send<S: AsyncWrite + Unpin + ?Sized>(stream: &mut S, wire: &[u8]) -> std::io::Result<()> {
+    stream.write_all(wire).await?;
+    stream.flush().await
+}
+
+/// The words for a failed write of a command.
+fn send_failed(e: std::io::Error) -> String {
+    format!("sending the command: {e}")
 }
 
 /// Sends `wire` and reads one reply with the bounded reader, all within `timeout`.
@@ -366,11 +364,13 @@ async fn command<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     timeout: Duration,
 ) -> Result<Reply, String> {
     let exchange = async {
-        send(stream, wire).await?;
-        reply_reader::read(stream, pending).await
+        send(stream, wire).await.map_err(send_failed)?;
+        reply_reader::read(stream, pending)
+            .await
+            .map_err(|e| e.to_string())
     };
     match tokio::time::timeout(timeout, exchange).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
+        Ok(r) => r,
         Err(_) => Err("timeout waiting for the server".to_string()),
     }
 }
@@ -386,11 +386,15 @@ async fn ehlo<S: AsyncRead + AsyncWrite + Unpin + ?Sized>(
     // Bytes after the reply, unasked for, go with this buffer (as with mail-send's reader).
     let mut pending = Vec::new();
     let exchange = async {
-        send(stream, format!("EHLO {helo_name}\r\n").as_bytes()).await?;
-        reply_reader::read_with(stream, &mut pending, &mut parser).await
+        send(stream, format!("EHLO {helo_name}\r\n").as_bytes())
+            .await
+            .map_err(send_failed)?;
+        reply_reader::read_with(stream, &mut pending, &mut parser)
+            .await
+            .map_err(|e| e.to_string())
     };
     let reply = match tokio::time::timeout(timeout, exchange).await {
-        Ok(r) => r.map_err(|e| e.to_string())?,
+        Ok(r) => r?,
         Err(_) => return Err("timeout waiting for the server".to_string()),
     };
     Ok((reply, parser.capabilities()))
@@ -734,7 +738,7 @@ fn greet_failed(
 
 /// How one AUTH exchange ended when it did not succeed.
 enum AuthError {
-    /// The server said no (or asked too often).
+    /// The server said no.
     Refused(Reply),
     /// The session broke, or a challenge could not be answered.
     Broken(String),
@@ -745,11 +749,13 @@ enum AuthError {
 struct Hidden(Vec<String>);
 
 impl Hidden {
-    fn of(creds: &Credentials<&str>, password: &str) -> Self {
-        let mut forms = vec![password.to_string()];
-        // PLAIN's initial response, and LOGIN's answer to "Password:" (base64 "UGFzc3dvcmQ6").
-        forms.extend(creds.encode(AUTH_PLAIN, "").ok());
-        forms.extend(creds.encode(AUTH_LOGIN, "UGFzc3dvcmQ6").ok());
+    fn of(user: &str, password: &str) -> Self {
+        // The password, PLAIN's initial response and LOGIN's answer to its second challenge.
+        let mut forms = vec![
+            password.to_string(),
+            BASE64.encode(format!("\0{user}\0{password}")),
+            BASE64.encode(password),
+        ];
         forms.retain(|f| !f.is_empty());
         Self(forms)
     }
@@ -794,15 +800,14 @@ impl Connection {
         user: &str,
         secret: &Secret,
     ) -> Result<(), (Option<Reply>, String)> {
-        let creds = Credentials::new(user, secret.0.as_str());
-        let hidden = Hidden::of(&creds, &secret.0);
+        let hidden = Hidden::of(user, &secret.0);
         let offered = self.capabilities.auth_mechanisms;
         let mut refused = None;
         for mechanism in [AUTH_PLAIN, AUTH_LOGIN] {
             if offered & mechanism == 0 {
                 continue;
             }
-            match self.auth(mechanism, &creds).await {
+            match self.auth(mechanism, user, &secret.0).await {
                 Ok(()) => return Ok(()),
                 Err(AuthError::Refused(reply)) => {
                     let reply = hidden.reply(reply);
@@ -827,34 +832,32 @@ impl Connection {
         })
     }
 
-    /// One AUTH exchange: at most three challenges (`334`) answered, `235` ending it.
-    async fn auth(&mut self, mechanism: u64, creds: &Credentials<&str>) -> Result<(), AuthError> {
+    /// One AUTH exchange, `235` ending it. PLAIN sends everything in its initial response;
+    /// LOGIN answers the first challenge (`334`) with the user name and the second with the
+    /// password, whatever their prompts say (as Python's smtplib does: servers word them
+    /// differently). A server that asks for more gets `*`, which cancels the exchange (RFC
+    /// 4954 §4), and the text of its extra challenge is recorded nowhere: it is the
+    /// server's to choose, and can echo what it got.
+    async fn auth(&mut self, mechanism: u64, user: &str, password: &str) -> Result<(), AuthError> {
         let timeout = self.command_timeout;
-        let encode = |challenge: &str| {
-            creds
-                .encode(mechanism, challenge)
-                .map_err(|e| AuthError::Broken(format!("cannot answer the challenge: {e}")))
-        };
-        let first = if mechanism == AUTH_PLAIN {
-            format!("AUTH PLAIN {}\r\n", encode("")?)
+        let (name, first, answers) = if mechanism == AUTH_PLAIN {
+            let response = BASE64.encode(format!("\0{user}\0{password}"));
+            ("PLAIN", format!("AUTH PLAIN {response}\r\n"), Vec::new())
         } else {
-            "AUTH LOGIN\r\n".to_string()
+            let answers = vec![BASE64.encode(user), BASE64.encode(password)];
+            ("LOGIN", "AUTH LOGIN\r\n".to_string(), answers)
         };
         let mut reply = self
             .command(first.as_bytes(), timeout)
             .await
             .map_err(AuthError::Broken)?;
-        for _ in 0..3 {
+        let mut answers = answers.into_iter();
+        loop {
             match reply.code {
                 235 => return Ok(()),
                 334 => {
-                    let answer = match encode(&reply.text) {
-                        Ok(a) => a,
-                        Err(e) => {
-                            // RFC 4954 §4: "*" cancels the exchange.
-                            let _ = self.command(b"*\r\n", timeout).await;
-                            return Err(e);
-                        }
+                    let Some(answer) = answers.next() else {
+                        return Err(self.cancel_auth(name).await);
                     };
                     reply = self
                         .command(format!("{answer}\r\n").as_bytes(), timeout)
@@ -864,7 +867,15 @@ impl Connection {
                 _ => return Err(AuthError::Refused(reply)),
             }
         }
-        Err(AuthError::Refused(reply))
+    }
+
+    /// Ends an AUTH exchange the server went on with (`*`, RFC 4954 §4) and says why.
+    async fn cancel_auth(&mut self, mechanism: &str) -> AuthError {
+        let _ = self.command(b"*\r\n", self.command_timeout).await;
+        AuthError::Broken(format!(
+            "{mechanism} exchange cancelled: the server asked for more than the credentials \
+             (another 334)"
+        ))
     }
 
     pub fn capabilities(&self) -> u32 {
@@ -1038,17 +1049,38 @@ impl Connection {
 
     async fn dot_stuffed(&mut self, body: &[u8], data_timeout: Duration) -> Result<Reply, String> {
         let wire = dot_stuff(body);
-        self.command(&wire, data_timeout)
-            .await
-            .map_err(|e| format!("after end of data: {e}"))
+        self.message(&wire, data_timeout, "after end of data").await
     }
 
     async fn bdat(&mut self, body: &[u8], data_timeout: Duration) -> Result<Reply, String> {
         let mut wire = format!("BDAT {} LAST\r\n", body.len()).into_bytes();
         wire.extend_from_slice(body);
-        self.command(&wire, data_timeout)
-            .await
-            .map_err(|e| format!("after BDAT: {e}"))
+        self.message(&wire, data_timeout, "after BDAT").await
+    }
+
+    /// Sends the message and reads its final reply, both within `timeout`. A failure while
+    /// sending is told apart from one after the end (as Postfix's "lost connection while
+    /// sending message body" and "... after end of data"): only the second can mean that
+    /// the server has the message.
+    async fn message(
+        &mut self,
+        wire: &[u8],
+        timeout: Duration,
+        after: &str,
+    ) -> Result<Reply, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stream = &mut self.client.stream;
+        match tokio::time::timeout_at(deadline, send(stream, wire)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("sending the message: {e}")),
+            Err(_) => return Err("sending the message: timeout".to_string()),
+        }
+        match tokio::time::timeout_at(deadline, reply_reader::read(stream, &mut self.pending)).await
+        {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(e)) => Err(format!("{after}: {e}")),
+            Err(_) => Err(format!("{after}: timeout waiting for the server")),
+        }
     }
 
     /// Sends `wire` and reads one reply, all within `timeout`.
@@ -1259,11 +1291,11 @@ mod tests {
 
     #[test]
     fn a_password_echoed_in_a_reply_is_not_kept() {
-        let creds = Credentials::new("relayuser", "s3cret pass");
-        let hidden = Hidden::of(&creds, "s3cret pass");
-        let plain = creds.encode(AUTH_PLAIN, "").unwrap();
+        let hidden = Hidden::of("relayuser", "s3cret pass");
+        // base64("\0relayuser\0s3cret pass"), as PLAIN sends it.
+        let plain = "AHJlbGF5dXNlcgBzM2NyZXQgcGFzcw==";
         let text = hidden.text(format!("535 you sent {plain} and s3cret pass"));
-        assert!(!text.contains("s3cret") && !text.contains(&plain), "{text}");
+        assert!(!text.contains("s3cret") && !text.contains(plain), "{text}");
         assert!(text.contains("[password removed]"), "{text}");
     }
 

@@ -1532,6 +1532,8 @@ fn classify(
                     Stage::Dns | Stage::Local | Stage::Bounce => None,
                 };
                 return Some(classifier.classify_reply(reply.code, enhanced, &reply.text, command));
+            } else if let Some(r) = lost_session_reason(result) {
+                r
             } else {
                 // No action for a deferral: "delayed" is what a delay DSN says, and reads as
                 // `expired` (Sisimai's reason for it), which a recipient still being retried
@@ -1549,6 +1551,26 @@ fn classify(
         _ => return None,
     };
     Some((reason, bounce_type(reason, enhanced, code)))
+}
+
+/// The reason of a recipient whose session ended without its reply (a refused connection,
+/// a reset, a timeout, a TLS failure): the text is mailtrail's own, not a server's, so the
+/// rules for server texts do not read it ("connection reset by peer" in a bounce means
+/// the server blocked its client; here it means the network lost a connection). `None`
+/// for a recipient with a reply or decided here with a status of its own.
+fn lost_session_reason(result: &RecipientResult) -> Option<BounceReason> {
+    if result.reply.is_some() || result.local_permanent.is_some() {
+        return None;
+    }
+    match result.stage {
+        Stage::Connect if result.text.starts_with("TLS") || result.text.starts_with("STARTTLS") => {
+            Some(BounceReason::SecurityError)
+        }
+        Stage::Connect | Stage::Mail | Stage::Rcpt | Stage::Data => {
+            Some(BounceReason::NetworkError)
+        }
+        Stage::Dns | Stage::Local | Stage::Bounce => None,
+    }
 }
 
 #[cfg(test)]
@@ -1680,5 +1702,52 @@ mod tests {
             assert_ne!(reason, BounceReason::Expired, "{text}");
             assert_ne!(kind, BounceType::Hard, "{text}");
         }
+    }
+
+    #[test]
+    fn a_session_lost_without_its_reply_is_a_network_error_not_a_block() {
+        let c = Classifier::builtin();
+        let lost = |stage, text: &str| RecipientResult {
+            stage,
+            reply: None,
+            text: text.to_string(),
+            local_permanent: None,
+            rcpt_reply: None,
+        };
+        // A server's "connection reset by peer" reads as blocked; our own reset does not.
+        for (stage, text) in [
+            (
+                Stage::Data,
+                "sending the message: Connection reset by peer (os error 104)",
+            ),
+            (
+                Stage::Data,
+                "after end of data: connection closed by server",
+            ),
+            (
+                Stage::Connect,
+                "mx.test [127.0.0.1]: connect: Connection refused (os error 111)",
+            ),
+            (Stage::Rcpt, "timeout waiting for the server"),
+        ] {
+            assert_eq!(
+                classify(c, RecipientStatus::Deferred, &lost(stage, text), None, None),
+                Some((BounceReason::NetworkError, BounceType::Soft)),
+                "{text}"
+            );
+        }
+        let tls = lost(
+            Stage::Connect,
+            "STARTTLS: invalid peer certificate: UnknownIssuer",
+        );
+        assert_eq!(
+            classify(c, RecipientStatus::Deferred, &tls, None, None),
+            Some((BounceReason::SecurityError, BounceType::Soft))
+        );
+        // A recipient refused here keeps the reading of its own status.
+        let mut utf8 = lost(Stage::Mail, "SMTPUTF8 is required but not offered");
+        utf8.local_permanent = Some("5.6.7");
+        let (reason, _) = classify(c, RecipientStatus::Failed, &utf8, Some("5.6.7"), None).unwrap();
+        assert_ne!(reason, BounceReason::NetworkError);
     }
 }

@@ -195,6 +195,61 @@ fn a_route_back_to_itself_fails_at_once_as_a_loop() {
     assert!(text.contains(&m.smtp.to_string()), "{text}");
 }
 
+/// A route can take an address literal: mail to `u@[192.0.2.77]` (where nothing listens)
+/// goes to the route's next hop instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_takes_the_mail_for_an_address_literal() {
+    let mx = TestMx::start(Script::default()).await;
+    let mut m = Mailtrail::configure(
+        "",
+        "",
+        "[checks]\ndomain_check = false\n[delivery]\ndsn = false\n",
+    );
+    add_route(
+        &m,
+        "[192.0.2.77]",
+        format!("127.0.0.1:{}", mx.port()).parse().unwrap(),
+    );
+    m.spawn();
+    let receipt = m.submit(None, "app@example.com", &["u@[192.0.2.77]"], "to a literal");
+    wait_until("delivered by the route", Duration::from_secs(30), || {
+        m.recipient(&receipt, "u@[192.0.2.77]")["status"] == "delivered"
+    });
+    assert_eq!(mx.transactions()[0].rcpt_to, ["<u@[192.0.2.77]>"]);
+}
+
+/// A route's hops are a list tried in order, not MX preferences: the hop that is this
+/// server is skipped and the one after it takes the mail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_route_hop_that_is_this_server_is_skipped_for_the_next() {
+    let mx = TestMx::start(Script::default()).await;
+    let mut m = Mailtrail::configure(
+        "",
+        "",
+        "[checks]\ndomain_check = false\n[delivery]\ndsn = false\n",
+    );
+    let mut config = std::fs::read_to_string(&m.config_path).unwrap();
+    config.push_str(&format!(
+        "[[route]]\ndomains = [\"hops.test\"]\nmx = [\"{}\", \"127.0.0.1:{}\"]\ntls = \"none\"\n",
+        m.smtp,
+        mx.port()
+    ));
+    std::fs::write(&m.config_path, config).unwrap();
+    m.spawn();
+    let receipt = m.submit(None, "app@example.com", &["x@hops.test"], "second hop");
+    wait_until(
+        "delivered by the second hop",
+        Duration::from_secs(30),
+        || m.recipient(&receipt, "x@hops.test")["status"] == "delivered",
+    );
+    assert_eq!(mx.transactions().len(), 1);
+    assert_eq!(
+        m.log_json("x@hops.test").len(),
+        1,
+        "never relayed to itself"
+    );
+}
+
 #[test]
 fn a_next_hop_on_a_proxy_interface_is_this_server() {
     // 192.0.2.25 (TEST-NET-1) stands for the public address a NAT forwards to this server:

@@ -630,10 +630,16 @@ impl Config {
                 ("domains", &route.domains),
                 ("sender_domains", &route.sender_domains),
             ] {
-                if let Some(bad) = list.iter().find(|d| !is_route_domain(d)) {
+                let domain_or_literal = |d: &str| {
+                    is_route_domain(d) || crate::delivery::dns::address_literal(d).is_some()
+                };
+                if let Some(bad) = list.iter().find(|d| !domain_or_literal(d)) {
                     return Err(invalid(
                         &key(k),
-                        format!("{bad:?} is not a domain or \"*\""),
+                        format!(
+                            "{bad:?} is not a domain, an address literal ([192.0.2.1], \
+                             [IPv6:2001:db8::1]) or \"*\""
+                        ),
                     ));
                 }
             }
@@ -756,6 +762,12 @@ mod tests {
 
     #[test]
     fn bad_cidr_is_named() {
+        let c = Config::parse(
+            "[[route]]\ndomains = [\"[192.0.2.1]\", \"[IPv6:2001:db8::1]\"]\nmx = [\"h:25\"]\n\
+             sender_domains = [\"[127.0.0.1]\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].domains, ["[192.0.2.1]", "[IPv6:2001:db8::1]"]);
         let e = Config::parse("[smtp]\nrelay_networks = [\"10.0.0.0/99\"]\n").unwrap_err();
         let text = e.to_string();
         assert!(text.contains("relay_networks"), "{text}");
@@ -869,6 +881,10 @@ mod tests {
             ),
             (
                 "[[route]]\ndomains = [\"not a domain!!\"]\nmx = [\"h:25\"]",
+                "route[0].domains",
+            ),
+            (
+                "[[route]]\ndomains = [\"[0.0.0.0]\"]\nmx = [\"h:25\"]",
                 "route[0].domains",
             ),
             (

@@ -203,17 +203,41 @@ pub fn without_self(
     if !kept.is_empty() {
         return Ok(kept);
     }
+    Err(loops_back(destination, &dropped, is_self))
+}
+
+/// A route's fixed next hops without this host: a list tried in order, not MX preferences,
+/// so only the hops that are mailtrail itself are dropped (and, as with MX hosts, none left
+/// is a loop).
+pub fn without_self_hops(
+    destination: &str,
+    targets: Vec<Target>,
+    is_self: impl Fn(SocketAddr) -> bool,
+) -> Result<Vec<Target>, DnsFailure> {
+    let (dropped, kept): (Vec<Target>, Vec<Target>) =
+        targets.into_iter().partition(|t| is_self(t.addr));
+    if dropped.is_empty() || !kept.is_empty() {
+        return Ok(kept);
+    }
+    Err(loops_back(destination, &dropped, is_self))
+}
+
+fn loops_back(
+    destination: &str,
+    dropped: &[Target],
+    is_self: impl Fn(SocketAddr) -> bool,
+) -> DnsFailure {
     let me = dropped
         .iter()
         .find(|t| is_self(t.addr))
         .map(|t| format!("{} [{}]", t.host, t.addr))
         .unwrap_or_default();
-    Err(DnsFailure {
+    DnsFailure {
         permanent: true,
         enhanced_status: "5.4.6",
         reason: "systemerror",
         text: format!("mail for {destination} loops back to myself ({me} is this server)"),
-    })
+    }
 }
 
 /// Whether `addr` is mailtrail itself: one of its SMTP listeners (the same port, and the
@@ -449,6 +473,27 @@ mod tests {
         // Without this server in it, the list is as it was.
         let other = vec![at("a.test", "198.51.100.1:25", 5)];
         assert_eq!(without_self("d.test", other.clone(), is_me).unwrap(), other);
+    }
+
+    #[test]
+    fn a_route_hop_that_is_this_server_is_skipped_alone() {
+        let hop = |host: &str, addr: &str| Target {
+            host: host.into(),
+            addr: addr.parse().unwrap(),
+            preference: 0,
+        };
+        let is_me = |a: SocketAddr| a == "192.0.2.25:25".parse().unwrap();
+        let hops = vec![
+            hop("a.test", "192.0.2.1:25"),
+            hop("me.test", "192.0.2.25:25"),
+            hop("b.test", "192.0.2.2:25"),
+        ];
+        let kept = without_self_hops("route[0]", hops, is_me).unwrap();
+        let hosts: Vec<&str> = kept.iter().map(|t| t.host.as_str()).collect();
+        assert_eq!(hosts, ["a.test", "b.test"]);
+        let e = without_self_hops("route[0]", vec![hop("me.test", "192.0.2.25:25")], is_me)
+            .unwrap_err();
+        assert_eq!((e.permanent, e.enhanced_status), (true, "5.4.6"));
     }
 
     #[test]

@@ -62,19 +62,33 @@ pub fn route_matches(
     sender_domain: &str,
     auth_user: Option<&str>,
 ) -> bool {
-    let domain_ok = route.domains.iter().any(|d| {
-        d == "*"
-            || d.trim_end_matches('.')
-                .eq_ignore_ascii_case(recipient_domain)
-    });
+    let domain_ok = route
+        .domains
+        .iter()
+        .any(|d| d == "*" || same_domain(d, recipient_domain));
     let sender_ok = route.sender_domains.is_empty()
         || route
             .sender_domains
             .iter()
-            .any(|d| !sender_domain.is_empty() && d.eq_ignore_ascii_case(sender_domain));
+            .any(|d| !sender_domain.is_empty() && same_domain(d, sender_domain));
     let user_ok = route.auth_users.is_empty()
         || auth_user.is_some_and(|u| route.auth_users.iter().any(|a| a == u));
     domain_ok && sender_ok && user_ok
+}
+
+/// Whether a route's domain names an address's domain: in any case, a trailing dot
+/// aside, and an address literal by the address it names (`[IPv6:2001:DB8::1]` is
+/// `[ipv6:2001:db8:0::1]`).
+fn same_domain(route_domain: &str, domain: &str) -> bool {
+    match (
+        super::dns::address_literal(route_domain),
+        super::dns::address_literal(domain),
+    ) {
+        (Some(a), Some(b)) => a == b,
+        _ => route_domain
+            .trim_end_matches('.')
+            .eq_ignore_ascii_case(domain.trim_end_matches('.')),
+    }
 }
 
 /// The destination of one recipient: the first matching route, else its domain's MX.
@@ -313,6 +327,25 @@ mod tests {
         let mut all: Vec<u32> = b.iter().flat_map(|b| b.recipients.clone()).collect();
         all.sort();
         assert_eq!(all, (0..120).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn a_route_names_an_address_literal_by_its_address() {
+        let r = route(&["[IPv6:2001:DB8::1]", "[192.0.2.1]", "Shop.Example."]);
+        for (rcpt, sender) in [
+            ("u@[ipv6:2001:db8:0::1]", ""),
+            ("u@[192.0.2.1]", ""),
+            ("u@shop.example", ""),
+        ] {
+            assert!(route_matches(&r, &domain_of(rcpt), sender, None), "{rcpt}");
+        }
+        for rcpt in ["u@[192.0.2.2]", "u@[ipv6:2001:db8::2]", "u@192.0.2.1"] {
+            assert!(!route_matches(&r, &domain_of(rcpt), "", None), "{rcpt}");
+        }
+        let mut by_sender = route(&["*"]);
+        by_sender.sender_domains = vec!["[127.0.0.1]".into()];
+        assert!(route_matches(&by_sender, "x.test", "[127.0.0.1]", None));
+        assert!(!route_matches(&by_sender, "x.test", "[127.0.0.2]", None));
     }
 
     #[test]

@@ -410,9 +410,11 @@ impl Context {
             .chain(&smtp.tls_listen)
             .copied()
             .collect();
-        dns::without_self(&dest.to_string(), targets, |addr| {
-            dns::is_own_listener(&listeners, &smtp.proxy_interfaces, addr)
-        })
+        let is_self = |addr| dns::is_own_listener(&listeners, &smtp.proxy_interfaces, addr);
+        match dest {
+            Destination::Domain(_) => dns::without_self(&dest.to_string(), targets, is_self),
+            Destination::Route(_) => dns::without_self_hops(&dest.to_string(), targets, is_self),
+        }
     }
 
     async fn resolved_targets(&self, dest: &Destination) -> Result<Vec<Target>, DnsFailure> {

@@ -412,8 +412,17 @@ impl Context {
             .collect();
         let is_self = |addr| dns::is_own_listener(&listeners, &smtp.proxy_interfaces, addr);
         match dest {
-            Destination::Domain(_) => dns::without_self(&dest.to_string(), targets, is_self),
-            Destination::Route(_) => dns::without_self_hops(&dest.to_string(), targets, is_self),
+            Destination::Domain(domain) => dns::without_self(domain, targets, is_self),
+            // Named by its next hops, as Postfix names a relayhost ("mail for
+            // [relay.example]:587 loops back to myself"): a DSN's reader knows no route[n].
+            Destination::Route(i) => {
+                let hops = self
+                    .config
+                    .routes
+                    .get(*i)
+                    .map_or_else(|| dest.to_string(), |r| r.mx.join(", "));
+                dns::without_self_hops(&hops, targets, is_self)
+            }
         }
     }
 

@@ -1955,6 +1955,39 @@ async fn an_endless_reply_ends_the_session_instead_of_filling_memory() {
     assert!(sent < 50_000_000, "the client read on for {sent} bytes");
 }
 
+/// A peer on loopback for exchanges `TestMx` does not script: it sends `greeting`, then
+/// answers each line it reads (without its CRLF) with what `answer` gives, and hangs up
+/// when that is `None` or the client does. Returns its address and the lines it heard.
+async fn line_peer(
+    greeting: &'static str,
+    mut answer: impl FnMut(&str) -> Option<String> + Send + 'static,
+) -> (SocketAddr, tokio::task::JoinHandle<Vec<String>>) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut rd = BufReader::new(stream);
+        let mut heard = Vec::new();
+        rd.get_mut().write_all(greeting.as_bytes()).await.unwrap();
+        loop {
+            let mut line = String::new();
+            if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
+                break;
+            }
+            let line = line.trim_end().to_string();
+            let reply = answer(&line);
+            heard.push(line);
+            match reply {
+                Some(r) if rd.get_mut().write_all(r.as_bytes()).await.is_ok() => {}
+                _ => break,
+            }
+        }
+        heard
+    });
+    (addr, server)
+}
+
 /// A hostile peer on loopback: greets, answers EHLO with `ehlo`, and answers the first
 /// command that starts with `trigger` with `250-` lines for ever (until 50 MB are sent or
 /// the client hangs up). Returns the address and what was sent in the endless reply.
@@ -2040,27 +2073,15 @@ async fn an_ehlo_reply_with_a_10_kib_line_still_delivers_and_keeps_the_extension
 /// challenge, base64 on the wire.
 #[tokio::test]
 async fn auth_login_answers_both_challenges() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut rd = BufReader::new(stream);
-        let mut heard = Vec::new();
-        rd.get_mut().write_all(b"220 login\r\n").await.unwrap();
-        for answer in [
-            &b"250-login.test\r\n250 AUTH LOGIN\r\n"[..],
-            b"334 VXNlcm5hbWU6\r\n",
-            b"334 UGFzc3dvcmQ6\r\n",
-            b"235 2.7.0 ok\r\n",
-        ] {
-            let mut line = String::new();
-            rd.read_line(&mut line).await.unwrap();
-            heard.push(line.trim_end().to_string());
-            rd.get_mut().write_all(answer).await.unwrap();
-        }
-        heard
-    });
+    let mut answers = [
+        "250-login.test\r\n250 AUTH LOGIN\r\n",
+        "334 VXNlcm5hbWU6\r\n",
+        "334 UGFzc3dvcmQ6\r\n",
+        "235 2.7.0 ok\r\n",
+    ]
+    .into_iter();
+    let (addr, server) =
+        line_peer("220 login\r\n", move |_| answers.next().map(String::from)).await;
     let mut s = settings(TlsPolicy::None);
     s.auth = Some(("relayuser".into(), client::Secret("pw 1".into())));
     client::connect(&[target(addr)], &s).await.unwrap();
@@ -2076,35 +2097,19 @@ async fn auth_login_answers_both_challenges() {
 #[tokio::test]
 async fn an_auth_server_that_keeps_challenging_is_cancelled_not_answered() {
     use base64::Engine;
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut rd = BufReader::new(stream);
-        let mut heard = Vec::new();
-        rd.get_mut().write_all(b"220 echo\r\n").await.unwrap();
-        loop {
-            let mut line = String::new();
-            if rd.read_line(&mut line).await.unwrap_or(0) == 0 {
-                break;
-            }
-            let line = line.trim_end().to_string();
-            let answer = if line.starts_with("EHLO") {
-                "250-echo.test\r\n250 AUTH PLAIN LOGIN\r\n".to_string()
-            } else if line == "*" {
-                "501 5.7.0 cancelled\r\n".to_string()
-            } else if line == "QUIT" {
-                "221 bye\r\n".to_string()
-            } else {
-                let echo = base64::engine::general_purpose::STANDARD.encode(&line);
-                format!("334 {echo}\r\n")
-            };
-            heard.push(line);
-            rd.get_mut().write_all(answer.as_bytes()).await.unwrap();
-        }
-        heard
-    });
+    let (addr, server) = line_peer("220 echo\r\n", |line| {
+        Some(if line.starts_with("EHLO") {
+            "250-echo.test\r\n250 AUTH PLAIN LOGIN\r\n".to_string()
+        } else if line == "*" {
+            "501 5.7.0 cancelled\r\n".to_string()
+        } else if line == "QUIT" {
+            "221 bye\r\n".to_string()
+        } else {
+            let echo = base64::engine::general_purpose::STANDARD.encode(line);
+            format!("334 {echo}\r\n")
+        })
+    })
+    .await;
     let mut s = settings(TlsPolicy::None);
     s.auth = Some(("relayuser".into(), client::Secret("pw 1".into())));
     let e = client::connect(&[target(addr)], &s)
@@ -2267,28 +2272,20 @@ async fn a_certificate_that_does_not_verify_still_gets_tls_never_plain_text() {
 /// it), and the recipient is a temporary failure without a reply.
 #[tokio::test]
 async fn a_connection_lost_while_sending_the_message_says_so() {
-    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (stream, _) = listener.accept().await.unwrap();
-        let mut rd = BufReader::new(stream);
-        rd.get_mut().write_all(b"220 hangs up\r\n").await.unwrap();
-        let mut line = String::new();
-        while rd.read_line(&mut line).await.unwrap_or(0) > 0 {
-            let answer: &[u8] = match line.get(..4) {
-                Some("EHLO") => b"250 hangs.test\r\n",
-                Some("DATA") => b"354 go on\r\n",
-                _ => b"250 ok\r\n",
-            };
-            rd.get_mut().write_all(answer).await.unwrap();
-            if line.starts_with("DATA") {
-                break;
-            }
-            line.clear();
-        }
-        // Dropped with the message unread: the client's writes meet a reset.
-    });
+    // After its 354 the peer hangs up with the message unread: the client's writes meet a
+    // reset.
+    let mut hung_up = false;
+    let (addr, _server) = line_peer("220 hangs up\r\n", move |line| {
+        let answer = match line.get(..4) {
+            _ if hung_up => return None,
+            Some("EHLO") => "250 hangs.test\r\n",
+            Some("DATA") => "354 go on\r\n",
+            _ => "250 ok\r\n",
+        };
+        hung_up = line.starts_with("DATA");
+        Some(answer.to_string())
+    })
+    .await;
     let mut conn = client::connect(&[target(addr)], &settings(TlsPolicy::None))
         .await
         .unwrap();

@@ -159,9 +159,16 @@ async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
 
 /// Appends `[[route]] domains = [domain] mx = [to]` to an instance's config.
 fn add_route(m: &Mailtrail, domain: &str, to: std::net::SocketAddr) {
+    add_route_hops(m, domain, &[to]);
+}
+
+/// Appends `[[route]] domains = [domain] mx = hops` to an instance's config.
+fn add_route_hops(m: &Mailtrail, domain: &str, hops: &[std::net::SocketAddr]) {
+    let hops: Vec<String> = hops.iter().map(|h| format!("\"{h}\"")).collect();
     let mut config = std::fs::read_to_string(&m.config_path).unwrap();
     config.push_str(&format!(
-        "[[route]]\ndomains = [\"{domain}\"]\nmx = [\"{to}\"]\ntls = \"none\"\n"
+        "[[route]]\ndomains = [\"{domain}\"]\nmx = [{}]\ntls = \"none\"\n",
+        hops.join(", ")
     ));
     std::fs::write(&m.config_path, config).unwrap();
 }
@@ -234,13 +241,8 @@ async fn a_route_hop_that_is_this_server_is_skipped_for_the_next() {
         "",
         "[checks]\ndomain_check = false\n[delivery]\ndsn = false\n",
     );
-    let mut config = std::fs::read_to_string(&m.config_path).unwrap();
-    config.push_str(&format!(
-        "[[route]]\ndomains = [\"hops.test\"]\nmx = [\"{}\", \"127.0.0.1:{}\"]\ntls = \"none\"\n",
-        m.smtp,
-        mx.port()
-    ));
-    std::fs::write(&m.config_path, config).unwrap();
+    let mx_addr = format!("127.0.0.1:{}", mx.port()).parse().unwrap();
+    add_route_hops(&m, "hops.test", &[m.smtp, mx_addr]);
     m.spawn();
     let receipt = m.submit(None, "app@example.com", &["x@hops.test"], "second hop");
     wait_until(

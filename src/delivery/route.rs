@@ -47,12 +47,17 @@ pub struct Batch {
     pub recipients: Vec<u32>,
 }
 
-/// The domain part of an address, lower-cased; empty when there is none (null sender).
+/// The domain part of an address, lower-cased (an IPv6 literal's tag spelt `IPv6:`, as
+/// RFC 5321 4.1.3 writes it); empty when there is none (null sender).
 pub fn domain_of(address: &str) -> String {
-    address
+    let domain = address
         .rsplit_once('@')
         .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    match domain.strip_prefix("[ipv6:") {
+        Some(rest) => format!("[IPv6:{rest}"),
+        None => domain,
+    }
 }
 
 /// Whether `route` applies to a recipient domain / sender domain / AUTH user.
@@ -327,6 +332,12 @@ mod tests {
         let mut all: Vec<u32> = b.iter().flat_map(|b| b.recipients.clone()).collect();
         all.sort();
         assert_eq!(all, (0..120).collect::<Vec<u32>>());
+    }
+
+    #[test]
+    fn an_ipv6_literal_keeps_its_tag_as_the_rfc_spells_it() {
+        assert_eq!(domain_of("u@[ipv6:2001:DB8::1]"), "[IPv6:2001:db8::1]");
+        assert_eq!(domain_of("u@Shop.Example."), "shop.example");
     }
 
     #[test]

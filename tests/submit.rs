@@ -178,10 +178,24 @@ fn a_client_that_keeps_guessing_is_throttled_and_told_so() {
         ACCEPT_ONLY,
     );
     let auth = |password: &str| swaks_auth(&m, "PLAIN", password, &[]);
-    for guess in ["guess1", "guess2"] {
-        let (ok, out) = auth(guess);
-        assert!(!ok && out.contains("535 5.7.8"), "{out}");
-    }
+    // Eight guesses at once: two are checked and refused, the others stop at the limit
+    // unchecked (read once before they queued, all eight were checked).
+    let outs: Vec<String> = std::thread::scope(|s| {
+        let guesses: Vec<_> = (0..8)
+            .map(|i| s.spawn(move || auth(&format!("guess{i}"))))
+            .collect();
+        guesses
+            .into_iter()
+            .map(|g| g.join().unwrap())
+            .map(|(ok, out)| {
+                assert!(!ok, "{out}");
+                out
+            })
+            .collect()
+    });
+    let refused = outs.iter().filter(|o| o.contains("535 5.7.8")).count();
+    let throttled = outs.iter().filter(|o| o.contains("454 4.7.0")).count();
+    assert_eq!((refused, throttled), (2, 6), "{outs:#?}");
     // The limit is reached: even the right password is not checked for a while.
     let (ok, out) = auth("s3cret pass");
     assert!(!ok, "{out}");

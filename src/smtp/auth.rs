@@ -28,20 +28,27 @@ pub enum AuthError {
 /// - a refusal is answered only after [`FAILURE_DELAY`] (as Dovecot's
 ///   `auth_failure_delay`), which slows one connection's guesses to about one a second until
 ///   `max_errors` ends it;
-/// - one check runs at a time for clients without a recent failure, and one at a time for
-///   clients with one (each client network counted apart: an IPv4 address, an IPv6 /64), so
-///   guessing from many connections takes at most one core and the applications that know
-///   their password wait for at most one check of a guesser, not for all of them;
+/// - checks run one at a time in each of three lanes (each client network counted apart:
+///   an IPv4 address, an IPv6 /64): client networks that authenticated lately
+///   ([`KNOWN_FOR`]) and have no refusal since, those without a recent refusal, and those
+///   with one. Guessing from many connections takes at most two cores, and an application
+///   that has authenticated before waits for no guesser's check;
 /// - a client network with `failure_limit` refusals within `failure_window` gets
 ///   `454 4.7.0` without a check until the window has passed (fail2ban's rule, built in).
+///   Its standing is read again once its turn comes, so attempts sent in parallel stop at
+///   the limit too instead of all being checked.
 #[derive(Debug)]
 pub struct Authenticator {
     users: HashMap<String, String>,
     dummy_hash: Option<String>,
+    known_checks: tokio::sync::Semaphore,
     checks: tokio::sync::Semaphore,
     suspect_checks: tokio::sync::Semaphore,
     throttle: Throttle,
 }
+
+/// How long a client network that authenticated counts as known (checked in its own lane).
+pub const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
 
 /// How long a refused AUTH waits before its reply.
 pub const FAILURE_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -61,12 +68,14 @@ pub enum AuthOutcome {
 /// as suspect (one check at a time with the guessers) without being tracked.
 const MAX_TRACKED: usize = 100_000;
 
-/// Recent AUTH refusals per client network.
+/// Recent AUTH refusals per client network, and the networks that authenticated lately.
 #[derive(Debug)]
 struct Throttle {
     limit: u32,
     window: Duration,
     clients: Mutex<HashMap<IpAddr, Failures>>,
+    /// When each network last authenticated.
+    known: Mutex<HashMap<IpAddr, Instant>>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -77,8 +86,13 @@ struct Failures {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Standing {
+    /// Authenticated within [`KNOWN_FOR`], no refusal since.
+    Known,
+    /// No recent refusal.
     Clean,
+    /// Refused lately, below the limit.
     Suspect,
+    /// At the limit: not checked.
     Blocked,
 }
 
@@ -103,21 +117,28 @@ impl Throttle {
             limit,
             window,
             clients: Mutex::new(HashMap::new()),
+            known: Mutex::new(HashMap::new()),
         }
     }
 
     fn standing(&self, ip: IpAddr, now: Instant) -> Standing {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let key = client_network(ip);
-        match clients.get(&key) {
-            Some(f) if now.duration_since(f.since) >= self.window => {
-                clients.remove(&key);
-                Standing::Clean
+        {
+            let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+            match clients.get(&key) {
+                Some(f) if now.duration_since(f.since) >= self.window => {
+                    clients.remove(&key);
+                }
+                Some(f) if f.count >= self.limit => return Standing::Blocked,
+                Some(_) => return Standing::Suspect,
+                None if clients.len() >= MAX_TRACKED => return Standing::Suspect,
+                None => {}
             }
-            Some(f) if f.count >= self.limit => Standing::Blocked,
-            Some(_) => Standing::Suspect,
-            None if clients.len() >= MAX_TRACKED => Standing::Suspect,
-            None => Standing::Clean,
+        }
+        let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        match known.get(&key) {
+            Some(at) if now.duration_since(*at) < KNOWN_FOR => Standing::Known,
+            _ => Standing::Clean,
         }
     }
 
@@ -150,9 +171,19 @@ impl Throttle {
         }
     }
 
-    fn accepted(&self, ip: IpAddr) {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        clients.remove(&client_network(ip));
+    fn accepted(&self, ip: IpAddr, now: Instant) {
+        let key = client_network(ip);
+        self.clients
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= MAX_TRACKED {
+            known.retain(|_, at| now.duration_since(*at) < KNOWN_FOR);
+        }
+        if known.len() < MAX_TRACKED || known.contains_key(&key) {
+            known.insert(key, now);
+        }
     }
 }
 
@@ -180,6 +211,7 @@ impl Authenticator {
         Ok(Self {
             users: map,
             dummy_hash,
+            known_checks: tokio::sync::Semaphore::new(1),
             checks: tokio::sync::Semaphore::new(1),
             suspect_checks: tokio::sync::Semaphore::new(1),
             throttle: Throttle::new(failure_limit, failure_window),
@@ -208,6 +240,31 @@ impl Authenticator {
         ok && known
     }
 
+    /// The lane a client network's checks wait in (none for one at the limit).
+    fn lane(&self, standing: Standing) -> Option<&tokio::sync::Semaphore> {
+        match standing {
+            Standing::Known => Some(&self.known_checks),
+            Standing::Clean => Some(&self.checks),
+            Standing::Suspect => Some(&self.suspect_checks),
+            Standing::Blocked => None,
+        }
+    }
+
+    /// Waits for `client`'s turn in the lane of its standing, read again once the turn
+    /// comes: a refusal counted meanwhile (an attempt of the same network sent in parallel)
+    /// moves it to another lane or to the limit. `None` at the limit.
+    async fn turn(&self, client: IpAddr) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        let mut standing = self.throttle.standing(client, Instant::now());
+        loop {
+            let turn = self.lane(standing)?.acquire().await.ok()?;
+            let now = self.throttle.standing(client, Instant::now());
+            if now == standing {
+                return Some(turn);
+            }
+            standing = now;
+        }
+    }
+
     /// Checks a password from `client` on the blocking pool, one check at a time in its
     /// lane; a refusal (and a throttled attempt) is answered after [`FAILURE_DELAY`].
     pub async fn verify(
@@ -216,35 +273,27 @@ impl Authenticator {
         username: String,
         password: String,
     ) -> AuthOutcome {
-        let lane = match self.throttle.standing(client, Instant::now()) {
-            Standing::Clean => &self.checks,
-            Standing::Suspect => &self.suspect_checks,
-            Standing::Blocked => {
-                tracing::warn!(client = %client, "AUTH throttled: too many refusals from this client lately");
-                tokio::time::sleep(FAILURE_DELAY).await;
-                return AuthOutcome::Throttled;
-            }
+        let Some(turn) = self.turn(client).await else {
+            tracing::warn!(client = %client, "AUTH throttled: too many refusals from this client lately");
+            tokio::time::sleep(FAILURE_DELAY).await;
+            return AuthOutcome::Throttled;
         };
-        let user = match lane.acquire().await {
-            Ok(_turn) => {
-                let this = Arc::clone(self);
-                tokio::task::spawn_blocking(move || {
-                    this.verify_blocking(&username, &password)
-                        .then_some(username)
-                })
-                .await
-                .ok()
-                .flatten()
-            }
-            Err(_) => None,
-        };
+        let this = Arc::clone(self);
+        let user = tokio::task::spawn_blocking(move || {
+            this.verify_blocking(&username, &password)
+                .then_some(username)
+        })
+        .await
+        .ok()
+        .flatten();
         match user {
             Some(user) => {
-                self.throttle.accepted(client);
+                self.throttle.accepted(client, Instant::now());
                 AuthOutcome::Accepted(user)
             }
             None => {
                 self.throttle.refused(client, Instant::now());
+                drop(turn);
                 tokio::time::sleep(FAILURE_DELAY).await;
                 AuthOutcome::Refused
             }
@@ -375,6 +424,60 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn attempts_sent_in_parallel_stop_at_the_limit_too() {
+        let auth = authenticator();
+        let guesser = ip("192.0.2.66");
+        let attempts = (0..20).map(|i| {
+            let auth = Arc::clone(&auth);
+            tokio::spawn(async move { auth.verify(guesser, "app".into(), format!("g{i}")).await })
+        });
+        let mut outcomes = Vec::new();
+        for a in attempts.collect::<Vec<_>>() {
+            outcomes.push(a.await.unwrap());
+        }
+        let refused = outcomes
+            .iter()
+            .filter(|o| **o == AuthOutcome::Refused)
+            .count();
+        let throttled = outcomes
+            .iter()
+            .filter(|o| **o == AuthOutcome::Throttled)
+            .count();
+        // The limit is 3: three were checked, the others not.
+        assert_eq!((refused, throttled), (3, 17), "{outcomes:?}");
+        assert_eq!(
+            auth.verify(guesser, "app".into(), "secret".into()).await,
+            AuthOutcome::Throttled
+        );
+    }
+
+    #[tokio::test]
+    async fn a_network_that_authenticated_is_checked_apart_from_new_ones() {
+        let auth = authenticator();
+        let app = ip("192.0.2.10");
+        assert_eq!(
+            auth.verify(app, "app".into(), "secret".into()).await,
+            AuthOutcome::Accepted("app".into())
+        );
+        // New networks (guessers from many addresses) hold the lane of the clean ones: the
+        // application that authenticated before does not wait for them.
+        let clean_turn = auth.checks.acquire().await.unwrap();
+        let again = auth.verify(app, "app".into(), "secret".into());
+        let again = tokio::time::timeout(Duration::from_secs(20), again).await;
+        assert_eq!(again.ok(), Some(AuthOutcome::Accepted("app".into())));
+        drop(clean_turn);
+        // A refusal makes it suspect again, known or not.
+        assert_eq!(
+            auth.verify(app, "app".into(), "nope".into()).await,
+            AuthOutcome::Refused
+        );
+        assert_eq!(
+            auth.throttle.standing(app, Instant::now()),
+            Standing::Suspect
+        );
+    }
+
     #[test]
     fn refusals_count_within_their_window_and_a_success_clears_them() {
         let t = Throttle::new(2, WINDOW);
@@ -390,8 +493,8 @@ mod tests {
         // The window runs from the first refusal; after it the client is clean again.
         assert_eq!(t.standing(a, now + WINDOW), Standing::Clean);
         t.refused(a, now + WINDOW);
-        t.accepted(a);
-        assert_eq!(t.standing(a, now + WINDOW), Standing::Clean);
+        t.accepted(a, now + WINDOW);
+        assert_eq!(t.standing(a, now + WINDOW), Standing::Known);
         // An IPv4-mapped address is its IPv4 address.
         t.refused(a, now);
         assert_eq!(

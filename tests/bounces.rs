@@ -404,4 +404,19 @@ async fn bounce_ingest_twice_stores_returned_mail_without_message_id_once() {
         "{again}"
     );
     assert_eq!(m.cli_ok(&["bounces", "--json"]), stored);
+
+    // The same mail as a delivery agent appends it to an mbox (a From line before it, an
+    // empty line after it) is the mail stored before.
+    let mbox = tempfile::tempdir().unwrap();
+    let appended = format!(
+        "From MAILER-DAEMON Mon Nov 23 10:00:00 2026\n{}\n",
+        without_id(dsn_for("hana@dest.test", &receipt))
+    );
+    std::fs::write(mbox.path().join("inbox"), appended).unwrap();
+    let from_mbox = m.cli_ok(&["bounce", "ingest", mbox.path().to_str().unwrap()]);
+    assert!(
+        from_mbox.contains("0 bounce records stored, 1 stored before"),
+        "{from_mbox}"
+    );
+    assert_eq!(m.cli_ok(&["bounces", "--json"]), stored);
 }

@@ -72,6 +72,22 @@ impl Match {
             Effect::Record
         }
     }
+
+    /// Why a record that would change its recipient leaves it as it is, in words for the
+    /// admin (`None` when it acts, or would not act anyway).
+    fn left_because(&self, from_smtp: bool) -> Option<String> {
+        let r = self.recipient.as_ref()?;
+        if !r.status.was_handed_over() {
+            Some(format!(
+                "recipient {}, never taken by a receiving server: left as it is",
+                r.status.as_str()
+            ))
+        } else if from_smtp && !self.verified() {
+            Some("unverified over SMTP: recipient left as it is".to_string())
+        } else {
+            None
+        }
+    }
 }
 
 /// What one stored record turned into.
@@ -88,6 +104,8 @@ pub struct Ingested {
     pub suppressed: bool,
     /// Stored before (the same returned mail again): nothing changed.
     pub duplicate: bool,
+    /// Why the matched recipient's status stayed, when the record would have changed it.
+    pub left: Option<String>,
 }
 
 /// The recipient status a record moves its matched recipient to: a failed DSN or prose
@@ -187,11 +205,18 @@ impl BounceIngest {
         // What the bounce is about was sent before it was written (its Date), else before now.
         let dated_ms = own.date_ms.map_or(now, |d| d.min(now));
         let mut bounces: Vec<NewBounce> = Vec::with_capacity(records.len());
+        let mut left = Vec::with_capacity(records.len());
         for (position, record) in records.iter().enumerate() {
             let matched = self.correlate(record, verp_tag, dated_ms).await?;
             let effect = matched
                 .as_ref()
                 .map_or(Effect::Record, |m| m.effect(source.is_some()));
+            left.push(
+                matched
+                    .as_ref()
+                    .filter(|_| new_status(record).is_some())
+                    .and_then(|m| m.left_because(source.is_some())),
+            );
             // Only a record that may act suppresses, and then the address we sent to: an
             // unmatched bounce proves nothing about any address of ours.
             let suppress = match (effect, matched.as_ref().and_then(|m| m.recipient.as_ref())) {
@@ -221,12 +246,18 @@ impl BounceIngest {
         Ok(recorded
             .into_iter()
             .zip(bounces)
-            .map(|(r, b)| self.recorded(r, b))
+            .zip(left)
+            .map(|((r, b), left)| self.recorded(r, b, left))
             .collect())
     }
 
     /// Counts and logs a committed bounce (a duplicate is only logged).
-    fn recorded(&self, r: crate::store::RecordedBounce, b: NewBounce) -> Ingested {
+    fn recorded(
+        &self,
+        r: crate::store::RecordedBounce,
+        b: NewBounce,
+        left: Option<String>,
+    ) -> Ingested {
         let f = b.facts;
         let suppressed = !r.duplicate && b.suppress.is_some();
         if r.duplicate {
@@ -248,7 +279,7 @@ impl BounceIngest {
             tracing::info!(
                 recipient = %f.recipient, reason = %f.reason, bounce_type = %f.bounce_type,
                 correlation = ?f.correlation, receipt = ?f.receipt.map(|r| r.to_string()),
-                suppressed, "bounce recorded"
+                suppressed, left = left.as_deref().unwrap_or(""), "bounce recorded"
             );
         }
         Ingested {
@@ -261,6 +292,7 @@ impl BounceIngest {
             verified: f.verified,
             suppressed,
             duplicate: r.duplicate,
+            left,
         }
     }
 
@@ -919,6 +951,21 @@ mod tests {
             ["delivered", "delivered", "delivered", "queued"]
         );
         assert!(suppressed().await.is_empty());
+        // Alice's log says what came and that it was not taken as her bounce.
+        let log = store
+            .log(&LogQuery {
+                key: LogKey::Receipt(receipt),
+                since_ms: None,
+                until_ms: None,
+                limit: 1,
+            })
+            .await
+            .unwrap();
+        let last = log[0].recipients[0].events.last().unwrap();
+        assert_eq!(
+            (last.kind.as_str(), last.status),
+            ("unverified dsn", RecipientStatus::Delivered)
+        );
 
         // Carol's VERP address proves the bounce is about her copy, whoever it names; the
         // same bytes sent to bounces@ first (stored, acting on nothing) do not hold it up.
@@ -971,6 +1018,20 @@ mod tests {
             statuses().await,
             ["delivered", "bounced", "bounced", "queued"]
         );
+        // And the admin is told why.
+        assert_eq!(
+            fed[0].left.as_deref(),
+            Some("recipient queued, never taken by a receiving server: left as it is")
+        );
+        let alice = ingest
+            .ingest(dsn("alice@ex.test", receipt).as_bytes(), &[], None)
+            .await
+            .unwrap();
+        assert_eq!(
+            alice[0].left, None,
+            "one that acts leaves nothing to explain"
+        );
+        assert_eq!(statuses().await[0], "bounced");
     }
 
     #[tokio::test]

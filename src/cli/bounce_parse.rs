@@ -57,37 +57,53 @@ pub fn run_bounce_parse_with(
 }
 
 /// The files under `paths`: each regular file named, and every regular file under each
-/// directory (recursively, in name order). What cannot be listed, or is no regular file (a
-/// FIFO would block the read for ever), is left out and said in the second list, so one bad
-/// entry does not end the run before the rest is read.
+/// directory (recursively, in name order, symbolic links followed). A directory reached
+/// again (a link to it, or a link loop) is read once. What cannot be listed, or is no
+/// regular file (a FIFO would block the read for ever), is left out and said in the second
+/// list, so one bad entry does not end the run before the rest is read.
 pub(crate) fn collect_files(paths: &[PathBuf]) -> (Vec<PathBuf>, Vec<String>) {
-    let mut files = Vec::new();
-    let mut skipped = Vec::new();
+    let mut walk = Walk::default();
     for p in paths {
-        collect(p, &mut files, &mut skipped);
+        walk.collect(p);
     }
-    (files, skipped)
+    (walk.files, walk.skipped)
 }
 
-fn collect(path: &Path, files: &mut Vec<PathBuf>, skipped: &mut Vec<String>) {
-    let meta = match std::fs::metadata(path) {
-        Ok(m) => m,
-        Err(e) => return skipped.push(format!("{}: {e}", path.display())),
-    };
-    if meta.is_dir() {
-        let entries = match std::fs::read_dir(path) {
-            Ok(entries) => entries,
-            Err(e) => return skipped.push(format!("{}: {e}", path.display())),
+#[derive(Default)]
+struct Walk {
+    files: Vec<PathBuf>,
+    skipped: Vec<String>,
+    /// The directories read, by device and inode.
+    seen: std::collections::HashSet<(u64, u64)>,
+}
+
+impl Walk {
+    fn collect(&mut self, path: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(e) => return self.skipped.push(format!("{}: {e}", path.display())),
         };
-        let mut entries: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        entries.sort();
-        for e in entries {
-            collect(&e, files, skipped);
+        if meta.is_dir() {
+            if !self.seen.insert((meta.dev(), meta.ino())) {
+                return;
+            }
+            let entries = match std::fs::read_dir(path) {
+                Ok(entries) => entries,
+                Err(e) => return self.skipped.push(format!("{}: {e}", path.display())),
+            };
+            let mut entries: Vec<PathBuf> =
+                entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+            entries.sort();
+            for e in entries {
+                self.collect(&e);
+            }
+        } else if meta.is_file() {
+            self.files.push(path.to_path_buf());
+        } else {
+            self.skipped
+                .push(format!("{}: not a regular file", path.display()));
         }
-    } else if meta.is_file() {
-        files.push(path.to_path_buf());
-    } else {
-        skipped.push(format!("{}: not a regular file", path.display()));
     }
 }
 
@@ -132,6 +148,16 @@ pub(crate) fn split_messages(path: &Path, data: Vec<u8>) -> Vec<Source> {
                 line
             };
             cur.extend_from_slice(unquoted);
+        }
+    }
+    // The empty line a writer puts after each message belongs to the mbox, not to the
+    // message: kept, a message without a Message-ID was known by other content than the
+    // same message stored in a file of its own, and fed in both ways it was stored twice.
+    for raw in &mut messages {
+        if raw.ends_with(b"\r\n\r\n") {
+            raw.truncate(raw.len() - 2);
+        } else if raw.ends_with(b"\n\n") {
+            raw.truncate(raw.len() - 1);
         }
     }
     let single = messages.len() == 1;
@@ -202,6 +228,12 @@ Subject: Undelivered Mail Returned to Sender\r\n\r\n\
         assert_eq!(msgs.len(), 2);
         assert_eq!(msgs[0].raw, b"Subject: one\n\nFrom here\n");
         assert_eq!(msgs[1].message, Some(2));
+        // Each message as it was before it was appended: without the separating empty line.
+        let written = b"From a@b Mon Jan 1 00:00:00 2024\nSubject: one\n\nbody\n\n\
+            From b@c Mon Jan 1 00:00:00 2024\r\nSubject: two\r\n\r\nx\r\n\r\n";
+        let msgs = split_messages(Path::new("m.mbox"), written.to_vec());
+        assert_eq!(msgs[0].raw, b"Subject: one\n\nbody\n");
+        assert_eq!(msgs[1].raw, b"Subject: two\r\n\r\nx\r\n");
         let single = split_messages(Path::new("x.eml"), b"Subject: x\n\n".to_vec());
         assert_eq!(single.len(), 1);
         assert_eq!(single[0].message, None);
@@ -235,6 +267,22 @@ Subject: Undelivered Mail Returned to Sender\r\n\r\n\
         let text = String::from_utf8(out)?;
         assert_eq!(text.lines().count(), 2, "{text}");
         assert!(text.contains("z.eml"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn a_directory_reached_again_through_links_is_read_once() -> anyhow::Result<()> {
+        // lp/a/x.eml with two links from lp/a back to lp: followed blindly, the walk went
+        // down every path of links until ELOOP (2^40 of them: it never ended).
+        let dir = tempfile::tempdir()?;
+        let lp = dir.path().join("lp");
+        std::fs::create_dir_all(lp.join("a"))?;
+        std::fs::write(lp.join("a/x.eml"), BOUNCE)?;
+        std::os::unix::fs::symlink(&lp, lp.join("a/l1"))?;
+        std::os::unix::fs::symlink(&lp, lp.join("a/l2"))?;
+        let (files, skipped) = collect_files(&[lp.clone(), lp.join("a")]);
+        assert_eq!(files, [lp.join("a/x.eml")]);
+        assert!(skipped.is_empty(), "{skipped:?}");
         Ok(())
     }
 

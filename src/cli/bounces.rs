@@ -116,11 +116,13 @@ pub fn render_ingested(file: &str, i: &Ingested) -> String {
         },
         i.bounce_id,
         if i.duplicate {
-            ", stored before: unchanged"
+            ", stored before: unchanged".to_string()
         } else if i.suppressed {
-            ", address suppressed"
+            ", address suppressed".to_string()
+        } else if let Some(why) = &i.left {
+            format!(", {why}")
         } else {
-            ""
+            String::new()
         }
     )
 }

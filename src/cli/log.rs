@@ -214,9 +214,15 @@ fn render_recipient(out: &mut String, r: &RecipientLog) {
 
 fn render_event(out: &mut String, e: &EventLog) {
     let _ = write!(out, "    {}  {}", format_time(e.at_ms), e.kind);
-    // "rejected", "suppressed": the event says the status already.
+    // "rejected", "suppressed": the event says the status already. A record of a bounce
+    // stage that is no bounce or complaint (an auto-reply, a delay notice, an unverified
+    // DSN) left the status as it was.
     let status = e.status.to_string();
-    if status != e.kind {
+    let changed = !matches!(e.stage, Some(crate::store::Stage::Bounce))
+        || ["bounce", "complaint"].contains(&e.kind.as_str());
+    if !changed {
+        let _ = write!(out, " (recipient stays {status})");
+    } else if status != e.kind {
         let _ = write!(out, " {status}");
     }
     if let Some(stage) = e.stage {
@@ -553,6 +559,25 @@ mod tests {
         let text = render_text(&[m]);
         assert!(text.contains("  rejected at local mx1"), "{text}");
         assert!(text.contains("  accepted queued\n"), "{text}");
+    }
+
+    #[test]
+    fn a_bounce_record_that_changed_nothing_says_the_status_stayed() {
+        let mut m = sample();
+        let event = &mut m.recipients[0].events[1];
+        event.kind = "unverified dsn".into();
+        event.status = RecipientStatus::Delivered;
+        event.stage = Some(Stage::Bounce);
+        let text = render_text(&[m.clone()]);
+        assert!(
+            text.contains("  unverified dsn (recipient stays delivered) at bounce mx1"),
+            "{text}"
+        );
+        let event = &mut m.recipients[0].events[1];
+        event.kind = "bounce".into();
+        event.status = RecipientStatus::Bounced;
+        let text = render_text(&[m]);
+        assert!(text.contains("  bounce bounced at bounce mx1"), "{text}");
     }
 
     #[test]

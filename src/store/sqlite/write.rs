@@ -556,10 +556,13 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
         }
         None => current,
     };
+    // A record that changed nothing says so by its kind when nothing proved it: an
+    // unverified DSN over SMTP is not the recipient's bounce.
     let kind = match new.new_status {
-        Some(RecipientStatus::Complained) => "complaint",
-        Some(_) => "bounce",
-        None => b.kind.as_str(),
+        Some(RecipientStatus::Complained) => "complaint".to_string(),
+        Some(_) => "bounce".to_string(),
+        None if !b.verified => format!("unverified {}", b.kind),
+        None => b.kind.clone(),
     };
     append_event(
         conn,
@@ -567,7 +570,7 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
         idx,
         &Event {
             at: b.at_ms,
-            kind,
+            kind: &kind,
             status: &status,
             stage: Some(stage_str(Stage::Bounce)),
             remote_host: b.remote_mta.as_deref().or(b.reporting_mta.as_deref()),

@@ -16,6 +16,7 @@ use crate::config::{Config, SuppressionAction};
 use crate::delivery::dns::MxResolver;
 use crate::metrics::Metrics;
 use crate::smtp::policy::relay_verdict;
+use crate::smtp::throttle::{Count, FailureCount};
 use crate::smtp::{RecipientCheck, RecipientPolicy, RecipientVerdict, Reply};
 use crate::spool::PresetOutcome;
 use crate::store::{RecipientStatus, Suppression};
@@ -37,6 +38,59 @@ pub enum DomainStatus {
     NullMx,
     /// Timeout, SERVFAIL: never a reason to reject.
     Unknown,
+}
+
+/// What an address at the bounce domain is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BounceAddress {
+    /// The plain bounce address, a role account (RFC 2142) or `<postmaster>`.
+    Plain,
+    /// A VERP address whose MAC verifies.
+    Verp,
+    /// Shaped as a VERP address, with a MAC that does not verify: forged, or guessed.
+    ForgedVerp,
+    /// Any other local part.
+    Unknown,
+}
+
+/// Forged VERP MACs (a 40-bit MAC can be guessed online) one client network may send
+/// within [`FORGED_VERP_WINDOW`]; past them every VERP address from it gets `450` unchecked
+/// until the window has passed.
+pub const FORGED_VERP_LIMIT: u32 = 10;
+pub const FORGED_VERP_WINDOW: Duration = Duration::from_secs(600);
+
+/// What `address` is when it is at the bounce domain (or `<postmaster>` with one set);
+/// `None` otherwise.
+pub fn bounce_address(
+    address: &str,
+    bounce_domain: &str,
+    bounce_local: &str,
+    key: Option<&[u8]>,
+) -> Option<BounceAddress> {
+    if bounce_domain.is_empty() {
+        return None;
+    }
+    if address.eq_ignore_ascii_case("postmaster") {
+        return Some(BounceAddress::Plain);
+    }
+    let (local, domain) = address.rsplit_once('@')?;
+    if !domain
+        .trim_end_matches('.')
+        .eq_ignore_ascii_case(bounce_domain)
+    {
+        return None;
+    }
+    let local_lc = local.to_ascii_lowercase();
+    if local_lc == bounce_local.to_ascii_lowercase() || PLAIN_BOUNCE_LOCALS.contains(&&*local_lc) {
+        return Some(BounceAddress::Plain);
+    }
+    Some(
+        match key.map(|k| verp::decode(k, bounce_local, bounce_domain, address)) {
+            Some(Ok(_)) => BounceAddress::Verp,
+            Some(Err(verp::VerpError::BadMac)) => BounceAddress::ForgedVerp,
+            _ => BounceAddress::Unknown,
+        },
+    )
 }
 
 /// `Some(verdict)` when `address` is at the bounce domain: VERP addresses whose MAC verifies
@@ -61,31 +115,18 @@ pub fn bounce_domain_verdict(
             RecipientVerdict::AcceptInboundBounce
         });
     }
-    if bounce_domain.is_empty() {
-        return None;
-    }
-    let (local, domain) = address.rsplit_once('@')?;
-    if !domain
-        .trim_end_matches('.')
-        .eq_ignore_ascii_case(bounce_domain)
-    {
-        return None;
-    }
-    let local_lc = local.to_ascii_lowercase();
-    if local_lc == bounce_local.to_ascii_lowercase() || PLAIN_BOUNCE_LOCALS.contains(&&*local_lc) {
-        return Some(RecipientVerdict::AcceptInboundBounce);
-    }
-    let verified =
-        key.is_some_and(|k| verp::decode(k, bounce_local, bounce_domain, address).is_ok());
-    Some(if verified {
-        RecipientVerdict::AcceptInboundBounce
-    } else {
-        RecipientVerdict::Reject(Reply::new(
-            550,
-            "5.1.1",
-            "Unknown bounce address (VERP tag does not verify)",
-        ))
-    })
+    Some(
+        match bounce_address(address, bounce_domain, bounce_local, key)? {
+            BounceAddress::Plain | BounceAddress::Verp => RecipientVerdict::AcceptInboundBounce,
+            BounceAddress::ForgedVerp | BounceAddress::Unknown => {
+                RecipientVerdict::Reject(Reply::new(
+                    550,
+                    "5.1.1",
+                    "Unknown bounce address (VERP tag does not verify)",
+                ))
+            }
+        },
+    )
 }
 
 /// The verdict for a suppressed address: recorded `suppressed` and not relayed (like Amazon
@@ -207,6 +248,8 @@ pub struct SubmissionPolicy {
     verp_key: Option<Vec<u8>>,
     domains: Option<DomainCheck>,
     suppressions: Arc<SuppressionCache>,
+    /// Forged VERP MACs per client network.
+    forged_verps: FailureCount,
 }
 
 impl SubmissionPolicy {
@@ -223,7 +266,41 @@ impl SubmissionPolicy {
             verp_key,
             domains,
             suppressions,
+            forged_verps: FailureCount::new(FORGED_VERP_LIMIT, FORGED_VERP_WINDOW),
         }
+    }
+
+    /// `Some(450)` for a VERP address from a client network that sent too many forged ones
+    /// lately (a valid one too: the reply must not tell a guess that hit); counts a forged
+    /// one otherwise.
+    fn forged_verp_guard(&self, recipient: &RecipientCheck) -> Option<RecipientVerdict> {
+        let d = &self.config.delivery;
+        let kind = bounce_address(
+            &recipient.address,
+            &d.bounce_domain,
+            &d.bounce_local_part,
+            self.verp_key.as_deref(),
+        );
+        if !matches!(kind, Some(BounceAddress::Verp | BounceAddress::ForgedVerp)) {
+            return None;
+        }
+        let (ip, now) = (recipient.client_ip, Instant::now());
+        if self.forged_verps.count(ip, now) == Count::AtLimit {
+            return Some(RecipientVerdict::Reject(Reply::new(
+                450,
+                "4.7.1",
+                "Too many forged bounce addresses from your address, try again later",
+            )));
+        }
+        if kind == Some(BounceAddress::ForgedVerp) && self.forged_verps.failed(ip, now) {
+            tracing::warn!(
+                client = %ip,
+                "{FORGED_VERP_LIMIT} forged VERP addresses from this client: its VERP \
+                 addresses get 450 for {} minutes",
+                FORGED_VERP_WINDOW.as_secs() / 60
+            );
+        }
+        None
     }
 }
 
@@ -231,6 +308,9 @@ impl SubmissionPolicy {
 impl RecipientPolicy for SubmissionPolicy {
     async fn check(&self, recipient: &RecipientCheck) -> RecipientVerdict {
         let d = &self.config.delivery;
+        if let Some(v) = self.forged_verp_guard(recipient) {
+            return v;
+        }
         if let Some(v) = bounce_domain_verdict(
             &recipient.address,
             &d.bounce_domain,
@@ -421,5 +501,90 @@ mod tests {
                 .unwrap();
         assert!(routed_to_fixed_hop(&c, "ROUTED.test"));
         assert!(!routed_to_fixed_hop(&c, "other.test"));
+    }
+
+    #[test]
+    fn an_address_at_the_bounce_domain_is_plain_verp_forged_or_unknown() {
+        let r = ReceiptId::new();
+        let good = verp::encode(KEY, "bounces", "b.test", r, 1);
+        let forged = verp::encode(b"another key", "bounces", "b.test", r, 1);
+        let kind = |a: &str| bounce_address(a, "b.test", "bounces", Some(KEY));
+        assert_eq!(kind("bounces@b.test"), Some(BounceAddress::Plain));
+        assert_eq!(kind("FBL@b.test."), Some(BounceAddress::Plain));
+        assert_eq!(kind("postmaster"), Some(BounceAddress::Plain));
+        assert_eq!(kind(&good), Some(BounceAddress::Verp));
+        assert_eq!(kind(&forged), Some(BounceAddress::ForgedVerp));
+        assert_eq!(kind("jane@b.test"), Some(BounceAddress::Unknown));
+        assert_eq!(kind("jane@other.test"), None);
+        assert_eq!(bounce_address(&good, "", "bounces", Some(KEY)), None);
+    }
+
+    #[tokio::test]
+    async fn a_network_that_guesses_verp_macs_is_turned_away_at_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let config: Config = Config::parse(
+            "[delivery]\nbounce_domain = \"b.test\"\n[checks]\ndomain_check = false\n",
+        )
+        .unwrap();
+        let store: Arc<dyn crate::store::Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open_path(&dir.path().join("t.db")).unwrap(),
+        );
+        let policy = SubmissionPolicy::new(
+            Arc::new(config),
+            Arc::new(SuppressionCache::new(store)),
+            Arc::new(Metrics::new()),
+            Some(KEY.to_vec()),
+            None,
+        );
+        let rcpt = |address: String, ip: &str| RecipientCheck {
+            address,
+            envelope_sender: String::new(),
+            client_ip: ip.parse().unwrap(),
+            relay_allowed: false,
+            auth_user: None,
+        };
+        let code = |v: RecipientVerdict| match v {
+            RecipientVerdict::Reject(r) => r.code,
+            RecipientVerdict::AcceptInboundBounce => 250,
+            other => panic!("{other:?}"),
+        };
+        let r = ReceiptId::new();
+        let guess = |i: u32| verp::encode(b"guess", "bounces", "b.test", r, i);
+        let good = verp::encode(KEY, "bounces", "b.test", r, 0);
+        for i in 0..FORGED_VERP_LIMIT {
+            let v = policy.check(&rcpt(guess(i), "192.0.2.7")).await;
+            assert_eq!(code(v), 550, "guess {i}");
+        }
+        // At the limit: a guess, and the real address too (a hit must look like a miss).
+        for address in [guess(99), good.clone()] {
+            let v = policy.check(&rcpt(address, "192.0.2.7")).await;
+            match v {
+                RecipientVerdict::Reject(reply) => {
+                    assert_eq!((reply.code, reply.enhanced_status), (450, Some("4.7.1")))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        // The plain bounce address still takes its bounces; other networks are not held.
+        let plain = policy
+            .check(&rcpt("bounces@b.test".into(), "192.0.2.7"))
+            .await;
+        assert_eq!(code(plain), 250);
+        let other = policy.check(&rcpt(good, "192.0.2.8")).await;
+        assert_eq!(code(other), 250);
+        // Unknown local parts (backscatter for made-up addresses) are not guesses.
+        for i in 0..2 * FORGED_VERP_LIMIT {
+            let v = policy
+                .check(&rcpt(format!("x{i}@b.test"), "192.0.2.9"))
+                .await;
+            assert_eq!(code(v), 550);
+        }
+        let after = policy
+            .check(&rcpt(
+                verp::encode(KEY, "bounces", "b.test", r, 1),
+                "192.0.2.9",
+            ))
+            .await;
+        assert_eq!(code(after), 250);
     }
 }

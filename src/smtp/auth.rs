@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 
+use super::throttle::{Count, FailureCount, MAX_TRACKED, client_network};
 use crate::config::UserConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,24 +65,12 @@ pub enum AuthOutcome {
     Throttled,
 }
 
-/// Client networks tracked at most; when all are taken by recent failures, a new one counts
-/// as suspect (one check at a time with the guessers) without being tracked.
-const MAX_TRACKED: usize = 100_000;
-
 /// Recent AUTH refusals per client network, and the networks that authenticated lately.
 #[derive(Debug)]
 struct Throttle {
-    limit: u32,
-    window: Duration,
-    clients: Mutex<HashMap<IpAddr, Failures>>,
+    refusals: FailureCount,
     /// When each network last authenticated.
     known: Mutex<HashMap<IpAddr, Instant>>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Failures {
-    count: u32,
-    since: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -90,93 +79,40 @@ enum Standing {
     Known,
     /// No recent refusal.
     Clean,
-    /// Refused lately, below the limit.
+    /// Refused lately, below the limit (or not counted: too many networks are).
     Suspect,
     /// At the limit: not checked.
     Blocked,
 }
 
-/// The network a client is counted by: its IPv4 address (also when IPv4-mapped), or the /64
-/// of its IPv6 address (one subscriber's, which holds 2^64 addresses).
-fn client_network(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                IpAddr::V6(bits.into())
-            }
-        },
-    }
-}
-
 impl Throttle {
     fn new(limit: u32, window: Duration) -> Self {
         Self {
-            limit,
-            window,
-            clients: Mutex::new(HashMap::new()),
+            refusals: FailureCount::new(limit, window),
             known: Mutex::new(HashMap::new()),
         }
     }
 
     fn standing(&self, ip: IpAddr, now: Instant) -> Standing {
-        let key = client_network(ip);
-        {
-            let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-            match clients.get(&key) {
-                Some(f) if now.duration_since(f.since) >= self.window => {
-                    clients.remove(&key);
-                }
-                Some(f) if f.count >= self.limit => return Standing::Blocked,
-                Some(_) => return Standing::Suspect,
-                None if clients.len() >= MAX_TRACKED => return Standing::Suspect,
-                None => {}
-            }
+        match self.refusals.count(ip, now) {
+            Count::AtLimit => return Standing::Blocked,
+            Count::Some(_) | Count::Untracked => return Standing::Suspect,
+            Count::None => {}
         }
         let known = self.known.lock().unwrap_or_else(|e| e.into_inner());
-        match known.get(&key) {
+        match known.get(&client_network(ip)) {
             Some(at) if now.duration_since(*at) < KNOWN_FOR => Standing::Known,
             _ => Standing::Clean,
         }
     }
 
     fn refused(&self, ip: IpAddr, now: Instant) {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if clients.len() >= MAX_TRACKED {
-            let window = self.window;
-            clients.retain(|_, f| now.duration_since(f.since) < window);
-        }
-        let key = client_network(ip);
-        let full = clients.len() >= MAX_TRACKED;
-        match clients.get_mut(&key) {
-            Some(f) if now.duration_since(f.since) < self.window => f.count += 1,
-            Some(f) => {
-                *f = Failures {
-                    count: 1,
-                    since: now,
-                }
-            }
-            None if !full => {
-                clients.insert(
-                    key,
-                    Failures {
-                        count: 1,
-                        since: now,
-                    },
-                );
-            }
-            None => {}
-        }
+        self.refusals.failed(ip, now);
     }
 
     fn accepted(&self, ip: IpAddr, now: Instant) {
+        self.refusals.clear(ip);
         let key = client_network(ip);
-        self.clients
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&key);
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
         if known.len() >= MAX_TRACKED {
             known.retain(|_, at| now.duration_since(*at) < KNOWN_FOR);

@@ -8,6 +8,7 @@ pub mod policy;
 pub mod reply;
 pub mod server;
 pub mod session;
+pub mod throttle;
 pub mod tls;
 
 pub use auth::{Authenticator, hash_password};

@@ -209,6 +209,18 @@ impl Authenticator {
         username: String,
         password: String,
     ) -> AuthOutcome {
+        self.verify_as(client, username, password, false).await
+    }
+
+    /// [`Self::verify`], refusing even the right password when the exchange is `unusable`
+    /// (see [`super::Credentials::unusable`]): after the same check, delay and count.
+    pub async fn verify_as(
+        self: &Arc<Self>,
+        client: IpAddr,
+        username: String,
+        password: String,
+        unusable: bool,
+    ) -> AuthOutcome {
         let Some(turn) = self.turn(client).await else {
             tracing::warn!(client = %client, "AUTH throttled: too many refusals from this client lately");
             tokio::time::sleep(FAILURE_DELAY).await;
@@ -221,7 +233,8 @@ impl Authenticator {
         })
         .await
         .ok()
-        .flatten();
+        .flatten()
+        .filter(|_| !unusable);
         match user {
             Some(user) => {
                 self.throttle.accepted(client, Instant::now());
@@ -385,6 +398,23 @@ mod tests {
         assert_eq!(
             auth.verify(guesser, "app".into(), "secret".into()).await,
             AuthOutcome::Throttled
+        );
+    }
+
+    #[tokio::test]
+    async fn an_unusable_exchange_is_refused_and_counted_even_with_the_right_password() {
+        let auth = authenticator();
+        let client = ip("192.0.2.77");
+        let started = std::time::Instant::now();
+        assert_eq!(
+            auth.verify_as(client, "app".into(), "secret".into(), true)
+                .await,
+            AuthOutcome::Refused
+        );
+        assert!(started.elapsed() >= FAILURE_DELAY);
+        assert_eq!(
+            auth.throttle.standing(client, Instant::now()),
+            Standing::Suspect
         );
     }
 

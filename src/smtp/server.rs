@@ -424,10 +424,11 @@ impl Connection<'_> {
                         let outcome = self
                             .shared
                             .auth
-                            .verify(
+                            .verify_as(
                                 session.peer_ip(),
                                 credentials.username,
                                 credentials.password,
+                                credentials.unusable,
                             )
                             .await;
                         pending.extend(session.auth_verified(outcome));

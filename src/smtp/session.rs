@@ -101,6 +101,10 @@ impl Peer {
 pub struct Credentials {
     pub username: String,
     pub password: String,
+    /// The exchange cannot succeed (PLAIN's authorization identity names another user,
+    /// which is not supported; bytes that are not UTF-8): checked and refused as a wrong
+    /// password is, so it takes as long and counts toward the client's limit.
+    pub unusable: bool,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -1204,13 +1208,8 @@ impl Session {
                 else {
                     return self.reply(out, Reply::new(501, "5.5.2", "Malformed AUTH PLAIN"));
                 };
-                if !authzid.is_empty() && authzid != authcid {
-                    return self.reply(
-                        out,
-                        Reply::new(535, "5.7.8", "Authentication credentials invalid"),
-                    );
-                }
-                self.verify(out, authcid, password);
+                let other_user = !authzid.is_empty() && authzid != authcid;
+                self.verify(out, authcid, password, other_user);
             }
             SaslStep::LoginUsername => {
                 let username = String::from_utf8_lossy(&decoded).into_owned();
@@ -1218,26 +1217,27 @@ impl Session {
                 out.push(Action::Send(Reply::plain(334, "UGFzc3dvcmQ6")));
             }
             SaslStep::LoginPassword { username } => {
-                self.verify(out, username.as_bytes(), &decoded);
+                self.verify(out, username.as_bytes(), &decoded, false);
             }
         }
     }
 
-    fn verify(&mut self, out: &mut Vec<Action>, username: &[u8], password: &[u8]) {
-        let (Ok(username), Ok(password)) =
-            (std::str::from_utf8(username), std::str::from_utf8(password))
-        else {
-            return self.reply(
-                out,
-                Reply::new(535, "5.7.8", "Authentication credentials invalid"),
-            );
-        };
+    fn verify(
+        &mut self,
+        out: &mut Vec<Action>,
+        username: &[u8],
+        password: &[u8],
+        other_user: bool,
+    ) {
+        let utf8 = std::str::from_utf8(username).is_ok() && std::str::from_utf8(password).is_ok();
+        let username = String::from_utf8_lossy(username).into_owned();
         self.phase = Phase::Waiting(Pending::Auth {
-            username: username.to_string(),
+            username: username.clone(),
         });
         out.push(Action::Authenticate(Credentials {
-            username: username.to_string(),
-            password: password.to_string(),
+            username,
+            password: String::from_utf8_lossy(password).into_owned(),
+            unusable: other_user || !utf8,
         }));
     }
 
@@ -1494,6 +1494,8 @@ mod tests {
         starttls: bool,
         store_ok: bool,
         policy: fn(&RecipientCheck) -> RecipientVerdict,
+        /// `Credentials::unusable` of each AUTH check asked for.
+        unusable: Vec<bool>,
     }
 
     fn relay_only(check: &RecipientCheck) -> RecipientVerdict {
@@ -1538,6 +1540,7 @@ mod tests {
             starttls: false,
             store_ok: true,
             policy: relay_only,
+            unusable: Vec::new(),
         };
         let greeting = c.session.greeting();
         c.run(greeting);
@@ -1563,8 +1566,9 @@ mod tests {
                     Action::Close => self.closed = true,
                     Action::StartTls => self.starttls = true,
                     Action::Authenticate(c) => {
+                        self.unusable.push(c.unusable);
                         let outcome = match (c.username.as_str(), c.password.as_str()) {
-                            ("app", "secret") => AuthOutcome::Accepted(c.username),
+                            ("app", "secret") if !c.unusable => AuthOutcome::Accepted(c.username),
                             (_, "throttled") => AuthOutcome::Throttled,
                             _ => AuthOutcome::Refused,
                         };
@@ -2323,6 +2327,31 @@ mod tests {
             c.send(format!("{bad}\r\n").as_bytes()),
             "535 5.7.8 Authentication credentials invalid\r\n"
         );
+    }
+
+    /// Acting for another user (PLAIN's authzid) is not supported, and bytes that are not
+    /// UTF-8 match no password: both go to the check as unusable (refused, counted and
+    /// answered as late as a wrong password), not answered at once.
+    #[test]
+    fn an_exchange_that_cannot_succeed_is_still_checked_as_a_refusal() {
+        let mut c = client_with(config(), "127.0.0.1", true);
+        c.send(b"EHLO x\r\n");
+        for token in [
+            BASE64.encode(b"boss\0app\0secret"),
+            BASE64.encode(b"\0app\0secr\xfft"),
+        ] {
+            assert_eq!(
+                c.send(format!("AUTH PLAIN {token}\r\n").as_bytes()),
+                "535 5.7.8 Authentication credentials invalid\r\n"
+            );
+        }
+        // The same user as authzid is the user itself.
+        let same = BASE64.encode(b"app\0app\0secret");
+        assert_eq!(
+            c.send(format!("AUTH PLAIN {same}\r\n").as_bytes()),
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        assert_eq!(c.unusable, [true, true, false]);
     }
 
     #[test]

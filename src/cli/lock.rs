@@ -1,8 +1,11 @@
 //! One `mailtrail serve` per data_dir. Two servers on one store both deliver every queued
 //! message (each scans the queue and knows nothing of the other's work in flight: a review
 //! saw 44 deliveries for 22 recipients), so `serve` holds an exclusive lock on
-//! `data_dir/mailtrail.lock` for its whole life, as Postfix's master holds its pid file.
-//! The CLI commands do not take it: they run beside the server by design.
+//! `data_dir/mailtrail.lock` for its whole life, as Postfix's master holds its pid file,
+//! and one on the data_dir directory itself: a lock file removed by hand (and made anew
+//! by the next start) let a second server in beside the first, which delivered every
+//! message twice; the directory cannot go while it holds the store. The CLI commands do
+//! not take either: they run beside the server by design.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Write};
@@ -15,6 +18,7 @@ pub const LOCK_FILE: &str = "mailtrail.lock";
 /// kernel drops a `flock` with its last descriptor, so a `kill -9` leaves no stale lock).
 #[derive(Debug)]
 pub struct DataDirLock {
+    _dir: File,
     _file: File,
 }
 
@@ -22,6 +26,27 @@ pub struct DataDirLock {
 /// the file for the message a second server shows. Fails at once when another process holds it.
 pub fn acquire(data_dir: &Path) -> anyhow::Result<DataDirLock> {
     let path = data_dir.join(LOCK_FILE);
+    let in_use = |holder: String| {
+        anyhow::anyhow!(
+            "data_dir {} is in use by another mailtrail serve ({holder} holds {}): run one \
+             server per data_dir",
+            data_dir.display(),
+            path.display()
+        )
+    };
+    let dir = File::open(data_dir)
+        .map_err(|e| anyhow::anyhow!("cannot open data_dir {}: {e}", data_dir.display()))?;
+    match dir.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            let pid =
+                File::open(&path).map_or_else(|_| "a process".to_string(), |mut f| holder(&mut f));
+            return Err(in_use(pid));
+        }
+        Err(TryLockError::Error(e)) => {
+            anyhow::bail!("cannot lock data_dir {}: {e}", data_dir.display())
+        }
+    }
     // Not truncated on open: the file may be the holder's, whose pid we want to show.
     let mut file = OpenOptions::new()
         .read(true)
@@ -32,13 +57,7 @@ pub fn acquire(data_dir: &Path) -> anyhow::Result<DataDirLock> {
         .map_err(|e| anyhow::anyhow!("cannot open the lock file {}: {e}", path.display()))?;
     match file.try_lock() {
         Ok(()) => {}
-        Err(TryLockError::WouldBlock) => anyhow::bail!(
-            "data_dir {} is in use by another mailtrail serve ({} holds {}): run one server \
-             per data_dir",
-            data_dir.display(),
-            holder(&mut file),
-            path.display()
-        ),
+        Err(TryLockError::WouldBlock) => return Err(in_use(holder(&mut file))),
         Err(TryLockError::Error(e)) => {
             anyhow::bail!("cannot lock {}: {e}", path.display())
         }
@@ -47,7 +66,10 @@ pub fn acquire(data_dir: &Path) -> anyhow::Result<DataDirLock> {
         // The lock is what matters; the pid only makes a second start's message clearer.
         tracing::warn!(path = %path.display(), error = %e, "cannot write our pid into the lock file");
     }
-    Ok(DataDirLock { _file: file })
+    Ok(DataDirLock {
+        _dir: dir,
+        _file: file,
+    })
 }
 
 fn write_pid(file: &mut File) -> std::io::Result<()> {
@@ -85,5 +107,14 @@ mod tests {
         );
         drop(held);
         acquire(dir.path()).expect("free again once the holder is gone");
+    }
+
+    #[test]
+    fn a_lock_file_removed_by_hand_lets_no_second_server_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = acquire(dir.path()).unwrap();
+        std::fs::remove_file(dir.path().join(LOCK_FILE)).unwrap();
+        let err = acquire(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("in use by another mailtrail serve"), "{err}");
     }
 }

@@ -831,9 +831,13 @@ async fn queue_delete_fails_pending_recipients_with_a_deleted_event() {
     );
     let r = msg.receipt;
     store.accept(msg).await.unwrap();
+    // b was deferred (greylisting, soft) before it was deleted.
+    let mut deferred = attempt(r, 1, 1_100, RecipientStatus::Deferred);
+    deferred.reason = Some("greylisting".into());
+    deferred.bounce_type = Some("soft".into());
     store
         .record_attempts(
-            vec![attempt(r, 0, 1_100, RecipientStatus::Delivered)],
+            vec![attempt(r, 0, 1_100, RecipientStatus::Delivered), deferred],
             vec![],
         )
         .await
@@ -847,6 +851,8 @@ async fn queue_delete_fails_pending_recipients_with_a_deleted_event() {
     let b = &log[0].recipients[1];
     assert_eq!(b.status, RecipientStatus::Failed);
     assert_eq!(b.reason.as_deref(), Some("deleted"));
+    // No bounce: the admin's delete is neither hard nor soft.
+    assert_eq!(b.bounce_type, None);
     assert_eq!(b.events.last().unwrap().kind, "deleted");
     assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
 }

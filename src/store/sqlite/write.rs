@@ -397,7 +397,8 @@ pub fn queue_delete(
     let text = "deleted from the queue by admin";
     for (receipt, idx, _) in &rows {
         conn.execute(
-            "UPDATE recipients SET status = 'failed', reason = 'deleted', next_attempt_at = NULL,
+            "UPDATE recipients SET status = 'failed', reason = 'deleted', bounce_type = NULL,
+                 next_attempt_at = NULL,
                  last_reply_code = NULL, last_enhanced = NULL, last_reply_text = ?3,
                  updated_at = ?4
              WHERE receipt = ?1 AND idx = ?2",

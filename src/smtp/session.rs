@@ -671,6 +671,10 @@ impl Session {
             let reply = Reply::new(553, "5.1.7", "Sender address must name a domain");
             return self.reply(out, reply);
         }
+        if let Some(param) = bad_xtext_param(line) {
+            let text = format!("Bad {param} parameter syntax (xtext, RFC 3461 4)");
+            return self.reply(out, Reply::new(501, "5.5.4", text));
+        }
         // smtp-proto refuses address literals: it reads a stand-in domain instead.
         let (line, literal) = match stand_in_for_literal(line) {
             Some((line, literal)) => (Cow::Owned(line), Some(literal)),
@@ -1391,6 +1395,72 @@ fn overflowing_number(line: &[u8]) -> Option<Overflow> {
             .then_some(Overflow::MessageSize);
     }
     None
+}
+
+/// The ENVID or ORCPT parameter of a MAIL or RCPT line whose xtext is not strict RFC 3461
+/// 4 (`+` with two upper-case hex digits, else `!` to `~` but `+` and `=`), or whose
+/// decoded value has a control character (RFC 3461 4.2 and 4.4: printable characters
+/// only; bytes of UTF-8 stay allowed, as SMTPUTF8 mail needs them), or that is given
+/// twice. smtp-proto decodes leniently: `a+ZZb` came out as `aZb`, `a=b` as itself, and
+/// an ORCPT with `+0D+0A` was taken, with the line break, into DSNs.
+fn bad_xtext_param(line: &[u8]) -> Option<&'static str> {
+    let verb = line.get(..5)?;
+    if !verb.eq_ignore_ascii_case(b"MAIL ") && !verb.eq_ignore_ascii_case(b"RCPT ") {
+        return None;
+    }
+    let mut seen = [false; 2];
+    for token in line.split(|b| b.is_ascii_whitespace()).skip(2) {
+        let (name, value, i) = match token.iter().position(|&b| b == b'=') {
+            Some(eq) if token[..eq].eq_ignore_ascii_case(b"ENVID") => {
+                ("ENVID", &token[eq + 1..], 0)
+            }
+            Some(eq) if token[..eq].eq_ignore_ascii_case(b"ORCPT") => {
+                // address-type ";" xtext: the type is checked by smtp-proto.
+                let v = &token[eq + 1..];
+                let xtext = v
+                    .iter()
+                    .position(|&b| b == b';')
+                    .map_or(v, |semi| &v[semi + 1..]);
+                ("ORCPT", xtext, 1)
+            }
+            _ => continue,
+        };
+        if std::mem::replace(&mut seen[i], true) || !strict_xtext(value) {
+            return Some(name);
+        }
+    }
+    None
+}
+
+/// Whether `value` is xtext (RFC 3461 4) whose decoded bytes include no control character.
+fn strict_xtext(value: &[u8]) -> bool {
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    let mut rest = value;
+    while let Some((&b, tail)) = rest.split_first() {
+        let decoded = if b == b'+' {
+            let (Some(hi), Some(lo)) = (
+                tail.first().copied().and_then(hex),
+                tail.get(1).copied().and_then(hex),
+            ) else {
+                return false;
+            };
+            rest = &tail[2..];
+            hi << 4 | lo
+        } else if (b'!'..=b'~').contains(&b) && b != b'=' || b >= 0x80 {
+            rest = tail;
+            b
+        } else {
+            return false;
+        };
+        if decoded < 0x20 || decoded == 0x7f {
+            return false;
+        }
+    }
+    true
 }
 
 /// An xtext value (ORCPT, ENVID; RFC 3461 4) as smtp-proto decodes it: each `+XX` byte
@@ -2465,6 +2535,37 @@ mod tests {
         );
         assert_eq!(msg.recipients[1].notify, None);
         assert_eq!(msg.recipients[1].orcpt, None);
+    }
+
+    #[test]
+    fn xtext_that_is_not_rfc_3461_is_refused_not_rewritten() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        for envid in ["a+ZZb", "abc+", "a=b", "a+0a", "x ENVID=y"] {
+            let reply = c.send(format!("MAIL FROM:<a@x.org> ENVID={envid}\r\n").as_bytes());
+            assert!(
+                reply.starts_with("501 5.5.4 Bad ENVID parameter syntax (xtext"),
+                "{envid}: {reply}"
+            );
+        }
+        // A new session: five errors close one.
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert!(c.send(b"MAIL FROM:<a@x.org> ENVID=a+2Bb!~\r\n").starts_with("250"));
+        for orcpt in [
+            "rfc822;x+0D+0AX-Injected:+20yes@y.org",
+            "rfc822;a+zzb@y.org",
+            "rfc822;a=b@y.org",
+            "rfc822;b@y.org ORCPT=rfc822;c@y.org",
+        ] {
+            let reply = c.send(format!("RCPT TO:<b@y.org> ORCPT={orcpt}\r\n").as_bytes());
+            assert!(
+                reply.starts_with("501 5.5.4 Bad ORCPT parameter syntax (xtext"),
+                "{orcpt}: {reply}"
+            );
+        }
+        let ok = c.send(b"RCPT TO:<b@y.org> ORCPT=rfc822;a+2Bb+3Dc@y.org\r\n");
+        assert!(ok.starts_with("250"), "{ok}");
     }
 
     #[test]

@@ -55,14 +55,17 @@ pub fn build(
     received_at: DateTime<Utc>,
     hostname: &str,
 ) -> AcceptedMessage {
-    let (header_block, rest) = split_header(raw);
+    let (header_block, rest, unseparated) = split_header(raw);
     let (kept_headers, context) = remove_context(header_block);
     let (message_id, subject) = identify(&kept_headers);
 
     let received = received_header(&envelope, receipt, received_at, hostname);
-    let mut body = Vec::with_capacity(received.len() + kept_headers.len() + rest.len());
+    let mut body = Vec::with_capacity(received.len() + kept_headers.len() + rest.len() + 2);
     body.extend_from_slice(received.as_bytes());
     body.extend_from_slice(&kept_headers);
+    if unseparated {
+        body.extend_from_slice(b"\r\n");
+    }
     body.extend_from_slice(rest);
 
     AcceptedMessage {
@@ -126,16 +129,44 @@ pub fn received_count(raw: &[u8]) -> usize {
         .count()
 }
 
-/// Splits at the blank line ending the header section. The header block keeps its final
-/// CRLF; the rest starts with the blank line. A message without a blank line is all header.
-fn split_header(raw: &[u8]) -> (&[u8], &[u8]) {
-    if raw.starts_with(b"\r\n") {
-        return (&[], raw);
+/// Splits at the end of the header section: the blank line, which the rest starts with,
+/// or the first line that is no header field (RFC 5322 2.2: a name of printable characters
+/// but `:`, then `:`; or a continuation of one), where the body starts without a blank
+/// line: `true` then, and the stored message gets one there, as Postfix's cleanup does
+/// (without, a message of body lines only was relayed and returned in DSNs with
+/// `second: line` of its body read as a header field). The header block keeps its final
+/// CRLF. A message of header fields only is all header.
+fn split_header(raw: &[u8]) -> (&[u8], &[u8], bool) {
+    let mut pos = 0;
+    while pos < raw.len() {
+        let end = raw[pos..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(raw.len(), |i| pos + i + 1);
+        let line = &raw[pos..end];
+        if line == b"\r\n" {
+            return (&raw[..pos], &raw[pos..], false);
+        }
+        let field = match line.first() {
+            Some(b' ' | b'\t') => pos > 0,
+            _ => is_field_start(line),
+        };
+        if !field {
+            return (&raw[..pos], &raw[pos..], true);
+        }
+        pos = end;
     }
-    match raw.windows(4).position(|w| w == b"\r\n\r\n") {
-        Some(pos) => raw.split_at(pos + 2),
-        None => (raw, &[]),
-    }
+    (raw, &[], false)
+}
+
+/// Whether `line` starts a header field: a name of printable US-ASCII but `:`, white space
+/// allowed before the colon (RFC 5322 4.5.8, obsolete syntax still sent).
+fn is_field_start(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let name = line[..colon].trim_ascii_end();
+    !name.is_empty() && name.iter().all(|b| (b'!'..=b'~').contains(b))
 }
 
 /// Removes every `X-Mailtrail-Context` field (with its folded lines); returns the remaining
@@ -333,6 +364,33 @@ mod tests {
         assert_eq!(received_count(raw), 2);
         assert_eq!(received_count(b""), 0);
         assert_eq!(received_count(b"\r\nReceived: x\r\n"), 0);
+    }
+
+    #[test]
+    fn a_body_that_starts_without_a_blank_line_gets_one() {
+        let after_received = |raw: &[u8]| {
+            let msg = build(envelope(&["a@x"]), raw, ReceiptId::new(), at(), "h");
+            let text = String::from_utf8(msg.body).unwrap();
+            text.split_once("+0000\r\n").unwrap().1.to_string()
+        };
+        // Body lines only: the second must not become a header field.
+        assert_eq!(
+            after_received(b"Just a body line\r\nBcc: victim@ok.test\r\n"),
+            "\r\nJust a body line\r\nBcc: victim@ok.test\r\n"
+        );
+        // Header fields, then a line that is none: the body starts there.
+        assert_eq!(
+            after_received(b"Subject: s\r\n folded\r\nnot a field\r\nTo: x\r\n\r\nb\r\n"),
+            "Subject: s\r\n folded\r\n\r\nnot a field\r\nTo: x\r\n\r\nb\r\n"
+        );
+        // A continuation with nothing to continue, a name with a space: body.
+        assert_eq!(after_received(b" indented\r\n"), "\r\n indented\r\n");
+        assert_eq!(after_received(b"Two words: x\r\n"), "\r\nTwo words: x\r\n");
+        // Obsolete white space before the colon is still a field.
+        assert_eq!(
+            after_received(b"Subject : s\r\n\r\nb\r\n"),
+            "Subject : s\r\n\r\nb\r\n"
+        );
     }
 
     #[test]

@@ -2551,7 +2551,10 @@ mod tests {
         // A new session: five errors close one.
         let mut c = client();
         c.send(b"EHLO x\r\n");
-        assert!(c.send(b"MAIL FROM:<a@x.org> ENVID=a+2Bb!~\r\n").starts_with("250"));
+        assert!(
+            c.send(b"MAIL FROM:<a@x.org> ENVID=a+2Bb!~\r\n")
+                .starts_with("250")
+        );
         for orcpt in [
             "rfc822;x+0D+0AX-Injected:+20yes@y.org",
             "rfc822;a+zzb@y.org",

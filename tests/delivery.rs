@@ -2303,3 +2303,36 @@ async fn a_connection_lost_while_sending_the_message_says_so() {
     assert_eq!((r[0].stage, r[0].reply.as_ref()), (Stage::Data, None));
     assert_eq!(r[0].text, error);
 }
+
+/// A 9,000-byte line (mailtrail accepts lines up to `max_data_line`) reaches the next hop
+/// broken into lines of at most 998 octets, with DATA and with BDAT, as Postfix sends it.
+#[tokio::test]
+async fn a_line_over_998_octets_is_broken_for_the_next_hop() {
+    let long = "y".repeat(9000);
+    let body = format!("Subject: long\r\n\r\n{long}\r\nend\r\n");
+    for chunking in [false, true] {
+        let mut script = Script::default();
+        script.extensions.retain(|e| e != "CHUNKING");
+        if chunking {
+            script.extensions.push("CHUNKING".into());
+        }
+        let mx = TestMx::start(script).await;
+        let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+            .await
+            .unwrap();
+        let t = conn
+            .transaction(
+                &envelope(&["a@d.test"]),
+                body.as_bytes(),
+                Duration::from_secs(5),
+            )
+            .await;
+        assert_eq!(t.data.as_ref().map(|r| r.code), Some(250), "{t:?}");
+        let got = String::from_utf8(mx.transactions()[0].body.clone()).unwrap();
+        assert!(
+            got.split("\r\n").all(|l| l.len() <= 998),
+            "chunking {chunking}: a line over 998 octets"
+        );
+        assert_eq!(got.replace("\r\n ", ""), body, "chunking {chunking}");
+    }
+}

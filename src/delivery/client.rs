@@ -16,6 +16,7 @@
 //! recipient and DATA or BDAT, pipelined when offered, and returns every reply it got.
 //! [`per_recipient`] (pure) turns those replies into one result per recipient.
 
+use std::borrow::Cow;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -294,6 +295,38 @@ pub fn dot_stuff(body: &[u8]) -> Vec<u8> {
     }
     out.extend_from_slice(b".\r\n");
     out
+}
+
+/// Longest line sent, CRLF not counted (RFC 5321 4.5.3.1.6: 1000 octets with it).
+pub const MAX_LINE: usize = 998;
+
+/// `body` with every line longer than [`MAX_LINE`] broken by inserting CRLF and a space,
+/// as Postfix's `smtp_line_length_limit` does ("minimizes the damage to MIME formatted
+/// mail": in a header field it is folding). mailtrail accepts lines up to
+/// `[smtp] max_data_line`; sent on as they came, a 9,000-byte line broke the limit every
+/// server may enforce, in relayed mail and in DSNs returning it.
+pub fn line_limited(body: Cow<'_, [u8]>) -> Cow<'_, [u8]> {
+    let too_long = |line: &[u8]| line.strip_suffix(b"\r\n").unwrap_or(line).len() > MAX_LINE;
+    if !body.split_inclusive(|&b| b == b'\n').any(too_long) {
+        return body;
+    }
+    let mut out = Vec::with_capacity(body.len() + body.len() / MAX_LINE * 3 + 3);
+    for line in body.split_inclusive(|&b| b == b'\n') {
+        let (text, end) = match line.strip_suffix(b"\r\n") {
+            Some(text) => (text, &b"\r\n"[..]),
+            None => (line, &b""[..]),
+        };
+        let (first, mut rest) = text.split_at(text.len().min(MAX_LINE));
+        out.extend_from_slice(first);
+        while !rest.is_empty() {
+            let (piece, more) = rest.split_at(rest.len().min(MAX_LINE - 1));
+            out.extend_from_slice(b"\r\n ");
+            out.extend_from_slice(piece);
+            rest = more;
+        }
+        out.extend_from_slice(end);
+    }
+    Cow::Owned(out)
 }
 
 /// `MAIL FROM:<...> [SIZE=] [BODY=8BITMIME] [SMTPUTF8] [RET=] [ENVID=]` per the peer's EHLO.
@@ -917,8 +950,9 @@ impl Connection {
         let body = if caps & EXT_8BIT_MIME == 0 {
             super::downgrade::to_7bit(body)
         } else {
-            std::borrow::Cow::Borrowed(body)
+            Cow::Borrowed(body)
         };
+        let body = line_limited(body);
         let body = &body[..];
         self.clean = false;
         let chunking = caps & EXT_CHUNKING != 0;
@@ -1233,6 +1267,35 @@ mod tests {
                 "{body:?}"
             );
         }
+    }
+
+    #[test]
+    fn lines_over_998_octets_are_broken_with_crlf_and_a_space() {
+        let short = b"Subject: s\r\n\r\nok\r\n".to_vec();
+        assert!(matches!(
+            line_limited(Cow::Borrowed(&short)),
+            Cow::Borrowed(_)
+        ));
+        let long = [
+            format!("Subject: {}\r\n", "s".repeat(1500)),
+            "\r\n".to_string(),
+            format!("{}\r\n", "b".repeat(2500)),
+            "x".repeat(998),
+        ]
+        .concat();
+        let out = line_limited(Cow::Borrowed(long.as_bytes())).into_owned();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.split("\r\n").all(|l| l.len() <= MAX_LINE), "{out}");
+        // Unfolding (CRLF and the space inserted) gives the content back.
+        assert_eq!(out.replace("\r\n ", ""), long);
+        let lines: Vec<&str> = out.split("\r\n").collect();
+        assert_eq!(lines[0].len(), 998);
+        assert_eq!((&lines[1][..1], lines[1].len()), (" ", 1 + 1509 - 998));
+        assert_eq!(
+            lines.last().unwrap().len(),
+            998,
+            "a last line without CRLF stays whole"
+        );
     }
 
     #[test]

@@ -220,14 +220,29 @@ pub fn build(
     let receipt = ReceiptId::new();
     let host = clean(reporting_mta);
     let boundary = format!("{receipt}/{host}");
+    let full = kind == ReportKind::Failure
+        && original.ret != Some(DsnRet::Hdrs)
+        && original_body.len() <= FULL_RETURN_LIMIT;
+    // Lines of the notice stay under 78 characters (RFC 5322 2.1.1). A failure notice says
+    // what is attached: the message, or only its header.
     let (subject, intro) = match kind {
         ReportKind::Failure => (
             "Undelivered Mail Returned to Sender",
-            "Your message could not be delivered to one or more recipients. It is attached below.",
+            if full {
+                "Your message could not be delivered to one or more recipients.\r\n\
+                 It is attached below."
+            } else if original.ret == Some(DsnRet::Hdrs) {
+                "Your message could not be delivered to one or more recipients.\r\n\
+                 Its header is attached below (the sender asked for the header only)."
+            } else {
+                "Your message could not be delivered to one or more recipients.\r\n\
+                 Its header is attached below (the message is too large to return\r\n\
+                 in full)."
+            },
         ),
         ReportKind::Delay => (
             "Delayed Mail (still being retried)",
-            "Your message could not be delivered yet to one or more recipients. \
+            "Your message could not be delivered yet to one or more recipients.\r\n\
              Delivery will be retried; you do not need to resend it.",
         ),
         ReportKind::Success => (
@@ -237,9 +252,6 @@ pub fn build(
     };
     let message_id = format!("{receipt}@{host}");
 
-    let full = kind == ReportKind::Failure
-        && original.ret != Some(DsnRet::Hdrs)
-        && original_body.len() <= FULL_RETURN_LIMIT;
     let returned: &[u8] = if full {
         original_body
     } else {
@@ -586,6 +598,26 @@ mod tests {
         let t = text(&build("h", &orig, &big, &[failed("bob@b.example")], 0).unwrap());
         assert!(t.contains("text/rfc822-headers"));
         assert!(!t.contains("secret body line"));
+        assert!(t.contains("Its header is attached below (the message is too large"));
+        assert!(!t.contains("It is attached below"));
+    }
+
+    #[test]
+    fn the_notice_says_what_is_attached_in_lines_under_78_characters() {
+        for (ret, says) in [
+            (None, "It is attached below."),
+            (
+                Some(DsnRet::Hdrs),
+                "Its header is attached below (the sender asked",
+            ),
+        ] {
+            let orig = original("alice@a.example", ret, None);
+            let t = text(&build("h", &orig, BODY, &[failed("bob@b.example")], 0).unwrap());
+            assert!(t.contains(says), "{t}");
+            let notice = t.split("Content-Description: Notification").nth(1).unwrap();
+            let notice = notice.split("--").next().unwrap();
+            assert!(notice.lines().all(|l| l.len() <= 78), "{notice}");
+        }
     }
 
     #[test]

@@ -1541,6 +1541,72 @@ mod queue {
         h.handle.join().await;
     }
 
+    /// Three recipients of one message, deferred together, come back together: the delay
+    /// DSN due on a retry lists all three, once (per-recipient jitter sent two or three).
+    #[tokio::test]
+    async fn recipients_deferred_together_get_one_delay_dsn() {
+        let later = ["451 4.7.1 greylisted, try again later"];
+        let h = harness(
+            Script::default()
+                .rcpt("x@dest.test", &later)
+                .rcpt("y@dest.test", &later)
+                .rcpt("z@dest.test", &later),
+            |c| {
+                // Due on a retry, not at the first attempt.
+                c.delivery.delay_dsn_after = Duration::from_millis(700);
+                c.delivery.max_queue_lifetime = Duration::from_secs(3600);
+            },
+        )
+        .await;
+        let notify = Notify {
+            delay: true,
+            ..Default::default()
+        };
+        let rcpts: Vec<(&str, Option<Notify>)> = ["x@dest.test", "y@dest.test", "z@dest.test"]
+            .into_iter()
+            .map(|a| (a, Some(notify)))
+            .collect();
+        let r = h.submit(message("app@sender.test", &rcpts)).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = h.log(r).await;
+            let sent = log
+                .recipients
+                .iter()
+                .filter(|rc| rc.events.iter().any(|e| e.kind == "delay_dsn_sent"))
+                .count();
+            if sent == 3 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{log:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Every DSN is queued by now; wait until none is left in the queue.
+        loop {
+            let queue = h.store.queue_list().await.unwrap();
+            if !queue.iter().any(|q| q.envelope_sender.is_empty()) {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{queue:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let dsns: Vec<_> =
+            h.mx.transactions()
+                .into_iter()
+                .filter(|t| t.mail_from.starts_with("<>"))
+                .collect();
+        assert_eq!(dsns.len(), 1, "one delay DSN for the three");
+        let body = String::from_utf8_lossy(&dsns[0].body);
+        for a in ["x@dest.test", "y@dest.test", "z@dest.test"] {
+            assert!(
+                body.contains(&format!("Final-Recipient: rfc822; {a}")),
+                "{body}"
+            );
+        }
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
     #[tokio::test]
     async fn shutdown_lets_a_running_transaction_finish() {
         let h = harness(

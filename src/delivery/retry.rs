@@ -2,8 +2,9 @@
 //! (with the next attempt time), failed, or expired.
 //!
 //! Pure. The wait after the n-th failed attempt is `retry_first * 2^(n-1)`, capped at
-//! `retry_max_interval`, stretched by up to [`JITTER`] so that recipients deferred together do
-//! not all come back in the same instant (the cap still holds after jitter). The last attempt
+//! `retry_max_interval`, stretched by up to [`JITTER`] so that messages deferred together do
+//! not all come back in the same instant (the cap still holds after jitter; the scheduler
+//! gives all recipients of one message the same stretch, so they come back together). The last attempt
 //! is pulled in to the expiry time, so a message gets one try at its deadline; a temporary
 //! failure at or after `received_at + max_queue_lifetime` expires the recipient.
 

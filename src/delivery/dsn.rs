@@ -168,10 +168,12 @@ fn address_field(kind: &str, address: &str) -> (String, String) {
 
 /// Multi-line remote texts folded into one header field: continuation lines start with a
 /// space (RFC 5322 §2.2.3), lines of only white space are left out (obsolete syntax, §4.2),
-/// and a line longer than 900 characters is cut into pieces (no line may pass 998, §2.1.1).
+/// and a line longer than 900 characters is cut into pieces (no line may pass 998, §2.1.1):
+/// before a space where there is one, which then is the fold's white space, so unfolding
+/// gives the text back as it was; else (a 3,000-character token) anywhere.
 fn folded(s: &str) -> String {
     const MAX_LINE: usize = 900;
-    let mut pieces = Vec::new();
+    let mut out = String::new();
     for line in s.lines() {
         // ASCII only, so any byte offset is a character boundary.
         let line = clean(line.trim_end_matches('\r'));
@@ -179,16 +181,27 @@ fn folded(s: &str) -> String {
         if rest.trim_start().is_empty() {
             continue;
         }
-        while let Some((piece, more)) = rest
-            .split_at_checked(MAX_LINE)
-            .filter(|(_, m)| !m.is_empty())
-        {
-            pieces.push(piece.to_string());
-            rest = more;
+        if !out.is_empty() {
+            out.push_str("\r\n ");
         }
-        pieces.push(rest.to_string());
+        while rest.len() > MAX_LINE {
+            // A cut before a space keeps the space at the start of the next line.
+            match rest[1..=MAX_LINE].rfind(' ').map(|i| i + 1) {
+                Some(at) => {
+                    out.push_str(&rest[..at]);
+                    out.push_str("\r\n");
+                    rest = &rest[at..];
+                }
+                None => {
+                    out.push_str(&rest[..MAX_LINE]);
+                    out.push_str("\r\n ");
+                    rest = &rest[MAX_LINE..];
+                }
+            }
+        }
+        out.push_str(rest);
     }
-    pieces.join("\r\n ")
+    out
 }
 
 fn header_section(body: &[u8]) -> &[u8] {
@@ -588,6 +601,22 @@ mod tests {
         assert!(t.contains("Subject: Hello\r\n"));
         assert!(!t.contains("secret body line"));
         assert!(!t.contains("Original-Envelope-Id"));
+    }
+
+    #[test]
+    fn a_long_remote_text_folds_before_spaces_and_unfolds_verbatim() {
+        let words = "user unknown ".repeat(300);
+        let words = words.trim_end();
+        let f = folded(words);
+        assert!(f.split("\r\n").all(|l| l.len() <= 998), "{f}");
+        assert!(f.split("\r\n").skip(1).all(|l| l.starts_with(' ')), "{f}");
+        // RFC 5322 unfolding removes the CRLFs only.
+        assert_eq!(f.replace("\r\n", ""), words);
+        // A token with no space in it is cut where it must be.
+        let token = "x".repeat(3000);
+        let f = folded(&token);
+        assert!(f.split("\r\n").all(|l| l.len() <= 998), "{f}");
+        assert_eq!(f.replace("\r\n ", ""), token);
     }
 
     #[test]

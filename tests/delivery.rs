@@ -438,6 +438,7 @@ async fn tls_required_without_starttls_fails_temporarily() {
         .await
         .unwrap_err();
     assert!(!e.permanent);
+    assert!(e.security, "failed for want of TLS");
     assert_eq!(e.stage, Stage::Connect);
     assert!(e.text.contains("STARTTLS"), "{}", e.text);
     assert!(mx.transactions().is_empty());
@@ -1444,6 +1445,24 @@ mod queue {
         h.handle.join().await;
     }
 
+    /// A recipient deferred for want of TLS is a security error in the log, not what the
+    /// bounce rules would read in the words of mailtrail's own error.
+    #[tokio::test]
+    async fn a_route_that_requires_tls_of_a_server_without_it_defers_as_a_security_error() {
+        let smarthost = TestMx::start(Script::default()).await;
+        let route = route_to(&smarthost, TlsPolicy::Required);
+        let h = harness(Script::default(), move |c| c.routes = vec![route]).await;
+        let r = h
+            .submit(message("app@sender.test", &[("a@anywhere.test", None)]))
+            .await;
+        let log = h.wait(r, |s| s[0] == RecipientStatus::Deferred).await;
+        let rc = &log.recipients[0];
+        assert_eq!(rc.reason.as_deref(), Some("securityerror"), "{rc:?}");
+        assert!(smarthost.transactions().is_empty());
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
     #[tokio::test]
     async fn implicit_tls_route() {
         let smarthost = TestMx::start(Script {
@@ -2156,10 +2175,10 @@ async fn auth_login_answers_both_challenges() {
     assert_eq!(heard[1..], ["AUTH LOGIN", "cmVsYXl1c2Vy", "cHcgMQ=="]);
 }
 
-/// A server that answers PLAIN's initial response with another challenge, each one echoing
-/// (base64) what it got: the client cancels with `*` instead of sending its credentials
-/// again, tries no other mechanism inside the open exchange, and the error names the
-/// problem without the challenge's text.
+/// A server that answers PLAIN's initial response with challenge after challenge, each one
+/// echoing (base64) what it got: the client answers the first (a server that wants the
+/// response after the command) and cancels the second with `*`, tries no other mechanism
+/// inside the open exchange, and the error names the problem without the challenge's text.
 #[tokio::test]
 async fn an_auth_server_that_keeps_challenging_is_cancelled_not_answered() {
     use base64::Engine;
@@ -2182,10 +2201,14 @@ async fn an_auth_server_that_keeps_challenging_is_cancelled_not_answered() {
         .await
         .expect_err("not authenticated");
     let heard = server.await.unwrap();
-    // base64("\0relayuser\0pw 1"), sent once; then the cancel.
+    // base64("\0relayuser\0pw 1"), sent again to the first 334 only; then the cancel.
     assert_eq!(
-        heard[1..3],
-        ["AUTH PLAIN AHJlbGF5dXNlcgBwdyAx", "*"],
+        heard[1..4],
+        [
+            "AUTH PLAIN AHJlbGF5dXNlcgBwdyAx",
+            "AHJlbGF5dXNlcgBwdyAx",
+            "*"
+        ],
         "{heard:?}"
     );
     assert!(

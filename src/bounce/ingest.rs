@@ -73,19 +73,38 @@ impl Match {
         }
     }
 
-    /// Why a record that would change its recipient leaves it as it is, in words for the
-    /// admin (`None` when it acts, or would not act anyway).
-    fn left_because(&self, from_smtp: bool) -> Option<String> {
+    /// Why a record that would change its recipient leaves it as it is (`None` when it
+    /// acts, or would not act anyway).
+    fn left_because(&self, from_smtp: bool) -> Option<Left> {
         let r = self.recipient.as_ref()?;
         if !r.status.was_handed_over() {
-            Some(format!(
-                "recipient {}, never taken by a receiving server: left as it is",
-                r.status.as_str()
-            ))
+            Some(Left::NotHandedOver(r.status))
         } else if from_smtp && !self.verified() {
-            Some("unverified over SMTP: recipient left as it is".to_string())
+            Some(Left::Unverified)
         } else {
             None
+        }
+    }
+}
+
+/// Why a record left its recipient as it was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Left {
+    /// No receiving server took the message for it (queued, deferred, failed...).
+    NotHandedOver(crate::store::RecipientStatus),
+    /// Over SMTP, and nothing proved it is about that copy.
+    Unverified,
+}
+
+impl std::fmt::Display for Left {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Left::NotHandedOver(status) => write!(
+                f,
+                "recipient {}, never taken by a receiving server: left as it is",
+                status.as_str()
+            ),
+            Left::Unverified => f.write_str("unverified over SMTP: recipient left as it is"),
         }
     }
 }
@@ -211,12 +230,11 @@ impl BounceIngest {
             let effect = matched
                 .as_ref()
                 .map_or(Effect::Record, |m| m.effect(source.is_some()));
-            left.push(
-                matched
-                    .as_ref()
-                    .filter(|_| new_status(record).is_some())
-                    .and_then(|m| m.left_because(source.is_some())),
-            );
+            let why_left = matched
+                .as_ref()
+                .filter(|_| new_status(record).is_some())
+                .and_then(|m| m.left_because(source.is_some()));
+            left.push(why_left.map(|w| w.to_string()));
             // Only a record that may act suppresses, and then the address we sent to: an
             // unmatched bounce proves nothing about any address of ours.
             let suppress = match (effect, matched.as_ref().and_then(|m| m.recipient.as_ref())) {
@@ -227,6 +245,7 @@ impl BounceIngest {
             };
             let status = new_status(record).filter(|_| effect != Effect::Record);
             let mut bounce = new_bounce(record, matched, status, source, suppress, now);
+            bounce.held_unverified = why_left == Some(Left::Unverified);
             // The same record again adds nothing; a copy that may do more is not the same
             // as one that did less (a copy first sent to a plain address must not block the
             // real one).
@@ -525,6 +544,7 @@ fn new_bounce(
         new_status,
         suppress,
         dedup_key: None,
+        held_unverified: false,
     }
 }
 
@@ -1023,6 +1043,17 @@ mod tests {
             fed[0].left.as_deref(),
             Some("recipient queued, never taken by a receiving server: left as it is")
         );
+        // Its event names what came, not a verification it did not lack.
+        let log = store
+            .log(&LogQuery {
+                key: LogKey::Receipt(receipt),
+                since_ms: None,
+                until_ms: None,
+                limit: 1,
+            })
+            .await
+            .unwrap();
+        assert_eq!(log[0].recipients[3].events.last().unwrap().kind, "dsn");
         let alice = ingest
             .ingest(dsn("alice@ex.test", receipt).as_bytes(), &[], None)
             .await

@@ -175,6 +175,10 @@ pub struct SessionError {
     pub tls: Option<TlsInfo>,
     /// The STARTTLS handshake failed (the session is gone).
     pub tls_handshake_failed: bool,
+    /// The session failed for want of TLS: a handshake that failed (implicit TLS or
+    /// STARTTLS), or TLS required and not offered or refused. Its recipients' reason is
+    /// `securityerror`, whatever the words.
+    pub security: bool,
     /// ... because the server's certificate did not verify.
     pub certificate_refused: bool,
 }
@@ -306,8 +310,16 @@ pub const MAX_LINE: usize = 998;
 /// `[smtp] max_data_line`; sent on as they came, a 9,000-byte line broke the limit every
 /// server may enforce, in relayed mail and in DSNs returning it.
 pub fn line_limited(body: Cow<'_, [u8]>) -> Cow<'_, [u8]> {
-    let too_long = |line: &[u8]| line.strip_suffix(b"\r\n").unwrap_or(line).len() > MAX_LINE;
-    if !body.split_inclusive(|&b| b == b'\n').any(too_long) {
+    // The common case, no long line, found at memchr speed.
+    let mut start = 0;
+    let long = memchr::memchr_iter(b'\n', &body)
+        .chain(std::iter::once(body.len()))
+        .any(|end| {
+            let line = body.get(start..end).unwrap_or_default();
+            start = end + 1;
+            line.strip_suffix(b"\r").unwrap_or(line).len() > MAX_LINE
+        });
+    if !long {
         return body;
     }
     let mut out = Vec::with_capacity(body.len() + body.len() / MAX_LINE * 3 + 3);
@@ -316,10 +328,10 @@ pub fn line_limited(body: Cow<'_, [u8]>) -> Cow<'_, [u8]> {
             Some(text) => (text, &b"\r\n"[..]),
             None => (line, &b""[..]),
         };
-        let (first, mut rest) = text.split_at(text.len().min(MAX_LINE));
+        let (first, mut rest) = text.split_at(cut(text, MAX_LINE));
         out.extend_from_slice(first);
         while !rest.is_empty() {
-            let (piece, more) = rest.split_at(rest.len().min(MAX_LINE - 1));
+            let (piece, more) = rest.split_at(cut(rest, MAX_LINE - 1));
             out.extend_from_slice(b"\r\n ");
             out.extend_from_slice(piece);
             rest = more;
@@ -327,6 +339,19 @@ pub fn line_limited(body: Cow<'_, [u8]>) -> Cow<'_, [u8]> {
         out.extend_from_slice(end);
     }
     Cow::Owned(out)
+}
+
+/// Where to cut `text` to at most `max` bytes: not inside a UTF-8 character (a cut moves
+/// back over up to three continuation bytes), except in bytes that are no UTF-8.
+fn cut(text: &[u8], max: usize) -> usize {
+    if text.len() <= max {
+        return text.len();
+    }
+    let continuation = |i: usize| text.get(i).is_some_and(|b| (0x80..0xc0).contains(b));
+    (max.saturating_sub(3)..=max)
+        .rev()
+        .find(|&at| at > 0 && !continuation(at))
+        .unwrap_or(max)
 }
 
 /// `MAIL FROM:<...> [SIZE=] [BODY=8BITMIME] [SMTPUTF8] [RET=] [ENVID=]` per the peer's EHLO.
@@ -546,6 +571,7 @@ pub async fn connect(
         remote_ip: None,
         tls: None,
         tls_handshake_failed: false,
+        security: false,
         certificate_refused: false,
         greeting_refused: false,
     };
@@ -635,6 +661,7 @@ async fn connect_one(
             remote_ip: Some(target.addr.ip()),
             tls,
             tls_handshake_failed: false,
+            security: false,
             certificate_refused: false,
             greeting_refused: false,
         }
@@ -648,7 +675,10 @@ async fn connect_one(
         let tls_client = tcp
             .into_tls(&s.tls_connector, &target.host)
             .await
-            .map_err(|e| fail(None, format!("TLS handshake: {e}"), None))?;
+            .map_err(|e| SessionError {
+                security: true,
+                ..fail(None, format!("TLS handshake: {e}"), None)
+            })?;
         let info = tls_info(&tls_client, false);
         let g = greet(tls_client, &s.helo_name, true)
             .await
@@ -662,11 +692,15 @@ async fn connect_one(
         if s.tls == TlsPolicy::None || (!offers_tls && s.tls == TlsPolicy::Opportunistic) {
             (boxed(g.client), g.capabilities, None)
         } else if !offers_tls {
-            return Err(fail(
-                None,
-                "TLS is required for this route but the server does not offer STARTTLS".to_string(),
-                None,
-            ));
+            return Err(SessionError {
+                security: true,
+                ..fail(
+                    None,
+                    "TLS is required for this route but the server does not offer STARTTLS"
+                        .to_string(),
+                    None,
+                )
+            });
         } else {
             let mut client = g.client;
             // RFC 3207 §4: what the server sends after its 220 and before the handshake
@@ -685,6 +719,7 @@ async fn connect_one(
                     // A refused STARTTLS is never a reason to give up on the recipients.
                     let mut e = fail(Some(reply), text, None);
                     e.permanent = false;
+                    e.security = true;
                     return Err(e);
                 }
                 (boxed(client), g.capabilities, None)
@@ -695,6 +730,7 @@ async fn connect_one(
                     .map_err(|e| {
                         let mut err = fail(None, format!("TLS handshake: {e}"), None);
                         err.tls_handshake_failed = true;
+                        err.security = true;
                         err.certificate_refused = matches!(
                             &e,
                             mail_send::Error::Tls(t) if matches!(
@@ -865,8 +901,8 @@ impl Connection {
         })
     }
 
-    /// One AUTH exchange, `235` ending it. PLAIN sends everything in its initial response;
-    /// LOGIN answers the first challenge (`334`) with the user name and the second with the
+    /// One AUTH exchange, `235` ending it. PLAIN sends everything in its initial response
+    /// (and once more to a `334` asking for it); LOGIN answers the first challenge (`334`) with the user name and the second with the
     /// password, whatever their prompts say (as Python's smtplib does: servers word them
     /// differently). A server that asks for more gets `*`, which cancels the exchange (RFC
     /// 4954 §4), and the text of its extra challenge is recorded nowhere: it is the
@@ -874,8 +910,11 @@ impl Connection {
     async fn auth(&mut self, mechanism: u64, user: &str, password: &str) -> Result<(), AuthError> {
         let timeout = self.command_timeout;
         let (name, first, answers) = if mechanism == AUTH_PLAIN {
+            // A server that ignores the initial response asks for it with a 334: it gets
+            // it once more (as smtplib answers), a second 334 gets `*`.
             let response = BASE64.encode(format!("\0{user}\0{password}"));
-            ("PLAIN", format!("AUTH PLAIN {response}\r\n"), Vec::new())
+            let first = format!("AUTH PLAIN {response}\r\n");
+            ("PLAIN", first, vec![response])
         } else {
             let answers = vec![BASE64.encode(user), BASE64.encode(password)];
             ("LOGIN", "AUTH LOGIN\r\n".to_string(), answers)
@@ -1296,6 +1335,12 @@ mod tests {
             998,
             "a last line without CRLF stays whole"
         );
+        // UTF-8 is cut between characters, not inside one.
+        let utf8 = format!("Subject: {}\r\n\r\n", "\u{e9}".repeat(1000));
+        let out = line_limited(Cow::Borrowed(utf8.as_bytes())).into_owned();
+        let out = String::from_utf8(out).expect("still UTF-8");
+        assert!(out.split("\r\n").all(|l| l.len() <= MAX_LINE), "{out}");
+        assert_eq!(out.replace("\r\n ", ""), utf8);
     }
 
     #[test]

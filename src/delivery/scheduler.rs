@@ -1285,7 +1285,7 @@ fn connect_failure(e: &client::SessionError, n: usize, suspended: bool) -> Outco
         remote_ip: e.remote_ip.map(|ip| ip.to_string()),
         tls: e.tls.clone(),
         kinds: vec![kind; n],
-        local_reason: None,
+        local_reason: e.security.then_some("securityerror"),
         local_status: None,
         remote_dsn: false,
     }
@@ -1601,18 +1601,16 @@ fn classify(
 }
 
 /// The reason of a recipient whose session ended without its reply (a refused connection,
-/// a reset, a timeout, a TLS failure): the text is mailtrail's own, not a server's, so the
-/// rules for server texts do not read it ("connection reset by peer" in a bounce means
-/// the server blocked its client; here it means the network lost a connection). `None`
-/// for a recipient with a reply or decided here with a status of its own.
+/// a reset, a timeout): the text is mailtrail's own, not a server's, so the rules for
+/// server texts do not read it ("connection reset by peer" in a bounce means the server
+/// blocked its client; here it means the network lost a connection). A TLS failure comes
+/// as the connection's `securityerror` before this. `None` for a recipient with a reply
+/// or decided here with a status of its own.
 fn lost_session_reason(result: &RecipientResult) -> Option<BounceReason> {
     if result.reply.is_some() || result.local_permanent.is_some() {
         return None;
     }
     match result.stage {
-        Stage::Connect if result.text.starts_with("TLS") || result.text.starts_with("STARTTLS") => {
-            Some(BounceReason::SecurityError)
-        }
         Stage::Connect | Stage::Mail | Stage::Rcpt | Stage::Data => {
             Some(BounceReason::NetworkError)
         }
@@ -1799,6 +1797,22 @@ mod tests {
         assert_eq!(next, [Some(103_000), Some(103_000), None, Some(98_000)]);
     }
 
+    fn session_error(text: &str) -> client::SessionError {
+        client::SessionError {
+            stage: Stage::Connect,
+            reply: None,
+            text: text.to_string(),
+            permanent: false,
+            greeting_refused: false,
+            remote_host: Some("mx.test".into()),
+            remote_ip: None,
+            tls: None,
+            tls_handshake_failed: false,
+            security: false,
+            certificate_refused: false,
+        }
+    }
+
     #[test]
     fn a_session_lost_without_its_reply_is_a_network_error_not_a_block() {
         let c = Classifier::builtin();
@@ -1831,13 +1845,31 @@ mod tests {
                 "{text}"
             );
         }
-        let tls = lost(
-            Stage::Connect,
-            "STARTTLS: invalid peer certificate: UnknownIssuer",
-        );
+        // A failure for want of TLS, as connect_failure gives it, whatever its words.
+        let e = client::SessionError {
+            security: true,
+            ..session_error("mx.test [127.0.0.1]: TLS handshake: invalid peer certificate")
+        };
+        let tls = connect_failure(&e, 1, false);
         assert_eq!(
-            classify(c, RecipientStatus::Deferred, &tls, None, None),
+            classify(
+                c,
+                RecipientStatus::Deferred,
+                &tls.results[0],
+                None,
+                tls.local_reason
+            ),
             Some((BounceReason::SecurityError, BounceType::Soft))
+        );
+        let plain = connect_failure(
+            &session_error("mx.test [127.0.0.1]: connect: refused"),
+            1,
+            true,
+        );
+        assert_eq!(plain.local_reason, None);
+        assert_eq!(
+            classify(c, RecipientStatus::Deferred, &plain.results[0], None, None),
+            Some((BounceReason::NetworkError, BounceType::Soft))
         );
         // A recipient refused here keeps the reading of its own status.
         let mut utf8 = lost(Stage::Mail, "SMTPUTF8 is required but not offered");

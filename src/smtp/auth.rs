@@ -106,8 +106,13 @@ impl Throttle {
         }
     }
 
+    /// A refusal also ends the network's standing as known: it has to authenticate again.
     fn refused(&self, ip: IpAddr, now: Instant) {
         self.refusals.failed(ip, now);
+        self.known
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&client_network(ip));
     }
 
     fn accepted(&self, ip: IpAddr, now: Instant) {
@@ -433,7 +438,8 @@ mod tests {
         let again = tokio::time::timeout(Duration::from_secs(20), again).await;
         assert_eq!(again.ok(), Some(AuthOutcome::Accepted("app".into())));
         drop(clean_turn);
-        // A refusal makes it suspect again, known or not.
+        // A refusal makes it suspect again, known or not, and once its window has passed
+        // it is a network like any other, not known.
         assert_eq!(
             auth.verify(app, "app".into(), "nope".into()).await,
             AuthOutcome::Refused
@@ -441,6 +447,10 @@ mod tests {
         assert_eq!(
             auth.throttle.standing(app, Instant::now()),
             Standing::Suspect
+        );
+        assert_eq!(
+            auth.throttle.standing(app, Instant::now() + WINDOW),
+            Standing::Clean
         );
     }
 

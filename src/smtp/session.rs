@@ -1397,8 +1397,8 @@ fn overflowing_number(line: &[u8]) -> Option<Overflow> {
     None
 }
 
-/// The ENVID or ORCPT parameter of a MAIL or RCPT line whose xtext is not strict RFC 3461
-/// 4 (`+` with two upper-case hex digits, else `!` to `~` but `+` and `=`), or whose
+/// The ENVID or ORCPT parameter of a MAIL or RCPT line whose xtext is not RFC 3461 4 (`+`
+/// with two hex digits, else `!` to `~` but `+` and `=`), or whose
 /// decoded value has a control character (RFC 3461 4.2 and 4.4: printable characters
 /// only; bytes of UTF-8 stay allowed, as SMTPUTF8 mail needs them), or that is given
 /// twice. smtp-proto decodes leniently: `a+ZZb` came out as `aZb`, `a=b` as itself, and
@@ -1434,11 +1434,9 @@ fn bad_xtext_param(line: &[u8]) -> Option<&'static str> {
 
 /// Whether `value` is xtext (RFC 3461 4) whose decoded bytes include no control character.
 fn strict_xtext(value: &[u8]) -> bool {
-    let hex = |b: u8| match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    };
+    // RFC 3461 writes the digits in upper case; lower case is read too, as Postfix and
+    // smtp-proto read it.
+    let hex = |b: u8| char::from(b).to_digit(16).map(|d| d as u8);
     let mut rest = value;
     while let Some((&b, tail)) = rest.split_first() {
         let decoded = if b == b'+' {
@@ -2552,7 +2550,7 @@ mod tests {
         let mut c = client();
         c.send(b"EHLO x\r\n");
         assert!(
-            c.send(b"MAIL FROM:<a@x.org> ENVID=a+2Bb!~\r\n")
+            c.send(b"MAIL FROM:<a@x.org> ENVID=a+2Bb+2c!~\r\n")
                 .starts_with("250")
         );
         for orcpt in [

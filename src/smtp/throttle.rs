@@ -44,8 +44,19 @@ pub enum Count {
 pub struct FailureCount {
     limit: u32,
     window: Duration,
-    clients: Mutex<HashMap<IpAddr, Failures>>,
+    clients: Mutex<Clients>,
 }
+
+#[derive(Debug, Default)]
+struct Clients {
+    map: HashMap<IpAddr, Failures>,
+    /// When a full map was last purged of networks past their window: at most once a
+    /// second, so that a full map does not cost a scan of it per failure.
+    purged: Option<Instant>,
+}
+
+/// How often a full map may be purged.
+const PURGE_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy)]
 struct Failures {
@@ -58,13 +69,14 @@ impl FailureCount {
         Self {
             limit,
             window,
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(Clients::default()),
         }
     }
 
     pub fn count(&self, ip: IpAddr, now: Instant) -> Count {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let key = client_network(ip);
+        let clients = &mut clients.map;
         match clients.get(&key) {
             Some(f) if now.duration_since(f.since) >= self.window => {
                 clients.remove(&key);
@@ -79,10 +91,17 @@ impl FailureCount {
 
     /// Counts one failure; true when it is the one that reaches the limit.
     pub fn failed(&self, ip: IpAddr, now: Instant) -> bool {
-        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
-        if clients.len() >= MAX_TRACKED {
+        let mut guard = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let Clients {
+            map: clients,
+            purged,
+        } = &mut *guard;
+        if clients.len() >= MAX_TRACKED
+            && purged.is_none_or(|at| now.duration_since(at) >= PURGE_EVERY)
+        {
             let window = self.window;
             clients.retain(|_, f| now.duration_since(f.since) < window);
+            *purged = Some(now);
         }
         let key = client_network(ip);
         let full = clients.len() >= MAX_TRACKED;
@@ -118,6 +137,7 @@ impl FailureCount {
         self.clients
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .map
             .remove(&client_network(ip));
     }
 }
@@ -159,5 +179,21 @@ mod tests {
         c.failed(ip("2001:db8:1:2::7"), now);
         assert_eq!(c.count(ip("2001:db8:1:2::8"), now), Count::Some(1));
         assert_eq!(c.count(ip("2001:db8:1:3::7"), now), Count::None);
+    }
+
+    #[test]
+    fn a_full_map_counts_no_newcomer_until_its_entries_age_out() {
+        let c = FailureCount::new(3, WINDOW);
+        let now = Instant::now();
+        for n in 0..MAX_TRACKED as u32 {
+            c.failed(IpAddr::V4(n.into()), now);
+        }
+        let newcomer = ip("2001:db8::1");
+        assert_eq!(c.count(newcomer, now), Count::Untracked);
+        c.failed(newcomer, now + Duration::from_secs(1));
+        assert_eq!(c.count(newcomer, now), Count::Untracked);
+        // Past the window the old entries are purged, and the newcomer counts.
+        c.failed(newcomer, now + WINDOW);
+        assert_eq!(c.count(newcomer, now + WINDOW), Count::Some(1));
     }
 }

@@ -331,6 +331,9 @@ pub struct NewBounce {
     /// of its content when it has none, and its place in it): one already stored under it
     /// is not stored again.
     pub dedup_key: Option<String>,
+    /// It would have moved its recipient but came over SMTP unverified: its event says so
+    /// (`unverified dsn`).
+    pub held_unverified: bool,
 }
 
 /// One recipient of a stored message, as correlation needs it.

@@ -904,6 +904,7 @@ fn new_bounce(receipt: Option<ReceiptId>, idx: Option<u32>, at_ms: i64) -> NewBo
         new_status: Some(RecipientStatus::Bounced),
         suppress: None,
         dedup_key: None,
+        held_unverified: false,
     }
 }
 

@@ -557,12 +557,12 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
         }
         None => current,
     };
-    // A record that changed nothing says so by its kind when nothing proved it: an
-    // unverified DSN over SMTP is not the recipient's bounce.
+    // A record held back for want of proof says so by its kind: an unverified DSN over
+    // SMTP is not the recipient's bounce.
     let kind = match new.new_status {
         Some(RecipientStatus::Complained) => "complaint".to_string(),
         Some(_) => "bounce".to_string(),
-        None if !b.verified => format!("unverified {}", b.kind),
+        None if new.held_unverified => format!("unverified {}", b.kind),
         None => b.kind.clone(),
     };
     append_event(

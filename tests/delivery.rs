@@ -835,6 +835,26 @@ mod queue {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
+
+        /// The bodies of the DSNs (null sender) the MX has received.
+        pub fn dsn_bodies(&self) -> Vec<String> {
+            self.mx
+                .transactions()
+                .into_iter()
+                .filter(|t| t.mail_from.starts_with("<>"))
+                .map(|t| String::from_utf8_lossy(&t.body).into_owned())
+                .collect()
+        }
+    }
+
+    /// Asserts that a DSN names each of `addresses` as a Final-Recipient.
+    fn assert_reports(dsn: &str, addresses: &[&str]) {
+        for a in addresses {
+            assert!(
+                dsn.contains(&format!("Final-Recipient: rfc822; {a}")),
+                "{a} not in\n{dsn}"
+            );
+        }
     }
 
     fn final_status(s: &[RecipientStatus]) -> bool {
@@ -1177,19 +1197,10 @@ mod queue {
         // to DATA); a moment more for any second DSN.
         let txs = h.wait_mx(2).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let dsns: Vec<_> =
-            h.mx.transactions()
-                .into_iter()
-                .filter(|t| t.mail_from.starts_with("<>"))
-                .collect();
+        let dsns = h.dsn_bodies();
         assert_eq!(dsns.len(), 1, "{txs:#?}");
-        let body = String::from_utf8_lossy(&dsns[0].body);
-        for rcpt in ["x", "y", "z"] {
-            assert!(
-                body.contains(&format!("Final-Recipient: rfc822; {rcpt}@dest.test")),
-                "{body}"
-            );
-        }
+        let body = &dsns[0];
+        assert_reports(body, &["x@dest.test", "y@dest.test", "z@dest.test"]);
         assert!(
             !body.contains("Final-Recipient: rfc822; ok@dest.test"),
             "{body}"
@@ -1540,13 +1551,9 @@ mod queue {
             assert!(tokio::time::Instant::now() < deadline);
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let dsns: Vec<_> =
-            h.mx.transactions()
-                .into_iter()
-                .filter(|t| t.mail_from.starts_with("<>"))
-                .collect();
+        let dsns = h.dsn_bodies();
         assert_eq!(dsns.len(), 1, "one delay DSN, not one per attempt");
-        let body = String::from_utf8_lossy(&dsns[0].body);
+        let body = &dsns[0];
         assert!(body.contains("Action: delayed"), "{body}");
         assert!(body.contains("Status: 4.4.1"));
         assert!(body.contains("Will-Retry-Until: "));
@@ -1609,19 +1616,9 @@ mod queue {
             assert!(tokio::time::Instant::now() < deadline, "{queue:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let dsns: Vec<_> =
-            h.mx.transactions()
-                .into_iter()
-                .filter(|t| t.mail_from.starts_with("<>"))
-                .collect();
+        let dsns = h.dsn_bodies();
         assert_eq!(dsns.len(), 1, "one delay DSN for the three");
-        let body = String::from_utf8_lossy(&dsns[0].body);
-        for a in ["x@dest.test", "y@dest.test", "z@dest.test"] {
-            assert!(
-                body.contains(&format!("Final-Recipient: rfc822; {a}")),
-                "{body}"
-            );
-        }
+        assert_reports(&dsns[0], &["x@dest.test", "y@dest.test", "z@dest.test"]);
         h.shutdown.cancel();
         h.handle.join().await;
     }

@@ -853,18 +853,26 @@ mod tests {
         store: &crate::store::sqlite::SqliteStore,
         receipt: ReceiptId,
     ) -> Vec<String> {
+        message_log(store, receipt)
+            .await
+            .recipients
+            .iter()
+            .map(|r| r.status.as_str().to_string())
+            .collect()
+    }
+
+    /// The log of one message.
+    async fn message_log(
+        store: &crate::store::sqlite::SqliteStore,
+        receipt: ReceiptId,
+    ) -> crate::store::MessageLog {
         let query = LogQuery {
             key: LogKey::Receipt(receipt),
             since_ms: None,
             until_ms: None,
             limit: 1,
         };
-        let log = store.log(&query).await.unwrap();
-        log[0]
-            .recipients
-            .iter()
-            .map(|r| r.status.as_str().to_string())
-            .collect()
+        store.log(&query).await.unwrap().remove(0)
     }
 
     /// The addresses on the suppression list now.
@@ -972,16 +980,8 @@ mod tests {
         );
         assert!(suppressed().await.is_empty());
         // Alice's log says what came and that it was not taken as her bounce.
-        let log = store
-            .log(&LogQuery {
-                key: LogKey::Receipt(receipt),
-                since_ms: None,
-                until_ms: None,
-                limit: 1,
-            })
-            .await
-            .unwrap();
-        let last = log[0].recipients[0].events.last().unwrap();
+        let log = message_log(&store, receipt).await;
+        let last = log.recipients[0].events.last().unwrap();
         assert_eq!(
             (last.kind.as_str(), last.status),
             ("unverified dsn", RecipientStatus::Delivered)
@@ -1044,16 +1044,8 @@ mod tests {
             Some("recipient queued, never taken by a receiving server: left as it is")
         );
         // Its event names what came, not a verification it did not lack.
-        let log = store
-            .log(&LogQuery {
-                key: LogKey::Receipt(receipt),
-                since_ms: None,
-                until_ms: None,
-                limit: 1,
-            })
-            .await
-            .unwrap();
-        assert_eq!(log[0].recipients[3].events.last().unwrap().kind, "dsn");
+        let log = message_log(&store, receipt).await;
+        assert_eq!(log.recipients[3].events.last().unwrap().kind, "dsn");
         let alice = ingest
             .ingest(dsn("alice@ex.test", receipt).as_bytes(), &[], None)
             .await

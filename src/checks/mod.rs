@@ -118,13 +118,16 @@ pub fn bounce_domain_verdict(
     Some(
         match bounce_address(address, bounce_domain, bounce_local, key)? {
             BounceAddress::Plain | BounceAddress::Verp => RecipientVerdict::AcceptInboundBounce,
-            BounceAddress::ForgedVerp | BounceAddress::Unknown => {
-                RecipientVerdict::Reject(Reply::new(
-                    550,
-                    "5.1.1",
-                    "Unknown bounce address (VERP tag does not verify)",
-                ))
-            }
+            BounceAddress::ForgedVerp => RecipientVerdict::Reject(Reply::new(
+                550,
+                "5.1.1",
+                "Unknown bounce address (VERP tag does not verify)",
+            )),
+            BounceAddress::Unknown => RecipientVerdict::Reject(Reply::new(
+                550,
+                "5.1.1",
+                "Unknown bounce address (no such mailbox at the bounce domain)",
+            )),
         },
     )
 }

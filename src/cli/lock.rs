@@ -26,22 +26,25 @@ pub struct DataDirLock {
 /// the file for the message a second server shows. Fails at once when another process holds it.
 pub fn acquire(data_dir: &Path) -> anyhow::Result<DataDirLock> {
     let path = data_dir.join(LOCK_FILE);
-    let in_use = |holder: String| {
+    let in_use = |who: String| {
         anyhow::anyhow!(
-            "data_dir {} is in use by another mailtrail serve ({holder} holds {}): run one \
-             server per data_dir",
-            data_dir.display(),
-            path.display()
+            "data_dir {} is in use by another mailtrail serve ({who}): run one server per \
+             data_dir",
+            data_dir.display()
         )
     };
+    let holds = |holder: String| format!("{holder} holds {}", path.display());
     let dir = File::open(data_dir)
         .map_err(|e| anyhow::anyhow!("cannot open data_dir {}: {e}", data_dir.display()))?;
     match dir.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
-            let pid =
-                File::open(&path).map_or_else(|_| "a process".to_string(), |mut f| holder(&mut f));
-            return Err(in_use(pid));
+            // The lock file names the holder, unless it was removed by hand.
+            let who = File::open(&path).map_or_else(
+                |_| format!("its pid is unknown: {} was removed", path.display()),
+                |mut f| holds(holder(&mut f)),
+            );
+            return Err(in_use(who));
         }
         Err(TryLockError::Error(e)) => {
             anyhow::bail!("cannot lock data_dir {}: {e}", data_dir.display())
@@ -57,7 +60,7 @@ pub fn acquire(data_dir: &Path) -> anyhow::Result<DataDirLock> {
         .map_err(|e| anyhow::anyhow!("cannot open the lock file {}: {e}", path.display()))?;
     match file.try_lock() {
         Ok(()) => {}
-        Err(TryLockError::WouldBlock) => return Err(in_use(holder(&mut file))),
+        Err(TryLockError::WouldBlock) => return Err(in_use(holds(holder(&mut file)))),
         Err(TryLockError::Error(e)) => {
             anyhow::bail!("cannot lock {}: {e}", path.display())
         }
@@ -116,5 +119,6 @@ mod tests {
         std::fs::remove_file(dir.path().join(LOCK_FILE)).unwrap();
         let err = acquire(dir.path()).unwrap_err().to_string();
         assert!(err.contains("in use by another mailtrail serve"), "{err}");
+        assert!(err.contains("its pid is unknown"), "{err}");
     }
 }

@@ -152,8 +152,8 @@ pub fn render_delete(count: usize, receipt: ReceiptId) -> String {
         // The CLI cannot see the server's connections: say what an attempt under way does.
         format!(
             "{receipt}: {count} pending recipient{} deleted from the queue (status failed); \
-             an attempt already under way still ends, and a 250 from it makes the recipient \
-             delivered (see mailtrail log {receipt})\n",
+             an attempt already under way still ends, and a final reply from it (250, 5xx) \
+             is recorded over the delete (see mailtrail log {receipt})\n",
             plural(count)
         )
     }
@@ -236,8 +236,9 @@ RECEIPT                     AGE  SENDER             RECIPIENT        STATUS    A
         assert_eq!(
             render_delete(2, r),
             "01JD0000000000000000000000: 2 pending recipients deleted from the queue (status \
-             failed); an attempt already under way still ends, and a 250 from it makes the \
-             recipient delivered (see mailtrail log 01JD0000000000000000000000)\n"
+             failed); an attempt already under way still ends, and a final reply from it \
+             (250, 5xx) is recorded over the delete (see mailtrail log \
+             01JD0000000000000000000000)\n"
         );
         assert_eq!(
             render_delete(0, r),

@@ -149,9 +149,6 @@ fn split_header(raw: &[u8]) -> (&[u8], &[u8], bool) {
         }
         let field = match line.first() {
             Some(b' ' | b'\t') => pos > 0,
-            // An mbox `From ` line some applications put first: the fields after it are
-            // still the header (mailtrail keeps the line as it came).
-            _ if pos == 0 && line.starts_with(b"From ") => true,
             _ => is_field_start(line),
         };
         if !field {
@@ -389,10 +386,11 @@ mod tests {
         // A continuation with nothing to continue, a name with a space: body.
         assert_eq!(after_received(b" indented\r\n"), "\r\n indented\r\n");
         assert_eq!(after_received(b"Two words: x\r\n"), "\r\nTwo words: x\r\n");
-        // A leading mbox From line leaves the fields after it in the header.
+        // A leading mbox From line is no field either (as in Postfix's cleanup): a Bcc:
+        // after it must not become a header downstream.
         assert_eq!(
-            after_received(b"From a@b Mon Jan 1 00:00:00 2024\r\nSubject: s\r\n\r\nb\r\n"),
-            "From a@b Mon Jan 1 00:00:00 2024\r\nSubject: s\r\n\r\nb\r\n"
+            after_received(b"From x Mon Dec  7 00:00:00 2026\r\nBcc: v@ok.test\r\n\r\nb\r\n"),
+            "\r\nFrom x Mon Dec  7 00:00:00 2026\r\nBcc: v@ok.test\r\n\r\nb\r\n"
         );
         // Obsolete white space before the colon is still a field.
         assert_eq!(

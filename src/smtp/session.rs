@@ -671,8 +671,13 @@ impl Session {
             let reply = Reply::new(553, "5.1.7", "Sender address must name a domain");
             return self.reply(out, reply);
         }
-        if let Some(param) = bad_xtext_param(line) {
-            let text = format!("Bad {param} parameter syntax (xtext, RFC 3461 4)");
+        if let Some(bad) = bad_dsn_param(line) {
+            let text = match bad {
+                BadParam::Duplicate(param) => format!("Duplicate {param} parameter"),
+                BadParam::Xtext(param) => {
+                    format!("Bad {param} parameter syntax (xtext, RFC 3461 4)")
+                }
+            };
             return self.reply(out, Reply::new(501, "5.5.4", text));
         }
         // smtp-proto refuses address literals: it reads a stand-in domain instead.
@@ -1397,36 +1402,55 @@ fn overflowing_number(line: &[u8]) -> Option<Overflow> {
     None
 }
 
-/// The ENVID or ORCPT parameter of a MAIL or RCPT line whose xtext is not RFC 3461 4 (`+`
-/// with two hex digits, else `!` to `~` but `+` and `=`), or whose
-/// decoded value has a control character (RFC 3461 4.2 and 4.4: printable characters
-/// only; bytes of UTF-8 stay allowed, as SMTPUTF8 mail needs them), or that is given
-/// twice. smtp-proto decodes leniently: `a+ZZb` came out as `aZb`, `a=b` as itself, and
-/// an ORCPT with `+0D+0A` was taken, with the line break, into DSNs.
-fn bad_xtext_param(line: &[u8]) -> Option<&'static str> {
+/// What is wrong with a DSN parameter of a MAIL or RCPT line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BadParam {
+    /// Given twice (Postfix refuses the same).
+    Duplicate(&'static str),
+    /// An ENVID or ORCPT whose xtext is not RFC 3461 4.
+    Xtext(&'static str),
+}
+
+/// The DSN parameter (RET, ENVID, NOTIFY, ORCPT) of a MAIL or RCPT line that is given
+/// twice, or the ENVID or ORCPT whose xtext is not RFC 3461 4 (`+` with two hex digits,
+/// else `!` to `~` but `+` and `=`) or whose decoded value has a control character (RFC
+/// 3461 4.2 and 4.4: printable characters only; bytes of UTF-8 stay allowed, as SMTPUTF8
+/// mail needs them). smtp-proto decodes leniently (`a+ZZb` came out as `aZb`, `a=b` as
+/// itself, and an ORCPT with `+0D+0A` was taken, with the line break, into DSNs) and
+/// lets the last of two win.
+fn bad_dsn_param(line: &[u8]) -> Option<BadParam> {
+    const NAMES: [&str; 4] = ["RET", "ENVID", "NOTIFY", "ORCPT"];
     let verb = line.get(..5)?;
     if !verb.eq_ignore_ascii_case(b"MAIL ") && !verb.eq_ignore_ascii_case(b"RCPT ") {
         return None;
     }
-    let mut seen = [false; 2];
+    let mut seen = [false; NAMES.len()];
     for token in line.split(|b| b.is_ascii_whitespace()).skip(2) {
-        let (name, value, i) = match token.iter().position(|&b| b == b'=') {
-            Some(eq) if token[..eq].eq_ignore_ascii_case(b"ENVID") => {
-                ("ENVID", &token[eq + 1..], 0)
-            }
-            Some(eq) if token[..eq].eq_ignore_ascii_case(b"ORCPT") => {
-                // address-type ";" xtext: the type is checked by smtp-proto.
-                let v = &token[eq + 1..];
-                let xtext = v
-                    .iter()
-                    .position(|&b| b == b';')
-                    .map_or(v, |semi| &v[semi + 1..]);
-                ("ORCPT", xtext, 1)
-            }
+        let Some(eq) = token.iter().position(|&b| b == b'=') else {
+            continue;
+        };
+        let Some(i) = NAMES
+            .iter()
+            .position(|n| token[..eq].eq_ignore_ascii_case(n.as_bytes()))
+        else {
+            continue;
+        };
+        let name = NAMES[i];
+        if std::mem::replace(&mut seen[i], true) {
+            return Some(BadParam::Duplicate(name));
+        }
+        let value = &token[eq + 1..];
+        let xtext = match name {
+            "ENVID" => value,
+            // address-type ";" xtext: the type is checked by smtp-proto.
+            "ORCPT" => value
+                .iter()
+                .position(|&b| b == b';')
+                .map_or(value, |semi| &value[semi + 1..]),
             _ => continue,
         };
-        if std::mem::replace(&mut seen[i], true) || !strict_xtext(value) {
-            return Some(name);
+        if !strict_xtext(xtext) {
+            return Some(BadParam::Xtext(name));
         }
     }
     None
@@ -2536,10 +2560,34 @@ mod tests {
     }
 
     #[test]
+    fn a_dsn_parameter_given_twice_is_refused() {
+        for (line, param) in [
+            ("MAIL FROM:<a@x.org> ENVID=a ENVID=b", "ENVID"),
+            ("MAIL FROM:<a@x.org> RET=HDRS ret=FULL", "RET"),
+            ("RCPT TO:<b@y.org> NOTIFY=SUCCESS NOTIFY=FAILURE", "NOTIFY"),
+            (
+                "RCPT TO:<b@y.org> ORCPT=rfc822;b@y.org ORCPT=rfc822;c@y.org",
+                "ORCPT",
+            ),
+        ] {
+            let mut c = client();
+            c.send(b"EHLO x\r\n");
+            if line.starts_with("RCPT") {
+                c.send(b"MAIL FROM:<a@x.org>\r\n");
+            }
+            assert_eq!(
+                c.send(format!("{line}\r\n").as_bytes()),
+                format!("501 5.5.4 Duplicate {param} parameter\r\n"),
+                "{line}"
+            );
+        }
+    }
+
+    #[test]
     fn xtext_that_is_not_rfc_3461_is_refused_not_rewritten() {
         let mut c = client();
         c.send(b"EHLO x\r\n");
-        for envid in ["a+ZZb", "abc+", "a=b", "a+0a", "x ENVID=y"] {
+        for envid in ["a+ZZb", "abc+", "a=b", "a+0a"] {
             let reply = c.send(format!("MAIL FROM:<a@x.org> ENVID={envid}\r\n").as_bytes());
             assert!(
                 reply.starts_with("501 5.5.4 Bad ENVID parameter syntax (xtext"),
@@ -2557,7 +2605,6 @@ mod tests {
             "rfc822;x+0D+0AX-Injected:+20yes@y.org",
             "rfc822;a+zzb@y.org",
             "rfc822;a=b@y.org",
-            "rfc822;b@y.org ORCPT=rfc822;c@y.org",
         ] {
             let reply = c.send(format!("RCPT TO:<b@y.org> ORCPT={orcpt}\r\n").as_bytes());
             assert!(

@@ -648,7 +648,7 @@ impl Session {
                 rrvs: 0,
                 flags: 0,
             };
-            return self.rcpt(out, to);
+            return self.rcpt(out, to, None);
         }
         match overflowing_number(line) {
             Some(Overflow::ChunkSize) => {
@@ -685,6 +685,13 @@ impl Session {
             Some((line, literal)) => (Cow::Owned(line), Some(literal)),
             None => (Cow::Borrowed(line), None),
         };
+        // smtp-proto takes ORCPT of type rfc822 only, up to 256 characters: ours is read
+        // here and taken out of the line.
+        let (line, orcpt) = match take_orcpt(line.as_ref()) {
+            Ok(Some((rest, orcpt))) => (Cow::Owned(rest), Some(orcpt)),
+            Ok(None) => (line, None),
+            Err(reply) => return self.reply(out, reply),
+        };
         let line = line.as_ref();
         let request = match Request::parse(&mut line.iter()) {
             Ok(request) => request,
@@ -712,7 +719,7 @@ impl Session {
                 if let Some(literal) = &literal {
                     to.address = with_literal(to.address, literal);
                 }
-                self.rcpt(out, to)
+                self.rcpt(out, to, orcpt)
             }
             Request::Data => self.data(out),
             Request::Bdat {
@@ -904,7 +911,8 @@ impl Session {
         self.reply(out, Reply::new(250, "2.1.0", "Ok"));
     }
 
-    fn rcpt(&mut self, out: &mut Vec<Action>, to: RcptTo<Cow<'_, str>>) {
+    /// `orcpt`: the ORCPT parameter as `type;address` (xtext decoded).
+    fn rcpt(&mut self, out: &mut Vec<Action>, to: RcptTo<Cow<'_, str>>, orcpt: Option<String>) {
         let Some(tx) = self.transaction.as_ref() else {
             return self.reply(out, Reply::new(503, "5.5.1", "Need MAIL command"));
         };
@@ -967,10 +975,7 @@ impl Session {
         };
         self.phase = Phase::Waiting(Pending::Recipient(AcceptedRecipient {
             address,
-            orcpt: to
-                .orcpt
-                .as_deref()
-                .map(|o| format!("rfc822;{}", xtext_bytes_as_utf8(o))),
+            orcpt,
             notify,
             preset: None,
         }));
@@ -1454,6 +1459,74 @@ fn bad_dsn_param(line: &[u8]) -> Option<BadParam> {
         }
     }
     None
+}
+
+/// Longest ORCPT value, decoded (RFC 3461 4.2).
+const MAX_ORCPT: usize = 500;
+
+/// The ORCPT parameter of a RCPT line, read by RFC 3461 4.2 (`addr-type ";" xtext`, any
+/// atom for the type, up to [`MAX_ORCPT`] characters decoded) and returned as
+/// `type;address` with the line without it; `None` for a line without one. The xtext was
+/// checked by [`bad_dsn_param`] before. smtp-proto refuses types other than `rfc822`
+/// (`x400;...`) and values over 256 characters, which RFC 3461 allows.
+fn take_orcpt(line: &[u8]) -> Result<Option<(Vec<u8>, String)>, Reply> {
+    if !line
+        .get(..5)
+        .is_some_and(|v| v.eq_ignore_ascii_case(b"RCPT "))
+    {
+        return Ok(None);
+    }
+    let mut at = 0;
+    let mut tokens = Vec::new();
+    for token in line.split(|b| b.is_ascii_whitespace()) {
+        tokens.push((at, token));
+        at += token.len() + 1;
+    }
+    let Some(&(start, token)) = tokens
+        .iter()
+        .skip(2)
+        .find(|(_, t)| t.len() > 6 && t[..6].eq_ignore_ascii_case(b"ORCPT="))
+    else {
+        return Ok(None);
+    };
+    let invalid = || Reply::new(501, "5.5.4", "Invalid ORCPT parameter");
+    let value = &token[6..];
+    let semi = value.iter().position(|&b| b == b';').ok_or_else(invalid)?;
+    let (kind, xtext) = (&value[..semi], &value[semi + 1..]);
+    // RFC 5322 atext.
+    let atext = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(b);
+    if kind.is_empty() || !kind.iter().all(atext) || xtext.is_empty() {
+        return Err(invalid());
+    }
+    let mut decoded = Vec::with_capacity(xtext.len());
+    let mut rest = xtext;
+    while let Some((&b, tail)) = rest.split_first() {
+        match (b, tail.get(..2)) {
+            (b'+', Some(hex)) => {
+                let hex = std::str::from_utf8(hex).ok();
+                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
+                decoded.push(byte.ok_or_else(invalid)?);
+                rest = &tail[2..];
+            }
+            (b'+', None) => return Err(invalid()),
+            _ => {
+                decoded.push(b);
+                rest = tail;
+            }
+        }
+    }
+    let address = match String::from_utf8(decoded) {
+        Ok(utf8) => utf8,
+        Err(e) => e.into_bytes().into_iter().map(char::from).collect(),
+    };
+    if address.chars().count() > MAX_ORCPT {
+        return Err(invalid());
+    }
+    let kind = String::from_utf8_lossy(kind).to_ascii_lowercase();
+    // With the white space before it (a token after the path always has some).
+    let mut without = line[..start.saturating_sub(1)].to_vec();
+    without.extend_from_slice(line.get(start + token.len()..).unwrap_or_default());
+    Ok(Some((without, format!("{kind};{address}"))))
 }
 
 /// Whether `value` is xtext (RFC 3461 4) whose decoded bytes include no control character.
@@ -2557,6 +2630,59 @@ mod tests {
         );
         assert_eq!(msg.recipients[1].notify, None);
         assert_eq!(msg.recipients[1].orcpt, None);
+    }
+
+    #[test]
+    fn orcpt_of_any_address_type_and_up_to_500_characters_is_kept() {
+        let long = format!("rfc822;{}@y.org", "a".repeat(480));
+        for (param, kept) in [
+            // `=` is no xchar: an X.400 address comes with it encoded.
+            (
+                "x400;c+3Dus;a+3D;p+3Dx;o+3Dy;s+3Dz".to_string(),
+                "x400;c=us;a=;p=x;o=y;s=z".to_string(),
+            ),
+            (
+                "RFC822;b+2Bx@y.org".to_string(),
+                "rfc822;b+x@y.org".to_string(),
+            ),
+            (long.clone(), long.clone()),
+        ] {
+            // Room for a 500-character ORCPT (the default limit is 2048).
+            let wide = SessionConfig {
+                max_command_line: 2048,
+                ..config()
+            };
+            let mut c = client_with(wide, "192.0.2.1", true);
+            c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+            let reply = c.send(
+                format!("RCPT TO:<b@y.org> ORCPT={param} NOTIFY=FAILURE\r\nDATA\r\n").as_bytes(),
+            );
+            assert!(reply.starts_with("250 2.1.5"), "{param}: {reply}");
+            c.send(MESSAGE);
+            let r = &c.stored[0].recipients[0];
+            assert_eq!(r.orcpt.as_deref(), Some(kept.as_str()));
+            assert!(
+                r.notify.is_some_and(|n| n.failure),
+                "the parameter after it still read"
+            );
+        }
+        for param in [
+            format!("rfc822;{}@y.org", "a".repeat(500)),
+            "noaddress".to_string(),
+            "bad type;x@y.org".to_string(),
+            ";x@y.org".to_string(),
+            "rfc822;".to_string(),
+        ] {
+            // Room for a 500-character ORCPT (the default limit is 2048).
+            let wide = SessionConfig {
+                max_command_line: 2048,
+                ..config()
+            };
+            let mut c = client_with(wide, "192.0.2.1", true);
+            c.send(b"EHLO x\r\nMAIL FROM:<a@x.org>\r\n");
+            let reply = c.send(format!("RCPT TO:<b@y.org> ORCPT={param}\r\n").as_bytes());
+            assert!(reply.starts_with("501 5.5.4"), "{param}: {reply}");
+        }
     }
 
     #[test]

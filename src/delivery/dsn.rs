@@ -171,12 +171,19 @@ fn address_field(kind: &str, address: &str) -> (String, String) {
 /// and a line longer than 900 characters is cut into pieces (no line may pass 998, §2.1.1):
 /// before a space where there is one, which then is the fold's white space, so unfolding
 /// gives the text back as it was; else (a 3,000-character token) anywhere.
-fn folded(s: &str) -> String {
+///
+/// In an internationalised report (`global`, RFC 6533) non-ASCII characters stay, as in
+/// its addresses; elsewhere they become `?` (a server's UTF-8 reply text was `?` in both).
+fn folded(s: &str, global: bool) -> String {
     const MAX_LINE: usize = 900;
     let mut out = String::new();
     for line in s.lines() {
-        // ASCII only, so any byte offset is a character boundary.
-        let line = clean(line.trim_end_matches('\r'));
+        let line = line.trim_end_matches('\r');
+        let line = if global {
+            clean_utf8(line)
+        } else {
+            clean(line)
+        };
         let mut rest = line.trim_end();
         if rest.trim_start().is_empty() {
             continue;
@@ -185,17 +192,28 @@ fn folded(s: &str) -> String {
             out.push_str("\r\n ");
         }
         while rest.len() > MAX_LINE {
+            // At most MAX_LINE octets, ending on a character boundary.
+            let mut end = MAX_LINE;
+            while !rest.is_char_boundary(end) {
+                end -= 1;
+            }
             // A cut before a space keeps the space at the start of the next line.
-            match rest[1..=MAX_LINE].rfind(' ').map(|i| i + 1) {
+            let space = rest[..end]
+                .char_indices()
+                .skip(1)
+                .filter(|&(_, c)| c == ' ')
+                .last()
+                .map(|(i, _)| i);
+            match space {
                 Some(at) => {
                     out.push_str(&rest[..at]);
                     out.push_str("\r\n");
                     rest = &rest[at..];
                 }
                 None => {
-                    out.push_str(&rest[..MAX_LINE]);
+                    out.push_str(&rest[..end]);
                     out.push_str("\r\n ");
-                    rest = &rest[MAX_LINE..];
+                    rest = &rest[end..];
                 }
             }
         }
@@ -318,7 +336,7 @@ pub fn build(
             m.push_str(" (delivery time expired: still undelivered when retrying ran out)");
         }
         if let Some(d) = &r.diagnostic {
-            let _ = write!(m, ": {}", folded(d).replace("\r\n ", "\r\n    "));
+            let _ = write!(m, ": {}", folded(d, global).replace("\r\n ", "\r\n    "));
         }
         m.push_str("\r\n");
     }
@@ -366,7 +384,7 @@ pub fn build(
             } else {
                 "x-local"
             };
-            let _ = write!(m, "Diagnostic-Code: {kind}; {}\r\n", folded(d));
+            let _ = write!(m, "Diagnostic-Code: {kind}; {}\r\n", folded(d, global));
         }
         let _ = write!(
             m,
@@ -492,7 +510,7 @@ mod tests {
     #[test]
     fn remote_texts_fold_into_lines_a_message_may_carry() {
         let long = "x".repeat(2_000);
-        let f = folded(&format!("550-first\n\n   \n{long}\nlast"));
+        let f = folded(&format!("550-first\n\n   \n{long}\nlast"), false);
         let lines: Vec<&str> = f.split("\r\n").collect();
         assert_eq!(lines.len(), 5, "{lines:?}");
         assert_eq!(lines[0], "550-first");
@@ -607,14 +625,14 @@ mod tests {
     fn a_long_remote_text_folds_before_spaces_and_unfolds_verbatim() {
         let words = "user unknown ".repeat(300);
         let words = words.trim_end();
-        let f = folded(words);
+        let f = folded(words, false);
         assert!(f.split("\r\n").all(|l| l.len() <= 998), "{f}");
         assert!(f.split("\r\n").skip(1).all(|l| l.starts_with(' ')), "{f}");
         // RFC 5322 unfolding removes the CRLFs only.
         assert_eq!(f.replace("\r\n", ""), words);
         // A token with no space in it is cut where it must be.
         let token = "x".repeat(3000);
-        let f = folded(&token);
+        let f = folded(&token, false);
         assert!(f.split("\r\n").all(|l| l.len() <= 998), "{f}");
         assert_eq!(f.replace("\r\n ", ""), token);
     }
@@ -698,6 +716,30 @@ mod tests {
         assert_eq!(records[0].recipient, "j\u{f6}rg@b\u{fc}cher.example");
         assert_eq!(records[0].status.as_deref(), Some("5.1.1"));
         assert_eq!(records[0].reason, crate::bounce::BounceReason::UserUnknown);
+    }
+
+    #[test]
+    fn a_utf8_reply_stays_utf8_in_an_internationalised_report_only() {
+        let mut r = failed("j\u{f6}rg@b.example");
+        r.diagnostic = Some("550 5.1.1 Empf\u{e4}nger unbekannt".into());
+        let mut orig = original("a@a.example", None, None);
+        orig.smtputf8 = true;
+        let t = text(&build("h", &orig, BODY, &[r.clone()], 0).unwrap());
+        assert!(
+            t.contains("Diagnostic-Code: smtp; 550 5.1.1 Empf\u{e4}nger unbekannt\r\n"),
+            "{t}"
+        );
+        r.address = "jorg@b.example".into();
+        let t = text(&build("h", &original("a@a.example", None, None), BODY, &[r], 0).unwrap());
+        assert!(
+            t.contains("Diagnostic-Code: smtp; 550 5.1.1 Empf?nger unbekannt\r\n"),
+            "{t}"
+        );
+        // A long UTF-8 text is cut between characters, under 998 octets a line.
+        let long = "\u{e4}".repeat(1500);
+        let f = folded(&long, true);
+        assert!(f.split("\r\n").all(|l| l.len() <= 998), "{f}");
+        assert_eq!(f.replace("\r\n ", ""), long);
     }
 
     #[test]

@@ -241,6 +241,16 @@ async fn bounces_complaints_and_autoreplies_become_records_and_suppress() {
     assert_eq!(bob_bounce["correlation"], "verp");
     assert_eq!(bob_bounce["status"], "5.1.1");
     let id = bob_bounce["id"].to_string();
+    // A name that would drive the terminal of every admin listing the bounces is refused.
+    let evil = m.cli(&["bounces", "handle", &id, "--by", "evil\u{1b}[2J"]);
+    assert!(!evil.status.success());
+    let err = String::from_utf8_lossy(&evil.stderr);
+    assert!(
+        err.contains("without control characters") && !err.contains('\u{1b}'),
+        "{err}"
+    );
+    let none = m.cli_ok(&["log", "\u{1b}[7mINV@x.test"]);
+    assert!(!none.contains('\u{1b}'), "{none}");
     m.cli_ok(&["bounces", "handle", &id, "--by", "alice"]);
     // A second handler is told, and alice stays the one who handled it.
     let again = m.cli_ok(&["bounces", "handle", &id, "--by", "bob"]);

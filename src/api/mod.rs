@@ -64,6 +64,10 @@ async fn known_host(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    // Two Host fields name no one host (RFC 9112 3.2: a 400).
+    if request.headers().get_all(header::HOST).iter().count() > 1 {
+        return (StatusCode::BAD_REQUEST, "more than one Host header\n").into_response();
+    }
     let host = request
         .headers()
         .get(header::HOST)
@@ -424,10 +428,14 @@ struct LogParams {
     limit: Option<usize>,
 }
 
-/// Rows per answer: `limit` (default 100) within 1..=10,000. Zero would mean "no limit" to
-/// the store.
-fn page_size(limit: Option<usize>) -> usize {
-    limit.unwrap_or(100).clamp(1, 10_000)
+/// Rows per answer: `limit` (default 100), from 1 to 10,000; outside, a `400` (zero would
+/// mean "no limit" to the store, and was read as 1 without a word).
+fn page_size(limit: Option<usize>) -> Result<usize, String> {
+    match limit {
+        None => Ok(100),
+        Some(n @ 1..=10_000) => Ok(n),
+        Some(n) => Err(format!("limit={n}: give a number of rows from 1 to 10000")),
+    }
 }
 
 fn bad_request(message: String) -> Response {
@@ -455,12 +463,16 @@ async fn log(
         Ok(Query(p)) => p,
         Err(e) => return bad_request(e.body_text()),
     };
+    let limit = match page_size(params.limit) {
+        Ok(n) => n,
+        Err(e) => return bad_request(e),
+    };
     let args = crate::cli::log::LogArgs {
         key,
         json: true,
         since: params.since,
         until: params.until,
-        limit: page_size(params.limit),
+        limit,
     };
     let query = match crate::cli::log::query(&args, chrono::Utc::now()) {
         Ok(q) => q,
@@ -506,12 +518,25 @@ async fn bounces(
         Ok(Query(p)) => p,
         Err(e) => return bad_request(e.body_text()),
     };
+    let limit = match page_size(p.limit) {
+        Ok(n) => n,
+        Err(e) => return bad_request(e),
+    };
+    // As the CLI takes them: an address as pasted from a log (`<a@b>`), a reason in any
+    // case, and a reason that is none named instead of matching nothing.
+    let reason = match p.reason.as_deref().map(crate::bounce::reason::reason_named) {
+        None => None,
+        Some(Ok(r)) => Some(r.to_string()),
+        Some(Err(e)) => return bad_request(e),
+    };
     let query = BounceQuery {
-        address: p.address,
-        reason: p.reason,
+        address: p
+            .address
+            .map(|a| crate::cli::log::unbracketed(&a).to_string()),
+        reason,
         unhandled_only: p.unhandled,
         first_only: p.first,
-        limit: page_size(p.limit),
+        limit,
     };
     match state.store.bounces(&query).await {
         Ok(b) => axum::Json(b).into_response(),
@@ -519,9 +544,49 @@ async fn bounces(
     }
 }
 
-/// A minimal page for admins: search box over `/api/log/{key}`.
-async fn index_page() -> Html<&'static str> {
-    Html(include_str!("index.html"))
+/// The search page.
+const INDEX: &str = include_str!("index.html");
+
+/// The page's Content-Security-Policy: its own inline script and style only (by their
+/// SHA-256, so a script or handler that text from the network smuggled in would not run),
+/// requests to this server only, no frames, forms or plug-ins.
+static INDEX_CSP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let hash = |tag: &str| {
+        use base64::Engine;
+        use sha2::Digest;
+        let open = format!("<{tag}>");
+        let close = format!("</{tag}>");
+        let inner = INDEX
+            .split_once(&open)
+            .and_then(|(_, rest)| rest.split_once(&close))
+            .map_or("", |(inner, _)| inner);
+        let digest = sha2::Sha256::digest(inner.as_bytes());
+        format!(
+            "'sha256-{}'",
+            base64::engine::general_purpose::STANDARD.encode(digest)
+        )
+    };
+    format!(
+        "default-src 'none'; script-src {}; style-src {}; connect-src 'self'; \
+         base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+        hash("script"),
+        hash("style")
+    )
+});
+
+/// A minimal page for admins: search box over `/api/log/{key}`, with the headers that keep
+/// it from being framed or read as anything but HTML.
+async fn index_page() -> Response {
+    (
+        [
+            (header::CONTENT_SECURITY_POLICY, INDEX_CSP.as_str()),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(INDEX),
+    )
+        .into_response()
 }
 
 #[cfg(test)]

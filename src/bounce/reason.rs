@@ -111,6 +111,17 @@ impl fmt::Display for BounceType {
     }
 }
 
+/// The reason a user named (in any case, as `mailtrail bounces --reason` and the API take
+/// it), by its stored name; a name that is none is an error listing the names.
+pub fn reason_named(name: &str) -> Result<&'static str, String> {
+    name.parse::<BounceReason>()
+        .map(BounceReason::as_str)
+        .map_err(|_| {
+            let names: Vec<&str> = BounceReason::ALL.iter().map(|r| r.as_str()).collect();
+            format!("no reason {name:?}; the reasons are: {}", names.join(", "))
+        })
+}
+
 /// The bounce type of a reason, as Sisimai's `hardbounce` decides it: the address itself is
 /// wrong (userunknown, hostunknown, hasmoved), or the domain refuses mail for good
 /// (notaccept with a permanent 5xx status). Everything else may pass on a later try.

@@ -33,7 +33,8 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
     for b in bounces {
         let f = &b.facts;
         let handled = match (&b.handled_by, b.handled_at_ms) {
-            (Some(by), Some(_)) => by.clone(),
+            // Stored before names were checked, or written into the store by other means.
+            (Some(by), Some(_)) => sanitize(by),
             _ => "no".to_string(),
         };
         let diagnostic = sanitize(f.diagnostic.as_deref().unwrap_or(""))

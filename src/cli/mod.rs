@@ -158,7 +158,7 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             let reader = crate::store::sqlite::open_read_only(&config)?;
             let messages = reader.log(&query)?;
             if messages.is_empty() && !json {
-                writeln!(out, "no messages for {}", args.key)?;
+                writeln!(out, "no messages for {}", log::sanitize(&args.key))?;
             }
             out.write_all(log::render(&messages, json).as_bytes())?;
         }
@@ -207,19 +207,10 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             // As pasted from a log (`<a@b>`), and a reason in any case; a reason that is none
             // is named instead of matching nothing.
             let address = address.map(|a| log::unbracketed(&a).to_string());
-            let reason = match reason {
-                None => None,
-                Some(r) => match r.parse::<crate::bounce::BounceReason>() {
-                    Ok(r) => Some(r.as_str().to_string()),
-                    Err(_) => {
-                        let names: Vec<&str> = crate::bounce::BounceReason::ALL
-                            .iter()
-                            .map(|r| r.as_str())
-                            .collect();
-                        anyhow::bail!("no reason {r:?}; the reasons are: {}", names.join(", "));
-                    }
-                },
-            };
+            let reason = reason
+                .map(|r| crate::bounce::reason::reason_named(&r).map(str::to_string))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
             let reader = crate::store::sqlite::open_read_only(&config)?;
             let list = reader.bounces(&crate::store::BounceQuery {
                 address,
@@ -237,9 +228,18 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             if by.trim().is_empty() {
                 anyhow::bail!("--by needs a name: who handled the bounce");
             }
+            // It is shown to every admin who lists the bounces, in a terminal.
+            if by.chars().any(char::is_control) || by.chars().count() > 200 {
+                anyhow::bail!(
+                    "--by {}: a name of at most 200 characters, without control characters",
+                    log::sanitize(&by)
+                );
+            }
             let store = open_store(&config)?;
             match store.set_handled(id, Some(&by), now_ms()).await? {
-                HandledChange::Changed => writeln!(out, "bounce {id} marked handled by {by}")?,
+                HandledChange::Changed => {
+                    writeln!(out, "bounce {id} marked handled by {}", log::sanitize(&by))?
+                }
                 HandledChange::Already { by: first, at_ms } => writeln!(
                     out,
                     "bounce {id} was handled already, by {} at {} (kept)",

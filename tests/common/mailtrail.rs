@@ -325,11 +325,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 
 /// `GET path` naming `host` in its Host header; (status, body).
 pub fn http_get_for(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect http");
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read http");
+    let text = http_response(addr, host, path);
     let status = text
         .split_whitespace()
         .nth(1)
@@ -337,6 +333,16 @@ pub fn http_get_for(addr: SocketAddr, host: &str, path: &str) -> (u16, String) {
         .unwrap_or(0);
     let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
     (status, body.to_string())
+}
+
+/// The whole response (status line, header, body) to `GET path` with `Host: host`.
+pub fn http_response(addr: SocketAddr, host: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read http");
+    text
 }
 
 /// A raw SMTP client over a plain socket, for what ordinary clients will not send

@@ -173,6 +173,17 @@ async fn suppressed_address_refused_at_rcpt_when_configured() {
     ]);
     let list = m.cli_ok(&["suppress", "list"]);
     assert!(list.to_lowercase().contains("gone@example.org"), "{list}");
+    // A reason is shown in the list and in every suppressed recipient's text: not empty,
+    // not a terminal control, not a page long.
+    for bad in ["", "  ", "a\u{1b}[2Jb", &"r".repeat(201)] {
+        let out = m.cli(&["suppress", "add", "x@example.org", "--reason", bad]);
+        assert!(!out.status.success(), "{bad:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("1 to 200 characters") && !err.contains('\u{1b}'),
+            "{err}"
+        );
+    }
     let mut c = RawSmtp::connect(m.smtp);
     assert!(c.cmd("EHLO app.test").starts_with("250"));
     assert!(c.cmd("MAIL FROM:<app@example.com>").starts_with("250"));

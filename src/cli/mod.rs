@@ -314,6 +314,17 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
         }
         Request::SuppressAdd { address, reason } => {
             let address = address_arg(&address)?;
+            // Shown in `suppress list` and in the text of every recipient it suppresses.
+            let reason = reason.trim().to_string();
+            if reason.is_empty()
+                || reason.chars().any(char::is_control)
+                || reason.chars().count() > 200
+            {
+                anyhow::bail!(
+                    "--reason {}: a text of 1 to 200 characters, without control characters",
+                    log::sanitize(&reason)
+                );
+            }
             let store = open_store(&config)?;
             let now = now_ms();
             let expiry = config.suppression.expiry;

@@ -101,6 +101,16 @@ pub fn bounce_domain_verdict(
     bounce_local: &str,
     key: Option<&[u8]>,
 ) -> Option<RecipientVerdict> {
+    let kind = bounce_address(address, bounce_domain, bounce_local, key);
+    bounce_verdict(address, bounce_domain, kind)
+}
+
+/// [`bounce_domain_verdict`] for an address whose [`bounce_address`] is known already.
+fn bounce_verdict(
+    address: &str,
+    bounce_domain: &str,
+    kind: Option<BounceAddress>,
+) -> Option<RecipientVerdict> {
     if address.eq_ignore_ascii_case("postmaster") {
         // RFC 5321 4.5.1: `<Postmaster>` without a domain must be taken. mailtrail has no
         // mailbox of its own; with a bounce domain it lands with the bounce mail.
@@ -115,21 +125,19 @@ pub fn bounce_domain_verdict(
             RecipientVerdict::AcceptInboundBounce
         });
     }
-    Some(
-        match bounce_address(address, bounce_domain, bounce_local, key)? {
-            BounceAddress::Plain | BounceAddress::Verp => RecipientVerdict::AcceptInboundBounce,
-            BounceAddress::ForgedVerp => RecipientVerdict::Reject(Reply::new(
-                550,
-                "5.1.1",
-                "Unknown bounce address (VERP tag does not verify)",
-            )),
-            BounceAddress::Unknown => RecipientVerdict::Reject(Reply::new(
-                550,
-                "5.1.1",
-                "Unknown bounce address (no such mailbox at the bounce domain)",
-            )),
-        },
-    )
+    Some(match kind? {
+        BounceAddress::Plain | BounceAddress::Verp => RecipientVerdict::AcceptInboundBounce,
+        BounceAddress::ForgedVerp => RecipientVerdict::Reject(Reply::new(
+            550,
+            "5.1.1",
+            "Unknown bounce address (VERP tag does not verify)",
+        )),
+        BounceAddress::Unknown => RecipientVerdict::Reject(Reply::new(
+            550,
+            "5.1.1",
+            "Unknown bounce address (no such mailbox at the bounce domain)",
+        )),
+    })
 }
 
 /// The verdict for a suppressed address: recorded `suppressed` and not relayed (like Amazon
@@ -276,18 +284,15 @@ impl SubmissionPolicy {
     /// `Some(450)` for a VERP address from a client network that sent too many forged ones
     /// lately (a valid one too: the reply must not tell a guess that hit); counts a forged
     /// one otherwise.
-    fn forged_verp_guard(&self, recipient: &RecipientCheck) -> Option<RecipientVerdict> {
-        let d = &self.config.delivery;
-        let kind = bounce_address(
-            &recipient.address,
-            &d.bounce_domain,
-            &d.bounce_local_part,
-            self.verp_key.as_deref(),
-        );
+    fn forged_verp_guard(
+        &self,
+        ip: std::net::IpAddr,
+        kind: Option<BounceAddress>,
+    ) -> Option<RecipientVerdict> {
         if !matches!(kind, Some(BounceAddress::Verp | BounceAddress::ForgedVerp)) {
             return None;
         }
-        let (ip, now) = (recipient.client_ip, Instant::now());
+        let now = Instant::now();
         // Untracked: 100,000 networks have forged lately (an IPv6 /48 holds 65,536 /64s),
         // and one more would not be counted: turned away too, as all are at the limit.
         if matches!(
@@ -316,15 +321,17 @@ impl SubmissionPolicy {
 impl RecipientPolicy for SubmissionPolicy {
     async fn check(&self, recipient: &RecipientCheck) -> RecipientVerdict {
         let d = &self.config.delivery;
-        if let Some(v) = self.forged_verp_guard(recipient) {
-            return v;
-        }
-        if let Some(v) = bounce_domain_verdict(
+        // Read once (the MAC check is an HMAC) for the guard and the verdict.
+        let kind = bounce_address(
             &recipient.address,
             &d.bounce_domain,
             &d.bounce_local_part,
             self.verp_key.as_deref(),
-        ) {
+        );
+        if let Some(v) = self.forged_verp_guard(recipient.client_ip, kind) {
+            return v;
+        }
+        if let Some(v) = bounce_verdict(&recipient.address, &d.bounce_domain, kind) {
             return v;
         }
         let relay = relay_verdict(recipient);

@@ -343,7 +343,7 @@ pub fn line_limited(body: Cow<'_, [u8]>) -> Cow<'_, [u8]> {
 
 /// Where to cut `text` to at most `max` bytes: not inside a UTF-8 character (a cut moves
 /// back over up to three continuation bytes), except in bytes that are no UTF-8.
-fn cut(text: &[u8], max: usize) -> usize {
+pub(crate) fn cut(text: &[u8], max: usize) -> usize {
     if text.len() <= max {
         return text.len();
     }
@@ -805,6 +805,11 @@ fn greet_failed(
     err
 }
 
+/// AUTH PLAIN's response (RFC 4616): base64 of an empty authzid, the user and the password.
+fn plain_response(user: &str, password: &str) -> String {
+    BASE64.encode(format!("\0{user}\0{password}"))
+}
+
 /// How one AUTH exchange ended when it did not succeed.
 enum AuthError {
     /// The server said no.
@@ -822,7 +827,7 @@ impl Hidden {
         // The password, PLAIN's initial response and LOGIN's answer to its second challenge.
         let mut forms = vec![
             password.to_string(),
-            BASE64.encode(format!("\0{user}\0{password}")),
+            plain_response(user, password),
             BASE64.encode(password),
         ];
         forms.retain(|f| !f.is_empty());
@@ -902,9 +907,9 @@ impl Connection {
     }
 
     /// One AUTH exchange, `235` ending it. PLAIN sends everything in its initial response
-    /// (and once more to a `334` asking for it); LOGIN answers the first challenge (`334`) with the user name and the second with the
-    /// password, whatever their prompts say (as Python's smtplib does: servers word them
-    /// differently). A server that asks for more gets `*`, which cancels the exchange (RFC
+    /// (and once more to a `334` asking for it); LOGIN answers the first challenge (`334`)
+    /// with the user name and the second with the password, whatever their prompts say (as
+    /// Python's smtplib does: servers word them differently). A server that asks for more gets `*`, which cancels the exchange (RFC
     /// 4954 §4), and the text of its extra challenge is recorded nowhere: it is the
     /// server's to choose, and can echo what it got.
     async fn auth(&mut self, mechanism: u64, user: &str, password: &str) -> Result<(), AuthError> {
@@ -912,7 +917,7 @@ impl Connection {
         let (name, first, answers) = if mechanism == AUTH_PLAIN {
             // A server that ignores the initial response asks for it with a 334: it gets
             // it once more (as smtplib answers), a second 334 gets `*`.
-            let response = BASE64.encode(format!("\0{user}\0{password}"));
+            let response = plain_response(user, password);
             let first = format!("AUTH PLAIN {response}\r\n");
             ("PLAIN", first, vec![response])
         } else {

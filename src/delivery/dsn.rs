@@ -193,10 +193,7 @@ fn folded(s: &str, global: bool) -> String {
         }
         while rest.len() > MAX_LINE {
             // At most MAX_LINE octets, ending on a character boundary.
-            let mut end = MAX_LINE;
-            while !rest.is_char_boundary(end) {
-                end -= 1;
-            }
+            let end = super::client::cut(rest.as_bytes(), MAX_LINE);
             // A cut before a space keeps the space at the start of the next line.
             let space = rest[..end]
                 .char_indices()

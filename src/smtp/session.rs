@@ -671,23 +671,15 @@ impl Session {
             let reply = Reply::new(553, "5.1.7", "Sender address must name a domain");
             return self.reply(out, reply);
         }
-        if let Some(bad) = bad_dsn_param(line) {
-            let text = match bad {
-                BadParam::Duplicate(param) => format!("Duplicate {param} parameter"),
-                BadParam::Xtext(param) => {
-                    format!("Bad {param} parameter syntax (xtext, RFC 3461 4)")
-                }
-            };
-            return self.reply(out, Reply::new(501, "5.5.4", text));
-        }
         // smtp-proto refuses address literals: it reads a stand-in domain instead.
         let (line, literal) = match stand_in_for_literal(line) {
             Some((line, literal)) => (Cow::Owned(line), Some(literal)),
             None => (Cow::Borrowed(line), None),
         };
-        // smtp-proto takes ORCPT of type rfc822 only, up to 256 characters: ours is read
-        // here and taken out of the line.
-        let (line, orcpt) = match take_orcpt(line.as_ref()) {
+        // smtp-proto decodes xtext leniently, lets the last of two parameters win and takes
+        // ORCPT of type rfc822 only, up to 256 characters: the DSN parameters are checked
+        // here, and ORCPT is read here and taken out of the line.
+        let (line, orcpt) = match dsn_params(line.as_ref()) {
             Ok(Some((rest, orcpt))) => (Cow::Owned(rest), Some(orcpt)),
             Ok(None) => (line, None),
             Err(reply) => return self.reply(out, reply),
@@ -1407,30 +1399,33 @@ fn overflowing_number(line: &[u8]) -> Option<Overflow> {
     None
 }
 
-/// What is wrong with a DSN parameter of a MAIL or RCPT line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BadParam {
-    /// Given twice (Postfix refuses the same).
-    Duplicate(&'static str),
-    /// An ENVID or ORCPT whose xtext is not RFC 3461 4.
-    Xtext(&'static str),
-}
-
-/// The DSN parameter (RET, ENVID, NOTIFY, ORCPT) of a MAIL or RCPT line that is given
-/// twice, or the ENVID or ORCPT whose xtext is not RFC 3461 4 (`+` with two hex digits,
-/// else `!` to `~` but `+` and `=`) or whose decoded value has a control character (RFC
-/// 3461 4.2 and 4.4: printable characters only; bytes of UTF-8 stay allowed, as SMTPUTF8
-/// mail needs them). smtp-proto decodes leniently (`a+ZZb` came out as `aZb`, `a=b` as
-/// itself, and an ORCPT with `+0D+0A` was taken, with the line break, into DSNs) and
-/// lets the last of two win.
-fn bad_dsn_param(line: &[u8]) -> Option<BadParam> {
+/// Checks the DSN parameters (RET, ENVID, NOTIFY, ORCPT) of a MAIL or RCPT line: each given
+/// at most once (Postfix refuses two), ENVID and ORCPT in xtext (RFC 3461 4, see
+/// [`xtext_decode`]). smtp-proto decodes leniently (`a+ZZb` came out as `aZb`, `a=b` as
+/// itself, and an ORCPT with `+0D+0A` was taken, with the line break, into DSNs) and lets
+/// the last of two win. A RCPT line's ORCPT is returned as `type;address` (decoded) with
+/// the line without it: RFC 3461 4.2 allows any atom for the type and up to
+/// [`MAX_ORCPT`] characters, where smtp-proto takes `rfc822` only, up to 256.
+fn dsn_params(line: &[u8]) -> Result<Option<(Vec<u8>, String)>, Reply> {
     const NAMES: [&str; 4] = ["RET", "ENVID", "NOTIFY", "ORCPT"];
-    let verb = line.get(..5)?;
-    if !verb.eq_ignore_ascii_case(b"MAIL ") && !verb.eq_ignore_ascii_case(b"RCPT ") {
-        return None;
+    let Some(verb) = line.get(..5) else {
+        return Ok(None);
+    };
+    let rcpt = verb.eq_ignore_ascii_case(b"RCPT ");
+    if !rcpt && !verb.eq_ignore_ascii_case(b"MAIL ") {
+        return Ok(None);
     }
+    let bad = |text: String| Reply::new(501, "5.5.4", text);
     let mut seen = [false; NAMES.len()];
-    for token in line.split(|b| b.is_ascii_whitespace()).skip(2) {
+    let mut orcpt = None;
+    let mut start = 0;
+    for (n, token) in line.split(|b| b.is_ascii_whitespace()).enumerate() {
+        let at = start;
+        start += token.len() + 1;
+        // The verb and the path.
+        if n < 2 {
+            continue;
+        }
         let Some(eq) = token.iter().position(|&b| b == b'=') else {
             continue;
         };
@@ -1442,78 +1437,45 @@ fn bad_dsn_param(line: &[u8]) -> Option<BadParam> {
         };
         let name = NAMES[i];
         if std::mem::replace(&mut seen[i], true) {
-            return Some(BadParam::Duplicate(name));
+            return Err(bad(format!("Duplicate {name} parameter")));
         }
         let value = &token[eq + 1..];
         let xtext = match name {
             "ENVID" => value,
-            // address-type ";" xtext: the type is checked by smtp-proto.
+            // address-type ";" xtext
             "ORCPT" => value
                 .iter()
                 .position(|&b| b == b';')
                 .map_or(value, |semi| &value[semi + 1..]),
             _ => continue,
         };
-        if !strict_xtext(xtext) {
-            return Some(BadParam::Xtext(name));
+        let decoded = xtext_decode(xtext)
+            .ok_or_else(|| bad(format!("Bad {name} parameter syntax (xtext, RFC 3461 4)")))?;
+        if name == "ORCPT" && rcpt {
+            orcpt = Some((at, token.len(), orcpt_value(value, decoded)?));
         }
     }
-    None
+    Ok(orcpt.map(|(at, len, value)| {
+        // With the white space before it (a token after the path always has some).
+        let mut without = line[..at.saturating_sub(1)].to_vec();
+        without.extend_from_slice(line.get(at + len..).unwrap_or_default());
+        (without, value)
+    }))
 }
 
 /// Longest ORCPT value, decoded (RFC 3461 4.2).
 const MAX_ORCPT: usize = 500;
 
-/// The ORCPT parameter of a RCPT line, read by RFC 3461 4.2 (`addr-type ";" xtext`, any
-/// atom for the type, up to [`MAX_ORCPT`] characters decoded) and returned as
-/// `type;address` with the line without it; `None` for a line without one. The xtext was
-/// checked by [`bad_dsn_param`] before. smtp-proto refuses types other than `rfc822`
-/// (`x400;...`) and values over 256 characters, which RFC 3461 allows.
-fn take_orcpt(line: &[u8]) -> Result<Option<(Vec<u8>, String)>, Reply> {
-    if !line
-        .get(..5)
-        .is_some_and(|v| v.eq_ignore_ascii_case(b"RCPT "))
-    {
-        return Ok(None);
-    }
-    let mut at = 0;
-    let mut tokens = Vec::new();
-    for token in line.split(|b| b.is_ascii_whitespace()) {
-        tokens.push((at, token));
-        at += token.len() + 1;
-    }
-    let Some(&(start, token)) = tokens
-        .iter()
-        .skip(2)
-        .find(|(_, t)| t.len() > 6 && t[..6].eq_ignore_ascii_case(b"ORCPT="))
-    else {
-        return Ok(None);
-    };
+/// An ORCPT parameter's `value` (`addr-type ";" xtext`, its xtext `decoded`) as
+/// `type;address`: the type an atom (RFC 5322 atext), the address not empty and of at
+/// most [`MAX_ORCPT`] characters.
+fn orcpt_value(value: &[u8], decoded: Vec<u8>) -> Result<String, Reply> {
     let invalid = || Reply::new(501, "5.5.4", "Invalid ORCPT parameter");
-    let value = &token[6..];
     let semi = value.iter().position(|&b| b == b';').ok_or_else(invalid)?;
-    let (kind, xtext) = (&value[..semi], &value[semi + 1..]);
-    // RFC 5322 atext.
+    let kind = &value[..semi];
     let atext = |b: &u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~".contains(b);
-    if kind.is_empty() || !kind.iter().all(atext) || xtext.is_empty() {
+    if kind.is_empty() || !kind.iter().all(atext) || decoded.is_empty() {
         return Err(invalid());
-    }
-    let mut decoded = Vec::with_capacity(xtext.len());
-    let mut rest = xtext;
-    while let Some((&b, tail)) = rest.split_first() {
-        match (b, tail.get(..2)) {
-            (b'+', Some(hex)) => {
-                let hex = std::str::from_utf8(hex).ok();
-                let byte = hex.and_then(|h| u8::from_str_radix(h, 16).ok());
-                decoded.push(byte.ok_or_else(invalid)?);
-                rest = &tail[2..];
-            }
-            (b'+', None) => return Err(invalid()),
-            _ => {
-                decoded.push(b);
-                rest = tail;
-            }
-        }
     }
     let address = match String::from_utf8(decoded) {
         Ok(utf8) => utf8,
@@ -1523,39 +1485,36 @@ fn take_orcpt(line: &[u8]) -> Result<Option<(Vec<u8>, String)>, Reply> {
         return Err(invalid());
     }
     let kind = String::from_utf8_lossy(kind).to_ascii_lowercase();
-    // With the white space before it (a token after the path always has some).
-    let mut without = line[..start.saturating_sub(1)].to_vec();
-    without.extend_from_slice(line.get(start + token.len()..).unwrap_or_default());
-    Ok(Some((without, format!("{kind};{address}"))))
+    Ok(format!("{kind};{address}"))
 }
 
-/// Whether `value` is xtext (RFC 3461 4) whose decoded bytes include no control character.
-fn strict_xtext(value: &[u8]) -> bool {
-    // RFC 3461 writes the digits in upper case; lower case is read too, as Postfix and
-    // smtp-proto read it.
+/// The bytes of xtext (RFC 3461 4: `+` with two hex digits, else `!` to `~` but `+` and
+/// `=`; the RFC writes the digits in upper case, lower case is read too, as Postfix and
+/// smtp-proto read it), or `None` when `value` is none or decodes to a control character
+/// (RFC 3461 4.2 and 4.4: printable characters only; bytes of UTF-8 stay allowed, as
+/// SMTPUTF8 mail needs them).
+fn xtext_decode(value: &[u8]) -> Option<Vec<u8>> {
     let hex = |b: u8| char::from(b).to_digit(16).map(|d| d as u8);
+    let mut out = Vec::with_capacity(value.len());
     let mut rest = value;
     while let Some((&b, tail)) = rest.split_first() {
         let decoded = if b == b'+' {
-            let (Some(hi), Some(lo)) = (
-                tail.first().copied().and_then(hex),
-                tail.get(1).copied().and_then(hex),
-            ) else {
-                return false;
-            };
+            let hi = tail.first().copied().and_then(hex)?;
+            let lo = tail.get(1).copied().and_then(hex)?;
             rest = &tail[2..];
             hi << 4 | lo
         } else if (b'!'..=b'~').contains(&b) && b != b'=' || b >= 0x80 {
             rest = tail;
             b
         } else {
-            return false;
+            return None;
         };
         if decoded < 0x20 || decoded == 0x7f {
-            return false;
+            return None;
         }
+        out.push(decoded);
     }
-    true
+    Some(out)
 }
 
 /// An xtext value (ORCPT, ENVID; RFC 3461 4) as smtp-proto decodes it: each `+XX` byte

@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::disk::{SmallDisk, fill};
@@ -712,9 +713,41 @@ fn http_api_serves_the_log_as_json_and_a_search_page() {
     assert!(!body.contains("api@example.org"), "{body}");
     let (status, _) = http_get_for(m.http, &m.http.to_string(), "/api/bounces");
     assert_eq!(status, 200);
+    let (_, body) = http_get_for(m.http, "attacker.example:8025", "/api/bounces");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("a 421 under /api is JSON");
+    assert!(
+        v["error"].as_str().unwrap().contains("allowed_hosts"),
+        "{body}"
+    );
     // Health and counters name no one: a probe or a scrape by any name is answered.
     let (status, _) = http_get_for(m.http, "mailtrail.internal:8025", "/metrics");
     assert_eq!(status, 200);
+    // Under /api every error is JSON, as the 400s are; elsewhere it is text.
+    let (status, body) = m.http_get("/api/logs/api@example.org");
+    assert_eq!(status, 404, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("a 404 under /api is JSON");
+    assert!(
+        v["error"].as_str().unwrap().contains("/api/bounces"),
+        "{body}"
+    );
+    let (status, body) = m.http_get("/index.html");
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&body).is_err(),
+        "{body}"
+    );
+    let mut s = std::net::TcpStream::connect(m.http).unwrap();
+    write!(s, "DELETE /api/bounces HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.0 405"), "{head}");
+    assert!(
+        head.to_ascii_lowercase().contains("allow: get,head"),
+        "{head}"
+    );
+    let v: serde_json::Value = serde_json::from_str(body).expect("a 405 under /api is JSON");
+    assert!(v["error"].as_str().unwrap().contains("DELETE"), "{body}");
 }
 
 /// Sends one message of about `body_bytes` to `to`; the reply to its end of data.

@@ -52,7 +52,41 @@ pub fn router(state: ApiState) -> Router {
         .merge(mail_log)
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+/// An error answer: under `/api/` the JSON `{"error": ...}` every API answer has, so a
+/// client reads one shape; elsewhere (the page, health, metrics) plain text.
+fn error_answer(path: &str, status: StatusCode, message: String) -> Response {
+    if path == "/api" || path.starts_with("/api/") {
+        (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+    } else {
+        (status, format!("{message}\n")).into_response()
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> Response {
+    error_answer(
+        uri.path(),
+        StatusCode::NOT_FOUND,
+        "no such page: the API is GET /api/log/<address or receipt> and GET /api/bounces"
+            .to_string(),
+    )
+}
+
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> Response {
+    let mut answer = error_answer(
+        uri.path(),
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not served here: only GET (and HEAD)"),
+    );
+    answer.headers_mut().insert(
+        header::ALLOW,
+        axum::http::HeaderValue::from_static("GET,HEAD"),
+    );
+    answer
 }
 
 /// Answers only requests for a host this server is: an IP address, `localhost` or one of
@@ -65,25 +99,30 @@ async fn known_host(
     next: axum::middleware::Next,
 ) -> Response {
     // Two Host fields name no one host (RFC 9112 3.2: a 400).
+    let path = request.uri().path().to_string();
     if request.headers().get_all(header::HOST).iter().count() > 1 {
-        return (StatusCode::BAD_REQUEST, "more than one Host header\n").into_response();
+        return error_answer(
+            &path,
+            StatusCode::BAD_REQUEST,
+            "more than one Host header".to_string(),
+        );
     }
     let host = request
         .headers()
         .get(header::HOST)
         .map(|h| String::from_utf8_lossy(h.as_bytes()).into_owned());
     match host {
-        Some(h) if !host_allowed(&h, &state.allowed_hosts) => (
+        Some(h) if !host_allowed(&h, &state.allowed_hosts) => error_answer(
+            &path,
             StatusCode::MISDIRECTED_REQUEST,
             format!(
-                "unknown host {:?}: add it to [http] allowed_hosts to serve it\n",
+                "unknown host {:?}: add it to [http] allowed_hosts to serve it",
                 h.chars()
                     .filter(|c| !c.is_control())
                     .take(100)
                     .collect::<String>()
             ),
-        )
-            .into_response(),
+        ),
         _ => next.run(request).await,
     }
 }

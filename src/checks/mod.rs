@@ -185,14 +185,17 @@ pub fn domain_verdict(domain: &str, status: DomainStatus) -> Option<RecipientVer
     )))
 }
 
-/// True when a `[[route]]` with fixed next hops takes this domain: such domains are not
-/// checked (the next hop decides).
+/// True when a `[[route]]` with fixed next hops may take this domain: such domains are not
+/// checked (the next hop decides). Domains match as routing matches them
+/// (`route::same_domain`: any case, a trailing dot aside, address literals by address);
+/// a route's sender or AUTH-user condition is not known at RCPT time for every route, so
+/// any route naming the domain counts.
 pub fn routed_to_fixed_hop(config: &Config, domain: &str) -> bool {
     config.routes.iter().any(|r| {
         !r.mx.is_empty()
             && r.domains
                 .iter()
-                .any(|d| d == "*" || d.eq_ignore_ascii_case(domain))
+                .any(|d| d == "*" || crate::delivery::route::same_domain(d, domain))
     })
 }
 
@@ -515,6 +518,7 @@ mod tests {
             Config::parse("[[route]]\ndomains = [\"routed.test\"]\nmx = [\"127.0.0.1:2626\"]\n")
                 .unwrap();
         assert!(routed_to_fixed_hop(&c, "ROUTED.test"));
+        assert!(routed_to_fixed_hop(&c, "routed.test."));
         assert!(!routed_to_fixed_hop(&c, "other.test"));
     }
 

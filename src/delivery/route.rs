@@ -84,7 +84,7 @@ pub fn route_matches(
 /// Whether a route's domain names an address's domain: in any case, a trailing dot
 /// aside, and an address literal by the address it names (`[IPv6:2001:DB8::1]` is
 /// `[ipv6:2001:db8:0::1]`).
-fn same_domain(route_domain: &str, domain: &str) -> bool {
+pub(crate) fn same_domain(route_domain: &str, domain: &str) -> bool {
     match (
         super::dns::address_literal(route_domain),
         super::dns::address_literal(domain),

@@ -203,7 +203,9 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     tracing::info!(
         smtp = ?smtp.local_addrs(),
         http = ?http.local_addrs,
-        data_dir = %config.data_dir.display(),
+        data_dir = %std::fs::canonicalize(&config.data_dir)
+            .unwrap_or_else(|_| config.data_dir.clone())
+            .display(),
         "mailtrail started"
     );
 
@@ -235,6 +237,15 @@ async fn run(config: Arc<Config>) -> anyhow::Result<()> {
     let _ = bounces.await;
     for task in http.tasks {
         let _ = task.await;
+    }
+    // Every write is done: the database file alone now holds everything (a backup of it
+    // taken while mailtrail is stopped is whole).
+    match tokio::task::spawn_blocking(move || store.checkpoint()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the store's log was not folded into the database at stop")
+        }
+        Err(e) => tracing::warn!(error = %e, "the store's checkpoint at stop failed"),
     }
     tracing::info!("stopped");
     Ok(())

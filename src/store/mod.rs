@@ -78,6 +78,11 @@ pub enum StoreError {
     /// Disk full, I/O, corruption: callers map it to `451 4.3.0` on the SMTP side.
     #[error("store: {0}")]
     Storage(String),
+    /// SQLite found the database file damaged (`SQLITE_CORRUPT`, `SQLITE_NOTADB`). The
+    /// server's store turns it into a refusal of every write (see `SqliteStore`), so no
+    /// `250` is given for mail that could not be delivered from it.
+    #[error("store: {0} (the database file is damaged: restore it from a backup)")]
+    Corrupt(String),
     #[error("store: not found: {0}")]
     NotFound(String),
     #[error("store is closed")]
@@ -419,6 +424,13 @@ pub trait Store: Send + Sync + 'static {
     /// the async workers.
     fn write_refusal(&self) -> Option<String> {
         None
+    }
+
+    /// Called once when `serve` stops, after its last write: folds the write-ahead log into
+    /// the database file, so that a copy of the database file alone, taken while mailtrail is
+    /// stopped, holds every message. Blocking: call it off the async workers.
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        Ok(())
     }
 
     // --- delivery ---

@@ -25,36 +25,51 @@ impl FileId {
     }
 }
 
-/// The database file and its write-ahead log as the store opened them.
+/// The database file, its write-ahead log and its shared-memory index as the store opened
+/// them. The index counts too: a process that opens the database after `-shm` was deleted
+/// (`mailtrail queue delete` beside the server) makes a new one, the two index the log
+/// differently, and the file was seen to become malformed within seconds.
 pub(crate) struct StoreFiles {
     db: PathBuf,
     db_id: FileId,
     wal: PathBuf,
     wal_id: FileId,
+    shm: PathBuf,
+    shm_id: FileId,
 }
 
 impl StoreFiles {
     /// `db` as its path names it now (call it right after SQLite opened it: SQLite does not
     /// hand out its descriptor), the log as the handle the syncer fsyncs.
-    pub(crate) fn new(db: &Path, wal_path: &Path, wal: &File) -> Result<Self, StoreError> {
+    /// `shm` is there from the first read of a connection in WAL mode (the migration's).
+    pub(crate) fn new(
+        db: &Path,
+        wal_path: &Path,
+        wal: &File,
+        shm: &Path,
+    ) -> Result<Self, StoreError> {
         let stat_error = |path: &Path, e: std::io::Error| {
             StoreError::Storage(format!("cannot stat {}: {e}", path.display()))
         };
         let db_id = std::fs::metadata(db).map_err(|e| stat_error(db, e))?;
         let wal_id = wal.metadata().map_err(|e| stat_error(wal_path, e))?;
+        let shm_id = std::fs::metadata(shm).map_err(|e| stat_error(shm, e))?;
         Ok(Self {
             db: db.to_path_buf(),
             db_id: FileId::of(&db_id),
             wal: wal_path.to_path_buf(),
             wal_id: FileId::of(&wal_id),
+            shm: shm.to_path_buf(),
+            shm_id: FileId::of(&shm_id),
         })
     }
 
-    /// `Err(reason)` when either path no longer names the file the store writes. Two `stat`s;
-    /// the syncer runs it once per fsync, which covers a whole group of commits.
+    /// `Err(reason)` when a path no longer names the file the store uses. Three `stat`s; the
+    /// syncer runs it once per fsync, which covers a whole group of commits.
     pub(crate) fn check(&self) -> Result<(), String> {
         still_there(&self.db, self.db_id)?;
-        still_there(&self.wal, self.wal_id)
+        still_there(&self.wal, self.wal_id)?;
+        still_there(&self.shm, self.shm_id)
     }
 }
 

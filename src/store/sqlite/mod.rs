@@ -34,7 +34,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_POOL_SIZE: usize = 8;
 
 pub(crate) fn storage(e: rusqlite::Error) -> StoreError {
-    StoreError::Storage(e.to_string())
+    use rusqlite::ErrorCode::{DatabaseCorrupt, NotADatabase};
+    match e.sqlite_error_code() {
+        Some(DatabaseCorrupt | NotADatabase) => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Storage(e.to_string()),
+    }
 }
 
 /// The case-insensitive lookup form of an address.
@@ -107,6 +111,40 @@ pub fn open(config: &Config) -> Result<Arc<SqliteStore>, StoreError> {
 /// safe while the server writes. Fails clearly when there is no database yet.
 pub fn open_read_only(config: &Config) -> Result<SqliteReader, StoreError> {
     SqliteReader::open_path(&config.db_path())
+}
+
+/// Refuses to open a database file that is missing or empty beside a write-ahead log that is
+/// not: SQLite takes such a log for a stale one and deletes it, and it may be the only copy of
+/// mail acknowledged with `250` (a restored or truncated database file, the file deleted
+/// while mailtrail ran). A database mailtrail made is never empty once its log has frames.
+fn refuse_a_log_without_its_database(path: &Path) -> Result<(), StoreError> {
+    let mut wal_path = path.as_os_str().to_owned();
+    wal_path.push("-wal");
+    let wal_path = PathBuf::from(wal_path);
+    let log_bytes = std::fs::metadata(&wal_path).map_or(0, |m| m.len());
+    if log_bytes == 0 {
+        return Ok(());
+    }
+    let db_bytes = match std::fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => {
+            return Err(StoreError::Storage(format!(
+                "cannot stat {}: {e}",
+                path.display()
+            )));
+        }
+    };
+    if db_bytes > 0 {
+        return Ok(());
+    }
+    Err(StoreError::Storage(format!(
+        "{} is missing or empty, but its write-ahead log {} holds {log_bytes} bytes, which may \
+         be the only copy of accepted mail (SQLite would delete it): restore the database \
+         file, or move the log away to start with an empty store",
+        path.display(),
+        wal_path.display()
+    )))
 }
 
 fn open_write_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -184,7 +222,10 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens the database file at `path` (its directory must exist), migrating it.
     pub fn open_path(path: &Path) -> Result<Self, StoreError> {
-        Self::open_with_deferrable_wait(path, writer::DEFERRABLE_WAIT)
+        Self::open_with_deferrable_wait(path, writer::DEFERRABLE_WAIT).map_err(|e| match e {
+            StoreError::Corrupt(e) => StoreError::Corrupt(format!("{}: {e}", path.display())),
+            other => other,
+        })
     }
 
     /// [`SqliteStore::open_path`] with another bound on how long a delivery record waits to
@@ -193,6 +234,7 @@ impl SqliteStore {
         path: &Path,
         wait: std::time::Duration,
     ) -> Result<Self, StoreError> {
+        refuse_a_log_without_its_database(path)?;
         let mut conn = open_write_connection(path)?;
         schema::migrate(&mut conn)?;
         // The log exists from the moment the connection is in WAL mode and stays while it is
@@ -208,7 +250,9 @@ impl SqliteStore {
                     Path::new(&wal_path).display()
                 ))
             })?;
-        let files = files::StoreFiles::new(path, Path::new(&wal_path), &wal)?;
+        let mut shm_path = path.as_os_str().to_owned();
+        shm_path.push("-shm");
+        let files = files::StoreFiles::new(path, Path::new(&wal_path), &wal, Path::new(&shm_path))?;
         Ok(Self {
             writer: writer::Writer::start(conn, wal, files, wait)?,
             readers: Arc::new(ReadPool {
@@ -229,7 +273,23 @@ impl SqliteStore {
         R: Send + 'static,
         F: Fn(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
-        self.writer.write(op).await
+        let result = self.writer.write(op).await;
+        self.noticing_damage(result)
+    }
+
+    /// A read or write that found the database damaged makes the store refuse every write
+    /// from then on, as a deleted database does: before, a corrupt file kept answering `250`
+    /// for mail the scheduler could never read back, with `/healthz` saying ok.
+    fn noticing_damage<R>(&self, result: Result<R, StoreError>) -> Result<R, StoreError> {
+        match result {
+            Err(StoreError::Corrupt(e)) => Err(StoreError::Storage(self.writer.refuse(format!(
+                "{} is damaged (SQLite: {e}): the store accepts no more writes and delivery \
+                 stops; stop mailtrail, restore the file from a backup (or recover it with \
+                 sqlite3's .recover) and start again",
+                self.readers.path.display()
+            )))),
+            other => other,
+        }
     }
 
     /// Runs a purge `(conn, before_ms, limit)` in small transactions, one after the other
@@ -257,14 +317,15 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<R, StoreError> + Send + 'static,
     {
         let pool = self.readers.clone();
-        tokio::task::spawn_blocking(move || {
+        let result = tokio::task::spawn_blocking(move || {
             let conn = pool.get()?;
             let result = op(&conn);
             pool.put(conn);
             result
         })
         .await
-        .map_err(|e| StoreError::Storage(format!("read task failed: {e}")))?
+        .map_err(|e| StoreError::Storage(format!("read task failed: {e}")))?;
+        self.noticing_damage(result)
     }
 }
 
@@ -280,6 +341,33 @@ impl Store for SqliteStore {
 
     fn write_refusal(&self) -> Option<String> {
         self.writer.refusal()
+    }
+
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        // A refusing store's files may be gone: opening the path would make a new database.
+        if let Some(reason) = self.writer.refusal() {
+            return Err(StoreError::Storage(reason));
+        }
+        let path = &self.readers.path;
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| StoreError::Storage(format!("cannot open {}: {e}", path.display())))?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(storage)?;
+        // TRUNCATE waits (the busy timeout) for readers, such as a `mailtrail log` running
+        // now, copies every frame into the database, syncs it and empties the log.
+        let busy: i64 = conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))
+            .map_err(storage)?;
+        if busy != 0 {
+            return Err(StoreError::Storage(format!(
+                "{}: another process kept reading the log, so it was not folded into the \
+                 database file (nothing is lost: the next start reads it)",
+                path.display()
+            )));
+        }
+        Ok(())
     }
 
     async fn due(
@@ -306,9 +394,11 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         // The delivery is over and its connection back in the pool: nothing waits for this
         // commit but the task's bookkeeping, so it may ride along with the next accept.
-        self.writer
+        let result = self
+            .writer
             .write_deferrable(move |c| write::record_attempts(c, &attempts, &dsns))
-            .await
+            .await;
+        self.noticing_damage(result)
     }
 
     async fn purge_bodies(&self, before_ms: i64) -> Result<usize, StoreError> {
@@ -481,13 +571,30 @@ pub struct SqliteReader {
 impl SqliteReader {
     pub fn open_path(path: &Path) -> Result<Self, StoreError> {
         if !path.exists() {
+            // A relative data_dir is found from the working directory, as `serve` found it:
+            // from another directory the same --config names another place.
+            let relative = match std::env::current_dir() {
+                Ok(cwd) if path.is_relative() => format!(
+                    "; data_dir is relative, so it is looked for from the current directory \
+                     {}: run this where `serve` runs, or give data_dir as an absolute path",
+                    cwd.display()
+                ),
+                _ => String::new(),
+            };
             return Err(StoreError::NotFound(format!(
-                "no database at {} (has `mailtrail serve` run with this data_dir?)",
+                "no database at {} (has `mailtrail serve` run with this data_dir?{relative})",
                 path.display()
             )));
         }
         let conn = open_read_connection(path)?;
         let version = schema::user_version(&conn)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Storage(format!(
+                "{} has schema version {version}, made by a newer mailtrail; this one reads \
+                 {SCHEMA_VERSION}: use the mailtrail that serves it",
+                path.display()
+            )));
+        }
         if version != SCHEMA_VERSION {
             return Err(StoreError::Storage(format!(
                 "{} has schema version {version}, this mailtrail reads {SCHEMA_VERSION} \

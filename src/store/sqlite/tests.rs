@@ -1888,3 +1888,141 @@ async fn a_replaced_database_file_is_seen_without_a_write() {
         "{write:?}"
     );
 }
+
+#[tokio::test]
+async fn a_deleted_shared_memory_index_is_seen_as_the_log_is() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let shm = dir.path().join("mailtrail.db-shm");
+    assert!(shm.exists(), "WAL mode keeps its index beside the database");
+    std::fs::remove_file(&shm).unwrap();
+    // A CLI opening the database now would make a new index of its own (seen to corrupt it).
+    let refusal = store
+        .write_refusal()
+        .expect("the store sees its index gone");
+    assert!(
+        refusal.contains(&shm.display().to_string()) && refusal.contains("was deleted"),
+        "{refusal}"
+    );
+    let write = store
+        .accept(message(1_000, "a@x.example", &["b@y.example"]))
+        .await;
+    assert!(
+        matches!(&write, Err(StoreError::Storage(e)) if e == &refusal),
+        "{write:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_damaged_database_makes_the_store_refuse_writes() {
+    let dir = TempDir::new().unwrap();
+    let db = dir.path().join("mailtrail.db");
+    {
+        let store = store_in(&dir);
+        for n in 0..200 {
+            let mut m = message(1_000 + n, "a@x.example", &["b@y.example"]);
+            m.body = vec![b'x'; 2_000];
+            store.accept(m).await.unwrap();
+        }
+        store.checkpoint().unwrap();
+    }
+    let len = std::fs::metadata(&db).unwrap().len();
+    assert!(len > 100 * 4096, "{len}");
+    let good = std::fs::read(&db).unwrap();
+    let garbage_from = |start: usize| {
+        let mut bytes = good.clone();
+        for (n, b) in bytes.iter_mut().enumerate().skip(start) {
+            *b = (n * 7 + 13) as u8;
+        }
+        std::fs::write(&db, &bytes).unwrap();
+    };
+    // Garbage over every page but the first: the start is refused, naming the file.
+    garbage_from(4096);
+    let refused = SqliteStore::open_path(&db).err().expect("refused");
+    assert!(
+        refused.to_string().contains(&db.display().to_string())
+            && refused.to_string().contains("damaged"),
+        "{refused}"
+    );
+    // Garbage over the later pages (the messages), as a failing disk leaves them: the
+    // start reads only the schema, the first read of the queue finds the damage.
+    garbage_from(len as usize / 2);
+    let store = store_in(&dir);
+    assert_eq!(store.write_refusal(), None);
+    let read = store.queue_list().await;
+    assert!(read.is_err(), "{read:?}");
+    let refusal = store
+        .write_refusal()
+        .expect("a damaged database refuses writes");
+    assert!(
+        refusal.contains("is damaged") && refusal.contains(&db.display().to_string()),
+        "{refusal}"
+    );
+    let write = store
+        .accept(message(9_000, "a@x.example", &["c@y.example"]))
+        .await;
+    assert!(
+        matches!(&write, Err(StoreError::Storage(e)) if e == &refusal),
+        "{write:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_database_beside_a_full_log_is_refused_not_emptied() {
+    let dir = TempDir::new().unwrap();
+    let db = dir.path().join("mailtrail.db");
+    let wal = dir.path().join("mailtrail.db-wal");
+    let saved = dir.path().join("saved-wal");
+    {
+        let store = store_in(&dir);
+        store
+            .accept(message(1_000, "a@x.example", &["kept@y.example"]))
+            .await
+            .unwrap();
+        // The log as it was while the store ran: the acknowledged message is in it alone.
+        std::fs::copy(&wal, &saved).unwrap();
+    }
+    std::fs::write(&db, b"").unwrap();
+    std::fs::copy(&saved, &wal).unwrap();
+    let wal_bytes = std::fs::metadata(&wal).unwrap().len();
+    assert!(wal_bytes > 0);
+    let refused = SqliteStore::open_path(&db).err().expect("refused");
+    assert!(
+        refused.to_string().contains("write-ahead log")
+            && refused.to_string().contains(&wal_bytes.to_string()),
+        "{refused}"
+    );
+    assert_eq!(
+        std::fs::metadata(&wal).unwrap().len(),
+        wal_bytes,
+        "the log is kept"
+    );
+    std::fs::remove_file(&db).unwrap();
+    assert!(
+        SqliteStore::open_path(&db).is_err(),
+        "a missing database too"
+    );
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), wal_bytes);
+}
+
+#[tokio::test]
+async fn the_checkpoint_at_stop_leaves_the_database_file_whole() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let m = message(1_000, "a@x.example", &["kept@y.example"]);
+    let receipt = m.receipt;
+    store.accept(m).await.unwrap();
+    store.checkpoint().unwrap();
+    // The database file alone, copied while the log is still open, has the message.
+    let copy = TempDir::new().unwrap();
+    std::fs::copy(
+        dir.path().join("mailtrail.db"),
+        copy.path().join("mailtrail.db"),
+    )
+    .unwrap();
+    drop(store);
+    let restored = store_in(&copy);
+    let log = restored.log(&by_address("kept@y.example")).await.unwrap();
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].receipt, receipt);
+}

@@ -222,6 +222,12 @@ impl Writer {
         (self.files)().err().map(|moved| self.refusal.refuse(moved))
     }
 
+    /// Refuses every write from now on for `reason`, unless already refusing; the reason in
+    /// force.
+    pub fn refuse(&self, reason: String) -> String {
+        self.refusal.refuse(reason)
+    }
+
     /// Queues `op` and resolves once the transaction it ran in has committed.
     pub async fn write<R, F>(&self, op: F) -> Result<R, StoreError>
     where

@@ -2026,3 +2026,66 @@ async fn the_checkpoint_at_stop_leaves_the_database_file_whole() {
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].receipt, receipt);
 }
+
+#[tokio::test]
+async fn a_milder_bounce_does_not_undo_a_graver_one() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let m = message(1_000, "app@example.com", &["a@example.net"]);
+    let receipt = m.receipt;
+    store.accept(m).await.unwrap();
+    let state = || async {
+        let log = store.log(&by_address("a@example.net")).await.unwrap();
+        let r = &log[0].recipients[0];
+        (r.status, r.bounce_type.clone(), r.reason.clone())
+    };
+    let soft = |at_ms: i64| {
+        let mut b = new_bounce(Some(receipt), Some(0), at_ms);
+        b.facts.status = Some("4.2.2".into());
+        b.facts.reason = "mailboxfull".into();
+        b.facts.bounce_type = "soft".into();
+        b
+    };
+    let complaint = |at_ms: i64| {
+        let mut b = new_bounce(Some(receipt), Some(0), at_ms);
+        b.facts.kind = "feedback".into();
+        b.facts.reason = "feedback".into();
+        b.facts.bounce_type = "hard".into();
+        b.new_status = Some(RecipientStatus::Complained);
+        b
+    };
+    // Soft, then hard: the hard one takes over.
+    record_bounce(&store, soft(2_000)).await;
+    assert_eq!(state().await.1.as_deref(), Some("soft"));
+    record_bounce(&store, new_bounce(Some(receipt), Some(0), 3_000)).await;
+    let hard = (
+        RecipientStatus::Bounced,
+        Some("hard".to_string()),
+        Some("userunknown".to_string()),
+    );
+    assert_eq!(state().await, hard);
+    // A soft one after it is recorded, but the recipient stays hard-bounced.
+    record_bounce(&store, soft(4_000)).await;
+    assert_eq!(state().await, hard);
+    // A complaint is graver still; nothing after it undoes it.
+    record_bounce(&store, complaint(5_000)).await;
+    assert_eq!(state().await.0, RecipientStatus::Complained);
+    record_bounce(&store, new_bounce(Some(receipt), Some(0), 6_000)).await;
+    record_bounce(&store, soft(7_000)).await;
+    assert_eq!(state().await.0, RecipientStatus::Complained);
+    // Every report is kept, and the event of each says what the recipient is now.
+    let all = store
+        .bounces(&BounceQuery {
+            address: Some("a@example.net".into()),
+            ..BounceQuery::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 6);
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    let last = log[0].recipients[0].events.last().unwrap();
+    assert_eq!(last.status, RecipientStatus::Complained);
+    // Only the reports that took over count towards soft-bounce suppression.
+    let types = store.recent_bounce_types("a@example.net", 0).await.unwrap();
+    assert_eq!(types.len(), 3, "{types:?}");
+}

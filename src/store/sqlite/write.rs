@@ -298,6 +298,33 @@ pub fn record_attempts(
     Ok(())
 }
 
+/// How grave a recipient's bounce outcome is: a complaint, then a hard bounce, then a soft
+/// one; any other status (delivered, deferred, ...) none.
+fn gravity(status: &str, bounce_type: &str) -> u8 {
+    match (status, bounce_type) {
+        ("complained", _) => 3,
+        ("bounced", "hard") => 2,
+        ("bounced", _) => 1,
+        _ => 0,
+    }
+}
+
+/// A recipient's status and bounce type (hard, soft), if the store has it.
+fn current_bounce_state(
+    conn: &Connection,
+    receipt: &str,
+    idx: u32,
+) -> Result<Option<(String, Option<String>)>, StoreError> {
+    conn.prepare_cached(
+        "SELECT status, bounce_type FROM recipients WHERE receipt = ?1 AND idx = ?2",
+    )
+    .and_then(|mut st| {
+        st.query_row(params![receipt, idx], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+    })
+    .map_err(storage)
+}
+
 fn current_status(
     conn: &Connection,
     receipt: &str,
@@ -490,11 +517,22 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
     // The matched recipient, when the store still has it (a bounce may outlive its message).
     let matched = match (&receipt, b.rcpt_index) {
         (Some(receipt), Some(idx)) => {
-            current_status(conn, receipt, idx)?.map(|s| (receipt, idx, s))
+            current_bounce_state(conn, receipt, idx)?.map(|(s, t)| (receipt, idx, s, t))
         }
         _ => None,
     };
-    let acted = matched.is_some() && new.new_status.is_some();
+    // A later, milder report does not undo a graver one: a soft bounce after a complaint or a
+    // hard bounce leaves the recipient complained or hard-bounced (as its suppression stays),
+    // while a hard bounce after a soft one, or a complaint after a bounce, takes over.
+    let takes_over = matched
+        .as_ref()
+        .is_some_and(|(_, _, current, current_type)| {
+            new.new_status.is_some_and(|s| {
+                gravity(s.as_str(), &b.bounce_type)
+                    >= gravity(current, current_type.as_deref().unwrap_or(""))
+            })
+        });
+    let acted = takes_over;
     conn.execute(
         "INSERT INTO bounces (at, receipt, idx, correlation, recipient, recipient_lc, kind,
              action, status, reply_code, diagnostic, remote_mta, reporting_mta, reason,
@@ -527,11 +565,11 @@ fn record_bounce(conn: &Connection, new: &NewBounce) -> Result<i64, StoreError> 
     .map_err(storage)?;
     let id = conn.last_insert_rowid();
 
-    let Some((receipt, idx, current)) = matched else {
+    let Some((receipt, idx, current, _)) = matched else {
         // Unmatched, or matched to a message this store no longer has: the bounce only.
         return Ok(id);
     };
-    let status = match new.new_status {
+    let status = match new.new_status.filter(|_| takes_over) {
         Some(new) => {
             // The bounce's code, status and diagnostic become the recipient's last reply:
             // the log's summary line then says why it bounced, not the 250 before it.

@@ -197,3 +197,88 @@ async fn suppressed_address_refused_at_rcpt_when_configured() {
             .success()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn recipients_decided_at_accept_get_a_failure_dsn_as_any_failure_after_250() {
+    let mx = TestMx::start(Script::default()).await;
+    let dns = TestDns::start().await;
+    dns.zone
+        .mx("good.test", 10, "mx.good.test")
+        .addr("mx.good.test", "127.0.0.1".parse().unwrap())
+        .nxdomain("nxd.test")
+        .null_mx("nullmx.test");
+    let m = start(dns.addr, mx.port(), "");
+    m.cli_ok(&[
+        "suppress",
+        "add",
+        "gone@good.test",
+        "--reason",
+        "userunknown",
+    ]);
+
+    let mut c = RawSmtp::connect(m.smtp);
+    assert!(c.cmd("EHLO app.test").starts_with("250"));
+    assert!(
+        c.cmd("MAIL FROM:<app@good.test> ENVID=run-7")
+            .starts_with("250")
+    );
+    for r in [
+        "<a@good.test>",
+        "<b@nxd.test>",
+        "<gone@good.test> NOTIFY=FAILURE,DELAY",
+        // Asked for no DSN, and one the client was refused at RCPT: nothing about them.
+        "<c@nullmx.test> NOTIFY=NEVER",
+    ] {
+        let reply = c.cmd(&format!("RCPT TO:{r}"));
+        assert!(reply.starts_with("250"), "{r}: {reply}");
+    }
+    assert!(c.cmd("RCPT TO:<broken@@good.test>").starts_with("553"));
+    assert!(c.cmd("DATA").starts_with("354"));
+    let receipt = receipt_in(&c.cmd("Subject: decided\r\n\r\nhi\r\n.")).unwrap();
+    assert_eq!(
+        m.recipient(&receipt, "gone@good.test")["status"],
+        "suppressed"
+    );
+
+    wait_until(
+        "the DSN reaches the sender's MX",
+        Duration::from_secs(30),
+        || {
+            mx.transactions()
+                .iter()
+                .any(|t| t.mail_from.starts_with("<>"))
+        },
+    );
+    let transactions = mx.transactions();
+    let dsns: Vec<_> = transactions
+        .iter()
+        .filter(|t| t.mail_from.starts_with("<>"))
+        .collect();
+    assert_eq!(dsns.len(), 1, "one DSN for both");
+    assert!(
+        dsns[0].rcpt_to[0].contains("app@good.test"),
+        "{:?}",
+        dsns[0].rcpt_to
+    );
+    let body = String::from_utf8_lossy(&dsns[0].body);
+    for needle in [
+        "report-type=delivery-status",
+        "Original-Envelope-Id: run-7",
+        "Final-Recipient: rfc822; b@nxd.test",
+        "Status: 5.1.2",
+        "Final-Recipient: rfc822; gone@good.test",
+        "Status: 5.7.1",
+        "Diagnostic-Code: x-local; Recipient address suppressed",
+    ] {
+        assert!(body.contains(needle), "{needle} missing in {body}");
+    }
+    assert!(
+        !body.contains("Final-Recipient: rfc822; c@nullmx.test"),
+        "{body}"
+    );
+    assert!(!body.contains("Final-Recipient: rfc822; broken"), "{body}");
+    assert!(
+        !body.contains("Final-Recipient: rfc822; a@good.test"),
+        "{body}"
+    );
+}

@@ -149,10 +149,11 @@ pub fn suppression_verdict(entry: &Suppression, action: SuppressionAction) -> Re
         entry.source, entry.reason
     );
     match action {
+        // The status a refusal would give (below), for the DSN the sender gets.
         SuppressionAction::Accept => RecipientVerdict::AcceptWithOutcome(PresetOutcome::new(
             RecipientStatus::Suppressed,
             BounceReason::Suppressed,
-            None,
+            Some("5.7.1"),
             None,
             text,
         )),

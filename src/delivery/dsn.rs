@@ -226,6 +226,59 @@ fn header_section(body: &[u8]) -> &[u8] {
         .unwrap_or(body)
 }
 
+/// The failure DSN for the recipients of `msg` whose outcome was decided as it was accepted
+/// (suppressed, a domain that accepts no mail): the client heard `250` for them, so, as for
+/// any failure after acceptance (RFC 5321 6.1), the sender is told unless its NOTIFY says
+/// otherwise. `None` when no such recipient wants one, or for the null sender.
+pub fn for_decided_at_accept(
+    reporting_mta: &str,
+    msg: &AcceptedMessage,
+) -> Option<AcceptedMessage> {
+    if msg.inbound_bounce || msg.envelope_sender.is_empty() {
+        return None;
+    }
+    let recipients: Vec<ReportRecipient> = msg
+        .recipients
+        .iter()
+        .filter_map(|r| {
+            let preset = r.preset.as_ref()?;
+            (preset.accepted && wanted(r.notify, Action::Failed)).then(|| ReportRecipient {
+                address: r.address.clone(),
+                orcpt: r.orcpt.clone(),
+                action: Action::Failed,
+                status: status_for(None, preset.enhanced_status.as_deref(), Action::Failed),
+                remote_mta: None,
+                diagnostic: Some(preset.text.clone()),
+                diagnostic_is_smtp: false,
+                last_attempt_ms: msg.received_at_ms,
+                will_retry_until_ms: None,
+                expired: false,
+            })
+        })
+        .collect();
+    let original = QueuedMessage {
+        receipt: msg.receipt,
+        received_at_ms: msg.received_at_ms,
+        envelope_sender: msg.envelope_sender.clone(),
+        auth_user: msg.auth_user.clone(),
+        envid: msg.envid.clone(),
+        ret: msg.ret,
+        eight_bit: msg.eight_bit,
+        smtputf8: msg.smtputf8,
+        size: msg.body.len() as u64,
+        message_id: msg.message_id.clone(),
+        subject: msg.subject.clone(),
+        recipients: Vec::new(),
+    };
+    build(
+        reporting_mta,
+        &original,
+        &msg.body,
+        &recipients,
+        msg.received_at_ms,
+    )
+}
+
 /// Builds the DSN for `recipients` (all of one [`ReportKind`]) of `original`, or `None` when
 /// the original has the null sender (a DSN is never sent about a DSN) or nothing to report.
 pub fn build(

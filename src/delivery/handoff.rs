@@ -156,6 +156,8 @@ mod tests {
                 reason: "suppressed".into(),
                 text: "on the suppression list".into(),
                 bounce_type: "soft".into(),
+                enhanced_status: None,
+                accepted: true,
             });
         }
         msg

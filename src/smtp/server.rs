@@ -489,10 +489,32 @@ impl Connection<'_> {
         let hook = self.shared.on_accept.as_ref();
         // A claimed message is copied (its body is a few KiB) before the store takes it.
         let claimed = hook.filter(|h| h.claim(&message)).map(|_| message.clone());
-        match self.shared.store.accept(message).await {
+        // Recipients decided as they were accepted (suppressed, a domain that takes no mail)
+        // are failures after a 250: their DSN is stored with the message.
+        let notices: Vec<_> = if self.shared.config.delivery.dsn {
+            crate::delivery::dsn::for_decided_at_accept(&self.shared.config.hostname, &message)
+                .into_iter()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let with_notices = !notices.is_empty();
+        let stored = if with_notices {
+            self.shared
+                .store
+                .accept_with_notices(message, notices)
+                .await
+        } else {
+            self.shared.store.accept(message).await
+        };
+        match stored {
             Ok(()) => {
                 if let Some(hook) = hook {
                     hook.stored(inbound_bounce, claimed);
+                    if with_notices {
+                        // The DSN is stored mail nobody handed over: the loop's scan finds it.
+                        hook.stored(false, None);
+                    }
                 }
                 let m = &self.shared.metrics;
                 m.messages_accepted.inc();

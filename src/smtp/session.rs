@@ -984,13 +984,16 @@ impl Session {
                 address: address.chars().take(MAX_RECORDED_ADDRESS).collect(),
                 orcpt: None,
                 notify: None,
-                preset: Some(PresetOutcome::new(
-                    RecipientStatus::Rejected,
-                    BounceReason::SyntaxError,
-                    Some("5.1.3"),
-                    Some(553),
-                    "553 5.1.3 Bad recipient address syntax".to_string(),
-                )),
+                preset: Some(
+                    PresetOutcome::new(
+                        RecipientStatus::Rejected,
+                        BounceReason::SyntaxError,
+                        Some("5.1.3"),
+                        Some(553),
+                        "553 5.1.3 Bad recipient address syntax".to_string(),
+                    )
+                    .refused(),
+                ),
             });
         }
     }
@@ -2789,6 +2792,8 @@ mod tests {
                 reason: "suppressed".into(),
                 text: "address is suppressed".into(),
                 bounce_type: "soft".into(),
+                enhanced_status: None,
+                accepted: true,
             }),
             "bad@nomx.org" => {
                 RecipientVerdict::Reject(Reply::new(550, "5.1.2", "Domain has no mail server"))

@@ -87,6 +87,11 @@ pub struct PresetOutcome {
     pub text: String,
     /// Bounce type of `reason` (`hard`, `soft`, ...), as a bounce with that reason would have.
     pub bounce_type: String,
+    /// RFC 3463 status a DSN about it reports (`5.1.2`), when there is one.
+    pub enhanced_status: Option<String>,
+    /// The client heard `250` for this recipient, so the sender learns the outcome only from
+    /// a DSN (RFC 5321 6.1); false for a recipient it was refused at RCPT.
+    pub accepted: bool,
 }
 
 impl PresetOutcome {
@@ -105,8 +110,16 @@ impl PresetOutcome {
             bounce_type: crate::bounce::bounce_type(reason, enhanced_status, reply_code)
                 .as_str()
                 .to_string(),
+            enhanced_status: enhanced_status.map(str::to_string),
             text,
+            accepted: true,
         }
+    }
+
+    /// The same outcome for a recipient the client was refused at RCPT (kept for the log).
+    pub fn refused(mut self) -> Self {
+        self.accepted = false;
+        self
     }
 }
 

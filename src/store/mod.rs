@@ -404,6 +404,20 @@ pub trait Store: Send + Sync + 'static {
     /// `accepted` event per recipient.
     async fn accept(&self, msg: AcceptedMessage) -> Result<(), StoreError>;
 
+    /// [`Store::accept`] of `msg` with `notices` (the DSNs about its recipients decided at
+    /// accept) in the same commit, so neither is kept without the other.
+    async fn accept_with_notices(
+        &self,
+        msg: AcceptedMessage,
+        notices: Vec<AcceptedMessage>,
+    ) -> Result<(), StoreError> {
+        self.accept(msg).await?;
+        for notice in notices {
+            self.accept(notice).await?;
+        }
+        Ok(())
+    }
+
     /// Drops message bodies no longer needed: received before `before_ms`, every recipient
     /// final (inbound bounce mail: processed). The record of what happened stays. Returns how
     /// many were dropped.

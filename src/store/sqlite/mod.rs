@@ -335,6 +335,18 @@ impl Store for SqliteStore {
         self.write(move |c| write::accept(c, &msg)).await
     }
 
+    async fn accept_with_notices(
+        &self,
+        msg: AcceptedMessage,
+        notices: Vec<AcceptedMessage>,
+    ) -> Result<(), StoreError> {
+        self.write(move |c| {
+            write::accept(c, &msg)?;
+            notices.iter().try_for_each(|n| write::accept(c, n))
+        })
+        .await
+    }
+
     fn commit_counters(&self) -> Option<WriterStats> {
         Some(self.writer.stats.as_ref().clone())
     }

@@ -347,6 +347,8 @@ async fn preset_recipients_are_final_and_never_due() {
         reason: "suppressed".into(),
         text: "address is on the suppression list".into(),
         bounce_type: "soft".into(),
+        enhanced_status: None,
+        accepted: true,
     });
     store.accept(msg).await.unwrap();
 

@@ -874,3 +874,27 @@ fn the_harness_survives_a_stolen_port() {
         m.server_log()
     );
 }
+
+#[test]
+fn a_rust_log_that_is_no_level_stops_the_start_as_a_bad_log_level_does() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = dir.path().join("mailtrail.toml");
+    std::fs::write(
+        &config,
+        format!("data_dir = \"{}\"\n", dir.path().join("data").display()),
+    )
+    .unwrap();
+    // tracing reads `verbose` as a target to log at every level: nothing would be logged.
+    let out = std::process::Command::new(common::mailtrail::bin())
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "verbose")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("RUST_LOG") && err.contains("\"verbose\" is not a level"),
+        "{err}"
+    );
+}

@@ -12,12 +12,18 @@ use crate::config::{Config, LogFormat};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
-fn init_tracing(config: &Config) {
+fn init_tracing(config: &Config) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
-    // `[log] level` was checked with the config; RUST_LOG, when set, is tracing's own.
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| crate::config::log_filter(&config.log.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    // `[log] level` was checked with the config; RUST_LOG, when set, is held to the same
+    // rules: tracing takes a bare word such as `verbose` for a target, and logged nothing.
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(level) if !level.trim().is_empty() => {
+            crate::config::log_filter(&level).map_err(|e| anyhow::anyhow!("RUST_LOG: {e}"))?
+        }
+        _ => {
+            crate::config::log_filter(&config.log.level).unwrap_or_else(|_| EnvFilter::new("info"))
+        }
+    };
     // Colours off: every control byte a field brings is escaped on the way out (see
     // `OneLine`), which would show the colours' own escapes as text.
     let builder = tracing_subscriber::fmt()
@@ -28,6 +34,7 @@ fn init_tracing(config: &Config) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
     };
+    Ok(())
 }
 
 /// Writes each formatted log event with its control characters escaped, the final line
@@ -84,7 +91,7 @@ fn escape_controls(buf: &[u8]) -> std::borrow::Cow<'_, [u8]> {
 }
 
 pub fn serve(config: Config) -> anyhow::Result<ExitCode> {
-    init_tracing(&config);
+    init_tracing(&config)?;
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     // Before anything else touches the store, and held until the runtime (and with it every

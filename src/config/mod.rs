@@ -514,11 +514,42 @@ impl Config {
                 "must be at least 1000 (RFC 5321 4.5.3.1.6)",
             ));
         }
+        // A network written with host bits (`10.0.0.1/8`) is taken as the whole network: an
+        // admin who meant one host would relay for sixteen million.
+        for net in &self.smtp.relay_networks {
+            if net.addr() != net.network() {
+                return Err(invalid(
+                    "smtp.relay_networks",
+                    format!(
+                        "\"{net}\" has host bits set: write \"{}\" for the network, or \
+                         \"{}/{}\" for the one host",
+                        net.trunc(),
+                        net.addr(),
+                        net.max_prefix_len()
+                    ),
+                ));
+            }
+        }
+        for (i, host) in self.http.allowed_hosts.iter().enumerate() {
+            if host == "*" || !is_route_domain(host) {
+                return Err(invalid(
+                    &format!("http.allowed_hosts[{i}]"),
+                    format!("{host:?} is not a host name"),
+                ));
+            }
+        }
         for (i, user) in self.smtp.users.iter().enumerate() {
             if user.name.is_empty() {
                 return Err(invalid(
                     &format!("smtp.users[{i}].name"),
                     "must not be empty",
+                ));
+            }
+            // Two entries for one name: only one password could ever work.
+            if self.smtp.users[..i].iter().any(|u| u.name == user.name) {
+                return Err(invalid(
+                    &format!("smtp.users[{i}].name"),
+                    format!("{:?} is listed twice", user.name),
                 ));
             }
             if argon2::password_hash::PasswordHash::new(&user.password_hash).is_err() {
@@ -643,6 +674,32 @@ impl Config {
                     ));
                 }
             }
+            // Only `[[smtp.users]]` authenticate: a name not among them never matches.
+            if let Some(bad) = route
+                .auth_users
+                .iter()
+                .find(|a| !self.smtp.users.iter().any(|u| &u.name == *a))
+            {
+                return Err(invalid(
+                    &key("auth_users"),
+                    format!("{bad:?} is not one of [[smtp.users]], so the route could never match"),
+                ));
+            }
+            if route.auth_user.as_deref() == Some("") {
+                return Err(invalid(&key("auth_user"), "must not be empty"));
+            }
+            if route.tls == TlsPolicy::None
+                && (route.ca_file.is_some() || route.verify_certificate.is_some())
+            {
+                return Err(invalid(
+                    &key(if route.ca_file.is_some() {
+                        "ca_file"
+                    } else {
+                        "verify_certificate"
+                    }),
+                    "has no effect with tls = \"none\" (no TLS to verify)",
+                ));
+            }
             if route.auth_user.is_none()
                 && (route.auth_password_file.is_some() || route.auth_password_env.is_some())
             {
@@ -742,6 +799,50 @@ pub fn split_host_port(s: &str) -> Option<(String, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The key an invalid config names, and its message.
+    fn refusal(toml: &str) -> (String, String) {
+        match Config::parse(toml) {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            other => panic!("{toml}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn contradictions_and_dead_entries_are_refused_with_their_key() {
+        let hash = crate::smtp::auth::hash_password("pw").unwrap();
+        let user =
+            |name: &str| format!("[[smtp.users]]\nname = \"{name}\"\npassword_hash = \"{hash}\"\n");
+        let (key, message) = refusal(&format!("{}{}", user("app"), user("app")));
+        assert_eq!(key, "smtp.users[1].name");
+        assert!(message.contains("twice"), "{message}");
+        let (key, message) = refusal("[smtp]\nrelay_networks = [\"10.0.0.1/8\"]\n");
+        assert_eq!(key, "smtp.relay_networks");
+        assert!(
+            message.contains("10.0.0.0/8") && message.contains("10.0.0.1/32"),
+            "{message}"
+        );
+        assert!(
+            Config::parse("[smtp]\nrelay_networks = [\"10.0.0.0/8\", \"10.1.2.3/32\"]\n").is_ok()
+        );
+        let (key, _) = refusal("[http]\nallowed_hosts = [\"ok.example\", \"bad host!\"]\n");
+        assert_eq!(key, "http.allowed_hosts[1]");
+        let route = "[[route]]\ndomains = [\"*\"]\nmx = [\"127.0.0.1:2525\"]\n";
+        let (key, message) = refusal(&format!("{route}auth_users = [\"nobody\"]\n"));
+        assert_eq!(key, "route[0].auth_users");
+        assert!(message.contains("\"nobody\""), "{message}");
+        assert!(Config::parse(&format!("{}{route}auth_users = [\"app\"]\n", user("app"))).is_ok());
+        let (key, _) = refusal(&format!(
+            "{route}auth_user = \"\"\nauth_password_env = \"X\"\n"
+        ));
+        assert_eq!(key, "route[0].auth_user");
+        let (key, _) = refusal(&format!("{route}tls = \"none\"\nca_file = \"/ca.pem\"\n"));
+        assert_eq!(key, "route[0].ca_file");
+        let (key, _) = refusal(&format!(
+            "{route}tls = \"none\"\nverify_certificate = true\n"
+        ));
+        assert_eq!(key, "route[0].verify_certificate");
+    }
 
     #[test]
     fn empty_config_is_the_defaults() {

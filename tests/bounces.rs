@@ -279,6 +279,41 @@ async fn bounces_complaints_and_autoreplies_become_records_and_suppress() {
     );
 }
 
+#[test]
+fn bounces_of_an_address_pasted_with_its_display_name_are_found() {
+    let m = Mailtrail::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bob.eml"),
+        dsn_for("Bob.Mixed@OK.test", "01M84TQJYPE2DRCRGB1667C64M"),
+    )
+    .unwrap();
+    let out = m.cli_ok(&["bounce", "ingest", dir.path().to_str().unwrap()]);
+    assert!(out.contains("1 bounce records stored"), "{out}");
+    for pasted in [
+        "Bob Mixed <Bob.Mixed@OK.test>",
+        "\"Mixed, Bob\" <bob.mixed@ok.test>",
+    ] {
+        let found = m.cli_ok(&["bounces", "--address", pasted, "--json"]);
+        assert_eq!(found.lines().count(), 1, "{pasted}: {found}");
+        assert!(found.contains("userunknown"), "{found}");
+    }
+    let (status, body) = m.http_get("/api/bounces?address=Bob%20Mixed%20%3CBob.Mixed%40OK.test%3E");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{body}");
+    // The suppression list takes it as pasted too.
+    m.cli_ok(&[
+        "suppress",
+        "add",
+        "Bob Mixed <Bob.Mixed@OK.test>",
+        "--reason",
+        "asked",
+    ]);
+    let check = m.cli(&["suppress", "check", "\"Mixed, Bob\" <bob.mixed@ok.test>"]);
+    assert!(check.status.success(), "{check:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bounce_ingest_correlates_by_receipt_header_and_keeps_unmatched() {
     let mx = TestMx::start(Script::default()).await;

@@ -61,6 +61,36 @@ fn swaks_gets_a_receipt_and_log_shows_it_queued() {
 }
 
 #[test]
+fn an_address_pasted_with_its_display_name_finds_its_messages() {
+    let m = Mailtrail::start();
+    let receipt = m.submit(None, "app@example.com", &["Bob.Mixed@OK.test"], "pasted");
+    for pasted in [
+        "Bob Mixed <Bob.Mixed@OK.test>",
+        "\"Mixed, Bob\" <bob.mixed@ok.test>",
+        "  \"Bob <boss>\" <Bob.Mixed@OK.test>  ",
+    ] {
+        let text = m.cli_ok(&["log", pasted]);
+        assert!(text.contains(&receipt), "{pasted}: {text}");
+    }
+    // The sender, pasted from a From: field, finds it too.
+    let text = m.cli_ok(&["log", "The App <app@example.com>"]);
+    assert!(text.contains(&receipt), "{text}");
+    // The API, and so the search page, which sends what was typed.
+    for path in [
+        "/api/log/Bob%20Mixed%20%3CBob.Mixed%40OK.test%3E",
+        "/api/log/%22Mixed%2C%20Bob%22%20%3Cbob.mixed%40ok.test%3E",
+    ] {
+        let (status, body) = m.http_get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v[0]["receipt"], receipt.as_str(), "{path}: {body}");
+    }
+    // A receipt id pasted in brackets after a word is still a receipt.
+    let text = m.cli_ok(&["log", &format!("receipt <{receipt}>")]);
+    assert!(text.contains("Bob.Mixed@OK.test"), "{text}");
+}
+
+#[test]
 fn smtplib_plain_starttls_and_pipelined_transactions() {
     let m = Mailtrail::start();
     let script = format!(

@@ -60,20 +60,36 @@ pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<i64, LogArgError> {
         .ok_or_else(err)
 }
 
-/// An argument with `@` is an address; otherwise it must be a receipt id. The null sender
-/// is looked up as `<>`.
-/// An address as pasted from a log or a header: trimmed, without its angle brackets.
-pub fn unbracketed(s: &str) -> &str {
-    let s = s.trim();
-    s.strip_prefix('<')
-        .and_then(|t| t.strip_suffix('>'))
-        .unwrap_or(s)
-        .trim()
+/// The address between the angle brackets of `<addr>` or `Name <addr>` (RFC 5322
+/// name-addr; a display name may be quoted, `"Mixed, Bob" <addr>`, and hold `<` there),
+/// or `None` when `s` (trimmed) ends in no such bracketed address.
+fn angle_addr(s: &str) -> Option<&str> {
+    let s = s.trim().strip_suffix('>')?;
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '<' if !quoted => return Some(&s[i + 1..]),
+            _ => {}
+        }
+    }
+    None
 }
 
+/// An address as pasted from a log or a header: trimmed, without its angle brackets, and
+/// without the display name of `Name <addr>` or `"Quoted, Name" <addr>`.
+pub fn unbracketed(s: &str) -> &str {
+    angle_addr(s).unwrap_or(s).trim()
+}
+
+/// An argument with `@` is an address; otherwise it must be a receipt id. The null sender
+/// is looked up as `<>` (or `Name <>`).
 pub fn parse_key(s: &str) -> Result<LogKey, LogArgError> {
     let s = s.trim();
-    if s == "<>" {
+    if angle_addr(s).is_some_and(|a| a.trim().is_empty()) {
         return Ok(LogKey::Address(String::new()));
     }
     let unbracketed = unbracketed(s);
@@ -424,6 +440,20 @@ mod tests {
         assert!(matches!(parse_key("a@b"), Ok(LogKey::Address(a)) if a == "a@b"));
         assert!(matches!(parse_key("<>"), Ok(LogKey::Address(a)) if a.is_empty()));
         assert!(matches!(parse_key("<Postmaster>"), Ok(LogKey::Address(a)) if a == "Postmaster"));
+        for pasted in [
+            "Bob Mixed <Bob.Mixed@OK.test>",
+            "\"Mixed, Bob\" <Bob.Mixed@OK.test>",
+            "\"Bob <the boss>\" <Bob.Mixed@OK.test> ",
+            "\"Bob \\\" Mixed\" <Bob.Mixed@OK.test>",
+            "Bob<Bob.Mixed@OK.test>",
+        ] {
+            assert!(
+                matches!(parse_key(pasted), Ok(LogKey::Address(a)) if a == "Bob.Mixed@OK.test"),
+                "{pasted}"
+            );
+        }
+        assert!(matches!(parse_key("Mailer Daemon <>"), Ok(LogKey::Address(a)) if a.is_empty()));
+        assert!(matches!(parse_key(&format!("Receipt <{r}>")), Ok(LogKey::Receipt(x)) if x == r));
         assert_eq!(
             parse_key("alice").map(|_| ()),
             Err(LogArgError::Key("alice".into()))

@@ -417,6 +417,10 @@ mod address_arg_tests {
     fn addresses_lose_their_brackets_and_must_have_both_parts() {
         assert_eq!(address_arg(" <Br@Ex.test> ").unwrap(), "Br@Ex.test");
         assert_eq!(
+            address_arg("\"Rowe, Br\" <Br@Ex.test>").unwrap(),
+            "Br@Ex.test"
+        );
+        assert_eq!(
             address_arg("\"john doe\"@ex.test").unwrap(),
             "\"john doe\"@ex.test"
         );

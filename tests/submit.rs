@@ -91,6 +91,33 @@ fn an_address_pasted_with_its_display_name_finds_its_messages() {
 }
 
 #[test]
+fn until_a_date_alone_takes_in_that_whole_day() {
+    let m = Mailtrail::start();
+    let receipt = m.submit(None, "app@example.com", &["day@example.org"], "today");
+    let today = chrono::Utc::now().date_naive();
+    let yesterday = today.pred_opt().unwrap().to_string();
+    let today = today.to_string();
+    let text = m.cli_ok(&["log", "day@example.org", "--until", &today]);
+    assert!(text.contains(&receipt), "--until {today}: {text}");
+    let text = m.cli_ok(&[
+        "log",
+        "day@example.org",
+        "--since",
+        &today,
+        "--until",
+        &today,
+    ]);
+    assert!(text.contains(&receipt), "--since/--until {today}: {text}");
+    let text = m.cli_ok(&["log", "day@example.org", "--until", &yesterday]);
+    assert!(text.contains("no messages"), "--until {yesterday}: {text}");
+    let (status, body) = m.http_get(&format!("/api/log/day@example.org?until={today}"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&receipt), "until={today}: {body}");
+    let (_, body) = m.http_get(&format!("/api/log/day@example.org?until={yesterday}"));
+    assert_eq!(body.trim(), "[]", "until={yesterday}");
+}
+
+#[test]
 fn smtplib_plain_starttls_and_pipelined_transactions() {
     let m = Mailtrail::start();
     let script = format!(

@@ -19,10 +19,12 @@ pub struct LogArgs {
     /// One JSON object per message instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Only messages received at or after: RFC 3339, YYYY-MM-DD (UTC), or a duration ago (2h, 3d).
+    /// Only messages received at or after: RFC 3339, YYYY-MM-DD (UTC, from the start of that
+    /// day), or a duration ago (2h, 3d).
     #[arg(long)]
     pub since: Option<String>,
-    /// Only messages received at or before (same forms as --since).
+    /// Only messages received at or before (same forms as --since; a date alone means the
+    /// end of that day, so --until 2026-11-23 includes all of the 23rd).
     #[arg(long)]
     pub until: Option<String>,
     /// At most this many messages, newest first (0 = all).
@@ -41,9 +43,20 @@ pub enum LogArgError {
     Key(String),
 }
 
-/// Parses a `--since`/`--until` value into milliseconds since the epoch. Relative durations
-/// count back from `now`; a bare date means its midnight UTC.
+/// Parses a `--since` value into milliseconds since the epoch. Relative durations count
+/// back from `now`; a bare date means its first millisecond (midnight UTC).
 pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<i64, LogArgError> {
+    parse_bound(s, now, false)
+}
+
+/// Parses an `--until` value (inclusive) as [`parse_time`] does, except that a bare date
+/// means its last millisecond: `--until 2026-12-08` takes in all of that day (its midnight
+/// left the whole day out).
+pub fn parse_until(s: &str, now: DateTime<Utc>) -> Result<i64, LogArgError> {
+    parse_bound(s, now, true)
+}
+
+fn parse_bound(s: &str, now: DateTime<Utc>, end_of_day: bool) -> Result<i64, LogArgError> {
     let s = s.trim();
     let err = || LogArgError::Time(s.to_string());
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -51,7 +64,12 @@ pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<i64, LogArgError> {
     }
     if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         let midnight = d.and_hms_opt(0, 0, 0).ok_or_else(err)?;
-        return Ok(midnight.and_utc().timestamp_millis());
+        let start = midnight.and_utc().timestamp_millis();
+        return Ok(if end_of_day {
+            start + 86_400_000 - 1
+        } else {
+            start
+        });
     }
     let ago = humantime::parse_duration(s).map_err(|_| err())?;
     let ago = chrono::Duration::from_std(ago).map_err(|_| err())?;
@@ -114,7 +132,7 @@ pub fn query(args: &LogArgs, now: DateTime<Utc>) -> Result<LogQuery, LogArgError
         until_ms: args
             .until
             .as_deref()
-            .map(|s| parse_time(s, now))
+            .map(|s| parse_until(s, now))
             .transpose()?,
         limit: args.limit,
     })
@@ -425,6 +443,32 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_date_alone_is_the_start_of_its_day_for_since_and_its_end_for_until() {
+        let n = now();
+        let day = DateTime::parse_from_rfc3339("2026-12-08T00:00:00Z")
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(parse_time("2026-12-08", n), Ok(day));
+        assert_eq!(parse_until("2026-12-08", n), Ok(day + 86_400_000 - 1));
+        // Other forms mean the same instant either way.
+        assert_eq!(
+            parse_until("2026-12-08T01:09:15Z", n),
+            parse_time("2026-12-08T01:09:15Z", n)
+        );
+        assert_eq!(parse_until("2h", n), parse_time("2h", n));
+        let args = LogArgs {
+            key: "a@b".into(),
+            json: false,
+            since: Some("2026-12-08".into()),
+            until: Some("2026-12-08".into()),
+            limit: 5,
+        };
+        let q = query(&args, n).unwrap();
+        assert_eq!(q.since_ms, Some(day));
+        assert_eq!(q.until_ms, Some(day + 86_400_000 - 1));
     }
 
     #[test]

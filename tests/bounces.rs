@@ -314,6 +314,58 @@ fn bounces_of_an_address_pasted_with_its_display_name_are_found() {
     assert!(check.status.success(), "{check:?}");
 }
 
+/// The times in `text` (words like `2026-12-08T01:09:15...`).
+fn times_in(text: &str) -> Vec<&str> {
+    text.split_whitespace()
+        .filter(|w| w.len() > 10 && w.starts_with("20") && w.as_bytes()[10] == b'T')
+        .collect()
+}
+
+/// A time as `mailtrail log` prints it: UTC, milliseconds, `Z`.
+fn is_log_time(t: &str) -> bool {
+    t.len() == 24
+        && t.ends_with('Z')
+        && t.as_bytes()[19] == b'.'
+        && chrono::DateTime::parse_from_rfc3339(t).is_ok()
+}
+
+#[test]
+fn bounce_and_suppression_lists_show_times_as_the_log_does() {
+    let m = Mailtrail::start();
+    let receipt = m.submit(None, "app@example.com", &["t@example.org"], "times");
+    let log = m.cli_ok(&["log", &receipt]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("t.eml"),
+        dsn_for("t@example.org", "01M84TQJYPE2DRCRGB1667C64M"),
+    )
+    .unwrap();
+    m.cli_ok(&["bounce", "ingest", dir.path().to_str().unwrap()]);
+    m.cli_ok(&["suppress", "add", "t@example.org", "--reason", "asked"]);
+    let bounces = m.cli_ok(&["bounces"]);
+    let suppressions = m.cli_ok(&["suppress", "list"]);
+    let check = m.cli_ok(&["suppress", "check", "t@example.org"]);
+    for (what, text, at_least) in [
+        ("log", &log, 2),
+        ("bounces", &bounces, 1),
+        ("suppress list", &suppressions, 2),
+        ("suppress check", &check, 2),
+    ] {
+        let times = times_in(text);
+        assert!(times.len() >= at_least, "{what}: {text}");
+        for t in times {
+            assert!(is_log_time(t), "{what}: {t} in {text}");
+        }
+    }
+    let json = m.cli_ok(&["bounces", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert!(is_log_time(v["at"].as_str().unwrap()), "{json}");
+    let json = m.cli_ok(&["suppress", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert!(is_log_time(v["first_at"].as_str().unwrap()), "{json}");
+    assert!(is_log_time(v["last_at"].as_str().unwrap()), "{json}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bounce_ingest_correlates_by_receipt_header_and_keeps_unmatched() {
     let mx = TestMx::start(Script::default()).await;

@@ -369,6 +369,14 @@ fn add_time(obj: &mut serde_json::Value, ms_key: &str, key: &str) {
     }
 }
 
+/// Beside each `(ms_key, key)` of a JSON object that has a time in milliseconds, the same
+/// time as [`format_time`] text (a `null` time gets no text).
+pub fn add_times(obj: &mut serde_json::Value, keys: &[(&str, &str)]) {
+    for (ms_key, key) in keys {
+        add_time(obj, ms_key, key);
+    }
+}
+
 /// A [`MessageLog`] as JSON, with every `*_ms` time also given as RFC 3339 (`received_at`,
 /// `updated_at`, `at`).
 pub fn to_json(m: &MessageLog) -> serde_json::Value {

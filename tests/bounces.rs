@@ -314,6 +314,40 @@ fn bounces_of_an_address_pasted_with_its_display_name_are_found() {
     assert!(check.status.success(), "{check:?}");
 }
 
+#[test]
+fn a_bounce_list_cut_by_its_limit_says_more_exist() {
+    let m = Mailtrail::start();
+    let dir = tempfile::tempdir().unwrap();
+    for who in ["a", "b", "c"] {
+        std::fs::write(
+            dir.path().join(format!("{who}.eml")),
+            dsn_for(&format!("{who}@example.org"), "01M84TQJYPE2DRCRGB1667C64M"),
+        )
+        .unwrap();
+    }
+    let out = m.cli_ok(&["bounce", "ingest", dir.path().to_str().unwrap()]);
+    assert!(out.contains("3 bounce records stored"), "{out}");
+    let text = m.cli_ok(&["bounces", "--limit", "2"]);
+    assert_eq!(text.matches("userunknown").count(), 2, "{text}");
+    assert!(
+        text.ends_with(
+            "\n(the newest 2 bounce records shown; more exist: --limit 4 shows more, --limit 0 all)\n"
+        ),
+        "{text}"
+    );
+    for all in ["3", "0"] {
+        let text = m.cli_ok(&["bounces", "--limit", all]);
+        assert_eq!(text.matches("userunknown").count(), 3, "{text}");
+        assert!(!text.contains("more exist"), "--limit {all}: {text}");
+    }
+    let out = m.cli(&["bounces", "--limit", "2", "--json"]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(!stdout.contains("more exist"), "{stdout}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("more exist: --limit 4"), "{stderr}");
+}
+
 /// The times in `text` (words like `2026-12-08T01:09:15...`).
 fn times_in(text: &str) -> Vec<&str> {
     text.split_whitespace()

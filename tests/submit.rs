@@ -118,6 +118,58 @@ fn until_a_date_alone_takes_in_that_whole_day() {
 }
 
 #[test]
+fn a_log_cut_by_its_limit_says_more_exist_and_how_to_see_them() {
+    let m = Mailtrail::start();
+    let receipts: Vec<String> = (0..25)
+        .map(|i| {
+            m.submit(
+                None,
+                "app@example.com",
+                &["many@example.org"],
+                &format!("n{i}"),
+            )
+        })
+        .collect();
+    let shown = |text: &str| {
+        receipts
+            .iter()
+            .filter(|r| text.contains(r.as_str()))
+            .count()
+    };
+    let text = m.cli_ok(&["log", "many@example.org"]);
+    assert_eq!(shown(&text), 20, "{text}");
+    let notice = text.lines().last().unwrap();
+    assert!(
+        notice.starts_with("(the newest 20 messages shown; more exist: --limit 40"),
+        "{notice}"
+    );
+    // The --until it names goes on from the oldest shown (shown again) to the rest.
+    let until = notice
+        .split("--until ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap();
+    let rest = m.cli_ok(&["log", "many@example.org", "--until", until]);
+    assert_eq!(shown(&rest), 6, "{rest}");
+    assert!(!rest.contains("more exist"), "{rest}");
+    for all in ["25", "0"] {
+        let text = m.cli_ok(&["log", "many@example.org", "--limit", all]);
+        assert_eq!(shown(&text), 25, "--limit {all}");
+        assert!(!text.contains("more exist"), "--limit {all}: {text}");
+    }
+    // JSON lines stay records only; the notice goes to stderr.
+    let out = m.cli(&["log", "many@example.org", "--json"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 20);
+    for line in stdout.lines() {
+        serde_json::from_str::<serde_json::Value>(line).expect("a JSON record");
+    }
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("more exist: --limit 40"), "{stderr}");
+}
+
+#[test]
 fn smtplib_plain_starttls_and_pipelined_transactions() {
     let m = Mailtrail::start();
     let script = format!(

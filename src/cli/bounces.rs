@@ -116,6 +116,15 @@ pub fn render_suppressions(list: &[Suppression], json: bool) -> String {
     out
 }
 
+/// The line after a `bounces` list that `--limit` cut: that more exist and how to see them.
+pub fn more_bounces_notice(shown: usize) -> String {
+    format!(
+        "(the newest {shown} bounce records shown; more exist: --limit {} shows more, \
+         --limit 0 all)\n",
+        shown.saturating_mul(2)
+    )
+}
+
 /// `mailtrail bounce ingest` result line for one record.
 pub fn render_ingested(file: &str, i: &Ingested) -> String {
     format!(

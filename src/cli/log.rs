@@ -27,7 +27,7 @@ pub struct LogArgs {
     /// end of that day, so --until 2026-11-23 includes all of the 23rd).
     #[arg(long)]
     pub until: Option<String>,
-    /// At most this many messages, newest first (0 = all).
+    /// At most this many messages, newest first (0 = all); a line says when more exist.
     #[arg(long, default_value_t = DEFAULT_LIMIT)]
     pub limit: usize,
 }
@@ -136,6 +136,36 @@ pub fn query(args: &LogArgs, now: DateTime<Utc>) -> Result<LogQuery, LogArgError
             .transpose()?,
         limit: args.limit,
     })
+}
+
+/// The query to send the store for `limit` rows shown: one more, so that a list the limit
+/// cut can say so. A limit of 0 (all) stays.
+pub fn one_more(limit: usize) -> usize {
+    if limit == 0 {
+        0
+    } else {
+        limit.saturating_add(1)
+    }
+}
+
+/// Drops what `one_more` asked for past `limit`; true when there was such a row, so more
+/// exist than are shown.
+pub fn cut_to<T>(rows: &mut Vec<T>, limit: usize) -> bool {
+    let cut = limit > 0 && rows.len() > limit;
+    rows.truncate(if cut { limit } else { rows.len() });
+    cut
+}
+
+/// The line after a `log` list that `--limit` cut: that more exist and how to see them.
+/// `--until` is inclusive, so the oldest shown comes again at the top of the next page (and
+/// any other message received in the same millisecond is not skipped).
+pub fn more_messages_notice(shown: usize, oldest_shown_ms: i64) -> String {
+    format!(
+        "(the newest {shown} messages shown; more exist: --limit {} shows more, --limit 0 all, \
+         --until {} those from the oldest shown back)\n",
+        shown.saturating_mul(2),
+        format_time(oldest_shown_ms)
+    )
 }
 
 /// RFC 3339 in UTC with milliseconds (`2026-11-23T18:00:00.123Z`).
@@ -477,6 +507,26 @@ mod tests {
         let q = query(&args, n).unwrap();
         assert_eq!(q.since_ms, Some(day));
         assert_eq!(q.until_ms, Some(day + 86_400_000 - 1));
+    }
+
+    #[test]
+    fn a_list_cut_by_its_limit_knows_more_exist() {
+        assert_eq!(one_more(20), 21);
+        assert_eq!(one_more(0), 0);
+        let mut rows: Vec<u32> = (0..21).collect();
+        assert!(cut_to(&mut rows, 20));
+        assert_eq!(rows.len(), 20);
+        let mut rows: Vec<u32> = (0..20).collect();
+        assert!(!cut_to(&mut rows, 20));
+        assert_eq!(rows.len(), 20);
+        let mut rows: Vec<u32> = (0..50).collect();
+        assert!(!cut_to(&mut rows, 0));
+        assert_eq!(rows.len(), 50);
+        assert_eq!(
+            more_messages_notice(20, now().timestamp_millis()),
+            "(the newest 20 messages shown; more exist: --limit 40 shows more, --limit 0 all, \
+             --until 2026-11-23T18:00:00.000Z those from the oldest shown back)\n"
+        );
     }
 
     #[test]

@@ -170,6 +170,39 @@ fn a_log_cut_by_its_limit_says_more_exist_and_how_to_see_them() {
 }
 
 #[test]
+fn the_api_log_is_an_array_of_what_log_json_prints() {
+    let m = Mailtrail::start();
+    let first = m.submit(None, "app@example.com", &["same@example.org"], "one");
+    m.submit(
+        None,
+        "app@example.com",
+        &["same@example.org", "x@example.org"],
+        "two",
+    );
+    let cli = m.log_json("same@example.org");
+    let (status, body) = m.http_get("/api/log/same@example.org");
+    assert_eq!(status, 200, "{body}");
+    let api: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(api.len(), 2);
+    assert_eq!(api, cli);
+    for key in ["received_at", "received_at_ms"] {
+        assert!(!api[0][key].is_null(), "{key}: {body}");
+    }
+    for key in ["updated_at", "updated_at_ms"] {
+        assert!(!api[0]["recipients"][0][key].is_null(), "{key}: {body}");
+    }
+    for key in ["at", "at_ms"] {
+        assert!(
+            !api[0]["recipients"][0]["events"][0][key].is_null(),
+            "{key}: {body}"
+        );
+    }
+    let (_, body) = m.http_get(&format!("/api/log/{first}"));
+    let api: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(api, m.log_json(&first));
+}
+
+#[test]
 fn smtplib_plain_starttls_and_pipelined_transactions() {
     let m = Mailtrail::start();
     let script = format!(

@@ -261,6 +261,14 @@ fn render_recipient(out: &mut String, r: &RecipientLog) {
         }
         _ => {}
     }
+    // What a pending recipient waits for: how often it was tried, when it is tried next.
+    if r.status.is_pending() {
+        let plural = if r.attempts == 1 { "" } else { "s" };
+        let _ = write!(out, ", {} attempt{plural}", r.attempts);
+        if let Some(next) = r.next_attempt_at_ms {
+            let _ = write!(out, ", next attempt {}", format_time(next));
+        }
+    }
     let last = reply(
         r.last_reply_code,
         r.last_enhanced_status.as_deref(),
@@ -393,14 +401,18 @@ pub fn render_text(logs: &[MessageLog]) -> String {
 
 fn add_time(obj: &mut serde_json::Value, ms_key: &str, key: &str) {
     if let Some(map) = obj.as_object_mut()
-        && let Some(ms) = map.get(ms_key).and_then(|v| v.as_i64())
+        && let Some(ms) = map.get(ms_key)
     {
-        map.insert(key.to_string(), serde_json::Value::String(format_time(ms)));
+        let text = match ms.as_i64() {
+            Some(ms) => serde_json::Value::String(format_time(ms)),
+            None => serde_json::Value::Null,
+        };
+        map.insert(key.to_string(), text);
     }
 }
 
 /// Beside each `(ms_key, key)` of a JSON object that has a time in milliseconds, the same
-/// time as [`format_time`] text (a `null` time gets no text).
+/// time as [`format_time`] text (a `null` time, `null`).
 pub fn add_times(obj: &mut serde_json::Value, keys: &[(&str, &str)]) {
     for (ms_key, key) in keys {
         add_time(obj, ms_key, key);
@@ -408,13 +420,14 @@ pub fn add_times(obj: &mut serde_json::Value, keys: &[(&str, &str)]) {
 }
 
 /// A [`MessageLog`] as JSON, with every `*_ms` time also given as RFC 3339 (`received_at`,
-/// `updated_at`, `at`).
+/// `updated_at`, `next_attempt_at`, `at`).
 pub fn to_json(m: &MessageLog) -> serde_json::Value {
     let mut v = serde_json::to_value(m).unwrap_or(serde_json::Value::Null);
     add_time(&mut v, "received_at_ms", "received_at");
     if let Some(rcpts) = v.get_mut("recipients").and_then(|r| r.as_array_mut()) {
         for r in rcpts {
             add_time(r, "updated_at_ms", "updated_at");
+            add_time(r, "next_attempt_at_ms", "next_attempt_at");
             if let Some(events) = r.get_mut("events").and_then(|e| e.as_array_mut()) {
                 for e in events {
                     add_time(e, "at_ms", "at");
@@ -610,6 +623,8 @@ mod tests {
                 last_enhanced_status: Some("4.7.1".into()),
                 last_reply_text: Some("Greylisted\nplease retry".into()),
                 updated_at_ms: at + 2_000,
+                attempts: 1,
+                next_attempt_at_ms: Some(at + 302_000),
                 events: vec![
                     EventLog {
                         at_ms: at,
@@ -671,7 +686,7 @@ mod tests {
   subject: Welcome\\u{1b}[2J
   context: signup-42
   message-id: <m1@app.example>
-  to <bob@example.net>: deferred (greylisting): 451 4.7.1 Greylisted
+  to <bob@example.net>: deferred (greylisting), 1 attempt, next attempt 2026-11-23T18:05:02.000Z: 451 4.7.1 Greylisted
       please retry
     2026-11-23T18:00:00.000Z  accepted queued
     2026-11-23T18:00:02.000Z  attempt deferred at rcpt mx1.example.net [192.0.2.25] TLSv1_3 87ms reason=greylisting
@@ -723,6 +738,43 @@ mod tests {
             text.contains("to <bob@example.net>: failed (userunknown, hard): 451"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_pending_recipient_shows_its_attempts_and_next_attempt() {
+        let mut m = sample();
+        m.recipients[0].status = RecipientStatus::Queued;
+        m.recipients[0].reason = None;
+        m.recipients[0].attempts = 0;
+        let text = render_text(std::slice::from_ref(&m));
+        assert!(
+            text.contains(
+                "to <bob@example.net>: queued, 0 attempts, next attempt 2026-11-23T18:05:02.000Z:"
+            ),
+            "{text}"
+        );
+        let v = to_json(&m);
+        assert_eq!(v["recipients"][0]["attempts"], 0);
+        assert_eq!(
+            v["recipients"][0]["next_attempt_at"],
+            "2026-11-23T18:05:02.000Z"
+        );
+        assert_eq!(
+            v["recipients"][0]["next_attempt_at_ms"],
+            now().timestamp_millis() + 302_000
+        );
+        // A final recipient waits for nothing.
+        m.recipients[0].status = RecipientStatus::Delivered;
+        m.recipients[0].attempts = 2;
+        m.recipients[0].next_attempt_at_ms = None;
+        let text = render_text(std::slice::from_ref(&m));
+        assert!(
+            text.contains("to <bob@example.net>: delivered: 451"),
+            "{text}"
+        );
+        let v = to_json(&m);
+        assert_eq!(v["recipients"][0]["attempts"], 2);
+        assert!(v["recipients"][0]["next_attempt_at"].is_null());
     }
 
     #[test]

@@ -108,7 +108,7 @@ struct BouncesArgs {
     /// One JSON object per line.
     #[arg(long)]
     json: bool,
-    /// At most this many records, newest first.
+    /// At most this many records, newest first (0 = all); a line says when more exist.
     #[arg(long, value_name = "N", default_value_t = 100)]
     limit: usize,
 }

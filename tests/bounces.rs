@@ -279,6 +279,127 @@ async fn bounces_complaints_and_autoreplies_become_records_and_suppress() {
     );
 }
 
+#[test]
+fn bounces_of_an_address_pasted_with_its_display_name_are_found() {
+    let m = Mailtrail::start();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("bob.eml"),
+        dsn_for("Bob.Mixed@OK.test", "01M84TQJYPE2DRCRGB1667C64M"),
+    )
+    .unwrap();
+    let out = m.cli_ok(&["bounce", "ingest", dir.path().to_str().unwrap()]);
+    assert!(out.contains("1 bounce records stored"), "{out}");
+    for pasted in [
+        "Bob Mixed <Bob.Mixed@OK.test>",
+        "\"Mixed, Bob\" <bob.mixed@ok.test>",
+    ] {
+        let found = m.cli_ok(&["bounces", "--address", pasted, "--json"]);
+        assert_eq!(found.lines().count(), 1, "{pasted}: {found}");
+        assert!(found.contains("userunknown"), "{found}");
+    }
+    let (status, body) = m.http_get("/api/bounces?address=Bob%20Mixed%20%3CBob.Mixed%40OK.test%3E");
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{body}");
+    // The suppression list takes it as pasted too.
+    m.cli_ok(&[
+        "suppress",
+        "add",
+        "Bob Mixed <Bob.Mixed@OK.test>",
+        "--reason",
+        "asked",
+    ]);
+    let check = m.cli(&["suppress", "check", "\"Mixed, Bob\" <bob.mixed@ok.test>"]);
+    assert!(check.status.success(), "{check:?}");
+}
+
+#[test]
+fn a_bounce_list_cut_by_its_limit_says_more_exist() {
+    let m = Mailtrail::start();
+    let dir = tempfile::tempdir().unwrap();
+    for who in ["a", "b", "c"] {
+        std::fs::write(
+            dir.path().join(format!("{who}.eml")),
+            dsn_for(&format!("{who}@example.org"), "01M84TQJYPE2DRCRGB1667C64M"),
+        )
+        .unwrap();
+    }
+    let out = m.cli_ok(&["bounce", "ingest", dir.path().to_str().unwrap()]);
+    assert!(out.contains("3 bounce records stored"), "{out}");
+    let text = m.cli_ok(&["bounces", "--limit", "2"]);
+    assert_eq!(text.matches("userunknown").count(), 2, "{text}");
+    assert!(
+        text.ends_with(
+            "\n(the newest 2 bounce records shown; more exist: --limit 4 shows more, --limit 0 all)\n"
+        ),
+        "{text}"
+    );
+    for all in ["3", "0"] {
+        let text = m.cli_ok(&["bounces", "--limit", all]);
+        assert_eq!(text.matches("userunknown").count(), 3, "{text}");
+        assert!(!text.contains("more exist"), "--limit {all}: {text}");
+    }
+    let out = m.cli(&["bounces", "--limit", "2", "--json"]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(!stdout.contains("more exist"), "{stdout}");
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("more exist: --limit 4"), "{stderr}");
+}
+
+/// The times in `text` (words like `2026-12-08T01:09:15...`).
+fn times_in(text: &str) -> Vec<&str> {
+    text.split_whitespace()
+        .filter(|w| w.len() > 10 && w.starts_with("20") && w.as_bytes()[10] == b'T')
+        .collect()
+}
+
+/// A time as `mailtrail log` prints it: UTC, milliseconds, `Z`.
+fn is_log_time(t: &str) -> bool {
+    t.len() == 24
+        && t.ends_with('Z')
+        && t.as_bytes()[19] == b'.'
+        && chrono::DateTime::parse_from_rfc3339(t).is_ok()
+}
+
+#[test]
+fn bounce_and_suppression_lists_show_times_as_the_log_does() {
+    let m = Mailtrail::start();
+    let receipt = m.submit(None, "app@example.com", &["t@example.org"], "times");
+    let log = m.cli_ok(&["log", &receipt]);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("t.eml"),
+        dsn_for("t@example.org", "01M84TQJYPE2DRCRGB1667C64M"),
+    )
+    .unwrap();
+    m.cli_ok(&["bounce", "ingest", dir.path().to_str().unwrap()]);
+    m.cli_ok(&["suppress", "add", "t@example.org", "--reason", "asked"]);
+    let bounces = m.cli_ok(&["bounces"]);
+    let suppressions = m.cli_ok(&["suppress", "list"]);
+    let check = m.cli_ok(&["suppress", "check", "t@example.org"]);
+    for (what, text, at_least) in [
+        ("log", &log, 2),
+        ("bounces", &bounces, 1),
+        ("suppress list", &suppressions, 2),
+        ("suppress check", &check, 2),
+    ] {
+        let times = times_in(text);
+        assert!(times.len() >= at_least, "{what}: {text}");
+        for t in times {
+            assert!(is_log_time(t), "{what}: {t} in {text}");
+        }
+    }
+    let json = m.cli_ok(&["bounces", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert!(is_log_time(v["at"].as_str().unwrap()), "{json}");
+    let json = m.cli_ok(&["suppress", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
+    assert!(is_log_time(v["first_at"].as_str().unwrap()), "{json}");
+    assert!(is_log_time(v["last_at"].as_str().unwrap()), "{json}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bounce_ingest_correlates_by_receipt_header_and_keeps_unmatched() {
     let mx = TestMx::start(Script::default()).await;

@@ -349,6 +349,69 @@ fn two_relays_routing_to_each_other_end_at_max_hops() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_log_shows_a_deferred_recipients_attempts_and_next_attempt() {
+    let mx = TestMx::start(
+        Script::default().rcpt("later@dest.test", &["451 4.7.1 greylisted, try later"]),
+    )
+    .await;
+    let m = Mailtrail::start_with(
+        "",
+        "",
+        &format!(
+            "[delivery]\nretry_first = \"1h\"\n[checks]\ndomain_check = false\n\
+             [[route]]\ndomains = [\"*\"]\nmx = [\"127.0.0.1:{}\"]\ntls = \"none\"\n",
+            mx.port()
+        ),
+    );
+    let receipt = m.submit(
+        None,
+        "app@example.com",
+        &["ok@dest.test", "later@dest.test"],
+        "greylisted",
+    );
+    wait_until("later deferred", Duration::from_secs(30), || {
+        m.recipient(&receipt, "later@dest.test")["status"] == "deferred"
+            && m.recipient(&receipt, "ok@dest.test")["status"] == "delivered"
+    });
+    let later = m.recipient(&receipt, "later@dest.test");
+    assert_eq!(later["attempts"], 1, "{later}");
+    let next_ms = later["next_attempt_at_ms"]
+        .as_i64()
+        .expect("a next attempt");
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    assert!(next_ms > now_ms + 1_800_000, "{later}");
+    let next = later["next_attempt_at"].as_str().unwrap().to_string();
+    assert!(next.ends_with('Z') && next.len() == 24, "{next}");
+    // As `queue list` has them.
+    let queue: serde_json::Value =
+        serde_json::from_str(m.cli_ok(&["queue", "list", "--json"]).trim()).unwrap();
+    assert_eq!(queue["attempts"], 1, "{queue}");
+    assert_eq!(queue["next_attempt_at_ms"], next_ms, "{queue}");
+    // A delivered recipient has made its attempt and waits for none.
+    let ok = m.recipient(&receipt, "ok@dest.test");
+    assert_eq!(ok["attempts"], 1, "{ok}");
+    assert!(ok["next_attempt_at"].is_null(), "{ok}");
+    let text = m.cli_ok(&["log", &receipt]);
+    assert!(
+        text.contains(&format!(
+            "to <later@dest.test>: deferred (blocked, soft), 1 attempt, next attempt {next}: 451 4.7.1"
+        )),
+        "{text}"
+    );
+    assert!(text.contains("to <ok@dest.test>: delivered: 250"), "{text}");
+    let (_, body) = m.http_get(&format!("/api/log/{receipt}"));
+    let api: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let api_later = api[0]["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["address"] == "later@dest.test")
+        .unwrap();
+    assert_eq!(api_later["attempts"], 1, "{body}");
+    assert_eq!(api_later["next_attempt_at"], next.as_str(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn queue_list_retry_and_delete() {
     let mx =
         TestMx::start(Script::default().rcpt("slow@dest.test", &["421 4.7.0 try later"])).await;

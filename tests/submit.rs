@@ -61,6 +61,148 @@ fn swaks_gets_a_receipt_and_log_shows_it_queued() {
 }
 
 #[test]
+fn an_address_pasted_with_its_display_name_finds_its_messages() {
+    let m = Mailtrail::start();
+    let receipt = m.submit(None, "app@example.com", &["Bob.Mixed@OK.test"], "pasted");
+    for pasted in [
+        "Bob Mixed <Bob.Mixed@OK.test>",
+        "\"Mixed, Bob\" <bob.mixed@ok.test>",
+        "  \"Bob <boss>\" <Bob.Mixed@OK.test>  ",
+    ] {
+        let text = m.cli_ok(&["log", pasted]);
+        assert!(text.contains(&receipt), "{pasted}: {text}");
+    }
+    // The sender, pasted from a From: field, finds it too.
+    let text = m.cli_ok(&["log", "The App <app@example.com>"]);
+    assert!(text.contains(&receipt), "{text}");
+    // The API, and so the search page, which sends what was typed.
+    for path in [
+        "/api/log/Bob%20Mixed%20%3CBob.Mixed%40OK.test%3E",
+        "/api/log/%22Mixed%2C%20Bob%22%20%3Cbob.mixed%40ok.test%3E",
+    ] {
+        let (status, body) = m.http_get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v[0]["receipt"], receipt.as_str(), "{path}: {body}");
+    }
+    // A receipt id pasted in brackets after a word is still a receipt.
+    let text = m.cli_ok(&["log", &format!("receipt <{receipt}>")]);
+    assert!(text.contains("Bob.Mixed@OK.test"), "{text}");
+}
+
+#[test]
+fn until_a_date_alone_takes_in_that_whole_day() {
+    let m = Mailtrail::start();
+    let receipt = m.submit(None, "app@example.com", &["day@example.org"], "today");
+    let today = chrono::Utc::now().date_naive();
+    let yesterday = today.pred_opt().unwrap().to_string();
+    let today = today.to_string();
+    let text = m.cli_ok(&["log", "day@example.org", "--until", &today]);
+    assert!(text.contains(&receipt), "--until {today}: {text}");
+    let text = m.cli_ok(&[
+        "log",
+        "day@example.org",
+        "--since",
+        &today,
+        "--until",
+        &today,
+    ]);
+    assert!(text.contains(&receipt), "--since/--until {today}: {text}");
+    let text = m.cli_ok(&["log", "day@example.org", "--until", &yesterday]);
+    assert!(text.contains("no messages"), "--until {yesterday}: {text}");
+    let (status, body) = m.http_get(&format!("/api/log/day@example.org?until={today}"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&receipt), "until={today}: {body}");
+    let (_, body) = m.http_get(&format!("/api/log/day@example.org?until={yesterday}"));
+    assert_eq!(body.trim(), "[]", "until={yesterday}");
+}
+
+#[test]
+fn a_log_cut_by_its_limit_says_more_exist_and_how_to_see_them() {
+    let m = Mailtrail::start();
+    let receipts: Vec<String> = (0..25)
+        .map(|i| {
+            m.submit(
+                None,
+                "app@example.com",
+                &["many@example.org"],
+                &format!("n{i}"),
+            )
+        })
+        .collect();
+    let shown = |text: &str| {
+        receipts
+            .iter()
+            .filter(|r| text.contains(r.as_str()))
+            .count()
+    };
+    let text = m.cli_ok(&["log", "many@example.org"]);
+    assert_eq!(shown(&text), 20, "{text}");
+    let notice = text.lines().last().unwrap();
+    assert!(
+        notice.starts_with("(the newest 20 messages shown; more exist: --limit 40"),
+        "{notice}"
+    );
+    // The --until it names goes on from the oldest shown (shown again) to the rest.
+    let until = notice
+        .split("--until ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap();
+    let rest = m.cli_ok(&["log", "many@example.org", "--until", until]);
+    assert_eq!(shown(&rest), 6, "{rest}");
+    assert!(!rest.contains("more exist"), "{rest}");
+    for all in ["25", "0"] {
+        let text = m.cli_ok(&["log", "many@example.org", "--limit", all]);
+        assert_eq!(shown(&text), 25, "--limit {all}");
+        assert!(!text.contains("more exist"), "--limit {all}: {text}");
+    }
+    // JSON lines stay records only; the notice goes to stderr.
+    let out = m.cli(&["log", "many@example.org", "--json"]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(stdout.lines().count(), 20);
+    for line in stdout.lines() {
+        serde_json::from_str::<serde_json::Value>(line).expect("a JSON record");
+    }
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(stderr.contains("more exist: --limit 40"), "{stderr}");
+}
+
+#[test]
+fn the_api_log_is_an_array_of_what_log_json_prints() {
+    let m = Mailtrail::start();
+    let first = m.submit(None, "app@example.com", &["same@example.org"], "one");
+    m.submit(
+        None,
+        "app@example.com",
+        &["same@example.org", "x@example.org"],
+        "two",
+    );
+    let cli = m.log_json("same@example.org");
+    let (status, body) = m.http_get("/api/log/same@example.org");
+    assert_eq!(status, 200, "{body}");
+    let api: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(api.len(), 2);
+    assert_eq!(api, cli);
+    for key in ["received_at", "received_at_ms"] {
+        assert!(!api[0][key].is_null(), "{key}: {body}");
+    }
+    for key in ["updated_at", "updated_at_ms"] {
+        assert!(!api[0]["recipients"][0][key].is_null(), "{key}: {body}");
+    }
+    for key in ["at", "at_ms"] {
+        assert!(
+            !api[0]["recipients"][0]["events"][0][key].is_null(),
+            "{key}: {body}"
+        );
+    }
+    let (_, body) = m.http_get(&format!("/api/log/{first}"));
+    let api: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    assert_eq!(api, m.log_json(&first));
+}
+
+#[test]
 fn smtplib_plain_starttls_and_pipelined_transactions() {
     let m = Mailtrail::start();
     let script = format!(

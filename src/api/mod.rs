@@ -518,7 +518,14 @@ async fn log(
         Err(e) => return bad_request(e.to_string()),
     };
     match state.store.log(&query).await {
-        Ok(messages) => axum::Json(messages).into_response(),
+        // The objects `mailtrail log --json` prints a line each, RFC 3339 times included.
+        Ok(messages) => axum::Json(
+            messages
+                .iter()
+                .map(crate::cli::log::to_json)
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
         Err(e) => store_error(e),
     }
 }

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::log::{format_time, sanitize};
+use super::log::{add_times, format_time, sanitize};
 use crate::bounce::ingest::Ingested;
 use crate::store::{StoredBounce, Suppression};
 
@@ -13,12 +13,15 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-/// One line per bounce, oldest first as the store returns them.
+/// One line per bounce, newest first as the store returns them. Times are as `mailtrail
+/// log` shows them (UTC, milliseconds, `Z`); in JSON, each `*_ms` also as that text.
 pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
     let mut out = String::new();
     if json {
         for b in bounces {
-            let _ = writeln!(out, "{}", serde_json::to_string(b).unwrap_or_default());
+            let mut v = serde_json::to_value(b).unwrap_or_default();
+            add_times(&mut v, &[("at_ms", "at"), ("handled_at_ms", "handled_at")]);
+            let _ = writeln!(out, "{v}");
         }
         return out;
     }
@@ -27,7 +30,7 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>6}  {:<20}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<10}  {:<9}  diagnostic",
+        "{:>6}  {:<24}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<10}  {:<9}  diagnostic",
         "id", "time", "recipient", "reason", "type", "status", "receipt", "match", "handled"
     );
     for b in bounces {
@@ -46,9 +49,9 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
             .collect::<String>();
         let _ = writeln!(
             out,
-            "{:>6}  {:<20}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<10}  {:<9}  {}",
+            "{:>6}  {:<24}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<10}  {:<9}  {}",
             b.id,
-            format_time(f.at_ms).get(..19).unwrap_or(""),
+            format_time(f.at_ms),
             sanitize(&f.recipient),
             f.reason,
             f.bounce_type,
@@ -69,11 +72,21 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
     out
 }
 
+/// One line per suppressed address; times as in [`render_bounces`].
 pub fn render_suppressions(list: &[Suppression], json: bool) -> String {
     let mut out = String::new();
     if json {
         for s in list {
-            let _ = writeln!(out, "{}", serde_json::to_string(s).unwrap_or_default());
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            add_times(
+                &mut v,
+                &[
+                    ("first_at_ms", "first_at"),
+                    ("last_at_ms", "last_at"),
+                    ("expires_at_ms", "expires_at"),
+                ],
+            );
+            let _ = writeln!(out, "{v}");
         }
         return out;
     }
@@ -82,25 +95,34 @@ pub fn render_suppressions(list: &[Suppression], json: bool) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<36}  {:<15}  {:<9}  {:>5}  {:<20}  {:<20}  expires",
+        "{:<36}  {:<15}  {:<9}  {:>5}  {:<24}  {:<24}  expires",
         "address", "reason", "source", "count", "first", "last"
     );
     for s in list {
         let _ = writeln!(
             out,
-            "{:<36}  {:<15}  {:<9}  {:>5}  {:<20}  {:<20}  {}",
+            "{:<36}  {:<15}  {:<9}  {:>5}  {:<24}  {:<24}  {}",
             sanitize(&s.address),
             sanitize(&s.reason),
             sanitize(&s.source),
             s.count,
-            format_time(s.first_at_ms).get(..19).unwrap_or(""),
-            format_time(s.last_at_ms).get(..19).unwrap_or(""),
+            format_time(s.first_at_ms),
+            format_time(s.last_at_ms),
             s.expires_at_ms
                 .map(format_time)
                 .unwrap_or_else(|| "never".into())
         );
     }
     out
+}
+
+/// The line after a `bounces` list that `--limit` cut: that more exist and how to see them.
+pub fn more_bounces_notice(shown: usize) -> String {
+    format!(
+        "(the newest {shown} bounce records shown; more exist: --limit {} shows more, \
+         --limit 0 all)\n",
+        shown.saturating_mul(2)
+    )
 }
 
 /// `mailtrail bounce ingest` result line for one record.
@@ -171,5 +193,38 @@ mod tests {
         let json = render_bounces(&[bounce(false)], true);
         let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
         assert_eq!(v["reason"], "userunknown");
+    }
+
+    #[test]
+    fn bounce_and_suppression_times_are_shown_as_the_log_shows_them() {
+        let mut b = bounce(true);
+        b.facts.at_ms = 1_796_000_955_729;
+        let text = render_bounces(std::slice::from_ref(&b), false);
+        assert!(text.contains("  2026-11-30T01:09:15.729Z  "), "{text}");
+        let v: serde_json::Value = serde_json::from_str(render_bounces(&[b], true).trim()).unwrap();
+        assert_eq!(v["at"], "2026-11-30T01:09:15.729Z");
+        assert_eq!(v["at_ms"], 1_796_000_955_729_i64);
+        assert_eq!(v["handled_at"], "1970-01-01T00:00:00.001Z");
+        let s = Suppression {
+            address: "a@example.org".into(),
+            reason: "userunknown".into(),
+            source: "bounce".into(),
+            first_at_ms: 1_796_000_955_729,
+            last_at_ms: 1_796_000_956_000,
+            count: 2,
+            expires_at_ms: Some(1_796_000_957_001),
+        };
+        let text = render_suppressions(std::slice::from_ref(&s), false);
+        for t in [
+            "2026-11-30T01:09:15.729Z",
+            "2026-11-30T01:09:16.000Z",
+            "2026-11-30T01:09:17.001Z",
+        ] {
+            assert!(text.contains(t), "{t}: {text}");
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(render_suppressions(&[s], true).trim()).unwrap();
+        assert_eq!(v["first_at"], "2026-11-30T01:09:15.729Z");
+        assert_eq!(v["expires_at"], "2026-11-30T01:09:17.001Z");
     }
 }

@@ -19,13 +19,15 @@ pub struct LogArgs {
     /// One JSON object per message instead of text.
     #[arg(long)]
     pub json: bool,
-    /// Only messages received at or after: RFC 3339, YYYY-MM-DD (UTC), or a duration ago (2h, 3d).
+    /// Only messages received at or after: RFC 3339, YYYY-MM-DD (UTC, from the start of that
+    /// day), or a duration ago (2h, 3d).
     #[arg(long)]
     pub since: Option<String>,
-    /// Only messages received at or before (same forms as --since).
+    /// Only messages received at or before (same forms as --since; a date alone means the
+    /// end of that day, so --until 2026-11-23 includes all of the 23rd).
     #[arg(long)]
     pub until: Option<String>,
-    /// At most this many messages, newest first (0 = all).
+    /// At most this many messages, newest first (0 = all); a line says when more exist.
     #[arg(long, default_value_t = DEFAULT_LIMIT)]
     pub limit: usize,
 }
@@ -41,9 +43,20 @@ pub enum LogArgError {
     Key(String),
 }
 
-/// Parses a `--since`/`--until` value into milliseconds since the epoch. Relative durations
-/// count back from `now`; a bare date means its midnight UTC.
+/// Parses a `--since` value into milliseconds since the epoch. Relative durations count
+/// back from `now`; a bare date means its first millisecond (midnight UTC).
 pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<i64, LogArgError> {
+    parse_bound(s, now, false)
+}
+
+/// Parses an `--until` value (inclusive) as [`parse_time`] does, except that a bare date
+/// means its last millisecond: `--until 2026-12-08` takes in all of that day (its midnight
+/// left the whole day out).
+pub fn parse_until(s: &str, now: DateTime<Utc>) -> Result<i64, LogArgError> {
+    parse_bound(s, now, true)
+}
+
+fn parse_bound(s: &str, now: DateTime<Utc>, end_of_day: bool) -> Result<i64, LogArgError> {
     let s = s.trim();
     let err = || LogArgError::Time(s.to_string());
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
@@ -51,7 +64,12 @@ pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<i64, LogArgError> {
     }
     if let Ok(d) = NaiveDate::parse_from_str(s, "%Y-%m-%d") {
         let midnight = d.and_hms_opt(0, 0, 0).ok_or_else(err)?;
-        return Ok(midnight.and_utc().timestamp_millis());
+        let start = midnight.and_utc().timestamp_millis();
+        return Ok(if end_of_day {
+            start + 86_400_000 - 1
+        } else {
+            start
+        });
     }
     let ago = humantime::parse_duration(s).map_err(|_| err())?;
     let ago = chrono::Duration::from_std(ago).map_err(|_| err())?;
@@ -60,20 +78,36 @@ pub fn parse_time(s: &str, now: DateTime<Utc>) -> Result<i64, LogArgError> {
         .ok_or_else(err)
 }
 
-/// An argument with `@` is an address; otherwise it must be a receipt id. The null sender
-/// is looked up as `<>`.
-/// An address as pasted from a log or a header: trimmed, without its angle brackets.
-pub fn unbracketed(s: &str) -> &str {
-    let s = s.trim();
-    s.strip_prefix('<')
-        .and_then(|t| t.strip_suffix('>'))
-        .unwrap_or(s)
-        .trim()
+/// The address between the angle brackets of `<addr>` or `Name <addr>` (RFC 5322
+/// name-addr; a display name may be quoted, `"Mixed, Bob" <addr>`, and hold `<` there),
+/// or `None` when `s` (trimmed) ends in no such bracketed address.
+fn angle_addr(s: &str) -> Option<&str> {
+    let s = s.trim().strip_suffix('>')?;
+    let mut quoted = false;
+    let mut escaped = false;
+    for (i, c) in s.char_indices() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '<' if !quoted => return Some(&s[i + 1..]),
+            _ => {}
+        }
+    }
+    None
 }
 
+/// An address as pasted from a log or a header: trimmed, without its angle brackets, and
+/// without the display name of `Name <addr>` or `"Quoted, Name" <addr>`.
+pub fn unbracketed(s: &str) -> &str {
+    angle_addr(s).unwrap_or(s).trim()
+}
+
+/// An argument with `@` is an address; otherwise it must be a receipt id. The null sender
+/// is looked up as `<>` (or `Name <>`).
 pub fn parse_key(s: &str) -> Result<LogKey, LogArgError> {
     let s = s.trim();
-    if s == "<>" {
+    if angle_addr(s).is_some_and(|a| a.trim().is_empty()) {
         return Ok(LogKey::Address(String::new()));
     }
     let unbracketed = unbracketed(s);
@@ -98,10 +132,40 @@ pub fn query(args: &LogArgs, now: DateTime<Utc>) -> Result<LogQuery, LogArgError
         until_ms: args
             .until
             .as_deref()
-            .map(|s| parse_time(s, now))
+            .map(|s| parse_until(s, now))
             .transpose()?,
         limit: args.limit,
     })
+}
+
+/// The query to send the store for `limit` rows shown: one more, so that a list the limit
+/// cut can say so. A limit of 0 (all) stays.
+pub fn one_more(limit: usize) -> usize {
+    if limit == 0 {
+        0
+    } else {
+        limit.saturating_add(1)
+    }
+}
+
+/// Drops what `one_more` asked for past `limit`; true when there was such a row, so more
+/// exist than are shown.
+pub fn cut_to<T>(rows: &mut Vec<T>, limit: usize) -> bool {
+    let cut = limit > 0 && rows.len() > limit;
+    rows.truncate(if cut { limit } else { rows.len() });
+    cut
+}
+
+/// The line after a `log` list that `--limit` cut: that more exist and how to see them.
+/// `--until` is inclusive, so the oldest shown comes again at the top of the next page (and
+/// any other message received in the same millisecond is not skipped).
+pub fn more_messages_notice(shown: usize, oldest_shown_ms: i64) -> String {
+    format!(
+        "(the newest {shown} messages shown; more exist: --limit {} shows more, --limit 0 all, \
+         --until {} those from the oldest shown back)\n",
+        shown.saturating_mul(2),
+        format_time(oldest_shown_ms)
+    )
 }
 
 /// RFC 3339 in UTC with milliseconds (`2026-11-23T18:00:00.123Z`).
@@ -196,6 +260,14 @@ fn render_recipient(out: &mut String, r: &RecipientLog) {
             let _ = write!(out, " ({})", sanitize(reason));
         }
         _ => {}
+    }
+    // What a pending recipient waits for: how often it was tried, when it is tried next.
+    if r.status.is_pending() {
+        let plural = if r.attempts == 1 { "" } else { "s" };
+        let _ = write!(out, ", {} attempt{plural}", r.attempts);
+        if let Some(next) = r.next_attempt_at_ms {
+            let _ = write!(out, ", next attempt {}", format_time(next));
+        }
     }
     let last = reply(
         r.last_reply_code,
@@ -329,20 +401,33 @@ pub fn render_text(logs: &[MessageLog]) -> String {
 
 fn add_time(obj: &mut serde_json::Value, ms_key: &str, key: &str) {
     if let Some(map) = obj.as_object_mut()
-        && let Some(ms) = map.get(ms_key).and_then(|v| v.as_i64())
+        && let Some(ms) = map.get(ms_key)
     {
-        map.insert(key.to_string(), serde_json::Value::String(format_time(ms)));
+        let text = match ms.as_i64() {
+            Some(ms) => serde_json::Value::String(format_time(ms)),
+            None => serde_json::Value::Null,
+        };
+        map.insert(key.to_string(), text);
+    }
+}
+
+/// Beside each `(ms_key, key)` of a JSON object that has a time in milliseconds, the same
+/// time as [`format_time`] text (a `null` time, `null`).
+pub fn add_times(obj: &mut serde_json::Value, keys: &[(&str, &str)]) {
+    for (ms_key, key) in keys {
+        add_time(obj, ms_key, key);
     }
 }
 
 /// A [`MessageLog`] as JSON, with every `*_ms` time also given as RFC 3339 (`received_at`,
-/// `updated_at`, `at`).
+/// `updated_at`, `next_attempt_at`, `at`).
 pub fn to_json(m: &MessageLog) -> serde_json::Value {
     let mut v = serde_json::to_value(m).unwrap_or(serde_json::Value::Null);
     add_time(&mut v, "received_at_ms", "received_at");
     if let Some(rcpts) = v.get_mut("recipients").and_then(|r| r.as_array_mut()) {
         for r in rcpts {
             add_time(r, "updated_at_ms", "updated_at");
+            add_time(r, "next_attempt_at_ms", "next_attempt_at");
             if let Some(events) = r.get_mut("events").and_then(|e| e.as_array_mut()) {
                 for e in events {
                     add_time(e, "at_ms", "at");
@@ -412,6 +497,52 @@ mod tests {
     }
 
     #[test]
+    fn a_date_alone_is_the_start_of_its_day_for_since_and_its_end_for_until() {
+        let n = now();
+        let day = DateTime::parse_from_rfc3339("2026-12-08T00:00:00Z")
+            .unwrap()
+            .timestamp_millis();
+        assert_eq!(parse_time("2026-12-08", n), Ok(day));
+        assert_eq!(parse_until("2026-12-08", n), Ok(day + 86_400_000 - 1));
+        // Other forms mean the same instant either way.
+        assert_eq!(
+            parse_until("2026-12-08T01:09:15Z", n),
+            parse_time("2026-12-08T01:09:15Z", n)
+        );
+        assert_eq!(parse_until("2h", n), parse_time("2h", n));
+        let args = LogArgs {
+            key: "a@b".into(),
+            json: false,
+            since: Some("2026-12-08".into()),
+            until: Some("2026-12-08".into()),
+            limit: 5,
+        };
+        let q = query(&args, n).unwrap();
+        assert_eq!(q.since_ms, Some(day));
+        assert_eq!(q.until_ms, Some(day + 86_400_000 - 1));
+    }
+
+    #[test]
+    fn a_list_cut_by_its_limit_knows_more_exist() {
+        assert_eq!(one_more(20), 21);
+        assert_eq!(one_more(0), 0);
+        let mut rows: Vec<u32> = (0..21).collect();
+        assert!(cut_to(&mut rows, 20));
+        assert_eq!(rows.len(), 20);
+        let mut rows: Vec<u32> = (0..20).collect();
+        assert!(!cut_to(&mut rows, 20));
+        assert_eq!(rows.len(), 20);
+        let mut rows: Vec<u32> = (0..50).collect();
+        assert!(!cut_to(&mut rows, 0));
+        assert_eq!(rows.len(), 50);
+        assert_eq!(
+            more_messages_notice(20, now().timestamp_millis()),
+            "(the newest 20 messages shown; more exist: --limit 40 shows more, --limit 0 all, \
+             --until 2026-11-23T18:00:00.000Z those from the oldest shown back)\n"
+        );
+    }
+
+    #[test]
     fn parse_key_tells_addresses_from_receipts() {
         let r = ReceiptId::new();
         assert!(matches!(parse_key(&r.to_string()), Ok(LogKey::Receipt(x)) if x == r));
@@ -424,6 +555,20 @@ mod tests {
         assert!(matches!(parse_key("a@b"), Ok(LogKey::Address(a)) if a == "a@b"));
         assert!(matches!(parse_key("<>"), Ok(LogKey::Address(a)) if a.is_empty()));
         assert!(matches!(parse_key("<Postmaster>"), Ok(LogKey::Address(a)) if a == "Postmaster"));
+        for pasted in [
+            "Bob Mixed <Bob.Mixed@OK.test>",
+            "\"Mixed, Bob\" <Bob.Mixed@OK.test>",
+            "\"Bob <the boss>\" <Bob.Mixed@OK.test> ",
+            "\"Bob \\\" Mixed\" <Bob.Mixed@OK.test>",
+            "Bob<Bob.Mixed@OK.test>",
+        ] {
+            assert!(
+                matches!(parse_key(pasted), Ok(LogKey::Address(a)) if a == "Bob.Mixed@OK.test"),
+                "{pasted}"
+            );
+        }
+        assert!(matches!(parse_key("Mailer Daemon <>"), Ok(LogKey::Address(a)) if a.is_empty()));
+        assert!(matches!(parse_key(&format!("Receipt <{r}>")), Ok(LogKey::Receipt(x)) if x == r));
         assert_eq!(
             parse_key("alice").map(|_| ()),
             Err(LogArgError::Key("alice".into()))
@@ -478,6 +623,8 @@ mod tests {
                 last_enhanced_status: Some("4.7.1".into()),
                 last_reply_text: Some("Greylisted\nplease retry".into()),
                 updated_at_ms: at + 2_000,
+                attempts: 1,
+                next_attempt_at_ms: Some(at + 302_000),
                 events: vec![
                     EventLog {
                         at_ms: at,
@@ -539,7 +686,7 @@ mod tests {
   subject: Welcome\\u{1b}[2J
   context: signup-42
   message-id: <m1@app.example>
-  to <bob@example.net>: deferred (greylisting): 451 4.7.1 Greylisted
+  to <bob@example.net>: deferred (greylisting), 1 attempt, next attempt 2026-11-23T18:05:02.000Z: 451 4.7.1 Greylisted
       please retry
     2026-11-23T18:00:00.000Z  accepted queued
     2026-11-23T18:00:02.000Z  attempt deferred at rcpt mx1.example.net [192.0.2.25] TLSv1_3 87ms reason=greylisting
@@ -591,6 +738,43 @@ mod tests {
             text.contains("to <bob@example.net>: failed (userunknown, hard): 451"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_pending_recipient_shows_its_attempts_and_next_attempt() {
+        let mut m = sample();
+        m.recipients[0].status = RecipientStatus::Queued;
+        m.recipients[0].reason = None;
+        m.recipients[0].attempts = 0;
+        let text = render_text(std::slice::from_ref(&m));
+        assert!(
+            text.contains(
+                "to <bob@example.net>: queued, 0 attempts, next attempt 2026-11-23T18:05:02.000Z:"
+            ),
+            "{text}"
+        );
+        let v = to_json(&m);
+        assert_eq!(v["recipients"][0]["attempts"], 0);
+        assert_eq!(
+            v["recipients"][0]["next_attempt_at"],
+            "2026-11-23T18:05:02.000Z"
+        );
+        assert_eq!(
+            v["recipients"][0]["next_attempt_at_ms"],
+            now().timestamp_millis() + 302_000
+        );
+        // A final recipient waits for nothing.
+        m.recipients[0].status = RecipientStatus::Delivered;
+        m.recipients[0].attempts = 2;
+        m.recipients[0].next_attempt_at_ms = None;
+        let text = render_text(std::slice::from_ref(&m));
+        assert!(
+            text.contains("to <bob@example.net>: delivered: 451"),
+            "{text}"
+        );
+        let v = to_json(&m);
+        assert_eq!(v["recipients"][0]["attempts"], 2);
+        assert!(v["recipients"][0]["next_attempt_at"].is_null());
     }
 
     #[test]

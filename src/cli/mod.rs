@@ -154,13 +154,19 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
     match request {
         Request::Log(args) => {
             let json = args.json;
-            let query = log::query(&args, chrono::Utc::now())?;
+            let mut query = log::query(&args, chrono::Utc::now())?;
+            query.limit = log::one_more(args.limit);
             let reader = crate::store::sqlite::open_read_only(&config)?;
-            let messages = reader.log(&query)?;
+            let mut messages = reader.log(&query)?;
+            let more = log::cut_to(&mut messages, args.limit);
             if messages.is_empty() && !json {
                 writeln!(out, "no messages for {}", log::sanitize(&args.key))?;
             }
             out.write_all(log::render(&messages, json).as_bytes())?;
+            if more && let Some(oldest) = messages.last() {
+                let notice = log::more_messages_notice(messages.len(), oldest.received_at_ms);
+                more_notice(&mut out, json, &notice)?;
+            }
         }
         Request::QueueList { json } => {
             let reader = crate::store::sqlite::open_read_only(&config)?;
@@ -212,14 +218,18 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
                 .transpose()
                 .map_err(anyhow::Error::msg)?;
             let reader = crate::store::sqlite::open_read_only(&config)?;
-            let list = reader.bounces(&crate::store::BounceQuery {
+            let mut list = reader.bounces(&crate::store::BounceQuery {
                 address,
                 reason,
                 unhandled_only: unhandled,
                 first_only: first,
-                limit,
+                limit: log::one_more(limit),
             })?;
+            let more = log::cut_to(&mut list, limit);
             out.write_all(bounces::render_bounces(&list, json).as_bytes())?;
+            if more {
+                more_notice(&mut out, json, &bounces::more_bounces_notice(list.len()))?;
+            }
         }
         Request::BounceHandle { id, by } => {
             let by = by
@@ -370,6 +380,17 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
     Ok(ExitCode::SUCCESS)
 }
 
+/// Says that a list was cut by its limit: after the text, or on stderr beside JSON lines
+/// (where a line that is no record would break a reader).
+fn more_notice(out: &mut impl Write, json: bool, notice: &str) -> std::io::Result<()> {
+    if json {
+        out.flush()?;
+        std::io::stderr().write_all(notice.as_bytes())
+    } else {
+        write!(out, "\n{notice}")
+    }
+}
+
 /// The error as one line for the terminal: each cause in turn, `: ` between them, except a
 /// cause whose text the line already holds. (An error whose message names its own source,
 /// "cannot read config file X: No such file or directory", printed with anyhow's `{:#}`
@@ -416,6 +437,10 @@ mod address_arg_tests {
     #[test]
     fn addresses_lose_their_brackets_and_must_have_both_parts() {
         assert_eq!(address_arg(" <Br@Ex.test> ").unwrap(), "Br@Ex.test");
+        assert_eq!(
+            address_arg("\"Rowe, Br\" <Br@Ex.test>").unwrap(),
+            "Br@Ex.test"
+        );
         assert_eq!(
             address_arg("\"john doe\"@ex.test").unwrap(),
             "\"john doe\"@ex.test"

@@ -247,6 +247,10 @@ pub struct RecipientLog {
     pub last_enhanced_status: Option<String>,
     pub last_reply_text: Option<String>,
     pub updated_at_ms: i64,
+    /// Delivery attempts made so far (as `queue list` counts them).
+    pub attempts: u32,
+    /// When the next delivery attempt is due: only while pending (queued, deferred).
+    pub next_attempt_at_ms: Option<i64>,
     /// Every event, oldest first (accepted, attempts, bounces, queue actions).
     pub events: Vec<EventLog>,
 }

@@ -309,7 +309,7 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
     let mut rcpt_st = tx
         .prepare_cached(
             "SELECT idx, address, orcpt, notify, status, reason, bounce_type, last_reply_code,
-                 last_enhanced, last_reply_text, updated_at
+                 last_enhanced, last_reply_text, updated_at, attempts, next_attempt_at
              FROM recipients WHERE receipt = ?1 ORDER BY idx",
         )
         .map_err(storage)?;
@@ -325,18 +325,26 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
         let receipt = m.receipt.to_string();
         let mut recipients: Vec<RecipientLog> = rcpt_st
             .query_map(params![receipt], |r| {
+                let status = status_at(r, 4)?;
                 Ok(RecipientLog {
                     index: r.get(0)?,
                     address: r.get(1)?,
                     orcpt: r.get(2)?,
                     notify: r.get(3)?,
-                    status: status_at(r, 4)?,
+                    status,
                     reason: r.get(5)?,
                     bounce_type: r.get(6)?,
                     last_reply_code: r.get(7)?,
                     last_enhanced_status: r.get(8)?,
                     last_reply_text: r.get(9)?,
                     updated_at_ms: r.get(10)?,
+                    attempts: r.get(11)?,
+                    // A final recipient keeps the column's last value, which means nothing.
+                    next_attempt_at_ms: if status.is_pending() {
+                        r.get(12)?
+                    } else {
+                        None
+                    },
                     events: Vec::new(),
                 })
             })

@@ -540,7 +540,7 @@ async fn a_delivery_the_full_disk_cannot_record_is_not_sent_again() {
         ..Script::default()
     })
     .await;
-    let mut m = Mailtrail::configure("", "", &relay_tables(mx.port(), ""));
+    let mut m = Mailtrail::configure("", "min_free_space = 0\n", &relay_tables(mx.port(), ""));
     let Some(_disk) = SmallDisk::mount(&m.data_dir(), "8m") else {
         return;
     };
@@ -597,7 +597,7 @@ async fn while_the_full_disk_keeps_an_attempt_unrecorded_no_other_mail_goes_out(
     .await;
     let mut m = Mailtrail::configure(
         "",
-        "",
+        "min_free_space = 0\n",
         &relay_tables(mx.port(), "")
             .replace("retry_first = \"1s\"", "retry_first = \"4s\"")
             .replace("retry_max_interval = \"2s\"", "retry_max_interval = \"4s\""),

@@ -962,7 +962,8 @@ fn messages_in_transit_share_a_memory_bound_and_the_one_past_it_is_told_to_retry
 
 #[test]
 fn full_disk_answers_451_and_loses_nothing_acknowledged() {
-    let mut m = Mailtrail::configure("", "", ACCEPT_ONLY);
+    // The store's own path: the free-space check at MAIL (below) is off.
+    let mut m = Mailtrail::configure("", "min_free_space = 0\n", ACCEPT_ONLY);
     let Some(_disk) = SmallDisk::mount(&m.data_dir(), "8m") else {
         return;
     };
@@ -1039,4 +1040,42 @@ fn a_rust_log_that_is_no_level_stops_the_start_as_a_bad_log_level_does() {
         err.contains("RUST_LOG") && err.contains("\"verbose\" is not a level"),
         "{err}"
     );
+}
+
+#[test]
+fn a_disk_below_min_free_space_answers_452_at_mail_before_any_content() {
+    let mut m = Mailtrail::configure("", "min_free_space = 4194304\n", ACCEPT_ONLY);
+    let Some(_disk) = SmallDisk::mount(&m.data_dir(), "8m") else {
+        return;
+    };
+    m.spawn();
+    let first = send_message(&m, "kept@example.org", 4 * 1024);
+    assert!(first.starts_with("250 2.0.0 Ok: queued as"), "{first}");
+    let filler = m.data_dir().join("filler");
+    fill(&filler);
+    // Within a second (the check's own period), MAIL is refused: the client sends no body.
+    let mail_reply = || {
+        let mut c = RawSmtp::connect(m.smtp);
+        assert!(c.cmd("EHLO app.example").starts_with("250"));
+        let reply = c.cmd("MAIL FROM:<app@example.com>");
+        let _ = c.cmd("QUIT");
+        reply
+    };
+    wait_until(
+        "MAIL refused for want of room",
+        Duration::from_secs(10),
+        || mail_reply().starts_with("452 4.3.1 Insufficient system storage"),
+    );
+    assert!(
+        m.server_log()
+            .contains("free space below [smtp] min_free_space")
+    );
+    // Room again: mail is taken, and what was taken before is there.
+    std::fs::remove_file(&filler).unwrap();
+    wait_until("MAIL taken again", Duration::from_secs(10), || {
+        mail_reply().starts_with("250")
+    });
+    let again = send_message(&m, "later@example.org", 4 * 1024);
+    assert!(again.starts_with("250 2.0.0 Ok: queued as"), "{again}");
+    assert_eq!(m.log_json("kept@example.org").len(), 1);
 }

@@ -97,6 +97,10 @@ pub struct SmtpConfig {
     /// Bytes of message content all sessions together hold in memory while receiving and
     /// storing; beyond it a message gets `452 4.3.1`.
     pub max_content_memory: usize,
+    /// Free bytes the data_dir's file system must keep for `MAIL` to be taken; below it
+    /// `452 4.3.1` (Postfix's `queue_minfree`). Unset: 1.5 × `max_message_size`, Postfix's
+    /// own floor; 0: no check.
+    pub min_free_space: Option<u64>,
     pub max_recipients: usize,
     /// Longest command line, CRLF included.
     pub max_command_line: usize,
@@ -140,6 +144,7 @@ impl Default for SmtpConfig {
             tls_key: None,
             max_message_size: 25 * 1024 * 1024,
             max_content_memory: 1024 * 1024 * 1024,
+            min_free_space: None,
             max_recipients: 1000,
             max_command_line: 2048,
             max_data_line: 10_000,
@@ -158,6 +163,12 @@ impl Default for SmtpConfig {
 }
 
 impl SmtpConfig {
+    /// `min_free_space` in force: as set, else 1.5 × `max_message_size`.
+    pub fn min_free_space(&self) -> u64 {
+        self.min_free_space
+            .unwrap_or(self.max_message_size as u64 / 2 * 3)
+    }
+
     pub fn is_relay_client(&self, ip: IpAddr) -> bool {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),

@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod content;
+pub mod disk;
 pub mod message;
 pub mod policy;
 pub mod reply;

@@ -50,6 +50,9 @@ pub struct SessionConfig {
     /// authenticated (anyone sending to the bounce domain): a quarter, so that nobody on
     /// the Internet can hold all of it with slow or unfinished messages.
     pub untrusted_content_memory: ContentMemory,
+    /// Room on the data_dir's file system (`[smtp] min_free_space`): `MAIL` gets
+    /// `452 4.3.1` without it.
+    pub free_space: crate::smtp::disk::FreeSpace,
 }
 
 impl SessionConfig {
@@ -72,6 +75,10 @@ impl SessionConfig {
             max_hops: config.smtp.max_hops,
             tls_available,
             auth_available: !config.smtp.users.is_empty(),
+            free_space: crate::smtp::disk::FreeSpace::keep(
+                config.data_dir.clone(),
+                config.smtp.min_free_space(),
+            ),
             content_memory,
         }
     }
@@ -818,6 +825,10 @@ impl Session {
                     "Message size exceeds fixed maximum message size",
                 ),
             );
+        }
+        // Before the client sends anything it would have to send again (Postfix's words).
+        if self.config.free_space.is_low() {
+            return self.reply(out, Reply::new(452, "4.3.1", "Insufficient system storage"));
         }
         if from.flags & smtp_proto::MAIL_BODY_BINARYMIME != 0 {
             return self.reply(
@@ -1646,7 +1657,28 @@ mod tests {
             auth_available: true,
             content_memory: ContentMemory::new(usize::MAX),
             untrusted_content_memory: ContentMemory::new(usize::MAX),
+            free_space: crate::smtp::disk::FreeSpace::default(),
         }
+    }
+
+    #[test]
+    fn mail_waits_for_room_on_the_disk() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let mut c = client_with(
+            SessionConfig {
+                free_space: crate::smtp::disk::FreeSpace::keep(dir.path().into(), u64::MAX),
+                ..config()
+            },
+            "127.0.0.1",
+            true,
+        );
+        c.send(b"EHLO x\r\n");
+        assert_eq!(
+            c.send(b"MAIL FROM:<a@x.org>\r\n"),
+            "452 4.3.1 Insufficient system storage\r\n"
+        );
+        // No transaction began: RCPT has nothing to join.
+        assert!(c.send(b"RCPT TO:<b@y.org>\r\n").starts_with("503"));
     }
 
     fn client_with(config: SessionConfig, ip: &str, relay_client: bool) -> Client {

@@ -531,6 +531,113 @@ async fn non_ascii_address_without_smtputf8_fails_permanently_before_mail() {
     assert_eq!(ok[0].reply.as_ref().unwrap().code, 250);
 }
 
+/// A scripted MX whose EHLO names `size` as its SIZE keyword (and no 8BITMIME).
+async fn mx_with_size(size: &str) -> TestMx {
+    TestMx::start(Script {
+        extensions: vec![
+            "PIPELINING".into(),
+            size.into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ],
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_message_over_the_peer_size_limit_fails_with_5_3_4_without_mail() {
+    let limit = BODY.len() - 1;
+    let mx = mx_with_size(&format!("SIZE {limit}")).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let replies = conn
+        .transaction(
+            &envelope(&["a@d.test", "b@d.test"]),
+            BODY,
+            Duration::from_secs(2),
+        )
+        .await;
+    let r = per_recipient(&replies);
+    assert_eq!(r.len(), 2);
+    for x in &r {
+        assert_eq!(
+            (x.stage, x.local_permanent, &x.reply),
+            (Stage::Mail, Some("5.3.4"), &None)
+        );
+        assert_eq!(
+            x.text,
+            format!(
+                "message size {} exceeds size limit {limit} of server mx.test[127.0.0.1]",
+                BODY.len()
+            )
+        );
+    }
+    assert!(!mx.commands().iter().any(|c| c.starts_with("MAIL")));
+    // The session is still usable, and a message of exactly the limit goes.
+    let small = &BODY[..limit];
+    let ok = per_recipient(
+        &conn
+            .transaction(&envelope(&["a@d.test"]), small, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(ok[0].reply.as_ref().unwrap().code, 250);
+    assert!(
+        mx.commands()
+            .iter()
+            .any(|c| c.starts_with("MAIL") && c.ends_with(&format!("SIZE={limit}")))
+    );
+}
+
+#[tokio::test]
+async fn the_size_limit_applies_to_the_message_as_converted_to_7bit() {
+    let body = format!(
+        "Subject: t\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Transfer-Encoding: 8bit\r\n\r\n{}\r\n",
+        "\u{e9}".repeat(100)
+    );
+    let converted = mailtrail::delivery::downgrade::to_7bit(body.as_bytes()).len();
+    assert!(converted > body.len() + 100, "QP grows it: {converted}");
+    // Large enough for the 8-bit original, too small for what would be sent.
+    let limit = body.len() + 50;
+    let mx = mx_with_size(&format!("SIZE {limit}")).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let mut env = envelope(&["a@d.test"]);
+    env.eight_bit = true;
+    let r = per_recipient(
+        &conn
+            .transaction(&env, body.as_bytes(), Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(r[0].local_permanent, Some("5.3.4"));
+    assert!(
+        r[0].text.starts_with(&format!(
+            "message size {converted} exceeds size limit {limit} "
+        )),
+        "{}",
+        r[0].text
+    );
+    assert!(!mx.commands().iter().any(|c| c.starts_with("MAIL")));
+}
+
+#[tokio::test]
+async fn size_without_a_number_or_zero_sets_no_limit() {
+    for keyword in ["SIZE", "SIZE 0"] {
+        let mx = mx_with_size(keyword).await;
+        let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+            .await
+            .unwrap();
+        let r = per_recipient(
+            &conn
+                .transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+                .await,
+        );
+        assert_eq!(r[0].reply.as_ref().map(|r| r.code), Some(250), "{keyword}");
+    }
+}
+
 #[tokio::test]
 async fn reply_before_a_hang_up_in_a_pipelined_group_is_kept() {
     let mx = TestMx::start(Script {
@@ -1968,6 +2075,53 @@ mod queue {
         );
         assert_eq!(h.mx.peak_active(), 1);
         assert_eq!(h.mx.connections(), 2);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_next_hops_size_limit_fails_locally_with_a_dsn() {
+        let h = harness(
+            Script {
+                extensions: vec!["PIPELINING".into(), "SIZE 8000".into(), "8BITMIME".into()],
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await;
+        let mut m = message(
+            "app@sender.test",
+            &[("a@dest.test", None), ("b@dest.test", None)],
+        );
+        m.body
+            .extend_from_slice(&[&b"x".repeat(70)[..], b"\r\n"].concat().repeat(200));
+        let size = m.body.len();
+        // Headers only in the DSN, which stays under the limit and so reaches the sender.
+        m.ret = Some(mailtrail::spool::DsnRet::Hdrs);
+        let r = h.submit(m).await;
+        let log = h.wait(r, final_status).await;
+        let text = format!(
+            "message size {size} exceeds size limit 8000 of server mx.dest.test[127.0.0.1]"
+        );
+        for rcpt in &log.recipients {
+            assert_eq!(rcpt.status, RecipientStatus::Failed);
+            assert_eq!(rcpt.last_enhanced_status.as_deref(), Some("5.3.4"));
+            let attempt = rcpt.events.iter().find(|e| e.kind == "attempt").unwrap();
+            assert_eq!(attempt.stage, Some(Stage::Mail));
+            assert_eq!(attempt.reply_code, None);
+            assert_eq!(attempt.reply_text.as_deref(), Some(text.as_str()));
+            assert_eq!(attempt.reason.as_deref(), Some("mesgtoobig"));
+        }
+        // The message was never offered: the one transaction the MX saw is the DSN.
+        let seen = h.wait_mx(1).await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        let dsn = &h.dsn_bodies()[0];
+        assert_reports(dsn, &["a@dest.test", "b@dest.test"]);
+        assert!(dsn.contains("Status: 5.3.4"), "{dsn}");
+        assert!(
+            dsn.contains(&format!("Diagnostic-Code: x-local; {text}")),
+            "{dsn}"
+        );
         h.shutdown.cancel();
         h.handle.join().await;
     }

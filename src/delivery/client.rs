@@ -247,7 +247,8 @@ pub struct TransactionReplies {
     /// What cut the transaction short (timeout, connection lost).
     pub error: Option<String>,
     /// The transaction was not attempted because it cannot succeed on this peer (RFC 3463
-    /// status and text): SMTPUTF8 needed but not offered (RFC 6531 §3.2, `5.6.7`).
+    /// status and text): SMTPUTF8 needed but not offered (RFC 6531 §3.2, `5.6.7`), or the
+    /// message larger than the peer's `SIZE` limit (RFC 1870 §6, `5.3.4`).
     pub refused_locally: Option<(&'static str, String)>,
 }
 
@@ -955,6 +956,11 @@ impl Connection {
         ))
     }
 
+    /// The server as Postfix names it in its own texts: `host[ip]`.
+    pub fn server(&self) -> String {
+        format!("{}[{}]", self.host, self.ip)
+    }
+
     pub fn capabilities(&self) -> u32 {
         self.capabilities.capabilities
     }
@@ -998,6 +1004,21 @@ impl Connection {
         };
         let body = line_limited(body);
         let body = &body[..];
+        // RFC 1870 §6: a message larger than the server's fixed limit (`SIZE N`, N > 0; a
+        // bare `SIZE` or `SIZE 0` sets none) is not offered to it. Measured as it goes out,
+        // converted and line-limited, which is what MAIL's SIZE= declares.
+        let limit = self.capabilities.size;
+        if caps & EXT_SIZE != 0 && limit > 0 && body.len() > limit {
+            out.refused_locally = Some((
+                "5.3.4",
+                format!(
+                    "message size {} exceeds size limit {limit} of server {}",
+                    body.len(),
+                    self.server()
+                ),
+            ));
+            return out;
+        }
         self.clean = false;
         let chunking = caps & EXT_CHUNKING != 0;
         let mut commands = vec![mail_command(env, body.len(), caps)];

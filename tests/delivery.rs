@@ -669,6 +669,74 @@ async fn reply_before_a_hang_up_in_a_pipelined_group_is_kept() {
 }
 
 #[tokio::test]
+async fn a_421_to_an_rcpt_is_recorded_for_every_recipient_still_pending() {
+    for pipelining in [true, false] {
+        let ehlo = if pipelining {
+            "250-mx.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
+        } else {
+            "250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n"
+        };
+        // A server that answers 421 to the second RCPT and closes (RFC 5321 §3.8).
+        let mut closed = false;
+        let (addr, server) = line_peer("220 mx.test\r\n", move |line| {
+            if closed {
+                return None;
+            }
+            let upper = line.to_ascii_uppercase();
+            Some(if upper.starts_with("EHLO") {
+                ehlo.to_string()
+            } else if upper.starts_with("RCPT TO:<B@") {
+                closed = true;
+                "421 4.3.2 Service shutting down\r\n".to_string()
+            } else {
+                "250 2.0.0 Ok\r\n".to_string()
+            })
+        })
+        .await;
+        let mut conn = client::connect(&[target(addr)], &settings(TlsPolicy::None))
+            .await
+            .unwrap();
+        let replies = conn
+            .transaction(
+                &envelope(&["a@d.test", "b@d.test", "c@d.test"]),
+                BODY,
+                Duration::from_secs(2),
+            )
+            .await;
+        assert!(replies.error.is_some(), "the connection is not reused");
+        drop(conn);
+        let r = per_recipient(&replies);
+        for (x, address) in r.iter().zip(["a", "b", "c"]) {
+            let reply = x.reply.as_ref().unwrap_or_else(|| {
+                panic!(
+                    "{address} (pipelining {pipelining}): no reply but {:?}",
+                    x.text
+                )
+            });
+            assert_eq!(
+                (x.stage, reply.code, reply.text.as_str()),
+                (Stage::Rcpt, 421, "Service shutting down"),
+                "{address} (pipelining {pipelining})"
+            );
+        }
+        // The first was accepted before: its RCPT reply stays beside the 421.
+        assert_eq!(r[0].rcpt_reply.as_ref().map(|r| r.code), Some(250));
+        let heard = server.await.unwrap();
+        if !pipelining {
+            // Nothing is sent after the 421.
+            assert!(
+                !heard.iter().any(|l| l.starts_with("RCPT TO:<c@")),
+                "{heard:?}"
+            );
+        }
+        assert!(
+            !heard.iter().any(|l| l == "DATA" || l == "QUIT"),
+            "{heard:?}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn broken_opportunistic_tls_retries_the_host_in_plain_text() {
     let mx = TestMx::start(Script {
         starttls: true,
@@ -2075,6 +2143,40 @@ mod queue {
         );
         assert_eq!(h.mx.peak_active(), 1);
         assert_eq!(h.mx.connections(), 2);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn a_421_at_rcpt_defers_every_recipient_of_the_transaction_with_that_reply() {
+        let h = harness(
+            Script::default().rcpt("b@dest.test", &["421 4.3.2 Service shutting down"]),
+            |c| c.delivery.retry_first = Duration::from_secs(3600),
+        )
+        .await;
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[
+                    ("a@dest.test", None),
+                    ("b@dest.test", None),
+                    ("c@dest.test", None),
+                ],
+            ))
+            .await;
+        let log = h
+            .wait(r, |s| s.iter().all(|s| *s == RecipientStatus::Deferred))
+            .await;
+        for rcpt in &log.recipients {
+            assert_eq!(rcpt.last_reply_code, Some(421), "{}", rcpt.address);
+            assert_eq!(rcpt.last_enhanced_status.as_deref(), Some("4.3.2"));
+            assert_eq!(
+                rcpt.last_reply_text.as_deref(),
+                Some("Service shutting down"),
+                "{}",
+                rcpt.address
+            );
+        }
         h.shutdown.cancel();
         h.handle.join().await;
     }

@@ -404,6 +404,15 @@ pub fn rcpt_command(r: &EnvelopeRecipient, capabilities: u32) -> String {
     cmd
 }
 
+/// What ends a transaction whose server answered `421`.
+const SESSION_ENDED: &str = "the server ended the session (421)";
+
+/// A `421` closes the transmission channel (RFC 5321 §3.8), whatever command it answers:
+/// nothing more is sent or read on that session.
+fn ends_session(reply: &Reply) -> bool {
+    reply.code == 421
+}
+
 /// Writes and flushes `wire`.
 async fn send<S: AsyncWrite + Unpin + ?Sized>(stream: &mut S, wire: &[u8]) -> std::io::Result<()> {
     stream.write_all(wire).await?;
@@ -1037,8 +1046,13 @@ impl Connection {
             for (i, c) in commands.iter().enumerate() {
                 match self.command(c.as_bytes(), self.command_timeout).await {
                     Ok(reply) => {
+                        let ended = ends_session(&reply);
                         let stop = i == 0 && !reply.is_positive();
                         got.push(reply);
+                        if ended {
+                            out.error = Some(SESSION_ENDED.to_string());
+                            break;
+                        }
                         if stop {
                             break;
                         }
@@ -1104,6 +1118,11 @@ impl Connection {
             }
         };
         match result {
+            // The server closes after it (RFC 5321 §3.8): the connection is not reused.
+            Ok(r) if ends_session(&r) => {
+                out.data = Some(r);
+                out.error = Some(SESSION_ENDED.to_string());
+            }
             Ok(r) => out.data = Some(r),
             Err(e) => out.error = Some(e),
         }
@@ -1138,6 +1157,11 @@ impl Connection {
         while out.len() < commands.len() {
             let read = reply_reader::read(stream.as_mut(), &mut self.pending);
             match tokio::time::timeout_at(deadline, read).await {
+                Ok(Ok(reply)) if ends_session(&reply) => {
+                    // The replies after it will never come: the server closes now.
+                    out.push(reply);
+                    return (out, Some(SESSION_ENDED.to_string()));
+                }
                 Ok(Ok(reply)) => out.push(reply),
                 Ok(Err(e)) => return (out, Some(e.to_string())),
                 Err(_) => return (out, Some("timeout waiting for the server".to_string())),
@@ -1227,7 +1251,10 @@ pub struct RecipientResult {
 
 /// Pairs each recipient with the reply that decides it: a failed MAIL (or no MAIL reply)
 /// applies to all; a non-2xx RCPT reply to its recipient; the DATA reply to every accepted
-/// recipient. A missing reply is a temporary failure described by `error`.
+/// recipient. A `421` to an RCPT ends the session (RFC 5321 §3.8), so it is the reply of
+/// every recipient still pending then: those after it, whose replies never came, and those
+/// accepted before it, whose message was never sent. Another missing reply is a temporary
+/// failure described by `error`.
 pub fn per_recipient(t: &TransactionReplies) -> Vec<RecipientResult> {
     let lost = t
         .error
@@ -1260,19 +1287,24 @@ pub fn per_recipient(t: &TransactionReplies) -> Vec<RecipientResult> {
             })
             .collect();
     }
+    let ended_at_rcpt = t.rcpt.iter().flatten().find(|r| ends_session(r));
     t.rcpt
         .iter()
         .map(|rcpt| match &t.mail {
             None => missing(Stage::Mail),
             Some(m) if !m.is_positive() => from_reply(Stage::Mail, m),
             Some(_) => match rcpt {
-                None => missing(Stage::Rcpt),
+                None => match ended_at_rcpt {
+                    Some(r) => from_reply(Stage::Rcpt, r),
+                    None => missing(Stage::Rcpt),
+                },
                 Some(r) if !r.is_positive() => from_reply(Stage::Rcpt, r),
                 Some(accepted) => RecipientResult {
                     rcpt_reply: Some(accepted.clone()),
-                    ..match &t.data {
-                        Some(d) => from_reply(Stage::Data, d),
-                        None => missing(Stage::Data),
+                    ..match (&t.data, ended_at_rcpt) {
+                        (Some(d), _) => from_reply(Stage::Data, d),
+                        (None, Some(r)) => from_reply(Stage::Rcpt, r),
+                        (None, None) => missing(Stage::Data),
                     }
                 },
             },
@@ -1518,6 +1550,38 @@ mod tests {
         assert_eq!(r[0].reply, None);
         assert_eq!(r[0].text, "connection lost");
         assert_eq!(r[1].reply.as_ref().unwrap().code, 550);
+    }
+
+    #[test]
+    fn a_421_to_an_rcpt_is_the_reply_of_every_recipient_still_pending() {
+        let t = TransactionReplies {
+            mail: Some(reply(250, None, "ok")),
+            rcpt: vec![
+                Some(reply(250, None, "ok")),
+                Some(reply(550, Some("5.1.1"), "user unknown")),
+                Some(reply(421, Some("4.3.2"), "shutting down")),
+                None,
+            ],
+            data: None,
+            error: Some("connection closed by server".into()),
+            refused_locally: None,
+        };
+        let r = per_recipient(&t);
+        let got: Vec<(Stage, Option<u16>)> = r
+            .iter()
+            .map(|r| (r.stage, r.reply.as_ref().map(|r| r.code)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Stage::Rcpt, Some(421)),
+                (Stage::Rcpt, Some(550)),
+                (Stage::Rcpt, Some(421)),
+                (Stage::Rcpt, Some(421)),
+            ]
+        );
+        assert_eq!(r[0].rcpt_reply.as_ref().map(|r| r.code), Some(250));
+        assert_eq!(r[3].text, "shutting down");
     }
 
     #[test]

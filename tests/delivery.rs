@@ -568,8 +568,9 @@ async fn a_message_over_the_peer_size_limit_fails_with_5_3_4_without_mail() {
         assert_eq!(
             x.text,
             format!(
-                "message size {} exceeds size limit {limit} of server mx.test[127.0.0.1]",
-                BODY.len()
+                "message size {} exceeds size limit {limit} of server mx.test[127.0.0.1]:{}",
+                BODY.len(),
+                mx.addr.port()
             )
         );
     }
@@ -1068,6 +1069,7 @@ mod queue {
         assert_eq!(attempt.stage, Some(Stage::Data));
         assert_eq!(attempt.remote_host.as_deref(), Some("mx.dest.test"));
         assert_eq!(attempt.remote_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(attempt.remote_port, Some(h.mx.port()));
         assert_eq!(attempt.reply_text.as_deref(), Some("Ok: queued as TEST1"));
         let unknown = &log.recipients[1];
         assert_eq!(unknown.last_reply_code, Some(550));
@@ -2203,7 +2205,8 @@ mod queue {
         let r = h.submit(m).await;
         let log = h.wait(r, final_status).await;
         let text = format!(
-            "message size {size} exceeds size limit 8000 of server mx.dest.test[127.0.0.1]"
+            "message size {size} exceeds size limit 8000 of server mx.dest.test[127.0.0.1]:{}",
+            h.mx.port()
         );
         for rcpt in &log.recipients {
             assert_eq!(rcpt.status, RecipientStatus::Failed);

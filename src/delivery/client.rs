@@ -172,6 +172,7 @@ pub struct SessionError {
     pub greeting_refused: bool,
     pub remote_host: Option<String>,
     pub remote_ip: Option<IpAddr>,
+    pub remote_port: Option<u16>,
     pub tls: Option<TlsInfo>,
     /// The STARTTLS handshake failed (the session is gone).
     pub tls_handshake_failed: bool,
@@ -188,6 +189,7 @@ pub struct Connection {
     client: SmtpClient<Box<dyn Io>>,
     pub host: String,
     pub ip: IpAddr,
+    pub port: u16,
     pub tls: Option<TlsInfo>,
     capabilities: EhloResponse<String>,
     pub opened_at: Instant,
@@ -404,6 +406,15 @@ pub fn rcpt_command(r: &EnvelopeRecipient, capabilities: u32) -> String {
     cmd
 }
 
+/// A next hop as Postfix names it (`relay=`): `host[ip]`, with `:port` when the port is not
+/// 25, so that routes to several ports of one address can be told apart.
+pub fn server_name(host: &str, ip: IpAddr, port: u16) -> String {
+    match port {
+        25 => format!("{host}[{ip}]"),
+        _ => format!("{host}[{ip}]:{port}"),
+    }
+}
+
 /// What ends a transaction whose server answered `421`.
 const SESSION_ENDED: &str = "the server ended the session (421)";
 
@@ -579,6 +590,7 @@ pub async fn connect(
         permanent: false,
         remote_host: None,
         remote_ip: None,
+        remote_port: None,
         tls: None,
         tls_handshake_failed: false,
         security: false,
@@ -665,10 +677,14 @@ async fn connect_one(
         SessionError {
             stage: Stage::Connect,
             reply,
-            text: format!("{} [{}]: {text}", target.host, target.addr.ip()),
+            text: format!(
+                "{}: {text}",
+                server_name(&target.host, target.addr.ip(), target.addr.port())
+            ),
             permanent,
             remote_host: Some(target.host.clone()),
             remote_ip: Some(target.addr.ip()),
+            remote_port: Some(target.addr.port()),
             tls,
             tls_handshake_failed: false,
             security: false,
@@ -764,6 +780,7 @@ async fn connect_one(
         client,
         host: target.host.clone(),
         ip: target.addr.ip(),
+        port: target.addr.port(),
         tls,
         capabilities,
         opened_at: Instant::now(),
@@ -965,9 +982,9 @@ impl Connection {
         ))
     }
 
-    /// The server as Postfix names it in its own texts: `host[ip]`.
+    /// The server as Postfix names it: `host[ip]`, `host[ip]:port` off port 25.
     pub fn server(&self) -> String {
-        format!("{}[{}]", self.host, self.ip)
+        server_name(&self.host, self.ip, self.port)
     }
 
     pub fn capabilities(&self) -> u32 {

@@ -597,7 +597,7 @@ async fn the_size_limit_applies_to_the_message_as_converted_to_7bit() {
          Content-Transfer-Encoding: 8bit\r\n\r\n{}\r\n",
         "\u{e9}".repeat(100)
     );
-    let converted = mailtrail::delivery::downgrade::to_7bit(body.as_bytes()).len();
+    let converted = mailtrail::delivery::downgrade::to_7bit(body.as_bytes(), false).len();
     assert!(converted > body.len() + 100, "QP grows it: {converted}");
     // Large enough for the 8-bit original, too small for what would be sent.
     let limit = body.len() + 50;
@@ -2179,6 +2179,63 @@ mod queue {
                 rcpt.address
             );
         }
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn a_global_dsn_to_a_next_hop_without_8bitmime_or_smtputf8_goes_as_7bit() {
+        // Neither 8BITMIME nor SMTPUTF8: the DSN must go without an 8-bit octet.
+        let h = harness(
+            Script {
+                extensions: vec!["PIPELINING".into(), "DSN".into()],
+                ..Default::default()
+            }
+            .rcpt("gone@dest.test", &["550 5.1.1 Empf\u{e4}nger unbekannt"]),
+            |_| {},
+        )
+        .await;
+        let mut m = message("app@sender.test", &[("gone@dest.test", None)]);
+        m.smtputf8 = true;
+        m.eight_bit = true;
+        m.body = "From: app@sender.test\r\nSubject: Gr\u{fc}\u{df}e\r\nMessage-ID: <m1@app>\r\n\
+                  \r\nHallo J\u{f6}rg\r\n"
+            .as_bytes()
+            .to_vec();
+        let r = h.submit(m).await;
+        h.wait(r, final_status).await;
+        // Refused at RCPT, the original makes no transaction: the one seen is the DSN.
+        let seen = h.wait_mx(1).await;
+        let dsn = seen
+            .iter()
+            .find(|t| t.mail_from.starts_with("<>"))
+            .expect("a DSN");
+        let text = String::from_utf8_lossy(&dsn.body);
+        assert!(
+            text.contains("report-type=global-delivery-status"),
+            "{text}"
+        );
+        assert!(dsn.body.is_ascii(), "an 8-bit octet went out:\n{text}");
+        for ctype in ["message/global-delivery-status", "message/global"] {
+            assert!(
+                text.contains(&format!(
+                    "Content-Type: {ctype}\r\nContent-Transfer-Encoding: quoted-printable\r\n"
+                )),
+                "{ctype}:\n{text}"
+            );
+        }
+        // Still a report that reads as one: what it says about the recipient decodes back.
+        let records = mailtrail::bounce::parse(&dsn.body);
+        assert_eq!(records.len(), 1, "{records:?}\n{text}");
+        assert_eq!(records[0].recipient, "gone@dest.test");
+        assert_eq!(records[0].status.as_deref(), Some("5.1.1"));
+        assert!(
+            records[0]
+                .diagnostic
+                .as_deref()
+                .is_some_and(|d| d.contains("Empf\u{e4}nger")),
+            "{records:?}"
+        );
         h.shutdown.cancel();
         h.handle.join().await;
     }

@@ -1024,7 +1024,7 @@ impl Connection {
         }
         // RFC 6152 §3: 8-bit content reaches a server without 8BITMIME only converted.
         let body = if caps & EXT_8BIT_MIME == 0 {
-            super::downgrade::to_7bit(body)
+            super::downgrade::to_7bit(body, caps & EXT_SMTP_UTF8 != 0)
         } else {
             Cow::Borrowed(body)
         };

@@ -531,6 +531,114 @@ async fn non_ascii_address_without_smtputf8_fails_permanently_before_mail() {
     assert_eq!(ok[0].reply.as_ref().unwrap().code, 250);
 }
 
+/// A scripted MX whose EHLO names `size` as its SIZE keyword (and no 8BITMIME).
+async fn mx_with_size(size: &str) -> TestMx {
+    TestMx::start(Script {
+        extensions: vec![
+            "PIPELINING".into(),
+            size.into(),
+            "ENHANCEDSTATUSCODES".into(),
+        ],
+        ..Default::default()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_message_over_the_peer_size_limit_fails_with_5_3_4_without_mail() {
+    let limit = BODY.len() - 1;
+    let mx = mx_with_size(&format!("SIZE {limit}")).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let replies = conn
+        .transaction(
+            &envelope(&["a@d.test", "b@d.test"]),
+            BODY,
+            Duration::from_secs(2),
+        )
+        .await;
+    let r = per_recipient(&replies);
+    assert_eq!(r.len(), 2);
+    for x in &r {
+        assert_eq!(
+            (x.stage, x.local_permanent, &x.reply),
+            (Stage::Mail, Some("5.3.4"), &None)
+        );
+        assert_eq!(
+            x.text,
+            format!(
+                "message size {} exceeds size limit {limit} of server mx.test[127.0.0.1]:{}",
+                BODY.len(),
+                mx.addr.port()
+            )
+        );
+    }
+    assert!(!mx.commands().iter().any(|c| c.starts_with("MAIL")));
+    // The session is still usable, and a message of exactly the limit goes.
+    let small = &BODY[..limit];
+    let ok = per_recipient(
+        &conn
+            .transaction(&envelope(&["a@d.test"]), small, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(ok[0].reply.as_ref().unwrap().code, 250);
+    assert!(
+        mx.commands()
+            .iter()
+            .any(|c| c.starts_with("MAIL") && c.ends_with(&format!("SIZE={limit}")))
+    );
+}
+
+#[tokio::test]
+async fn the_size_limit_applies_to_the_message_as_converted_to_7bit() {
+    let body = format!(
+        "Subject: t\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Transfer-Encoding: 8bit\r\n\r\n{}\r\n",
+        "\u{e9}".repeat(100)
+    );
+    let converted = mailtrail::delivery::downgrade::to_7bit(body.as_bytes(), false).len();
+    assert!(converted > body.len() + 100, "QP grows it: {converted}");
+    // Large enough for the 8-bit original, too small for what would be sent.
+    let limit = body.len() + 50;
+    let mx = mx_with_size(&format!("SIZE {limit}")).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let mut env = envelope(&["a@d.test"]);
+    env.eight_bit = true;
+    let r = per_recipient(
+        &conn
+            .transaction(&env, body.as_bytes(), Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(r[0].local_permanent, Some("5.3.4"));
+    assert!(
+        r[0].text.starts_with(&format!(
+            "message size {converted} exceeds size limit {limit} "
+        )),
+        "{}",
+        r[0].text
+    );
+    assert!(!mx.commands().iter().any(|c| c.starts_with("MAIL")));
+}
+
+#[tokio::test]
+async fn size_without_a_number_or_zero_sets_no_limit() {
+    for keyword in ["SIZE", "SIZE 0"] {
+        let mx = mx_with_size(keyword).await;
+        let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+            .await
+            .unwrap();
+        let r = per_recipient(
+            &conn
+                .transaction(&envelope(&["a@d.test"]), BODY, Duration::from_secs(2))
+                .await,
+        );
+        assert_eq!(r[0].reply.as_ref().map(|r| r.code), Some(250), "{keyword}");
+    }
+}
+
 #[tokio::test]
 async fn reply_before_a_hang_up_in_a_pipelined_group_is_kept() {
     let mx = TestMx::start(Script {
@@ -557,6 +665,74 @@ async fn reply_before_a_hang_up_in_a_pipelined_group_is_kept() {
         assert_eq!(
             (reply.code, reply.text.as_str()),
             (421, "Service shutting down")
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_421_to_an_rcpt_is_recorded_for_every_recipient_still_pending() {
+    for pipelining in [true, false] {
+        let ehlo = if pipelining {
+            "250-mx.test\r\n250-PIPELINING\r\n250 ENHANCEDSTATUSCODES\r\n"
+        } else {
+            "250-mx.test\r\n250 ENHANCEDSTATUSCODES\r\n"
+        };
+        // A server that answers 421 to the second RCPT and closes (RFC 5321 §3.8).
+        let mut closed = false;
+        let (addr, server) = line_peer("220 mx.test\r\n", move |line| {
+            if closed {
+                return None;
+            }
+            let upper = line.to_ascii_uppercase();
+            Some(if upper.starts_with("EHLO") {
+                ehlo.to_string()
+            } else if upper.starts_with("RCPT TO:<B@") {
+                closed = true;
+                "421 4.3.2 Service shutting down\r\n".to_string()
+            } else {
+                "250 2.0.0 Ok\r\n".to_string()
+            })
+        })
+        .await;
+        let mut conn = client::connect(&[target(addr)], &settings(TlsPolicy::None))
+            .await
+            .unwrap();
+        let replies = conn
+            .transaction(
+                &envelope(&["a@d.test", "b@d.test", "c@d.test"]),
+                BODY,
+                Duration::from_secs(2),
+            )
+            .await;
+        assert!(replies.error.is_some(), "the connection is not reused");
+        drop(conn);
+        let r = per_recipient(&replies);
+        for (x, address) in r.iter().zip(["a", "b", "c"]) {
+            let reply = x.reply.as_ref().unwrap_or_else(|| {
+                panic!(
+                    "{address} (pipelining {pipelining}): no reply but {:?}",
+                    x.text
+                )
+            });
+            assert_eq!(
+                (x.stage, reply.code, reply.text.as_str()),
+                (Stage::Rcpt, 421, "Service shutting down"),
+                "{address} (pipelining {pipelining})"
+            );
+        }
+        // The first was accepted before: its RCPT reply stays beside the 421.
+        assert_eq!(r[0].rcpt_reply.as_ref().map(|r| r.code), Some(250));
+        let heard = server.await.unwrap();
+        if !pipelining {
+            // Nothing is sent after the 421.
+            assert!(
+                !heard.iter().any(|l| l.starts_with("RCPT TO:<c@")),
+                "{heard:?}"
+            );
+        }
+        assert!(
+            !heard.iter().any(|l| l == "DATA" || l == "QUIT"),
+            "{heard:?}"
         );
     }
 }
@@ -893,6 +1069,7 @@ mod queue {
         assert_eq!(attempt.stage, Some(Stage::Data));
         assert_eq!(attempt.remote_host.as_deref(), Some("mx.dest.test"));
         assert_eq!(attempt.remote_ip.as_deref(), Some("127.0.0.1"));
+        assert_eq!(attempt.remote_port, Some(h.mx.port()));
         assert_eq!(attempt.reply_text.as_deref(), Some("Ok: queued as TEST1"));
         let unknown = &log.recipients[1];
         assert_eq!(unknown.last_reply_code, Some(550));
@@ -1968,6 +2145,145 @@ mod queue {
         );
         assert_eq!(h.mx.peak_active(), 1);
         assert_eq!(h.mx.connections(), 2);
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn a_421_at_rcpt_defers_every_recipient_of_the_transaction_with_that_reply() {
+        let h = harness(
+            Script::default().rcpt("b@dest.test", &["421 4.3.2 Service shutting down"]),
+            |c| c.delivery.retry_first = Duration::from_secs(3600),
+        )
+        .await;
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[
+                    ("a@dest.test", None),
+                    ("b@dest.test", None),
+                    ("c@dest.test", None),
+                ],
+            ))
+            .await;
+        let log = h
+            .wait(r, |s| s.iter().all(|s| *s == RecipientStatus::Deferred))
+            .await;
+        for rcpt in &log.recipients {
+            assert_eq!(rcpt.last_reply_code, Some(421), "{}", rcpt.address);
+            assert_eq!(rcpt.last_enhanced_status.as_deref(), Some("4.3.2"));
+            assert_eq!(
+                rcpt.last_reply_text.as_deref(),
+                Some("Service shutting down"),
+                "{}",
+                rcpt.address
+            );
+        }
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn a_global_dsn_to_a_next_hop_without_8bitmime_or_smtputf8_goes_as_7bit() {
+        // Neither 8BITMIME nor SMTPUTF8: the DSN must go without an 8-bit octet.
+        let h = harness(
+            Script {
+                extensions: vec!["PIPELINING".into(), "DSN".into()],
+                ..Default::default()
+            }
+            .rcpt("gone@dest.test", &["550 5.1.1 Empf\u{e4}nger unbekannt"]),
+            |_| {},
+        )
+        .await;
+        let mut m = message("app@sender.test", &[("gone@dest.test", None)]);
+        m.smtputf8 = true;
+        m.eight_bit = true;
+        m.body = "From: app@sender.test\r\nSubject: Gr\u{fc}\u{df}e\r\nMessage-ID: <m1@app>\r\n\
+                  \r\nHallo J\u{f6}rg\r\n"
+            .as_bytes()
+            .to_vec();
+        let r = h.submit(m).await;
+        h.wait(r, final_status).await;
+        // Refused at RCPT, the original makes no transaction: the one seen is the DSN.
+        let seen = h.wait_mx(1).await;
+        let dsn = seen
+            .iter()
+            .find(|t| t.mail_from.starts_with("<>"))
+            .expect("a DSN");
+        let text = String::from_utf8_lossy(&dsn.body);
+        assert!(
+            text.contains("report-type=global-delivery-status"),
+            "{text}"
+        );
+        assert!(dsn.body.is_ascii(), "an 8-bit octet went out:\n{text}");
+        for ctype in ["message/global-delivery-status", "message/global"] {
+            assert!(
+                text.contains(&format!(
+                    "Content-Type: {ctype}\r\nContent-Transfer-Encoding: quoted-printable\r\n"
+                )),
+                "{ctype}:\n{text}"
+            );
+        }
+        // Still a report that reads as one: what it says about the recipient decodes back.
+        let records = mailtrail::bounce::parse(&dsn.body);
+        assert_eq!(records.len(), 1, "{records:?}\n{text}");
+        assert_eq!(records[0].recipient, "gone@dest.test");
+        assert_eq!(records[0].status.as_deref(), Some("5.1.1"));
+        assert!(
+            records[0]
+                .diagnostic
+                .as_deref()
+                .is_some_and(|d| d.contains("Empf\u{e4}nger")),
+            "{records:?}"
+        );
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn a_message_over_the_next_hops_size_limit_fails_locally_with_a_dsn() {
+        let h = harness(
+            Script {
+                extensions: vec!["PIPELINING".into(), "SIZE 8000".into(), "8BITMIME".into()],
+                ..Default::default()
+            },
+            |_| {},
+        )
+        .await;
+        let mut m = message(
+            "app@sender.test",
+            &[("a@dest.test", None), ("b@dest.test", None)],
+        );
+        m.body
+            .extend_from_slice(&[&b"x".repeat(70)[..], b"\r\n"].concat().repeat(200));
+        let size = m.body.len();
+        // Headers only in the DSN, which stays under the limit and so reaches the sender.
+        m.ret = Some(mailtrail::spool::DsnRet::Hdrs);
+        let r = h.submit(m).await;
+        let log = h.wait(r, final_status).await;
+        let text = format!(
+            "message size {size} exceeds size limit 8000 of server mx.dest.test[127.0.0.1]:{}",
+            h.mx.port()
+        );
+        for rcpt in &log.recipients {
+            assert_eq!(rcpt.status, RecipientStatus::Failed);
+            assert_eq!(rcpt.last_enhanced_status.as_deref(), Some("5.3.4"));
+            let attempt = rcpt.events.iter().find(|e| e.kind == "attempt").unwrap();
+            assert_eq!(attempt.stage, Some(Stage::Mail));
+            assert_eq!(attempt.reply_code, None);
+            assert_eq!(attempt.reply_text.as_deref(), Some(text.as_str()));
+            assert_eq!(attempt.reason.as_deref(), Some("mesgtoobig"));
+        }
+        // The message was never offered: the one transaction the MX saw is the DSN.
+        let seen = h.wait_mx(1).await;
+        assert_eq!(seen.len(), 1, "{seen:?}");
+        let dsn = &h.dsn_bodies()[0];
+        assert_reports(dsn, &["a@dest.test", "b@dest.test"]);
+        assert!(dsn.contains("Status: 5.3.4"), "{dsn}");
+        assert!(
+            dsn.contains(&format!("Diagnostic-Code: x-local; {text}")),
+            "{dsn}"
+        );
         h.shutdown.cancel();
         h.handle.join().await;
     }

@@ -101,6 +101,8 @@ async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
         "decided at RCPT: {later}"
     );
     assert_eq!(attempts[0]["remote_ip"], "127.0.0.1");
+    // The route's port, not 25, is recorded and shown: one address can serve several routes.
+    assert_eq!(attempts[0]["remote_port"], mx.port());
 
     // The text log shows the remote replies verbatim.
     let text = m.cli_ok(&["log", &receipt]);
@@ -109,6 +111,10 @@ async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
         "{text}"
     );
     assert!(text.contains("451 4.3.0"), "{text}");
+    assert!(
+        text.contains(&format!(" 127.0.0.1 [127.0.0.1]:{} ", mx.port())),
+        "{text}"
+    );
     assert!(text.contains("RCPT: 250 2.1.5 Ok"), "{text}");
     assert!(
         text.contains("DATA: 250 2.0.0 Ok: queued as TEST1"),
@@ -139,6 +145,8 @@ async fn records_delivered_failed_and_retried_recipients_and_sends_a_dsn() {
     );
     assert!(body.contains("Action: failed"), "{body}");
     assert!(body.contains("Status: 5.1.1"), "{body}");
+    // RFC 3464 §2.3.5: a `dns` MTA name is a host name, without the port.
+    assert!(body.contains("Remote-MTA: dns; 127.0.0.1\r\n"), "{body}");
     assert!(
         !body.contains("Final-Recipient: rfc822; ok@dest.test"),
         "{body}"

@@ -303,6 +303,10 @@ fn render_event(out: &mut String, e: &EventLog) {
     match (&e.remote_host, &e.remote_ip) {
         (Some(h), Some(ip)) => {
             let _ = write!(out, " {} [{}]", sanitize(h), sanitize(ip));
+            // Postfix's `[ip]:port` off port 25: one address can serve several routes.
+            if let Some(port) = e.remote_port.filter(|p| *p != 25) {
+                let _ = write!(out, ":{port}");
+            }
         }
         (Some(h), None) => {
             let _ = write!(out, " {}", sanitize(h));
@@ -633,6 +637,7 @@ mod tests {
                         stage: None,
                         remote_host: None,
                         remote_ip: None,
+                        remote_port: None,
                         tls_version: None,
                         reply_code: None,
                         enhanced_status: None,
@@ -648,6 +653,7 @@ mod tests {
                         stage: Some(Stage::Rcpt),
                         remote_host: Some("mx1.example.net".into()),
                         remote_ip: Some("192.0.2.25".into()),
+                        remote_port: Some(2525),
                         tls_version: Some("TLSv1_3".into()),
                         reply_code: Some(451),
                         enhanced_status: Some("4.7.1".into()),
@@ -689,7 +695,7 @@ mod tests {
   to <bob@example.net>: deferred (greylisting), 1 attempt, next attempt 2026-11-23T18:05:02.000Z: 451 4.7.1 Greylisted
       please retry
     2026-11-23T18:00:00.000Z  accepted queued
-    2026-11-23T18:00:02.000Z  attempt deferred at rcpt mx1.example.net [192.0.2.25] TLSv1_3 87ms reason=greylisting
+    2026-11-23T18:00:02.000Z  attempt deferred at rcpt mx1.example.net [192.0.2.25]:2525 TLSv1_3 87ms reason=greylisting
       451 4.7.1 Greylisted
       please retry
 ";
@@ -801,6 +807,24 @@ mod tests {
         assert_eq!(e["stage"], "rcpt");
         assert_eq!(e["reply_text"], "Greylisted\nplease retry");
         assert_eq!(e["remote_ip"], "192.0.2.25");
+        assert_eq!(e["remote_port"], 2525);
+    }
+
+    #[test]
+    fn the_remote_port_is_shown_only_off_port_25() {
+        let mut m = sample();
+        m.recipients[0].events[1].remote_port = Some(25);
+        let text = render_text(&[m.clone()]);
+        assert!(
+            text.contains(" mx1.example.net [192.0.2.25] TLSv1_3"),
+            "{text}"
+        );
+        m.recipients[0].events[1].remote_port = None;
+        let text = render_text(&[m]);
+        assert!(
+            text.contains(" mx1.example.net [192.0.2.25] TLSv1_3"),
+            "{text}"
+        );
     }
 
     #[test]

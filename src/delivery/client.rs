@@ -172,6 +172,7 @@ pub struct SessionError {
     pub greeting_refused: bool,
     pub remote_host: Option<String>,
     pub remote_ip: Option<IpAddr>,
+    pub remote_port: Option<u16>,
     pub tls: Option<TlsInfo>,
     /// The STARTTLS handshake failed (the session is gone).
     pub tls_handshake_failed: bool,
@@ -188,6 +189,7 @@ pub struct Connection {
     client: SmtpClient<Box<dyn Io>>,
     pub host: String,
     pub ip: IpAddr,
+    pub port: u16,
     pub tls: Option<TlsInfo>,
     capabilities: EhloResponse<String>,
     pub opened_at: Instant,
@@ -247,7 +249,8 @@ pub struct TransactionReplies {
     /// What cut the transaction short (timeout, connection lost).
     pub error: Option<String>,
     /// The transaction was not attempted because it cannot succeed on this peer (RFC 3463
-    /// status and text): SMTPUTF8 needed but not offered (RFC 6531 §3.2, `5.6.7`).
+    /// status and text): SMTPUTF8 needed but not offered (RFC 6531 §3.2, `5.6.7`), or the
+    /// message larger than the peer's `SIZE` limit (RFC 1870 §6, `5.3.4`).
     pub refused_locally: Option<(&'static str, String)>,
 }
 
@@ -401,6 +404,24 @@ pub fn rcpt_command(r: &EnvelopeRecipient, capabilities: u32) -> String {
     }
     cmd.push_str("\r\n");
     cmd
+}
+
+/// A next hop as Postfix names it (`relay=`): `host[ip]`, with `:port` when the port is not
+/// 25, so that routes to several ports of one address can be told apart.
+pub fn server_name(host: &str, ip: IpAddr, port: u16) -> String {
+    match port {
+        25 => format!("{host}[{ip}]"),
+        _ => format!("{host}[{ip}]:{port}"),
+    }
+}
+
+/// What ends a transaction whose server answered `421`.
+const SESSION_ENDED: &str = "the server ended the session (421)";
+
+/// A `421` closes the transmission channel (RFC 5321 §3.8), whatever command it answers:
+/// nothing more is sent or read on that session.
+fn ends_session(reply: &Reply) -> bool {
+    reply.code == 421
 }
 
 /// Writes and flushes `wire`.
@@ -569,6 +590,7 @@ pub async fn connect(
         permanent: false,
         remote_host: None,
         remote_ip: None,
+        remote_port: None,
         tls: None,
         tls_handshake_failed: false,
         security: false,
@@ -655,10 +677,14 @@ async fn connect_one(
         SessionError {
             stage: Stage::Connect,
             reply,
-            text: format!("{} [{}]: {text}", target.host, target.addr.ip()),
+            text: format!(
+                "{}: {text}",
+                server_name(&target.host, target.addr.ip(), target.addr.port())
+            ),
             permanent,
             remote_host: Some(target.host.clone()),
             remote_ip: Some(target.addr.ip()),
+            remote_port: Some(target.addr.port()),
             tls,
             tls_handshake_failed: false,
             security: false,
@@ -754,6 +780,7 @@ async fn connect_one(
         client,
         host: target.host.clone(),
         ip: target.addr.ip(),
+        port: target.addr.port(),
         tls,
         capabilities,
         opened_at: Instant::now(),
@@ -955,6 +982,11 @@ impl Connection {
         ))
     }
 
+    /// The server as Postfix names it: `host[ip]`, `host[ip]:port` off port 25.
+    pub fn server(&self) -> String {
+        server_name(&self.host, self.ip, self.port)
+    }
+
     pub fn capabilities(&self) -> u32 {
         self.capabilities.capabilities
     }
@@ -992,12 +1024,27 @@ impl Connection {
         }
         // RFC 6152 §3: 8-bit content reaches a server without 8BITMIME only converted.
         let body = if caps & EXT_8BIT_MIME == 0 {
-            super::downgrade::to_7bit(body)
+            super::downgrade::to_7bit(body, caps & EXT_SMTP_UTF8 != 0)
         } else {
             Cow::Borrowed(body)
         };
         let body = line_limited(body);
         let body = &body[..];
+        // RFC 1870 §6: a message larger than the server's fixed limit (`SIZE N`, N > 0; a
+        // bare `SIZE` or `SIZE 0` sets none) is not offered to it. Measured as it goes out,
+        // converted and line-limited, which is what MAIL's SIZE= declares.
+        let limit = self.capabilities.size;
+        if caps & EXT_SIZE != 0 && limit > 0 && body.len() > limit {
+            out.refused_locally = Some((
+                "5.3.4",
+                format!(
+                    "message size {} exceeds size limit {limit} of server {}",
+                    body.len(),
+                    self.server()
+                ),
+            ));
+            return out;
+        }
         self.clean = false;
         let chunking = caps & EXT_CHUNKING != 0;
         let mut commands = vec![mail_command(env, body.len(), caps)];
@@ -1016,8 +1063,13 @@ impl Connection {
             for (i, c) in commands.iter().enumerate() {
                 match self.command(c.as_bytes(), self.command_timeout).await {
                     Ok(reply) => {
+                        let ended = ends_session(&reply);
                         let stop = i == 0 && !reply.is_positive();
                         got.push(reply);
+                        if ended {
+                            out.error = Some(SESSION_ENDED.to_string());
+                            break;
+                        }
                         if stop {
                             break;
                         }
@@ -1083,6 +1135,11 @@ impl Connection {
             }
         };
         match result {
+            // The server closes after it (RFC 5321 §3.8): the connection is not reused.
+            Ok(r) if ends_session(&r) => {
+                out.data = Some(r);
+                out.error = Some(SESSION_ENDED.to_string());
+            }
             Ok(r) => out.data = Some(r),
             Err(e) => out.error = Some(e),
         }
@@ -1117,6 +1174,11 @@ impl Connection {
         while out.len() < commands.len() {
             let read = reply_reader::read(stream.as_mut(), &mut self.pending);
             match tokio::time::timeout_at(deadline, read).await {
+                Ok(Ok(reply)) if ends_session(&reply) => {
+                    // The replies after it will never come: the server closes now.
+                    out.push(reply);
+                    return (out, Some(SESSION_ENDED.to_string()));
+                }
                 Ok(Ok(reply)) => out.push(reply),
                 Ok(Err(e)) => return (out, Some(e.to_string())),
                 Err(_) => return (out, Some("timeout waiting for the server".to_string())),
@@ -1206,7 +1268,10 @@ pub struct RecipientResult {
 
 /// Pairs each recipient with the reply that decides it: a failed MAIL (or no MAIL reply)
 /// applies to all; a non-2xx RCPT reply to its recipient; the DATA reply to every accepted
-/// recipient. A missing reply is a temporary failure described by `error`.
+/// recipient. A `421` to an RCPT ends the session (RFC 5321 §3.8), so it is the reply of
+/// every recipient still pending then: those after it, whose replies never came, and those
+/// accepted before it, whose message was never sent. Another missing reply is a temporary
+/// failure described by `error`.
 pub fn per_recipient(t: &TransactionReplies) -> Vec<RecipientResult> {
     let lost = t
         .error
@@ -1239,19 +1304,24 @@ pub fn per_recipient(t: &TransactionReplies) -> Vec<RecipientResult> {
             })
             .collect();
     }
+    let ended_at_rcpt = t.rcpt.iter().flatten().find(|r| ends_session(r));
     t.rcpt
         .iter()
         .map(|rcpt| match &t.mail {
             None => missing(Stage::Mail),
             Some(m) if !m.is_positive() => from_reply(Stage::Mail, m),
             Some(_) => match rcpt {
-                None => missing(Stage::Rcpt),
+                None => match ended_at_rcpt {
+                    Some(r) => from_reply(Stage::Rcpt, r),
+                    None => missing(Stage::Rcpt),
+                },
                 Some(r) if !r.is_positive() => from_reply(Stage::Rcpt, r),
                 Some(accepted) => RecipientResult {
                     rcpt_reply: Some(accepted.clone()),
-                    ..match &t.data {
-                        Some(d) => from_reply(Stage::Data, d),
-                        None => missing(Stage::Data),
+                    ..match (&t.data, ended_at_rcpt) {
+                        (Some(d), _) => from_reply(Stage::Data, d),
+                        (None, Some(r)) => from_reply(Stage::Rcpt, r),
+                        (None, None) => missing(Stage::Data),
                     }
                 },
             },
@@ -1497,6 +1567,38 @@ mod tests {
         assert_eq!(r[0].reply, None);
         assert_eq!(r[0].text, "connection lost");
         assert_eq!(r[1].reply.as_ref().unwrap().code, 550);
+    }
+
+    #[test]
+    fn a_421_to_an_rcpt_is_the_reply_of_every_recipient_still_pending() {
+        let t = TransactionReplies {
+            mail: Some(reply(250, None, "ok")),
+            rcpt: vec![
+                Some(reply(250, None, "ok")),
+                Some(reply(550, Some("5.1.1"), "user unknown")),
+                Some(reply(421, Some("4.3.2"), "shutting down")),
+                None,
+            ],
+            data: None,
+            error: Some("connection closed by server".into()),
+            refused_locally: None,
+        };
+        let r = per_recipient(&t);
+        let got: Vec<(Stage, Option<u16>)> = r
+            .iter()
+            .map(|r| (r.stage, r.reply.as_ref().map(|r| r.code)))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (Stage::Rcpt, Some(421)),
+                (Stage::Rcpt, Some(550)),
+                (Stage::Rcpt, Some(421)),
+                (Stage::Rcpt, Some(421)),
+            ]
+        );
+        assert_eq!(r[0].rcpt_reply.as_ref().map(|r| r.code), Some(250));
+        assert_eq!(r[3].text, "shutting down");
     }
 
     #[test]

@@ -12,6 +12,12 @@
 //! changes: 8-bit bytes in header fields (which only SMTPUTF8 allows) stay, as in Postfix,
 //! and so do those in a part already declared base64 or quoted-printable, which is broken
 //! and whose reader would decode something else if it were encoded again.
+//!
+//! For a next hop without SMTPUTF8 either, the parts of an internationalised message or
+//! report (RFC 6532/6533: `message/global`, `message/global-headers`,
+//! `message/global-delivery-status`, which hold UTF-8 header fields) are encoded whole,
+//! quoted-printable, as RFC 6532 §3.5 and RFC 6533 §6 allow where 8-bit cannot go: without
+//! it those parts kept their 8-bit octets, labelled `8bit`, on a 7-bit path.
 
 use std::borrow::Cow;
 
@@ -22,7 +28,9 @@ use mail_parser::{HeaderName, Message, MessageParser, MessagePart, MimeHeaders, 
 /// nothing in it can be encoded, or the encoding would grow it past [`max_size`] (then it
 /// goes as it is, as before there was a conversion: thousands of tiny 8-bit parts, each
 /// given a header field, could make a message many times its size in memory).
-pub fn to_7bit(raw: &[u8]) -> Cow<'_, [u8]> {
+/// `peer_smtputf8`: the next hop offers SMTPUTF8, so the UTF-8 inside `message/global*`
+/// parts may stay as it is; without it they are encoded too.
+pub fn to_7bit(raw: &[u8], peer_smtputf8: bool) -> Cow<'_, [u8]> {
     if raw.is_ascii() {
         return Cow::Borrowed(raw);
     }
@@ -33,10 +41,12 @@ pub fn to_7bit(raw: &[u8]) -> Cow<'_, [u8]> {
     let mut edits = Vec::new();
     let mut labels = Vec::new();
     let mut room = max_size(raw.len()) - raw.len();
+    let global = !peer_smtputf8;
     if !collect(
         &message,
         raw,
         needs_version,
+        global,
         &mut room,
         &mut edits,
         &mut labels,
@@ -105,16 +115,20 @@ pub fn max_size(len: usize) -> usize {
 /// header, when rewritten (the message is a single part), takes a `MIME-Version` field.
 /// False when the edits would grow the message by more than `room` bytes.
 /// `labels`: the edits that relabel containers as `7bit`, for when nothing 8-bit is left.
+/// `global`: encode `message/global*` parts whole ([`is_global`]).
 fn collect(
     message: &Message<'_>,
     raw: &[u8],
     add_version: bool,
+    global: bool,
     room: &mut usize,
     edits: &mut Vec<Edit>,
     labels: &mut Vec<Edit>,
 ) -> bool {
     for part in &message.parts {
+        let global_part = global && is_global(part);
         match &part.body {
+            _ if global_part => {}
             PartType::Multipart(children) => {
                 blank_preamble_and_epilogue(message, part, children, raw, edits);
                 relabel(part, raw, labels);
@@ -122,7 +136,7 @@ fn collect(
             }
             PartType::Message(attached) => {
                 relabel(part, raw, labels);
-                if !collect(attached, raw, false, room, edits, labels) {
+                if !collect(attached, raw, false, global, room, edits, labels) {
                     return false;
                 }
                 continue;
@@ -141,10 +155,11 @@ fn collect(
         let container = ctype.is_some_and(|t| {
             t.eq_ignore_ascii_case("multipart") || t.eq_ignore_ascii_case("message")
         });
-        if container || !has_identity_encoding(part) {
+        if (container && !global_part) || !has_identity_encoding(part) {
             continue;
         }
-        let base64 = ctype.is_some_and(|t| !t.eq_ignore_ascii_case("text"));
+        // A `message/global*` part is UTF-8 text: quoted-printable keeps it readable.
+        let base64 = !global_part && ctype.is_some_and(|t| !t.eq_ignore_ascii_case("text"));
         let (start, body_start, end) = (
             part.offset_header as usize,
             part.offset_body as usize,
@@ -177,6 +192,20 @@ fn collect(
         });
     }
     true
+}
+
+/// `message/global`, `message/global-headers` or `message/global-delivery-status` (RFC
+/// 6532 §3.7, RFC 6533 §6): UTF-8 header fields in a body part, which only quoted-printable
+/// or base64 carries over a path without 8BITMIME and SMTPUTF8.
+fn is_global(part: &MessagePart<'_>) -> bool {
+    part.content_type().is_some_and(|ct| {
+        ct.ctype().eq_ignore_ascii_case("message")
+            && ct.subtype().is_some_and(|s| {
+                ["global", "global-headers", "global-delivery-status"]
+                    .iter()
+                    .any(|g| s.eq_ignore_ascii_case(g))
+            })
+    })
 }
 
 /// A multipart's preamble and epilogue, which its reader ignores (RFC 2046 §5.1.1), with
@@ -392,7 +421,7 @@ Content-Transfer-Encoding:\r\n 8bit\r\n\r\ninn\xc3\xa9r\r\n\
 
     #[test]
     fn every_8bit_leaf_is_encoded_and_decodes_to_the_same_content() {
-        let out = to_7bit(MIXED);
+        let out = to_7bit(MIXED, true);
         assert!(out.is_ascii(), "{}", String::from_utf8_lossy(&out));
         assert_eq!(contents(&parse(&out)), contents(&parse(MIXED)));
         let text = String::from_utf8(out.to_vec()).unwrap();
@@ -422,7 +451,7 @@ Content-Transfer-Encoding: 8bit\r\n\r\nPr\xc3\xa4ambel\r\n\
 --B\r\nContent-Type: message/rfc822\r\nContent-Transfer-Encoding:\r\n binary\r\n\r\n\
 Subject: inner\r\n\r\ninn\xc3\xa9r\r\n\
 --B--\r\nEpilog \xe2\x80\x93 Ende\r\n";
-        let out = to_7bit(raw);
+        let out = to_7bit(raw, true);
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert!(text.is_ascii(), "{text}");
         assert_eq!(contents(&parse(&out)), contents(&parse(raw)));
@@ -443,7 +472,7 @@ Content-Transfer-Encoding: 7bit\r\n\r\nPr??ambel\r\n--B\r\n"
         let raw = b"MIME-Version: 1.0\r\nSubject: Gr\xc3\xbc\xc3\x9fe\r\n\
 Content-Type: multipart/mixed; boundary=B\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
 --B\r\n\r\n\xc3\xa9\r\n--B--\r\n";
-        let text = String::from_utf8(to_7bit(raw).to_vec()).unwrap();
+        let text = String::from_utf8(to_7bit(raw, true).to_vec()).unwrap();
         assert!(
             text.contains("Content-Transfer-Encoding: 8bit\r\n\r\n--B\r\n"),
             "{text}"
@@ -454,27 +483,121 @@ Content-Type: multipart/mixed; boundary=B\r\nContent-Transfer-Encoding: 8bit\r\n
         );
     }
 
+    /// An RFC 6533 report as the DSN builder writes it for SMTPUTF8 mail.
+    const GLOBAL_REPORT: &[u8] = b"From: MAILER-DAEMON@relay.test\r\nTo: <app@sender.test>\r\n\
+Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=global-delivery-status;\r\n\tboundary=\"R\"\r\n\r\n\
+This is a MIME-encapsulated message.\r\n\r\n\
+--R\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+<j\xc3\xb6rg@dest.test>: failed: 550 5.1.1 unbekannt\r\n\r\n\
+--R\r\nContent-Type: message/global-delivery-status\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+Reporting-MTA: dns; relay.test\r\n\r\n\
+Final-Recipient: utf-8; j\xc3\xb6rg@dest.test\r\nAction: failed\r\nStatus: 5.1.1\r\n\
+Diagnostic-Code: smtp; 550 5.1.1 Empf\xc3\xa4nger unbekannt\r\n\r\n\
+--R\r\nContent-Type: message/global\r\nContent-Transfer-Encoding: 8bit\r\n\r\n\
+From: app@sender.test\r\nTo: j\xc3\xb6rg@dest.test\r\nSubject: Gr\xc3\xbc\xc3\x9fe\r\n\
+Message-ID: <m1@app>\r\n\r\nHallo J\xc3\xb6rg\r\n\r\n\
+--R--\r\n";
+
+    /// The bytes of the part of `raw` whose Content-Type is `ctype`, decoded.
+    fn part_named(raw: &[u8], ctype: &str) -> (Option<String>, Vec<u8>) {
+        let m = MessageParser::new().parse(raw).unwrap();
+        let p = m
+            .parts
+            .iter()
+            .find(|p| {
+                p.content_type().is_some_and(|ct| {
+                    format!("{}/{}", ct.ctype(), ct.subtype().unwrap_or_default()) == ctype
+                })
+            })
+            .unwrap_or_else(|| panic!("no {ctype}"));
+        let cte = p.content_transfer_encoding().map(str::to_string);
+        let header = &raw[p.offset_header as usize..p.offset_body as usize];
+        let body = &raw[p.offset_body as usize..p.offset_end as usize];
+        let decoded = match cte.as_deref() {
+            Some("quoted-printable") => {
+                quoted_printable::decode(body, quoted_printable::ParseMode::Strict).unwrap()
+            }
+            _ => body.to_vec(),
+        };
+        assert!(header.is_ascii(), "{}", String::from_utf8_lossy(header));
+        (cte, decoded)
+    }
+
+    #[test]
+    fn global_parts_are_encoded_for_a_peer_without_smtputf8() {
+        let out = to_7bit(GLOBAL_REPORT, false);
+        let text = String::from_utf8_lossy(&out);
+        assert!(out.is_ascii(), "{text}");
+        let original = |ctype| part_named(GLOBAL_REPORT, ctype).1;
+        for ctype in ["message/global-delivery-status", "message/global"] {
+            let (cte, decoded) = part_named(&out, ctype);
+            assert_eq!(cte.as_deref(), Some("quoted-printable"), "{ctype}\n{text}");
+            // Decoded, each is the part as it was, octet for octet.
+            assert_eq!(
+                String::from_utf8_lossy(&decoded),
+                String::from_utf8_lossy(&original(ctype)),
+                "{ctype}"
+            );
+        }
+        assert!(!text.contains("8bit"), "{text}");
+        // The report still reads as the report it was.
+        let records = crate::bounce::parse(&out);
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].recipient, "j\u{f6}rg@dest.test");
+        assert_eq!(records[0].status.as_deref(), Some("5.1.1"));
+        // Headers only (message/global-headers), the same.
+        let headers = String::from_utf8(GLOBAL_REPORT.to_vec())
+            .unwrap()
+            .replace("\r\nHallo J\u{f6}rg\r\n", "")
+            .replace("message/global\r\n", "message/global-headers\r\n")
+            .into_bytes();
+        let out = to_7bit(&headers, false);
+        assert!(out.is_ascii(), "{}", String::from_utf8_lossy(&out));
+        let (cte, _) = part_named(&out, "message/global-headers");
+        assert_eq!(cte.as_deref(), Some("quoted-printable"));
+    }
+
+    #[test]
+    fn global_parts_stay_as_they_are_for_a_peer_with_smtputf8() {
+        // Its UTF-8 header fields may go as they are (only the text inside message/global
+        // is encoded, as in any attached message).
+        let out = to_7bit(GLOBAL_REPORT, true);
+        for ctype in ["message/global-delivery-status", "message/global"] {
+            assert_eq!(
+                part_named(&out, ctype).0.as_deref(),
+                Some("8bit"),
+                "{ctype}"
+            );
+        }
+        let status = "message/global-delivery-status";
+        assert_eq!(
+            part_named(&out, status).1,
+            part_named(GLOBAL_REPORT, status).1
+        );
+    }
+
     #[test]
     fn ascii_messages_and_unencodable_ones_are_sent_as_they_are() {
         let ascii = b"Subject: a\r\n\r\nplain\r\n";
-        assert!(matches!(to_7bit(ascii), Cow::Borrowed(_)));
+        assert!(matches!(to_7bit(ascii, true), Cow::Borrowed(_)));
         // 8 bits only in a header field: nothing to encode.
         let header_only = b"Subject: caf\xc3\xa9\r\n\r\nplain\r\n";
-        assert!(matches!(to_7bit(header_only), Cow::Borrowed(b) if b == header_only));
+        assert!(matches!(to_7bit(header_only, true), Cow::Borrowed(b) if b == header_only));
         // A part declared quoted-printable that holds raw 8-bit bytes: left alone.
         let broken =
             b"MIME-Version: 1.0\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\nx\xe9\r\n";
-        assert!(matches!(to_7bit(broken), Cow::Borrowed(_)));
+        assert!(matches!(to_7bit(broken, true), Cow::Borrowed(_)));
         // message/delivery-status may not be encoded (RFC 2046 5.2).
         let report = b"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=R\r\n\r\n\
 --R\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; h\xc3\xa9\r\n--R--\r\n";
-        assert!(matches!(to_7bit(report), Cow::Borrowed(_)));
+        assert!(matches!(to_7bit(report, true), Cow::Borrowed(_)));
     }
 
     #[test]
     fn a_message_without_mime_version_gets_one() {
         let plain = b"Subject: s\r\nFrom: a@b.example\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n";
-        let out = to_7bit(plain);
+        let out = to_7bit(plain, true);
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             "Subject: s\r\nFrom: a@b.example\r\nMIME-Version: 1.0\r\n\
@@ -484,7 +607,7 @@ Content-Type: multipart/mixed; boundary=B\r\nContent-Transfer-Encoding: 8bit\r\n
         // the top header, the part rewritten below it.
         let multipart =
             b"Content-Type: multipart/mixed; boundary=Q\r\n\r\n--Q\r\n\r\n\xc3\xa9\r\n--Q--\r\n";
-        let out = to_7bit(multipart);
+        let out = to_7bit(multipart, true);
         assert_eq!(
             std::str::from_utf8(&out).unwrap(),
             "Content-Type: multipart/mixed; boundary=Q\r\nMIME-Version: 1.0\r\n\r\n--Q\r\n\
@@ -504,7 +627,7 @@ Content-Type: multipart/mixed; boundary=B\r\nContent-Transfer-Encoding: 8bit\r\n
             "MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n--B\r\n\
              Content-Transfer-Encoding: 8bit\r\n\r\n{line}\r\n--B--\r\n"
         );
-        let out = to_7bit(raw.as_bytes());
+        let out = to_7bit(raw.as_bytes(), true);
         let text = std::str::from_utf8(&out).unwrap();
         assert!(text.contains("x=\r\n=2D-Z-\r\n--B--"), "{text:?}");
         assert!(text.lines().all(|l| l.len() <= 76), "{text:?}");
@@ -515,12 +638,12 @@ Content-Type: multipart/mixed; boundary=B\r\nContent-Transfer-Encoding: 8bit\r\n
     fn the_declared_type_decides_even_in_a_multipart_that_never_closes() {
         let unclosed = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=B\r\n\r\n\
 --B\r\nContent-Type: image/jpeg\r\n\r\n\xff\xd8\xff\xe0 jpeg\r\n";
-        let out = to_7bit(unclosed);
+        let out = to_7bit(unclosed, true);
         let text = String::from_utf8(out.to_vec()).unwrap();
         assert!(text.contains("Content-Transfer-Encoding: base64"), "{text}");
         // A boundary that never comes: the multipart's own header is not given an encoding.
         let never = b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=NEVER\r\n\r\n\xc3\xa9\r\n";
-        assert!(matches!(to_7bit(never), Cow::Borrowed(_)));
+        assert!(matches!(to_7bit(never, true), Cow::Borrowed(_)));
     }
 
     #[test]
@@ -532,11 +655,11 @@ Content-Type: multipart/mixed; boundary=B\r\nContent-Transfer-Encoding: 8bit\r\n
             raw.push_str("--B\r\n\r\n\u{e9}\r\n");
         }
         raw.push_str("--B--\r\n");
-        let out = to_7bit(raw.as_bytes());
+        let out = to_7bit(raw.as_bytes(), true);
         assert!(matches!(out, Cow::Borrowed(_)));
         // A text that is all 8-bit (three times its size as quoted-printable) is converted.
         let cyrillic = format!("MIME-Version: 1.0\r\n\r\n{}\r\n", "Привет ".repeat(20_000));
-        let out = to_7bit(cyrillic.as_bytes());
+        let out = to_7bit(cyrillic.as_bytes(), true);
         assert!(out.is_ascii() && out.len() <= max_size(cyrillic.len()));
     }
 
@@ -545,7 +668,7 @@ Content-Type: multipart/mixed; boundary=B\r\nContent-Transfer-Encoding: 8bit\r\n
         let body = format!("{}\u{e9}  \r\n\tend é\r\n", "a ".repeat(600));
         let raw =
             format!("MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}");
-        let out = to_7bit(raw.as_bytes());
+        let out = to_7bit(raw.as_bytes(), true);
         assert!(out.is_ascii());
         assert!(
             std::str::from_utf8(&out)

@@ -887,6 +887,7 @@ async fn deliver_message(
                     stage: Stage::Local,
                     remote_host: None,
                     remote_ip: None,
+                    remote_port: None,
                     tls_version: None,
                     tls_cipher: None,
                     reply_code: None,
@@ -932,6 +933,7 @@ struct Outcome {
     results: Vec<RecipientResult>,
     remote_host: Option<String>,
     remote_ip: Option<String>,
+    remote_port: Option<u16>,
     tls: Option<client::TlsInfo>,
     /// The deciding verdict input per recipient.
     kinds: Vec<AttemptResult>,
@@ -1220,6 +1222,7 @@ async fn lease(
                     ],
                     remote_host: None,
                     remote_ip: None,
+                    remote_port: None,
                     tls: None,
                     kinds: vec![kind; n],
                     local_reason: Some(f.reason),
@@ -1283,6 +1286,7 @@ fn connect_failure(e: &client::SessionError, n: usize, suspended: bool) -> Outco
         ],
         remote_host: e.remote_host.clone(),
         remote_ip: e.remote_ip.map(|ip| ip.to_string()),
+        remote_port: e.remote_port,
         tls: e.tls.clone(),
         kinds: vec![kind; n],
         local_reason: e.security.then_some("securityerror"),
@@ -1341,6 +1345,7 @@ async fn transact(
             results,
             remote_host: Some(leased.conn.host.clone()),
             remote_ip: Some(leased.conn.ip.to_string()),
+            remote_port: Some(leased.conn.port),
             tls: leased.conn.tls.clone(),
             kinds,
             local_reason: None,
@@ -1479,6 +1484,7 @@ fn judge(
             stage: result.stage,
             remote_host: outcome.remote_host.clone(),
             remote_ip: outcome.remote_ip.clone(),
+            remote_port: outcome.remote_port,
             tls_version: outcome.tls.as_ref().map(|t| t.recorded_version()),
             tls_cipher: outcome.tls.as_ref().map(|t| t.cipher.clone()),
             reply_code: result.reply.as_ref().map(|r| r.code),
@@ -1496,12 +1502,20 @@ fn judge(
         });
     }
     for a in &attempts {
+        let remote = match (&a.remote_host, &a.remote_ip, a.remote_port) {
+            (Some(host), Some(ip), Some(port)) => match ip.parse() {
+                Ok(ip) => client::server_name(host, ip, port),
+                Err(_) => host.clone(),
+            },
+            (Some(host), _, _) => host.clone(),
+            _ => "-".to_string(),
+        };
         tracing::info!(
             receipt = %a.receipt,
             rcpt = a.rcpt_index,
             status = %a.status,
             stage = ?a.stage,
-            remote = a.remote_host.as_deref().unwrap_or("-"),
+            %remote,
             code = a.reply_code.unwrap_or(0),
             text = %a.reply_text,
             "delivery attempt"
@@ -1774,6 +1788,7 @@ mod tests {
             stage: Stage::Rcpt,
             remote_host: None,
             remote_ip: None,
+            remote_port: None,
             tls_version: None,
             tls_cipher: None,
             reply_code: Some(451),
@@ -1806,6 +1821,7 @@ mod tests {
             greeting_refused: false,
             remote_host: Some("mx.test".into()),
             remote_ip: None,
+            remote_port: None,
             tls: None,
             tls_handshake_failed: false,
             security: false,

@@ -129,6 +129,8 @@ pub struct AttemptRecord {
     pub stage: Stage,
     pub remote_host: Option<String>,
     pub remote_ip: Option<String>,
+    /// The next hop's TCP port (schema v9; none in older rows).
+    pub remote_port: Option<u16>,
     pub tls_version: Option<String>,
     pub tls_cipher: Option<String>,
     /// `None` when no reply was received (connect failure, timeout, DNS).
@@ -264,6 +266,8 @@ pub struct EventLog {
     pub stage: Option<Stage>,
     pub remote_host: Option<String>,
     pub remote_ip: Option<String>,
+    /// The next hop's TCP port (schema v9; none in older rows).
+    pub remote_port: Option<u16>,
     pub tls_version: Option<String>,
     pub reply_code: Option<u16>,
     pub enhanced_status: Option<String>,

@@ -389,6 +389,10 @@ async fn session(
                 accepted_rcpts += 1;
             }
             send(&mut rd, s.reply_delay, &reply).await?;
+            if reply.starts_with("421") {
+                // RFC 5321 §3.8: the server closes after a 421.
+                return Ok(());
+            }
         } else if upper == "DATA" {
             if tx.is_none() || accepted_rcpts == 0 {
                 tx = None;

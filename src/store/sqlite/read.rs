@@ -317,7 +317,7 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
         .prepare_cached(
             "SELECT at, kind, status, stage, remote_host, remote_ip, tls_version, reply_code,
                  enhanced_status, reply_text, duration_ms, reason,
-                 rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text
+                 rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text, remote_port
              FROM events WHERE receipt = ?1 AND idx = ?2 ORDER BY id",
         )
         .map_err(storage)?;
@@ -360,6 +360,7 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
                         stage: stage_at(r, 3)?,
                         remote_host: r.get(4)?,
                         remote_ip: r.get(5)?,
+                        remote_port: r.get(15)?,
                         tls_version: r.get(6)?,
                         reply_code: r.get(7)?,
                         enhanced_status: r.get(8)?,

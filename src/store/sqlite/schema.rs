@@ -220,6 +220,11 @@ ALTER TABLE bounces ADD COLUMN reported_recipient TEXT;
 ALTER TABLE bounces ADD COLUMN verified INTEGER NOT NULL DEFAULT 0;
 UPDATE bounces SET verified = 1 WHERE correlation = 'verp';
 "#,
+    // 9: the next hop's port beside its host and IP, so attempts to several ports of one
+    // address (routes to local services) can be told apart.
+    r#"
+ALTER TABLE events ADD COLUMN remote_port INTEGER;
+"#,
 ];
 
 /// The schema version this build reads and writes.

@@ -63,6 +63,7 @@ fn attempt(receipt: ReceiptId, idx: u32, at_ms: i64, status: RecipientStatus) ->
         stage: Stage::Rcpt,
         remote_host: Some("mx.example.net".into()),
         remote_ip: Some("192.0.2.25".into()),
+        remote_port: Some(25),
         tls_version: Some("TLSv1_3".into()),
         tls_cipher: None,
         reply_code: Some(match status {

@@ -21,6 +21,7 @@ struct Event<'a> {
     stage: Option<&'a str>,
     remote_host: Option<&'a str>,
     remote_ip: Option<&'a str>,
+    remote_port: Option<u16>,
     tls_version: Option<&'a str>,
     tls_cipher: Option<&'a str>,
     reply_code: Option<u16>,
@@ -35,8 +36,9 @@ fn append_event(conn: &Connection, receipt: &str, idx: u32, e: &Event) -> Result
     conn.prepare_cached(
         "INSERT INTO events (receipt, idx, at, kind, status, stage, remote_host, remote_ip,
              tls_version, tls_cipher, reply_code, enhanced_status, reply_text, duration_ms, reason,
-             rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+             rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text, remote_port)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
+             ?19)",
     )
     .and_then(|mut st| {
         st.execute(params![
@@ -58,6 +60,7 @@ fn append_event(conn: &Connection, receipt: &str, idx: u32, e: &Event) -> Result
             e.rcpt_reply.map(|r| r.code),
             e.rcpt_reply.and_then(|r| r.enhanced_status.as_deref()),
             e.rcpt_reply.map(|r| r.text.as_str()),
+            e.remote_port,
         ])
     })
     .map_err(storage)?;
@@ -263,6 +266,7 @@ pub fn record_attempt(conn: &Connection, a: &AttemptRecord) -> Result<(), StoreE
             stage: Some(stage_str(a.stage)),
             remote_host: a.remote_host.as_deref(),
             remote_ip: a.remote_ip.as_deref(),
+            remote_port: a.remote_port,
             tls_version: a.tls_version.as_deref(),
             tls_cipher: a.tls_cipher.as_deref(),
             reply_code: a.reply_code,

@@ -271,11 +271,29 @@ async fn bounces_complaints_and_autoreplies_become_records_and_suppress() {
         msgs.first()
             .is_some_and(|msg| msg["recipients"][0]["status"] == "suppressed")
     });
+    // What reaches the MX now is the sender's failure DSN about bob (he heard 250), not bob's
+    // copy.
+    wait_until("the DSN about bob", Duration::from_secs(10), || {
+        mx.transactions().len() > seen_before
+    });
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(
-        mx.transactions().len(),
-        seen_before,
-        "bob was relayed anyway"
+    let after = mx.transactions();
+    let later = after.get(seen_before..).unwrap_or_default();
+    assert_eq!(later.len(), 1, "bob was relayed anyway");
+    assert!(
+        later[0].mail_from.starts_with("<>"),
+        "{}",
+        later[0].mail_from
+    );
+    assert!(
+        later[0].rcpt_to[0].contains("app@example.com"),
+        "{:?}",
+        later[0].rcpt_to
+    );
+    let dsn = String::from_utf8_lossy(&later[0].body);
+    assert!(
+        dsn.contains(&format!("Final-Recipient: rfc822; {bob}")) && dsn.contains("Status: 5.7.1"),
+        "{dsn}"
     );
 }
 

@@ -531,6 +531,33 @@ async fn non_ascii_address_without_smtputf8_fails_permanently_before_mail() {
     assert_eq!(ok[0].reply.as_ref().unwrap().code, 250);
 }
 
+#[tokio::test]
+async fn utf8_header_fields_of_smtputf8_mail_need_smtputf8_of_the_next_hop() {
+    let mx = TestMx::start(Script::default()).await;
+    let mut conn = client::connect(&[target(mx.addr)], &settings(TlsPolicy::None))
+        .await
+        .unwrap();
+    let body = "Subject: Grüße\r\n\r\nhi\r\n".as_bytes();
+    let mut utf8 = envelope(&["a@d.test"]);
+    utf8.smtputf8 = true;
+    let r = per_recipient(&conn.transaction(&utf8, body, Duration::from_secs(2)).await);
+    assert_eq!(r[0].local_permanent, Some("5.6.7"));
+    assert!(r[0].text.contains("UTF-8 header fields"), "{}", r[0].text);
+    assert!(!mx.commands().iter().any(|c| c.starts_with("MAIL")));
+    // Without the SMTPUTF8 request the bytes are the client's affair: they go as they came.
+    let plain = envelope(&["a@d.test"]);
+    let ok = per_recipient(&conn.transaction(&plain, body, Duration::from_secs(2)).await);
+    assert_eq!(ok[0].reply.as_ref().unwrap().code, 250);
+    // And SMTPUTF8 mail whose header is ASCII (UTF-8 only in the body) goes too.
+    let ascii_header = b"Subject: ok\r\n\r\nGr\xc3\xbc\xc3\x9fe\r\n";
+    let ok = per_recipient(
+        &conn
+            .transaction(&utf8, ascii_header, Duration::from_secs(2))
+            .await,
+    );
+    assert_eq!(ok[0].reply.as_ref().unwrap().code, 250);
+}
+
 /// A scripted MX whose EHLO names `size` as its SIZE keyword (and no 8BITMIME).
 async fn mx_with_size(size: &str) -> TestMx {
     TestMx::start(Script {
@@ -2198,7 +2225,9 @@ mod queue {
         let mut m = message("app@sender.test", &[("gone@dest.test", None)]);
         m.smtputf8 = true;
         m.eight_bit = true;
-        m.body = "From: app@sender.test\r\nSubject: Gr\u{fc}\u{df}e\r\nMessage-ID: <m1@app>\r\n\
+        // An ASCII header: the original may go to this next hop (UTF-8 header fields would
+        // need its SMTPUTF8), and be refused there.
+        m.body = "From: app@sender.test\r\nSubject: Gruesse\r\nMessage-ID: <m1@app>\r\n\
                   \r\nHallo J\u{f6}rg\r\n"
             .as_bytes()
             .to_vec();

@@ -878,6 +878,11 @@ impl Hidden {
     }
 }
 
+/// A message's header block: up to its first empty line (all of it when there is none).
+fn header_block(message: &[u8]) -> &[u8] {
+    memchr::memmem::find(message, b"\r\n\r\n").map_or(message, |end| &message[..end])
+}
+
 /// Whether AUTH may send a password on this connection: inside TLS, or in clear only to a
 /// next hop on this machine (a local Postfix), as the inbound side offers AUTH.
 fn may_send_password(tls: bool, ip: IpAddr) -> bool {
@@ -1009,16 +1014,21 @@ impl Connection {
             rcpt: vec![None; env.recipients.len()],
             ..Default::default()
         };
-        let needs_utf8 =
+        let utf8_addresses =
             !env.sender.is_ascii() || env.recipients.iter().any(|r| !r.address.is_ascii());
-        if needs_utf8 && caps & EXT_SMTP_UTF8 == 0 {
+        // RFC 6531 3.4: mail that came with SMTPUTF8 and has UTF-8 in its header fields
+        // needs it of the next hop too (Postfix bounces it the same way); without the
+        // request, 8-bit header bytes are the client's own affair and go as they came.
+        let utf8_header = env.smtputf8 && !header_block(body).is_ascii();
+        if (utf8_addresses || utf8_header) && caps & EXT_SMTP_UTF8 == 0 {
+            let what = if utf8_addresses {
+                "the non-ASCII addresses of this message need"
+            } else {
+                "the UTF-8 header fields of this message (sent with SMTPUTF8) need"
+            };
             out.refused_locally = Some((
                 "5.6.7",
-                format!(
-                    "{} does not support SMTPUTF8, which the non-ASCII addresses of this \
-                     message need",
-                    self.host
-                ),
+                format!("{} does not support SMTPUTF8, which {what}", self.host),
             ));
             return out;
         }

@@ -141,9 +141,10 @@ enum SuppressCommand {
     /// Suppress an address by hand (not relayed until removed or until [suppression] expiry).
     Add {
         address: String,
-        /// Why, as shown by `list` and in the recipient's log.
-        #[arg(long, default_value = "manual")]
-        reason: String,
+        /// Why, as shown by `list` and in the recipient's log (default: the reason the
+        /// address is suppressed for already, else "manual").
+        #[arg(long)]
+        reason: Option<String>,
     },
     /// Relay to an address again.
     Remove { address: String },

@@ -173,6 +173,16 @@ async fn suppressed_address_refused_at_rcpt_when_configured() {
     ]);
     let list = m.cli_ok(&["suppress", "list"]);
     assert!(list.to_lowercase().contains("gone@example.org"), "{list}");
+    // Added again without a reason, the entry keeps its own.
+    m.cli_ok(&["suppress", "add", "gone@example.org"]);
+    let again = m.cli_ok(&["suppress", "check", "gone@example.org"]);
+    let row: Vec<&str> = again
+        .lines()
+        .nth(1)
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    assert_eq!(row.get(1), Some(&"userunknown"), "{again}");
     // A reason is shown in the list and in every suppressed recipient's text: not empty,
     // not a terminal control, not a page long.
     for bad in ["", "  ", "a\u{1b}[2Jb", &"r".repeat(201)] {

@@ -402,9 +402,13 @@ impl BounceIngest {
         if !s.enabled || !address.contains('@') {
             return Ok(None);
         }
+        // How many bounces suppressed it: one hard bounce or complaint, or the whole run of
+        // soft ones (the list said 1 after five 4.2.2 DSNs).
+        let mut count = 1;
         let suppress = if suppresses_at_once(record) {
             true
         } else if record.bounce_type == BounceType::Soft && new_status(record).is_some() {
+            count = s.soft_bounce_threshold;
             let since =
                 now.saturating_sub(i64::try_from(s.soft_window.as_millis()).unwrap_or(i64::MAX));
             let stored = self.store.recent_bounce_types(address, since).await?;
@@ -428,7 +432,7 @@ impl BounceIngest {
             },
             first_at_ms: now,
             last_at_ms: now,
-            count: 1,
+            count,
             expires_at_ms,
         }))
     }
@@ -930,6 +934,9 @@ mod tests {
         inbound_to(&store, &verp, &mailbox_full("full@ex.test", 1, 4)).await;
         ingest.process_pending().await.unwrap();
         assert!(suppressed().await);
+        // The entry counts the run that suppressed it.
+        let list = store.suppression_list(now).await.unwrap();
+        assert_eq!(list[0].count, 5, "{list:?}");
     }
 
     #[tokio::test]

@@ -60,7 +60,7 @@ pub enum Request {
     },
     SuppressAdd {
         address: String,
-        reason: String,
+        reason: Option<String>,
     },
     SuppressRemove {
         address: String,
@@ -325,18 +325,28 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
         Request::SuppressAdd { address, reason } => {
             let address = address_arg(&address)?;
             // Shown in `suppress list` and in the text of every recipient it suppresses.
-            let reason = reason.trim().to_string();
-            if reason.is_empty()
-                || reason.chars().any(char::is_control)
-                || reason.chars().count() > 200
+            let reason = reason.map(|r| r.trim().to_string());
+            if let Some(reason) = &reason
+                && (reason.is_empty()
+                    || reason.chars().any(char::is_control)
+                    || reason.chars().count() > 200)
             {
                 anyhow::bail!(
                     "--reason {}: a text of 1 to 200 characters, without control characters",
-                    log::sanitize(&reason)
+                    log::sanitize(reason)
                 );
             }
             let store = open_store(&config)?;
             let now = now_ms();
+            // Added again without a reason, an entry keeps the one it has (it became
+            // "manual" and lost what an admin had written).
+            let reason = match reason {
+                Some(r) => r,
+                None => store
+                    .suppressed(&address, now)
+                    .await?
+                    .map_or_else(|| "manual".to_string(), |s| s.reason),
+            };
             let expiry = config.suppression.expiry;
             store
                 .suppress(crate::store::Suppression {

@@ -67,13 +67,19 @@ impl StoreFiles {
     /// `Err(reason)` when a path no longer names the file the store uses. Three `stat`s; the
     /// syncer runs it once per fsync, which covers a whole group of commits.
     pub(crate) fn check(&self) -> Result<(), String> {
-        still_there(&self.db, self.db_id)?;
-        still_there(&self.wal, self.wal_id)?;
-        still_there(&self.shm, self.shm_id)
+        const LOST: &str = "what the store writes now would be lost at the next start";
+        still_there(&self.db, self.db_id, LOST)?;
+        still_there(&self.wal, self.wal_id, LOST)?;
+        still_there(
+            &self.shm,
+            self.shm_id,
+            "a mailtrail command opening the database now would index its log apart from \
+             this server and damage it",
+        )
     }
 }
 
-fn still_there(path: &Path, id: FileId) -> Result<(), String> {
+fn still_there(path: &Path, id: FileId, consequence: &str) -> Result<(), String> {
     let what = match std::fs::metadata(path) {
         Ok(m) if FileId::of(&m) == id => return Ok(()),
         Ok(_) => "was replaced by another file".to_string(),
@@ -82,8 +88,8 @@ fn still_there(path: &Path, id: FileId) -> Result<(), String> {
         Err(e) => format!("cannot be checked ({e})"),
     };
     Err(format!(
-        "{} {what} while mailtrail ran: what the store writes now would be lost at the next \
-         start, so it accepts no more writes until mailtrail is restarted",
+        "{} {what} while mailtrail ran: {consequence}, so it accepts no more writes until \
+         mailtrail is restarted",
         path.display()
     ))
 }

@@ -1584,6 +1584,15 @@ fn classify(
         RecipientStatus::Failed | RecipientStatus::Deferred => {
             if let Some(r) = local_reason.and_then(|r| r.parse::<BounceReason>().ok()) {
                 r
+            } else if let Some(reply) = &result.reply
+                && result.stage == Stage::Connect
+                && matches!(reply.code, 454 | 534 | 535 | 538)
+            {
+                // What only AUTH and STARTTLS answer (RFC 4954 6: credentials refused, a
+                // mechanism too weak, encryption required; 454 a temporary failure of
+                // either): our own credentials or TLS, not a block of this client, which
+                // is what a refusal at connection time reads as otherwise.
+                BounceReason::SecurityError
             } else if let Some(reply) = &result.reply {
                 let command = match result.stage {
                     Stage::Mail => Some("MAIL"),
@@ -1678,6 +1687,24 @@ mod tests {
             local_permanent: None,
             rcpt_reply: None,
         }
+    }
+
+    #[test]
+    fn a_refused_login_at_the_next_hop_is_a_security_error_not_a_block() {
+        let c = Classifier::builtin();
+        let mut auth = replied(535, "5.7.8", "Authentication credentials invalid");
+        auth.stage = Stage::Connect;
+        assert_eq!(
+            classify(c, RecipientStatus::Deferred, &auth, Some("5.7.8"), None).map(|r| r.0),
+            Some(BounceReason::SecurityError)
+        );
+        // A refusal of the connection itself still reads as a block.
+        let mut greeting = replied(554, "5.7.1", "Your IP is on our block list");
+        greeting.stage = Stage::Connect;
+        assert_eq!(
+            classify(c, RecipientStatus::Failed, &greeting, Some("5.7.1"), None).map(|r| r.0),
+            Some(BounceReason::Blocked)
+        );
     }
 
     #[test]

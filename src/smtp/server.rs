@@ -27,9 +27,11 @@ use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} ({key}): {source}")]
     Bind {
         addr: SocketAddr,
+        /// `smtp.listen` or `smtp.tls_listen`.
+        key: &'static str,
         source: std::io::Error,
     },
     #[error(transparent)]
@@ -95,14 +97,14 @@ impl SmtpServer {
             config.smtp.auth_failure_window,
         )?);
         let mut listeners = Vec::new();
-        for (addrs, implicit_tls) in [
-            (&config.smtp.listen, false),
-            (&config.smtp.tls_listen, true),
+        for (addrs, implicit_tls, key) in [
+            (&config.smtp.listen, false, "smtp.listen"),
+            (&config.smtp.tls_listen, true, "smtp.tls_listen"),
         ] {
             for &addr in addrs {
                 let socket = TcpListener::bind(addr)
                     .await
-                    .map_err(|source| ServerError::Bind { addr, source })?;
+                    .map_err(|source| ServerError::Bind { addr, key, source })?;
                 listeners.push(Listener {
                     socket,
                     implicit_tls,

@@ -35,6 +35,11 @@ pub enum TlsError {
     },
     #[error("TLS configuration rejected: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("config key {key}: {source}")]
+    Key {
+        key: &'static str,
+        source: Box<TlsError>,
+    },
 }
 
 /// Where the generated pair lives.
@@ -55,8 +60,18 @@ pub fn server_config(config: &Config) -> Result<Arc<ServerConfig>, TlsError> {
             (cert, key)
         }
     };
-    let certs = read_certs(&cert_path)?;
-    let key = read_key(&key_path)?;
+    // Errors name the key that points at the file, when the file is the admin's.
+    let named = |key: &'static str| {
+        move |e: TlsError| match config.smtp.tls_cert {
+            Some(_) => TlsError::Key {
+                key,
+                source: Box::new(e),
+            },
+            None => e,
+        }
+    };
+    let certs = read_certs(&cert_path).map_err(named("smtp.tls_cert"))?;
+    let key = read_key(&key_path).map_err(named("smtp.tls_key"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let server = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -98,7 +113,13 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let pem = read(path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsError::Pem {
         path: path.to_path_buf(),
-        message: e.to_string(),
+        message: match e {
+            // A certificate where the key should be said only "no items found".
+            rustls::pki_types::pem::Error::NoItemsFound => {
+                "no PRIVATE KEY block found (is this the certificate?)".to_string()
+            }
+            e => e.to_string(),
+        },
     })
 }
 
@@ -203,6 +224,28 @@ mod tests {
         config.smtp.tls_key = Some(other_key);
         let err = server_config(&config).unwrap_err().to_string();
         assert!(err.contains("c.pem") && err.contains("k2.pem"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_certificate_or_a_certificate_for_a_key_names_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        generate_self_signed("one.test", &cert, &key).unwrap();
+        let mut config = config_in(dir.path());
+        config.smtp.tls_cert = Some(dir.path().join("nope.pem"));
+        config.smtp.tls_key = Some(key);
+        let err = server_config(&config).unwrap_err().to_string();
+        assert!(
+            err.contains("smtp.tls_cert") && err.contains("nope.pem"),
+            "{err}"
+        );
+        config.smtp.tls_cert = Some(cert.clone());
+        config.smtp.tls_key = Some(cert);
+        let err = server_config(&config).unwrap_err().to_string();
+        assert!(
+            err.contains("smtp.tls_key") && err.contains("no PRIVATE KEY block"),
+            "{err}"
+        );
     }
 
     #[test]

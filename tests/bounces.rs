@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::mailtrail::{Mailtrail, RawSmtp, hash_password, wait_until};
+use common::mailtrail::{Mailtrail, RawSmtp, hash_password, page_dom, wait_until};
 use common::test_mx::{Script, TestMx};
 
 const BOUNCE_DOMAIN: &str = "bounce.mt.test";
@@ -90,6 +90,21 @@ fn dsn_for(rcpt: &str, receipt: &str) -> String {
          \n\
          --b1--\n"
     )
+}
+
+/// A remote MTA's delay notice for `rcpt`: still trying, nothing failed (4.4.1 reads
+/// `expired`, soft).
+fn delay_dsn_for(rcpt: &str, receipt: &str) -> String {
+    dsn_for(rcpt, receipt)
+        .replace("Message-ID: <dsn.", "Message-ID: <delay.")
+        .replace("Action: failed", "Action: delayed")
+        .replace("Status: 5.1.1", "Status: 4.4.1")
+        .replace(
+            &format!(
+                "Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown in virtual mailbox table"
+            ),
+            "Diagnostic-Code: X-Postfix; connect to mailstore.remote.test[192.0.2.9]:25: Connection timed out",
+        )
 }
 
 fn arf_for(rcpt: &str) -> String {
@@ -568,4 +583,66 @@ async fn bounce_ingest_twice_stores_returned_mail_without_message_id_once() {
         "{from_mbox}"
     );
     assert_eq!(m.cli_ok(&["bounces", "--json"]), stored);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delay_notice_shows_its_action_in_the_bounce_list_the_log_and_the_page() {
+    let mx = TestMx::start(Script::default()).await;
+    let m = start_relay(mx.port());
+    let dan = "dan@dest.test";
+    let receipt = submit(&m, &[dan], "invoice");
+    wait_until("dan delivered", Duration::from_secs(30), || {
+        status_of(&m, dan)["status"] == "delivered"
+    });
+    let dan_verp = verp_sender_for(&mx, dan);
+    let (r, d) = send_bounce(&m, &dan_verp, &delay_dsn_for(dan, &receipt));
+    assert!(r.starts_with("250") && d.starts_with("250"), "{r} {d}");
+    wait_until(
+        "dan's delay notice recorded",
+        Duration::from_secs(20),
+        || {
+            !m.cli_ok(&["bounces", "--address", dan, "--json"])
+                .trim()
+                .is_empty()
+        },
+    );
+    // The classification stays as it was; the recipient stays delivered.
+    let v: serde_json::Value =
+        serde_json::from_str(m.cli_ok(&["bounces", "--address", dan, "--json"]).trim()).unwrap();
+    assert_eq!(
+        (&v["action"], &v["reason"], &v["bounce_type"]),
+        (&"delayed".into(), &"expired".into(), &"soft".into()),
+        "{v}"
+    );
+    assert_eq!(status_of(&m, dan)["status"], "delivered");
+
+    let table = m.cli_ok(&["bounces", "--address", dan]);
+    let (header, row) = table.split_once('\n').unwrap();
+    let column = header.find("action").expect("an action column");
+    assert!(row[column..].starts_with("delayed "), "{table}");
+
+    let log = m.cli_ok(&["log", dan]);
+    assert!(
+        log.contains("dsn (recipient stays delivered) at bounce mailstore.remote.test action=delayed reason=expired"),
+        "{log}"
+    );
+    let json = m.log_json(dan);
+    let events = json[0]["recipients"][0]["events"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let bounce = events.iter().find(|e| e["stage"] == "bounce").unwrap();
+    assert_eq!(bounce["action"], "delayed", "{bounce}");
+    // Attempts are no bounces: they have no action.
+    let attempt = events.iter().find(|e| e["kind"] == "attempt").unwrap();
+    assert!(attempt["action"].is_null(), "{attempt}");
+
+    if let Some(page) = page_dom(m.http, &format!("/?q={dan}")) {
+        assert!(
+            page.contains(
+                "(recipient stays delivered) mailstore.remote.test action=delayed reason=expired"
+            ),
+            "{page}"
+        );
+    }
 }

@@ -646,3 +646,66 @@ async fn a_delay_notice_shows_its_action_in_the_bounce_list_the_log_and_the_page
         );
     }
 }
+
+/// The `<tr>` of the page's table that names `needle`.
+fn row_with<'a>(page: &'a str, needle: &str) -> &'a str {
+    page.split("<tr>")
+        .find(|row| row.contains(needle))
+        .and_then(|row| row.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no row with {needle}: {page}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_pages_unhandled_bounces_tell_verified_from_unverified_with_receipt_action_and_status()
+{
+    let mx = TestMx::start(Script::default()).await;
+    let m = start_relay(mx.port());
+    let (ivy, jon) = ("ivy@dest.test", "jon@dest.test");
+    let receipt = submit(&m, &[ivy, jon], "invoice");
+    for a in [ivy, jon] {
+        wait_until(&format!("{a} delivered"), Duration::from_secs(30), || {
+            status_of(&m, a)["status"] == "delivered"
+        });
+    }
+    // Ivy's failure to her VERP address: verified. Jon's to the plain bounce address, tied to
+    // the message by its receipt id alone: unverified.
+    let ivy_verp = verp_sender_for(&mx, ivy);
+    let (r, d) = send_bounce(&m, &ivy_verp, &dsn_for(ivy, &receipt));
+    assert!(r.starts_with("250") && d.starts_with("250"), "{r} {d}");
+    let plain = format!("bounces@{BOUNCE_DOMAIN}");
+    let (r, d) = send_bounce(&m, &plain, &delay_dsn_for(jon, &receipt));
+    assert!(r.starts_with("250") && d.starts_with("250"), "{r} {d}");
+    wait_until("both recorded", Duration::from_secs(20), || {
+        m.cli_ok(&["bounces", "--unhandled", "--json"])
+            .lines()
+            .count()
+            == 2
+    });
+    let (status, api) = m.http_get("/api/bounces?unhandled=1");
+    assert_eq!(status, 200, "{api}");
+    let api: Vec<serde_json::Value> = serde_json::from_str(&api).unwrap();
+    let verified = |a: &str| api.iter().find(|b| b["recipient"] == a).unwrap()["verified"].clone();
+    assert_eq!((verified(ivy), verified(jon)), (true.into(), false.into()));
+
+    let Some(page) = page_dom(m.http, "/?unhandled=1") else {
+        return;
+    };
+    let header = row_with(&page, "<th>id</th>");
+    for column in ["action", "status", "receipt", "match"] {
+        assert!(header.contains(&format!("<th>{column}</th>")), "{header}");
+    }
+    let ivy_row = row_with(&page, ivy);
+    assert!(
+        ivy_row.contains("<td>failed</td><td>5.1.1</td>")
+            && ivy_row.contains(&receipt)
+            && ivy_row.contains(">verified</td>"),
+        "{ivy_row}"
+    );
+    let jon_row = row_with(&page, jon);
+    assert!(
+        jon_row.contains("<td>delayed</td><td>4.4.1</td>")
+            && jon_row.contains(&receipt)
+            && jon_row.contains(">unverified</td>"),
+        "{jon_row}"
+    );
+}

@@ -446,7 +446,7 @@ pub fn path_str(p: &Path) -> &str {
 }
 
 /// The search page at `path` (`/?q=...`) as a browser shows it once its script has run: the
-/// DOM headless Chromium dumps, the page's Content-Security-Policy enforced (a script whose
+/// DOM headless Chromium dumps, up to the script itself, the page's Content-Security-Policy enforced (a script whose
 /// hash no longer matches does not run, and the DOM stays empty). `None`, saying "skipping",
 /// where no Chromium is installed.
 pub fn page_dom(http: SocketAddr, path: &str) -> Option<String> {
@@ -473,5 +473,8 @@ pub fn page_dom(http: SocketAddr, path: &str) -> Option<String> {
         .output()
         .expect("run chromium");
     assert!(out.status.success(), "chromium failed: {out:?}");
-    Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    let dom = String::from_utf8_lossy(&out.stdout);
+    // What the script wrote, not the script's own text (its templates hold markup too).
+    let shown = dom.split("<script>").next().unwrap_or("");
+    Some(shown.to_string())
 }

@@ -709,3 +709,40 @@ async fn the_pages_unhandled_bounces_tell_verified_from_unverified_with_receipt_
         "{jon_row}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_page_names_a_next_hop_off_port_25_with_its_port_as_the_log_does() {
+    let mx = TestMx::start(Script::default()).await;
+    let m = start_relay(mx.port());
+    let kim = "kim@dest.test";
+    submit(&m, &[kim], "invoice");
+    wait_until("kim delivered", Duration::from_secs(30), || {
+        status_of(&m, kim)["status"] == "delivered"
+    });
+    let json = m.log_json(kim);
+    let attempt = json[0]["recipients"][0]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "attempt")
+        .unwrap()
+        .clone();
+    assert_eq!(attempt["remote_port"], mx.port(), "{attempt}");
+    let hop = format!(
+        "{} [{}]:{}",
+        attempt["remote_host"].as_str().unwrap(),
+        attempt["remote_ip"].as_str().unwrap(),
+        mx.port()
+    );
+    let log = m.cli_ok(&["log", kim]);
+    assert!(
+        log.contains(&format!("attempt delivered at data {hop}")),
+        "{log}"
+    );
+    if let Some(page) = page_dom(m.http, &format!("/?q={kim}")) {
+        assert!(
+            page.contains(&format!("attempt delivered {hop}")),
+            "{hop}: {page}"
+        );
+    }
+}

@@ -746,3 +746,51 @@ async fn the_page_names_a_next_hop_off_port_25_with_its_port_as_the_log_does() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_complaint_keeps_its_feedback_type_reporter_source_ip_and_arrival_date() {
+    let mx = TestMx::start(Script::default()).await;
+    let m = start_relay(mx.port());
+    let lee = "lee@dest.test";
+    submit(&m, &[lee], "newsletter");
+    wait_until("lee delivered", Duration::from_secs(30), || {
+        status_of(&m, lee)["status"] == "delivered"
+    });
+    // No Reporting-MTA (RFC 5965 does not require one): the User-Agent names the reporter.
+    let report = arf_for(lee).replace(
+        "Version: 1\n",
+        "Version: 1\nSource-IP: 192.0.2.7\nArrival-Date: Thu, 26 Nov 2026 14:00:00 +0000\n",
+    );
+    let (r, d) = send_bounce(&m, &verp_sender_for(&mx, lee), &report);
+    assert!(r.starts_with("250") && d.starts_with("250"), "{r} {d}");
+    wait_until("lee complained", Duration::from_secs(20), || {
+        status_of(&m, lee)["status"] == "complained"
+    });
+    let list = m.cli_ok(&["bounces", "--address", lee, "--json"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    let v: serde_json::Value = serde_json::from_str(list.trim()).unwrap();
+    assert_eq!(
+        (&v["reason"], &v["bounce_type"]),
+        (&"feedback".into(), &"complaint".into()),
+        "{v}"
+    );
+    assert_eq!(v["reporting_mta"], "ExampleFBL/1.0", "{v}");
+    let facts = "feedback-type=abuse; user-agent=ExampleFBL/1.0; source-ip=192.0.2.7; \
+                 arrival-date=Thu, 26 Nov 2026 14:00:00 +0000";
+    assert_eq!(
+        v["diagnostic"],
+        format!("{facts}\nThis is an email abuse report."),
+        "{v}"
+    );
+    let table = m.cli_ok(&["bounces", "--address", lee]);
+    assert!(
+        table.contains("feedback-type=abuse; user-agent=ExampleFBL/1.0; source-ip=192.0.2.7"),
+        "{table}"
+    );
+    let log = m.cli_ok(&["log", lee]);
+    assert!(
+        log.contains("complaint complained at bounce ExampleFBL/1.0 reason=feedback"),
+        "{log}"
+    );
+    assert!(log.contains(facts), "{log}");
+}

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::mailtrail::{Mailtrail, RawSmtp, hash_password, wait_until};
+use common::mailtrail::{Mailtrail, RawSmtp, hash_password, page_dom, wait_until};
 use common::test_mx::{Script, TestMx};
 
 const BOUNCE_DOMAIN: &str = "bounce.mt.test";
@@ -90,6 +90,21 @@ fn dsn_for(rcpt: &str, receipt: &str) -> String {
          \n\
          --b1--\n"
     )
+}
+
+/// A remote MTA's delay notice for `rcpt`: still trying, nothing failed (4.4.1 reads
+/// `expired`, soft).
+fn delay_dsn_for(rcpt: &str, receipt: &str) -> String {
+    dsn_for(rcpt, receipt)
+        .replace("Message-ID: <dsn.", "Message-ID: <delay.")
+        .replace("Action: failed", "Action: delayed")
+        .replace("Status: 5.1.1", "Status: 4.4.1")
+        .replace(
+            &format!(
+                "Diagnostic-Code: smtp; 550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown in virtual mailbox table"
+            ),
+            "Diagnostic-Code: X-Postfix; connect to mailstore.remote.test[192.0.2.9]:25: Connection timed out",
+        )
 }
 
 fn arf_for(rcpt: &str) -> String {
@@ -568,4 +583,214 @@ async fn bounce_ingest_twice_stores_returned_mail_without_message_id_once() {
         "{from_mbox}"
     );
     assert_eq!(m.cli_ok(&["bounces", "--json"]), stored);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delay_notice_shows_its_action_in_the_bounce_list_the_log_and_the_page() {
+    let mx = TestMx::start(Script::default()).await;
+    let m = start_relay(mx.port());
+    let dan = "dan@dest.test";
+    let receipt = submit(&m, &[dan], "invoice");
+    wait_until("dan delivered", Duration::from_secs(30), || {
+        status_of(&m, dan)["status"] == "delivered"
+    });
+    let dan_verp = verp_sender_for(&mx, dan);
+    let (r, d) = send_bounce(&m, &dan_verp, &delay_dsn_for(dan, &receipt));
+    assert!(r.starts_with("250") && d.starts_with("250"), "{r} {d}");
+    wait_until(
+        "dan's delay notice recorded",
+        Duration::from_secs(20),
+        || {
+            !m.cli_ok(&["bounces", "--address", dan, "--json"])
+                .trim()
+                .is_empty()
+        },
+    );
+    // The classification stays as it was; the recipient stays delivered.
+    let v: serde_json::Value =
+        serde_json::from_str(m.cli_ok(&["bounces", "--address", dan, "--json"]).trim()).unwrap();
+    assert_eq!(
+        (&v["action"], &v["reason"], &v["bounce_type"]),
+        (&"delayed".into(), &"expired".into(), &"soft".into()),
+        "{v}"
+    );
+    assert_eq!(status_of(&m, dan)["status"], "delivered");
+
+    let table = m.cli_ok(&["bounces", "--address", dan]);
+    let (header, row) = table.split_once('\n').unwrap();
+    let column = header.find("action").expect("an action column");
+    assert!(row[column..].starts_with("delayed "), "{table}");
+
+    let log = m.cli_ok(&["log", dan]);
+    assert!(
+        log.contains("dsn (recipient stays delivered) at bounce mailstore.remote.test action=delayed reason=expired"),
+        "{log}"
+    );
+    let json = m.log_json(dan);
+    let events = json[0]["recipients"][0]["events"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let bounce = events.iter().find(|e| e["stage"] == "bounce").unwrap();
+    assert_eq!(bounce["action"], "delayed", "{bounce}");
+    // Attempts are no bounces: they have no action.
+    let attempt = events.iter().find(|e| e["kind"] == "attempt").unwrap();
+    assert!(attempt["action"].is_null(), "{attempt}");
+
+    if let Some(page) = page_dom(m.http, &format!("/?q={dan}")) {
+        assert!(
+            page.contains(
+                "(recipient stays delivered) mailstore.remote.test action=delayed reason=expired"
+            ),
+            "{page}"
+        );
+    }
+}
+
+/// The `<tr>` of the page's table that names `needle`.
+fn row_with<'a>(page: &'a str, needle: &str) -> &'a str {
+    page.split("<tr>")
+        .find(|row| row.contains(needle))
+        .and_then(|row| row.split("</tr>").next())
+        .unwrap_or_else(|| panic!("no row with {needle}: {page}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_pages_unhandled_bounces_tell_verified_from_unverified_with_receipt_action_and_status()
+{
+    let mx = TestMx::start(Script::default()).await;
+    let m = start_relay(mx.port());
+    let (ivy, jon) = ("ivy@dest.test", "jon@dest.test");
+    let receipt = submit(&m, &[ivy, jon], "invoice");
+    for a in [ivy, jon] {
+        wait_until(&format!("{a} delivered"), Duration::from_secs(30), || {
+            status_of(&m, a)["status"] == "delivered"
+        });
+    }
+    // Ivy's failure to her VERP address: verified. Jon's to the plain bounce address, tied to
+    // the message by its receipt id alone: unverified.
+    let ivy_verp = verp_sender_for(&mx, ivy);
+    let (r, d) = send_bounce(&m, &ivy_verp, &dsn_for(ivy, &receipt));
+    assert!(r.starts_with("250") && d.starts_with("250"), "{r} {d}");
+    let plain = format!("bounces@{BOUNCE_DOMAIN}");
+    let (r, d) = send_bounce(&m, &plain, &delay_dsn_for(jon, &receipt));
+    assert!(r.starts_with("250") && d.starts_with("250"), "{r} {d}");
+    wait_until("both recorded", Duration::from_secs(20), || {
+        m.cli_ok(&["bounces", "--unhandled", "--json"])
+            .lines()
+            .count()
+            == 2
+    });
+    let (status, api) = m.http_get("/api/bounces?unhandled=1");
+    assert_eq!(status, 200, "{api}");
+    let api: Vec<serde_json::Value> = serde_json::from_str(&api).unwrap();
+    let verified = |a: &str| api.iter().find(|b| b["recipient"] == a).unwrap()["verified"].clone();
+    assert_eq!((verified(ivy), verified(jon)), (true.into(), false.into()));
+
+    let Some(page) = page_dom(m.http, "/?unhandled=1") else {
+        return;
+    };
+    let header = row_with(&page, "<th>id</th>");
+    for column in ["action", "status", "receipt", "match"] {
+        assert!(header.contains(&format!("<th>{column}</th>")), "{header}");
+    }
+    let ivy_row = row_with(&page, ivy);
+    assert!(
+        ivy_row.contains("<td>failed</td><td>5.1.1</td>")
+            && ivy_row.contains(&receipt)
+            && ivy_row.contains(">verified</td>"),
+        "{ivy_row}"
+    );
+    let jon_row = row_with(&page, jon);
+    assert!(
+        jon_row.contains("<td>delayed</td><td>4.4.1</td>")
+            && jon_row.contains(&receipt)
+            && jon_row.contains(">unverified</td>"),
+        "{jon_row}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_page_names_a_next_hop_off_port_25_with_its_port_as_the_log_does() {
+    let mx = TestMx::start(Script::default()).await;
+    let m = start_relay(mx.port());
+    let kim = "kim@dest.test";
+    submit(&m, &[kim], "invoice");
+    wait_until("kim delivered", Duration::from_secs(30), || {
+        status_of(&m, kim)["status"] == "delivered"
+    });
+    let json = m.log_json(kim);
+    let attempt = json[0]["recipients"][0]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "attempt")
+        .unwrap()
+        .clone();
+    assert_eq!(attempt["remote_port"], mx.port(), "{attempt}");
+    let hop = format!(
+        "{} [{}]:{}",
+        attempt["remote_host"].as_str().unwrap(),
+        attempt["remote_ip"].as_str().unwrap(),
+        mx.port()
+    );
+    let log = m.cli_ok(&["log", kim]);
+    assert!(
+        log.contains(&format!("attempt delivered at data {hop}")),
+        "{log}"
+    );
+    if let Some(page) = page_dom(m.http, &format!("/?q={kim}")) {
+        assert!(
+            page.contains(&format!("attempt delivered {hop}")),
+            "{hop}: {page}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_complaint_keeps_its_feedback_type_reporter_source_ip_and_arrival_date() {
+    let mx = TestMx::start(Script::default()).await;
+    let m = start_relay(mx.port());
+    let lee = "lee@dest.test";
+    submit(&m, &[lee], "newsletter");
+    wait_until("lee delivered", Duration::from_secs(30), || {
+        status_of(&m, lee)["status"] == "delivered"
+    });
+    // No Reporting-MTA (RFC 5965 does not require one): the User-Agent names the reporter.
+    let report = arf_for(lee).replace(
+        "Version: 1\n",
+        "Version: 1\nSource-IP: 192.0.2.7\nArrival-Date: Thu, 26 Nov 2026 14:00:00 +0000\n",
+    );
+    let (r, d) = send_bounce(&m, &verp_sender_for(&mx, lee), &report);
+    assert!(r.starts_with("250") && d.starts_with("250"), "{r} {d}");
+    wait_until("lee complained", Duration::from_secs(20), || {
+        status_of(&m, lee)["status"] == "complained"
+    });
+    let list = m.cli_ok(&["bounces", "--address", lee, "--json"]);
+    assert_eq!(list.lines().count(), 1, "{list}");
+    let v: serde_json::Value = serde_json::from_str(list.trim()).unwrap();
+    assert_eq!(
+        (&v["reason"], &v["bounce_type"]),
+        (&"feedback".into(), &"complaint".into()),
+        "{v}"
+    );
+    assert_eq!(v["reporting_mta"], "ExampleFBL/1.0", "{v}");
+    let facts = "feedback-type=abuse; user-agent=ExampleFBL/1.0; source-ip=192.0.2.7; \
+                 arrival-date=Thu, 26 Nov 2026 14:00:00 +0000";
+    assert_eq!(
+        v["diagnostic"],
+        format!("{facts}\nThis is an email abuse report."),
+        "{v}"
+    );
+    let table = m.cli_ok(&["bounces", "--address", lee]);
+    assert!(
+        table.contains("feedback-type=abuse; user-agent=ExampleFBL/1.0; source-ip=192.0.2.7"),
+        "{table}"
+    );
+    let log = m.cli_ok(&["log", lee]);
+    assert!(
+        log.contains("complaint complained at bounce ExampleFBL/1.0 reason=feedback"),
+        "{log}"
+    );
+    assert!(log.contains(facts), "{log}");
 }

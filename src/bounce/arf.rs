@@ -76,19 +76,49 @@ fn from_report(view: &View, report: &str) -> Vec<BounceRecord> {
     if recipients.is_empty() {
         recipients.push(String::new());
     }
-    let diagnostic = view
+    let one_line = |v: String| v.split_whitespace().collect::<Vec<_>>().join(" ");
+    // Who reported it: the ARF Reporting-MTA, else the report generator's User-Agent, else
+    // the report's own From (RFC 5965 3.1: User-Agent is required, Reporting-MTA is not).
+    let arf_reporting_mta = get("reporting-mta").map(|v| dsn::strip_type(&v).to_string());
+    let reporting_mta = arf_reporting_mta
+        .clone()
+        .or_else(|| get("user-agent"))
+        .or_else(|| Some(view.from().to_string()).filter(|f| !f.is_empty()))
+        .map(one_line);
+    // What a support desk asks of a complaint, kept where the stored record has room for it
+    // (its first line, as the bounce list shows it), the report's human text after it.
+    let arrival_date = get("arrival-date").or_else(|| get("received-date"));
+    let mut facts = vec![format!("feedback-type={feedback_type}")];
+    for (name, value) in [
+        ("reporting-mta", arf_reporting_mta),
+        ("user-agent", get("user-agent")),
+        ("source-ip", get("source-ip")),
+        ("arrival-date", arrival_date.clone()),
+    ] {
+        if let Some(v) = value {
+            facts.push(format!("{name}={}", one_line(v)));
+        }
+    }
+    let human = view
         .human
         .split("\n\n")
         .map(str::trim)
         .find(|p| !p.is_empty())
-        .map(|p| p.split_whitespace().collect::<Vec<_>>().join(" "));
+        // A report without its human part has the raw multipart body read as its text.
+        .filter(|p| !p.starts_with("--"))
+        .map(|p| one_line(p.to_string()));
+    let facts = facts.join("; ");
+    let diagnostic = Some(match human {
+        Some(h) => format!("{facts}\n{h}"),
+        None => facts,
+    });
     recipients
         .into_iter()
         .map(|rcpt| {
             let mut r = BounceRecord::new(rcpt, BounceKind::Arf);
             r.feedback_type = Some(feedback_type.clone());
-            r.reporting_mta = get("reporting-mta").map(|v| dsn::strip_type(&v).to_string());
-            r.last_attempt = get("arrival-date").or_else(|| get("received-date"));
+            r.reporting_mta = reporting_mta.clone();
+            r.last_attempt = arrival_date.clone();
             r.original_sender = get("original-mail-from").and_then(|v| dsn::address_of(&v));
             r.diagnostic = diagnostic.clone();
             r

@@ -364,6 +364,52 @@ Message-ID: <m3@example.com>\r\nFrom: app@example.com\r\nTo: user@isp.example\r\
         r.recipient_status(),
         Some(crate::store::RecipientStatus::Complained)
     );
+    assert_eq!(r.reporting_mta.as_deref(), Some("fbl.isp.example"));
+    assert_eq!(
+        r.diagnostic.as_deref(),
+        Some(
+            "feedback-type=abuse; reporting-mta=fbl.isp.example; user-agent=ISP-FBL/1.0; \
+             arrival-date=Mon, 2 Jun 2025 10:00:00 +0000\nThis is an abuse report."
+        )
+    );
+}
+
+#[test]
+fn arf_reporter_is_the_reporting_mta_else_the_user_agent_else_the_reports_from() {
+    let report = |fields: &str| {
+        format!(
+            "From: Feedback Loop <fbl@isp.example>\r\nSubject: report\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\r\n\
+--F\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: fraud\r\n{fields}\
+Original-Rcpt-To: u@isp.example\r\n\
+--F\r\nContent-Type: message/rfc822\r\n\r\nFrom: app@example.com\r\n\r\nx\r\n--F--\r\n"
+        )
+    };
+    let r = one(&report(
+        "User-Agent: SomeGenerator/1.0\r\nSource-IP: 192.0.2.7\r\nReporting-MTA: dns; mx.isp.example\r\n",
+    ));
+    assert_eq!(r.reporting_mta.as_deref(), Some("mx.isp.example"));
+    assert_eq!(
+        r.diagnostic.as_deref(),
+        Some(
+            "feedback-type=fraud; reporting-mta=mx.isp.example; user-agent=SomeGenerator/1.0; \
+             source-ip=192.0.2.7"
+        )
+    );
+    let r = one(&report("User-Agent: SomeGenerator/1.0\r\n"));
+    assert_eq!(r.reporting_mta.as_deref(), Some("SomeGenerator/1.0"));
+    assert_eq!(
+        r.diagnostic.as_deref(),
+        Some("feedback-type=fraud; user-agent=SomeGenerator/1.0")
+    );
+    let r = one(&report(""));
+    assert_eq!(r.reporting_mta.as_deref(), Some("fbl@isp.example"));
+    assert_eq!(r.diagnostic.as_deref(), Some("feedback-type=fraud"));
+    // Its classification is as before.
+    assert_eq!(
+        (r.reason, r.bounce_type),
+        (BounceReason::Feedback, BounceType::Complaint)
+    );
 }
 
 #[test]

@@ -30,8 +30,17 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>6}  {:<24}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<10}  {:<9}  diagnostic",
-        "id", "time", "recipient", "reason", "type", "status", "receipt", "match", "handled"
+        "{:>6}  {:<24}  {:<32}  {:<15}  {:<10}  {:<9}  {:<6}  {:<26}  {:<10}  {:<9}  diagnostic",
+        "id",
+        "time",
+        "recipient",
+        "reason",
+        "type",
+        "action",
+        "status",
+        "receipt",
+        "match",
+        "handled"
     );
     for b in bounces {
         let f = &b.facts;
@@ -49,12 +58,14 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
             .collect::<String>();
         let _ = writeln!(
             out,
-            "{:>6}  {:<24}  {:<32}  {:<15}  {:<10}  {:<6}  {:<26}  {:<10}  {:<9}  {}",
+            "{:>6}  {:<24}  {:<32}  {:<15}  {:<10}  {:<9}  {:<6}  {:<26}  {:<10}  {:<9}  {}",
             b.id,
             format_time(f.at_ms),
             sanitize(&f.recipient),
             f.reason,
             f.bounce_type,
+            // A delay notice (`delayed`, 4.4.1 reads `expired`, soft) is no failure.
+            sanitize(f.action.as_deref().unwrap_or("-")),
             opt(&f.status),
             f.receipt
                 .map(|r| r.to_string())
@@ -190,6 +201,10 @@ mod tests {
         assert!(text.contains("(unmatched)"));
         assert!(text.contains("alice"));
         assert!(!text.contains('\x1b'), "{text:?}");
+        let header = text.lines().next().unwrap();
+        let row = text.lines().nth(1).unwrap();
+        let column = header.find("action").expect("an action column");
+        assert_eq!(&row[column..column + 7], "failed ", "{text}");
         let json = render_bounces(&[bounce(false)], true);
         let v: serde_json::Value = serde_json::from_str(json.trim()).unwrap();
         assert_eq!(v["reason"], "userunknown");

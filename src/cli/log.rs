@@ -322,6 +322,10 @@ fn render_event(out: &mut String, e: &EventLog) {
     if let Some(d) = e.duration_ms {
         let _ = write!(out, " {d}ms");
     }
+    // What the bounce said happened: `delayed` and `delivered` are no failures.
+    if let Some(action) = &e.action {
+        let _ = write!(out, " action={}", sanitize(action));
+    }
     if let Some(reason) = &e.reason {
         let _ = write!(out, " reason={}", sanitize(reason));
     }
@@ -645,6 +649,7 @@ mod tests {
                         duration_ms: None,
                         reason: None,
                         rcpt_reply: None,
+                        action: None,
                     },
                     EventLog {
                         at_ms: at + 2_000,
@@ -661,6 +666,7 @@ mod tests {
                         duration_ms: Some(87),
                         reason: Some("greylisting".into()),
                         rcpt_reply: None,
+                        action: None,
                     },
                 ],
             }],

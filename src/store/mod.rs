@@ -276,6 +276,9 @@ pub struct EventLog {
     pub rcpt_reply: Option<RcptReply>,
     pub duration_ms: Option<u64>,
     pub reason: Option<String>,
+    /// For a bounce-stage event, the DSN action of the bounce record it stored (`failed`,
+    /// `delayed`, `delivered`, `relayed`, `expanded`): a delay notice is no failure.
+    pub action: Option<String>,
 }
 
 /// Where a bounce record was matched (bounce → store).

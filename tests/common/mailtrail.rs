@@ -444,3 +444,37 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// The search page at `path` (`/?q=...`) as a browser shows it once its script has run: the
+/// DOM headless Chromium dumps, up to the script itself, the page's Content-Security-Policy enforced (a script whose
+/// hash no longer matches does not run, and the DOM stays empty). `None`, saying "skipping",
+/// where no Chromium is installed.
+pub fn page_dom(http: SocketAddr, path: &str) -> Option<String> {
+    let browser = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+        .into_iter()
+        .find(|p| Path::new(p).exists());
+    let Some(browser) = browser else {
+        eprintln!("skipping: the page check needs Chromium");
+        return None;
+    };
+    let profile = tempfile::tempdir().expect("chromium profile dir");
+    let out = Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--virtual-time-budget=5000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg("--dump-dom")
+        .arg(format!("http://{http}{path}"))
+        .stderr(Stdio::null())
+        .output()
+        .expect("run chromium");
+    assert!(out.status.success(), "chromium failed: {out:?}");
+    let dom = String::from_utf8_lossy(&out.stdout);
+    // What the script wrote, not the script's own text (its templates hold markup too).
+    let shown = dom.split("<script>").next().unwrap_or("");
+    Some(shown.to_string())
+}

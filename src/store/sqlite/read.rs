@@ -317,8 +317,16 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
         .prepare_cached(
             "SELECT at, kind, status, stage, remote_host, remote_ip, tls_version, reply_code,
                  enhanced_status, reply_text, duration_ms, reason,
-                 rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text, remote_port
-             FROM events WHERE receipt = ?1 AND idx = ?2 ORDER BY id",
+                 rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text, remote_port,
+                 -- A bounce event is written with its bounce record, at the same moment.
+                 CASE WHEN stage = 'bounce' THEN
+                     (SELECT b.action FROM bounces b
+                      WHERE b.receipt = e.receipt AND b.idx = e.idx AND b.at = e.at
+                        AND b.reason IS e.reason
+                        AND b.status IS e.enhanced_status AND b.reply_code IS e.reply_code
+                      ORDER BY b.id LIMIT 1)
+                 END
+             FROM events e WHERE receipt = ?1 AND idx = ?2 ORDER BY id",
         )
         .map_err(storage)?;
     for m in &mut messages {
@@ -367,6 +375,7 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
                         reply_text: r.get(9)?,
                         duration_ms: r.get::<_, Option<i64>>(10)?.map(|d| d.max(0) as u64),
                         reason: r.get(11)?,
+                        action: r.get(16)?,
                         rcpt_reply: match r.get::<_, Option<u16>>(12)? {
                             Some(code) => Some(RcptReply {
                                 code,

@@ -1238,6 +1238,11 @@ mod queue {
         assert!(body.contains("Status: 4.4.7"), "{body}");
         assert!(body.contains("delivery time expired"), "{body}");
         assert!(body.contains("Diagnostic-Code: smtp; 451 4.3.0 try again later"));
+        // The expiry DSN is recorded on the recipient, by its receipt.
+        let log = h.log(r).await;
+        let (action, dsn) = dsn_sent(&log.recipients[0], "dsn_sent").expect("expiry DSN");
+        assert_eq!(action, "expired");
+        assert_eq!(h.log(dsn.parse().unwrap()).await.envelope_sender, "");
         h.shutdown.cancel();
         h.handle.join().await;
     }
@@ -1451,6 +1456,55 @@ mod queue {
         // so the second followed without RSET.
         assert_eq!(h.mx.connections(), 1);
         assert!(!h.mx.commands().iter().any(|c| c == "RSET"));
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    /// The `dsn_sent` event on a recipient: (action, the DSN's receipt).
+    fn dsn_sent(rc: &mailtrail::store::RecipientLog, kind: &str) -> Option<(String, String)> {
+        let e = rc.events.iter().find(|e| e.kind == kind)?;
+        Some((e.dsn_action.clone()?, e.dsn_receipt.clone()?))
+    }
+
+    /// A failure DSN and a success DSN leave an event on the recipient each reports, naming
+    /// the DSN's receipt, by which the log finds the DSN itself.
+    #[tokio::test]
+    async fn failure_and_success_dsns_are_recorded_on_the_recipients_they_report() {
+        let mut script = Script::default().rcpt("unknown@dest.test", &["550 5.1.1 user unknown"]);
+        script.extensions.retain(|e| e != "DSN");
+        let h = harness(script, |_| {}).await;
+        let success = Notify {
+            success: true,
+            failure: true,
+            ..Default::default()
+        };
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[("ok@dest.test", Some(success)), ("unknown@dest.test", None)],
+            ))
+            .await;
+        h.wait(r, final_status).await;
+        h.wait_mx(3).await;
+        let log = h.log(r).await;
+        let (relayed, success_dsn) = dsn_sent(&log.recipients[0], "dsn_sent").expect("relayed");
+        let (failed, failure_dsn) = dsn_sent(&log.recipients[1], "dsn_sent").expect("failed");
+        assert_eq!((relayed.as_str(), failed.as_str()), ("relayed", "failed"));
+        assert_ne!(success_dsn, failure_dsn);
+        // The status stays what the attempt made it.
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        assert_eq!(log.recipients[1].status, RecipientStatus::Failed);
+        for (dsn, action) in [
+            (success_dsn, "Action: relayed"),
+            (failure_dsn, "Action: failed"),
+        ] {
+            let dsn = h.log(dsn.parse().unwrap()).await;
+            assert_eq!(dsn.envelope_sender, "");
+            assert_eq!(dsn.recipients[0].address, "app@sender.test");
+            let body =
+                String::from_utf8_lossy(&h.sqlite.body(dsn.receipt).await.unwrap()).into_owned();
+            assert!(body.contains(action), "{body}");
+        }
         h.shutdown.cancel();
         h.handle.join().await;
     }
@@ -1761,11 +1815,17 @@ mod queue {
         assert!(body.contains("Action: delayed"), "{body}");
         assert!(body.contains("Status: 4.4.1"));
         assert!(body.contains("Will-Retry-Until: "));
+        let log = h.log(r).await;
+        let (action, dsn) = dsn_sent(&log.recipients[0], "delay_dsn_sent").expect("delay DSN");
+        assert_eq!(action, "delayed");
+        let dsn = h.log(dsn.parse().unwrap()).await;
+        assert_eq!(dsn.recipients[0].address, "app@sender.test");
         assert!(
-            h.log(r).await.recipients[0]
+            !log.recipients[0]
                 .events
                 .iter()
-                .any(|e| e.kind == "delay_dsn_sent")
+                .any(|e| e.kind == "dsn_sent"),
+            "the delay DSN is recorded once"
         );
         h.shutdown.cancel();
         h.handle.join().await;

@@ -325,6 +325,13 @@ fn render_event(out: &mut String, e: &EventLog) {
     if let Some(reason) = &e.reason {
         let _ = write!(out, " reason={}", sanitize(reason));
     }
+    // A DSN about this recipient: its action and its own receipt, which `log` finds it by.
+    if let Some(action) = &e.dsn_action {
+        let _ = write!(out, " action={}", sanitize(action));
+    }
+    if let Some(dsn) = &e.dsn_receipt {
+        let _ = write!(out, " dsn={}", sanitize(dsn));
+    }
     out.push('\n');
     // An attempt decided at DATA: the recipient's RCPT reply first, then the DATA reply.
     if let Some(r) = &e.rcpt_reply {
@@ -645,6 +652,8 @@ mod tests {
                         duration_ms: None,
                         reason: None,
                         rcpt_reply: None,
+                        dsn_action: None,
+                        dsn_receipt: None,
                     },
                     EventLog {
                         at_ms: at + 2_000,
@@ -661,6 +670,8 @@ mod tests {
                         duration_ms: Some(87),
                         reason: Some("greylisting".into()),
                         rcpt_reply: None,
+                        dsn_action: None,
+                        dsn_receipt: None,
                     },
                 ],
             }],
@@ -825,6 +836,26 @@ mod tests {
             text.contains(" mx1.example.net [192.0.2.25] TLSv1_3"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_dsn_event_names_its_action_and_receipt_in_text_and_json() {
+        let mut m = sample();
+        let mut e = m.recipients[0].events[0].clone();
+        e.kind = "dsn_sent".into();
+        e.stage = Some(crate::store::Stage::Local);
+        e.dsn_action = Some("failed".into());
+        e.dsn_receipt = Some("01M84TQJYPE2DRCRGB1667C64N".into());
+        m.recipients[0].events.push(e);
+        let text = render_text(&[m.clone()]);
+        assert!(
+            text.contains("at local action=failed dsn=01M84TQJYPE2DRCRGB1667C64N\n"),
+            "{text}"
+        );
+        let v = to_json(&m);
+        let e = &v["recipients"][0]["events"][2];
+        assert_eq!(e["dsn_action"], "failed");
+        assert_eq!(e["dsn_receipt"], "01M84TQJYPE2DRCRGB1667C64N");
     }
 
     #[test]

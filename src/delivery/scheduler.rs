@@ -22,8 +22,7 @@ use crate::bounce::reason::{BounceReason, BounceType, bounce_type};
 use crate::config::{Config, RouteConfig, TlsPolicy};
 use crate::metrics::{Metrics, OutcomeLabel, class_of};
 use crate::receipt::ReceiptId;
-use crate::spool::AcceptedMessage;
-use crate::store::{AttemptRecord, QueuedMessage, RecipientStatus, Stage, Store};
+use crate::store::{AttemptRecord, DsnNotice, QueuedMessage, RecipientStatus, Stage, Store};
 
 use super::client::{
     self, Connection, Envelope, EnvelopeRecipient, RecipientResult, Secret, SessionSettings,
@@ -1140,11 +1139,11 @@ async fn commit(ctx: &Context, msg: &QueuedMessage, body: &[u8], parts: Vec<Judg
     }
     align_retries(&mut attempts);
     let now = now_ms();
-    let mut dsns: Vec<AcceptedMessage> = Vec::new();
+    let mut dsns: Vec<DsnNotice> = Vec::new();
     for (_, mut list) in reports {
         list.sort_by(|a, b| a.address.cmp(&b.address));
         if let Some(m) = dsn::build(&ctx.config.hostname, msg, body, &list, now) {
-            dsns.push(m);
+            dsns.push(dsn::notice(msg.receipt, m, &list));
         }
     }
     let had_dsns = !dsns.is_empty();
@@ -1455,6 +1454,7 @@ fn judge(
                 .entry(ReportKind::of(action))
                 .or_default()
                 .push(ReportRecipient {
+                    index: rcpt.index,
                     address: rcpt.address.clone(),
                     orcpt: rcpt.orcpt.clone(),
                     action,
@@ -1534,7 +1534,7 @@ async fn record_attempts(
     ctx: &Context,
     receipt: ReceiptId,
     attempts: Vec<AttemptRecord>,
-    dsns: Vec<AcceptedMessage>,
+    dsns: Vec<DsnNotice>,
 ) -> bool {
     let mut pause = STORE_RETRY_FIRST;
     // Held from the first refusal until the record is in (or given up at shutdown).

@@ -149,6 +149,27 @@ pub struct AttemptRecord {
     pub delay_dsn: bool,
 }
 
+/// A DSN to queue in the same commit as what caused it, and the recipients of the original
+/// message it reports: each gets a `dsn_sent` event (a delay DSN's: `delay_dsn_sent`) naming
+/// the DSN's receipt, so the log shows whether, and by which message, the sender was told.
+#[derive(Debug, Clone)]
+pub struct DsnNotice {
+    pub dsn: AcceptedMessage,
+    /// The message it reports on.
+    pub original: ReceiptId,
+    pub reported: Vec<ReportedRecipient>,
+}
+
+/// One recipient a [`DsnNotice`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedRecipient {
+    /// Position in the original message, as in [`QueuedRecipient::index`].
+    pub rcpt_index: u32,
+    /// `failed`, `delayed`, `relayed`, `delivered`, or `expired` (failed by running out of
+    /// queue lifetime).
+    pub action: &'static str,
+}
+
 /// A queued or deferred message with the recipients that are due.
 #[derive(Debug, Clone)]
 pub struct QueuedMessage {
@@ -276,6 +297,11 @@ pub struct EventLog {
     pub rcpt_reply: Option<RcptReply>,
     pub duration_ms: Option<u64>,
     pub reason: Option<String>,
+    /// For `dsn_sent` / `delay_dsn_sent`: the DSN's action (`failed`, `delayed`, `relayed`,
+    /// `expired`) and its own receipt (schema v10; none in older rows), which `mailtrail log`
+    /// finds it by.
+    pub dsn_action: Option<String>,
+    pub dsn_receipt: Option<String>,
 }
 
 /// Where a bounce record was matched (bounce → store).
@@ -417,14 +443,8 @@ pub trait Store: Send + Sync + 'static {
     async fn accept_with_notices(
         &self,
         msg: AcceptedMessage,
-        notices: Vec<AcceptedMessage>,
-    ) -> Result<(), StoreError> {
-        self.accept(msg).await?;
-        for notice in notices {
-            self.accept(notice).await?;
-        }
-        Ok(())
-    }
+        notices: Vec<DsnNotice>,
+    ) -> Result<(), StoreError>;
 
     /// Drops message bodies no longer needed: received before `before_ms`, every recipient
     /// final (inbound bounce mail: processed). The record of what happened stays. Returns how
@@ -470,11 +490,12 @@ pub trait Store: Send + Sync + 'static {
     async fn next_due_at(&self) -> Result<Option<i64>, StoreError>;
     async fn body(&self, receipt: ReceiptId) -> Result<Vec<u8>, StoreError>;
     /// Records attempts (each updates the recipient's current status and appends an event)
-    /// and, in the same commit, queues the DSNs they caused.
+    /// and, in the same commit, queues the DSNs they caused with an event on each recipient
+    /// they report.
     async fn record_attempts(
         &self,
         attempts: Vec<AttemptRecord>,
-        dsns: Vec<AcceptedMessage>,
+        dsns: Vec<DsnNotice>,
     ) -> Result<(), StoreError>;
     async fn queue_list(&self) -> Result<Vec<QueueEntry>, StoreError>;
     /// Makes pending recipients due now; `None` = all. Returns how many.

@@ -317,7 +317,8 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
         .prepare_cached(
             "SELECT at, kind, status, stage, remote_host, remote_ip, tls_version, reply_code,
                  enhanced_status, reply_text, duration_ms, reason,
-                 rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text, remote_port
+                 rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text, remote_port,
+                 dsn_action, dsn_receipt
              FROM events WHERE receipt = ?1 AND idx = ?2 ORDER BY id",
         )
         .map_err(storage)?;
@@ -375,6 +376,8 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
                             }),
                             None => None,
                         },
+                        dsn_action: r.get(16)?,
+                        dsn_receipt: r.get(17)?,
                     })
                 })
                 .and_then(|rows| rows.collect::<Result<_, _>>())

@@ -354,6 +354,17 @@ fn render_event(out: &mut String, e: &EventLog) {
         push_indented(out, &text, "      ");
         out.push('\n');
     }
+    // Next hops this attempt tried before the one that answered, and why each was left.
+    for hop in &e.tried_first {
+        let _ = write!(
+            out,
+            "      tried first: {} at {}: ",
+            sanitize(&hop.hop),
+            sanitize(&hop.step)
+        );
+        push_indented(out, &hop.text, "        ");
+        out.push('\n');
+    }
 }
 
 /// The lowercase name serde gives a unit enum variant (`rcpt`, `data`, ...).
@@ -654,6 +665,7 @@ mod tests {
                         rcpt_reply: None,
                         dsn_action: None,
                         dsn_receipt: None,
+                        tried_first: Vec::new(),
                     },
                     EventLog {
                         at_ms: at + 2_000,
@@ -672,6 +684,7 @@ mod tests {
                         rcpt_reply: None,
                         dsn_action: None,
                         dsn_receipt: None,
+                        tried_first: Vec::new(),
                     },
                 ],
             }],
@@ -856,6 +869,32 @@ mod tests {
         let e = &v["recipients"][0]["events"][2];
         assert_eq!(e["dsn_action"], "failed");
         assert_eq!(e["dsn_receipt"], "01M84TQJYPE2DRCRGB1667C64N");
+    }
+
+    #[test]
+    fn hops_tried_first_are_shown_under_the_attempt_and_in_json() {
+        let mut m = sample();
+        m.recipients[0].events[1].tried_first = vec![crate::store::HopFailure {
+            hop: "mx0.example.net[192.0.2.24]:2526".into(),
+            step: "greeting".into(),
+            reply_code: Some(421),
+            enhanced_status: Some("4.3.2".into()),
+            text: "421 4.3.2 busy\x1b[2J, try later".into(),
+        }];
+        let text = render_text(&[m.clone()]);
+        assert!(
+            text.contains(
+                "\n      tried first: mx0.example.net[192.0.2.24]:2526 at greeting: \
+                 421 4.3.2 busy\\u{1b}[2J, try later\n"
+            ),
+            "{text}"
+        );
+        let v = to_json(&m);
+        let hop = &v["recipients"][0]["events"][1]["tried_first"][0];
+        assert_eq!(hop["hop"], "mx0.example.net[192.0.2.24]:2526");
+        assert_eq!(hop["step"], "greeting");
+        assert_eq!(hop["reply_code"], 421);
+        assert_eq!(hop["text"], "421 4.3.2 busy\u{1b}[2J, try later");
     }
 
     #[test]

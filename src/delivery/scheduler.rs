@@ -256,7 +256,7 @@ enum Admission {
     /// Connect; `probe`: as the one retried transaction trying a suspended destination.
     Go { probe: bool },
     /// Defer with the reason the destination is suspended.
-    Suspended(client::SessionError),
+    Suspended(Box<client::SessionError>),
     /// Retried mail while a probe runs: ask again shortly.
     Wait,
 }
@@ -359,7 +359,7 @@ impl Context {
                 (s.probing, s.probed) = (true, Some(at));
                 Admission::Go { probe: true }
             }
-            _ => Admission::Suspended(s.error.clone()),
+            _ => Admission::Suspended(Box::new(s.error.clone())),
         }
     }
 
@@ -897,6 +897,7 @@ async fn deliver_message(
                     reason: Some(BounceReason::SystemError.as_str().to_string()),
                     bounce_type: None,
                     delay_dsn: false,
+                    tried_first: Vec::new(),
                 })
                 .collect();
             return !record_attempts(&ctx, msg.receipt, attempts, Vec::new()).await;
@@ -941,6 +942,8 @@ struct Outcome {
     local_status: Option<&'static str>,
     /// The peer offered DSN (it will report success itself).
     remote_dsn: bool,
+    /// Next hops tried and left before the one whose result this is.
+    tried_first: Vec<crate::store::HopFailure>,
 }
 
 /// Returns whether it left work for later (see [`record`]).
@@ -1227,6 +1230,7 @@ async fn lease(
                     local_reason: Some(f.reason),
                     local_status: Some(f.enhanced_status),
                     remote_dsn: false,
+                    tried_first: Vec::new(),
                 }));
             }
         };
@@ -1291,6 +1295,12 @@ fn connect_failure(e: &client::SessionError, n: usize, suspended: bool) -> Outco
         local_reason: e.security.then_some("securityerror"),
         local_status: None,
         remote_dsn: false,
+        // A suspension's error is another transaction's: this one tried no hop.
+        tried_first: if suspended {
+            Vec::new()
+        } else {
+            e.tried_first.clone()
+        },
     }
 }
 
@@ -1350,6 +1360,8 @@ async fn transact(
             local_reason: None,
             local_status: None,
             remote_dsn: leased.conn.offers_dsn(),
+            // Only the connection's first transaction tried its way to it.
+            tried_first: std::mem::take(&mut leased.conn.tried_first),
         };
         if replies.error.is_none() && !ctx.shutdown.is_cancelled() {
             ctx.pool.put_idle(dest.clone(), leased);
@@ -1499,6 +1511,7 @@ fn judge(
             reason,
             bounce_type,
             delay_dsn: action == Some(Action::Delayed),
+            tried_first: outcome.tried_first.clone(),
         });
     }
     for a in &attempts {
@@ -1518,6 +1531,12 @@ fn judge(
             %remote,
             code = a.reply_code.unwrap_or(0),
             text = %a.reply_text,
+            tried_first = %a
+                .tried_first
+                .iter()
+                .map(|h| format!("{}: {}", h.hop, h.text))
+                .collect::<Vec<_>>()
+                .join("; "),
             "delivery attempt"
         );
     }
@@ -1799,6 +1818,7 @@ mod tests {
             reason: None,
             bounce_type: None,
             delay_dsn: false,
+            tried_first: Vec::new(),
         };
         let mut group = [
             at(Some(100_000)),
@@ -1826,6 +1846,8 @@ mod tests {
             tls_handshake_failed: false,
             security: false,
             certificate_refused: false,
+            step: "connect",
+            tried_first: Vec::new(),
         }
     }
 

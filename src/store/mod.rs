@@ -115,6 +115,39 @@ pub struct RcptReply {
     pub text: String,
 }
 
+/// A next hop tried in an attempt before the one whose result the attempt records, and why
+/// it was left (a refused connection, a `421` greeting, a `4xx` to EHLO, a failed STARTTLS).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HopFailure {
+    /// `host[ip]:port`, as the server log names a next hop.
+    pub hop: String,
+    /// The step it failed at: `connect`, `tls`, `greeting`, `ehlo`, `helo`, `starttls`,
+    /// `auth`.
+    pub step: String,
+    pub reply_code: Option<u16>,
+    pub enhanced_status: Option<String>,
+    /// The reply verbatim (multi-line joined with `\n`), or the local error, at most
+    /// [`HopFailure::MAX_TEXT`] bytes.
+    pub text: String,
+}
+
+impl HopFailure {
+    /// Longest `text` kept: a hop that was left has its reason shown, not a whole essay.
+    pub const MAX_TEXT: usize = 1024;
+
+    /// `text` cut to [`HopFailure::MAX_TEXT`] bytes at a character boundary, marked cut.
+    pub fn bounded(text: &str) -> String {
+        if text.len() <= Self::MAX_TEXT {
+            return text.to_string();
+        }
+        let mut end = Self::MAX_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &text[..end])
+    }
+}
+
 /// One delivery attempt's result for one recipient (delivery → store).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AttemptRecord {
@@ -147,6 +180,9 @@ pub struct AttemptRecord {
     /// This attempt queued a delay DSN for its recipient (in the same commit): marked sent
     /// with it, so the next deferral does not send another.
     pub delay_dsn: bool,
+    /// Next hops tried before the one whose result this is, in the order tried (schema
+    /// v11): they do not change the outcome, but the log shows them.
+    pub tried_first: Vec<HopFailure>,
 }
 
 /// A DSN to queue in the same commit as what caused it, and the recipients of the original
@@ -302,6 +338,9 @@ pub struct EventLog {
     /// finds it by.
     pub dsn_action: Option<String>,
     pub dsn_receipt: Option<String>,
+    /// For an attempt: the next hops tried before the one that answered (schema v11; empty
+    /// in older rows).
+    pub tried_first: Vec<HopFailure>,
 }
 
 /// Where a bounce record was matched (bounce → store).

@@ -318,7 +318,7 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
             "SELECT at, kind, status, stage, remote_host, remote_ip, tls_version, reply_code,
                  enhanced_status, reply_text, duration_ms, reason,
                  rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text, remote_port,
-                 dsn_action, dsn_receipt
+                 dsn_action, dsn_receipt, tried_first
              FROM events WHERE receipt = ?1 AND idx = ?2 ORDER BY id",
         )
         .map_err(storage)?;
@@ -378,6 +378,12 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
                         },
                         dsn_action: r.get(16)?,
                         dsn_receipt: r.get(17)?,
+                        // A row this build cannot read shows no earlier hops rather than
+                        // hiding the whole log.
+                        tried_first: r
+                            .get::<_, Option<String>>(18)?
+                            .and_then(|j| serde_json::from_str(&j).ok())
+                            .unwrap_or_default(),
                     })
                 })
                 .and_then(|rows| rows.collect::<Result<_, _>>())

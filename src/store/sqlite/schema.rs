@@ -232,6 +232,11 @@ ALTER TABLE events ADD COLUMN remote_port INTEGER;
 ALTER TABLE events ADD COLUMN dsn_action TEXT;
 ALTER TABLE events ADD COLUMN dsn_receipt TEXT;
 "#,
+    // 11: an attempt's next hops tried before the one whose result it records (a refused
+    // connection, a 421 greeting, ...), as a JSON array of `HopFailure`; NULL when none.
+    r#"
+ALTER TABLE events ADD COLUMN tried_first TEXT;
+"#,
 ];
 
 /// The schema version this build reads and writes.

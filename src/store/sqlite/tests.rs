@@ -80,6 +80,7 @@ fn attempt(receipt: ReceiptId, idx: u32, at_ms: i64, status: RecipientStatus) ->
         reason: None,
         bounce_type: None,
         delay_dsn: false,
+        tried_first: Vec::new(),
     }
 }
 
@@ -208,6 +209,72 @@ async fn delay_dsn_events_of_a_schema_9_database_are_read_without_a_dsn_receipt(
         dsn_events(&store, r, 0).await[1].3.as_deref(),
         Some(failure_id.as_str())
     );
+}
+
+fn hop_failure(hop: &str, step: &str, text: &str) -> crate::store::HopFailure {
+    crate::store::HopFailure {
+        hop: hop.into(),
+        step: step.into(),
+        reply_code: text.get(..3).and_then(|c| c.parse().ok()),
+        enhanced_status: None,
+        text: text.into(),
+    }
+}
+
+#[tokio::test]
+async fn attempts_of_a_schema_10_database_read_with_no_hops_tried_first_and_new_ones_keep_them() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    let msg = message(1_000, "app@example.com", &["a@example.net"]);
+    let r = msg.receipt;
+    let mut conn = Connection::open(&path).unwrap();
+    schema::migrate_to(&mut conn, 10).unwrap();
+    conn.execute(
+        "INSERT INTO messages (receipt, received_at, client_ip, helo, envelope_sender,
+             envelope_sender_lc, size, eight_bit, smtputf8, inbound_bounce)
+         VALUES (?1, 1000, '127.0.0.1', 'app', 'app@example.com', 'app@example.com', 3, 0, 0, 0)",
+        rusqlite::params![r.to_string()],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO recipients (receipt, idx, address, address_lc, status, next_attempt_at,
+             updated_at)
+         VALUES (?1, 0, 'a@example.net', 'a@example.net', 'deferred', 9000, 1500)",
+        rusqlite::params![r.to_string()],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO events (receipt, idx, at, kind, status, stage, reply_code, reply_text)
+         VALUES (?1, 0, 1500, 'attempt', 'deferred', 'connect', 421, 'busy')",
+        rusqlite::params![r.to_string()],
+    )
+    .unwrap();
+    drop(conn);
+
+    let store = store_in(&dir);
+    let tried = vec![
+        hop_failure("a[192.0.2.1]", "connect", "connect: Connection refused"),
+        hop_failure("b[192.0.2.2]:2525", "greeting", "421 4.3.2 busy\nreally"),
+    ];
+    store
+        .record_attempts(
+            vec![AttemptRecord {
+                tried_first: tried.clone(),
+                ..attempt(r, 0, 2_000, RecipientStatus::Delivered)
+            }],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    let attempts: Vec<&Vec<crate::store::HopFailure>> = log[0].recipients[0]
+        .events
+        .iter()
+        .filter(|e| e.kind == "attempt")
+        .map(|e| &e.tried_first)
+        .collect();
+    assert_eq!(attempts, [&Vec::new(), &tried]);
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
 }
 
 #[tokio::test]

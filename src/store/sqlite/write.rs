@@ -32,6 +32,8 @@ struct Event<'a> {
     rcpt_reply: Option<&'a RcptReply>,
     dsn_action: Option<&'a str>,
     dsn_receipt: Option<&'a str>,
+    /// JSON array of `HopFailure`.
+    tried_first: Option<String>,
 }
 
 fn append_event(conn: &Connection, receipt: &str, idx: u32, e: &Event) -> Result<(), StoreError> {
@@ -39,9 +41,9 @@ fn append_event(conn: &Connection, receipt: &str, idx: u32, e: &Event) -> Result
         "INSERT INTO events (receipt, idx, at, kind, status, stage, remote_host, remote_ip,
              tls_version, tls_cipher, reply_code, enhanced_status, reply_text, duration_ms, reason,
              rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text, remote_port, dsn_action,
-             dsn_receipt)
+             dsn_receipt, tried_first)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-             ?19, ?20, ?21)",
+             ?19, ?20, ?21, ?22)",
     )
     .and_then(|mut st| {
         st.execute(params![
@@ -66,6 +68,7 @@ fn append_event(conn: &Connection, receipt: &str, idx: u32, e: &Event) -> Result
             e.remote_port,
             e.dsn_action,
             e.dsn_receipt,
+            e.tried_first,
         ])
     })
     .map_err(storage)?;
@@ -285,6 +288,14 @@ pub fn record_attempt(
             duration_ms: Some(a.duration_ms),
             reason: a.reason.as_deref(),
             rcpt_reply: a.rcpt_reply.as_ref(),
+            tried_first: if a.tried_first.is_empty() {
+                None
+            } else {
+                Some(
+                    serde_json::to_string(&a.tried_first)
+                        .map_err(|e| StoreError::Storage(format!("tried_first: {e}")))?,
+                )
+            },
             ..Event::default()
         },
     )?;

@@ -310,6 +310,25 @@ async fn bounces_complaints_and_autoreplies_become_records_and_suppress() {
         dsn.contains(&format!("Final-Recipient: rfc822; {bob}")) && dsn.contains("Status: 5.7.1"),
         "{dsn}"
     );
+    // ... and bob's record says so, naming the DSN, which the log finds by that receipt.
+    let msgs = m.log_json(&second);
+    let events = msgs[0]["recipients"][0]["events"].as_array().unwrap();
+    let sent = events
+        .iter()
+        .find(|e| e["kind"] == "dsn_sent")
+        .unwrap_or_else(|| panic!("no dsn_sent event: {events:?}"));
+    assert_eq!(sent["dsn_action"], "failed");
+    assert_eq!(sent["status"], "suppressed");
+    let dsn_receipt = sent["dsn_receipt"].as_str().unwrap();
+    let dsn_log = m.log_json(dsn_receipt);
+    assert_eq!(dsn_log[0]["envelope_sender"], "", "{dsn_log:?}");
+    let text = m.cli_ok(&["log", &second]);
+    assert!(
+        text.contains(&format!(
+            "dsn_sent suppressed at local action=failed dsn={dsn_receipt}"
+        )),
+        "{text}"
+    );
 }
 
 #[test]

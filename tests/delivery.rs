@@ -386,6 +386,86 @@ async fn mx_fallback_on_4xx_and_5xx_greetings() {
     assert_eq!(e.reply.unwrap().code, 421);
 }
 
+/// The targets `connect` left before the one it returns (a session or an error) are kept,
+/// in order, with the step and the reply or error of each.
+#[tokio::test]
+async fn the_targets_left_before_the_one_returned_are_kept_in_order() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let busy = TestMx::start(Script {
+        banner: "421 4.3.2 busy, try later".into(),
+        ..Default::default()
+    })
+    .await;
+    let refusing = TestMx::start(Script {
+        banner: "554 5.7.1 no mail from you".into(),
+        ..Default::default()
+    })
+    .await;
+    let good = TestMx::start(Script::default()).await;
+    let name = |a: SocketAddr| format!("mx.test[127.0.0.1]:{}", a.port());
+
+    let conn = client::connect(
+        &[target(dead), target(busy.addr), target(good.addr)],
+        &settings(TlsPolicy::None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(conn.port, good.addr.port());
+    let tried: Vec<(String, String, Option<u16>)> = conn
+        .tried_first
+        .iter()
+        .map(|h| (h.hop.clone(), h.step.clone(), h.reply_code))
+        .collect();
+    assert_eq!(
+        tried,
+        [
+            (name(dead), "connect".to_string(), None),
+            (name(busy.addr), "greeting".to_string(), Some(421)),
+        ]
+    );
+    assert!(
+        conn.tried_first[0].text.contains("refused"),
+        "{:?}",
+        conn.tried_first
+    );
+    assert_eq!(conn.tried_first[1].text, "421 4.3.2 busy, try later");
+    drop(conn);
+
+    // All failed: the error is the one it was before (the busy one's 421, not the 5xx
+    // greeting), the others are listed.
+    let e = client::connect(
+        &[target(refusing.addr), target(dead), target(busy.addr)],
+        &settings(TlsPolicy::None),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.reply.as_ref().map(|r| r.code), Some(421));
+    let tried: Vec<(String, String)> = e
+        .tried_first
+        .iter()
+        .map(|h| (h.hop.clone(), h.step.clone()))
+        .collect();
+    assert_eq!(
+        tried,
+        [
+            (name(refusing.addr), "greeting".to_string()),
+            (name(dead), "connect".to_string()),
+        ]
+    );
+    // Only 5xx greetings: the last is the verdict, the one before it listed.
+    let e = client::connect(
+        &[target(refusing.addr), target(refusing.addr)],
+        &settings(TlsPolicy::None),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.permanent);
+    assert_eq!(e.tried_first.len(), 1);
+}
+
 #[tokio::test]
 async fn helo_fallback_when_ehlo_is_refused() {
     let script = Script {
@@ -1238,6 +1318,11 @@ mod queue {
         assert!(body.contains("Status: 4.4.7"), "{body}");
         assert!(body.contains("delivery time expired"), "{body}");
         assert!(body.contains("Diagnostic-Code: smtp; 451 4.3.0 try again later"));
+        // The expiry DSN is recorded on the recipient, by its receipt.
+        let log = h.log(r).await;
+        let (action, dsn) = dsn_sent(&log.recipients[0], "dsn_sent").expect("expiry DSN");
+        assert_eq!(action, "expired");
+        assert_eq!(h.log(dsn.parse().unwrap()).await.envelope_sender, "");
         h.shutdown.cancel();
         h.handle.join().await;
     }
@@ -1451,6 +1536,55 @@ mod queue {
         // so the second followed without RSET.
         assert_eq!(h.mx.connections(), 1);
         assert!(!h.mx.commands().iter().any(|c| c == "RSET"));
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    /// The `dsn_sent` event on a recipient: (action, the DSN's receipt).
+    fn dsn_sent(rc: &mailtrail::store::RecipientLog, kind: &str) -> Option<(String, String)> {
+        let e = rc.events.iter().find(|e| e.kind == kind)?;
+        Some((e.dsn_action.clone()?, e.dsn_receipt.clone()?))
+    }
+
+    /// A failure DSN and a success DSN leave an event on the recipient each reports, naming
+    /// the DSN's receipt, by which the log finds the DSN itself.
+    #[tokio::test]
+    async fn failure_and_success_dsns_are_recorded_on_the_recipients_they_report() {
+        let mut script = Script::default().rcpt("unknown@dest.test", &["550 5.1.1 user unknown"]);
+        script.extensions.retain(|e| e != "DSN");
+        let h = harness(script, |_| {}).await;
+        let success = Notify {
+            success: true,
+            failure: true,
+            ..Default::default()
+        };
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[("ok@dest.test", Some(success)), ("unknown@dest.test", None)],
+            ))
+            .await;
+        h.wait(r, final_status).await;
+        h.wait_mx(3).await;
+        let log = h.log(r).await;
+        let (relayed, success_dsn) = dsn_sent(&log.recipients[0], "dsn_sent").expect("relayed");
+        let (failed, failure_dsn) = dsn_sent(&log.recipients[1], "dsn_sent").expect("failed");
+        assert_eq!((relayed.as_str(), failed.as_str()), ("relayed", "failed"));
+        assert_ne!(success_dsn, failure_dsn);
+        // The status stays what the attempt made it.
+        assert_eq!(log.recipients[0].status, RecipientStatus::Delivered);
+        assert_eq!(log.recipients[1].status, RecipientStatus::Failed);
+        for (dsn, action) in [
+            (success_dsn, "Action: relayed"),
+            (failure_dsn, "Action: failed"),
+        ] {
+            let dsn = h.log(dsn.parse().unwrap()).await;
+            assert_eq!(dsn.envelope_sender, "");
+            assert_eq!(dsn.recipients[0].address, "app@sender.test");
+            let body =
+                String::from_utf8_lossy(&h.sqlite.body(dsn.receipt).await.unwrap()).into_owned();
+            assert!(body.contains(action), "{body}");
+        }
         h.shutdown.cancel();
         h.handle.join().await;
     }
@@ -1715,6 +1849,57 @@ mod queue {
         assert_eq!(rc.status, RecipientStatus::Delivered);
         let ev = rc.events.iter().find(|e| e.kind == "attempt").unwrap();
         assert_eq!(ev.remote_host.as_deref(), Some("mx.dest.test"));
+        // The preferred MX that refused is recorded on the attempt the second one decided.
+        let tried = &ev.tried_first;
+        assert_eq!(tried.len(), 1, "{tried:?}");
+        assert_eq!(
+            tried[0].hop,
+            format!("down.fallback.test[127.0.0.2]:{}", h.mx.port())
+        );
+        assert_eq!(tried[0].step, "connect");
+        assert_eq!(ev.reply_code, Some(250));
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    /// An MX that greets with 421 and hangs up is recorded on the attempt the next one
+    /// decided, with its reply verbatim.
+    #[tokio::test]
+    async fn an_mx_that_greets_421_is_recorded_before_the_next_one_delivers() {
+        use tokio::io::AsyncWriteExt;
+        let h = harness(Script::default(), |_| {}).await;
+        // The preferred MX on 127.0.0.2, the harness's MX port: greets 421 and hangs up.
+        let busy = tokio::net::TcpListener::bind(("127.0.0.2", h.mx.port()))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = busy.accept().await {
+                let _ = s.write_all(b"421 4.3.2 busy, try later\r\n").await;
+            }
+        });
+        h.dns
+            .zone
+            .mx("busy.test", 5, "busy.busy.test")
+            .mx("busy.test", 50, "mx.dest.test")
+            .addr("busy.busy.test", "127.0.0.2".parse().unwrap());
+        let r = h
+            .submit(message("app@sender.test", &[("a@busy.test", None)]))
+            .await;
+        let log = h.wait(r, final_status).await;
+        let rc = &log.recipients[0];
+        assert_eq!(rc.status, RecipientStatus::Delivered);
+        assert_eq!(rc.last_reply_code, Some(250));
+        let ev = rc.events.iter().find(|e| e.kind == "attempt").unwrap();
+        assert_eq!(ev.remote_host.as_deref(), Some("mx.dest.test"));
+        let tried = &ev.tried_first;
+        assert_eq!(tried.len(), 1, "{tried:?}");
+        assert_eq!(
+            tried[0].hop,
+            format!("busy.busy.test[127.0.0.2]:{}", h.mx.port())
+        );
+        assert_eq!(tried[0].step, "greeting");
+        assert_eq!(tried[0].reply_code, Some(421));
+        assert_eq!(tried[0].text, "421 4.3.2 busy, try later");
         h.shutdown.cancel();
         h.handle.join().await;
     }
@@ -1761,11 +1946,17 @@ mod queue {
         assert!(body.contains("Action: delayed"), "{body}");
         assert!(body.contains("Status: 4.4.1"));
         assert!(body.contains("Will-Retry-Until: "));
+        let log = h.log(r).await;
+        let (action, dsn) = dsn_sent(&log.recipients[0], "delay_dsn_sent").expect("delay DSN");
+        assert_eq!(action, "delayed");
+        let dsn = h.log(dsn.parse().unwrap()).await;
+        assert_eq!(dsn.recipients[0].address, "app@sender.test");
         assert!(
-            h.log(r).await.recipients[0]
+            !log.recipients[0]
                 .events
                 .iter()
-                .any(|e| e.kind == "delay_dsn_sent")
+                .any(|e| e.kind == "dsn_sent"),
+            "the delay DSN is recorded once"
         );
         h.shutdown.cancel();
         h.handle.join().await;

@@ -266,6 +266,121 @@ async fn a_route_hop_that_is_this_server_is_skipped_for_the_next() {
     );
 }
 
+/// A port on loopback where nothing listens: bound, learnt, closed.
+fn dead_port() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
+}
+
+/// The hops an attempt tried before the one that answered are recorded on it: the log
+/// names each, its step and its reply or error, in text and JSON. The outcome stays the
+/// answering hop's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hops_that_failed_before_the_one_that_delivered_are_in_the_log() {
+    let dead = dead_port();
+    let busy = TestMx::start(Script {
+        banner: "421 4.3.2 busy, try later".into(),
+        ..Default::default()
+    })
+    .await;
+    let good = TestMx::start(Script::default()).await;
+    let mut m = Mailtrail::configure(
+        "",
+        "",
+        "[checks]\ndomain_check = false\n[delivery]\ndsn = false\n",
+    );
+    add_route_hops(&m, "hops.test", &[dead, busy.addr, good.addr]);
+    m.spawn();
+    let receipt = m.submit(None, "app@example.com", &["x@hops.test"], "third hop");
+    wait_until(
+        "delivered by the third hop",
+        Duration::from_secs(30),
+        || m.recipient(&receipt, "x@hops.test")["status"] == "delivered",
+    );
+    assert_eq!(good.transactions().len(), 1);
+    let rc = m.recipient(&receipt, "x@hops.test");
+    let events = rc["events"].as_array().unwrap();
+    let attempt = events.iter().find(|e| e["kind"] == "attempt").unwrap();
+    assert_eq!(attempt["remote_port"], good.port(), "{attempt}");
+    assert_eq!(attempt["reply_code"], 250);
+    let tried = attempt["tried_first"].as_array().unwrap();
+    assert_eq!(tried.len(), 2, "{attempt}");
+    assert_eq!(
+        tried[0]["hop"],
+        format!("127.0.0.1[127.0.0.1]:{}", dead.port())
+    );
+    assert_eq!(tried[0]["step"], "connect");
+    assert_eq!(tried[0]["reply_code"], serde_json::Value::Null);
+    assert!(
+        tried[0]["text"].as_str().unwrap().contains("refused"),
+        "{tried:?}"
+    );
+    assert_eq!(
+        tried[1]["hop"],
+        format!("127.0.0.1[127.0.0.1]:{}", busy.port())
+    );
+    assert_eq!(tried[1]["step"], "greeting");
+    assert_eq!(tried[1]["reply_code"], 421);
+    assert_eq!(tried[1]["enhanced_status"], "4.3.2");
+    assert_eq!(tried[1]["text"], "421 4.3.2 busy, try later");
+    let text = m.cli_ok(&["log", &receipt]);
+    assert!(
+        text.contains(&format!(
+            "\n      tried first: 127.0.0.1[127.0.0.1]:{} at greeting: 421 4.3.2 busy, try later\n",
+            busy.port()
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "\n      tried first: 127.0.0.1[127.0.0.1]:{} at connect: ",
+            dead.port()
+        )),
+        "{text}"
+    );
+}
+
+/// When every hop fails, the last one's failure is the recorded result as before, and the
+/// ones before it are listed with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_every_hop_fails_the_last_is_the_result_and_the_others_are_listed() {
+    let dead = dead_port();
+    let busy = TestMx::start(Script {
+        banner: "421 4.3.2 busy, try later".into(),
+        ..Default::default()
+    })
+    .await;
+    let mut m = Mailtrail::configure(
+        "",
+        "",
+        "[checks]\ndomain_check = false\n[delivery]\ndsn = false\nretry_first = \"1h\"\n",
+    );
+    add_route_hops(&m, "hops.test", &[dead, busy.addr]);
+    m.spawn();
+    let receipt = m.submit(None, "app@example.com", &["x@hops.test"], "no hop");
+    wait_until("deferred", Duration::from_secs(30), || {
+        m.recipient(&receipt, "x@hops.test")["status"] == "deferred"
+    });
+    let rc = m.recipient(&receipt, "x@hops.test");
+    assert_eq!(rc["last_reply_code"], 421, "{rc}");
+    let attempt = rc["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "attempt")
+        .unwrap()
+        .clone();
+    assert_eq!(attempt["remote_port"], busy.port(), "{attempt}");
+    assert_eq!(attempt["reply_code"], 421);
+    let tried = attempt["tried_first"].as_array().unwrap();
+    assert_eq!(tried.len(), 1, "{attempt}");
+    assert_eq!(
+        tried[0]["hop"],
+        format!("127.0.0.1[127.0.0.1]:{}", dead.port())
+    );
+    assert_eq!(tried[0]["step"], "connect");
+}
+
 #[test]
 fn a_next_hop_on_a_proxy_interface_is_this_server() {
     // 192.0.2.25 (TEST-NET-1) stands for the public address a NAT forwards to this server:

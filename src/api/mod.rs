@@ -228,7 +228,10 @@ pub async fn serve(
     let mut local_addrs = Vec::new();
     for addr in listen {
         let listener = TcpListener::bind(addr).await.map_err(|e| {
-            std::io::Error::new(e.kind(), format!("cannot listen on {addr} (http.listen): {e}"))
+            std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on {addr} (http.listen): {e}"),
+            )
         })?;
         local_addrs.push(listener.local_addr()?);
         tasks.push(tokio::spawn(accept_loop(

@@ -329,6 +329,13 @@ fn render_event(out: &mut String, e: &EventLog) {
     if let Some(reason) = &e.reason {
         let _ = write!(out, " reason={}", sanitize(reason));
     }
+    // A DSN about this recipient: its action and its own receipt, which `log` finds it by.
+    if let Some(action) = &e.dsn_action {
+        let _ = write!(out, " action={}", sanitize(action));
+    }
+    if let Some(dsn) = &e.dsn_receipt {
+        let _ = write!(out, " dsn={}", sanitize(dsn));
+    }
     out.push('\n');
     // An attempt decided at DATA: the recipient's RCPT reply first, then the DATA reply.
     if let Some(r) = &e.rcpt_reply {
@@ -349,6 +356,17 @@ fn render_event(out: &mut String, e: &EventLog) {
             "      "
         });
         push_indented(out, &text, "      ");
+        out.push('\n');
+    }
+    // Next hops this attempt tried before the one that answered, and why each was left.
+    for hop in &e.tried_first {
+        let _ = write!(
+            out,
+            "      tried first: {} at {}: ",
+            sanitize(&hop.hop),
+            sanitize(&hop.step)
+        );
+        push_indented(out, &hop.text, "        ");
         out.push('\n');
     }
 }
@@ -650,6 +668,9 @@ mod tests {
                         reason: None,
                         rcpt_reply: None,
                         action: None,
+                        dsn_action: None,
+                        dsn_receipt: None,
+                        tried_first: Vec::new(),
                     },
                     EventLog {
                         at_ms: at + 2_000,
@@ -667,6 +688,9 @@ mod tests {
                         reason: Some("greylisting".into()),
                         rcpt_reply: None,
                         action: None,
+                        dsn_action: None,
+                        dsn_receipt: None,
+                        tried_first: Vec::new(),
                     },
                 ],
             }],
@@ -831,6 +855,52 @@ mod tests {
             text.contains(" mx1.example.net [192.0.2.25] TLSv1_3"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_dsn_event_names_its_action_and_receipt_in_text_and_json() {
+        let mut m = sample();
+        let mut e = m.recipients[0].events[0].clone();
+        e.kind = "dsn_sent".into();
+        e.stage = Some(crate::store::Stage::Local);
+        e.dsn_action = Some("failed".into());
+        e.dsn_receipt = Some("01M84TQJYPE2DRCRGB1667C64N".into());
+        m.recipients[0].events.push(e);
+        let text = render_text(&[m.clone()]);
+        assert!(
+            text.contains("at local action=failed dsn=01M84TQJYPE2DRCRGB1667C64N\n"),
+            "{text}"
+        );
+        let v = to_json(&m);
+        let e = &v["recipients"][0]["events"][2];
+        assert_eq!(e["dsn_action"], "failed");
+        assert_eq!(e["dsn_receipt"], "01M84TQJYPE2DRCRGB1667C64N");
+    }
+
+    #[test]
+    fn hops_tried_first_are_shown_under_the_attempt_and_in_json() {
+        let mut m = sample();
+        m.recipients[0].events[1].tried_first = vec![crate::store::HopFailure {
+            hop: "mx0.example.net[192.0.2.24]:2526".into(),
+            step: "greeting".into(),
+            reply_code: Some(421),
+            enhanced_status: Some("4.3.2".into()),
+            text: "421 4.3.2 busy\x1b[2J, try later".into(),
+        }];
+        let text = render_text(&[m.clone()]);
+        assert!(
+            text.contains(
+                "\n      tried first: mx0.example.net[192.0.2.24]:2526 at greeting: \
+                 421 4.3.2 busy\\u{1b}[2J, try later\n"
+            ),
+            "{text}"
+        );
+        let v = to_json(&m);
+        let hop = &v["recipients"][0]["events"][1]["tried_first"][0];
+        assert_eq!(hop["hop"], "mx0.example.net[192.0.2.24]:2526");
+        assert_eq!(hop["step"], "greeting");
+        assert_eq!(hop["reply_code"], 421);
+        assert_eq!(hop["text"], "421 4.3.2 busy\u{1b}[2J, try later");
     }
 
     #[test]

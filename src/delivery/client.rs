@@ -36,7 +36,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::config::TlsPolicy;
 use crate::spool::{DsnRet, Notify};
-use crate::store::Stage;
+use crate::store::{HopFailure, Stage};
 
 use super::dns::Target;
 
@@ -182,6 +182,51 @@ pub struct SessionError {
     pub security: bool,
     /// ... because the server's certificate did not verify.
     pub certificate_refused: bool,
+    /// The step of the session it failed at (`connect`, `tls`, `greeting`, `ehlo`, `helo`,
+    /// `starttls`, `auth`), for the record of a hop left for the next one.
+    pub step: &'static str,
+    /// Targets [`connect`] tried and left before the one this error is about, in order.
+    pub tried_first: Vec<HopFailure>,
+}
+
+impl SessionError {
+    /// This failure as a hop left for the next one: its `host[ip]:port`, step, and reply
+    /// or error text (without the hop's name, which it starts with).
+    pub fn hop_failure(&self) -> HopFailure {
+        let hop = match (&self.remote_host, self.remote_ip, self.remote_port) {
+            (Some(h), Some(ip), Some(port)) => server_name(h, ip, port),
+            (Some(h), _, _) => h.clone(),
+            _ => "-".to_string(),
+        };
+        // The reply as it came; else the error, without the hop's name and the step's (the
+        // record names both).
+        let text = match &self.reply {
+            Some(r) => r.display(),
+            None => {
+                let t = self
+                    .text
+                    .strip_prefix(hop.as_str())
+                    .and_then(|t| t.strip_prefix(": "))
+                    .unwrap_or(&self.text);
+                let step = match self.step {
+                    "tls" => "TLS handshake".to_string(),
+                    "connect" => "connect".to_string(),
+                    other => other.to_uppercase(),
+                };
+                t.strip_prefix(step.as_str())
+                    .and_then(|t| t.strip_prefix(": "))
+                    .unwrap_or(t)
+                    .to_string()
+            }
+        };
+        HopFailure {
+            hop,
+            step: self.step.to_string(),
+            reply_code: self.reply.as_ref().map(|r| r.code),
+            enhanced_status: self.reply.as_ref().and_then(|r| r.enhanced_status.clone()),
+            text: HopFailure::bounded(&text),
+        }
+    }
 }
 
 /// An open, greeted session ready for MAIL.
@@ -203,6 +248,9 @@ pub struct Connection {
     clean: bool,
     /// Bytes received after the last reply read (a pipelining server's next replies).
     pending: Vec<u8>,
+    /// Targets [`connect`] tried and left before this one; the first transaction on the
+    /// connection takes them for its record.
+    pub tried_first: Vec<HopFailure>,
 }
 
 impl std::fmt::Debug for Connection {
@@ -487,14 +535,17 @@ struct Greeted<T: AsyncRead + AsyncWrite + Unpin> {
 /// Why [`greet`] failed: the reply that ended it, what happened, and whether it was the
 /// greeting itself that refused (another MX may take the mail then).
 struct GreetError {
+    /// `greeting`, `ehlo` or `helo`.
+    step: &'static str,
     reply: Option<Reply>,
     text: String,
     at_greeting: bool,
 }
 
-impl From<(Option<Reply>, String)> for GreetError {
-    fn from((reply, text): (Option<Reply>, String)) -> Self {
+impl From<(&'static str, Option<Reply>, String)> for GreetError {
+    fn from((step, reply, text): (&'static str, Option<Reply>, String)) -> Self {
         Self {
+            step,
             reply,
             text,
             at_greeting: false,
@@ -516,10 +567,17 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
             reply_reader::read(&mut client.stream, &mut pending),
         )
         .await
-        .map_err(|_| (None, "timeout waiting for the greeting".to_string()))?
-        .map_err(|e| (None, e.to_string()))?;
+        .map_err(|_| {
+            (
+                "greeting",
+                None,
+                "timeout waiting for the greeting".to_string(),
+            )
+        })?
+        .map_err(|e| ("greeting", None, e.to_string()))?;
         if !reply.is_positive() {
             return Err(GreetError {
+                step: "greeting",
                 text: format!("greeting: {}", reply.display()),
                 reply: Some(reply),
                 at_greeting: true,
@@ -529,7 +587,7 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
     let timeout = client.timeout;
     let (reply, capabilities) = ehlo(&mut client.stream, helo_name, timeout)
         .await
-        .map_err(|e| (None, format!("EHLO: {e}")))?;
+        .map_err(|e| ("ehlo", None, format!("EHLO: {e}")))?;
     match reply.code {
         250 => Ok(Greeted {
             client,
@@ -543,10 +601,10 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
                 timeout,
             )
             .await
-            .map_err(|e| (None, e))?;
+            .map_err(|e| ("helo", None, e))?;
             if !reply.is_positive() {
                 let text = format!("HELO: {}", reply.display());
-                return Err((Some(reply), text).into());
+                return Err(("helo", Some(reply), text).into());
             }
             Ok(Greeted {
                 client,
@@ -555,7 +613,7 @@ async fn greet<T: AsyncRead + AsyncWrite + Unpin>(
         }
         _ => {
             let text = format!("EHLO: {}", reply.display());
-            Err((Some(reply), text).into())
+            Err(("ehlo", Some(reply), text).into())
         }
     }
 }
@@ -596,44 +654,79 @@ pub async fn connect(
         security: false,
         certificate_refused: false,
         greeting_refused: false,
+        step: "connect",
+        tried_first: Vec::new(),
     };
+    // Every failure, in the order tried: those before the session (or the error) returned
+    // are its `tried_first`.
+    let mut failed: Vec<HopFailure> = Vec::new();
     // A 5xx greeting, kept while the other targets are tried: the verdict only if no other
-    // target failed for a reason that may pass.
-    let mut refused: Option<SessionError> = None;
+    // target failed for a reason that may pass. With the place of its entry in `failed`.
+    let mut refused: Option<(SessionError, usize)> = None;
     let mut temporary = false;
     for target in targets {
         let e = match connect_one(target, settings, false).await {
-            Ok(c) => return Ok(c),
+            Ok(mut c) => {
+                c.tried_first = failed;
+                return Ok(c);
+            }
             Err(e) => e,
         };
         if e.greeting_refused {
-            tracing::debug!(host = %target.host, error = %e.text, "5xx greeting; next MX");
-            refused = Some(e);
+            tracing::info!(host = %target.host, error = %e.text, "5xx greeting; next MX");
+            failed.push(e.hop_failure());
+            refused = Some((e, failed.len() - 1));
             continue;
         }
         if e.permanent {
-            return Err(e);
+            return Err(SessionError {
+                tried_first: failed,
+                ..e
+            });
         }
         let e = match second_try(&e, settings) {
             Some((again, unverified)) => {
                 tracing::info!(host = %target.host, error = %e.text, "TLS failed; trying the host again");
+                failed.push(e.hop_failure());
                 match connect_one(target, &again, unverified).await {
-                    Ok(c) => return Ok(c),
-                    Err(e) if e.permanent => return Err(e),
+                    Ok(mut c) => {
+                        c.tried_first = failed;
+                        return Ok(c);
+                    }
+                    Err(e) if e.permanent => {
+                        return Err(SessionError {
+                            tried_first: failed,
+                            ..e
+                        });
+                    }
                     Err(e) => e,
                 }
             }
-            None => {
-                tracing::debug!(host = %target.host, addr = %target.addr, error = %e.text, "next MX");
-                e
-            }
+            None => e,
         };
+        // At info level: the hop that answered is logged with the attempt, and this one
+        // would be known from nowhere else.
+        tracing::info!(host = %target.host, addr = %target.addr, error = %e.text, "next MX");
         temporary = true;
+        failed.push(e.hop_failure());
         last = e;
     }
+    // The error returned is the last entry of `failed`, or the refused greeting's.
     match refused {
-        Some(r) if !temporary => Err(r),
-        _ => Err(last),
+        Some((r, at)) if !temporary => {
+            failed.remove(at);
+            Err(SessionError {
+                tried_first: failed,
+                ..r
+            })
+        }
+        _ => {
+            failed.pop();
+            Err(SessionError {
+                tried_first: failed,
+                ..last
+            })
+        }
     }
 }
 
@@ -672,9 +765,11 @@ async fn connect_one(
     s: &SessionSettings,
     unverified: bool,
 ) -> Result<Connection, SessionError> {
-    let fail = |reply: Option<Reply>, text: String, tls: Option<TlsInfo>| {
+    let fail = |step: &'static str, reply: Option<Reply>, text: String, tls: Option<TlsInfo>| {
         let permanent = reply.as_ref().is_some_and(|r| (500..600).contains(&r.code));
         SessionError {
+            step,
+            tried_first: Vec::new(),
             stage: Stage::Connect,
             reply,
             text: format!(
@@ -694,7 +789,7 @@ async fn connect_one(
     };
     let mut tcp = SmtpClient::connect(target.addr, s.connect_timeout)
         .await
-        .map_err(|e| fail(None, format!("connect: {e}"), None))?;
+        .map_err(|e| fail("connect", None, format!("connect: {e}"), None))?;
     tcp.timeout = s.command_timeout;
 
     let (client, capabilities, tls): (SmtpClient<Box<dyn Io>>, _, _) = if s.implicit_tls {
@@ -703,7 +798,7 @@ async fn connect_one(
             .await
             .map_err(|e| SessionError {
                 security: true,
-                ..fail(None, format!("TLS handshake: {e}"), None)
+                ..fail("tls", None, format!("TLS handshake: {e}"), None)
             })?;
         let info = tls_info(&tls_client, false);
         let g = greet(tls_client, &s.helo_name, true)
@@ -721,6 +816,7 @@ async fn connect_one(
             return Err(SessionError {
                 security: true,
                 ..fail(
+                    "starttls",
                     None,
                     "TLS is required for this route but the server does not offer STARTTLS"
                         .to_string(),
@@ -738,12 +834,12 @@ async fn connect_one(
                 s.command_timeout,
             )
             .await
-            .map_err(|t| fail(None, format!("STARTTLS: {t}"), None))?;
+            .map_err(|t| fail("starttls", None, format!("STARTTLS: {t}"), None))?;
             if !reply.is_positive() {
                 if s.tls == TlsPolicy::Required {
                     let text = format!("STARTTLS refused: {}", reply.display());
                     // A refused STARTTLS is never a reason to give up on the recipients.
-                    let mut e = fail(Some(reply), text, None);
+                    let mut e = fail("starttls", Some(reply), text, None);
                     e.permanent = false;
                     e.security = true;
                     return Err(e);
@@ -754,7 +850,7 @@ async fn connect_one(
                     .into_tls(&s.tls_connector, &target.host)
                     .await
                     .map_err(|e| {
-                        let mut err = fail(None, format!("TLS handshake: {e}"), None);
+                        let mut err = fail("tls", None, format!("TLS handshake: {e}"), None);
                         err.tls_handshake_failed = true;
                         err.security = true;
                         err.certificate_refused = matches!(
@@ -788,6 +884,7 @@ async fn connect_one(
         transactions: 0,
         clean: true,
         pending: Vec::new(),
+        tried_first: Vec::new(),
     };
     if let Some((user, secret)) = &s.auth {
         let trusted_tls = conn.tls.as_ref().is_some_and(|t| !t.unverified);
@@ -806,12 +903,12 @@ async fn connect_one(
                  ca_file for a private CA)",
                 conn.host
             );
-            let mut err = fail(None, text, None);
+            let mut err = fail("auth", None, text, None);
             err.permanent = false;
             return Err(err);
         }
         if let Err((reply, text)) = conn.authenticate(user, secret).await {
-            let mut err = fail(reply, format!("AUTH: {text}"), conn.tls.clone());
+            let mut err = fail("auth", reply, format!("AUTH: {text}"), conn.tls.clone());
             // Failed authentication is a local configuration matter: defer, as Postfix's
             // smtp_sasl_auth_soft_bounce does, rather than bounce the mail.
             err.permanent = false;
@@ -823,11 +920,11 @@ async fn connect_one(
 
 /// The session error of a [`greet`] that failed, marked when the greeting itself refused.
 fn greet_failed(
-    fail: impl Fn(Option<Reply>, String, Option<TlsInfo>) -> SessionError,
+    fail: impl Fn(&'static str, Option<Reply>, String, Option<TlsInfo>) -> SessionError,
     e: GreetError,
     tls: Option<TlsInfo>,
 ) -> SessionError {
-    let mut err = fail(e.reply, e.text, tls);
+    let mut err = fail(e.step, e.reply, e.text, tls);
     err.greeting_refused = err.permanent && e.at_greeting;
     err
 }

@@ -22,7 +22,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use crate::receipt::ReceiptId;
 use crate::spool::{AcceptedMessage, AcceptedRecipient, DsnRet, Notify};
-use crate::store::QueuedMessage;
+use crate::store::{DsnNotice, QueuedMessage, ReportedRecipient};
 
 /// Largest original message returned in full (Postfix `bounce_size_limit`).
 pub const FULL_RETURN_LIMIT: usize = 50_000;
@@ -68,6 +68,8 @@ pub fn wanted(notify: Option<Notify>, action: Action) -> bool {
 /// One recipient's part of a report.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReportRecipient {
+    /// Position in the original message: the store records the DSN on that recipient.
+    pub index: u32,
     pub address: String,
     /// Decoded ORCPT (`rfc822;addr`).
     pub orcpt: Option<String>,
@@ -85,6 +87,38 @@ pub struct ReportRecipient {
     /// Failed because retrying ran out (`max_queue_lifetime`), not by a refusal: the status is
     /// `4.4.7` (RFC 3463: delivery time expired) and the notice says so.
     pub expired: bool,
+}
+
+impl ReportRecipient {
+    /// The action as the recipient's log records it: `expired` for a failure by running
+    /// out of queue lifetime.
+    pub fn recorded_action(&self) -> &'static str {
+        if self.expired {
+            "expired"
+        } else {
+            self.action.as_str()
+        }
+    }
+}
+
+/// `dsn` (built by [`build`] for `recipients` of `original`) with the recipients it reports,
+/// for the store to record it on each.
+pub fn notice(
+    original: ReceiptId,
+    dsn: AcceptedMessage,
+    recipients: &[ReportRecipient],
+) -> DsnNotice {
+    DsnNotice {
+        dsn,
+        original,
+        reported: recipients
+            .iter()
+            .map(|r| ReportedRecipient {
+                rcpt_index: r.index,
+                action: r.recorded_action(),
+            })
+            .collect(),
+    }
 }
 
 /// The status to report: the reply's enhanced code, else one derived from the reply class.
@@ -230,19 +264,18 @@ fn header_section(body: &[u8]) -> &[u8] {
 /// (suppressed, a domain that accepts no mail): the client heard `250` for them, so, as for
 /// any failure after acceptance (RFC 5321 6.1), the sender is told unless its NOTIFY says
 /// otherwise. `None` when no such recipient wants one, or for the null sender.
-pub fn for_decided_at_accept(
-    reporting_mta: &str,
-    msg: &AcceptedMessage,
-) -> Option<AcceptedMessage> {
+pub fn for_decided_at_accept(reporting_mta: &str, msg: &AcceptedMessage) -> Option<DsnNotice> {
     if msg.inbound_bounce || msg.envelope_sender.is_empty() {
         return None;
     }
     let recipients: Vec<ReportRecipient> = msg
         .recipients
         .iter()
-        .filter_map(|r| {
+        .zip(0u32..)
+        .filter_map(|(r, index)| {
             let preset = r.preset.as_ref()?;
             (preset.accepted && wanted(r.notify, Action::Failed)).then(|| ReportRecipient {
+                index,
                 address: r.address.clone(),
                 orcpt: r.orcpt.clone(),
                 action: Action::Failed,
@@ -270,13 +303,14 @@ pub fn for_decided_at_accept(
         subject: msg.subject.clone(),
         recipients: Vec::new(),
     };
-    build(
+    let dsn = build(
         reporting_mta,
         &original,
         &msg.body,
         &recipients,
         msg.received_at_ms,
-    )
+    )?;
+    Some(notice(msg.receipt, dsn, &recipients))
 }
 
 /// Builds the DSN for `recipients` (all of one [`ReportKind`]) of `original`, or `None` when
@@ -544,6 +578,7 @@ mod tests {
 
     fn failed(addr: &str) -> ReportRecipient {
         ReportRecipient {
+            index: 0,
             expired: false,
             address: addr.into(),
             orcpt: Some("rfc822;Bob@B.example".into()),

@@ -22,8 +22,7 @@ use crate::bounce::reason::{BounceReason, BounceType, bounce_type};
 use crate::config::{Config, RouteConfig, TlsPolicy};
 use crate::metrics::{Metrics, OutcomeLabel, class_of};
 use crate::receipt::ReceiptId;
-use crate::spool::AcceptedMessage;
-use crate::store::{AttemptRecord, QueuedMessage, RecipientStatus, Stage, Store};
+use crate::store::{AttemptRecord, DsnNotice, QueuedMessage, RecipientStatus, Stage, Store};
 
 use super::client::{
     self, Connection, Envelope, EnvelopeRecipient, RecipientResult, Secret, SessionSettings,
@@ -257,7 +256,7 @@ enum Admission {
     /// Connect; `probe`: as the one retried transaction trying a suspended destination.
     Go { probe: bool },
     /// Defer with the reason the destination is suspended.
-    Suspended(client::SessionError),
+    Suspended(Box<client::SessionError>),
     /// Retried mail while a probe runs: ask again shortly.
     Wait,
 }
@@ -360,7 +359,7 @@ impl Context {
                 (s.probing, s.probed) = (true, Some(at));
                 Admission::Go { probe: true }
             }
-            _ => Admission::Suspended(s.error.clone()),
+            _ => Admission::Suspended(Box::new(s.error.clone())),
         }
     }
 
@@ -898,6 +897,7 @@ async fn deliver_message(
                     reason: Some(BounceReason::SystemError.as_str().to_string()),
                     bounce_type: None,
                     delay_dsn: false,
+                    tried_first: Vec::new(),
                 })
                 .collect();
             return !record_attempts(&ctx, msg.receipt, attempts, Vec::new()).await;
@@ -942,6 +942,8 @@ struct Outcome {
     local_status: Option<&'static str>,
     /// The peer offered DSN (it will report success itself).
     remote_dsn: bool,
+    /// Next hops tried and left before the one whose result this is.
+    tried_first: Vec<crate::store::HopFailure>,
 }
 
 /// Returns whether it left work for later (see [`record`]).
@@ -1140,11 +1142,11 @@ async fn commit(ctx: &Context, msg: &QueuedMessage, body: &[u8], parts: Vec<Judg
     }
     align_retries(&mut attempts);
     let now = now_ms();
-    let mut dsns: Vec<AcceptedMessage> = Vec::new();
+    let mut dsns: Vec<DsnNotice> = Vec::new();
     for (_, mut list) in reports {
         list.sort_by(|a, b| a.address.cmp(&b.address));
         if let Some(m) = dsn::build(&ctx.config.hostname, msg, body, &list, now) {
-            dsns.push(m);
+            dsns.push(dsn::notice(msg.receipt, m, &list));
         }
     }
     let had_dsns = !dsns.is_empty();
@@ -1228,6 +1230,7 @@ async fn lease(
                     local_reason: Some(f.reason),
                     local_status: Some(f.enhanced_status),
                     remote_dsn: false,
+                    tried_first: Vec::new(),
                 }));
             }
         };
@@ -1292,6 +1295,12 @@ fn connect_failure(e: &client::SessionError, n: usize, suspended: bool) -> Outco
         local_reason: e.security.then_some("securityerror"),
         local_status: None,
         remote_dsn: false,
+        // A suspension's error is another transaction's: this one tried no hop.
+        tried_first: if suspended {
+            Vec::new()
+        } else {
+            e.tried_first.clone()
+        },
     }
 }
 
@@ -1351,6 +1360,8 @@ async fn transact(
             local_reason: None,
             local_status: None,
             remote_dsn: leased.conn.offers_dsn(),
+            // Only the connection's first transaction tried its way to it.
+            tried_first: std::mem::take(&mut leased.conn.tried_first),
         };
         if replies.error.is_none() && !ctx.shutdown.is_cancelled() {
             ctx.pool.put_idle(dest.clone(), leased);
@@ -1455,6 +1466,7 @@ fn judge(
                 .entry(ReportKind::of(action))
                 .or_default()
                 .push(ReportRecipient {
+                    index: rcpt.index,
                     address: rcpt.address.clone(),
                     orcpt: rcpt.orcpt.clone(),
                     action,
@@ -1499,6 +1511,7 @@ fn judge(
             reason,
             bounce_type,
             delay_dsn: action == Some(Action::Delayed),
+            tried_first: outcome.tried_first.clone(),
         });
     }
     for a in &attempts {
@@ -1518,6 +1531,12 @@ fn judge(
             %remote,
             code = a.reply_code.unwrap_or(0),
             text = %a.reply_text,
+            tried_first = %a
+                .tried_first
+                .iter()
+                .map(|h| format!("{}: {}", h.hop, h.text))
+                .collect::<Vec<_>>()
+                .join("; "),
             "delivery attempt"
         );
     }
@@ -1534,7 +1553,7 @@ async fn record_attempts(
     ctx: &Context,
     receipt: ReceiptId,
     attempts: Vec<AttemptRecord>,
-    dsns: Vec<AcceptedMessage>,
+    dsns: Vec<DsnNotice>,
 ) -> bool {
     let mut pause = STORE_RETRY_FIRST;
     // Held from the first refusal until the record is in (or given up at shutdown).
@@ -1826,6 +1845,7 @@ mod tests {
             reason: None,
             bounce_type: None,
             delay_dsn: false,
+            tried_first: Vec::new(),
         };
         let mut group = [
             at(Some(100_000)),
@@ -1853,6 +1873,8 @@ mod tests {
             tls_handshake_failed: false,
             security: false,
             certificate_refused: false,
+            step: "connect",
+            tried_first: Vec::new(),
         }
     }
 

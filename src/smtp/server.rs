@@ -595,6 +595,17 @@ mod tests {
             self.messages.lock().unwrap().push(msg);
             Ok(())
         }
+        async fn accept_with_notices(
+            &self,
+            msg: AcceptedMessage,
+            notices: Vec<crate::store::DsnNotice>,
+        ) -> Result<(), StoreError> {
+            self.accept(msg).await?;
+            for n in notices {
+                self.accept(n.dsn).await?;
+            }
+            Ok(())
+        }
         async fn purge_bodies(&self, _: i64) -> Result<usize, StoreError> {
             unused()
         }
@@ -618,7 +629,7 @@ mod tests {
         async fn record_attempts(
             &self,
             _: Vec<AttemptRecord>,
-            _: Vec<AcceptedMessage>,
+            _: Vec<crate::store::DsnNotice>,
         ) -> Result<(), StoreError> {
             unused()
         }

@@ -115,6 +115,39 @@ pub struct RcptReply {
     pub text: String,
 }
 
+/// A next hop tried in an attempt before the one whose result the attempt records, and why
+/// it was left (a refused connection, a `421` greeting, a `4xx` to EHLO, a failed STARTTLS).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HopFailure {
+    /// `host[ip]:port`, as the server log names a next hop.
+    pub hop: String,
+    /// The step it failed at: `connect`, `tls`, `greeting`, `ehlo`, `helo`, `starttls`,
+    /// `auth`.
+    pub step: String,
+    pub reply_code: Option<u16>,
+    pub enhanced_status: Option<String>,
+    /// The reply verbatim (multi-line joined with `\n`), or the local error, at most
+    /// [`HopFailure::MAX_TEXT`] bytes.
+    pub text: String,
+}
+
+impl HopFailure {
+    /// Longest `text` kept: a hop that was left has its reason shown, not a whole essay.
+    pub const MAX_TEXT: usize = 1024;
+
+    /// `text` cut to [`HopFailure::MAX_TEXT`] bytes at a character boundary, marked cut.
+    pub fn bounded(text: &str) -> String {
+        if text.len() <= Self::MAX_TEXT {
+            return text.to_string();
+        }
+        let mut end = Self::MAX_TEXT;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &text[..end])
+    }
+}
+
 /// One delivery attempt's result for one recipient (delivery → store).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AttemptRecord {
@@ -147,6 +180,30 @@ pub struct AttemptRecord {
     /// This attempt queued a delay DSN for its recipient (in the same commit): marked sent
     /// with it, so the next deferral does not send another.
     pub delay_dsn: bool,
+    /// Next hops tried before the one whose result this is, in the order tried (schema
+    /// v11): they do not change the outcome, but the log shows them.
+    pub tried_first: Vec<HopFailure>,
+}
+
+/// A DSN to queue in the same commit as what caused it, and the recipients of the original
+/// message it reports: each gets a `dsn_sent` event (a delay DSN's: `delay_dsn_sent`) naming
+/// the DSN's receipt, so the log shows whether, and by which message, the sender was told.
+#[derive(Debug, Clone)]
+pub struct DsnNotice {
+    pub dsn: AcceptedMessage,
+    /// The message it reports on.
+    pub original: ReceiptId,
+    pub reported: Vec<ReportedRecipient>,
+}
+
+/// One recipient a [`DsnNotice`] reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportedRecipient {
+    /// Position in the original message, as in [`QueuedRecipient::index`].
+    pub rcpt_index: u32,
+    /// `failed`, `delayed`, `relayed`, `delivered`, or `expired` (failed by running out of
+    /// queue lifetime).
+    pub action: &'static str,
 }
 
 /// A queued or deferred message with the recipients that are due.
@@ -279,6 +336,14 @@ pub struct EventLog {
     /// For a bounce-stage event, the DSN action of the bounce record it stored (`failed`,
     /// `delayed`, `delivered`, `relayed`, `expanded`): a delay notice is no failure.
     pub action: Option<String>,
+    /// For `dsn_sent` / `delay_dsn_sent`: the DSN's action (`failed`, `delayed`, `relayed`,
+    /// `expired`) and its own receipt (schema v10; none in older rows), which `mailtrail log`
+    /// finds it by.
+    pub dsn_action: Option<String>,
+    pub dsn_receipt: Option<String>,
+    /// For an attempt: the next hops tried before the one that answered (schema v11; empty
+    /// in older rows).
+    pub tried_first: Vec<HopFailure>,
 }
 
 /// Where a bounce record was matched (bounce → store).
@@ -420,14 +485,8 @@ pub trait Store: Send + Sync + 'static {
     async fn accept_with_notices(
         &self,
         msg: AcceptedMessage,
-        notices: Vec<AcceptedMessage>,
-    ) -> Result<(), StoreError> {
-        self.accept(msg).await?;
-        for notice in notices {
-            self.accept(notice).await?;
-        }
-        Ok(())
-    }
+        notices: Vec<DsnNotice>,
+    ) -> Result<(), StoreError>;
 
     /// Drops message bodies no longer needed: received before `before_ms`, every recipient
     /// final (inbound bounce mail: processed). The record of what happened stays. Returns how
@@ -473,11 +532,12 @@ pub trait Store: Send + Sync + 'static {
     async fn next_due_at(&self) -> Result<Option<i64>, StoreError>;
     async fn body(&self, receipt: ReceiptId) -> Result<Vec<u8>, StoreError>;
     /// Records attempts (each updates the recipient's current status and appends an event)
-    /// and, in the same commit, queues the DSNs they caused.
+    /// and, in the same commit, queues the DSNs they caused with an event on each recipient
+    /// they report.
     async fn record_attempts(
         &self,
         attempts: Vec<AttemptRecord>,
-        dsns: Vec<AcceptedMessage>,
+        dsns: Vec<DsnNotice>,
     ) -> Result<(), StoreError>;
     async fn queue_list(&self) -> Result<Vec<QueueEntry>, StoreError>;
     /// Makes pending recipients due now; `None` = all. Returns how many.

@@ -19,8 +19,8 @@ use crate::config::Config;
 use crate::receipt::ReceiptId;
 use crate::spool::AcceptedMessage;
 use crate::store::{
-    AttemptRecord, BounceQuery, Correlation, HandledChange, LogQuery, MessageLog, NewBounce,
-    QueueEntry, QueuedMessage, RecipientRef, RecordedBounce, Stage, Store, StoreError,
+    AttemptRecord, BounceQuery, Correlation, DsnNotice, HandledChange, LogQuery, MessageLog,
+    NewBounce, QueueEntry, QueuedMessage, RecipientRef, RecordedBounce, Stage, Store, StoreError,
     StoredBounce, Suppression,
 };
 
@@ -338,13 +338,10 @@ impl Store for SqliteStore {
     async fn accept_with_notices(
         &self,
         msg: AcceptedMessage,
-        notices: Vec<AcceptedMessage>,
+        notices: Vec<DsnNotice>,
     ) -> Result<(), StoreError> {
-        self.write(move |c| {
-            write::accept(c, &msg)?;
-            notices.iter().try_for_each(|n| write::accept(c, n))
-        })
-        .await
+        self.write(move |c| write::accept_with_notices(c, &msg, &notices))
+            .await
     }
 
     fn commit_counters(&self) -> Option<WriterStats> {
@@ -402,7 +399,7 @@ impl Store for SqliteStore {
     async fn record_attempts(
         &self,
         attempts: Vec<AttemptRecord>,
-        dsns: Vec<AcceptedMessage>,
+        dsns: Vec<DsnNotice>,
     ) -> Result<(), StoreError> {
         // The delivery is over and its connection back in the pool: nothing waits for this
         // commit but the task's bookkeeping, so it may ride along with the next accept.

@@ -318,6 +318,7 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
             "SELECT at, kind, status, stage, remote_host, remote_ip, tls_version, reply_code,
                  enhanced_status, reply_text, duration_ms, reason,
                  rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text, remote_port,
+                 dsn_action, dsn_receipt, tried_first,
                  -- A bounce event is written with its bounce record, at the same moment.
                  CASE WHEN stage = 'bounce' THEN
                      (SELECT b.action FROM bounces b
@@ -375,7 +376,7 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
                         reply_text: r.get(9)?,
                         duration_ms: r.get::<_, Option<i64>>(10)?.map(|d| d.max(0) as u64),
                         reason: r.get(11)?,
-                        action: r.get(16)?,
+                        action: r.get(19)?,
                         rcpt_reply: match r.get::<_, Option<u16>>(12)? {
                             Some(code) => Some(RcptReply {
                                 code,
@@ -384,6 +385,14 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
                             }),
                             None => None,
                         },
+                        dsn_action: r.get(16)?,
+                        dsn_receipt: r.get(17)?,
+                        // A row this build cannot read shows no earlier hops rather than
+                        // hiding the whole log.
+                        tried_first: r
+                            .get::<_, Option<String>>(18)?
+                            .and_then(|j| serde_json::from_str(&j).ok())
+                            .unwrap_or_default(),
                     })
                 })
                 .and_then(|rows| rows.collect::<Result<_, _>>())

@@ -225,6 +225,18 @@ UPDATE bounces SET verified = 1 WHERE correlation = 'verp';
     r#"
 ALTER TABLE events ADD COLUMN remote_port INTEGER;
 "#,
+    // 10: a DSN is recorded on each recipient it reports (`dsn_sent`, `delay_dsn_sent`):
+    // its action and its own receipt, so the log says whether the sender was told and by
+    // which message. Older `delay_dsn_sent` rows keep neither.
+    r#"
+ALTER TABLE events ADD COLUMN dsn_action TEXT;
+ALTER TABLE events ADD COLUMN dsn_receipt TEXT;
+"#,
+    // 11: an attempt's next hops tried before the one whose result it records (a refused
+    // connection, a 421 greeting, ...), as a JSON array of `HopFailure`; NULL when none.
+    r#"
+ALTER TABLE events ADD COLUMN tried_first TEXT;
+"#,
 ];
 
 /// The schema version this build reads and writes.

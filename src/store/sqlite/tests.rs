@@ -7,7 +7,9 @@ use tempfile::TempDir;
 
 use super::*;
 use crate::spool::{AcceptedRecipient, DsnRet, Notify, PresetOutcome};
-use crate::store::{BounceFacts, HandledChange, LogKey, RecipientStatus};
+use crate::store::{
+    BounceFacts, DsnNotice, HandledChange, LogKey, RecipientStatus, ReportedRecipient,
+};
 
 fn store_in(dir: &TempDir) -> SqliteStore {
     SqliteStore::open_path(&dir.path().join("mailtrail.db")).unwrap()
@@ -78,6 +80,7 @@ fn attempt(receipt: ReceiptId, idx: u32, at_ms: i64, status: RecipientStatus) ->
         reason: None,
         bounce_type: None,
         delay_dsn: false,
+        tried_first: Vec::new(),
     }
 }
 
@@ -150,6 +153,128 @@ async fn bounce_ids_of_a_schema_4_database_are_kept_and_never_given_out_again() 
         record_bounce(&store, new_bounce(None, None, 2_000)).await,
         42
     );
+}
+
+#[tokio::test]
+async fn delay_dsn_events_of_a_schema_9_database_are_read_without_a_dsn_receipt() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    let msg = message(1_000, "app@example.com", &["a@example.net"]);
+    let r = msg.receipt;
+    let mut conn = Connection::open(&path).unwrap();
+    schema::migrate_to(&mut conn, 9).unwrap();
+    conn.execute(
+        "INSERT INTO messages (receipt, received_at, client_ip, helo, envelope_sender,
+             envelope_sender_lc, size, eight_bit, smtputf8, inbound_bounce)
+         VALUES (?1, 1000, '127.0.0.1', 'app', 'app@example.com', 'app@example.com', 3, 0, 0, 0)",
+        rusqlite::params![r.to_string()],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO recipients (receipt, idx, address, address_lc, status, next_attempt_at,
+             updated_at, delay_dsn_sent)
+         VALUES (?1, 0, 'a@example.net', 'a@example.net', 'deferred', 9000, 2000, 1)",
+        rusqlite::params![r.to_string()],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO events (receipt, idx, at, kind, status, stage)
+         VALUES (?1, 0, 2000, 'delay_dsn_sent', 'deferred', 'local')",
+        rusqlite::params![r.to_string()],
+    )
+    .unwrap();
+    drop(conn);
+
+    let store = store_in(&dir);
+    assert_eq!(
+        dsn_events(&store, r, 0).await,
+        [(
+            "delay_dsn_sent".to_string(),
+            RecipientStatus::Deferred,
+            None,
+            None
+        )]
+    );
+    // New events carry both.
+    let failure = notice(r, 3_000, &[(0, "failed")]);
+    let failure_id = failure.dsn.receipt.to_string();
+    store
+        .record_attempts(
+            vec![attempt(r, 0, 3_000, RecipientStatus::Failed)],
+            vec![failure],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        dsn_events(&store, r, 0).await[1].3.as_deref(),
+        Some(failure_id.as_str())
+    );
+}
+
+fn hop_failure(hop: &str, step: &str, text: &str) -> crate::store::HopFailure {
+    crate::store::HopFailure {
+        hop: hop.into(),
+        step: step.into(),
+        reply_code: text.get(..3).and_then(|c| c.parse().ok()),
+        enhanced_status: None,
+        text: text.into(),
+    }
+}
+
+#[tokio::test]
+async fn attempts_of_a_schema_10_database_read_with_no_hops_tried_first_and_new_ones_keep_them() {
+    let dir = TempDir::new().unwrap();
+    let path = dir.path().join("mailtrail.db");
+    let msg = message(1_000, "app@example.com", &["a@example.net"]);
+    let r = msg.receipt;
+    let mut conn = Connection::open(&path).unwrap();
+    schema::migrate_to(&mut conn, 10).unwrap();
+    conn.execute(
+        "INSERT INTO messages (receipt, received_at, client_ip, helo, envelope_sender,
+             envelope_sender_lc, size, eight_bit, smtputf8, inbound_bounce)
+         VALUES (?1, 1000, '127.0.0.1', 'app', 'app@example.com', 'app@example.com', 3, 0, 0, 0)",
+        rusqlite::params![r.to_string()],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO recipients (receipt, idx, address, address_lc, status, next_attempt_at,
+             updated_at)
+         VALUES (?1, 0, 'a@example.net', 'a@example.net', 'deferred', 9000, 1500)",
+        rusqlite::params![r.to_string()],
+    )
+    .unwrap();
+    conn.execute(
+        "INSERT INTO events (receipt, idx, at, kind, status, stage, reply_code, reply_text)
+         VALUES (?1, 0, 1500, 'attempt', 'deferred', 'connect', 421, 'busy')",
+        rusqlite::params![r.to_string()],
+    )
+    .unwrap();
+    drop(conn);
+
+    let store = store_in(&dir);
+    let tried = vec![
+        hop_failure("a[192.0.2.1]", "connect", "connect: Connection refused"),
+        hop_failure("b[192.0.2.2]:2525", "greeting", "421 4.3.2 busy\nreally"),
+    ];
+    store
+        .record_attempts(
+            vec![AttemptRecord {
+                tried_first: tried.clone(),
+                ..attempt(r, 0, 2_000, RecipientStatus::Delivered)
+            }],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    let attempts: Vec<&Vec<crate::store::HopFailure>> = log[0].recipients[0]
+        .events
+        .iter()
+        .filter(|e| e.kind == "attempt")
+        .map(|e| &e.tried_first)
+        .collect();
+    assert_eq!(attempts, [&Vec::new(), &tried]);
+    assert_eq!(log[0].recipients[0].status, RecipientStatus::Delivered);
 }
 
 #[tokio::test]
@@ -715,6 +840,162 @@ async fn disk_full_fails_the_accept_and_leaves_nothing_partial() {
     );
 }
 
+/// A notice about recipient `idx` of `original` with `action`.
+fn notice(original: ReceiptId, at_ms: i64, reported: &[(u32, &'static str)]) -> DsnNotice {
+    DsnNotice {
+        dsn: message(at_ms, "", &["app@example.com"]),
+        original,
+        reported: reported
+            .iter()
+            .map(|&(rcpt_index, action)| ReportedRecipient { rcpt_index, action })
+            .collect(),
+    }
+}
+
+/// The (kind, status, dsn_action, dsn_receipt) of recipient `idx`'s events of `receipt`.
+async fn dsn_events(
+    store: &SqliteStore,
+    receipt: ReceiptId,
+    idx: usize,
+) -> Vec<(String, RecipientStatus, Option<String>, Option<String>)> {
+    let log = store
+        .log(&LogQuery {
+            key: LogKey::Receipt(receipt),
+            since_ms: None,
+            until_ms: None,
+            limit: 0,
+        })
+        .await
+        .unwrap();
+    log[0].recipients[idx]
+        .events
+        .iter()
+        .filter(|e| e.kind.contains("dsn"))
+        .map(|e| {
+            (
+                e.kind.clone(),
+                e.status,
+                e.dsn_action.clone(),
+                e.dsn_receipt.clone(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn every_dsn_is_recorded_on_the_recipients_it_reports_with_its_receipt() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let msg = message(
+        1_000,
+        "app@example.com",
+        &["a@example.net", "b@example.net", "c@example.net"],
+    );
+    let r = msg.receipt;
+    store.accept(msg).await.unwrap();
+
+    // a fails, b expires (one failure DSN for both), c is relayed to a peer without DSN.
+    let failure = notice(r, 1_500, &[(0, "failed"), (1, "expired")]);
+    let success = notice(r, 1_500, &[(2, "relayed")]);
+    let (failure_id, success_id) = (failure.dsn.receipt, success.dsn.receipt);
+    store
+        .record_attempts(
+            vec![
+                attempt(r, 0, 1_500, RecipientStatus::Failed),
+                attempt(r, 1, 1_500, RecipientStatus::Expired),
+                attempt(r, 2, 1_500, RecipientStatus::Delivered),
+            ],
+            vec![failure, success],
+        )
+        .await
+        .unwrap();
+    let sent = |status, action: &str, dsn: ReceiptId| {
+        vec![(
+            "dsn_sent".to_string(),
+            status,
+            Some(action.to_string()),
+            Some(dsn.to_string()),
+        )]
+    };
+    assert_eq!(
+        dsn_events(&store, r, 0).await,
+        sent(RecipientStatus::Failed, "failed", failure_id)
+    );
+    assert_eq!(
+        dsn_events(&store, r, 1).await,
+        sent(RecipientStatus::Expired, "expired", failure_id)
+    );
+    assert_eq!(
+        dsn_events(&store, r, 2).await,
+        sent(RecipientStatus::Delivered, "relayed", success_id)
+    );
+    // The DSN itself is mail to the sender, found by its own receipt.
+    assert!(store.body(failure_id).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_delay_dsn_is_recorded_once_with_its_receipt() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let msg = message(1_000, "app@example.com", &["a@example.net"]);
+    let r = msg.receipt;
+    store.accept(msg).await.unwrap();
+    let delay = notice(r, 2_000, &[(0, "delayed")]);
+    let delay_id = delay.dsn.receipt;
+    store
+        .record_attempts(
+            vec![AttemptRecord {
+                delay_dsn: true,
+                ..attempt(r, 0, 2_000, RecipientStatus::Deferred)
+            }],
+            vec![delay],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        dsn_events(&store, r, 0).await,
+        [(
+            "delay_dsn_sent".to_string(),
+            RecipientStatus::Deferred,
+            Some("delayed".to_string()),
+            Some(delay_id.to_string())
+        )]
+    );
+}
+
+#[tokio::test]
+async fn a_dsn_for_recipients_decided_at_accept_is_recorded_on_them() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let mut msg = message(
+        1_000,
+        "app@example.com",
+        &["gone@example.net", "b@example.net"],
+    );
+    msg.recipients[0].preset = Some(PresetOutcome {
+        status: RecipientStatus::Suppressed,
+        reason: "suppressed".into(),
+        bounce_type: "hard".into(),
+        text: "suppressed".into(),
+        enhanced_status: Some("5.7.1".into()),
+        accepted: true,
+    });
+    let r = msg.receipt;
+    let failure = notice(r, 1_000, &[(0, "failed")]);
+    let failure_id = failure.dsn.receipt;
+    store.accept_with_notices(msg, vec![failure]).await.unwrap();
+    assert_eq!(
+        dsn_events(&store, r, 0).await,
+        [(
+            "dsn_sent".to_string(),
+            RecipientStatus::Suppressed,
+            Some("failed".to_string()),
+            Some(failure_id.to_string())
+        )]
+    );
+    assert!(dsn_events(&store, r, 1).await.is_empty());
+}
+
 #[tokio::test]
 async fn delivery_lifecycle_due_defer_retry_deliver() {
     let dir = TempDir::new().unwrap();
@@ -744,7 +1025,11 @@ async fn delivery_lifecycle_due_defer_retry_deliver() {
                 attempt(r, 0, 1_500, RecipientStatus::Delivered),
                 attempt(r, 1, 1_500, RecipientStatus::Deferred),
             ],
-            vec![dsn],
+            vec![DsnNotice {
+                dsn,
+                original: r,
+                reported: Vec::new(),
+            }],
         )
         .await
         .unwrap();

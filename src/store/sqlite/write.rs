@@ -6,8 +6,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use crate::receipt::ReceiptId;
 use crate::spool::{AcceptedMessage, DsnRet};
 use crate::store::{
-    AttemptRecord, HandledChange, NewBounce, RcptReply, RecipientStatus, RecordedBounce, Stage,
-    StoreError, Suppression,
+    AttemptRecord, DsnNotice, HandledChange, NewBounce, RcptReply, RecipientStatus, RecordedBounce,
+    Stage, StoreError, Suppression,
 };
 
 use super::{address_key, correlation_str, stage_str, storage};
@@ -30,15 +30,20 @@ struct Event<'a> {
     duration_ms: Option<u64>,
     reason: Option<&'a str>,
     rcpt_reply: Option<&'a RcptReply>,
+    dsn_action: Option<&'a str>,
+    dsn_receipt: Option<&'a str>,
+    /// JSON array of `HopFailure`.
+    tried_first: Option<String>,
 }
 
 fn append_event(conn: &Connection, receipt: &str, idx: u32, e: &Event) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO events (receipt, idx, at, kind, status, stage, remote_host, remote_ip,
              tls_version, tls_cipher, reply_code, enhanced_status, reply_text, duration_ms, reason,
-             rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text, remote_port)
+             rcpt_reply_code, rcpt_enhanced_status, rcpt_reply_text, remote_port, dsn_action,
+             dsn_receipt, tried_first)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18,
-             ?19)",
+             ?19, ?20, ?21, ?22)",
     )
     .and_then(|mut st| {
         st.execute(params![
@@ -61,6 +66,9 @@ fn append_event(conn: &Connection, receipt: &str, idx: u32, e: &Event) -> Result
             e.rcpt_reply.and_then(|r| r.enhanced_status.as_deref()),
             e.rcpt_reply.map(|r| r.text.as_str()),
             e.remote_port,
+            e.dsn_action,
+            e.dsn_receipt,
+            e.tried_first,
         ])
     })
     .map_err(storage)?;
@@ -228,7 +236,12 @@ fn update_after_attempt(
 /// Records one attempt. The reply always becomes an event; the recipient's current status
 /// follows it, except that a temporary result never reopens a recipient that became final
 /// meanwhile (deleted from the queue or bounced while the attempt was in flight).
-pub fn record_attempt(conn: &Connection, a: &AttemptRecord) -> Result<(), StoreError> {
+/// `delay_dsn` is the receipt of the delay DSN queued with it, when the caller knows it.
+pub fn record_attempt(
+    conn: &Connection,
+    a: &AttemptRecord,
+    delay_dsn: Option<&str>,
+) -> Result<(), StoreError> {
     let receipt = a.receipt.to_string();
     let Some(current) = current_status(conn, &receipt, a.rcpt_index)? else {
         return Err(StoreError::NotFound(format!(
@@ -275,6 +288,15 @@ pub fn record_attempt(conn: &Connection, a: &AttemptRecord) -> Result<(), StoreE
             duration_ms: Some(a.duration_ms),
             reason: a.reason.as_deref(),
             rcpt_reply: a.rcpt_reply.as_ref(),
+            tried_first: if a.tried_first.is_empty() {
+                None
+            } else {
+                Some(
+                    serde_json::to_string(&a.tried_first)
+                        .map_err(|e| StoreError::Storage(format!("tried_first: {e}")))?,
+                )
+            },
+            ..Event::default()
         },
     )?;
     if a.delay_dsn {
@@ -283,7 +305,7 @@ pub fn record_attempt(conn: &Connection, a: &AttemptRecord) -> Result<(), StoreE
         } else {
             a.status.as_str()
         };
-        mark_delay_dsn_sent(conn, &receipt, a.rcpt_index, status, a.at_ms)?;
+        mark_delay_dsn_sent(conn, &receipt, a.rcpt_index, status, a.at_ms, delay_dsn)?;
     }
     Ok(())
 }
@@ -291,13 +313,78 @@ pub fn record_attempt(conn: &Connection, a: &AttemptRecord) -> Result<(), StoreE
 pub fn record_attempts(
     conn: &Connection,
     attempts: &[AttemptRecord],
-    dsns: &[AcceptedMessage],
+    dsns: &[DsnNotice],
 ) -> Result<(), StoreError> {
+    // A delay DSN's recipients get their `delay_dsn_sent` event from their attempt (which
+    // marks it sent); it names the DSN found here.
+    let delay_dsn_of = |a: &AttemptRecord| {
+        dsns.iter().find_map(|n| {
+            (n.original == a.receipt
+                && n.reported
+                    .iter()
+                    .any(|r| r.rcpt_index == a.rcpt_index && r.action == "delayed"))
+            .then(|| n.dsn.receipt.to_string())
+        })
+    };
     for a in attempts {
-        record_attempt(conn, a)?;
+        let dsn = a.delay_dsn.then(|| delay_dsn_of(a)).flatten();
+        record_attempt(conn, a, dsn.as_deref())?;
     }
-    for dsn in dsns {
-        accept(conn, dsn)?;
+    for n in dsns {
+        accept(conn, &n.dsn)?;
+        let marked = |idx: u32| {
+            attempts
+                .iter()
+                .any(|a| a.delay_dsn && a.receipt == n.original && a.rcpt_index == idx)
+        };
+        record_notice(conn, n, |r| r.action == "delayed" && marked(r.rcpt_index))?;
+    }
+    Ok(())
+}
+
+/// [`accept`] of `msg` and of the DSNs about its recipients decided at accept, each with its
+/// `dsn_sent` events.
+pub fn accept_with_notices(
+    conn: &Connection,
+    msg: &AcceptedMessage,
+    notices: &[DsnNotice],
+) -> Result<(), StoreError> {
+    accept(conn, msg)?;
+    for n in notices {
+        accept(conn, &n.dsn)?;
+        record_notice(conn, n, |_| false)?;
+    }
+    Ok(())
+}
+
+/// Appends a `dsn_sent` event, naming the DSN, to each recipient `n` reports (but those
+/// `recorded` already); it keeps the recipient's status. A recipient the store no longer
+/// has is skipped: the DSN is mail of its own either way.
+fn record_notice(
+    conn: &Connection,
+    n: &DsnNotice,
+    recorded: impl Fn(&crate::store::ReportedRecipient) -> bool,
+) -> Result<(), StoreError> {
+    let original = n.original.to_string();
+    let dsn_receipt = n.dsn.receipt.to_string();
+    for r in n.reported.iter().filter(|r| !recorded(r)) {
+        let Some(status) = current_status(conn, &original, r.rcpt_index)? else {
+            continue;
+        };
+        append_event(
+            conn,
+            &original,
+            r.rcpt_index,
+            &Event {
+                at: n.dsn.received_at_ms,
+                kind: "dsn_sent",
+                status: &status,
+                stage: Some(stage_str(Stage::Local)),
+                dsn_action: Some(r.action),
+                dsn_receipt: Some(&dsn_receipt),
+                ..Event::default()
+            },
+        )?;
     }
     Ok(())
 }
@@ -350,6 +437,7 @@ fn mark_delay_dsn_sent(
     idx: u32,
     status: &str,
     at_ms: i64,
+    dsn_receipt: Option<&str>,
 ) -> Result<(), StoreError> {
     conn.prepare_cached("UPDATE recipients SET delay_dsn_sent = 1 WHERE receipt = ?1 AND idx = ?2")
         .and_then(|mut st| st.execute(params![receipt, idx]))
@@ -363,6 +451,8 @@ fn mark_delay_dsn_sent(
             kind: "delay_dsn_sent",
             status,
             stage: Some(stage_str(Stage::Local)),
+            dsn_action: Some("delayed"),
+            dsn_receipt,
             ..Event::default()
         },
     )

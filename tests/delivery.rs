@@ -1078,6 +1078,7 @@ mod queue {
                     since_ms: None,
                     until_ms: None,
                     limit: 10,
+                    before: None,
                 })
                 .await
                 .unwrap();
@@ -2050,6 +2051,7 @@ mod queue {
                 since_ms: None,
                 until_ms: None,
                 limit: 1,
+                before: None,
             })
             .await
             .unwrap();

@@ -143,15 +143,39 @@ fn a_log_cut_by_its_limit_says_more_exist_and_how_to_see_them() {
         notice.starts_with("(the newest 20 messages shown; more exist: --limit 40"),
         "{notice}"
     );
-    // The --until it names goes on from the oldest shown (shown again) to the rest.
-    let until = notice
-        .split("--until ")
+    // The --before it names is the next page exactly: the other five, none shown twice,
+    // though many of the 25 share a millisecond.
+    let before = notice
+        .split("--before ")
         .nth(1)
         .and_then(|rest| rest.split_whitespace().next())
         .unwrap();
-    let rest = m.cli_ok(&["log", "many@example.org", "--until", until]);
-    assert_eq!(shown(&rest), 6, "{rest}");
+    let rest = m.cli_ok(&["log", "many@example.org", "--before", before]);
+    assert_eq!(shown(&rest), 5, "{rest}");
+    assert!(!rest.contains(before), "{rest}");
     assert!(!rest.contains("more exist"), "{rest}");
+    assert!(
+        receipts
+            .iter()
+            .all(|r| text.contains(r.as_str()) != rest.contains(r.as_str())),
+        "the two pages are the 25, each once"
+    );
+    // The API pages the same way; an unknown receipt is a 400.
+    let (status, body) = m.http_get(&format!(
+        "/api/log/many@example.org?limit=20&before={before}"
+    ));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&body)
+            .unwrap()
+            .as_array()
+            .map(Vec::len),
+        Some(5)
+    );
+    let unknown = mailtrail::receipt::ReceiptId::new();
+    let (status, body) = m.http_get(&format!("/api/log/many@example.org?before={unknown}"));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("no message with receipt"), "{body}");
     for all in ["25", "0"] {
         let text = m.cli_ok(&["log", "many@example.org", "--limit", all]);
         assert_eq!(shown(&text), 25, "--limit {all}");

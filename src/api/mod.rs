@@ -468,6 +468,7 @@ struct LogParams {
     since: Option<String>,
     until: Option<String>,
     limit: Option<usize>,
+    before: Option<String>,
 }
 
 /// Rows per answer: `limit` (default 100), from 1 to 10,000; outside, a `400` (zero would
@@ -515,6 +516,7 @@ async fn log(
         since: params.since,
         until: params.until,
         limit,
+        before: params.before,
     };
     let query = match crate::cli::log::query(&args, chrono::Utc::now()) {
         Ok(q) => q,
@@ -529,6 +531,8 @@ async fn log(
                 .collect::<Vec<_>>(),
         )
         .into_response(),
+        // `before=` a receipt the store does not hold.
+        Err(crate::store::StoreError::NotFound(what)) => bad_request(what),
         Err(e) => store_error(e),
     }
 }

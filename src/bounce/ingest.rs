@@ -474,6 +474,7 @@ impl BounceIngest {
                 since_ms: None,
                 until_ms: None,
                 limit: 1,
+                before: None,
             })
             .await?
             .into_iter()
@@ -875,6 +876,7 @@ mod tests {
             since_ms: None,
             until_ms: None,
             limit: 1,
+            before: None,
         };
         store.log(&query).await.unwrap().remove(0)
     }

@@ -30,6 +30,10 @@ pub struct LogArgs {
     /// At most this many messages, newest first (0 = all); a line says when more exist.
     #[arg(long, default_value_t = DEFAULT_LIMIT)]
     pub limit: usize,
+    /// Only messages older than this receipt id's (the next page: the line under a cut
+    /// list names the oldest shown).
+    #[arg(long)]
+    pub before: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -41,6 +45,8 @@ pub enum LogArgError {
     Time(String),
     #[error("not an address or receipt id: {0:?}")]
     Key(String),
+    #[error("--before {0:?}: not a receipt id")]
+    Before(String),
 }
 
 /// Parses a `--since` value into milliseconds since the epoch. Relative durations count
@@ -135,6 +141,15 @@ pub fn query(args: &LogArgs, now: DateTime<Utc>) -> Result<LogQuery, LogArgError
             .map(|s| parse_until(s, now))
             .transpose()?,
         limit: args.limit,
+        before: args
+            .before
+            .as_deref()
+            .map(|b| {
+                unbracketed(b)
+                    .parse::<ReceiptId>()
+                    .map_err(|_| LogArgError::Before(b.to_string()))
+            })
+            .transpose()?,
     })
 }
 
@@ -157,14 +172,13 @@ pub fn cut_to<T>(rows: &mut Vec<T>, limit: usize) -> bool {
 }
 
 /// The line after a `log` list that `--limit` cut: that more exist and how to see them.
-/// `--until` is inclusive, so the oldest shown comes again at the top of the next page (and
-/// any other message received in the same millisecond is not skipped).
-pub fn more_messages_notice(shown: usize, oldest_shown_ms: i64) -> String {
+/// `--before` the oldest shown is the next page exactly (an inclusive `--until` of its time
+/// showed it again, with every other message of that millisecond).
+pub fn more_messages_notice(shown: usize, oldest_shown: ReceiptId) -> String {
     format!(
         "(the newest {shown} messages shown; more exist: --limit {} shows more, --limit 0 all, \
-         --until {} those from the oldest shown back)\n",
+         --before {oldest_shown} the next {shown})\n",
         shown.saturating_mul(2),
-        format_time(oldest_shown_ms)
     )
 }
 
@@ -542,6 +556,7 @@ mod tests {
             since: Some("2026-12-08".into()),
             until: Some("2026-12-08".into()),
             limit: 5,
+            before: None,
         };
         let q = query(&args, n).unwrap();
         assert_eq!(q.since_ms, Some(day));
@@ -561,10 +576,13 @@ mod tests {
         let mut rows: Vec<u32> = (0..50).collect();
         assert!(!cut_to(&mut rows, 0));
         assert_eq!(rows.len(), 50);
+        let r = ReceiptId::new();
         assert_eq!(
-            more_messages_notice(20, now().timestamp_millis()),
-            "(the newest 20 messages shown; more exist: --limit 40 shows more, --limit 0 all, \
-             --until 2026-11-23T18:00:00.000Z those from the oldest shown back)\n"
+            more_messages_notice(20, r),
+            format!(
+                "(the newest 20 messages shown; more exist: --limit 40 shows more, --limit 0 \
+                 all, --before {r} the next 20)\n"
+            )
         );
     }
 
@@ -609,6 +627,7 @@ mod tests {
             since: Some("1h".into()),
             until: None,
             limit: 5,
+            before: None,
         };
         let q = query(&args, now()).unwrap();
         assert_eq!(q.since_ms, Some(now().timestamp_millis() - 3_600_000));

@@ -138,6 +138,7 @@ fn require_message(config: &Config, receipt: ReceiptId) -> anyhow::Result<()> {
         since_ms: None,
         until_ms: None,
         limit: 1,
+        before: None,
     })?;
     if found.is_empty() {
         anyhow::bail!("no message with receipt {receipt}");
@@ -164,7 +165,7 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             }
             out.write_all(log::render(&messages, json).as_bytes())?;
             if more && let Some(oldest) = messages.last() {
-                let notice = log::more_messages_notice(messages.len(), oldest.received_at_ms);
+                let notice = log::more_messages_notice(messages.len(), oldest.receipt);
                 more_notice(&mut out, json, &notice)?;
             }
         }

@@ -272,6 +272,9 @@ pub struct LogQuery {
     pub since_ms: Option<i64>,
     pub until_ms: Option<i64>,
     pub limit: usize,
+    /// Only messages after this one in the log's order (older, or as old and with a smaller
+    /// receipt id): the next page, exact where `until_ms` repeats messages of one millisecond.
+    pub before: Option<ReceiptId>,
 }
 
 /// One message as `mailtrail log` and the API show it.

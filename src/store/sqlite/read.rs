@@ -271,6 +271,8 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
                 "SELECT {columns} FROM messages
                  WHERE {BY_ADDRESS}
                    AND received_at >= ?2 AND received_at <= ?3
+                   AND (?5 IS NULL OR (received_at, receipt)
+                        < (SELECT received_at, receipt FROM messages WHERE receipt = ?5))
                  ORDER BY received_at DESC, receipt DESC LIMIT ?4"
             ),
             address_key(a),
@@ -278,31 +280,50 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
         LogKey::Receipt(r) => (
             format!(
                 "SELECT {columns} FROM messages
-                 WHERE receipt = ?1 AND received_at >= ?2 AND received_at <= ?3 LIMIT ?4"
+                 WHERE receipt = ?1 AND received_at >= ?2 AND received_at <= ?3
+                   AND (?5 IS NULL OR receipt < ?5) LIMIT ?4"
             ),
             r.to_string(),
         ),
     };
+    let before = q.before.map(|r| r.to_string());
+    if let Some(b) = &before {
+        let known: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM messages WHERE receipt = ?1)",
+                [b],
+                |r| r.get(0),
+            )
+            .map_err(storage)?;
+        if !known {
+            return Err(StoreError::NotFound(format!(
+                "no message with receipt {b} (before)"
+            )));
+        }
+    }
     let mut messages: Vec<MessageLog> = {
         let mut st = tx.prepare(&sql).map_err(storage)?;
-        st.query_map(params![key, since, until, sql_limit(q.limit)], |r| {
-            Ok(MessageLog {
-                receipt: receipt_at(r, 0)?,
-                received_at_ms: r.get(1)?,
-                client_ip: r.get(2)?,
-                helo: r.get(3)?,
-                tls_version: r.get(4)?,
-                auth_user: r.get(5)?,
-                envelope_sender: r.get(6)?,
-                size: u64_at(r, 7)?,
-                message_id: r.get(8)?,
-                subject: r.get(9)?,
-                context: r.get(10)?,
-                envid: r.get(11)?,
-                ret: ret_at(r, 12)?,
-                recipients: Vec::new(),
-            })
-        })
+        st.query_map(
+            params![key, since, until, sql_limit(q.limit), before],
+            |r| {
+                Ok(MessageLog {
+                    receipt: receipt_at(r, 0)?,
+                    received_at_ms: r.get(1)?,
+                    client_ip: r.get(2)?,
+                    helo: r.get(3)?,
+                    tls_version: r.get(4)?,
+                    auth_user: r.get(5)?,
+                    envelope_sender: r.get(6)?,
+                    size: u64_at(r, 7)?,
+                    message_id: r.get(8)?,
+                    subject: r.get(9)?,
+                    context: r.get(10)?,
+                    envid: r.get(11)?,
+                    ret: ret_at(r, 12)?,
+                    recipients: Vec::new(),
+                })
+            },
+        )
         .and_then(|rows| rows.collect::<Result<_, _>>())
         .map_err(storage)?
     };

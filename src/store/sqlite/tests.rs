@@ -52,6 +52,7 @@ fn by_address(a: &str) -> LogQuery {
         since_ms: None,
         until_ms: None,
         limit: 0,
+        before: None,
     }
 }
 
@@ -409,6 +410,7 @@ async fn accept_then_log_by_address_case_insensitive_and_by_receipt() {
             since_ms: None,
             until_ms: None,
             limit: 10,
+            before: None,
         })
         .await
         .unwrap();
@@ -443,6 +445,7 @@ async fn log_applies_since_until_and_limit() {
         since_ms: since,
         until_ms: until,
         limit,
+        before: None,
     };
     let times = |logs: Vec<MessageLog>| logs.iter().map(|m| m.received_at_ms).collect::<Vec<_>>();
     assert_eq!(
@@ -578,6 +581,7 @@ async fn concurrent_accepts_share_commits_and_are_all_durable() {
                 since_ms: None,
                 until_ms: None,
                 limit: 1,
+                before: None,
             })
             .unwrap();
         assert_eq!(log.len(), 1);
@@ -864,6 +868,7 @@ async fn dsn_events(
             since_ms: None,
             until_ms: None,
             limit: 0,
+            before: None,
         })
         .await
         .unwrap();
@@ -2376,4 +2381,43 @@ async fn a_milder_bounce_does_not_undo_a_graver_one() {
     // Only the reports that took over count towards soft-bounce suppression.
     let types = store.recent_bounce_types("a@example.net", 0).await.unwrap();
     assert_eq!(types.len(), 3, "{types:?}");
+}
+
+#[tokio::test]
+async fn before_pages_exactly_through_messages_of_one_millisecond() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let mut all = Vec::new();
+    for _ in 0..5 {
+        let m = message(1_000, "app@example.com", &["tie@example.net"]);
+        all.push(m.receipt);
+        store.accept(m).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut before = None;
+    loop {
+        let page = store
+            .log(&LogQuery {
+                limit: 2,
+                before,
+                ..by_address("tie@example.net")
+            })
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().map(|m| m.receipt);
+        seen.extend(page.iter().map(|m| m.receipt));
+    }
+    all.sort();
+    all.reverse();
+    assert_eq!(seen, all, "every message once, newest (largest receipt) first");
+    let unknown = store
+        .log(&LogQuery {
+            before: Some(ReceiptId::new()),
+            ..by_address("tie@example.net")
+        })
+        .await;
+    assert!(matches!(unknown, Err(StoreError::NotFound(_))), "{unknown:?}");
 }

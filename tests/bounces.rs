@@ -329,6 +329,13 @@ async fn bounces_complaints_and_autoreplies_become_records_and_suppress() {
         )),
         "{text}"
     );
+    // The page links the DSN by its receipt.
+    if let Some(page) = page_dom(m.http, &format!("/?q={second}")) {
+        assert!(
+            page.contains(&format!("href=\"?q={dsn_receipt}\"")),
+            "{page}"
+        );
+    }
 }
 
 #[test]

@@ -338,6 +338,16 @@ async fn hops_that_failed_before_the_one_that_delivered_are_in_the_log() {
         )),
         "{text}"
     );
+    // The search page shows them too.
+    if let Some(page) = common::mailtrail::page_dom(m.http, &format!("/?q={receipt}")) {
+        assert!(
+            page.contains(&format!(
+                "tried first: 127.0.0.1[127.0.0.1]:{} at greeting: 421 4.3.2 busy, try later",
+                busy.port()
+            )),
+            "{page}"
+        );
+    }
 }
 
 /// When every hop fails, the last one's failure is the recorded result as before, and the

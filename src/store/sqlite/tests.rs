@@ -2412,12 +2412,18 @@ async fn before_pages_exactly_through_messages_of_one_millisecond() {
     }
     all.sort();
     all.reverse();
-    assert_eq!(seen, all, "every message once, newest (largest receipt) first");
+    assert_eq!(
+        seen, all,
+        "every message once, newest (largest receipt) first"
+    );
     let unknown = store
         .log(&LogQuery {
             before: Some(ReceiptId::new()),
             ..by_address("tie@example.net")
         })
         .await;
-    assert!(matches!(unknown, Err(StoreError::NotFound(_))), "{unknown:?}");
+    assert!(
+        matches!(unknown, Err(StoreError::NotFound(_))),
+        "{unknown:?}"
+    );
 }

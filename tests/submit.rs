@@ -896,6 +896,10 @@ fn http_api_serves_the_log_as_json_and_a_search_page() {
         v["error"].as_str().unwrap().contains("/api/bounces"),
         "{body}"
     );
+    let (status, body) = m.http_get("/api/log/%ff%fe");
+    assert_eq!(status, 400, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("a bad key is a JSON error");
+    assert!(v["error"].is_string(), "{body}");
     let (status, body) = m.http_get("/index.html");
     assert_eq!(status, 404, "{body}");
     assert!(

@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -499,9 +499,14 @@ fn store_error(e: crate::store::StoreError) -> Response {
 
 async fn log(
     State(state): State<ApiState>,
-    Path(key): Path<String>,
+    key: Result<Path<String>, PathRejection>,
     params: Result<Query<LogParams>, QueryRejection>,
 ) -> Response {
+    // A key that is no UTF-8 (`%ff`): JSON like every other error here.
+    let key = match key {
+        Ok(Path(k)) => k,
+        Err(e) => return bad_request(e.body_text()),
+    };
     let params = match params {
         Ok(Query(p)) => p,
         Err(e) => return bad_request(e.body_text()),

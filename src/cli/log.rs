@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use chrono::{DateTime, NaiveDate, SecondsFormat, Utc};
 
 use crate::receipt::ReceiptId;
-use crate::store::{EventLog, LogKey, LogQuery, MessageLog, RecipientLog};
+use crate::store::{EventLog, LogKey, LogQuery, MessageLog, RecipientLog, Stage};
 
 /// Messages shown when `--limit` is not given.
 pub const DEFAULT_LIMIT: usize = 20;
@@ -364,10 +364,12 @@ fn render_event(out: &mut String, e: &EventLog) {
         e.reply_text.as_deref(),
     );
     if !text.is_empty() {
-        out.push_str(if e.rcpt_reply.is_some() {
-            "      DATA: "
-        } else {
-            "      "
+        // After a RCPT reply, the reply that decided: DATA's, or a 421 that ended the
+        // session before DATA (at another recipient's RCPT), which is no DATA reply.
+        out.push_str(match (&e.rcpt_reply, e.stage) {
+            (None, _) => "      ",
+            (Some(_), Some(Stage::Data)) => "      DATA: ",
+            (Some(_), _) => "      then: ",
         });
         push_indented(out, &text, "      ");
         out.push('\n');
@@ -749,6 +751,27 @@ mod tests {
       please retry
 ";
         assert_eq!(text, expected);
+    }
+
+    #[test]
+    fn a_421_after_this_recipients_250_is_no_data_reply() {
+        let mut m = sample();
+        let event = &mut m.recipients[0].events[1];
+        event.rcpt_reply = Some(crate::store::RcptReply {
+            code: 250,
+            enhanced_status: Some("2.1.5".into()),
+            text: "ok".into(),
+        });
+        (event.reply_code, event.enhanced_status, event.reply_text) =
+            (Some(421), Some("4.7.0".into()), Some("go away".into()));
+        let text = render_text(std::slice::from_ref(&m));
+        assert!(
+            text.contains("      RCPT: 250 2.1.5 ok\n      then: 421 4.7.0 go away\n"),
+            "{text}"
+        );
+        m.recipients[0].events[1].stage = Some(Stage::Data);
+        let text = render_text(&[m]);
+        assert!(text.contains("      DATA: 421 4.7.0 go away\n"), "{text}");
     }
 
     #[test]

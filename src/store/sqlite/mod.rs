@@ -595,6 +595,9 @@ impl SqliteReader {
                 path.display()
             )));
         }
+        // A read-only connection too deletes such a log (a review lost acknowledged mail to
+        // `mailtrail log` after `serve` had refused it).
+        refuse_a_log_without_its_database(path)?;
         let conn = open_read_connection(path)?;
         let version = schema::user_version(&conn)?;
         if version > SCHEMA_VERSION {

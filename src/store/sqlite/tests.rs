@@ -2290,6 +2290,10 @@ async fn an_empty_database_beside_a_full_log_is_refused_not_emptied() {
         wal_bytes,
         "the log is kept"
     );
+    // A CLI command's read-only view refuses it too (SQLite's read-only open deleted it).
+    let refused = SqliteReader::open_path(&db).err().expect("refused");
+    assert!(refused.to_string().contains("write-ahead log"), "{refused}");
+    assert_eq!(std::fs::metadata(&wal).unwrap().len(), wal_bytes);
     std::fs::remove_file(&db).unwrap();
     assert!(
         SqliteStore::open_path(&db).is_err(),
@@ -2425,5 +2429,47 @@ async fn before_pages_exactly_through_messages_of_one_millisecond() {
     assert!(
         matches!(unknown, Err(StoreError::NotFound(_))),
         "{unknown:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_bounce_does_not_overwrite_a_standing_complaint_on_the_list() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let entry = |source: &str, reason: &str, at: i64| Suppression {
+        source: source.into(),
+        reason: reason.into(),
+        ..suppression("a@example.net", at, None)
+    };
+    store
+        .suppress(entry("complaint", "feedback", 1_000))
+        .await
+        .unwrap();
+    store
+        .suppress(entry("bounce", "userunknown", 2_000))
+        .await
+        .unwrap();
+    let s = store
+        .suppressed("a@example.net", 3_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (s.source.as_str(), s.reason.as_str(), s.last_at_ms),
+        ("complaint", "feedback", 2_000)
+    );
+    // An admin's entry is the admin's word.
+    store
+        .suppress(entry("manual", "customer asked", 4_000))
+        .await
+        .unwrap();
+    let s = store
+        .suppressed("a@example.net", 5_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (s.source.as_str(), s.reason.as_str()),
+        ("manual", "customer asked")
     );
 }

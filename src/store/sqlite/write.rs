@@ -758,7 +758,15 @@ pub fn suppress(conn: &Connection, s: &Suppression) -> Result<(), StoreError> {
              expires_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
          ON CONFLICT (address_lc) DO UPDATE SET
-             reason = excluded.reason, source = excluded.source, last_at = excluded.last_at,
+             -- A bounce does not overwrite a complaint that stands (the recipient stays
+             -- complained too); a complaint, or an admin's entry, overwrites anything.
+             reason = CASE WHEN source = 'complaint' AND excluded.source = 'bounce'
+                                AND (expires_at IS NULL OR expires_at > excluded.last_at)
+                           THEN reason ELSE excluded.reason END,
+             source = CASE WHEN source = 'complaint' AND excluded.source = 'bounce'
+                                AND (expires_at IS NULL OR expires_at > excluded.last_at)
+                           THEN source ELSE excluded.source END,
+             last_at = excluded.last_at,
              first_at = CASE WHEN expires_at <= excluded.last_at THEN excluded.first_at
                              ELSE first_at END,
              count = CASE WHEN expires_at <= excluded.last_at THEN excluded.count

@@ -746,13 +746,7 @@ async fn the_page_names_a_next_hop_off_port_25_with_its_port_as_the_log_does() {
         status_of(&m, kim)["status"] == "delivered"
     });
     let json = m.log_json(kim);
-    let attempt = json[0]["recipients"][0]["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["kind"] == "attempt")
-        .unwrap()
-        .clone();
+    let attempt = common::mailtrail::event_of(&json[0]["recipients"][0], "attempt");
     assert_eq!(attempt["remote_port"], mx.port(), "{attempt}");
     let hop = format!(
         "{} [{}]:{}",

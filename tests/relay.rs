@@ -373,13 +373,7 @@ async fn when_every_hop_fails_the_last_is_the_result_and_the_others_are_listed()
     });
     let rc = m.recipient(&receipt, "x@hops.test");
     assert_eq!(rc["last_reply_code"], 421, "{rc}");
-    let attempt = rc["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["kind"] == "attempt")
-        .unwrap()
-        .clone();
+    let attempt = common::mailtrail::event_of(&rc, "attempt");
     assert_eq!(attempt["remote_port"], busy.port(), "{attempt}");
     assert_eq!(attempt["reply_code"], 421);
     let tried = attempt["tried_first"].as_array().unwrap();

@@ -478,3 +478,12 @@ pub fn page_dom(http: SocketAddr, path: &str) -> Option<String> {
     let shown = dom.split("<script>").next().unwrap_or("");
     Some(shown.to_string())
 }
+
+/// The first event of `kind` in a recipient of `log --json` (or `/api/log`).
+pub fn event_of(recipient: &serde_json::Value, kind: &str) -> serde_json::Value {
+    recipient["events"]
+        .as_array()
+        .and_then(|events| events.iter().find(|e| e["kind"] == kind))
+        .unwrap_or_else(|| panic!("no {kind} event in {recipient}"))
+        .clone()
+}

@@ -156,6 +156,17 @@ async fn bounce_ids_of_a_schema_4_database_are_kept_and_never_given_out_again() 
     );
 }
 
+/// A message row as an older schema (9 or 10) stores it, from app@example.com at 1000.
+fn insert_old_message(conn: &Connection, r: ReceiptId) {
+    conn.execute(
+        "INSERT INTO messages (receipt, received_at, client_ip, helo, envelope_sender,
+             envelope_sender_lc, size, eight_bit, smtputf8, inbound_bounce)
+         VALUES (?1, 1000, '127.0.0.1', 'app', 'app@example.com', 'app@example.com', 3, 0, 0, 0)",
+        rusqlite::params![r.to_string()],
+    )
+    .unwrap();
+}
+
 #[tokio::test]
 async fn delay_dsn_events_of_a_schema_9_database_are_read_without_a_dsn_receipt() {
     let dir = TempDir::new().unwrap();
@@ -164,13 +175,7 @@ async fn delay_dsn_events_of_a_schema_9_database_are_read_without_a_dsn_receipt(
     let r = msg.receipt;
     let mut conn = Connection::open(&path).unwrap();
     schema::migrate_to(&mut conn, 9).unwrap();
-    conn.execute(
-        "INSERT INTO messages (receipt, received_at, client_ip, helo, envelope_sender,
-             envelope_sender_lc, size, eight_bit, smtputf8, inbound_bounce)
-         VALUES (?1, 1000, '127.0.0.1', 'app', 'app@example.com', 'app@example.com', 3, 0, 0, 0)",
-        rusqlite::params![r.to_string()],
-    )
-    .unwrap();
+    insert_old_message(&conn, r);
     conn.execute(
         "INSERT INTO recipients (receipt, idx, address, address_lc, status, next_attempt_at,
              updated_at, delay_dsn_sent)
@@ -230,13 +235,7 @@ async fn attempts_of_a_schema_10_database_read_with_no_hops_tried_first_and_new_
     let r = msg.receipt;
     let mut conn = Connection::open(&path).unwrap();
     schema::migrate_to(&mut conn, 10).unwrap();
-    conn.execute(
-        "INSERT INTO messages (receipt, received_at, client_ip, helo, envelope_sender,
-             envelope_sender_lc, size, eight_bit, smtputf8, inbound_bounce)
-         VALUES (?1, 1000, '127.0.0.1', 'app', 'app@example.com', 'app@example.com', 3, 0, 0, 0)",
-        rusqlite::params![r.to_string()],
-    )
-    .unwrap();
+    insert_old_message(&conn, r);
     conn.execute(
         "INSERT INTO recipients (receipt, idx, address, address_lc, status, next_attempt_at,
              updated_at)

@@ -455,6 +455,20 @@ async fn the_targets_left_before_the_one_returned_are_kept_in_order() {
             (name(dead), "connect".to_string()),
         ]
     );
+    // A 5xx greeting after the temporary failure that is the verdict stays listed.
+    let e = client::connect(
+        &[target(busy.addr), target(refusing.addr)],
+        &settings(TlsPolicy::None),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.reply.as_ref().map(|r| r.code), Some(421));
+    let tried: Vec<(String, Option<u16>)> = e
+        .tried_first
+        .iter()
+        .map(|h| (h.hop.clone(), h.reply_code))
+        .collect();
+    assert_eq!(tried, [(name(refusing.addr), Some(554))]);
     // Only 5xx greetings: the last is the verdict, the one before it listed.
     let e = client::connect(
         &[target(refusing.addr), target(refusing.addr)],
@@ -2398,6 +2412,33 @@ mod queue {
                 "{}",
                 rcpt.address
             );
+        }
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
+    async fn a_421_to_a_pipelined_data_is_the_reply_of_every_recipient() {
+        let h = harness(
+            Script {
+                data_command_reply: "421 4.3.2 shutting down".into(),
+                ..Default::default()
+            },
+            |c| c.delivery.retry_first = Duration::from_secs(3600),
+        )
+        .await;
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[("a@dest.test", None), ("b@dest.test", None)],
+            ))
+            .await;
+        let log = h
+            .wait(r, |s| s.iter().all(|s| *s == RecipientStatus::Deferred))
+            .await;
+        for rcpt in &log.recipients {
+            assert_eq!(rcpt.last_reply_code, Some(421), "{}", rcpt.address);
+            assert_eq!(rcpt.last_reply_text.as_deref(), Some("shutting down"));
         }
         h.shutdown.cancel();
         h.handle.join().await;

@@ -663,7 +663,8 @@ pub async fn connect(
     // A 5xx greeting, kept while the other targets are tried: the verdict only if no other
     // target failed for a reason that may pass. With the place of its entry in `failed`.
     let mut refused: Option<(SessionError, usize)> = None;
-    let mut temporary = false;
+    // The place in `failed` of `last`'s entry (a refused greeting may come after it).
+    let mut last_at: Option<usize> = None;
     for target in targets {
         let e = match connect_one(target, settings, false).await {
             Ok(mut c) => {
@@ -707,21 +708,24 @@ pub async fn connect(
         // At info level: the hop that answered is logged with the attempt, and this one
         // would be known from nowhere else.
         tracing::info!(host = %target.host, addr = %target.addr, error = %e.text, "next MX");
-        temporary = true;
         failed.push(e.hop_failure());
+        last_at = Some(failed.len() - 1);
         last = e;
     }
-    // The error returned is the last entry of `failed`, or the refused greeting's.
-    match refused {
-        Some((r, at)) if !temporary => {
+    // The error returned is the last temporary failure (a later 5xx greeting stays listed
+    // among the others), else the refused greeting; its own entry leaves the list.
+    match (last_at, refused) {
+        (None, Some((r, at))) => {
             failed.remove(at);
             Err(SessionError {
                 tried_first: failed,
                 ..r
             })
         }
-        _ => {
-            failed.pop();
+        (at, _) => {
+            if let Some(at) = at {
+                failed.remove(at);
+            }
             Err(SessionError {
                 tried_first: failed,
                 ..last
@@ -1199,6 +1203,9 @@ impl Connection {
         }
         let data_cmd_reply = if pipelined_data { it.next() } else { None };
         if out.error.is_some() {
+            // A pipelined DATA answered 421: the reply every pending recipient gets, as
+            // when DATA goes alone.
+            out.data = data_cmd_reply.filter(ends_session);
             return out;
         }
         let mail_ok = out.mail.as_ref().is_some_and(Reply::is_positive);

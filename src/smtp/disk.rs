@@ -47,7 +47,8 @@ impl FreeSpace {
         };
         let now = w.start.elapsed().as_millis() as u64 + 1;
         let last = w.looked_at.load(Ordering::Relaxed);
-        if last != 0 && now - last < RECHECK_MS {
+        // `last` may be ahead of `now`: another session read the clock after this one.
+        if last != 0 && now.saturating_sub(last) < RECHECK_MS {
             return w.low.load(Ordering::Relaxed);
         }
         // One session looks; the others take the last answer meanwhile.
@@ -91,5 +92,18 @@ mod tests {
         assert!(!FreeSpace::default().is_low());
         // A path that cannot be asked does not refuse mail.
         assert!(!FreeSpace::keep("/no/such/dir".into(), u64::MAX).is_low());
+    }
+
+    #[test]
+    fn a_look_stamped_after_this_callers_clock_reading_is_taken_as_fresh() {
+        // Another session read the clock later and stamped its look first.
+        let dir = tempfile::TempDir::new().unwrap();
+        let space = FreeSpace::keep(dir.path().to_path_buf(), 1);
+        let w = space.0.as_ref().unwrap();
+        w.looked_at.store(
+            w.start.elapsed().as_millis() as u64 + 60_000,
+            Ordering::Relaxed,
+        );
+        assert!(!space.is_low());
     }
 }

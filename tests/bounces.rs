@@ -361,6 +361,17 @@ fn bounces_of_an_address_pasted_with_its_display_name_are_found() {
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v.as_array().map(Vec::len), Some(1), "{body}");
+    // The same object `bounces --json` prints, times as text beside their *_ms.
+    let cli: serde_json::Value = serde_json::from_str(
+        m.cli_ok(&["bounces", "--address", "bob.mixed@ok.test", "--json"])
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(v[0], cli, "{body}");
+    assert!(
+        v[0]["at"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{body}"
+    );
     // The suppression list takes it as pasted too.
     m.cli_ok(&[
         "suppress",

@@ -310,6 +310,21 @@ fn auth_plain_and_login_only_with_right_password() {
     let (ok, out) = swaks_auth(&m, "PLAIN", "wrong", &[]);
     assert!(!ok, "{out}");
     assert!(out.contains("535"), "{out}");
+    // Both refusals are in the server log (as Postfix logs them, for fail2ban), the password
+    // is not.
+    let log = m.server_log();
+    assert!(
+        log.contains("recipient refused")
+            && log.contains("to=x@example.org")
+            && log.contains("554 5.7.1 Relay access denied"),
+        "{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("AUTH refused") && l.contains("user=app")),
+        "{log}"
+    );
+    assert!(!log.contains("wrong"), "{log}");
     // PLAIN and LOGIN with the right password (loopback: offered without TLS).
     for mech in ["PLAIN", "LOGIN"] {
         let (ok, out) = swaks_auth(&m, mech, "s3cret pass", &[]);

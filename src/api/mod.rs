@@ -597,7 +597,13 @@ async fn bounces(
         limit,
     };
     match state.store.bounces(&query).await {
-        Ok(b) => axum::Json(b).into_response(),
+        // The objects `mailtrail bounces --json` prints a line each.
+        Ok(b) => axum::Json(
+            b.iter()
+                .map(crate::cli::bounces::bounce_json)
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
         Err(e) => store_error(e),
     }
 }

@@ -13,15 +13,21 @@ fn opt<T: ToString>(v: &Option<T>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
+/// A bounce as `bounces --json` prints it and `/api/bounces` lists it: each `*_ms` time also
+/// as RFC 3339 text.
+pub fn bounce_json(b: &StoredBounce) -> serde_json::Value {
+    let mut v = serde_json::to_value(b).unwrap_or_default();
+    add_times(&mut v, &[("at_ms", "at"), ("handled_at_ms", "handled_at")]);
+    v
+}
+
 /// One line per bounce, newest first as the store returns them. Times are as `mailtrail
 /// log` shows them (UTC, milliseconds, `Z`); in JSON, each `*_ms` also as that text.
 pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
     let mut out = String::new();
     if json {
         for b in bounces {
-            let mut v = serde_json::to_value(b).unwrap_or_default();
-            add_times(&mut v, &[("at_ms", "at"), ("handled_at_ms", "handled_at")]);
-            let _ = writeln!(out, "{v}");
+            let _ = writeln!(out, "{}", bounce_json(b));
         }
         return out;
     }

@@ -423,6 +423,8 @@ impl Connection<'_> {
                         return Ended::Closed;
                     }
                     Action::Authenticate(credentials) => {
+                        // For the log: the name as given, bounded (never the password).
+                        let user: String = credentials.username.chars().take(100).collect();
                         let outcome = self
                             .shared
                             .auth
@@ -433,10 +435,33 @@ impl Connection<'_> {
                                 credentials.unusable,
                             )
                             .await;
+                        // A line per refusal, as Postfix's "SASL authentication failed",
+                        // for fail2ban and whoever asks who tried; a throttled one is
+                        // logged where the throttle decides.
+                        match &outcome {
+                            crate::smtp::auth::AuthOutcome::Accepted(_) => {
+                                tracing::info!(client = %session.peer_ip(), %user, "AUTH accepted")
+                            }
+                            crate::smtp::auth::AuthOutcome::Refused => {
+                                tracing::info!(client = %session.peer_ip(), %user, "AUTH refused")
+                            }
+                            crate::smtp::auth::AuthOutcome::Throttled => {}
+                        }
                         pending.extend(session.auth_verified(outcome));
                     }
                     Action::CheckRecipient(check) => {
                         let verdict = self.shared.policy.check(&check).await;
+                        // As Postfix's "NOQUEUE: reject: RCPT ...": relay refusals and the
+                        // like leave no record in the store, only here.
+                        if let super::session::RecipientVerdict::Reject(reply) = &verdict {
+                            tracing::info!(
+                                client = %check.client_ip,
+                                from = %check.envelope_sender,
+                                to = %check.address,
+                                reply = %reply,
+                                "recipient refused"
+                            );
+                        }
                         pending.extend(session.recipient_checked(verdict));
                     }
                     Action::Store(message) => {

@@ -729,6 +729,10 @@ impl Session {
                 mechanism,
                 initial_response,
             } => self.auth(out, mechanism, &initial_response),
+            // RFC 3207 4: STARTTLS takes no parameter (smtp-proto ignores one).
+            Request::StartTls if has_argument(line) => {
+                self.reply(out, Reply::new(501, "5.5.4", "Syntax: STARTTLS"))
+            }
             Request::StartTls => self.starttls(out),
             Request::Rset => {
                 self.transaction = None;
@@ -1357,6 +1361,14 @@ fn parse_error_reply(e: ParseError) -> Reply {
         }
         _ => Reply::new(500, "5.5.2", "Syntax error, command unrecognized"),
     }
+}
+
+/// Whether a command line has anything after its verb but spaces and the line end.
+fn has_argument(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\r\n").unwrap_or(line);
+    line.iter()
+        .position(|&b| b == b' ')
+        .is_some_and(|at| line[at..].iter().any(|&b| b != b' ' && b != b'\t'))
 }
 
 fn is_rcpt_postmaster(line: &[u8]) -> bool {
@@ -2577,6 +2589,18 @@ mod tests {
             c.send(b"AUTH PLAIN AGFwcABzZWNyZXQ=\r\n"),
             "502 5.5.1 AUTH not available\r\n"
         );
+    }
+
+    #[test]
+    fn starttls_with_a_parameter_is_a_syntax_error() {
+        let mut c = client();
+        c.send(b"EHLO x\r\n");
+        assert_eq!(
+            c.send(b"STARTTLS foo\r\n"),
+            "501 5.5.4 Syntax: STARTTLS\r\n"
+        );
+        assert!(!c.starttls);
+        assert_eq!(c.send(b"STARTTLS \r\n"), "220 2.0.0 Ready to start TLS\r\n");
     }
 
     #[test]

@@ -348,7 +348,7 @@ pub fn log(conn: &Connection, q: &LogQuery) -> Result<Vec<MessageLog>, StoreErro
                         AND b.status IS e.enhanced_status AND b.reply_code IS e.reply_code
                       ORDER BY b.id LIMIT 1)
                  END
-             FROM events e WHERE receipt = ?1 AND idx = ?2 ORDER BY id",
+             FROM events e WHERE receipt = ?1 AND idx = ?2 ORDER BY at, id",
         )
         .map_err(storage)?;
     for m in &mut messages {

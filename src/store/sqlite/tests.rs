@@ -2472,3 +2472,29 @@ async fn a_bounce_does_not_overwrite_a_standing_complaint_on_the_list() {
         ("manual", "customer asked")
     );
 }
+
+#[tokio::test]
+async fn the_log_lists_events_in_time_order_not_commit_order() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let m = message(1_000, "app@example.com", &["a@example.net"]);
+    let r = m.receipt;
+    store.accept(m).await.unwrap();
+    // An attempt under way when the message was deleted is committed after the delete,
+    // stamped with its start.
+    store.queue_delete(r).await.unwrap();
+    store
+        .record_attempts(
+            vec![attempt(r, 0, 2_000, RecipientStatus::Deferred)],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let log = store.log(&by_address("a@example.net")).await.unwrap();
+    let kinds: Vec<&str> = log[0].recipients[0]
+        .events
+        .iter()
+        .map(|e| e.kind.as_str())
+        .collect();
+    assert_eq!(kinds, ["accepted", "attempt", "deleted"]);
+}

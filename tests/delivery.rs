@@ -2418,6 +2418,32 @@ mod queue {
     }
 
     #[tokio::test]
+    async fn a_pooled_connection_closed_for_another_destination_says_quit_first() {
+        // One connection in all: the second domain's mail needs the first one's slot.
+        let h = harness(Script::default(), |c| c.delivery.max_connections = 1).await;
+        let first = h
+            .submit(message("app@sender.test", &[("a@dest.test", None)]))
+            .await;
+        h.wait(first, final_status).await;
+        assert!(!h.mx.commands().iter().any(|c| c == "QUIT"));
+        let second = h
+            .submit(message("app@sender.test", &[("b@sender.test", None)]))
+            .await;
+        h.wait(second, final_status).await;
+        // RFC 5321 4.1.1.10: the idle connection to dest.test was closed with QUIT.
+        let quit_seen = || h.mx.commands().iter().any(|c| c == "QUIT");
+        for _ in 0..50 {
+            if quit_seen() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(quit_seen(), "{:?}", h.mx.commands());
+        h.shutdown.cancel();
+        h.handle.join().await;
+    }
+
+    #[tokio::test]
     async fn a_421_to_a_pipelined_data_is_the_reply_of_every_recipient() {
         let h = harness(
             Script {

@@ -503,8 +503,8 @@ fn route_auth(i: usize, r: &RouteConfig) -> Result<Option<(String, Secret)>, Del
 /// holds one global and one per-destination permit, so the limits count open connections.
 struct Leased {
     conn: Connection,
-    _global: OwnedSemaphorePermit,
-    _dest: OwnedSemaphorePermit,
+    /// Given back at once when the connection is being closed (see [`quit_in_background`]).
+    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
     gauge: prometheus_client::metrics::gauge::Gauge,
     idle_since: Instant,
 }
@@ -512,6 +512,24 @@ struct Leased {
 impl Drop for Leased {
     fn drop(&mut self) {
         self.gauge.dec();
+    }
+}
+
+/// How long a pooled connection being closed waits for the reply to its QUIT.
+const QUIT_WAIT: Duration = Duration::from_secs(2);
+
+/// Closes a pooled connection the pool no longer keeps (too old, or its slot wanted by
+/// another destination) with QUIT, in the background: RFC 5321 4.1.1.10 says a client
+/// must not close a session before it sends QUIT (it was dropped without a word). Its
+/// permits go at once, so the slot it frees is free now; the socket closes when the QUIT is
+/// answered, or after [`QUIT_WAIT`].
+fn quit_in_background(mut l: Leased) {
+    l.permits = None;
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            let mut l = l;
+            let _ = tokio::time::timeout(QUIT_WAIT, l.conn.quit()).await;
+        });
     }
 }
 
@@ -552,6 +570,7 @@ impl Pool {
             if l.idle_since.elapsed() < IDLE_LIMIT && l.conn.transactions < REUSE_LIMIT {
                 return Some(l);
             }
+            quit_in_background(l);
         }
         None
     }
@@ -566,7 +585,11 @@ impl Pool {
     fn expire(&self) {
         let mut st = self.lock();
         for list in st.idle.values_mut() {
-            list.retain(|l| l.idle_since.elapsed() < IDLE_LIMIT);
+            let (keep, old): (Vec<_>, Vec<_>) = std::mem::take(list)
+                .into_iter()
+                .partition(|l| l.idle_since.elapsed() < IDLE_LIMIT);
+            *list = keep;
+            old.into_iter().for_each(quit_in_background);
         }
         st.idle.retain(|_, v| !v.is_empty());
     }
@@ -575,7 +598,8 @@ impl Pool {
     fn evict_one(&self) -> bool {
         let mut st = self.lock();
         for list in st.idle.values_mut() {
-            if list.pop().is_some() {
+            if let Some(l) = list.pop() {
+                quit_in_background(l);
                 return true;
             }
         }
@@ -1245,8 +1269,7 @@ async fn lease(
                 ctx.resume(dest);
                 let leased = Leased {
                     conn,
-                    _global: global,
-                    _dest: dest_permit,
+                    permits: Some((global, dest_permit)),
                     gauge: ctx.metrics.outbound_connections_open.clone(),
                     idle_since: Instant::now(),
                 };

@@ -61,7 +61,7 @@ pub fn router(state: ApiState) -> Router {
 /// client reads one shape; elsewhere (the page, health, metrics) plain text.
 fn error_answer(path: &str, status: StatusCode, message: String) -> Response {
     if path == "/api" || path.starts_with("/api/") {
-        (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+        json_error(status, message)
     } else {
         (status, format!("{message}\n")).into_response()
     }
@@ -481,20 +481,17 @@ fn page_size(limit: Option<usize>) -> Result<usize, String> {
     }
 }
 
+/// The API's one error shape: `{"error": "..."}`.
+fn json_error(status: StatusCode, message: String) -> Response {
+    (status, axum::Json(serde_json::json!({ "error": message }))).into_response()
+}
+
 fn bad_request(message: String) -> Response {
-    (
-        StatusCode::BAD_REQUEST,
-        axum::Json(serde_json::json!({ "error": message })),
-    )
-        .into_response()
+    json_error(StatusCode::BAD_REQUEST, message)
 }
 
 fn store_error(e: crate::store::StoreError) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        axum::Json(serde_json::json!({ "error": e.to_string() })),
-    )
-        .into_response()
+    json_error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
 async fn log(

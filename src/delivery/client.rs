@@ -190,6 +190,27 @@ pub struct SessionError {
 }
 
 impl SessionError {
+    /// A failure at connection time with `text` and nothing else known: no reply, no TLS,
+    /// temporary; the fields a particular failure knows are set over it.
+    pub fn at_connect(text: String) -> Self {
+        SessionError {
+            stage: Stage::Connect,
+            reply: None,
+            text,
+            permanent: false,
+            greeting_refused: false,
+            remote_host: None,
+            remote_ip: None,
+            remote_port: None,
+            tls: None,
+            tls_handshake_failed: false,
+            security: false,
+            certificate_refused: false,
+            step: "connect",
+            tried_first: Vec::new(),
+        }
+    }
+
     /// This failure as a hop left for the next one: its `host[ip]:port`, step, and reply
     /// or error text (without the hop's name, which it starts with).
     pub fn hop_failure(&self) -> HopFailure {
@@ -641,22 +662,7 @@ pub async fn connect(
     targets: &[Target],
     settings: &SessionSettings,
 ) -> Result<Connection, SessionError> {
-    let mut last = SessionError {
-        stage: Stage::Connect,
-        reply: None,
-        text: "no target to connect to".to_string(),
-        permanent: false,
-        remote_host: None,
-        remote_ip: None,
-        remote_port: None,
-        tls: None,
-        tls_handshake_failed: false,
-        security: false,
-        certificate_refused: false,
-        greeting_refused: false,
-        step: "connect",
-        tried_first: Vec::new(),
-    };
+    let mut last = SessionError::at_connect("no target to connect to".to_string());
     // Every failure, in the order tried: those before the session (or the error) returned
     // are its `tried_first`.
     let mut failed: Vec<HopFailure> = Vec::new();
@@ -773,22 +779,16 @@ async fn connect_one(
         let permanent = reply.as_ref().is_some_and(|r| (500..600).contains(&r.code));
         SessionError {
             step,
-            tried_first: Vec::new(),
-            stage: Stage::Connect,
             reply,
-            text: format!(
-                "{}: {text}",
-                server_name(&target.host, target.addr.ip(), target.addr.port())
-            ),
             permanent,
             remote_host: Some(target.host.clone()),
             remote_ip: Some(target.addr.ip()),
             remote_port: Some(target.addr.port()),
             tls,
-            tls_handshake_failed: false,
-            security: false,
-            certificate_refused: false,
-            greeting_refused: false,
+            ..SessionError::at_connect(format!(
+                "{}: {text}",
+                server_name(&target.host, target.addr.ip(), target.addr.port())
+            ))
         }
     };
     let mut tcp = SmtpClient::connect(target.addr, s.connect_timeout)

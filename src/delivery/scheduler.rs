@@ -1884,20 +1884,8 @@ mod tests {
 
     fn session_error(text: &str) -> client::SessionError {
         client::SessionError {
-            stage: Stage::Connect,
-            reply: None,
-            text: text.to_string(),
-            permanent: false,
-            greeting_refused: false,
             remote_host: Some("mx.test".into()),
-            remote_ip: None,
-            remote_port: None,
-            tls: None,
-            tls_handshake_failed: false,
-            security: false,
-            certificate_refused: false,
-            step: "connect",
-            tried_first: Vec::new(),
+            ..client::SessionError::at_connect(text.to_string())
         }
     }
 

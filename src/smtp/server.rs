@@ -518,21 +518,24 @@ impl Connection<'_> {
         let claimed = hook.filter(|h| h.claim(&message)).map(|_| message.clone());
         // Recipients decided as they were accepted (suppressed, a domain that takes no mail)
         // are failures after a 250: their DSN is stored with the message.
-        let notices: Vec<_> = if self.shared.config.delivery.dsn {
-            crate::delivery::dsn::for_decided_at_accept(&self.shared.config.hostname, &message)
-                .into_iter()
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let with_notices = !notices.is_empty();
-        let stored = if with_notices {
-            self.shared
-                .store
-                .accept_with_notices(message, notices)
-                .await
-        } else {
-            self.shared.store.accept(message).await
+        let notice = self
+            .shared
+            .config
+            .delivery
+            .dsn
+            .then(|| {
+                crate::delivery::dsn::for_decided_at_accept(&self.shared.config.hostname, &message)
+            })
+            .flatten();
+        let with_notices = notice.is_some();
+        let stored = match notice {
+            Some(n) => {
+                self.shared
+                    .store
+                    .accept_with_notices(message, vec![n])
+                    .await
+            }
+            None => self.shared.store.accept(message).await,
         };
         match stored {
             Ok(()) => {

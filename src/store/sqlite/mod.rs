@@ -113,14 +113,19 @@ pub fn open_read_only(config: &Config) -> Result<SqliteReader, StoreError> {
     SqliteReader::open_path(&config.db_path())
 }
 
+/// The file SQLite keeps beside the database at `path`: its `-wal` log or `-shm` index.
+fn beside(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
 /// Refuses to open a database file that is missing or empty beside a write-ahead log that is
 /// not: SQLite takes such a log for a stale one and deletes it, and it may be the only copy of
 /// mail acknowledged with `250` (a restored or truncated database file, the file deleted
 /// while mailtrail ran). A database mailtrail made is never empty once its log has frames.
 fn refuse_a_log_without_its_database(path: &Path) -> Result<(), StoreError> {
-    let mut wal_path = path.as_os_str().to_owned();
-    wal_path.push("-wal");
-    let wal_path = PathBuf::from(wal_path);
+    let wal_path = beside(path, "-wal");
     let log_bytes = std::fs::metadata(&wal_path).map_or(0, |m| m.len());
     if log_bytes == 0 {
         return Ok(());
@@ -239,20 +244,17 @@ impl SqliteStore {
         schema::migrate(&mut conn)?;
         // The log exists from the moment the connection is in WAL mode and stays while it is
         // open (SQLite removes it when the last connection closes).
-        let mut wal_path = path.as_os_str().to_owned();
-        wal_path.push("-wal");
+        let wal_path = beside(path, "-wal");
         let wal = std::fs::OpenOptions::new()
             .write(true)
             .open(&wal_path)
             .map_err(|e| {
                 StoreError::Storage(format!(
                     "cannot open the write-ahead log {}: {e}",
-                    Path::new(&wal_path).display()
+                    wal_path.display()
                 ))
             })?;
-        let mut shm_path = path.as_os_str().to_owned();
-        shm_path.push("-shm");
-        let files = files::StoreFiles::new(path, Path::new(&wal_path), &wal, Path::new(&shm_path))?;
+        let files = files::StoreFiles::new(path, &wal_path, &wal, &beside(path, "-shm"))?;
         Ok(Self {
             writer: writer::Writer::start(conn, wal, files, wait)?,
             readers: Arc::new(ReadPool {

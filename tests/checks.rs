@@ -24,8 +24,9 @@ fn start(nameserver: std::net::SocketAddr, mx_port: u16, extra: &str) -> Mailtra
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn dead_domains_are_rejected_without_attempt_and_live_ones_go_to_their_mx() {
+/// A scripted MX for good.test, a DNS server that also knows nxd.test (NXDOMAIN),
+/// nullmx.test (null MX) and flaky.test (SERVFAIL), and mailtrail resolving through it.
+async fn live_and_dead_domains() -> (TestMx, TestDns, Mailtrail) {
     let mx = TestMx::start(Script::default()).await;
     let dns = TestDns::start().await;
     dns.zone
@@ -35,6 +36,12 @@ async fn dead_domains_are_rejected_without_attempt_and_live_ones_go_to_their_mx(
         .null_mx("nullmx.test")
         .servfail("flaky.test");
     let m = start(dns.addr, mx.port(), "");
+    (mx, dns, m)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_domains_are_rejected_without_attempt_and_live_ones_go_to_their_mx() {
+    let (mx, _dns, m) = live_and_dead_domains().await;
 
     let mut c = RawSmtp::connect(m.smtp);
     assert!(c.cmd("EHLO app.test").starts_with("250"));
@@ -210,14 +217,7 @@ async fn suppressed_address_refused_at_rcpt_when_configured() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn recipients_decided_at_accept_get_a_failure_dsn_as_any_failure_after_250() {
-    let mx = TestMx::start(Script::default()).await;
-    let dns = TestDns::start().await;
-    dns.zone
-        .mx("good.test", 10, "mx.good.test")
-        .addr("mx.good.test", "127.0.0.1".parse().unwrap())
-        .nxdomain("nxd.test")
-        .null_mx("nullmx.test");
-    let m = start(dns.addr, mx.port(), "");
+    let (mx, _dns, m) = live_and_dead_domains().await;
     m.cli_ok(&[
         "suppress",
         "add",

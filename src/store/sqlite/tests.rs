@@ -156,8 +156,12 @@ async fn bounce_ids_of_a_schema_4_database_are_kept_and_never_given_out_again() 
     );
 }
 
-/// A message row as an older schema (9 or 10) stores it, from app@example.com at 1000.
-fn insert_old_message(conn: &Connection, r: ReceiptId) {
+/// A database at `path` migrated only to schema `version` (9 or 10), holding one message
+/// from app@example.com received at 1000: the connection and its receipt.
+fn old_database(path: &Path, version: i64) -> (Connection, ReceiptId) {
+    let r = ReceiptId::new();
+    let mut conn = Connection::open(path).unwrap();
+    schema::migrate_to(&mut conn, version).unwrap();
     conn.execute(
         "INSERT INTO messages (receipt, received_at, client_ip, helo, envelope_sender,
              envelope_sender_lc, size, eight_bit, smtputf8, inbound_bounce)
@@ -165,17 +169,14 @@ fn insert_old_message(conn: &Connection, r: ReceiptId) {
         rusqlite::params![r.to_string()],
     )
     .unwrap();
+    (conn, r)
 }
 
 #[tokio::test]
 async fn delay_dsn_events_of_a_schema_9_database_are_read_without_a_dsn_receipt() {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("mailtrail.db");
-    let msg = message(1_000, "app@example.com", &["a@example.net"]);
-    let r = msg.receipt;
-    let mut conn = Connection::open(&path).unwrap();
-    schema::migrate_to(&mut conn, 9).unwrap();
-    insert_old_message(&conn, r);
+    let (conn, r) = old_database(&path, 9);
     conn.execute(
         "INSERT INTO recipients (receipt, idx, address, address_lc, status, next_attempt_at,
              updated_at, delay_dsn_sent)
@@ -231,11 +232,7 @@ fn hop_failure(hop: &str, step: &str, text: &str) -> crate::store::HopFailure {
 async fn attempts_of_a_schema_10_database_read_with_no_hops_tried_first_and_new_ones_keep_them() {
     let dir = TempDir::new().unwrap();
     let path = dir.path().join("mailtrail.db");
-    let msg = message(1_000, "app@example.com", &["a@example.net"]);
-    let r = msg.receipt;
-    let mut conn = Connection::open(&path).unwrap();
-    schema::migrate_to(&mut conn, 10).unwrap();
-    insert_old_message(&conn, r);
+    let (conn, r) = old_database(&path, 10);
     conn.execute(
         "INSERT INTO recipients (receipt, idx, address, address_lc, status, next_attempt_at,
              updated_at)

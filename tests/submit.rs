@@ -857,8 +857,22 @@ fn http_api_serves_the_log_as_json_and_a_search_page() {
     let (status, body) = m.http_get("/api/bounces?reason=userunkown");
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("the reasons are: "), "{body}");
+    // A misspelt filter is refused, naming the ones there are, rather than ignored (which
+    // listed every bounce as if they were its result).
+    for (path, known) in [
+        ("/api/bounces?adress=x@example.org", "`address`"),
+        ("/api/log/api@example.org?limits=1", "`limit`"),
+    ] {
+        let (status, body) = m.http_get(path);
+        assert_eq!(status, 400, "{path}: {body}");
+        assert!(
+            body.contains("unknown field") && body.contains(known),
+            "{path}: {body}"
+        );
+    }
     // Bad parameters are JSON errors like every other (axum's own rejection is plain text).
     for path in [
+        "/api/bounces?adress=x@example.org",
         "/api/bounces?first=maybe",
         "/api/bounces?reason=bogus",
         "/api/log/api@example.org?limit=-1",

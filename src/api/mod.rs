@@ -463,7 +463,10 @@ async fn metrics(State(state): State<ApiState>) -> Response {
         .into_response()
 }
 
+/// A parameter the API does not know is a `400` naming the ones it does: a misspelt filter
+/// (`adress=`) would otherwise be ignored, and the answer look like its result.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct LogParams {
     since: Option<String>,
     until: Option<String>,
@@ -540,6 +543,7 @@ async fn log(
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BounceParams {
     address: Option<String>,
     reason: Option<String>,

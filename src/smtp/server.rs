@@ -62,6 +62,9 @@ struct Shared {
     auth: Arc<Authenticator>,
     metrics: Arc<Metrics>,
     limits: ConnectionLimits,
+    /// TLS handshakes under way to tell an over-limit client of the implicit-TLS listener
+    /// its `421` ([`MAX_REFUSAL_HANDSHAKES`]).
+    refusal_handshakes: Arc<Semaphore>,
     /// Told around each durable accept, so the next stage looks now instead of at its next
     /// timer.
     on_accept: Option<Arc<dyn AcceptHook>>,
@@ -122,6 +125,7 @@ impl SmtpServer {
                 config.smtp.max_connections,
                 config.smtp.max_connections_per_ip,
             ),
+            refusal_handshakes: Arc::new(Semaphore::new(MAX_REFUSAL_HANDSHAKES)),
             config,
             store,
             policy,
@@ -210,20 +214,48 @@ async fn accept_loop(
                     .smtp_rejections
                     .get_or_create(&class_of(421))
                     .inc();
+                let reply = Reply::new(421, "4.7.0", "Too many connections").to_bytes();
+                if !listener.implicit_tls {
+                    tracker.spawn(async move {
+                        let mut stream = stream;
+                        let _ = tokio::time::timeout(REFUSAL_TIME, stream.write_all(&reply)).await;
+                        let _ = stream.shutdown().await;
+                    });
+                    continue;
+                }
+                // On the implicit-TLS listener the client's first bytes are its handshake: a
+                // 421 in plain text would reach it as a TLS protocol error. It is told over
+                // TLS, as Postfix's wrapper mode does, while few such handshakes are under
+                // way; beyond that the connection is closed unanswered, so that a flood of
+                // connections cannot make the server do handshakes without bound.
+                let Ok(slot) = Arc::clone(&shared.refusal_handshakes).try_acquire_owned() else {
+                    drop(stream);
+                    continue;
+                };
+                let shared = Arc::clone(&shared);
                 tracker.spawn(async move {
-                    let mut stream = stream;
-                    let reply = Reply::new(421, "4.7.0", "Too many connections");
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(5),
-                        stream.write_all(&reply.to_bytes()),
-                    )
+                    let _slot = slot;
+                    let Some((mut tls, _)) = handshake(&shared.tls, stream, REFUSAL_TIME, ip).await
+                    else {
+                        return;
+                    };
+                    let _ = tokio::time::timeout(REFUSAL_TIME, async {
+                        tls.write_all(&reply).await?;
+                        tls.shutdown().await
+                    })
                     .await;
-                    let _ = stream.shutdown().await;
                 });
             }
         }
     }
 }
+
+/// How long an over-limit client is given to take its `421` (and, on the implicit-TLS
+/// listener, to complete the handshake before it).
+const REFUSAL_TIME: Duration = Duration::from_secs(5);
+
+/// At most this many TLS handshakes at once only to refuse an over-limit client.
+const MAX_REFUSAL_HANDSHAKES: usize = 8;
 
 fn canonical_ip(ip: IpAddr) -> IpAddr {
     match ip {
@@ -969,6 +1001,20 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         panic!("connection slot never freed");
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_listener_refuses_over_limit_over_tls() {
+        let srv = start(|c| c.smtp.max_connections = 1, AcceptOnly::default()).await;
+        let mut first = connect(srv.addrs[0]).await;
+        reply(&mut first).await;
+        let tcp = TcpStream::connect(srv.addrs[1]).await.unwrap();
+        let tls = tls_connector(&srv.data_dir)
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await
+            .expect("the refusal comes after a TLS handshake, not as plain text");
+        let mut t = BufReader::new(tls);
+        assert_eq!(reply(&mut t).await, "421 4.7.0 Too many connections\r\n");
     }
 
     #[tokio::test]

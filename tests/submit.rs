@@ -319,6 +319,13 @@ fn auth_plain_and_login_only_with_right_password() {
             && log.contains("554 5.7.1 Relay access denied"),
         "{log}"
     );
+    // One line, as fail2ban patterns read it: no CRLF of the wire form carried along.
+    assert!(
+        log.lines()
+            .filter(|l| l.contains("recipient refused"))
+            .all(|l| !l.contains("\\r") && !l.contains("\\x0d") && !l.contains('\r')),
+        "{log}"
+    );
     assert!(
         log.lines()
             .any(|l| l.contains("AUTH refused") && l.contains("user=app")),

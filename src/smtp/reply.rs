@@ -50,6 +50,21 @@ impl Reply {
         self.lines.first().map(String::as_str).unwrap_or("")
     }
 
+    /// The reply as one line for the server log: code, enhanced status and every line's
+    /// text, without the wire form's CRLFs (which a log line would carry as `\r\n`).
+    pub fn one_line(&self) -> String {
+        let mut out = self.code.to_string();
+        if let Some(status) = self.enhanced_status {
+            out.push(' ');
+            out.push_str(status);
+        }
+        for line in &self.lines {
+            out.push(' ');
+            out.push_str(line);
+        }
+        out
+    }
+
     /// Wire form, CRLF after every line.
     pub fn to_bytes(&self) -> Vec<u8> {
         self.to_string().into_bytes()
@@ -95,6 +110,14 @@ mod tests {
     fn renders_multiline_with_dash_continuations() {
         let r = Reply::multiline(250, vec!["mx.example".into(), "PIPELINING".into()]);
         assert_eq!(r.to_string(), "250-mx.example\r\n250 PIPELINING\r\n");
+    }
+
+    #[test]
+    fn one_line_form_has_no_line_breaks() {
+        let r = Reply::new(550, "5.1.1", "Unknown bounce address");
+        assert_eq!(r.one_line(), "550 5.1.1 Unknown bounce address");
+        let r = Reply::multiline(250, vec!["mx.example".into(), "PIPELINING".into()]);
+        assert_eq!(r.one_line(), "250 mx.example PIPELINING");
     }
 
     #[test]

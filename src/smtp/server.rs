@@ -490,7 +490,7 @@ impl Connection<'_> {
                                 client = %check.client_ip,
                                 from = %check.envelope_sender,
                                 to = %check.address,
-                                reply = %reply,
+                                reply = %reply.one_line(),
                                 "recipient refused"
                             );
                         }

@@ -223,12 +223,17 @@ impl BounceIngest {
         };
         // What the bounce is about was sent before it was written (its Date), else before now.
         let dated_ms = own.date_ms.map_or(now, |d| d.min(now));
+        let mut matches = Vec::with_capacity(records.len());
+        for record in &records {
+            matches.push(self.correlate(record, verp_tag, dated_ms).await?);
+        }
+        let acting = one_acting_per_verp_copy(&records, &matches);
         let mut bounces: Vec<NewBounce> = Vec::with_capacity(records.len());
         let mut left = Vec::with_capacity(records.len());
-        for (position, record) in records.iter().enumerate() {
-            let matched = self.correlate(record, verp_tag, dated_ms).await?;
+        for (position, (record, matched)) in records.iter().zip(matches).enumerate() {
             let effect = matched
                 .as_ref()
+                .filter(|_| acting.get(position).copied().unwrap_or(true))
                 .map_or(Effect::Record, |m| m.effect(source.is_some()));
             let why_left = matched
                 .as_ref()
@@ -505,6 +510,64 @@ impl BounceIngest {
             }
         })
     }
+}
+
+/// Which records may act on their recipient: all, but of those a VERP address ties to one
+/// copy only one: the record that reports that copy's own address, else the first that
+/// would change its status, else the first. The VERP address names one copy, so one
+/// returned message about it is one bounce; the other records (an alias the copy was
+/// expanded to, a forwarding target) are stored against it but neither move it nor add to
+/// its suppression count.
+fn one_acting_per_verp_copy(records: &[BounceRecord], matches: &[Option<Match>]) -> Vec<bool> {
+    let copy = |i: usize| {
+        matches
+            .get(i)
+            .and_then(Option::as_ref)
+            .filter(|m| m.verified())
+            .map(|m| (m.receipt, m.rcpt_index))
+    };
+    let names_copy = |i: usize| {
+        let address = matches
+            .get(i)
+            .and_then(Option::as_ref)
+            .and_then(|m| m.recipient.as_ref())
+            .map(|r| r.address.as_str());
+        records.get(i).is_some_and(|r| {
+            address.is_some_and(|a| {
+                r.recipient.eq_ignore_ascii_case(a)
+                    || r.original_recipient
+                        .as_deref()
+                        .is_some_and(|o| o.eq_ignore_ascii_case(a))
+            })
+        })
+    };
+    let mut acting = vec![true; records.len()];
+    for i in 0..records.len() {
+        let Some(key) = copy(i) else { continue };
+        let group: Vec<usize> = (0..records.len())
+            .filter(|&j| copy(j) == Some(key))
+            .collect();
+        if group.first() != Some(&i) {
+            continue;
+        }
+        let chosen = group
+            .iter()
+            .copied()
+            .find(|&j| names_copy(j))
+            .or_else(|| {
+                group
+                    .iter()
+                    .copied()
+                    .find(|&j| records.get(j).and_then(new_status).is_some())
+            })
+            .unwrap_or(i);
+        for j in group {
+            if let Some(a) = acting.get_mut(j) {
+                *a = j == chosen;
+            }
+        }
+    }
+    acting
 }
 
 /// The bounce to store for `record`, matched (or not) to what we sent.
@@ -939,6 +1002,45 @@ mod tests {
         // The entry counts the run that suppressed it.
         let list = store.suppression_list(now).await.unwrap();
         assert_eq!(list[0].count, 5, "{list:?}");
+    }
+
+    #[tokio::test]
+    async fn one_returned_message_at_a_verp_address_is_one_bounce_of_that_copy() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (store, ingest, key) = verp_ingest(&dir);
+        let sent = crate::test_support::accepted_message(
+            &["r1@ex.test", "r2@ex.test"],
+            b"Subject: hi\r\n\r\nhi\r\n",
+        );
+        let receipt = sent.receipt;
+        accept_delivered(&store, &dir, sent, 2).await;
+        let verp = verp::encode(&key, "bounces", "bounce.test", receipt, 0);
+        // r1's copy was expanded (an alias) and its report names a target first, then r1.
+        let blocks = "Final-Recipient: rfc822; target@elsewhere.test\r\nAction: failed\r\n\
+                      Status: 5.1.2\r\nDiagnostic-Code: smtp; 550 5.1.2 Host unknown\r\n\r\n\
+                      Final-Recipient: rfc822; r1@ex.test\r\nAction: failed\r\n\
+                      Status: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 User unknown\r\n\r\n";
+        inbound_to(&store, &verp, &report("alias", blocks, None)).await;
+        assert_eq!(ingest.process_pending().await.unwrap(), 1);
+        // Both records are kept against r1's copy; the one about r1 itself acts, once.
+        let bounces = store.bounces(&Default::default()).await.unwrap();
+        assert_eq!(bounces.len(), 2, "{bounces:?}");
+        assert!(bounces.iter().all(|b| b.facts.rcpt_index == Some(0)));
+        assert_eq!(
+            recipient_statuses(&store, receipt).await,
+            ["bounced", "delivered"]
+        );
+        let now = chrono::Utc::now().timestamp_millis();
+        let list = store.suppression_list(now).await.unwrap();
+        assert_eq!(list.len(), 1, "{list:?}");
+        assert_eq!(
+            (
+                list[0].address.as_str(),
+                list[0].reason.as_str(),
+                list[0].count
+            ),
+            ("r1@ex.test", "userunknown", 1)
+        );
     }
 
     #[tokio::test]

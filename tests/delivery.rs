@@ -1204,6 +1204,15 @@ mod queue {
         assert_eq!(full.last_reply_code, Some(452));
         assert_eq!(full.last_enhanced_status.as_deref(), Some("4.2.2"));
         assert_eq!(full.reason.as_deref(), Some("mailboxfull"));
+        // The 550 5.1.1 at RCPT is a hard bounce: its address is suppressed in the same
+        // commit, as a DSN's would be; the 452 only defers.
+        let now = chrono::Utc::now().timestamp_millis();
+        let list = h.store.suppression_list(now).await.unwrap();
+        let listed: Vec<(&str, &str, &str)> = list
+            .iter()
+            .map(|s| (s.address.as_str(), s.reason.as_str(), s.source.as_str()))
+            .collect();
+        assert_eq!(listed, [("unknown@dest.test", "userunknown", "bounce")]);
 
         // The DSN for the failed recipient comes back to the sender's MX (same test MX), from
         // the null sender, with the RFC 3464 fields.

@@ -410,6 +410,8 @@ impl BounceIngest {
         // How many bounces suppressed it: one hard bounce or complaint, or the whole run of
         // soft ones (the list said 1 after five 4.2.2 DSNs).
         let mut count = 1;
+        // The first bounce that suppressed it: this one, or the oldest of the soft run.
+        let mut first_at_ms = now;
         let suppress = if suppresses_at_once(record) {
             true
         } else if record.bounce_type == BounceType::Soft && new_status(record).is_some() {
@@ -418,8 +420,12 @@ impl BounceIngest {
                 now.saturating_sub(i64::try_from(s.soft_window.as_millis()).unwrap_or(i64::MAX));
             let stored = self.store.recent_bounce_types(address, since).await?;
             // Newest first: this message's, then the store's.
+            let run = usize::try_from(s.soft_bounce_threshold).unwrap_or(usize::MAX);
+            if let Some((_, at)) = run.checked_sub(2).and_then(|i| stored.get(i)) {
+                first_at_ms = (*at).min(now);
+            }
             let recent: Vec<String> = std::iter::once(record.bounce_type.as_str().to_string())
-                .chain(stored)
+                .chain(stored.into_iter().map(|(bounce_type, _)| bounce_type))
                 .collect();
             soft_run_reached(&recent, s.soft_bounce_threshold)
         } else {
@@ -435,7 +441,7 @@ impl BounceIngest {
             } else {
                 "bounce".to_string()
             },
-            first_at_ms: now,
+            first_at_ms,
             last_at_ms: now,
             count,
             expires_at_ms,
@@ -999,9 +1005,12 @@ mod tests {
         inbound_to(&store, &verp, &mailbox_full("full@ex.test", 1, 4)).await;
         ingest.process_pending().await.unwrap();
         assert!(suppressed().await);
-        // The entry counts the run that suppressed it.
+        // The entry counts the run that suppressed it, from its first bounce.
         let list = store.suppression_list(now).await.unwrap();
         assert_eq!(list[0].count, 5, "{list:?}");
+        let bounces = store.bounces(&Default::default()).await.unwrap();
+        let first_bounce = bounces.iter().map(|b| b.facts.at_ms).min().unwrap();
+        assert_eq!(list[0].first_at_ms, first_bounce, "{list:?}");
     }
 
     #[tokio::test]

@@ -922,6 +922,7 @@ async fn deliver_message(
                     bounce_type: None,
                     delay_dsn: false,
                     tried_first: Vec::new(),
+                    suppress: None,
                 })
                 .collect();
             return !record_attempts(&ctx, msg.receipt, attempts, Vec::new()).await;
@@ -1397,6 +1398,36 @@ async fn transact(
 
 /// Turns an outcome into attempt records and the DSN reports they call for (counted in the
 /// metrics and logged here; committed by the batch's [`Gather`]).
+/// The suppression-list entry for a recipient a receiving server refused for good with a
+/// hard reason (`550 5.1.1` at RCPT: userunknown; a null MX's notaccept): a synchronous hard
+/// bounce suppresses as a DSN's does (as Amazon SES's list takes both). Only a remote reply
+/// counts; a locally decided failure (expiry, a missing body) says nothing of the address.
+fn hard_failure_suppression(
+    ctx: &Context,
+    address: &str,
+    status: RecipientStatus,
+    remote_reply: bool,
+    reason: Option<&str>,
+    bounce_type: Option<&str>,
+    now: i64,
+) -> Option<crate::store::Suppression> {
+    let s = &ctx.config.suppression;
+    let hard = bounce_type == Some(crate::bounce::BounceType::Hard.as_str());
+    if !s.enabled || status != RecipientStatus::Failed || !remote_reply || !hard {
+        return None;
+    }
+    Some(crate::store::Suppression {
+        address: address.to_string(),
+        reason: reason.unwrap_or("undefined").to_string(),
+        source: "bounce".to_string(),
+        first_at_ms: now,
+        last_at_ms: now,
+        count: 1,
+        expires_at_ms: (!s.expiry.is_zero())
+            .then(|| now.saturating_add(i64::try_from(s.expiry.as_millis()).unwrap_or(i64::MAX))),
+    })
+}
+
 fn judge(
     ctx: &Context,
     msg: &QueuedMessage,
@@ -1510,6 +1541,15 @@ fn judge(
                 });
         }
 
+        let suppress = hard_failure_suppression(
+            ctx,
+            &rcpt.address,
+            v.status,
+            result.reply.is_some(),
+            reason.as_deref(),
+            bounce_type.as_deref(),
+            now,
+        );
         attempts.push(AttemptRecord {
             receipt: msg.receipt,
             rcpt_index: rcpt.index,
@@ -1535,6 +1575,7 @@ fn judge(
             bounce_type,
             delay_dsn: action == Some(Action::Delayed),
             tried_first: outcome.tried_first.clone(),
+            suppress,
         });
     }
     for a in &attempts {
@@ -1869,6 +1910,7 @@ mod tests {
             bounce_type: None,
             delay_dsn: false,
             tried_first: Vec::new(),
+            suppress: None,
         };
         let mut group = [
             at(Some(100_000)),

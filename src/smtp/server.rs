@@ -762,7 +762,11 @@ mod tests {
         ) -> Result<crate::store::HandledChange, StoreError> {
             unused()
         }
-        async fn recent_bounce_types(&self, _: &str, _: i64) -> Result<Vec<String>, StoreError> {
+        async fn recent_bounce_types(
+            &self,
+            _: &str,
+            _: i64,
+        ) -> Result<Vec<(String, i64)>, StoreError> {
             unused()
         }
         async fn suppress(&self, _: Suppression) -> Result<(), StoreError> {

@@ -183,6 +183,10 @@ pub struct AttemptRecord {
     /// Next hops tried before the one whose result this is, in the order tried (schema
     /// v11): they do not change the outcome, but the log shows them.
     pub tried_first: Vec<HopFailure>,
+    /// The suppression-list entry a hard failure adds for the recipient's address, in the
+    /// same commit (a receiving server's `550 5.1.1` at RCPT is a hard bounce as much as
+    /// the DSN of one that accepted first).
+    pub suppress: Option<Suppression>,
 }
 
 /// A DSN to queue in the same commit as what caused it, and the recipients of the original
@@ -617,12 +621,12 @@ pub trait Store: Send + Sync + 'static {
     /// Types of the recent bounces that changed the status of a recipient with this
     /// address (failures matched to mail we sent that may act; not delay notices,
     /// auto-replies, unmatched records or unverified ones over SMTP), newest first, one per
-    /// returned message: the soft-bounce run.
+    /// returned message, each with when it was stored: the soft-bounce run.
     async fn recent_bounce_types(
         &self,
         address: &str,
         since_ms: i64,
-    ) -> Result<Vec<String>, StoreError>;
+    ) -> Result<Vec<(String, i64)>, StoreError>;
 
     // --- suppression ---
     /// Adds or refreshes (count + 1, last time) an entry.

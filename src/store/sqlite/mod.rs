@@ -531,7 +531,7 @@ impl Store for SqliteStore {
         &self,
         address: &str,
         since_ms: i64,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<(String, i64)>, StoreError> {
         let address = address.to_string();
         self.read(move |c| read::recent_bounce_types(c, &address, since_ms))
             .await

@@ -581,7 +581,7 @@ pub fn recent_bounce_types(
     conn: &Connection,
     address: &str,
     since_ms: i64,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<Vec<(String, i64)>, StoreError> {
     let mut st = conn
         // One row per returned message (its receipt; a record fed in by `bounce ingest` has
         // none and counts alone), the type of its newest record (SQLite takes the bare column
@@ -595,9 +595,11 @@ pub fn recent_bounce_types(
              ORDER BY last DESC",
         )
         .map_err(storage)?;
-    st.query_map(params![address_key(address), since_ms], |r| r.get(0))
-        .and_then(|rows| rows.collect())
-        .map_err(storage)
+    st.query_map(params![address_key(address), since_ms], |r| {
+        Ok((r.get(0)?, r.get(1)?))
+    })
+    .and_then(|rows| rows.collect())
+    .map_err(storage)
 }
 
 fn suppression_row(r: &Row) -> rusqlite::Result<Suppression> {

@@ -299,6 +299,9 @@ pub fn record_attempt(
             ..Event::default()
         },
     )?;
+    if let Some(entry) = &a.suppress {
+        suppress(conn, entry)?;
+    }
     if a.delay_dsn {
         let status = if kept_final {
             current.as_str()

@@ -1160,6 +1160,60 @@ mod queue {
     }
 
     #[tokio::test]
+    async fn a_recipient_suppressed_while_queued_is_not_tried_again() {
+        let h = harness(
+            Script::default().rcpt("full@dest.test", &["452 4.2.2 mailbox full"]),
+            |c| c.delivery.max_queue_lifetime = Duration::from_secs(3600),
+        )
+        .await;
+        let r = h
+            .submit(message("app@sender.test", &[("full@dest.test", None)]))
+            .await;
+        h.wait(r, |s| s[0] == RecipientStatus::Deferred).await;
+        // A complaint (or `suppress add`) while it waits for its next attempt.
+        let now = chrono::Utc::now().timestamp_millis();
+        h.store
+            .suppress(mailtrail::store::Suppression {
+                address: "full@dest.test".into(),
+                reason: "feedback".into(),
+                source: "complaint".into(),
+                first_at_ms: now,
+                last_at_ms: now,
+                count: 1,
+                expires_at_ms: None,
+            })
+            .await
+            .unwrap();
+        let log = h.wait(r, |s| s[0] == RecipientStatus::Suppressed).await;
+        let rcpt = &log.recipients[0];
+        assert_eq!(rcpt.reason.as_deref(), Some("suppressed"));
+        let last = rcpt
+            .events
+            .iter()
+            .rev()
+            .find(|e| e.kind == "attempt")
+            .unwrap();
+        assert_eq!(last.stage, Some(Stage::Local));
+        assert!(
+            last.reply_text
+                .as_deref()
+                .is_some_and(|t| t.contains("after complaint (feedback)")),
+            "{last:?}"
+        );
+        // The sender is told, once.
+        let dsn = loop {
+            if let Some(d) = h.dsn_bodies().into_iter().next() {
+                break d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_reports(&dsn, &["full@dest.test"]);
+        assert!(dsn.contains("Status: 5.7.1"), "{dsn}");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(h.dsn_bodies().len(), 1);
+    }
+
+    #[tokio::test]
     async fn records_each_recipient_outcome_and_sends_a_dsn_for_the_failed_one() {
         let h = harness(
             Script::default()

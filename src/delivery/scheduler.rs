@@ -938,6 +938,13 @@ async fn deliver_message(
             return true;
         }
     };
+    let Some(msg) = withhold_suppressed(&ctx, msg, &body).await else {
+        return true;
+    };
+    if msg.recipients.is_empty() {
+        // All withheld; their DSN (queued mail itself) is picked up by the next pass.
+        return true;
+    }
     let msg = Arc::new(msg);
     let batches = route::plan(&ctx.config.routes, &msg, ctx.verp.is_some());
     let gather = Arc::new(Gather::new(batches.len()));
@@ -951,6 +958,112 @@ async fn deliver_message(
         rescan |= done.unwrap_or(true);
     }
     rescan
+}
+
+/// `msg` without the recipients put on the suppression list since their last attempt (a
+/// complaint, another message's hard bounce, `suppress add`): each is recorded `suppressed`
+/// with a failure DSN, as at accept, instead of being tried again. A first attempt was
+/// checked at RCPT and is not looked up again. `None` when the store could not be read or
+/// written: the message stays due.
+async fn withhold_suppressed(
+    ctx: &Context,
+    mut msg: QueuedMessage,
+    body: &[u8],
+) -> Option<QueuedMessage> {
+    if !ctx.config.suppression.enabled || msg.recipients.iter().all(|r| r.attempts == 0) {
+        return Some(msg);
+    }
+    let now = now_ms();
+    let mut withheld = Vec::new();
+    for r in msg.recipients.iter().filter(|r| r.attempts > 0) {
+        match ctx.store.suppressed(&r.address, now).await {
+            Ok(Some(entry)) => withheld.push((r.index, entry)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(receipt = %msg.receipt, error = %e, "cannot read the suppression list");
+                return None;
+            }
+        }
+    }
+    if withheld.is_empty() {
+        return Some(msg);
+    }
+    let mut attempts = Vec::new();
+    let mut reports: HashMap<ReportKind, Vec<ReportRecipient>> = HashMap::new();
+    for (index, entry) in &withheld {
+        let Some(rcpt) = msg.recipients.iter().find(|r| r.index == *index) else {
+            continue;
+        };
+        let text = format!(
+            "Recipient address suppressed since {} after {} ({}): not tried again",
+            crate::cli::log::format_time(entry.first_at_ms),
+            entry.source,
+            entry.reason
+        );
+        tracing::info!(receipt = %msg.receipt, to = %rcpt.address, "suppressed while queued; not tried again");
+        if ctx.config.delivery.dsn
+            && !msg.envelope_sender.is_empty()
+            && dsn::wanted(rcpt.notify, Action::Failed)
+        {
+            reports
+                .entry(ReportKind::of(Action::Failed))
+                .or_default()
+                .push(ReportRecipient {
+                    index: rcpt.index,
+                    address: rcpt.address.clone(),
+                    orcpt: rcpt.orcpt.clone(),
+                    action: Action::Failed,
+                    status: "5.7.1".to_string(),
+                    remote_mta: None,
+                    diagnostic: Some(text.clone()),
+                    diagnostic_is_smtp: false,
+                    last_attempt_ms: now,
+                    will_retry_until_ms: None,
+                    expired: false,
+                });
+        }
+        attempts.push(AttemptRecord {
+            receipt: msg.receipt,
+            rcpt_index: rcpt.index,
+            at_ms: now,
+            status: RecipientStatus::Suppressed,
+            next_attempt_at_ms: None,
+            stage: Stage::Local,
+            remote_host: None,
+            remote_ip: None,
+            remote_port: None,
+            tls_version: None,
+            tls_cipher: None,
+            reply_code: None,
+            enhanced_status: Some("5.7.1".to_string()),
+            reply_text: text,
+            rcpt_reply: None,
+            duration_ms: 0,
+            reason: Some(BounceReason::Suppressed.as_str().to_string()),
+            bounce_type: Some(
+                bounce_type(BounceReason::Suppressed, Some("5.7.1"), None)
+                    .as_str()
+                    .to_string(),
+            ),
+            delay_dsn: false,
+            tried_first: Vec::new(),
+            suppress: None,
+        });
+    }
+    let mut dsns = Vec::new();
+    for (_, mut list) in reports {
+        list.sort_by(|a, b| a.address.cmp(&b.address));
+        if let Some(m) = dsn::build(&ctx.config.hostname, &msg, body, &list, now) {
+            dsns.push(dsn::notice(msg.receipt, m, &list));
+        }
+    }
+    // Not recorded only when shutdown came first: the message stays due for the next start.
+    if !record_attempts(ctx, msg.receipt, attempts, dsns).await {
+        return None;
+    }
+    msg.recipients
+        .retain(|r| !withheld.iter().any(|(index, _)| *index == r.index));
+    Some(msg)
 }
 
 /// What one transaction attempt produced before it is recorded.

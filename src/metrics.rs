@@ -58,6 +58,7 @@ pub struct Metrics {
     pub complaints: Counter,
     pub suppressed_recipients: Counter,
     pub unmatched_bounces: Counter,
+    pub bounce_mail_without_records: Counter,
 }
 
 impl Default for Metrics {
@@ -90,6 +91,7 @@ impl Metrics {
             complaints: Counter::default(),
             suppressed_recipients: Counter::default(),
             unmatched_bounces: Counter::default(),
+            bounce_mail_without_records: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -191,6 +193,11 @@ impl Metrics {
             "unmatched_bounces",
             "Bounce records that matched no sent message",
             m.unmatched_bounces.clone(),
+        );
+        registry.register(
+            "bounce_mail_without_records",
+            "Mail to the bounce domain that gave no bounce record (not a bounce, or none the parser could read)",
+            m.bounce_mail_without_records.clone(),
         );
         Self { registry, ..m }
     }

@@ -211,6 +211,11 @@ pub fn address_of(value: &str) -> Option<String> {
         v
     };
     let v = v.trim().trim_start_matches('<');
+    // A quoted local part (RFC 5321 4.1.2: `"john doe"@example.org`) may hold spaces and
+    // `>`; the address runs past its closing quote.
+    if let Some(quoted) = quoted_local_part_address(v) {
+        return Some(quoted.to_string());
+    }
     let v = v.split(['>', ' ', '\t']).next().unwrap_or("").trim();
     let v = v.trim_matches(|c| c == '"' || c == '\'');
     if v.contains('@') || (!v.is_empty() && !v.contains(char::is_whitespace)) {
@@ -218,6 +223,25 @@ pub fn address_of(value: &str) -> Option<String> {
     } else {
         None
     }
+}
+
+/// `"local part"@domain` at the start of `v` (backslash escapes inside the quotes), as
+/// written; `None` when `v` does not start so.
+fn quoted_local_part_address(v: &str) -> Option<&str> {
+    let rest = v.strip_prefix('"')?;
+    let mut escaped = false;
+    let close = rest.char_indices().find_map(|(i, c)| {
+        let end = !escaped && c == '"';
+        escaped = !escaped && c == '\\';
+        end.then_some(i)
+    })?;
+    let after = rest.get(close + 1..)?.strip_prefix('@')?;
+    let domain_len = after
+        .find(|c: char| c == '>' || c.is_whitespace())
+        .unwrap_or(after.len());
+    (domain_len > 0)
+        .then(|| v.get(..close + 3 + domain_len))
+        .flatten()
 }
 
 /// An RFC 6533 `utf-8-addr-xtext` / `utf-8-addr-unitext` value with its `\\x{HEX}` escapes
@@ -338,6 +362,19 @@ Original-Recipient: rfc822; a@x.example\nStatus: 5.1.1\n";
             Some("a@b.example")
         );
         assert_eq!(address_of("   ").as_deref(), None);
+        // A quoted local part, spaces and all (RFC 5321 4.1.2).
+        assert_eq!(
+            address_of("rfc822; \"john doe\"@dest.example").as_deref(),
+            Some("\"john doe\"@dest.example")
+        );
+        assert_eq!(
+            address_of("rfc822; <\"a \\\" b\"@d.example> (x)").as_deref(),
+            Some("\"a \\\" b\"@d.example")
+        );
+        assert_eq!(
+            address_of("rfc822; \"not closed@d.example").as_deref(),
+            Some("not")
+        );
         assert_eq!(strip_type("smtp; 550 no"), "550 no");
         assert_eq!(strip_type("550 no; really"), "550 no; really");
         assert_eq!(

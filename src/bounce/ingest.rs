@@ -212,8 +212,21 @@ impl BounceIngest {
         envelope_recipients: &[String],
         source: Option<ReceiptId>,
     ) -> Result<Vec<Ingested>, StoreError> {
-        let records = super::parse_with(raw, &self.classifier);
         let verp_tag = self.verp_tag(envelope_recipients);
+        // Sent to a copy's VERP address, a failure notice is about that copy even when its
+        // text names no recipient the parser finds.
+        let about = match verp_tag {
+            Some(tag) => self
+                .store
+                .recipient(tag.receipt, tag.rcpt_index)
+                .await?
+                .map(|r| r.address),
+            None => None,
+        };
+        let records = match &about {
+            Some(address) => super::parse_about(raw, &self.classifier, address),
+            None => super::parse_with(raw, &self.classifier),
+        };
         let now = chrono::Utc::now().timestamp_millis();
         let own = OwnHeader::of(raw);
         // Returned mail without a Message-ID is known by its content instead.
@@ -258,6 +271,14 @@ impl BounceIngest {
             let about = bounce.facts.recipient.to_lowercase();
             bounce.dedup_key = Some(format!("{mail_key}\n{position}\n{about}\n{acts}"));
             bounces.push(bounce);
+        }
+        if records.is_empty()
+            && let Some(receipt) = source
+        {
+            // Kept (the mail is stored like any message), but nothing came of it: said, as
+            // Postfix logs what it cannot deliver, so an unreadable bounce is not lost unseen.
+            self.metrics.bounce_mail_without_records.inc();
+            tracing::info!(%receipt, "mail to the bounce domain gave no bounce record");
         }
         let recorded = self.store.record_bounces(bounces.clone(), source).await?;
         let suppressed_any = recorded
@@ -1050,6 +1071,47 @@ mod tests {
             ),
             ("r1@ex.test", "userunknown", 1)
         );
+    }
+
+    #[tokio::test]
+    async fn a_notice_at_a_verp_address_naming_no_recipient_is_about_that_copy() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (store, ingest, key) = verp_ingest(&dir);
+        let sent = crate::test_support::accepted_message(
+            &["r1@ex.test", "r2@ex.test"],
+            b"Subject: hi\r\n\r\nhi\r\n",
+        );
+        let receipt = sent.receipt;
+        accept_delivered(&store, &dir, sent, 2).await;
+        // An Exchange-style notice that quotes only the remote reply.
+        let notice = "From: MAILER-DAEMON@mx.remote.test\r\nMessage-ID: <n1@mx.remote.test>\r\n\
+                      Subject: Undeliverable: newsletter\r\n\r\nDelivery has failed to these \
+                      recipients or groups.\r\n\r\nRemote Server returned '550 5.1.1 \
+                      RESOLVER.ADR.RecipNotFound; not found'\r\n";
+        let verp = verp::encode(&key, "bounces", "bounce.test", receipt, 1);
+        inbound_to(&store, &verp, notice).await;
+        // To the plain bounce address nothing says whom it is about: no record.
+        inbound_to(&store, "bounces@bounce.test", &notice.replace("n1@", "n2@")).await;
+        assert_eq!(ingest.process_pending().await.unwrap(), 2);
+        let bounces = store.bounces(&Default::default()).await.unwrap();
+        assert_eq!(bounces.len(), 1, "{bounces:?}");
+        let b = &bounces[0].facts;
+        assert_eq!(
+            (
+                b.recipient.as_str(),
+                b.reason.as_str(),
+                b.bounce_type.as_str()
+            ),
+            ("r2@ex.test", "userunknown", "hard")
+        );
+        assert!(b.verified);
+        assert_eq!(
+            recipient_statuses(&store, receipt).await,
+            ["delivered", "bounced"]
+        );
+        assert_eq!(suppressed_addresses(&store).await, ["r2@ex.test"]);
+        // The one that gave nothing is counted.
+        assert_eq!(ingest.metrics.bounce_mail_without_records.get(), 1);
     }
 
     #[tokio::test]

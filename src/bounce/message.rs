@@ -1217,17 +1217,36 @@ pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
     let delayed = DELAYED.is_match(&view.subject) || DELAYED.is_match(error_section);
     segments
         .into_iter()
-        .map(|(recipient, diagnostic)| {
-            let mut r = BounceRecord::new(recipient, BounceKind::Heuristic);
-            r.status = text::find_reply_status(&diagnostic)
-                .or_else(|| text::find_enhanced_status(&diagnostic));
-            r.reply_code = text::find_reply_code(&diagnostic);
-            r.smtp_command = text::find_command(&diagnostic).map(str::to_string);
-            r.action = Some(if delayed { "delayed" } else { "failed" }.to_string());
-            r.diagnostic = Some(diagnostic);
-            r
-        })
+        .map(|(recipient, diagnostic)| prose_record(recipient, diagnostic, delayed))
         .collect()
+}
+
+/// A record read from bounce prose: `diagnostic` is the text about `recipient`.
+fn prose_record(recipient: String, diagnostic: String, delayed: bool) -> BounceRecord {
+    let mut r = BounceRecord::new(recipient, BounceKind::Heuristic);
+    r.status =
+        text::find_reply_status(&diagnostic).or_else(|| text::find_enhanced_status(&diagnostic));
+    r.reply_code = text::find_reply_code(&diagnostic);
+    r.smtp_command = text::find_command(&diagnostic).map(str::to_string);
+    r.action = Some(if delayed { "delayed" } else { "failed" }.to_string());
+    r.diagnostic = Some(diagnostic);
+    r
+}
+
+/// The record of a failure notice that names no recipient the readers find, about the
+/// `recipient` the caller knows it is for (the copy its VERP address names): its error
+/// section is the diagnostic. None for mail that is no failure notice.
+pub(crate) fn notice_about(view: &View, recipient: &str) -> Option<BounceRecord> {
+    if !view.looks_like_bounce() && view.header("x-failed-recipients").is_none() {
+        return None;
+    }
+    let error_section = view.error_section();
+    let diagnostic = collapse_clipped(error_section, MAX_PROSE_DIAGNOSTIC);
+    if diagnostic.is_empty() {
+        return None;
+    }
+    let delayed = DELAYED.is_match(&view.subject) || DELAYED.is_match(error_section);
+    Some(prose_record(recipient.to_string(), diagnostic, delayed))
 }
 
 #[cfg(test)]

@@ -176,6 +176,25 @@ pub fn parse_with(raw: &[u8], classifier: &Classifier) -> Vec<BounceRecord> {
     parse_nested(raw, classifier, 0)
 }
 
+/// [`parse_with`], and for a failure notice that names no recipient the parser finds (an
+/// Exchange notice quoting only the remote reply, a recipient address it cannot read) one
+/// record about `recipient`: returned mail that reached the VERP address of a copy we sent
+/// is about that copy, whatever its text names.
+pub fn parse_about(raw: &[u8], classifier: &Classifier, recipient: &str) -> Vec<BounceRecord> {
+    let records = parse_with(raw, classifier);
+    if !records.is_empty() {
+        return records;
+    }
+    let Some(view) = message::View::read(raw, None) else {
+        return records;
+    };
+    let mut records: Vec<BounceRecord> = message::notice_about(&view, recipient)
+        .into_iter()
+        .collect();
+    finish(&view, &mut records, classifier);
+    records
+}
+
 /// How deep a bounce wrapped in another message (a forwarded bounce, a bounce of a bounce)
 /// is still looked into.
 const MAX_NESTING: usize = 1;
@@ -238,8 +257,14 @@ fn parse_view(
     if records.is_empty() {
         records = autoreply::records(&view);
     }
+    finish(&view, &mut records, classifier);
+    records
+}
+
+/// Classifies the records read from `view` and gives them its correlation hints.
+fn finish(view: &message::View, records: &mut [BounceRecord], classifier: &Classifier) {
     let hints = view.correlation();
-    for r in &mut records {
+    for r in records {
         if r.kind == BounceKind::Arf {
             r.reason = BounceReason::Feedback;
             // RFC 6430 `not-spam` takes a complaint back; RFC 6591 `auth-failure` reports
@@ -264,7 +289,6 @@ fn parse_view(
         }
         hints.apply(r);
     }
-    records
 }
 
 #[cfg(test)]

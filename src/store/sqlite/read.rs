@@ -547,7 +547,9 @@ fn bounce_row(r: &Row) -> rusqlite::Result<StoredBounce> {
 }
 
 /// Bounces matching every filter, newest first; with `first_only`, the oldest matching
-/// bounce of each address. A `limit` of 0 means no limit.
+/// bounce of each address. A success report (reason `delivered`, a DSN saying the mail
+/// arrived) is listed, but is no unhandled bounce and no address's first bounce: there is
+/// nothing to handle. A `limit` of 0 means no limit.
 pub fn bounces(conn: &Connection, q: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError> {
     let sql = "
         WITH matching AS (
@@ -556,6 +558,7 @@ pub fn bounces(conn: &Connection, q: &BounceQuery) -> Result<Vec<StoredBounce>, 
             WHERE (?1 IS NULL OR recipient_lc = ?1)
               AND (?2 IS NULL OR reason = ?2)
               AND (NOT ?3 OR handled_at IS NULL)
+              AND (NOT (?3 OR ?4) OR reason <> 'delivered')
         )
         SELECT id, at, receipt, correlation, idx, recipient, kind, action, status, reply_code,
                diagnostic, remote_mta, reporting_mta, reason, bounce_type, source_receipt,

@@ -2505,3 +2505,30 @@ async fn recent_types(store: &SqliteStore, address: &str, since_ms: i64) -> Vec<
         .map(|(bounce_type, _)| bounce_type)
         .collect()
 }
+
+#[tokio::test]
+async fn a_success_report_is_no_unhandled_bounce_and_no_first_bounce() {
+    let dir = TempDir::new().unwrap();
+    let store = store_in(&dir);
+    let mut success = new_bounce(None, None, 1_000);
+    success.facts.action = Some("delivered".into());
+    success.facts.status = Some("2.0.0".into());
+    success.facts.reason = "delivered".into();
+    success.facts.bounce_type = "undetermined".into();
+    success.new_status = None;
+    let delivered = record_bounce(&store, success).await;
+    let failed = record_bounce(&store, new_bounce(None, None, 2_000)).await;
+    let ids = |v: Vec<StoredBounce>| v.iter().map(|b| b.id).collect::<Vec<_>>();
+    let q = |unhandled_only, first_only| BounceQuery {
+        unhandled_only,
+        first_only,
+        ..Default::default()
+    };
+    // Listed with the rest, but there is nothing to handle in it, and it is no bounce.
+    assert_eq!(
+        ids(store.bounces(&q(false, false)).await.unwrap()),
+        [failed, delivered]
+    );
+    assert_eq!(ids(store.bounces(&q(true, false)).await.unwrap()), [failed]);
+    assert_eq!(ids(store.bounces(&q(false, true)).await.unwrap()), [failed]);
+}

@@ -1601,12 +1601,7 @@ fn canonical_mailbox(address: &str) -> Option<String> {
     // has none): kept, it passed the suppression list and the log's search by address.
     let stripped = domain.strip_suffix('.');
     let domain = stripped.unwrap_or(domain);
-    let domain_ok = !domain.is_empty()
-        && !domain.ends_with('.')
-        && domain
-            .chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '-' | '.' | '[' | ']' | ':'));
-    if local.is_empty() || !domain_ok || local.chars().any(char::is_control) {
+    if local.is_empty() || !domain_is_valid(domain) || local.chars().any(char::is_control) {
         return None;
     }
     if is_dot_atom(local) {
@@ -1617,6 +1612,29 @@ fn canonical_mailbox(address: &str) -> Option<String> {
     }
     let quoted = local.replace('\\', "\\\\").replace('"', "\\\"");
     Some(format!("\"{quoted}\"@{domain}"))
+}
+
+/// RFC 5321 4.1.2 `Domain`: dot-separated labels of letters, digits and hyphens (RFC 6531:
+/// letters of any script), none empty or starting or ending with a hyphen, at most 63
+/// characters each and 255 in all; or an address literal in brackets. `foo@-ok.test` was
+/// accepted and deferred for the whole queue lifetime as a malformed label.
+fn domain_is_valid(domain: &str) -> bool {
+    if let Some(literal) = domain.strip_prefix('[') {
+        return literal.strip_suffix(']').is_some_and(|inner| {
+            !inner.is_empty()
+                && inner
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | ':' | '-'))
+        });
+    }
+    domain.len() <= 255
+        && domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.chars().count() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_alphanumeric() || c == '-')
+        })
 }
 
 fn notify_of(flags: u64) -> Option<Notify> {
@@ -2059,6 +2077,35 @@ mod tests {
         );
         assert_eq!(canonical_mailbox("r9@y.test").as_deref(), Some("r9@y.test"));
         for bad in ["r9@.", "r9@y.test..", "r9@"] {
+            assert_eq!(canonical_mailbox(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_domain_is_dot_separated_ldh_labels_or_a_literal() {
+        for good in [
+            "a@ok.test",
+            "a@x-1.ok.test",
+            "a@1.ok.test",
+            "a@b\u{fc}cher.test",
+            "a@[192.0.2.1]",
+            "a@[IPv6:2001:db8::1]",
+        ] {
+            assert!(canonical_mailbox(good).is_some(), "{good}");
+        }
+        let long_label = format!("a@{}.test", "x".repeat(64));
+        for bad in [
+            "a@-ok.test",
+            "a@ok-.test",
+            "a@ok..test",
+            "a@.ok.test",
+            "a@ok_x.test",
+            "a@[192.0.2.1",
+            "a@[]",
+            "a@ok[1].test",
+            "a@ok:25.test",
+            long_label.as_str(),
+        ] {
             assert_eq!(canonical_mailbox(bad), None, "{bad}");
         }
     }

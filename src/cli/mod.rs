@@ -435,10 +435,33 @@ fn address_arg(raw: &str) -> anyhow::Result<String> {
                 && !a.chars().any(char::is_control)
                 && (quoted(local) || !local.contains(|c: char| c == '@' || c.is_whitespace())) =>
         {
-            Ok(a.to_string())
+            // As RCPT reads it (`a@ok.test.` is `a@ok.test`; a domain of LDH labels), so
+            // that an entry added here is the one a recipient is looked up by.
+            let local = if quoted(local) {
+                unquoted(local.get(1..local.len() - 1).unwrap_or_default())
+            } else {
+                local.to_string()
+            };
+            crate::smtp::session::canonical_mailbox(&format!("{local}@{domain}")).ok_or_else(|| {
+                anyhow::anyhow!("not an address mail can be sent to: {raw:?} (its domain)")
+            })
         }
         _ => anyhow::bail!("not an address: {raw:?} (want local@domain)"),
     }
+}
+
+/// The text of a quoted string's inside, its `\x` escapes read.
+fn unquoted(inside: &str) -> String {
+    let mut out = String::with_capacity(inside.len());
+    let mut chars = inside.chars();
+    while let Some(c) = chars.next() {
+        out.push(if c == '\\' {
+            chars.next().unwrap_or(c)
+        } else {
+            c
+        });
+    }
+    out
 }
 
 #[cfg(test)]
@@ -456,7 +479,16 @@ mod address_arg_tests {
             address_arg("\"john doe\"@ex.test").unwrap(),
             "\"john doe\"@ex.test"
         );
+        // As RCPT reads them: a trailing dot dropped, a dot-atom's needless quotes too.
+        assert_eq!(
+            address_arg("Name <carol@ok.test.>").unwrap(),
+            "carol@ok.test"
+        );
+        assert_eq!(address_arg("\"carol\"@ok.test").unwrap(), "carol@ok.test");
         for bad in [
+            "x@-ok.test",
+            "x@ok..test",
+            "x@ok.test\\",
             "@",
             "a@",
             "@b",

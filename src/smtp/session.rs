@@ -1592,7 +1592,7 @@ pub(crate) fn is_dot_atom(local: &str) -> bool {
 /// quoted again unless it is a dot-atom (RFC 5321 4.1.2; UTF-8 counts as atext, RFC 6531).
 /// Control characters fit no quoted string, and a domain is a name or an address literal.
 /// U+FFFD is what the parser makes of bytes that are no UTF-8 (RFC 6531 wants UTF-8).
-fn canonical_mailbox(address: &str) -> Option<String> {
+pub(crate) fn canonical_mailbox(address: &str) -> Option<String> {
     if address.contains(char::REPLACEMENT_CHARACTER) {
         return None;
     }

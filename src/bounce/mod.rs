@@ -200,6 +200,12 @@ pub fn parse_about(raw: &[u8], classifier: &Classifier, recipient: &str) -> Vec<
 const MAX_NESTING: usize = 1;
 
 fn parse_nested(raw: &[u8], classifier: &Classifier, depth: usize) -> Vec<BounceRecord> {
+    // A notification saved on its own, without the mail it came in (what an SNS webhook or
+    // an SQS consumer writes to a file): read as the text of a message.
+    if depth == 0 && raw.trim_ascii_start().starts_with(b"{") {
+        let wrapped = [b"Content-Type: text/plain; charset=utf-8\r\n\r\n", raw].concat();
+        return parse_view(&wrapped, None, classifier, depth);
+    }
     // A report whose machine-readable part precedes the returned message needs only the
     // returned message's headers: parsing its body (often the bulk of the bytes) is wasted.
     if let Some(short) = message::without_returned_body(raw) {
@@ -293,3 +299,31 @@ fn finish(view: &message::View, records: &mut [BounceRecord], classifier: &Class
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod bare_notification_tests {
+    use super::*;
+
+    fn ses_bounce() -> serde_json::Value {
+        serde_json::json!({
+            "notificationType": "Bounce",
+            "bounce": {"bounceType": "Permanent", "bouncedRecipients": [
+                {"emailAddress": "x@example.net", "status": "5.1.1",
+                 "diagnosticCode": "smtp; 550 5.1.1 user unknown"}]},
+            "mail": {"messageId": "0100-abc"}
+        })
+    }
+
+    #[test]
+    fn a_notification_saved_without_its_mail_is_read() {
+        let sns = serde_json::json!({"Type": "Notification", "Message": ses_bounce().to_string()});
+        for raw in [ses_bounce().to_string(), format!("\n  {sns}\n")] {
+            let records = parse(raw.as_bytes());
+            assert_eq!(records.len(), 1, "{raw}");
+            assert_eq!(records[0].recipient, "x@example.net");
+            assert_eq!(records[0].reason, BounceReason::UserUnknown);
+        }
+        // Other JSON is no bounce.
+        assert!(parse(br#"{"hello": "world"}"#).is_empty());
+    }
+}

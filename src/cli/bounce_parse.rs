@@ -27,6 +27,7 @@ pub fn run_bounce_parse_with(
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
     let (files, mut skipped) = collect_files(paths);
+    let (mut messages, mut without_record) = (0usize, 0usize);
     if !json {
         writeln!(
             out,
@@ -43,7 +44,17 @@ pub fn run_bounce_parse_with(
             }
         };
         for src in split_messages(&file, data) {
-            for record in bounce::parse_with(&src.raw, classifier) {
+            let records = bounce::parse_with(&src.raw, classifier);
+            messages += 1;
+            if records.is_empty() {
+                without_record += 1;
+                // The table says so on the message's own row; JSON has one object per
+                // record, and the count goes to standard error at the end.
+                if !json {
+                    writeln!(out, "{:<40} (no bounce record)", source_name(&src))?;
+                }
+            }
+            for record in records {
                 if json {
                     writeln!(out, "{}", json_line(&src, &record)?)?;
                 } else {
@@ -53,7 +64,21 @@ pub fn run_bounce_parse_with(
         }
     }
     out.flush()?;
+    if json && without_record > 0 {
+        eprintln!(
+            "mailtrail: {without_record} of {messages} message(s) gave no bounce record \
+             (not a bounce, or none the parser could read)"
+        );
+    }
     report_skipped(&skipped)
+}
+
+/// The file a message came from, with its position in an mbox.
+fn source_name(src: &Source) -> String {
+    match src.message {
+        Some(n) => format!("{}#{n}", src.file),
+        None => src.file.clone(),
+    }
 }
 
 /// The files under `paths`: each regular file named, and every regular file under each
@@ -187,10 +212,7 @@ fn json_line(src: &Source, record: &BounceRecord) -> anyhow::Result<String> {
 }
 
 fn table_line(src: &Source, r: &BounceRecord) -> String {
-    let file = match src.message {
-        Some(n) => format!("{}#{n}", src.file),
-        None => src.file.clone(),
-    };
+    let file = source_name(src);
     // Both come from the network: shown with control characters escaped, on one line.
     let diagnostic: String = super::log::sanitize(r.diagnostic.as_deref().unwrap_or(""))
         .replace('\n', " ")
@@ -299,6 +321,22 @@ Subject: Undelivered Mail Returned to Sender\r\n\r\n\
         let text = String::from_utf8(out)?;
         assert!(!text.contains('\x1b') && !text.contains('\x07'), "{text:?}");
         assert!(text.contains("\\u{1b}"), "{text}");
+        Ok(())
+    }
+
+    #[test]
+    fn the_table_names_a_message_that_gave_no_record() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let p = dir.path().join("note.eml");
+        std::fs::write(&p, "From: a@b.example\r\nSubject: hi\r\n\r\nhello\r\n")?;
+        let mut out = Vec::new();
+        run_bounce_parse(&[p], false, &mut out)?;
+        let text = String::from_utf8(out)?;
+        assert!(
+            text.lines()
+                .any(|l| l.contains("note.eml") && l.contains("(no bounce record)")),
+            "{text}"
+        );
         Ok(())
     }
 

@@ -148,7 +148,7 @@ enum SuppressCommand {
     },
     /// Relay to an address again.
     Remove { address: String },
-    /// Exit 0 and print the entry when suppressed, exit 1 when not.
+    /// Exit 0 and print the entry when suppressed, 1 when not, 2 when it cannot tell.
     Check { address: String },
 }
 

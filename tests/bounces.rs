@@ -239,7 +239,10 @@ async fn bounces_complaints_and_autoreplies_become_records_and_suppress() {
         },
     );
     assert_eq!(status_of(&m, erin)["status"], "delivered");
-    assert!(!m.cli(&["suppress", "check", erin]).status.success());
+    assert_eq!(m.cli(&["suppress", "check", erin]).status.code(), Some(1));
+    // A check that cannot tell is no "not suppressed".
+    let bad = m.cli(&["suppress", "check", "erin@-ok.test"]);
+    assert_eq!(bad.status.code(), Some(2), "{bad:?}");
 
     // The unhandled list has all three; handling one removes it from that list.
     let unhandled: Vec<serde_json::Value> = m

@@ -374,13 +374,25 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             }
         }
         Request::SuppressCheck { address } => {
-            let address = address_arg(&address)?;
-            let store = open_store(&config)?;
-            match store.suppressed(&address, now_ms()).await? {
-                Some(s) => out.write_all(bounces::render_suppressions(&[s], false).as_bytes())?,
-                None => {
+            // As `grep -q`: 0 suppressed, 1 not, 2 when it cannot tell (a bad address, no
+            // store), so that a script does not take an error for "not suppressed".
+            let looked_up = async {
+                let address = address_arg(&address)?;
+                let store = open_store(&config)?;
+                let entry = store.suppressed(&address, now_ms()).await?;
+                anyhow::Ok((address, entry))
+            };
+            match looked_up.await {
+                Ok((_, Some(s))) => {
+                    out.write_all(bounces::render_suppressions(&[s], false).as_bytes())?
+                }
+                Ok((address, None)) => {
                     writeln!(out, "{address} is not suppressed")?;
                     return Ok(ExitCode::from(1));
+                }
+                Err(e) => {
+                    eprintln!("mailtrail: {}", error_text(&e));
+                    return Ok(ExitCode::from(2));
                 }
             }
         }

@@ -204,12 +204,22 @@ impl<'x> Part<'x> {
                 stream.decode_quoted_printable_mime(&leaf.boundary)
             };
             if end == usize::MAX {
-                // As `mail-parser` recovers a broken encoding: the raw body, as text.
-                if mime_type != MimeType::TextPlain {
-                    mime_type = MimeType::TextOther;
+                match (recover && leaf.encoding == Encoding::Base64)
+                    .then(|| lenient_base64(undecoded()))
+                    .flatten()
+                {
+                    // One stray character (a `*`, a line of garbage) cost the whole part,
+                    // delivery-status fields and all: the reader skips it.
+                    Some(decoded) => Cow::Owned(decoded),
+                    None => {
+                        // As `mail-parser` recovers a broken encoding: the raw body, as text.
+                        if mime_type != MimeType::TextPlain {
+                            mime_type = MimeType::TextOther;
+                        }
+                        is_text = true;
+                        Cow::Borrowed(undecoded())
+                    }
                 }
-                is_text = true;
-                Cow::Borrowed(undecoded())
             } else {
                 bytes
             }
@@ -742,6 +752,43 @@ fn base64_fails(body: &[u8]) -> bool {
     false
 }
 
+/// Base64 that `mail-parser` refuses for a character outside the alphabet, decoded without
+/// those characters (up to a boundary line, `--`, where the part ends); `None` when what is
+/// left does not decode either or is mostly not base64 (text mislabelled as base64, read
+/// as text then, as `mail-parser` reads it).
+fn lenient_base64(body: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let body = memchr::memmem::find(body, b"\n--").map_or(body, |i| body.get(..i).unwrap_or(body));
+    // Base64 lines hold no white space; text mislabelled as base64 does.
+    if body
+        .split(|&b| b == b'\n')
+        .any(|line| line.trim_ascii().contains(&b' ') || line.trim_ascii().contains(&b'\t'))
+    {
+        return None;
+    }
+    let mut kept = Vec::with_capacity(body.len());
+    let mut stray = 0usize;
+    for &b in body {
+        match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'+' | b'/' => kept.push(b),
+            b'=' | b'\r' | b'\n' | b' ' | b'\t' => {}
+            _ => stray += 1,
+        }
+    }
+    // A few stray characters in a long body, not prose that says it is base64.
+    if kept.is_empty() || stray * 50 > kept.len() {
+        return None;
+    }
+    kept.truncate(kept.len() - kept.len() % 4);
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent)
+            .with_decode_allow_trailing_bits(true),
+    );
+    engine.decode(&kept).ok()
+}
+
 /// The body of an attached (not encoded) message part whose own parts are `inner`: the
 /// range of its first part, or, when it had no header, its raw text.
 fn attached<'x>(raw: &'x [u8], inner: &[Part<'x>], start: usize, end: usize) -> Body<'x> {
@@ -1183,6 +1230,34 @@ mod tests {
 
     /// The walk lists the same parts as `MessageParser::parse`, with the same types and
     /// the same decoded bodies.
+    #[test]
+    fn a_stray_character_in_base64_costs_only_itself() {
+        use base64::Engine;
+        let fields = "Reporting-MTA: dns; mx.example.net\r\n\r\n\
+                      Final-Recipient: rfc822; full@example.net\r\nAction: failed\r\n\
+                      Status: 5.2.2\r\nDiagnostic-Code: smtp; 552 5.2.2 Mailbox full\r\n";
+        let encoded = base64::engine::general_purpose::STANDARD.encode(fields);
+        let (head, tail) = encoded.split_at(40);
+        let raw = format!(
+            "From: MAILER-DAEMON@mx.example.net\r\nSubject: Undelivered Mail Returned to Sender\r\n\
+             MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; \
+             boundary=\"B\"\r\n\r\n--B\r\nContent-Type: text/plain\r\n\r\nSee below.\r\n\
+             --B\r\nContent-Type: message/delivery-status\r\nContent-Transfer-Encoding: base64\r\n\r\n\
+             {head}*\r\n{tail}\r\n--B--\r\n"
+        );
+        let records = crate::bounce::parse(raw.as_bytes());
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(records[0].recipient, "full@example.net");
+        assert_eq!(records[0].status.as_deref(), Some("5.2.2"));
+        // Prose that only says it is base64 stays prose.
+        assert_eq!(
+            lenient_base64(b"This is not base64 at all, is it? No!"),
+            None
+        );
+        let sentence = "Your message could not be delivered to the recipient below.\r\n";
+        assert_eq!(lenient_base64(sentence.repeat(5).as_bytes()), None);
+    }
+
     #[test]
     fn walk_matches_mail_parser() {
         let mut rng = TestRng::new(0x6d69_6d65_7761_6c6b);

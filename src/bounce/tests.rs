@@ -747,6 +747,68 @@ fn non_bounces_and_garbage_give_no_record() {
 }
 
 #[test]
+fn a_bounce_like_subject_alone_gives_no_record() {
+    let inputs = [
+        // A person's reply, copying someone in.
+        "From: Ann <ann@home.example>\r\nTo: app@example.com\r\nSubject: Re: undelivered parcel\r\n\
+In-Reply-To: <p1@example.com>\r\n\r\nI also cc'd carl@home.example about it.\r\n",
+        // A person's question, without a reply prefix.
+        "From: Ann <ann@home.example>\r\nTo: app@example.com\r\nSubject: Undelivered invitation?\r\n\r\n\
+My invitation to carl@home.example came back, it said his mailbox is full.\r\n",
+        // A newsletter about bounces, quoting an SMTP reply as an example.
+        "From: Tips <tips@news.example>\r\nTo: app@example.com\r\n\
+Subject: why some emails end up undelivered\r\nPrecedence: bulk\r\n\
+List-Unsubscribe: <https://news.example/u/1>\r\n\r\n\
+A 550 5.1.1 user unknown error happens when you mistype an address like jon@exmaple.com.\r\n",
+    ];
+    for raw in inputs {
+        assert!(parse(raw.as_bytes()).is_empty(), "{raw}");
+    }
+    // The same Subject with a failure the notice itself reports is still a bounce.
+    let r = one(
+        "From: Notices <notices@relay.example>\r\nTo: app@example.com\r\n\
+Subject: Undelivered invitation\r\n\r\n<carl@home.example>: host mx.home.example said: \
+550 5.1.1 User unknown (in reply to RCPT TO command)\r\n",
+    );
+    assert_eq!(r.recipient, "carl@home.example");
+    assert_eq!(r.reason, BounceReason::UserUnknown);
+}
+
+#[test]
+fn an_out_of_office_reply_quoting_a_bounce_is_an_auto_reply() {
+    let raw = "From: Kate <kate@customer.example>\r\nTo: app@example.com\r\n\
+Subject: Out of Office: Re: your message\r\nAuto-Submitted: auto-replied\r\n\r\n\
+I'm away until Monday.\r\n\r\n\
+> From: MAILER-DAEMON@mx.customer.example (Mail Delivery System)\r\n\
+> To: app@example.com\r\n\
+> Subject: Undelivered Mail Returned to Sender\r\n\
+> Date: Mon, 2 Jun 2025 10:00:00 +0000\r\n\
+>\r\n\
+> This is the mail system at host mx.customer.example.\r\n\
+> I'm sorry to have to inform you that your message could not\r\n\
+> be delivered to one or more recipients.\r\n\
+>\r\n\
+> <someone@else.example>: host mx.else.example[192.0.2.9] said: 550 5.1.1\r\n\
+>     <someone@else.example>: Recipient address rejected: User unknown (in reply to\r\n\
+>     RCPT TO command)\r\n\
+>\r\n\
+> Final-Recipient: rfc822; someone@else.example\r\n\
+> Action: failed\r\n\
+> Status: 5.1.1\r\n";
+    for raw in [
+        raw.to_string(),
+        // Unquoted, and as the first header block of the text.
+        raw.replace("> ", "").replace(">\r\n", "\r\n"),
+    ] {
+        let r = one(&raw);
+        assert_eq!(r.kind, BounceKind::Autoreply, "{raw}");
+        assert_eq!(r.recipient, "kate@customer.example");
+        assert_eq!(r.reason, BounceReason::Vacation);
+        assert_eq!(r.bounce_type, BounceType::Autoreply);
+    }
+}
+
+#[test]
 fn hostile_input_does_not_panic() {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let base = dsn_two_recipients().into_bytes();

@@ -808,6 +808,32 @@ I'm away until Monday.\r\n\r\n\
     }
 }
 
+/// A DSN for one recipient with this Diagnostic-Code and Status.
+fn dsn_with(status: &str, diagnostic_code: &str) -> String {
+    format!(
+        "From: Mail Delivery System <MAILER-DAEMON@mx.example.org>\r\n\
+To: app@example.com\r\nSubject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\
+--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\r\n\
+--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.org\r\n\r\n\
+Final-Recipient: rfc822; dan@example.net\r\nAction: failed\r\nStatus: {status}\r\n\
+Diagnostic-Code: {diagnostic_code}\r\n\r\n--B--\r\n"
+    )
+}
+
+#[test]
+fn a_dns_blocklist_rejection_is_blocked_even_with_its_lookup_url() {
+    for diagnostic in [
+        "smtp; 554 5.7.1 Service unavailable; Client host [198.51.100.7] blocked using \
+zen.spamhaus.org; https://www.spamhaus.org/query/ip/198.51.100.7",
+        "smtp; 550 5.7.1 Rejected: 198.51.100.7 listed at zen.spamhaus.org, see \
+https://www.spamhaus.org/query/ip/198.51.100.7",
+    ] {
+        let r = one(&dsn_with("5.7.1", diagnostic));
+        assert_eq!(r.reason, BounceReason::Blocked, "{diagnostic}");
+    }
+}
+
 #[test]
 fn hostile_input_does_not_panic() {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -835,6 +835,34 @@ https://www.spamhaus.org/query/ip/198.51.100.7",
 }
 
 #[test]
+fn amazon_ses_suppression_list_bounces_are_suppressed() {
+    for (sub_type, diagnostic) in [
+        (
+            "OnAccountSuppressionList",
+            "Amazon SES did not send the message to this address because it is on the \
+suppression list for your account.",
+        ),
+        (
+            "Suppressed",
+            "Amazon SES has suppressed sending to this address because it has a recent history \
+of bouncing as an invalid address.",
+        ),
+    ] {
+        let n = serde_json::json!({
+            "notificationType": "Bounce",
+            "bounce": {"bounceType": "Permanent", "bounceSubType": sub_type,
+                "bouncedRecipients": [{"emailAddress": "eve@example.net", "action": "failed",
+                    "status": "5.1.1", "diagnosticCode": diagnostic}]},
+            "mail": {"messageId": "0100-def", "source": "app@example.com"}
+        });
+        let raw = format!("From: no-reply@sns.example\r\nSubject: AWS Notification\r\n\r\n{n}\r\n");
+        let r = one(&raw);
+        assert_eq!(r.recipient, "eve@example.net");
+        assert_eq!(r.reason, BounceReason::Suppressed, "{sub_type}");
+    }
+}
+
+#[test]
 fn hostile_input_does_not_panic() {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let base = dsn_two_recipients().into_bytes();

@@ -424,6 +424,24 @@ Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\
 }
 
 #[test]
+fn a_microsoft_feedback_report_names_the_original_recipient_not_the_masked_to() {
+    let raw = "From: staff@hotmail.com\r\nTo: complaints@example.com\r\nSubject: complaint\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\r\n\
+--F\r\nContent-Type: text/plain\r\n\r\nThis is an email abuse report.\r\n\r\n\
+--F\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\n\
+User-Agent: Microsoft JMRP\r\nVersion: 1\r\n\r\n\
+--F\r\nContent-Type: message/rfc822\r\n\r\n\
+X-HmXmrOriginalRecipient: <helen@hotmail.com>\r\nFrom: app@example.com\r\n\
+To: masked@hotmail.com\r\nMessage-ID: <j1@example.com>\r\nSubject: offer\r\n\r\nbody\r\n\
+--F--\r\n";
+    let r = one(raw);
+    assert_eq!(r.kind, BounceKind::Arf);
+    assert_eq!(r.recipient, "helen@hotmail.com");
+    assert_eq!(r.message_id.as_deref(), Some("<j1@example.com>"));
+}
+
+#[test]
 fn not_spam_and_auth_failure_reports_are_no_complaints() {
     for (feedback_type, bounce_type) in [
         ("abuse", BounceType::Complaint),

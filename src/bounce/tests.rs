@@ -881,6 +881,32 @@ of bouncing as an invalid address.",
 }
 
 #[test]
+fn exchange_and_qmail_prose_give_their_reply_code_and_command() {
+    let exchange = one(
+        "From: postmaster@corp.example\r\nTo: app@example.com\r\nSubject: Undeliverable: hi\r\n\r\n\
+Your message did not reach some or all of the intended recipients.\r\n\r\n\
+      nobody@corp.example on 2/6/2025 10:00 AM\r\n\
+            <mail.corp.example #5.1.1 smtp;550 5.1.1 RESOLVER.ADR.RecipNotFound; not found>\r\n",
+    );
+    assert_eq!(exchange.recipient, "nobody@corp.example");
+    assert_eq!(exchange.reply_code, Some(550));
+    assert_eq!(exchange.status.as_deref(), Some("5.1.1"));
+    assert_eq!(exchange.reason, BounceReason::UserUnknown);
+    let qmail = one(
+        "From: MAILER-DAEMON@mx.example.org\r\nTo: app@example.com\r\nSubject: failure notice\r\n\r\n\
+Hi. This is the qmail-send program at mx.example.org.\r\n\
+I'm afraid I wasn't able to deliver your message to the following addresses.\r\n\
+This is a permanent error; I've given up. Sorry it didn't work out.\r\n\r\n\
+<full@example.net>:\r\n192.0.2.5 failed after I sent the message.\r\n\
+Remote host said: 552 5.2.2 Mailbox full\r\n",
+    );
+    assert_eq!(qmail.recipient, "full@example.net");
+    assert_eq!(qmail.reply_code, Some(552));
+    assert_eq!(qmail.smtp_command.as_deref(), Some("DATA"));
+    assert_eq!(qmail.reason, BounceReason::MailboxFull);
+}
+
+#[test]
 fn hostile_input_does_not_panic() {
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let base = dsn_two_recipients().into_bytes();

@@ -337,7 +337,7 @@ impl View {
     /// whatever it quotes ([`View::is_personal_autoreply`]); a Subject alone needs
     /// corroboration ([`View::subject_corroborated`]).
     pub fn looks_like_bounce(&self) -> bool {
-        if self.from_mail_system() {
+        if self.sent_by_mail_system() {
             return true;
         }
         if self.is_personal_autoreply() {
@@ -348,7 +348,7 @@ impl View {
     }
 
     /// Whether the From names a mail system (MAILER-DAEMON, postmaster, Mail Delivery ...).
-    fn from_mail_system(&self) -> bool {
+    fn sent_by_mail_system(&self) -> bool {
         BOUNCE_FROM.is_match(self.display_from())
     }
 
@@ -357,7 +357,7 @@ impl View {
     /// mail it answers, not a failure. (Exim's and Microsoft's bounces say `Auto-Submitted:
     /// auto-replied` too, from MAILER-DAEMON or postmaster.)
     pub fn is_personal_autoreply(&self) -> bool {
-        !self.from_mail_system() && super::autoreply::says_auto_reply(self)
+        !self.sent_by_mail_system() && super::autoreply::says_auto_reply(self)
     }
 
     /// Whether a bounce-like Subject is borne out by the rest of the message. Mail from a

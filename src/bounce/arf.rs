@@ -1,7 +1,7 @@
 //! Complaints: RFC 5965 feedback reports (`multipart/report; report-type=feedback-report`)
 //! and the providers' non-ARF equivalents (Microsoft JMRP complaint mails, Apple Mail's
 //! unsubscribe requests). The complained-about recipient comes from Original-Rcpt-To, or the
-//! returned message's To.
+//! returned message's X-HmXmrOriginalRecipient (Microsoft), or its To.
 
 use super::dsn;
 use super::message::View;
@@ -65,8 +65,13 @@ fn from_report(view: &View, report: &str) -> Vec<BounceRecord> {
         .filter_map(|(_, v)| dsn::address_of(v))
         .filter(|a| a.contains('@'))
         .collect();
+    // Microsoft's JMRP in RFC 5965 form masks the returned message's To
+    // (`masked@hotmail.com`) and names the recipient in X-HmXmrOriginalRecipient, as its
+    // multipart/mixed form does.
     if recipients.is_empty()
-        && let Some(to) = view.returned_header("to")
+        && let Some(to) = view
+            .returned_header("x-hmxmroriginalrecipient")
+            .or_else(|| view.returned_header("to"))
     {
         recipients.extend(text::addresses(to).map(|(_, a)| a.to_string()).take(1));
     }

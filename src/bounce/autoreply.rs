@@ -61,6 +61,12 @@ fn has_autoreply_header(view: &View) -> bool {
         || view.header("x-autoresponder").is_some()
 }
 
+/// Whether `view`'s headers or Subject say it is an automatic reply (a mail system's
+/// bounce may say so too: [`View::is_personal_autoreply`] tells them apart).
+pub(crate) fn says_auto_reply(view: &View) -> bool {
+    has_autoreply_header(view) || is_vacation_subject(&view.subject)
+}
+
 /// One auto-reply record, or none when `view` is not an automatic reply.
 pub(crate) fn records(view: &View) -> Vec<BounceRecord> {
     // A delivery failure notice is never an auto-reply, even when it says auto-replied: then

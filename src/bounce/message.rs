@@ -249,6 +249,11 @@ impl View {
             view.returned_has_headers = any;
             view.returned_raw = Some(t);
         }
+        // What a person's automatic reply quotes is the mail it answers: never parsed again
+        // as a bounce of its own (a quoted bounce gave a hard bounce for its address).
+        if view.returned_raw.is_some() && view.is_personal_autoreply() {
+            view.returned_raw = None;
+        }
         Some(view)
     }
 
@@ -328,11 +333,51 @@ impl View {
     }
 
     /// Whether the bounce's own headers say it is a delivery failure notice, or it returns
-    /// a message and its text says delivery failed.
+    /// a message and its text says delivery failed. A person's automatic reply is none,
+    /// whatever it quotes ([`View::is_personal_autoreply`]); a Subject alone needs
+    /// corroboration ([`View::subject_corroborated`]).
     pub fn looks_like_bounce(&self) -> bool {
+        if self.sent_by_mail_system() {
+            return true;
+        }
+        if self.is_personal_autoreply() {
+            return false;
+        }
+        (self.returned_has_headers && BOUNCE_TEXT.is_match(self.error_section()))
+            || (BOUNCE_SUBJECT.is_match(&self.subject) && self.subject_corroborated())
+    }
+
+    /// Whether the From names a mail system (MAILER-DAEMON, postmaster, Mail Delivery ...).
+    fn sent_by_mail_system(&self) -> bool {
         BOUNCE_FROM.is_match(self.display_from())
-            || BOUNCE_SUBJECT.is_match(&self.subject)
-            || (self.returned_has_headers && BOUNCE_TEXT.is_match(self.error_section()))
+    }
+
+    /// Whether the message is an automatic reply (its headers or a vacation Subject say so)
+    /// from someone other than a mail system: what it quotes, a bounce included, is the
+    /// mail it answers, not a failure. (Exim's and Microsoft's bounces say `Auto-Submitted:
+    /// auto-replied` too, from MAILER-DAEMON or postmaster.)
+    pub fn is_personal_autoreply(&self) -> bool {
+        !self.sent_by_mail_system() && super::autoreply::says_auto_reply(self)
+    }
+
+    /// Whether a bounce-like Subject is borne out by the rest of the message. Mail from a
+    /// list (List-Id, List-Unsubscribe: a newsletter about bounces) or a person's reply
+    /// (`Re:`, In-Reply-To) is never taken on its Subject; otherwise the message must return
+    /// a message, name its failed recipients (X-Failed-Recipients), or say in its error
+    /// section that delivery failed, in words or as an SMTP reply with its enhanced status
+    /// (`550 5.1.1`). In the corpus, mail systems' bounces with List-* or In-Reply-To fields
+    /// all come from a MAILER-DAEMON-like From, which needs no corroboration.
+    fn subject_corroborated(&self) -> bool {
+        let list = self.header("list-id").is_some() || self.header("list-unsubscribe").is_some();
+        let reply = self.header("in-reply-to").is_some() || REPLY_SUBJECT.is_match(&self.subject);
+        if list || reply {
+            return false;
+        }
+        let error_section = self.error_section();
+        self.returned_has_headers
+            || self.header("x-failed-recipients").is_some()
+            || BOUNCE_TEXT.is_match(error_section)
+            || text::find_reply_status(error_section).is_some()
     }
 }
 
@@ -644,6 +689,9 @@ const KEPT_HEADERS: &[&str] = &[
     "x-autoresponder",
     "x-apple-unsubscribe",
     "x-mlserver",
+    "list-id",
+    "list-unsubscribe",
+    "in-reply-to",
 ];
 
 /// Parses only the headers the bounce reader uses (MIME structure, Subject, From, To);
@@ -664,6 +712,13 @@ static BOUNCE_SUBJECT: LazyLock<Regex> = LazyLock::new(|| {
     #[allow(clippy::expect_used)]
     Regex::new(r"(?i)undeliver|undelivered|delivery (?:status|failure|failed|has failed|problem|notification|report|error)|returned mail|returning message|failure notice|failed delivery|mail delivery|non[- ]?delivery|nondeliverable|could not be delivered|couldn't be delivered|not delivered|returned to sender|message (?:not delivered|delivery|failure|rejected|blocked|bounced)|rejected|mail system error|could not send|delayed mail|delivery delayed|warning: (?:could not|message)|bounce|error sending|mail error|unzustellbar|nicht zustellbar|non remis|non recapitabile|no entregado|permanent error|temporary error|mail failure|delivery incomplete|message you sent|failed to deliver|cannot deliver|unable to deliver|address verification|mailbox (?:full|unavailable)|error delivering|sender notification|returned message|mail could not|your message|delivery to the following|problem delivering|system notice|filtered|spam|エラー|不達|配信|送信できません|返送|未送達|退信|无法投递")
         .expect("static regex")
+});
+
+/// A reply's Subject prefix (`Re:`, German `AW:`, Scandinavian `SV:`, Dutch `Antw:`,
+/// Polish `Odp:`, Finnish `VS:`), possibly numbered (`Re[2]:`).
+static REPLY_SUBJECT: LazyLock<Regex> = LazyLock::new(|| {
+    #[allow(clippy::expect_used)]
+    Regex::new(r"(?i)^\s*(?:re|aw|sv|antw|odp|vs)\s*(?:\[\d+\])?\s*:").expect("static regex")
 });
 
 static BOUNCE_TEXT: LazyLock<Regex> = LazyLock::new(|| {
@@ -787,7 +842,8 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
         .map(|t| dsn::parse_delivery_status(t))
         .filter(|d| !d.recipients.is_empty())
         .collect();
-    if parsed.is_empty() {
+    // Fields inlined in a person's automatic reply are quoted from the mail it answers.
+    if parsed.is_empty() && !view.is_personal_autoreply() {
         let error_section = view.error_section();
         let lower = error_section.to_ascii_lowercase();
         if lower.contains("final-recipient:") || lower.contains("original-recipient:") {
@@ -1200,7 +1256,9 @@ static DELAYED: LazyLock<Regex> = LazyLock::new(|| {
 
 /// Records from the prose of a non-standard bounce.
 pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
-    if !view.looks_like_bounce() && view.header("x-failed-recipients").is_none() {
+    if view.is_personal_autoreply()
+        || (!view.looks_like_bounce() && view.header("x-failed-recipients").is_none())
+    {
         return Vec::new();
     }
     let error_section = view.error_section();

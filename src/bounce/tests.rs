@@ -424,6 +424,24 @@ Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\
 }
 
 #[test]
+fn a_microsoft_feedback_report_names_the_original_recipient_not_the_masked_to() {
+    let raw = "From: staff@hotmail.com\r\nTo: complaints@example.com\r\nSubject: complaint\r\n\
+MIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=feedback-report; boundary=\"F\"\r\n\r\n\
+--F\r\nContent-Type: text/plain\r\n\r\nThis is an email abuse report.\r\n\r\n\
+--F\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\n\
+User-Agent: Microsoft JMRP\r\nVersion: 1\r\n\r\n\
+--F\r\nContent-Type: message/rfc822\r\n\r\n\
+X-HmXmrOriginalRecipient: <helen@hotmail.com>\r\nFrom: app@example.com\r\n\
+To: masked@hotmail.com\r\nMessage-ID: <j1@example.com>\r\nSubject: offer\r\n\r\nbody\r\n\
+--F--\r\n";
+    let r = one(raw);
+    assert_eq!(r.kind, BounceKind::Arf);
+    assert_eq!(r.recipient, "helen@hotmail.com");
+    assert_eq!(r.message_id.as_deref(), Some("<j1@example.com>"));
+}
+
+#[test]
 fn not_spam_and_auth_failure_reports_are_no_complaints() {
     for (feedback_type, bounce_type) in [
         ("abuse", BounceType::Complaint),
@@ -744,6 +762,148 @@ fn non_bounces_and_garbage_give_no_record() {
             String::from_utf8_lossy(&raw)
         );
     }
+}
+
+#[test]
+fn a_bounce_like_subject_alone_gives_no_record() {
+    let inputs = [
+        // A person's reply, copying someone in.
+        "From: Ann <ann@home.example>\r\nTo: app@example.com\r\nSubject: Re: undelivered parcel\r\n\
+In-Reply-To: <p1@example.com>\r\n\r\nI also cc'd carl@home.example about it.\r\n",
+        // A person's question, without a reply prefix.
+        "From: Ann <ann@home.example>\r\nTo: app@example.com\r\nSubject: Undelivered invitation?\r\n\r\n\
+My invitation to carl@home.example came back, it said his mailbox is full.\r\n",
+        // A newsletter about bounces, quoting an SMTP reply as an example.
+        "From: Tips <tips@news.example>\r\nTo: app@example.com\r\n\
+Subject: why some emails end up undelivered\r\nPrecedence: bulk\r\n\
+List-Unsubscribe: <https://news.example/u/1>\r\n\r\n\
+A 550 5.1.1 user unknown error happens when you mistype an address like jon@exmaple.com.\r\n",
+    ];
+    for raw in inputs {
+        assert!(parse(raw.as_bytes()).is_empty(), "{raw}");
+    }
+    // The same Subject with a failure the notice itself reports is still a bounce.
+    let r = one(
+        "From: Notices <notices@relay.example>\r\nTo: app@example.com\r\n\
+Subject: Undelivered invitation\r\n\r\n<carl@home.example>: host mx.home.example said: \
+550 5.1.1 User unknown (in reply to RCPT TO command)\r\n",
+    );
+    assert_eq!(r.recipient, "carl@home.example");
+    assert_eq!(r.reason, BounceReason::UserUnknown);
+}
+
+#[test]
+fn an_out_of_office_reply_quoting_a_bounce_is_an_auto_reply() {
+    let raw = "From: Kate <kate@customer.example>\r\nTo: app@example.com\r\n\
+Subject: Out of Office: Re: your message\r\nAuto-Submitted: auto-replied\r\n\r\n\
+I'm away until Monday.\r\n\r\n\
+> From: MAILER-DAEMON@mx.customer.example (Mail Delivery System)\r\n\
+> To: app@example.com\r\n\
+> Subject: Undelivered Mail Returned to Sender\r\n\
+> Date: Mon, 2 Jun 2025 10:00:00 +0000\r\n\
+>\r\n\
+> This is the mail system at host mx.customer.example.\r\n\
+> I'm sorry to have to inform you that your message could not\r\n\
+> be delivered to one or more recipients.\r\n\
+>\r\n\
+> <someone@else.example>: host mx.else.example[192.0.2.9] said: 550 5.1.1\r\n\
+>     <someone@else.example>: Recipient address rejected: User unknown (in reply to\r\n\
+>     RCPT TO command)\r\n\
+>\r\n\
+> Final-Recipient: rfc822; someone@else.example\r\n\
+> Action: failed\r\n\
+> Status: 5.1.1\r\n";
+    for raw in [
+        raw.to_string(),
+        // Unquoted, and as the first header block of the text.
+        raw.replace("> ", "").replace(">\r\n", "\r\n"),
+    ] {
+        let r = one(&raw);
+        assert_eq!(r.kind, BounceKind::Autoreply, "{raw}");
+        assert_eq!(r.recipient, "kate@customer.example");
+        assert_eq!(r.reason, BounceReason::Vacation);
+        assert_eq!(r.bounce_type, BounceType::Autoreply);
+    }
+}
+
+/// A DSN for one recipient with this Diagnostic-Code and Status.
+fn dsn_with(status: &str, diagnostic_code: &str) -> String {
+    format!(
+        "From: Mail Delivery System <MAILER-DAEMON@mx.example.org>\r\n\
+To: app@example.com\r\nSubject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\
+--B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\r\n\
+--B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.org\r\n\r\n\
+Final-Recipient: rfc822; dan@example.net\r\nAction: failed\r\nStatus: {status}\r\n\
+Diagnostic-Code: {diagnostic_code}\r\n\r\n--B--\r\n"
+    )
+}
+
+#[test]
+fn a_dns_blocklist_rejection_is_blocked_even_with_its_lookup_url() {
+    for diagnostic in [
+        "smtp; 554 5.7.1 Service unavailable; Client host [198.51.100.7] blocked using \
+zen.spamhaus.org; https://www.spamhaus.org/query/ip/198.51.100.7",
+        "smtp; 550 5.7.1 Rejected: 198.51.100.7 listed at zen.spamhaus.org, see \
+https://www.spamhaus.org/query/ip/198.51.100.7",
+    ] {
+        let r = one(&dsn_with("5.7.1", diagnostic));
+        assert_eq!(r.reason, BounceReason::Blocked, "{diagnostic}");
+    }
+}
+
+#[test]
+fn amazon_ses_suppression_list_bounces_are_suppressed() {
+    for (sub_type, diagnostic) in [
+        (
+            "OnAccountSuppressionList",
+            "Amazon SES did not send the message to this address because it is on the \
+suppression list for your account.",
+        ),
+        (
+            "Suppressed",
+            "Amazon SES has suppressed sending to this address because it has a recent history \
+of bouncing as an invalid address.",
+        ),
+    ] {
+        let n = serde_json::json!({
+            "notificationType": "Bounce",
+            "bounce": {"bounceType": "Permanent", "bounceSubType": sub_type,
+                "bouncedRecipients": [{"emailAddress": "eve@example.net", "action": "failed",
+                    "status": "5.1.1", "diagnosticCode": diagnostic}]},
+            "mail": {"messageId": "0100-def", "source": "app@example.com"}
+        });
+        let raw = format!("From: no-reply@sns.example\r\nSubject: AWS Notification\r\n\r\n{n}\r\n");
+        let r = one(&raw);
+        assert_eq!(r.recipient, "eve@example.net");
+        assert_eq!(r.reason, BounceReason::Suppressed, "{sub_type}");
+    }
+}
+
+#[test]
+fn exchange_and_qmail_prose_give_their_reply_code_and_command() {
+    let exchange = one(
+        "From: postmaster@corp.example\r\nTo: app@example.com\r\nSubject: Undeliverable: hi\r\n\r\n\
+Your message did not reach some or all of the intended recipients.\r\n\r\n\
+      nobody@corp.example on 2/6/2025 10:00 AM\r\n\
+            <mail.corp.example #5.1.1 smtp;550 5.1.1 RESOLVER.ADR.RecipNotFound; not found>\r\n",
+    );
+    assert_eq!(exchange.recipient, "nobody@corp.example");
+    assert_eq!(exchange.reply_code, Some(550));
+    assert_eq!(exchange.status.as_deref(), Some("5.1.1"));
+    assert_eq!(exchange.reason, BounceReason::UserUnknown);
+    let qmail = one(
+        "From: MAILER-DAEMON@mx.example.org\r\nTo: app@example.com\r\nSubject: failure notice\r\n\r\n\
+Hi. This is the qmail-send program at mx.example.org.\r\n\
+I'm afraid I wasn't able to deliver your message to the following addresses.\r\n\
+This is a permanent error; I've given up. Sorry it didn't work out.\r\n\r\n\
+<full@example.net>:\r\n192.0.2.5 failed after I sent the message.\r\n\
+Remote host said: 552 5.2.2 Mailbox full\r\n",
+    );
+    assert_eq!(qmail.recipient, "full@example.net");
+    assert_eq!(qmail.reply_code, Some(552));
+    assert_eq!(qmail.smtp_command.as_deref(), Some("DATA"));
+    assert_eq!(qmail.reason, BounceReason::MailboxFull);
 }
 
 #[test]

@@ -40,9 +40,9 @@ pub fn strip_banners(diagnostic: &str) -> Option<String> {
 }
 
 static REPLY: LazyLock<Regex> =
-    LazyLock::new(|| re(r"(?:^|[\s:(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)"));
+    LazyLock::new(|| re(r"(?:^|[\s:;(<\[#=])([45][0-5]\d)(?:[ \-]|$|\)|\]|,|\.\s)"));
 /// The phrases that name the failed SMTP command, written for collapsed text (single spaces).
-const COMMAND_PATTERN: &str = r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)(?-u:\b)|(?-u:\b)(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|\[(?:rcpt_to|mail_from|data)\]|does not like recipient|sender was rejected|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)";
+const COMMAND_PATTERN: &str = r"(?i)(?:after|in reply to|response to|for|during|while|>>>|smtp command:?|command|did not like our|most progress was) ?(?:the )?(?:end of data|final data|data|mail from|rcpt to|rcpt|helo|ehlo|connect|starttls|mail|initial connection)(?-u:\b)|(?-u:\b)(?:mail from|rcpt to|end of data|data|ehlo|helo)(?: command)?:? (?:rejected|failed|refused|response)|\[(?:rcpt_to|mail_from|data)\]|does not like recipient|sender was rejected|failed after i sent the message|(?:connected|connection) (?:to [^ ]+ )?but (?:greeting|my name) (?:failed|was rejected)";
 
 static COMMAND: LazyLock<Regex> = LazyLock::new(|| re(COMMAND_PATTERN));
 
@@ -287,7 +287,7 @@ fn short_digit_run(b: &[u8], start: usize) -> Option<usize> {
 }
 
 /// The first [`REPLY`] match's code: `[45][0-5]\d` at the start or after white space or one
-/// of `:(<[#=`, followed by the end, one of ` -)],`, or `.` and white space.
+/// of `:;(<[#=` (`;` for Exchange's `#5.1.1 smtp;550 5.1.1 ...`), followed by the end, one of ` -)],`, or `.` and white space.
 fn reply_code_ascii(b: &[u8]) -> Option<u16> {
     let space = |c: &u8| is_white_space_byte(*c);
     memchr::memchr2_iter(b'4', b'5', b).find_map(|at| {
@@ -296,7 +296,7 @@ fn reply_code_ascii(b: &[u8]) -> Option<u16> {
         };
         let after_ok = at == 0
             || b.get(at - 1)
-                .is_some_and(|c| space(c) || b":(<[#=".contains(c));
+                .is_some_and(|c| space(c) || b":;(<[#=".contains(c));
         let ends = match b.get(at + 3) {
             None | Some(b' ' | b'-' | b')' | b']' | b',') => true,
             Some(b'.') => b.get(at + 4).is_some_and(space),
@@ -335,7 +335,10 @@ fn reply_status_ascii(b: &[u8]) -> Option<std::ops::Range<usize>> {
 pub fn find_command(text: &str) -> Option<&'static str> {
     let m = COMMAND.find(text)?;
     let s = m.as_str().to_ascii_lowercase();
-    Some(if s.contains("rcpt") || s.contains("recipient") {
+    // qmail's "failed after I sent the message": the reply to the message's end, after DATA.
+    Some(if s.contains("sent the message") {
+        "DATA"
+    } else if s.contains("rcpt") || s.contains("recipient") {
         "RCPT"
     } else if s.contains("mail") || s.contains("sender") {
         "MAIL"
@@ -899,7 +902,7 @@ mod tests {
 
     #[test]
     fn status_and_reply_code_scanners_match_the_regexes() {
-        let pieces = crate::test_support::test_chars("245013.9 -'\":(<[#=\t\n\x0b\x0c\x1c,)]x");
+        let pieces = crate::test_support::test_chars("245013.9 -'\":;(<[#=\t\n\x0b\x0c\x1c,)]x");
         let mut pieces = pieces;
         for p in [
             "550",
@@ -1049,6 +1052,11 @@ mod tests {
         assert_eq!(find_reply_code("550-5.7.1 blocked"), Some(550));
         assert_eq!(find_reply_code("250 ok"), None);
         assert_eq!(find_reply_code("port 5500 busy"), None);
+        // Exchange's code after the type, without a space.
+        assert_eq!(
+            find_reply_code("<mx.example #5.1.1 smtp;550 5.1.1 RESOLVER.ADR.RecipNotFound>"),
+            Some(550)
+        );
     }
 
     /// Whenever a collapsed, clipped, line-aligned piece of a text names a command, the
@@ -1158,6 +1166,11 @@ mod tests {
         assert_eq!(
             find_command("error after initial connection: 554"),
             Some("CONN")
+        );
+        // qmail: the remote host refused the message itself.
+        assert_eq!(
+            find_command("failed after I sent the message. Remote host said: 552 5.2.2 full"),
+            Some("DATA")
         );
     }
 

@@ -249,11 +249,6 @@ impl View {
             view.returned_has_headers = any;
             view.returned_raw = Some(t);
         }
-        // What a person's automatic reply quotes is the mail it answers: never parsed again
-        // as a bounce of its own (a quoted bounce gave a hard bounce for its address).
-        if view.returned_raw.is_some() && view.is_personal_autoreply() {
-            view.returned_raw = None;
-        }
         Some(view)
     }
 
@@ -842,11 +837,13 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
         .map(|t| dsn::parse_delivery_status(t))
         .filter(|d| !d.recipients.is_empty())
         .collect();
-    // Fields inlined in a person's automatic reply are quoted from the mail it answers.
-    if parsed.is_empty() && !view.is_personal_autoreply() {
+    if parsed.is_empty() {
         let error_section = view.error_section();
         let lower = error_section.to_ascii_lowercase();
-        if lower.contains("final-recipient:") || lower.contains("original-recipient:") {
+        // Fields inlined in a person's automatic reply are quoted from the mail it answers.
+        if (lower.contains("final-recipient:") || lower.contains("original-recipient:"))
+            && !view.is_personal_autoreply()
+        {
             let d = dsn::parse_delivery_status(error_section);
             if !d.recipients.is_empty() {
                 parsed.push(d);
@@ -1256,8 +1253,10 @@ static DELAYED: LazyLock<Regex> = LazyLock::new(|| {
 
 /// Records from the prose of a non-standard bounce.
 pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
-    if view.is_personal_autoreply()
-        || (!view.looks_like_bounce() && view.header("x-failed-recipients").is_none())
+    // A failure notice by its headers is never a person's automatic reply; one that only
+    // names failed recipients may be (it quotes a bounce).
+    if !view.looks_like_bounce()
+        && (view.header("x-failed-recipients").is_none() || view.is_personal_autoreply())
     {
         return Vec::new();
     }

@@ -251,9 +251,13 @@ fn parse_view(
     if records.is_empty() {
         records = message::text_records(&view);
     }
+    // What a person's automatic reply quotes is the mail it answers: never parsed again as
+    // a bounce of its own (a quoted bounce gave a hard bounce for its address). Asked only
+    // here, where it matters: it reads the From, which the other readers may not need.
     if is_weak(&records)
         && depth < MAX_NESTING
         && let Some(inner) = &view.returned_raw
+        && !view.is_personal_autoreply()
     {
         let nested = parse_nested(inner.as_bytes(), classifier, depth + 1);
         if !nested.is_empty() {

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub bounces: Family<BounceLabel, Counter>,
     pub complaints: Counter,
     pub suppressed_recipients: Counter,
+    /// Recipients the domain check recorded `rejected` at accept, by reason.
+    pub domain_check_rejections: Family<OutcomeLabel, Counter>,
     pub unmatched_bounces: Counter,
     pub bounce_mail_without_records: Counter,
 }
@@ -92,6 +94,7 @@ impl Metrics {
             suppressed_recipients: Counter::default(),
             unmatched_bounces: Counter::default(),
             bounce_mail_without_records: Counter::default(),
+            domain_check_rejections: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -188,6 +191,11 @@ impl Metrics {
             "suppressed_recipients",
             "Recipients not relayed because their address is suppressed",
             m.suppressed_recipients.clone(),
+        );
+        registry.register(
+            "domain_check_rejections",
+            "Recipients recorded rejected at accept because their domain cannot receive mail (outcome: hostunknown, notaccept)",
+            m.domain_check_rejections.clone(),
         );
         registry.register(
             "unmatched_bounces",

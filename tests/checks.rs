@@ -72,6 +72,14 @@ async fn dead_domains_are_rejected_without_attempt_and_live_ones_go_to_their_mx(
         (Some("rejected"), Some("notaccept")),
         "{c_}"
     );
+    // Counted for ops, by reason.
+    let (_, metrics) = m.http_get("/metrics");
+    for line in [
+        "domain_check_rejections_total{outcome=\"hostunknown\"} 1",
+        "domain_check_rejections_total{outcome=\"notaccept\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} missing in\n{metrics}");
+    }
     let broken = m.recipient(&receipt, "broken@@good.test");
     assert_eq!(
         (broken["status"].as_str(), broken["reason"].as_str()),

@@ -366,6 +366,14 @@ impl RecipientPolicy for SubmissionPolicy {
             && !routed_to_fixed_hop(&self.config, domain)
             && let Some(v) = domain_verdict(domain, check.status(domain).await)
         {
+            if let RecipientVerdict::AcceptWithOutcome(o) = &v {
+                self.metrics
+                    .domain_check_rejections
+                    .get_or_create(&crate::metrics::OutcomeLabel {
+                        outcome: o.reason.clone(),
+                    })
+                    .inc();
+            }
             return v;
         }
         RecipientVerdict::Accept

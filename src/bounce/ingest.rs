@@ -1034,16 +1034,30 @@ mod tests {
         assert_eq!(list[0].first_at_ms, first_bounce, "{list:?}");
     }
 
-    #[tokio::test]
-    async fn one_returned_message_at_a_verp_address_is_one_bounce_of_that_copy() {
-        let dir = tempfile::TempDir::new().unwrap();
-        let (store, ingest, key) = verp_ingest(&dir);
+    /// [`verp_ingest`], and a message to `r1@ex.test` and `r2@ex.test` that both reached
+    /// the receiving server.
+    async fn two_delivered(
+        dir: &tempfile::TempDir,
+    ) -> (
+        Arc<crate::store::sqlite::SqliteStore>,
+        BounceIngest,
+        Vec<u8>,
+        ReceiptId,
+    ) {
+        let (store, ingest, key) = verp_ingest(dir);
         let sent = crate::test_support::accepted_message(
             &["r1@ex.test", "r2@ex.test"],
             b"Subject: hi\r\n\r\nhi\r\n",
         );
         let receipt = sent.receipt;
-        accept_delivered(&store, &dir, sent, 2).await;
+        accept_delivered(&store, dir, sent, 2).await;
+        (store, ingest, key, receipt)
+    }
+
+    #[tokio::test]
+    async fn one_returned_message_at_a_verp_address_is_one_bounce_of_that_copy() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (store, ingest, key, receipt) = two_delivered(&dir).await;
         let verp = verp::encode(&key, "bounces", "bounce.test", receipt, 0);
         // r1's copy was expanded (an alias) and its report names a target first, then r1.
         let blocks = "Final-Recipient: rfc822; target@elsewhere.test\r\nAction: failed\r\n\
@@ -1076,13 +1090,7 @@ mod tests {
     #[tokio::test]
     async fn a_notice_at_a_verp_address_naming_no_recipient_is_about_that_copy() {
         let dir = tempfile::TempDir::new().unwrap();
-        let (store, ingest, key) = verp_ingest(&dir);
-        let sent = crate::test_support::accepted_message(
-            &["r1@ex.test", "r2@ex.test"],
-            b"Subject: hi\r\n\r\nhi\r\n",
-        );
-        let receipt = sent.receipt;
-        accept_delivered(&store, &dir, sent, 2).await;
+        let (store, ingest, key, receipt) = two_delivered(&dir).await;
         // An Exchange-style notice that quotes only the remote reply.
         let notice = "From: MAILER-DAEMON@mx.remote.test\r\nMessage-ID: <n1@mx.remote.test>\r\n\
                       Subject: Undeliverable: newsletter\r\n\r\nDelivery has failed to these \

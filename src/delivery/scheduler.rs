@@ -901,28 +901,12 @@ async fn deliver_message(
             let attempts = msg
                 .recipients
                 .iter()
-                .map(|r| AttemptRecord {
-                    receipt: msg.receipt,
-                    rcpt_index: r.index,
-                    at_ms: now,
-                    status: RecipientStatus::Failed,
-                    next_attempt_at_ms: None,
-                    stage: Stage::Local,
-                    remote_host: None,
-                    remote_ip: None,
-                    remote_port: None,
-                    tls_version: None,
-                    tls_cipher: None,
-                    reply_code: None,
-                    enhanced_status: Some("5.3.0".to_string()),
-                    reply_text: format!("message body missing from the store: {what}"),
-                    rcpt_reply: None,
-                    duration_ms: 0,
-                    reason: Some(BounceReason::SystemError.as_str().to_string()),
-                    bounce_type: None,
-                    delay_dsn: false,
-                    tried_first: Vec::new(),
-                    suppress: None,
+                .map(|r| {
+                    let mut a = local_outcome(msg.receipt, r.index, now, RecipientStatus::Failed);
+                    a.enhanced_status = Some("5.3.0".to_string());
+                    a.reply_text = format!("message body missing from the store: {what}");
+                    a.reason = Some(BounceReason::SystemError.as_str().to_string());
+                    a
                 })
                 .collect();
             return !record_attempts(&ctx, msg.receipt, attempts, Vec::new()).await;
@@ -958,6 +942,39 @@ async fn deliver_message(
         rescan |= done.unwrap_or(true);
     }
     rescan
+}
+
+/// An outcome decided here, without a delivery attempt (stage `local`; not counted as an
+/// attempt): the caller sets its status code, text and reason.
+fn local_outcome(
+    receipt: ReceiptId,
+    rcpt_index: u32,
+    at_ms: i64,
+    status: RecipientStatus,
+) -> AttemptRecord {
+    AttemptRecord {
+        receipt,
+        rcpt_index,
+        at_ms,
+        status,
+        next_attempt_at_ms: None,
+        stage: Stage::Local,
+        remote_host: None,
+        remote_ip: None,
+        remote_port: None,
+        tls_version: None,
+        tls_cipher: None,
+        reply_code: None,
+        enhanced_status: None,
+        reply_text: String::new(),
+        rcpt_reply: None,
+        duration_ms: 0,
+        reason: None,
+        bounce_type: None,
+        delay_dsn: false,
+        tried_first: Vec::new(),
+        suppress: None,
+    }
 }
 
 /// `msg` without the recipients put on the suppression list since their last attempt (a
@@ -1022,33 +1039,16 @@ async fn withhold_suppressed(
                     expired: false,
                 });
         }
-        attempts.push(AttemptRecord {
-            receipt: msg.receipt,
-            rcpt_index: rcpt.index,
-            at_ms: now,
-            status: RecipientStatus::Suppressed,
-            next_attempt_at_ms: None,
-            stage: Stage::Local,
-            remote_host: None,
-            remote_ip: None,
-            remote_port: None,
-            tls_version: None,
-            tls_cipher: None,
-            reply_code: None,
-            enhanced_status: Some("5.7.1".to_string()),
-            reply_text: text,
-            rcpt_reply: None,
-            duration_ms: 0,
-            reason: Some(BounceReason::Suppressed.as_str().to_string()),
-            bounce_type: Some(
-                bounce_type(BounceReason::Suppressed, Some("5.7.1"), None)
-                    .as_str()
-                    .to_string(),
-            ),
-            delay_dsn: false,
-            tried_first: Vec::new(),
-            suppress: None,
-        });
+        let mut a = local_outcome(msg.receipt, rcpt.index, now, RecipientStatus::Suppressed);
+        a.enhanced_status = Some("5.7.1".to_string());
+        a.reply_text = text;
+        a.reason = Some(BounceReason::Suppressed.as_str().to_string());
+        a.bounce_type = Some(
+            bounce_type(BounceReason::Suppressed, Some("5.7.1"), None)
+                .as_str()
+                .to_string(),
+        );
+        attempts.push(a);
     }
     let mut dsns = Vec::new();
     for (_, mut list) in reports {

@@ -1998,32 +1998,17 @@ mod tests {
 
     #[test]
     fn retries_of_one_group_close_together_are_aligned_to_the_latest() {
-        let at = |next: Option<i64>| AttemptRecord {
-            receipt: ReceiptId::new(),
-            rcpt_index: 0,
-            at_ms: 90_000,
-            status: if next.is_some() {
+        let at = |next: Option<i64>| {
+            let status = if next.is_some() {
                 RecipientStatus::Deferred
             } else {
                 RecipientStatus::Delivered
-            },
-            next_attempt_at_ms: next,
-            stage: Stage::Rcpt,
-            remote_host: None,
-            remote_ip: None,
-            remote_port: None,
-            tls_version: None,
-            tls_cipher: None,
-            reply_code: Some(451),
-            enhanced_status: None,
-            reply_text: String::new(),
-            rcpt_reply: None,
-            duration_ms: 0,
-            reason: None,
-            bounce_type: None,
-            delay_dsn: false,
-            tried_first: Vec::new(),
-            suppress: None,
+            };
+            let mut a = local_outcome(ReceiptId::new(), 0, 90_000, status);
+            a.next_attempt_at_ms = next;
+            a.stage = Stage::Rcpt;
+            a.reply_code = Some(451);
+            a
         };
         let mut group = [
             at(Some(100_000)),

@@ -363,16 +363,22 @@ impl View {
     /// (`550 5.1.1`). In the corpus, mail systems' bounces with List-* or In-Reply-To fields
     /// all come from a MAILER-DAEMON-like From, which needs no corroboration.
     fn subject_corroborated(&self) -> bool {
-        let list = self.header("list-id").is_some() || self.header("list-unsubscribe").is_some();
+        let bulk = self.header("precedence").is_some_and(|p| {
+            ["bulk", "list", "junk"]
+                .iter()
+                .any(|b| p.trim().eq_ignore_ascii_case(b))
+        });
+        let list =
+            bulk || self.header("list-id").is_some() || self.header("list-unsubscribe").is_some();
         let reply = self.header("in-reply-to").is_some() || REPLY_SUBJECT.is_match(&self.subject);
         if list || reply {
             return false;
         }
-        let error_section = self.error_section();
+        // Failure wording alone is no evidence: a customer writes "delivery failed" about
+        // an invoice, a carrier about a parcel.
         self.returned_has_headers
             || self.header("x-failed-recipients").is_some()
-            || BOUNCE_TEXT.is_match(error_section)
-            || text::find_reply_status(error_section).is_some()
+            || text::find_reply_status(self.error_section()).is_some()
     }
 }
 
@@ -862,7 +868,11 @@ pub(crate) fn dsn_records(view: &View) -> Vec<BounceRecord> {
             .recipients
             .iter()
             .map(|b| {
-                let action = b.get("action").map(|a| a.to_ascii_lowercase());
+                // A stray byte after the word (`failed\u{fffd}`) is no part of it.
+                let action = b.get("action").map(|a| {
+                    a.trim_matches(|c: char| !c.is_ascii_alphabetic())
+                        .to_ascii_lowercase()
+                });
                 (b, action)
             })
             .collect();
@@ -985,9 +995,17 @@ fn prose_segments(view: &View, error_section: &str) -> Vec<(String, String)> {
         };
         let s = near(16);
         let wide = near(48);
-        ["from:", "from <", "sender", "from=", "message-id", "msgid"]
-            .iter()
-            .any(|w| contains_ignore_ascii_case(s, w))
+        [
+            "from:",
+            "from <",
+            "sender",
+            "from=",
+            "message-id",
+            "msgid",
+            "uid:",
+        ]
+        .iter()
+        .any(|w| contains_ignore_ascii_case(s, w))
             || ["contact", "please send", "questions"]
                 .iter()
                 .any(|w| contains_ignore_ascii_case(wide, w))

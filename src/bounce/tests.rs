@@ -1059,3 +1059,62 @@ fn a_bare_550_unknown_user_in_prose_reads_as_a_filter_but_at_rcpt_as_unknown() {
         (BounceReason::UserUnknown, BounceType::Hard)
     );
 }
+
+#[test]
+fn a_persons_mail_about_a_failed_delivery_is_no_bounce() {
+    // Failure wording in Subject and text, from a customer: no SMTP reply, nothing returned.
+    let customer = "From: Anna Berg <anna.berg@customer.example>\r\nTo: billing@vendor.example\r\n\
+        Subject: Undelivered invoices for March\r\n\r\n\
+        We never received the invoice at billing@customer.example. Delivery failed \
+        according to your portal.\r\n";
+    assert!(parse(customer.as_bytes()).is_empty());
+    // A newsletter marked bulk, explaining bounces with an example.
+    let newsletter = "From: Deliverability Weekly <news@esp.example>\r\nPrecedence: bulk\r\n\
+        Subject: Returned mail: what it means\r\n\r\n\
+        A typical hard bounce reads: 550 5.1.1 <someone@example.com>: User unknown\r\n";
+    assert!(parse(newsletter.as_bytes()).is_empty());
+    // An invitation whose UID looks like an address.
+    let invitation = "From: Team <team@company.example>\r\n\
+        Subject: Invitation: Mail delivery failures review\r\nContent-Type: text/calendar\r\n\r\n\
+        BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\nUID:abc123@company.example\r\n\
+        DESCRIPTION:Review of 550 5.1.1 user unknown bounces\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
+    assert!(
+        parse(invitation.as_bytes()).is_empty(),
+        "{:?}",
+        parse(invitation.as_bytes())
+    );
+}
+
+#[test]
+fn provider_wordings_of_reputation_blocks_and_spam() {
+    let dsn = |diag: &str| {
+        format!(
+            "From: MAILER-DAEMON@relay.example\r\nSubject: Undelivered Mail Returned to Sender\r\n\
+             MIME-Version: 1.0\r\n\
+             Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\
+             --B\r\nContent-Type: message/delivery-status\r\n\r\n\
+             Reporting-MTA: dns; relay.example\r\n\r\n\
+             Final-Recipient: rfc822; x@dest.example\r\nAction: failed\u{fffd}\r\n\
+             Status: 5.0.0\r\nDiagnostic-Code: smtp; {diag}\r\n\r\n--B--\r\n"
+        )
+    };
+    for (diag, reason) in [
+        (
+            "554 IP=192.0.2.5 - Message rejected due to IP reputation",
+            BounceReason::BadReputation,
+        ),
+        (
+            "550 5.7.708 Service unavailable. Access denied, traffic not accepted from this IP.",
+            BounceReason::Blocked,
+        ),
+        (
+            "550 Message rejected under suspicion of SPAM",
+            BounceReason::SpamDetected,
+        ),
+    ] {
+        let r = one(&dsn(diag));
+        assert_eq!(r.reason, reason, "{diag}");
+        // A stray byte after the action word is no part of it.
+        assert_eq!(r.action.as_deref(), Some("failed"));
+    }
+}

@@ -1211,6 +1211,44 @@ mod queue {
         assert!(dsn.contains("Status: 5.7.1"), "{dsn}");
         tokio::time::sleep(Duration::from_millis(1500)).await;
         assert_eq!(h.dsn_bodies().len(), 1);
+        assert_eq!(h.metrics.suppressed_recipients.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn only_a_refusal_of_the_recipient_itself_suppresses_it() {
+        let mut script = Script::default().rcpt(
+            "victim@dest.test",
+            &["550 5.1.0 <app@sender.test>: Sender address rejected: User unknown in local recipient table"],
+        );
+        // One DATA reply for the whole transaction of two recipients.
+        script.data_replies = vec!["550 5.1.1 user unknown".to_string()].into();
+        let h = harness(script, |c| {
+            c.delivery.dsn = false;
+        })
+        .await;
+        let r = h
+            .submit(message(
+                "app@sender.test",
+                &[
+                    ("victim@dest.test", None),
+                    ("one@dest.test", None),
+                    ("two@dest.test", None),
+                ],
+            ))
+            .await;
+        let log = h.wait(r, final_status).await;
+        let outcomes: Vec<_> = log
+            .recipients
+            .iter()
+            .map(|r| (r.address.as_str(), r.status, r.last_reply_text.as_deref()))
+            .collect();
+        assert!(
+            outcomes.iter().all(|o| o.1 == RecipientStatus::Failed),
+            "{outcomes:?}"
+        );
+        // Neither the sender's refusal nor a DATA reply naming no one suppresses anybody.
+        let now = chrono::Utc::now().timestamp_millis();
+        assert!(h.store.suppression_list(now).await.unwrap().is_empty());
     }
 
     #[tokio::test]

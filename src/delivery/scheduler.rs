@@ -1018,6 +1018,7 @@ async fn withhold_suppressed(
             entry.reason
         );
         tracing::info!(receipt = %msg.receipt, to = %rcpt.address, "suppressed while queued; not tried again");
+        ctx.metrics.suppressed_recipients.inc();
         if ctx.config.delivery.dsn
             && !msg.envelope_sender.is_empty()
             && dsn::wanted(rcpt.notify, Action::Failed)
@@ -1514,24 +1515,34 @@ async fn transact(
 /// The suppression-list entry for a recipient a receiving server refused for good with a
 /// hard reason (`550 5.1.1` at RCPT: userunknown; a null MX's notaccept): a synchronous hard
 /// bounce suppresses as a DSN's does (as Amazon SES's list takes both). Only a remote reply
-/// counts; a locally decided failure (expiry, a missing body) says nothing of the address.
+/// that speaks of this recipient counts ([`speaks_of_the_recipient`]); a locally decided
+/// failure (expiry, a missing body) says nothing of the address. `hard_reason`: the reason,
+/// when the classifier found it hard.
 fn hard_failure_suppression(
     ctx: &Context,
     address: &str,
     status: RecipientStatus,
-    remote_reply: bool,
-    reason: Option<&str>,
-    bounce_type: Option<&str>,
+    result: &client::RecipientResult,
+    transaction_recipients: usize,
+    hard_reason: Option<&str>,
     now: i64,
 ) -> Option<crate::store::Suppression> {
     let s = &ctx.config.suppression;
-    let hard = bounce_type == Some(crate::bounce::BounceType::Hard.as_str());
-    if !s.enabled || status != RecipientStatus::Failed || !remote_reply || !hard {
+    let about_recipient = result.reply.as_ref().is_some_and(|r| {
+        speaks_of_the_recipient(
+            result.stage,
+            transaction_recipients,
+            r.enhanced_status.as_deref(),
+            &r.text,
+        )
+    });
+    let reason = hard_reason?;
+    if !s.enabled || status != RecipientStatus::Failed || !about_recipient {
         return None;
     }
     Some(crate::store::Suppression {
         address: address.to_string(),
-        reason: reason.unwrap_or("undefined").to_string(),
+        reason: reason.to_string(),
         source: "bounce".to_string(),
         first_at_ms: now,
         last_at_ms: now,
@@ -1539,6 +1550,39 @@ fn hard_failure_suppression(
         expires_at_ms: (!s.expiry.is_zero())
             .then(|| now.saturating_add(i64::try_from(s.expiry.as_millis()).unwrap_or(i64::MAX))),
     })
+}
+
+/// Whether a permanent refusal speaks of the recipient's own mailbox, so that it may
+/// suppress that address: not a DATA reply to a transaction of several recipients (one
+/// reply for all, RFC 5321 4.2.5: it cannot say which mailbox is unknown), and not a reply
+/// about the sender, which Postfix gives at RCPT (`550 5.1.0 <app@...>: Sender address
+/// rejected: User unknown in local recipient table`; RFC 3463 X.1.7 and X.1.8 are the bad
+/// sender's codes): one bad sender address put every recipient on the list.
+fn speaks_of_the_recipient(
+    stage: Stage,
+    transaction_recipients: usize,
+    enhanced_status: Option<&str>,
+    text: &str,
+) -> bool {
+    if stage == Stage::Data && transaction_recipients > 1 {
+        return false;
+    }
+    if enhanced_status.is_some_and(|e| {
+        e.get(1..)
+            .is_some_and(|rest| rest == ".1.7" || rest == ".1.8")
+    }) {
+        return false;
+    }
+    let text = text.to_ascii_lowercase();
+    ![
+        "sender address",
+        "sender rejected",
+        "sender domain",
+        "sender verif",
+        "bad sender",
+    ]
+    .iter()
+    .any(|w| text.contains(w))
 }
 
 fn judge(
@@ -1658,9 +1702,11 @@ fn judge(
             ctx,
             &rcpt.address,
             v.status,
-            result.reply.is_some(),
-            reason.as_deref(),
-            bounce_type.as_deref(),
+            result,
+            recipients.len(),
+            reason
+                .as_deref()
+                .filter(|_| bounce_type.as_deref() == Some(BounceType::Hard.as_str())),
             now,
         );
         attempts.push(AttemptRecord {
@@ -1994,6 +2040,57 @@ mod tests {
         assert_eq!(jitter_unit(r, 2), u);
         let others: Vec<f64> = (0..20).map(|_| jitter_unit(ReceiptId::new(), 2)).collect();
         assert!(others.iter().any(|o| (o - u).abs() > 0.01), "{others:?}");
+    }
+
+    #[test]
+    fn only_a_refusal_of_the_recipient_itself_may_suppress_it() {
+        let unknown = "5.1.1 <bob@dest.test>: Recipient address rejected: User unknown";
+        assert!(speaks_of_the_recipient(
+            Stage::Rcpt,
+            3,
+            Some("5.1.1"),
+            unknown
+        ));
+        assert!(speaks_of_the_recipient(
+            Stage::Rcpt,
+            1,
+            None,
+            "user unknown"
+        ));
+        // One DATA reply for three recipients names none of them; for one, it does.
+        assert!(!speaks_of_the_recipient(
+            Stage::Data,
+            3,
+            Some("5.1.1"),
+            "user unknown"
+        ));
+        assert!(speaks_of_the_recipient(
+            Stage::Data,
+            1,
+            Some("5.1.1"),
+            "user unknown"
+        ));
+        // Postfix's sender restrictions, reported at RCPT.
+        let sender =
+            "<app@snd.test>: Sender address rejected: User unknown in local recipient table";
+        assert!(!speaks_of_the_recipient(
+            Stage::Rcpt,
+            1,
+            Some("5.1.0"),
+            sender
+        ));
+        assert!(!speaks_of_the_recipient(
+            Stage::Rcpt,
+            1,
+            Some("5.1.7"),
+            "<app@snd.test>: undeliverable address: 550 5.1.1 user unknown"
+        ));
+        assert!(!speaks_of_the_recipient(
+            Stage::Rcpt,
+            1,
+            Some("5.1.8"),
+            "Access denied"
+        ));
     }
 
     #[test]

@@ -1299,8 +1299,10 @@ pub(crate) fn text_records(view: &View) -> Vec<BounceRecord> {
 /// A record read from bounce prose: `diagnostic` is the text about `recipient`.
 fn prose_record(recipient: String, diagnostic: String, delayed: bool) -> BounceRecord {
     let mut r = BounceRecord::new(recipient, BounceKind::Heuristic);
-    r.status =
-        text::find_reply_status(&diagnostic).or_else(|| text::find_enhanced_status(&diagnostic));
+    // A success code in a session transcript (`<<< 250 2.1.0 Sender ok`) is no failure's.
+    r.status = text::find_reply_status(&diagnostic)
+        .or_else(|| text::find_enhanced_status(&diagnostic))
+        .filter(|s| !s.starts_with('2'));
     r.reply_code = text::find_reply_code(&diagnostic);
     r.smtp_command = text::find_command(&diagnostic).map(str::to_string);
     r.action = Some(if delayed { "delayed" } else { "failed" }.to_string());

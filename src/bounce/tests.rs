@@ -1118,3 +1118,20 @@ fn provider_wordings_of_reputation_blocks_and_spam() {
         assert_eq!(r.action.as_deref(), Some("failed"));
     }
 }
+
+#[test]
+fn a_success_code_in_a_transcript_is_no_failure_status() {
+    let r = one(
+        "From: MAILER-DAEMON@mx.example.net\r\nTo: app@example.com\r\n\
+         Subject: Returned mail: see transcript for details\r\n\r\n\
+         bob@remote.example: delivery failed\r\n\
+         ----- Transcript of session follows -----\r\n\
+         >>> MAIL From:<app@example.com>\r\n\
+         <<< 250 2.1.0 Sender ok\r\n\
+         >>> RCPT To:<bob@remote.example>\r\n\
+         <<< 550 User unknown\r\n",
+    );
+    assert_eq!(r.recipient, "bob@remote.example");
+    assert_eq!(r.reply_code, Some(550));
+    assert_ne!(r.status.as_deref(), Some("2.1.0"));
+}

@@ -29,8 +29,41 @@ pub struct SuppressionCache {
     refresh: tokio::sync::Mutex<()>,
 }
 
+/// An address as the list is looked up by: lowercased, an IDN domain in its Unicode form
+/// (so `dave@xn--bcher-kva.test` and `dave@bücher.test` are one entry, RFC 5890).
 fn key(address: &str) -> String {
-    address.trim().to_lowercase()
+    let lower = address.trim().to_lowercase();
+    match lower.rsplit_once('@') {
+        Some((local, domain)) if domain.contains("xn--") && !domain.starts_with('[') => {
+            let (unicode, errors) = idna::domain_to_unicode(domain);
+            if errors.is_ok() {
+                format!("{local}@{unicode}")
+            } else {
+                lower
+            }
+        }
+        _ => lower,
+    }
+}
+
+/// `address` (lowercased) with its domain in the other IDN spelling: the A-label form of a
+/// Unicode domain, the Unicode form of one with `xn--` labels; `None` when the domain has
+/// neither (plain ASCII, an address literal) or does not convert.
+pub fn other_idn_spelling(address: &str) -> Option<String> {
+    let (local, domain) = address.rsplit_once('@')?;
+    if domain.starts_with('[') {
+        return None;
+    }
+    let other = if !domain.is_ascii() {
+        idna::domain_to_ascii(domain).ok()?
+    } else if domain.contains("xn--") {
+        let (unicode, errors) = idna::domain_to_unicode(domain);
+        errors.ok()?;
+        unicode
+    } else {
+        return None;
+    };
+    (other != domain).then(|| format!("{local}@{other}"))
 }
 
 /// The live entry for `address` in `entries` at `now_ms` (expired entries do not count).
@@ -138,6 +171,54 @@ mod tests {
         assert!(live_entry(&map, "old@example.org", 999).is_some());
         assert!(live_entry(&map, "old@example.org", 1_000).is_none());
         assert!(live_entry(&map, "other@example.org", 0).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_idn_domain_is_one_entry_in_either_spelling() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(
+            crate::store::sqlite::SqliteStore::open_path(&dir.path().join("t.db")).unwrap(),
+        );
+        let cache = SuppressionCache::new(store.clone());
+        store
+            .suppress(entry("dave@B\u{dc}cher.test", None))
+            .await
+            .unwrap();
+        store
+            .suppress(entry("eve@xn--bcher-kva.test", None))
+            .await
+            .unwrap();
+        cache.invalidate();
+        for (address, other) in [
+            ("dave@xn--bcher-kva.test", "dave@b\u{fc}cher.test"),
+            ("eve@b\u{fc}cher.test", "eve@XN--BCHER-KVA.test"),
+        ] {
+            // At RCPT (the cache) and by `suppress check` (the store).
+            assert!(
+                cache.lookup(address, 0).await.unwrap().is_some(),
+                "{address}"
+            );
+            assert!(cache.lookup(other, 0).await.unwrap().is_some(), "{other}");
+            assert!(
+                store.suppressed(address, 0).await.unwrap().is_some(),
+                "{address}"
+            );
+            assert!(
+                store.suppressed(other, 0).await.unwrap().is_some(),
+                "{other}"
+            );
+        }
+        // Removed under the other spelling, it is gone.
+        assert!(store.unsuppress("dave@xn--bcher-kva.test").await.unwrap());
+        assert!(
+            store
+                .suppressed("dave@b\u{fc}cher.test", 0)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(other_idn_spelling("a@example.org"), None);
+        assert_eq!(other_idn_spelling("a@[192.0.2.1]"), None);
     }
 
     #[tokio::test]

@@ -46,6 +46,17 @@ pub(crate) fn address_key(address: &str) -> String {
     address.trim().to_lowercase()
 }
 
+/// The keys an address's suppression entry may be stored under: [`address_key`] with its
+/// domain as written, and with an IDN domain in its other spelling (`xn--bcher-kva.test`
+/// for `bücher.test` and back, RFC 5890: the same domain); the same key twice when there is
+/// no other.
+pub(crate) fn address_key_spellings(address: &str) -> [String; 2] {
+    let key = address_key(address);
+    let other =
+        crate::checks::suppressions::other_idn_spelling(&key).unwrap_or_else(|| key.clone());
+    [key, other]
+}
+
 pub(crate) fn stage_str(s: Stage) -> &'static str {
     match s {
         Stage::Dns => "dns",

@@ -625,12 +625,15 @@ pub fn suppressed(
     address: &str,
     now_ms: i64,
 ) -> Result<Option<Suppression>, StoreError> {
+    // Under the address as written or in its domain's other IDN spelling.
+    let [key, other] = super::address_key_spellings(address);
     conn.query_row(
         &format!(
             "SELECT {SUPPRESSION_COLUMNS}
-             WHERE address_lc = ?1 AND (expires_at IS NULL OR expires_at > ?2)"
+             WHERE address_lc IN (?1, ?3) AND (expires_at IS NULL OR expires_at > ?2)
+             ORDER BY last_at DESC LIMIT 1"
         ),
-        params![address_key(address), now_ms],
+        params![key, now_ms, other],
         suppression_row,
     )
     .optional()

@@ -796,17 +796,18 @@ pub fn suppress(conn: &Connection, s: &Suppression) -> Result<(), StoreError> {
 /// soft-bounce run (`acted` cleared): removed by hand once the address was fixed, it starts
 /// from zero, not one soft bounce short of being suppressed again.
 pub fn unsuppress(conn: &Connection, address: &str) -> Result<bool, StoreError> {
-    let key = address_key(address);
+    // Under either IDN spelling of its domain.
+    let [key, other] = super::address_key_spellings(address);
     let changed = conn
         .execute(
-            "DELETE FROM suppressions WHERE address_lc = ?1",
-            params![key],
+            "DELETE FROM suppressions WHERE address_lc IN (?1, ?2)",
+            params![key, other],
         )
         .map_err(storage)?;
     if changed > 0 {
         conn.execute(
-            "UPDATE bounces SET acted = 0 WHERE recipient_lc = ?1 AND acted = 1",
-            params![key],
+            "UPDATE bounces SET acted = 0 WHERE recipient_lc IN (?1, ?2) AND acted = 1",
+            params![key, other],
         )
         .map_err(storage)?;
     }

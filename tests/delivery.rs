@@ -1305,6 +1305,13 @@ mod queue {
             .map(|s| (s.address.as_str(), s.reason.as_str(), s.source.as_str()))
             .collect();
         assert_eq!(listed, [("unknown@dest.test", "userunknown", "bounce")]);
+        // Its log says so, after the reply that caused it.
+        let kinds: Vec<&str> = unknown.events.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            ["accepted", "attempt", "address_suppressed", "dsn_sent"],
+            "{kinds:?}"
+        );
 
         // The DSN for the failed recipient comes back to the sender's MX (same test MX), from
         // the null sender, with the RFC 3464 fields.

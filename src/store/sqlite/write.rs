@@ -301,6 +301,21 @@ pub fn record_attempt(
     )?;
     if let Some(entry) = &a.suppress {
         suppress(conn, entry)?;
+        // Said on the recipient, so that its log shows why the next message to the address
+        // is not relayed.
+        append_event(
+            conn,
+            &receipt,
+            a.rcpt_index,
+            &Event {
+                at: a.at_ms,
+                kind: "address_suppressed",
+                status: a.status.as_str(),
+                reason: Some(&entry.reason),
+                reply_text: Some("address put on the suppression list"),
+                ..Event::default()
+            },
+        )?;
     }
     if a.delay_dsn {
         let status = if kept_final {

@@ -1528,6 +1528,10 @@ fn hard_failure_suppression(
     now: i64,
 ) -> Option<crate::store::Suppression> {
     let s = &ctx.config.suppression;
+    let reason = hard_reason?;
+    if !s.enabled || status != RecipientStatus::Failed {
+        return None;
+    }
     let about_recipient = result.reply.as_ref().is_some_and(|r| {
         speaks_of_the_recipient(
             result.stage,
@@ -1536,8 +1540,7 @@ fn hard_failure_suppression(
             &r.text,
         )
     });
-    let reason = hard_reason?;
-    if !s.enabled || status != RecipientStatus::Failed || !about_recipient {
+    if !about_recipient {
         return None;
     }
     Some(crate::store::Suppression {

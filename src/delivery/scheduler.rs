@@ -998,6 +998,11 @@ async fn withhold_suppressed(
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(receipt = %msg.receipt, error = %e, "cannot read the suppression list");
+                // As for a body that cannot be read: a pause before the message is due again.
+                tokio::select! {
+                    _ = ctx.shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(STORE_RETRY_FIRST) => {}
+                }
                 return None;
             }
         }

@@ -1135,3 +1135,10 @@ fn a_success_code_in_a_transcript_is_no_failure_status() {
     assert_eq!(r.reply_code, Some(550));
     assert_ne!(r.status.as_deref(), Some("2.1.0"));
 }
+
+#[test]
+fn a_sender_refusal_reported_at_rcpt_is_about_the_sender() {
+    let reply = "550 5.1.0 <app@snd.example>: Sender address rejected: User unknown in local recipient table";
+    let (reason, _) = crate::bounce::classify_reply(550, Some("5.1.0"), reply, Some("RCPT"));
+    assert_eq!(reason, BounceReason::Rejected);
+}

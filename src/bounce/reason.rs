@@ -135,7 +135,9 @@ pub fn bounce_type(
         Feedback => BounceType::Complaint,
         Vacation => BounceType::Autoreply,
         Undefined | OnHold | Delivered => BounceType::Undetermined,
-        UserUnknown | HostUnknown | HasMoved => BounceType::Hard,
+        // Suppressed: an address the provider will not send to again (Amazon SES reports it
+        // as a Permanent bounce), nor will we.
+        UserUnknown | HostUnknown | HasMoved | Suppressed => BounceType::Hard,
         NotAccept => {
             let permanent = match (status, reply_code) {
                 (Some(s), _) if !s.is_empty() => s.starts_with('5'),

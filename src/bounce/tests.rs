@@ -1142,3 +1142,18 @@ fn a_sender_refusal_reported_at_rcpt_is_about_the_sender() {
     let (reason, _) = crate::bounce::classify_reply(550, Some("5.1.0"), reply, Some("RCPT"));
     assert_eq!(reason, BounceReason::Rejected);
 }
+
+#[test]
+fn a_negated_your_message_was_is_the_failure_not_the_returned_message() {
+    // Exchange's "Your message wasn't delivered" opens the error section, not the copy.
+    let r = one(
+        "From: Microsoft Outlook <MicrosoftExchange@corp.example>\r\nTo: app@example.com\r\n\
+         Subject: Undeliverable: invoice\r\n\r\n\
+         Your message wasn't delivered to bob@corp.example because the address couldn't be found.\r\n\r\n\
+         Diagnostic information for administrators:\r\n\r\n\
+         Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'\r\n",
+    );
+    assert_eq!(r.recipient, "bob@corp.example");
+    assert_eq!(r.status.as_deref(), Some("5.1.1"));
+    assert_eq!(r.reason, BounceReason::UserUnknown);
+}

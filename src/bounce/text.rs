@@ -98,7 +98,7 @@ static HEADER_LINE: LazyLock<Regex> = LazyLock::new(|| {
 /// The phrases of a line that introduces the returned message, after any run of punctuation
 /// and blank lines that opens it. Searched anchored, only at lines whose first word opens one
 /// of them ([`MARKER_WORDS`]).
-const MARKER_PHRASES: &str = r"(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was)|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)";
+const MARKER_PHRASES: &str = r"(?:below this line is a copy of the message|this is a copy of the (?:message|headers)|original message (?:follows|headers?)|(?:the )?(?:header|headers) of (?:the )?original message|returned message|your message (?:reads|follows|was(?:$|[^n']| [^n]))|original message|message headers follow|unsent message below|undelivered message (?:headers )?follows|copy of (?:the )?original message|the original message (?:headers )?(?:is|are) (?:attached|included|below|as follows)|original message (?:text|header)|content-type: message/rfc822|content-type: text/rfc822-headers|start of returned message)";
 
 static MARKER_AT: LazyLock<Regex> = LazyLock::new(|| re(&format!("(?i)^{MARKER_PHRASES}")));
 

@@ -486,7 +486,8 @@ mod tests {
             RecipientVerdict::AcceptWithOutcome(p) => {
                 assert_eq!(p.status, RecipientStatus::Suppressed);
                 assert_eq!(p.reason, "suppressed");
-                assert_eq!(p.bounce_type, "soft");
+                // Permanent, as Amazon SES reports a suppressed address: not retried.
+                assert_eq!(p.bounce_type, "hard");
                 assert!(p.text.contains("userunknown"), "{}", p.text);
             }
             other => panic!("{other:?}"),

@@ -36,7 +36,7 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
     }
     let _ = writeln!(
         out,
-        "{:>6}  {:<24}  {:<32}  {:<15}  {:<10}  {:<9}  {:<6}  {:<26}  {:<10}  {:<9}  diagnostic",
+        "{:>6}  {:<24}  {:<32}  {:<15}  {:<12}  {:<9}  {:<6}  {:<26}  {:<10}  {:<9}  diagnostic",
         "id",
         "time",
         "recipient",
@@ -64,7 +64,7 @@ pub fn render_bounces(bounces: &[StoredBounce], json: bool) -> String {
             .collect::<String>();
         let _ = writeln!(
             out,
-            "{:>6}  {:<24}  {:<32}  {:<15}  {:<10}  {:<9}  {:<6}  {:<26}  {:<10}  {:<9}  {}",
+            "{:>6}  {:<24}  {:<32}  {:<15}  {:<12}  {:<9}  {:<6}  {:<26}  {:<10}  {:<9}  {}",
             b.id,
             format_time(f.at_ms),
             sanitize(&f.recipient),

@@ -549,7 +549,9 @@ fn bounce_row(r: &Row) -> rusqlite::Result<StoredBounce> {
 /// Bounces matching every filter, newest first; with `first_only`, the oldest matching
 /// bounce of each address. A success report (reason `delivered`, a DSN saying the mail
 /// arrived) is listed, but is no unhandled bounce and no address's first bounce: there is
-/// nothing to handle. A `limit` of 0 means no limit.
+/// nothing to handle. (Auto-replies and delay notices stay on the unhandled list: the
+/// issue's admin handles what came back, and a delay may turn into a failure.) A `limit`
+/// of 0 means no limit.
 pub fn bounces(conn: &Connection, q: &BounceQuery) -> Result<Vec<StoredBounce>, StoreError> {
     let sql = "
         WITH matching AS (

@@ -2518,6 +2518,20 @@ async fn a_success_report_is_no_unhandled_bounce_and_no_first_bounce() {
     success.new_status = None;
     let delivered = record_bounce(&store, success).await;
     let failed = record_bounce(&store, new_bounce(None, None, 2_000)).await;
+    // An auto-reply and a delay notice stay on the unhandled list.
+    let mut vacation = new_bounce(None, None, 3_000);
+    vacation.facts.kind = "autoreply".into();
+    vacation.facts.reason = "vacation".into();
+    vacation.facts.bounce_type = "autoreply".into();
+    vacation.new_status = None;
+    let vacation = record_bounce(&store, vacation).await;
+    let mut delay = new_bounce(None, None, 4_000);
+    delay.facts.action = Some("delayed".into());
+    delay.facts.status = Some("4.4.1".into());
+    delay.facts.reason = "expired".into();
+    delay.facts.bounce_type = "soft".into();
+    delay.new_status = None;
+    let delay = record_bounce(&store, delay).await;
     let ids = |v: Vec<StoredBounce>| v.iter().map(|b| b.id).collect::<Vec<_>>();
     let q = |unhandled_only, first_only| BounceQuery {
         unhandled_only,
@@ -2527,8 +2541,11 @@ async fn a_success_report_is_no_unhandled_bounce_and_no_first_bounce() {
     // Listed with the rest, but there is nothing to handle in it, and it is no bounce.
     assert_eq!(
         ids(store.bounces(&q(false, false)).await.unwrap()),
-        [failed, delivered]
+        [delay, vacation, failed, delivered]
     );
-    assert_eq!(ids(store.bounces(&q(true, false)).await.unwrap()), [failed]);
+    assert_eq!(
+        ids(store.bounces(&q(true, false)).await.unwrap()),
+        [delay, vacation, failed]
+    );
     assert_eq!(ids(store.bounces(&q(false, true)).await.unwrap()), [failed]);
 }

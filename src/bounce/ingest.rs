@@ -1094,8 +1094,9 @@ mod tests {
         // An Exchange-style notice that quotes only the remote reply.
         let notice = "From: MAILER-DAEMON@mx.remote.test\r\nMessage-ID: <n1@mx.remote.test>\r\n\
                       Subject: Undeliverable: newsletter\r\n\r\nDelivery has failed to these \
-                      recipients or groups.\r\n\r\nRemote Server returned '550 5.1.1 \
-                      RESOLVER.ADR.RecipNotFound; not found'\r\n";
+                      recipients or groups:\r\n\r\nYour message wasn't delivered.\r\n\r\n\
+                      Diagnostic information for administrators:\r\n\r\n\
+                      Remote Server returned '550 5.1.1 RESOLVER.ADR.RecipNotFound; not found'\r\n";
         let verp = verp::encode(&key, "bounces", "bounce.test", receipt, 1);
         inbound_to(&store, &verp, notice).await;
         // To the plain bounce address nothing says whom it is about: no record.

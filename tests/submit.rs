@@ -88,6 +88,23 @@ fn an_address_pasted_with_its_display_name_finds_its_messages() {
     // A receipt id pasted in brackets after a word is still a receipt.
     let text = m.cli_ok(&["log", &format!("receipt <{receipt}>")]);
     assert!(text.contains("Bob.Mixed@OK.test"), "{text}");
+    // A receipt the store has no message for is said to be so, as `queue retry` says it:
+    // exit 1 from the CLI, a JSON 404 from the API.
+    let unknown = mailtrail::receipt::ReceiptId::new().to_string();
+    let out = m.cli(&["log", &unknown]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no message with receipt"), "{err}");
+    let (status, body) = m.http_get(&format!("/api/log/{unknown}"));
+    assert_eq!(status, 404, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("no message with receipt"),
+        "{body}"
+    );
 }
 
 #[test]

@@ -527,7 +527,19 @@ async fn log(
         Ok(q) => q,
         Err(e) => return bad_request(e.to_string()),
     };
+    let unfiltered = args.since.is_none() && args.until.is_none() && args.before.is_none();
     match state.store.log(&query).await {
+        // A receipt names one message: none is a 404, as for any resource that is not there.
+        Ok(messages)
+            if messages.is_empty()
+                && unfiltered
+                && matches!(query.key, crate::store::LogKey::Receipt(_)) =>
+        {
+            json_error(
+                StatusCode::NOT_FOUND,
+                crate::cli::log::no_such_receipt(&args.key),
+            )
+        }
         // The objects `mailtrail log --json` prints a line each, RFC 3339 times included.
         Ok(messages) => axum::Json(
             messages

@@ -463,6 +463,15 @@ pub fn add_times(obj: &mut serde_json::Value, keys: &[(&str, &str)]) {
 
 /// A [`MessageLog`] as JSON, with every `*_ms` time also given as RFC 3339 (`received_at`,
 /// `updated_at`, `next_attempt_at`, `at`).
+/// What `log` and the API say of a receipt the store has no message for.
+pub fn no_such_receipt(key: &str) -> String {
+    format!(
+        "no message with receipt {}: never accepted here, or its log was purged \
+         ([delivery] log_retention)",
+        sanitize(key.trim())
+    )
+}
+
 pub fn to_json(m: &MessageLog) -> serde_json::Value {
     let mut v = serde_json::to_value(m).unwrap_or(serde_json::Value::Null);
     add_time(&mut v, "received_at_ms", "received_at");

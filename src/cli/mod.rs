@@ -160,6 +160,16 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
             let reader = crate::store::sqlite::open_read_only(&config)?;
             let mut messages = reader.log(&query)?;
             let more = log::cut_to(&mut messages, args.limit);
+            // A receipt names one message: none is an answer of its own, as `queue retry`
+            // gives it (exit 1), where an address may simply have had no mail.
+            let unfiltered = args.since.is_none() && args.until.is_none() && args.before.is_none();
+            if messages.is_empty()
+                && unfiltered
+                && matches!(query.key, crate::store::LogKey::Receipt(_))
+            {
+                eprintln!("mailtrail: {}", log::no_such_receipt(&args.key));
+                return Ok(ExitCode::from(1));
+            }
             if messages.is_empty() && !json {
                 writeln!(out, "no messages for {}", log::sanitize(&args.key))?;
             }

@@ -159,6 +159,9 @@ struct Context {
     suspended: Mutex<HashMap<Destination, Suspension>>,
     /// Whether new work waits because the store cannot record what delivery does.
     pause: Pause,
+    /// The suppression list in memory, for the look before a retry (one store read per
+    /// retried recipient otherwise); reloaded when the store's list version moves.
+    suppressions: crate::checks::SuppressionCache,
 }
 
 /// Delivery takes no new work (no connection, no transaction) while the store cannot
@@ -332,6 +335,7 @@ impl Context {
             pool: Pool::new(d.max_connections, d.max_connections_per_destination),
             suspended: Mutex::new(HashMap::new()),
             pause: Pause::default(),
+            suppressions: crate::checks::SuppressionCache::new(store.clone()),
             resolver,
             mx_settings,
             route_settings,
@@ -980,7 +984,8 @@ fn local_outcome(
 /// `msg` without the recipients put on the suppression list since their last attempt (a
 /// complaint, another message's hard bounce, `suppress add`): each is recorded `suppressed`
 /// with a failure DSN, as at accept, instead of being tried again. A first attempt was
-/// checked at RCPT and is not looked up again. `None` when the store could not be read or
+/// checked at RCPT and is not looked up again; a retry is looked up in memory (the list at
+/// most [`crate::checks::suppressions::RECHECK`] old). `None` when the store could not be read or
 /// written: the message stays due.
 async fn withhold_suppressed(
     ctx: &Context,
@@ -993,7 +998,7 @@ async fn withhold_suppressed(
     let now = now_ms();
     let mut withheld = Vec::new();
     for r in msg.recipients.iter().filter(|r| r.attempts > 0) {
-        match ctx.store.suppressed(&r.address, now).await {
+        match ctx.suppressions.lookup(&r.address, now).await {
             Ok(Some(entry)) => withheld.push((r.index, entry)),
             Ok(None) => {}
             Err(e) => {

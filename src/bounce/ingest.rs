@@ -215,15 +215,21 @@ impl BounceIngest {
         let verp_tag = self.verp_tag(envelope_recipients);
         // Sent to a copy's VERP address, a failure notice is about that copy even when its
         // text names no recipient the parser finds.
-        let about = match verp_tag {
-            Some(tag) => self
-                .store
-                .recipient(tag.receipt, tag.rcpt_index)
-                .await?
-                .map(|r| r.address),
+        // The copy the envelope's VERP address names, looked up once for every record.
+        let envelope_copy = match verp_tag {
+            Some(tag) => Some(Match {
+                receipt: tag.receipt,
+                rcpt_index: tag.rcpt_index,
+                correlation: Correlation::Verp,
+                recipient: self.store.recipient(tag.receipt, tag.rcpt_index).await?,
+            }),
             None => None,
         };
-        let records = match &about {
+        let about = envelope_copy
+            .as_ref()
+            .and_then(|m| m.recipient.as_ref())
+            .map(|r| r.address.as_str());
+        let records = match about {
             Some(address) => super::parse_about(raw, &self.classifier, address),
             None => super::parse_with(raw, &self.classifier),
         };
@@ -238,7 +244,10 @@ impl BounceIngest {
         let dated_ms = own.date_ms.map_or(now, |d| d.min(now));
         let mut matches = Vec::with_capacity(records.len());
         for record in &records {
-            matches.push(self.correlate(record, verp_tag, dated_ms).await?);
+            matches.push(
+                self.correlate(record, envelope_copy.as_ref(), dated_ms)
+                    .await?,
+            );
         }
         let acting = one_acting_per_verp_copy(&records, &matches);
         let mut bounces: Vec<NewBounce> = Vec::with_capacity(records.len());
@@ -352,14 +361,17 @@ impl BounceIngest {
     async fn correlate(
         &self,
         record: &BounceRecord,
-        verp_tag: Option<verp::VerpTag>,
+        envelope_copy: Option<&Match>,
         dated_ms: i64,
     ) -> Result<Option<Match>, StoreError> {
-        // The envelope's VERP address, else the one the report gives as the returned
-        // message's envelope sender (ARF `Original-Mail-From`, Postfix's `X-Postfix-Sender`,
-        // the returned `Return-Path`): only we and that copy's recipient know its MAC.
-        let verp_tag = verp_tag.or_else(|| {
-            let key = self.verp_key.as_deref()?;
+        // The copy the envelope's VERP address names, else the one whose VERP address the
+        // report gives as the returned message's envelope sender (ARF `Original-Mail-From`,
+        // Postfix's `X-Postfix-Sender`, the returned `Return-Path`): only we and that copy's
+        // recipient know its MAC.
+        if let Some(copy) = envelope_copy {
+            return Ok(Some(copy.clone()));
+        }
+        let verp_tag = self.verp_key.as_deref().and_then(|key| {
             let d = &self.config.delivery;
             let sender = record.original_sender.as_deref()?;
             verp::decode(key, &d.bounce_local_part, &d.bounce_domain, sender).ok()
@@ -452,8 +464,7 @@ impl BounceIngest {
         } else {
             false
         };
-        let expires_at_ms = (!s.expiry.is_zero())
-            .then(|| now.saturating_add(i64::try_from(s.expiry.as_millis()).unwrap_or(i64::MAX)));
+        let expires_at_ms = s.expires_at(now);
         Ok(suppress.then(|| Suppression {
             address: address.to_string(),
             reason: record.reason.as_str().to_string(),

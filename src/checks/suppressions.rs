@@ -33,37 +33,7 @@ pub struct SuppressionCache {
 /// (so `dave@xn--bcher-kva.test` and `dave@bücher.test` are one entry, RFC 5890).
 fn key(address: &str) -> String {
     let lower = address.trim().to_lowercase();
-    match lower.rsplit_once('@') {
-        Some((local, domain)) if domain.contains("xn--") && !domain.starts_with('[') => {
-            let (unicode, errors) = idna::domain_to_unicode(domain);
-            if errors.is_ok() {
-                format!("{local}@{unicode}")
-            } else {
-                lower
-            }
-        }
-        _ => lower,
-    }
-}
-
-/// `address` (lowercased) with its domain in the other IDN spelling: the A-label form of a
-/// Unicode domain, the Unicode form of one with `xn--` labels; `None` when the domain has
-/// neither (plain ASCII, an address literal) or does not convert.
-pub fn other_idn_spelling(address: &str) -> Option<String> {
-    let (local, domain) = address.rsplit_once('@')?;
-    if domain.starts_with('[') {
-        return None;
-    }
-    let other = if !domain.is_ascii() {
-        idna::domain_to_ascii(domain).ok()?
-    } else if domain.contains("xn--") {
-        let (unicode, errors) = idna::domain_to_unicode(domain);
-        errors.ok()?;
-        unicode
-    } else {
-        return None;
-    };
-    (other != domain).then(|| format!("{local}@{other}"))
+    crate::store::idn_unicode_spelling(&lower).unwrap_or(lower)
 }
 
 /// The live entry for `address` in `entries` at `now_ms` (expired entries do not count).
@@ -217,8 +187,8 @@ mod tests {
                 .unwrap()
                 .is_none()
         );
-        assert_eq!(other_idn_spelling("a@example.org"), None);
-        assert_eq!(other_idn_spelling("a@[192.0.2.1]"), None);
+        assert_eq!(crate::store::other_idn_spelling("a@example.org"), None);
+        assert_eq!(crate::store::other_idn_spelling("a@[192.0.2.1]"), None);
     }
 
     #[tokio::test]

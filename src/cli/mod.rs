@@ -358,7 +358,6 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
                     .await?
                     .map_or_else(|| "manual".to_string(), |s| s.reason),
             };
-            let expiry = config.suppression.expiry;
             store
                 .suppress(crate::store::Suppression {
                     address: address.clone(),
@@ -367,8 +366,7 @@ async fn run_store_command(config: Config, request: Request) -> anyhow::Result<E
                     first_at_ms: now,
                     last_at_ms: now,
                     count: 1,
-                    expires_at_ms: (!expiry.is_zero())
-                        .then(|| now + i64::try_from(expiry.as_millis()).unwrap_or(i64::MAX / 2)),
+                    expires_at_ms: config.suppression.expires_at(now),
                 })
                 .await?;
             writeln!(out, "{address} suppressed")?;

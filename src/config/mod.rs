@@ -397,6 +397,15 @@ impl Default for SuppressionConfig {
     }
 }
 
+impl SuppressionConfig {
+    /// When an entry made at `now_ms` lapses: `None` with an expiry of 0 (forever).
+    pub fn expires_at(&self, now_ms: i64) -> Option<i64> {
+        (!self.expiry.is_zero()).then(|| {
+            now_ms.saturating_add(i64::try_from(self.expiry.as_millis()).unwrap_or(i64::MAX))
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum SuppressionAction {

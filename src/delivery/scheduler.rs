@@ -1061,13 +1061,7 @@ async fn withhold_suppressed(
         );
         attempts.push(a);
     }
-    let mut dsns = Vec::new();
-    for (_, mut list) in reports {
-        list.sort_by(|a, b| a.address.cmp(&b.address));
-        if let Some(m) = dsn::build(&ctx.config.hostname, &msg, body, &list, now) {
-            dsns.push(dsn::notice(msg.receipt, m, &list));
-        }
-    }
+    let dsns = dsn_notices(ctx, &msg, body, reports, now);
     // Not recorded only when shutdown came first: the message stays due for the next start.
     if !record_attempts(ctx, msg.receipt, attempts, dsns).await {
         return None;
@@ -1279,6 +1273,24 @@ fn align_retries(attempts: &mut [AttemptRecord]) {
     }
 }
 
+/// One DSN per kind of report, each listing its recipients in address order.
+fn dsn_notices(
+    ctx: &Context,
+    msg: &QueuedMessage,
+    body: &[u8],
+    reports: HashMap<ReportKind, Vec<ReportRecipient>>,
+    now: i64,
+) -> Vec<DsnNotice> {
+    let mut dsns = Vec::new();
+    for (_, mut list) in reports {
+        list.sort_by(|a, b| a.address.cmp(&b.address));
+        if let Some(m) = dsn::build(&ctx.config.hostname, msg, body, &list, now) {
+            dsns.push(dsn::notice(msg.receipt, m, &list));
+        }
+    }
+    dsns
+}
+
 /// Records the attempts of `parts` with one DSN per kind for all their reports, in one commit.
 async fn commit(ctx: &Context, msg: &QueuedMessage, body: &[u8], parts: Vec<Judged>) -> bool {
     let mut attempts = Vec::new();
@@ -1291,13 +1303,7 @@ async fn commit(ctx: &Context, msg: &QueuedMessage, body: &[u8], parts: Vec<Judg
     }
     align_retries(&mut attempts);
     let now = now_ms();
-    let mut dsns: Vec<DsnNotice> = Vec::new();
-    for (_, mut list) in reports {
-        list.sort_by(|a, b| a.address.cmp(&b.address));
-        if let Some(m) = dsn::build(&ctx.config.hostname, msg, body, &list, now) {
-            dsns.push(dsn::notice(msg.receipt, m, &list));
-        }
-    }
+    let dsns = dsn_notices(ctx, msg, body, reports, now);
     let had_dsns = !dsns.is_empty();
     let pending = attempts.iter().any(|a| a.status.is_pending());
     if !record_attempts(ctx, msg.receipt, attempts, dsns).await {
@@ -1560,8 +1566,7 @@ fn hard_failure_suppression(
         first_at_ms: now,
         last_at_ms: now,
         count: 1,
-        expires_at_ms: (!s.expiry.is_zero())
-            .then(|| now.saturating_add(i64::try_from(s.expiry.as_millis()).unwrap_or(i64::MAX))),
+        expires_at_ms: s.expires_at(now),
     })
 }
 

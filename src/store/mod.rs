@@ -643,3 +643,31 @@ pub trait Store: Send + Sync + 'static {
     /// can cache the list and reload it only then.
     async fn suppression_version(&self) -> Result<i64, StoreError>;
 }
+
+/// `address` with a domain holding `xn--` labels in its Unicode form (RFC 5890: the same
+/// domain); `None` when it holds none, is an address literal, or does not convert.
+pub fn idn_unicode_spelling(address: &str) -> Option<String> {
+    let (local, domain) = address.rsplit_once('@')?;
+    if domain.starts_with('[') || !domain.contains("xn--") {
+        return None;
+    }
+    let (unicode, errors) = idna::domain_to_unicode(domain);
+    errors.ok()?;
+    Some(format!("{local}@{unicode}"))
+}
+
+/// `address` (lowercased) with its domain in the other IDN spelling: the A-label form of a
+/// Unicode domain, the Unicode form of one with `xn--` labels; `None` when the domain has
+/// neither (plain ASCII, an address literal) or does not convert.
+pub fn other_idn_spelling(address: &str) -> Option<String> {
+    let (local, domain) = address.rsplit_once('@')?;
+    if domain.starts_with('[') {
+        return None;
+    }
+    let other = if domain.is_ascii() {
+        idn_unicode_spelling(address)?
+    } else {
+        format!("{local}@{}", idna::domain_to_ascii(domain).ok()?)
+    };
+    (other != address).then_some(other)
+}

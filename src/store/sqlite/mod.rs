@@ -52,8 +52,7 @@ pub(crate) fn address_key(address: &str) -> String {
 /// no other.
 pub(crate) fn address_key_spellings(address: &str) -> [String; 2] {
     let key = address_key(address);
-    let other =
-        crate::checks::suppressions::other_idn_spelling(&key).unwrap_or_else(|| key.clone());
+    let other = crate::store::other_idn_spelling(&key).unwrap_or_else(|| key.clone());
     [key, other]
 }
 
